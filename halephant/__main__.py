@@ -1,0 +1,5 @@
+"""`python -m halephant` is the `halephant` command."""
+
+from halephant.cli import main
+
+main()

@@ -1,0 +1,118 @@
+"""The `halephant` command: `run`, `check`, `plugins`, `demo`."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from halephant import __version__
+from halephant.config import Config, ConfigError, read_config, validate_config
+from halephant.plugin_manager import PluginError, Plugins
+
+
+def load(path: str) -> tuple[Config, Plugins]:
+    """Read a config, load the plugins it leaves enabled, and validate it with their settings."""
+    raw = read_config(path)
+    plugins = Plugins(disabled=raw.disabled_plugins)
+    return validate_config(raw, plugins.settings_models()), plugins
+
+
+def run_app(config: Config, plugins: Plugins, **kwargs: Any) -> None:
+    """Run the proxy in the foreground on anyio (asyncio backend, uvloop when installed)."""
+    import anyio
+
+    from halephant.proxy.app import App
+
+    app = App(config, plugins)
+    try:
+        import uvloop  # noqa: F401
+
+        options = {"use_uvloop": True}
+    except ImportError:
+        options = {}
+    anyio.run(lambda: app.serve(**kwargs), backend="asyncio", backend_options=options)
+
+
+@click.group()
+@click.version_option(__version__, prog_name="halephant")
+def main() -> None:
+    """halephant: a PostgreSQL connection pooler and proxy."""
+
+
+@main.command()
+@click.option("-c", "--config", "path", default="halephant.yaml", show_default=True, type=click.Path(dir_okay=False))
+def run(path: str) -> None:
+    """Run the proxy in the foreground."""
+    from halephant.logs import setup_logging
+
+    try:
+        config, plugins = load(path)
+    except (ConfigError, PluginError) as exc:
+        click.echo(str(exc), err=True)
+        sys.exit(2)
+    setup_logging(config.logging.level, config.logging.format)
+    try:
+        run_app(config, plugins)
+    except OSError as exc:
+        click.echo(f"halephant: cannot listen on {config.listen}: {exc.strerror or exc}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        pass
+
+
+@main.command()
+@click.option("-c", "--config", "path", default="halephant.yaml", show_default=True, type=click.Path(dir_okay=False))
+def check(path: str) -> None:
+    """Validate a config file without starting: exit 0, or print every error as FILE:LINE:COL."""
+    try:
+        config, _plugins = load(path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            click.echo(str(problem), err=True)
+        click.echo(f"{len(exc.problems)} error(s) in {path}", err=True)
+        sys.exit(1)
+    except PluginError as exc:
+        click.echo(f"{path}: plugins: {exc}", err=True)
+        sys.exit(1)
+    click.echo(f"{path}: ok ({len(config.databases)} database(s), {len(config.users)} user(s), "
+               f"{len(config.clusters)} cluster(s))")
+
+
+@main.command()
+@click.option("-c", "--config", "path", default=None, type=click.Path(dir_okay=False),
+              help="apply this config's plugins.disable list")
+def plugins(path: str | None) -> None:
+    """List the loaded plugins: name, distribution, version and the hooks each implements."""
+    from rich.console import Console
+    from rich.table import Table
+
+    disabled: list[str] = []
+    if path is not None:
+        disabled = read_config(path).disabled_plugins
+    try:
+        loaded = Plugins(disabled=disabled)
+    except PluginError as exc:
+        click.echo(f"halephant: {exc}", err=True)
+        sys.exit(1)
+    table = Table(title="halephant plugins", title_justify="left")
+    for column in ("name", "distribution", "version", "hooks"):
+        table.add_column(column, overflow="fold")
+    for d in loaded.describe():
+        table.add_row(d.name, d.distribution, d.version, "\n".join(d.hooks))
+    Console().print(table)
+    if loaded.disabled:
+        click.echo("disabled: " + ", ".join(loaded.disabled))
+
+
+@main.command()
+@click.option("--port", type=int, default=None, help="port for halephant (default: 6432 when free)")
+@click.option("--dir", "base_dir", type=click.Path(file_okay=False), default=None,
+              help="where to put the throwaway cluster (default: a new temporary directory)")
+def demo(port: int | None, base_dir: str | None) -> None:
+    """Start a throwaway PostgreSQL primary + streaming replica and halephant in front of them."""
+    from halephant.demo import run_demo
+
+    sys.exit(run_demo(port=port, base_dir=Path(base_dir) if base_dir else None))

@@ -1,0 +1,57 @@
+"""Exception types shared by every layer.
+
+`ClientError` is what a client sees (a SQLSTATE, a message, maybe a hint); `ProtocolViolation` is a peer
+that broke the wire protocol (always 08P01); `ConfigError` carries every problem found in a config file,
+each with its position.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from halephant import sqlstate
+
+
+class HalephantError(Exception):
+    """Base class of halephant's own exceptions."""
+
+
+class ClientError(HalephantError):
+    """An error to report to one client as an ErrorResponse."""
+
+    def __init__(self, code: str, message: str, *, hint: str | None = None, fatal: bool = False) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.hint = hint
+        self.fatal = fatal
+
+
+class ProtocolViolation(ClientError):
+    """The peer sent bytes that are not valid protocol 3.0 (SQLSTATE 08P01, always fatal)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(sqlstate.PROTOCOL_VIOLATION, message, fatal=True)
+
+
+@dataclass(frozen=True)
+class ConfigProblem:
+    """One problem in a config file, located as `file:line:col: dotted.path: message`."""
+
+    file: str
+    line: int
+    col: int
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.path}: " if self.path else ""
+        return f"{self.file}:{self.line}:{self.col}: {where}{self.message}"
+
+
+class ConfigError(HalephantError):
+    """A config file could not be loaded; `problems` lists every error found, in file order."""
+
+    def __init__(self, problems: list[ConfigProblem]) -> None:
+        self.problems = sorted(problems, key=lambda p: (p.line, p.col))
+        super().__init__("\n".join(str(p) for p in self.problems))

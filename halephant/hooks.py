@@ -1,0 +1,148 @@
+"""Every hook specification halephant calls, and nothing else.
+
+Rules: hooks are synchronous and never block; they are called with keyword arguments only (an
+implementation may accept any subset). Decision hooks are ``firstresult``: the first non-None answer wins,
+``None`` means "not mine", and the defaults in ``plugins/`` are registered ``trylast`` so any installed
+plugin gets the first word. When no plugin answers a required decision the core fails closed.
+A hook call costs about 2 µs, so none is called per protocol message.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pluggy
+
+from halephant import PROJECT
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
+
+    from halephant.types import (
+        AuthMethod,
+        ClientInfo,
+        Config,
+        PoolInfo,
+        PoolSize,
+        PoolTarget,
+        Reject,
+        Route,
+        Statement,
+        TransactionInfo,
+        Verdict,
+    )
+
+hookspec = pluggy.HookspecMarker(PROJECT)
+
+
+@hookspec
+def halephant_plugin_settings() -> tuple[str, type[BaseModel]] | None:
+    """Declare this plugin's settings section ``plugins.<name>`` in halephant.yaml.
+
+    Called once per config load (start-up and every reload), before validation; all results are collected.
+
+    :returns: ``(name, model)``: the section name and a pydantic model (``extra="forbid"`` recommended)
+        that validates it. Errors in the section are reported with file:line:col like any other.
+        The validated section is available as ``config.plugin_settings(name)``.
+
+    Default: ``plugins/cursor_guard.py`` declares ``plugins.cursor_guard``.
+    """
+
+
+@hookspec
+def halephant_configure(config: Config) -> None:
+    """Take notice of a configuration that has just been loaded and validated.
+
+    Called once at start-up and once after every successful reload, before any client uses it; all
+    implementations are called. Cache derived settings here rather than reading them per statement.
+
+    :param config: the validated configuration.
+
+    Default: ``plugins/cursor_guard.py`` reads its ``action`` setting.
+    """
+
+
+@hookspec(firstresult=True)
+def halephant_select_pool(client: ClientInfo, config: Config) -> PoolTarget | Reject | None:
+    """Choose the pool a client's session uses: database-based routing.
+
+    Called once per client, right after its StartupMessage and before authentication. Stops at the first
+    non-None result.
+
+    :param client: user, database and startup parameters of the client.
+    :param config: the current configuration.
+    :returns: a ``PoolTarget`` (the ``databases:`` entry, its cluster, the upstream database and user and
+        the password halephant logs in with, the pool mode), or ``Reject`` (for an unknown database,
+        3D000; the core sends it only after authentication, as PostgreSQL does).
+
+    Default: ``plugins/database_routing.py``.
+    """
+
+
+@hookspec(firstresult=True)
+def halephant_authenticate(client: ClientInfo, pool: PoolTarget | None, config: Config) -> AuthMethod | Reject | None:
+    """Choose how a client proves who it is.
+
+    Called once per client, after ``halephant_select_pool``. Stops at the first non-None result. The hook
+    decides only; the core runs the exchange.
+
+    :param client: the client.
+    :param pool: the pool chosen for it, or None when pool selection rejected it (authenticate anyway so
+        that database names cannot be probed without a password).
+    :param config: the current configuration.
+    :returns: ``ScramSha256(secret)``, ``Md5(secret)`` or ``Trust()`` from ``halephant.types`` (a ``None``
+        secret runs a mock exchange that fails with 28P01), or ``Reject``.
+
+    Default: ``plugins/scram_auth.py`` (users from ``users:``).
+    """
+
+
+@hookspec(firstresult=True)
+def halephant_route(client: ClientInfo, transaction: TransactionInfo, pool: PoolInfo) -> Route | Reject | None:
+    """Choose the kind of node that runs a transaction.
+
+    Called once per transaction, at its first message, in transaction pooling; once per session (at its
+    first message) in session pooling. Stops at the first non-None result.
+
+    :param client: the client.
+    :param transaction: the transaction's first statement, when it starts with Query or Parse.
+    :param pool: the client's pool.
+    :returns: ``Route(role, reason)``, or ``Reject`` (e.g. 25006 for a write on a read-only route).
+
+    Default: ``plugins/replica_routing.py``.
+    """
+
+
+@hookspec(firstresult=True)
+def halephant_pool_size(pool: PoolTarget, config: Config) -> PoolSize | None:
+    """Size a pool (per database, user and node).
+
+    Called when a pool is first created and again after each reload; never per checkout. Stops at the
+    first non-None result.
+
+    :param pool: the pool's target.
+    :param config: the current configuration.
+    :returns: ``PoolSize(min, max, reserve, reason)``.
+
+    Default: ``plugins/pool_sizing.py`` (from ``databases.<name>.pool_size`` and ``min_pool_size``).
+    """
+
+
+@hookspec(firstresult=True)
+def halephant_inspect_query(client: ClientInfo, statement: Statement, pool: PoolInfo) -> Verdict | None:
+    """Decide whether a statement may run.
+
+    Called once per simple-protocol Query and once per Parse, before the message is forwarded; never for
+    Bind, Execute, Sync or server messages. Stops at the first non-None result. Not called at all when no
+    plugin implements it.
+
+    :param client: the client; plugins keep per-client state in ``client.stash``.
+    :param statement: the SQL text with cheap lexical facts (``first_keyword``,
+        ``declares_holdable_cursor``) and a lazy, size-capped ``ast``.
+    :param pool: the client's pool, including its ``mode``.
+    :returns: ``None`` for no objection; ``Allow(reason)`` to stop other inspectors; ``Reject(code,
+        message, hint)`` to answer with an ErrorResponse instead of running it (the client stays usable);
+        ``Pin(reason)`` to keep the server connection for the rest of the session.
+
+    Default: ``plugins/cursor_guard.py`` (rejects ``DECLARE ... WITH HOLD`` in transaction pools, 0A000).
+    """

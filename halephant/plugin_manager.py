@@ -1,0 +1,169 @@
+"""Builds the pluggy PluginManager and gives the core a typed call per hook.
+
+Order: add the specs, block the plugins named in ``plugins.disable`` (and ``HALEPHANT_DISABLE_PLUGINS``),
+load the ``halephant`` entry-point group (halephant's own defaults come in that way too: the core has no
+private registration path), then ``check_pending`` so a misspelt hook fails at start-up.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+from halephant import PROJECT, hooks, sqlstate
+from halephant.errors import ClientError
+from halephant.types import (
+    AuthMethod,
+    ClientInfo,
+    Md5,
+    PoolInfo,
+    PoolSize,
+    PoolTarget,
+    Reject,
+    Route,
+    ScramSha256,
+    Statement,
+    TransactionInfo,
+    Trust,
+    Verdict,
+)
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
+
+    from halephant.config import Config
+
+REQUIRED_HOOKS = ("halephant_select_pool", "halephant_authenticate", "halephant_route", "halephant_pool_size")
+
+
+class PluginError(Exception):
+    """A plugin could not be loaded, or a required decision has no implementation."""
+
+
+@dataclass(frozen=True)
+class PluginDescription:
+    name: str
+    distribution: str
+    version: str
+    hooks: tuple[str, ...]
+
+
+def _bad_answer(hook: str, answer: object) -> ClientError:
+    return ClientError(sqlstate.INTERNAL_ERROR, f"plugin answer of unexpected type from {hook}: {answer!r}")
+
+
+class Plugins:
+    """The loaded plugins, with one typed method per decision hook."""
+
+    def __init__(self, *, disabled: Iterable[str] = (), entry_points: bool = True,
+                 extra: Iterable[tuple[ModuleType | object, str]] = ()) -> None:
+        self.pm = pluggy.PluginManager(PROJECT)
+        self.pm.add_hookspecs(hooks)
+        env = os.environ.get("HALEPHANT_DISABLE_PLUGINS", "")
+        self.disabled = sorted({*disabled, *(n.strip() for n in env.split(",") if n.strip())})
+        for name in self.disabled:
+            self.pm.set_blocked(name)
+        for plugin, name in extra:
+            self.pm.register(plugin, name=name)
+        if entry_points:
+            try:
+                self.pm.load_setuptools_entrypoints(PROJECT)
+            except Exception as exc:
+                raise PluginError(f"could not load a plugin: {exc!r}") from exc
+        try:
+            self.pm.check_pending()
+        except pluggy.PluginValidationError as exc:
+            raise PluginError(str(exc)) from exc
+        missing = [h for h in REQUIRED_HOOKS if not getattr(self.pm.hook, h).get_hookimpls()]
+        if missing:
+            raise PluginError(f"no plugin implements {', '.join(missing)} (is a default plugin disabled?)")
+        hook = self.pm.hook
+        self._select_pool = hook.halephant_select_pool
+        self._authenticate = hook.halephant_authenticate
+        self._route = hook.halephant_route
+        self._pool_size = hook.halephant_pool_size
+        self._inspect = hook.halephant_inspect_query
+        #: checked once: the per-statement hook is skipped entirely when nobody implements it
+        self.has_inspectors = bool(self._inspect.get_hookimpls())
+        if os.environ.get("HALEPHANT_TRACE_HOOKS") == "1":
+            self.pm.trace.root.setwriter(print)
+            self.pm.enable_tracing()
+
+    def register(self, plugin: object, name: str | None = None) -> None:
+        self.pm.register(plugin, name=name)
+        self.has_inspectors = bool(self._inspect.get_hookimpls())
+
+    # --- configuration -------------------------------------------------------------------------------
+
+    def settings_models(self) -> dict[str, type[BaseModel]]:
+        out: dict[str, type[BaseModel]] = {}
+        for answer in self.pm.hook.halephant_plugin_settings():
+            if answer is not None:
+                name, model = answer
+                out[name] = model
+        return out
+
+    def configure(self, config: Config) -> None:
+        self.pm.hook.halephant_configure(config=config)
+
+    # --- decisions (fail closed) ----------------------------------------------------------------------
+
+    def select_pool(self, client: ClientInfo, config: Config) -> PoolTarget | Reject:
+        answer = self._select_pool(client=client, config=config)
+        if isinstance(answer, PoolTarget | Reject):
+            return answer
+        if answer is None:
+            return Reject(sqlstate.INVALID_CATALOG_NAME, f'database "{client.database}" does not exist',
+                          reason="no plugin selected a pool")
+        raise _bad_answer("halephant_select_pool", answer)
+
+    def authenticate(self, client: ClientInfo, pool: PoolTarget | None, config: Config) -> AuthMethod | Reject:
+        answer = self._authenticate(client=client, pool=pool, config=config)
+        if isinstance(answer, ScramSha256 | Md5 | Trust | Reject):
+            return answer
+        if answer is None:
+            # fail closed: nobody vouched for this client, so it cannot get in
+            return ScramSha256(None, reason="no plugin authenticates this user")
+        raise _bad_answer("halephant_authenticate", answer)
+
+    def route(self, client: ClientInfo, transaction: TransactionInfo, pool: PoolInfo) -> Route | Reject:
+        answer = self._route(client=client, transaction=transaction, pool=pool)
+        if isinstance(answer, Route | Reject):
+            return answer
+        if answer is None:
+            return Reject(sqlstate.CANNOT_CONNECT_NOW, "no route for this transaction",
+                          reason="no plugin routed the transaction")
+        raise _bad_answer("halephant_route", answer)
+
+    def pool_size(self, pool: PoolTarget, config: Config) -> PoolSize:
+        answer = self._pool_size(pool=pool, config=config)
+        if isinstance(answer, PoolSize):
+            return answer
+        raise PluginError(f"no plugin sized pool {pool.database}/{pool.server_user}: {answer!r}")
+
+    def inspect_query(self, client: ClientInfo, statement: Statement, pool: PoolInfo) -> Verdict | None:
+        answer: Any = self._inspect(client=client, statement=statement, pool=pool)
+        return answer  # type: ignore[no-any-return]
+
+    # --- description ------------------------------------------------------------------------------------
+
+    def describe(self) -> list[PluginDescription]:
+        dists = {id(plugin): dist for plugin, dist in self.pm.list_plugin_distinfo()}
+        out = []
+        for name, plugin in self.pm.list_name_plugin():
+            if plugin is None:
+                continue
+            dist = dists.get(id(plugin))
+            hooknames = tuple(sorted(h.name for h in self.pm.get_hookcallers(plugin) or ()))
+            out.append(PluginDescription(
+                name=name,
+                distribution=dist.project_name if dist is not None else "-",
+                version=dist.version if dist is not None else "-",
+                hooks=hooknames,
+            ))
+        return sorted(out, key=lambda d: d.name)

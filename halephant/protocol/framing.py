@@ -1,0 +1,145 @@
+"""Framing of typed messages after login, in both directions, without copying payloads.
+
+Theory of operation: a proxy must know message boundaries on both sides to pool safely (PgBouncer's
+sbuf.c "looks at packet headers"), but must not pay for decoding what it only forwards. So:
+
+* client -> server: `split_frames()` cuts a chunk into (type, start, end) triples and returns how many
+  bytes it consumed; the caller keeps the incomplete tail and decodes only Query, Parse and the like.
+* server -> client: `BackendScanner.feed()` walks a chunk header by header, counting ReadyForQuery and
+  remembering the last transaction status; it copies out only the few message types a decision needs
+  (ParameterStatus, ErrorResponse, ...), buffering one of those if it straddles two chunks.
+
+Both raise `ProtocolViolation` on an impossible length and nothing else.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from halephant.errors import ProtocolViolation
+from halephant.protocol import codes
+
+_LEN = struct.Struct("!i")
+_unpack_len = _LEN.unpack_from
+
+Frame = tuple[int, int, int]
+
+
+def split_frames(data: bytes, max_size: int) -> tuple[list[Frame], int]:
+    """Cut `data` into complete typed messages.
+
+    Returns ``([(type, start, end), ...], consumed)`` where ``data[start:end]`` is the payload (after the
+    5-byte header) and ``data[consumed:]`` is an incomplete message to keep for the next chunk.
+    """
+    frames: list[Frame] = []
+    pos = 0
+    n = len(data)
+    while n - pos >= 5:
+        (length,) = _unpack_len(data, pos + 1)
+        if length < 4 or length > max_size:
+            if length < 4:
+                raise ProtocolViolation("invalid message length")
+            raise ProtocolViolation(f"message too large ({length} bytes, limit {max_size})")
+        end = pos + 1 + length
+        if end > n:
+            break
+        frames.append((data[pos], pos + 5, end))
+        pos = end
+    return frames, pos
+
+
+class BackendScanner:
+    """Walks server->client bytes; counts ReadyForQuery and copies out the messages listed in `keep`.
+
+    After `feed(chunk)`:
+    * `ready` is how many ReadyForQuery messages the chunk completed, `status` the last one's status byte;
+    * `at_boundary` is True when the chunk ended exactly at a message boundary;
+    * `kept` lists (type, payload) for each complete message whose type is in `keep`.
+    """
+
+    __slots__ = ("_head", "_keep_buf", "_keep_len", "_keep_type", "_skip", "at_boundary", "keep", "kept", "ready", "status")
+
+    def __init__(self, keep: frozenset[int] = frozenset()) -> None:
+        self.keep = keep
+        self._skip = 0  # bytes of the current (not kept) message still to come
+        self._head = b""  # a header split across chunks
+        self._keep_type = -1  # type of a kept message split across chunks
+        self._keep_buf = bytearray()
+        self._keep_len = 0
+        self.ready = 0
+        self.status = codes.TX_IDLE
+        self.at_boundary = True
+        self.kept: list[tuple[int, bytes]] = []
+
+    def feed(self, data: bytes) -> None:
+        self.ready = 0
+        self.kept = []
+        pos = 0
+        n = len(data)
+        if self._skip:
+            if self._skip >= n:
+                self._skip -= n
+                self.at_boundary = self._skip == 0
+                return
+            pos = self._skip
+            self._skip = 0
+        elif self._keep_type >= 0:
+            need = self._keep_need()
+            take = min(need, n)
+            self._keep_buf += data[:take]
+            pos = take
+            if take < need:
+                self.at_boundary = False
+                return
+            self._finish_kept(self._keep_type, bytes(self._keep_buf))
+            self._keep_type = -1
+        if self._head:
+            data = self._head + data[pos:]
+            self._head = b""
+            pos = 0
+            n = len(data)
+        keep = self.keep
+        while True:
+            left = n - pos
+            if left < 5:
+                if left:
+                    self._head = data[pos:]
+                self.at_boundary = left == 0
+                return
+            t = data[pos]
+            (length,) = _unpack_len(data, pos + 1)
+            if length < 4:
+                raise ProtocolViolation("server sent an invalid message length")
+            end = pos + 1 + length
+            if t == codes.READY_FOR_QUERY:
+                if end > n:
+                    self._start_kept(t, data, pos + 5, n, length)
+                    return
+                self.ready += 1
+                self.status = data[pos + 5]
+            elif t in keep:
+                if end > n:
+                    self._start_kept(t, data, pos + 5, n, length)
+                    return
+                self.kept.append((t, data[pos + 5 : end]))
+            elif end > n:
+                self._skip = end - n
+                self.at_boundary = False
+                return
+            pos = end
+
+    def _start_kept(self, t: int, data: bytes, start: int, n: int, length: int) -> None:
+        self._keep_type = t
+        self._keep_buf = bytearray(data[start:n])
+        self._keep_len = length - 4
+        self.at_boundary = False
+
+    def _keep_need(self) -> int:
+        return self._keep_len - len(self._keep_buf)
+
+    def _finish_kept(self, t: int, payload: bytes) -> None:
+        if t == codes.READY_FOR_QUERY:
+            self.ready += 1
+            self.status = payload[0] if payload else codes.TX_IDLE
+        else:
+            self.kept.append((t, payload))

@@ -1,0 +1,207 @@
+"""Encoders for the messages halephant originates, and decoders for the few it must read.
+
+Everything here is pure: bytes in, values out. Decoders raise `ProtocolViolation` on malformed input and
+nothing else. Only messages a decision needs are decoded; everything else is forwarded untouched.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable, Mapping
+
+from halephant.errors import ProtocolViolation
+from halephant.protocol import codes
+
+_I32 = struct.Struct("!i")
+_HDR = struct.Struct("!ci")
+
+
+def message(type_: bytes, payload: bytes = b"") -> bytes:
+    """Frame one typed message: type byte, int32 length (including itself), payload."""
+    return _HDR.pack(type_, len(payload) + 4) + payload
+
+
+def _cstr(s: str) -> bytes:
+    return s.encode() + b"\0"
+
+
+# --- backend messages halephant sends to clients ---------------------------------------------------------
+
+READY_FOR_QUERY_IDLE = message(b"Z", b"I")
+AUTHENTICATION_OK = message(b"R", _I32.pack(codes.AUTH_OK))
+PARSE_COMPLETE = message(b"1")
+CLOSE_COMPLETE = message(b"3")
+
+
+def ready_for_query(status: int) -> bytes:
+    return message(b"Z", bytes((status,)))
+
+
+def _notice_fields(severity: str, code: str, text: str, hint: str | None, detail: str | None) -> bytes:
+    parts = [b"S", _cstr(severity), b"V", _cstr(severity), b"C", _cstr(code), b"M", _cstr(text)]
+    if detail:
+        parts += [b"D", _cstr(detail)]
+    if hint:
+        parts += [b"H", _cstr(hint)]
+    parts.append(b"\0")
+    return b"".join(parts)
+
+
+def error_response(code: str, text: str, *, hint: str | None = None, detail: str | None = None,
+                   fatal: bool = False) -> bytes:
+    return message(b"E", _notice_fields("FATAL" if fatal else "ERROR", code, text, hint, detail))
+
+
+def notice_response(code: str, text: str, *, hint: str | None = None, severity: str = "NOTICE") -> bytes:
+    return message(b"N", _notice_fields(severity, code, text, hint, None))
+
+
+def parameter_status(name: str, value: str) -> bytes:
+    return message(b"S", _cstr(name) + _cstr(value))
+
+
+def backend_key_data(process_id: int, secret_key: int) -> bytes:
+    return message(b"K", struct.pack("!ii", process_id, secret_key))
+
+
+def authentication(code: int, data: bytes = b"") -> bytes:
+    return message(b"R", _I32.pack(code) + data)
+
+
+def authentication_sasl(mechanisms: Iterable[str]) -> bytes:
+    return authentication(codes.AUTH_SASL, b"".join(_cstr(m) for m in mechanisms) + b"\0")
+
+
+def negotiate_protocol_version(newest_minor: int, unrecognized: list[str]) -> bytes:
+    payload = struct.pack("!ii", newest_minor, len(unrecognized)) + b"".join(_cstr(o) for o in unrecognized)
+    return message(b"v", payload)
+
+
+# --- frontend messages halephant sends to servers ---------------------------------------------------------
+
+
+def startup_message(params: Mapping[str, str]) -> bytes:
+    body = _I32.pack(codes.PROTOCOL_3_0) + b"".join(_cstr(k) + _cstr(v) for k, v in params.items()) + b"\0"
+    return _I32.pack(len(body) + 4) + body
+
+
+def cancel_request(process_id: int, secret_key: int) -> bytes:
+    return struct.pack("!iiii", 16, codes.CANCEL_REQUEST_CODE, process_id, secret_key)
+
+
+def query(sql: str) -> bytes:
+    return message(b"Q", _cstr(sql))
+
+
+def password_message(password: bytes) -> bytes:
+    return message(b"p", password + b"\0")
+
+
+def sasl_initial_response(mechanism: str, data: bytes) -> bytes:
+    return message(b"p", _cstr(mechanism) + _I32.pack(len(data)) + data)
+
+
+def sasl_response(data: bytes) -> bytes:
+    return message(b"p", data)
+
+
+TERMINATE = message(b"X")
+SYNC = message(b"S")
+
+
+# --- decoders ---------------------------------------------------------------------------------------------
+
+
+def read_cstring(buf: bytes | memoryview, pos: int) -> tuple[str, int]:
+    """Decode the NUL-terminated string at `pos`; return it and the position after the NUL."""
+    b = bytes(buf) if isinstance(buf, memoryview) else buf
+    end = b.find(b"\0", pos)
+    if end < 0:
+        raise ProtocolViolation("invalid string in message")
+    try:
+        return b[pos:end].decode(), end + 1
+    except UnicodeDecodeError:
+        raise ProtocolViolation("invalid byte sequence in message string") from None
+
+
+def decode_query(payload: bytes | memoryview) -> str:
+    """Query: one string."""
+    text, end = read_cstring(payload, 0)
+    if end != len(payload):
+        raise ProtocolViolation("invalid message format")
+    return text
+
+
+def decode_parse(payload: bytes | memoryview) -> tuple[str, str, tuple[int, ...]]:
+    """Parse: statement name, query text, parameter type OIDs."""
+    b = bytes(payload)
+    name, pos = read_cstring(b, 0)
+    text, pos = read_cstring(b, pos)
+    if pos + 2 > len(b):
+        raise ProtocolViolation("invalid message format")
+    (n,) = struct.unpack_from("!h", b, pos)
+    pos += 2
+    if n < 0 or pos + 4 * n != len(b):
+        raise ProtocolViolation("invalid message format")
+    return name, text, struct.unpack_from(f"!{n}I", b, pos)
+
+
+def decode_error_fields(payload: bytes | memoryview) -> dict[str, str]:
+    """ErrorResponse / NoticeResponse: field code -> value."""
+    b = bytes(payload)
+    fields: dict[str, str] = {}
+    pos = 0
+    while pos < len(b) and b[pos] != 0:
+        code = chr(b[pos])
+        end = b.find(b"\0", pos + 1)
+        if end < 0:
+            raise ProtocolViolation("invalid error message")
+        fields[code] = b[pos + 1 : end].decode(errors="replace")
+        pos = end + 1
+    return fields
+
+
+def decode_parameter_status(payload: bytes | memoryview) -> tuple[str, str]:
+    name, pos = read_cstring(payload, 0)
+    value, _ = read_cstring(payload, pos)
+    return name, value
+
+
+def decode_backend_key_data(payload: bytes | memoryview) -> tuple[int, int]:
+    if len(payload) < 8:
+        raise ProtocolViolation("invalid BackendKeyData")
+    pid, key = struct.unpack_from("!ii", payload, 0)
+    return pid, key
+
+
+def decode_authentication(payload: bytes | memoryview) -> tuple[int, bytes]:
+    if len(payload) < 4:
+        raise ProtocolViolation("invalid authentication request")
+    (code,) = _I32.unpack_from(payload, 0)
+    return code, bytes(payload[4:])
+
+
+def decode_sasl_mechanisms(data: bytes) -> list[str]:
+    return [m.decode() for m in data.split(b"\0") if m]
+
+
+def decode_sasl_initial_response(payload: bytes | memoryview) -> tuple[str, bytes]:
+    """SASLInitialResponse: mechanism name, then int32 length (-1 = none) and the client-first message."""
+    b = bytes(payload)
+    mech, pos = read_cstring(b, 0)
+    if pos + 4 > len(b):
+        raise ProtocolViolation("invalid SASLInitialResponse")
+    (n,) = _I32.unpack_from(b, pos)
+    data = b[pos + 4 :]
+    if n == -1:
+        data = b""
+    elif n != len(data):
+        raise ProtocolViolation("invalid SASLInitialResponse length")
+    return mech, data
+
+
+def decode_password(payload: bytes | memoryview) -> str:
+    text, end = read_cstring(payload, 0)
+    if end != len(payload):
+        raise ProtocolViolation("invalid password packet")
+    return text

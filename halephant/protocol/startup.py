@@ -1,0 +1,142 @@
+"""The startup phase: untyped packets a client sends before it is logged in.
+
+A packet is an int32 length (including itself) and an int32 code: SSLRequest, GSSENCRequest, CancelRequest,
+or a protocol version followed by NUL-terminated name/value pairs (StartupMessage). `StartupFramer` turns
+bytes into these packets; everything that PostgreSQL would refuse is refused here with the SQLSTATE and,
+where it has one, the text PostgreSQL uses.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+
+from halephant import sqlstate
+from halephant.errors import ClientError, ProtocolViolation
+from halephant.protocol import codes
+
+
+@dataclass(frozen=True, slots=True)
+class SSLRequest:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class GSSENCRequest:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class CancelRequest:
+    process_id: int
+    secret_key: int
+
+
+@dataclass(frozen=True, slots=True)
+class StartupMessage:
+    """Protocol 3.x startup. `minor` > 0 or `protocol_options` (`_pq_.*`) call for NegotiateProtocolVersion."""
+
+    minor: int
+    params: dict[str, str]
+    protocol_options: list[str] = field(default_factory=list)
+
+    @property
+    def user(self) -> str:
+        return self.params.get("user", "")
+
+    @property
+    def database(self) -> str:
+        # libpq's rule: the database defaults to the user name
+        return self.params.get("database") or self.user
+
+
+StartupPacket = SSLRequest | GSSENCRequest | CancelRequest | StartupMessage
+
+_HEADER = struct.Struct("!ii")
+
+
+class StartupFramer:
+    """Frames startup-phase packets. `feed()` returns complete packets; `pending` says whether bytes wait."""
+
+    __slots__ = ("_buf",)
+
+    def __init__(self) -> None:
+        self._buf = b""
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._buf)
+
+    def take_rest(self) -> bytes:
+        """Bytes received after the last packet (a client may pipeline its first query behind startup)."""
+        rest, self._buf = self._buf, b""
+        return rest
+
+    def feed(self, data: bytes) -> list[StartupPacket]:
+        buf = self._buf + data if self._buf else data
+        out: list[StartupPacket] = []
+        pos = 0
+        while len(buf) - pos >= 8:
+            length, code = _HEADER.unpack_from(buf, pos)
+            if length < 8 or length > codes.MAX_STARTUP_PACKET_LENGTH:
+                raise ProtocolViolation("invalid length of startup packet")
+            if len(buf) - pos < length:
+                break
+            out.append(parse_startup_packet(code, buf[pos + 8 : pos + length]))
+            pos += length
+            if isinstance(out[-1], StartupMessage | CancelRequest):
+                break  # what follows is typed messages, or nothing
+        self._buf = buf[pos:]
+        return out
+
+
+def parse_startup_packet(code: int, body: bytes) -> StartupPacket:
+    """Decode one startup-phase packet from its code and the bytes after the code."""
+    if code == codes.SSL_REQUEST_CODE:
+        if body:
+            raise ProtocolViolation("invalid length of SSLRequest")
+        return SSLRequest()
+    if code == codes.GSSENC_REQUEST_CODE:
+        if body:
+            raise ProtocolViolation("invalid length of GSSENCRequest")
+        return GSSENCRequest()
+    if code == codes.CANCEL_REQUEST_CODE:
+        if len(body) != 8:
+            raise ProtocolViolation("invalid length of CancelRequest")
+        pid, key = struct.unpack("!ii", body)
+        return CancelRequest(pid, key)
+    major, minor = code >> 16, code & 0xFFFF
+    if major != 3:
+        raise ClientError(
+            sqlstate.FEATURE_NOT_SUPPORTED,
+            f"unsupported frontend protocol {major}.{minor}: server supports 3.0 to 3.0",
+            fatal=True,
+        )
+    if not body or body[-1] != 0:
+        raise ProtocolViolation("invalid startup packet layout: expected terminator as last byte")
+    params: dict[str, str] = {}
+    options: list[str] = []
+    content = body[:-1]
+    if content and content[-1] != 0:
+        raise ProtocolViolation("invalid startup packet layout: expected terminator as last byte")
+    parts = content[:-1].split(b"\0") if content else []
+    if len(parts) % 2:
+        raise ProtocolViolation("invalid startup packet layout: expected terminator as last byte")
+    try:
+        for i in range(0, len(parts), 2):
+            name, value = parts[i].decode(), parts[i + 1].decode()
+            if not name:
+                raise ProtocolViolation("invalid startup packet layout: empty parameter name")
+            if name.startswith("_pq_."):
+                options.append(name)
+            else:
+                params[name] = value
+    except UnicodeDecodeError:
+        raise ProtocolViolation("invalid byte sequence in startup packet") from None
+    if not params.get("user"):
+        raise ClientError(
+            sqlstate.INVALID_AUTHORIZATION_SPECIFICATION,
+            "no PostgreSQL user name specified in startup packet",
+            fatal=True,
+        )
+    return StartupMessage(minor, params, options)

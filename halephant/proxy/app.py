@@ -1,0 +1,140 @@
+"""A running halephant: the listener, the registry of clients (for cancel keys), the pool manager, and
+the anyio task group everything that is not per-message runs in (server logins, maintenance, signals).
+
+`App.serve()` runs until SIGINT/SIGTERM or `shutdown()`; then it stops listening, tells every client
+57P01 and closes every server connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import signal
+import socket
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+import anyio.abc
+
+from halephant import sqlstate
+from halephant.config import Config
+from halephant.errors import ClientError
+from halephant.plugin_manager import Plugins
+from halephant.protocol import messages as m
+from halephant.proxy.client import ClientConnection
+from halephant.proxy.manager import PoolManager
+
+log = logging.getLogger("halephant")
+
+
+class App:
+    def __init__(self, config: Config, plugins: Plugins) -> None:
+        self.config = config
+        self.plugins = plugins
+        self.max_message_size = config.limits.max_message_size
+        self.manager = PoolManager(self)
+        self.clients: dict[int, ClientConnection] = {}  # by synthetic backend pid (the client's id)
+        self._all_clients: set[ClientConnection] = set()
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._stop = anyio.Event()
+        self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set in serve()
+        self.address: tuple[str, int] | None = None
+
+    # --- lifecycle ---------------------------------------------------------------------------------------------
+
+    async def serve(self, *, on_ready: Callable[[App], Any] | None = None) -> None:
+        # cached: on Python 3.11 every get_running_loop() is a getpid() syscall
+        self.loop = asyncio.get_running_loop()
+        self.plugins.configure(self.config)
+        listen = self.config.listen
+        server = await self.loop.create_server(
+            lambda: ClientConnection(self), listen.host, listen.port, backlog=4096, reuse_address=True,
+            family=socket.AF_INET6 if ":" in listen.host else socket.AF_INET,
+        )
+        sock = server.sockets[0].getsockname()
+        self.address = (sock[0], sock[1])
+        log.info("listening on %s:%d", sock[0], sock[1])
+        try:
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                tg.start_soon(self.manager.maintain)
+                tg.start_soon(self._signals)
+                if on_ready is not None:
+                    result = on_ready(self)
+                    if isinstance(result, Awaitable):
+                        await result
+                await self._stop.wait()
+                tg.cancel_scope.cancel()
+        finally:
+            server.close()
+            self._terminate_everyone()
+            await anyio.sleep(0.05)  # let the closing writes go out
+            log.info("stopped")
+
+    async def _signals(self) -> None:
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                log.info("received %s: shutting down", signal.Signals(signum).name)
+                self.shutdown()
+                return
+
+    def shutdown(self) -> None:
+        self._stop.set()
+
+    def _terminate_everyone(self) -> None:
+        error = ClientError(sqlstate.ADMIN_SHUTDOWN, "terminating connection due to administrator command",
+                            fatal=True)
+        for client in list(self._all_clients):
+            client.fail(error)
+        self.manager.close_all()
+
+    def spawn(self, func: Callable[..., Awaitable[Any]], *args: Any) -> None:
+        """Run a background coroutine (a server login, a warm-up) in the app's task group."""
+        assert self._tg is not None
+        self._tg.start_soon(func, *args)
+
+    # --- clients -----------------------------------------------------------------------------------------------
+
+    def client_opened(self, client: ClientConnection) -> None:
+        self._all_clients.add(client)
+
+    def client_closed(self, client: ClientConnection) -> None:
+        self._all_clients.discard(client)
+        if client.info is not None:
+            self.clients.pop(client.info.id, None)
+
+    def register_cancel_key(self, client: ClientConnection) -> None:
+        assert client.info is not None
+        self.clients[client.info.id] = client
+
+    def cancel(self, process_id: int, secret_key: int) -> None:
+        """A CancelRequest: forward it to the server linked to that client now, and to nobody otherwise."""
+        client = self.clients.get(process_id)
+        if client is None or not hmac.compare_digest(client.cancel_key.to_bytes(4, "big"),
+                                                     (secret_key & 0xFFFFFFFF).to_bytes(4, "big")):
+            log.info("cancel request for unknown client %d ignored", process_id)
+            return
+        server = client.server
+        if server is None:
+            log.info("%r: cancel request ignored: no query running", client)
+            return
+        log.info("%r: forwarding cancel request to server pid %d", client, server.backend_pid)
+        self.spawn(self._send_cancel, client, server, server.link_count)
+
+    async def _send_cancel(self, client: ClientConnection, server: Any, link: int) -> None:
+        try:
+            with anyio.fail_after(5):
+                stream = await anyio.connect_tcp(server.pool.host, server.pool.port)
+                async with stream:
+                    # the server may have moved on to another client while we connected: never cancel theirs
+                    if client.server is not server or server.link_count != link:
+                        log.info("%r: cancel dropped: its server moved on", client)
+                        return
+                    await stream.send(m.cancel_request(server.backend_pid, server.backend_key))
+                    await stream.receive()
+        except (anyio.EndOfStream, anyio.BrokenResourceError):
+            pass
+        except Exception as exc:
+            log.warning("%r: cancel request failed: %s", client, exc)

@@ -1,0 +1,518 @@
+"""A client connection: startup, authentication, then the pooling loop for one client.
+
+Theory of operation. Before login the client's bytes are startup packets, then password messages, driven
+by `StartupFramer` and the auth exchange the `halephant_authenticate` answer asks for. After login every
+chunk is cut into complete messages (`split_frames`); runs of messages are forwarded to the linked server
+in one write. Only three things need decisions, and each happens at most once per statement or
+transaction, never per message:
+
+* the first message of a transaction with no server linked: `halephant_route`, then a checkout from the
+  pool (queued FIFO, bounded by `checkout_timeout`; reading pauses while waiting);
+* a Query or Parse: `halephant_inspect_query` (Reject / Pin / Allow);
+* a ReadyForQuery from the server (`server_ready`): in transaction pooling the server goes back when it
+  says Idle, every sync point the client sent has been answered and nothing was sent after the last one.
+
+A rejected statement is answered without running it. With no server linked the answer is local; inside a
+transaction, the statement is swapped for one that fails at exactly that point on the server, whose error
+is then rewritten, so ordering under pipelining and the aborted-transaction state are PostgreSQL's own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import random
+import socket
+from typing import TYPE_CHECKING, cast
+
+from halephant import sqlstate
+from halephant.auth.server_side import Exchange, exchange_for
+from halephant.errors import ClientError, ProtocolViolation
+from halephant.protocol import codes
+from halephant.protocol import messages as m
+from halephant.protocol.framing import split_frames
+from halephant.protocol.startup import (
+    CancelRequest,
+    GSSENCRequest,
+    SSLRequest,
+    StartupFramer,
+    StartupMessage,
+)
+from halephant.sql import Statement
+from halephant.types import ClientInfo, Pin, PoolInfo, PoolMode, PoolTarget, Reject, TransactionInfo, Trust
+
+if TYPE_CHECKING:
+    from halephant.pool.pool import Pool
+    from halephant.proxy.app import App
+    from halephant.proxy.server import ServerConnection
+
+log = logging.getLogger("halephant.client")
+
+STARTUP, AUTH, WELCOME, READY, CLOSED = range(5)
+_SYNC_POINTS = frozenset((codes.QUERY, codes.SYNC, codes.FUNCTION_CALL))
+# messages that neither open nor close a batch: they don't make the server "unsynced"
+_NEUTRAL = frozenset((codes.COPY_DATA, codes.COPY_DONE, codes.COPY_FAIL, codes.FLUSH))
+_reject_markers = itertools.count(1)
+
+
+class ClientConnection(asyncio.Protocol):
+    __slots__ = ("_buf", "_exchange", "_first_checked", "_framer", "_login_timer", "_reject_next", "_wait_timer",
+                 "app", "cancel_key", "info", "outstanding", "pinned", "pool_info", "pool_reject", "server",
+                 "skip_to_sync", "state", "target", "transport", "unsynced", "waiting_pool", "write_paused")
+
+    def __init__(self, app: App) -> None:
+        self.app = app
+        self.state = STARTUP
+        self._framer: StartupFramer | None = StartupFramer()
+        self._buf = b""
+        self._exchange: Exchange | None = None
+        self.info: ClientInfo | None = None
+        self.target: PoolTarget | None = None
+        self.pool_reject: Reject | None = None
+        self.pool_info: PoolInfo | None = None
+        self.server: ServerConnection | None = None
+        self.waiting_pool: Pool | None = None
+        self.outstanding = 0
+        self.unsynced = False
+        self.skip_to_sync = False
+        self.pinned = False
+        self.write_paused = False
+        self._first_checked = False
+        self._reject_next: bytes | None = None
+        self._login_timer: asyncio.TimerHandle | None = None
+        self._wait_timer: asyncio.TimerHandle | None = None
+        self.cancel_key = 0
+
+    def __repr__(self) -> str:
+        return repr(self.info) if self.info else "<client (starting)>"
+
+    # --- asyncio.Protocol -------------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports don't subclass asyncio's
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._login_timer = self.app.loop.call_later(self.app.config.limits.login_timeout, self._login_timeout)
+        self.app.client_opened(self)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            if self.state == READY:
+                self._process(data)
+            elif self.state == STARTUP:
+                self._startup_data(data)
+            elif self.state == AUTH:
+                self._auth_data(data)
+            elif self.state == WELCOME:
+                self._buf += data
+        except ClientError as exc:
+            self.fail(exc)
+        except Exception as exc:
+            # a bug or a plugin's exception costs this client only, never the listener
+            log.exception("%r: internal error", self)
+            self.fail(ClientError(sqlstate.INTERNAL_ERROR, f"internal error in halephant: {exc!r}", fatal=True))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.state == CLOSED:
+            return
+        self._closed("client closed the connection" if exc is None else f"client connection lost: {exc}")
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        if self.server is not None:
+            self.server.set_reading(True)
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.server is not None:
+            self.server.set_reading(False)
+
+    def resume_reading_from_server(self) -> None:
+        if self.waiting_pool is None and self.state != CLOSED:
+            self.transport.resume_reading()
+
+    # --- startup and authentication ----------------------------------------------------------------------
+
+    def _login_timeout(self) -> None:
+        self._login_timer = None
+        if self.state < READY:
+            log.info("%r: login timeout", self)
+            self.fail(ClientError(sqlstate.PROTOCOL_VIOLATION, "canceling authentication due to timeout", fatal=True))
+
+    def _startup_data(self, data: bytes) -> None:
+        framer = self._framer
+        assert framer is not None
+        for packet in framer.feed(data):
+            if isinstance(packet, SSLRequest | GSSENCRequest):
+                if framer.pending:
+                    # bytes behind an SSLRequest would be taken as encrypted data (CVE-2021-23222 shape)
+                    raise ProtocolViolation("received unencrypted data after SSL request")
+                self.transport.write(b"N")
+            elif isinstance(packet, CancelRequest):
+                self.app.cancel(packet.process_id, packet.secret_key)
+                self.state = CLOSED
+                self.app.client_closed(self)
+                self.transport.close()
+                return
+            elif isinstance(packet, StartupMessage):
+                rest = framer.take_rest()
+                self._framer = None
+                self._startup(packet)
+                if rest:
+                    self.data_received(rest)
+                return
+
+    def _startup(self, packet: StartupMessage) -> None:
+        peer = self.transport.get_extra_info("peername")
+        address = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "unix")
+        info = self.info = ClientInfo(user=packet.user, database=packet.database, params=packet.params,
+                                      address=address)
+        log.info("%r: connected", self)
+        if packet.minor > 0 or packet.protocol_options:
+            self.transport.write(m.negotiate_protocol_version(0, packet.protocol_options))
+        if "replication" in packet.params and packet.params["replication"].lower() not in ("false", "off", "0", "no"):
+            raise ClientError(sqlstate.FEATURE_NOT_SUPPORTED, "replication connections are not supported", fatal=True)
+        plugins, config = self.app.plugins, self.app.config
+        selected = plugins.select_pool(info, config)
+        if isinstance(selected, Reject):
+            self.pool_reject = selected  # told only after authentication, as PostgreSQL does
+        else:
+            self.target = selected
+        method = plugins.authenticate(info, self.target, config)
+        if isinstance(method, Reject):
+            raise ClientError(method.code, method.message, hint=method.hint, fatal=True)
+        self._exchange = exchange_for(method, info.user)
+        if self._exchange is None:
+            self._authenticated(method.reason if isinstance(method, Trust) else "")
+            return
+        self.state = AUTH
+        self.transport.write(self._exchange.start())
+
+    def _auth_data(self, data: bytes) -> None:
+        buf = self._buf + data if self._buf else data
+        frames, consumed = split_frames(buf, 1 << 16)
+        self._buf = buf[consumed:]
+        for t, start, end in frames:
+            if t != codes.PASSWORD_MESSAGE:
+                if t == codes.TERMINATE:
+                    self.close()
+                    return
+                raise ProtocolViolation(f"expected password response, got message type {chr(t)!r}")
+            assert self._exchange is not None
+            reply, done = self._exchange.feed(buf[start:end])
+            if reply:
+                self.transport.write(reply)
+            if done:
+                rest, self._buf = self._buf, b""
+                self._authenticated(type(self._exchange).__name__)
+                if rest:
+                    self.data_received(rest)
+                return
+
+    def _authenticated(self, how: str) -> None:
+        self._exchange = None
+        if self.pool_reject is not None:
+            r = self.pool_reject
+            log.info("%r: rejected: %s", self, r.reason)
+            raise ClientError(r.code, r.message, hint=r.hint, fatal=True)
+        assert self.info is not None and self.target is not None
+        self.transport.write(m.AUTHENTICATION_OK)
+        self.pool_info = self.app.manager.pool_info(self.target)
+        log.info("%r: login ok (%s, pool %s, %s mode)", self, how, self.target.database, self.target.mode)
+        self.state = WELCOME
+        params = self.app.manager.welcome_params(self.target)
+        if self.pool_info.mode is PoolMode.SESSION or params is None:
+            # session pooling holds a server from login; otherwise one is needed once to learn the parameters
+            if self._checkout(None, codes.QUERY):
+                assert self.server is not None
+                self._welcome(params or self.server.params)
+            return
+        self._welcome(params)
+
+    def _welcome(self, params: dict[str, str]) -> None:
+        assert self.info is not None
+        if self._login_timer is not None:
+            self._login_timer.cancel()
+            self._login_timer = None
+        out = []
+        for name, value in params.items():
+            if name == "application_name":
+                value = self.info.application_name
+            out.append(m.parameter_status(name, value))
+        self.cancel_key = random.getrandbits(31)
+        self.app.register_cancel_key(self)
+        out.append(m.backend_key_data(self.info.id, self.cancel_key))
+        out.append(m.READY_FOR_QUERY_IDLE)
+        self.transport.write(b"".join(out))
+        self.state = READY
+        if self.server is not None and self.pool_info is not None and self.pool_info.mode is PoolMode.TRANSACTION:
+            self._release()
+        if self._buf:
+            self._process(b"")
+
+    # --- the pooling loop ---------------------------------------------------------------------------------
+
+    def _process(self, data: bytes) -> None:
+        buf = self._buf + data if self._buf else data
+        self._buf = b""
+        frames, consumed = split_frames(buf, self.app.max_message_size)
+        server = self.server
+        fwd = 0  # start of the run of messages not yet forwarded
+        for t, start, end in frames:
+            head = start - 5
+            if self.skip_to_sync:
+                # after an error in an extended-protocol batch, PostgreSQL ignores everything until Sync
+                if server is not None and fwd < head:
+                    server.send(buf[fwd:head])
+                fwd = end
+                if t != codes.SYNC:
+                    continue
+                self.skip_to_sync = False
+                if server is None:
+                    self.transport.write(m.READY_FOR_QUERY_IDLE)
+                    continue
+                fwd = head  # the Sync itself goes to the server, whose ReadyForQuery answers it
+            if t == codes.TERMINATE:
+                if server is not None and fwd < head:
+                    server.send(buf[fwd:head])
+                self.close()
+                return
+            statement = None
+            if (t == codes.QUERY or t == codes.PARSE) and not self._first_checked:
+                verdict = None
+                if self.app.plugins.has_inspectors or server is None:
+                    statement = self._statement(t, buf[start:end])
+                if self.app.plugins.has_inspectors and statement is not None:
+                    assert self.info is not None and self.pool_info is not None
+                    verdict = self.app.plugins.inspect_query(self.info, statement, self.pool_info)
+                if isinstance(verdict, Reject):
+                    log.info("%r: rejected %s: %s", self, verdict.code, verdict.reason)
+                    error = m.error_response(verdict.code, verdict.message, hint=verdict.hint)
+                    if server is None:
+                        self._reject_locally(t, error)
+                    else:
+                        if fwd < head:
+                            server.send(buf[fwd:head])
+                        self._reject_in_place(server, t, error)
+                    fwd = end
+                    continue
+                if isinstance(verdict, Pin) and not self.pinned:
+                    self.pinned = True
+                    log.info("%r: pinned to its server: %s", self, verdict.reason)
+            if self._reject_next is not None:
+                error, self._reject_next = self._reject_next, None
+                self._first_checked = False
+                self._reject_locally(t, error)
+                fwd = end
+                continue
+            if server is None:
+                # the first message of a transaction: route it, then get a server
+                if not self._first_checked and t in (codes.QUERY, codes.PARSE) and statement is None:
+                    statement = self._statement(t, buf[start:end])
+                self._buf = buf[head:]
+                if not self._checkout(statement, t):
+                    return  # waiting; _buf is processed again when a server arrives
+                self._buf = b""
+                server = self.server
+                if server is None:  # rejected by routing
+                    fwd = end
+                    continue
+            self._first_checked = False
+            if t in _SYNC_POINTS:
+                self.outstanding += 1
+                self.unsynced = False
+            elif t not in _NEUTRAL:
+                self.unsynced = True
+        if server is not None and fwd < consumed:
+            server.send(buf if fwd == 0 and consumed == len(buf) else buf[fwd:consumed])
+        if consumed < len(buf):
+            self._buf = buf[consumed:]
+
+    def _statement(self, t: int, payload: bytes) -> Statement:
+        if t == codes.QUERY:
+            return Statement(m.decode_query(payload))
+        _name, text, _types = m.decode_parse(payload)
+        return Statement(text)
+
+    def _reject_locally(self, t: int, error: bytes) -> None:
+        """Answer a rejected message with no server involved (between transactions)."""
+        self.transport.write(error)
+        if t in _SYNC_POINTS:
+            self.transport.write(m.READY_FOR_QUERY_IDLE)
+        else:
+            self.skip_to_sync = True
+
+    def _reject_in_place(self, server: ServerConnection, t: int, error: bytes) -> None:
+        """Inside a transaction: make the server fail at this very point, then show our error instead."""
+        marker = f"halephant_rejected_{next(_reject_markers)}"
+        server.arm_rewrite(marker.encode(), error)
+        if t == codes.QUERY:
+            server.send(m.query(marker))
+            self.outstanding += 1
+            self.unsynced = False
+        else:
+            server.send(m.message(b"P", b"\0" + marker.encode() + b"\0\0\0"))
+            self.unsynced = True
+            self.skip_to_sync = True
+
+    def _checkout(self, statement: Statement | None, t: int) -> bool:
+        """Link a server for a new transaction. False when the client has to wait (or was failed)."""
+        assert self.info is not None and self.pool_info is not None and self.target is not None
+        route = self.app.plugins.route(self.info, TransactionInfo(statement), self.pool_info)
+        if isinstance(route, Reject):
+            log.info("%r: route rejected %s: %s", self, route.code, route.reason)
+            if self.state != READY:
+                raise ClientError(route.code, route.message, hint=route.hint, fatal=True)
+            self._reject_locally(t, m.error_response(route.code, route.message, hint=route.hint))
+            return True
+        log.debug("%r: route %s: %s", self, route.role, route.reason)
+        pool = self.app.manager.pool_for(self.target, route.role)
+        server, open_one = pool.checkout(self)
+        if server is not None:
+            self._link(server)
+            return True
+        if open_one:
+            self.app.manager.open(pool)
+        self.waiting_pool = pool
+        self._first_checked = True
+        self.transport.pause_reading()
+        db = self.app.config.databases.get(self.target.database)
+        timeout = db.checkout_timeout if db is not None else 30.0
+        self._wait_timer = self.app.loop.call_later(timeout, self._checkout_timeout)
+        return False
+
+    def attach_server(self, server: ServerConnection) -> None:
+        """Called by the pool: the server this client waited for."""
+        if self._wait_timer is not None:
+            self._wait_timer.cancel()
+            self._wait_timer = None
+        self.waiting_pool = None
+        if self.state == CLOSED:
+            # gone while waiting: give the server straight back
+            self.app.manager.checkin(server)
+            return
+        self._link(server)
+        self.transport.resume_reading()
+        try:
+            if self.state == WELCOME:
+                self._first_checked = False
+                self._welcome(self.app.manager.welcome_params(self.target) or server.params)  # type: ignore[arg-type]
+            else:
+                self._process(b"")
+        except ClientError as exc:
+            self.fail(exc)
+        except Exception as exc:
+            log.exception("%r: internal error", self)
+            self.fail(ClientError(sqlstate.INTERNAL_ERROR, f"internal error in halephant: {exc!r}", fatal=True))
+
+    def checkout_failed(self, error: ClientError) -> None:
+        """Called by the pool manager: no server could be opened for this waiting client."""
+        self._end_wait()
+        if self.state == CLOSED:
+            return
+        if self.state != READY or (self.pool_info is not None and self.pool_info.mode is PoolMode.SESSION):
+            self.fail(ClientError(error.code, error.message, hint=error.hint, fatal=True))
+            return
+        self._reject_next = m.error_response(error.code, error.message, hint=error.hint)
+        self.data_received(b"")
+
+    def _checkout_timeout(self) -> None:
+        self._wait_timer = None
+        pool = self.waiting_pool
+        if pool is None:
+            return
+        pool.cancel_wait(self)
+        log.warning("%r: checkout timeout waiting for a server of pool %s", self, pool.name)
+        self.checkout_failed(ClientError(
+            sqlstate.TOO_MANY_CONNECTIONS,
+            f"no server connection available for pool {pool.key[0]}/{pool.key[1]}: checkout timeout",
+            hint="The pool is full; raise pool_size or checkout_timeout, or shorten transactions.",
+        ))
+
+    def _end_wait(self) -> None:
+        if self._wait_timer is not None:
+            self._wait_timer.cancel()
+            self._wait_timer = None
+        if self.waiting_pool is not None:
+            self.waiting_pool.cancel_wait(self)
+            self.waiting_pool = None
+        if self.state != CLOSED:
+            self.transport.resume_reading()
+
+    def _link(self, server: ServerConnection) -> None:
+        self.server = server
+        server.client = self
+        server.link_count += 1
+        if self.write_paused:
+            server.set_reading(True)
+
+    def server_ready(self, n: int, status: int, at_boundary: bool) -> None:
+        """The linked server sent `n` ReadyForQuery; the last said `status`."""
+        self.outstanding -= n
+        if self.outstanding > 0:
+            return
+        self.outstanding = 0
+        if (at_boundary and status == codes.TX_IDLE and not self.unsynced and not self.pinned
+                and self.pool_info is not None and self.pool_info.mode is PoolMode.TRANSACTION):
+            self._release()
+
+    def _release(self) -> None:
+        server = self.server
+        assert server is not None
+        self.server = None
+        server.client = None
+        if self.write_paused:
+            server.set_reading(False)
+        self.app.manager.checkin(server)
+
+    def server_lost(self, server: ServerConnection, reason: str) -> None:
+        if self.server is server:
+            self.server = None
+            log.warning("%r: server %s lost mid-transaction: %s", self, server, reason)
+            self.fail(ClientError(sqlstate.CONNECTION_FAILURE, f"server connection lost: {reason}", fatal=True))
+
+    # --- ending ---------------------------------------------------------------------------------------------
+
+    def fail(self, error: ClientError) -> None:
+        """Send an error; a fatal one (or one before login) also closes the connection."""
+        if self.state == CLOSED:
+            return
+        fatal = error.fatal or self.state != READY
+        try:
+            self.transport.write(m.error_response(error.code, error.message, hint=error.hint, fatal=fatal))
+        except Exception:  # the transport may be gone already
+            pass
+        if fatal:
+            log.info("%r: closing: %s %s", self, error.code, error.message)
+            self.close()
+
+    def close(self) -> None:
+        if self.state == CLOSED:
+            return
+        self._closed("client sent Terminate" if self.state == READY else "closed during login")
+        self.transport.close()
+
+    def _closed(self, reason: str) -> None:
+        self.state = CLOSED
+        for timer in (self._login_timer, self._wait_timer):
+            if timer is not None:
+                timer.cancel()
+        self._login_timer = self._wait_timer = None
+        if self.waiting_pool is not None:
+            self.waiting_pool.cancel_wait(self)
+            self.waiting_pool = None
+        server, self.server = self.server, None
+        if server is not None:
+            server.client = None
+            clean = self.outstanding == 0 and not self.unsynced and server.scanner.status == codes.TX_IDLE
+            if server.reading_paused:
+                server.set_reading(False)
+            if clean and self.pool_info is not None and self.pool_info.mode is PoolMode.SESSION:
+                self.app.manager.reset_and_checkin(server)
+            else:
+                server.close("client left mid-transaction")
+        self.app.client_closed(self)
+        if self.info is not None:
+            log.info("%r: disconnected: %s", self, reason)

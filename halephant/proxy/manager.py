@@ -1,0 +1,188 @@
+"""The pools of a running halephant, and the I/O their decisions call for: opening server connections
+(a short task each, under `connect_timeout`), resetting session-mode servers, and the maintenance loop
+(idle_timeout, max_lifetime, min_pool_size).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import anyio
+
+from halephant import sqlstate
+from halephant.errors import ClientError
+from halephant.pool.pool import Pool
+from halephant.protocol import codes
+from halephant.protocol import messages as m
+from halephant.proxy.server import ServerConnection
+from halephant.types import PoolInfo, PoolMode, PoolSize, PoolTarget, Role
+
+if TYPE_CHECKING:
+    from halephant.proxy.app import App
+
+log = logging.getLogger("halephant.pool")
+
+
+class _Reset:
+    """Stands in for a client while a session-mode server runs its reset query."""
+
+    __slots__ = ("manager", "server", "transport")
+
+    class _Sink:
+        @staticmethod
+        def write(_data: bytes) -> None:
+            pass
+
+        @staticmethod
+        def pause_reading() -> None:
+            pass
+
+    def __init__(self, manager: PoolManager, server: ServerConnection) -> None:
+        self.manager = manager
+        self.server = server
+        self.transport = self._Sink()
+
+    def server_ready(self, n: int, status: int, at_boundary: bool) -> None:
+        server = self.server
+        server.client = None
+        if status == codes.TX_IDLE and at_boundary:
+            server.dirty = False
+            self.manager.checkin(server)
+        else:
+            server.close("reset query left the server in a transaction")
+
+    def server_lost(self, server: ServerConnection, reason: str) -> None:
+        pass
+
+    def resume_reading_from_server(self) -> None:
+        pass
+
+
+class PoolManager:
+    def __init__(self, app: App) -> None:
+        self.app = app
+        self.pools: dict[tuple[str, str, str], Pool] = {}
+        self._sizes: dict[tuple[str, str], PoolSize] = {}
+        self._welcome: dict[tuple[str, str], dict[str, str]] = {}
+        self._next_replica = 0
+
+    # --- lookups ---------------------------------------------------------------------------------------------
+
+    def pool_info(self, target: PoolTarget) -> PoolInfo:
+        key = (target.database, target.server_user)
+        size = self._sizes.get(key)
+        if size is None:
+            size = self._sizes[key] = self.app.plugins.pool_size(target, self.app.config)
+        return PoolInfo(target=target, size=size)
+
+    def welcome_params(self, target: PoolTarget | None) -> dict[str, str] | None:
+        if target is None:
+            return None
+        return self._welcome.get((target.database, target.server_user))
+
+    def pool_for(self, target: PoolTarget, role: Role) -> Pool:
+        nodes = self.app.config.clusters[target.cluster].nodes
+        node = nodes[0]
+        if role is Role.REPLICA and len(nodes) > 1:
+            self._next_replica = (self._next_replica + 1) % (len(nodes) - 1)
+            node = nodes[1 + self._next_replica]
+        key = (target.database, target.server_user, f"{node.host}:{node.port}")
+        pool = self.pools.get(key)
+        if pool is None:
+            pool = self.pools[key] = Pool(target, self.pool_info(target).size, node.host, node.port)
+            log.info("pool %s created (size %d, min %d)", pool.name, pool.info.size.max, pool.info.size.min)
+        return pool
+
+    # --- I/O the pools call for ------------------------------------------------------------------------------
+
+    def open(self, pool: Pool) -> None:
+        self.app.spawn(self._open, pool)
+
+    async def _open(self, pool: Pool) -> None:
+        loop = self.app.loop
+        target = pool.info.target
+        startup = {"user": target.server_user, "database": target.server_database,
+                   "application_name": "halephant"}
+        server = ServerConnection(self, pool, startup, target.server_password, loop)
+        try:
+            with anyio.fail_after(self.app.config.limits.connect_timeout):
+                await loop.create_connection(lambda: server, pool.host, pool.port)
+                await server.login
+        except Exception as exc:
+            server.abort()
+            if isinstance(exc, ClientError):
+                error = ClientError(exc.code, exc.message, hint=exc.hint, fatal=True)
+            elif isinstance(exc, TimeoutError):
+                error = ClientError(sqlstate.CONNECTION_FAILURE,
+                                    f"could not connect to server {pool.host}:{pool.port}: timeout", fatal=True)
+            else:
+                error = ClientError(sqlstate.CONNECTION_FAILURE,
+                                    f"could not connect to server {pool.host}:{pool.port}: {exc}", fatal=True)
+            log.warning("pool %s: server connect failed: %s %s", pool.name, error.code, error.message)
+            for waiter in pool.connect_failed():
+                waiter.checkout_failed(error)  # type: ignore[attr-defined]
+            return
+        self._welcome.setdefault((target.database, target.server_user), dict(server.params))
+        log.info("pool %s: server connection opened (pid %d, now %d)", pool.name, server.backend_pid, pool.total)
+        waiter = pool.connected(server)
+        if waiter is not None:
+            waiter.attach_server(server)
+
+    def checkin(self, server: ServerConnection) -> None:
+        """A client is done with `server`: close it if it may carry session state, else pool it."""
+        if server.closing:
+            return
+        if server.dirty and server.pool.info.mode is PoolMode.TRANSACTION:
+            # a SET (seen as ParameterStatus) would leak into the next client: never hand it on
+            server.close("session state changed (SET); not reusable")
+            self.server_gone(server.pool)
+            return
+        waiter = server.pool.checkin(server)
+        if waiter is not None:
+            waiter.attach_server(server)
+
+    def reset_and_checkin(self, server: ServerConnection) -> None:
+        """Session pooling: run the reset query, then pool the server (or close it if that fails)."""
+        db = self.app.config.databases.get(server.pool.info.target.database)
+        query = db.server_reset_query if db is not None else "DISCARD ALL"
+        if not query:
+            self.checkin(server)
+            return
+        server.client = _Reset(self, server)  # type: ignore[assignment]
+        server.send(m.query(query))
+
+    def server_gone(self, pool: Pool) -> None:
+        if pool.should_open_for_waiters():
+            self.open(pool)
+
+    # --- maintenance -------------------------------------------------------------------------------------------
+
+    async def maintain(self) -> None:
+        while True:
+            await anyio.sleep(1.0)
+            self.tick()
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        for pool in list(self.pools.values()):
+            db = self.app.config.databases.get(pool.info.target.database)
+            if db is None:
+                continue
+            for server in pool.expired(now, db.idle_timeout, db.max_lifetime):
+                reason = "max_lifetime" if now - server.created_at > db.max_lifetime else "idle_timeout"
+                log.info("pool %s: closing server pid %d (%s), now %d", pool.name,
+                         server.backend_pid, reason, pool.total)  # type: ignore[attr-defined]
+                server.close(reason)
+            for _ in range(pool.missing_for_min()):
+                self.app.spawn(self._open_for_min, pool)
+
+    async def _open_for_min(self, pool: Pool) -> None:
+        await self._open(pool)
+
+    def close_all(self) -> None:
+        for pool in self.pools.values():
+            for server in list(pool.idle) + list(pool.active):
+                server.close("shutdown")  # type: ignore[union-attr]
+

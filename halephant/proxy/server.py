@@ -1,0 +1,241 @@
+"""A server connection: logging in to PostgreSQL, then relaying its bytes to whichever client it is linked to.
+
+Login is driven by callbacks (StartupMessage, the auth exchange, ParameterStatus, BackendKeyData, up to the
+first ReadyForQuery) and completes `login` (a future the opener awaits under a timeout). After login,
+`data_received` forwards each chunk to the linked client whole and only scans headers (BackendScanner);
+the client decides at each ReadyForQuery whether the server goes back to its pool. Bytes from a server
+no client is linked to (a FATAL, a stray notification) close it: an idle server must be silent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from typing import TYPE_CHECKING, cast
+
+from halephant import sqlstate
+from halephant.auth.upstream import UpstreamAuth
+from halephant.errors import ClientError, ProtocolViolation
+from halephant.protocol import codes
+from halephant.protocol import messages as m
+from halephant.protocol.framing import BackendScanner, split_frames
+
+if TYPE_CHECKING:
+    from halephant.pool.pool import Pool
+    from halephant.proxy.manager import PoolManager
+    from halephant.proxy.client import ClientConnection
+
+log = logging.getLogger("halephant.server")
+
+_MAX_SERVER_MESSAGE = 1 << 30
+_KEEP = frozenset((codes.PARAMETER_STATUS,))
+
+
+class ServerLoginError(ClientError):
+    """PostgreSQL refused the login (its own SQLSTATE) or broke the protocol during it."""
+
+
+class ServerConnection(asyncio.Protocol):
+    __slots__ = ("_auth", "_buf", "_rewrite", "_startup", "backend_key", "backend_pid", "client", "closing",
+                 "created_at", "dirty", "idle_since", "link_count", "login", "manager", "params", "pool", "reading_paused",
+                 "scanner", "transport")
+
+    def __init__(self, manager: PoolManager, pool: Pool, startup: dict[str, str], password: str | None,
+                 loop: asyncio.AbstractEventLoop) -> None:
+        self.manager = manager
+        self.pool = pool
+        self._startup = startup
+        self._auth = UpstreamAuth(startup["user"], password)
+        self.login: asyncio.Future[None] = loop.create_future()
+        self.transport: asyncio.Transport | None = None
+        self._buf = b""
+        self.params: dict[str, str] = {}
+        self.backend_pid = 0
+        self.backend_key = 0
+        self.client: ClientConnection | None = None
+        self.scanner = BackendScanner(_KEEP)
+        self.created_at = time.monotonic()
+        self.idle_since = self.created_at
+        self.closing = False
+        self.reading_paused = False
+        self.dirty = False  # session state changed (ParameterStatus seen) since the last reset
+        self.link_count = 0  # bumped at every link: a cancel checks it did not go stale
+        self._rewrite: tuple[bytes, bytes] | None = None
+
+    def __repr__(self) -> str:
+        state = "closing" if self.closing else ("active" if self.client else "idle")
+        return f"<Server pid={self.backend_pid} {self.pool.name} {state}>"
+
+    # --- asyncio.Protocol: login ----------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports don't subclass asyncio's
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        transport.write(m.startup_message(self._startup))
+
+    def _login_data(self, data: bytes) -> None:
+        buf = self._buf + data if self._buf else data
+        frames, consumed = split_frames(buf, 1 << 20)
+        self._buf = buf[consumed:]
+        assert self.transport is not None
+        for t, start, end in frames:
+            payload = buf[start:end]
+            if t == codes.AUTHENTICATION:
+                code, rest = m.decode_authentication(payload)
+                reply = self._auth.respond(code, rest)
+                if reply is not None:
+                    self.transport.write(reply)
+            elif t == codes.PARAMETER_STATUS:
+                name, value = m.decode_parameter_status(payload)
+                self.params[name] = value
+            elif t == codes.BACKEND_KEY_DATA:
+                self.backend_pid, self.backend_key = m.decode_backend_key_data(payload)
+            elif t == codes.ERROR_RESPONSE:
+                fields = m.decode_error_fields(payload)
+                raise ServerLoginError(fields.get("C", sqlstate.CONNECTION_FAILURE), fields.get("M", "login failed"),
+                                       hint=fields.get("H"), fatal=True)
+            elif t == codes.READY_FOR_QUERY:
+                if consumed != len(buf) or end != consumed:
+                    raise ProtocolViolation("server sent data after its first ReadyForQuery")
+                if not self.login.done():
+                    self.login.set_result(None)
+                return
+            # NoticeResponse, NegotiateProtocolVersion: nothing to do
+
+    # --- asyncio.Protocol: relaying ---------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        client = self.client
+        if client is not None:
+            if self._rewrite is not None:
+                self._rewriting_data(data, client)
+                return
+            sc = self.scanner
+            try:
+                sc.feed(data)
+            except ProtocolViolation as exc:
+                self._lost_with_client(client, f"protocol violation from server: {exc.message}")
+                return
+            client.transport.write(data)
+            if sc.kept:
+                self.dirty = True
+            if sc.ready:
+                client.server_ready(sc.ready, sc.status, sc.at_boundary)
+            return
+        if not self.login.done():
+            try:
+                self._login_data(data)
+            except ClientError as exc:
+                self.login.set_exception(exc)
+                self.abort()
+            except Exception as exc:  # a hostile or broken server must not take the proxy down
+                self.login.set_exception(ServerLoginError(sqlstate.CONNECTION_FAILURE, f"login failed: {exc!r}"))
+                self.abort()
+            return
+        # unsolicited bytes on an idle server (a FATAL from pg_terminate_backend, a notification)
+        self.close("server sent data while idle")
+
+    def arm_rewrite(self, marker: bytes, error: bytes) -> None:
+        """Replace the server's ErrorResponse that mentions `marker` by `error` (a rejection in place)."""
+        self._rewrite = (marker, error)
+
+    def _rewriting_data(self, data: bytes, client: ClientConnection) -> None:
+        # The slow path, used only while a rejection is in flight: frame fully so one message can be swapped.
+        assert self._rewrite is not None
+        marker, error = self._rewrite
+        buf = self._buf + data if self._buf else data
+        frames, consumed = split_frames(buf, _MAX_SERVER_MESSAGE)
+        self._buf = buf[consumed:]
+        out: list[bytes] = []
+        ready, status = 0, codes.TX_IDLE
+        last = 0
+        for t, start, end in frames:
+            if t == codes.ERROR_RESPONSE and marker in buf[start:end]:
+                out.append(buf[last : start - 5])
+                out.append(error)
+                last = end
+            elif t == codes.READY_FOR_QUERY:
+                ready += 1
+                status = buf[start]
+                self._rewrite = None
+        out.append(buf[last:consumed])
+        client.transport.write(b"".join(out))
+        if self._rewrite is None and self._buf:
+            # the rest goes back through the scanner's bookkeeping
+            rest, self._buf = self._buf, b""
+            self.scanner = BackendScanner(_KEEP)
+            self.scanner.feed(rest)
+            client.transport.write(rest)
+            ready += self.scanner.ready
+            status = self.scanner.status if self.scanner.ready else status
+            at_boundary = self.scanner.at_boundary
+        else:
+            at_boundary = not self._buf
+            if self._rewrite is None:
+                self.scanner = BackendScanner(_KEEP)
+        if ready:
+            client.server_ready(ready, status, at_boundary)
+
+    def _lost_with_client(self, client: ClientConnection, reason: str) -> None:
+        self.client = None
+        client.server_lost(self, reason)
+        self.close(reason)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.login.done():
+            self.login.set_exception(ServerLoginError(
+                sqlstate.CONNECTION_FAILURE, "server closed the connection during login", fatal=True))
+        was_closing = self.closing
+        self.closing = True
+        client, self.client = self.client, None
+        self.pool.discard(self)
+        if client is not None:
+            client.server_lost(self, "server closed the connection unexpectedly")
+        if not was_closing:
+            log.info("server %s closed: %s", self, exc or "connection closed by server")
+        self.manager.server_gone(self.pool)
+
+    def pause_writing(self) -> None:
+        # the server is slow to take the client's data: stop reading the client
+        if self.client is not None:
+            self.client.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.client is not None:
+            self.client.resume_reading_from_server()
+
+    # --- control ------------------------------------------------------------------------------------------
+
+    def set_reading(self, paused: bool) -> None:
+        if self.transport is None or self.closing or paused == self.reading_paused:
+            return
+        self.reading_paused = paused
+        if paused:
+            self.transport.pause_reading()
+        else:
+            self.transport.resume_reading()
+
+    def send(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
+
+    def close(self, reason: str) -> None:
+        """Close gracefully (Terminate) and forget it."""
+        if self.closing:
+            return
+        self.closing = True
+        log.debug("closing server %s: %s", self, reason)
+        self.pool.discard(self)
+        if self.transport is not None:
+            if not self.transport.is_closing():
+                self.transport.write(m.TERMINATE)
+            self.transport.close()
+
+    def abort(self) -> None:
+        self.closing = True
+        if self.transport is not None:
+            self.transport.abort()

@@ -1,0 +1,202 @@
+"""Public value objects that hooks receive and return.
+
+Decision results are small frozen dataclasses carrying a `reason`, so every decision can be explained in
+logs and status views. Plugins import from here, `halephant`, `halephant.sqlstate` and `halephant.sql`
+only; everything else in the core is internal.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from dataclasses import dataclass, field
+from typing import Any
+
+from halephant.config.schema import Config, DatabaseConfig, UserConfig
+from halephant.sql import Statement
+
+__all__ = [
+    "Allow",
+    "AuthMethod",
+    "ClientInfo",
+    "Config",
+    "DatabaseConfig",
+    "Md5",
+    "Pin",
+    "PoolInfo",
+    "PoolMode",
+    "PoolSize",
+    "PoolTarget",
+    "Reject",
+    "Role",
+    "Route",
+    "ScramSha256",
+    "Statement",
+    "TransactionInfo",
+    "Trust",
+    "UserConfig",
+    "Verdict",
+]
+
+
+class PoolMode(enum.StrEnum):
+    """When a client gives its server connection back."""
+
+    TRANSACTION = "transaction"
+    SESSION = "session"
+
+
+class Role(enum.StrEnum):
+    """What a node is, or which kind of node a transaction must run on."""
+
+    PRIMARY = "primary"
+    REPLICA = "replica"
+
+
+# --- decisions ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Reject:
+    """Refuse: the client gets an ErrorResponse with this SQLSTATE, message and hint."""
+
+    code: str
+    message: str
+    hint: str | None = None
+    reason: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.reason:
+            object.__setattr__(self, "reason", self.message)
+
+
+@dataclass(frozen=True, slots=True)
+class Allow:
+    """Let the statement through and stop asking other inspectors."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Pin:
+    """Keep the client's server connection for the rest of its session."""
+
+    reason: str
+
+
+Verdict = Allow | Reject | Pin
+
+
+@dataclass(frozen=True, slots=True)
+class PoolTarget:
+    """Where a client's session goes: answer of `halephant_select_pool`.
+
+    `database` is the name of the `databases:` entry (the pool's name); `server_database` and
+    `server_user` are what halephant uses when it logs in upstream.
+    """
+
+    database: str
+    cluster: str
+    server_database: str
+    server_user: str
+    server_password: str | None
+    mode: PoolMode
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class PoolSize:
+    """How many server connections one pool (database, user, node) may hold."""
+
+    min: int
+    max: int
+    reserve: int = 0
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class PoolInfo:
+    """What hooks see of the pool a client uses."""
+
+    target: PoolTarget
+    size: PoolSize
+
+    @property
+    def mode(self) -> PoolMode:
+        return self.target.mode
+
+    @property
+    def database(self) -> str:
+        return self.target.database
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Which kind of node runs a transaction: answer of `halephant_route`."""
+
+    role: Role
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class TransactionInfo:
+    """The transaction being routed: its first statement when it starts with Query or Parse."""
+
+    statement: Statement | None
+
+
+# --- authentication methods: the core drives the exchange --------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ScramSha256:
+    """Authenticate the client with SCRAM-SHA-256.
+
+    `secret` is the plaintext password or a `SCRAM-SHA-256$…` verifier; `None` runs a mock exchange that
+    always fails with 28P01, so unknown user names cannot be told apart from bad passwords.
+    """
+
+    secret: str | None
+    reason: str = "scram-sha-256"
+
+
+@dataclass(frozen=True, slots=True)
+class Md5:
+    """Authenticate the client with md5 (`secret`: plaintext or an `md5…` hash; `None` always fails)."""
+
+    secret: str | None
+    reason: str = "md5"
+
+
+@dataclass(frozen=True, slots=True)
+class Trust:
+    """Let the client in without a password (explicit opt-in only)."""
+
+    reason: str = "trust"
+
+
+AuthMethod = ScramSha256 | Md5 | Trust
+
+
+# --- the client as hooks see it ----------------------------------------------------------------------
+
+_client_ids = itertools.count(1)
+
+
+@dataclass(eq=False, slots=True)
+class ClientInfo:
+    """One connected client. Plugins keep per-client state in `stash`, keyed by an object they own."""
+
+    user: str
+    database: str
+    params: dict[str, str]
+    address: str
+    id: int = field(default_factory=lambda: next(_client_ids))
+    stash: dict[object, Any] = field(default_factory=dict)
+
+    @property
+    def application_name(self) -> str:
+        return self.params.get("application_name", "")
+
+    def __repr__(self) -> str:
+        return f"<client #{self.id} {self.user}@{self.database} from {self.address}>"

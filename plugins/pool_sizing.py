@@ -1,0 +1,15 @@
+"""Pool sizes from the config: `databases.<name>.pool_size` server connections at most and
+`min_pool_size` kept warm, per database, user and node."""
+
+from __future__ import annotations
+
+from halephant import hookimpl
+from halephant.types import Config, PoolSize, PoolTarget
+
+
+@hookimpl(trylast=True)
+def halephant_pool_size(pool: PoolTarget, config: Config) -> PoolSize | None:
+    db = config.databases.get(pool.database)
+    if db is None:
+        return None
+    return PoolSize(min=db.min_pool_size, max=db.pool_size, reason=f"databases.{pool.database}.pool_size")
