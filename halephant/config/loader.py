@@ -1,0 +1,481 @@
+"""Reading `halephant.yaml` and turning every problem in it into `file:line:col: dotted.path: message`.
+
+Loading happens in two steps so the plugin manager can sit in between: `read_config` parses the YAML
+(ruamel.yaml round-trip mode, so every node keeps its line and column) and gives a `RawConfig`, whose
+`disabled_plugins` says which entry points not to load; `validate_config` then validates the document
+and each loaded plugin's `plugins.<name>` section against the pydantic model that plugin declared.
+
+Validation never stops at the first problem: pydantic collects every field error, the cross-section
+checks below run on the plain data whether or not pydantic succeeded, and everything is raised together
+as one `ConfigError`. Positions come from mapping a pydantic `loc` back onto the ruamel node tree.
+Passwords never appear in a message: checks about them name the field, not its value.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import types
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Annotated, Any, Union, get_args, get_origin
+
+from pydantic import BaseModel, ValidationError
+from pydantic_core import ErrorDetails
+from ruamel.yaml import YAML
+from ruamel.yaml.comments import CommentedMap, CommentedSeq, TaggedScalar
+from ruamel.yaml.constructor import DuplicateKeyError
+from ruamel.yaml.error import MarkedYAMLError, YAMLError
+
+from halephant.config.schema import Config, HostPort, is_md5_hash, is_scram_verifier
+from halephant.errors import ConfigError, ConfigProblem
+
+__all__ = ["RawConfig", "load_config", "read_config", "read_config_text", "validate_config"]
+
+Loc = tuple[int | str, ...]
+
+# Standard YAML tags that only restate what the plain scalar already is (`!!str 5432`).
+_STANDARD_TAG = "tag:yaml.org,2002:"
+
+
+@dataclass(frozen=True)
+class RawConfig:
+    """A parsed but not yet validated config file: the ruamel node tree and the name used in messages."""
+
+    data: CommentedMap
+    source: str
+
+    @property
+    def disabled_plugins(self) -> list[str]:
+        """Names under `plugins.disable`, best effort: [] when that part of the file is malformed."""
+        plugins = self.data.get("plugins")
+        if not isinstance(plugins, Mapping):
+            return []
+        disable = plugins.get("disable")
+        if not isinstance(disable, list):
+            return []
+        return [str(name) for name in disable if isinstance(name, str)]
+
+
+def read_config(path: str | os.PathLike[str]) -> RawConfig:
+    """Parse the YAML file at `path`; raises ConfigError for an unreadable file or a YAML syntax error."""
+    source = os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as exc:
+        raise ConfigError(
+            [ConfigProblem(source, 1, 1, "", f"cannot read the file: {exc.strerror}")]
+        ) from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        col = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise ConfigError([ConfigProblem(source, line, col, "", "the file is not valid UTF-8")]) from None
+    return read_config_text(text, source)
+
+
+def read_config_text(text: str, source: str) -> RawConfig:
+    """Parse YAML `text`; `source` names it in messages. Raises ConfigError on a syntax error."""
+    yaml = YAML(typ="rt")  # a fresh loader each time: YAML instances keep per-load state
+    try:
+        data = yaml.load(text)
+    except MarkedYAMLError as exc:
+        raise ConfigError([_syntax_problem(exc, source)]) from None
+    except YAMLError as exc:
+        raise ConfigError([ConfigProblem(source, 1, 1, "", f"invalid YAML: {exc}")]) from None
+    if data is None:  # an empty file, or only comments
+        data = CommentedMap()
+    if not isinstance(data, CommentedMap):
+        line, col = (data.lc.line + 1, data.lc.col + 1) if isinstance(data, CommentedSeq) else (1, 1)
+        message = "the file must be a mapping of settings (listen:, clusters:, databases:, users:, ...)"
+        raise ConfigError([ConfigProblem(source, line, col, "", message)])
+    return RawConfig(data, source)
+
+
+def _syntax_problem(exc: MarkedYAMLError, source: str) -> ConfigProblem:
+    mark = exc.problem_mark or exc.context_mark
+    line, col = (mark.line + 1, mark.column + 1) if mark is not None else (1, 1)
+    problem = str(exc.problem or exc.context or "invalid YAML")
+    if isinstance(exc, DuplicateKeyError):
+        # ruamel's text goes on with both values, and the value may be a password.
+        return ConfigProblem(source, line, col, "", problem.split(" with value ", 1)[0])
+    if exc.problem and exc.context and exc.context_mark is not None:
+        problem += f" ({exc.context} at line {exc.context_mark.line + 1})"
+    return ConfigProblem(source, line, col, "", problem)
+
+
+def validate_config(raw: RawConfig, plugin_settings: Mapping[str, type[BaseModel]] | None = None) -> Config:
+    """Validate `raw` into a `Config`, or raise ConfigError listing every problem found.
+
+    `plugin_settings` maps a loaded plugin's name to the pydantic model of its `plugins.<name>` section.
+    A plugin with no section gets its model's defaults; sections of disabled plugins are not validated;
+    any other section is an error.
+    """
+    where = _Locator(raw.data, raw.source)
+    problems: list[ConfigProblem] = []
+    plain = _to_plain(raw.data, (), where, problems)
+    assert isinstance(plain, dict)
+
+    # Plugin sections are validated against models the core does not know, so they are taken out
+    # before the core schema sees `plugins:`.
+    core = dict(plain)
+    sections: dict[Any, Any] = {}
+    if isinstance(plain.get("plugins"), dict):
+        sections = {k: v for k, v in plain["plugins"].items() if k != "disable"}
+        core["plugins"] = {k: v for k, v in plain["plugins"].items() if k == "disable"}
+
+    config: Config | None = None
+    try:
+        config = Config.model_validate(core)
+    except ValidationError as exc:
+        problems += where.from_validation(exc, Config)
+    settings = _validate_plugin_sections(
+        sections, raw.disabled_plugins, plugin_settings or {}, where, problems
+    )
+    problems += _cross_check(plain, where)
+
+    if problems or config is None:
+        raise ConfigError(list(dict.fromkeys(problems)))
+    config._source = raw.source
+    config._plugin_settings = settings
+    return config
+
+
+def load_config(
+    path: str | os.PathLike[str], plugin_settings: Mapping[str, type[BaseModel]] | None = None
+) -> Config:
+    """Read and validate the config file at `path`; raises ConfigError listing every problem."""
+    return validate_config(read_config(path), plugin_settings)
+
+
+def _validate_plugin_sections(
+    sections: Mapping[Any, Any],
+    disabled: Sequence[str],
+    models: Mapping[str, type[BaseModel]],
+    where: _Locator,
+    problems: list[ConfigProblem],
+) -> dict[str, BaseModel]:
+    for name in sections:
+        if name not in models and name not in disabled:
+            known = ", ".join(sorted(models)) or "none"
+            problems.append(
+                where.problem(
+                    ("plugins", name),
+                    f"no loaded plugin takes settings under this name; plugins with settings: {known}",
+                    at_key=True,
+                )
+            )
+    settings: dict[str, BaseModel] = {}
+    for name, model in models.items():
+        if name in disabled:
+            continue
+        section = sections.get(name)
+        try:
+            settings[name] = model.model_validate({} if section is None else section)
+        except ValidationError as exc:
+            problems += where.from_validation(exc, model, prefix=("plugins", name))
+    return settings
+
+
+# --- cross-section checks ----------------------------------------------------------------------------
+
+
+def _cross_check(plain: dict[Any, Any], where: _Locator) -> list[ConfigProblem]:
+    """Checks pydantic cannot place: each runs only on the parts that are individually well-formed."""
+    problems: list[ConfigProblem] = []
+    clusters = plain.get("clusters")
+    for name, cluster in _entries(clusters):
+        seen: set[str] = set()
+        nodes = cluster.get("nodes")
+        for i, node in enumerate(nodes if isinstance(nodes, list) else []):
+            try:
+                address = str(HostPort.parse(node))
+            except ValidationError:
+                continue
+            if address in seen:
+                problems.append(where.problem(("clusters", name, "nodes", i), f"{address} is listed twice"))
+            seen.add(address)
+
+    for name, db in _entries(plain.get("databases")):
+        cluster_name = db.get("cluster")
+        if isinstance(clusters, dict) and isinstance(cluster_name, str) and cluster_name not in clusters:
+            defined = ", ".join(str(c) for c in clusters) or "none"
+            problems.append(
+                where.problem(
+                    ("databases", name, "cluster"),
+                    f"no cluster named {cluster_name!r} (clusters defined: {defined})",
+                )
+            )
+        size, min_size = db.get("pool_size", 20), db.get("min_pool_size", 0)
+        if _is_int(size) and _is_int(min_size) and size >= 1 and min_size > size:
+            problems.append(
+                where.problem(
+                    ("databases", name, "min_pool_size"),
+                    f"min_pool_size ({min_size}) cannot be larger than pool_size ({size})",
+                )
+            )
+
+    for name, user in _entries(plain.get("users")):
+        problems += _check_user(name, user, where)
+    return problems
+
+
+def _check_user(name: Any, user: dict[Any, Any], where: _Locator) -> list[ConfigProblem]:
+    problems: list[ConfigProblem] = []
+    password, server_password = user.get("password"), user.get("server_password")
+    auth = user.get("auth", "scram-sha-256")
+    at_password = ("users", name, "password")
+    if password is None and auth in ("scram-sha-256", "md5"):
+        problems.append(
+            where.problem(at_password, f"a password is required with auth: {auth} (or use auth: trust)")
+        )
+    if isinstance(password, str):
+        scram, md5 = is_scram_verifier(password), is_md5_hash(password)
+        if password == "":
+            problems.append(
+                where.problem(at_password, "the password is empty; use auth: trust to allow no password")
+            )
+        if (scram or md5) and server_password is None:
+            problems.append(
+                where.problem(
+                    at_password,
+                    "a SCRAM verifier or md5 hash cannot log in upstream: "
+                    "set server_password to the plaintext password",
+                )
+            )
+        if scram and auth == "md5":
+            problems.append(
+                where.problem(
+                    at_password,
+                    "a SCRAM-SHA-256 verifier cannot check md5 logins: "
+                    "use auth: scram-sha-256, or give the plaintext password or its md5 hash",
+                )
+            )
+        if md5 and auth == "scram-sha-256":
+            problems.append(
+                where.problem(
+                    at_password,
+                    "an md5 hash cannot check SCRAM-SHA-256 logins: "
+                    "use auth: md5, or give the plaintext password or a SCRAM verifier",
+                )
+            )
+    if isinstance(server_password, str) and (
+        is_scram_verifier(server_password) or is_md5_hash(server_password)
+    ):
+        problems.append(
+            where.problem(
+                ("users", name, "server_password"),
+                "server_password must be the plaintext password, not a SCRAM verifier or md5 hash",
+            )
+        )
+    return problems
+
+
+def _entries(section: Any) -> list[tuple[Any, dict[Any, Any]]]:
+    if not isinstance(section, dict):
+        return []
+    return [(name, entry) for name, entry in section.items() if isinstance(entry, dict)]
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# --- ruamel tree -> plain Python ---------------------------------------------------------------------
+
+
+def _to_plain(node: Any, loc: Loc, where: _Locator, problems: list[ConfigProblem]) -> Any:
+    """The document as dicts, lists and built-in scalars, mirroring the ruamel tree key for key.
+
+    ruamel's round-trip types subclass int/str/float; strict pydantic types and `isinstance` checks on
+    the plain values then behave the same whatever the YAML spelling (`0x10`, `|` blocks, anchors).
+    """
+    tag = getattr(getattr(node, "tag", None), "value", None)
+    if isinstance(tag, str) and not tag.startswith(_STANDARD_TAG):
+        problems.append(where.problem(loc, f"YAML tags such as {tag} are not supported"))
+    if isinstance(node, TaggedScalar):
+        return str(node.value)
+    if isinstance(node, CommentedMap):
+        return {_to_plain_key(k): _to_plain(v, (*loc, k), where, problems) for k, v in node.items()}
+    if isinstance(node, CommentedSeq):
+        return [_to_plain(v, (*loc, i), where, problems) for i, v in enumerate(node)]
+    if isinstance(node, bool):
+        return bool(node)
+    if isinstance(node, int):
+        return int(node)
+    if isinstance(node, float):
+        return float(node)
+    if isinstance(node, str):
+        return str(node)
+    return node
+
+
+def _to_plain_key(key: Any) -> Any:
+    if isinstance(key, bool):
+        return bool(key)
+    if isinstance(key, int):
+        return int(key)
+    if isinstance(key, str):
+        return str(key)
+    return key
+
+
+# --- positions ---------------------------------------------------------------------------------------
+
+
+class _Locator:
+    """Maps a pydantic `loc` onto the ruamel node tree to find a 1-based line and column."""
+
+    def __init__(self, root: CommentedMap, source: str) -> None:
+        self.root = root
+        self.source = source
+
+    def problem(self, loc: Loc, message: str, *, at_key: bool = False) -> ConfigProblem:
+        line, col = self.position(loc, at_key=at_key)
+        return ConfigProblem(self.source, line, col, ".".join(str(part) for part in loc), message)
+
+    def position(self, loc: Loc, *, at_key: bool = False) -> tuple[int, int]:
+        """Where `loc` is written. A value is located at the value, except collections and empty
+        values, which are located at their key; `at_key` asks for the key itself (unknown keys).
+        A loc that leaves the tree (a missing key) stops at the deepest node that exists."""
+        line, col = 0, 0
+        node: Any = self.root
+        for i, part in enumerate(loc):
+            if isinstance(node, CommentedMap) and _contains(node, part):
+                child = node[part]
+                if at_key and i == len(loc) - 1:
+                    line, col = _lc(node, "key", part, (line, col))
+                    break
+                on_key = child is None or isinstance(child, CommentedMap | CommentedSeq)
+                line, col = _lc(node, "key" if on_key else "value", part, (line, col))
+            elif isinstance(node, CommentedSeq) and isinstance(part, int) and 0 <= part < len(node):
+                child = node[part]
+                line, col = _lc(node, "item", part, (line, col))
+            else:
+                break
+            node = child
+        return line + 1, col + 1
+
+    def from_validation(
+        self, exc: ValidationError, model: type[BaseModel], prefix: Loc = ()
+    ) -> list[ConfigProblem]:
+        problems = []
+        for error in exc.errors(include_url=False):
+            loc: Loc = tuple(error["loc"])
+            at_key = error["type"] == "extra_forbidden"
+            if loc and loc[-1] == "[key]":  # the key of a dict entry is what failed
+                loc, at_key = loc[:-1], True
+            message = _message(error, model, loc)
+            problems.append(self.problem((*prefix, *loc), message, at_key=at_key))
+        return problems
+
+
+def _contains(node: CommentedMap, key: Any) -> bool:
+    try:
+        return key in node
+    except TypeError:
+        return False
+
+
+def _lc(
+    node: CommentedMap | CommentedSeq, kind: str, part: Any, fallback: tuple[int, int]
+) -> tuple[int, int]:
+    try:
+        line, col = getattr(node.lc, kind)(part)
+    except (KeyError, IndexError, TypeError):  # keys pulled in by a `<<:` merge have no position here
+        return fallback
+    return int(line), int(col)
+
+
+# --- messages ----------------------------------------------------------------------------------------
+
+
+def _message(error: ErrorDetails, model: type[BaseModel], loc: Loc) -> str:
+    kind, given = error["type"], error.get("input")
+    if kind == "extra_forbidden":
+        return _unknown_key(str(loc[-1]), _keys_at(model, loc[:-1]))
+    if kind == "missing":
+        return "this key is required"
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        return f"expected a mapping, got {_kind(given)}"
+    if kind in ("list_type", "tuple_type"):
+        return f"expected a list, got {_kind(given)}"
+    if kind == "string_type":
+        return f"expected a string, got {_kind(given)}"
+    if kind == "int_type":
+        return f"expected a whole number, got {_kind(given)}"
+    if kind == "too_short" and error.get("ctx", {}).get("min_length") == 1:
+        return "must not be empty"
+    message = error["msg"]
+    for prefix in ("Value error, ", "Assertion failed, "):
+        message = message.removeprefix(prefix)
+    return message
+
+
+def _kind(value: Any) -> str:
+    # The value itself is never shown: it may be a password.
+    if value is None:
+        return "nothing"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "a number"
+    if isinstance(value, float):
+        return "a decimal number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return f"a {type(value).__name__}"
+
+
+def _unknown_key(key: str, allowed: list[str] | None) -> str:
+    if not allowed:
+        return "unknown key"
+    close = difflib.get_close_matches(key, allowed, n=1)
+    if close:
+        return f"unknown key; did you mean {close[0]!r}?"
+    return f"unknown key; expected one of: {', '.join(allowed)}"
+
+
+def _keys_at(model: type[BaseModel], loc: Loc) -> list[str] | None:
+    """The keys the model accepts at `loc`, found by walking the field annotations."""
+    annotation: Any = model
+    parts = list(loc)
+    while True:
+        annotation = _unwrap(annotation)
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            fields = annotation.model_fields
+            if not parts:
+                return [field.alias or name for name, field in fields.items()]
+            by_key = {field.alias or name: field for name, field in fields.items()}
+            field = by_key.get(str(parts.pop(0)))
+            if field is None:
+                return None
+            annotation = field.annotation
+        elif parts and get_origin(annotation) in (dict, Mapping):
+            parts.pop(0)
+            annotation = get_args(annotation)[1]
+        elif parts and get_origin(annotation) in (tuple, list, Sequence):
+            parts.pop(0)
+            annotation = get_args(annotation)[0]
+        else:
+            return None
+
+
+def _unwrap(annotation: Any) -> Any:
+    while True:
+        origin = get_origin(annotation)
+        if origin is Annotated:
+            annotation = get_args(annotation)[0]
+        elif origin in (Union, types.UnionType):
+            members = [a for a in get_args(annotation) if a is not type(None)]
+            if len(members) != 1:
+                return annotation
+            annotation = members[0]
+        else:
+            return annotation

@@ -1,0 +1,265 @@
+"""The typed shape of `halephant.yaml`: frozen pydantic models, one per section.
+
+Every model forbids unknown keys, and scalar fields use strict types, so `pool_size: "20"` is an error
+rather than a silent conversion. Checks that span fields or sections (a database naming an undefined
+cluster, `min_pool_size` above `pool_size`, password forms) live in `halephant.config.loader`, which can
+point at the offending value in the file.
+
+Names of `clusters:`, `databases:` and `users:` entries are their mapping keys; they are not YAML keys
+inside the entry. `Config` records each key on its entry when it is validated (`DatabaseConfig.name`),
+so `DatabaseConfig.server_database` can fall back to it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    StrictInt,
+    StrictStr,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from halephant.config.units import Duration, Size
+
+__all__ = [
+    "AuthName",
+    "ClusterConfig",
+    "Config",
+    "DatabaseConfig",
+    "HostPort",
+    "LimitsConfig",
+    "LoggingConfig",
+    "PluginsConfig",
+    "PoolModeName",
+    "UserConfig",
+    "is_md5_hash",
+    "is_scram_verifier",
+]
+
+PoolModeName = Literal["transaction", "session"]
+AuthName = Literal["scram-sha-256", "md5", "trust"]
+
+_HOSTNAME = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?")
+_MD5_HASH = re.compile(r"md5[0-9a-f]{32}")
+_HOSTPORT_HELP = "expected host:port like 127.0.0.1:5432 or [::1]:5432"
+
+
+def is_scram_verifier(password: str) -> bool:
+    """True for a stored SCRAM-SHA-256 verifier (`SCRAM-SHA-256$<iter>:<salt>$<StoredKey>:<ServerKey>`)."""
+    return password.startswith("SCRAM-SHA-256$")
+
+
+def is_md5_hash(password: str) -> bool:
+    """True for a stored md5 hash (`md5` + 32 hex digits), as in `pg_authid.rolpassword`."""
+    return _MD5_HASH.fullmatch(password) is not None
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class HostPort(_Section):
+    """A TCP address: written `host:port`, or `[v6 address]:port`.
+
+    Port 0 is accepted (it means "any free port" for `listen`); cluster nodes refuse it.
+    """
+
+    host: StrictStr
+    port: Annotated[StrictInt, Field(ge=0, le=65535)]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            host, port = _split_host_port(value)
+            return {"host": host, "port": port}
+        if isinstance(value, Mapping | HostPort):
+            return value
+        got = repr(value) if isinstance(value, int | float) else f"a {type(value).__name__}"
+        raise PydanticCustomError("host_port", f"{_HOSTPORT_HELP}; got {got}")
+
+    @field_validator("host")
+    @classmethod
+    def _check_host(cls, host: str) -> str:
+        if not _valid_host(host):
+            raise PydanticCustomError("host", "not a valid host name or IP address")
+        return host
+
+    @classmethod
+    def parse(cls, text: str) -> HostPort:
+        """`HostPort.parse("127.0.0.1:5432")`; raises pydantic.ValidationError on bad input."""
+        return cls.model_validate(text)
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def _split_host_port(text: str) -> tuple[str, int]:
+    stripped = text.strip()
+    if stripped.startswith("["):
+        host, sep, port = stripped[1:].partition("]:")
+        if not sep or not host:
+            raise PydanticCustomError("host_port", f"{_HOSTPORT_HELP}; got {text!r}")
+        if ":" not in host:  # brackets are for IPv6 addresses only
+            raise PydanticCustomError("host_port", f"not an IPv6 address in brackets: {host!r}")
+    else:
+        host, sep, port = stripped.rpartition(":")
+        if not sep or not host:
+            raise PydanticCustomError("host_port", f"{_HOSTPORT_HELP}; got {text!r}")
+        if ":" in host:
+            raise PydanticCustomError(
+                "host_port", f"write an IPv6 address in brackets, like [::1]:5432; got {text!r}"
+            )
+    if not port.isascii() or not port.isdigit() or int(port) > 65535:
+        raise PydanticCustomError("host_port", f"the port must be a number from 0 to 65535; got {text!r}")
+    if not _valid_host(host):
+        raise PydanticCustomError("host_port", f"not a valid host name or IP address: {host!r}")
+    return host, int(port)
+
+
+def _valid_host(host: str) -> bool:
+    if ":" in host:
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            return False
+        return True
+    return host.isascii() and _HOSTNAME.fullmatch(host) is not None
+
+
+def _server_port(node: HostPort) -> HostPort:
+    if node.port == 0:
+        raise PydanticCustomError("host_port", "a server node needs a real port, not 0")
+    return node
+
+
+class ClusterConfig(_Section):
+    """One PostgreSQL cluster: its nodes. In this version the first node is the primary."""
+
+    nodes: Annotated[tuple[Annotated[HostPort, AfterValidator(_server_port)], ...], Field(min_length=1)]
+    _name: str = PrivateAttr(default="")
+
+    @property
+    def name(self) -> str:
+        """The key of this entry under `clusters:`."""
+        return self._name
+
+    @property
+    def primary(self) -> HostPort:
+        return self.nodes[0]
+
+
+class DatabaseConfig(_Section):
+    """One database clients can name in their startup packet, and the pools behind it."""
+
+    cluster: StrictStr
+    #: Upstream database name; None means the same as the entry's key (see `server_database`).
+    database: Annotated[StrictStr, Field(min_length=1)] | None = None
+    mode: PoolModeName = "transaction"
+    pool_size: Annotated[StrictInt, Field(ge=1)] = 20
+    min_pool_size: Annotated[StrictInt, Field(ge=0)] = 0
+    idle_timeout: Annotated[Duration, Field(gt=0)] = 300.0
+    max_lifetime: Annotated[Duration, Field(gt=0)] = 3600.0
+    checkout_timeout: Annotated[Duration, Field(gt=0)] = 30.0
+    server_reset_query: StrictStr = "DISCARD ALL"
+    _name: str = PrivateAttr(default="")
+
+    @property
+    def name(self) -> str:
+        """The key of this entry under `databases:` (the name clients use)."""
+        return self._name
+
+    @property
+    def server_database(self) -> str:
+        """The database halephant connects to upstream: `database`, or else the entry's key."""
+        return self.database or self._name
+
+
+class UserConfig(_Section):
+    """One user clients log in as; halephant logs in upstream under the same name."""
+
+    #: Plaintext, a `SCRAM-SHA-256$…` verifier, or `md5` + 32 hex digits. None only with `auth: trust`.
+    password: StrictStr | None = Field(default=None, repr=False)
+    #: Plaintext password for the upstream login; needed when `password` is a verifier or hash.
+    server_password: StrictStr | None = Field(default=None, repr=False)
+    auth: AuthName = "scram-sha-256"
+    _name: str = PrivateAttr(default="")
+
+    @property
+    def name(self) -> str:
+        """The key of this entry under `users:` (the user name)."""
+        return self._name
+
+    @property
+    def password_is_hashed(self) -> bool:
+        """True when `password` is a SCRAM verifier or an md5 hash rather than plaintext."""
+        return self.password is not None and (is_scram_verifier(self.password) or is_md5_hash(self.password))
+
+    @property
+    def upstream_password(self) -> str | None:
+        """The plaintext password halephant logs in upstream with, or None if there is none."""
+        if self.server_password is not None:
+            return self.server_password
+        return None if self.password_is_hashed else self.password
+
+
+class LimitsConfig(_Section):
+    """Limits that protect halephant from slow or oversized clients and unreachable servers."""
+
+    max_message_size: Annotated[Size, Field(ge=1024, le=2**31 - 1)] = 64 * 1024 * 1024
+    login_timeout: Annotated[Duration, Field(gt=0)] = 15.0
+    connect_timeout: Annotated[Duration, Field(gt=0)] = 5.0
+
+
+class LoggingConfig(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["text", "json"] = "text"
+
+
+class PluginsConfig(_Section):
+    """`plugins:`. Each key besides `disable` is one plugin's section: see `Config.plugin_settings`."""
+
+    #: Entry-point names of plugins not to load.
+    disable: tuple[StrictStr, ...] = ()
+
+
+class Config(_Section):
+    """A validated `halephant.yaml`. Build it with `halephant.config.load_config` / `validate_config`."""
+
+    listen: HostPort = HostPort(host="127.0.0.1", port=6432)
+    clusters: Annotated[dict[StrictStr, ClusterConfig], Field(min_length=1)]
+    databases: Annotated[dict[StrictStr, DatabaseConfig], Field(min_length=1)]
+    users: Annotated[dict[StrictStr, UserConfig], Field(min_length=1)]
+    limits: LimitsConfig = LimitsConfig()
+    logging: LoggingConfig = LoggingConfig()
+    plugins: PluginsConfig = PluginsConfig()
+    _source: str = PrivateAttr(default="<config>")
+    _plugin_settings: dict[str, BaseModel] = PrivateAttr(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _record_names(self) -> Config:
+        # Private attributes may be set on frozen models; the key is the entry's identity.
+        for sections in (self.clusters, self.databases, self.users):
+            for key, entry in sections.items():
+                entry._name = key
+        return self
+
+    @property
+    def source(self) -> str:
+        """The file name used in messages about this config (not a YAML key)."""
+        return self._source
+
+    def plugin_settings(self, name: str) -> BaseModel | None:
+        """The validated `plugins.<name>` section of a plugin that declared settings, or None."""
+        return self._plugin_settings.get(name)
