@@ -19,7 +19,7 @@ def halephant_select_pool(client: ClientInfo, config: Config) -> PoolTarget | Re
     user = config.users.get(client.user)
     server_password = None
     if user is not None:
-        server_password = user.server_password if user.server_password is not None else user.password
+        server_password = user.upstream_password
     return PoolTarget(
         database=client.database,
         cluster=db.cluster,

@@ -37,6 +37,8 @@ def auth_failed(user: str, method: str) -> ClientError:
 
 
 class Exchange(Protocol):
+    name: str
+
     def start(self) -> bytes: ...
 
     def feed(self, payload: bytes) -> tuple[bytes, bool]: ...
@@ -83,6 +85,8 @@ def _mock_auth_info(user: str) -> AuthInfo:
 class ScramExchange:
     """SCRAM-SHA-256 as PostgreSQL runs it (the SCRAM user name is ignored: the startup user counts)."""
 
+    name = "scram-sha-256"
+
     def __init__(self, user: str, secret: str | None) -> None:
         self.user = user
         self._known = secret is not None
@@ -127,6 +131,8 @@ def md5_inner(password: str, user: str) -> str:
 
 class Md5Exchange:
     """md5: the client proves knowledge of md5(password + user) salted with 4 random bytes."""
+
+    name = "md5"
 
     def __init__(self, user: str, secret: str | None) -> None:
         self.user = user

@@ -185,7 +185,7 @@ class ClientConnection(asyncio.Protocol):
             raise ClientError(method.code, method.message, hint=method.hint, fatal=True)
         self._exchange = exchange_for(method, info.user)
         if self._exchange is None:
-            self._authenticated(method.reason if isinstance(method, Trust) else "")
+            self._authenticated("trust")
             return
         self.state = AUTH
         self.transport.write(self._exchange.start())
@@ -206,7 +206,7 @@ class ClientConnection(asyncio.Protocol):
                 self.transport.write(reply)
             if done:
                 rest, self._buf = self._buf, b""
-                self._authenticated(type(self._exchange).__name__)
+                self._authenticated(self._exchange.name)
                 if rest:
                     self.data_received(rest)
                 return

@@ -1,0 +1,109 @@
+"""`halephant demo`: a throwaway PostgreSQL primary + streaming replica, and halephant in front of them.
+
+Everything lives in one temporary directory and goes away on Ctrl-C. The config written there is an
+ordinary halephant.yaml, printed so the user can copy it.
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+import tempfile
+from pathlib import Path
+
+import click
+
+DEMO_CONFIG = """\
+# halephant demo configuration (written by `halephant demo`)
+listen: 127.0.0.1:{port}
+clusters:
+  main:
+    nodes: [127.0.0.1:{primary}, 127.0.0.1:{replica}]   # the first node is the primary
+databases:
+  myapp:
+    cluster: main
+    mode: transaction
+    pool_size: 10
+  myapp_session:
+    cluster: main
+    database: myapp
+    mode: session
+    pool_size: 5
+users:
+  myapp:
+    password: myapp
+  myapp_ro:
+    password: myapp_ro
+"""
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def run_demo(*, port: int | None = None, base_dir: Path | None = None) -> int:
+    from halephant.cli import load, run_app
+    from halephant.logs import setup_logging
+    from halephant.testing.pgcluster import Cluster, PgError, PgNotFound, free_port
+
+    if port is None:
+        port = 6432 if _port_free(6432) else free_port()
+    click.echo("starting a throwaway PostgreSQL primary and streaming replica ...")
+    try:
+        cluster = Cluster.start(replicas=1, base_dir=base_dir)
+    except PgNotFound as exc:
+        click.echo(f"halephant demo: {exc}", err=True)
+        return 1
+    except PgError as exc:
+        click.echo(f"halephant demo: PostgreSQL failed to start: {exc}", err=True)
+        return 1
+    try:
+        cluster.create_role("myapp", "myapp", createdb=True)
+        cluster.create_role("myapp_ro", "myapp_ro")
+        cluster.create_database("myapp", owner="myapp")
+        cluster.primary.sql("GRANT CONNECT ON DATABASE myapp TO myapp_ro")
+        cluster.primary.sql("ALTER DEFAULT PRIVILEGES FOR ROLE myapp GRANT SELECT ON TABLES TO myapp_ro",
+                            dbname="myapp")
+        cluster.wait_replicated()
+        workdir = Path(tempfile.mkdtemp(prefix="halephant-demo-"))
+        config_path = workdir / "halephant.yaml"
+        config_path.write_text(DEMO_CONFIG.format(port=port, primary=cluster.primary.port,
+                                                  replica=cluster.replicas[0].port))
+        config, plugins = load(str(config_path))
+        setup_logging(config.logging.level, config.logging.format)
+
+        def ready(_app: object) -> None:
+            click.echo(
+                "\n"
+                f"  PostgreSQL primary  127.0.0.1:{cluster.primary.port}   (data in {cluster.base_dir})\n"
+                f"  PostgreSQL replica  127.0.0.1:{cluster.replicas[0].port}   (streaming)\n"
+                f"  halephant           127.0.0.1:{port}   (config: {config_path})\n"
+                "\n"
+                "  Connect through halephant (transaction pooling):\n"
+                f'    psql "host=127.0.0.1 port={port} user=myapp password=myapp dbname=myapp"\n'
+                "  Read-only user (primary for now; replica routing comes with topology support):\n"
+                f'    psql "host=127.0.0.1 port={port} user=myapp_ro password=myapp_ro dbname=myapp"\n'
+                "  Session pooling:\n"
+                f'    psql "host=127.0.0.1 port={port} user=myapp password=myapp dbname=myapp_session"\n'
+                "  Load test:\n"
+                f"    PGPASSWORD=myapp pgbench -i -h 127.0.0.1 -p {cluster.primary.port} -U myapp myapp\n"
+                f"    PGPASSWORD=myapp pgbench -n -S -c 20 -T 10 -h 127.0.0.1 -p {port} -U myapp myapp\n"
+                "\n"
+                "  Press Ctrl-C to stop everything.\n",
+                err=True,
+            )
+            sys.stderr.flush()
+
+        try:
+            run_app(config, plugins, on_ready=ready)
+        except KeyboardInterrupt:
+            pass
+    finally:
+        click.echo("stopping PostgreSQL and removing the demo directory ...", err=True)
+        cluster.destroy()
+    return 0
