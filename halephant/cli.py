@@ -43,7 +43,9 @@ def main() -> None:
 
 
 @main.command()
-@click.option("-c", "--config", "path", default="halephant.yaml", show_default=True, type=click.Path(dir_okay=False))
+@click.option(
+    "-c", "--config", "path", default="halephant.yaml", show_default=True, type=click.Path(dir_okay=False)
+)
 def run(path: str) -> None:
     """Run the proxy in the foreground."""
     from halephant.logs import setup_logging
@@ -64,7 +66,9 @@ def run(path: str) -> None:
 
 
 @main.command()
-@click.option("-c", "--config", "path", default="halephant.yaml", show_default=True, type=click.Path(dir_okay=False))
+@click.option(
+    "-c", "--config", "path", default="halephant.yaml", show_default=True, type=click.Path(dir_okay=False)
+)
 def check(path: str) -> None:
     """Validate a config file without starting: exit 0, or print every error as FILE:LINE:COL."""
     try:
@@ -77,13 +81,21 @@ def check(path: str) -> None:
     except PluginError as exc:
         click.echo(f"{path}: plugins: {exc}", err=True)
         sys.exit(1)
-    click.echo(f"{path}: ok ({len(config.databases)} database(s), {len(config.users)} user(s), "
-               f"{len(config.clusters)} cluster(s))")
+    click.echo(
+        f"{path}: ok ({len(config.databases)} database(s), {len(config.users)} user(s), "
+        f"{len(config.clusters)} cluster(s))"
+    )
 
 
 @main.command()
-@click.option("-c", "--config", "path", default=None, type=click.Path(dir_okay=False),
-              help="apply this config's plugins.disable list")
+@click.option(
+    "-c",
+    "--config",
+    "path",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="apply this config's plugins.disable list",
+)
 def plugins(path: str | None) -> None:
     """List the loaded plugins: name, distribution, version and the hooks each implements."""
     from rich.console import Console
@@ -109,8 +121,13 @@ def plugins(path: str | None) -> None:
 
 @main.command()
 @click.option("--port", type=int, default=None, help="port for halephant (default: 6432 when free)")
-@click.option("--dir", "base_dir", type=click.Path(file_okay=False), default=None,
-              help="where to put the throwaway cluster (default: a new temporary directory)")
+@click.option(
+    "--dir",
+    "base_dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="where to put the throwaway cluster (default: a new temporary directory)",
+)
 def demo(port: int | None, base_dir: str | None) -> None:
     """Start a throwaway PostgreSQL primary + streaming replica and halephant in front of them."""
     from halephant.demo import run_demo

@@ -67,13 +67,15 @@ def run_demo(*, port: int | None = None, base_dir: Path | None = None) -> int:
         cluster.create_role("myapp_ro", "myapp_ro")
         cluster.create_database("myapp", owner="myapp")
         cluster.primary.sql("GRANT CONNECT ON DATABASE myapp TO myapp_ro")
-        cluster.primary.sql("ALTER DEFAULT PRIVILEGES FOR ROLE myapp GRANT SELECT ON TABLES TO myapp_ro",
-                            dbname="myapp")
+        cluster.primary.sql(
+            "ALTER DEFAULT PRIVILEGES FOR ROLE myapp GRANT SELECT ON TABLES TO myapp_ro", dbname="myapp"
+        )
         cluster.wait_replicated()
         workdir = Path(tempfile.mkdtemp(prefix="halephant-demo-"))
         config_path = workdir / "halephant.yaml"
-        config_path.write_text(DEMO_CONFIG.format(port=port, primary=cluster.primary.port,
-                                                  replica=cluster.replicas[0].port))
+        config_path.write_text(
+            DEMO_CONFIG.format(port=port, primary=cluster.primary.port, replica=cluster.replicas[0].port)
+        )
         config, plugins = load(str(config_path))
         setup_logging(config.logging.level, config.logging.format)
 

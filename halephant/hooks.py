@@ -80,7 +80,9 @@ def halephant_select_pool(client: ClientInfo, config: Config) -> PoolTarget | Re
 
 
 @hookspec(firstresult=True)
-def halephant_authenticate(client: ClientInfo, pool: PoolTarget | None, config: Config) -> AuthMethod | Reject | None:
+def halephant_authenticate(
+    client: ClientInfo, pool: PoolTarget | None, config: Config
+) -> AuthMethod | Reject | None:
     """Choose how a client proves who it is.
 
     Called once per client, after ``halephant_select_pool``. Stops at the first non-None result. The hook
@@ -98,7 +100,9 @@ def halephant_authenticate(client: ClientInfo, pool: PoolTarget | None, config: 
 
 
 @hookspec(firstresult=True)
-def halephant_route(client: ClientInfo, transaction: TransactionInfo, pool: PoolInfo) -> Route | Reject | None:
+def halephant_route(
+    client: ClientInfo, transaction: TransactionInfo, pool: PoolInfo
+) -> Route | Reject | None:
     """Choose the kind of node that runs a transaction.
 
     Called once per transaction, at its first message, in transaction pooling; once per session (at its

@@ -60,8 +60,13 @@ def _bad_answer(hook: str, answer: object) -> ClientError:
 class Plugins:
     """The loaded plugins, with one typed method per decision hook."""
 
-    def __init__(self, *, disabled: Iterable[str] = (), entry_points: bool = True,
-                 extra: Iterable[tuple[ModuleType | object, str]] = ()) -> None:
+    def __init__(
+        self,
+        *,
+        disabled: Iterable[str] = (),
+        entry_points: bool = True,
+        extra: Iterable[tuple[ModuleType | object, str]] = (),
+    ) -> None:
         self.pm = pluggy.PluginManager(PROJECT)
         self.pm.add_hookspecs(hooks)
         env = os.environ.get("HALEPHANT_DISABLE_PLUGINS", "")
@@ -98,7 +103,7 @@ class Plugins:
         self.pm.register(plugin, name=name)
         self.has_inspectors = bool(self._inspect.get_hookimpls())
 
-    # --- configuration -------------------------------------------------------------------------------
+    # --- configuration ---
 
     def settings_models(self) -> dict[str, type[BaseModel]]:
         out: dict[str, type[BaseModel]] = {}
@@ -111,18 +116,23 @@ class Plugins:
     def configure(self, config: Config) -> None:
         self.pm.hook.halephant_configure(config=config)
 
-    # --- decisions (fail closed) ----------------------------------------------------------------------
+    # --- decisions (fail closed) ---
 
     def select_pool(self, client: ClientInfo, config: Config) -> PoolTarget | Reject:
         answer = self._select_pool(client=client, config=config)
         if isinstance(answer, PoolTarget | Reject):
             return answer
         if answer is None:
-            return Reject(sqlstate.INVALID_CATALOG_NAME, f'database "{client.database}" does not exist',
-                          reason="no plugin selected a pool")
+            return Reject(
+                sqlstate.INVALID_CATALOG_NAME,
+                f'database "{client.database}" does not exist',
+                reason="no plugin selected a pool",
+            )
         raise _bad_answer("halephant_select_pool", answer)
 
-    def authenticate(self, client: ClientInfo, pool: PoolTarget | None, config: Config) -> AuthMethod | Reject:
+    def authenticate(
+        self, client: ClientInfo, pool: PoolTarget | None, config: Config
+    ) -> AuthMethod | Reject:
         answer = self._authenticate(client=client, pool=pool, config=config)
         if isinstance(answer, ScramSha256 | Md5 | Trust | Reject):
             return answer
@@ -136,8 +146,11 @@ class Plugins:
         if isinstance(answer, Route | Reject):
             return answer
         if answer is None:
-            return Reject(sqlstate.CANNOT_CONNECT_NOW, "no route for this transaction",
-                          reason="no plugin routed the transaction")
+            return Reject(
+                sqlstate.CANNOT_CONNECT_NOW,
+                "no route for this transaction",
+                reason="no plugin routed the transaction",
+            )
         raise _bad_answer("halephant_route", answer)
 
     def pool_size(self, pool: PoolTarget, config: Config) -> PoolSize:
@@ -150,7 +163,7 @@ class Plugins:
         answer: Any = self._inspect(client=client, statement=statement, pool=pool)
         return answer  # type: ignore[no-any-return]
 
-    # --- description ------------------------------------------------------------------------------------
+    # --- description ---
 
     def describe(self) -> list[PluginDescription]:
         dists = {id(plugin): dist for plugin, dist in self.pm.list_plugin_distinfo()}
@@ -160,10 +173,12 @@ class Plugins:
                 continue
             dist = dists.get(id(plugin))
             hooknames = tuple(sorted(h.name for h in self.pm.get_hookcallers(plugin) or ()))
-            out.append(PluginDescription(
-                name=name,
-                distribution=dist.project_name if dist is not None else "-",
-                version=dist.version if dist is not None else "-",
-                hooks=hooknames,
-            ))
+            out.append(
+                PluginDescription(
+                    name=name,
+                    distribution=dist.project_name if dist is not None else "-",
+                    version=dist.version if dist is not None else "-",
+                    hooks=hooknames,
+                )
+            )
         return sorted(out, key=lambda d: d.name)

@@ -14,8 +14,11 @@ from halephant.types import ClientInfo, Config, PoolMode, PoolTarget, Reject
 def halephant_select_pool(client: ClientInfo, config: Config) -> PoolTarget | Reject:
     db = config.databases.get(client.database)
     if db is None:
-        return Reject(sqlstate.INVALID_CATALOG_NAME, f'database "{client.database}" does not exist',
-                      reason=f"no databases entry named {client.database!r}")
+        return Reject(
+            sqlstate.INVALID_CATALOG_NAME,
+            f'database "{client.database}" does not exist',
+            reason=f"no databases entry named {client.database!r}",
+        )
     user = config.users.get(client.user)
     server_password = None
     if user is not None:

@@ -31,9 +31,13 @@ AuthInfo = tuple[bytes, bytes, bytes, int]
 
 
 def auth_failed(user: str, method: str) -> ClientError:
-    return ClientError(
-        sqlstate.INVALID_PASSWORD, f'password authentication failed for user "{user}"', fatal=True
-    ) if method != "trust" else ClientError(sqlstate.INVALID_AUTHORIZATION_SPECIFICATION, "no access", fatal=True)
+    return (
+        ClientError(
+            sqlstate.INVALID_PASSWORD, f'password authentication failed for user "{user}"', fatal=True
+        )
+        if method != "trust"
+        else ClientError(sqlstate.INVALID_AUTHORIZATION_SPECIFICATION, "no access", fatal=True)
+    )
 
 
 class Exchange(Protocol):
@@ -45,7 +49,7 @@ class Exchange(Protocol):
 
 
 def parse_scram_verifier(verifier: str) -> AuthInfo:
-    """`SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>` (pg_authid's format) -> scramp auth info."""
+    """`SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>` (pg_authid) -> scramp auth info."""
     try:
         mech, rest = verifier.split("$", 1)
         iter_salt, keys = rest.split("$")
@@ -53,8 +57,12 @@ def parse_scram_verifier(verifier: str) -> AuthInfo:
         stored, server = keys.split(":")
         if mech != "SCRAM-SHA-256":
             raise ValueError(mech)
-        return (base64.b64decode(salt, validate=True), base64.b64decode(stored, validate=True),
-                base64.b64decode(server, validate=True), int(iterations))
+        return (
+            base64.b64decode(salt, validate=True),
+            base64.b64decode(stored, validate=True),
+            base64.b64decode(server, validate=True),
+            int(iterations),
+        )
     except ValueError as exc:
         raise ValueError("not a SCRAM-SHA-256 verifier") from exc
 
@@ -103,8 +111,11 @@ class ScramExchange:
                 self._step = 1
                 mech, data = m.decode_sasl_initial_response(payload)
                 if mech != "SCRAM-SHA-256":
-                    raise ClientError(sqlstate.PROTOCOL_VIOLATION,
-                                      "client selected an invalid SASL authentication mechanism", fatal=True)
+                    raise ClientError(
+                        sqlstate.PROTOCOL_VIOLATION,
+                        "client selected an invalid SASL authentication mechanism",
+                        fatal=True,
+                    )
                 first = data.decode()
                 # libpq sends an empty SCRAM user name (`n=,`), which scramp refuses: give it a
                 # placeholder but keep the exact bytes the client signed for the AuthMessage.
@@ -112,7 +123,9 @@ class ScramExchange:
                 bare = first[gs2_end:]
                 self._server.set_client_first(first[:gs2_end] + bare.replace("n=,", "n=*,", 1))
                 self._server.client_first_bare = bare
-                return m.authentication(codes.AUTH_SASL_CONTINUE, self._server.get_server_first().encode()), False
+                return m.authentication(
+                    codes.AUTH_SASL_CONTINUE, self._server.get_server_first().encode()
+                ), False
             if self._step == 1:
                 self._step = 2
                 self._server.set_client_final(payload.decode())

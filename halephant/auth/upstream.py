@@ -27,8 +27,10 @@ class UpstreamAuth:
 
     def _need_password(self) -> str:
         if self._password is None:
-            raise UpstreamAuthError(sqlstate.INVALID_PASSWORD,
-                                    f'server asked for a password for user "{self._user}" and none is configured')
+            raise UpstreamAuthError(
+                sqlstate.INVALID_PASSWORD,
+                f'server asked for a password for user "{self._user}" and none is configured',
+            )
         return self._password
 
     def respond(self, code: int, data: bytes) -> bytes | None:
@@ -43,8 +45,10 @@ class UpstreamAuth:
             if code == codes.AUTH_SASL:
                 mechanisms = m.decode_sasl_mechanisms(data)
                 if "SCRAM-SHA-256" not in mechanisms:
-                    raise UpstreamAuthError(sqlstate.FEATURE_NOT_SUPPORTED,
-                                            f"server offers no supported SASL mechanism ({', '.join(mechanisms)})")
+                    raise UpstreamAuthError(
+                        sqlstate.FEATURE_NOT_SUPPORTED,
+                        f"server offers no supported SASL mechanism ({', '.join(mechanisms)})",
+                    )
                 self._scram = ScramClient(["SCRAM-SHA-256"], self._user, self._need_password())
                 return m.sasl_initial_response("SCRAM-SHA-256", self._scram.get_client_first().encode())
             if code == codes.AUTH_SASL_CONTINUE and self._scram is not None:
@@ -54,5 +58,9 @@ class UpstreamAuth:
                 self._scram.set_server_final(data.decode())
                 return None
         except ScramException as exc:
-            raise UpstreamAuthError(sqlstate.INVALID_PASSWORD, f"SCRAM exchange with the server failed: {exc}") from None
-        raise UpstreamAuthError(sqlstate.FEATURE_NOT_SUPPORTED, f"unsupported authentication request {code} from server")
+            raise UpstreamAuthError(
+                sqlstate.INVALID_PASSWORD, f"SCRAM exchange with the server failed: {exc}"
+            ) from None
+        raise UpstreamAuthError(
+            sqlstate.FEATURE_NOT_SUPPORTED, f"unsupported authentication request {code} from server"
+        )

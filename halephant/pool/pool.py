@@ -10,15 +10,9 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
 
 from halephant.types import PoolInfo, PoolSize, PoolTarget
-
-
-class Waiter(Protocol):
-    """A client waiting for a server connection."""
-
-    def attach_server(self, server: PooledServer) -> None: ...
 
 
 class PooledServer(Protocol):
@@ -30,25 +24,41 @@ class PooledServer(Protocol):
     def close(self, reason: str) -> None: ...
 
 
-class Pool:
-    __slots__ = ("active", "closed_count", "connecting", "host", "idle", "info", "key", "opened_count", "port",
-                 "waiters")
+S = TypeVar("S", bound=PooledServer)
+W = TypeVar("W")  # a waiting client; the pool only queues it
+
+
+class Pool(Generic[S, W]):
+    __slots__ = (
+        "active",
+        "closed_count",
+        "connecting",
+        "host",
+        "idle",
+        "info",
+        "key",
+        "opened_count",
+        "port",
+        "waiters",
+    )
 
     def __init__(self, target: PoolTarget, size: PoolSize, host: str, port: int) -> None:
         self.info = PoolInfo(target=target, size=size)
         self.host = host
         self.port = port
         self.key = (target.database, target.server_user, f"{host}:{port}")
-        self.idle: list[PooledServer] = []  # most recently used last
-        self.active: set[PooledServer] = set()
-        self.waiters: deque[Waiter] = deque()
+        self.idle: list[S] = []  # most recently used last
+        self.active: set[S] = set()
+        self.waiters: deque[W] = deque()
         self.connecting = 0
         self.opened_count = 0
         self.closed_count = 0
 
     def __repr__(self) -> str:
-        return (f"<Pool {self.name} sv_active={len(self.active)} sv_idle={len(self.idle)} "
-                f"connecting={self.connecting} cl_waiting={len(self.waiters)} max={self.info.size.max}>")
+        return (
+            f"<Pool {self.name} sv_active={len(self.active)} sv_idle={len(self.idle)} "
+            f"connecting={self.connecting} cl_waiting={len(self.waiters)} max={self.info.size.max}>"
+        )
 
     @property
     def name(self) -> str:
@@ -58,7 +68,7 @@ class Pool:
     def total(self) -> int:
         return len(self.idle) + len(self.active) + self.connecting
 
-    def checkout(self, waiter: Waiter) -> tuple[PooledServer | None, bool]:
+    def checkout(self, waiter: W) -> tuple[S | None, bool]:
         """Give `waiter` a server now, or queue it. Returns (server or None, open_one_more)."""
         if self.idle:
             server = self.idle.pop()
@@ -73,13 +83,13 @@ class Pool:
             return True
         return False
 
-    def cancel_wait(self, waiter: Waiter) -> None:
+    def cancel_wait(self, waiter: W) -> None:
         try:
             self.waiters.remove(waiter)
         except ValueError:
             pass
 
-    def checkin(self, server: PooledServer) -> Waiter | None:
+    def checkin(self, server: S) -> W | None:
         """Return a clean server. Returns the waiter it was handed to (already marked active), if any."""
         self.active.discard(server)
         if self.waiters:
@@ -90,13 +100,13 @@ class Pool:
         self.idle.append(server)
         return None
 
-    def connected(self, server: PooledServer) -> Waiter | None:
+    def connected(self, server: S) -> W | None:
         """A connection opened for this pool finished logging in."""
         self.connecting -= 1
         self.opened_count += 1
         return self.checkin(server)
 
-    def connect_failed(self) -> list[Waiter]:
+    def connect_failed(self) -> list[W]:
         """Opening failed. When nothing else could serve the waiters soon, they are returned to be failed."""
         self.connecting -= 1
         if self.connecting == 0 and not self.active and not self.idle:
@@ -105,7 +115,7 @@ class Pool:
             return failed
         return []
 
-    def discard(self, server: PooledServer) -> None:
+    def discard(self, server: S) -> None:
         """Forget a server that closed (or is being closed)."""
         if server in self.active:
             self.active.discard(server)
@@ -120,9 +130,9 @@ class Pool:
         """After a server was discarded: open a replacement if clients still wait."""
         return self._should_open()
 
-    def expired(self, now: float, idle_timeout: float, max_lifetime: float) -> list[PooledServer]:
+    def expired(self, now: float, idle_timeout: float, max_lifetime: float) -> list[S]:
         """Idle servers to close: past max_lifetime, or idle too long while above min_pool_size."""
-        out: list[PooledServer] = []
+        out: list[S] = []
         keep_min = self.info.size.min
         for server in list(self.idle):
             too_old = now - server.created_at > max_lifetime

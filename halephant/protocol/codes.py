@@ -23,8 +23,21 @@ TERMINATE = ord("X")
 
 #: every type byte a client may send after login
 FRONTEND_TYPES = frozenset(
-    (BIND, CLOSE, COPY_DATA, COPY_DONE, COPY_FAIL, DESCRIBE, EXECUTE, FLUSH, FUNCTION_CALL, PARSE, QUERY, SYNC,
-     TERMINATE)
+    (
+        BIND,
+        CLOSE,
+        COPY_DATA,
+        COPY_DONE,
+        COPY_FAIL,
+        DESCRIBE,
+        EXECUTE,
+        FLUSH,
+        FUNCTION_CALL,
+        PARSE,
+        QUERY,
+        SYNC,
+        TERMINATE,
+    )
 )
 
 # --- backend (server -> client) ---

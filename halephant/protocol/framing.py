@@ -57,7 +57,18 @@ class BackendScanner:
     * `kept` lists (type, payload) for each complete message whose type is in `keep`.
     """
 
-    __slots__ = ("_head", "_keep_buf", "_keep_len", "_keep_type", "_skip", "at_boundary", "keep", "kept", "ready", "status")
+    __slots__ = (
+        "_head",
+        "_keep_buf",
+        "_keep_len",
+        "_keep_type",
+        "_skip",
+        "at_boundary",
+        "keep",
+        "kept",
+        "ready",
+        "status",
+    )
 
     def __init__(self, keep: frozenset[int] = frozenset()) -> None:
         self.keep = keep

@@ -47,8 +47,9 @@ def _notice_fields(severity: str, code: str, text: str, hint: str | None, detail
     return b"".join(parts)
 
 
-def error_response(code: str, text: str, *, hint: str | None = None, detail: str | None = None,
-                   fatal: bool = False) -> bytes:
+def error_response(
+    code: str, text: str, *, hint: str | None = None, detail: str | None = None, fatal: bool = False
+) -> bytes:
     return message(b"E", _notice_fields("FATAL" if fatal else "ERROR", code, text, hint, detail))
 
 

@@ -34,7 +34,7 @@ class CancelRequest:
 
 @dataclass(frozen=True, slots=True)
 class StartupMessage:
-    """Protocol 3.x startup. `minor` > 0 or `protocol_options` (`_pq_.*`) call for NegotiateProtocolVersion."""
+    """Protocol 3.x startup; `minor` > 0 or `_pq_.*` options call for NegotiateProtocolVersion."""
 
     minor: int
     params: dict[str, str]

@@ -12,7 +12,7 @@ import hmac
 import logging
 import signal
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import anyio
@@ -25,6 +25,7 @@ from halephant.plugin_manager import Plugins
 from halephant.protocol import messages as m
 from halephant.proxy.client import ClientConnection
 from halephant.proxy.manager import PoolManager
+from halephant.proxy.server import ServerConnection
 
 log = logging.getLogger("halephant")
 
@@ -42,7 +43,7 @@ class App:
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set in serve()
         self.address: tuple[str, int] | None = None
 
-    # --- lifecycle ---------------------------------------------------------------------------------------------
+    # --- lifecycle ---
 
     async def serve(self, *, on_ready: Callable[[App], Any] | None = None) -> None:
         # cached: on Python 3.11 every get_running_loop() is a getpid() syscall
@@ -50,7 +51,11 @@ class App:
         self.plugins.configure(self.config)
         listen = self.config.listen
         server = await self.loop.create_server(
-            lambda: ClientConnection(self), listen.host, listen.port, backlog=4096, reuse_address=True,
+            lambda: ClientConnection(self),
+            listen.host,
+            listen.port,
+            backlog=4096,
+            reuse_address=True,
             family=socket.AF_INET6 if ":" in listen.host else socket.AF_INET,
         )
         sock = server.sockets[0].getsockname()
@@ -84,18 +89,19 @@ class App:
         self._stop.set()
 
     def _terminate_everyone(self) -> None:
-        error = ClientError(sqlstate.ADMIN_SHUTDOWN, "terminating connection due to administrator command",
-                            fatal=True)
+        error = ClientError(
+            sqlstate.ADMIN_SHUTDOWN, "terminating connection due to administrator command", fatal=True
+        )
         for client in list(self._all_clients):
             client.fail(error)
         self.manager.close_all()
 
-    def spawn(self, func: Callable[..., Awaitable[Any]], *args: Any) -> None:
+    def spawn(self, func: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> None:
         """Run a background coroutine (a server login, a warm-up) in the app's task group."""
         assert self._tg is not None
         self._tg.start_soon(func, *args)
 
-    # --- clients -----------------------------------------------------------------------------------------------
+    # --- clients ---
 
     def client_opened(self, client: ClientConnection) -> None:
         self._all_clients.add(client)
@@ -112,8 +118,9 @@ class App:
     def cancel(self, process_id: int, secret_key: int) -> None:
         """A CancelRequest: forward it to the server linked to that client now, and to nobody otherwise."""
         client = self.clients.get(process_id)
-        if client is None or not hmac.compare_digest(client.cancel_key.to_bytes(4, "big"),
-                                                     (secret_key & 0xFFFFFFFF).to_bytes(4, "big")):
+        if client is None or not hmac.compare_digest(
+            client.cancel_key.to_bytes(4, "big"), (secret_key & 0xFFFFFFFF).to_bytes(4, "big")
+        ):
             log.info("cancel request for unknown client %d ignored", process_id)
             return
         server = client.server
@@ -123,7 +130,7 @@ class App:
         log.info("%r: forwarding cancel request to server pid %d", client, server.backend_pid)
         self.spawn(self._send_cancel, client, server, server.link_count)
 
-    async def _send_cancel(self, client: ClientConnection, server: Any, link: int) -> None:
+    async def _send_cancel(self, client: ClientConnection, server: ServerConnection, link: int) -> None:
         try:
             with anyio.fail_after(5):
                 stream = await anyio.connect_tcp(server.pool.host, server.pool.port)

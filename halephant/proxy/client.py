@@ -40,12 +40,14 @@ from halephant.protocol.startup import (
     StartupMessage,
 )
 from halephant.sql import Statement
-from halephant.types import ClientInfo, Pin, PoolInfo, PoolMode, PoolTarget, Reject, TransactionInfo, Trust
+from halephant.types import ClientInfo, Pin, PoolInfo, PoolMode, PoolTarget, Reject, TransactionInfo
 
 if TYPE_CHECKING:
     from halephant.pool.pool import Pool
     from halephant.proxy.app import App
     from halephant.proxy.server import ServerConnection
+
+    ServerPool = Pool[ServerConnection, "ClientConnection"]
 
 log = logging.getLogger("halephant.client")
 
@@ -57,9 +59,30 @@ _reject_markers = itertools.count(1)
 
 
 class ClientConnection(asyncio.Protocol):
-    __slots__ = ("_buf", "_exchange", "_first_checked", "_framer", "_login_timer", "_reject_next", "_wait_timer",
-                 "app", "cancel_key", "info", "outstanding", "pinned", "pool_info", "pool_reject", "server",
-                 "skip_to_sync", "state", "target", "transport", "unsynced", "waiting_pool", "write_paused")
+    __slots__ = (
+        "_buf",
+        "_exchange",
+        "_first_checked",
+        "_framer",
+        "_login_timer",
+        "_reject_next",
+        "_wait_timer",
+        "app",
+        "cancel_key",
+        "info",
+        "outstanding",
+        "pinned",
+        "pool_info",
+        "pool_reject",
+        "server",
+        "skip_to_sync",
+        "state",
+        "target",
+        "transport",
+        "unsynced",
+        "waiting_pool",
+        "write_paused",
+    )
 
     def __init__(self, app: App) -> None:
         self.app = app
@@ -72,7 +95,7 @@ class ClientConnection(asyncio.Protocol):
         self.pool_reject: Reject | None = None
         self.pool_info: PoolInfo | None = None
         self.server: ServerConnection | None = None
-        self.waiting_pool: Pool | None = None
+        self.waiting_pool: ServerPool | None = None
         self.outstanding = 0
         self.unsynced = False
         self.skip_to_sync = False
@@ -87,14 +110,16 @@ class ClientConnection(asyncio.Protocol):
     def __repr__(self) -> str:
         return repr(self.info) if self.info else "<client (starting)>"
 
-    # --- asyncio.Protocol -------------------------------------------------------------------------------
+    # --- asyncio.Protocol ---
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports don't subclass asyncio's
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._login_timer = self.app.loop.call_later(self.app.config.limits.login_timeout, self._login_timeout)
+        self._login_timer = self.app.loop.call_later(
+            self.app.config.limits.login_timeout, self._login_timeout
+        )
         self.app.client_opened(self)
 
     def data_received(self, data: bytes) -> None:
@@ -112,7 +137,9 @@ class ClientConnection(asyncio.Protocol):
         except Exception as exc:
             # a bug or a plugin's exception costs this client only, never the listener
             log.exception("%r: internal error", self)
-            self.fail(ClientError(sqlstate.INTERNAL_ERROR, f"internal error in halephant: {exc!r}", fatal=True))
+            self.fail(
+                ClientError(sqlstate.INTERNAL_ERROR, f"internal error in halephant: {exc!r}", fatal=True)
+            )
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.state == CLOSED:
@@ -133,13 +160,17 @@ class ClientConnection(asyncio.Protocol):
         if self.waiting_pool is None and self.state != CLOSED:
             self.transport.resume_reading()
 
-    # --- startup and authentication ----------------------------------------------------------------------
+    # --- startup and authentication ---
 
     def _login_timeout(self) -> None:
         self._login_timer = None
         if self.state < READY:
             log.info("%r: login timeout", self)
-            self.fail(ClientError(sqlstate.PROTOCOL_VIOLATION, "canceling authentication due to timeout", fatal=True))
+            self.fail(
+                ClientError(
+                    sqlstate.PROTOCOL_VIOLATION, "canceling authentication due to timeout", fatal=True
+                )
+            )
 
     def _startup_data(self, data: bytes) -> None:
         framer = self._framer
@@ -167,13 +198,21 @@ class ClientConnection(asyncio.Protocol):
     def _startup(self, packet: StartupMessage) -> None:
         peer = self.transport.get_extra_info("peername")
         address = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "unix")
-        info = self.info = ClientInfo(user=packet.user, database=packet.database, params=packet.params,
-                                      address=address)
+        info = self.info = ClientInfo(
+            user=packet.user, database=packet.database, params=packet.params, address=address
+        )
         log.info("%r: connected", self)
         if packet.minor > 0 or packet.protocol_options:
             self.transport.write(m.negotiate_protocol_version(0, packet.protocol_options))
-        if "replication" in packet.params and packet.params["replication"].lower() not in ("false", "off", "0", "no"):
-            raise ClientError(sqlstate.FEATURE_NOT_SUPPORTED, "replication connections are not supported", fatal=True)
+        if "replication" in packet.params and packet.params["replication"].lower() not in (
+            "false",
+            "off",
+            "0",
+            "no",
+        ):
+            raise ClientError(
+                sqlstate.FEATURE_NOT_SUPPORTED, "replication connections are not supported", fatal=True
+            )
         plugins, config = self.app.plugins, self.app.config
         selected = plugins.select_pool(info, config)
         if isinstance(selected, Reject):
@@ -247,12 +286,16 @@ class ClientConnection(asyncio.Protocol):
         out.append(m.READY_FOR_QUERY_IDLE)
         self.transport.write(b"".join(out))
         self.state = READY
-        if self.server is not None and self.pool_info is not None and self.pool_info.mode is PoolMode.TRANSACTION:
+        if (
+            self.server is not None
+            and self.pool_info is not None
+            and self.pool_info.mode is PoolMode.TRANSACTION
+        ):
             self._release()
         if self._buf:
             self._process(b"")
 
-    # --- the pooling loop ---------------------------------------------------------------------------------
+    # --- the pooling loop ---
 
     def _process(self, data: bytes) -> None:
         buf = self._buf + data if self._buf else data
@@ -398,14 +441,16 @@ class ClientConnection(asyncio.Protocol):
         try:
             if self.state == WELCOME:
                 self._first_checked = False
-                self._welcome(self.app.manager.welcome_params(self.target) or server.params)  # type: ignore[arg-type]
+                self._welcome(self.app.manager.welcome_params(self.target) or server.params)
             else:
                 self._process(b"")
         except ClientError as exc:
             self.fail(exc)
         except Exception as exc:
             log.exception("%r: internal error", self)
-            self.fail(ClientError(sqlstate.INTERNAL_ERROR, f"internal error in halephant: {exc!r}", fatal=True))
+            self.fail(
+                ClientError(sqlstate.INTERNAL_ERROR, f"internal error in halephant: {exc!r}", fatal=True)
+            )
 
     def checkout_failed(self, error: ClientError) -> None:
         """Called by the pool manager: no server could be opened for this waiting client."""
@@ -425,11 +470,13 @@ class ClientConnection(asyncio.Protocol):
             return
         pool.cancel_wait(self)
         log.warning("%r: checkout timeout waiting for a server of pool %s", self, pool.name)
-        self.checkout_failed(ClientError(
-            sqlstate.TOO_MANY_CONNECTIONS,
-            f"no server connection available for pool {pool.key[0]}/{pool.key[1]}: checkout timeout",
-            hint="The pool is full; raise pool_size or checkout_timeout, or shorten transactions.",
-        ))
+        self.checkout_failed(
+            ClientError(
+                sqlstate.TOO_MANY_CONNECTIONS,
+                f"no server connection available for pool {pool.key[0]}/{pool.key[1]}: checkout timeout",
+                hint="The pool is full; raise pool_size or checkout_timeout, or shorten transactions.",
+            )
+        )
 
     def _end_wait(self) -> None:
         if self._wait_timer is not None:
@@ -454,8 +501,14 @@ class ClientConnection(asyncio.Protocol):
         if self.outstanding > 0:
             return
         self.outstanding = 0
-        if (at_boundary and status == codes.TX_IDLE and not self.unsynced and not self.pinned
-                and self.pool_info is not None and self.pool_info.mode is PoolMode.TRANSACTION):
+        if (
+            at_boundary
+            and status == codes.TX_IDLE
+            and not self.unsynced
+            and not self.pinned
+            and self.pool_info is not None
+            and self.pool_info.mode is PoolMode.TRANSACTION
+        ):
             self._release()
 
     def _release(self) -> None:
@@ -471,9 +524,11 @@ class ClientConnection(asyncio.Protocol):
         if self.server is server:
             self.server = None
             log.warning("%r: server %s lost mid-transaction: %s", self, server, reason)
-            self.fail(ClientError(sqlstate.CONNECTION_FAILURE, f"server connection lost: {reason}", fatal=True))
+            self.fail(
+                ClientError(sqlstate.CONNECTION_FAILURE, f"server connection lost: {reason}", fatal=True)
+            )
 
-    # --- ending ---------------------------------------------------------------------------------------------
+    # --- ending ---
 
     def fail(self, error: ClientError) -> None:
         """Send an error; a fatal one (or one before login) also closes the connection."""

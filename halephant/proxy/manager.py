@@ -21,6 +21,9 @@ from halephant.types import PoolInfo, PoolMode, PoolSize, PoolTarget, Role
 
 if TYPE_CHECKING:
     from halephant.proxy.app import App
+    from halephant.proxy.client import ClientConnection
+
+    ServerPool = Pool[ServerConnection, ClientConnection]
 
 log = logging.getLogger("halephant.pool")
 
@@ -63,12 +66,12 @@ class _Reset:
 class PoolManager:
     def __init__(self, app: App) -> None:
         self.app = app
-        self.pools: dict[tuple[str, str, str], Pool] = {}
+        self.pools: dict[tuple[str, str, str], ServerPool] = {}
         self._sizes: dict[tuple[str, str], PoolSize] = {}
         self._welcome: dict[tuple[str, str], dict[str, str]] = {}
         self._next_replica = 0
 
-    # --- lookups ---------------------------------------------------------------------------------------------
+    # --- lookups ---
 
     def pool_info(self, target: PoolTarget) -> PoolInfo:
         key = (target.database, target.server_user)
@@ -82,7 +85,7 @@ class PoolManager:
             return None
         return self._welcome.get((target.database, target.server_user))
 
-    def pool_for(self, target: PoolTarget, role: Role) -> Pool:
+    def pool_for(self, target: PoolTarget, role: Role) -> ServerPool:
         nodes = self.app.config.clusters[target.cluster].nodes
         node = nodes[0]
         if role is Role.REPLICA and len(nodes) > 1:
@@ -91,20 +94,25 @@ class PoolManager:
         key = (target.database, target.server_user, f"{node.host}:{node.port}")
         pool = self.pools.get(key)
         if pool is None:
-            pool = self.pools[key] = Pool(target, self.pool_info(target).size, node.host, node.port)
+            pool = self.pools[key] = Pool[ServerConnection, "ClientConnection"](
+                target, self.pool_info(target).size, node.host, node.port
+            )
             log.info("pool %s created (size %d, min %d)", pool.name, pool.info.size.max, pool.info.size.min)
         return pool
 
-    # --- I/O the pools call for ------------------------------------------------------------------------------
+    # --- I/O the pools call for ---
 
-    def open(self, pool: Pool) -> None:
+    def open(self, pool: ServerPool) -> None:
         self.app.spawn(self._open, pool)
 
-    async def _open(self, pool: Pool) -> None:
+    async def _open(self, pool: ServerPool) -> None:
         loop = self.app.loop
         target = pool.info.target
-        startup = {"user": target.server_user, "database": target.server_database,
-                   "application_name": "halephant"}
+        startup = {
+            "user": target.server_user,
+            "database": target.server_database,
+            "application_name": "halephant",
+        }
         server = ServerConnection(self, pool, startup, target.server_password, loop)
         try:
             with anyio.fail_after(self.app.config.limits.connect_timeout):
@@ -115,20 +123,28 @@ class PoolManager:
             if isinstance(exc, ClientError):
                 error = ClientError(exc.code, exc.message, hint=exc.hint, fatal=True)
             elif isinstance(exc, TimeoutError):
-                error = ClientError(sqlstate.CONNECTION_FAILURE,
-                                    f"could not connect to server {pool.host}:{pool.port}: timeout", fatal=True)
+                error = ClientError(
+                    sqlstate.CONNECTION_FAILURE,
+                    f"could not connect to server {pool.host}:{pool.port}: timeout",
+                    fatal=True,
+                )
             else:
-                error = ClientError(sqlstate.CONNECTION_FAILURE,
-                                    f"could not connect to server {pool.host}:{pool.port}: {exc}", fatal=True)
+                error = ClientError(
+                    sqlstate.CONNECTION_FAILURE,
+                    f"could not connect to server {pool.host}:{pool.port}: {exc}",
+                    fatal=True,
+                )
             log.warning("pool %s: server connect failed: %s %s", pool.name, error.code, error.message)
             for waiter in pool.connect_failed():
-                waiter.checkout_failed(error)  # type: ignore[attr-defined]
+                waiter.checkout_failed(error)
             return
         self._welcome.setdefault((target.database, target.server_user), dict(server.params))
-        log.info("pool %s: server connection opened (pid %d, now %d)", pool.name, server.backend_pid, pool.total)
-        waiter = pool.connected(server)
-        if waiter is not None:
-            waiter.attach_server(server)
+        log.info(
+            "pool %s: server connection opened (pid %d, now %d)", pool.name, server.backend_pid, pool.total
+        )
+        first = pool.connected(server)
+        if first is not None:
+            first.attach_server(server)
 
     def checkin(self, server: ServerConnection) -> None:
         """A client is done with `server`: close it if it may carry session state, else pool it."""
@@ -153,11 +169,11 @@ class PoolManager:
         server.client = _Reset(self, server)  # type: ignore[assignment]
         server.send(m.query(query))
 
-    def server_gone(self, pool: Pool) -> None:
+    def server_gone(self, pool: ServerPool) -> None:
         if pool.should_open_for_waiters():
             self.open(pool)
 
-    # --- maintenance -------------------------------------------------------------------------------------------
+    # --- maintenance ---
 
     async def maintain(self) -> None:
         while True:
@@ -172,17 +188,21 @@ class PoolManager:
                 continue
             for server in pool.expired(now, db.idle_timeout, db.max_lifetime):
                 reason = "max_lifetime" if now - server.created_at > db.max_lifetime else "idle_timeout"
-                log.info("pool %s: closing server pid %d (%s), now %d", pool.name,
-                         server.backend_pid, reason, pool.total)  # type: ignore[attr-defined]
+                log.info(
+                    "pool %s: closing server pid %d (%s), now %d",
+                    pool.name,
+                    server.backend_pid,
+                    reason,
+                    pool.total,
+                )
                 server.close(reason)
             for _ in range(pool.missing_for_min()):
                 self.app.spawn(self._open_for_min, pool)
 
-    async def _open_for_min(self, pool: Pool) -> None:
+    async def _open_for_min(self, pool: ServerPool) -> None:
         await self._open(pool)
 
     def close_all(self) -> None:
         for pool in self.pools.values():
             for server in list(pool.idle) + list(pool.active):
-                server.close("shutdown")  # type: ignore[union-attr]
-
+                server.close("shutdown")

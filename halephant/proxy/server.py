@@ -24,8 +24,10 @@ from halephant.protocol.framing import BackendScanner, split_frames
 
 if TYPE_CHECKING:
     from halephant.pool.pool import Pool
-    from halephant.proxy.manager import PoolManager
     from halephant.proxy.client import ClientConnection
+    from halephant.proxy.manager import PoolManager
+
+    ServerPool = Pool["ServerConnection", ClientConnection]
 
 log = logging.getLogger("halephant.server")
 
@@ -38,12 +40,36 @@ class ServerLoginError(ClientError):
 
 
 class ServerConnection(asyncio.Protocol):
-    __slots__ = ("_auth", "_buf", "_rewrite", "_startup", "backend_key", "backend_pid", "client", "closing",
-                 "created_at", "dirty", "idle_since", "link_count", "login", "manager", "params", "pool", "reading_paused",
-                 "scanner", "transport")
+    __slots__ = (
+        "_auth",
+        "_buf",
+        "_rewrite",
+        "_startup",
+        "backend_key",
+        "backend_pid",
+        "client",
+        "closing",
+        "created_at",
+        "dirty",
+        "idle_since",
+        "link_count",
+        "login",
+        "manager",
+        "params",
+        "pool",
+        "reading_paused",
+        "scanner",
+        "transport",
+    )
 
-    def __init__(self, manager: PoolManager, pool: Pool, startup: dict[str, str], password: str | None,
-                 loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        manager: PoolManager,
+        pool: ServerPool,
+        startup: dict[str, str],
+        password: str | None,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
         self.manager = manager
         self.pool = pool
         self._startup = startup
@@ -68,14 +94,14 @@ class ServerConnection(asyncio.Protocol):
         state = "closing" if self.closing else ("active" if self.client else "idle")
         return f"<Server pid={self.backend_pid} {self.pool.name} {state}>"
 
-    # --- asyncio.Protocol: login ----------------------------------------------------------------------
+    # --- asyncio.Protocol: login ---
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports don't subclass asyncio's
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        transport.write(m.startup_message(self._startup))
+        self.transport.write(m.startup_message(self._startup))
 
     def _login_data(self, data: bytes) -> None:
         buf = self._buf + data if self._buf else data
@@ -96,8 +122,12 @@ class ServerConnection(asyncio.Protocol):
                 self.backend_pid, self.backend_key = m.decode_backend_key_data(payload)
             elif t == codes.ERROR_RESPONSE:
                 fields = m.decode_error_fields(payload)
-                raise ServerLoginError(fields.get("C", sqlstate.CONNECTION_FAILURE), fields.get("M", "login failed"),
-                                       hint=fields.get("H"), fatal=True)
+                raise ServerLoginError(
+                    fields.get("C", sqlstate.CONNECTION_FAILURE),
+                    fields.get("M", "login failed"),
+                    hint=fields.get("H"),
+                    fatal=True,
+                )
             elif t == codes.READY_FOR_QUERY:
                 if consumed != len(buf) or end != consumed:
                     raise ProtocolViolation("server sent data after its first ReadyForQuery")
@@ -106,7 +136,7 @@ class ServerConnection(asyncio.Protocol):
                 return
             # NoticeResponse, NegotiateProtocolVersion: nothing to do
 
-    # --- asyncio.Protocol: relaying ---------------------------------------------------------------------
+    # --- asyncio.Protocol: relaying ---
 
     def data_received(self, data: bytes) -> None:
         client = self.client
@@ -133,7 +163,9 @@ class ServerConnection(asyncio.Protocol):
                 self.login.set_exception(exc)
                 self.abort()
             except Exception as exc:  # a hostile or broken server must not take the proxy down
-                self.login.set_exception(ServerLoginError(sqlstate.CONNECTION_FAILURE, f"login failed: {exc!r}"))
+                self.login.set_exception(
+                    ServerLoginError(sqlstate.CONNECTION_FAILURE, f"login failed: {exc!r}")
+                )
                 self.abort()
             return
         # unsolicited bytes on an idle server (a FATAL from pg_terminate_backend, a notification)
@@ -187,8 +219,11 @@ class ServerConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.login.done():
-            self.login.set_exception(ServerLoginError(
-                sqlstate.CONNECTION_FAILURE, "server closed the connection during login", fatal=True))
+            self.login.set_exception(
+                ServerLoginError(
+                    sqlstate.CONNECTION_FAILURE, "server closed the connection during login", fatal=True
+                )
+            )
         was_closing = self.closing
         self.closing = True
         client, self.client = self.client, None
@@ -208,7 +243,7 @@ class ServerConnection(asyncio.Protocol):
         if self.client is not None:
             self.client.resume_reading_from_server()
 
-    # --- control ------------------------------------------------------------------------------------------
+    # --- control ---
 
     def set_reading(self, paused: bool) -> None:
         if self.transport is None or self.closing or paused == self.reading_paused:
