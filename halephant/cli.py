@@ -16,7 +16,7 @@ from halephant.plugin_manager import PluginError, Plugins
 def load(path: str) -> tuple[Config, Plugins]:
     """Read a config, load the plugins it leaves enabled, and validate it with their settings."""
     raw = read_config(path)
-    plugins = Plugins(disabled=raw.disabled_plugins)
+    plugins = Plugins(disabled=raw.disabled_plugins, modules=raw.plugin_modules)
     return validate_config(raw, plugins.settings_models()), plugins
 
 
@@ -102,10 +102,12 @@ def plugins(path: str | None) -> None:
     from rich.table import Table
 
     disabled: list[str] = []
+    modules: list[str] = []
     if path is not None:
-        disabled = read_config(path).disabled_plugins
+        raw = read_config(path)
+        disabled, modules = raw.disabled_plugins, raw.plugin_modules
     try:
-        loaded = Plugins(disabled=disabled)
+        loaded = Plugins(disabled=disabled, modules=modules)
     except PluginError as exc:
         click.echo(f"halephant: {exc}", err=True)
         sys.exit(1)

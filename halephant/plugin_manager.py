@@ -7,6 +7,7 @@ private registration path), then ``check_pending`` so a misspelt hook fails at s
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -66,6 +67,7 @@ class Plugins:
         disabled: Iterable[str] = (),
         entry_points: bool = True,
         extra: Iterable[tuple[ModuleType | object, str]] = (),
+        modules: Iterable[str] = (),
     ) -> None:
         self.pm = pluggy.PluginManager(PROJECT)
         self.pm.add_hookspecs(hooks)
@@ -75,6 +77,13 @@ class Plugins:
             self.pm.set_blocked(name)
         for plugin, name in extra:
             self.pm.register(plugin, name=name)
+        for module_name in modules:
+            if self.pm.is_blocked(module_name):
+                continue
+            try:
+                self.pm.register(importlib.import_module(module_name), name=module_name)
+            except Exception as exc:
+                raise PluginError(f"could not load plugin module {module_name!r}: {exc!r}") from exc
         if entry_points:
             try:
                 self.pm.load_setuptools_entrypoints(PROJECT)

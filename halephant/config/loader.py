@@ -56,6 +56,21 @@ class RawConfig:
             return []
         return [str(name) for name in disable if isinstance(name, str)]
 
+    @property
+    def plugin_modules(self) -> list[str]:
+        """Module names under `plugins.modules`, best effort: [] when that part of the file is malformed."""
+        plugins = self.data.get("plugins")
+        if not isinstance(plugins, Mapping):
+            return []
+        modules = plugins.get("modules")
+        if not isinstance(modules, list):
+            return []
+        return [str(name) for name in modules if isinstance(name, str)]
+
+
+#: keys of `plugins:` that belong to the core, not to one plugin
+_CORE_PLUGIN_KEYS = frozenset(("disable", "modules"))
+
 
 def read_config(path: str | os.PathLike[str]) -> RawConfig:
     """Parse the YAML file at `path`; raises ConfigError for an unreadable file or a YAML syntax error."""
@@ -123,8 +138,8 @@ def validate_config(raw: RawConfig, plugin_settings: Mapping[str, type[BaseModel
     core = dict(plain)
     sections: dict[Any, Any] = {}
     if isinstance(plain.get("plugins"), dict):
-        sections = {k: v for k, v in plain["plugins"].items() if k != "disable"}
-        core["plugins"] = {k: v for k, v in plain["plugins"].items() if k == "disable"}
+        sections = {k: v for k, v in plain["plugins"].items() if k not in _CORE_PLUGIN_KEYS}
+        core["plugins"] = {k: v for k, v in plain["plugins"].items() if k in _CORE_PLUGIN_KEYS}
 
     config: Config | None = None
     try:

@@ -232,6 +232,8 @@ class PluginsConfig(_Section):
 
     #: Entry-point names of plugins not to load.
     disable: tuple[StrictStr, ...] = ()
+    #: Importable modules to register as plugins too (single-file plugins without a package).
+    modules: tuple[StrictStr, ...] = ()
 
 
 class Config(_Section):
