@@ -55,6 +55,7 @@ STARTUP, AUTH, WELCOME, READY, CLOSED = range(5)
 _SYNC_POINTS = frozenset((codes.QUERY, codes.SYNC, codes.FUNCTION_CALL))
 # messages that neither open nor close a batch: they don't make the server "unsynced"
 _NEUTRAL = frozenset((codes.COPY_DATA, codes.COPY_DONE, codes.COPY_FAIL, codes.FLUSH))
+_FRONTEND_TYPES = codes.FRONTEND_TYPES
 _reject_markers = itertools.count(1)
 
 
@@ -317,6 +318,8 @@ class ClientConnection(asyncio.Protocol):
                     self.transport.write(m.READY_FOR_QUERY_IDLE)
                     continue
                 fwd = head  # the Sync itself goes to the server, whose ReadyForQuery answers it
+            if t not in _FRONTEND_TYPES:
+                raise ProtocolViolation(f"invalid frontend message type {t}")
             if t == codes.TERMINATE:
                 if server is not None and fwd < head:
                     server.send(buf[fwd:head])
@@ -373,10 +376,14 @@ class ClientConnection(asyncio.Protocol):
         if consumed < len(buf):
             self._buf = buf[consumed:]
 
-    def _statement(self, t: int, payload: bytes) -> Statement:
-        if t == codes.QUERY:
-            return Statement(m.decode_query(payload))
-        _name, text, _types = m.decode_parse(payload)
+    def _statement(self, t: int, payload: bytes) -> Statement | None:
+        """The statement of a Query or Parse; None when malformed (PostgreSQL will say so itself)."""
+        try:
+            if t == codes.QUERY:
+                return Statement(m.decode_query(payload))
+            _name, text, _types = m.decode_parse(payload)
+        except ProtocolViolation:
+            return None
         return Statement(text)
 
     def _reject_locally(self, t: int, error: bytes) -> None:

@@ -1,0 +1,95 @@
+"""Fixtures shared by every test: the session's PostgreSQL cluster (`pg`) and the `halephant` process factory.
+
+When a test fails, the report gets the logs of the halephant processes it started and what the PostgreSQL
+nodes logged during the test, so a failure in CI can be read without rerunning it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator, Iterator
+
+import pytest
+from support.cluster import start_test_cluster
+from support.halephant import HalephantFactory
+
+from halephant.testing.pgcluster import Cluster, PgNotFound
+
+PG_CLUSTER = pytest.StashKey[Cluster]()
+REPORTS = pytest.StashKey[dict[str, pytest.TestReport]]()
+FACTORY = pytest.StashKey[HalephantFactory]()
+PG_LOG_OFFSETS = pytest.StashKey[dict[str, int]]()
+
+#: Lines of each log attached to a failed test's report.
+LOG_TAIL_LINES = 400
+
+
+@pytest.fixture(scope="session")
+def pg(request: pytest.FixtureRequest) -> Iterator[Cluster]:
+    """A primary and one streaming replica with the test roles (see `support.cluster`), for the session."""
+    try:
+        cluster = start_test_cluster(replicas=1)
+    except PgNotFound as exc:
+        pytest.fail(str(exc), pytrace=False)
+    request.config.stash[PG_CLUSTER] = cluster
+    yield cluster
+    del request.config.stash[PG_CLUSTER]
+    cluster.destroy()
+
+
+@pytest.fixture
+def halephant(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[HalephantFactory]:
+    """Start halephant processes with ``halephant.start(config)``; all are stopped after the test."""
+    factory = HalephantFactory(tmp_path_factory.mktemp("halephant"))
+    request.node.stash[FACTORY] = factory
+    yield factory
+    factory.stop_all()
+
+
+def _tail(text: str) -> str:
+    lines = text.splitlines()
+    if len(lines) <= LOG_TAIL_LINES:
+        return text
+    return f"[... {len(lines) - LOG_TAIL_LINES} earlier lines ...]\n" + "\n".join(lines[-LOG_TAIL_LINES:])
+
+
+def _read_from(path: str, offset: int) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            return f.read().decode(errors="replace")
+    except FileNotFoundError:
+        return ""
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    rep: pytest.TestReport = yield
+    item.stash.setdefault(REPORTS, {})[rep.when] = rep
+    setattr(item, f"rep_{rep.when}", rep)  # the classic recipe: `request.node.rep_call.failed`
+    cluster = item.config.stash.get(PG_CLUSTER, None)
+    if rep.when == "setup" and cluster is not None:
+        # What the nodes log from here on belongs to this test.
+        item.stash[PG_LOG_OFFSETS] = {str(n.log_path): _size(str(n.log_path)) for n in cluster.nodes}
+    if rep.failed and rep.when in ("setup", "call"):
+        factory = item.stash.get(FACTORY, None)
+        for n, running in enumerate(factory.started if factory else [], 1):
+            rep.sections.append((f"halephant #{n} log ({running!r})", _tail(running.log_text())))
+        if cluster is not None and {"pg", "halephant"} & set(getattr(item, "fixturenames", ())):
+            offsets = item.stash.get(PG_LOG_OFFSETS, {})
+            for node in cluster.nodes:
+                text = _read_from(str(node.log_path), offsets.get(str(node.log_path), 0))
+                text = _tail(text) if text.strip() else "(nothing logged during this test)"
+                rep.sections.append((f"PostgreSQL {node.name} log ({node.host}:{node.port})", text))
+    return rep
+
+
+def _size(path: str) -> int:
+    try:
+        with open(path, "rb") as f:
+            return f.seek(0, 2)
+    except FileNotFoundError:
+        return 0
