@@ -1,0 +1,41 @@
+"""Refuse DROP and TRUNCATE: `halephant_inspect_query`.
+
+Why: an application's connection has no business dropping or emptying tables, and one mistyped command
+in a shell pointed at production can. The statement is answered with 42501 (insufficient_privilege) and
+a hint, never reaches PostgreSQL, and the client's session stays usable.
+
+Every statement of a multi-statement Query is looked at (`SELECT 1; DROP TABLE t` is refused too), by its
+first keyword as the lexer in `halephant.sql` reads it, so comments, quoting and case do not hide one.
+This is a guard against mistakes, not a security boundary: SQL that runs SQL (DO blocks, functions,
+EXECUTE) is not looked into. Revoke the privilege in PostgreSQL for that.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from halephant import hookimpl, sqlstate
+from halephant.types import ClientInfo, Reject, Statement
+
+#: First keywords of the statements refused.
+REFUSED: Final[frozenset[str]] = frozenset({"DROP", "TRUNCATE"})
+HINT: Final = "DROP and TRUNCATE are refused through halephant; connect to PostgreSQL directly to run them."
+
+
+def _first_keywords(statement: Statement) -> tuple[str, ...]:
+    if not statement.is_multi_statement:
+        return (statement.first_keyword,)
+    return tuple(Statement(text).first_keyword for text in statement.statements)
+
+
+@hookimpl
+def halephant_inspect_query(client: ClientInfo, statement: Statement) -> Reject | None:
+    for keyword in _first_keywords(statement):
+        if keyword in REFUSED:
+            return Reject(
+                sqlstate.INSUFFICIENT_PRIVILEGE,
+                f"{keyword} is not allowed",
+                hint=HINT,
+                reason=f"reject_ddl: {keyword} from {client.user}",
+            )
+    return None

@@ -1,0 +1,54 @@
+"""Serve many tenant databases from one `databases:` entry: `halephant_select_pool`.
+
+Why: with a database per tenant, listing each one in halephant.yaml does not scale. Here a client asking
+for `tenant_<name>` is sent to the database of that name on the cluster of the `databases.tenants` entry,
+with that entry's pool mode. A name with its own `databases:` entry keeps it, and any other name is left
+to the next plugin (the default looks it up in `databases:`, and answers 3D000 for names it does not know).
+
+Each tenant database gets its own pools (pools are keyed by `PoolTarget.database`), so a server connection
+is never handed from one tenant's database to another. Those pools have no `databases:` entry of their
+own, which is why this module also answers `halephant_pool_size` for them, with the sizes of the
+`tenants` entry: without that, no plugin could size them.
+
+Tenant names are limited to lower-case letters, digits and `_`, so a client cannot create pools for
+arbitrary names; PostgreSQL answers 3D000 for a tenant that does not exist.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Final
+
+from halephant import hookimpl
+from halephant.types import ClientInfo, Config, PoolMode, PoolSize, PoolTarget
+
+#: The `databases:` entry whose cluster, pool mode and sizes every tenant database uses.
+TEMPLATE: Final = "tenants"
+TENANT_DATABASE: Final = re.compile(r"tenant_([a-z0-9_]{1,50})")
+
+
+@hookimpl
+def halephant_select_pool(client: ClientInfo, config: Config) -> PoolTarget | None:
+    match = TENANT_DATABASE.fullmatch(client.database)
+    entry = config.databases.get(TEMPLATE)
+    if match is None or entry is None or client.database in config.databases:
+        return None
+    user = config.users.get(client.user)
+    return PoolTarget(
+        database=client.database,
+        cluster=entry.cluster,
+        server_database=client.database,
+        server_user=client.user,
+        server_password=user.upstream_password if user is not None else None,
+        mode=PoolMode(entry.mode),
+        reason=f"tenant {match.group(1)} -> cluster {entry.cluster} (databases.{TEMPLATE})",
+    )
+
+
+@hookimpl
+def halephant_pool_size(pool: PoolTarget, config: Config) -> PoolSize | None:
+    entry = config.databases.get(TEMPLATE)
+    if entry is None or pool.database in config.databases or TENANT_DATABASE.fullmatch(pool.database) is None:
+        return None
+    return PoolSize(min=entry.min_pool_size, max=entry.pool_size,
+                    reason=f"tenant database {pool.database}: databases.{TEMPLATE}.pool_size")
