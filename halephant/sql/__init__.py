@@ -1,0 +1,46 @@
+"""Cheap facts about SQL text for hooks: part of the public plugin API.
+
+This package owns reading SQL without executing it: a lossless PostgreSQL tokenizer (`iter_tokens`), a
+statement splitter that respects quotes, nested comments and dollar quotes (`split_statements`), and
+`Statement`, the object `halephant_inspect_query` and `halephant_route` receive, whose facts
+(`first_keyword`, `keywords`, `statement_count`, `declares_holdable_cursor`, `ast`) are computed on first
+use. It imports only the standard library; `pglast` is loaded the first time a plugin asks for `.ast`.
+"""
+
+from __future__ import annotations
+
+from halephant.sql.lexer import (
+    COMMENT,
+    DOLLAR_STRING,
+    NUMBER,
+    PARAM,
+    PUNCT,
+    QUOTED_IDENTIFIER,
+    SEMICOLON,
+    SPACE,
+    STRING,
+    WORD,
+    Token,
+    TokenKind,
+    iter_tokens,
+    split_statements,
+)
+from halephant.sql.statement import Statement
+
+__all__ = [
+    "COMMENT",
+    "DOLLAR_STRING",
+    "NUMBER",
+    "PARAM",
+    "PUNCT",
+    "QUOTED_IDENTIFIER",
+    "SEMICOLON",
+    "SPACE",
+    "STRING",
+    "WORD",
+    "Statement",
+    "Token",
+    "TokenKind",
+    "iter_tokens",
+    "split_statements",
+]
