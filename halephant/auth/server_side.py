@@ -75,19 +75,41 @@ def is_md5_hash(secret: str) -> bool:
     return len(secret) == 35 and secret.startswith("md5") and all(c in "0123456789abcdef" for c in secret[3:])
 
 
+def _user_salt(user: str) -> bytes:
+    # Depends on the user name and a process secret only: it reveals nothing about the password, and
+    # known and unknown users look alike.
+    return hmac.new(_MOCK_SECRET, user.encode(), hashlib.sha256).digest()[:16]
+
+
+def scram_keys(password: str, salt: bytes, iterations: int) -> tuple[bytes, bytes]:
+    """StoredKey and ServerKey for a password, over SASLprep'd bytes when possible.
+
+    Like PostgreSQL and libpq, a password SASLprep refuses is used as its raw UTF-8 bytes.
+    """
+    try:
+        from scramp.utils import saslprep
+
+        normalized = saslprep(password).encode()
+    except Exception:
+        normalized = password.encode()
+    salted = hashlib.pbkdf2_hmac("sha256", normalized, salt, iterations)
+    client_key = hmac.new(salted, b"Client Key", hashlib.sha256).digest()
+    server_key = hmac.new(salted, b"Server Key", hashlib.sha256).digest()
+    return hashlib.sha256(client_key).digest(), server_key
+
+
 @functools.lru_cache(maxsize=1024)
-def _auth_info_for(secret: str) -> AuthInfo:
-    # PBKDF2 costs ~1 ms: derive each plaintext password's verifier once, not per login.
+def _auth_info_for(user: str, secret: str) -> AuthInfo:
+    # PBKDF2 costs ~1 ms: derive each user's verifier once, not per login.
     if is_scram_verifier(secret):
         return parse_scram_verifier(secret)
-    salt = hashlib.sha256(b"halephant-salt" + secret.encode()).digest()[:16]
-    info: AuthInfo = _MECHANISM.make_auth_info(secret, iteration_count=4096, salt=salt)
-    return info
+    salt = _user_salt(user)
+    stored, server = scram_keys(secret, salt, 4096)
+    return salt, stored, server, 4096
 
 
 def _mock_auth_info(user: str) -> AuthInfo:
-    salt = hmac.new(_MOCK_SECRET, user.encode(), hashlib.sha256).digest()[:16]
-    return salt, os.urandom(32), os.urandom(32), 4096
+    return _user_salt(user), os.urandom(32), os.urandom(32), 4096
 
 
 class ScramExchange:
@@ -98,7 +120,7 @@ class ScramExchange:
     def __init__(self, user: str, secret: str | None) -> None:
         self.user = user
         self._known = secret is not None
-        info = _auth_info_for(secret) if secret is not None else _mock_auth_info(user)
+        info = _auth_info_for(user, secret) if secret is not None else _mock_auth_info(user)
         self._server = _MECHANISM.make_server(lambda _name: info)
         self._step = 0
 
@@ -117,11 +139,14 @@ class ScramExchange:
                         fatal=True,
                     )
                 first = data.decode()
-                # libpq sends an empty SCRAM user name (`n=,`), which scramp refuses: give it a
-                # placeholder but keep the exact bytes the client signed for the AuthMessage.
+                # PostgreSQL ignores the SCRAM user name (the startup user counts) and libpq sends an empty
+                # one (`n=,`), which scramp refuses: give scramp a placeholder, but keep the exact bytes the
+                # client signed for the AuthMessage.
                 gs2_end = first.index(",", first.index(",") + 1) + 1
                 bare = first[gs2_end:]
-                self._server.set_client_first(first[:gs2_end] + bare.replace("n=,", "n=*,", 1))
+                if not bare.startswith("n="):
+                    raise ValueError("client-first-message without a user name attribute")
+                self._server.set_client_first(first[:gs2_end] + "n=*" + bare[bare.index(",") :])
                 self._server.client_first_bare = bare
                 return m.authentication(
                     codes.AUTH_SASL_CONTINUE, self._server.get_server_first().encode()

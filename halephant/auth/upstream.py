@@ -3,7 +3,10 @@ trust) for a server connection. Sans-IO: `respond(code, data)` returns the messa
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import hmac
+import os
 
 from scramp import ScramClient, ScramException
 
@@ -17,13 +20,57 @@ class UpstreamAuthError(ClientError):
     """The server asked for something halephant cannot answer (e.g. a password that is not configured)."""
 
 
+class _RawBytesScramClient:
+    """SCRAM-SHA-256 over the password's raw UTF-8 bytes, for passwords SASLprep refuses.
+
+    PostgreSQL and libpq fall back to the raw bytes in that case; scramp refuses such passwords, so this
+    small client (same method names as scramp's) covers exactly that case.
+    """
+
+    def __init__(self, password: str) -> None:
+        self._password = password.encode()
+        self._nonce = base64.b64encode(os.urandom(18)).decode()
+        self._first_bare = f"n=*,r={self._nonce}"  # PostgreSQL ignores the SCRAM user name
+        self._server_signature = b""
+
+    def get_client_first(self) -> str:
+        return "n,," + self._first_bare
+
+    def set_server_first(self, message: str) -> None:
+        self._server_first = message
+        attrs = dict(part.split("=", 1) for part in message.split(","))
+        if not attrs.get("r", "").startswith(self._nonce):
+            raise ScramException("server nonce does not extend the client nonce")
+        self._combined = attrs["r"]
+        self._salt = base64.b64decode(attrs["s"])
+        self._iterations = int(attrs["i"])
+
+    def get_client_final(self) -> str:
+        without_proof = f"c=biws,r={self._combined}"
+        salted = hashlib.pbkdf2_hmac("sha256", self._password, self._salt, self._iterations)
+        client_key = hmac.new(salted, b"Client Key", hashlib.sha256).digest()
+        stored_key = hashlib.sha256(client_key).digest()
+        auth_message = f"{self._first_bare},{self._server_first},{without_proof}".encode()
+        signature = hmac.new(stored_key, auth_message, hashlib.sha256).digest()
+        proof = bytes(a ^ b for a, b in zip(client_key, signature, strict=True))
+        server_key = hmac.new(salted, b"Server Key", hashlib.sha256).digest()
+        self._server_signature = hmac.new(server_key, auth_message, hashlib.sha256).digest()
+        return f"{without_proof},p={base64.b64encode(proof).decode()}"
+
+    def set_server_final(self, message: str) -> None:
+        if not message.startswith("v=") or not hmac.compare_digest(
+            base64.b64decode(message[2:]), self._server_signature
+        ):
+            raise ScramException("the server's signature does not match")
+
+
 class UpstreamAuth:
     __slots__ = ("_password", "_scram", "_user")
 
     def __init__(self, user: str, password: str | None) -> None:
         self._user = user
         self._password = password
-        self._scram: ScramClient | None = None
+        self._scram: ScramClient | _RawBytesScramClient | None = None
 
     def _need_password(self) -> str:
         if self._password is None:
@@ -49,7 +96,11 @@ class UpstreamAuth:
                         sqlstate.FEATURE_NOT_SUPPORTED,
                         f"server offers no supported SASL mechanism ({', '.join(mechanisms)})",
                     )
-                self._scram = ScramClient(["SCRAM-SHA-256"], self._user, self._need_password())
+                password = self._need_password()
+                try:
+                    self._scram = ScramClient(["SCRAM-SHA-256"], self._user, password)
+                except ScramException:
+                    self._scram = _RawBytesScramClient(password)  # SASLprep refused it
                 return m.sasl_initial_response("SCRAM-SHA-256", self._scram.get_client_first().encode())
             if code == codes.AUTH_SASL_CONTINUE and self._scram is not None:
                 self._scram.set_server_first(data.decode())

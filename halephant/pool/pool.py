@@ -136,7 +136,7 @@ class Pool(Generic[S, W]):
         keep_min = self.info.size.min
         for server in list(self.idle):
             too_old = now - server.created_at > max_lifetime
-            too_idle = now - server.idle_since > idle_timeout and self.total - len(out) > keep_min
+            too_idle = now - server.idle_since > idle_timeout and self.total > keep_min
             if too_old or too_idle:
                 self.idle.remove(server)
                 out.append(server)

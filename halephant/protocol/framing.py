@@ -123,6 +123,8 @@ class BackendScanner:
                 raise ProtocolViolation("server sent an invalid message length")
             end = pos + 1 + length
             if t == codes.READY_FOR_QUERY:
+                if length != 5:
+                    raise ProtocolViolation("server sent a ReadyForQuery of invalid length")
                 if end > n:
                     self._start_kept(t, data, pos + 5, n, length)
                     return
@@ -151,6 +153,6 @@ class BackendScanner:
     def _finish_kept(self, t: int, payload: bytes) -> None:
         if t == codes.READY_FOR_QUERY:
             self.ready += 1
-            self.status = payload[0] if payload else codes.TX_IDLE
+            self.status = payload[0]
         else:
             self.kept.append((t, payload))

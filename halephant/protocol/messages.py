@@ -183,7 +183,10 @@ def decode_authentication(payload: bytes | memoryview) -> tuple[int, bytes]:
 
 
 def decode_sasl_mechanisms(data: bytes) -> list[str]:
-    return [m.decode() for m in data.split(b"\0") if m]
+    try:
+        return [m.decode() for m in data.split(b"\0") if m]
+    except UnicodeDecodeError:
+        raise ProtocolViolation("invalid SASL mechanism name") from None
 
 
 def decode_sasl_initial_response(payload: bytes | memoryview) -> tuple[str, bytes]:

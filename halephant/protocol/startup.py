@@ -84,8 +84,9 @@ class StartupFramer:
                 break
             out.append(parse_startup_packet(code, buf[pos + 8 : pos + length]))
             pos += length
-            if isinstance(out[-1], StartupMessage | CancelRequest):
-                break  # what follows is typed messages, or nothing
+            # One packet per step: after SSLRequest/GSSENCRequest the client must wait for our answer, and
+            # after StartupMessage/CancelRequest come typed messages, or nothing.
+            break
         self._buf = buf[pos:]
         return out
 

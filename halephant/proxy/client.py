@@ -179,8 +179,9 @@ class ClientConnection(asyncio.Protocol):
         for packet in framer.feed(data):
             if isinstance(packet, SSLRequest | GSSENCRequest):
                 if framer.pending:
-                    # bytes behind an SSLRequest would be taken as encrypted data (CVE-2021-23222 shape)
-                    raise ProtocolViolation("received unencrypted data after SSL request")
+                    # bytes behind an encryption request would be taken as encrypted data (CVE-2021-23222 shape)
+                    what = "SSL" if isinstance(packet, SSLRequest) else "GSSAPI encryption"
+                    raise ProtocolViolation(f"received unencrypted data after {what} request")
                 self.transport.write(b"N")
             elif isinstance(packet, CancelRequest):
                 self.app.cancel(packet.process_id, packet.secret_key)

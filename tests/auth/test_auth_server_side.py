@@ -233,32 +233,15 @@ def test_scram_any_first_message_raises_only_client_error(payload: bytes) -> Non
         pass
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a plaintext secret that SASLprep refuses (here Hebrew letters then digits, a bidi "
-    "violation) makes scramp raise ScramException out of ScramExchange(); PostgreSQL and libpq then use the "
-    "raw password bytes, so such a password must work",
-)
 def test_scram_password_that_saslprep_refuses() -> None:
     password = "\u05d0\u05d1\u05d2123"
     login_like_libpq(ScramExchange(USER, password), password)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: only an empty SCRAM user name is replaced before scramp parses client-first; any other "
-    "name scramp refuses (here a SASLprep bidi failure) fails the login, though PostgreSQL ignores the name",
-)
 def test_scram_user_name_scramp_refuses() -> None:
     login_like_libpq(ScramExchange(USER, PASSWORD), PASSWORD, scram_user="\u05d0b")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: the salt for a plaintext secret is sha256(b'halephant-salt' + password)[:16], a fast "
-    "unsalted hash of the password sent to anyone who starts an exchange (offline guessing without a "
-    "captured login, and equal passwords show as equal salts)",
-)
 def test_scram_salt_does_not_depend_on_the_password_alone() -> None:
     def salt(user: str) -> str:
         return _salt_and_iterations(

@@ -272,11 +272,6 @@ def test_expired_counts_active_servers_towards_min() -> None:
     assert pool.idle == [b]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: Pool.expired subtracts len(out) from self.total although self.idle.remove() already "
-    "shrank total, so each expiry is counted twice and idle servers above min_pool_size are kept",
-)
 def test_expired_closes_down_to_min() -> None:
     pool = make_pool(max_=10, min_=2)
     servers = fill_idle(pool, 6, idle_since=0.0)

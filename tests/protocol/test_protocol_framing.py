@@ -268,12 +268,6 @@ def test_scanner_invalid_length(length: int) -> None:
         BackendScanner().feed(b"D" + struct.pack("!i", length))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: BackendScanner.feed reads data[pos + 5] for a ReadyForQuery whatever its length, so a "
-    "ReadyForQuery of length 4 (no status byte) at the end of a chunk raises IndexError, and in the middle "
-    "takes the next message's type byte as the status",
-)
 def test_scanner_ready_for_query_without_status_byte() -> None:
     with pytest.raises(ProtocolViolation):
         BackendScanner().feed(b"Z" + struct.pack("!i", 4))

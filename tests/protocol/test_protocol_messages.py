@@ -212,11 +212,6 @@ def test_malformed(decoder: Callable[[bytes], object], payload: bytes) -> None:
         decoder(payload)
 
 
-_BUG_SASL_MECHANISMS = pytest.mark.xfail(
-    strict=True,
-    reason="bug: decode_sasl_mechanisms calls bytes.decode() unguarded, so a non-UTF-8 mechanism name "
-    "raises UnicodeDecodeError instead of ProtocolViolation",
-)
 
 DECODERS: list[Callable[[bytes], object]] = [
     m.decode_query,
@@ -249,7 +244,6 @@ def test_decoders_raise_only_protocol_violation(decoder: Callable[[bytes], objec
             pass
 
 
-@_BUG_SASL_MECHANISMS
 def test_decode_sasl_mechanisms_invalid_utf8() -> None:
     with pytest.raises(ProtocolViolation):
         m.decode_sasl_mechanisms(b"SCRAM-SHA-256\0\xff\xfe\0\0")

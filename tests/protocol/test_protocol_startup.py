@@ -260,11 +260,6 @@ def test_encryption_request_with_trailing_bytes_is_pending(request_bytes: bytes,
     assert framer.pending
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: StartupFramer.feed keeps parsing after SSLRequest/GSSENCRequest, so a complete packet "
-    "sent behind it comes out too and `pending` is False: the proxy's unencrypted-data check is bypassed",
-)
 @pytest.mark.parametrize("request_bytes", [SSL, GSSENC], ids=["SSLRequest", "GSSENCRequest"])
 def test_encryption_request_with_whole_packet_behind_it_is_pending(request_bytes: bytes) -> None:
     packets, framer = feed_chunks([request_bytes + STARTUP])
