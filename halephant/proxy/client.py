@@ -79,6 +79,7 @@ class ClientConnection(asyncio.Protocol):
         "skip_to_sync",
         "state",
         "target",
+        "transaction_mode",
         "transport",
         "unsynced",
         "waiting_pool",
@@ -101,6 +102,7 @@ class ClientConnection(asyncio.Protocol):
         self.unsynced = False
         self.skip_to_sync = False
         self.pinned = False
+        self.transaction_mode = False
         self.write_paused = False
         self._first_checked = False
         self._reject_next: bytes | None = None
@@ -179,7 +181,7 @@ class ClientConnection(asyncio.Protocol):
         for packet in framer.feed(data):
             if isinstance(packet, SSLRequest | GSSENCRequest):
                 if framer.pending:
-                    # bytes behind an encryption request would be taken as encrypted data (CVE-2021-23222 shape)
+                    # bytes behind an encryption request would pass as encrypted (CVE-2021-23222 shape)
                     what = "SSL" if isinstance(packet, SSLRequest) else "GSSAPI encryption"
                     raise ProtocolViolation(f"received unencrypted data after {what} request")
                 self.transport.write(b"N")
@@ -261,6 +263,7 @@ class ClientConnection(asyncio.Protocol):
         assert self.info is not None and self.target is not None
         self.transport.write(m.AUTHENTICATION_OK)
         self.pool_info = self.app.manager.pool_info(self.target)
+        self.transaction_mode = self.pool_info.mode is PoolMode.TRANSACTION
         log.info("%r: login ok (%s, pool %s, %s mode)", self, how, self.target.database, self.target.mode)
         self.state = WELCOME
         params = self.app.manager.welcome_params(self.target)
@@ -327,11 +330,13 @@ class ClientConnection(asyncio.Protocol):
                 self.close()
                 return
             statement = None
-            if (t == codes.QUERY or t == codes.PARSE) and not self._first_checked:
+            if (t == codes.QUERY or t == codes.PARSE) and (
+                self.transaction_mode or server is None or self.app.plugins.has_inspectors
+            ):
+                statement = self._statement(t, buf[start:end])
+            if statement is not None and not self._first_checked:
                 verdict = None
-                if self.app.plugins.has_inspectors or server is None:
-                    statement = self._statement(t, buf[start:end])
-                if self.app.plugins.has_inspectors and statement is not None:
+                if self.app.plugins.has_inspectors:
                     assert self.info is not None and self.pool_info is not None
                     verdict = self.app.plugins.inspect_query(self.info, statement, self.pool_info)
                 if isinstance(verdict, Reject):
@@ -356,8 +361,6 @@ class ClientConnection(asyncio.Protocol):
                 continue
             if server is None:
                 # the first message of a transaction: route it, then get a server
-                if not self._first_checked and t in (codes.QUERY, codes.PARSE) and statement is None:
-                    statement = self._statement(t, buf[start:end])
                 self._buf = buf[head:]
                 if not self._checkout(statement, t):
                     return  # waiting; _buf is processed again when a server arrives
@@ -367,6 +370,11 @@ class ClientConnection(asyncio.Protocol):
                     fwd = end
                     continue
             self._first_checked = False
+            if statement is not None and self.transaction_mode and not server.dirty:
+                # state that outlives the transaction: this server must not go to another client as it is
+                server.dirty = statement.session_state or (
+                    "named prepared statement" if t == codes.PARSE and buf[start] != 0 else ""
+                )
             if t in _SYNC_POINTS:
                 self.outstanding += 1
                 self.unsynced = False

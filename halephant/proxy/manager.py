@@ -51,7 +51,7 @@ class _Reset:
         server = self.server
         server.client = None
         if status == codes.TX_IDLE and at_boundary:
-            server.dirty = False
+            server.dirty = ""
             self.manager.checkin(server)
         else:
             server.close("reset query left the server in a transaction")
@@ -151,8 +151,14 @@ class PoolManager:
         if server.closing:
             return
         if server.dirty and server.pool.info.mode is PoolMode.TRANSACTION:
-            # a SET (seen as ParameterStatus) would leak into the next client: never hand it on
-            server.close("session state changed (SET); not reusable")
+            # session state would leak into the next client: never hand it on
+            log.info(
+                "pool %s: closing server pid %d: session state left by the client (%s)",
+                server.pool.name,
+                server.backend_pid,
+                server.dirty,
+            )
+            server.close(f"session state: {server.dirty}")
             self.server_gone(server.pool)
             return
         waiter = server.pool.checkin(server)

@@ -86,7 +86,8 @@ class ServerConnection(asyncio.Protocol):
         self.idle_since = self.created_at
         self.closing = False
         self.reading_paused = False
-        self.dirty = False  # session state changed (ParameterStatus seen) since the last reset
+        #: why this server carries session state since its last reset ("" = clean): checked at check-in
+        self.dirty = ""
         self.link_count = 0  # bumped at every link: a cancel checks it did not go stale
         self._rewrite: tuple[bytes, bytes] | None = None
 
@@ -152,7 +153,7 @@ class ServerConnection(asyncio.Protocol):
                 return
             client.transport.write(data)
             if sc.kept:
-                self.dirty = True
+                self.dirty = "SET (ParameterStatus)"
             if sc.ready:
                 client.server_ready(sc.ready, sc.status, sc.at_boundary)
             return
