@@ -73,8 +73,9 @@ def authentication_sasl(mechanisms: Iterable[str]) -> bytes:
     return authentication(codes.AUTH_SASL, b"".join(_cstr(m) for m in mechanisms) + b"\0")
 
 
-def negotiate_protocol_version(newest_minor: int, unrecognized: list[str]) -> bytes:
-    payload = struct.pack("!ii", newest_minor, len(unrecognized)) + b"".join(_cstr(o) for o in unrecognized)
+def negotiate_protocol_version(newest_version: int, unrecognized: list[str]) -> bytes:
+    """`newest_version` is the full version number (major << 16 | minor), as PostgreSQL sends it."""
+    payload = struct.pack("!ii", newest_version, len(unrecognized)) + b"".join(_cstr(o) for o in unrecognized)
     return message(b"v", payload)
 
 

@@ -40,7 +40,17 @@ from halephant.protocol.startup import (
     StartupMessage,
 )
 from halephant.sql import Statement
-from halephant.types import ClientInfo, Pin, PoolInfo, PoolMode, PoolTarget, Reject, TransactionInfo
+from halephant.types import (
+    ClientInfo,
+    Pin,
+    PoolInfo,
+    PoolMode,
+    PoolTarget,
+    Reject,
+    Role,
+    Route,
+    TransactionInfo,
+)
 
 if TYPE_CHECKING:
     from halephant.pool.pool import Pool
@@ -207,7 +217,7 @@ class ClientConnection(asyncio.Protocol):
         )
         log.info("%r: connected", self)
         if packet.minor > 0 or packet.protocol_options:
-            self.transport.write(m.negotiate_protocol_version(0, packet.protocol_options))
+            self.transport.write(m.negotiate_protocol_version(codes.PROTOCOL_3_0, packet.protocol_options))
         if "replication" in packet.params and packet.params["replication"].lower() not in (
             "false",
             "off",
@@ -330,6 +340,7 @@ class ClientConnection(asyncio.Protocol):
                 self.close()
                 return
             statement = None
+            pin_reason = ""
             if (t == codes.QUERY or t == codes.PARSE) and (
                 self.transaction_mode or server is None or self.app.plugins.has_inspectors
             ):
@@ -351,8 +362,7 @@ class ClientConnection(asyncio.Protocol):
                     fwd = end
                     continue
                 if isinstance(verdict, Pin) and not self.pinned:
-                    self.pinned = True
-                    log.info("%r: pinned to its server: %s", self, verdict.reason)
+                    pin_reason = verdict.reason  # applied once a server is linked
             if self._reject_next is not None:
                 error, self._reject_next = self._reject_next, None
                 self._first_checked = False
@@ -370,11 +380,16 @@ class ClientConnection(asyncio.Protocol):
                     fwd = end
                     continue
             self._first_checked = False
-            if statement is not None and self.transaction_mode and not server.dirty:
-                # state that outlives the transaction: this server must not go to another client as it is
-                server.dirty = statement.session_state or (
+            if pin_reason:
+                self.pin_for(pin_reason)
+            if statement is not None and self.transaction_mode and not self.pinned:
+                # State that outlives the transaction: the client keeps this server (as PostgreSQL would
+                # behave connected directly), and the server is reset before anyone else gets it.
+                effect = statement.session_state or (
                     "named prepared statement" if t == codes.PARSE and buf[start] != 0 else ""
                 )
+                if effect:
+                    self.pin_for(effect)
             if t in _SYNC_POINTS:
                 self.outstanding += 1
                 self.unsynced = False
@@ -383,6 +398,9 @@ class ClientConnection(asyncio.Protocol):
         if server is not None and fwd < consumed:
             server.send(buf if fwd == 0 and consumed == len(buf) else buf[fwd:consumed])
         if consumed < len(buf):
+            if buf[consumed] not in _FRONTEND_TYPES:
+                # refuse on the type byte alone: waiting for the body of a bogus length could hang forever
+                raise ProtocolViolation(f"invalid frontend message type {buf[consumed]}")
             self._buf = buf[consumed:]
 
     def _statement(self, t: int, payload: bytes) -> Statement | None:
@@ -419,7 +437,13 @@ class ClientConnection(asyncio.Protocol):
     def _checkout(self, statement: Statement | None, t: int) -> bool:
         """Link a server for a new transaction. False when the client has to wait (or was failed)."""
         assert self.info is not None and self.pool_info is not None and self.target is not None
-        route = self.app.plugins.route(self.info, TransactionInfo(statement), self.pool_info)
+        if self.state != READY and self.transaction_mode:
+            # a server is needed once at login only to learn the parameters to report: not a
+            # transaction, so nothing to route (a policy refusing all of this user's transactions
+            # must not refuse the login)
+            route: Route | Reject = Route(Role.PRIMARY, "login: learning server parameters")
+        else:
+            route = self.app.plugins.route(self.info, TransactionInfo(statement), self.pool_info)
         if isinstance(route, Reject):
             log.info("%r: route rejected %s: %s", self, route.code, route.reason)
             if self.state != READY:
@@ -511,6 +535,14 @@ class ClientConnection(asyncio.Protocol):
         if self.write_paused:
             server.set_reading(True)
 
+    def pin_for(self, reason: str) -> None:
+        """Keep the linked server for the rest of this client's session."""
+        if self.pinned or self.server is None:
+            return
+        self.pinned = True
+        self.server.dirty = reason
+        log.info("%r: pinned to server pid %d: %s", self, self.server.backend_pid, reason)
+
     def server_ready(self, n: int, status: int, at_boundary: bool) -> None:
         """The linked server sent `n` ReadyForQuery; the last said `status`."""
         self.outstanding -= n
@@ -580,7 +612,8 @@ class ClientConnection(asyncio.Protocol):
             clean = self.outstanding == 0 and not self.unsynced and server.scanner.status == codes.TX_IDLE
             if server.reading_paused:
                 server.set_reading(False)
-            if clean and self.pool_info is not None and self.pool_info.mode is PoolMode.SESSION:
+            if clean:
+                # session pooling, or a client pinned by session state: reset before anyone else gets it
                 self.app.manager.reset_and_checkin(server)
             else:
                 server.close("client left mid-transaction")

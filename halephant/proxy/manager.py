@@ -62,6 +62,11 @@ class _Reset:
     def resume_reading_from_server(self) -> None:
         pass
 
+    transaction_mode = False
+
+    def pin_for(self, reason: str) -> None:
+        pass
+
 
 class PoolManager:
     def __init__(self, app: App) -> None:

@@ -153,7 +153,10 @@ class ServerConnection(asyncio.Protocol):
                 return
             client.transport.write(data)
             if sc.kept:
-                self.dirty = "SET (ParameterStatus)"
+                # a reported setting changed (SET application_name, SET TIME ZONE, ...): session state
+                self.dirty = "a reported setting changed (ParameterStatus)"
+                if client.transaction_mode:
+                    client.pin_for(self.dirty)
             if sc.ready:
                 client.server_ready(sc.ready, sc.status, sc.at_boundary)
             return

@@ -1,0 +1,30 @@
+"""A plugin that fails on purpose, for tests of how halephant contains a plugin's exception.
+
+`halephant_inspect_query` raises for any statement containing ``boom``; `halephant_select_pool` raises at
+login for a client whose application_name is ``select_pool_boom``. Everything else is left to the other
+plugins (None: "not mine").
+"""
+
+from __future__ import annotations
+
+from halephant import hookimpl
+from halephant.types import ClientInfo, Config, PoolInfo, PoolTarget, Reject, Statement
+
+BOOM_APPLICATION_NAME = "select_pool_boom"
+
+
+class BoomError(RuntimeError):
+    """The exception these hooks raise, so the log can be checked for its name."""
+
+
+@hookimpl
+def halephant_inspect_query(client: ClientInfo, statement: Statement, pool: PoolInfo) -> None:
+    if "boom" in statement.text:
+        raise BoomError(f"boom in statement from client #{client.id}")
+
+
+@hookimpl
+def halephant_select_pool(client: ClientInfo, config: Config) -> PoolTarget | Reject | None:
+    if client.application_name == BOOM_APPLICATION_NAME:
+        raise BoomError(f"boom selecting a pool for client #{client.id}")
+    return None

@@ -1,0 +1,330 @@
+"""A raw-socket PostgreSQL frontend for end-to-end tests of hostile input: byte builders and a reader.
+
+Drivers refuse to send malformed bytes, so tests that check how halephant answers them build every packet
+here (StartupMessage, SSLRequest, typed messages with any length) and read the answers message by message.
+`RawClient.login()` runs a real SCRAM-SHA-256 exchange (via scramp) so that after-login cases start from an
+authenticated session.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import time
+from dataclasses import dataclass, field
+
+from scramp import ScramClient
+
+SSL_REQUEST_CODE = 80877103
+GSSENC_REQUEST_CODE = 80877104
+CANCEL_REQUEST_CODE = 80877102
+
+AUTH_OK = 0
+AUTH_SASL = 10
+AUTH_SASL_CONTINUE = 11
+AUTH_SASL_FINAL = 12
+
+
+# --- builders --------------------------------------------------------------------------------------------
+
+
+def cstr(s: str) -> bytes:
+    return s.encode() + b"\0"
+
+
+def packet(code: int, body: bytes = b"") -> bytes:
+    """An untyped startup-phase packet: int32 length (including itself), int32 code, body."""
+    return struct.pack("!ii", len(body) + 8, code) + body
+
+
+def startup(params: dict[str, str] | None = None, *, major: int = 3, minor: int = 0) -> bytes:
+    """A StartupMessage with these parameters (name/value pairs and the final NUL)."""
+    body = b"".join(cstr(k) + cstr(v) for k, v in (params or {}).items()) + b"\0"
+    return packet((major << 16) | minor, body)
+
+
+def ssl_request() -> bytes:
+    return packet(SSL_REQUEST_CODE)
+
+
+def gssenc_request() -> bytes:
+    return packet(GSSENC_REQUEST_CODE)
+
+
+def cancel_request(process_id: int, secret_key: int) -> bytes:
+    return packet(CANCEL_REQUEST_CODE, struct.pack("!iI", process_id, secret_key & 0xFFFFFFFF))
+
+
+def msg(type_: bytes, payload: bytes = b"", *, length: int | None = None) -> bytes:
+    """A typed message; `length` overrides the int32 length field (for lying about it)."""
+    return type_ + struct.pack("!i", len(payload) + 4 if length is None else length) + payload
+
+
+def query(sql: str) -> bytes:
+    return msg(b"Q", cstr(sql))
+
+
+def parse(sql: str, name: str = "") -> bytes:
+    return msg(b"P", cstr(name) + cstr(sql) + struct.pack("!h", 0))
+
+
+def bind(statement: str = "", portal: str = "") -> bytes:
+    # no parameter formats, no parameters, no result formats
+    return msg(b"B", cstr(portal) + cstr(statement) + struct.pack("!hhh", 0, 0, 0))
+
+
+def execute(portal: str = "", max_rows: int = 0) -> bytes:
+    return msg(b"E", cstr(portal) + struct.pack("!i", max_rows))
+
+
+def sync() -> bytes:
+    return msg(b"S")
+
+
+def terminate() -> bytes:
+    return msg(b"X")
+
+
+# --- reading ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Message:
+    type: bytes
+    payload: bytes
+
+    @property
+    def fields(self) -> dict[str, str]:
+        """The fields of an ErrorResponse or NoticeResponse: {'S': 'FATAL', 'C': '08P01', 'M': ...}."""
+        out: dict[str, str] = {}
+        for part in self.payload.split(b"\0"):
+            if part:
+                out[chr(part[0])] = part[1:].decode(errors="replace")
+        return out
+
+    @property
+    def auth_code(self) -> int:
+        (code,) = struct.unpack_from("!i", self.payload)
+        return int(code)
+
+    def __repr__(self) -> str:
+        if self.type in (b"E", b"N"):
+            return f"<{self.type.decode()} {self.fields}>"
+        return f"<{self.type!r} {self.payload[:60]!r}>"
+
+
+class Closed(Exception):
+    """The peer closed the connection; `data` holds what it sent that did not form a whole message."""
+
+    def __init__(self, data: bytes = b"") -> None:
+        super().__init__(f"connection closed (trailing bytes {data!r})")
+        self.data = data
+
+
+@dataclass
+class Session:
+    """What a successful login produced."""
+
+    process_id: int = 0
+    secret_key: int = 0
+    params: dict[str, str] = field(default_factory=dict)
+    messages: list[Message] = field(default_factory=list)
+
+
+class RawClient:
+    """One TCP connection speaking raw protocol bytes. Every read has a deadline (`timeout` seconds)."""
+
+    def __init__(self, host: str, port: int, *, timeout: float = 5.0) -> None:
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.timeout = timeout
+        self._buf = b""
+        #: the login in progress or last finished, also when it failed (its last message is then the error)
+        self.last_session = Session()
+
+    def __enter__(self) -> RawClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def _fill(self, deadline: float) -> None:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("no answer in time")
+        self.sock.settimeout(left)
+        try:
+            chunk = self.sock.recv(65536)
+        except ConnectionResetError:
+            chunk = b""
+        except TimeoutError:
+            raise TimeoutError(f"no answer in time (have {self._buf!r})") from None
+        if not chunk:
+            raise Closed(self._buf)
+        self._buf += chunk
+
+    def read_byte(self, timeout: float | None = None) -> bytes:
+        """One untyped byte: the answer to SSLRequest/GSSENCRequest."""
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        while not self._buf:
+            self._fill(deadline)
+        b, self._buf = self._buf[:1], self._buf[1:]
+        return b
+
+    def skip_byte(self, expected: bytes, timeout: float | None = None) -> bool:
+        """Consume the next byte if it is `expected` (an optional SSLRequest answer); say whether it was."""
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        try:
+            while not self._buf:
+                self._fill(deadline)
+        except Closed:
+            return False
+        if self._buf[:1] != expected:
+            return False
+        self._buf = self._buf[1:]
+        return True
+
+    def read(self, timeout: float | None = None) -> Message:
+        """The next typed message; raises `Closed` at end of stream, TimeoutError after the deadline."""
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        while len(self._buf) < 5:
+            self._fill(deadline)
+        (length,) = struct.unpack_from("!i", self._buf, 1)
+        while len(self._buf) < 1 + length:
+            self._fill(deadline)
+        out = Message(self._buf[:1], self._buf[5 : 1 + length])
+        self._buf = self._buf[1 + length :]
+        return out
+
+    def read_until(self, *types: bytes, timeout: float | None = None) -> list[Message]:
+        """Messages up to and including the first whose type is in `types`."""
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        out: list[Message] = []
+        while True:
+            out.append(self.read(timeout=max(0.0, deadline - time.monotonic())))
+            if out[-1].type in types:
+                return out
+
+    def read_until_ready(self, timeout: float | None = None) -> list[Message]:
+        return self.read_until(b"Z", timeout=timeout)
+
+    def read_all(self, timeout: float | None = None) -> tuple[list[Message], bool]:
+        """Everything until the peer closes or goes quiet: (messages, closed)."""
+        out: list[Message] = []
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        while True:
+            try:
+                out.append(self.read(timeout=max(0.0, deadline - time.monotonic())))
+            except Closed:
+                return out, True
+            except TimeoutError:
+                return out, False
+
+    def expect_error(self, timeout: float | None = None) -> Message:
+        """Skip notices and the like until an ErrorResponse; fail if the connection closes first."""
+        while True:
+            try:
+                message = self.read(timeout)
+            except Closed as exc:
+                raise AssertionError(f"connection closed without an ErrorResponse ({exc})") from None
+            if message.type == b"E":
+                return message
+
+    def expect_fatal_and_close(self, code: str, timeout: float | None = None) -> Message:
+        """An ErrorResponse with severity FATAL and SQLSTATE `code`, then the connection closes."""
+        error = self.expect_error(timeout)
+        assert error.fields.get("S") == "FATAL", error
+        assert error.fields.get("C") == code, error
+        self.expect_closed(timeout)
+        return error
+
+    def expect_closed(self, timeout: float | None = None) -> None:
+        """The peer closes the connection (anything it still sends is ignored)."""
+        messages, closed = self.read_all(timeout)
+        assert closed, f"connection still open; got {messages}"
+
+    def is_closed(self, timeout: float = 0.5) -> bool:
+        _, closed = self.read_all(timeout)
+        return closed
+
+    # --- login ---
+
+    def login(
+        self, user: str, password: str, database: str, *, extra: dict[str, str] | None = None
+    ) -> Session:
+        """StartupMessage and a SCRAM-SHA-256 exchange, up to ReadyForQuery (see `authenticate`)."""
+        self.send(startup({"user": user, "database": database, **(extra or {})}))
+        return self.authenticate(user, password)
+
+    def authenticate(self, user: str, password: str) -> Session:
+        """Answer the authentication requests of a login whose StartupMessage was already sent.
+
+        Raises AssertionError on an ErrorResponse; `last_session.messages` then ends with it."""
+        session = self.last_session = Session()
+        scram: ScramClient | None = None
+        while True:
+            message = self.read()
+            session.messages.append(message)
+            if message.type == b"E":
+                raise AssertionError(f"login failed: {message.fields}")
+            if message.type == b"R":
+                code = message.auth_code
+                if code == AUTH_SASL:
+                    mechanisms = [m.decode() for m in message.payload[4:].split(b"\0") if m]
+                    scram = ScramClient(mechanisms, user, password)
+                    first = scram.get_client_first().encode()
+                    body = cstr("SCRAM-SHA-256") + struct.pack("!i", len(first)) + first
+                    self.send(msg(b"p", body))
+                elif code == AUTH_SASL_CONTINUE:
+                    assert scram is not None
+                    scram.set_server_first(message.payload[4:].decode())
+                    self.send(msg(b"p", scram.get_client_final().encode()))
+                elif code == AUTH_SASL_FINAL:
+                    assert scram is not None
+                    scram.set_server_final(message.payload[4:].decode())
+                elif code != AUTH_OK:
+                    raise AssertionError(f"unexpected authentication request {code}")
+            elif message.type == b"S":
+                name, value, _ = message.payload.split(b"\0")
+                session.params[name.decode()] = value.decode()
+            elif message.type == b"K":
+                session.process_id, session.secret_key = struct.unpack("!iI", message.payload)
+            elif message.type == b"Z":
+                return session
+
+    def simple_query(self, sql: str) -> list[Message]:
+        """Send a Query and read up to its ReadyForQuery."""
+        self.send(query(sql))
+        return self.read_until_ready()
+
+
+def errors(messages: list[Message]) -> list[dict[str, str]]:
+    """The fields of every ErrorResponse among `messages`."""
+    return [m.fields for m in messages if m.type == b"E"]
+
+
+def data_rows(messages: list[Message]) -> list[list[str | None]]:
+    """Decode DataRow messages (text format) into lists of values."""
+    rows: list[list[str | None]] = []
+    for m in messages:
+        if m.type != b"D":
+            continue
+        (n,) = struct.unpack_from("!h", m.payload)
+        pos = 2
+        row: list[str | None] = []
+        for _ in range(n):
+            (length,) = struct.unpack_from("!i", m.payload, pos)
+            pos += 4
+            if length < 0:
+                row.append(None)
+            else:
+                row.append(m.payload[pos : pos + length].decode())
+                pos += length
+        rows.append(row)
+    return rows
