@@ -736,7 +736,9 @@ class Cluster:
 
     def wait_replicated(self, timeout: float = 10.0) -> None:
         """Wait until every running replica has replayed the primary's current WAL position."""
-        lsn = self.primary.sql("SELECT pg_current_wal_lsn()")
+        # the insert position, not the write position: with synchronous_commit=off a commit record
+        # may still sit in WAL buffers, before pg_current_wal_lsn()
+        lsn = self.primary.sql("SELECT pg_current_wal_insert_lsn()")
         query = f"SELECT pg_last_wal_replay_lsn() >= {_quote_literal(lsn)}::pg_lsn"
         deadline = time.monotonic() + timeout
         for node in self.replicas:
