@@ -1,0 +1,180 @@
+"""End to end: how halephant logs in to PostgreSQL, and how clients log in to halephant.
+
+Upstream, PostgreSQL's pg_hba.conf picks the method per role (see `support.cluster`): SCRAM for myapp,
+md5 for md5user, cleartext `password` for plainuser, `trust` for trustuser. A login that succeeds proves
+halephant answered that method, so each test first checks that the server really asks for it.
+Client side, halephant checks SCRAM (the default), md5 (plaintext or an md5 hash in the config) or trust.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from typing import Any
+
+import asyncpg
+import psycopg
+import pytest
+from support.halephant import HalephantFactory, Running, default_config
+from support.leaks import assert_clean_servers
+
+from halephant.testing.pgcluster import Cluster
+
+pytestmark = pytest.mark.e2e
+
+#: halephant's own password for trustuser, in the config where PostgreSQL trusts that role.
+TRUSTUSER_PROXY_PASSWORD = "only-halephant-knows"
+
+_LIMITS = {"connect_timeout": "3s", "login_timeout": "5s"}
+
+
+def _md5_hash(password: str, user: str) -> str:
+    """The form pg_authid.rolpassword stores for md5 (md5 of password followed by user name)."""
+    return "md5" + hashlib.md5((password + user).encode()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def upstream_hal(pg: Cluster, module_halephant: HalephantFactory) -> Running:
+    """halephant logs in upstream with each role's method; clients log in to it with SCRAM (or trust)."""
+    config = default_config(
+        pg,
+        users={
+            "md5user": {"password": "md5user", "auth": "scram-sha-256"},
+            "plainuser": {"password": "plainuser", "auth": "scram-sha-256"},
+            "trustuser": {"auth": "trust"},
+        },
+        limits=_LIMITS,
+    )
+    return module_halephant.start(config)
+
+
+@pytest.fixture(scope="module")
+def client_auth_hal(pg: Cluster, module_halephant: HalephantFactory) -> Running:
+    """Client-side methods and failures: md5 clients, a password only halephant checks, a bad upstream one."""
+    config = default_config(
+        pg,
+        users={
+            # an md5 hash for clients, with the plaintext halephant needs upstream (SCRAM there)
+            "myapp": {"password": _md5_hash("myapp", "myapp"), "server_password": "myapp", "auth": "md5"},
+            "md5user": {"password": "md5user", "auth": "md5"},
+            # PostgreSQL trusts this role; halephant still wants a password from clients
+            "trustuser": {"password": TRUSTUSER_PROXY_PASSWORD, "auth": "scram-sha-256"},
+            # the client's password is right, the one halephant uses upstream is not
+            "myapp_ro": {"password": "myapp_ro", "server_password": "not-the-password"},
+        },
+        limits=_LIMITS,
+    )
+    return module_halephant.start(config)
+
+
+def upstream_method(pg: Cluster, user: str) -> str:
+    """The method the primary's pg_hba.conf gives `user` over TCP from 127.0.0.1 (the first match)."""
+    return pg.primary.sql(
+        "SELECT auth_method FROM pg_hba_file_rules WHERE type = 'host' AND address = '127.0.0.1' "
+        f"AND 'all' = ANY(database) AND ('{user}' = ANY(user_name) OR 'all' = ANY(user_name)) "
+        "ORDER BY line_number LIMIT 1"
+    )
+
+
+def stored_password_kind(pg: Cluster, user: str) -> str:
+    return pg.primary.sql(f"SELECT split_part(rolpassword, '$', 1) FROM pg_authid WHERE rolname = '{user}'")
+
+
+def who_am_i(hal: Running, user: str, password: str | None) -> tuple[Any, ...]:
+    with psycopg.connect(hal.dsn(user=user, password=password), autocommit=True) as conn:
+        with conn.transaction():
+            row = conn.execute("SELECT current_user, session_user, current_database()").fetchone()
+        assert row is not None
+        assert conn.execute("SELECT 1 + 1").fetchone() == (2,)
+        return tuple(row)
+
+
+def login_sqlstate(hal: Running, user: str, password: str | None) -> str | None:
+    """Log in with asyncpg (which reports the SQLSTATE of a failed login); None when it succeeds."""
+
+    async def attempt() -> str | None:
+        try:
+            conn = await asyncpg.connect(
+                host=hal.host, port=hal.port, user=user, password=password, database="myapp", ssl=False
+            )
+        except asyncpg.PostgresError as exc:
+            return str(exc.sqlstate)
+        await conn.fetchval("SELECT 1")
+        await conn.close()
+        return None
+
+    return asyncio.run(attempt())
+
+
+# --- halephant logging in upstream ---------------------------------------------------------------------
+
+
+def test_upstream_scram(pg: Cluster, upstream_hal: Running) -> None:
+    assert upstream_method(pg, "myapp") == "scram-sha-256"
+    assert stored_password_kind(pg, "myapp") == "SCRAM-SHA-256"
+    assert who_am_i(upstream_hal, "myapp", "myapp") == ("myapp", "myapp", "myapp")
+    assert_clean_servers(pg.primary)
+
+
+def test_upstream_md5(pg: Cluster, upstream_hal: Running) -> None:
+    assert upstream_method(pg, "md5user") == "md5"
+    # stored as md5: with a SCRAM verifier PostgreSQL would run SCRAM even on an md5 line
+    assert stored_password_kind(pg, "md5user").startswith("md5")
+    assert who_am_i(upstream_hal, "md5user", "md5user") == ("md5user", "md5user", "myapp")
+    assert_clean_servers(pg.primary)
+
+
+def test_upstream_cleartext_password(pg: Cluster, upstream_hal: Running) -> None:
+    assert upstream_method(pg, "plainuser") == "password"
+    assert who_am_i(upstream_hal, "plainuser", "plainuser") == ("plainuser", "plainuser", "myapp")
+    assert_clean_servers(pg.primary)
+
+
+def test_upstream_trust_and_client_trust(pg: Cluster, upstream_hal: Running) -> None:
+    assert upstream_method(pg, "trustuser") == "trust"
+    # `auth: trust` and no password: neither halephant nor PostgreSQL asks for one
+    assert who_am_i(upstream_hal, "trustuser", None) == ("trustuser", "trustuser", "myapp")
+    assert who_am_i(upstream_hal, "trustuser", "anything at all") == ("trustuser", "trustuser", "myapp")
+    assert_clean_servers(pg.primary)
+
+
+def test_wrong_client_password_with_scram(upstream_hal: Running) -> None:
+    assert login_sqlstate(upstream_hal, "myapp", "wrong") == "28P01"
+    assert login_sqlstate(upstream_hal, "md5user", "wrong") == "28P01"
+    assert login_sqlstate(upstream_hal, "myapp", "myapp") is None
+
+
+# --- clients logging in to halephant -------------------------------------------------------------------
+
+
+def test_halephant_checks_a_password_postgresql_does_not(pg: Cluster, client_auth_hal: Running) -> None:
+    assert upstream_method(pg, "trustuser") == "trust"
+    assert login_sqlstate(client_auth_hal, "trustuser", "wrong") == "28P01"
+    assert login_sqlstate(client_auth_hal, "trustuser", None) == "28P01"
+    expected = ("trustuser", "trustuser", "myapp")
+    assert who_am_i(client_auth_hal, "trustuser", TRUSTUSER_PROXY_PASSWORD) == expected
+    assert_clean_servers(pg.primary)
+
+
+def test_clients_log_in_with_md5(pg: Cluster, client_auth_hal: Running) -> None:
+    # myapp: an md5 hash in the config (and SCRAM upstream); md5user: plaintext (and md5 upstream)
+    assert who_am_i(client_auth_hal, "myapp", "myapp") == ("myapp", "myapp", "myapp")
+    assert who_am_i(client_auth_hal, "md5user", "md5user") == ("md5user", "md5user", "myapp")
+    assert login_sqlstate(client_auth_hal, "myapp", "myapp") is None
+    assert login_sqlstate(client_auth_hal, "myapp", "wrong") == "28P01"
+    assert login_sqlstate(client_auth_hal, "md5user", "wrong") == "28P01"
+    log = client_auth_hal.log_text()
+    assert "myapp@myapp" in log and "login ok (md5" in log
+    assert_clean_servers(pg.primary)
+
+
+def test_wrong_upstream_password_reaches_the_client(pg: Cluster, client_auth_hal: Running) -> None:
+    assert login_sqlstate(client_auth_hal, "myapp_ro", "myapp_ro") == "28P01"
+    with pytest.raises(psycopg.OperationalError, match='password authentication failed for user "myapp_ro"'):
+        psycopg.connect(client_auth_hal.dsn(user="myapp_ro", password="myapp_ro"))
+    log = client_auth_hal.log_text()
+    assert "server connect failed" in log
+    assert "28P01" in log
+    assert "not-the-password" not in log  # never logged
+    # the other pools are not affected
+    assert who_am_i(client_auth_hal, "myapp", "myapp") == ("myapp", "myapp", "myapp")
