@@ -32,6 +32,7 @@ from halephant.errors import ClientError, ProtocolViolation
 from halephant.protocol import codes
 from halephant.protocol import messages as m
 from halephant.protocol.framing import split_frames
+from halephant.protocol.session_params import startup_settings
 from halephant.protocol.startup import (
     CancelRequest,
     GSSENCRequest,
@@ -66,6 +67,7 @@ _SYNC_POINTS = frozenset((codes.QUERY, codes.SYNC, codes.FUNCTION_CALL))
 # messages that neither open nor close a batch: they don't make the server "unsynced"
 _NEUTRAL = frozenset((codes.COPY_DATA, codes.COPY_DONE, codes.COPY_FAIL, codes.FLUSH))
 _FRONTEND_TYPES = codes.FRONTEND_TYPES
+_NEEDS_NO_SERVER = frozenset((codes.SYNC, codes.FLUSH, codes.COPY_DATA, codes.COPY_DONE, codes.COPY_FAIL))
 _reject_markers = itertools.count(1)
 
 
@@ -86,6 +88,7 @@ class ClientConnection(asyncio.Protocol):
         "pool_info",
         "pool_reject",
         "server",
+        "settings",
         "skip_to_sync",
         "state",
         "target",
@@ -112,6 +115,7 @@ class ClientConnection(asyncio.Protocol):
         self.unsynced = False
         self.skip_to_sync = False
         self.pinned = False
+        self.settings: dict[str, str] = {}
         self.transaction_mode = False
         self.write_paused = False
         self._first_checked = False
@@ -227,6 +231,7 @@ class ClientConnection(asyncio.Protocol):
             raise ClientError(
                 sqlstate.FEATURE_NOT_SUPPORTED, "replication connections are not supported", fatal=True
             )
+        self.settings = startup_settings(packet.params)
         plugins, config = self.app.plugins, self.app.config
         selected = plugins.select_pool(info, config)
         if isinstance(selected, Reject):
@@ -277,11 +282,12 @@ class ClientConnection(asyncio.Protocol):
         log.info("%r: login ok (%s, pool %s, %s mode)", self, how, self.target.database, self.target.mode)
         self.state = WELCOME
         params = self.app.manager.welcome_params(self.target)
-        if self.pool_info.mode is PoolMode.SESSION or params is None:
-            # session pooling holds a server from login; otherwise one is needed once to learn the parameters
-            if self._checkout(None, codes.QUERY):
-                assert self.server is not None
-                self._welcome(params or self.server.params)
+        if self.pool_info.mode is PoolMode.SESSION or params is None or self.settings:
+            # Session pooling holds a server from login. Otherwise a server is needed once to learn the
+            # parameters to report, or to check the client's startup settings and report them as the
+            # server normalizes them (PostgreSQL refuses a bad one at login, so does halephant).
+            if self._checkout(None, codes.QUERY) and self.server is not None and not self.server.absorb:
+                self._welcome(self.server.params)
             return
         self._welcome(params)
 
@@ -290,11 +296,7 @@ class ClientConnection(asyncio.Protocol):
         if self._login_timer is not None:
             self._login_timer.cancel()
             self._login_timer = None
-        out = []
-        for name, value in params.items():
-            if name == "application_name":
-                value = self.info.application_name
-            out.append(m.parameter_status(name, value))
+        out = [m.parameter_status(name, value) for name, value in params.items()]
         self.cancel_key = random.getrandbits(31)
         self.app.register_cancel_key(self)
         out.append(m.backend_key_data(self.info.id, self.cancel_key))
@@ -367,6 +369,14 @@ class ClientConnection(asyncio.Protocol):
                 error, self._reject_next = self._reject_next, None
                 self._first_checked = False
                 self._reject_locally(t, error)
+                fwd = end
+                continue
+            if server is None and t in _NEEDS_NO_SERVER:
+                # Between transactions: a Sync is answered as PostgreSQL would (nothing is pending);
+                # CopyData/CopyDone/CopyFail left over after a failed COPY, and Flush, are ignored, as
+                # the server would ignore them. None of them is worth a checkout.
+                if t == codes.SYNC:
+                    self.transport.write(m.READY_FOR_QUERY_IDLE)
                 fwd = end
                 continue
             if server is None:
@@ -481,7 +491,8 @@ class ClientConnection(asyncio.Protocol):
         try:
             if self.state == WELCOME:
                 self._first_checked = False
-                self._welcome(self.app.manager.welcome_params(self.target) or server.params)
+                if not server.absorb:
+                    self._welcome(server.params)
             else:
                 self._process(b"")
         except ClientError as exc:
@@ -534,6 +545,17 @@ class ClientConnection(asyncio.Protocol):
         server.link_count += 1
         if self.write_paused:
             server.set_reading(True)
+        server.apply_settings(self.settings)
+
+    def settings_applied(self, error: ClientError | None) -> None:
+        """The linked server ran the query that applies this client's startup settings."""
+        if self.state == WELCOME:
+            if error is not None:
+                self.fail(error)  # as PostgreSQL does at login: FATAL with its own SQLSTATE
+            elif self.server is not None:
+                self._welcome(self.server.params)
+        elif error is not None:
+            log.warning("%r: could not apply startup settings on %s: %s", self, self.server, error.message)
 
     def pin_for(self, reason: str) -> None:
         """Keep the linked server for the rest of this client's session."""

@@ -52,6 +52,7 @@ class _Reset:
         server.client = None
         if status == codes.TX_IDLE and at_boundary:
             server.dirty = ""
+            server.settings = {}  # the reset query (DISCARD ALL / RESET ALL) undid them
             self.manager.checkin(server)
         else:
             server.close("reset query left the server in a transaction")
@@ -65,6 +66,9 @@ class _Reset:
     transaction_mode = False
 
     def pin_for(self, reason: str) -> None:
+        pass
+
+    def settings_applied(self, error: object) -> None:
         pass
 
 

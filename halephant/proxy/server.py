@@ -21,6 +21,7 @@ from halephant.errors import ClientError, ProtocolViolation
 from halephant.protocol import codes
 from halephant.protocol import messages as m
 from halephant.protocol.framing import BackendScanner, split_frames
+from halephant.protocol.session_params import settings_sql
 
 if TYPE_CHECKING:
     from halephant.pool.pool import Pool
@@ -44,7 +45,9 @@ class ServerConnection(asyncio.Protocol):
         "_auth",
         "_buf",
         "_rewrite",
+        "_setup_error",
         "_startup",
+        "absorb",
         "backend_key",
         "backend_pid",
         "client",
@@ -59,6 +62,7 @@ class ServerConnection(asyncio.Protocol):
         "pool",
         "reading_paused",
         "scanner",
+        "settings",
         "transport",
     )
 
@@ -90,6 +94,11 @@ class ServerConnection(asyncio.Protocol):
         self.dirty = ""
         self.link_count = 0  # bumped at every link: a cancel checks it did not go stale
         self._rewrite: tuple[bytes, bytes] | None = None
+        #: settings applied on behalf of clients (startup parameters) beyond the server's own startup
+        self.settings: dict[str, str] = {}
+        #: ReadyForQuery messages still to swallow: answers to halephant's own set-up queries
+        self.absorb = 0
+        self._setup_error: ClientError | None = None
 
     def __repr__(self) -> str:
         state = "closing" if self.closing else ("active" if self.client else "idle")
@@ -142,6 +151,9 @@ class ServerConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         client = self.client
         if client is not None:
+            if self.absorb:
+                self._absorbing_data(data, client)
+                return
             if self._rewrite is not None:
                 self._rewriting_data(data, client)
                 return
@@ -174,6 +186,51 @@ class ServerConnection(asyncio.Protocol):
             return
         # unsolicited bytes on an idle server (a FATAL from pg_terminate_backend, a notification)
         self.close("server sent data while idle")
+
+    def apply_settings(self, wanted: dict[str, str]) -> bool:
+        """Bring this server to a client's startup settings; True when a query for that is in flight.
+
+        The query goes out ahead of the client's own messages and its answers are swallowed (`absorb`);
+        the client hears `settings_applied()` once its ReadyForQuery arrives.
+        """
+        sql = settings_sql(self.settings, wanted)
+        if not sql:
+            return False
+        self.settings = dict(wanted)
+        self.absorb += 1
+        self._setup_error = None
+        self.send(m.query(sql))
+        return True
+
+    def _absorbing_data(self, data: bytes, client: ClientConnection) -> None:
+        buf = self._buf + data if self._buf else data
+        frames, _ = split_frames(buf, _MAX_SERVER_MESSAGE)
+        pos = 0
+        for t, start, end in frames:
+            if t == codes.PARAMETER_STATUS:
+                name, value = m.decode_parameter_status(buf[start:end])
+                self.params[name] = value
+            elif t == codes.ERROR_RESPONSE and self._setup_error is None:
+                fields = m.decode_error_fields(buf[start:end])
+                self._setup_error = ClientError(
+                    fields.get("C", sqlstate.INTERNAL_ERROR),
+                    fields.get("M", "invalid setting"),
+                    hint=fields.get("H"),
+                    fatal=True,
+                )
+                self.settings = {}  # unknown now: set everything again next time
+            elif t == codes.READY_FOR_QUERY:
+                self.absorb -= 1
+            pos = end
+            if not self.absorb:
+                break
+        if self.absorb:
+            self._buf = buf[pos:]
+            return
+        rest, self._buf = buf[pos:], b""
+        client.settings_applied(self._setup_error)
+        if rest and self.client is client:
+            self.data_received(rest)
 
     def arm_rewrite(self, marker: bytes, error: bytes) -> None:
         """Replace the server's ErrorResponse that mentions `marker` by `error` (a rejection in place)."""

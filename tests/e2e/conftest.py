@@ -78,8 +78,10 @@ def _run_client(
 
 def _backend_pids(pg: Cluster, dbname: str, user: str = "myapp") -> list[int]:
     out = pg.primary.sql(
+        # halephant connects over TCP; this query's own psql comes over the unix socket (client_addr NULL).
+        # application_name cannot tell: halephant applies each client's own while it serves that client.
         "SELECT pid FROM pg_stat_activity WHERE backend_type = 'client backend' "
-        f"AND application_name = 'halephant' AND datname = '{dbname}' AND usename = '{user}' ORDER BY pid"
+        f"AND client_addr IS NOT NULL AND datname = '{dbname}' AND usename = '{user}' ORDER BY pid"
     )
     return [int(line) for line in out.splitlines() if line.strip()]
 
@@ -108,6 +110,6 @@ def run_client() -> ClientRunner:
 
 @pytest.fixture(scope="session")
 def backend_pids(pg: Cluster) -> Callable[..., list[int]]:
-    """``backend_pids(dbname, user="myapp")``: pids of halephant's server connections on the primary
-    (application_name 'halephant'), sorted."""
+    """``backend_pids(dbname, user="myapp")``: pids of TCP connections for that database and user on the
+    primary (halephant's server connections, when the test connects nothing else directly), sorted."""
     return functools.partial(_backend_pids, pg)

@@ -153,11 +153,6 @@ class RawSession:
         self.sock.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: after the server fails a COPY FROM STDIN, CopyData/CopyDone the client had in flight check "
-    "out a server again, and the idle client keeps it (no ReadyForQuery comes to release it)",
-)
 def test_failed_copy_in_gives_the_server_back(pg: Cluster, hal: Running) -> None:
     table = new_table(pg, "n int")
     pg.primary.sql(f"GRANT SELECT, INSERT ON {table} TO trustuser", dbname="myapp")

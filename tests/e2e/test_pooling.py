@@ -410,21 +410,12 @@ def test_set_of_a_reported_parameter_is_reported_and_never_leaks(hal: Running) -
             assert one(next_client, "SHOW application_name") != "x"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: the client's startup application_name is reported back to it but never set on the server "
-    "(SHOW application_name says 'halephant')",
-)
 def test_startup_application_name_reaches_the_server(hal: Running) -> None:
     with connect(hal, application_name="e2e-startup") as conn:
         assert conn.info.parameter_status("application_name") == "e2e-startup"
         assert one(conn, "SHOW application_name") == "e2e-startup"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: startup `options=-c TimeZone=...` is silently ignored (neither applied nor refused)",
-)
 def test_startup_options_reach_the_server(hal: Running) -> None:
     with connect(hal, options="-c TimeZone=Europe/Paris") as conn:
         assert conn.info.parameter_status("TimeZone") == "Europe/Paris"

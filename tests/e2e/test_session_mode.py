@@ -108,11 +108,6 @@ def test_client_leaving_mid_transaction_does_not_hand_on_its_server(pg: Cluster,
     assert_clean_servers(pg.primary)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: in session mode the client's startup parameters (application_name, options -c) are not set "
-    "on its server, which keeps halephant's own",
-)
 def test_startup_parameters_reach_the_server(pg: Cluster, hal: Running) -> None:
     with connect(hal, application_name="e2e-session", options="-c work_mem=5MB") as conn:
         assert one(conn, "SHOW application_name") == "e2e-session"

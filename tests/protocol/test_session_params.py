@@ -1,0 +1,46 @@
+"""Startup settings: which startup parameters are settings, `options` switches, and the SQL that applies them."""
+
+from __future__ import annotations
+
+import pytest
+
+from halephant.errors import ClientError
+from halephant.protocol.session_params import settings_sql, startup_settings
+
+
+def test_settings_exclude_connection_parameters_and_fold_names() -> None:
+    params = {
+        "user": "u",
+        "database": "d",
+        "replication": "false",
+        "application_name": "app",
+        "DateStyle": "ISO",
+    }
+    assert startup_settings(params) == {"application_name": "app", "datestyle": "ISO"}
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        ("-c search_path=a,b", {"search_path": "a,b"}),
+        ("-cwork_mem=8MB", {"work_mem": "8MB"}),
+        ("--statement-timeout=5s", {"statement_timeout": "5s"}),
+        ("-c application_name=a\\ b  -c geqo=off", {"application_name": "a b", "geqo": "off"}),
+        ("", {}),
+    ],
+)
+def test_options_switches(options: str, expected: dict[str, str]) -> None:
+    assert startup_settings({"user": "u", "options": options}) == expected
+
+
+@pytest.mark.parametrize("options", ["-d 5", "-c novalue", "-c 'x;drop'=1"])
+def test_bad_options_are_refused_at_login(options: str) -> None:
+    with pytest.raises(ClientError) as info:
+        startup_settings({"user": "u", "options": options})
+    assert info.value.fatal
+
+
+def test_sql_is_only_the_difference_and_quotes_values() -> None:
+    assert settings_sql({"a": "1"}, {"a": "1"}) == ""
+    assert settings_sql({"a": "1", "b": "2"}, {"a": "1"}) == "RESET b"
+    assert settings_sql({}, {"x": "it's"}) == "SELECT pg_catalog.set_config('x', 'it''s', false)"
