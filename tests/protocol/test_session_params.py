@@ -1,4 +1,4 @@
-"""Startup settings: which startup parameters are settings, `options` switches, and the SQL that applies them."""
+"""Startup settings: which startup parameters are settings, `options` switches, the SQL applying them."""
 
 from __future__ import annotations
 
