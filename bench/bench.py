@@ -61,6 +61,15 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def _non_default_plugins() -> list[str]:
+    """Installed plugins that halephant does not ship (e.g. the examples): left out of measurements."""
+    from importlib.metadata import entry_points
+
+    return sorted(
+        ep.name for ep in entry_points(group="halephant") if ep.value.split(".")[0] != "halephant_plugins"
+    )
+
+
 class BenchError(Exception):
     """Something the benchmark needs is missing or broke; the message says what."""
 
@@ -393,6 +402,8 @@ users:
     auth: scram-sha-256
 logging:
   level: warning  # like PgBouncer's log_connections = 0 here: no log line per client
+plugins:
+  disable: {json.dumps(_non_default_plugins())}  # measure halephant as shipped
 """
         )
         env = {

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -40,6 +40,24 @@ if TYPE_CHECKING:
     from halephant.config import Config
 
 REQUIRED_HOOKS = ("halephant_select_pool", "halephant_authenticate", "halephant_route", "halephant_pool_size")
+
+
+def _fast_call(caller: pluggy.HookCaller) -> Callable[..., Any]:
+    """The hook call, or with exactly one plain implementation, a direct call of it.
+
+    pluggy's dispatch costs about 1.5 µs per call; with a single implementation (no wrappers, no tracing)
+    calling it directly, with the same argument pruning pluggy applies, gives the same answer for a
+    fraction of that. Rebound whenever plugins are registered.
+    """
+    impls = caller.get_hookimpls()
+    if len(impls) != 1 or impls[0].hookwrapper or impls[0].wrapper or os.environ.get("HALEPHANT_TRACE_HOOKS"):
+        return caller
+    function, argnames = impls[0].function, impls[0].argnames
+
+    def direct(**kwargs: Any) -> Any:
+        return function(*[kwargs[name] for name in argnames])
+
+    return direct
 
 
 class PluginError(Exception):
@@ -96,21 +114,25 @@ class Plugins:
         missing = [h for h in REQUIRED_HOOKS if not getattr(self.pm.hook, h).get_hookimpls()]
         if missing:
             raise PluginError(f"no plugin implements {', '.join(missing)} (is a default plugin disabled?)")
-        hook = self.pm.hook
-        self._select_pool = hook.halephant_select_pool
-        self._authenticate = hook.halephant_authenticate
-        self._route = hook.halephant_route
-        self._pool_size = hook.halephant_pool_size
-        self._inspect = hook.halephant_inspect_query
-        #: checked once: the per-statement hook is skipped entirely when nobody implements it
-        self.has_inspectors = bool(self._inspect.get_hookimpls())
+        self._bind_hooks()
         if os.environ.get("HALEPHANT_TRACE_HOOKS") == "1":
             self.pm.trace.root.setwriter(print)
             self.pm.enable_tracing()
 
     def register(self, plugin: object, name: str | None = None) -> None:
         self.pm.register(plugin, name=name)
-        self.has_inspectors = bool(self._inspect.get_hookimpls())
+        self._bind_hooks()
+
+    def _bind_hooks(self) -> None:
+        hook = self.pm.hook
+        self._select_pool = hook.halephant_select_pool
+        self._authenticate = hook.halephant_authenticate
+        self._pool_size = hook.halephant_pool_size
+        # called per transaction and per statement: bound to the direct call when only one plugin answers
+        self._route = _fast_call(hook.halephant_route)
+        self._inspect = _fast_call(hook.halephant_inspect_query)
+        #: checked once: the per-statement hook is skipped entirely when nobody implements it
+        self.has_inspectors = bool(hook.halephant_inspect_query.get_hookimpls())
 
     # --- configuration ---
 

@@ -193,6 +193,8 @@ class ServerConnection(asyncio.Protocol):
         The query goes out ahead of the client's own messages and its answers are swallowed (`absorb`);
         the client hears `settings_applied()` once its ReadyForQuery arrives.
         """
+        if wanted == self.settings:
+            return False  # the common case: nothing to do, decided without building any SQL
         sql = settings_sql(self.settings, wanted)
         if not sql:
             return False
