@@ -53,6 +53,9 @@ def _fast_call(caller: pluggy.HookCaller) -> Callable[..., Any]:
     if len(impls) != 1 or impls[0].hookwrapper or impls[0].wrapper or os.environ.get("HALEPHANT_TRACE_HOOKS"):
         return caller
     function, argnames = impls[0].function, impls[0].argnames
+    spec = caller.spec
+    if spec is not None and tuple(argnames) == tuple(spec.argnames):
+        return function  # takes every argument: called with the same keywords, nothing to prune
 
     def direct(**kwargs: Any) -> Any:
         return function(*[kwargs[name] for name in argnames])

@@ -284,8 +284,15 @@ class Statement:
         # regex alternation and 4x faster than any() over a tuple.
         low = self.text.lower()
         if not (
-            "set" in low or "prepare" in low or "deallocate" in low or "listen" in low or "load" in low
-            or "discard" in low or "create" in low or "declare" in low or "advisory_lock" in low
+            "set" in low
+            or "prepare" in low
+            or "deallocate" in low
+            or "listen" in low
+            or "load" in low
+            or "discard" in low
+            or "create" in low
+            or "declare" in low
+            or "advisory_lock" in low
         ):
             return ""
         texts = (self,) if self.statement_count <= 1 else tuple(Statement(t) for t in self.statements)
