@@ -192,7 +192,15 @@ class ClientInfo:
     params: dict[str, str]
     address: str
     id: int = field(default_factory=lambda: next(_client_ids))
-    stash: dict[object, Any] = field(default_factory=dict)
+    _stash: dict[object, Any] | None = field(default=None, repr=False)
+
+    @property
+    def stash(self) -> dict[object, Any]:
+        """Per-client plugin state, keyed by an object the plugin owns (created on first use: idle
+        clients are many, and most plugins keep nothing)."""
+        if self._stash is None:
+            self._stash = {}
+        return self._stash
 
     @property
     def application_name(self) -> str:

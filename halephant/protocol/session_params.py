@@ -16,6 +16,7 @@ from halephant.errors import ClientError
 
 #: startup parameters that are not settings
 NOT_SETTINGS = frozenset(("user", "database", "replication", "options"))
+_NO_SETTINGS: dict[str, str] = {}
 _SETTING_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_$]*(\.[A-Za-z_][A-Za-z0-9_$]*)?")
 
 
@@ -65,6 +66,8 @@ def startup_settings(params: dict[str, str]) -> dict[str, str]:
         if not sep:
             raise ClientError(sqlstate.SYNTAX_ERROR, f"-c {assignment} requires a value", fatal=True)
         settings[name.replace("-", "_").lower()] = value
+    if not settings:
+        return _NO_SETTINGS  # shared (never mutated): idle clients are many
     for name in settings:
         if not _SETTING_NAME.fullmatch(name):
             raise ClientError(

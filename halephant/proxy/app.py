@@ -65,6 +65,7 @@ class App:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
                 tg.start_soon(self.manager.maintain)
+                tg.start_soon(self.manager.expire_waiters)
                 tg.start_soon(self._signals)
                 if on_ready is not None:
                     result = on_ready(self)

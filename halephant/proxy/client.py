@@ -20,6 +20,7 @@ is then rewritten, so ordering under pipelining and the aborted-transaction stat
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import random
@@ -85,6 +86,10 @@ _KIND: dict[int, int] = {
 assert set(_KIND) == codes.FRONTEND_TYPES
 _NEEDS_NO_SERVER = frozenset((codes.SYNC, codes.FLUSH, codes.COPY_DATA, codes.COPY_DONE, codes.COPY_FAIL))
 _reject_markers = itertools.count(1)
+#: bytes a client may send while it waits for a server before its reading is paused
+_MAX_BUFFERED_WHILE_WAITING = 256 * 1024
+# Called per transaction: the level check is cached by the logging module, the formatting is skipped.
+_debug_enabled = functools.partial(log.isEnabledFor, logging.DEBUG)
 
 
 class ClientConnection(asyncio.Protocol):
@@ -95,8 +100,8 @@ class ClientConnection(asyncio.Protocol):
         "_framer",
         "_login_timer",
         "_primary_pool",
+        "_read_paused",
         "_reject_next",
-        "_wait_timer",
         "app",
         "cancel_key",
         "info",
@@ -112,6 +117,7 @@ class ClientConnection(asyncio.Protocol):
         "transaction_mode",
         "transport",
         "unsynced",
+        "wait_deadline",
         "waiting_pool",
         "write_paused",
     )
@@ -139,7 +145,8 @@ class ClientConnection(asyncio.Protocol):
         self._reject_next: bytes | None = None
         self._login_timer: asyncio.TimerHandle | None = None
         self._primary_pool: ServerPool | None = None
-        self._wait_timer: asyncio.TimerHandle | None = None
+        self._read_paused = False
+        self.wait_deadline = 0.0
         self.cancel_key = 0
 
     def __repr__(self) -> str:
@@ -160,13 +167,16 @@ class ClientConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         try:
             if self.state == READY:
-                self._process(data)
+                if self.waiting_pool is None:
+                    self._process(data)
+                else:
+                    self._buffer_while_waiting(data)
             elif self.state == STARTUP:
                 self._startup_data(data)
             elif self.state == AUTH:
                 self._auth_data(data)
             elif self.state == WELCOME:
-                self._buf += data
+                self._buffer_while_waiting(data)
         except ClientError as exc:
             self.fail(exc)
         except Exception as exc:
@@ -175,6 +185,19 @@ class ClientConnection(asyncio.Protocol):
             self.fail(
                 ClientError(sqlstate.INTERNAL_ERROR, f"internal error in halephant: {exc!r}", fatal=True)
             )
+
+    def _buffer_while_waiting(self, data: bytes) -> None:
+        # Reading is not paused at every wait (two epoll_ctl calls per transaction under load): a
+        # client waiting for its answer sends little. Only a client that keeps sending is paused.
+        self._buf += data
+        if len(self._buf) > _MAX_BUFFERED_WHILE_WAITING and not self._read_paused:
+            self._read_paused = True
+            self.transport.pause_reading()
+
+    def _resume_if_paused(self) -> None:
+        if self._read_paused and self.state != CLOSED:
+            self._read_paused = False
+            self.transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.state == CLOSED:
@@ -483,7 +506,8 @@ class ClientConnection(asyncio.Protocol):
                 raise ClientError(route.code, route.message, hint=route.hint, fatal=True)
             self._reject_locally(t, m.error_response(route.code, route.message, hint=route.hint))
             return True
-        log.debug("%r: route %s: %s", self, route.role, route.reason)
+        if _debug_enabled():
+            log.debug("%r: route %s: %s", self, route.role, route.reason)
         if route.role is Role.PRIMARY:
             # the same pool every time: looked up once per client, not once per transaction
             pool = self._primary_pool
@@ -499,24 +523,20 @@ class ClientConnection(asyncio.Protocol):
             self.app.manager.open(pool)
         self.waiting_pool = pool
         self._first_checked = True
-        self.transport.pause_reading()
         db = self.app.config.databases.get(self.target.database)
-        timeout = db.checkout_timeout if db is not None else 30.0
-        self._wait_timer = self.app.loop.call_later(timeout, self._checkout_timeout)
+        # enforced by the pool manager's sweep (one timer for everyone, not one per wait)
+        self.wait_deadline = self.app.loop.time() + (db.checkout_timeout if db is not None else 30.0)
         return False
 
     def attach_server(self, server: ServerConnection) -> None:
         """Called by the pool: the server this client waited for."""
-        if self._wait_timer is not None:
-            self._wait_timer.cancel()
-            self._wait_timer = None
         self.waiting_pool = None
         if self.state == CLOSED:
             # gone while waiting: give the server straight back
             self.app.manager.checkin(server)
             return
         self._link(server)
-        self.transport.resume_reading()
+        self._resume_if_paused()
         try:
             if self.state == WELCOME:
                 self._first_checked = False
@@ -543,12 +563,11 @@ class ClientConnection(asyncio.Protocol):
         self._reject_next = m.error_response(error.code, error.message, hint=error.hint)
         self.data_received(b"")
 
-    def _checkout_timeout(self) -> None:
-        self._wait_timer = None
+    def checkout_timeout(self) -> None:
+        """Called by the pool manager's sweep: `wait_deadline` passed (already out of the queue)."""
         pool = self.waiting_pool
         if pool is None:
             return
-        pool.cancel_wait(self)
         log.warning("%r: checkout timeout waiting for a server of pool %s", self, pool.name)
         self.checkout_failed(
             ClientError(
@@ -559,14 +578,10 @@ class ClientConnection(asyncio.Protocol):
         )
 
     def _end_wait(self) -> None:
-        if self._wait_timer is not None:
-            self._wait_timer.cancel()
-            self._wait_timer = None
         if self.waiting_pool is not None:
             self.waiting_pool.cancel_wait(self)
             self.waiting_pool = None
-        if self.state != CLOSED:
-            self.transport.resume_reading()
+        self._resume_if_paused()
 
     def _link(self, server: ServerConnection) -> None:
         self.server = server
@@ -603,10 +618,9 @@ class ClientConnection(asyncio.Protocol):
         if (
             at_boundary
             and status == codes.TX_IDLE
+            and self.transaction_mode
             and not self.unsynced
             and not self.pinned
-            and self.pool_info is not None
-            and self.pool_info.mode is PoolMode.TRANSACTION
         ):
             self._release()
 
@@ -650,10 +664,9 @@ class ClientConnection(asyncio.Protocol):
 
     def _closed(self, reason: str) -> None:
         self.state = CLOSED
-        for timer in (self._login_timer, self._wait_timer):
-            if timer is not None:
-                timer.cancel()
-        self._login_timer = self._wait_timer = None
+        if self._login_timer is not None:
+            self._login_timer.cancel()
+            self._login_timer = None
         if self.waiting_pool is not None:
             self.waiting_pool.cancel_wait(self)
             self.waiting_pool = None

@@ -190,6 +190,17 @@ class PoolManager:
 
     # --- maintenance ---
 
+    async def expire_waiters(self) -> None:
+        """Every 100 ms, fail the waiters whose checkout_timeout passed (oldest first in each queue)."""
+        loop = self.app.loop
+        while True:
+            await anyio.sleep(0.1)
+            now = loop.time()
+            for pool in list(self.pools.values()):
+                waiters = pool.waiters
+                while waiters and waiters[0].wait_deadline <= now:
+                    waiters.popleft().checkout_timeout()
+
     async def maintain(self) -> None:
         while True:
             await anyio.sleep(1.0)
