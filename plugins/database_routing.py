@@ -9,9 +9,28 @@ from __future__ import annotations
 from halephant import hookimpl, sqlstate
 from halephant.types import ClientInfo, Config, PoolMode, PoolTarget, Reject
 
+# One PoolTarget per (config, database, user), shared by that pool's clients: idle clients are many.
+_targets: dict[tuple[int, str, str], PoolTarget] = {}
+
+
+@hookimpl(trylast=True)
+def halephant_configure(config: Config) -> None:
+    _targets.clear()  # a reload may change any of it
+
 
 @hookimpl(trylast=True)
 def halephant_select_pool(client: ClientInfo, config: Config) -> PoolTarget | Reject:
+    key = (id(config), client.database, client.user)
+    target = _targets.get(key)
+    if target is None:
+        answer = _select(client, config)
+        if isinstance(answer, Reject):
+            return answer
+        target = _targets[key] = answer
+    return target
+
+
+def _select(client: ClientInfo, config: Config) -> PoolTarget | Reject:
     db = config.databases.get(client.database)
     if db is None:
         return Reject(

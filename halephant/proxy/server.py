@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import time
 from typing import TYPE_CHECKING, cast
 
@@ -107,10 +106,8 @@ class ServerConnection(asyncio.Protocol):
     # --- asyncio.Protocol: login ---
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports don't subclass asyncio's
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # uvloop's transports don't subclass asyncio's; both loops set TCP_NODELAY themselves
+        self.transport = cast(asyncio.Transport, transport)
         self.transport.write(m.startup_message(self._startup))
 
     def _login_data(self, data: bytes) -> None:
