@@ -31,9 +31,14 @@ def split_frames(data: bytes, max_size: int) -> tuple[list[Frame], int]:
     Returns ``([(type, start, end), ...], consumed)`` where ``data[start:end]`` is the payload (after the
     5-byte header) and ``data[consumed:]`` is an incomplete message to keep for the next chunk.
     """
+    n = len(data)
+    if n >= 5:
+        # the common case: exactly one message (a simple Query, a Sync)
+        (length,) = _unpack_len(data, 1)
+        if length + 1 == n and 4 <= length <= max_size:
+            return [(data[0], 5, n)], n
     frames: list[Frame] = []
     pos = 0
-    n = len(data)
     while n - pos >= 5:
         (length,) = _unpack_len(data, pos + 1)
         if length < 4 or length > max_size:

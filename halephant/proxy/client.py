@@ -85,6 +85,11 @@ _KIND: dict[int, int] = {
 assert set(_KIND) == codes.FRONTEND_TYPES
 _NEEDS_NO_SERVER = frozenset((codes.SYNC, codes.FLUSH, codes.COPY_DATA, codes.COPY_DONE, codes.COPY_FAIL))
 _reject_markers = itertools.count(1)
+# Statements are immutable facts about a text (lazily computed and cached inside), so one object per
+# distinct text serves every client: applications repeat the same few statements.
+_statements: dict[bytes, Statement] = {}
+_STATEMENT_CACHE_SIZE = 2048
+_STATEMENT_CACHE_MAX_TEXT = 8192
 #: bytes a client may send while it waits for a server before its reading is paused
 _MAX_BUFFERED_WHILE_WAITING = 256 * 1024
 # Called per transaction: the level check is cached by the logging module, the formatting is skipped.
@@ -462,10 +467,18 @@ class ClientConnection(asyncio.Protocol):
         end = payload.find(b"\0", start)
         if (start == 0 and t != codes.QUERY) or end < 0:
             return None
-        try:
-            return Statement(payload[start:end].decode())
-        except UnicodeDecodeError:
-            return None
+        raw = payload[start:end]
+        statement = _statements.get(raw)
+        if statement is None:
+            try:
+                statement = Statement(raw.decode())
+            except UnicodeDecodeError:
+                return None
+            if len(raw) <= _STATEMENT_CACHE_MAX_TEXT:
+                if len(_statements) >= _STATEMENT_CACHE_SIZE:
+                    _statements.clear()  # crude but cheap; applications repeat a small set of texts
+                _statements[raw] = statement
+        return statement
 
     def _reject_locally(self, t: int, error: bytes) -> None:
         """Answer a rejected message with no server involved (between transactions)."""
