@@ -146,6 +146,16 @@ class BackendScanner:
                 return
             pos = end
 
+    def bytes_to_boundary(self) -> int:
+        """How many bytes to feed next to make progress towards a message boundary (0: at one)."""
+        if self._skip:
+            return self._skip
+        if self._keep_type >= 0:
+            return self._keep_need()
+        if self._head:
+            return 5 - len(self._head)
+        return 0
+
     def _start_kept(self, t: int, data: bytes, start: int, n: int, length: int) -> None:
         self._keep_type = t
         self._keep_buf = bytearray(data[start:n])

@@ -23,7 +23,7 @@ import asyncio
 import functools
 import itertools
 import logging
-import random
+import secrets
 from typing import TYPE_CHECKING, cast
 
 from halephant import sqlstate
@@ -102,7 +102,9 @@ class ClientConnection(asyncio.Protocol):
         "_exchange",
         "_first_checked",
         "_framer",
+        "_last_sync_point",
         "_login_timer",
+        "_pending_pin",
         "_primary_pool",
         "_read_paused",
         "_reject_next",
@@ -150,6 +152,8 @@ class ClientConnection(asyncio.Protocol):
         self._login_timer: asyncio.TimerHandle | None = None
         self._primary_pool: ServerPool | None = None
         self._read_paused = False
+        self._last_sync_point = 0
+        self._pending_pin = ""  # a Pin verdict waiting for the server it applies to
         self.wait_deadline = 0.0
         self.cancel_key = 0
 
@@ -340,8 +344,10 @@ class ClientConnection(asyncio.Protocol):
         if self._login_timer is not None:
             self._login_timer.cancel()
             self._login_timer = None
+        self._resume_if_paused()
         out = [m.parameter_status(name, value) for name, value in params.items()]
-        self.cancel_key = random.getrandbits(31)
+        # unpredictable: the key is what authorizes cancelling this client's queries
+        self.cancel_key = secrets.randbits(31)
         self.app.register_cancel_key(self)
         out.append(m.backend_key_data(self.info.id, self.cancel_key))
         out.append(m.READY_FOR_QUERY_IDLE)
@@ -384,7 +390,6 @@ class ClientConnection(asyncio.Protocol):
                     continue
                 fwd = head  # the Sync itself goes to the server, whose ReadyForQuery answers it
             statement = None
-            pin_reason = ""
             if kind <= _K_PARSE:  # Query or Parse
                 if transaction_mode or server is None or plugins.has_inspectors:
                     statement = self._statement(t, buf[start:end])
@@ -403,7 +408,8 @@ class ClientConnection(asyncio.Protocol):
                         fwd = end
                         continue
                     if isinstance(verdict, Pin) and not self.pinned:
-                        pin_reason = verdict.reason  # applied once a server is linked
+                        # applied once a server is linked (survives a wait for one)
+                        self._pending_pin = verdict.reason
             elif kind == _K_TERMINATE:
                 if server is not None and fwd < head:
                     server.send(buf[fwd:head])
@@ -413,6 +419,7 @@ class ClientConnection(asyncio.Protocol):
                 if self._reject_next is not None:
                     error, self._reject_next = self._reject_next, None
                     self._first_checked = False
+                    self._pending_pin = ""
                     self._reject_locally(t, error)
                     fwd = end
                     continue
@@ -431,11 +438,13 @@ class ClientConnection(asyncio.Protocol):
                 self._buf = b""
                 server = self.server
                 if server is None:  # rejected by routing
+                    self._pending_pin = ""
                     fwd = end
                     continue
             self._first_checked = False
-            if pin_reason:
-                self.pin_for(pin_reason)
+            if self._pending_pin:
+                reason, self._pending_pin = self._pending_pin, ""
+                self.pin_for(reason)
             if statement is not None and transaction_mode and not self.pinned:
                 # State that outlives the transaction: the client keeps this server (as PostgreSQL would
                 # behave connected directly), and the server is reset before anyone else gets it.
@@ -448,6 +457,7 @@ class ClientConnection(asyncio.Protocol):
                 if kind != _K_PARSE:  # Query, Sync, FunctionCall: a sync point
                     self.outstanding += 1
                     self.unsynced = False
+                    self._last_sync_point = t
                 else:
                     self.unsynced = True
             elif kind == _K_BATCH:
@@ -491,7 +501,7 @@ class ClientConnection(asyncio.Protocol):
     def _reject_in_place(self, server: ServerConnection, t: int, error: bytes) -> None:
         """Inside a transaction: make the server fail at this very point, then show our error instead."""
         marker = f"halephant_rejected_{next(_reject_markers)}"
-        server.arm_rewrite(marker.encode(), error)
+        server.arm_rewrite(marker.encode(), error, self.outstanding)
         if t == codes.QUERY:
             server.send(m.query(marker))
             self.outstanding += 1
@@ -546,9 +556,9 @@ class ClientConnection(asyncio.Protocol):
             # gone while waiting: give the server straight back
             self.app.manager.checkin(server)
             return
-        self._link(server)
-        self._resume_if_paused()
         try:
+            self._link(server)
+            self._resume_if_paused()
             if self.state == WELCOME:
                 self._first_checked = False
                 if not server.absorb:
@@ -604,6 +614,17 @@ class ClientConnection(asyncio.Protocol):
 
     def settings_applied(self, error: ClientError | None) -> None:
         """The linked server ran the query that applies this client's startup settings."""
+        try:
+            self._settings_applied(error)
+        except ClientError as exc:
+            self.fail(exc)
+        except Exception as exc:  # called from the server's callback: never let it escape there
+            log.exception("%r: internal error", self)
+            self.fail(
+                ClientError(sqlstate.INTERNAL_ERROR, f"internal error in halephant: {exc!r}", fatal=True)
+            )
+
+    def _settings_applied(self, error: ClientError | None) -> None:
         if self.state == WELCOME:
             if error is not None:
                 self.fail(error)  # as PostgreSQL does at login: FATAL with its own SQLSTATE
@@ -611,6 +632,17 @@ class ClientConnection(asyncio.Protocol):
                 self._welcome(self.server.params)
         elif error is not None:
             log.warning("%r: could not apply startup settings on %s: %s", self, self.server, error.message)
+
+    def copy_in_started(self) -> None:
+        """The linked server entered COPY FROM STDIN mode.
+
+        Started by an extended-protocol Execute, the Sync the client sent behind it reached the server
+        in copy-in mode, where PostgreSQL ignores Sync: it will never be answered. The batch is
+        finished by the Sync the client sends after CopyDone/CopyFail.
+        """
+        if self._last_sync_point == codes.SYNC:
+            self.outstanding = 0
+            self.unsynced = True
 
     def pin_for(self, reason: str) -> None:
         """Keep the linked server for the rest of this client's session."""

@@ -71,6 +71,9 @@ class _Reset:
     def settings_applied(self, error: object) -> None:
         pass
 
+    def copy_in_started(self) -> None:
+        pass
+
 
 class PoolManager:
     def __init__(self, app: App) -> None:
@@ -144,6 +147,15 @@ class PoolManager:
                     fatal=True,
                 )
             log.warning("pool %s: server connect failed: %s %s", pool.name, error.code, error.message)
+            for waiter in pool.connect_failed():
+                waiter.checkout_failed(error)
+            return
+        if server.closing:
+            # closed between its ReadyForQuery and now: not a server anyone can use
+            log.warning("pool %s: server connect failed: closed right after login", pool.name)
+            error = ClientError(
+                sqlstate.CONNECTION_FAILURE, "server closed the connection after login", fatal=True
+            )
             for waiter in pool.connect_failed():
                 waiter.checkout_failed(error)
             return

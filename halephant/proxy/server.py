@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from typing import TYPE_CHECKING, cast
 
 from halephant import sqlstate
@@ -32,7 +33,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("halephant.server")
 
 _MAX_SERVER_MESSAGE = 1 << 30
-_KEEP = frozenset((codes.PARAMETER_STATUS,))
+# ParameterStatus: session state changed; CopyInResponse: a COPY FROM STDIN began (its Sync accounting)
+_KEEP = frozenset((codes.PARAMETER_STATUS, codes.COPY_IN_RESPONSE))
 
 
 class ServerLoginError(ClientError):
@@ -43,7 +45,7 @@ class ServerConnection(asyncio.Protocol):
     __slots__ = (
         "_auth",
         "_buf",
-        "_rewrite",
+        "_rewrites",
         "_setup_error",
         "_startup",
         "absorb",
@@ -60,6 +62,7 @@ class ServerConnection(asyncio.Protocol):
         "params",
         "pool",
         "reading_paused",
+        "rfq_seen",
         "scanner",
         "settings",
         "transport",
@@ -92,7 +95,10 @@ class ServerConnection(asyncio.Protocol):
         #: why this server carries session state since its last reset ("" = clean): checked at check-in
         self.dirty = ""
         self.link_count = 0  # bumped at every link: a cancel checks it did not go stale
-        self._rewrite: tuple[bytes, bytes] | None = None
+        #: rejections in flight, oldest first: (marker, error, ReadyForQuery count after which it is due)
+        self._rewrites: deque[tuple[bytes, bytes, int]] = deque()
+        #: ReadyForQuery messages relayed since the connection opened
+        self.rfq_seen = 0
         #: settings applied on behalf of clients (startup parameters) beyond the server's own startup
         self.settings: dict[str, str] = {}
         #: ReadyForQuery messages still to swallow: answers to halephant's own set-up queries
@@ -151,23 +157,10 @@ class ServerConnection(asyncio.Protocol):
             if self.absorb:
                 self._absorbing_data(data, client)
                 return
-            if self._rewrite is not None:
-                self._rewriting_data(data, client)
+            if self._rewrites:
+                self._rewrite_path(data, client)
                 return
-            sc = self.scanner
-            try:
-                sc.feed(data)
-            except ProtocolViolation as exc:
-                self._lost_with_client(client, f"protocol violation from server: {exc.message}")
-                return
-            client.transport.write(data)
-            if sc.kept:
-                # a reported setting changed (SET application_name, SET TIME ZONE, ...): session state
-                self.dirty = "a reported setting changed (ParameterStatus)"
-                if client.transaction_mode:
-                    client.pin_for(self.dirty)
-            if sc.ready:
-                client.server_ready(sc.ready, sc.status, sc.at_boundary)
+            self._relay(data, client)
             return
         if not self.login.done():
             try:
@@ -183,6 +176,34 @@ class ServerConnection(asyncio.Protocol):
             return
         # unsolicited bytes on an idle server (a FATAL from pg_terminate_backend, a notification)
         self.close("server sent data while idle")
+
+    def _relay(self, data: bytes, client: ClientConnection) -> None:
+        """The hot path: scan headers, forward the chunk whole, account for ReadyForQuery."""
+        sc = self.scanner
+        try:
+            sc.feed(data)
+        except ProtocolViolation as exc:
+            self._lost_with_client(client, f"protocol violation from server: {exc.message}")
+            return
+        client.transport.write(data)
+        if sc.kept:
+            self._kept(sc.kept, client)
+        if sc.ready:
+            self.rfq_seen += sc.ready
+            client.server_ready(sc.ready, sc.status, sc.at_boundary)
+
+    def _kept(self, kept: list[tuple[int, bytes]], client: ClientConnection) -> None:
+        for t, payload in kept:
+            if t == codes.PARAMETER_STATUS:
+                # a reported setting changed (SET application_name, SET TIME ZONE, ...): session state,
+                # and what the next client is told at login must be the server's value now
+                name, value = m.decode_parameter_status(payload)
+                self.params[name] = value
+                self.dirty = "a reported setting changed (ParameterStatus)"
+                if client.transaction_mode:
+                    client.pin_for(self.dirty)
+            elif t == codes.COPY_IN_RESPONSE:
+                client.copy_in_started()
 
     def apply_settings(self, wanted: dict[str, str]) -> bool:
         """Bring this server to a client's startup settings; True when a query for that is in flight.
@@ -231,46 +252,64 @@ class ServerConnection(asyncio.Protocol):
         if rest and self.client is client:
             self.data_received(rest)
 
-    def arm_rewrite(self, marker: bytes, error: bytes) -> None:
-        """Replace the server's ErrorResponse that mentions `marker` by `error` (a rejection in place)."""
-        self._rewrite = (marker, error)
+    def arm_rewrite(self, marker: bytes, error: bytes, pending: int) -> None:
+        """Replace the server's ErrorResponse that mentions `marker` by `error` (a rejection in place).
+
+        `pending` is how many ReadyForQuery the client still awaits for what it sent before: the
+        error is due before the one after those; if that one arrives first (an earlier error made the
+        server skip the rejected message), the entry is dropped.
+        """
+        self._rewrites.append((marker, error, self.rfq_seen + pending))
+
+    def _rewrite_path(self, data: bytes, client: ClientConnection) -> None:
+        sc = self.scanner
+        # The slow path needs message boundaries: relay through the scanner up to the next one first.
+        while data and not self._buf and not sc.at_boundary:
+            step = sc.bytes_to_boundary()
+            self._relay(data[:step], client)
+            data = data[step:]
+            if self.client is not client:
+                return
+        if data:
+            self._rewriting_data(data, client)
 
     def _rewriting_data(self, data: bytes, client: ClientConnection) -> None:
-        # The slow path, used only while a rejection is in flight: frame fully so one message can be swapped.
-        assert self._rewrite is not None
-        marker, error = self._rewrite
+        # Used only while a rejection is in flight: frame fully so one message can be swapped.
         buf = self._buf + data if self._buf else data
         frames, consumed = split_frames(buf, _MAX_SERVER_MESSAGE)
-        self._buf = buf[consumed:]
         out: list[bytes] = []
-        ready, status = 0, codes.TX_IDLE
+        kept: list[tuple[int, bytes]] = []
+        ready = 0
+        status = self.scanner.status
         last = 0
+        rewrites = self._rewrites
         for t, start, end in frames:
-            if t == codes.ERROR_RESPONSE and marker in buf[start:end]:
+            if not rewrites:
+                consumed = start - 5  # the rest goes back to the fast path
+                break
+            if t == codes.ERROR_RESPONSE and rewrites[0][0] in buf[start:end]:
                 out.append(buf[last : start - 5])
-                out.append(error)
+                out.append(rewrites.popleft()[1])
                 last = end
             elif t == codes.READY_FOR_QUERY:
                 ready += 1
                 status = buf[start]
-                self._rewrite = None
+                self.rfq_seen += 1
+                while rewrites and self.rfq_seen > rewrites[0][2]:
+                    rewrites.popleft()  # its error never came: the server skipped the message
+            elif t in _KEEP:
+                kept.append((t, buf[start:end]))
         out.append(buf[last:consumed])
+        self._buf = b"" if not rewrites else buf[consumed:]
+        rest = buf[consumed:] if not rewrites else b""
+        self.scanner.status = status
         client.transport.write(b"".join(out))
-        if self._rewrite is None and self._buf:
-            # the rest goes back through the scanner's bookkeeping
-            rest, self._buf = self._buf, b""
-            self.scanner = BackendScanner(_KEEP)
-            self.scanner.feed(rest)
-            client.transport.write(rest)
-            ready += self.scanner.ready
-            status = self.scanner.status if self.scanner.ready else status
-            at_boundary = self.scanner.at_boundary
-        else:
-            at_boundary = not self._buf
-            if self._rewrite is None:
-                self.scanner = BackendScanner(_KEEP)
+        if kept:
+            self._kept(kept, client)
         if ready:
-            client.server_ready(ready, status, at_boundary)
+            client.server_ready(ready, status, not rest and not self._buf)
+        if rest and self.client is client:
+            self._relay(rest, client)
 
     def _lost_with_client(self, client: ClientConnection, reason: str) -> None:
         self.client = None
