@@ -9,6 +9,7 @@ where it has one, the text PostgreSQL uses.
 from __future__ import annotations
 
 import struct
+import sys
 from dataclasses import dataclass, field
 
 from halephant import sqlstate
@@ -125,7 +126,10 @@ def parse_startup_packet(code: int, body: bytes) -> StartupPacket:
         raise ProtocolViolation("invalid startup packet layout: expected terminator as last byte")
     try:
         for i in range(0, len(parts), 2):
-            name, value = parts[i].decode(), parts[i + 1].decode()
+            # interned: every idle client keeps these, and most are the same few strings
+            name, value = sys.intern(parts[i].decode()), parts[i + 1].decode()
+            if len(value) <= 64:
+                value = sys.intern(value)
             if not name:
                 raise ProtocolViolation("invalid startup packet layout: empty parameter name")
             if name.startswith("_pq_."):

@@ -80,6 +80,7 @@ class PoolManager:
         self.app = app
         self.pools: dict[tuple[str, str, str], ServerPool] = {}
         self._sizes: dict[tuple[str, str], PoolSize] = {}
+        self._infos: dict[tuple[str, str], PoolInfo] = {}
         self._welcome: dict[tuple[str, str], dict[str, str]] = {}
         self._next_replica = 0
 
@@ -87,10 +88,14 @@ class PoolManager:
 
     def pool_info(self, target: PoolTarget) -> PoolInfo:
         key = (target.database, target.server_user)
-        size = self._sizes.get(key)
-        if size is None:
-            size = self._sizes[key] = self.app.plugins.pool_size(target, self.app.config)
-        return PoolInfo(target=target, size=size)
+        info = self._infos.get(key)
+        if info is None or info.target != target:
+            # sized once per pool (halephant_pool_size is not called per client), shared by its clients
+            size = self._sizes.get(key)
+            if size is None:
+                size = self._sizes[key] = self.app.plugins.pool_size(target, self.app.config)
+            info = self._infos[key] = PoolInfo(target=target, size=size)
+        return info
 
     def welcome_params(self, target: PoolTarget | None) -> dict[str, str] | None:
         if target is None:
