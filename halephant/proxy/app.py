@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import itertools
 import logging
 import signal
 import socket
@@ -36,8 +37,9 @@ class App:
         self.plugins = plugins
         self.max_message_size = config.limits.max_message_size
         self.manager = PoolManager(self)
-        self.clients: dict[int, ClientConnection] = {}  # by synthetic backend pid (the client's id)
-        self._all_clients: set[ClientConnection] = set()
+        #: every connected client by its number, which is also the process ID it is told (cancel keys)
+        self.clients: dict[int, ClientConnection] = {}
+        self._numbers = itertools.count(1)
         self._tg: anyio.abc.TaskGroup | None = None
         self._stop = anyio.Event()
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set in serve()
@@ -93,7 +95,7 @@ class App:
         error = ClientError(
             sqlstate.ADMIN_SHUTDOWN, "terminating connection due to administrator command", fatal=True
         )
-        for client in list(self._all_clients):
+        for client in list(self.clients.values()):
             client.fail(error)
         self.manager.close_all()
 
@@ -104,23 +106,24 @@ class App:
 
     # --- clients ---
 
-    def client_opened(self, client: ClientConnection) -> None:
-        self._all_clients.add(client)
+    def client_opened(self, client: ClientConnection) -> int:
+        """Register a new connection; returns its number."""
+        number = next(self._numbers)
+        self.clients[number] = client
+        return number
 
     def client_closed(self, client: ClientConnection) -> None:
-        self._all_clients.discard(client)
-        if client.info is not None:
-            self.clients.pop(client.info.id, None)
-
-    def register_cancel_key(self, client: ClientConnection) -> None:
-        assert client.info is not None
-        self.clients[client.info.id] = client
+        self.clients.pop(client.number, None)
 
     def cancel(self, process_id: int, secret_key: int) -> None:
         """A CancelRequest: forward it to the server linked to that client now, and to nobody otherwise."""
         client = self.clients.get(process_id)
-        if client is None or not hmac.compare_digest(
-            client.cancel_key.to_bytes(4, "big"), (secret_key & 0xFFFFFFFF).to_bytes(4, "big")
+        if (
+            client is None
+            or not client.cancel_key
+            or not hmac.compare_digest(
+                client.cancel_key.to_bytes(4, "big"), (secret_key & 0xFFFFFFFF).to_bytes(4, "big")
+            )
         ):
             log.info("cancel request for unknown client %d ignored", process_id)
             return

@@ -111,6 +111,7 @@ class ClientConnection(asyncio.Protocol):
         "app",
         "cancel_key",
         "info",
+        "number",
         "outstanding",
         "pinned",
         "pool_info",
@@ -156,6 +157,7 @@ class ClientConnection(asyncio.Protocol):
         self._pending_pin = ""  # a Pin verdict waiting for the server it applies to
         self.wait_deadline = 0.0
         self.cancel_key = 0
+        self.number = 0
 
     def __repr__(self) -> str:
         return repr(self.info) if self.info else "<client (starting)>"
@@ -169,7 +171,7 @@ class ClientConnection(asyncio.Protocol):
         self._login_timer = self.app.loop.call_later(
             self.app.config.limits.login_timeout, self._login_timeout
         )
-        self.app.client_opened(self)
+        self.number = self.app.client_opened(self)
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -265,7 +267,7 @@ class ClientConnection(asyncio.Protocol):
         peer = self.transport.get_extra_info("peername")
         address = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "unix")
         info = self.info = ClientInfo(
-            user=packet.user, database=packet.database, params=packet.params, address=address
+            user=packet.user, database=packet.database, params=packet.params, address=address, id=self.number
         )
         log.info("%r: connected", self)
         if packet.minor > 0 or packet.protocol_options:
@@ -347,8 +349,7 @@ class ClientConnection(asyncio.Protocol):
         self._resume_if_paused()
         out = [m.parameter_status(name, value) for name, value in params.items()]
         # unpredictable: the key is what authorizes cancelling this client's queries
-        self.cancel_key = secrets.randbits(31)
-        self.app.register_cancel_key(self)
+        self.cancel_key = secrets.randbits(31) or 1  # 0 means "no key yet"
         out.append(m.backend_key_data(self.info.id, self.cancel_key))
         out.append(m.READY_FOR_QUERY_IDLE)
         self.transport.write(b"".join(out))
