@@ -177,7 +177,9 @@ class Plugins:
 
     def route(self, client: ClientInfo, transaction: TransactionInfo, pool: PoolInfo) -> Route | Reject:
         answer = self._route(client=client, transaction=transaction, pool=pool)
-        if isinstance(answer, Route | Reject):
+        if type(answer) is Route or isinstance(
+            answer, Route | Reject
+        ):  # the exact type first: per transaction
             return answer
         if answer is None:
             return Reject(

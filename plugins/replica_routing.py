@@ -7,6 +7,17 @@ from halephant import hookimpl
 from halephant.types import ClientInfo, PoolInfo, Role, Route, TransactionInfo
 
 
+# Decisions are immutable: one per user, not one per transaction (this runs for every transaction).
+_primary_for: dict[str, Route] = {}
+
+
 @hookimpl(trylast=True)
 def halephant_route(client: ClientInfo, transaction: TransactionInfo, pool: PoolInfo) -> Route:
-    return Route(Role.PRIMARY, reason=f"primary: default route for {client.user}")
+    route = _primary_for.get(client.user)
+    if route is None:
+        if len(_primary_for) > 10000:
+            _primary_for.clear()
+        route = _primary_for[client.user] = Route(
+            Role.PRIMARY, reason=f"primary: default route for {client.user}"
+        )
+    return route

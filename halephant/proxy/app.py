@@ -36,6 +36,8 @@ class App:
         self.config = config
         self.plugins = plugins
         self.max_message_size = config.limits.max_message_size
+        #: checked before per-transaction debug lines, so they cost nothing when off
+        self.debug = logging.getLogger("halephant").isEnabledFor(logging.DEBUG)
         self.manager = PoolManager(self)
         #: every connected client by its number, which is also the process ID it is told (cancel keys)
         self.clients: dict[int, ClientConnection] = {}

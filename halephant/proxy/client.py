@@ -20,7 +20,6 @@ is then rewritten, so ordering under pipelining and the aborted-transaction stat
 from __future__ import annotations
 
 import asyncio
-import functools
 import itertools
 import logging
 import secrets
@@ -92,8 +91,7 @@ _STATEMENT_CACHE_SIZE = 2048
 _STATEMENT_CACHE_MAX_TEXT = 8192
 #: bytes a client may send while it waits for a server before its reading is paused
 _MAX_BUFFERED_WHILE_WAITING = 256 * 1024
-# Called per transaction: the level check is cached by the logging module, the formatting is skipped.
-_debug_enabled = functools.partial(log.isEnabledFor, logging.DEBUG)
+_TX_IDLE = codes.TX_IDLE
 
 
 class ClientConnection(asyncio.Protocol):
@@ -528,7 +526,7 @@ class ClientConnection(asyncio.Protocol):
                 raise ClientError(route.code, route.message, hint=route.hint, fatal=True)
             self._reject_locally(t, m.error_response(route.code, route.message, hint=route.hint))
             return True
-        if _debug_enabled():
+        if self.app.debug:
             log.debug("%r: route %s: %s", self, route.role, route.reason)
         if route.role is Role.PRIMARY:
             # the same pool every time: looked up once per client, not once per transaction
@@ -611,7 +609,8 @@ class ClientConnection(asyncio.Protocol):
         server.link_count += 1
         if self.write_paused:
             server.set_reading(True)
-        server.apply_settings(self.settings)
+        if self.settings != server.settings:  # usually equal (often the same object): no call
+            server.apply_settings(self.settings)
 
     def settings_applied(self, error: ClientError | None) -> None:
         """The linked server ran the query that applies this client's startup settings."""
@@ -661,12 +660,19 @@ class ClientConnection(asyncio.Protocol):
         self.outstanding = 0
         if (
             at_boundary
-            and status == codes.TX_IDLE
+            and status == _TX_IDLE
             and self.transaction_mode
             and not self.unsynced
             and not self.pinned
         ):
-            self._release()
+            # the release, inline: this runs once per transaction
+            server = self.server
+            if server is not None:
+                self.server = None
+                server.client = None
+                if self.write_paused:
+                    server.set_reading(False)
+                self.app.manager.checkin(server)
 
     def _release(self) -> None:
         server = self.server
