@@ -395,7 +395,9 @@ class ClientConnection(asyncio.Protocol):
                 if statement is not None and not self._first_checked and plugins.has_inspectors:
                     assert self.info is not None and self.pool_info is not None
                     verdict = plugins.inspect_query(self.info, statement, self.pool_info)
-                    if isinstance(verdict, Reject):
+                    if verdict is None:  # nearly always: no objection
+                        pass
+                    elif isinstance(verdict, Reject):
                         log.info("%r: rejected %s: %s", self, verdict.code, verdict.reason)
                         error = m.error_response(verdict.code, verdict.message, hint=verdict.hint)
                         if server is None:
@@ -406,7 +408,7 @@ class ClientConnection(asyncio.Protocol):
                             self._reject_in_place(server, t, error)
                         fwd = end
                         continue
-                    if isinstance(verdict, Pin) and not self.pinned:
+                    elif isinstance(verdict, Pin) and not self.pinned:
                         # applied once a server is linked (survives a wait for one)
                         self._pending_pin = verdict.reason
             elif kind == _K_TERMINATE:
@@ -520,7 +522,7 @@ class ClientConnection(asyncio.Protocol):
             route: Route | Reject = Route(Role.PRIMARY, "login: learning server parameters")
         else:
             route = self.app.plugins.route(self.info, TransactionInfo(statement), self.pool_info)
-        if isinstance(route, Reject):
+        if type(route) is not Route and isinstance(route, Reject):
             log.info("%r: route rejected %s: %s", self, route.code, route.reason)
             if self.state != READY:
                 raise ClientError(route.code, route.message, hint=route.hint, fatal=True)
