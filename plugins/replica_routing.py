@@ -6,7 +6,6 @@ from __future__ import annotations
 from halephant import hookimpl
 from halephant.types import ClientInfo, PoolInfo, Role, Route, TransactionInfo
 
-
 # Decisions are immutable: one per user, not one per transaction (this runs for every transaction).
 _primary_for: dict[str, Route] = {}
 
