@@ -7,11 +7,13 @@ in one write. Only three things need decisions, and each happens at most once pe
 transaction, never per message:
 
 * the first message of a transaction with no server linked: `halephant_route`, then a checkout from the
-  pool (queued FIFO, bounded by `checkout_timeout`; reading pauses while waiting);
-* a Query or Parse: `halephant_inspect_query` (Reject / Pin / Allow);
+  pool (queued FIFO, bounded by `checkout_timeout`; what the client sends meanwhile is buffered);
+* a Query or Parse: `halephant_inspect_query` (Reject / Pin / Allow), and whether the statement leaves
+  session state behind (then the client is pinned to its server, and the server is reset before reuse);
 * a ReadyForQuery from the server (`server_ready`): in transaction pooling the server goes back when it
   says Idle, every sync point the client sent has been answered and nothing was sent after the last one.
 
+Linking a server applies the client's startup settings first, only where the server differs.
 A rejected statement is answered without running it. With no server linked the answer is local; inside a
 transaction, the statement is swapped for one that fails at exactly that point on the server, whose error
 is then rewritten, so ordering under pipelining and the aborted-transaction state are PostgreSQL's own.
