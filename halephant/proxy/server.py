@@ -5,6 +5,10 @@ first ReadyForQuery) and completes `login` (a future the opener awaits under a t
 `data_received` forwards each chunk to the linked client whole and only scans headers (BackendScanner);
 the client decides at each ReadyForQuery whether the server goes back to its pool. Bytes from a server
 no client is linked to (a FATAL, a stray notification) close it: an idle server must be silent.
+
+Two slower paths exist for halephant's own queries: the answers to a settings query (a client's startup
+parameters) are swallowed (`absorb`), and while a rejection is in flight the stream is framed fully so the
+server's error for the swapped statement can be replaced by the rejection (`arm_rewrite`).
 """
 
 from __future__ import annotations
