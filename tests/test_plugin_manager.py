@@ -1,0 +1,84 @@
+"""The plugin manager's calls: direct calls when one plugin answers a hook give the same answers as pluggy,
+argument pruning included; required decisions fail closed; disabled plugins stay out."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+
+from halephant import hookimpl, sqlstate
+from halephant.plugin_manager import PluginError, Plugins
+from halephant.sql import Statement
+from halephant.types import (
+    ClientInfo,
+    PoolInfo,
+    PoolMode,
+    PoolSize,
+    PoolTarget,
+    Reject,
+    Role,
+    Route,
+    TransactionInfo,
+)
+
+CLIENT = ClientInfo(user="u", database="d", params={}, address="x")
+TARGET = PoolTarget("d", "main", "d", "u", None, PoolMode.TRANSACTION, "test")
+POOL = PoolInfo(TARGET, PoolSize(0, 1))
+
+
+def _module(**hooks: object) -> types.ModuleType:
+    module = types.ModuleType("test_plugin")
+    for name, function in hooks.items():
+        setattr(module, name, function)
+    return module
+
+
+def test_a_hook_implemented_with_fewer_arguments_is_called_with_just_those() -> None:
+    seen: list[object] = []
+
+    @hookimpl
+    def halephant_route(pool: PoolInfo) -> Route:
+        seen.append(pool)
+        return Route(Role.REPLICA, "by pool")
+
+    plugins = Plugins(
+        entry_points=True,
+        disabled=["replica_routing"],
+        extra=[(_module(halephant_route=halephant_route), "r")],
+    )
+    assert plugins.route(CLIENT, TransactionInfo(None), POOL) == Route(Role.REPLICA, "by pool")
+    assert seen == [POOL]
+
+
+def test_the_first_plugin_answer_wins_over_the_default() -> None:
+    @hookimpl
+    def halephant_inspect_query(statement: Statement) -> Reject | None:
+        return Reject(sqlstate.INSUFFICIENT_PRIVILEGE, "no") if statement.first_keyword == "DROP" else None
+
+    plugins = Plugins(
+        entry_points=True, extra=[(_module(halephant_inspect_query=halephant_inspect_query), "i")]
+    )
+    assert isinstance(plugins.inspect_query(CLIENT, Statement("DROP TABLE t"), POOL), Reject)
+    held = plugins.inspect_query(CLIENT, Statement("DECLARE c CURSOR WITH HOLD FOR SELECT 1"), POOL)
+    assert isinstance(held, Reject) and held.code == sqlstate.FEATURE_NOT_SUPPORTED  # the default, asked next
+    assert plugins.inspect_query(CLIENT, Statement("SELECT 1"), POOL) is None
+
+
+def test_a_route_answer_of_the_wrong_type_is_an_internal_error() -> None:
+    @hookimpl
+    def halephant_route() -> str:
+        return "primary"
+
+    plugins = Plugins(
+        entry_points=True,
+        disabled=["replica_routing"],
+        extra=[(_module(halephant_route=halephant_route), "r")],
+    )
+    with pytest.raises(Exception, match="unexpected type"):
+        plugins.route(CLIENT, TransactionInfo(None), POOL)
+
+
+def test_disabling_a_required_default_without_a_replacement_refuses_to_start() -> None:
+    with pytest.raises(PluginError, match="halephant_route"):
+        Plugins(entry_points=True, disabled=["replica_routing"])
