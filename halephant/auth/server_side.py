@@ -18,6 +18,7 @@ from typing import Protocol
 from scramp import ScramException, ScramMechanism
 
 from halephant import sqlstate
+from halephant.config.schema import is_md5_hash, is_scram_verifier
 from halephant.errors import ClientError
 from halephant.protocol import codes
 from halephant.protocol import messages as m
@@ -65,14 +66,6 @@ def parse_scram_verifier(verifier: str) -> AuthInfo:
         )
     except ValueError as exc:
         raise ValueError("not a SCRAM-SHA-256 verifier") from exc
-
-
-def is_scram_verifier(secret: str) -> bool:
-    return secret.startswith("SCRAM-SHA-256$")
-
-
-def is_md5_hash(secret: str) -> bool:
-    return len(secret) == 35 and secret.startswith("md5") and all(c in "0123456789abcdef" for c in secret[3:])
 
 
 def _user_salt(user: str) -> bytes:
