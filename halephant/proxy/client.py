@@ -189,11 +189,12 @@ class ClientConnection(asyncio.Protocol):
         except ClientError as exc:
             self.fail(exc)
         except Exception as exc:
-            # a bug or a plugin's exception costs this client only, never the listener
-            log.exception("%r: internal error", self)
-            self.fail(
-                ClientError(sqlstate.INTERNAL_ERROR, f"internal error in halephant: {exc!r}", fatal=True)
-            )
+            self._internal_error(exc)
+
+    def _internal_error(self, exc: Exception) -> None:
+        # a bug or a plugin's exception costs this client only, never the listener or a server callback
+        log.exception("%r: internal error", self)
+        self.fail(ClientError(sqlstate.INTERNAL_ERROR, f"internal error in halephant: {exc!r}", fatal=True))
 
     def _buffer_while_waiting(self, data: bytes) -> None:
         # Reading is not paused at every wait (two epoll_ctl calls per transaction under load): a
@@ -571,10 +572,7 @@ class ClientConnection(asyncio.Protocol):
         except ClientError as exc:
             self.fail(exc)
         except Exception as exc:
-            log.exception("%r: internal error", self)
-            self.fail(
-                ClientError(sqlstate.INTERNAL_ERROR, f"internal error in halephant: {exc!r}", fatal=True)
-            )
+            self._internal_error(exc)
 
     def checkout_failed(self, error: ClientError) -> None:
         """Called by the pool manager: no server could be opened for this waiting client."""
@@ -613,8 +611,7 @@ class ClientConnection(asyncio.Protocol):
         server.link_count += 1
         if self.write_paused:
             server.set_reading(True)
-        if self.settings != server.settings:  # usually equal (often the same object): no call
-            server.apply_settings(self.settings)
+        server.apply_settings(self.settings)
 
     def settings_applied(self, error: ClientError | None) -> None:
         """The linked server ran the query that applies this client's startup settings."""
@@ -623,10 +620,7 @@ class ClientConnection(asyncio.Protocol):
         except ClientError as exc:
             self.fail(exc)
         except Exception as exc:  # called from the server's callback: never let it escape there
-            log.exception("%r: internal error", self)
-            self.fail(
-                ClientError(sqlstate.INTERNAL_ERROR, f"internal error in halephant: {exc!r}", fatal=True)
-            )
+            self._internal_error(exc)
 
     def _settings_applied(self, error: ClientError | None) -> None:
         if self.state == WELCOME:
@@ -669,14 +663,7 @@ class ClientConnection(asyncio.Protocol):
             and not self.unsynced
             and not self.pinned
         ):
-            # the release, inline: this runs once per transaction
-            server = self.server
-            if server is not None:
-                self.server = None
-                server.client = None
-                if self.write_paused:
-                    server.set_reading(False)
-                self.app.manager.checkin(server)
+            self._release()
 
     def _release(self) -> None:
         server = self.server

@@ -16,8 +16,8 @@ from halephant.errors import ClientError
 from halephant.pool.pool import Pool
 from halephant.protocol import codes
 from halephant.protocol import messages as m
-from halephant.proxy.server import ServerConnection
-from halephant.types import PoolInfo, PoolMode, PoolSize, PoolTarget, Role
+from halephant.proxy.server import ServerConnection, ServerLoginError
+from halephant.types import PoolInfo, PoolMode, PoolTarget, Role
 
 if TYPE_CHECKING:
     from halephant.proxy.app import App
@@ -79,7 +79,6 @@ class PoolManager:
     def __init__(self, app: App) -> None:
         self.app = app
         self.pools: dict[tuple[str, str, str], ServerPool] = {}
-        self._sizes: dict[tuple[str, str], PoolSize] = {}
         self._infos: dict[tuple[str, str], PoolInfo] = {}
         self._welcome: dict[tuple[str, str], dict[str, str]] = {}
         self._next_replica = 0
@@ -91,9 +90,7 @@ class PoolManager:
         info = self._infos.get(key)
         if info is None or info.target != target:
             # sized once per pool (halephant_pool_size is not called per client), shared by its clients
-            size = self._sizes.get(key)
-            if size is None:
-                size = self._sizes[key] = self.app.plugins.pool_size(target, self.app.config)
+            size = info.size if info is not None else self.app.plugins.pool_size(target, self.app.config)
             info = self._infos[key] = PoolInfo(target=target, size=size)
         return info
 
@@ -135,6 +132,10 @@ class PoolManager:
             with anyio.fail_after(self.app.config.limits.connect_timeout):
                 await loop.create_connection(lambda: server, pool.host, pool.port)
                 await server.login
+                if server.closing:  # closed between its ReadyForQuery and now: nobody can use it
+                    raise ServerLoginError(
+                        sqlstate.CONNECTION_FAILURE, "server closed the connection after login", fatal=True
+                    )
         except Exception as exc:
             server.abort()
             if isinstance(exc, ClientError):
@@ -152,15 +153,6 @@ class PoolManager:
                     fatal=True,
                 )
             log.warning("pool %s: server connect failed: %s %s", pool.name, error.code, error.message)
-            for waiter in pool.connect_failed():
-                waiter.checkout_failed(error)
-            return
-        if server.closing:
-            # closed between its ReadyForQuery and now: not a server anyone can use
-            log.warning("pool %s: server connect failed: closed right after login", pool.name)
-            error = ClientError(
-                sqlstate.CONNECTION_FAILURE, "server closed the connection after login", fatal=True
-            )
             for waiter in pool.connect_failed():
                 waiter.checkout_failed(error)
             return
