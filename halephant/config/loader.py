@@ -48,24 +48,22 @@ class RawConfig:
     @property
     def disabled_plugins(self) -> list[str]:
         """Names under `plugins.disable`, best effort: [] when that part of the file is malformed."""
-        plugins = self.data.get("plugins")
-        if not isinstance(plugins, Mapping):
-            return []
-        disable = plugins.get("disable")
-        if not isinstance(disable, list):
-            return []
-        return [str(name) for name in disable if isinstance(name, str)]
+        return self._plugin_names("disable")
 
     @property
     def plugin_modules(self) -> list[str]:
         """Module names under `plugins.modules`, best effort: [] when that part of the file is malformed."""
+        return self._plugin_names("modules")
+
+    def _plugin_names(self, key: str) -> list[str]:
+        # read before validation (the plugin manager needs them to know what to validate against)
         plugins = self.data.get("plugins")
         if not isinstance(plugins, Mapping):
             return []
-        modules = plugins.get("modules")
-        if not isinstance(modules, list):
+        names = plugins.get(key)
+        if not isinstance(names, list):
             return []
-        return [str(name) for name in modules if isinstance(name, str)]
+        return [str(name) for name in names if isinstance(name, str)]
 
 
 #: keys of `plugins:` that belong to the core, not to one plugin
