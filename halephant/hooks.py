@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from halephant.types import (
         AuthMethod,
         ClientInfo,
+        ClusterView,
         Config,
         PoolInfo,
         PoolSize,
@@ -101,7 +102,7 @@ def halephant_authenticate(
 
 @hookspec(firstresult=True)
 def halephant_route(
-    client: ClientInfo, transaction: TransactionInfo, pool: PoolInfo
+    client: ClientInfo, transaction: TransactionInfo, pool: PoolInfo, cluster: ClusterView
 ) -> Route | Reject | None:
     """Choose the kind of node that runs a transaction.
 
@@ -111,6 +112,8 @@ def halephant_route(
     :param client: the client.
     :param transaction: the transaction's first statement, when it starts with Query or Parse.
     :param pool: the client's pool.
+    :param cluster: the nodes of the pool's cluster as last seen (roles, which are usable, their lag);
+        ``cluster.primary`` and ``cluster.replicas`` say what can take the transaction now.
     :returns: ``Route(role, reason)``, or ``Reject`` (e.g. 25006 for a write on a read-only route).
 
     Default: ``plugins/replica_routing.py``.

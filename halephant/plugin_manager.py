@@ -21,6 +21,7 @@ from halephant.errors import ClientError
 from halephant.types import (
     AuthMethod,
     ClientInfo,
+    ClusterView,
     Md5,
     PoolInfo,
     PoolSize,
@@ -175,8 +176,10 @@ class Plugins:
             return ScramSha256(None, reason="no plugin authenticates this user")
         raise _bad_answer("halephant_authenticate", answer)
 
-    def route(self, client: ClientInfo, transaction: TransactionInfo, pool: PoolInfo) -> Route | Reject:
-        answer = self._route(client=client, transaction=transaction, pool=pool)
+    def route(
+        self, client: ClientInfo, transaction: TransactionInfo, pool: PoolInfo, cluster: ClusterView
+    ) -> Route | Reject:
+        answer = self._route(client=client, transaction=transaction, pool=pool, cluster=cluster)
         if type(answer) is Route or isinstance(
             answer, Route | Reject
         ):  # the exact type first: per transaction

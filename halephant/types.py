@@ -19,9 +19,11 @@ __all__ = [
     "Allow",
     "AuthMethod",
     "ClientInfo",
+    "ClusterView",
     "Config",
     "DatabaseConfig",
     "Md5",
+    "NodeInfo",
     "Pin",
     "PoolInfo",
     "PoolMode",
@@ -136,6 +138,47 @@ class Route:
 
     role: Role
     reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class NodeInfo:
+    """One PostgreSQL node of a cluster as the core last saw it.
+
+    `role` is None while the node's role is unknown (never reached); `usable` says whether new
+    transactions may go there (reachable, and for a replica within the cluster's lag limits), and
+    `reason` explains why not. Lags are None where unknown (and always for a primary).
+    """
+
+    name: str
+    host: str
+    port: int
+    role: Role | None
+    usable: bool
+    lag_bytes: int | None = None
+    lag_seconds: float | None = None
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterView:
+    """A cluster's nodes at one moment: what `halephant_route` sees to decide between primary and
+    replicas. Immutable: the core makes a new one when anything about a node changes."""
+
+    name: str
+    nodes: tuple[NodeInfo, ...]
+
+    @property
+    def primary(self) -> NodeInfo | None:
+        """The usable primary, or None (none reachable, or failover in progress)."""
+        for node in self.nodes:
+            if node.role is Role.PRIMARY and node.usable:
+                return node
+        return None
+
+    @property
+    def replicas(self) -> tuple[NodeInfo, ...]:
+        """The replicas that may take new transactions now."""
+        return tuple(node for node in self.nodes if node.role is Role.REPLICA and node.usable)
 
 
 @dataclass(frozen=True, slots=True)

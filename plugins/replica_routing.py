@@ -4,14 +4,14 @@ transactions go there; the decision still carries its reason so logs can explain
 from __future__ import annotations
 
 from halephant import hookimpl
-from halephant.types import ClientInfo, PoolInfo, Role, Route, TransactionInfo
+from halephant.types import ClientInfo, Role, Route
 
 # Decisions are immutable: one per user, not one per transaction (this runs for every transaction).
 _primary_for: dict[str, Route] = {}
 
 
 @hookimpl(trylast=True)
-def halephant_route(client: ClientInfo, transaction: TransactionInfo, pool: PoolInfo) -> Route:
+def halephant_route(client: ClientInfo) -> Route:
     route = _primary_for.get(client.user)
     if route is None:
         if len(_primary_for) > 10000:

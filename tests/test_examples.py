@@ -24,6 +24,8 @@ from halephant.config import Config, ConfigError, read_config_text, validate_con
 from halephant.plugin_manager import PluginDescription, Plugins
 from halephant.types import (
     ClientInfo,
+    ClusterView,
+    NodeInfo,
     PoolInfo,
     PoolMode,
     PoolSize,
@@ -104,6 +106,15 @@ def client(user: str = "myapp", database: str = "myapp", **params: str) -> Clien
                       address="127.0.0.1:50000")
 
 
+CLUSTER = ClusterView(
+    "main",
+    (
+        NodeInfo("127.0.0.1:5432", "127.0.0.1", 5432, Role.PRIMARY, usable=True),
+        NodeInfo("127.0.0.1:5433", "127.0.0.1", 5433, Role.REPLICA, usable=True),
+    ),
+)
+
+
 def pool_info(plugins: Plugins, config: Config, who: ClientInfo) -> PoolInfo:
     target = plugins.select_pool(who, config)
     assert isinstance(target, PoolTarget), target
@@ -165,13 +176,13 @@ def test_route_by_application_name() -> None:
     transaction = TransactionInfo(Statement("SELECT count(*) FROM orders"))
 
     report = client(application_name="report-weekly")
-    route = plugins.route(report, transaction, pool_info(plugins, config, report))
+    route = plugins.route(report, transaction, pool_info(plugins, config, report), CLUSTER)
     assert isinstance(route, Route)
     assert route.role is Role.REPLICA
     assert "report-weekly" in route.reason
 
     app = client(application_name="web")
-    route = plugins.route(app, transaction, pool_info(plugins, config, app))
+    route = plugins.route(app, transaction, pool_info(plugins, config, app), CLUSTER)
     assert isinstance(route, Route) and route.role is Role.PRIMARY  # left to the default
     assert module.halephant_route(client=app) is None
 

@@ -12,6 +12,8 @@ from halephant.plugin_manager import PluginError, Plugins
 from halephant.sql import Statement
 from halephant.types import (
     ClientInfo,
+    ClusterView,
+    NodeInfo,
     PoolInfo,
     PoolMode,
     PoolSize,
@@ -25,6 +27,7 @@ from halephant.types import (
 CLIENT = ClientInfo(user="u", database="d", params={}, address="x")
 TARGET = PoolTarget("d", "main", "d", "u", None, PoolMode.TRANSACTION, "test")
 POOL = PoolInfo(TARGET, PoolSize(0, 1))
+CLUSTER = ClusterView("main", (NodeInfo("127.0.0.1:5432", "127.0.0.1", 5432, Role.PRIMARY, usable=True),))
 
 
 def _module(**hooks: object) -> types.ModuleType:
@@ -47,7 +50,7 @@ def test_a_hook_implemented_with_fewer_arguments_is_called_with_just_those() -> 
         disabled=["replica_routing"],
         extra=[(_module(halephant_route=halephant_route), "r")],
     )
-    assert plugins.route(CLIENT, TransactionInfo(None), POOL) == Route(Role.REPLICA, "by pool")
+    assert plugins.route(CLIENT, TransactionInfo(None), POOL, CLUSTER) == Route(Role.REPLICA, "by pool")
     assert seen == [POOL]
 
 
@@ -76,7 +79,7 @@ def test_a_route_answer_of_the_wrong_type_is_an_internal_error() -> None:
         extra=[(_module(halephant_route=halephant_route), "r")],
     )
     with pytest.raises(Exception, match="unexpected type"):
-        plugins.route(CLIENT, TransactionInfo(None), POOL)
+        plugins.route(CLIENT, TransactionInfo(None), POOL, CLUSTER)
 
 
 def test_disabling_a_required_default_without_a_replacement_refuses_to_start() -> None:

@@ -524,7 +524,12 @@ class ClientConnection(asyncio.Protocol):
             # must not refuse the login)
             route: Route | Reject = Route(Role.PRIMARY, "login: learning server parameters")
         else:
-            route = self.app.plugins.route(self.info, TransactionInfo(statement), self.pool_info)
+            route = self.app.plugins.route(
+                self.info,
+                TransactionInfo(statement),
+                self.pool_info,
+                self.app.manager.cluster_view(self.target.cluster),
+            )
         if type(route) is not Route and isinstance(route, Reject):
             log.info("%r: route rejected %s: %s", self, route.code, route.reason)
             if self.state != READY:

@@ -17,7 +17,7 @@ from halephant.pool.pool import Pool
 from halephant.protocol import codes
 from halephant.protocol import messages as m
 from halephant.proxy.server import ServerConnection, ServerLoginError
-from halephant.types import PoolInfo, PoolMode, PoolTarget, Role
+from halephant.types import ClusterView, NodeInfo, PoolInfo, PoolMode, PoolTarget, Role
 
 if TYPE_CHECKING:
     from halephant.proxy.app import App
@@ -82,6 +82,7 @@ class PoolManager:
         self._infos: dict[tuple[str, str], PoolInfo] = {}
         self._welcome: dict[tuple[str, str], dict[str, str]] = {}
         self._next_replica = 0
+        self._views: dict[str, ClusterView] = {}
 
     # --- lookups ---
 
@@ -98,6 +99,28 @@ class PoolManager:
         if target is None:
             return None
         return self._welcome.get((target.database, target.server_user))
+
+    def cluster_view(self, name: str) -> ClusterView:
+        """The cluster's nodes as last seen. Until nodes are probed, the first configured node is the
+        primary and the others are replicas, all usable."""
+        view = self._views.get(name)
+        if view is None:
+            nodes = self.app.config.clusters[name].nodes
+            view = self._views[name] = ClusterView(
+                name,
+                tuple(
+                    NodeInfo(
+                        f"{node.host}:{node.port}",
+                        node.host,
+                        node.port,
+                        Role.PRIMARY if i == 0 else Role.REPLICA,
+                        usable=True,
+                        reason="configured order",
+                    )
+                    for i, node in enumerate(nodes)
+                ),
+            )
+        return view
 
     def pool_for(self, target: PoolTarget, role: Role) -> ServerPool:
         nodes = self.app.config.clusters[target.cluster].nodes
