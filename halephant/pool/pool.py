@@ -4,6 +4,11 @@ counters `halephant status` shows (PgBouncer's names: cl_active, cl_waiting, sv_
 `checkout()` either hands over an idle server at once or queues the waiter (FIFO) and says whether a new
 connection should be opened; `checkin()` gives a server to the oldest waiter or makes it idle. Opening and
 closing are done by the caller.
+
+The pools of one (database, user) on a cluster's replicas share one `waiters` queue (see
+`halephant.pool.group`), so a server coming free on any replica serves the oldest waiter. `serves` is the
+role the pool's node can take transactions for now (None: down, lagging, or not the elected primary),
+kept up to date by the pool manager as the topology changes.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ import time
 from collections import deque
 from typing import Generic, Protocol, TypeVar
 
-from halephant.types import PoolInfo, PoolSize, PoolTarget
+from halephant.types import PoolInfo, PoolSize, PoolTarget, Role
 
 
 class PooledServer(Protocol):
@@ -39,6 +44,8 @@ class Pool(Generic[S, W]):
         "key",
         "opened_count",
         "port",
+        "serves",
+        "track_lsn",
         "waiters",
     )
 
@@ -53,6 +60,9 @@ class Pool(Generic[S, W]):
         self.connecting = 0
         self.opened_count = 0
         self.closed_count = 0
+        self.serves: Role | None = None
+        #: read-your-writes: learn the primary's WAL position when a client's transaction ends here
+        self.track_lsn = False
 
     def __repr__(self) -> str:
         return (
@@ -106,10 +116,13 @@ class Pool(Generic[S, W]):
         self.opened_count += 1
         return self.checkin(server)
 
-    def connect_failed(self) -> list[W]:
-        """Opening failed. When nothing else could serve the waiters soon, they are returned to be failed."""
+    def connect_failed(self, served_elsewhere: bool = False) -> list[W]:
+        """Opening failed. When nothing else could serve the waiters soon, they are returned to be failed.
+
+        `served_elsewhere`: the waiters are shared with pools that can still serve them (replicas).
+        """
         self.connecting -= 1
-        if self.connecting == 0 and not self.active and not self.idle:
+        if self.connecting == 0 and not self.active and not self.idle and not served_elsewhere:
             failed = list(self.waiters)
             self.waiters.clear()
             return failed

@@ -53,6 +53,8 @@ class App:
         # cached: on Python 3.11 every get_running_loop() is a getpid() syscall
         self.loop = asyncio.get_running_loop()
         self.plugins.configure(self.config)
+        # the nodes' roles before the first client's first transaction is routed
+        await self.manager.nodes.topology.first_round()
         listen = self.config.listen
         server = await self.loop.create_server(
             lambda: ClientConnection(self),
@@ -70,6 +72,7 @@ class App:
                 self._tg = tg
                 tg.start_soon(self.manager.maintain)
                 tg.start_soon(self.manager.expire_waiters)
+                tg.start_soon(self.manager.nodes.topology.run)
                 tg.start_soon(self._signals)
                 if on_ready is not None:
                     result = on_ready(self)

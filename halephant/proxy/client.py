@@ -360,7 +360,7 @@ class ClientConnection(asyncio.Protocol):
             and self.pool_info is not None
             and self.pool_info.mode is PoolMode.TRANSACTION
         ):
-            self._release()
+            self._release(after_transaction=False)
         if self._buf:
             self._process(b"")
 
@@ -530,21 +530,26 @@ class ClientConnection(asyncio.Protocol):
                 self.pool_info,
                 self.app.manager.cluster_view(self.target.cluster),
             )
-        if type(route) is not Route and isinstance(route, Reject):
+        pool: ServerPool | None = None
+        if type(route) is Route:
+            if self.app.debug:
+                log.debug("%r: route %s: %s", self, route.role, route.reason)
+            if route.role is Role.PRIMARY:
+                # the same pool while its node stays the primary: looked up again only after a failover
+                pool = self._primary_pool
+                if pool is None or pool.serves is not Role.PRIMARY:
+                    pool = self._primary_pool = self.app.manager.pool_for(self.target, route.role)
+            else:
+                pool = self.app.manager.pool_for(self.target, route.role, self)
+            if pool is None:
+                route = self.app.manager.nodes.unavailable(self.target, route.role)
+        if pool is None:
+            assert isinstance(route, Reject)
             log.info("%r: route rejected %s: %s", self, route.code, route.reason)
             if self.state != READY:
                 raise ClientError(route.code, route.message, hint=route.hint, fatal=True)
             self._reject_locally(t, m.error_response(route.code, route.message, hint=route.hint))
             return True
-        if self.app.debug:
-            log.debug("%r: route %s: %s", self, route.role, route.reason)
-        if route.role is Role.PRIMARY:
-            # the same pool every time: looked up once per client, not once per transaction
-            pool = self._primary_pool
-            if pool is None:
-                pool = self._primary_pool = self.app.manager.pool_for(self.target, route.role)
-        else:
-            pool = self.app.manager.pool_for(self.target, route.role)
         server, open_one = pool.checkout(self)
         if server is not None:
             self._link(server)
@@ -670,14 +675,14 @@ class ClientConnection(asyncio.Protocol):
         ):
             self._release()
 
-    def _release(self) -> None:
+    def _release(self, after_transaction: bool = True) -> None:
         server = self.server
         assert server is not None
         self.server = None
         server.client = None
         if self.write_paused:
             server.set_reading(False)
-        self.app.manager.checkin(server)
+        self.app.manager.checkin(server, self if after_transaction else None)
 
     def server_lost(self, server: ServerConnection, reason: str) -> None:
         if self.server is server:

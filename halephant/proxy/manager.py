@@ -1,6 +1,7 @@
 """The pools of a running halephant, and the I/O their decisions call for: opening server connections
 (a short task each, under `connect_timeout`), resetting session-mode servers, and the maintenance loop
-(idle_timeout, max_lifetime, min_pool_size).
+(idle_timeout, max_lifetime, min_pool_size). Which node's pool a transaction gets, following the probed
+topology, is `halephant.proxy.nodes`.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from halephant.errors import ClientError
 from halephant.pool.pool import Pool
 from halephant.protocol import codes
 from halephant.protocol import messages as m
+from halephant.proxy.nodes import Nodes
 from halephant.proxy.server import ServerConnection, ServerLoginError
-from halephant.types import ClusterView, NodeInfo, PoolInfo, PoolMode, PoolTarget, Role
+from halephant.types import ClusterView, PoolInfo, PoolMode, PoolTarget, Role
 
 if TYPE_CHECKING:
     from halephant.proxy.app import App
@@ -26,6 +28,11 @@ if TYPE_CHECKING:
     ServerPool = Pool[ServerConnection, ClientConnection]
 
 log = logging.getLogger("halephant.pool")
+
+#: SQLSTATEs of a failed server login that mean the node itself is going away, not a refusal
+_NODE_FAILURES = frozenset(
+    (sqlstate.CONNECTION_FAILURE, sqlstate.CANNOT_CONNECT_NOW, sqlstate.ADMIN_SHUTDOWN)
+)
 
 
 class _Reset:
@@ -81,8 +88,7 @@ class PoolManager:
         self.pools: dict[tuple[str, str, str], ServerPool] = {}
         self._infos: dict[tuple[str, str], PoolInfo] = {}
         self._welcome: dict[tuple[str, str], dict[str, str]] = {}
-        self._next_replica = 0
-        self._views: dict[str, ClusterView] = {}
+        self.nodes = Nodes(self)
 
     # --- lookups ---
 
@@ -101,38 +107,24 @@ class PoolManager:
         return self._welcome.get((target.database, target.server_user))
 
     def cluster_view(self, name: str) -> ClusterView:
-        """The cluster's nodes as last seen. Until nodes are probed, the first configured node is the
-        primary and the others are replicas, all usable."""
-        view = self._views.get(name)
-        if view is None:
-            nodes = self.app.config.clusters[name].nodes
-            view = self._views[name] = ClusterView(
-                name,
-                tuple(
-                    NodeInfo(
-                        f"{node.host}:{node.port}",
-                        node.host,
-                        node.port,
-                        Role.PRIMARY if i == 0 else Role.REPLICA,
-                        usable=True,
-                        reason="configured order",
-                    )
-                    for i, node in enumerate(nodes)
-                ),
-            )
-        return view
+        """The cluster's nodes as last probed (immutable; a new view replaces it after a change)."""
+        view = self.nodes.views.get(name)
+        return view if view is not None else self.nodes.view(name)
 
-    def pool_for(self, target: PoolTarget, role: Role) -> ServerPool:
-        nodes = self.app.config.clusters[target.cluster].nodes
-        node = nodes[0]
-        if role is Role.REPLICA and len(nodes) > 1:
-            self._next_replica = (self._next_replica + 1) % (len(nodes) - 1)
-            node = nodes[1 + self._next_replica]
-        key = (target.database, target.server_user, f"{node.host}:{node.port}")
+    def pool_for(
+        self, target: PoolTarget, role: Role, client: ClientConnection | None = None
+    ) -> ServerPool | None:
+        """The pool of the node that gets a transaction of `client` routed to `role`; None when no node
+        can take it (see `halephant.proxy.nodes`)."""
+        return self.nodes.pool_for(target, role, client)
+
+    def node_pool(self, target: PoolTarget, host: str, port: int) -> ServerPool:
+        """The pool of (database, user) on one node, created on first use."""
+        key = (target.database, target.server_user, f"{host}:{port}")
         pool = self.pools.get(key)
         if pool is None:
             pool = self.pools[key] = Pool[ServerConnection, "ClientConnection"](
-                target, self.pool_info(target).size, node.host, node.port
+                target, self.pool_info(target).size, host, port
             )
             log.info("pool %s created (size %d, min %d)", pool.name, pool.info.size.max, pool.info.size.min)
         return pool
@@ -176,8 +168,9 @@ class PoolManager:
                     fatal=True,
                 )
             log.warning("pool %s: server connect failed: %s %s", pool.name, error.code, error.message)
-            for waiter in pool.connect_failed():
-                waiter.checkout_failed(error)
+            # a login the server refused is not the node failing; no answer (or a shutdown) is
+            node_failed = not isinstance(exc, ClientError) or exc.code in _NODE_FAILURES
+            self.nodes.connect_failed(pool, error, node_failed)
             return
         self._welcome.setdefault((target.database, target.server_user), dict(server.params))
         log.info(
@@ -187,9 +180,12 @@ class PoolManager:
         if first is not None:
             first.attach_server(server)
 
-    def checkin(self, server: ServerConnection) -> None:
+    def checkin(self, server: ServerConnection, client: ClientConnection | None = None) -> None:
         """A client is done with `server`: close it if it may carry session state, else pool it."""
         if server.closing:
+            return
+        if client is not None and server.pool.track_lsn and not server.dirty:
+            self.nodes.learn_lsn(server, client)  # read-your-writes: checks the server in afterwards
             return
         if server.dirty and server.pool.info.mode is PoolMode.TRANSACTION:
             # session state would leak into the next client: never hand it on
@@ -232,6 +228,7 @@ class PoolManager:
                 waiters = pool.waiters
                 while waiters and waiters[0].wait_deadline <= now:
                     waiters.popleft().checkout_timeout()
+            self.nodes.expire(now)
 
     async def maintain(self) -> None:
         while True:
@@ -240,6 +237,7 @@ class PoolManager:
 
     def tick(self) -> None:
         now = time.monotonic()
+        self.nodes.forget_expired(self.app.loop.time())
         for pool in list(self.pools.values()):
             db = self.app.config.databases.get(pool.info.target.database)
             if db is None:
