@@ -139,6 +139,11 @@ class Nodes:
             pool.track_lsn = pool.serves is Role.PRIMARY and db is not None and db.read_your_writes
         for waiter in displaced:
             self._to_primary(group, waiter)
+        if group.replica_waiters:
+            # a replica that was opening connections for them may have just been excluded
+            replica = group.pick_replica()
+            if replica is not None and replica.should_open_for_waiters():
+                self.manager.open(replica)
 
     def _to_primary(self, group: Group, waiter: ClientConnection) -> None:
         """Hand a client waiting for the primary to the current one, or park it until there is one."""

@@ -28,11 +28,11 @@ log = logging.getLogger("halephant.topology")
 
 
 def format_bytes(n: int) -> str:
-    """`12 MB`, `1.5 kB`, `0 B`: sizes in log lines and reasons (powers of 1024, like PostgreSQL)."""
+    """`12 MB`, `1.5 kB`, `8 MB`, `0 B`: sizes in log lines and reasons (powers of 1024, like PostgreSQL)."""
     value = float(n)
     for unit in ("B", "kB", "MB", "GB", "TB"):
         if abs(value) < 1024 or unit == "TB":
-            if unit == "B" or value >= 10:
+            if unit == "B" or value >= 10 or value.is_integer():
                 return f"{value:.0f} {unit}"
             return f"{value:.1f} {unit}"
         value /= 1024
