@@ -531,7 +531,7 @@ class ClientConnection(asyncio.Protocol):
                 self.app.manager.cluster_view(self.target.cluster),
             )
         pool: ServerPool | None = None
-        if type(route) is Route:
+        if type(route) is Route or not isinstance(route, Reject):
             if self.app.debug:
                 log.debug("%r: route %s: %s", self, route.role, route.reason)
             if route.role is Role.PRIMARY:

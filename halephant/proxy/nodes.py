@@ -163,6 +163,8 @@ class Nodes:
 
     def publish(self, name: str, view: ClusterView) -> None:
         """The monitor's latest view of cluster `name` (called after every round of probes)."""
+        if self.views.get(name) is view:
+            return  # every probe failed: the last known topology stands, nothing to do
         self.views[name] = view
         for node in view.nodes:
             if node.lsn is not None:
@@ -210,7 +212,10 @@ class Nodes:
                     if other.should_open_for_waiters():
                         self.manager.open(other)
         failed = pool.connect_failed(served_elsewhere)
-        if node_failed and group is not None and pool.serves is Role.PRIMARY and failed:
+        state = self.topology.states.get(target.cluster)
+        # With no node answering the probes there is nothing to wait for: fail them as without probes.
+        probed = state is not None and state.probed and not state.all_failed
+        if node_failed and probed and group is not None and pool.serves is Role.PRIMARY and failed:
             # The primary may be failing over: park its clients until the probes find a primary
             # (or their checkout_timeout passes: 57P03) rather than failing them now.
             log.warning(

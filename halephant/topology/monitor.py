@@ -24,7 +24,7 @@ __all__ = ["MIN_GAP", "TopologyMonitor", "probe_login"]
 log = logging.getLogger("halephant.topology")
 
 #: seconds between two rounds of one cluster, at least, when rounds are asked for early
-MIN_GAP = 0.05
+MIN_GAP = 0.1
 
 
 def probe_login(config: Config, cluster: ClusterConfig) -> tuple[str, str | None]:

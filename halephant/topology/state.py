@@ -66,7 +66,8 @@ class ClusterState:
         self.view = configured_view(name, cluster)
         self.probed = False  # True once a round had at least one answer
         self._failing: dict[str, str] = {}  # node -> why its last probe failed
-        self._all_failed = False
+        #: the last round had no answer at all (the view is the last known one)
+        self.all_failed = False
         self._split_brain: frozenset[str] = frozenset()
 
     def update(self, outcomes: Sequence[ProbeResult | str]) -> ClusterView:
@@ -80,16 +81,16 @@ class ClusterState:
             else:
                 self._failing.pop(node.name, None)
         if all(isinstance(outcome, str) for outcome in outcomes):
-            if not self._all_failed:
-                self._all_failed = True
+            if not self.all_failed:
+                self.all_failed = True
                 log.error(
                     "cluster %s: every probe failed; keeping the last known topology (%s)",
                     self.name,
                     self._describe(self.view),
                 )
             return self.view
-        if self._all_failed:
-            self._all_failed = False
+        if self.all_failed:
+            self.all_failed = False
             log.info("cluster %s: probes answer again", self.name)
         view = ClusterView(self.name, self._nodes(outcomes))
         self._log_changes(self.view, view)
