@@ -252,6 +252,8 @@ class PoolManager:
                     pool.total,
                 )
                 server.close(reason)
+            if pool.serves is None or not (pool.opened_count or pool.connecting):
+                continue  # a node that takes no transactions now, or a pool nobody has used yet
             for _ in range(pool.missing_for_min()):
                 self.app.spawn(self._open_for_min, pool)
 

@@ -75,7 +75,7 @@ class ClusterState:
         assert len(outcomes) == len(self.view.nodes)
         for node, outcome in zip(self.view.nodes, outcomes, strict=True):
             if isinstance(outcome, str):
-                if self._failing.get(node.name) is None:
+                if self._failing.get(node.name) != outcome:  # once per failure, again if the cause changes
                     log.warning("cluster %s: probe of %s failed: %s", self.name, node.name, outcome)
                 self._failing[node.name] = outcome
             else:

@@ -297,6 +297,26 @@ def test_wrong_probe_password_marks_that_node_down(
         other.destroy()
 
 
+def test_a_stopped_replica_is_marked_down_until_it_answers_again(
+    cl: Cluster, halephant: HalephantFactory, plugin_env: None
+) -> None:
+    r1, r2 = cl.replicas
+    run = halephant.start(config(cl.nodes))
+    name = f"{r2.host}:{r2.port}"
+    with connect(run, "report-down") as conn:
+        assert {port(conn) for _ in range(4)} == {r1.port, r2.port}
+        r2.stop()
+        try:
+            wait_log(run, f"node {name} marked down")
+            wait_log(run, f"probe of {name} failed: could not connect")
+            assert {port(conn) for _ in range(6)} == {r1.port}
+        finally:
+            r2.start()
+        wait_log(run, f"{name} readmitted")
+        assert {port(conn) for _ in range(4)} == {r1.port, r2.port}
+    assert_clean_servers(cl)
+
+
 def test_every_probe_failing_keeps_the_last_topology(
     cl: Cluster, halephant: HalephantFactory, plugin_env: None
 ) -> None:
