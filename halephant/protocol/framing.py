@@ -21,6 +21,7 @@ from halephant.protocol import codes
 
 _LEN = struct.Struct("!i")
 _unpack_len = _LEN.unpack_from
+_READY_FOR_QUERY = codes.READY_FOR_QUERY
 
 Frame = tuple[int, int, int]
 
@@ -115,6 +116,7 @@ class BackendScanner:
             pos = 0
             n = len(data)
         keep = self.keep
+        unpack_len = _unpack_len  # a local: this loop runs for every server message
         while True:
             left = n - pos
             if left < 5:
@@ -123,11 +125,11 @@ class BackendScanner:
                 self.at_boundary = left == 0
                 return
             t = data[pos]
-            (length,) = _unpack_len(data, pos + 1)
+            (length,) = unpack_len(data, pos + 1)
             if length < 4:
                 raise ProtocolViolation("server sent an invalid message length")
             end = pos + 1 + length
-            if t == codes.READY_FOR_QUERY:
+            if t == _READY_FOR_QUERY:
                 if length != 5:
                     raise ProtocolViolation("server sent a ReadyForQuery of invalid length")
                 if end > n:
