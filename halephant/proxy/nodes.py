@@ -89,6 +89,13 @@ class Nodes:
                 return self._caught_up(group, client, entry)
         return group.pick_replica()
 
+    def primary_pool(self, target: PoolTarget) -> ServerPool:
+        """The pool of the current primary (while none is known, one that only queues: host "")."""
+        group = self.groups.get((target.database, target.server_user))
+        if group is None or group.cluster != target.cluster:
+            group = self._new_group(target)
+        return group.primary or group.waiting_for_primary
+
     def unavailable(self, target: PoolTarget, role: Role) -> Reject:
         """The error for a transaction routed to `role` when no node of the cluster can take it."""
         return Reject(
@@ -326,4 +333,7 @@ class _LsnQuery:
         pass
 
     def copy_in_started(self) -> None:
+        pass
+
+    def parameter_changed(self, name: str) -> None:
         pass
