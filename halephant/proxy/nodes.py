@@ -27,7 +27,7 @@ from halephant.protocol import messages as m
 from halephant.protocol.framing import split_frames
 from halephant.topology.monitor import TopologyMonitor
 from halephant.topology.probe import parse_lsn
-from halephant.topology.state import configured_view
+from halephant.topology.state import SPLIT_BRAIN, configured_view
 from halephant.types import ClusterView, PoolTarget, Reject, Role
 
 if TYPE_CHECKING:
@@ -179,6 +179,8 @@ class Nodes:
         shape = tuple((node.name, node.role, node.usable) for node in view.nodes)
         changed = shape != self._shapes.get(name)
         self._shapes[name] = shape
+        if changed:
+            self._fence(view)
         for group in list(self.groups.values()):
             if group.cluster != name:
                 continue
@@ -199,6 +201,25 @@ class Nodes:
                 for waiter in waiters:
                     waiter.waiting_pool = None
                     waiter.checkout_failed(error)
+
+    def _fence(self, view: ClusterView) -> None:
+        """Close every server connection to a node that claims to be primary but lost to another: a
+        client in a transaction there (or holding its server for its session) would go on writing to it."""
+        for node in view.nodes:
+            if node.role is not Role.PRIMARY or node.usable or not node.reason.startswith(SPLIT_BRAIN):
+                continue
+            address = _address(node.host, node.port)
+            for pool in list(self.manager.pools.values()):
+                if pool.key[2] != address or not (pool.idle or pool.active):
+                    continue
+                log.warning(
+                    "pool %s: closing its %d server connection(s): %s",
+                    pool.name,
+                    len(pool.idle) + len(pool.active),
+                    node.reason,
+                )
+                for server in [*pool.idle, *pool.active]:
+                    server.close("split brain: another node is the primary")
 
     # --- I/O outcomes ---
 

@@ -22,7 +22,10 @@ from halephant.config.schema import ClusterConfig
 from halephant.topology.probe import ProbeResult
 from halephant.types import ClusterView, NodeInfo, Role
 
-__all__ = ["ClusterState", "configured_view", "format_bytes"]
+__all__ = ["SPLIT_BRAIN", "ClusterState", "configured_view", "format_bytes"]
+
+#: how the reason of a node that claims to be primary but lost the election starts
+SPLIT_BRAIN = "split brain: "
 
 log = logging.getLogger("halephant.topology")
 
@@ -114,7 +117,7 @@ class ClusterState:
                 else:
                     winner = old[primary].name if primary is not None else "?"
                     reason = (
-                        f"split brain: {node.name} (timeline {outcome.timeline}) also claims to be primary; "
+                        f"{SPLIT_BRAIN}{node.name} (timeline {outcome.timeline}) also claims to be primary; "
                         f"{winner} (timeline {_timeline(outcomes, primary)}) takes the writes"
                     )
                     nodes.append(self._info(node, Role.PRIMARY, False, reason, outcome))

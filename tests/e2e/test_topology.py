@@ -406,8 +406,17 @@ def test_split_brain_writes_go_to_the_higher_timeline(
     run = halephant.start(config(fresh.nodes))
     with connect(run) as conn:
         assert port(conn) == old.port
+    inside = connect(run)
+    inside.execute("BEGIN")
+    inside.execute("INSERT INTO t VALUES (-1, 'old primary')")
     new.promote()  # the old primary still runs and still accepts writes: both claim to be primary
     wait_log(run, "split brain")
+    # a transaction in progress on the losing node is cut off rather than allowed to commit there
+    wait_log(run, "server connection(s): split brain")
+    with pytest.raises(psycopg.OperationalError) as excinfo:
+        inside.execute("COMMIT")
+    assert excinfo.value.sqlstate == "08006", excinfo.value
+    inside.close()
     with connect(run) as conn:
         for i in range(5):
             conn.execute("INSERT INTO t VALUES (%s, 'split')", (i,))
