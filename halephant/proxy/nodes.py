@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("halephant.pool")
 
+_PRIMARY = Role.PRIMARY  # enum member lookups cost ~60 ns; pool_for runs per transaction
 #: a client whose write's LSN is not known yet: no replica has reached it
 _PENDING = 1 << 64
 _LSN_QUERY = m.query("SELECT pg_current_wal_insert_lsn()")
@@ -78,7 +79,7 @@ class Nodes:
         group = self.groups.get((target.database, target.server_user))
         if group is None or group.cluster != target.cluster:
             group = self._new_group(target)
-        if role is Role.PRIMARY:
+        if role is _PRIMARY:
             return group.primary or group.waiting_for_primary
         pools = group.replicas
         if not pools:
@@ -232,13 +233,14 @@ class Nodes:
             self.topology.probe_soon(target.cluster)
         served_elsewhere = False
         if group is not None and pool.serves is Role.REPLICA:
+            # the replicas share their waiters: another one that is serving will get to them
             others = [p for p in group.replicas if p is not pool]
-            if others and node_failed:
+            served_elsewhere = any(p.active or p.idle or p.connecting for p in others)
+            if node_failed and others and not served_elsewhere:
                 other = group.pick_replica(others)
-                if other is not None:
+                if other is not None and other.should_open_for_waiters():
+                    self.manager.open(other)
                     served_elsewhere = True
-                    if other.should_open_for_waiters():
-                        self.manager.open(other)
         failed = pool.connect_failed(served_elsewhere)
         state = self.topology.states.get(target.cluster)
         # With no node answering the probes there is nothing to wait for: fail them as without probes.
