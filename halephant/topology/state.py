@@ -206,7 +206,8 @@ class ClusterState:
                 continue
             came_up = before.reason.startswith(f"{name} is down") and name not in self._failing
             if after.role is not None and after.role != before.role and after.usable:
-                log.warning("cluster %s: %s is now %s (was %s)", self.name, name, after.role, before.role)
+                was = before.role or "unknown"
+                log.warning("cluster %s: %s is now %s (was %s)", self.name, name, after.role, was)
             if before.usable and not after.usable:
                 if name in self._failing:
                     log.warning(

@@ -141,3 +141,13 @@ def test_format_bytes() -> None:
     assert [format_bytes(n) for n in (0, 1023, 1024, 1536, 12 * MB, 3 * 1024 * MB)] == [
         "0 B", "1023 B", "1 kB", "1.5 kB", "12 MB", "3 GB",
     ]  # fmt: skip
+
+
+def test_a_node_down_from_the_start_has_no_role_until_it_answers(caplog: pytest.LogCaptureFixture) -> None:
+    s = state()
+    s.update([primary(), "could not connect: Connection refused", replica()])
+    assert s.view.nodes[1].role is None and not s.view.nodes[1].usable
+    with caplog.at_level(logging.INFO, "halephant.topology"):
+        s.update([primary(), replica(), replica()])
+    assert f"{B} is now replica (was unknown)" in caplog.text
+    assert f"{B} readmitted" in caplog.text
