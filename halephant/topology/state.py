@@ -9,8 +9,8 @@ Rules:
 * of several nodes that all claim to be primary (after a promotion, until the old primary is fenced),
   the one on the highest timeline wins; on equal timelines the current primary stays, else the first
   configured. The others are not usable, and a split-brain warning is logged;
-* a replica beyond `max_lag_bytes` (behind the primary's WAL) or `max_lag` (replay age) is not usable
-  until it is back under; a primary is never excluded for lag.
+* a replica beyond `max_lag_bytes` (behind the primary's WAL) or `max_lag` (replay age, over it in two
+  rounds in a row) is not usable until it is back under; a primary is never excluded for lag.
 """
 
 from __future__ import annotations
@@ -72,6 +72,7 @@ class ClusterState:
         #: the last round had no answer at all (the view is the last known one)
         self.all_failed = False
         self._split_brain: frozenset[str] = frozenset()
+        self._over_time: set[str] = set()  # replicas over max_lag in the last round
 
     def update(self, outcomes: Sequence[ProbeResult | str]) -> ClusterView:
         """Take one round: per node (in configured order) its ProbeResult, or why the probe failed."""
@@ -160,10 +161,19 @@ class ClusterState:
             lag_bytes = max(0, primary_lsn - outcome.lsn)
         lag_seconds = outcome.replay_age
         max_bytes, max_seconds = self.cluster.max_lag_bytes, self.cluster.max_lag
+        over_time = max_seconds is not None and lag_seconds is not None and lag_seconds > max_seconds
+        # The replay age jumps to "since the last replayed commit" whenever any WAL waits to be replayed,
+        # even a checkpoint record of an idle primary: it counts once it is over two rounds in a row (or
+        # the replica is excluded already).
+        confirmed = over_time and (node.name in self._over_time or not node.usable)
+        if over_time:
+            self._over_time.add(node.name)
+        else:
+            self._over_time.discard(node.name)
         reason = ""
         if max_bytes is not None and lag_bytes is not None and lag_bytes > max_bytes:
             reason = f"replica {node.name} lag {format_bytes(lag_bytes)} > {format_bytes(max_bytes)}"
-        elif max_seconds is not None and lag_seconds is not None and lag_seconds > max_seconds:
+        elif confirmed:
             reason = f"replica {node.name} lag {lag_seconds:.1f}s > {max_seconds:g}s"
         usable = not reason
         if usable:

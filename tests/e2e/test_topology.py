@@ -223,6 +223,7 @@ def test_lagging_replica_is_excluded_then_readmitted(
             with connect(run) as conn:
                 assert port(conn) == primary.port
     wait_log(run, f"{r1.host}:{r1.port} readmitted")
+    wait_log(run, f"{r2.host}:{r2.port} readmitted")
     with connect(run, "report-back") as conn:
         assert {port(conn) for _ in range(6)} == {r1.port, r2.port}
     assert "lag" in run.log_text()
