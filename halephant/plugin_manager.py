@@ -44,24 +44,42 @@ REQUIRED_HOOKS = ("halephant_select_pool", "halephant_authenticate", "halephant_
 
 
 def _fast_call(caller: pluggy.HookCaller) -> Callable[..., Any]:
-    """The hook call, or with exactly one plain implementation, a direct call of it.
+    """The hook call, or where pluggy's machinery adds nothing, direct calls of the implementations.
 
-    pluggy's dispatch costs about 1.5 µs per call; with a single implementation (no wrappers, no tracing)
-    calling it directly, with the same argument pruning pluggy applies, gives the same answer for a
-    fraction of that. Rebound whenever plugins are registered.
+    pluggy's dispatch costs about 1.5 µs per call; with plain implementations (no wrappers, no tracing)
+    calling them directly, with the same argument pruning and order pluggy applies (last registered
+    first, tryfirst/trylast respected) and, for a first-result hook, stopping at the first non-None
+    answer, gives the same answer for a fraction of that. Rebound whenever plugins are registered.
     """
     impls = caller.get_hookimpls()
-    if len(impls) != 1 or impls[0].hookwrapper or impls[0].wrapper or os.environ.get("HALEPHANT_TRACE_HOOKS"):
+    if (
+        not impls
+        or any(impl.hookwrapper or impl.wrapper for impl in impls)
+        or os.environ.get("HALEPHANT_TRACE_HOOKS")
+    ):
         return caller
-    function, argnames = impls[0].function, impls[0].argnames
     spec = caller.spec
-    if spec is not None and tuple(argnames) == tuple(spec.argnames):
-        return function  # takes every argument: called with the same keywords, nothing to prune
+    if len(impls) == 1:
+        function, argnames = impls[0].function, impls[0].argnames
+        if spec is not None and tuple(argnames) == tuple(spec.argnames):
+            return function  # takes every argument: called with the same keywords, nothing to prune
 
-    def direct(**kwargs: Any) -> Any:
-        return function(*[kwargs[name] for name in argnames])
+        def direct(**kwargs: Any) -> Any:
+            return function(*[kwargs[name] for name in argnames])
 
-    return direct
+        return direct
+    if spec is None or not spec.opts.get("firstresult"):
+        return caller
+    calls = [(impl.function, tuple(impl.argnames)) for impl in reversed(impls)]
+
+    def first_answer(**kwargs: Any) -> Any:
+        for function, argnames in calls:
+            answer = function(*[kwargs[name] for name in argnames])
+            if answer is not None:
+                return answer
+        return None
+
+    return first_answer
 
 
 class PluginError(Exception):

@@ -41,9 +41,11 @@ from halephant.protocol.startup import (
     StartupFramer,
     StartupMessage,
 )
+from halephant.proxy.tracked_settings import merge, tracked_change
 from halephant.sql import Statement
 from halephant.types import (
     ClientInfo,
+    CloseIdleServers,
     Pin,
     PoolInfo,
     PoolMode,
@@ -411,9 +413,13 @@ class ClientConnection(asyncio.Protocol):
                             self._reject_in_place(server, t, error)
                         fwd = end
                         continue
-                    elif isinstance(verdict, Pin) and not self.pinned:
-                        # applied once a server is linked (survives a wait for one)
-                        self._pending_pin = verdict.reason
+                    elif isinstance(verdict, Pin):
+                        if not self.pinned:
+                            # applied once a server is linked (survives a wait for one)
+                            self._pending_pin = verdict.reason
+                    elif isinstance(verdict, CloseIdleServers):
+                        assert self.target is not None
+                        self.app.manager.close_idle(self.target.cluster, verdict.database, verdict.reason)
             elif kind == _K_TERMINATE:
                 if server is not None and fwd < head:
                     server.send(buf[fwd:head])
@@ -455,7 +461,9 @@ class ClientConnection(asyncio.Protocol):
                 effect = statement.session_state or (
                     "named prepared statement" if t == codes.PARSE and buf[start] != 0 else ""
                 )
-                if effect:
+                if effect and not (
+                    effect == "SET" and t == codes.QUERY and self._track_setting(statement, server)
+                ):
                     self.pin_for(effect)
             if kind <= _K_SYNC:
                 if kind != _K_PARSE:  # Query, Sync, FunctionCall: a sync point
@@ -493,6 +501,20 @@ class ClientConnection(asyncio.Protocol):
                     _statements.clear()  # crude but cheap; applications repeat a small set of texts
                 _statements[raw] = statement
         return statement
+
+    def _track_setting(self, statement: Statement, server: ServerConnection) -> bool:
+        """A session SET that halephant carries to every server itself, like a startup setting
+        (`tracked_settings`), instead of pinning: only when it runs on its own, outside a transaction."""
+        if self.outstanding or self.unsynced or server.scanner.status != _TX_IDLE:
+            return False
+        change = tracked_change(statement)
+        if change is None:
+            return False
+        assert self.target is not None
+        startup = dict(self.target.server_settings)
+        self.settings = merge(self.settings, change, startup)
+        server.settings = merge(server.settings, change, startup)
+        return True
 
     def _reject_locally(self, t: int, error: bytes) -> None:
         """Answer a rejected message with no server involved (between transactions)."""
@@ -553,7 +575,7 @@ class ClientConnection(asyncio.Protocol):
             self.app.manager.open(pool)
         self.waiting_pool = pool
         self._first_checked = True
-        db = self.app.config.databases.get(self.target.database)
+        db = self.app.config.database_for(self.target.database)
         # enforced by the pool manager's sweep (one timer for everyone, not one per wait)
         self.wait_deadline = self.app.loop.time() + (db.checkout_timeout if db is not None else 30.0)
         return False

@@ -26,6 +26,7 @@ from halephant.protocol import codes
 from halephant.protocol import messages as m
 from halephant.protocol.framing import BackendScanner, split_frames
 from halephant.protocol.session_params import settings_sql
+from halephant.proxy.tracked_settings import carried
 
 if TYPE_CHECKING:
     from halephant.pool.pool import Pool
@@ -203,6 +204,8 @@ class ServerConnection(asyncio.Protocol):
                 # and what the next client is told at login must be the server's value now
                 name, value = m.decode_parameter_status(payload)
                 self.params[name] = value
+                if client.transaction_mode and carried(name, value, client.settings, self.settings):
+                    continue  # the client's own SET, which halephant carries to every server
                 self.dirty = "a reported setting changed (ParameterStatus)"
                 if client.transaction_mode:
                     client.pin_for(self.dirty)

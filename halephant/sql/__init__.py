@@ -25,6 +25,7 @@ from halephant.sql.lexer import (
     iter_tokens,
     split_statements,
 )
+from halephant.sql.settings import SettingChange, parse_bool, setting_changes
 from halephant.sql.statement import Statement
 
 __all__ = [
@@ -38,9 +39,12 @@ __all__ = [
     "SPACE",
     "STRING",
     "WORD",
+    "SettingChange",
     "Statement",
     "Token",
     "TokenKind",
     "iter_tokens",
+    "parse_bool",
+    "setting_changes",
     "split_statements",
 ]
