@@ -15,6 +15,9 @@ server connections to `x` (PostgreSQL refuses while other sessions are connected
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Final
+
 from halephant import hookimpl, sqlstate
 from halephant.sql import QUOTED_IDENTIFIER, WORD, iter_tokens
 from halephant.types import (
@@ -41,6 +44,16 @@ def halephant_configure(config: Config) -> None:
 
 @hookimpl(trylast=True)
 def halephant_select_pool(client: ClientInfo, config: Config) -> PoolTarget | Reject:
+    params = client.params
+    if ("options" in params or "default_transaction_read_only" in params) and _read_write_at_startup(
+        client, config
+    ):
+        return Reject(
+            sqlstate.READ_ONLY_SQL_TRANSACTION,
+            f'user "{client.user}" is read-only: default_transaction_read_only cannot be set at startup',
+            hint=f"users.{client.user}.read_only is set in halephant.yaml.",
+            reason=f"read-only user {client.user} asked for default_transaction_read_only at startup",
+        )
     key = (id(config), client.database, client.user)
     target = _targets.get(key)
     if target is None:
@@ -51,6 +64,18 @@ def halephant_select_pool(client: ClientInfo, config: Config) -> PoolTarget | Re
             _targets.clear()  # '*' lets clients name any database: never grow without bound
         target = _targets[key] = answer
     return target
+
+
+def _read_write_at_startup(client: ClientInfo, config: Config) -> bool:
+    """A read-only user's startup parameters (or `options=-c ...`) that touch its read-only setting:
+    they would be applied to its server connections, after the pool's own."""
+    user = config.users.get(client.user)
+    if user is None or not user.read_only:
+        return False
+    value = client.params.get("default_transaction_read_only")
+    if value is not None and value.strip().lower() not in ("on", "true", "1", "yes"):
+        return True
+    return "transaction_read_only" in client.params.get("options", "").lower().replace("-", "_")
 
 
 def _select(client: ClientInfo, config: Config) -> PoolTarget | Reject:
@@ -92,29 +117,45 @@ def _select(client: ClientInfo, config: Config) -> PoolTarget | Reject:
     )
 
 
+_NEEDS_NO_SESSIONS: Final = frozenset({"DROP", "ALTER", "CREATE"})
+
+
 @hookimpl(trylast=True)
 def halephant_inspect_query(statement: Statement) -> CloseIdleServers | None:
     # Runs for every statement: one cached attribute decides for nearly all of them.
-    if statement.first_keyword != "DROP":
+    if statement.first_keyword not in _NEEDS_NO_SESSIONS:
         return None
-    database = _dropped_database(statement.text)
-    if database is None:
+    found = _database_without_sessions(statement.text)
+    if found is None:
         return None
-    return CloseIdleServers(database, reason=f"DROP DATABASE {database}: closing idle connections to it")
+    what, database = found
+    return CloseIdleServers(database, reason=f"{what} {database}: closing idle connections to it")
 
 
-def _dropped_database(text: str) -> str | None:
-    """The database of `DROP DATABASE [IF EXISTS] name [[WITH] (options)]`, as PostgreSQL folds it."""
+def _database_without_sessions(text: str) -> tuple[str, str] | None:
+    """The database a statement needs no other session connected to, as PostgreSQL folds its name:
+    `DROP DATABASE [IF EXISTS] x`, `ALTER DATABASE x RENAME TO y`, and the template of
+    `CREATE DATABASE y ... TEMPLATE [=] x` (how Django's `test --parallel` clones its test database)."""
     tokens = [(k, v) for k, v in iter_tokens(text, upper_words=False) if k in (WORD, QUOTED_IDENTIFIER)]
-    words = [v.upper() if k == WORD else "" for k, v in tokens[:5]]
-    i = 2
-    if words[:2] != ["DROP", "DATABASE"]:
+    words = [v.upper() if k == WORD else "" for k, v in tokens[:64]]
+    if words[1:2] != ["DATABASE"]:
         return None
-    if words[2:4] == ["IF", "EXISTS"]:
-        i = 4
+    if words[0] == "DROP":
+        i = 4 if words[2:4] == ["IF", "EXISTS"] else 2
+        return _name(tokens, i, "DROP DATABASE")
+    if words[0] == "ALTER" and words[3:5] == ["RENAME", "TO"]:
+        return _name(tokens, 2, "ALTER DATABASE")
+    if words[0] == "CREATE" and "TEMPLATE" in words[3:]:
+        return _name(tokens, words.index("TEMPLATE", 3) + 1, "CREATE DATABASE ... TEMPLATE")
+    return None
+
+
+def _name(tokens: Sequence[tuple[str, str]], i: int, what: str) -> tuple[str, str] | None:
     if i >= len(tokens):
         return None
     kind, name = tokens[i]
     if kind == QUOTED_IDENTIFIER:
-        return name[1:-1].replace('""', '"') if name.startswith('"') and name.endswith('"') else None
-    return name.lower()
+        if not (name.startswith('"') and name.endswith('"') and len(name) >= 2):
+            return None
+        return what, name[1:-1].replace('""', '"')
+    return what, name.lower()

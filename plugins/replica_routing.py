@@ -213,7 +213,7 @@ _NOTHING: Final = _Fact()
 _facts: dict[str, _Fact] = {}
 _FACT_CACHE_SIZE: Final = 4096
 _FACT_CACHE_MAX_TEXT: Final = 8192
-_RELEVANT: Final = re.compile(r"(?i)read|reset|discard")
+_RELEVANT: Final = re.compile(r"(?i)read|reset|discard|set_config")
 _MENTIONS: Final = re.compile(r"(?i)transaction_read_only|read\s+write")
 
 

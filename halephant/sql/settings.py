@@ -103,18 +103,23 @@ def _value(tokens: list[Token]) -> str | None:
     """The value list after `TO`/`=`: its items joined by ", " (strings unquoted); "" if malformed."""
     items: list[str] = []
     expect_item = True
+    sign = ""
     for kind, value in tokens:
         if expect_item:
-            if kind == STRING and value.startswith("'"):
+            if kind == STRING and value.startswith("'") and not sign:
                 items.append(value[1:-1].replace("''", "'"))
-            elif kind in (WORD, NUMBER):
-                items.append(value.lower() if kind == WORD else value)
-            elif kind == QUOTED_IDENTIFIER and value.startswith('"'):
+            elif kind == WORD and not sign:
+                items.append(value.lower())
+            elif kind == NUMBER:
+                items.append(sign + value)
+            elif kind == QUOTED_IDENTIFIER and value.startswith('"') and not sign:
                 items.append(value[1:-1].replace('""', '"'))
-            elif kind == PUNCT and value in "+-":
-                continue  # a signed number: the sign does not matter here
+            elif kind == PUNCT and value in ("+", "-") and not sign:
+                sign = value  # a signed number follows
+                continue
             else:
                 return ""
+            sign = ""
             expect_item = False
         elif (kind, value) == (PUNCT, ","):
             expect_item = True

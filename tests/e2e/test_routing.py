@@ -363,3 +363,18 @@ def test_a_database_on_an_unknown_cluster_does_not_start(pg: Cluster, halephant:
     log = run.log_text()
     where = r"halephant-\d+\.yaml:\d+:\d+: databases\.lost\.cluster"
     assert re.search(where + r": no cluster named 'nowhere'", log)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"options": "-c default_transaction_read_only=off"},
+        {"options": "--default-transaction-read-only=off"},
+    ],
+)
+def test_read_only_user_cannot_switch_at_startup(proxy: Running, params: dict[str, str]) -> None:
+    with pytest.raises(psycopg.OperationalError, match="is read-only"):
+        ro(proxy, **params)
+    with ro(proxy, options="-c statement_timeout=5s") as conn:  # other startup settings are fine
+        assert one(conn, "SHOW statement_timeout") == "5s"
+        assert one(conn, "SHOW default_transaction_read_only") == "on"
