@@ -82,6 +82,7 @@ class _Plan:
 
     __slots__ = (
         "fallback",
+        "pool",
         "primary",
         "read_only_user",
         "ro_to_replica",
@@ -93,6 +94,7 @@ class _Plan:
     )
 
     def __init__(self, pool: PoolInfo, config: Config | None) -> None:
+        self.pool = pool  # kept so that its id() cannot be reused while the plan is cached
         target = pool.target
         user_name = target.pool_user
         user = config.users.get(user_name) if config is not None else None
@@ -122,18 +124,17 @@ class _Plan:
         self.session_fallback = Route(Role.PRIMARY, "primary: session is read-only, no usable replica")
 
 
-# id(PoolInfo) -> (that PoolInfo, its plan); the PoolInfo is kept so that its id cannot be reused
-_plans: dict[int, tuple[PoolInfo, _Plan]] = {}
+# id(PoolInfo) -> its plan (PoolInfo hashes all its fields: id() is what a per-transaction lookup affords)
+_plans: dict[int, _Plan] = {}
 
 
 def _plan(pool: PoolInfo) -> _Plan:
-    entry = _plans.get(id(pool))
-    if entry is not None and entry[0] is pool:
-        return entry[1]
+    plan = _plans.get(id(pool))
+    if plan is not None and plan.pool is pool:
+        return plan
     if len(_plans) > 10000:
         _plans.clear()
-    plan = _Plan(pool, _current.config)
-    _plans[id(pool)] = (pool, plan)
+    plan = _plans[id(pool)] = _Plan(pool, _current.config)
     return plan
 
 
@@ -155,7 +156,9 @@ def halephant_configure(config: Config) -> None:
 def halephant_route(
     client: ClientInfo, transaction: TransactionInfo, pool: PoolInfo, cluster: ClusterView
 ) -> Route | Reject:
-    plan = _plan(pool)
+    plan = _plans.get(id(pool))  # _plan(), inlined: this runs per transaction
+    if plan is None or plan.pool is not pool:
+        plan = _plan(pool)
     if plan.read_only_user:
         return plan.to_replica if _has_replica(cluster) else plan.fallback
     if not plan.ro_to_replica:
