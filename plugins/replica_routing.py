@@ -16,9 +16,10 @@ Transaction-based, for read-write users, when `databases.<name>.read_only_transa
 (the default): a transaction that starts with `BEGIN READ ONLY` / `START TRANSACTION READ ONLY` goes to a
 replica, and after `SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY` or
 `SET default_transaction_read_only = on` every later transaction of that client does, until it sets
-read-write again (the state is kept in `client.stash`). Such a SET does not pin the client in
-transaction pooling: the core carries `default_transaction_read_only` to every server the client gets
-(`halephant.proxy.tracked_settings`), so the transactions stay read-only if they land on the primary.
+read-write again (the state is kept in `client.stash`; `RESET`, `TO DEFAULT`, `RESET ALL` and
+`DISCARD ALL` end it too). Such a SET does not pin the client in transaction pooling: the core carries
+session settings with the client to every server it gets, so the transactions stay read-only if they
+land on the primary.
 Read-only transactions fall back to the primary when no replica is usable; a SERIALIZABLE one stays on
 the primary (a hot standby refuses serializable transactions).
 

@@ -25,6 +25,7 @@ from halephant.errors import ClientError
 from halephant.plugin_manager import Plugins
 from halephant.protocol import messages as m
 from halephant.proxy.client import ClientConnection
+from halephant.proxy.listener import Listeners
 from halephant.proxy.manager import PoolManager
 from halephant.proxy.server import ServerConnection
 
@@ -39,6 +40,8 @@ class App:
         #: checked before per-transaction debug lines, so they cost nothing when off
         self.debug = logging.getLogger("halephant").isEnabledFor(logging.DEBUG)
         self.manager = PoolManager(self)
+        #: shared LISTEN connections (emulated LISTEN in transaction pooling)
+        self.listeners = Listeners(self)
         #: every connected client by its number, which is also the process ID it is told (cancel keys)
         self.clients: dict[int, ClientConnection] = {}
         self._numbers = itertools.count(1)
@@ -99,6 +102,7 @@ class App:
         )
         for client in list(self.clients.values()):
             client.fail(error)
+        self.listeners.close_all()
         self.manager.close_all()
 
     def spawn(self, func: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> None:
