@@ -43,6 +43,7 @@ def proxy(pg: Cluster, module_halephant: HalephantFactory) -> Running:
             "fallback_primary": {"cluster": "solo", "database": "myapp"},
             "fallback_error": {"cluster": "solo", "database": "myapp", "replica_fallback": "error"},
             "ro_on_primary": {"cluster": "main", "database": "myapp", "read_only_transactions": "primary"},
+            "myapp_session": {"cluster": "main", "database": "myapp", "mode": "session", "pool_size": 2},
             "*": {"cluster": "main", "pool_size": 3},
         },
         users={"myapp_ro": {"password": "myapp_ro", "read_only": True, "server_user": "myapp"}},
@@ -180,6 +181,16 @@ def test_read_only_user_may_stay_read_only(proxy: Running, sql: str) -> None:
         if sql.startswith("BEGIN"):
             conn.execute("ROLLBACK")
         assert one(conn, "SELECT pg_is_in_recovery()") is True
+
+
+def test_read_only_user_in_session_pooling_keeps_a_replica_server(proxy: Running) -> None:
+    with ro(proxy, dbname="myapp_session") as conn:
+        pid = one(conn, "SELECT pg_backend_pid()")
+        assert one(conn, "SELECT pg_is_in_recovery()") is True
+        assert one(conn, "SELECT pg_backend_pid()") == pid
+        with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+            conn.execute("SET SESSION CHARACTERISTICS AS TRANSACTION READ WRITE")
+        assert one(conn, "SHOW default_transaction_read_only") == "on"
 
 
 def test_replica_fallback_primary_stays_read_only(proxy: Running) -> None:
