@@ -91,6 +91,7 @@ class _Plan:
         "ro_tx_fallback",
         "session",
         "session_fallback",
+        "session_serializable",
         "to_replica",
     )
 
@@ -123,6 +124,9 @@ class _Plan:
         self.ro_tx_fallback = Route(Role.PRIMARY, "primary: transaction starts READ ONLY, no usable replica")
         self.session = Route(Role.REPLICA, "replica: session is read-only (SET by the client)")
         self.session_fallback = Route(Role.PRIMARY, "primary: session is read-only, no usable replica")
+        self.session_serializable = Route(
+            Role.PRIMARY, "primary: session is read-only, but a hot standby cannot run SERIALIZABLE"
+        )
 
 
 # id(PoolInfo) -> its plan (PoolInfo hashes all its fields: id() is what a per-transaction lookup affords)
@@ -164,10 +168,13 @@ def halephant_route(
         return plan.to_replica if _has_replica(cluster) else plan.fallback
     if not plan.ro_to_replica:
         return plan.primary
-    if client.stashed(SESSION_READ_ONLY):
-        return plan.session if _has_replica(cluster) else plan.session_fallback
     statement = transaction.statement
-    if statement is not None and statement.first_keyword in _STARTS and _starts_read_only(statement):
+    begin = statement if statement is not None and statement.first_keyword in _STARTS else None
+    if client.stashed(SESSION_READ_ONLY):
+        if begin is not None and _starts_serializable(begin):
+            return plan.session_serializable
+        return plan.session if _has_replica(cluster) else plan.session_fallback
+    if begin is not None and _starts_read_only(begin):
         return plan.ro_tx if _has_replica(cluster) else plan.ro_tx_fallback
     return plan.primary
 
@@ -175,27 +182,33 @@ def halephant_route(
 _STARTS: Final = frozenset({"BEGIN", "START"})
 
 
-# BEGIN texts are few: their answer is kept per text
-_begins: dict[str, bool] = {}
+# BEGIN texts are few: (read only, serializable) is kept per text
+_begins: dict[str, tuple[bool, bool]] = {}
+
+
+def _begin_modes(statement: Statement) -> tuple[bool, bool]:
+    modes = _begins.get(statement.text)
+    if modes is None:
+        if len(_begins) > 1024:
+            _begins.clear()
+        changes = setting_changes(statement.text) or ()
+        modes = _begins[statement.text] = (
+            any(c.name == "transaction_read_only" and c.value == "on" for c in changes),
+            any(c.name == "transaction_isolation" and c.value == "serializable" for c in changes),
+        )
+    return modes
 
 
 def _starts_read_only(statement: Statement) -> bool:
     """BEGIN/START TRANSACTION ... READ ONLY, except SERIALIZABLE, which a hot standby cannot run."""
     if "ONLY" not in statement.keywords:
         return False
-    answer = _begins.get(statement.text)
-    if answer is None:
-        if len(_begins) > 1024:
-            _begins.clear()
-        answer = _begins[statement.text] = _read_only_start(statement)
-    return answer
-
-
-def _read_only_start(statement: Statement) -> bool:
-    changes = setting_changes(statement.text) or ()
-    read_only = any(c.name == "transaction_read_only" and c.value == "on" for c in changes)
-    serializable = any(c.name == "transaction_isolation" and c.value == "serializable" for c in changes)
+    read_only, serializable = _begin_modes(statement)
     return read_only and not serializable
+
+
+def _starts_serializable(statement: Statement) -> bool:
+    return "SERIALIZABLE" in statement.keywords and _begin_modes(statement)[1]
 
 
 # --- keeping read-only sessions read-only ------------------------------------------------------------
@@ -281,12 +294,15 @@ def _classify_one(text: str) -> tuple[str, bool | None]:
             return "", None
         what, session = "", None
         for change in changes:
+            if change.name == "default_transaction_isolation" and change.value == "serializable":
+                session = False  # a hot standby cannot run SERIALIZABLE: keep the session on the primary
+                continue
             if change.name not in READ_ONLY_SETTINGS:
                 continue
             on = parse_bool(change.value) if change.value is not None else None
             if not on:
                 what = what or _describe(keyword, text, change.name, change.value)
-            if change.name == "default_transaction_read_only" and not change.local:
+            if change.name == "default_transaction_read_only" and not change.local and session is None:
                 session = bool(on)
         return what, session
     if keyword == "DISCARD":
