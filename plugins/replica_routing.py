@@ -230,12 +230,18 @@ _NOTHING: Final = _Fact()
 _facts: dict[str, _Fact] = {}
 _FACT_CACHE_SIZE: Final = 4096
 _FACT_CACHE_MAX_TEXT: Final = 8192
+#: first keywords of the statements that can change read-only-ness (besides set_config, a session state)
+_MAYBE: Final = frozenset({"SET", "RESET", "BEGIN", "START", "DISCARD", "DO"})
 _RELEVANT: Final = re.compile(r"(?i)read|reset|discard|set_config")
 _MENTIONS: Final = re.compile(r"(?i)transaction_read_only|read\s+write")
 
 
 @hookimpl(trylast=True)
 def halephant_inspect_query(client: ClientInfo, statement: Statement, pool: PoolInfo) -> Reject | None:
+    # Nearly every statement is decided by facts cached on the Statement, which the core reads anyway:
+    # most simple-protocol texts are new (their literals differ), so no per-text work comes first.
+    if not (statement.first_keyword in _MAYBE or statement.session_state or statement.is_multi_statement):
+        return None
     text = statement.text
     fact = _facts.get(text)
     if fact is None:

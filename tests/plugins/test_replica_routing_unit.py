@@ -157,6 +157,7 @@ SWITCHES = [
     "START TRANSACTION ISOLATION LEVEL READ COMMITTED, READ WRITE",
     "SET default_transaction_read_only = E'off'",
     "SELECT 1; RESET default_transaction_read_only",
+    "SELECT 1; BEGIN READ WRITE; INSERT INTO t VALUES (1); COMMIT",
     "select set_config('default_transaction_read_only', 'off', false)",
     "SELECT set_config('transaction_read_only', $1, true)",
     "SELECT set_config($1, 'off', false)",
@@ -209,3 +210,10 @@ def test_a_read_only_session_keeps_serializable_transactions_on_the_primary() ->
     inspect(me, "SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL SERIALIZABLE, READ ONLY")
     assert me.stashed(SESSION_READ_ONLY) is None  # a standby cannot serve this session at all
     assert route("myapp", who=me).role is Role.PRIMARY  # type: ignore[union-attr]
+
+
+def test_ordinary_statements_cost_no_per_text_work() -> None:
+    replica_routing._facts.clear()
+    for sql in ("SELECT 42", "INSERT INTO t VALUES ('read write')", "UPDATE t SET a = 1"):
+        assert inspect(client("myapp_ro"), sql) is None
+    assert replica_routing._facts == {}
