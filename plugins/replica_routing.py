@@ -240,7 +240,11 @@ _MENTIONS: Final = re.compile(r"(?i)transaction_read_only|read\s+write")
 def halephant_inspect_query(client: ClientInfo, statement: Statement, pool: PoolInfo) -> Reject | None:
     # Nearly every statement is decided by facts cached on the Statement, which the core reads anyway:
     # most simple-protocol texts are new (their literals differ), so no per-text work comes first.
-    if not (statement.first_keyword in _MAYBE or statement.session_state or statement.is_multi_statement):
+    if not (
+        statement.first_keyword in _MAYBE
+        or statement.session_state
+        or (";" in statement.text and statement.is_multi_statement)
+    ):
         return None
     text = statement.text
     fact = _facts.get(text)
