@@ -91,7 +91,7 @@ class _Plan:
         "ro_tx_fallback",
         "session",
         "session_fallback",
-        "session_serializable",
+        "session_primary_tx",
         "to_replica",
     )
 
@@ -124,8 +124,9 @@ class _Plan:
         self.ro_tx_fallback = Route(Role.PRIMARY, "primary: transaction starts READ ONLY, no usable replica")
         self.session = Route(Role.REPLICA, "replica: session is read-only (SET by the client)")
         self.session_fallback = Route(Role.PRIMARY, "primary: session is read-only, no usable replica")
-        self.session_serializable = Route(
-            Role.PRIMARY, "primary: session is read-only, but a hot standby cannot run SERIALIZABLE"
+        self.session_primary_tx = Route(
+            Role.PRIMARY,
+            "primary: session is read-only, but the transaction starts READ WRITE or SERIALIZABLE",
         )
 
 
@@ -171,8 +172,8 @@ def halephant_route(
     statement = transaction.statement
     begin = statement if statement is not None and statement.first_keyword in _STARTS else None
     if client.stashed(SESSION_READ_ONLY):
-        if begin is not None and _starts_serializable(begin):
-            return plan.session_serializable
+        if begin is not None and _needs_primary(begin):
+            return plan.session_primary_tx
         return plan.session if _has_replica(cluster) else plan.session_fallback
     if begin is not None and _starts_read_only(begin):
         return plan.ro_tx if _has_replica(cluster) else plan.ro_tx_fallback
@@ -182,18 +183,19 @@ def halephant_route(
 _STARTS: Final = frozenset({"BEGIN", "START"})
 
 
-# BEGIN texts are few: (read only, serializable) is kept per text
-_begins: dict[str, tuple[bool, bool]] = {}
+# BEGIN texts are few: (access mode: "on" / "off" / None, serializable) is kept per text
+_begins: dict[str, tuple[str | None, bool]] = {}
 
 
-def _begin_modes(statement: Statement) -> tuple[bool, bool]:
+def _begin_modes(statement: Statement) -> tuple[str | None, bool]:
     modes = _begins.get(statement.text)
     if modes is None:
         if len(_begins) > 1024:
             _begins.clear()
         changes = setting_changes(statement.text) or ()
+        access = [c.value for c in changes if c.name == "transaction_read_only"]
         modes = _begins[statement.text] = (
-            any(c.name == "transaction_read_only" and c.value == "on" for c in changes),
+            access[-1] if access else None,
             any(c.name == "transaction_isolation" and c.value == "serializable" for c in changes),
         )
     return modes
@@ -203,12 +205,18 @@ def _starts_read_only(statement: Statement) -> bool:
     """BEGIN/START TRANSACTION ... READ ONLY, except SERIALIZABLE, which a hot standby cannot run."""
     if "ONLY" not in statement.keywords:
         return False
-    read_only, serializable = _begin_modes(statement)
-    return read_only and not serializable
+    access, serializable = _begin_modes(statement)
+    return access == "on" and not serializable
 
 
-def _starts_serializable(statement: Statement) -> bool:
-    return "SERIALIZABLE" in statement.keywords and _begin_modes(statement)[1]
+def _needs_primary(statement: Statement) -> bool:
+    """BEGIN/START TRANSACTION ... READ WRITE or SERIALIZABLE: what a standby cannot run, even in a
+    session that is read-only by default (PostgreSQL lets such a session begin a read-write one)."""
+    keywords = statement.keywords
+    if "WRITE" not in keywords and "SERIALIZABLE" not in keywords:
+        return False
+    access, serializable = _begin_modes(statement)
+    return access == "off" or serializable
 
 
 # --- keeping read-only sessions read-only ------------------------------------------------------------

@@ -59,7 +59,11 @@ def clean_afterwards(pg: Cluster) -> Iterator[None]:
 
 
 def connect(proxy: Running, autocommit: bool = True, **params: Any) -> psycopg.Connection[Any]:
-    return psycopg.connect(proxy.dsn(**params), autocommit=autocommit, connect_timeout=5)
+    # no automatic server-side prepare: a named prepared statement pins the client to its server
+    # (protocol-level prepared statements are not routed across servers yet)
+    conn = psycopg.connect(proxy.dsn(**params), autocommit=autocommit, connect_timeout=5)
+    conn.prepare_threshold = None
+    return conn
 
 
 def ro(proxy: Running, autocommit: bool = True, **params: Any) -> psycopg.Connection[Any]:
@@ -259,6 +263,12 @@ def test_a_read_only_session_goes_to_replicas_until_reset(proxy: Running, on: st
         for _ in range(3):
             assert one(conn, "SELECT pg_is_in_recovery()") is True
             assert one(conn, "SHOW default_transaction_read_only") == "on"
+        # as directly: a read-only session may still begin a read-write transaction (on the primary)
+        conn.execute("BEGIN READ WRITE")
+        conn.execute("INSERT INTO routing_t VALUES (6)")
+        assert one(conn, "SELECT pg_is_in_recovery()") is False
+        conn.execute("COMMIT")
+        assert one(conn, "SELECT pg_is_in_recovery()") is True
         conn.execute(off)
         assert one(conn, "SELECT pg_is_in_recovery()") is False
         conn.execute("INSERT INTO routing_t VALUES (4)")  # read-write again, on the primary

@@ -202,10 +202,12 @@ def test_what_keeps_a_read_only_user_read_only_is_allowed(sql: str) -> None:
     assert inspect(client("myapp_ro"), sql) is None
 
 
-def test_a_read_only_session_keeps_serializable_transactions_on_the_primary() -> None:
+def test_a_read_only_session_keeps_read_write_and_serializable_transactions_on_the_primary() -> None:
     me = client("myapp")
     inspect(me, "SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
     assert route("myapp", "BEGIN ISOLATION LEVEL SERIALIZABLE", who=me).role is Role.PRIMARY  # type: ignore[union-attr]
+    assert route("myapp", "BEGIN READ WRITE", who=me).role is Role.PRIMARY  # type: ignore[union-attr]
+    assert route("myapp", "START TRANSACTION READ ONLY", who=me).role is Role.REPLICA  # type: ignore[union-attr]
     assert route("myapp", "BEGIN", who=me).role is Role.REPLICA  # type: ignore[union-attr]
     inspect(me, "SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL SERIALIZABLE, READ ONLY")
     assert me.stashed(SESSION_READ_ONLY) is None  # a standby cannot serve this session at all
