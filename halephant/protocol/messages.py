@@ -163,31 +163,6 @@ def decode_error_fields(payload: bytes | memoryview) -> dict[str, str]:
     return fields
 
 
-def decode_data_row(payload: bytes | memoryview) -> list[bytes | None]:
-    """DataRow: each column's value (text or binary as sent), None for NULL."""
-    b = bytes(payload)
-    if len(b) < 2:
-        raise ProtocolViolation("invalid DataRow")
-    (n,) = struct.unpack_from("!h", b, 0)
-    pos = 2
-    values: list[bytes | None] = []
-    for _ in range(n):
-        if pos + 4 > len(b):
-            raise ProtocolViolation("invalid DataRow")
-        (size,) = _I32.unpack_from(b, pos)
-        pos += 4
-        if size < 0:
-            values.append(None)
-            continue
-        if pos + size > len(b):
-            raise ProtocolViolation("invalid DataRow")
-        values.append(b[pos : pos + size])
-        pos += size
-    if pos != len(b):
-        raise ProtocolViolation("invalid DataRow")
-    return values
-
-
 def decode_parameter_status(payload: bytes | memoryview) -> tuple[str, str]:
     name, pos = read_cstring(payload, 0)
     value, _ = read_cstring(payload, pos)

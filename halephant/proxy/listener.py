@@ -54,7 +54,7 @@ class Listeners:
         target = client.target
         if target is None:
             return None
-        key = (target.database, target.server_user)
+        key = (target.database, target.pool_user)
         listener = self._by_key.get(key)
         if listener is None:
             listener = self._by_key[key] = _Listener(self.app, self.app.manager.nodes.primary_pool(target))

@@ -25,6 +25,7 @@ from halephant.pool.pool import Pool
 from halephant.protocol import codes
 from halephant.protocol import messages as m
 from halephant.protocol.framing import split_frames
+from halephant.protocol.session_queries import decode_data_row
 from halephant.topology.monitor import TopologyMonitor
 from halephant.topology.probe import parse_lsn
 from halephant.topology.state import SPLIT_BRAIN, configured_view
@@ -76,7 +77,7 @@ class Nodes:
     ) -> ServerPool | None:
         """The pool that gets a transaction for `role`; None when no node can take it (no usable
         replica). With no primary known, the pool returned only queues, until one appears."""
-        group = self.groups.get((target.database, target.server_user))
+        group = self.groups.get((target.database, target.pool_user))
         if group is None or group.cluster != target.cluster:
             group = self._new_group(target)
         if role is _PRIMARY:
@@ -92,7 +93,7 @@ class Nodes:
 
     def primary_pool(self, target: PoolTarget) -> ServerPool:
         """The pool of the current primary (while none is known, one that only queues: host "")."""
-        group = self.groups.get((target.database, target.server_user))
+        group = self.groups.get((target.database, target.pool_user))
         if group is None or group.cluster != target.cluster:
             group = self._new_group(target)
         return group.primary or group.waiting_for_primary
@@ -130,7 +131,7 @@ class Nodes:
 
     def _new_group(self, target: PoolTarget) -> Group:
         group: Group = PoolGroup(target)
-        self.groups[(target.database, target.server_user)] = group
+        self.groups[(target.database, target.pool_user)] = group
         for node in self.app.config.clusters[target.cluster].nodes:
             group.pools[_address(node.host, node.port)] = self.manager.node_pool(target, node.host, node.port)
         self._assign(group, self.view(target.cluster))
@@ -143,7 +144,7 @@ class Nodes:
             [_address(node.host, node.port) for node in view.replicas],
         )
         for pool in group.pools.values():
-            db = self.app.config.databases.get(pool.info.target.database)
+            db = self.app.config.database_for(pool.info.target.database)
             pool.track_lsn = pool.serves is Role.PRIMARY and db is not None and db.read_your_writes
         for waiter in displaced:
             self._to_primary(group, waiter)
@@ -228,7 +229,7 @@ class Nodes:
         """Opening a server connection for `pool` failed; `node_failed`: the node did not answer (as
         opposed to refusing the login), so the topology is probed again at once."""
         target = pool.info.target
-        group = self.groups.get((target.database, target.server_user))
+        group = self.groups.get((target.database, target.pool_user))
         if node_failed:
             self.topology.probe_soon(target.cluster)
         served_elsewhere = False
@@ -286,7 +287,7 @@ class Nodes:
     def learn_lsn(self, server: ServerConnection, client: ClientConnection) -> None:
         """A client's transaction ended on the primary: ask the server for its WAL position, then check
         the server in."""
-        db = self.app.config.databases.get(server.pool.info.target.database)
+        db = self.app.config.database_for(server.pool.info.target.database)
         window = db.read_your_writes_window if db is not None else 10.0
         until = self.app.loop.time() + window
         self.ryw[client] = (_PENDING, until)
@@ -337,8 +338,8 @@ class _LsnQuery:
             frames, _ = split_frames(self._buf, 1 << 20)
             for t, start, end in frames:
                 if t == codes.DATA_ROW:
-                    value = m.decode_data_row(self._buf[start:end])[0]
-                    return parse_lsn(value.decode()) if value is not None else None
+                    value = decode_data_row(self._buf[start:end])[0]
+                    return parse_lsn(value) if value is not None else None
         except Exception:  # a garbled answer: the client stays pinned to the primary for the window
             log.warning("server %s: could not read pg_current_wal_insert_lsn()", self.server, exc_info=True)
         return None

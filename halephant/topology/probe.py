@@ -19,6 +19,7 @@ from halephant.errors import ClientError, ProtocolViolation
 from halephant.protocol import codes
 from halephant.protocol import messages as m
 from halephant.protocol.framing import split_frames
+from halephant.protocol.session_queries import decode_data_row
 
 __all__ = ["PROBE_SQL", "ProbeConnection", "ProbeFailed", "ProbeResult", "ProbeSession", "parse_lsn"]
 
@@ -64,7 +65,7 @@ def parse_lsn(text: str) -> int:
     return (int(high, 16) << 32) | int(low, 16)
 
 
-def _number(value: bytes | None) -> float | None:
+def _number(value: str | None) -> float | None:
     return None if value is None else float(value)
 
 
@@ -77,7 +78,7 @@ class ProbeSession:
         self._auth = UpstreamAuth(user, password)
         self.startup_params = {"user": user, "database": database, "application_name": APPLICATION_NAME}
         self._buf = b""
-        self._row: list[bytes | None] | None = None
+        self._row: list[str | None] | None = None
         self._error: str | None = None
         self.logged_in = False
 
@@ -105,7 +106,10 @@ class ProbeSession:
         for t, start, end in frames:
             payload = buf[start:end]
             if t == codes.DATA_ROW:
-                self._row = m.decode_data_row(payload)
+                try:
+                    self._row = decode_data_row(payload)
+                except ProtocolViolation as exc:
+                    raise ProbeFailed(f"protocol violation from server: {exc.message}") from None
             elif t == codes.ERROR_RESPONSE:
                 fields = m.decode_error_fields(payload)
                 error = f"{fields.get('M', 'error')} ({fields.get('C', sqlstate.INTERNAL_ERROR)})"
@@ -138,7 +142,7 @@ class ProbeSession:
         except ValueError:
             raise ProbeFailed("probe query returned something that is not a number") from None
         return ProbeResult(
-            in_recovery=row[0] == b"t",
+            in_recovery=row[0] == "t",
             lsn=None if lsn is None else int(lsn),
             replay_age=age,
             timeline=None if timeline is None else int(timeline),
