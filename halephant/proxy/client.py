@@ -41,6 +41,7 @@ from halephant.protocol.startup import (
     StartupFramer,
     StartupMessage,
 )
+from halephant.proxy.limits import too_many_clients
 from halephant.sql import Statement
 from halephant.types import (
     ClientInfo,
@@ -111,6 +112,7 @@ class ClientConnection(asyncio.Protocol):
         "app",
         "cancel_key",
         "info",
+        "link_count",
         "number",
         "outstanding",
         "pinned",
@@ -120,11 +122,16 @@ class ClientConnection(asyncio.Protocol):
         "settings",
         "skip_to_sync",
         "state",
+        "sweep_links",
+        "sweep_rfq",
+        "sweep_since",
         "target",
         "transaction_mode",
         "transport",
         "unsynced",
         "wait_deadline",
+        "wait_notified",
+        "wait_started",
         "waiting_pool",
         "write_paused",
     )
@@ -156,8 +163,15 @@ class ClientConnection(asyncio.Protocol):
         self._last_sync_point = 0
         self._pending_pin = ""  # a Pin verdict waiting for the server it applies to
         self.wait_deadline = 0.0
+        self.wait_started = 0.0
+        self.wait_notified = False
         self.cancel_key = 0
         self.number = 0
+        #: transactions linked so far, and what the timeout sweep saw last (halephant.proxy.sweep)
+        self.link_count = 0
+        self.sweep_links = -1
+        self.sweep_rfq = -1
+        self.sweep_since = 0.0
 
     def __repr__(self) -> str:
         return repr(self.info) if self.info else "<client (starting)>"
@@ -271,6 +285,10 @@ class ClientConnection(asyncio.Protocol):
             user=packet.user, database=packet.database, params=packet.params, address=address, id=self.number
         )
         log.info("%r: connected", self)
+        refused = too_many_clients(self.app.config, len(self.app.clients))
+        if refused is not None:
+            log.warning("%r: rejected: %s", self, refused.message)
+            raise refused
         if packet.minor > 0 or packet.protocol_options:
             self.transport.write(m.negotiate_protocol_version(codes.PROTOCOL_3_0, packet.protocol_options))
         if "replication" in packet.params and packet.params["replication"].lower() not in (
@@ -327,8 +345,13 @@ class ClientConnection(asyncio.Protocol):
             log.info("%r: rejected: %s", self, r.reason)
             raise ClientError(r.code, r.message, hint=r.hint, fatal=True)
         assert self.info is not None and self.target is not None
+        pool_info = self.app.manager.pool_info(self.target)
+        refused = self.app.client_counts.admit(self.app.config, self.target.database, self.info.user)
+        if refused is not None:
+            log.warning("%r: rejected: %s", self, refused.message)
+            raise refused
+        self.pool_info = pool_info  # from here on the client is counted (see _closed)
         self.transport.write(m.AUTHENTICATION_OK)
-        self.pool_info = self.app.manager.pool_info(self.target)
         self.transaction_mode = self.pool_info.mode is PoolMode.TRANSACTION
         log.info("%r: login ok (%s, pool %s, %s mode)", self, how, self.target.database, self.target.mode)
         self.state = WELCOME
@@ -545,7 +568,8 @@ class ClientConnection(asyncio.Protocol):
                 pool = self._primary_pool = self.app.manager.pool_for(self.target, route.role)
         else:
             pool = self.app.manager.pool_for(self.target, route.role)
-        server, open_one = pool.checkout(self)
+        # waiters queue per client user: fair between users sharing one pool
+        server, open_one = pool.checkout(self, self.info.user)
         if server is not None:
             self._link(server)
             return True
@@ -555,8 +579,14 @@ class ClientConnection(asyncio.Protocol):
         self._first_checked = True
         db = self.app.config.databases.get(self.target.database)
         # enforced by the pool manager's sweep (one timer for everyone, not one per wait)
-        self.wait_deadline = self.app.loop.time() + (db.checkout_timeout if db is not None else 30.0)
+        self.wait_started = now = self.app.loop.time()
+        self.wait_notified = False
+        self.wait_deadline = now + (db.checkout_timeout if db is not None else 30.0)
         return False
+
+    def forget_pools(self) -> None:
+        """A reload may have changed the pools: look the primary's up again at the next transaction."""
+        self._primary_pool = None
 
     def attach_server(self, server: ServerConnection) -> None:
         """Called by the pool: the server this client waited for."""
@@ -614,6 +644,7 @@ class ClientConnection(asyncio.Protocol):
         self.server = server
         server.client = self
         server.link_count += 1
+        self.link_count += 1
         if self.write_paused:
             server.set_reading(True)
         server.apply_settings(self.settings)
@@ -728,5 +759,7 @@ class ClientConnection(asyncio.Protocol):
             else:
                 server.close("client left mid-transaction")
         self.app.client_closed(self)
+        if self.pool_info is not None and self.info is not None:
+            self.app.client_counts.release(self.pool_info.database, self.info.user)
         if self.info is not None:
             log.info("%r: disconnected: %s", self, reason)
