@@ -45,6 +45,8 @@ class Change:
             text = f"+ {self.path}: added"
         elif self.kind == "removed":
             text = f"- {self.path}: removed"
+        elif self.old == REDACTED and self.new == REDACTED:
+            text = f"~ {self.path}: changed (secret, not shown)"
         else:
             text = f"~ {self.path}: {self.old} -> {self.new}"
         return text + (" (needs a restart)" if self.restart else "")
