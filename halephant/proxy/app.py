@@ -50,6 +50,8 @@ class App:
         self.draining = False
         self._server: asyncio.AbstractServer | None = None
         self._listen_sock: socket.socket | None = None
+        #: connections taken from the listen queue at shutdown, still being set up
+        self._accepting: list[asyncio.Task[Any]] = []
         self._numbers = itertools.count(1)
         self._tg: anyio.abc.TaskGroup | None = None
         self._stop = anyio.Event()
@@ -123,7 +125,11 @@ class App:
                     break
                 conn.setblocking(False)
                 accepted += 1
-                self.loop.create_task(self.loop.connect_accepted_socket(lambda: ClientConnection(self), conn))
+                self._accepting.append(
+                    self.loop.create_task(
+                        self.loop.connect_accepted_socket(lambda: ClientConnection(self), conn)
+                    )
+                )
         server.close()
         log.info("stopped listening%s", f" ({accepted} queued connection(s) accepted)" if accepted else "")
 
@@ -161,7 +167,7 @@ class App:
 
     async def _drain(self, deadline: float) -> None:
         # idle clients are closed by the client sweep (halephant.proxy.sweep); this waits for the rest
-        while self.clients and self.loop.time() < deadline:
+        while (self.clients or any(not t.done() for t in self._accepting)) and self.loop.time() < deadline:
             await anyio.sleep(0.05)
         if self.clients:
             log.info("shutdown_timeout reached: terminating %d client(s)", len(self.clients))
