@@ -104,7 +104,6 @@ class ClientConnection(asyncio.Protocol):
         "_first_checked",
         "_framer",
         "_last_sync_point",
-        "_login_timer",
         "_pending_pin",
         "_primary_pool",
         "_read_paused",
@@ -113,6 +112,7 @@ class ClientConnection(asyncio.Protocol):
         "cancel_key",
         "info",
         "link_count",
+        "login_deadline",
         "number",
         "outstanding",
         "pinned",
@@ -157,7 +157,8 @@ class ClientConnection(asyncio.Protocol):
         self.write_paused = False
         self._first_checked = False
         self._reject_next: bytes | None = None
-        self._login_timer: asyncio.TimerHandle | None = None
+        #: enforced by the client sweep (halephant.proxy.sweep), not a timer per connection
+        self.login_deadline = 0.0
         self._primary_pool: ServerPool | None = None
         self._read_paused = False
         self._last_sync_point = 0
@@ -182,9 +183,7 @@ class ClientConnection(asyncio.Protocol):
         # uvloop's transports don't subclass asyncio's. Both loops set TCP_NODELAY on TCP transports
         # themselves; asking for the socket object here would cost ~100 bytes per idle client.
         self.transport = cast(asyncio.Transport, transport)
-        self._login_timer = self.app.loop.call_later(
-            self.app.config.limits.login_timeout, self._login_timeout
-        )
+        self.login_deadline = self.app.loop.time() + self.app.config.limits.login_timeout
         self.number = self.app.client_opened(self)
 
     def data_received(self, data: bytes) -> None:
@@ -244,14 +243,13 @@ class ClientConnection(asyncio.Protocol):
 
     # --- startup and authentication ---
 
-    def _login_timeout(self) -> None:
-        self._login_timer = None
+    def login_timeout(self) -> None:
+        """Called by the client sweep once `login_deadline` has passed."""
         if self.state < READY:
             log.info("%r: login timeout", self)
+            # PostgreSQL's own code and text for authentication_timeout
             self.fail(
-                ClientError(
-                    sqlstate.PROTOCOL_VIOLATION, "canceling authentication due to timeout", fatal=True
-                )
+                ClientError(sqlstate.QUERY_CANCELED, "canceling authentication due to timeout", fatal=True)
             )
 
     def _startup_data(self, data: bytes) -> None:
@@ -367,9 +365,6 @@ class ClientConnection(asyncio.Protocol):
 
     def _welcome(self, params: dict[str, str]) -> None:
         assert self.info is not None
-        if self._login_timer is not None:
-            self._login_timer.cancel()
-            self._login_timer = None
         self._resume_if_paused()
         out = [m.parameter_status(name, value) for name, value in params.items()]
         # unpredictable: the key is what authorizes cancelling this client's queries
@@ -741,9 +736,6 @@ class ClientConnection(asyncio.Protocol):
 
     def _closed(self, reason: str) -> None:
         self.state = CLOSED
-        if self._login_timer is not None:
-            self._login_timer.cancel()
-            self._login_timer = None
         if self.waiting_pool is not None:
             self.waiting_pool.cancel_wait(self)
             self.waiting_pool = None

@@ -4,10 +4,11 @@ The waiter sweep (every 100 ms, `sweep_waiters`): `checkout_timeout` (ERROR 5330
 gets once it has waited `query_wait_notify` for a server, and the reserve pool (one more server beyond
 `pool_size`, up to `reserve_pool_size`, while the oldest waiter has waited `reserve_pool_timeout`).
 
-The client sweep (`sweep_clients`, every second; every 100 ms while shutting down):
-`client_idle_timeout` (FATAL 57P05), `idle_transaction_timeout` (FATAL 25P03), `query_timeout` (a real
-CancelRequest to the server, whose own ERROR 57014 reaches the client), clients of a database a reload
-removed (FATAL 57P01) and the shutdown drain.
+The client sweep (`sweep_clients`, every second; every 100 ms while shutting down): `login_timeout`
+(FATAL 57014, PostgreSQL's code for authentication_timeout), `client_idle_timeout` (FATAL 57P05),
+`idle_transaction_timeout` (FATAL 25P03), `query_timeout` (a real CancelRequest to the server, whose own
+ERROR 57014 reaches the client), clients of a database a reload removed (FATAL 57P01) and the shutdown
+drain.
 
 Activity is noticed without any per-message work: a client's `link_count` (bumped once per transaction)
 and its server's `rfq_seen` (ReadyForQuery messages relayed) form a mark; a client whose mark has not
@@ -90,8 +91,12 @@ def sweep_clients(app: App, now: float) -> None:
     # effective timeouts per database, worked out once per sweep
     timeouts: dict[str, tuple[float, float, float]] = {}
     for client in list(app.clients.values()):
-        if client.state != _READY or client.waiting_pool is not None:
-            continue  # logging in (login_timeout), or waiting (checkout_timeout)
+        if client.state != _READY:
+            if client.state < _READY and now >= client.login_deadline:
+                client.login_timeout()
+            continue
+        if client.waiting_pool is not None:
+            continue  # waiting: checkout_timeout, in the waiter sweep
         server = client.server
         rfq = server.rfq_seen if server is not None else -1
         if client.sweep_links != client.link_count or client.sweep_rfq != rfq:
