@@ -128,7 +128,14 @@ class PoolManager:
         return view
 
     def pool_for(self, target: PoolTarget, role: Role) -> ServerPool:
-        nodes = self.app.config.clusters[target.cluster].nodes
+        cluster = self.app.config.clusters.get(target.cluster)
+        if cluster is None:  # a reload removed it while this client stayed connected
+            raise ClientError(
+                sqlstate.ADMIN_SHUTDOWN,
+                f'terminating connection: cluster "{target.cluster}" was removed from the configuration',
+                fatal=True,
+            )
+        nodes = cluster.nodes
         node = nodes[0]
         if role is Role.REPLICA and len(nodes) > 1:
             self._next_replica = (self._next_replica + 1) % (len(nodes) - 1)

@@ -5,6 +5,7 @@ restart-only settings marked."""
 from __future__ import annotations
 
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -133,3 +134,28 @@ def test_diff_of_equal_configs_is_empty_and_trees_work_redacted() -> None:
     assert [str(c) for c in diff_trees(running, redact_tree(config_tree(changed)))] == [
         "~ databases.myapp.pool_size: 20 -> 7"
     ]
+
+
+def test_check_against_prints_the_dry_run(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from halephant.cli import main
+
+    old, new, bad = tmp_path / "old.yaml", tmp_path / "new.yaml", tmp_path / "bad.yaml"
+    old.write_text(BASE)
+    new.write_text(BASE.replace("password: secret", "password: s3cret-two") + "listen: 127.0.0.1:7000\n")
+    bad.write_text(BASE + "limits:\n  query_timeout: never\n")
+    result = CliRunner().invoke(main, ["check", "-c", str(new), "--against", str(old)])
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[1:] == [
+        f"a reload from {old} would apply 1 change(s):",
+        "  ~ listen: 127.0.0.1:6432 -> 127.0.0.1:7000 (needs a restart)",
+        "  ~ users.myapp.password: changed (secret, not shown)",
+        "1 change(s) need a restart",
+    ]
+    assert "s3cret" not in result.output
+    same = CliRunner().invoke(main, ["check", "-c", str(old), "--against", str(old)])
+    assert same.exit_code == 0 and f"no changes from {old}" in same.output
+    broken = CliRunner().invoke(main, ["check", "-c", str(bad), "--against", str(old)])
+    assert broken.exit_code == 1
+    assert f"{bad}:11:18: limits.query_timeout" in broken.output
