@@ -259,3 +259,19 @@ def test_rolling_restart_loses_no_connection_attempt(pg: Cluster, halephant: Hal
     assert failures == [], f"{len(failures)} of {attempts} attempts failed: {failures[:5]}"
     assert new.alive and "shutting down" not in new.log_text()
     assert_clean_servers(pg.primary)
+
+
+def test_reload_applies_plugin_settings(pg: Cluster, halephant: HalephantFactory) -> None:
+    config = _config(pg)
+    run = halephant.start(config)
+    client = _client(run)
+    hold = "DECLARE c CURSOR WITH HOLD FOR SELECT 1"
+    assert [e["C"] for e in errors(client.simple_query(hold))] == ["0A000"]
+    config["plugins"] = {"cursor_guard": {"action": "allow"}}
+    log = _reload(run, config, "reload: done")
+    assert "~ plugins.cursor_guard.action: reject -> allow" in log
+    assert errors(client.simple_query("BEGIN")) == []
+    assert errors(client.simple_query(hold)) == []  # the same client, now allowed
+    assert errors(client.simple_query("CLOSE c")) == []
+    assert errors(client.simple_query("COMMIT")) == []
+    assert_clean_servers(pg.primary)
