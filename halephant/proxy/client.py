@@ -285,7 +285,12 @@ class ClientConnection(asyncio.Protocol):
         log.info("%r: connected", self)
         refused = too_many_clients(self.app.config, len(self.app.clients))
         if refused is not None:
-            log.warning("%r: rejected: %s", self, refused.message)
+            log.warning(
+                "%r: rejected: %s",
+                self,
+                refused.message,
+                extra={"event": "max_client_conn", "sqlstate": refused.code},
+            )
             raise refused
         if packet.minor > 0 or packet.protocol_options:
             self.transport.write(m.negotiate_protocol_version(codes.PROTOCOL_3_0, packet.protocol_options))
@@ -346,7 +351,12 @@ class ClientConnection(asyncio.Protocol):
         pool_info = self.app.manager.pool_info(self.target)
         refused = self.app.client_counts.admit(self.app.config, self.target.database, self.info.user)
         if refused is not None:
-            log.warning("%r: rejected: %s", self, refused.message)
+            log.warning(
+                "%r: rejected: %s",
+                self,
+                refused.message,
+                extra={"event": "max_client_conn", "sqlstate": refused.code},
+            )
             raise refused
         self.pool_info = pool_info  # from here on the client is counted (see _closed)
         self.transport.write(m.AUTHENTICATION_OK)

@@ -50,7 +50,7 @@ def reload_app(app: App) -> ReloadResult:
     except ConfigError as exc:
         errors = [str(problem) for problem in exc.problems]
         for line in errors:
-            log.error("reload failed: %s", line)
+            log.error("reload failed: %s", line, extra={"event": "reload_failed"})
         log.error("reload failed: %d error(s); still running with the previous configuration", len(errors))
         return ReloadResult(errors=errors)
     except Exception as exc:  # a plugin's settings hook that raises must not stop the proxy
@@ -78,11 +78,15 @@ def reload_app(app: App) -> ReloadResult:
         client.forget_pools()
     result.pools = app.manager.reconfigure(new)
     for change in result.applied:
-        log.info("reload: applied %s", change)
+        log.info("reload: applied %s", change, extra={"event": "reload", "path": change.path})
     for change in result.needs_restart:
-        log.warning("reload: %s; keeping the running value until a restart", change)
+        log.warning(
+            "reload: %s; keeping the running value until a restart",
+            change,
+            extra={"event": "reload", "path": change.path},
+        )
     for line in result.pools:
-        log.info("reload: %s", line)
+        log.info("reload: %s", line, extra={"event": "pool_reconfigured"})
     log.info(
         "reload: done (%d change(s) applied, %d need a restart)",
         len(result.applied),

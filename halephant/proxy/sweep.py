@@ -65,13 +65,21 @@ def sweep_waiters(manager: PoolManager, now: float) -> None:
                     now - oldest,
                     len(waiters),
                     pool.total,
+                    extra={"event": "reserve_pool", "pool": pool.name},
                 )
                 manager.open(pool)
 
 
 def _notify_waiting(client: ClientConnection, pool: str, busy: int, waiting: int, now: float) -> None:
     waited = now - client.wait_started
-    log.info("%r: waiting %.1f s for a server of pool %s (%d waiting)", client, waited, pool, waiting)
+    log.info(
+        "%r: waiting %.1f s for a server of pool %s (%d waiting)",
+        client,
+        waited,
+        pool,
+        waiting,
+        extra={"event": "query_wait_notify", "pool": pool},
+    )
     try:
         client.transport.write(
             m.notice_response(
@@ -133,7 +141,12 @@ def sweep_clients(app: App, now: float) -> None:
             elif draining and quiet >= DRAIN_IDLE_GRACE:
                 client.fail(shutdown_error())
             elif idle_timeout and quiet >= idle_timeout:
-                log.info("%r: client_idle_timeout (%gs)", client, idle_timeout)
+                log.info(
+                    "%r: client_idle_timeout (%gs)",
+                    client,
+                    idle_timeout,
+                    extra={"event": "client_idle_timeout"},
+                )
                 client.fail(
                     ClientError(
                         sqlstate.IDLE_SESSION_TIMEOUT,
@@ -144,7 +157,12 @@ def sweep_clients(app: App, now: float) -> None:
         elif client.outstanding == 0:
             # in a transaction, and the server waits for the client
             if idle_tx_timeout and quiet >= idle_tx_timeout:
-                log.info("%r: idle_transaction_timeout (%gs)", client, idle_tx_timeout)
+                log.info(
+                    "%r: idle_transaction_timeout (%gs)",
+                    client,
+                    idle_tx_timeout,
+                    extra={"event": "idle_transaction_timeout"},
+                )
                 client.fail(
                     ClientError(
                         sqlstate.IDLE_IN_TRANSACTION_SESSION_TIMEOUT,
@@ -161,6 +179,7 @@ def sweep_clients(app: App, now: float) -> None:
                 client,
                 query_timeout,
                 server.backend_pid,
+                extra={"event": "query_timeout"},
             )
             client.sweep_since = now
             app.spawn(app._send_cancel, client, server, server.link_count)

@@ -108,3 +108,5 @@ def test_no_secret_ever_reaches_the_log(
         messages = [r["message"] for r in records]
         assert any("reload: done" in m for m in messages)
         assert any("pool" in m and "created" in m for m in messages)
+        assert any(r.get("event") == "reload" and r.get("path") == "users.myapp_ro.password" for r in records)
+        assert any(r.get("event") == "reload_failed" for r in records)
