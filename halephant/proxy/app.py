@@ -139,7 +139,10 @@ class App:
                 name = signal.Signals(signum).name
                 if signum == signal.SIGHUP:
                     log.info("received SIGHUP: reloading %s", self.config.source)
-                    self.reload()
+                    try:
+                        self.reload()
+                    except Exception:  # a bug in applying it must not take the proxy down
+                        log.exception("reload failed")
                 elif not self.draining:
                     log.info("received %s: shutting down", name)
                     self.begin_shutdown()
