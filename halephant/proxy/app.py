@@ -27,6 +27,7 @@ from halephant.plugin_manager import Plugins
 from halephant.protocol import messages as m
 from halephant.proxy.client import ClientConnection
 from halephant.proxy.limits import ClientCounts
+from halephant.proxy.listener import Listeners
 from halephant.proxy.manager import PoolManager
 from halephant.proxy.reload import ReloadResult, reload_app
 from halephant.proxy.server import ServerConnection
@@ -43,6 +44,8 @@ class App:
         #: checked before per-transaction debug lines, so they cost nothing when off
         self.debug = logging.getLogger("halephant").isEnabledFor(logging.DEBUG)
         self.manager = PoolManager(self)
+        #: shared LISTEN connections (emulated LISTEN in transaction pooling)
+        self.listeners = Listeners(self)
         #: every connected client by its number, which is also the process ID it is told (cancel keys)
         self.clients: dict[int, ClientConnection] = {}
         self.client_counts = ClientCounts()
@@ -184,6 +187,7 @@ class App:
         error = shutdown_error()
         for client in list(self.clients.values()):
             client.fail(error)
+        self.listeners.close_all()
         self.manager.close_all()
 
     def spawn(self, func: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> None:
