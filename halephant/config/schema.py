@@ -205,6 +205,10 @@ class UserConfig(_Section):
     auth: AuthName = "scram-sha-256"
     #: Clients logged in as this user at most (None: no per-user limit).
     max_client_conn: Annotated[StrictInt, Field(ge=1)] | None = None
+    #: Overrides of the `limits:` timeouts for this user's clients, before the database's (None: inherit).
+    client_idle_timeout: Annotated[Duration, Field(ge=0)] | None = None
+    idle_transaction_timeout: Annotated[Duration, Field(ge=0)] | None = None
+    query_timeout: Annotated[Duration, Field(ge=0)] | None = None
     _name: str = PrivateAttr(default="")
 
     @property

@@ -22,6 +22,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from halephant import sqlstate
+from halephant.config import UserConfig
 from halephant.errors import ClientError
 from halephant.protocol import codes
 from halephant.protocol import messages as m
@@ -94,10 +95,11 @@ def _notify_waiting(client: ClientConnection, pool: str, busy: int, waiting: int
 
 def sweep_clients(app: App, now: float) -> None:
     limits = app.config.limits
-    databases = app.config.databases
+    databases, users = app.config.databases, app.config.users
     draining = app.draining
-    # effective timeouts per database, worked out once per sweep
-    timeouts: dict[str, tuple[float, float, float]] = {}
+    # effective timeouts per (database, user), worked out once per sweep: the user's value, else the
+    # database's, else the global one
+    timeouts: dict[tuple[str, str], tuple[float, float, float]] = {}
     for client in list(app.clients.values()):
         if client.state != _READY:
             if client.state < _READY and now >= client.login_deadline:
@@ -111,21 +113,27 @@ def sweep_clients(app: App, now: float) -> None:
             client.sweep_links, client.sweep_rfq, client.sweep_since = client.link_count, rfq, now
             continue
         quiet = now - client.sweep_since
-        target = client.target
-        if target is None:
+        target, info = client.target, client.info
+        if target is None or info is None:
             continue
-        t = timeouts.get(target.database)
+        key = (target.database, info.user)
+        t = timeouts.get(key)
         if t is None:
-            db = databases.get(target.database)
+            db, user = databases.get(target.database), users.get(info.user)
             if db is None:
                 t = (-1.0, 0.0, 0.0)  # removed by a reload
             else:
+                u = user if user is not None else _NO_USER
                 t = (
-                    _pick(db.client_idle_timeout, limits.client_idle_timeout),
-                    _pick(db.idle_transaction_timeout, limits.idle_transaction_timeout),
-                    _pick(db.query_timeout, limits.query_timeout),
+                    _pick(u.client_idle_timeout, db.client_idle_timeout, limits.client_idle_timeout),
+                    _pick(
+                        u.idle_transaction_timeout,
+                        db.idle_transaction_timeout,
+                        limits.idle_transaction_timeout,
+                    ),
+                    _pick(u.query_timeout, db.query_timeout, limits.query_timeout),
                 )
-            timeouts[target.database] = t
+            timeouts[key] = t
         idle_timeout, idle_tx_timeout, query_timeout = t
         if server is None or (client.outstanding == 0 and server.scanner.status == codes.TX_IDLE):
             # between transactions
@@ -185,8 +193,14 @@ def sweep_clients(app: App, now: float) -> None:
             app.spawn(app._send_cancel, client, server, server.link_count)
 
 
-def _pick(override: float | None, default: float) -> float:
-    return default if override is None else override
+_NO_USER = UserConfig(auth="trust")  # a user no longer configured: no overrides
+
+
+def _pick(*values: float | None) -> float:
+    for value in values:
+        if value is not None:
+            return value
+    return 0.0
 
 
 def shutdown_error() -> ClientError:

@@ -159,11 +159,15 @@ def test_query_timeout_cancels_with_57014_and_the_client_stays(
     assert_clean_servers(pg.primary)
 
 
-def test_database_override_of_query_timeout(pg: Cluster, halephant: HalephantFactory) -> None:
-    run = halephant.start(_config(pg, limits={"query_timeout": "1s"}, query_timeout=0))
-    client = _client(run)
+def test_database_and_user_overrides_of_query_timeout(pg: Cluster, halephant: HalephantFactory) -> None:
+    config = _config(pg, limits={"query_timeout": "1s"}, query_timeout=0)
+    config["users"]["myapp_ro"]["query_timeout"] = "1s"
+    run = halephant.start(config)
+    client, limited = _client(run), _client(run, "myapp_ro")
+    limited.send(rc.query("SELECT pg_sleep(2.5)"))
     out = client.simple_query("SELECT pg_sleep(2.5)")
     assert errors(out) == []  # the database turned it off
+    assert [e["C"] for e in errors(limited.read_until_ready())] == ["57014"]  # the user turned it on
 
 
 # --- waiting for a server ---------------------------------------------------------------------------------
