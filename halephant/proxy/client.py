@@ -404,6 +404,10 @@ class ClientConnection(asyncio.Protocol):
             and self.pool_info.mode is PoolMode.TRANSACTION
         ):
             self._release()
+        # the timeout sweep counts quiet time from here, not from the first sweep that sees the client
+        self.sweep_links = self.link_count
+        self.sweep_rfq = self.server.rfq_seen if self.server is not None else -1
+        self.sweep_since = self.app.loop.time()
         if self._buf:
             self._process(b"")
 

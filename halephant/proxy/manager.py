@@ -258,17 +258,23 @@ class PoolManager:
         while True:
             await anyio.sleep(0.1)
             now = loop.time()
-            sweep_waiters(self, now)
-            if self.app.draining:
-                sweep_clients(self.app, now)
+            try:
+                sweep_waiters(self, now)
+                if self.app.draining:
+                    sweep_clients(self.app, now)
+            except Exception:  # a bug here must not stop the sweeps (or the proxy): log it, go on
+                log.exception("waiter sweep failed")
 
     async def maintain(self) -> None:
         loop = self.app.loop
         while True:
             await anyio.sleep(1.0)
-            self.tick()
-            if not self.app.draining:
-                sweep_clients(self.app, loop.time())
+            try:
+                self.tick()
+                if not self.app.draining:
+                    sweep_clients(self.app, loop.time())
+            except Exception:  # a bug here must not stop the sweeps (or the proxy): log it, go on
+                log.exception("maintenance sweep failed")
 
     def tick(self) -> None:
         now = time.monotonic()

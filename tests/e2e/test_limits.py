@@ -118,7 +118,7 @@ def test_client_idle_timeout_closes_only_the_idle_client(pg: Cluster, halephant:
     while time.monotonic() - t0 < 3.5:
         assert _works(busy)
         time.sleep(0.3)
-    error = idle.expect_fatal_and_close("57P05", timeout=1)
+    error = idle.expect_fatal_and_close("57P05", timeout=3)
     assert "idle-session timeout" in error.fields["M"]
     assert _works(busy)
 
@@ -132,7 +132,7 @@ def test_idle_transaction_timeout_closes_the_client_and_rolls_back(
     assert errors(stuck.simple_query("SELECT pg_advisory_xact_lock(4242)")) == []
     t0 = time.monotonic()
     error = stuck.expect_fatal_and_close("25P03", timeout=5)
-    assert 1.0 <= time.monotonic() - t0 <= 3.5
+    assert 1.0 <= time.monotonic() - t0 <= 4.5  # the sweeps run once a second
     assert "idle-in-transaction timeout" in error.fields["M"]
     assert _works(other)
     # a transaction that keeps talking is not idle
@@ -154,7 +154,7 @@ def test_query_timeout_cancels_with_57014_and_the_client_stays(
     assert _works(other)  # served meanwhile by the other server
     out = slow.read_until_ready(timeout=6)
     assert [e["C"] for e in errors(out)] == ["57014"]
-    assert time.monotonic() - t0 < 4
+    assert time.monotonic() - t0 < 5  # the sweeps run once a second
     assert _works(slow) and _works(other)
     assert_clean_servers(pg.primary)
 
