@@ -781,7 +781,7 @@ class ClientConnection(asyncio.Protocol):
         except Exception:  # the transport may be gone already
             pass
         if fatal:
-            log.info("%r: closing: %s %s", self, error.code, error.message)
+            log.info("%r: closing: %s %s", self, error.code, error.message, extra={"sqlstate": error.code})
             self.close()
 
     def close(self) -> None:
