@@ -275,3 +275,24 @@ def test_reload_applies_plugin_settings(pg: Cluster, halephant: HalephantFactory
     assert errors(client.simple_query("CLOSE c")) == []
     assert errors(client.simple_query("COMMIT")) == []
     assert_clean_servers(pg.primary)
+
+
+def test_reload_shrinks_a_pool_by_closing_idle_servers(
+    pg: Cluster, halephant: HalephantFactory, backend_pids: Any
+) -> None:
+    config = _config(pg, pool_size=3, idle_timeout="1h")
+    run = halephant.start(config)
+    clients = [_client(run) for _ in range(3)]
+    for c in clients:
+        assert errors(c.simple_query("BEGIN")) == []
+    for c in clients:
+        assert errors(c.simple_query("COMMIT")) == []
+    assert len(backend_pids("myapp")) == 3
+    config["databases"]["myapp"]["pool_size"] = 1
+    log = _reload(run, config, "reload: done")
+    assert "size: max 3 -> 1" in log
+    deadline = time.monotonic() + 5
+    while len(backend_pids("myapp")) > 1 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert len(backend_pids("myapp")) == 1
+    assert all(_works(c) for c in clients)  # nobody was dropped; they share the one server now
