@@ -190,6 +190,14 @@ def sweep_clients(app: App, now: float) -> None:
                 extra={"event": "query_timeout"},
             )
             client.sweep_since = now
+            if server.at_message_boundary():
+                # PostgreSQL will only say "canceling statement due to user request": say whose request
+                client.transport.write(
+                    m.notice_response(
+                        sqlstate.SUCCESSFUL_COMPLETION,
+                        f"halephant: cancelling the query: it ran past query_timeout ({query_timeout:g}s)",
+                    )
+                )
             app.spawn(app._send_cancel, client, server, server.link_count)
 
 

@@ -154,6 +154,8 @@ def test_query_timeout_cancels_with_57014_and_the_client_stays(
     assert _works(other)  # served meanwhile by the other server
     out = slow.read_until_ready(timeout=6)
     assert [e["C"] for e in errors(out)] == ["57014"]
+    notices = [m.fields["M"] for m in out if m.type == b"N"]
+    assert any("query_timeout (1s)" in n for n in notices), out
     assert time.monotonic() - t0 < 5  # the sweeps run once a second
     assert _works(slow) and _works(other)
     assert_clean_servers(pg.primary)
