@@ -147,8 +147,16 @@ class PoolManager:
             node = nodes[1 + self._next_replica]
         key = (target.database, target.server_user, f"{node.host}:{node.port}")
         pool = self.pools.get(key)
-        if pool is not None and pool.info.target is not target and pool.info.target != target:
-            # a reload changed what this pool logs in with (a password): new servers use the new one
+        # A reload changed what this pool logs in with (a password): new servers use the new one.
+        # Clients from before and after a change of pool mode may share it: it stays in transaction
+        # mode once a transaction-mode client used it, so a server with session state left on it is
+        # closed at check-in rather than handed on.
+        if (
+            pool is not None
+            and pool.info.target is not target
+            and pool.info.target != target
+            and (target.mode is pool.info.mode or target.mode is PoolMode.TRANSACTION)
+        ):
             pool.info = PoolInfo(target=target, size=pool.info.size)
         if pool is None:
             pool = self.pools[key] = Pool[ServerConnection, "ClientConnection"](
