@@ -10,7 +10,7 @@ from halephant.types import Config, PoolSize, PoolTarget
 
 @hookimpl(trylast=True)
 def halephant_pool_size(pool: PoolTarget, config: Config) -> PoolSize | None:
-    db = config.databases.get(pool.database)
+    db = config.database_for(pool.database)
     if db is None:
         return None
     return PoolSize(

@@ -24,7 +24,7 @@ class ClientCounts:
 
     def admit(self, config: Config, database: str, user: str) -> ClientError | None:
         """Count a client in, or say why it may not log in (nothing is counted then)."""
-        db, u = config.databases.get(database), config.users.get(user)
+        db, u = config.database_for(database), config.users.get(user)
         n_db, n_user = self.by_database.get(database, 0), self.by_user.get(user, 0)
         if db is not None and db.max_client_conn is not None and n_db >= db.max_client_conn:
             return ClientError(

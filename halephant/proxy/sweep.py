@@ -57,7 +57,7 @@ def sweep_waiters(manager: PoolManager, now: float) -> None:
                     client.wait_notified = True
                     _notify_waiting(client, pool.name, len(pool.active), len(waiters), now)
         if pool.info.size.reserve:
-            db = app.config.databases.get(pool.info.target.database)
+            db = app.config.database_for(pool.info.target.database)
             timeout = db.reserve_pool_timeout if db is not None else 5.0
             if now - oldest >= timeout and pool.open_reserve():
                 log.info(
@@ -95,7 +95,7 @@ def _notify_waiting(client: ClientConnection, pool: str, busy: int, waiting: int
 
 def sweep_clients(app: App, now: float) -> None:
     limits = app.config.limits
-    databases, users = app.config.databases, app.config.users
+    config, users = app.config, app.config.users
     draining = app.draining
     # effective timeouts per (database, user), worked out once per sweep: the user's value, else the
     # database's, else the global one
@@ -119,7 +119,7 @@ def sweep_clients(app: App, now: float) -> None:
         key = (target.database, info.user)
         t = timeouts.get(key)
         if t is None:
-            db, user = databases.get(target.database), users.get(info.user)
+            db, user = config.database_for(target.database), users.get(info.user)
             if db is None:
                 t = (-1.0, 0.0, 0.0)  # removed by a reload
             else:
