@@ -245,3 +245,19 @@ def test_fair_queueing_between_users_of_one_pool(pg: Cluster, halephant: Halepha
     # FIFO would make tenant_b wait behind all of tenant_a (~4 s); round robin serves it in between
     assert max(latencies) < greedy_done / 2, (latencies, greedy_done)
     assert greedy_done > 2.0
+
+
+def test_catch_all_clients_get_their_entrys_limits(pg: Cluster, halephant: HalephantFactory) -> None:
+    config = default_config(pg, limits={"login_timeout": "5s"})
+    config["databases"] = {"*": {"cluster": "main", "max_client_conn": 1, "query_timeout": "1s"}}
+    run = halephant.start(config)
+    client = _client(run)  # "myapp" is served by the '*' entry
+    time.sleep(2.5)  # idle across two sweeps: the entry exists, so the client is kept
+    assert _works(client)
+    second = RawClient(run.host, run.port, timeout=5)
+    _open.append(second)
+    with pytest.raises(AssertionError, match="53300"):
+        second.login("myapp", "myapp", "myapp")
+    out = client.simple_query("SELECT pg_sleep(10)")
+    assert [e["C"] for e in errors(out)] == ["57014"]
+    assert _works(client)
