@@ -4,7 +4,7 @@ PRIMARY goes to the pool of the elected primary; while there is none, waiters ar
 `waiting_for_primary` (a pool with no node and no capacity: it only queues) until one appears or their
 checkout_timeout passes. REPLICA goes to the usable replica with the fewest active server connections
 (connections being opened count too), round-robin among equals. The replica pools share one wait
-queue, so whichever replica frees a server first serves the oldest waiter.
+queue, so whichever replica frees a server first serves the next waiter.
 
 Synchronous and I/O-free like `Pool`: the pool manager assigns the pools when the topology changes and does
 the I/O the choices call for.
@@ -12,11 +12,10 @@ the I/O the choices call for.
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Sequence
 from typing import Generic
 
-from halephant.pool.pool import Pool, S, W
+from halephant.pool.pool import Pool, S, W, WaitQueue
 from halephant.types import PoolSize, PoolTarget, Role
 
 __all__ = ["PoolGroup"]
@@ -25,15 +24,26 @@ _NO_CAPACITY = PoolSize(min=0, max=0, reason="waiting for a primary: no node to 
 
 
 class PoolGroup(Generic[S, W]):
-    __slots__ = ("_next", "cluster", "pools", "primary", "replica_waiters", "replicas", "waiting_for_primary")
+    __slots__ = (
+        "_next",
+        "cluster",
+        "pools",
+        "primary",
+        "replica_waiters",
+        "replicas",
+        "target",
+        "waiting_for_primary",
+    )
 
     def __init__(self, target: PoolTarget) -> None:
         self.cluster = target.cluster
+        #: the target the group was last asked for (a reload may hand clients a new one)
+        self.target = target
         #: every pool of this (database, user), by node ("host:port"), whatever its node's role now
         self.pools: dict[str, Pool[S, W]] = {}
         self.primary: Pool[S, W] | None = None
         self.replicas: tuple[Pool[S, W], ...] = ()
-        self.replica_waiters: deque[W] = deque()
+        self.replica_waiters: WaitQueue[W] = WaitQueue()
         self.waiting_for_primary: Pool[S, W] = Pool(target, _NO_CAPACITY, "", 0)
         self._next = 0
 
@@ -57,7 +67,7 @@ class PoolGroup(Generic[S, W]):
             serves = Role.PRIMARY if pool is self.primary else Role.REPLICA if pool in self.replicas else None
             if pool.waiters is self.replica_waiters:
                 if serves is not Role.REPLICA:
-                    pool.waiters = deque()
+                    pool.waiters = WaitQueue()
             elif pool.waiters and serves is not Role.PRIMARY:
                 displaced.extend(pool.waiters)
                 pool.waiters.clear()

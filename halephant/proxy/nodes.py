@@ -29,7 +29,7 @@ from halephant.protocol.session_queries import decode_data_row
 from halephant.topology.monitor import TopologyMonitor
 from halephant.topology.probe import parse_lsn
 from halephant.topology.state import SPLIT_BRAIN, configured_view
-from halephant.types import ClusterView, PoolTarget, Reject, Role
+from halephant.types import ClusterView, Config, PoolTarget, Reject, Role
 
 if TYPE_CHECKING:
     from halephant.proxy.client import ClientConnection
@@ -49,6 +49,11 @@ _LSN_QUERY = m.query("SELECT pg_current_wal_insert_lsn()")
 
 def _address(host: str, port: int) -> str:
     return f"{host}:{port}"  # as in Pool.key
+
+
+def _group_of(client: ClientConnection) -> str | None:
+    """The wait-queue group of a client (its user name), as the client itself queues."""
+    return client.info.user if client.info is not None else None
 
 
 class Nodes:
@@ -80,6 +85,8 @@ class Nodes:
         group = self.groups.get((target.database, target.pool_user))
         if group is None or group.cluster != target.cluster:
             group = self._new_group(target)
+        elif group.target is not target:
+            self._retarget(group, target)
         if role is _PRIMARY:
             return group.primary or group.waiting_for_primary
         pools = group.replicas
@@ -130,12 +137,50 @@ class Nodes:
     # --- pools and groups ---
 
     def _new_group(self, target: PoolTarget) -> Group:
+        cluster = self.app.config.clusters.get(target.cluster)
+        if cluster is None:  # a reload removed it while this client stayed connected
+            raise ClientError(
+                sqlstate.ADMIN_SHUTDOWN,
+                f'terminating connection: cluster "{target.cluster}" was removed from the configuration',
+                fatal=True,
+            )
         group: Group = PoolGroup(target)
         self.groups[(target.database, target.pool_user)] = group
-        for node in self.app.config.clusters[target.cluster].nodes:
+        for node in cluster.nodes:
             group.pools[_address(node.host, node.port)] = self.manager.node_pool(target, node.host, node.port)
         self._assign(group, self.view(target.cluster))
         return group
+
+    def _retarget(self, group: Group, target: PoolTarget) -> None:
+        # A reload hands new clients a new target (a password, a pool mode): the node pools take it
+        # up as the pool manager decides (`node_pool`).
+        group.target = target
+        for pool in group.pools.values():
+            self.manager.node_pool(target, pool.host, pool.port)
+
+    def reconfigure(self, config: Config) -> None:
+        """A reload (after the pool manager retired the pools of removed databases and nodes): the
+        probes follow the new clusters, and each group is pointed at the pools of its cluster's nodes."""
+        self.topology.reconfigure(config)
+        self.views = {name: state.view for name, state in self.topology.states.items()}
+        self._shapes.clear()
+        for key, group in list(self.groups.items()):
+            cluster = config.clusters.get(group.cluster)
+            db = config.database_for(key[0])
+            if cluster is None or db is None:
+                del self.groups[key]
+                for pool in group.pools.values():
+                    pool.serves = None
+                continue
+            pools = {
+                _address(n.host, n.port): self.manager.node_pool(group.target, n.host, n.port)
+                for n in cluster.nodes
+            }
+            for address, pool in group.pools.items():
+                if pools.get(address) is not pool:
+                    pool.serves = None  # retired: clients that cached it look the primary up again
+            group.pools = pools
+            self._assign(group, self.view(group.cluster))
 
     def _assign(self, group: Group, view: ClusterView) -> None:
         primary = view.primary
@@ -159,10 +204,10 @@ class Nodes:
         pool = group.primary
         if pool is None:
             parked = group.waiting_for_primary
-            parked.waiters.append(waiter)
+            parked.waiters.append(waiter, _group_of(waiter))
             waiter.waiting_pool = parked
             return
-        server, open_one = pool.checkout(waiter)
+        server, open_one = pool.checkout(waiter, _group_of(waiter))
         if server is not None:
             waiter.attach_server(server)
             return
@@ -256,7 +301,7 @@ class Nodes:
             )
             parked = group.waiting_for_primary
             for waiter in failed:
-                parked.waiters.append(waiter)
+                parked.waiters.append(waiter, _group_of(waiter))
                 waiter.waiting_pool = parked
             return
         for waiter in failed:
@@ -266,8 +311,9 @@ class Nodes:
         """Fail the clients parked for a primary whose checkout_timeout passed (57P03)."""
         for group in self.groups.values():
             parked = group.waiting_for_primary.waiters
-            while parked and parked[0].wait_deadline <= now:
-                waiter = parked.popleft()
+            if not parked:
+                continue
+            for waiter in parked.pop_while(lambda w: w.wait_deadline <= now):
                 log.warning("%r: no primary in cluster %s within checkout_timeout", waiter, group.cluster)
                 waiter.checkout_failed(
                     ClientError(

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 
 import anyio
+import anyio.abc
 
 from halephant.config.schema import ClusterConfig, Config
 from halephant.topology.probe import ProbeConnection, ProbeFailed, ProbeResult
@@ -57,6 +58,41 @@ class TopologyMonitor:
             ]
         self._wake: dict[str, anyio.Event] = {}
         self._last_round = dict.fromkeys(config.clusters, 0.0)
+        self._tg: anyio.abc.TaskGroup | None = None
+
+    def reconfigure(self, config: Config) -> None:
+        """A reload: new intervals and lag limits apply at once; a cluster whose nodes or probe login
+        changed is probed afresh (its configured order stands until then); added clusters are probed,
+        removed ones no longer."""
+        self.interval = config.topology.interval
+        self.timeout = config.topology.timeout
+        closing: list[ProbeConnection] = []
+        for name in [n for n in self.states if n not in config.clusters]:
+            del self.states[name]
+            closing += self._probes.pop(name)
+            self._last_round.pop(name, None)
+            event = self._wake.pop(name, None)
+            if event is not None:
+                event.set()  # its loop wakes up and ends
+        for name, cluster in config.clusters.items():
+            user, password = probe_login(config, cluster)
+            wanted = [(n.host, n.port, user, password, cluster.probe_database) for n in cluster.nodes]
+            probes = self._probes.get(name)
+            if probes is None or [(p.host, p.port, p.user, p.password, p.database) for p in probes] != wanted:
+                closing += probes or []
+                self._probes[name] = [ProbeConnection(*args) for args in wanted]
+                self.states[name] = ClusterState(name, cluster)
+            else:
+                self.states[name].cluster = cluster  # lag limits
+            self._last_round.setdefault(name, 0.0)
+            if name not in self._wake and self._tg is not None:
+                self._wake[name] = anyio.Event()
+                self._tg.start_soon(self._loop, name)
+            else:
+                self.probe_soon(name)
+        if self._tg is not None:
+            for probe in closing:
+                self._tg.start_soon(probe.aclose)
 
     def views(self) -> dict[str, ClusterView]:
         return {name: state.view for name, state in self.states.items()}
@@ -72,6 +108,7 @@ class TopologyMonitor:
         """Probe every cluster every interval, until cancelled."""
         try:
             async with anyio.create_task_group() as tg:
+                self._tg = tg
                 for name in self.states:
                     self._wake[name] = anyio.Event()
                     tg.start_soon(self._loop, name)
@@ -88,17 +125,20 @@ class TopologyMonitor:
             event.set()
 
     async def _loop(self, name: str) -> None:
-        while True:
+        while name in self.states:  # a reload may remove the cluster
             now = time.monotonic()
             wait = self._last_round[name] + self.interval - now
             if wait > 0:
                 with anyio.move_on_after(wait):
                     await self._wake[name].wait()
+                if name not in self.states:
+                    return
                 self._wake[name] = anyio.Event()
                 gap = self._last_round[name] + MIN_GAP - time.monotonic()
                 if gap > 0:
                     await anyio.sleep(gap)
-            await self._round(name)
+            if name in self.states:
+                await self._round(name)
 
     async def _round(self, name: str) -> None:
         self._last_round[name] = time.monotonic()
@@ -107,6 +147,8 @@ class TopologyMonitor:
         async with anyio.create_task_group() as tg:
             for i, probe in enumerate(probes):
                 tg.start_soon(self._probe_one, probe, outcomes, i)
+        if self._probes.get(name) is not probes:
+            return  # a reload changed the cluster meanwhile: these answers are about the old one
         state = self.states[name]
         try:
             view = state.update(outcomes)

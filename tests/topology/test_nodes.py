@@ -39,6 +39,7 @@ class FakeLoop:
 @dataclass(eq=False)
 class FakeClient:
     name: str
+    info: Any = None
     wait_deadline: float = 1000.0
     waiting_pool: Any = None
     servers: list[Any] = field(default_factory=list)
