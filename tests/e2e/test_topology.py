@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import pathlib
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -21,7 +22,7 @@ import psycopg
 import psycopg.errors
 import pytest
 from support.cluster import start_test_cluster
-from support.halephant import HalephantFactory, Running
+from support.halephant import HalephantFactory, Running, write_config
 from support.leaks import assert_clean_servers
 
 from halephant.testing.pgcluster import Cluster, Node
@@ -334,6 +335,27 @@ def test_every_probe_failing_keeps_the_last_topology(
     wait_log(run, "cluster main: every probe failed; keeping the last known topology")
     with connect(run) as conn:  # the configured order: the first node is the primary
         assert port(conn) == cl.primary.port
+
+
+def test_reload_follows_the_clusters_nodes(
+    cl: Cluster, halephant: HalephantFactory, plugin_env: None
+) -> None:
+    primary, r1, _ = cl.primary, *cl.replicas
+    cfg = config([primary])
+    run = halephant.start(cfg)
+    with connect(run, "report-reload") as conn:
+        with pytest.raises(psycopg.errors.CannotConnectNow):
+            conn.execute("SELECT 1")  # no replica in the cluster
+        cfg["listen"] = f"{run.host}:{run.port}"
+        cfg["clusters"]["main"]["nodes"] = [f"{n.host}:{n.port}" for n in (r1, primary)]
+        cfg["clusters"]["main"]["max_lag_bytes"] = "1GB"
+        write_config(cfg, run.config_path)
+        run.signal(signal.SIGHUP)
+        wait_log(run, f"cluster main: replica {r1.host}:{r1.port}")
+        assert port(conn) == r1.port
+    with connect(run) as conn:
+        assert port(conn) == primary.port
+    assert_clean_servers(cl)
 
 
 # --- failover -----------------------------------------------------------------------------------------
