@@ -380,8 +380,11 @@ def test_failover_to_a_promoted_replica(
     cfg["databases"]["myapp"]["checkout_timeout"] = "3s"
     run = halephant.start(cfg)
     # logged in before the failover (a login needs the primary too: it learns the parameters to report)
-    inside, refused, waiting, after = (connect(run) for _ in range(4))
+    conns: list[psycopg.Connection[Any]] = []
     try:
+        for _ in range(4):
+            conns.append(connect(run))
+        inside, refused, waiting, after = conns
         inside.execute("BEGIN")
         inside.execute("INSERT INTO t VALUES (1, 'lost')")
         old.kill()
@@ -415,7 +418,7 @@ def test_failover_to_a_promoted_replica(
         assert waited == [new.port]
         assert port(refused) == new.port
     finally:
-        for conn in (inside, refused, waiting, after):
+        for conn in conns:
             conn.close()
     log = run.log_text()
     assert f"{new.host}:{new.port} is now primary (was replica)" in log
