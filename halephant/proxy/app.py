@@ -81,10 +81,11 @@ class App:
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
+                # first: until its handlers are installed a SIGTERM kills the process outright
+                tg.start_soon(self._signals)
                 tg.start_soon(self.manager.maintain)
                 tg.start_soon(self.manager.expire_waiters)
                 tg.start_soon(self.manager.nodes.topology.run)
-                tg.start_soon(self._signals)
                 if on_ready is not None:
                     result = on_ready(self)
                     if isinstance(result, Awaitable):
