@@ -232,6 +232,21 @@ def _cross_check(plain: dict[Any, Any], where: _Locator) -> list[ConfigProblem]:
 
     for name, user in _entries(plain.get("users")):
         problems += _check_user(name, user, where)
+    problems += _check_admin_users(plain, where)
+    return problems
+
+
+def _check_admin_users(plain: dict[Any, Any], where: _Locator) -> list[ConfigProblem]:
+    # console users log in like everyone else, so each must be an entry of `users:`
+    admin, users = plain.get("admin"), plain.get("users")
+    if not isinstance(admin, dict) or not isinstance(users, dict):
+        return []
+    problems: list[ConfigProblem] = []
+    for key in ("users", "stats_users"):
+        names = admin.get(key)
+        for i, name in enumerate(names if isinstance(names, list) else []):
+            if isinstance(name, str) and name not in users:
+                problems.append(where.problem(("admin", key, i), f"no user named {name!r} under users:"))
     return problems
 
 

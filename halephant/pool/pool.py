@@ -12,6 +12,7 @@ import time
 from collections import deque
 from typing import Generic, Protocol, TypeVar
 
+from halephant.pool.stats import PoolStats
 from halephant.types import PoolInfo, PoolSize, PoolTarget
 
 
@@ -39,6 +40,7 @@ class Pool(Generic[S, W]):
         "key",
         "opened_count",
         "port",
+        "stats",
         "waiters",
     )
 
@@ -53,6 +55,7 @@ class Pool(Generic[S, W]):
         self.connecting = 0
         self.opened_count = 0
         self.closed_count = 0
+        self.stats = PoolStats()
 
     def __repr__(self) -> str:
         return (

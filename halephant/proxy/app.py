@@ -20,6 +20,8 @@ import anyio
 import anyio.abc
 
 from halephant import sqlstate
+from halephant.admin.control import Control
+from halephant.admin.http import AdminServer
 from halephant.config import Config
 from halephant.errors import ClientError
 from halephant.plugin_manager import Plugins
@@ -27,6 +29,7 @@ from halephant.protocol import messages as m
 from halephant.proxy.client import ClientConnection
 from halephant.proxy.manager import PoolManager
 from halephant.proxy.server import ServerConnection
+from halephant.proxy.stats import Stats
 
 log = logging.getLogger("halephant")
 
@@ -39,6 +42,9 @@ class App:
         #: checked before per-transaction debug lines, so they cost nothing when off
         self.debug = logging.getLogger("halephant").isEnabledFor(logging.DEBUG)
         self.manager = PoolManager(self)
+        self.stats = Stats()
+        self.control = Control(self)
+        self.admin: AdminServer | None = None
         #: every connected client by its number, which is also the process ID it is told (cancel keys)
         self.clients: dict[int, ClientConnection] = {}
         self._numbers = itertools.count(1)
@@ -71,6 +77,9 @@ class App:
                 tg.start_soon(self.manager.maintain)
                 tg.start_soon(self.manager.expire_waiters)
                 tg.start_soon(self._signals)
+                if self.config.admin.listen is not None:
+                    self.admin = AdminServer(self)
+                    tg.start_soon(self.admin.run, self.config.admin.listen)
                 if on_ready is not None:
                     result = on_ready(self)
                     if isinstance(result, Awaitable):
@@ -112,6 +121,7 @@ class App:
         """Register a new connection; returns its number."""
         number = next(self._numbers)
         self.clients[number] = client
+        self.stats.connections += 1
         return number
 
     def client_closed(self, client: ClientConnection) -> None:

@@ -71,6 +71,8 @@ class Running:
         self.port = port
         self.config_path = config_path
         self.log_path = log_path
+        #: base URL of the admin API (``http://127.0.0.1:PORT``), None when it is off
+        self.admin_url: str | None = None
 
     def __repr__(self) -> str:
         return f"<halephant pid={self.proc.pid} {self.host}:{self.port} rc={self.proc.returncode}>"
@@ -85,6 +87,27 @@ class Running:
         }  # fmt: skip
         params.update(extra)
         return conninfo(**params)
+
+    def admin_get(self, path: str, timeout: float = 10.0) -> tuple[int, str]:
+        """GET `path` from the admin API: (status, body)."""
+        import urllib.error
+        import urllib.request
+
+        assert self.admin_url is not None, "the admin API is off in this halephant"
+        try:
+            with urllib.request.urlopen(self.admin_url + path, timeout=timeout) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as exc:
+            with exc:
+                return exc.code, exc.read().decode()
+
+    def admin_json(self, path: str) -> Any:
+        """GET `path` from the admin API and decode its JSON (status 200 required)."""
+        import json
+
+        status, body = self.admin_get(path)
+        assert status == 200, (path, status, body)
+        return json.loads(body)
 
     def log_text(self) -> str:
         try:
@@ -149,6 +172,14 @@ class HalephantFactory:
         final: dict[str, Any] = copy.deepcopy(dict(config))
         final.setdefault("listen", f"127.0.0.1:{free_port()}")
         host, port = _split_listen(final["listen"])
+        # the admin API's default port (6433) would be shared by every halephant a test run starts
+        admin = final.setdefault("admin", {})
+        admin_url = None
+        if isinstance(admin, dict):
+            admin.setdefault("listen", f"127.0.0.1:{free_port()}")
+            if admin["listen"] is not None:
+                admin_host, admin_port = _split_listen(admin["listen"])
+                admin_url = f"http://{admin_host}:{admin_port}"
         self.workdir.mkdir(parents=True, exist_ok=True)
         n = len(self.started) + 1
         config_path = self.workdir / f"halephant-{n}.yaml"
@@ -164,6 +195,7 @@ class HalephantFactory:
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.workdir,
             )  # fmt: skip
         running = Running(proc=proc, host=host, port=port, config_path=config_path, log_path=log_path)
+        running.admin_url = admin_url
         self.started.append(running)
         return running
 
