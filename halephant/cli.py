@@ -1,4 +1,4 @@
-"""The `halephant` command: `run`, `check`, `plugins`, `demo`."""
+"""The `halephant` command: `run`, `check`, `plugins`, `status`, `demo`."""
 
 from __future__ import annotations
 
@@ -119,6 +119,53 @@ def plugins(path: str | None) -> None:
     Console().print(table)
     if loaded.disabled:
         click.echo("disabled: " + ", ".join(loaded.disabled))
+
+
+@main.command()
+@click.option("--url", default=None, help="admin API of the halephant to watch [default: from -c, else "
+              "http://127.0.0.1:6433]")  # fmt: skip
+@click.option(
+    "-c",
+    "--config",
+    "path",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="read admin.listen and the plugins (status panels) from this config",
+)
+@click.option("--once", is_flag=True, help="print one snapshot and exit")
+@click.option("--json", "as_json", is_flag=True, help="print the raw snapshot as JSON and exit")
+@click.option("--interval", type=float, default=1.0, show_default=True, help="seconds between refreshes")
+def status(url: str | None, path: str | None, once: bool, as_json: bool, interval: float) -> None:
+    """Watch a running halephant: pools, nodes, clients, queues, decisions, errors (q quits)."""
+    from rich.console import Console
+
+    from halephant import status as view
+
+    loaded: Plugins | None = None
+    if path is not None:
+        try:
+            config, loaded = load(path)
+        except (ConfigError, PluginError) as exc:
+            click.echo(str(exc), err=True)
+            sys.exit(2)
+        listen = config.admin.listen
+        if url is None and listen is not None:
+            host = "127.0.0.1" if listen.host in ("0.0.0.0", "::") else listen.host
+            url = f"http://[{host}]:{listen.port}" if ":" in host else f"http://{host}:{listen.port}"
+    if loaded is None and not as_json:
+        try:
+            loaded = Plugins()
+        except PluginError as exc:
+            click.echo(f"halephant: {exc}", err=True)
+            sys.exit(1)
+    url = url or view.DEFAULT_URL
+    if "://" not in url:
+        url = "http://" + url
+    panels = loaded.status_panels if loaded is not None else None
+    console = Console()
+    if once or as_json:
+        sys.exit(view.print_once(url, console, panels, as_json))
+    sys.exit(view.watch(url, console, panels, interval))
 
 
 @main.command()
