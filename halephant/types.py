@@ -37,6 +37,7 @@ __all__ = [
     "StatusPanel",
     "TransactionInfo",
     "Trust",
+    "Unpin",
     "UserConfig",
     "Verdict",
 ]
@@ -82,12 +83,29 @@ class Allow:
 
 @dataclass(frozen=True, slots=True)
 class Pin:
-    """Keep the client's server connection for the rest of its session."""
+    """Keep the client's server connection.
+
+    Without `feature`, for the rest of its session (or until a later `Unpin`). With `feature` (a row of
+    `databases.<name>.session_features`, see `halephant.sql.session_effects.FEATURES`), until the client
+    releases that feature (UNLISTEN, advisory unlock, CLOSE, DROP of its temporary tables, RESET ROLE):
+    after a statement that may release it, the core checks the server at the end of the transaction and
+    gives the server back once nothing session-bound is left on it.
+    """
+
+    reason: str
+    feature: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Unpin:
+    """Drop an earlier feature-less `Pin` of this client: the server goes back to the pool at the end of
+    the transaction, once the core has checked that no session-bound state is left on it (otherwise the
+    client stays pinned for what is left). The statement itself runs as usual."""
 
     reason: str
 
 
-Verdict = Allow | Reject | Pin
+Verdict = Allow | Reject | Pin | Unpin
 
 
 @dataclass(frozen=True, slots=True)

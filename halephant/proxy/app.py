@@ -27,6 +27,7 @@ from halephant.errors import ClientError
 from halephant.plugin_manager import Plugins
 from halephant.protocol import messages as m
 from halephant.proxy.client import ClientConnection
+from halephant.proxy.listener import Listeners
 from halephant.proxy.manager import PoolManager
 from halephant.proxy.server import ServerConnection
 from halephant.proxy.stats import Stats
@@ -45,6 +46,8 @@ class App:
         self.stats = Stats()
         self.control = Control(self)
         self.admin: AdminServer | None = None
+        #: shared LISTEN connections (emulated LISTEN in transaction pooling)
+        self.listeners = Listeners(self)
         #: every connected client by its number, which is also the process ID it is told (cancel keys)
         self.clients: dict[int, ClientConnection] = {}
         self._numbers = itertools.count(1)
@@ -108,6 +111,7 @@ class App:
         )
         for client in list(self.clients.values()):
             client.fail(error)
+        self.listeners.close_all()
         self.manager.close_all()
 
     def spawn(self, func: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> None:

@@ -13,7 +13,10 @@ transaction, never per message:
 * a ReadyForQuery from the server (`server_ready`): in transaction pooling the server goes back when it
   says Idle, every sync point the client sent has been answered and nothing was sent after the last one.
 
-Linking a server applies the client's startup settings first, only where the server differs.
+Linking a server applies the client's settings first (startup parameters and the SETs it made since),
+only where the server differs. What a transaction leaves in the session (settings, session-bound features,
+emulated LISTEN and SQL PREPARE) is `halephant.proxy.session_state`'s: a client that has any of it has a
+`session`, and only such a client costs more than one comparison at the end of a transaction.
 A rejected statement is answered without running it. With no server linked the answer is local; inside a
 transaction, the statement is swapped for one that fails at exactly that point on the server, whose error
 is then rewritten, so ordering under pipelining and the aborted-transaction state are PostgreSQL's own.
@@ -42,8 +45,10 @@ from halephant.protocol.startup import (
     StartupFramer,
     StartupMessage,
 )
+from halephant.proxy import session_state
 from halephant.sql import Statement
 from halephant.types import (
+    Allow,
     ClientInfo,
     Pin,
     PoolInfo,
@@ -53,6 +58,7 @@ from halephant.types import (
     Role,
     Route,
     TransactionInfo,
+    Verdict,
 )
 
 if TYPE_CHECKING:
@@ -95,6 +101,7 @@ _STATEMENT_CACHE_MAX_TEXT = 8192
 #: bytes a client may send while it waits for a server before its reading is paused
 _MAX_BUFFERED_WHILE_WAITING = 256 * 1024
 _TX_IDLE = codes.TX_IDLE
+_PRIMARY = Role.PRIMARY  # enum member lookups cost ~60 ns; this one runs per transaction
 
 
 class ClientConnection(asyncio.Protocol):
@@ -120,6 +127,8 @@ class ClientConnection(asyncio.Protocol):
         "pool_info",
         "pool_reject",
         "server",
+        "session",
+        "session_due",
         "settings",
         "since",
         "skip_to_sync",
@@ -158,7 +167,11 @@ class ClientConnection(asyncio.Protocol):
         self._primary_pool: ServerPool | None = None
         self._read_paused = False
         self._last_sync_point = 0
-        self._pending_pin = ""  # a Pin verdict waiting for the server it applies to
+        self._pending_pin: Verdict | None = None  # a Pin/Unpin verdict waiting for the server it applies to
+        #: session state beyond the startup settings (transaction pooling), created on first need
+        self.session: session_state.SessionState | None = None
+        #: the session state must be read back from the server at the end of this transaction
+        self.session_due = False
         self.wait_deadline = 0.0
         self.cancel_key = 0
         self.number = 0
@@ -231,6 +244,8 @@ class ClientConnection(asyncio.Protocol):
         self.write_paused = False
         if self.server is not None:
             self.server.set_reading(False)
+        if self.session is not None:
+            session_state.flush(self)
 
     def resume_reading_from_server(self) -> None:
         if self.waiting_pool is None and self.state != CLOSED:
@@ -428,9 +443,9 @@ class ClientConnection(asyncio.Protocol):
                             self._reject_in_place(server, t, error)
                         fwd = end
                         continue
-                    elif isinstance(verdict, Pin) and not self.pinned:
-                        # applied once a server is linked (survives a wait for one)
-                        self._pending_pin = verdict.reason
+                    elif not isinstance(verdict, Allow):
+                        # Pin / Unpin: applied once a server is linked (survives a wait for one)
+                        self._pending_pin = verdict
             elif kind == _K_TERMINATE:
                 if server is not None and fwd < head:
                     server.send(buf[fwd:head])
@@ -440,7 +455,7 @@ class ClientConnection(asyncio.Protocol):
                 if self._reject_next is not None:
                     error, self._reject_next = self._reject_next, None
                     self._first_checked = False
-                    self._pending_pin = ""
+                    self._pending_pin = None
                     self._reject_locally(t, error)
                     fwd = end
                     continue
@@ -459,21 +474,25 @@ class ClientConnection(asyncio.Protocol):
                 self._buf = b""
                 server = self.server
                 if server is None:  # rejected by routing
-                    self._pending_pin = ""
+                    self._pending_pin = None
                     fwd = end
                     continue
             self._first_checked = False
-            if self._pending_pin:
-                reason, self._pending_pin = self._pending_pin, ""
-                self.pin_for(reason)
-            if statement is not None and transaction_mode and not self.pinned:
-                # State that outlives the transaction: the client keeps this server (as PostgreSQL would
-                # behave connected directly), and the server is reset before anyone else gets it.
-                effect = statement.session_state or (
-                    "named prepared statement" if t == codes.PARSE and buf[start] != 0 else ""
-                )
-                if effect:
-                    self.pin_for(effect)
+            verdict = self._pending_pin
+            if verdict is not None:
+                self._pending_pin = None
+            if statement is not None and transaction_mode:
+                if statement.session_state or verdict is not None or self.session is not None:
+                    # State that outlives the transaction: carried with the client, or the client keeps
+                    # this server (logged with the reason) until it is released.
+                    session_state.on_statement(self, statement, verdict)
+                if t == codes.PARSE and buf[start] != 0:
+                    if self.session is not None:
+                        session_state.pin_session(self, "named prepared statement")
+                    elif not self.pinned:
+                        self.pin_for("named prepared statement")
+            elif isinstance(verdict, Pin):
+                self.pin_for(verdict.reason)
             if kind <= _K_SYNC:
                 if kind != _K_PARSE:  # Query, Sync, FunctionCall: a sync point
                     self.outstanding += 1
@@ -557,7 +576,7 @@ class ClientConnection(asyncio.Protocol):
             return True
         if self.app.debug:
             log.debug("%r: route %s: %s", self, route.role, route.reason)
-        if route.role is Role.PRIMARY:
+        if route.role is _PRIMARY:
             # the same pool every time: looked up once per client, not once per transaction
             pool = self._primary_pool
             if pool is None:
@@ -647,6 +666,8 @@ class ClientConnection(asyncio.Protocol):
         if self.write_paused:
             server.set_reading(True)
         server.apply_settings(self.settings)
+        if self.session is not None:
+            session_state.on_link(self, server)
 
     def settings_applied(self, error: ClientError | None) -> None:
         """The linked server ran the query that applies this client's startup settings."""
@@ -692,14 +713,35 @@ class ClientConnection(asyncio.Protocol):
         if self.outstanding > 0:
             return
         self.outstanding = 0
-        if (
-            at_boundary
-            and status == _TX_IDLE
-            and self.transaction_mode
-            and not self.unsynced
-            and not self.pinned
-        ):
-            self._release()
+        if at_boundary and status == _TX_IDLE and self.transaction_mode and not self.unsynced:
+            if self.session is None:  # the common case: nothing carried between transactions
+                if not self.pinned:
+                    self._release()
+            else:
+                session_state.at_idle(self)
+
+    def parameter_changed(self, name: str) -> None:
+        """The server reported a new value of a reported setting (transaction pooling)."""
+        session_state.parameter_changed(self, name)
+
+    def unpin(self, reason: str) -> None:
+        """The pinned server holds nothing session-bound any more: it may go back after this transaction."""
+        if not self.pinned:
+            return
+        self.pinned = False
+        if self.server is not None:
+            self.server.dirty = ""
+            log.info("%r: unpinned from server pid %d: %s", self, self.server.backend_pid, reason)
+
+    @property
+    def is_closed(self) -> bool:
+        return self.state == CLOSED
+
+    def release(self) -> None:
+        """Give the linked server back to its pool (transaction pooling, at the end of a transaction)."""
+        self._release()
+        if self.session is not None:
+            session_state.flush(self)
 
     def _release(self) -> None:
         server = self.server
@@ -743,6 +785,8 @@ class ClientConnection(asyncio.Protocol):
 
     def _closed(self, reason: str) -> None:
         self.state = CLOSED
+        if self.session is not None:
+            session_state.forget(self)
         if self._login_timer is not None:
             self._login_timer.cancel()
             self._login_timer = None
@@ -755,11 +799,17 @@ class ClientConnection(asyncio.Protocol):
             clean = self.outstanding == 0 and not self.unsynced and server.scanner.status == codes.TX_IDLE
             if server.reading_paused:
                 server.set_reading(False)
-            if clean:
-                # session pooling, or a client pinned by session state: reset before anyone else gets it
-                self.app.manager.reset_and_checkin(server)
-            else:
+            reset = session_state.on_leave(self) if self.transaction_mode else ""
+            if server.absorb:
+                server.close("client left while halephant's own query ran")
+            elif not clean:
                 server.close("client left mid-transaction")
+            elif reset is None:
+                server.close("client left session state that cannot be undone (LOAD)")
+            else:
+                # session pooling, or a client pinned by session state: reset before anyone else gets it
+                # (targeted when halephant knows what the client held, else server_reset_query)
+                self.app.manager.reset_and_checkin(server, reset or None)
         self.app.client_closed(self)
         if self.info is not None:
             log.info("%r: disconnected: %s", self, reason)

@@ -31,7 +31,7 @@ log = logging.getLogger("halephant.pool")
 class _Reset:
     """Stands in for a client while a session-mode server runs its reset query."""
 
-    __slots__ = ("manager", "server", "transport")
+    __slots__ = ("clears_settings", "manager", "server", "transport")
 
     class _Sink:
         @staticmethod
@@ -42,17 +42,19 @@ class _Reset:
         def pause_reading() -> None:
             pass
 
-    def __init__(self, manager: PoolManager, server: ServerConnection) -> None:
+    def __init__(self, manager: PoolManager, server: ServerConnection, clears_settings: bool = True) -> None:
         self.manager = manager
         self.server = server
         self.transport = self._Sink()
+        self.clears_settings = clears_settings
 
     def server_ready(self, n: int, status: int, at_boundary: bool) -> None:
         server = self.server
         server.client = None
         if status == codes.TX_IDLE and at_boundary:
             server.dirty = ""
-            server.settings = {}  # the reset query (DISCARD ALL / RESET ALL) undid them
+            if self.clears_settings:
+                server.settings = {}  # the reset query (DISCARD ALL / RESET ALL) undid them
             self.manager.checkin(server)
         else:
             server.close("reset query left the server in a transaction")
@@ -72,6 +74,9 @@ class _Reset:
         pass
 
     def copy_in_started(self) -> None:
+        pass
+
+    def parameter_changed(self, name: str) -> None:
         pass
 
 
@@ -206,14 +211,20 @@ class PoolManager:
         if waiter is not None:
             waiter.attach_server(server)
 
-    def reset_and_checkin(self, server: ServerConnection) -> None:
-        """Session pooling: run the reset query, then pool the server (or close it if that fails)."""
-        db = self.app.config.databases.get(server.pool.info.target.database)
-        query = db.server_reset_query if db is not None else "DISCARD ALL"
+    def reset_and_checkin(self, server: ServerConnection, targeted: str | None = None) -> None:
+        """Run the reset query, then pool the server (or close it if that fails).
+
+        `targeted` replaces `server_reset_query` when the caller knows exactly what a transaction-mode
+        client left (its settings are then left to the next client's settings difference)."""
+        if targeted:
+            query = targeted
+        else:
+            db = self.app.config.databases.get(server.pool.info.target.database)
+            query = db.server_reset_query if db is not None else "DISCARD ALL"
         if not query:
             self.checkin(server)
             return
-        server.client = _Reset(self, server)  # type: ignore[assignment]
+        server.client = _Reset(self, server, clears_settings=not targeted)  # type: ignore[assignment]
         server.send(m.query(query))
 
     def server_gone(self, pool: ServerPool) -> None:

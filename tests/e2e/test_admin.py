@@ -116,7 +116,7 @@ def test_pools_count_transactions_and_queries(hal: Running, pg: Cluster) -> None
     old = before.get(("myapp", "myapp"), {"transactions": 0, "queries": 0})
     assert xacts - old["transactions"] >= 6
     assert queries - old["queries"] >= 9  # 5 + BEGIN, 2 statements, COMMIT
-    assert sum(p["sv_idle"] + p["sv_active"] for p in pools) >= 1
+    assert sum(p["sv_idle"] + p["sv_active"] + p["sv_used"] for p in pools) >= 1  # used: being reset
     assert_clean_servers(pg)
 
 
@@ -179,7 +179,7 @@ def test_rejects_and_pins_are_decisions(hal: Running) -> None:
     with connect(hal) as conn:
         with pytest.raises(psycopg.errors.FeatureNotSupported):
             conn.execute("DECLARE c CURSOR WITH HOLD FOR SELECT 1")
-        conn.execute("SET application_name = 'pinned-one'")
+        conn.execute("CREATE TEMP TABLE pinned_here (a int)")  # session-bound: pins the server
     decisions = hal.admin_json("/decisions?limit=50")
     assert any(d["kind"] == "reject" and d["sqlstate"] == "0A000" for d in decisions)
     assert any(d["kind"] == "pin" for d in decisions)
