@@ -85,7 +85,7 @@ class HalephantCollector:
             for state in ("active", "idle", "used", "login"):
                 servers.add_metric([*labels, state], states[state])
             waiting.add_metric(labels, len(pool.waiters))
-            maxwait.add_metric(labels, max(0.0, now - pool.waiters[0].since) if pool.waiters else 0.0)
+            maxwait.add_metric(labels, snapshot.oldest_wait(pool, now))
         yield from (xacts, queries, timeouts, wait, servers, waiting, maxwait)
 
         errors = CounterMetricFamily(

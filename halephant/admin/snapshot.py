@@ -55,6 +55,13 @@ def _pool_servers(pool: ServerPool) -> Iterable[ServerConnection]:
     yield from pool.idle
 
 
+def oldest_wait(pool: ServerPool, now: float) -> float:
+    """Seconds the longest-waiting client of `pool` has waited (0 when none waits).
+
+    Looked for among all waiters: a queue that is fair between users is not ordered by age."""
+    return max((now - waiter.since for waiter in pool.waiters), default=0.0)
+
+
 def pool_totals(pool: ServerPool) -> tuple[int, int, int]:
     """(transactions, queries, server checkouts) since the pool was created."""
     st = pool.stats
@@ -141,7 +148,7 @@ def pools(app: App) -> list[dict[str, Any]]:
                 sv_used=states["used"],
                 sv_idle=len(pool.idle),
                 sv_login=pool.connecting,
-                maxwait=round(max(0.0, now - pool.waiters[0].since), 6) if pool.waiters else 0.0,
+                maxwait=round(oldest_wait(pool, now), 6),
                 pool_size=pool.info.size.max,
                 min_pool_size=pool.info.size.min,
                 transactions=xacts,
@@ -271,7 +278,7 @@ def queues(app: App) -> list[dict[str, Any]]:
                 "user": key[1],
                 "node": key[2],
                 "waiting": len(pool.waiters),
-                "oldest_wait": round(now - pool.waiters[0].since, 3),
+                "oldest_wait": round(oldest_wait(pool, now), 3),
                 "clients": [c.number for c in list(pool.waiters)[:50]],
                 "reason": "pool full",
             }

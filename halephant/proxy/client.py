@@ -119,7 +119,6 @@ class ClientConnection(asyncio.Protocol):
         "app",
         "cancel_key",
         "connected_at",
-        "console",
         "info",
         "number",
         "outstanding",
@@ -175,12 +174,16 @@ class ClientConnection(asyncio.Protocol):
         self.wait_deadline = 0.0
         self.cancel_key = 0
         self.number = 0
-        self.console = False  # logged in to the admin console, not to a pool
         #: loop time of the connection, and of the last change between idle, waiting and active
         self.connected_at = self.since = 0.0
 
     def __repr__(self) -> str:
         return repr(self.info) if self.info else "<client (starting)>"
+
+    @property
+    def console(self) -> bool:
+        """Connected to the admin console (database `halephant` or `pgbouncer`), not to a pool."""
+        return self.info is not None and self.info.database in ADMIN_DATABASES
 
     # --- asyncio.Protocol ---
 
@@ -307,8 +310,7 @@ class ClientConnection(asyncio.Protocol):
             )
         self.settings = startup_settings(packet.params)
         plugins, config = self.app.plugins, self.app.config
-        self.console = packet.database in ADMIN_DATABASES
-        selected = None if self.console else plugins.select_pool(info, config)
+        selected = None if packet.database in ADMIN_DATABASES else plugins.select_pool(info, config)
         if selected is None:
             pass  # the admin console: authenticated like anyone, no pool
         elif isinstance(selected, Reject):

@@ -55,3 +55,22 @@ def test_bad_listen_and_unknown_key() -> None:
     found = problems(text)
     assert found[0].startswith("halephant.yaml:11:11: admin.listen: expected host:port")
     assert found[1].startswith("halephant.yaml:12:3: admin.port: unknown key")
+
+
+def test_admin_database_names_are_reserved() -> None:
+    text = """\
+clusters:
+  main:
+    nodes: [127.0.0.1:5433]
+databases:
+  myapp:
+    cluster: main
+  pgbouncer:
+    cluster: main
+users:
+  myapp:
+    password: secret
+"""
+    assert problems(text) == [
+        "halephant.yaml:7:3: databases.pgbouncer: this name is the admin console's; pick another"
+    ]
