@@ -389,3 +389,50 @@ def test_kill_drops_clients_with_57P01_and_resume_reopens(hal: Running, pg: Clus
     bystander.close()
     victim.close()
     assert_clean_servers(pg)
+
+
+def test_pause_without_a_database_pauses_all_and_resume_releases(hal: Running, pg: Cluster) -> None:
+    with console(hal) as admin:
+        admin.execute("PAUSE")
+        assert show(admin, "DATABASES")[0]["paused"] is True
+        assert hal.admin_json("/snapshot")["summary"]["paused"] == ["*"]
+        held = connect(hal)  # logging in still works; its first transaction is held
+        done = threading.Event()
+        thread = threading.Thread(target=lambda: (held.execute("SELECT 1"), done.set()))
+        thread.start()
+        time.sleep(0.3)
+        assert not done.is_set()
+        admin.execute("RESUME")
+        assert done.wait(5)
+        thread.join(5)
+        held.close()
+    assert_clean_servers(pg)
+
+
+def test_reload_never_kills_halephant(hal: Running) -> None:
+    # RELOAD sends SIGHUP to halephant itself: where no reload is installed, it must refuse instead
+    with console(hal) as admin:
+        try:
+            admin.execute("RELOAD")
+        except psycopg.errors.FeatureNotSupported:
+            pass
+        time.sleep(0.3)
+        assert admin.execute("SHOW VERSION").fetchone()
+    assert hal.alive
+
+
+def test_shutdown_stops_halephant_and_tells_clients_57P01(pg: Cluster, halephant: HalephantFactory) -> None:
+    run = halephant.start(
+        default_config(pg, users={"admin": {"password": "admin-pw"}}, admin={"users": ["admin"]})
+    )
+    client = psycopg.connect(run.dsn(), autocommit=True)
+    client.execute("SELECT 1")
+    with psycopg.connect(
+        run.dsn(user="admin", password="admin-pw", dbname="halephant"), autocommit=True
+    ) as admin:
+        admin.execute("SHUTDOWN")
+    assert run.proc.wait(15) == 0
+    with pytest.raises(psycopg.OperationalError, match="administrator command"):
+        client.execute("SELECT 1")
+    client.close()
+    assert "received SIGTERM" in run.log_text()
