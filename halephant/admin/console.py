@@ -86,6 +86,12 @@ def start_console(client: ClientConnection) -> None:
     client.transport.write(b"".join(out))
     session = ConsoleSession(app, client, readonly)
     client.transport.set_protocol(session)
+    # Bytes that came in behind the login in the same chunk are handed back to the client object once
+    # this callback returns: WELCOME buffers them there, and the session takes them over.
+    from halephant.proxy.client import WELCOME
+
+    client.state = WELCOME
+    app.loop.call_soon(session.take_buffered)
 
 
 def _row_description(columns: list[str], types: list[int]) -> bytes:
@@ -155,6 +161,11 @@ class ConsoleSession(asyncio.Protocol):
         self._statement = ""  # the unnamed statement of the extended protocol
         self._portal: Result | None = None
         self._described = False
+
+    def take_buffered(self) -> None:
+        data, self.client._buf = self.client._buf, b""
+        if data and not self._closed:
+            self.data_received(data)
 
     # --- asyncio.Protocol ---
 

@@ -55,8 +55,9 @@ def hal(pg: Cluster, module_halephant: HalephantFactory) -> Running:
             "watcher": {"password": "watcher-pw"},
             "nobody": {"password": "nobody-pw"},
             "plain": {"password": PLAIN_SECRET, "auth": "md5"},
+            "trustuser": {"auth": "trust"},
         },
-        admin={"users": ["admin"], "stats_users": ["watcher"]},
+        admin={"users": ["admin", "trustuser"], "stats_users": ["watcher"]},
     )
     return module_halephant.start(config)
 
@@ -229,12 +230,12 @@ def test_no_secret_in_config_or_metrics(hal: Running) -> None:
     config = json.loads(body)
     assert config["users"]["myapp_ro"]["password"] == "********"
     assert config["users"]["myapp_ro"]["server_password"] == "********"
-    assert config["admin"]["users"] == ["admin"]
+    assert config["admin"]["users"] == ["admin", "trustuser"]
     everything = body + hal.admin_get("/metrics")[1] + hal.admin_get("/snapshot")[1]
     for secret in ("admin-pw", "watcher-pw", PLAIN_SECRET, RO_VERIFIER, "SCRAM-SHA-256$"):
         assert secret not in everything, secret
-    for user in config["users"].values():
-        assert user["password"] == "********"
+    for name, user in config["users"].items():
+        assert user["password"] == ("********" if name != "trustuser" else None)
         assert user["server_password"] in (None, "********")
     with console(hal) as conn:
         rows = show(conn, "CONFIG")
@@ -436,3 +437,14 @@ def test_shutdown_stops_halephant_and_tells_clients_57P01(pg: Cluster, halephant
         client.execute("SELECT 1")
     client.close()
     assert "received SIGTERM" in run.log_text()
+
+
+def test_console_answers_a_query_sent_in_the_same_packet_as_the_login(hal: Running) -> None:
+    with rc.RawClient(hal.host, hal.port) as client:
+        client.send(rc.startup({"user": "trustuser", "database": "halephant"}) + rc.query("SHOW VERSION"))
+        messages = client.read_until(b"Z")  # the login's ReadyForQuery
+        assert messages[0].auth_code == 0
+        rows = rc.data_rows(client.read_until_ready())
+        assert rows and str(rows[0][0]).startswith("halephant ")
+        client.send(rc.terminate())
+        client.expect_closed()
