@@ -219,8 +219,9 @@ def clients(app: App) -> list[dict[str, Any]]:
                 "address": info.address if info else "",
                 "application_name": info.application_name if info else "",
                 "state": "console" if client.console else client_state(client),
-                "since": round(wall - (now - client.since), 3),
-                "for": round(now - client.since, 3),
+                # state changes are stamped with a clock of 100 ms resolution (App.clock)
+                "since": round(wall - max(0.0, now - client.since), 3),
+                "for": round(max(0.0, now - client.since), 3),
                 "connected_at": round(wall - (now - client.connected_at), 3),
                 "pool": "/".join(client.waiting_pool.key) if client.waiting_pool is not None else None,
                 "server_pid": server.backend_pid if server is not None else None,

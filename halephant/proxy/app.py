@@ -30,7 +30,7 @@ from halephant.proxy.client import ClientConnection
 from halephant.proxy.listener import Listeners
 from halephant.proxy.manager import PoolManager
 from halephant.proxy.server import ServerConnection
-from halephant.proxy.stats import Stats
+from halephant.proxy.stats import Stats, run_clock
 
 log = logging.getLogger("halephant")
 
@@ -44,6 +44,8 @@ class App:
         self.debug = logging.getLogger("halephant").isEnabledFor(logging.DEBUG)
         self.manager = PoolManager(self)
         self.stats = Stats()
+        #: loop time, refreshed every 100 ms (see `halephant.proxy.stats.run_clock`)
+        self.clock = 0.0
         self.control = Control(self)
         self.admin: AdminServer | None = None
         #: shared LISTEN connections (emulated LISTEN in transaction pooling)
@@ -80,6 +82,7 @@ class App:
                 tg.start_soon(self.manager.maintain)
                 tg.start_soon(self.manager.expire_waiters)
                 tg.start_soon(self._signals)
+                tg.start_soon(run_clock, self)
                 if self.config.admin.listen is not None:
                     self.admin = AdminServer(self)
                     tg.start_soon(self.admin.run, self.config.admin.listen)

@@ -662,7 +662,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _link(self, server: ServerConnection) -> None:
         self.server = server
-        self.since = self.app.loop.time()
+        self.since = self.app.clock
         server.client = self
         server.link_count += 1
         if self.write_paused:
@@ -750,7 +750,7 @@ class ClientConnection(asyncio.Protocol):
         assert server is not None
         self.server = None
         server.client = None
-        self.since = self.app.loop.time()
+        self.since = self.app.clock
         if self.write_paused:
             server.set_reading(False)
         self.app.manager.checkin(server)

@@ -13,11 +13,16 @@ from collections import Counter, deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import anyio
+
 if TYPE_CHECKING:
+    from halephant.proxy.app import App
     from halephant.types import ClientInfo
 
 #: how many recent decisions are kept (the oldest are dropped)
 DECISIONS_KEPT = 200
+#: resolution of `App.clock`, the loop time clients stamp their state changes with
+CLOCK_RESOLUTION = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,3 +83,14 @@ class Stats:
     def reloaded(self, ok: bool) -> None:
         """A configuration reload finished (called by the reload path)."""
         self.reloads["ok" if ok else "failed"] += 1
+
+
+async def run_clock(app: App) -> None:
+    """Keep `app.clock` (loop time) current to CLOCK_RESOLUTION.
+
+    Clients stamp each change between idle and active with it: reading an attribute costs a fraction of
+    a clock call, and that happens twice per transaction."""
+    loop = app.loop
+    while True:
+        app.clock = loop.time()
+        await anyio.sleep(CLOCK_RESOLUTION)
