@@ -448,3 +448,40 @@ def test_console_answers_a_query_sent_in_the_same_packet_as_the_login(hal: Runni
         assert rows and str(rows[0][0]).startswith("halephant ")
         client.send(rc.terminate())
         client.expect_closed()
+
+
+def _admin_address(hal: Running) -> tuple[str, int]:
+    assert hal.admin_url is not None
+    host, _, port = hal.admin_url.removeprefix("http://").rpartition(":")
+    return host, int(port)
+
+
+def _raw_http(hal: Running, request: bytes) -> bytes:
+    import socket
+
+    with socket.create_connection(_admin_address(hal), timeout=10) as sock:
+        sock.sendall(request)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_bad_http_requests_get_4xx_and_the_proxy_keeps_serving(hal: Running) -> None:
+    import socket
+
+    # a scraper that connects and never finishes its request holds nothing the proxy needs
+    stalled = socket.create_connection(_admin_address(hal), timeout=10)
+    stalled.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+    try:
+        assert _raw_http(hal, b"NONSENSE\r\n\r\n").startswith(b"HTTP/1.1 400 ")
+        assert _raw_http(hal, b"GET /health HTTP/2.0\r\n\r\n").startswith(b"HTTP/1.1 505 ")
+        huge = b"GET /health HTTP/1.1\r\nX-Filler: " + b"a" * 70_000 + b"\r\n\r\n"
+        assert _raw_http(hal, huge).startswith(b"HTTP/1.1 431 ")
+        head = _raw_http(hal, b"HEAD /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 ") and head.endswith(b"\r\n\r\n")
+        with connect(hal) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+        assert hal.admin_get("/health")[0] == 200
+    finally:
+        stalled.close()
