@@ -9,7 +9,7 @@ from halephant.types import Config, PoolSize, PoolTarget
 
 @hookimpl(trylast=True)
 def halephant_pool_size(pool: PoolTarget, config: Config) -> PoolSize | None:
-    db = config.databases.get(pool.database)
+    db = config.database_for(pool.database)
     if db is None:
         return None
     return PoolSize(min=db.min_pool_size, max=db.pool_size, reason=f"databases.{pool.database}.pool_size")

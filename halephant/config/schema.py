@@ -23,6 +23,7 @@ from pydantic import (
     ConfigDict,
     Field,
     PrivateAttr,
+    StrictBool,
     StrictInt,
     StrictStr,
     field_validator,
@@ -33,6 +34,7 @@ from pydantic_core import PydanticCustomError
 from halephant.config.units import Duration, Size
 
 __all__ = [
+    "CATCH_ALL",
     "AdminConfig",
     "AuthName",
     "ClusterConfig",
@@ -50,6 +52,9 @@ __all__ = [
 
 PoolModeName = Literal["transaction", "session"]
 AuthName = Literal["scram-sha-256", "md5", "trust"]
+
+#: The `databases:` key that serves every database name not listed, under its own name upstream.
+CATCH_ALL = "*"
 
 _HOSTNAME = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?")
 _MD5_HASH = re.compile(r"md5[0-9a-f]{32}")
@@ -174,6 +179,12 @@ class DatabaseConfig(_Section):
     max_lifetime: Annotated[Duration, Field(gt=0)] = 3600.0
     checkout_timeout: Annotated[Duration, Field(gt=0)] = 30.0
     server_reset_query: StrictStr = "DISCARD ALL"
+    #: Where a read-only user's transactions go when no replica is usable: `primary` (still read-only)
+    #: or `error` (57P03).
+    replica_fallback: Literal["primary", "error"] = "primary"
+    #: Where read-write users' read-only transactions go (`BEGIN READ ONLY`, or after
+    #: `SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY`): `replica` or `primary`.
+    read_only_transactions: Literal["replica", "primary"] = "replica"
     _name: str = PrivateAttr(default="")
 
     @property
@@ -195,6 +206,12 @@ class UserConfig(_Section):
     #: Plaintext password for the upstream login; needed when `password` is a verifier or hash.
     server_password: StrictStr | None = Field(default=None, repr=False)
     auth: AuthName = "scram-sha-256"
+    #: Served by replicas only, with `default_transaction_read_only=on` on its server connections;
+    #: any attempt to switch the session to read-write is refused with 25006.
+    read_only: StrictBool = False
+    #: Log in upstream as this other user (an entry under `users:`, whose upstream password is used):
+    #: an alias with its own password and its own pools. None: upstream as this user itself.
+    server_user: Annotated[StrictStr, Field(min_length=1)] | None = None
     _name: str = PrivateAttr(default="")
 
     @property
@@ -274,6 +291,12 @@ class Config(_Section):
     def source(self) -> str:
         """The file name used in messages about this config (not a YAML key)."""
         return self._source
+
+    def database_for(self, name: str) -> DatabaseConfig | None:
+        """The `databases:` entry that serves a client's database name: its own entry, else the
+        catch-all `'*'` entry, else None."""
+        db = self.databases.get(name)
+        return db if db is not None else self.databases.get(CATCH_ALL)
 
     def plugin_settings(self, name: str) -> BaseModel | None:
         """The validated `plugins.<name>` section of a plugin that declared settings, or None."""

@@ -48,7 +48,7 @@ class Pool(Generic[S, W]):
         self.info = PoolInfo(target=target, size=size)
         self.host = host
         self.port = port
-        self.key = (target.database, target.server_user, f"{host}:{port}")
+        self.key = (target.database, target.pool_user, f"{host}:{port}")
         self.idle: list[S] = []  # most recently used last
         self.active: set[S] = set()
         self.waiters: deque[W] = deque()

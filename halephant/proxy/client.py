@@ -50,6 +50,7 @@ from halephant.sql import Statement
 from halephant.types import (
     Allow,
     ClientInfo,
+    CloseIdleServers,
     Pin,
     PoolInfo,
     PoolMode,
@@ -445,6 +446,9 @@ class ClientConnection(asyncio.Protocol):
                             self._reject_in_place(server, t, error)
                         fwd = end
                         continue
+                    elif isinstance(verdict, CloseIdleServers):
+                        assert self.target is not None
+                        self.app.manager.close_idle(self.target.cluster, verdict.database, verdict.reason)
                     elif not isinstance(verdict, Allow):
                         # Pin / Unpin: applied once a server is linked (survives a wait for one)
                         self._pending_pin = verdict
@@ -596,7 +600,7 @@ class ClientConnection(asyncio.Protocol):
             self.app.manager.open(pool)
         self.waiting_pool = pool
         self._first_checked = True
-        db = self.app.config.databases.get(self.target.database)
+        db = self.app.config.database_for(self.target.database)
         # enforced by the pool manager's sweep (one timer for everyone, not one per wait)
         self.since = self.app.loop.time()
         self.wait_deadline = self.since + (db.checkout_timeout if db is not None else 30.0)

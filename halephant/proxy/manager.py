@@ -92,7 +92,7 @@ class PoolManager:
     # --- lookups ---
 
     def pool_info(self, target: PoolTarget) -> PoolInfo:
-        key = (target.database, target.server_user)
+        key = (target.database, target.pool_user)
         info = self._infos.get(key)
         if info is None or info.target != target:
             # sized once per pool (halephant_pool_size is not called per client), shared by its clients
@@ -103,7 +103,7 @@ class PoolManager:
     def welcome_params(self, target: PoolTarget | None) -> dict[str, str] | None:
         if target is None:
             return None
-        return self._welcome.get((target.database, target.server_user))
+        return self._welcome.get((target.database, target.pool_user))
 
     def cluster_view(self, name: str) -> ClusterView:
         """The cluster's nodes as last seen. Until nodes are probed, the first configured node is the
@@ -133,7 +133,7 @@ class PoolManager:
         if role is Role.REPLICA and len(nodes) > 1:
             self._next_replica = (self._next_replica + 1) % (len(nodes) - 1)
             node = nodes[1 + self._next_replica]
-        key = (target.database, target.server_user, f"{node.host}:{node.port}")
+        key = (target.database, target.pool_user, f"{node.host}:{node.port}")
         pool = self.pools.get(key)
         if pool is None:
             pool = self.pools[key] = Pool[ServerConnection, "ClientConnection"](
@@ -154,6 +154,7 @@ class PoolManager:
             "user": target.server_user,
             "database": target.server_database,
             "application_name": "halephant",
+            **dict(target.server_settings),
         }
         server = ServerConnection(self, pool, startup, target.server_password, loop)
         try:
@@ -184,7 +185,7 @@ class PoolManager:
             for waiter in pool.connect_failed():
                 waiter.checkout_failed(error)
             return
-        self._welcome.setdefault((target.database, target.server_user), dict(server.params))
+        self._welcome.setdefault((target.database, target.pool_user), dict(server.params))
         log.info(
             "pool %s: server connection opened (pid %d, now %d)", pool.name, server.backend_pid, pool.total
         )
@@ -219,13 +220,26 @@ class PoolManager:
         if targeted:
             query = targeted
         else:
-            db = self.app.config.databases.get(server.pool.info.target.database)
+            db = self.app.config.database_for(server.pool.info.target.database)
             query = db.server_reset_query if db is not None else "DISCARD ALL"
         if not query:
             self.checkin(server)
             return
         server.client = _Reset(self, server, clears_settings=not targeted)  # type: ignore[assignment]
         server.send(m.query(query))
+
+    def close_idle(self, cluster: str, server_database: str, reason: str) -> None:
+        """Close the idle server connections to one upstream database of a cluster, at once (before a
+        client's DROP DATABASE, which fails while any other session is connected to it)."""
+        closed = 0
+        for pool in self.pools.values():
+            target = pool.info.target
+            if target.cluster == cluster and target.server_database == server_database and pool.idle:
+                for server in list(pool.idle):
+                    server.close(reason)
+                    closed += 1
+        if closed:
+            log.info("closed %d idle server connection(s) to %s: %s", closed, server_database, reason)
 
     def server_gone(self, pool: ServerPool) -> None:
         if pool.should_open_for_waiters():
@@ -252,7 +266,7 @@ class PoolManager:
     def tick(self) -> None:
         now = time.monotonic()
         for pool in list(self.pools.values()):
-            db = self.app.config.databases.get(pool.info.target.database)
+            db = self.app.config.database_for(pool.info.target.database)
             if db is None:
                 continue
             for server in pool.expired(now, db.idle_timeout, db.max_lifetime):
