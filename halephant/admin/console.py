@@ -208,7 +208,7 @@ class ConsoleSession(asyncio.Protocol):
                     rest = b"".join(buf[s - 5 : e] for _t, s, e in frames[i + 1 :])
                     self._buf = rest + self._buf
                     self.transport.write(b"".join(out))
-                    self._wait_for(pending)
+                    self._wait_for(pending, simple=True)
                     return
                 out.append(m.READY_FOR_QUERY_IDLE)
             elif t == codes.SYNC:
@@ -219,10 +219,17 @@ class ConsoleSession(asyncio.Protocol):
                 continue
             else:
                 try:
-                    self._extended(t, payload, out)
+                    pending = self._extended(t, payload, out)
                 except ClientError as exc:
                     out.append(self._error(exc))
                     self._skip_to_sync = True
+                    continue
+                if pending is not None:
+                    rest = b"".join(buf[s - 5 : e] for _t, s, e in frames[i + 1 :])
+                    self._buf = rest + self._buf
+                    self.transport.write(b"".join(out))
+                    self._wait_for(pending, simple=False)
+                    return
         self.transport.write(b"".join(out))
 
     def _error(self, exc: ClientError) -> bytes:
@@ -239,9 +246,9 @@ class ConsoleSession(asyncio.Protocol):
             try:
                 if _verb(command) == "PAUSE":
                     self._check_write("PAUSE")
-                    database = self._pause(command)
                     if n != len(commands) - 1:
                         raise ClientError(sqlstate.FEATURE_NOT_SUPPORTED, "PAUSE must be the last command")
+                    database = self._pause(command)
                     if self.app.control.active_servers(database):
                         return asyncio.ensure_future(self._pause_done(database))
                     out.append(m.message(b"C", b"PAUSE\0"))
@@ -252,7 +259,9 @@ class ConsoleSession(asyncio.Protocol):
                 return None
         return None
 
-    def _wait_for(self, task: asyncio.Task[str]) -> None:
+    def _wait_for(self, task: asyncio.Task[str], *, simple: bool) -> None:
+        """Hold this session's input until `task` (PAUSE waiting for transactions) is done; a simple
+        Query is then answered, an extended-protocol batch goes on from its next message."""
         self._busy = True
 
         def done(t: asyncio.Task[str]) -> None:
@@ -260,12 +269,13 @@ class ConsoleSession(asyncio.Protocol):
             if self._closed:
                 return
             if t.cancelled() or t.exception() is not None:
-                self.transport.write(
-                    m.error_response(sqlstate.INTERNAL_ERROR, f"PAUSE failed: {t.exception()!r}")
-                )
-            else:
+                error = ClientError(sqlstate.INTERNAL_ERROR, f"PAUSE failed: {t.exception()!r}")
+                self.transport.write(self._error(error))
+                self._skip_to_sync = not simple
+            elif simple:
                 self.transport.write(m.message(b"C", t.result().encode() + b"\0"))
-            self.transport.write(m.READY_FOR_QUERY_IDLE)
+            if simple:
+                self.transport.write(m.READY_FOR_QUERY_IDLE)
             if self._buf:
                 self.data_received(b"")
 
@@ -275,7 +285,8 @@ class ConsoleSession(asyncio.Protocol):
         await self.app.control.wait_paused(database)
         return "PAUSE"
 
-    def _extended(self, t: int, payload: bytes, out: list[bytes]) -> None:
+    def _extended(self, t: int, payload: bytes, out: list[bytes]) -> asyncio.Task[str] | None:
+        """Answer one extended-protocol message; a PAUSE that has to wait returns its task."""
         if t == codes.PARSE:
             name, query, _ = m.decode_parse(payload)
             if name:
@@ -289,7 +300,13 @@ class ConsoleSession(asyncio.Protocol):
                 raise ClientError(sqlstate.FEATURE_NOT_SUPPORTED, "the admin console has no named portals")
             command = self._statement.strip().rstrip(";").strip()
             if _verb(command) == "PAUSE":
-                raise ClientError(sqlstate.FEATURE_NOT_SUPPORTED, "PAUSE needs the simple query protocol")
+                self._check_write("PAUSE")
+                database = self._pause(command)
+                self._portal = ([], [], "PAUSE")
+                out.append(m.message(b"2"))
+                if self.app.control.active_servers(database):
+                    return asyncio.ensure_future(self._pause_done(database))
+                return None
             self._portal = self.run(command) if command else ([], [], "")
             self._described = False
             out.append(m.message(b"2"))
@@ -298,10 +315,10 @@ class ConsoleSession(asyncio.Protocol):
                 out.append(m.message(b"t", _I16.pack(0)))  # no parameters
                 if not self._statement.strip():
                     out.append(m.message(b"n"))
-                    return
+                    return None
                 columns, rows, _tag = self.run(self._statement.strip().rstrip(";").strip(), describe=True)
                 out.append(_row_description(columns, _types(columns, rows)) if columns else m.message(b"n"))
-                return
+                return None
             if self._portal is None:
                 raise ClientError(sqlstate.INVALID_CURSOR_STATE, "portal does not exist")
             columns, rows, _tag = self._portal
@@ -321,6 +338,7 @@ class ConsoleSession(asyncio.Protocol):
             raise ClientError(
                 sqlstate.FEATURE_NOT_SUPPORTED, f"message type {chr(t)!r} is not supported here"
             )
+        return None
 
     # --- commands ---
 

@@ -485,3 +485,25 @@ def test_bad_http_requests_get_4xx_and_the_proxy_keeps_serving(hal: Running) -> 
         assert hal.admin_get("/health")[0] == 200
     finally:
         stalled.close()
+
+
+def test_pause_over_the_extended_protocol_waits_too(hal: Running, pg: Cluster) -> None:
+    busy = connect(hal, dbname="pausable")
+    busy.execute("BEGIN")
+    busy.execute("SELECT 1")
+    dsn = hal.dsn(user="admin", password="admin-pw", dbname="halephant")
+    admin = psycopg.connect(dsn, autocommit=True)  # psycopg's default cursor: Parse/Bind/Execute/Sync
+    paused = threading.Event()
+    thread = threading.Thread(target=lambda: (admin.execute("PAUSE pausable"), paused.set()))
+    thread.start()
+    time.sleep(0.3)
+    assert not paused.is_set()
+    busy.execute("COMMIT")
+    assert paused.wait(5)
+    thread.join(5)
+    assert admin.execute("SHOW VERSION").fetchone()  # the session goes on after the wait
+    admin.execute("RESUME pausable")
+    assert busy.execute("SELECT 7").fetchone() == (7,)
+    busy.close()
+    admin.close()
+    assert_clean_servers(pg)
