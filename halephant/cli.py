@@ -151,7 +151,13 @@ def plugins(path: str | None) -> None:
 )
 @click.option("--once", is_flag=True, help="print one snapshot and exit")
 @click.option("--json", "as_json", is_flag=True, help="print the raw snapshot as JSON and exit")
-@click.option("--interval", type=float, default=1.0, show_default=True, help="seconds between refreshes")
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=0.1),
+    default=1.0,
+    show_default=True,
+    help="seconds between refreshes",
+)
 def status(url: str | None, path: str | None, once: bool, as_json: bool, interval: float) -> None:
     """Watch a running halephant: pools, nodes, clients, queues, decisions, errors (q quits)."""
     from rich.console import Console

@@ -370,7 +370,7 @@ class ConsoleSession(asyncio.Protocol):
                 raise ClientError(
                     sqlstate.SYNTAX_ERROR,
                     f"unknown SHOW command: {words[1]}",
-                    hint="SHOW POOLS | CLIENTS | SERVERS | STATS | DATABASES | CONFIG | VERSION | NODES",
+                    hint="SHOW HELP lists the commands.",
                 )
             return show(self.app)
         if verb not in _WRITE_COMMANDS:
@@ -590,7 +590,21 @@ def show_nodes(app: App) -> Result:
     return columns, rows, "SHOW"
 
 
+def show_help(app: App) -> Result:
+    rows = [
+        ["SHOW POOLS|CLIENTS|SERVERS|STATS|DATABASES|CONFIG|VERSION|NODES", "read"],
+        ["PAUSE [db]", "hold new transactions once running ones finish"],
+        ["RESUME [db]", "release held transactions"],
+        ["RECONNECT [db]", "replace server connections as they become idle"],
+        ["KILL db", "drop every client and server connection of db (stays paused until RESUME)"],
+        ["RELOAD", "reload the configuration file"],
+        ["SHUTDOWN", "stop halephant as on SIGTERM"],
+    ]
+    return ["command", "what it does"], rows, "SHOW"
+
+
 _SHOW = {
+    "HELP": show_help,
     "POOLS": show_pools,
     "CLIENTS": show_clients,
     "SERVERS": show_servers,

@@ -309,13 +309,13 @@ def errors(app: App) -> dict[str, int]:
 
 
 def _redact(value: Any, key: str = "") -> Any:
-    lowered = key.lower()
-    if any(word in lowered for word in SECRET_WORDS):
-        return None if value is None else REDACTED
     if isinstance(value, dict):
         return {k: _redact(v, str(k)) for k, v in value.items()}
     if isinstance(value, list):
-        return [_redact(v) for v in value]
+        return [_redact(v, key) for v in value]
+    lowered = key.lower()
+    if any(word in lowered for word in SECRET_WORDS):
+        return None if value is None else REDACTED
     if isinstance(value, str) and (is_scram_verifier(value) or is_md5_hash(value)):
         return REDACTED
     return value

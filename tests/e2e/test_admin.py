@@ -264,6 +264,7 @@ def test_console_show_commands(hal: Running) -> None:
             dbs = show(admin, "DATABASES")
             assert {d["name"] for d in dbs} >= {"myapp", "one"}
             assert show(admin, "VERSION")[0]["version"].startswith("halephant ")
+            assert any(r["command"] == "PAUSE [db]" for r in show(admin, "HELP"))
             nodes = show(admin, "NODES")
             assert {n["role"] for n in nodes} == {"primary", "replica"}
             # case and a trailing semicolon do not matter; psycopg's default (extended) protocol works too
