@@ -10,7 +10,7 @@ from collections import Counter
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -114,6 +114,13 @@ class HalephantCollector:
                 lag_seconds.add_metric(labels, node["lag_seconds"])
         yield from (role, usable, lag_bytes, lag_seconds)
 
+        paused = GaugeMetricFamily(
+            "halephant_database_paused", "1 while PAUSE holds a database's transactions", labels=["database"]
+        )
+        for database in sorted(app.config.databases):
+            paused.add_metric([database], 1 if app.control.is_paused(database) else 0)
+        yield paused
+
         reloads = CounterMetricFamily("halephant_reloads", "Configuration reloads", labels=["result"])
         for result in ("ok", "failed"):
             reloads.add_metric([result], app.stats.reloads[result])
@@ -123,6 +130,7 @@ class HalephantCollector:
 def registry(app: App) -> CollectorRegistry:
     reg = CollectorRegistry(auto_describe=False)
     reg.register(HalephantCollector(app))
+    ProcessCollector(registry=reg)  # CPU seconds, resident memory, open files, start time
     return reg
 
 
