@@ -63,6 +63,7 @@ class App:
     async def serve(self, *, on_ready: Callable[[App], Any] | None = None) -> None:
         # cached: on Python 3.11 every get_running_loop() is a getpid() syscall
         self.loop = asyncio.get_running_loop()
+        self.clock = self.loop.time()
         self.plugins.configure(self.config)
         listen = self.config.listen
         server = await self.loop.create_server(
