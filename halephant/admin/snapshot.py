@@ -336,9 +336,10 @@ def redacted_config(cfg: Config) -> dict[str, Any]:
 
 
 def ready(app: App) -> tuple[bool, dict[str, Any]]:
-    """Ready when every database's cluster has a usable primary or replica."""
+    """Ready when every database's cluster has a usable primary or replica, and halephant is not
+    shutting down (a load balancer should stop sending new connections to a draining process)."""
     out: dict[str, Any] = {}
-    ok = True
+    ok = not getattr(app, "draining", False)
     for name, db in app.config.databases.items():
         view = app.manager.cluster_view(db.cluster)
         usable = [n.name for n in view.nodes if n.usable]
