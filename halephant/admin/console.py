@@ -160,7 +160,6 @@ class ConsoleSession(asyncio.Protocol):
         self._skip_to_sync = False
         self._statement = ""  # the unnamed statement of the extended protocol
         self._portal: Result | None = None
-        self._described = False
 
     def take_buffered(self) -> None:
         data, self.client._buf = self.client._buf, b""
@@ -308,7 +307,6 @@ class ConsoleSession(asyncio.Protocol):
                     return asyncio.ensure_future(self._pause_done(database))
                 return None
             self._portal = self.run(command) if command else ([], [], "")
-            self._described = False
             out.append(m.message(b"2"))
         elif t == codes.DESCRIBE:
             if payload[:1] == b"S":
