@@ -86,8 +86,62 @@ def run(path: str) -> None:
 @click.option(
     "-c", "--config", "path", default="halephant.yaml", show_default=True, type=click.Path(dir_okay=False)
 )
-def check(path: str) -> None:
-    """Validate a config file without starting: exit 0, or print every error as FILE:LINE:COL."""
+@click.option(
+    "--against",
+    "against",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="the config in use, a file or a running halephant's admin URL (http://127.0.0.1:6433): print "
+    "what a reload from it to -c would change (a dry run)",
+)
+def check(path: str, against: str | None) -> None:
+    """Validate a config file without starting: exit 0, or print every error as FILE:LINE:COL.
+
+    With --against OLD, also print the changes a reload from OLD would apply, one per line
+    (`+` added, `-` removed, `~` changed; secrets are never shown), marking those that need a restart.
+    """
+    config = _checked(path)
+    click.echo(
+        f"{path}: ok ({len(config.databases)} database(s), {len(config.users)} user(s), "
+        f"{len(config.clusters)} cluster(s))"
+    )
+    if against is None:
+        return
+    from halephant.config.diff import diff_configs, diff_trees
+
+    if against.startswith(("http://", "https://")):
+        from halephant.admin.snapshot import redacted_config
+
+        # the running halephant hands out its config with secrets redacted: redact ours the same way
+        changes = diff_trees(_running_config(against), redacted_config(config))
+    else:
+        changes = diff_configs(_checked(against), config)
+    if not changes:
+        click.echo(f"no changes from {against}")
+        return
+    restart = sum(c.restart for c in changes)
+    click.echo(f"a reload from {against} would apply {len(changes) - restart} change(s):")
+    for change in changes:
+        click.echo(f"  {change}")
+    if restart:
+        click.echo(f"{restart} change(s) need a restart")
+
+
+def _running_config(url: str) -> dict[str, Any]:
+    import json
+    import urllib.request
+
+    target = url.rstrip("/") + "/config"
+    try:
+        with urllib.request.urlopen(target, timeout=10) as response:
+            tree: dict[str, Any] = json.loads(response.read())
+            return tree
+    except (OSError, ValueError) as exc:
+        click.echo(f"halephant: cannot read {target}: {getattr(exc, 'reason', None) or exc}", err=True)
+        sys.exit(1)
+
+
+def _checked(path: str) -> Config:
     try:
         config, _plugins = load(path)
     except ConfigError as exc:
@@ -98,10 +152,7 @@ def check(path: str) -> None:
     except PluginError as exc:
         click.echo(f"{path}: plugins: {exc}", err=True)
         sys.exit(1)
-    click.echo(
-        f"{path}: ok ({len(config.databases)} database(s), {len(config.users)} user(s), "
-        f"{len(config.clusters)} cluster(s))"
-    )
+    return config
 
 
 @main.command()

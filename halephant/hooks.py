@@ -132,7 +132,8 @@ def halephant_pool_size(pool: PoolTarget, config: Config) -> PoolSize | None:
     :param config: the current configuration.
     :returns: ``PoolSize(min, max, reserve, reason)``.
 
-    Default: ``plugins/pool_sizing.py`` (from ``databases.<name>.pool_size`` and ``min_pool_size``).
+    Default: ``plugins/pool_sizing.py`` (from ``databases.<name>.pool_size``, ``min_pool_size`` and
+    ``reserve_pool_size``).
     """
 
 

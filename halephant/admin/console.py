@@ -72,10 +72,6 @@ def start_console(client: ClientConnection) -> None:
             hint="List the user in admin.users (or admin.stats_users for SHOW only).",
             fatal=True,
         )
-    timer = client._login_timer
-    if timer is not None:
-        timer.cancel()
-        client._login_timer = None
     log.info("%r: admin console (%s)", client, "read-only" if readonly else "read-write")
     client.cancel_key = secrets.randbits(31) or 1
     out = [m.AUTHENTICATION_OK]
@@ -86,6 +82,10 @@ def start_console(client: ClientConnection) -> None:
     client.transport.write(b"".join(out))
     session = ConsoleSession(app, client, readonly)
     client.transport.set_protocol(session)
+    # Not a pool client any more: the login, idle and drain sweeps leave it alone, and the console
+    # sessions are closed when halephant stops (Control.run).
+    app.client_closed(client)
+    app.control.consoles.add(session)
     # Bytes that came in behind the login in the same chunk are handed back to the client object once
     # this callback returns: WELCOME buffers them there, and the session takes them over.
     from halephant.proxy.client import WELCOME
@@ -181,11 +181,23 @@ class ConsoleSession(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
-        self.app.client_closed(self.client)
+        self.app.control.consoles.discard(self)
         log.info("%r: admin console closed", self.client)
 
     def _fatal(self, code: str, message: str) -> None:
-        self.client.fail(ClientError(code, message, fatal=True))
+        self.close(ClientError(code, message, fatal=True))
+
+    def close(self, error: ClientError) -> None:
+        """Send a FATAL error and close the connection."""
+        if self._closed:
+            return
+        self._closed = True
+        self.app.control.consoles.discard(self)
+        self.app.stats.error(error.code)
+        try:
+            self.transport.write(m.error_response(error.code, error.message, hint=error.hint, fatal=True))
+        finally:
+            self.transport.close()
 
     # --- framing ---
 

@@ -16,8 +16,10 @@ import anyio
 
 from halephant import sqlstate
 from halephant.errors import ClientError
+from halephant.proxy.sweep import shutdown_error
 
 if TYPE_CHECKING:
+    from halephant.admin.console import ConsoleSession
     from halephant.pool.pool import Pool
     from halephant.proxy.app import App
     from halephant.proxy.client import ClientConnection
@@ -38,6 +40,16 @@ class Control:
         #: checked by every checkout: True while anything is paused
         self.holding = False
         self._held: list[ClientConnection] = []
+        #: open SQL console sessions (not in `app.clients`: they are not pool clients)
+        self.consoles: set[ConsoleSession] = set()
+
+    async def run(self) -> None:
+        """Runs in the app's task group; when halephant stops, console sessions are told 57P01."""
+        try:
+            await anyio.sleep_forever()
+        finally:
+            for session in list(self.consoles):
+                session.close(shutdown_error())
 
     # --- state ---
 
@@ -140,7 +152,7 @@ class Control:
         n = 0
         for client in list(self.app.clients.values()):
             target = client.target
-            if not client.console and target is not None and target.database == database:
+            if target is not None and target.database == database:
                 client.fail(error)
                 n += 1
         for pool in self._pools(database):

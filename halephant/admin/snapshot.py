@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from halephant import __version__
+from halephant.config.diff import REDACTED, config_tree, redact_tree
 from halephant.config.schema import is_md5_hash, is_scram_verifier
 from halephant.pool.stats import WAIT_BUCKETS
 from halephant.proxy.client import READY
@@ -34,7 +35,6 @@ if TYPE_CHECKING:
     ServerPool = Pool[ServerConnection, ClientConnection]
 
 PoolKey = tuple[str, str, str]
-REDACTED = "********"
 #: configuration keys whose values are never shown (any key containing one of these words)
 SECRET_WORDS = ("password", "secret", "verifier", "token", "private_key")
 CLIENT_STATES = ("login", "idle", "waiting", "active")
@@ -101,8 +101,6 @@ def pools(app: App) -> list[dict[str, Any]]:
     mono = time.monotonic()
     cl: dict[PoolKey, Counter[str]] = {}
     for client in list(app.clients.values()):
-        if client.console:
-            continue
         key = _client_pool_key(app, client)
         if key is not None:
             cl.setdefault(key, Counter())[client_state(client)] += 1
@@ -208,7 +206,8 @@ def clients(app: App) -> list[dict[str, Any]]:
     now = app.loop.time()
     wall = time.time()
     out = []
-    for client in list(app.clients.values()):
+    consoles = [session.client for session in list(app.control.consoles)]
+    for client in [*app.clients.values(), *consoles]:
         info = client.info
         server = client.server
         out.append(
@@ -232,10 +231,10 @@ def clients(app: App) -> list[dict[str, Any]]:
 
 
 def clients_by_state(app: App) -> dict[str, int]:
-    counts = Counter("console" if c.console else client_state(c) for c in list(app.clients.values()))
+    counts = Counter(client_state(c) for c in list(app.clients.values()))
     out = {state: counts[state] for state in CLIENT_STATES}
-    if counts["console"]:
-        out["console"] = counts["console"]
+    if app.control.consoles:
+        out["console"] = len(app.control.consoles)
     return out
 
 
@@ -322,16 +321,15 @@ def _redact(value: Any, key: str = "") -> Any:
 
 
 def config(app: App) -> dict[str, Any]:
-    """The running configuration as JSON, every password, verifier and secret replaced by ********."""
+    """The running configuration, every password, verifier and secret replaced by `(secret)`."""
     return redacted_config(app.config)
 
 
 def redacted_config(cfg: Config) -> dict[str, Any]:
-    data = cfg.model_dump(mode="json")
-    settings = getattr(cfg, "_plugin_settings", {}) or {}
-    for name, model in settings.items():
-        data.setdefault("plugins", {})[name] = model.model_dump(mode="json")
-    redacted: dict[str, Any] = _redact(data)
+    """`cfg` as the tree `halephant.config.diff` compares (so `halephant check --against URL` can diff a
+    file against a running halephant), with secrets redacted: the keys diff knows as secret, any key
+    named like one (plugin settings too), and any value that looks like a SCRAM verifier or md5 hash."""
+    redacted: dict[str, Any] = _redact(redact_tree(config_tree(cfg)))
     return redacted
 
 

@@ -179,6 +179,15 @@ class DatabaseConfig(_Section):
     max_lifetime: Annotated[Duration, Field(gt=0)] = 3600.0
     checkout_timeout: Annotated[Duration, Field(gt=0)] = 30.0
     server_reset_query: StrictStr = "DISCARD ALL"
+    #: Extra server connections a pool may open when a client has waited `reserve_pool_timeout`.
+    reserve_pool_size: Annotated[StrictInt, Field(ge=0)] = 0
+    reserve_pool_timeout: Annotated[Duration, Field(gt=0)] = 5.0
+    #: Clients of this database at most (None: only the global `limits.max_client_conn`).
+    max_client_conn: Annotated[StrictInt, Field(ge=1)] | None = None
+    #: Overrides of the `limits:` timeouts for this database's clients (None: the global value).
+    client_idle_timeout: Annotated[Duration, Field(ge=0)] | None = None
+    idle_transaction_timeout: Annotated[Duration, Field(ge=0)] | None = None
+    query_timeout: Annotated[Duration, Field(ge=0)] | None = None
     #: Where a read-only user's transactions go when no replica is usable: `primary` (still read-only)
     #: or `error` (57P03).
     replica_fallback: Literal["primary", "error"] = "primary"
@@ -206,6 +215,12 @@ class UserConfig(_Section):
     #: Plaintext password for the upstream login; needed when `password` is a verifier or hash.
     server_password: StrictStr | None = Field(default=None, repr=False)
     auth: AuthName = "scram-sha-256"
+    #: Clients logged in as this user at most (None: no per-user limit).
+    max_client_conn: Annotated[StrictInt, Field(ge=1)] | None = None
+    #: Overrides of the `limits:` timeouts for this user's clients, before the database's (None: inherit).
+    client_idle_timeout: Annotated[Duration, Field(ge=0)] | None = None
+    idle_transaction_timeout: Annotated[Duration, Field(ge=0)] | None = None
+    query_timeout: Annotated[Duration, Field(ge=0)] | None = None
     #: Served by replicas only, with `default_transaction_read_only=on` on its server connections;
     #: any attempt to switch the session to read-write is refused with 25006.
     read_only: StrictBool = False
@@ -238,6 +253,15 @@ class LimitsConfig(_Section):
     max_message_size: Annotated[Size, Field(ge=1024, le=2**31 - 1)] = 64 * 1024 * 1024
     login_timeout: Annotated[Duration, Field(gt=0)] = 15.0
     connect_timeout: Annotated[Duration, Field(gt=0)] = 5.0
+    #: Client connections at most, all databases together (53300 beyond).
+    max_client_conn: Annotated[StrictInt, Field(ge=1)] = 10000
+    #: On SIGTERM/SIGINT, how long transactions in progress may run before everyone gets 57P01.
+    shutdown_timeout: Annotated[Duration, Field(ge=0)] = 30.0
+    #: The timeouts below are off at 0; `databases.<name>` may override each of the first three.
+    client_idle_timeout: Annotated[Duration, Field(ge=0)] = 0.0
+    idle_transaction_timeout: Annotated[Duration, Field(ge=0)] = 0.0
+    query_timeout: Annotated[Duration, Field(ge=0)] = 0.0
+    query_wait_notify: Annotated[Duration, Field(ge=0)] = 5.0
 
 
 class LoggingConfig(_Section):

@@ -46,6 +46,7 @@ from halephant.protocol.startup import (
     StartupMessage,
 )
 from halephant.proxy import session_state
+from halephant.proxy.limits import too_many_clients
 from halephant.sql import Statement
 from halephant.types import (
     Allow,
@@ -112,7 +113,6 @@ class ClientConnection(asyncio.Protocol):
         "_first_checked",
         "_framer",
         "_last_sync_point",
-        "_login_timer",
         "_pending_pin",
         "_primary_pool",
         "_read_paused",
@@ -121,6 +121,8 @@ class ClientConnection(asyncio.Protocol):
         "cancel_key",
         "connected_at",
         "info",
+        "link_count",
+        "login_deadline",
         "number",
         "outstanding",
         "pinned",
@@ -133,11 +135,16 @@ class ClientConnection(asyncio.Protocol):
         "since",
         "skip_to_sync",
         "state",
+        "sweep_links",
+        "sweep_rfq",
+        "sweep_since",
         "target",
         "transaction_mode",
         "transport",
         "unsynced",
         "wait_deadline",
+        "wait_notified",
+        "wait_started",
         "waiting_pool",
         "write_paused",
     )
@@ -163,7 +170,8 @@ class ClientConnection(asyncio.Protocol):
         self.write_paused = False
         self._first_checked = False
         self._reject_next: bytes | None = None
-        self._login_timer: asyncio.TimerHandle | None = None
+        #: enforced by the client sweep (halephant.proxy.sweep), not a timer per connection
+        self.login_deadline = 0.0
         self._primary_pool: ServerPool | None = None
         self._read_paused = False
         self._last_sync_point = 0
@@ -173,8 +181,15 @@ class ClientConnection(asyncio.Protocol):
         #: the session state must be read back from the server at the end of this transaction
         self.session_due = False
         self.wait_deadline = 0.0
+        self.wait_started = 0.0
+        self.wait_notified = False
         self.cancel_key = 0
         self.number = 0
+        #: transactions linked so far, and what the timeout sweep saw last (halephant.proxy.sweep)
+        self.link_count = 0
+        self.sweep_links = -1
+        self.sweep_rfq = -1
+        self.sweep_since = 0.0
         #: loop time of the connection, and of the last change between idle, waiting and active
         self.connected_at = self.since = 0.0
 
@@ -192,9 +207,7 @@ class ClientConnection(asyncio.Protocol):
         # uvloop's transports don't subclass asyncio's. Both loops set TCP_NODELAY on TCP transports
         # themselves; asking for the socket object here would cost ~100 bytes per idle client.
         self.transport = cast(asyncio.Transport, transport)
-        self._login_timer = self.app.loop.call_later(
-            self.app.config.limits.login_timeout, self._login_timeout
-        )
+        self.login_deadline = self.app.loop.time() + self.app.config.limits.login_timeout
         self.number = self.app.client_opened(self)
         # the shared 100 ms clock: no float object of its own per idle client
         self.connected_at = self.since = self.app.clock
@@ -258,14 +271,13 @@ class ClientConnection(asyncio.Protocol):
 
     # --- startup and authentication ---
 
-    def _login_timeout(self) -> None:
-        self._login_timer = None
+    def login_timeout(self) -> None:
+        """Called by the client sweep once `login_deadline` has passed."""
         if self.state < READY:
             log.info("%r: login timeout", self)
+            # PostgreSQL's own code and text for authentication_timeout
             self.fail(
-                ClientError(
-                    sqlstate.PROTOCOL_VIOLATION, "canceling authentication due to timeout", fatal=True
-                )
+                ClientError(sqlstate.QUERY_CANCELED, "canceling authentication due to timeout", fatal=True)
             )
 
     def _startup_data(self, data: bytes) -> None:
@@ -299,6 +311,15 @@ class ClientConnection(asyncio.Protocol):
             user=packet.user, database=packet.database, params=packet.params, address=address, id=self.number
         )
         log.info("%r: connected", self)
+        refused = too_many_clients(self.app.config, len(self.app.clients))
+        if refused is not None:
+            log.warning(
+                "%r: rejected: %s",
+                self,
+                refused.message,
+                extra={"event": "max_client_conn", "sqlstate": refused.code},
+            )
+            raise refused
         if packet.minor > 0 or packet.protocol_options:
             self.transport.write(m.negotiate_protocol_version(codes.PROTOCOL_3_0, packet.protocol_options))
         if "replication" in packet.params and packet.params["replication"].lower() not in (
@@ -361,8 +382,18 @@ class ClientConnection(asyncio.Protocol):
             self.app.stats.decide("reject", self.info, r.reason, r.code)
             raise ClientError(r.code, r.message, hint=r.hint, fatal=True)
         assert self.info is not None and self.target is not None
+        pool_info = self.app.manager.pool_info(self.target)
+        refused = self.app.client_counts.admit(self.app.config, self.target.database, self.info.user)
+        if refused is not None:
+            log.warning(
+                "%r: rejected: %s",
+                self,
+                refused.message,
+                extra={"event": "max_client_conn", "sqlstate": refused.code},
+            )
+            raise refused
+        self.pool_info = pool_info  # from here on the client is counted (see _closed)
         self.transport.write(m.AUTHENTICATION_OK)
-        self.pool_info = self.app.manager.pool_info(self.target)
         self.transaction_mode = self.pool_info.mode is PoolMode.TRANSACTION
         log.info("%r: login ok (%s, pool %s, %s mode)", self, how, self.target.database, self.target.mode)
         self.state = WELCOME
@@ -378,9 +409,6 @@ class ClientConnection(asyncio.Protocol):
 
     def _welcome(self, params: dict[str, str]) -> None:
         assert self.info is not None
-        if self._login_timer is not None:
-            self._login_timer.cancel()
-            self._login_timer = None
         self._resume_if_paused()
         out = [m.parameter_status(name, value) for name, value in params.items()]
         # unpredictable: the key is what authorizes cancelling this client's queries
@@ -395,6 +423,10 @@ class ClientConnection(asyncio.Protocol):
             and self.pool_info.mode is PoolMode.TRANSACTION
         ):
             self._release()
+        # the timeout sweep counts quiet time from here, not from the first sweep that sees the client
+        self.sweep_links = self.link_count
+        self.sweep_rfq = self.server.rfq_seen if self.server is not None else -1
+        self.sweep_since = self.app.loop.time()
         if self._buf:
             self._process(b"")
 
@@ -593,7 +625,8 @@ class ClientConnection(asyncio.Protocol):
         if self.app.control.holding and self.state == READY and self.app.control.hold(self, pool):
             self._first_checked = True  # PAUSE: held until RESUME
             return False
-        server, open_one = pool.checkout(self)
+        # waiters queue per client user: fair between users sharing one pool
+        server, open_one = pool.checkout(self, self.info.user)
         if server is not None:
             self._link(server)
             return True
@@ -603,14 +636,19 @@ class ClientConnection(asyncio.Protocol):
         self._first_checked = True
         db = self.app.config.database_for(self.target.database)
         # enforced by the pool manager's sweep (one timer for everyone, not one per wait)
-        self.since = self.app.loop.time()
-        self.wait_deadline = self.since + (db.checkout_timeout if db is not None else 30.0)
+        self.wait_started = self.since = now = self.app.loop.time()
+        self.wait_notified = False
+        self.wait_deadline = now + (db.checkout_timeout if db is not None else 30.0)
         return False
+
+    def forget_pools(self) -> None:
+        """A reload may have changed the pools: look the primary's up again at the next transaction."""
+        self._primary_pool = None
 
     def attach_server(self, server: ServerConnection) -> None:
         """Called by the pool: the server this client waited for."""
         if self.waiting_pool is not None:
-            self.waiting_pool.stats.waited(self.app.loop.time() - self.since)
+            self.waiting_pool.stats.waited(self.app.loop.time() - self.wait_started)
         self.waiting_pool = None
         if self.state == CLOSED:
             # gone while waiting: give the server straight back
@@ -670,6 +708,7 @@ class ClientConnection(asyncio.Protocol):
         self.since = self.app.clock
         server.client = self
         server.link_count += 1
+        self.link_count += 1
         if self.write_paused:
             server.set_reading(True)
         server.apply_settings(self.settings)
@@ -781,7 +820,7 @@ class ClientConnection(asyncio.Protocol):
         except Exception:  # the transport may be gone already
             pass
         if fatal:
-            log.info("%r: closing: %s %s", self, error.code, error.message)
+            log.info("%r: closing: %s %s", self, error.code, error.message, extra={"sqlstate": error.code})
             self.close()
 
     def close(self) -> None:
@@ -794,9 +833,6 @@ class ClientConnection(asyncio.Protocol):
         self.state = CLOSED
         if self.session is not None:
             session_state.forget(self)
-        if self._login_timer is not None:
-            self._login_timer.cancel()
-            self._login_timer = None
         if self.waiting_pool is not None:
             self.waiting_pool.cancel_wait(self)
             self.waiting_pool = None
@@ -818,5 +854,7 @@ class ClientConnection(asyncio.Protocol):
                 # (targeted when halephant knows what the client held, else server_reset_query)
                 self.app.manager.reset_and_checkin(server, reset or None)
         self.app.client_closed(self)
+        if self.pool_info is not None and self.info is not None:
+            self.app.client_counts.release(self.pool_info.database, self.info.user)
         if self.info is not None:
             log.info("%r: disconnected: %s", self, reason)

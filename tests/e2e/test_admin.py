@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import threading
 import time
 from typing import Any
@@ -21,6 +22,7 @@ from scramp import ScramMechanism
 from support.halephant import HalephantFactory, Running, default_config
 from support.leaks import assert_clean_servers
 
+from halephant.admin.snapshot import REDACTED
 from halephant.testing.pgcluster import Cluster
 
 pytestmark = pytest.mark.e2e
@@ -229,22 +231,22 @@ def test_no_secret_in_config_or_metrics(hal: Running) -> None:
     status, body = hal.admin_get("/config")
     assert status == 200
     config = json.loads(body)
-    assert config["users"]["myapp_ro"]["password"] == "********"
-    assert config["users"]["myapp_ro"]["server_password"] == "********"
+    assert config["users"]["myapp_ro"]["password"] == REDACTED
+    assert config["users"]["myapp_ro"]["server_password"] == REDACTED
     assert config["admin"]["users"] == ["admin", "trustuser"]
     everything = body + hal.admin_get("/metrics")[1] + hal.admin_get("/snapshot")[1]
     for secret in ("admin-pw", "watcher-pw", PLAIN_SECRET, RO_VERIFIER, "SCRAM-SHA-256$"):
         assert secret not in everything, secret
     for name, user in config["users"].items():
-        assert user["password"] == ("********" if name != "trustuser" else None)
-        assert user["server_password"] in (None, "********")
+        assert user["password"] == (REDACTED if name != "trustuser" else None)
+        assert user["server_password"] in (None, REDACTED)
     with console(hal) as conn:
         rows = show(conn, "CONFIG")
     text = json.dumps(rows)
     assert "users.myapp_ro.password" in text
     for secret in ("admin-pw", "watcher-pw", PLAIN_SECRET, RO_VERIFIER, "SCRAM-SHA-256$"):
         assert secret not in text, secret
-    assert not any(r["key"].endswith("password") and r["value"] not in ("********", "") for r in rows)
+    assert not any(r["key"].endswith("password") and r["value"] not in (REDACTED, "") for r in rows)
 
 
 # --- the SQL console -------------------------------------------------------------------------------------
@@ -509,3 +511,51 @@ def test_pause_over_the_extended_protocol_waits_too(hal: Running, pg: Cluster) -
     busy.close()
     admin.close()
     assert_clean_servers(pg)
+
+
+def test_check_against_the_running_halephant_is_a_dry_run(hal: Running) -> None:
+    import subprocess
+    import sys
+
+    from support.halephant import REPO_ROOT
+
+    assert hal.admin_url is not None
+    new = hal.config_path.with_name("proposed.yaml")
+    text = hal.config_path.read_text()
+    assert "pool_size: 3" in text
+    new.write_text(text.replace("pool_size: 3", "pool_size: 9").replace("admin-pw", "new-admin-pw"))
+    result = subprocess.run(
+        [sys.executable, "-m", "halephant", "check", "-c", str(new), "--against", hal.admin_url],
+        capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert f"a reload from {hal.admin_url} would apply 1 change(s):" in lines
+    assert "  ~ databases.myapp.pool_size: 3 -> 9" in lines
+    # secrets are compared redacted on both sides: never shown, and a password change is not visible
+    assert "admin-pw" not in result.stdout and "SCRAM" not in result.stdout
+    unreachable = subprocess.run(
+        [sys.executable, "-m", "halephant", "check", "-c", str(new), "--against", "http://127.0.0.1:1"],
+        capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+    )  # fmt: skip
+    assert unreachable.returncode == 1 and "cannot read http://127.0.0.1:1/config" in unreachable.stderr
+
+
+def _reloads_ok(hal: Running) -> float:
+    import re
+
+    found = re.search(
+        r'^halephant_reloads_total\{result="ok"\} ([\d.]+)$', hal.admin_get("/metrics")[1], re.M
+    )
+    assert found
+    return float(found.group(1))
+
+
+def test_reload_is_counted_in_metrics(hal: Running) -> None:
+    before = _reloads_ok(hal)
+    with console(hal) as admin:
+        admin.execute("RELOAD")
+    deadline = time.monotonic() + 5
+    while _reloads_ok(hal) == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _reloads_ok(hal) == before + 1
