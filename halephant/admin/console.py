@@ -35,6 +35,9 @@ log = logging.getLogger("halephant.admin")
 
 #: database names that reach the console instead of a pool
 ADMIN_DATABASES = frozenset({"halephant", "pgbouncer"})
+#: logins to the console admitted beyond limits.max_client_conn (console sessions are not counted once
+#: logged in; this bounds the ones still authenticating)
+CONSOLE_HEADROOM = 5
 _I16 = struct.Struct("!h")
 _I32 = struct.Struct("!i")
 _OID_BOOL, _OID_INT8, _OID_FLOAT8, _OID_TEXT = 16, 20, 701, 25

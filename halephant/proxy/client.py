@@ -31,7 +31,7 @@ import secrets
 from typing import TYPE_CHECKING, cast
 
 from halephant import sqlstate
-from halephant.admin.console import ADMIN_DATABASES, start_console
+from halephant.admin.console import ADMIN_DATABASES, CONSOLE_HEADROOM, start_console
 from halephant.auth.server_side import Exchange, exchange_for
 from halephant.errors import ClientError, ProtocolViolation
 from halephant.protocol import codes
@@ -311,7 +311,10 @@ class ClientConnection(asyncio.Protocol):
             user=packet.user, database=packet.database, params=packet.params, address=address, id=self.number
         )
         log.info("%r: connected", self)
-        refused = too_many_clients(self.app.config, len(self.app.clients))
+        connected = len(self.app.clients)
+        if packet.database in ADMIN_DATABASES:
+            connected -= CONSOLE_HEADROOM  # an operator can still get in when clients fill every slot
+        refused = too_many_clients(self.app.config, connected)
         if refused is not None:
             log.warning(
                 "%r: rejected: %s",

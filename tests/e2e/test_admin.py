@@ -559,3 +559,21 @@ def test_reload_is_counted_in_metrics(hal: Running) -> None:
     while _reloads_ok(hal) == before and time.monotonic() < deadline:
         time.sleep(0.05)
     assert _reloads_ok(hal) == before + 1
+
+
+def test_console_gets_in_when_clients_fill_max_client_conn(pg: Cluster, halephant: HalephantFactory) -> None:
+    config = default_config(
+        pg,
+        users={"admin": {"password": "admin-pw"}},
+        admin={"users": ["admin"]},
+        limits={"max_client_conn": 1},
+    )
+    run = halephant.start(config)
+    with psycopg.connect(run.dsn(), autocommit=True) as first:
+        first.execute("SELECT 1")
+        with pytest.raises(psycopg.OperationalError, match="too many"):
+            psycopg.connect(run.dsn(), autocommit=True)
+        dsn = run.dsn(user="admin", password="admin-pw", dbname="halephant")
+        with psycopg.connect(dsn, autocommit=True) as admin:
+            clients = admin.execute("SHOW CLIENTS").fetchall()
+            assert len(clients) == 2  # the client and the console session itself
