@@ -120,24 +120,31 @@ class Running:
         return self.proc.poll() is None
 
     def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
-        """Return once the listen port accepts TCP connections; raise (with the log) if halephant exits."""
+        """Return once the listen port (and the admin API's, when on) accepts TCP connections; raise (with
+        the log) if halephant exits. The admin API starts just after the proxy's listener."""
         deadline = time.monotonic() + timeout
+        self._wait_listening(self.host, self.port, deadline, timeout)
+        if self.admin_url is not None:
+            host, _, port = self.admin_url.removeprefix("http://").rpartition(":")
+            self._wait_listening(host, int(port), deadline, timeout)
+
+    def _wait_listening(self, host: str, port: int, deadline: float, timeout: float) -> None:
         while True:
             rc = self.proc.poll()
             if rc is not None:
                 raise HalephantDidNotStart(
-                    f"halephant exited with status {rc} before listening on {self.host}:{self.port}; "
+                    f"halephant exited with status {rc} before listening on {host}:{port}; "
                     f"config {self.config_path}; log:\n{self.log_text()}"
                 )
             try:
-                with socket.create_connection((self.host, self.port), timeout=0.5):
+                with socket.create_connection((host, port), timeout=0.5):
                     return
             except OSError:
                 pass
             if time.monotonic() > deadline:
                 self.stop()
                 raise HalephantDidNotStart(
-                    f"halephant did not listen on {self.host}:{self.port} within {timeout:g} s; "
+                    f"halephant did not listen on {host}:{port} within {timeout:g} s; "
                     f"config {self.config_path}; log:\n{self.log_text()}"
                 )
             time.sleep(0.02)
