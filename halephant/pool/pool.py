@@ -22,6 +22,7 @@ from collections import deque
 from collections.abc import Callable, Hashable, Iterator
 from typing import Generic, Protocol, TypeVar
 
+from halephant.pool.stats import PoolStats
 from halephant.types import PoolInfo, PoolSize, PoolTarget, Role
 
 
@@ -129,6 +130,7 @@ class Pool(Generic[S, W]):
         "opened_count",
         "port",
         "serves",
+        "stats",
         "track_lsn",
         "waiters",
     )
@@ -144,6 +146,7 @@ class Pool(Generic[S, W]):
         self.connecting = 0
         self.opened_count = 0
         self.closed_count = 0
+        self.stats = PoolStats()
         self.serves: Role | None = None
         #: read-your-writes: learn the primary's WAL position when a client's transaction ends here
         self.track_lsn = False
