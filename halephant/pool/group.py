@@ -33,6 +33,7 @@ class PoolGroup(Generic[S, W]):
         "replicas",
         "target",
         "waiting_for_primary",
+        "wants_replicas",
     )
 
     def __init__(self, target: PoolTarget) -> None:
@@ -46,6 +47,8 @@ class PoolGroup(Generic[S, W]):
         self.replica_waiters: WaitQueue[W] = WaitQueue()
         self.waiting_for_primary: Pool[S, W] = Pool(target, _NO_CAPACITY, "", 0)
         self._next = 0
+        #: a transaction was routed to a replica once: the replicas' pools are kept assigned from then on
+        self.wants_replicas = False
 
     def __repr__(self) -> str:
         primary = self.primary.key[2] if self.primary is not None else None
@@ -55,13 +58,14 @@ class PoolGroup(Generic[S, W]):
         )
 
     def assign(self, primary: str | None, replicas: Sequence[str]) -> list[W]:
-        """Point the group at the nodes that serve each role now (their pools must be in `pools`).
+        """Point the group at the nodes that serve each role now (nodes without a pool in `pools` are
+        left out: pools are made only for the roles the group's clients use).
 
         Sets each pool's `serves` and its wait queue. Returns the clients that were waiting for a pool
         that no longer serves as the primary, taken out of its queue: the caller hands them on.
         """
-        self.primary = self.pools[primary] if primary is not None else None
-        self.replicas = tuple(self.pools[name] for name in replicas)
+        self.primary = self.pools.get(primary) if primary is not None else None
+        self.replicas = tuple(self.pools[name] for name in replicas if name in self.pools)
         displaced: list[W] = []
         for pool in self.pools.values():
             serves = Role.PRIMARY if pool is self.primary else Role.REPLICA if pool in self.replicas else None

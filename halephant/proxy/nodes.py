@@ -89,6 +89,9 @@ class Nodes:
             self._retarget(group, target)
         if role is _PRIMARY:
             return group.primary or group.waiting_for_primary
+        if not group.wants_replicas:  # the first transaction of these clients routed to a replica
+            group.wants_replicas = True
+            self._assign(group, self.view(group.cluster))
         pools = group.replicas
         if not pools:
             return None
@@ -146,8 +149,6 @@ class Nodes:
             )
         group: Group = PoolGroup(target)
         self.groups[(target.database, target.pool_user)] = group
-        for node in cluster.nodes:
-            group.pools[_address(node.host, node.port)] = self.manager.node_pool(target, node.host, node.port)
         self._assign(group, self.view(target.cluster))
         return group
 
@@ -173,8 +174,9 @@ class Nodes:
                     pool.serves = None
                 continue
             pools = {
-                _address(n.host, n.port): self.manager.node_pool(group.target, n.host, n.port)
+                address: self.manager.node_pool(group.target, n.host, n.port)
                 for n in cluster.nodes
+                if (address := _address(n.host, n.port)) in group.pools
             }
             for address, pool in group.pools.items():
                 if pools.get(address) is not pool:
@@ -184,6 +186,12 @@ class Nodes:
 
     def _assign(self, group: Group, view: ClusterView) -> None:
         primary = view.primary
+        # pools for the nodes that serve what these clients use (no replica pools for write-only users)
+        for node in (primary, *(view.replicas if group.wants_replicas else ())):
+            if node is not None and _address(node.host, node.port) not in group.pools:
+                group.pools[_address(node.host, node.port)] = self.manager.node_pool(
+                    group.target, node.host, node.port
+                )
         displaced = group.assign(
             _address(primary.host, primary.port) if primary is not None else None,
             [_address(node.host, node.port) for node in view.replicas],
