@@ -33,6 +33,7 @@ from halephant.errors import ClientError, ProtocolViolation
 from halephant.protocol import codes
 from halephant.protocol import messages as m
 from halephant.protocol.framing import split_frames
+from halephant.protocol.prepared import ClientStatements
 from halephant.protocol.session_params import startup_settings
 from halephant.protocol.startup import (
     CancelRequest,
@@ -41,6 +42,7 @@ from halephant.protocol.startup import (
     StartupFramer,
     StartupMessage,
 )
+from halephant.proxy import prepared
 from halephant.sql import Statement
 from halephant.types import (
     ClientInfo,
@@ -116,6 +118,7 @@ class ClientConnection(asyncio.Protocol):
         "pinned",
         "pool_info",
         "pool_reject",
+        "prepared",
         "server",
         "settings",
         "skip_to_sync",
@@ -145,6 +148,8 @@ class ClientConnection(asyncio.Protocol):
         self.unsynced = False
         self.skip_to_sync = False
         self.pinned = False
+        #: named statements mapped to shared server-side ones (transaction pooling), once it names one
+        self.prepared: ClientStatements | None = None
         self.settings: dict[str, str] = {}
         self.transaction_mode = False
         self.write_paused = False
@@ -373,6 +378,7 @@ class ClientConnection(asyncio.Protocol):
         server = self.server
         plugins = self.app.plugins
         transaction_mode = self.transaction_mode
+        ps = self.prepared
         fwd = 0  # start of the run of messages not yet forwarded
         for t, start, end in frames:
             kind = _KIND.get(t)
@@ -382,7 +388,10 @@ class ClientConnection(asyncio.Protocol):
             if self.skip_to_sync:
                 # after an error in an extended-protocol batch, PostgreSQL ignores everything until Sync
                 if server is not None and fwd < head:
-                    server.send(buf[fwd:head])
+                    if ps is None:
+                        server.send(buf[fwd:head])
+                    else:
+                        prepared.forward(self, server, buf[fwd:head])
                 fwd = end
                 if t != codes.SYNC:
                     continue
@@ -407,7 +416,10 @@ class ClientConnection(asyncio.Protocol):
                             self._reject_locally(t, error)
                         else:
                             if fwd < head:
-                                server.send(buf[fwd:head])
+                                if ps is None:
+                                    server.send(buf[fwd:head])
+                                else:
+                                    prepared.forward(self, server, buf[fwd:head])
                             self._reject_in_place(server, t, error)
                         fwd = end
                         continue
@@ -416,7 +428,10 @@ class ClientConnection(asyncio.Protocol):
                         self._pending_pin = verdict.reason
             elif kind == _K_TERMINATE:
                 if server is not None and fwd < head:
-                    server.send(buf[fwd:head])
+                    if ps is None:
+                        server.send(buf[fwd:head])
+                    else:
+                        prepared.forward(self, server, buf[fwd:head])
                 self.close()
                 return
             if server is None:
@@ -449,12 +464,33 @@ class ClientConnection(asyncio.Protocol):
             if self._pending_pin:
                 reason, self._pending_pin = self._pending_pin, ""
                 self.pin_for(reason)
-            if statement is not None and transaction_mode and not self.pinned:
+            if statement is not None and transaction_mode and (not self.pinned or ps is not None):
                 # State that outlives the transaction: the client keeps this server (as PostgreSQL would
                 # behave connected directly), and the server is reset before anyone else gets it.
-                effect = statement.session_state or (
-                    "named prepared statement" if t == codes.PARSE and buf[start] != 0 else ""
-                )
+                effect = statement.session_state
+                if not effect and t == codes.PARSE and buf[start] != 0 and ps is None:
+                    # A named statement: shared server-side statements when configured and every request
+                    # sent so far ends at a sync point (the books must start at a known place)
+                    if self.unsynced or not prepared.limit(self):
+                        effect = "named prepared statement"
+                    else:
+                        if fwd < head:
+                            server.send(buf[fwd:head])
+                            fwd = head
+                        ps = self.prepared = prepared.activate(self)
+                elif effect == "DEALLOCATE" or effect == "DISCARD":
+                    # named statements: only the client's own go (see halephant.proxy.prepared)
+                    if fwd < head:
+                        if ps is None:
+                            server.send(buf[fwd:head])
+                        else:
+                            prepared.forward(self, server, buf[fwd:head])
+                        fwd = head
+                    instead = prepared.deallocate(self, server, t, statement)
+                    if instead is not None:
+                        server.send(instead)
+                        fwd = end
+                        effect = ""
                 if effect:
                     self.pin_for(effect)
             if kind <= _K_SYNC:
@@ -467,7 +503,10 @@ class ClientConnection(asyncio.Protocol):
             elif kind == _K_BATCH:
                 self.unsynced = True
         if server is not None and fwd < consumed:
-            server.send(buf if fwd == 0 and consumed == len(buf) else buf[fwd:consumed])
+            if ps is None:
+                server.send(buf if fwd == 0 and consumed == len(buf) else buf[fwd:consumed])
+            else:
+                prepared.forward(self, server, buf[fwd:consumed])
         if consumed < len(buf):
             if buf[consumed] not in _KIND:
                 # refuse on the type byte alone: waiting for the body of a bogus length could hang forever
@@ -505,7 +544,10 @@ class ClientConnection(asyncio.Protocol):
     def _reject_in_place(self, server: ServerConnection, t: int, error: bytes) -> None:
         """Inside a transaction: make the server fail at this very point, then show our error instead."""
         marker = f"halephant_rejected_{next(_reject_markers)}"
-        server.arm_rewrite(marker.encode(), error, self.outstanding)
+        if self.prepared is not None:
+            prepared.reject(self, t, error)
+        else:
+            server.arm_rewrite(marker.encode(), error, self.outstanding)
         if t == codes.QUERY:
             server.send(m.query(marker))
             self.outstanding += 1

@@ -16,6 +16,7 @@ from halephant.errors import ClientError
 from halephant.pool.pool import Pool
 from halephant.protocol import codes
 from halephant.protocol import messages as m
+from halephant.proxy import prepared
 from halephant.proxy.server import ServerConnection, ServerLoginError
 from halephant.types import ClusterView, NodeInfo, PoolInfo, PoolMode, PoolTarget, Role
 
@@ -64,6 +65,7 @@ class _Reset:
         pass
 
     transaction_mode = False
+    prepared = None
 
     def pin_for(self, reason: str) -> None:
         pass
@@ -214,6 +216,7 @@ class PoolManager:
             self.checkin(server)
             return
         server.client = _Reset(self, server)  # type: ignore[assignment]
+        prepared.forget_after_reset(server, query)
         server.send(m.query(query))
 
     def server_gone(self, pool: ServerPool) -> None:

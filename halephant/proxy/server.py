@@ -6,6 +6,9 @@ first ReadyForQuery) and completes `login` (a future the opener awaits under a t
 the client decides at each ReadyForQuery whether the server goes back to its pool. Bytes from a server
 no client is linked to (a FATAL, a stray notification) close it: an idle server must be silent.
 
+A client that names prepared statements has its replies relayed message by message while it has requests
+outstanding (`halephant.proxy.prepared`), so that halephant's own replies fall into place.
+
 Two slower paths exist for halephant's own queries: the answers to a settings query (a client's startup
 parameters) are swallowed (`absorb`), and while a rejection is in flight the stream is framed fully so the
 server's error for the swapped statement can be replaced by the rejection (`arm_rewrite`).
@@ -26,9 +29,11 @@ from halephant.protocol import codes
 from halephant.protocol import messages as m
 from halephant.protocol.framing import BackendScanner, split_frames
 from halephant.protocol.session_params import settings_sql
+from halephant.proxy import prepared
 
 if TYPE_CHECKING:
     from halephant.pool.pool import Pool
+    from halephant.protocol.prepared import ServerStatements
     from halephant.proxy.client import ClientConnection
     from halephant.proxy.manager import PoolManager
 
@@ -69,6 +74,7 @@ class ServerConnection(asyncio.Protocol):
         "rfq_seen",
         "scanner",
         "settings",
+        "statements",
         "transport",
     )
 
@@ -108,6 +114,8 @@ class ServerConnection(asyncio.Protocol):
         #: ReadyForQuery messages still to swallow: answers to halephant's own set-up queries
         self.absorb = 0
         self._setup_error: ClientError | None = None
+        #: the named statements prepared here on behalf of clients (halephant.proxy.prepared)
+        self.statements: ServerStatements | None = None
 
     def __repr__(self) -> str:
         state = "closing" if self.closing else ("active" if self.client else "idle")
@@ -160,6 +168,9 @@ class ServerConnection(asyncio.Protocol):
         if client is not None:
             if self.absorb:
                 self._absorbing_data(data, client)
+                return
+            if client.prepared is not None:
+                prepared.relay(self, data, client)
                 return
             if self._rewrites:
                 self._rewrite_path(data, client)

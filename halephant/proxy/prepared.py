@@ -1,0 +1,181 @@
+"""The I/O side of protocol-level prepared statements in transaction pooling.
+
+`halephant.protocol.prepared` keeps the books; this module connects them to a client and its linked
+server: it starts tracking a client at its first named Parse (`activate`), sends its translated messages
+(`forward`), relays the server's replies message by message while the client has requests outstanding
+(`relay`), and handles the SQL statements that drop prepared statements (`deallocate`). Clients that
+never name a statement never come here: their bytes take the ordinary forwarding path.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import TYPE_CHECKING
+
+from halephant.errors import ProtocolViolation
+from halephant.protocol import codes
+from halephant.protocol.framing import split_frames
+from halephant.protocol.prepared import (
+    BARRIER,
+    SYNTH,
+    ClientStatements,
+    ServerStatement,
+    ServerStatements,
+    StatementRegistry,
+)
+from halephant.sql import Statement
+
+if TYPE_CHECKING:
+    from halephant.proxy.client import ClientConnection
+    from halephant.proxy.server import ServerConnection
+
+log = logging.getLogger("halephant.prepared")
+
+#: the server-side names of every statement body, for every client and server of this process
+REGISTRY = StatementRegistry()
+_MAX_SERVER_MESSAGE = 1 << 30
+_DEALLOCATE = re.compile(
+    r'\s*deallocate\s+(?:prepare\s+)?(?:(all)|"((?:[^"]|"")+)"|([A-Za-z_\x80-\uffff][\w$\x80-\uffff]*))\s*;?\s*',
+    re.IGNORECASE,
+)
+_DISCARD_ALL = re.compile(r"\s*discard\s+all\s*;?\s*", re.IGNORECASE)
+#: the reset queries that drop every prepared statement of a server connection
+_DROPS_ALL = re.compile(r"\b(?:discard\s+all|deallocate\s+(?:prepare\s+)?all)\b", re.IGNORECASE)
+
+
+def limit(client: ClientConnection) -> int:
+    """`max_prepared_statements` of the client's database (0: named statements pin the client)."""
+    target = client.target
+    db = client.app.config.databases.get(target.database) if target is not None else None
+    return db.max_prepared_statements if db is not None else 0
+
+
+def _retired(stmt: ServerStatement) -> None:
+    log.info("prepared statement %s retired (its cached plan changed result type)", stmt.name.decode())
+
+
+def activate(client: ClientConnection) -> ClientStatements:
+    """Track `client`'s named statements from now on. Its earlier requests may still be unanswered:
+    they all end at a sync point (the caller makes sure), so a barrier of that many ReadyForQuery
+    separates them from what is tracked."""
+    log.info("%r: named prepared statements are mapped to shared server-side statements", client)
+    return ClientStatements(REGISTRY, outstanding=client.outstanding, on_retire=_retired)
+
+
+def statements_of(server: ServerConnection) -> ServerStatements:
+    found = server.statements
+    if found is None:
+        db = server.manager.app.config.databases.get(server.pool.info.target.database)
+        found = server.statements = ServerStatements(db.max_prepared_statements if db is not None else 200)
+    return found
+
+
+def forward(client: ClientConnection, server: ServerConnection, data: bytes) -> None:
+    """Send a run of complete client messages through the client's statement books."""
+    ps = client.prepared
+    assert ps is not None
+    server.send(ps.translate(data, statements_of(server)))
+    queue = ps.queue
+    if queue and queue[0][1] == SYNTH and server.scanner.at_boundary:
+        # nothing before it is outstanding: answer now (the client may wait for it after a Flush)
+        client.transport.write(ps.due_replies(server.scanner.status))
+
+
+def reject(client: ClientConnection, t: int, error: bytes) -> None:
+    ps = client.prepared
+    assert ps is not None
+    ps.reject(t, error)
+
+
+def deallocate(
+    client: ClientConnection, server: ServerConnection, t: int, statement: Statement
+) -> bytes | None:
+    """DEALLOCATE / DISCARD from a client in transaction pooling (the caller saw that keyword first).
+
+    Returns the Query to send instead when halephant answers it itself (the client's own names go, the
+    server's statements, which other clients share, stay), or None to send it as it is.
+    """
+    text = statement.text
+    ps = client.prepared
+    match = _DEALLOCATE.fullmatch(text) if statement.first_keyword == "DEALLOCATE" else None
+    discard_all = match is None and _DISCARD_ALL.fullmatch(text) is not None
+    if match is None and not discard_all:
+        return None  # DISCARD PLANS/TEMP/SEQUENCES, several statements: nothing to do with names
+    drops_all = discard_all or (match is not None and match.group(1) is not None)
+    if ps is not None and t == codes.QUERY and not client.pinned and not ps.skipping:
+        if match is not None:
+            if drops_all:
+                ps.forget(None)
+                return ps.substitute_query("DEALLOCATE ALL")
+            name = (match.group(2).replace('""', '"') if match.group(2) else match.group(3).lower()).encode()
+            if name in ps.names:
+                ps.forget(name)
+                return ps.substitute_query("DEALLOCATE")
+            return None  # not a protocol-level name of this client: PostgreSQL decides
+        if client.outstanding == 0 and server.scanner.status == codes.TX_IDLE:
+            # outside a transaction DISCARD ALL cannot fail; inside one PostgreSQL must say so itself
+            ps.forget(None)
+            return ps.substitute_query("DISCARD ALL")
+    if drops_all:
+        # it reaches the server: every statement there goes, whoever prepared it
+        if ps is not None:
+            ps.forget(None)
+        if server.statements is not None:
+            server.statements.clear()
+    return None
+
+
+def forget_after_reset(server: ServerConnection, query: str) -> None:
+    """The server ran `query` before going back to its pool: did that drop its prepared statements?"""
+    if server.statements is not None and _DROPS_ALL.search(query):
+        server.statements.clear()
+
+
+def relay(server: ServerConnection, data: bytes, client: ClientConnection) -> None:
+    """Server -> client while the client has requests outstanding: message by message."""
+    ps = client.prepared
+    assert ps is not None
+    queue = ps.queue
+    sc = server.scanner
+    # The fast path may have passed on the start of a message (before tracking began, or a notice while
+    # nothing was outstanding): pass on its rest the same way first.
+    while data and not server._buf and not sc.at_boundary:
+        step = sc.bytes_to_boundary()
+        server._relay(data[:step], client)
+        data = data[step:]
+        if server.client is not client:
+            return
+        if sc.ready and queue and queue[0][1] == BARRIER:  # a ReadyForQuery counts down a barrier
+            kind, action, stmt, left, undo, name = queue[0]
+            assert isinstance(left, int)
+            if left > sc.ready:
+                queue[0] = (kind, action, stmt, left - sc.ready, undo, name)
+            else:
+                queue.popleft()
+    if not queue:
+        rest, server._buf = server._buf + data, b""
+        if rest:
+            server._relay(rest, client)
+        return
+    buf = server._buf + data if server._buf else data
+    try:
+        frames, consumed = split_frames(buf, _MAX_SERVER_MESSAGE)
+    except ProtocolViolation as exc:
+        server._lost_with_client(client, f"protocol violation from server: {exc.message}")
+        return
+    out, ready, status, kept, stop = ps.splice(buf, frames, sc.status, statements_of(server))
+    if stop < consumed:  # nothing is outstanding any more: the rest takes the fast path
+        rest, server._buf = buf[stop:], b""
+    else:
+        rest, server._buf = b"", buf[consumed:]
+    sc.status = status
+    server.rfq_seen += ready
+    if out:
+        client.transport.write(b"".join(out))
+    if kept:
+        server._kept(kept, client)
+    if ready:
+        client.server_ready(ready, status, not rest and not server._buf)
+    if rest and server.client is client:
+        server._relay(rest, client)

@@ -1,0 +1,319 @@
+"""End to end: protocol-level prepared statements in transaction pooling.
+
+Client statement names are private to each client and mapped onto shared server-side statements, prepared
+on whichever server a client gets. These tests run more clients than servers so statements really move
+between servers, and compare what clients see with what PostgreSQL says directly: raw message sequences
+(hand-written and hypothesis-generated pipelines of Parse/Bind/Describe/Execute/Close/Sync/Flush), psycopg
+(prepare=True, pipeline mode), asyncpg (its statement cache, executemany) and pgbench -M prepared.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import asyncpg
+import psycopg
+import psycopg.errors
+import pytest
+import rawclient as rc
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from rawclient import Message, RawClient
+from support.halephant import HalephantFactory, Running, default_config
+from support.leaks import assert_clean_servers
+
+from halephant.testing.pgcluster import Cluster, pgbench
+
+pytestmark = pytest.mark.e2e
+
+BENCH_DB = "e2e_prepared_bench"
+POOL_SIZE = 2
+
+
+@pytest.fixture(scope="module")
+def hal(pg: Cluster, module_halephant: HalephantFactory) -> Running:
+    pg.create_database(BENCH_DB, owner="myapp")
+    pgbench(pg.primary, "-i", "-q", "-s", "1", dbname=BENCH_DB, user="myapp")
+    main = {"cluster": "main", "database": "myapp", "checkout_timeout": "10s"}
+    config = default_config(
+        pg,
+        databases={
+            "myapp": {**main, "pool_size": POOL_SIZE},
+            "one": {**main, "pool_size": 1},
+            "tiny_cache": {**main, "pool_size": 1, "max_prepared_statements": 2},
+            "pinning": {**main, "pool_size": 2, "max_prepared_statements": 0},
+            "bench": {"cluster": "main", "database": BENCH_DB, "pool_size": 4},
+        },
+    )
+    return module_halephant.start(config)
+
+
+@pytest.fixture(autouse=True)
+def clean(pg: Cluster) -> Iterator[None]:
+    yield
+    assert_clean_servers(pg.primary)
+
+
+_table_numbers = iter(range(1, 1_000_000))
+
+
+def new_table(pg: Cluster, columns: str = "id int PRIMARY KEY, v text") -> str:
+    name = f"e2e_prepared_{next(_table_numbers)}_{int(time.time() * 1000) % 100_000}"
+    pg.primary.sql(f"CREATE TABLE {name} ({columns})", dbname="myapp", user="myapp")
+    return name
+
+
+# --- raw protocol ----------------------------------------------------------------------------------------
+
+
+def parse(sql: str, name: str = "", types: tuple[int, ...] = ()) -> bytes:
+    return rc.msg(b"P", rc.cstr(name) + rc.cstr(sql) + struct.pack(f"!h{len(types)}I", len(types), *types))
+
+
+def bind(statement: str = "", portal: str = "", params: tuple[str | None, ...] = ()) -> bytes:
+    body = rc.cstr(portal) + rc.cstr(statement) + struct.pack("!hh", 0, len(params))
+    for p in params:
+        body += struct.pack("!i", -1) if p is None else struct.pack("!i", len(p.encode())) + p.encode()
+    return rc.msg(b"B", body + struct.pack("!h", 0))
+
+
+def describe(kind: str, name: str = "") -> bytes:
+    return rc.msg(b"D", kind.encode() + rc.cstr(name))
+
+
+def close(kind: str, name: str = "") -> bytes:
+    return rc.msg(b"C", kind.encode() + rc.cstr(name))
+
+
+def flush() -> bytes:
+    return rc.msg(b"H")
+
+
+def direct(pg: Cluster) -> RawClient:
+    client = RawClient(pg.primary.host, pg.primary.port)
+    client.login("myapp", "myapp", "myapp")
+    return client
+
+
+def proxied(hal: Running, dbname: str = "myapp") -> RawClient:
+    client = RawClient(hal.host, hal.port)
+    client.login("myapp", "myapp", dbname)
+    return client
+
+
+def read_syncs(client: RawClient, n: int, timeout: float = 5.0) -> list[Message]:
+    out: list[Message] = []
+    for _ in range(n):
+        out += client.read_until_ready(timeout=timeout)
+    return out
+
+
+def shape(messages: list[Message]) -> list[tuple[str, ...]]:
+    """What must match between PostgreSQL and halephant: types, SQLSTATEs and messages, rows, tags."""
+    out: list[tuple[str, ...]] = []
+    for msg in messages:
+        t = msg.type.decode()
+        if t in ("E", "N"):
+            f = msg.fields
+            out.append((t, f.get("C", ""), f.get("M", "")))
+        elif t in ("D", "C", "Z", "T", "t"):
+            out.append((t, msg.payload.hex()))
+        elif t == "S":
+            continue  # ParameterStatus: not part of the answer
+        else:
+            out.append((t,))
+    return out
+
+
+def test_statement_is_shared_and_prepared_on_whichever_server(pg: Cluster, hal: Running) -> None:
+    with proxied(hal) as a, proxied(hal) as b:
+        for client in (a, b):
+            client.send(parse("SELECT $1::int + 1", "s1") + bind("s1", params=("41",)) + rc.execute() + rc.sync())
+            got = client.read_until_ready()
+            assert [m.type for m in got] == [b"1", b"2", b"D", b"C", b"Z"], got
+            assert rc.data_rows(got) == [["42"]]
+        names = pg.primary.sql(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = 'myapp' AND backend_type = 'client backend'"
+        )
+        assert int(names) >= 1
+        # the same text keeps working for both, whichever server each gets
+        for i in range(10):
+            for client in (a, b):
+                client.send(bind("s1", params=(str(i),)) + rc.execute() + rc.sync())
+                assert rc.data_rows(client.read_until_ready()) == [[str(i + 1)]]
+
+
+def test_bind_to_unknown_statement_is_26000_and_client_stays_usable(hal: Running) -> None:
+    with proxied(hal) as client:
+        client.send(bind("nope") + rc.execute() + rc.sync())
+        got = client.read_until_ready()
+        assert [m.type for m in got] == [b"E", b"Z"]
+        assert got[0].fields["C"] == "26000"
+        assert got[0].fields["M"] == 'prepared statement "nope" does not exist'
+        client.send(describe("S", "nope") + rc.sync())
+        got = client.read_until_ready()
+        assert got[0].fields["M"] == 'prepared statement "nope" does not exist'
+        assert rc.data_rows(client.simple_query("SELECT 7")) == [["7"]]
+
+
+def test_duplicate_name_is_42P05_and_close_frees_it(hal: Running) -> None:
+    with proxied(hal) as client:
+        client.send(parse("SELECT 1", "dup") + rc.sync())
+        assert [m.type for m in client.read_until_ready()] == [b"1", b"Z"]
+        client.send(parse("SELECT 2", "dup") + bind("dup") + rc.execute() + rc.sync())
+        got = client.read_until_ready()
+        assert [m.type for m in got] == [b"E", b"Z"]
+        assert (got[0].fields["C"], got[0].fields["M"]) == ("42P05", 'prepared statement "dup" already exists')
+        client.send(close("S", "dup") + close("S", "never_was") + parse("SELECT 2", "dup") + rc.sync())
+        assert [m.type for m in client.read_until_ready()] == [b"3", b"3", b"1", b"Z"]
+        client.send(bind("dup") + rc.execute() + rc.sync())
+        assert rc.data_rows(client.read_until_ready()) == [["2"]]
+
+
+def test_synthetic_replies_come_in_order_under_pipelining(hal: Running) -> None:
+    pins = hal.log_text().count("pinned to server")
+    with proxied(hal) as warm:
+        warm.send(parse("SELECT 'warm'::text", "w") + rc.sync())
+        warm.read_until_ready()
+    with proxied(hal, "one") as a:
+        a.send(parse("SELECT 'warm'::text", "w") + rc.sync())  # prepares it on the only server
+        a.read_until_ready()
+    with proxied(hal, "one") as client:
+        client.send(parse("SELECT 'other'::text", "o") + rc.sync())
+        assert [m.type for m in client.read_until_ready()] == [b"1", b"Z"]
+        # 'w' is already on the server: its ParseComplete is halephant's, between the server's replies
+        client.send(
+            parse("SELECT pg_sleep(0.2)") + bind() + rc.execute()
+            + parse("SELECT 'warm'::text", "w") + bind("w") + rc.execute()
+            + close("S", "w") + flush()
+        )  # fmt: skip
+        got = [client.read(timeout=5) for _ in range(8)]
+        assert [m.type for m in got] == [b"1", b"2", b"D", b"C", b"1", b"2", b"D", b"C"], got
+        assert client.read(timeout=5).type == b"3"
+        client.send(rc.sync())
+        assert [m.type for m in client.read_until_ready()] == [b"Z"]
+    assert hal.log_text().count("pinned to server") == pins
+
+
+def test_first_named_statement_mid_batch_still_works(hal: Running) -> None:
+    with proxied(hal) as client:
+        client.send(
+            parse("SELECT 1") + bind() + rc.execute() + parse("SELECT 2", "two") + bind("two") + rc.execute()
+            + rc.sync()
+        )  # fmt: skip
+        got = client.read_until_ready()
+        assert [m.type for m in got] == [b"1", b"2", b"D", b"C", b"1", b"2", b"D", b"C", b"Z"]
+        client.send(bind("two") + rc.execute() + rc.sync())
+        assert rc.data_rows(client.read_until_ready()) == [["2"]]
+
+
+def test_error_in_batch_skips_synthetic_replies_and_undoes_parse(hal: Running) -> None:
+    with proxied(hal, "one") as client:
+        client.send(parse("SELECT 1", "known") + rc.sync())
+        client.read_until_ready()
+        # after the error PostgreSQL ignores everything up to Sync: no ParseComplete, no CloseComplete
+        client.send(
+            parse("SELECT 1/(random() * 0)::int") + bind() + rc.execute()
+            + parse("SELECT 1", "again") + close("S", "known") + parse("SELECT 3", "new") + rc.sync()
+        )  # fmt: skip
+        got = client.read_until_ready()
+        assert [m.type for m in got] == [b"1", b"2", b"E", b"Z"], got
+        # so 'known' is still there, 'again' and 'new' never were
+        client.send(bind("known") + rc.execute() + bind("again") + rc.sync())
+        got = client.read_until_ready()
+        assert [m.type for m in got] == [b"2", b"D", b"C", b"E", b"Z"], got
+        assert got[3].fields["M"] == 'prepared statement "again" does not exist'
+        client.send(parse("SELECT 3", "new") + rc.sync())
+        assert [m.type for m in client.read_until_ready()] == [b"1", b"Z"]
+
+
+def test_deallocate_and_discard_all_forget_only_the_clients_names(hal: Running) -> None:
+    with proxied(hal, "one") as a, proxied(hal, "one") as b:
+        for client in (a, b):
+            client.send(parse("SELECT 'x'::text", "x") + parse("SELECT 'y'::text", "y") + rc.sync())
+            assert [m.type for m in client.read_until_ready()] == [b"1", b"1", b"Z"]
+        got = a.simple_query("DEALLOCATE x")
+        assert [(m.type, m.payload) for m in got] == [(b"C", b"DEALLOCATE\0"), (b"Z", b"I")]
+        a.send(bind("x") + rc.sync())
+        assert a.read_until_ready()[0].fields["C"] == "26000"
+        got = a.simple_query("deallocate all")
+        assert [(m.type, m.payload) for m in got] == [(b"C", b"DEALLOCATE ALL\0"), (b"Z", b"I")]
+        a.send(parse("SELECT 'y'::text", "y") + rc.sync())
+        assert [m.type for m in a.read_until_ready()] == [b"1", b"Z"]
+        got = a.simple_query("DISCARD ALL")
+        assert [(m.type, m.payload) for m in got] == [(b"C", b"DISCARD ALL\0"), (b"Z", b"I")]
+        a.send(bind("y") + rc.sync())
+        assert a.read_until_ready()[0].fields["C"] == "26000"
+        # b's statements, on the same server, were never touched
+        b.send(bind("x") + rc.execute() + bind("y") + rc.execute() + rc.sync())
+        assert rc.data_rows(b.read_until_ready()) == [["x"], ["y"]]
+        # inside a transaction DISCARD ALL is PostgreSQL's to refuse
+        b.close()
+        a.simple_query("BEGIN")
+        got = a.simple_query("DISCARD ALL")
+        assert got[0].fields["C"] == "25001"
+        a.simple_query("ROLLBACK")
+
+
+def test_lru_closes_least_recently_used_statements(pg: Cluster, hal: Running) -> None:
+    with proxied(hal, "tiny_cache") as client:
+        for i in range(5):
+            client.send(parse(f"SELECT {i}", f"s{i}") + rc.sync())
+            assert [m.type for m in client.read_until_ready()] == [b"1", b"Z"]
+        for _ in range(2):
+            for i in range(5):
+                client.send(bind(f"s{i}") + rc.execute() + rc.sync())
+                assert rc.data_rows(client.read_until_ready()) == [[str(i)]]
+        got = client.simple_query("SELECT count(*) FROM pg_prepared_statements")
+        assert rc.data_rows(got) == [["2"]]
+
+
+def test_max_prepared_statements_0_pins_as_before(hal: Running) -> None:
+    with proxied(hal, "pinning") as client:
+        client.send(parse("SELECT pg_backend_pid()", "pid") + bind("pid") + rc.execute() + rc.sync())
+        first = rc.data_rows(client.read_until_ready())
+        with proxied(hal, "pinning") as other:
+            other.send(parse("SELECT pg_backend_pid()", "pid") + bind("pid") + rc.execute() + rc.sync())
+            assert rc.data_rows(other.read_until_ready()) != first
+        client.send(bind("pid") + rc.execute() + rc.sync())
+        assert rc.data_rows(client.read_until_ready()) == first
+
+
+def test_schema_change_retires_the_statement_everywhere(pg: Cluster, hal: Running) -> None:
+    table = new_table(pg)
+    pg.primary.sql(f"INSERT INTO {table} VALUES (1, 'one')", dbname="myapp")
+    query = f"SELECT * FROM {table}"
+    with proxied(hal, "one") as a:
+        a.send(parse(query, "q") + bind("q") + rc.execute() + rc.sync())
+        assert rc.data_rows(a.read_until_ready()) == [["1", "one"]]
+        pg.primary.sql(f"ALTER TABLE {table} ADD COLUMN extra int DEFAULT 5", dbname="myapp")
+        a.send(bind("q") + rc.execute() + rc.sync())
+        got = a.read_until_ready()
+        # what PostgreSQL says directly, too
+        assert got[0].fields["C"] == "0A000" and got[0].fields["M"] == "cached plan must not change result type"
+        with proxied(hal, "one") as b:
+            # the same text from another client on the same server prepares afresh
+            b.send(parse(query, "mine") + bind("mine") + rc.execute() + rc.sync())
+            assert rc.data_rows(b.read_until_ready()) == [["1", "one", "5"]]
+        a.send(close("S", "q") + parse(query, "q") + bind("q") + rc.execute() + rc.sync())
+        assert rc.data_rows(a.read_until_ready()) == [["1", "one", "5"]]
+
+
+def test_client_gone_mid_pipeline_leaves_no_dirty_server(pg: Cluster, hal: Running) -> None:
+    for _ in range(3):
+        client = proxied(hal, "one")
+        client.send(parse("SELECT 1", "a") + rc.sync())
+        client.read_until_ready()
+        client.send(rc.query("BEGIN") + parse("SELECT pg_sleep(0.1)", "b") + bind("b") + rc.execute() + flush())
+        client.read_until_ready()
+        client.close()
+    assert_clean_servers(pg.primary)
+    with proxied(hal, "one") as client:
+        client.send(parse("SELECT 1", "a") + bind("a") + rc.execute() + rc.sync())
+        assert rc.data_rows(client.read_until_ready()) == [["1"]]
