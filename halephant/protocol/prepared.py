@@ -64,6 +64,9 @@ Entry = tuple[int, int, "ServerStatement | None", object, int, bytes]
 #: the name halephant Describes to make the server fail at exactly one point of a batch
 MISSING: Final = b"halephant_missing_statement"
 _FAIL_MESSAGE: Final = m.message(b"D", b"S" + MISSING + b"\0")
+#: the scratch name of a Parse that only asks the server whether it would accept it now
+PROBE: Final = b"halephant_probe"
+_CLOSE_PROBE: Final = m.message(b"C", b"S" + PROBE + b"\0")
 _EMPTY_QUERY: Final = m.query("")
 _STALE_PLAN: Final = "cached plan must not change result type"
 
@@ -82,6 +85,7 @@ _EXTENDED: Final = frozenset((codes.PARSE, codes.BIND, codes.CLOSE, codes.DESCRI
 # replies that belong to no request
 _ASYNC: Final = frozenset((codes.NOTICE_RESPONSE, codes.NOTIFICATION_RESPONSE, codes.PARAMETER_STATUS))
 _TRACKED: Final = frozenset(_DONE)
+_SYNC_POINTS: Final = frozenset((codes.SYNC, codes.QUERY, codes.FUNCTION_CALL))
 _STATUS_FAILED: Final = codes.TX_FAILED
 
 
@@ -219,9 +223,21 @@ class ClientStatements:
 
     # --- client -> server -------------------------------------------------------------------------------
 
-    def translate(self, data: bytes, server: ServerStatements) -> bytes:
-        """Rewrite a run of complete client messages for the linked server and queue what they await."""
+    def translate(
+        self, data: bytes, server: ServerStatements, failed: bool = False, outstanding: int = 0
+    ) -> bytes:
+        """Rewrite a run of complete client messages for the linked server and queue what they await.
+
+        `failed`: the server's last ReadyForQuery said its transaction failed; `outstanding`: sync points
+        sent and not answered yet, those in `data` included. Unless both say the transaction cannot be
+        failed when the server reads a Parse of a statement it has, that Parse is checked by the server
+        under a scratch name: PostgreSQL refuses most Parses in a failed transaction.
+        """
         frames, _ = split_frames(data, len(data) + 1)
+        if not failed and outstanding:
+            unsure = outstanding - sum(1 for f in frames if f[0] in _SYNC_POINTS)
+        else:
+            unsure = 1 if failed else 0
         out: list[bytes] = []
         append = out.append
         queue = self.queue
@@ -243,7 +259,7 @@ class ClientStatements:
                     continue
                 append(data[last:head])
                 last = end
-                self._parse(data[start:name_end], data[name_end + 1 : end], server, out)
+                self._parse(data[start:name_end], data[name_end + 1 : end], server, out, unsure > 0)
             elif t == codes.BIND:
                 portal_end = data.find(b"\0", start, end)
                 name_end = data.find(b"\0", portal_end + 1, end) if portal_end >= 0 else -1
@@ -280,12 +296,16 @@ class ClientStatements:
                     queue.append((t, FORWARD, stmt, None, 0, b""))
             else:  # Sync, Query, FunctionCall, Execute
                 queue.append((t, FORWARD, None, None, 0, b""))
+                if t != codes.EXECUTE:
+                    unsure += 1
         if last == 0:
             return data
         append(data[last:])
         return b"".join(out)
 
-    def _parse(self, name: bytes, body: bytes, server: ServerStatements, out: list[bytes]) -> None:
+    def _parse(
+        self, name: bytes, body: bytes, server: ServerStatements, out: list[bytes], failed: bool
+    ) -> None:
         queue = self.queue
         if name in self.names:
             # PostgreSQL: 42P05 (or 25P02 in a failed transaction); made to fail on the server so that
@@ -296,7 +316,12 @@ class ClientStatements:
         stmt = self.registry.get(body)
         self.names[name] = stmt
         if server.use(stmt):
-            queue.append((codes.PARSE, SYNTH, stmt, m.PARSE_COMPLETE, UNMAP, name))
+            if failed:
+                out.append(m.message(b"P", PROBE + b"\0" + body) + _CLOSE_PROBE)
+                queue.append((codes.PARSE, FORWARD, stmt, None, UNMAP, name))
+                queue.append((codes.CLOSE, DROP, None, None, 0, b""))
+            else:
+                queue.append((codes.PARSE, SYNTH, stmt, m.PARSE_COMPLETE, UNMAP, name))
             return
         self._make_room(server, stmt, out)
         out.append(stmt.parse)
@@ -393,13 +418,14 @@ class ClientStatements:
                     kept.append((t, buf[start:end]))
                 continue
             if t == codes.ERROR_RESPONSE and kind in _EXTENDED:
-                replacement = self._error(buf[start:end], queue.popleft(), status, server)
+                failed = queue.popleft()
+                self._skip_to_sync(server)  # what came later is undone first
+                replacement = self._error(buf[start:end], failed, status, server)
                 if replacement is not None:
                     if last < head:
                         out.append(buf[last:head])
                     out.append(replacement)
                     last = end
-                self._skip_to_sync(server)
                 continue
             if t == codes.READY_FOR_QUERY:
                 ready += 1
@@ -500,11 +526,12 @@ class ClientStatements:
     def _skip_to_sync(self, server: ServerStatements) -> None:
         """After an error the server ignores every request up to the next Sync."""
         queue = self.queue
-        while queue and queue[0][0] != codes.SYNC:
-            kind, action, stmt, detail, undo, name = queue.popleft()
-            if action == BARRIER:  # cannot happen: a barrier is always first and ends at a Sync point
-                queue.appendleft((kind, action, stmt, detail, undo, name))
-                return
-            self._undo(stmt, undo, name, server)
+        skipped: list[Entry] = []
+        while queue and queue[0][0] != codes.SYNC and queue[0][1] != BARRIER:
+            skipped.append(queue.popleft())
+        # the books are rolled back like a log: the latest change first
+        for _, _, stmt, _, undo, name in reversed(skipped):
+            if undo:
+                self._undo(stmt, undo, name, server)
         if not queue:
             self.skipping = True

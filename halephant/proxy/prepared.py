@@ -75,11 +75,13 @@ def forward(client: ClientConnection, server: ServerConnection, data: bytes) -> 
     """Send a run of complete client messages through the client's statement books."""
     ps = client.prepared
     assert ps is not None
-    server.send(ps.translate(data, statements_of(server)))
+    sc = server.scanner
+    failed = sc.status == codes.TX_FAILED
+    server.send(ps.translate(data, statements_of(server), failed, client.outstanding))
     queue = ps.queue
-    if queue and queue[0][1] == SYNTH and server.scanner.at_boundary:
+    if queue and queue[0][1] == SYNTH and sc.at_boundary:
         # nothing before it is outstanding: answer now (the client may wait for it after a Flush)
-        client.transport.write(ps.due_replies(server.scanner.status))
+        client.transport.write(ps.due_replies(sc.status))
 
 
 def reject(client: ClientConnection, t: int, error: bytes) -> None:

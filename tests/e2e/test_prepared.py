@@ -317,3 +317,157 @@ def test_client_gone_mid_pipeline_leaves_no_dirty_server(pg: Cluster, hal: Runni
     with proxied(hal, "one") as client:
         client.send(parse("SELECT 1", "a") + bind("a") + rc.execute() + rc.sync())
         assert rc.data_rows(client.read_until_ready()) == [["1"]]
+
+
+# --- drivers ---------------------------------------------------------------------------------------------
+
+
+def pins(hal: Running) -> int:
+    return hal.log_text().count("pinned to server")
+
+
+def run_threads(n: int, work: Callable[[int], None]) -> None:
+    errors: list[BaseException] = []
+
+    def wrapped(i: int) -> None:
+        try:
+            work(i)
+        except BaseException as exc:  # reported below, in the test's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=wrapped, args=(i,)) for i in range(n)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    if errors:
+        raise errors[0]
+
+
+def test_psycopg_prepared_statements_move_between_servers(pg: Cluster, hal: Running) -> None:
+    table = new_table(pg)
+    before = pins(hal)
+    seen_pids: set[int] = set()
+
+    def work(i: int) -> None:
+        with psycopg.connect(hal.dsn(), autocommit=True, prepare_threshold=0) as conn:
+            for n in range(40):
+                row = conn.execute("SELECT %s::int * 2, pg_backend_pid()", (n,)).fetchone()
+                assert row is not None and row[0] == 2 * n
+                seen_pids.add(row[1])
+                conn.execute(f"INSERT INTO {table} VALUES (%s, %s)", (i * 1000 + n, f"c{i}"))
+                with conn.transaction():
+                    got = conn.execute(f"SELECT count(*) FROM {table} WHERE v = %s", (f"c{i}",)).fetchone()
+                    assert got == (n + 1,)
+
+    run_threads(2 * POOL_SIZE + 2, work)
+    assert len(seen_pids) == POOL_SIZE  # every client used every server, nobody was pinned
+    assert pins(hal) == before
+    assert int(pg.primary.sql(f"SELECT count(*) FROM {table}", dbname="myapp")) == 40 * (2 * POOL_SIZE + 2)
+
+
+def test_psycopg_pipeline_mode_with_prepared_statements(pg: Cluster, hal: Running) -> None:
+    def outcome(dsn: str) -> list[Any]:
+        table = new_table(pg)
+        results: list[Any] = []
+        with psycopg.connect(dsn, autocommit=True, prepare_threshold=0) as conn:
+            for round_ in range(3):
+                with conn.pipeline() as p:
+                    cursors = [
+                        conn.execute("SELECT %s::int + %s::int", (round_, k), prepare=True) for k in range(5)
+                    ]
+                    cursors.append(conn.execute(f"INSERT INTO {table} VALUES (%s, 'p') RETURNING id",
+                                                (round_,), prepare=True))
+                    p.sync()
+                    cursors.append(conn.execute("SELECT 1 / %s::int", (round_,), prepare=True))
+                    try:
+                        p.sync()
+                    except psycopg.errors.DivisionByZero:
+                        results.append("22012")
+                    results.append([c.fetchall() if c.pgresult is not None else None for c in cursors[:6]])
+            # outside a pipeline afterwards, on a fresh batch
+            results.append(conn.execute("SELECT %s::text", ("after",), prepare=True).fetchall())
+        return results
+
+    proxied_result = outcome(hal.dsn())
+    direct_result = outcome(pg.primary.dsn("myapp", "myapp", "myapp"))
+    assert proxied_result == direct_result
+    assert proxied_result[0] == "22012"
+    assert proxied_result[1][:5] == [[(k,)] for k in range(5)]
+    assert proxied_result[-1] == [("after",)]
+
+
+def test_asyncpg_statement_cache_executemany_in_transaction_mode(pg: Cluster, hal: Running) -> None:
+    table = new_table(pg)
+    before = pins(hal)
+
+    async def client(i: int) -> set[int]:
+        conn = await asyncpg.connect(
+            host=hal.host, port=hal.port, user="myapp", password="myapp", database="myapp", ssl=False
+        )
+        pids: set[int] = set()
+        try:
+            for n in range(20):
+                assert await conn.fetchval("SELECT $1::int + $2::int", n, i) == n + i
+                pids.add(await conn.fetchval("SELECT pg_backend_pid()"))
+            await conn.executemany(
+                f"INSERT INTO {table} VALUES ($1, $2)", [(i * 1000 + k, f"a{i}") for k in range(200)]
+            )
+            stmt = await conn.prepare(f"SELECT count(*) FROM {table} WHERE v = $1")
+            assert await stmt.fetchval(f"a{i}") == 200
+            async with conn.transaction():
+                await conn.execute(f"UPDATE {table} SET v = $1 WHERE id = $2", f"b{i}", i * 1000)
+                rows = [r["id"] async for r in conn.cursor(f"SELECT id FROM {table} WHERE v = $1", f"a{i}")]
+                assert len(rows) == 199
+            with pytest.raises(asyncpg.exceptions.DivisionByZeroError):
+                await conn.fetchval("SELECT 1 / $1::int", 0)
+            assert await stmt.fetchval(f"b{i}") == 1
+        finally:
+            await conn.close()
+        return pids
+
+    async def main() -> set[int]:
+        results = await asyncio.gather(*(client(i) for i in range(3 * POOL_SIZE)))
+        return set().union(*results)
+
+    assert len(asyncio.run(main())) == POOL_SIZE
+    assert pins(hal) == before
+
+
+def test_asyncpg_reprepares_after_schema_change_as_direct(pg: Cluster, hal: Running) -> None:
+    table = new_table(pg)
+    pg.primary.sql(f"INSERT INTO {table} VALUES (1, 'one')", dbname="myapp")
+
+    async def main(port: int, database: str) -> list[Any]:
+        conns = [
+            await asyncpg.connect(host=hal.host, port=port, user="myapp", password="myapp", database=database,
+                                  ssl=False)
+            for _ in range(2)
+        ]  # fmt: skip
+        try:
+            out = [tuple(await c.fetchrow(f"SELECT * FROM {table}")) for c in conns]
+            await conns[0].execute(f"ALTER TABLE {table} ADD COLUMN extra int DEFAULT 7")
+            # asyncpg sees 0A000, drops its cached statement and prepares again: the server must let it
+            for c in conns:
+                out.append(tuple(await c.fetchrow(f"SELECT * FROM {table}")))
+            await conns[0].execute(f"ALTER TABLE {table} DROP COLUMN extra")
+            return out
+        finally:
+            for c in conns:
+                await c.close()
+
+    through = asyncio.run(main(hal.port, "one"))
+    assert through == [(1, "one"), (1, "one"), (1, "one", 7), (1, "one", 7)]
+
+
+def test_pgbench_prepared(hal: Running, run_client: Any) -> None:
+    # a thread per client: pgbench prepares with a blocking PQprepare, so a client waiting for a server
+    # would stall the other clients of its thread, one of which holds that server in its transaction
+    out = run_client(
+        "pgbench", hal, ["-n", "-M", "prepared", "-c", "8", "-j", "8", "-T", "3"], dbname="bench", timeout=60
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    processed = re.search(r"number of transactions actually processed: (\d+)", out.stdout)
+    failed = re.search(r"number of failed transactions: (\d+)", out.stdout)
+    assert processed is not None and int(processed.group(1)) > 100, out.stdout
+    assert failed is not None and int(failed.group(1)) == 0, out.stdout
