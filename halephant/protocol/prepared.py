@@ -23,6 +23,7 @@ requests in between get no reply (their bookkeeping is undone) and synthetic rep
 from __future__ import annotations
 
 import hashlib
+import re
 import struct
 from collections import OrderedDict, deque
 from collections.abc import Callable
@@ -69,6 +70,10 @@ PROBE: Final = b"halephant_probe"
 _CLOSE_PROBE: Final = m.message(b"C", b"S" + PROBE + b"\0")
 _EMPTY_QUERY: Final = m.query("")
 _STALE_PLAN: Final = "cached plan must not change result type"
+# the statements PostgreSQL still parses in a failed transaction (IsTransactionExitStmt)
+_TRANSACTION_EXIT: Final = re.compile(
+    rb"\s*(?:commit|end|rollback|abort|prepare\s+transaction)\b", re.IGNORECASE
+)
 
 # completion of each request type: the reply that ends it (ErrorResponse ends an extended one too)
 _DONE: Final[dict[int, frozenset[int]]] = {
@@ -311,7 +316,7 @@ class ClientStatements:
             # PostgreSQL: 42P05 (or 25P02 in a failed transaction); made to fail on the server so that
             # it skips the rest of the batch as it would
             out.append(_FAIL_MESSAGE)
-            queue.append((codes.PARSE, FAIL, None, None, 0, name))
+            queue.append((codes.PARSE, FAIL, None, body, 0, name))
             return
         stmt = self.registry.get(body)
         self.names[name] = stmt
@@ -483,7 +488,8 @@ class ClientStatements:
         if action == FAIL:
             shown = name.decode(errors="replace")
             if kind == codes.PARSE:
-                if status == _STATUS_FAILED:
+                assert isinstance(detail, bytes)
+                if status == _STATUS_FAILED and not _TRANSACTION_EXIT.match(detail):
                     return _aborted_error()
                 return m.error_response(
                     sqlstate.DUPLICATE_PREPARED_STATEMENT, f'prepared statement "{shown}" already exists'

@@ -471,3 +471,90 @@ def test_pgbench_prepared(hal: Running, run_client: Any) -> None:
     failed = re.search(r"number of failed transactions: (\d+)", out.stdout)
     assert processed is not None and int(processed.group(1)) > 100, out.stdout
     assert failed is not None and int(failed.group(1)) == 0, out.stdout
+
+
+# --- hypothesis: raw pipelines, direct and through halephant ----------------------------------------------
+
+VALID = ["SELECT 1", "SELECT 'two'::text AS t", "SELECT 1/(random() * 0)::int", "BEGIN", "COMMIT"]
+
+raw_op = st.one_of(
+    st.tuples(st.just("parse"), st.sampled_from(["a", "b"]), st.sampled_from(VALID)),
+    st.tuples(st.just("unnamed"), st.sampled_from([*VALID, "SELEC 1"])),
+    st.tuples(st.just("bind"), st.sampled_from(["a", "b", "zz"]), st.booleans()),
+    st.tuples(st.just("describe"), st.sampled_from(["a", "b", "zz"])),
+    st.tuples(st.just("close"), st.sampled_from(["a", "b", "zz"])),
+    st.just(("flush",)),
+    st.just(("sync",)),
+)
+noise_op = st.sampled_from(["none", "none", "hold", "release", "prepare"])
+
+
+def raw_bytes(item: tuple[Any, ...]) -> bytes:
+    kind = item[0]
+    if kind == "parse":
+        return parse(item[2], item[1])
+    if kind == "unnamed":
+        return parse(item[1]) + bind() + rc.execute()
+    if kind == "bind":
+        return bind(item[1]) + (describe("P") if item[2] else b"") + rc.execute()
+    if kind == "describe":
+        return describe("S", item[1])
+    if kind == "close":
+        return close("S", item[1])
+    return flush() if kind == "flush" else rc.sync()
+
+
+def raw_batches(ops: list[tuple[Any, ...]]) -> list[bytes]:
+    out, batch = [], b""
+    for item in [*ops, ("sync",)]:
+        batch += raw_bytes(item)
+        if item[0] == "sync":
+            out.append(batch)
+            batch = b""
+    return out
+
+
+class Noise:
+    """Another client of the same pool: holds a server now and then and prepares the same texts."""
+
+    def __init__(self, hal: Running) -> None:
+        self.client = proxied(hal)
+        self.holding = False
+        self.n = 0
+
+    def act(self, what: str) -> None:
+        if what == "hold" and not self.holding:
+            self.client.simple_query("BEGIN")
+            self.client.simple_query("SELECT 1")
+            self.holding = True
+        elif what == "release" and self.holding:
+            self.client.simple_query("COMMIT")
+            self.holding = False
+        elif what == "prepare":
+            self.n += 1
+            self.client.send(b"".join(parse(text, f"n{self.n}_{i}") for i, text in enumerate(VALID[:3])) + rc.sync())
+            self.client.read_until_ready()
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.lists(raw_op, max_size=10), noise_op), min_size=1, max_size=5))
+def test_raw_pipelines_answer_as_direct(pg: Cluster, hal: Running, script: list[Any]) -> None:
+    ops = [op for batch_ops, _ in script for op in [*batch_ops, ("sync",)]]
+    noises = [noise for _, noise in script]
+    with direct(pg) as d, proxied(hal) as p:
+        noise = Noise(hal)
+        try:
+            for i, batch in enumerate(raw_batches(ops)):
+                if i < len(noises):
+                    noise.act(noises[i])
+                d.send(batch)
+                p.send(batch)
+                want, got = shape(d.read_until_ready()), shape(p.read_until_ready())
+                assert got == want, f"batch {i}: {batch!r}"
+            for client in (d, p):
+                client.send(close("S", "a") + close("S", "b") + rc.sync())
+                client.read_until_ready()
+                client.simple_query("ROLLBACK")
+        finally:
+            noise.act("release")
+            noise.client.close()
