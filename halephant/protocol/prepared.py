@@ -110,10 +110,10 @@ class ServerStatement:
 
     __slots__ = ("body", "digest", "name", "parse")
 
-    def __init__(self, body: bytes, digest: str, generation: int) -> None:
+    def __init__(self, body: bytes, digest: str, generation: int, private: int = 0) -> None:
         self.body = body
         self.digest = digest
-        suffix = f"_{generation}" if generation else ""
+        suffix = f"_p{private}" if private else f"_{generation}" if generation else ""
         self.name = f"h_{digest}{suffix}".encode()
         #: the Parse message that prepares it under `name`
         self.parse = m.message(b"P", self.name + b"\0" + body)
@@ -128,6 +128,7 @@ class StatementRegistry:
     def __init__(self, max_entries: int = 10_000) -> None:
         self._by_body: dict[bytes, ServerStatement] = {}
         self._generation: dict[str, int] = {}
+        self._private = 0
         self.max_entries = max_entries
 
     def get(self, body: bytes) -> ServerStatement:
@@ -140,6 +141,11 @@ class StatementRegistry:
                 self._by_body.clear()
             self._by_body[body] = stmt
         return stmt
+
+    def private(self, body: bytes) -> ServerStatement:
+        """A statement of `body` under a name no other client uses (never shared, never retired)."""
+        self._private += 1
+        return ServerStatement(body, hashlib.blake2b(body, digest_size=10).hexdigest(), 0, self._private)
 
     def retire(self, stmt: ServerStatement) -> bool:
         """Never hand out `stmt`'s name again; False when it was retired already."""
@@ -196,6 +202,10 @@ class ServerStatements:
     def discard(self, name: bytes) -> None:
         self._names.pop(name, None)
 
+    def add_unbounded(self, stmt: ServerStatement) -> None:
+        """Record `stmt` without closing anything now: the next `add` makes room."""
+        self._names[stmt.name] = stmt
+
     def restore(self, stmt: ServerStatement) -> None:
         """The server still has `stmt` (a Close of it was never processed)."""
         self._names[stmt.name] = stmt
@@ -208,13 +218,14 @@ class ServerStatements:
 class ClientStatements:
     """One client's named statements and the queue of its requests outstanding on the linked server."""
 
-    __slots__ = ("_on_retire", "names", "queue", "registry", "skipping")
+    __slots__ = ("_on_retire", "blind", "names", "queue", "registry", "skipping")
 
     def __init__(
         self,
         registry: StatementRegistry,
         *,
         outstanding: int = 0,
+        blind: bool = False,
         on_retire: Callable[[ServerStatement], None] | None = None,
     ) -> None:
         self.registry = registry
@@ -222,6 +233,9 @@ class ClientStatements:
         self.queue: deque[Entry] = deque()
         #: the server reported an error in the current extended batch and ignores everything up to Sync
         self.skipping = False
+        #: tracking began after requests whose replies may be on their way: until the next sync point,
+        #: every reply is the server's own (see `_blind`), then a barrier of ReadyForQuery takes over
+        self.blind = blind
         self._on_retire = on_retire
         if outstanding:
             self.queue.append((0, BARRIER, None, outstanding, 0, b""))
@@ -249,6 +263,23 @@ class ClientStatements:
         last = 0  # start of the run of client bytes passed on unchanged
         for t, start, end in frames:
             head = start - 5
+            if self.blind:
+                if t in _SYNC_POINTS:
+                    self.blind = False
+                    unsure += 1
+                    if queue and queue[-1][1] == BARRIER:
+                        count = queue[-1][3]
+                        assert isinstance(count, int)
+                        queue[-1] = (0, BARRIER, None, count + 1, 0, b"")
+                    else:
+                        queue.append((0, BARRIER, None, 1, 0, b""))
+                    continue
+                rewritten = self._blind(t, data, start, end, server)
+                if rewritten is not None:
+                    append(data[last:head])
+                    append(rewritten)
+                    last = end
+                continue
             if self.skipping:
                 # the server ignores these until Sync: pass them on as they are, expect nothing
                 if t == codes.SYNC:
@@ -280,7 +311,7 @@ class ClientStatements:
                 else:
                     payload = data[start : portal_end + 1] + stmt.name + data[name_end:end]
                     append(m.message(b"B", payload))
-                    queue.append((t, FORWARD, stmt, None, 0, b""))
+                    queue.append((t, FORWARD, stmt, None, 0, name))
             elif t == codes.DESCRIBE or t == codes.CLOSE:
                 if end - start < 2 or data[start] != 0x53 or data[start + 1] == 0:  # not a named 'S'
                     queue.append((t, FORWARD, None, None, 0, b""))
@@ -298,7 +329,7 @@ class ClientStatements:
                     self._fail(name, out)
                 else:
                     append(m.message(b"D", b"S" + stmt.name + b"\0"))
-                    queue.append((t, FORWARD, stmt, None, 0, b""))
+                    queue.append((t, FORWARD, stmt, None, 0, name))
             else:  # Sync, Query, FunctionCall, Execute
                 queue.append((t, FORWARD, None, None, 0, b""))
                 if t != codes.EXECUTE:
@@ -307,6 +338,42 @@ class ClientStatements:
             return data
         append(data[last:])
         return b"".join(out)
+
+    def _blind(self, t: int, data: bytes, start: int, end: int, server: ServerStatements) -> bytes | None:
+        """A message sent before the books know where the server's replies stand: rewritten so that every
+        reply to it is the server's own (None: passed on as it is)."""
+        if t == codes.PARSE:
+            name_end = data.find(b"\0", start, end)
+            name = data[start:name_end]
+            if name_end <= start:
+                return None
+            taken = self.names.get(name)
+            if taken is not None:  # the server says 42P05, if about its own name (a rare mistake)
+                return taken.parse
+            body = data[name_end + 1 : end]
+            stmt = self.registry.get(body)
+            if stmt.name in server:
+                stmt = self.registry.private(body)  # a real Parse needs a name the server has not got
+            self.names[name] = stmt
+            server.add_unbounded(stmt)
+            return stmt.parse
+        if t == codes.BIND:
+            portal_end = data.find(b"\0", start, end)
+            name_end = data.find(b"\0", portal_end + 1, end) if portal_end >= 0 else -1
+            found = self.names.get(data[portal_end + 1 : name_end]) if name_end > portal_end + 1 else None
+            if found is None or found.name not in server:
+                return None
+            return m.message(b"B", data[start : portal_end + 1] + found.name + data[name_end:end])
+        if (t == codes.DESCRIBE or t == codes.CLOSE) and end - start >= 2 and data[start] == 0x53:
+            name = data[start + 1 : end - 1]
+            found = self.names.get(name)
+            if found is None or found.name not in server:
+                return None
+            if t == codes.CLOSE:
+                del self.names[name]
+                server.discard(found.name)
+            return m.message(bytes((t,)), b"S" + found.name + b"\0")
+        return None
 
     def _parse(
         self, name: bytes, body: bytes, server: ServerStatements, out: list[bytes], failed: bool
@@ -509,7 +576,15 @@ class ClientStatements:
                 if self.registry.retire(stmt) and self._on_retire is not None:
                     self._on_retire(stmt)
             elif code == sqlstate.INVALID_SQL_STATEMENT_NAME:
-                server.discard(stmt.name)  # the server lost it (a DEALLOCATE halephant did not see)
+                # the server has not got it after all (its Parse failed unseen, or a DEALLOCATE halephant
+                # did not see): as PostgreSQL would, the client's name goes too
+                server.discard(stmt.name)
+                if name and self.names.get(name) is stmt:
+                    del self.names[name]
+                    shown = name.decode(errors="replace")
+                    return m.error_response(
+                        sqlstate.INVALID_SQL_STATEMENT_NAME, f'prepared statement "{shown}" does not exist'
+                    )
             elif code == sqlstate.DUPLICATE_PREPARED_STATEMENT:
                 server.add(stmt)  # it had it after all
         return None

@@ -469,9 +469,8 @@ class ClientConnection(asyncio.Protocol):
                 # behave connected directly), and the server is reset before anyone else gets it.
                 effect = statement.session_state
                 if not effect and t == codes.PARSE and buf[start] != 0 and ps is None:
-                    # A named statement: shared server-side statements when configured and every request
-                    # sent so far ends at a sync point (the books must start at a known place)
-                    if self.unsynced or not prepared.limit(self):
+                    # a named statement: mapped onto shared server-side statements unless configured off
+                    if not prepared.limit(self):
                         effect = "named prepared statement"
                     else:
                         if fwd < head:

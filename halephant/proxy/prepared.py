@@ -56,11 +56,13 @@ def _retired(stmt: ServerStatement) -> None:
 
 
 def activate(client: ClientConnection) -> ClientStatements:
-    """Track `client`'s named statements from now on. Its earlier requests may still be unanswered:
-    they all end at a sync point (the caller makes sure), so a barrier of that many ReadyForQuery
-    separates them from what is tracked."""
+    """Track `client`'s named statements from now on. Its earlier requests may still be unanswered: a
+    barrier of as many ReadyForQuery as sync points are outstanding separates them from what is tracked,
+    and requests sent since the last sync point keep the server's own replies until the next one."""
     log.info("%r: named prepared statements are mapped to shared server-side statements", client)
-    return ClientStatements(REGISTRY, outstanding=client.outstanding, on_retire=_retired)
+    return ClientStatements(
+        REGISTRY, outstanding=client.outstanding, blind=client.unsynced, on_retire=_retired
+    )
 
 
 def statements_of(server: ServerConnection) -> ServerStatements:

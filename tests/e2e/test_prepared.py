@@ -201,7 +201,8 @@ def test_synthetic_replies_come_in_order_under_pipelining(hal: Running) -> None:
     assert hal.log_text().count("pinned to server") == pins
 
 
-def test_first_named_statement_mid_batch_still_works(hal: Running) -> None:
+def test_first_named_statement_mid_batch_is_shared_too(hal: Running) -> None:
+    before = pins(hal)
     with proxied(hal) as client:
         client.send(
             parse("SELECT 1") + bind() + rc.execute() + parse("SELECT 2", "two") + bind("two") + rc.execute()
@@ -211,6 +212,15 @@ def test_first_named_statement_mid_batch_still_works(hal: Running) -> None:
         assert [m.type for m in got] == [b"1", b"2", b"D", b"C", b"1", b"2", b"D", b"C", b"Z"]
         client.send(bind("two") + rc.execute() + rc.sync())
         assert rc.data_rows(client.read_until_ready()) == [["2"]]
+        # the same text again, mid-batch in a new client, while the server already has it
+        with proxied(hal) as other:
+            other.send(
+                parse("SELECT 1") + bind() + rc.execute() + parse("SELECT 2", "mine") + bind("mine")
+                + rc.execute() + close("S", "mine") + rc.sync() + parse("SELECT 2", "mine") + rc.sync()
+            )  # fmt: skip
+            got = other.read_until_ready() + other.read_until_ready()
+            assert [m.type for m in got] == [b"1", b"2", b"D", b"C", b"1", b"2", b"D", b"C", b"3", b"Z", b"1", b"Z"]
+    assert pins(hal) == before
 
 
 def test_error_in_batch_skips_synthetic_replies_and_undoes_parse(hal: Running) -> None:
@@ -366,25 +376,34 @@ def test_psycopg_prepared_statements_move_between_servers(pg: Cluster, hal: Runn
     assert int(pg.primary.sql(f"SELECT count(*) FROM {table}", dbname="myapp")) == 40 * (2 * POOL_SIZE + 2)
 
 
-def test_psycopg_pipeline_mode_with_prepared_statements(pg: Cluster, hal: Running) -> None:
+@pytest.mark.parametrize("autocommit", [True, False])
+def test_psycopg_pipeline_mode_with_prepared_statements(pg: Cluster, hal: Running, autocommit: bool) -> None:
+    # without autocommit psycopg sends BEGIN (unnamed) ahead of the first named statement in the batch
+    before = pins(hal)
+
     def outcome(dsn: str) -> list[Any]:
         table = new_table(pg)
         results: list[Any] = []
-        with psycopg.connect(dsn, autocommit=True, prepare_threshold=0) as conn:
+        with psycopg.connect(dsn, autocommit=autocommit, prepare_threshold=0) as conn:
             for round_ in range(3):
-                with conn.pipeline() as p:
-                    cursors = [
-                        conn.execute("SELECT %s::int + %s::int", (round_, k), prepare=True) for k in range(5)
-                    ]
-                    cursors.append(conn.execute(f"INSERT INTO {table} VALUES (%s, 'p') RETURNING id",
-                                                (round_,), prepare=True))
-                    p.sync()
-                    cursors.append(conn.execute("SELECT 1 / %s::int", (round_,), prepare=True))
-                    try:
+                cursors: list[Any] = []
+                try:
+                    with conn.pipeline() as p:
+                        cursors += [
+                            conn.execute("SELECT %s::int + %s::int", (round_, k), prepare=True)
+                            for k in range(5)
+                        ]
+                        insert = f"INSERT INTO {table} VALUES (%s, 'p') RETURNING id"
+                        cursors.append(conn.execute(insert, (round_,), prepare=True))
                         p.sync()
-                    except psycopg.errors.DivisionByZero:
-                        results.append("22012")
-                    results.append([c.fetchall() if c.pgresult is not None else None for c in cursors[:6]])
+                        # psycopg raises the error of a pipeline wherever it reads it: sync or exit
+                        conn.execute("SELECT 1 / %s::int", (round_,), prepare=True)
+                        p.sync()
+                except psycopg.errors.DivisionByZero:
+                    results.append("22012")
+                results.append([c.fetchall() for c in cursors])
+                if not autocommit:
+                    conn.rollback()
             # outside a pipeline afterwards, on a fresh batch
             results.append(conn.execute("SELECT %s::text", ("after",), prepare=True).fetchall())
         return results
@@ -395,6 +414,7 @@ def test_psycopg_pipeline_mode_with_prepared_statements(pg: Cluster, hal: Runnin
     assert proxied_result[0] == "22012"
     assert proxied_result[1][:5] == [[(k,)] for k in range(5)]
     assert proxied_result[-1] == [("after",)]
+    assert pins(hal) == before
 
 
 def test_asyncpg_statement_cache_executemany_in_transaction_mode(pg: Cluster, hal: Running) -> None:
@@ -539,20 +559,23 @@ class Noise:
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(st.tuples(st.lists(raw_op, max_size=10), noise_op), min_size=1, max_size=5))
 def test_raw_pipelines_answer_as_direct(pg: Cluster, hal: Running, script: list[Any]) -> None:
-    ops = [op for batch_ops, _ in script for op in [*batch_ops, ("sync",)]]
+    # The first named statement comes at a sync point: named later in a batch, errors in that batch may
+    # name halephant's server-side statement instead of the client's (the documented limit).
+    ops = [("parse", "first", "SELECT 1"), ("sync",)]
+    ops += [op for batch_ops, _ in script for op in [*batch_ops, ("sync",)]]
     noises = [noise for _, noise in script]
     with direct(pg) as d, proxied(hal) as p:
         noise = Noise(hal)
         try:
             for i, batch in enumerate(raw_batches(ops)):
-                if i < len(noises):
-                    noise.act(noises[i])
+                if 0 < i <= len(noises):
+                    noise.act(noises[i - 1])
                 d.send(batch)
                 p.send(batch)
                 want, got = shape(d.read_until_ready()), shape(p.read_until_ready())
                 assert got == want, f"batch {i}: {batch!r}"
             for client in (d, p):
-                client.send(close("S", "a") + close("S", "b") + rc.sync())
+                client.send(close("S", "a") + close("S", "b") + close("S", "first") + rc.sync())
                 client.read_until_ready()
                 client.simple_query("ROLLBACK")
         finally:

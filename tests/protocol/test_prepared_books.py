@@ -123,8 +123,8 @@ class ModelServer:
 class Link:
     """A client's side of the pooler: translate out, splice back, answer due synthetic replies."""
 
-    def __init__(self, registry: StatementRegistry) -> None:
-        self.books = ClientStatements(registry)
+    def __init__(self, registry: StatementRegistry, blind: bool = False) -> None:
+        self.books = ClientStatements(registry, blind=blind)
         self.received = b""
 
     def send(self, data: bytes, server: ModelServer, lru: ServerStatements) -> None:
@@ -288,16 +288,22 @@ def batches(ops: list[tuple[str, ...]]) -> Iterator[list[bytes]]:
     st.lists(st.lists(op, max_size=14), min_size=1, max_size=3),
     st.integers(1, 4),
     st.randoms(use_true_random=False),
+    st.lists(st.booleans(), min_size=3, max_size=3),
 )
 def test_pipelines_through_shared_servers_match_direct(
-    clients: list[list[tuple[str, ...]]], capacity: int, rnd: object
+    clients: list[list[tuple[str, ...]]], capacity: int, rnd: object, blind: list[bool]
 ) -> None:
     import random
 
     assert isinstance(rnd, random.Random)
     registry = StatementRegistry()
     servers = [(ModelServer(), ServerStatements(capacity)) for _ in range(2)]
-    links = [Link(registry) for _ in clients]
+    # a blind client began naming statements after unsynced requests: its first batch is read blind
+    # (errors in that batch may name halephant's server-side statement: the documented limit)
+    links = [
+        Link(registry, blind[n] and not failing(ModelServer(), next(batches(ops))))
+        for n, ops in enumerate(clients)
+    ]
     directs = [ModelServer() for _ in clients]
     expected = [b""] * len(clients)
     pending = [list(batches(ops)) for ops in clients]
