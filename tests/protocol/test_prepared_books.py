@@ -134,7 +134,7 @@ class Link:
         if self.books.queue and self.books.queue[0][1] == SYNTH:
             self.received += self.books.due_replies(codes.TX_IDLE)
         if replies:
-            frames, consumed = split_frames(replies, 1 << 20)
+            frames, _ = split_frames(replies, 1 << 20)
             out, _ready, _status, _kept, stop = self.books.splice(replies, frames, codes.TX_IDLE, lru)
             self.received += b"".join(out) + replies[stop:]
 
@@ -243,6 +243,7 @@ def failing(server: ModelServer, batch: list[bytes]) -> bool:
     """Would `batch` get an ErrorResponse from this (direct) server?"""
     replies = copy.deepcopy(server).feed(b"".join(batch))
     return any(t == codes.ERROR_RESPONSE for t, _, _ in split_frames(replies, 1 << 20)[0])
+
 
 NAMES = ["a", "b", "c"]
 TEXTS = ["1", "2", "FAIL", "ERR"]
