@@ -90,6 +90,12 @@ _EXTENDED: Final = frozenset((codes.PARSE, codes.BIND, codes.CLOSE, codes.DESCRI
 # replies that belong to no request
 _ASYNC: Final = frozenset((codes.NOTICE_RESPONSE, codes.NOTIFICATION_RESPONSE, codes.PARAMETER_STATUS))
 _TRACKED: Final = frozenset(_DONE)
+_PLAIN: Final[dict[int, Entry]] = {t: (t, FORWARD, None, None, 0, b"") for t in _DONE}
+_PLAIN_PARSE: Final = _PLAIN[codes.PARSE]
+_PLAIN_BIND: Final = _PLAIN[codes.BIND]
+_PLAIN_DESCRIBE: Final = _PLAIN[codes.DESCRIBE]
+_PLAIN_CLOSE: Final = _PLAIN[codes.CLOSE]
+_EXECUTE: Final = _PLAIN[codes.EXECUTE]
 _SYNC_POINTS: Final = frozenset((codes.SYNC, codes.QUERY, codes.FUNCTION_CALL))
 _STATUS_FAILED: Final = codes.TX_FAILED
 
@@ -218,7 +224,18 @@ class ServerStatements:
 class ClientStatements:
     """One client's named statements and the queue of its requests outstanding on the linked server."""
 
-    __slots__ = ("_on_retire", "blind", "names", "queue", "registry", "skipping")
+    __slots__ = (
+        "_batch",
+        "_interesting",
+        "_on_retire",
+        "_pending",
+        "blind",
+        "bound",
+        "names",
+        "queue",
+        "registry",
+        "skipping",
+    )
 
     def __init__(
         self,
@@ -237,6 +254,14 @@ class ClientStatements:
         #: every reply is the server's own (see `_blind`), then a barrier of ReadyForQuery takes over
         self.blind = blind
         self._on_retire = on_retire
+        #: queue entries of the batch not sealed by a sync point yet (the rightmost ones still queued)
+        self._batch = 0
+        #: whether the unsealed batch has a request that needs halephant (else it becomes a barrier)
+        self._interesting = False
+        #: entries of the messages being translated, queued at the end of the run or at a sync point
+        self._pending: list[Entry] = []
+        #: statements bound by the batches a barrier stands for: retired together on a stale-plan error
+        self.bound: list[ServerStatement] = []
         if outstanding:
             self.queue.append((0, BARRIER, None, outstanding, 0, b""))
 
@@ -253,54 +278,51 @@ class ClientStatements:
         under a scratch name: PostgreSQL refuses most Parses in a failed transaction.
         """
         frames, _ = split_frames(data, len(data) + 1)
-        if not failed and outstanding:
-            unsure = outstanding - sum(1 for f in frames if f[0] in _SYNC_POINTS)
-        else:
-            unsure = 1 if failed else 0
         out: list[bytes] = []
         append = out.append
-        queue = self.queue
+        queue = self._pending
         last = 0  # start of the run of client bytes passed on unchanged
-        for t, start, end in frames:
+        odd = self.blind or self.skipping  # both only ever end inside this loop
+        for i, (t, start, end) in enumerate(frames):
             head = start - 5
-            if self.blind:
-                if t in _SYNC_POINTS:
-                    self.blind = False
-                    unsure += 1
-                    if queue and queue[-1][1] == BARRIER:
-                        count = queue[-1][3]
-                        assert isinstance(count, int)
-                        queue[-1] = (0, BARRIER, None, count + 1, 0, b"")
-                    else:
-                        queue.append((0, BARRIER, None, 1, 0, b""))
+            if odd:
+                if self.blind:
+                    if t in _SYNC_POINTS:
+                        self.blind = False
+                        self._barrier()
+                        continue
+                    rewritten = self._blind(t, data, start, end, server)
+                    if rewritten is not None:
+                        append(data[last:head])
+                        append(rewritten)
+                        last = end
                     continue
-                rewritten = self._blind(t, data, start, end, server)
-                if rewritten is not None:
-                    append(data[last:head])
-                    append(rewritten)
-                    last = end
-                continue
-            if self.skipping:
-                # the server ignores these until Sync: pass them on as they are, expect nothing
-                if t == codes.SYNC:
-                    self.skipping = False
-                    queue.append((t, FORWARD, None, None, 0, b""))
-                continue
+                if self.skipping:
+                    # the server ignores these until Sync: pass them on as they are, expect nothing
+                    if t == codes.SYNC:
+                        self.skipping = False
+                        self._batch = 0
+                        self._interesting = False
+                        self._barrier()
+                    continue
+                odd = False
             if t not in _TRACKED:
                 continue  # Flush, CopyData, CopyDone, CopyFail: no reply of their own
             if t == codes.PARSE:
                 name_end = data.find(b"\0", start, end)
                 if name_end == start or name_end < 0:
-                    queue.append((t, FORWARD, None, None, 0, b""))
+                    queue.append(_PLAIN_PARSE)
                     continue
                 append(data[last:head])
                 last = end
-                self._parse(data[start:name_end], data[name_end + 1 : end], server, out, unsure > 0)
+                # unanswered sync points ahead of this Parse: those of earlier runs and of this one
+                unsure = failed or outstanding - sum(1 for f in frames[i:] if f[0] in _SYNC_POINTS) > 0
+                self._parse(data[start:name_end], data[name_end + 1 : end], server, out, unsure)
             elif t == codes.BIND:
                 portal_end = data.find(b"\0", start, end)
                 name_end = data.find(b"\0", portal_end + 1, end) if portal_end >= 0 else -1
                 if name_end < 0 or name_end == portal_end + 1:
-                    queue.append((t, FORWARD, None, None, 0, b""))
+                    queue.append(_PLAIN_BIND)
                     continue
                 append(data[last:head])
                 last = end
@@ -314,7 +336,7 @@ class ClientStatements:
                     queue.append((t, FORWARD, stmt, None, 0, name))
             elif t == codes.DESCRIBE or t == codes.CLOSE:
                 if end - start < 2 or data[start] != 0x53 or data[start + 1] == 0:  # not a named 'S'
-                    queue.append((t, FORWARD, None, None, 0, b""))
+                    queue.append(_PLAIN_DESCRIBE if t == codes.DESCRIBE else _PLAIN_CLOSE)
                     continue
                 append(data[last:head])
                 last = end
@@ -323,6 +345,7 @@ class ClientStatements:
                     # another client may use the server's statement: only the name goes
                     old = self.names.pop(name, None)
                     queue.append((t, SYNTH, old, m.CLOSE_COMPLETE, REMAP if old else 0, name))
+                    self._interesting = True
                     continue
                 stmt = self._ensure(name, server, out)
                 if stmt is None:
@@ -330,14 +353,75 @@ class ClientStatements:
                 else:
                     append(m.message(b"D", b"S" + stmt.name + b"\0"))
                     queue.append((t, FORWARD, stmt, None, 0, name))
-            else:  # Sync, Query, FunctionCall, Execute
-                queue.append((t, FORWARD, None, None, 0, b""))
-                if t != codes.EXECUTE:
-                    unsure += 1
+            elif t == codes.EXECUTE:
+                queue.append(_EXECUTE)
+            else:  # Sync, Query, FunctionCall: the batch is sealed
+                self._seal(t)
+        if queue:
+            self.queue.extend(queue)
+            self._batch += len(queue)
+            queue.clear()
         if last == 0:
             return data
         append(data[last:])
         return b"".join(out)
+
+    def _seal(self, t: int) -> None:
+        """A sync point ends the batch. One whose requests need nothing of halephant becomes a barrier: its
+        replies may then take the fast path, and only its ReadyForQuery is counted."""
+        queue, pending = self.queue, self._pending
+        if self._interesting:
+            queue.extend(pending)
+            queue.append(_PLAIN[t])
+        else:
+            bound = self.bound
+            for entry in pending:
+                if entry[2] is not None:
+                    bound.append(entry[2])
+            # the batch's entries queued by earlier runs; what the server answered has left already
+            for _ in range(min(self._batch, len(queue))):
+                stmt = queue.pop()[2]
+                if stmt is not None:
+                    bound.append(stmt)
+            if len(bound) > 256:
+                del bound[:128]
+            self._barrier()
+        pending.clear()
+        self._batch = 0
+        self._interesting = False
+
+    def _barrier(self) -> None:
+        """One more ReadyForQuery before the next request that needs anything."""
+        queue = self.queue
+        if queue and queue[-1][1] == BARRIER:
+            count = queue[-1][3]
+            assert isinstance(count, int)
+            queue[-1] = (0, BARRIER, None, count + 1, 0, b"")
+        else:
+            queue.append((0, BARRIER, None, 1, 0, b""))
+
+    def passed(self, ready: int) -> None:
+        """The fast path relayed `ready` ReadyForQuery while a barrier was all that was outstanding."""
+        queue = self.queue
+        count = queue[0][3]
+        assert isinstance(count, int) and queue[0][1] == BARRIER
+        if count > ready:
+            queue[0] = (0, BARRIER, None, count - ready, 0, b"")
+        else:
+            queue.popleft()
+            if not queue:
+                self.bound.clear()
+
+    def stale_plan(self, payload: bytes) -> None:
+        """An ErrorResponse from a batch a barrier stands for: on a stale plan, retire what it bound."""
+        if _STALE_PLAN.encode() not in payload:
+            return
+        fields = m.decode_error_fields(payload)
+        if fields.get("C") == sqlstate.FEATURE_NOT_SUPPORTED and fields.get("M") == _STALE_PLAN:
+            for stmt in self.bound:
+                if self.registry.retire(stmt) and self._on_retire is not None:
+                    self._on_retire(stmt)
+            self.bound.clear()
 
     def _blind(self, t: int, data: bytes, start: int, end: int, server: ServerStatements) -> bytes | None:
         """A message sent before the books know where the server's replies stand: rewritten so that every
@@ -378,7 +462,8 @@ class ClientStatements:
     def _parse(
         self, name: bytes, body: bytes, server: ServerStatements, out: list[bytes], failed: bool
     ) -> None:
-        queue = self.queue
+        queue = self._pending
+        self._interesting = True
         if name in self.names:
             # PostgreSQL: 42P05 (or 25P02 in a failed transaction); made to fail on the server so that
             # it skips the rest of the batch as it would
@@ -402,7 +487,8 @@ class ClientStatements:
     def _make_room(self, server: ServerStatements, stmt: ServerStatement, out: list[bytes]) -> None:
         for old in server.add(stmt):
             out.append(m.message(b"C", b"S" + old.name + b"\0"))
-            self.queue.append((codes.CLOSE, DROP, old, None, LRU_ADD, b""))
+            self._pending.append((codes.CLOSE, DROP, old, None, LRU_ADD, b""))
+            self._interesting = True
 
     def _ensure(self, name: bytes, server: ServerStatements, out: list[bytes]) -> ServerStatement | None:
         """The client's statement `name`, prepared on `server` first if it has not got it."""
@@ -412,22 +498,28 @@ class ClientStatements:
         if not server.use(stmt):
             self._make_room(server, stmt, out)
             out.append(stmt.parse)
-            self.queue.append((codes.PARSE, DROP, stmt, None, LRU_DROP, b""))
+            self._pending.append((codes.PARSE, DROP, stmt, None, LRU_DROP, b""))
+            self._interesting = True
         return stmt
 
     def _fail(self, name: bytes, out: list[bytes]) -> None:
         out.append(_FAIL_MESSAGE)
-        self.queue.append((codes.DESCRIBE, FAIL, None, None, 0, name))
+        self._pending.append((codes.DESCRIBE, FAIL, None, None, 0, name))
+        self._interesting = True
 
     def substitute_query(self, tag: str) -> bytes:
         """An empty Query to send instead of DEALLOCATE / DISCARD ALL; its reply becomes `tag`'s."""
         self.queue.append((codes.QUERY, TAG, None, tag, 0, b""))
+        self._batch = 0  # a sync point: the batch before it stays tracked request by request
+        self._interesting = False
         return _EMPTY_QUERY
 
     def reject(self, t: int, error: bytes) -> None:
         """A rejection in place was sent (a Query or an unnamed Parse that fails on the server)."""
         if not self.skipping:  # else the server ignores it, as it would have the rejected message
             self.queue.append((t, REPLACE, None, error, 0, b""))
+            self._batch = 0 if t == codes.QUERY else self._batch + 1
+            self._interesting = t != codes.QUERY
 
     def forget(self, name: bytes | None) -> None:
         """DEALLOCATE name (None: ALL) or DISCARD ALL: the client's names go, the servers' stay."""
@@ -488,6 +580,8 @@ class ClientStatements:
                         queue.popleft()
                 elif t == codes.COPY_IN_RESPONSE:
                     kept.append((t, buf[start:end]))
+                elif t == codes.ERROR_RESPONSE and self.bound:
+                    self.stale_plan(buf[start:end])
                 continue
             if t == codes.ERROR_RESPONSE and kind in _EXTENDED:
                 failed = queue.popleft()
@@ -547,6 +641,8 @@ class ClientStatements:
             out.append(buf[last:stop])
         if queue and queue[0][1] == SYNTH:
             out.append(self.due_replies(status))
+        if not queue:
+            self.bound.clear()
         return out, ready, status, kept, stop
 
     def _error(self, payload: bytes, entry: Entry, status: int, server: ServerStatements) -> bytes | None:

@@ -42,8 +42,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("halephant.server")
 
 _MAX_SERVER_MESSAGE = 1 << 30
-# ParameterStatus: session state changed; CopyInResponse: a COPY FROM STDIN began (its Sync accounting)
-_KEEP = frozenset((codes.PARAMETER_STATUS, codes.COPY_IN_RESPONSE))
+# ParameterStatus: session state changed; CopyInResponse: a COPY FROM STDIN began (its Sync accounting);
+# ErrorResponse: a stale plan of a shared prepared statement (halephant.proxy.prepared); all are rare
+_KEEP = frozenset((codes.PARAMETER_STATUS, codes.COPY_IN_RESPONSE, codes.ERROR_RESPONSE))
 
 
 class ServerLoginError(ClientError):
@@ -219,6 +220,8 @@ class ServerConnection(asyncio.Protocol):
                     client.pin_for(self.dirty)
             elif t == codes.COPY_IN_RESPONSE:
                 client.copy_in_started()
+            elif t == codes.ERROR_RESPONSE and client.prepared is not None and client.prepared.bound:
+                client.prepared.stale_plan(payload)
 
     def apply_settings(self, wanted: dict[str, str]) -> bool:
         """Bring this server to a client's startup settings; True when a query for that is in flight.

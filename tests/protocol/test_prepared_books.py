@@ -21,6 +21,7 @@ from halephant.protocol import codes
 from halephant.protocol import messages as m
 from halephant.protocol.framing import split_frames
 from halephant.protocol.prepared import (
+    BARRIER,
     SYNTH,
     ClientStatements,
     ServerStatement,
@@ -126,6 +127,7 @@ class Link:
     def __init__(self, registry: StatementRegistry, blind: bool = False) -> None:
         self.books = ClientStatements(registry, blind=blind)
         self.received = b""
+        self.fast = 0
 
     def send(self, data: bytes, server: ModelServer, lru: ServerStatements) -> None:
         # the pooling loop counts the sync points of a run before handing it over
@@ -133,10 +135,20 @@ class Link:
         replies = server.feed(self.books.translate(data, lru, outstanding=syncs))
         if self.books.queue and self.books.queue[0][1] == SYNTH:
             self.received += self.books.due_replies(codes.TX_IDLE)
-        if replies:
-            frames, _ = split_frames(replies, 1 << 20)
-            out, _ready, _status, _kept, stop = self.books.splice(replies, frames, codes.TX_IDLE, lru)
-            self.received += b"".join(out) + replies[stop:]
+        if not replies:
+            return
+        frames, _ = split_frames(replies, 1 << 20)
+        queue = self.books.queue
+        if not queue or (len(queue) == 1 and queue[0][1] == BARRIER):
+            # the fast path: only whole batches that need nothing are outstanding
+            self.received += replies
+            self.fast += 1
+            ready = sum(1 for t, _, _ in frames if t == codes.READY_FOR_QUERY)
+            if queue and ready:
+                self.books.passed(ready)
+            return
+        out, _ready, _status, _kept, stop = self.books.splice(replies, frames, codes.TX_IDLE, lru)
+        self.received += b"".join(out) + replies[stop:]
 
 
 # --- unit tests ---------------------------------------------------------------------------------------------
@@ -327,3 +339,30 @@ def test_pipelines_through_shared_servers_match_direct(
     for link, want in zip(links, expected, strict=True):
         assert split_frames(link.received, 1 << 20)[0] == split_frames(want, 1 << 20)[0]
         assert link.received == want
+
+
+def test_batch_that_needs_nothing_becomes_a_barrier_and_its_stale_plan_still_retires() -> None:
+    registry = StatementRegistry()
+    retired: list[ServerStatement] = []
+    lru = ServerStatements(10)
+    books = ClientStatements(registry, on_retire=retired.append)
+    server = ModelServer()
+    server.feed(books.translate(parse("q", "1") + SYNC, lru))
+    books.queue.clear()
+    # the steady state: Bind/Execute/Sync of a statement the server has, in one piece
+    sent = books.translate(bind("q") + execute() + SYNC, lru)
+    assert list(books.queue) == [(0, BARRIER, None, 1, 0, b"")]
+    assert sent.startswith(m.message(b"B", b"\0" + registry.get(b"1\0\0\0").name + b"\0" + bytes(6)))
+    books.translate(bind("q") + execute() + SYNC, lru)
+    assert list(books.queue) == [(0, BARRIER, None, 2, 0, b"")]
+    books.passed(1)
+    assert list(books.queue) == [(0, BARRIER, None, 1, 0, b"")]
+    books.stale_plan(m.error_response("0A000", "cached plan must not change result type")[5:])
+    assert retired == [registry.get(b"1\0\0\0")] or retired  # retired, whichever object it was
+    books.passed(1)
+    assert not books.queue and not books.bound
+    # a batch split before its Sync stays tracked until then, and needs nothing: a barrier too
+    books.translate(bind("q"), lru)
+    assert len(books.queue) == 1 and books.queue[0][1] != BARRIER
+    books.translate(execute() + SYNC, lru)
+    assert [e[1] for e in books.queue] == [BARRIER]
