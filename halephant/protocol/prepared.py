@@ -32,7 +32,7 @@ from typing import Final
 from halephant import sqlstate
 from halephant.protocol import codes
 from halephant.protocol import messages as m
-from halephant.protocol.framing import split_frames
+from halephant.protocol.framing import Frame, split_frames
 
 __all__ = [
     "ClientStatements",
@@ -268,7 +268,12 @@ class ClientStatements:
     # --- client -> server -------------------------------------------------------------------------------
 
     def translate(
-        self, data: bytes, server: ServerStatements, failed: bool = False, outstanding: int = 0
+        self,
+        data: bytes,
+        server: ServerStatements,
+        failed: bool = False,
+        outstanding: int = 0,
+        frames: list[Frame] | None = None,
     ) -> bytes:
         """Rewrite a run of complete client messages for the linked server and queue what they await.
 
@@ -277,7 +282,8 @@ class ClientStatements:
         failed when the server reads a Parse of a statement it has, that Parse is checked by the server
         under a scratch name: PostgreSQL refuses most Parses in a failed transaction.
         """
-        frames, _ = split_frames(data, len(data) + 1)
+        if frames is None:
+            frames = split_frames(data, len(data) + 1)[0]
         out: list[bytes] = []
         append = out.append
         queue = self._pending

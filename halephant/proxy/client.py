@@ -504,6 +504,8 @@ class ClientConnection(asyncio.Protocol):
         if server is not None and fwd < consumed:
             if ps is None:
                 server.send(buf if fwd == 0 and consumed == len(buf) else buf[fwd:consumed])
+            elif fwd == 0 and consumed == len(buf):
+                prepared.forward(self, server, buf, frames)  # the common case: framed already
             else:
                 prepared.forward(self, server, buf[fwd:consumed])
         if consumed < len(buf):

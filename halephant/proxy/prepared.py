@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from halephant.errors import ProtocolViolation
 from halephant.protocol import codes
-from halephant.protocol.framing import split_frames
+from halephant.protocol.framing import Frame, split_frames
 from halephant.protocol.prepared import (
     BARRIER,
     SYNTH,
@@ -73,13 +73,16 @@ def statements_of(server: ServerConnection) -> ServerStatements:
     return found
 
 
-def forward(client: ClientConnection, server: ServerConnection, data: bytes) -> None:
-    """Send a run of complete client messages through the client's statement books."""
+def forward(
+    client: ClientConnection, server: ServerConnection, data: bytes, frames: list[Frame] | None = None
+) -> None:
+    """Send a run of complete client messages through the client's statement books (`frames`: the
+    messages of `data`, when the caller cut them already)."""
     ps = client.prepared
     assert ps is not None
     sc = server.scanner
     failed = sc.status == codes.TX_FAILED
-    server.send(ps.translate(data, statements_of(server), failed, client.outstanding))
+    server.send(ps.translate(data, statements_of(server), failed, client.outstanding, frames))
     queue = ps.queue
     if queue and queue[0][1] == SYNTH and sc.at_boundary:
         # nothing before it is outstanding: answer now (the client may wait for it after a Flush)
