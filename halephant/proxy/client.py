@@ -13,6 +13,8 @@ transaction, never per message:
 * a ReadyForQuery from the server (`server_ready`): in transaction pooling the server goes back when it
   says Idle, every sync point the client sent has been answered and nothing was sent after the last one.
 
+Named prepared statements do not pin: from its first named Parse a client's messages go through
+`halephant.proxy.prepared`, which maps its names onto statements shared on the servers.
 Linking a server applies the client's startup settings first, only where the server differs.
 A rejected statement is answered without running it. With no server linked the answer is local; inside a
 transaction, the statement is swapped for one that fails at exactly that point on the server, whose error
