@@ -559,7 +559,7 @@ class ClientStatements:
         ready = 0
         queue = self.queue
         last = 0  # start of the run of server bytes passed on unchanged
-        stop = len(buf) if not frames else frames[-1][2]
+        stop = frames[-1][2] if frames else 0  # a partial message waits in the caller's buffer
         for t, start, end in frames:
             head = start - 5
             if queue and queue[0][1] == SYNTH:

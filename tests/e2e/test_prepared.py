@@ -222,6 +222,24 @@ def test_first_named_statement_mid_batch_is_shared_too(hal: Running) -> None:
     assert pins(hal) == before
 
 
+def test_large_result_ahead_of_a_synthetic_reply_streams_through(hal: Running) -> None:
+    # the replies are relayed message by message while CloseComplete waits behind 1 MB of rows that
+    # arrive in many pieces, messages cut anywhere
+    with proxied(hal) as client:
+        client.send(parse("SELECT 1", "x") + rc.sync())
+        client.read_until_ready()
+        big = "SELECT repeat(md5(i::text), 600) FROM generate_series(1, 50) i"
+        for _ in range(2):
+            client.send(
+                parse(big) + bind() + rc.execute() + close("S", "x") + parse("SELECT 1", "x")
+                + bind("x") + rc.execute() + rc.sync()
+            )  # fmt: skip
+            got = client.read_until_ready(timeout=20)
+            kinds = b"".join(m.type for m in got)
+            assert kinds == b"12" + b"D" * 50 + b"C312DCZ", kinds[-12:]
+            assert [len(m.payload) for m in got if m.type == b"D"][:50] == [19_206] * 50
+
+
 def test_error_in_batch_skips_synthetic_replies_and_undoes_parse(hal: Running) -> None:
     with proxied(hal, "one") as client:
         client.send(parse("SELECT 1", "known") + rc.sync())

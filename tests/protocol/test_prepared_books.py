@@ -11,6 +11,7 @@ client receives must be identical.
 from __future__ import annotations
 
 import copy
+import itertools
 import struct
 from collections.abc import Iterator
 
@@ -19,7 +20,7 @@ from hypothesis import strategies as st
 
 from halephant.protocol import codes
 from halephant.protocol import messages as m
-from halephant.protocol.framing import split_frames
+from halephant.protocol.framing import BackendScanner, split_frames
 from halephant.protocol.prepared import (
     BARRIER,
     SYNTH,
@@ -122,33 +123,62 @@ class ModelServer:
 
 
 class Link:
-    """A client's side of the pooler: translate out, splice back, answer due synthetic replies."""
+    """A client's side of the pooler, as `halephant.proxy.prepared` drives it: translate out; relay back
+    through the fast path (BackendScanner) or message by message, with replies cut anywhere."""
 
     def __init__(self, registry: StatementRegistry, blind: bool = False) -> None:
         self.books = ClientStatements(registry, blind=blind)
         self.received = b""
-        self.fast = 0
+        self.scanner = BackendScanner()
+        self.buf = b""  # a partial message held back by the message-by-message path
+        self.lru = ServerStatements(1)
 
-    def send(self, data: bytes, server: ModelServer, lru: ServerStatements) -> None:
+    def send(
+        self, data: bytes, server: ModelServer, lru: ServerStatements, cuts: list[int] | None = None
+    ) -> None:
         # the pooling loop counts the sync points of a run before handing it over
         syncs = sum(1 for t, _, _ in split_frames(data, 1 << 20)[0] if t == codes.SYNC)
         replies = server.feed(self.books.translate(data, lru, outstanding=syncs))
-        if self.books.queue and self.books.queue[0][1] == SYNTH:
+        if self.books.queue and self.books.queue[0][1] == SYNTH and self.scanner.at_boundary:
             self.received += self.books.due_replies(codes.TX_IDLE)
-        if not replies:
+        self.lru = lru
+        points = sorted({c % (len(replies) + 1) for c in cuts or []} | {0, len(replies)})
+        for lo, hi in itertools.pairwise(points):
+            self.relay(replies[lo:hi])
+
+    def _fast(self, data: bytes) -> None:
+        self.scanner.feed(data)
+        self.received += data
+
+    def relay(self, data: bytes) -> None:
+        books, sc = self.books, self.scanner
+        queue = books.queue
+        if not self.buf and (not queue or (len(queue) == 1 and queue[0][1] == BARRIER)):
+            self._fast(data)
+            if queue and sc.ready:
+                books.passed(sc.ready)
             return
-        frames, _ = split_frames(replies, 1 << 20)
-        queue = self.books.queue
-        if not queue or (len(queue) == 1 and queue[0][1] == BARRIER):
-            # the fast path: only whole batches that need nothing are outstanding
-            self.received += replies
-            self.fast += 1
-            ready = sum(1 for t, _, _ in frames if t == codes.READY_FOR_QUERY)
-            if queue and ready:
-                self.books.passed(ready)
+        while data and not self.buf and not sc.at_boundary:
+            step = sc.bytes_to_boundary()
+            self._fast(data[:step])
+            data = data[step:]
+            if sc.ready and queue and queue[0][1] == BARRIER:
+                books.passed(sc.ready)
+        if not queue:
+            rest, self.buf = self.buf + data, b""
+            if rest:
+                self._fast(rest)
             return
-        out, _ready, _status, _kept, stop = self.books.splice(replies, frames, codes.TX_IDLE, lru)
-        self.received += b"".join(out) + replies[stop:]
+        buf = self.buf + data
+        frames, consumed = split_frames(buf, 1 << 20)
+        out, _ready, _status, _kept, stop = books.splice(buf, frames, codes.TX_IDLE, self.lru)
+        if stop < consumed:
+            rest, self.buf = buf[stop:], b""
+        else:
+            rest, self.buf = b"", buf[consumed:]
+        self.received += b"".join(out)
+        if rest:
+            self._fast(rest)
 
 
 # --- unit tests ---------------------------------------------------------------------------------------------
@@ -333,7 +363,9 @@ def test_pipelines_through_shared_servers_match_direct(
         cut = sorted(rnd.sample(range(len(batch) + 1), k=min(2, len(batch) + 1)))
         for lo, hi in zip([0, *cut], [*cut, len(batch)], strict=True):
             if lo < hi:
-                links[i].send(b"".join(batch[lo:hi]), server, lru)
+                # and the server's replies reach halephant cut anywhere
+                cuts = [rnd.randrange(1 << 16) for _ in range(rnd.randrange(4))]
+                links[i].send(b"".join(batch[lo:hi]), server, lru, cuts)
         expected[i] += directs[i].feed(b"".join(batch))
         assert not links[i].books.queue and not links[i].books.skipping
     for link, want in zip(links, expected, strict=True):
