@@ -131,7 +131,8 @@ def halephant_pool_size(pool: PoolTarget, config: Config) -> PoolSize | None:
     :param config: the current configuration.
     :returns: ``PoolSize(min, max, reserve, reason)``.
 
-    Default: ``plugins/pool_sizing.py`` (from ``databases.<name>.pool_size`` and ``min_pool_size``).
+    Default: ``plugins/pool_sizing.py`` (from ``databases.<name>.pool_size``, ``min_pool_size`` and
+    ``reserve_pool_size``).
     """
 
 
@@ -149,7 +150,13 @@ def halephant_inspect_query(client: ClientInfo, statement: Statement, pool: Pool
     :param pool: the client's pool, including its ``mode``.
     :returns: ``None`` for no objection; ``Allow(reason)`` to stop other inspectors; ``Reject(code,
         message, hint)`` to answer with an ErrorResponse instead of running it (the client stays usable);
-        ``Pin(reason)`` to keep the server connection for the rest of the session.
+        ``Pin(reason)`` to keep the server connection for the rest of the session;
+        ``CloseIdleServers(database, reason)`` to let it through after halephant's idle server connections
+        to that upstream database are closed (so a ``DROP DATABASE`` does not fail on them).
 
-    Default: ``plugins/cursor_guard.py`` (rejects ``DECLARE ... WITH HOLD`` in transaction pools, 0A000).
+    Default: ``plugins/cursor_guard.py``, ``plugins/replica_routing.py`` and ``plugins/database_routing.py``.
+    cursor_guard rejects ``DECLARE ... WITH HOLD`` in transaction pools (0A000); replica_routing rejects
+    switching a read-only user's session to read-write (25006) and follows ``SET SESSION CHARACTERISTICS
+    AS TRANSACTION READ ONLY``; database_routing closes idle server connections to a database before a
+    client's ``DROP DATABASE`` of it.
     """

@@ -19,6 +19,7 @@ __all__ = [
     "Allow",
     "AuthMethod",
     "ClientInfo",
+    "CloseIdleServers",
     "ClusterView",
     "Config",
     "DatabaseConfig",
@@ -36,6 +37,7 @@ __all__ = [
     "Statement",
     "TransactionInfo",
     "Trust",
+    "Unpin",
     "UserConfig",
     "Verdict",
 ]
@@ -81,20 +83,51 @@ class Allow:
 
 @dataclass(frozen=True, slots=True)
 class Pin:
-    """Keep the client's server connection for the rest of its session."""
+    """Keep the client's server connection.
+
+    Without `feature`, for the rest of its session (or until a later `Unpin`). With `feature` (a row of
+    `databases.<name>.session_features`, see `halephant.sql.session_effects.FEATURES`), until the client
+    releases that feature (UNLISTEN, advisory unlock, CLOSE, DROP of its temporary tables, RESET ROLE):
+    after a statement that may release it, the core checks the server at the end of the transaction and
+    gives the server back once nothing session-bound is left on it.
+    """
+
+    reason: str
+    feature: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Unpin:
+    """Drop an earlier feature-less `Pin` of this client: the server goes back to the pool at the end of
+    the transaction, once the core has checked that no session-bound state is left on it (otherwise the
+    client stays pinned for what is left). The statement itself runs as usual."""
 
     reason: str
 
 
-Verdict = Allow | Reject | Pin
+@dataclass(frozen=True, slots=True)
+class CloseIdleServers:
+    """Let the statement through, after closing halephant's idle server connections to the upstream
+    database `database` on the client's cluster (a `DROP DATABASE` would fail on them otherwise).
+    Connections in use by other clients are left alone: the statement then fails as it would direct."""
+
+    database: str
+    reason: str
+
+
+Verdict = Allow | Reject | Pin | Unpin | CloseIdleServers
 
 
 @dataclass(frozen=True, slots=True)
 class PoolTarget:
     """Where a client's session goes: answer of `halephant_select_pool`.
 
-    `database` is the name of the `databases:` entry (the pool's name); `server_database` and
-    `server_user` are what halephant uses when it logs in upstream.
+    `database` is the pool's database name (the `databases:` entry, or the client's database name when
+    the catch-all `'*'` entry serves it); `server_database` and `server_user` are what halephant uses
+    when it logs in upstream, with `server_settings` as extra startup parameters (e.g.
+    `default_transaction_read_only=on` for a read-only user). `user` is the halephant user the pools
+    belong to ("" means `server_user`): an alias that logs in upstream as another user still gets pools
+    of its own, so servers set up differently are never shared.
     """
 
     database: str
@@ -104,6 +137,13 @@ class PoolTarget:
     server_password: str | None
     mode: PoolMode
     reason: str
+    user: str = ""
+    server_settings: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def pool_user(self) -> str:
+        """The user part of this target's pool keys."""
+        return self.user or self.server_user
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,6 +284,11 @@ class ClientInfo:
         if self._stash is None:
             self._stash = {}
         return self._stash
+
+    def stashed(self, key: object, default: Any = None) -> Any:
+        """`stash.get(key, default)` without creating the stash: for checks that run per transaction."""
+        stash = self._stash
+        return default if stash is None else stash.get(key, default)
 
     @property
     def application_name(self) -> str:

@@ -52,6 +52,7 @@ FAIL: Final = 3  # sent as a Describe of a missing statement: replace its error 
 TAG: Final = 4  # an empty Query standing in for DEALLOCATE / DISCARD ALL: answer with its command tag
 REPLACE: Final = 5  # a rejection in place: replace the server's ErrorResponse by `reply`
 BARRIER: Final = 6  # requests sent before tracking began: pass everything on until `reply` ReadyForQuery
+CLEAR: Final = 7  # a client's DISCARD ALL / DEALLOCATE ALL: if it succeeds, the server has no statements left
 
 # undo operations, applied when the server never processed the request (an earlier error) or it failed
 UNMAP: Final = 1  # forget the client's name again
@@ -70,6 +71,7 @@ PROBE: Final = b"halephant_probe"
 _CLOSE_PROBE: Final = m.message(b"C", b"S" + PROBE + b"\0")
 _EMPTY_QUERY: Final = m.query("")
 _STALE_PLAN: Final = "cached plan must not change result type"
+_DROPPED_ALL: Final = (b"DISCARD ALL\0", b"DEALLOCATE ALL\0")  # command tags
 # the statements PostgreSQL still parses in a failed transaction (IsTransactionExitStmt)
 _TRANSACTION_EXIT: Final = re.compile(
     rb"\s*(?:commit|end|rollback|abort|prepare\s+transaction)\b", re.IGNORECASE
@@ -520,6 +522,13 @@ class ClientStatements:
         self._interesting = False
         return _EMPTY_QUERY
 
+    def clear_on_success(self) -> None:
+        """A DISCARD ALL or DEALLOCATE ALL goes to the server: it drops every statement there if it
+        succeeds (PostgreSQL refuses DISCARD ALL inside a transaction block)."""
+        self.queue.append((codes.QUERY, CLEAR, None, None, 0, b""))
+        self._batch = 0
+        self._interesting = False
+
     def reject(self, t: int, error: bytes) -> None:
         """A rejection in place was sent (a Query or an unnamed Parse that fails on the server)."""
         if not self.skipping:  # else the server ignores it, as it would have the rejected message
@@ -634,6 +643,11 @@ class ClientStatements:
                     last = end
                     assert isinstance(detail, bytes)
                     out.append(detail)
+                if done:
+                    queue.popleft()
+            elif action == CLEAR:
+                if t == codes.COMMAND_COMPLETE and buf.startswith(_DROPPED_ALL, start):
+                    server.clear()
                 if done:
                     queue.popleft()
             elif action == FAIL:

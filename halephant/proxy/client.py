@@ -13,9 +13,12 @@ transaction, never per message:
 * a ReadyForQuery from the server (`server_ready`): in transaction pooling the server goes back when it
   says Idle, every sync point the client sent has been answered and nothing was sent after the last one.
 
+Linking a server applies the client's settings first (startup parameters and the SETs it made since),
+only where the server differs. What a transaction leaves in the session (settings, session-bound features,
+emulated LISTEN and SQL PREPARE) is `halephant.proxy.session_state`'s: a client that has any of it has a
+`session`, and only such a client costs more than one comparison at the end of a transaction.
 Named prepared statements do not pin: from its first named Parse a client's messages go through
 `halephant.proxy.prepared`, which maps its names onto statements shared on the servers.
-Linking a server applies the client's startup settings first, only where the server differs.
 A rejected statement is answered without running it. With no server linked the answer is local; inside a
 transaction, the statement is swapped for one that fails at exactly that point on the server, whose error
 is then rewritten, so ordering under pipelining and the aborted-transaction state are PostgreSQL's own.
@@ -44,10 +47,13 @@ from halephant.protocol.startup import (
     StartupFramer,
     StartupMessage,
 )
-from halephant.proxy import prepared
+from halephant.proxy import prepared, session_state
+from halephant.proxy.limits import too_many_clients
 from halephant.sql import Statement
 from halephant.types import (
+    Allow,
     ClientInfo,
+    CloseIdleServers,
     Pin,
     PoolInfo,
     PoolMode,
@@ -56,6 +62,7 @@ from halephant.types import (
     Role,
     Route,
     TransactionInfo,
+    Verdict,
 )
 
 if TYPE_CHECKING:
@@ -98,6 +105,7 @@ _STATEMENT_CACHE_MAX_TEXT = 8192
 #: bytes a client may send while it waits for a server before its reading is paused
 _MAX_BUFFERED_WHILE_WAITING = 256 * 1024
 _TX_IDLE = codes.TX_IDLE
+_PRIMARY = Role.PRIMARY  # enum member lookups cost ~60 ns; this one runs per transaction
 
 
 class ClientConnection(asyncio.Protocol):
@@ -107,7 +115,6 @@ class ClientConnection(asyncio.Protocol):
         "_first_checked",
         "_framer",
         "_last_sync_point",
-        "_login_timer",
         "_pending_pin",
         "_primary_pool",
         "_read_paused",
@@ -115,6 +122,8 @@ class ClientConnection(asyncio.Protocol):
         "app",
         "cancel_key",
         "info",
+        "link_count",
+        "login_deadline",
         "number",
         "outstanding",
         "pinned",
@@ -122,14 +131,21 @@ class ClientConnection(asyncio.Protocol):
         "pool_reject",
         "prepared",
         "server",
+        "session",
+        "session_due",
         "settings",
         "skip_to_sync",
         "state",
+        "sweep_links",
+        "sweep_rfq",
+        "sweep_since",
         "target",
         "transaction_mode",
         "transport",
         "unsynced",
         "wait_deadline",
+        "wait_notified",
+        "wait_started",
         "waiting_pool",
         "write_paused",
     )
@@ -157,14 +173,26 @@ class ClientConnection(asyncio.Protocol):
         self.write_paused = False
         self._first_checked = False
         self._reject_next: bytes | None = None
-        self._login_timer: asyncio.TimerHandle | None = None
+        #: enforced by the client sweep (halephant.proxy.sweep), not a timer per connection
+        self.login_deadline = 0.0
         self._primary_pool: ServerPool | None = None
         self._read_paused = False
         self._last_sync_point = 0
-        self._pending_pin = ""  # a Pin verdict waiting for the server it applies to
+        self._pending_pin: Verdict | None = None  # a Pin/Unpin verdict waiting for the server it applies to
+        #: session state beyond the startup settings (transaction pooling), created on first need
+        self.session: session_state.SessionState | None = None
+        #: the session state must be read back from the server at the end of this transaction
+        self.session_due = False
         self.wait_deadline = 0.0
+        self.wait_started = 0.0
+        self.wait_notified = False
         self.cancel_key = 0
         self.number = 0
+        #: transactions linked so far, and what the timeout sweep saw last (halephant.proxy.sweep)
+        self.link_count = 0
+        self.sweep_links = -1
+        self.sweep_rfq = -1
+        self.sweep_since = 0.0
 
     def __repr__(self) -> str:
         return repr(self.info) if self.info else "<client (starting)>"
@@ -175,9 +203,7 @@ class ClientConnection(asyncio.Protocol):
         # uvloop's transports don't subclass asyncio's. Both loops set TCP_NODELAY on TCP transports
         # themselves; asking for the socket object here would cost ~100 bytes per idle client.
         self.transport = cast(asyncio.Transport, transport)
-        self._login_timer = self.app.loop.call_later(
-            self.app.config.limits.login_timeout, self._login_timeout
-        )
+        self.login_deadline = self.app.loop.time() + self.app.config.limits.login_timeout
         self.number = self.app.client_opened(self)
 
     def data_received(self, data: bytes) -> None:
@@ -230,6 +256,8 @@ class ClientConnection(asyncio.Protocol):
         self.write_paused = False
         if self.server is not None:
             self.server.set_reading(False)
+        if self.session is not None:
+            session_state.flush(self)
 
     def resume_reading_from_server(self) -> None:
         if self.waiting_pool is None and self.state != CLOSED:
@@ -237,14 +265,13 @@ class ClientConnection(asyncio.Protocol):
 
     # --- startup and authentication ---
 
-    def _login_timeout(self) -> None:
-        self._login_timer = None
+    def login_timeout(self) -> None:
+        """Called by the client sweep once `login_deadline` has passed."""
         if self.state < READY:
             log.info("%r: login timeout", self)
+            # PostgreSQL's own code and text for authentication_timeout
             self.fail(
-                ClientError(
-                    sqlstate.PROTOCOL_VIOLATION, "canceling authentication due to timeout", fatal=True
-                )
+                ClientError(sqlstate.QUERY_CANCELED, "canceling authentication due to timeout", fatal=True)
             )
 
     def _startup_data(self, data: bytes) -> None:
@@ -278,6 +305,15 @@ class ClientConnection(asyncio.Protocol):
             user=packet.user, database=packet.database, params=packet.params, address=address, id=self.number
         )
         log.info("%r: connected", self)
+        refused = too_many_clients(self.app.config, len(self.app.clients))
+        if refused is not None:
+            log.warning(
+                "%r: rejected: %s",
+                self,
+                refused.message,
+                extra={"event": "max_client_conn", "sqlstate": refused.code},
+            )
+            raise refused
         if packet.minor > 0 or packet.protocol_options:
             self.transport.write(m.negotiate_protocol_version(codes.PROTOCOL_3_0, packet.protocol_options))
         if "replication" in packet.params and packet.params["replication"].lower() not in (
@@ -334,8 +370,18 @@ class ClientConnection(asyncio.Protocol):
             log.info("%r: rejected: %s", self, r.reason)
             raise ClientError(r.code, r.message, hint=r.hint, fatal=True)
         assert self.info is not None and self.target is not None
+        pool_info = self.app.manager.pool_info(self.target)
+        refused = self.app.client_counts.admit(self.app.config, self.target.database, self.info.user)
+        if refused is not None:
+            log.warning(
+                "%r: rejected: %s",
+                self,
+                refused.message,
+                extra={"event": "max_client_conn", "sqlstate": refused.code},
+            )
+            raise refused
+        self.pool_info = pool_info  # from here on the client is counted (see _closed)
         self.transport.write(m.AUTHENTICATION_OK)
-        self.pool_info = self.app.manager.pool_info(self.target)
         self.transaction_mode = self.pool_info.mode is PoolMode.TRANSACTION
         log.info("%r: login ok (%s, pool %s, %s mode)", self, how, self.target.database, self.target.mode)
         self.state = WELCOME
@@ -351,9 +397,6 @@ class ClientConnection(asyncio.Protocol):
 
     def _welcome(self, params: dict[str, str]) -> None:
         assert self.info is not None
-        if self._login_timer is not None:
-            self._login_timer.cancel()
-            self._login_timer = None
         self._resume_if_paused()
         out = [m.parameter_status(name, value) for name, value in params.items()]
         # unpredictable: the key is what authorizes cancelling this client's queries
@@ -368,6 +411,10 @@ class ClientConnection(asyncio.Protocol):
             and self.pool_info.mode is PoolMode.TRANSACTION
         ):
             self._release()
+        # the timeout sweep counts quiet time from here, not from the first sweep that sees the client
+        self.sweep_links = self.link_count
+        self.sweep_rfq = self.server.rfq_seen if self.server is not None else -1
+        self.sweep_since = self.app.loop.time()
         if self._buf:
             self._process(b"")
 
@@ -425,9 +472,12 @@ class ClientConnection(asyncio.Protocol):
                             self._reject_in_place(server, t, error)
                         fwd = end
                         continue
-                    elif isinstance(verdict, Pin) and not self.pinned:
-                        # applied once a server is linked (survives a wait for one)
-                        self._pending_pin = verdict.reason
+                    elif isinstance(verdict, CloseIdleServers):
+                        assert self.target is not None
+                        self.app.manager.close_idle(self.target.cluster, verdict.database, verdict.reason)
+                    elif not isinstance(verdict, Allow):
+                        # Pin / Unpin: applied once a server is linked (survives a wait for one)
+                        self._pending_pin = verdict
             elif kind == _K_TERMINATE:
                 if server is not None and fwd < head:
                     if ps is None:
@@ -440,7 +490,7 @@ class ClientConnection(asyncio.Protocol):
                 if self._reject_next is not None:
                     error, self._reject_next = self._reject_next, None
                     self._first_checked = False
-                    self._pending_pin = ""
+                    self._pending_pin = None
                     self._reject_locally(t, error)
                     fwd = end
                     continue
@@ -459,27 +509,16 @@ class ClientConnection(asyncio.Protocol):
                 self._buf = b""
                 server = self.server
                 if server is None:  # rejected by routing
-                    self._pending_pin = ""
+                    self._pending_pin = None
                     fwd = end
                     continue
             self._first_checked = False
-            if self._pending_pin:
-                reason, self._pending_pin = self._pending_pin, ""
-                self.pin_for(reason)
-            if statement is not None and transaction_mode and (not self.pinned or ps is not None):
-                # State that outlives the transaction: the client keeps this server (as PostgreSQL would
-                # behave connected directly), and the server is reset before anyone else gets it.
+            verdict = self._pending_pin
+            if verdict is not None:
+                self._pending_pin = None
+            if statement is not None and transaction_mode:
                 effect = statement.session_state
-                if not effect and t == codes.PARSE and buf[start] != 0 and ps is None:
-                    # a named statement: mapped onto shared server-side statements unless configured off
-                    if not prepared.limit(self):
-                        effect = "named prepared statement"
-                    else:
-                        if fwd < head:
-                            server.send(buf[fwd:head])
-                            fwd = head
-                        ps = self.prepared = prepared.activate(self)
-                elif effect == "DEALLOCATE" or effect == "DISCARD":
+                if effect == "DEALLOCATE" or effect == "DISCARD":
                     # named statements: only the client's own go (see halephant.proxy.prepared)
                     if fwd < head:
                         if ps is None:
@@ -487,13 +526,27 @@ class ClientConnection(asyncio.Protocol):
                         else:
                             prepared.forward(self, server, buf[fwd:head])
                         fwd = head
-                    instead = prepared.deallocate(self, server, t, statement)
+                    instead = prepared.deallocate(self, server, t, statement, buf[head:end])
                     if instead is not None:
                         server.send(instead)
                         fwd = end
-                        effect = ""
-                if effect:
-                    self.pin_for(effect)
+                if effect or verdict is not None or self.session is not None:
+                    # State that outlives the transaction: carried with the client, or the client keeps
+                    # this server (logged with the reason) until it is released.
+                    session_state.on_statement(self, statement, verdict)
+                if t == codes.PARSE and buf[start] != 0 and ps is None:
+                    if prepared.limit(self):
+                        # mapped onto statements shared on the servers from now on: no pin
+                        if fwd < head:
+                            server.send(buf[fwd:head])
+                            fwd = head
+                        ps = self.prepared = prepared.activate(self)
+                    elif self.session is not None:
+                        session_state.pin_session(self, "named prepared statement")
+                    elif not self.pinned:
+                        self.pin_for("named prepared statement")
+            elif isinstance(verdict, Pin):
+                self.pin_for(verdict.reason)
             if kind <= _K_SYNC:
                 if kind != _K_PARSE:  # Query, Sync, FunctionCall: a sync point
                     self.outstanding += 1
@@ -583,14 +636,15 @@ class ClientConnection(asyncio.Protocol):
             return True
         if self.app.debug:
             log.debug("%r: route %s: %s", self, route.role, route.reason)
-        if route.role is Role.PRIMARY:
+        if route.role is _PRIMARY:
             # the same pool every time: looked up once per client, not once per transaction
             pool = self._primary_pool
             if pool is None:
                 pool = self._primary_pool = self.app.manager.pool_for(self.target, route.role)
         else:
             pool = self.app.manager.pool_for(self.target, route.role)
-        server, open_one = pool.checkout(self)
+        # waiters queue per client user: fair between users sharing one pool
+        server, open_one = pool.checkout(self, self.info.user)
         if server is not None:
             self._link(server)
             return True
@@ -598,10 +652,16 @@ class ClientConnection(asyncio.Protocol):
             self.app.manager.open(pool)
         self.waiting_pool = pool
         self._first_checked = True
-        db = self.app.config.databases.get(self.target.database)
+        db = self.app.config.database_for(self.target.database)
         # enforced by the pool manager's sweep (one timer for everyone, not one per wait)
-        self.wait_deadline = self.app.loop.time() + (db.checkout_timeout if db is not None else 30.0)
+        self.wait_started = now = self.app.loop.time()
+        self.wait_notified = False
+        self.wait_deadline = now + (db.checkout_timeout if db is not None else 30.0)
         return False
+
+    def forget_pools(self) -> None:
+        """A reload may have changed the pools: look the primary's up again at the next transaction."""
+        self._primary_pool = None
 
     def attach_server(self, server: ServerConnection) -> None:
         """Called by the pool: the server this client waited for."""
@@ -659,9 +719,12 @@ class ClientConnection(asyncio.Protocol):
         self.server = server
         server.client = self
         server.link_count += 1
+        self.link_count += 1
         if self.write_paused:
             server.set_reading(True)
         server.apply_settings(self.settings)
+        if self.session is not None:
+            session_state.on_link(self, server)
 
     def settings_applied(self, error: ClientError | None) -> None:
         """The linked server ran the query that applies this client's startup settings."""
@@ -706,14 +769,35 @@ class ClientConnection(asyncio.Protocol):
         if self.outstanding > 0:
             return
         self.outstanding = 0
-        if (
-            at_boundary
-            and status == _TX_IDLE
-            and self.transaction_mode
-            and not self.unsynced
-            and not self.pinned
-        ):
-            self._release()
+        if at_boundary and status == _TX_IDLE and self.transaction_mode and not self.unsynced:
+            if self.session is None:  # the common case: nothing carried between transactions
+                if not self.pinned:
+                    self._release()
+            else:
+                session_state.at_idle(self)
+
+    def parameter_changed(self, name: str) -> None:
+        """The server reported a new value of a reported setting (transaction pooling)."""
+        session_state.parameter_changed(self, name)
+
+    def unpin(self, reason: str) -> None:
+        """The pinned server holds nothing session-bound any more: it may go back after this transaction."""
+        if not self.pinned:
+            return
+        self.pinned = False
+        if self.server is not None:
+            self.server.dirty = ""
+            log.info("%r: unpinned from server pid %d: %s", self, self.server.backend_pid, reason)
+
+    @property
+    def is_closed(self) -> bool:
+        return self.state == CLOSED
+
+    def release(self) -> None:
+        """Give the linked server back to its pool (transaction pooling, at the end of a transaction)."""
+        self._release()
+        if self.session is not None:
+            session_state.flush(self)
 
     def _release(self) -> None:
         server = self.server
@@ -744,7 +828,7 @@ class ClientConnection(asyncio.Protocol):
         except Exception:  # the transport may be gone already
             pass
         if fatal:
-            log.info("%r: closing: %s %s", self, error.code, error.message)
+            log.info("%r: closing: %s %s", self, error.code, error.message, extra={"sqlstate": error.code})
             self.close()
 
     def close(self) -> None:
@@ -755,9 +839,8 @@ class ClientConnection(asyncio.Protocol):
 
     def _closed(self, reason: str) -> None:
         self.state = CLOSED
-        if self._login_timer is not None:
-            self._login_timer.cancel()
-            self._login_timer = None
+        if self.session is not None:
+            session_state.forget(self)
         if self.waiting_pool is not None:
             self.waiting_pool.cancel_wait(self)
             self.waiting_pool = None
@@ -767,11 +850,19 @@ class ClientConnection(asyncio.Protocol):
             clean = self.outstanding == 0 and not self.unsynced and server.scanner.status == codes.TX_IDLE
             if server.reading_paused:
                 server.set_reading(False)
-            if clean:
-                # session pooling, or a client pinned by session state: reset before anyone else gets it
-                self.app.manager.reset_and_checkin(server)
-            else:
+            reset = session_state.on_leave(self) if self.transaction_mode else ""
+            if server.absorb:
+                server.close("client left while halephant's own query ran")
+            elif not clean:
                 server.close("client left mid-transaction")
+            elif reset is None:
+                server.close("client left session state that cannot be undone (LOAD)")
+            else:
+                # session pooling, or a client pinned by session state: reset before anyone else gets it
+                # (targeted when halephant knows what the client held, else server_reset_query)
+                self.app.manager.reset_and_checkin(server, reset or None)
         self.app.client_closed(self)
+        if self.pool_info is not None and self.info is not None:
+            self.app.client_counts.release(self.pool_info.database, self.info.user)
         if self.info is not None:
             log.info("%r: disconnected: %s", self, reason)

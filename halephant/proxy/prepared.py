@@ -47,7 +47,7 @@ _DROPS_ALL = re.compile(r"\b(?:discard\s+all|deallocate\s+(?:prepare\s+)?all)\b"
 def limit(client: ClientConnection) -> int:
     """`max_prepared_statements` of the client's database (0: named statements pin the client)."""
     target = client.target
-    db = client.app.config.databases.get(target.database) if target is not None else None
+    db = client.app.config.database_for(target.database) if target is not None else None
     return db.max_prepared_statements if db is not None else 0
 
 
@@ -68,7 +68,7 @@ def activate(client: ClientConnection) -> ClientStatements:
 def statements_of(server: ServerConnection) -> ServerStatements:
     found = server.statements
     if found is None:
-        db = server.manager.app.config.databases.get(server.pool.info.target.database)
+        db = server.manager.app.config.database_for(server.pool.info.target.database)
         found = server.statements = ServerStatements(db.max_prepared_statements if db is not None else 200)
     return found
 
@@ -96,12 +96,14 @@ def reject(client: ClientConnection, t: int, error: bytes) -> None:
 
 
 def deallocate(
-    client: ClientConnection, server: ServerConnection, t: int, statement: Statement
+    client: ClientConnection, server: ServerConnection, t: int, statement: Statement, message: bytes
 ) -> bytes | None:
-    """DEALLOCATE / DISCARD from a client in transaction pooling (the caller saw that keyword first).
+    """DEALLOCATE / DISCARD from a client in transaction pooling (`message`: the Query or Parse).
 
-    Returns the Query to send instead when halephant answers it itself (the client's own names go, the
-    server's statements, which other clients share, stay), or None to send it as it is.
+    Returns what to send instead, or None to send `message` as the caller would. `DEALLOCATE name` of
+    one of the client's statements is answered by halephant (the server's statement is shared); `ALL`
+    and `DISCARD ALL` go to the server, so that PostgreSQL refuses or answers them itself, and forget
+    the client's names; once one succeeds, the server's statements are known to be gone.
     """
     text = statement.text
     ps = client.prepared
@@ -109,27 +111,20 @@ def deallocate(
     discard_all = match is None and _DISCARD_ALL.fullmatch(text) is not None
     if match is None and not discard_all:
         return None  # DISCARD PLANS/TEMP/SEQUENCES, several statements: nothing to do with names
-    drops_all = discard_all or (match is not None and match.group(1) is not None)
-    if ps is not None and t == codes.QUERY and not client.pinned and not ps.skipping:
-        if match is not None:
-            if drops_all:
-                ps.forget(None)
-                return ps.substitute_query("DEALLOCATE ALL")
-            name = (match.group(2).replace('""', '"') if match.group(2) else match.group(3).lower()).encode()
-            if name in ps.names:
-                ps.forget(name)
-                return ps.substitute_query("DEALLOCATE")
-            return None  # not a protocol-level name of this client: PostgreSQL decides
-        if client.outstanding == 0 and server.scanner.status == codes.TX_IDLE:
-            # outside a transaction DISCARD ALL cannot fail; inside one PostgreSQL must say so itself
-            ps.forget(None)
-            return ps.substitute_query("DISCARD ALL")
-    if drops_all:
-        # it reaches the server: every statement there goes, whoever prepared it
-        if ps is not None:
-            ps.forget(None)
-        if server.statements is not None:
-            server.statements.clear()
+    if match is not None and match.group(1) is None:
+        quoted = match.group(2)
+        name = (quoted.replace('""', '"') if quoted else match.group(3).lower()).encode()
+        if ps is not None and t == codes.QUERY and not ps.skipping and name in ps.names:
+            ps.forget(name)
+            return ps.substitute_query("DEALLOCATE")
+        return None  # an SQL-level name, or unknown: PostgreSQL decides
+    if ps is not None:
+        ps.forget(None)
+        if t == codes.QUERY and not ps.skipping and not ps.blind:
+            ps.clear_on_success()
+            return message
+    if server.statements is not None:
+        server.statements.clear()  # not tracked: assume it succeeds
     return None
 
 

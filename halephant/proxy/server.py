@@ -10,8 +10,10 @@ A client that names prepared statements has its replies relayed message by messa
 outstanding (`halephant.proxy.prepared`), so that halephant's own replies fall into place.
 
 Two slower paths exist for halephant's own queries: the answers to a settings query (a client's startup
-parameters) are swallowed (`absorb`), and while a rejection is in flight the stream is framed fully so the
-server's error for the swapped statement can be replaced by the rejection (`arm_rewrite`).
+parameters and session settings) and to the queries that read or clean up a transaction-mode client's
+session state (`run_internal`) are swallowed (`absorb`), and while a rejection is in flight the stream
+is framed fully so the server's error for the swapped statement can be replaced by the rejection
+(`arm_rewrite`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import asyncio
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
 from halephant import sqlstate
@@ -29,6 +32,7 @@ from halephant.protocol import codes
 from halephant.protocol import messages as m
 from halephant.protocol.framing import BackendScanner, split_frames
 from halephant.protocol.session_params import settings_sql
+from halephant.protocol.session_queries import decode_data_row
 from halephant.proxy import prepared
 
 if TYPE_CHECKING:
@@ -45,6 +49,8 @@ _MAX_SERVER_MESSAGE = 1 << 30
 # ParameterStatus: session state changed; CopyInResponse: a COPY FROM STDIN began (its Sync accounting);
 # ErrorResponse: a stale plan of a shared prepared statement (halephant.proxy.prepared); all are rare
 _KEEP = frozenset((codes.PARAMETER_STATUS, codes.COPY_IN_RESPONSE, codes.ERROR_RESPONSE))
+#: the answer to an internal query: its rows (text format), and the error message if it failed
+InternalDone = Callable[[list[list[str | None]], str | None], None]
 
 
 class ServerLoginError(ClientError):
@@ -55,6 +61,9 @@ class ServerConnection(asyncio.Protocol):
     __slots__ = (
         "_auth",
         "_buf",
+        "_internal",
+        "_internal_error",
+        "_internal_rows",
         "_rewrites",
         "_setup_error",
         "_startup",
@@ -117,6 +126,10 @@ class ServerConnection(asyncio.Protocol):
         self._setup_error: ClientError | None = None
         #: the named statements prepared here on behalf of clients (halephant.proxy.prepared)
         self.statements: ServerStatements | None = None
+        #: one entry per absorbed query, oldest first: None for a settings query, else its callback
+        self._internal: deque[InternalDone | None] = deque()
+        self._internal_rows: list[list[str | None]] = []
+        self._internal_error: str | None = None
 
     def __repr__(self) -> str:
         state = "closing" if self.closing else ("active" if self.client else "idle")
@@ -215,9 +228,9 @@ class ServerConnection(asyncio.Protocol):
                 # and what the next client is told at login must be the server's value now
                 name, value = m.decode_parameter_status(payload)
                 self.params[name] = value
-                self.dirty = "a reported setting changed (ParameterStatus)"
                 if client.transaction_mode:
-                    client.pin_for(self.dirty)
+                    # carried with the client like any session setting (read back at the transaction's end)
+                    client.parameter_changed(name)
             elif t == codes.COPY_IN_RESPONSE:
                 client.copy_in_started()
             elif t == codes.ERROR_RESPONSE and client.prepared is not None and client.prepared.bound:
@@ -236,37 +249,71 @@ class ServerConnection(asyncio.Protocol):
             return False
         self.settings = dict(wanted)
         self.absorb += 1
+        self._internal.append(None)
         self._setup_error = None
         self.send(m.query(sql))
         return True
+
+    def run_internal(self, sql: str, done: InternalDone) -> None:
+        """Run one of halephant's own queries ahead of whatever the client sends next; its answer is
+        swallowed and handed to `done(rows, error)` once its ReadyForQuery arrives."""
+        self.absorb += 1
+        self._internal.append(done)
+        self.send(m.query(sql))
 
     def _absorbing_data(self, data: bytes, client: ClientConnection) -> None:
         buf = self._buf + data if self._buf else data
         frames, _ = split_frames(buf, _MAX_SERVER_MESSAGE)
         pos = 0
+        settings_done = False
+        answered: list[tuple[InternalDone, list[list[str | None]], str | None]] = []
+        internal = self._internal
         for t, start, end in frames:
-            if t == codes.PARAMETER_STATUS:
+            if t == codes.DATA_ROW:
+                if internal and internal[0] is not None:
+                    self._internal_rows.append(decode_data_row(buf[start:end]))
+            elif t == codes.PARAMETER_STATUS:
                 name, value = m.decode_parameter_status(buf[start:end])
                 self.params[name] = value
-            elif t == codes.ERROR_RESPONSE and self._setup_error is None:
+            elif t == codes.ERROR_RESPONSE:
                 fields = m.decode_error_fields(buf[start:end])
-                self._setup_error = ClientError(
-                    fields.get("C", sqlstate.INTERNAL_ERROR),
-                    fields.get("M", "invalid setting"),
-                    hint=fields.get("H"),
-                    fatal=True,
-                )
-                self.settings = {}  # unknown now: set everything again next time
+                if internal and internal[0] is not None:
+                    if self._internal_error is None:
+                        self._internal_error = f"{fields.get('C', '')} {fields.get('M', '')}"
+                elif self._setup_error is None:
+                    self._setup_error = ClientError(
+                        fields.get("C", sqlstate.INTERNAL_ERROR),
+                        fields.get("M", "invalid setting"),
+                        hint=fields.get("H"),
+                        fatal=True,
+                    )
+                    self.settings = {}  # unknown now: set everything again next time
+            elif t == codes.NOTIFICATION_RESPONSE:
+                # a notification is the client's, whoever's query it arrived behind
+                client.transport.write(buf[start - 5 : end])
             elif t == codes.READY_FOR_QUERY:
                 self.absorb -= 1
+                entry = internal.popleft() if internal else None
+                if entry is None:
+                    settings_done = True
+                else:
+                    answered.append((entry, self._internal_rows, self._internal_error))
+                    self._internal_rows = []
+                    self._internal_error = None
             pos = end
             if not self.absorb:
                 break
+        rest = buf[pos:]
+        self._buf = b""
+        if settings_done:
+            client.settings_applied(self._setup_error)
+        for done, rows, error in answered:
+            done(rows, error)
         if self.absorb:
-            self._buf = buf[pos:]
+            # an incomplete message of an absorbed answer (a query sent by a callback above goes out only
+            # when the client has nothing in flight, so nothing of the client's can be in `rest`)
+            self._buf = rest
             return
-        rest, self._buf = buf[pos:], b""
-        client.settings_applied(self._setup_error)
         if rest and self.client is client:
             self.data_received(rest)
 
@@ -370,6 +417,11 @@ class ServerConnection(asyncio.Protocol):
             self.transport.pause_reading()
         else:
             self.transport.resume_reading()
+
+    def at_message_boundary(self) -> bool:
+        """True when the linked client has been sent whole messages only, so halephant may put one of
+        its own (a NoticeResponse) in between."""
+        return self.scanner.at_boundary and not self.absorb and not self._rewrites and not self._buf
 
     def send(self, data: bytes) -> None:
         assert self.transport is not None

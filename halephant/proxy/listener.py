@@ -1,0 +1,265 @@
+"""Emulated LISTEN: one shared listener connection per database and user, delivering NOTIFY to its clients.
+
+A pooled server cannot keep LISTENing for a transaction-mode client: the next client would get its
+notifications, and this client would miss those sent while it has no server. So each channel a client
+listens to is LISTENed on one extra server connection per (database, user) (on the primary: standbys
+cannot LISTEN), opened on first use and kept outside the pool. Its `data_received` is the ordinary relay
+of `ServerConnection`, whose client is the `_Listener` here: every NotificationResponse is handed, whole
+and as PostgreSQL sent it (channel, payload and the notifying backend's PID), to each client subscribed
+to that channel (`session_state.deliver`, which queues it while the client is in a transaction).
+
+`when_active` lets a client's server stop listening only once the shared connection listens, so nothing
+is lost in between. A lost listener connection is opened again while anyone still listens.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
+
+import anyio
+
+from halephant.protocol import codes
+from halephant.protocol import messages as m
+from halephant.protocol.framing import split_frames
+from halephant.proxy import session_state
+from halephant.proxy.server import ServerConnection
+from halephant.types import Role
+
+if TYPE_CHECKING:
+    from halephant.pool.pool import Pool
+    from halephant.proxy.app import App
+    from halephant.proxy.client import ClientConnection
+
+    ServerPool = Pool[ServerConnection, ClientConnection]
+
+log = logging.getLogger("halephant.listen")
+
+Waiter = Callable[[bool], None]
+
+
+def _ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+class Listeners:
+    """The shared listeners of a running halephant, one per (database, server user)."""
+
+    def __init__(self, app: App) -> None:
+        self.app = app
+        self._by_key: dict[tuple[str, str], _Listener] = {}
+
+    def _for(self, client: ClientConnection) -> _Listener | None:
+        target = client.target
+        if target is None:
+            return None
+        key = (target.database, target.pool_user)
+        listener = self._by_key.get(key)
+        if listener is None:
+            pool = self.app.manager.pool_for(target, Role.PRIMARY)
+            listener = self._by_key[key] = _Listener(self.app, pool)
+        return listener
+
+    def prepare(self, client: ClientConnection, channels: Iterable[str]) -> None:
+        """Start listening early on channels the client is about to LISTEN to."""
+        listener = self._for(client)
+        if listener is not None:
+            listener.want(channels)
+
+    def subscribe(self, client: ClientConnection, channels: Iterable[str]) -> None:
+        listener = self._for(client)
+        if listener is not None:
+            listener.subscribe(client, channels)
+
+    def unsubscribe(self, client: ClientConnection, channels: Iterable[str]) -> None:
+        listener = self._for(client)
+        if listener is not None:
+            listener.unsubscribe(client, channels)
+
+    def when_active(self, client: ClientConnection, channels: Iterable[str], done: Waiter) -> None:
+        listener = self._for(client)
+        if listener is None:
+            done(False)
+        else:
+            listener.when_active(set(channels), done)
+
+    def close_all(self) -> None:
+        for listener in self._by_key.values():
+            listener.close()
+
+
+class _Listener:
+    """One shared listener connection; stands in as the server connection's client."""
+
+    transaction_mode = False
+    prepared = None  # never names a prepared statement (halephant.proxy.prepared)
+
+    def __init__(self, app: App, pool: ServerPool) -> None:
+        self.app = app
+        self.pool = pool
+        self.server: ServerConnection | None = None
+        self.opening = False
+        self.closed = False
+        #: channel -> clients that receive its notifications (an empty set: LISTENed ahead of need)
+        self.channels: dict[str, set[ClientConnection]] = {}
+        #: channels the shared connection listens to now
+        self.active: set[str] = set()
+        #: LISTEN/UNLISTEN queries in flight, oldest first: the channels each makes active
+        self._batches: deque[list[str]] = deque()
+        self._waiters: list[tuple[set[str], Waiter]] = []
+        self._buf = b""
+        self.transport = self  # the relay writes the server's bytes here
+
+    # --- what clients ask ---
+
+    def want(self, channels: Iterable[str]) -> None:
+        new = [ch for ch in channels if ch not in self.channels]
+        for ch in new:
+            self.channels[ch] = set()
+        self._listen(new)
+
+    def subscribe(self, client: ClientConnection, channels: Iterable[str]) -> None:
+        new = []
+        for ch in channels:
+            clients = self.channels.get(ch)
+            if clients is None:
+                clients = self.channels[ch] = set()
+                new.append(ch)
+            clients.add(client)
+        self._listen(new)
+
+    def unsubscribe(self, client: ClientConnection, channels: Iterable[str]) -> None:
+        gone = []
+        for ch in list(channels):
+            clients = self.channels.get(ch)
+            if clients is None:
+                continue
+            clients.discard(client)
+            if not clients:
+                del self.channels[ch]
+                gone.append(ch)
+        if gone and self.server is not None and not self.server.closing:
+            self.active.difference_update(gone)
+            self._batches.append([])
+            self.server.send(m.query("; ".join(f"UNLISTEN {_ident(ch)}" for ch in gone)))
+
+    def when_active(self, channels: set[str], done: Waiter) -> None:
+        if channels <= self.active:
+            done(True)
+            return
+        self.want(channels)
+        self._waiters.append((channels, done))
+        self._open()
+
+    # --- the connection ---
+
+    def _listen(self, channels: list[str]) -> None:
+        if not channels:
+            return
+        if self.server is None or self.server.closing:
+            self._open()
+            return
+        self._batches.append(channels)
+        self.server.send(m.query("; ".join(f"LISTEN {_ident(ch)}" for ch in channels)))
+
+    def _open(self) -> None:
+        if self.opening or self.closed or (self.server is not None and not self.server.closing):
+            return
+        self.opening = True
+        self.app.spawn(self._connect)
+
+    async def _connect(self) -> None:
+        target = self.pool.info.target
+        startup = {
+            "user": target.server_user,
+            "database": target.server_database,
+            "application_name": "halephant listener",
+        }
+        loop = self.app.loop
+        server = ServerConnection(self.app.manager, self.pool, startup, target.server_password, loop)
+        try:
+            with anyio.fail_after(self.app.config.limits.connect_timeout):
+                await loop.create_connection(lambda: server, self.pool.host, self.pool.port)
+                await server.login
+        except Exception as exc:
+            server.abort()
+            self.opening = False
+            log.warning("shared listener for %s: could not connect: %s", self.pool.name, exc)
+            waiters, self._waiters = self._waiters, []
+            for _, done in waiters:
+                done(False)
+            return
+        self.opening = False
+        if self.closed:
+            server.close("shutdown")
+            return
+        self.server = server
+        self.active = set()
+        self._batches.clear()
+        server.client = self  # type: ignore[assignment]
+        log.info("shared listener for %s: connected (pid %d)", self.pool.name, server.backend_pid)
+        self._listen(list(self.channels))
+
+    def close(self) -> None:
+        self.closed = True
+        if self.server is not None:
+            self.server.close("shutdown")
+
+    # --- standing in for a client of the server connection ---
+
+    def write(self, data: bytes) -> None:
+        buf = self._buf + data if self._buf else data
+        frames, consumed = split_frames(buf, 1 << 30)
+        self._buf = buf[consumed:]
+        for t, start, end in frames:
+            if t == codes.NOTIFICATION_RESPONSE:
+                channel_end = buf.find(b"\0", start + 4, end)
+                channel = buf[start + 4 : channel_end].decode(errors="replace")
+                clients = self.channels.get(channel)
+                if clients:
+                    message = buf[start - 5 : end]
+                    for client in list(clients):
+                        session_state.deliver(client, message)
+            elif t == codes.ERROR_RESPONSE:
+                fields = m.decode_error_fields(buf[start:end])
+                log.warning("shared listener for %s: %s %s", self.pool.name, fields.get("C"), fields.get("M"))
+
+    def server_ready(self, n: int, status: int, at_boundary: bool) -> None:
+        for _ in range(n):
+            if self._batches:
+                self.active.update(self._batches.popleft())
+        if self._waiters:
+            waiting = self._waiters
+            self._waiters = [(chs, done) for chs, done in waiting if not chs <= self.active]
+            for chs, done in waiting:
+                if chs <= self.active:
+                    done(True)
+
+    def server_lost(self, server: ServerConnection, reason: str) -> None:
+        if server is self.server:
+            log.warning("shared listener for %s lost: %s", self.pool.name, reason)
+            self.server = None
+            self.active = set()
+            self._batches.clear()
+            if self.channels and not self.closed:
+                self._open()
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading_from_server(self) -> None:
+        pass
+
+    def pin_for(self, reason: str) -> None:
+        pass
+
+    def settings_applied(self, error: object) -> None:
+        pass
+
+    def copy_in_started(self) -> None:
+        pass
+
+    def parameter_changed(self, name: str) -> None:
+        pass

@@ -1,0 +1,446 @@
+"""A transaction-mode client's session state: settings, session-bound features, emulated LISTEN and PREPARE.
+
+Connected directly, a client's `SET`s, `LISTEN`s and prepared statements live as long as its connection.
+In transaction pooling the server changes at every transaction, so halephant carries them with the client:
+
+* Settings: the startup parameters and every `SET`/`RESET`/`set_config` that survived its transaction are
+  kept in `client.settings` and brought to whichever server the client gets next (only the difference, by
+  `ServerConnection.apply_settings`). What survived is read from the server itself at the end of the
+  transaction (`halephant.protocol.session_queries.boundary_sql`), so `SET LOCAL`, rolled-back `SET`s,
+  savepoints and failed statements need no guessing. `RESET x`, `RESET ALL` and `DISCARD ALL` bring the
+  client back to the pool's defaults. The server's own `settings` record follows, so the next client's
+  difference undoes exactly what this one left.
+* Session-bound features (`halephant.sql.session_effects.FEATURES`): the `halephant_inspect_query` verdict
+  decides (`Pin` with a `feature`, `Reject`, or nothing = emulate where halephant can). A feature that is
+  neither rejected nor emulated pins the client to its server (logged with its reason) until a statement
+  that may release it ran and the server, checked at the end of that transaction, holds none of it.
+* SQL `PREPARE` (emulated): statements prepared with SQL are read at the end of the transaction, removed
+  from the server before it goes back, and prepared again on the client's next server.
+* `LISTEN` (emulated): the channels are read at the end of the transaction and handed to the database's
+  shared listener connection (`halephant.proxy.listener`), which delivers each NOTIFY to every client
+  listening on its channel; the server is then `UNLISTEN`ed. Notifications wait in a bounded queue while
+  the client is in a transaction or not reading; a client that lets it overflow is told so and closed.
+
+Nothing here runs for a client that never did any of this: the client checks `client.session is None`
+once per transaction.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from typing import TYPE_CHECKING, Final
+
+from halephant import sqlstate
+from halephant.errors import ClientError
+from halephant.protocol import codes
+from halephant.protocol.session_queries import (
+    KIND_FEATURE,
+    KIND_LISTEN,
+    KIND_PREPARED,
+    KIND_SETTING,
+    boundary_sql,
+    cleanup_sql,
+    reset_sql,
+)
+from halephant.sql import Statement
+from halephant.sql.session_effects import ALL, LISTEN, PREPARE, SETTINGS, session_effects
+from halephant.types import Pin, Unpin, Verdict
+
+if TYPE_CHECKING:
+    from halephant.proxy.client import ClientConnection
+    from halephant.proxy.server import ServerConnection
+
+log = logging.getLogger("halephant.client")
+
+#: a Pin without a feature (or for one halephant cannot check): held until an Unpin or the client leaves
+SESSION_PIN: Final = "session"
+#: ParameterStatus names that follow a held feature (SET ROLE / SESSION AUTHORIZATION), not a setting
+_NOT_SETTINGS: Final = frozenset(("session_authorization", "is_superuser", "in_hot_standby"))
+#: notifications a client may have waiting before it is disconnected
+MAX_QUEUED_NOTIFICATIONS: Final = 10_000
+MAX_QUEUED_NOTIFICATION_BYTES: Final = 4 * 1024 * 1024
+_CHECKABLE: Final = frozenset(
+    ("advisory_locks", "listen", "with_hold", "temp_tables", "prepare", "set_role", "load")
+)
+
+
+class SessionState:
+    """What one transaction-mode client carries beyond its startup settings (created on first need)."""
+
+    __slots__ = (
+        "broken",
+        "capture",
+        "capture_all",
+        "check",
+        "cleaning",
+        "listen_seen",
+        "listening",
+        "owns_pin",
+        "pins",
+        "prepare_seen",
+        "prepared",
+        "queue",
+        "queued_bytes",
+        "settings_owned",
+    )
+
+    def __init__(self) -> None:
+        #: setting names to read back at the end of the transaction
+        self.capture: set[str] = set()
+        self.capture_all = False
+        #: held features -> why (each is a pin); SESSION_PIN for a plugin's feature-less Pin
+        self.pins: dict[str, str] = {}
+        #: the client's pin is ours (released when `pins` empties), not the core's for another reason
+        self.owns_pin = False
+        #: a statement may have released a held feature: check the server at the end of the transaction
+        self.check = False
+        #: the linked server may hold emulated LISTEN / SQL PREPARE state of this client
+        self.listen_seen = False
+        self.prepare_seen = False
+        #: waiting for the shared listener before the server's own LISTENs can be undone
+        self.cleaning = False
+        #: emulated state: channels listened to, SQL prepared statements (name -> PREPARE text)
+        self.listening: set[str] = set()
+        self.prepared: dict[str, str] = {}
+        #: the session state could not be read back: the server is closed when the client leaves
+        self.broken = ""
+        #: `client.settings` is this client's own dict (the startup one may be shared)
+        self.settings_owned = False
+        self.queue: deque[bytes] = deque()
+        self.queued_bytes = 0
+
+
+def _state(client: ClientConnection) -> SessionState:
+    st = client.session
+    if st is None:
+        st = client.session = SessionState()
+    return st
+
+
+def _hold(client: ClientConnection, st: SessionState, feature: str, reason: str) -> None:
+    st.pins[feature] = reason
+    if not client.pinned:
+        client.pin_for(reason)
+        st.owns_pin = True
+    else:
+        log.info("%r: also holds %s: %s", client, feature, reason)
+
+
+def on_statement(client: ClientConnection, statement: Statement, verdict: Verdict | None) -> None:
+    """A Query or Parse about to go to the linked server in transaction pooling, with the inspect verdict
+    (Reject never comes here)."""
+    st = _state(client)
+    pin = verdict if isinstance(verdict, Pin) else None
+    pin_used = False
+    due = False
+    for effect in session_effects(statement):
+        feature = effect.feature
+        if feature == SETTINGS:
+            if not effect.names:
+                _hold(client, st, SESSION_PIN, "set_config() with a computed setting name")
+            elif ALL in effect.names:
+                st.capture_all = True
+                due = True
+            else:
+                st.capture.update(effect.names)
+                due = True
+        elif effect.acquire:
+            if pin is not None and pin.feature in ("", feature):
+                _hold(client, st, feature if feature in _CHECKABLE else SESSION_PIN, pin.reason)
+                pin_used = True
+            elif feature == LISTEN:
+                st.listen_seen = True
+                due = True
+                if effect.names:
+                    client.app.listeners.prepare(client, effect.names)
+            elif feature == PREPARE:
+                st.prepare_seen = True
+                due = True
+            elif feature not in st.pins:
+                # not emulated and no plugin decided: keep the server, as a direct connection would
+                reason = f"{feature}: {statement.first_keyword} (no policy answered: pinned)"
+                _hold(client, st, feature, reason)
+        else:
+            if feature in st.pins:
+                st.check = True
+                due = True
+            if feature == LISTEN and st.listening:
+                channels = st.listening.copy() if ALL in effect.names else set(effect.names) & st.listening
+                st.listening -= channels
+                client.app.listeners.unsubscribe(client, channels)
+            elif feature == PREPARE:
+                if ALL in effect.names:
+                    st.prepared.clear()
+                else:
+                    for name in effect.names:
+                        st.prepared.pop(name, None)
+    if pin is not None and not pin_used:
+        feature = pin.feature if pin.feature in _CHECKABLE else SESSION_PIN
+        _hold(client, st, feature, pin.reason)
+    elif isinstance(verdict, Unpin) and SESSION_PIN in st.pins:
+        del st.pins[SESSION_PIN]
+        log.info("%r: unpin asked: %s", client, verdict.reason)
+        st.check = True
+        due = True
+    if due:
+        client.session_due = True
+
+
+def parameter_changed(client: ClientConnection, name: str) -> None:
+    """The server reported a new value of a reported setting while serving this client."""
+    lowered = name.lower()
+    if lowered in _NOT_SETTINGS:
+        return
+    _state(client).capture.add(lowered)
+    client.session_due = True
+
+
+def on_link(client: ClientConnection, server: ServerConnection) -> None:
+    """A server was just linked (after the settings query went out): prepare the client's SQL statements."""
+    st = client.session
+    if st is None or not st.prepared:
+        return
+    sql = "; ".join(text.rstrip().rstrip(";") for text in st.prepared.values())
+    server.run_internal(sql, lambda rows, error: _prepared_again(client, error))
+    st.prepare_seen = True
+    client.session_due = True
+
+
+def _prepared_again(client: ClientConnection, error: str | None) -> None:
+    if error:
+        # as on a server where an object it uses was dropped: EXECUTE will say what is missing
+        log.info("%r: could not prepare its statements again: %s", client, error)
+
+
+# --- the end of a transaction ---------------------------------------------------------------------------
+
+
+def at_idle(client: ClientConnection) -> None:
+    """The linked server is idle and the client has nothing in flight (a transaction just ended)."""
+    server = client.server
+    assert server is not None
+    st = client.session
+    assert st is not None
+    if client.session_due:
+        client.session_due = False
+        _read_back(client, server, st)
+        return
+    if st.cleaning:
+        return  # the shared listener's answer goes on from here
+    if not client.pinned:
+        if st.listen_seen or st.prepare_seen:
+            _clean_up(client, server, st)
+            return
+        client.release()
+    flush(client)
+
+
+def _read_back(client: ClientConnection, server: ServerConnection, st: SessionState) -> None:
+    names = st.capture
+    if st.capture_all:
+        names = names | set(client.settings) | set(server.settings)
+    st.capture = set()
+    st.capture_all = False
+    features = sorted(f for f in st.pins if f in _CHECKABLE) if st.check else []
+    st.check = False
+    if not (names or features or st.listen_seen or st.prepare_seen):
+        _done(client, server)
+        return
+    sql = boundary_sql(
+        sorted(names),
+        features,
+        listen=st.listen_seen,
+        prepared=st.prepare_seen,
+        server_user=server.pool.info.target.server_user,
+    )
+    server.run_internal(sql, lambda rows, error: _read_back_done(client, server, rows, error))
+
+
+def _read_back_done(
+    client: ClientConnection, server: ServerConnection, rows: list[list[str | None]], error: str | None
+) -> None:
+    if client.server is not server:
+        return  # the client left meanwhile; its server was dealt with then
+    st = client.session
+    assert st is not None
+    if error is not None:
+        log.warning("%r: could not read its session state back: %s", client, error)
+        st.broken = error
+        _hold(client, st, SESSION_PIN, f"session state unknown: {error}")
+        return
+    channels: set[str] = set()
+    prepared: dict[str, str] = {}
+    for row in rows:
+        kind, name, value, extra = [*row, None, None, None, None][:4]
+        if name is None:
+            continue
+        if kind == KIND_SETTING:
+            _setting_read(client, server, st, name, value, extra)
+        elif kind == KIND_LISTEN:
+            channels.add(name)
+        elif kind == KIND_PREPARED and value is not None:
+            prepared[name] = value
+        elif kind == KIND_FEATURE and value == "0" and name in st.pins:
+            log.info("%r: released %s (%s)", client, name, st.pins.pop(name))
+    if st.listen_seen and channels - st.listening:
+        client.app.listeners.subscribe(client, channels - st.listening)
+        st.listening |= channels
+    if st.prepare_seen:
+        st.prepared = prepared
+    if client.pinned and st.owns_pin and not st.pins:
+        st.owns_pin = False
+        client.unpin("every session-bound feature was released")
+    _clean_up(client, server, st)
+
+
+def _setting_read(
+    client: ClientConnection,
+    server: ServerConnection,
+    st: SessionState,
+    name: str,
+    value: str | None,
+    source: str | None,
+) -> None:
+    if not st.settings_owned:
+        client.settings = dict(client.settings)
+        st.settings_owned = True
+    if value is None or (source is not None and source != "session"):
+        # back at the server's own value: the pool default
+        client.settings.pop(name, None)
+        server.settings.pop(name, None)
+    else:
+        client.settings[name] = value
+        server.settings[name] = value
+
+
+def _clean_up(client: ClientConnection, server: ServerConnection, st: SessionState) -> None:
+    """Before the server goes back: undo emulated LISTEN and SQL PREPARE (a pinned client keeps them)."""
+    if client.pinned or not (st.listen_seen or st.prepare_seen):
+        _done(client, server)
+        return
+    if st.listen_seen and st.listening:
+        # the shared listener must be listening before the server stops, or a notification could be lost
+        st.cleaning = True
+        client.app.listeners.when_active(
+            client, st.listening, lambda ok: _clean_up_now(client, server, st, ok)
+        )
+        return
+    _clean_up_now(client, server, st, True)
+
+
+def _clean_up_now(client: ClientConnection, server: ServerConnection, st: SessionState, ok: bool) -> None:
+    st.cleaning = False
+    if client.server is not server:
+        return
+    if not ok:
+        _hold(client, st, LISTEN, "listen: the shared listener connection is not available")
+        return
+    if client.outstanding or client.unsynced or server.absorb:
+        client.session_due = True  # the client went on meanwhile: clean up at the end of that
+        return
+    sql = cleanup_sql(listen=st.listen_seen, prepared=st.prepare_seen)
+    st.listen_seen = st.prepare_seen = False
+    server.run_internal(sql, lambda rows, error: _cleaned(client, server, error))
+
+
+def _cleaned(client: ClientConnection, server: ServerConnection, error: str | None) -> None:
+    if error is not None:
+        server.dirty = f"clean-up failed: {error}"  # closed at check-in, never handed on
+        log.warning("%r: clean-up of server pid %d failed: %s", client, server.backend_pid, error)
+    if client.server is server:
+        _done(client, server)
+
+
+def _done(client: ClientConnection, server: ServerConnection) -> None:
+    """Release the server if the client still has nothing in flight on it."""
+    if (
+        client.server is server
+        and not client.outstanding
+        and not client.unsynced
+        and not server.absorb
+        and server.scanner.status == codes.TX_IDLE
+        and server.scanner.at_boundary
+    ):
+        if client.session_due:
+            at_idle(client)
+            return
+        if not client.pinned:
+            client.release()
+        flush(client)
+
+
+# --- leaving -------------------------------------------------------------------------------------------
+
+
+def on_leave(client: ClientConnection) -> str | None:
+    """What to run on the client's (clean, pinned) server before it goes back: a targeted reset query,
+    "" for the pool's `server_reset_query`, or None when the server must be closed instead."""
+    st = client.session
+    if st is None or st.broken or SESSION_PIN in st.pins or (client.pinned and not st.owns_pin):
+        return ""
+    features = list(st.pins)
+    if st.listen_seen:
+        features.append(LISTEN)
+    if st.prepare_seen:
+        features.append(PREPARE)
+    return reset_sql(sorted(set(features)))
+
+
+def forget(client: ClientConnection) -> None:
+    """The client is gone: stop delivering its notifications."""
+    st = client.session
+    if st is not None and st.listening:
+        client.app.listeners.unsubscribe(client, st.listening)
+        st.listening = set()
+
+
+def pin_session(client: ClientConnection, reason: str) -> None:
+    """Pin for the rest of the session, for something halephant cannot check on the server."""
+    st = _state(client)
+    if SESSION_PIN not in st.pins:
+        _hold(client, st, SESSION_PIN, reason)
+
+
+# --- notifications -------------------------------------------------------------------------------------
+
+
+def deliver(client: ClientConnection, message: bytes) -> None:
+    """A NotificationResponse for this client from the shared listener."""
+    st = client.session
+    if st is None or client.is_closed:
+        return
+    if not st.queue and client.server is None and not client.write_paused and client.waiting_pool is None:
+        client.transport.write(message)
+        return
+    st.queue.append(message)
+    st.queued_bytes += len(message)
+    if len(st.queue) > MAX_QUEUED_NOTIFICATIONS or st.queued_bytes > MAX_QUEUED_NOTIFICATION_BYTES:
+        st.queue.clear()
+        st.queued_bytes = 0
+        log.warning("%r: notification queue full: disconnecting", client)
+        client.fail(
+            ClientError(
+                sqlstate.PROGRAM_LIMIT_EXCEEDED,
+                "too many notifications waiting for this client",
+                hint="The client did not read its notifications; it must read them (or UNLISTEN) "
+                f"to stay below {MAX_QUEUED_NOTIFICATIONS} waiting notifications.",
+                fatal=True,
+            )
+        )
+
+
+def flush(client: ClientConnection) -> None:
+    """Write waiting notifications, now that the client is between transactions and reading."""
+    st = client.session
+    if st is None or not st.queue or client.write_paused or client.is_closed:
+        return
+    server = client.server
+    if server is not None and (
+        client.outstanding or server.scanner.status != codes.TX_IDLE or not server.scanner.at_boundary
+    ):
+        return  # inside a transaction or a response: notifications wait, as PostgreSQL makes them
+    out = b"".join(st.queue)
+    st.queue.clear()
+    st.queued_bytes = 0
+    client.transport.write(out)
