@@ -288,6 +288,36 @@ def test_deallocate_and_discard_all_forget_only_the_clients_names(hal: Running) 
         a.simple_query("ROLLBACK")
 
 
+def test_discard_all_and_deallocate_all_reach_the_server_and_others_prepare_again(hal: Running) -> None:
+    with proxied(hal, "one") as a, proxied(hal, "one") as b:
+        b.send(parse("SELECT 'b'::text", "bs") + rc.sync())
+        b.read_until_ready()
+        a.send(parse("SELECT 'a'::text", "as") + rc.sync())
+        a.read_until_ready()
+        a.simple_query("SET application_name = 'changed'")
+        got = a.simple_query("DISCARD ALL")
+        assert [(m.type, m.payload) for m in got if m.type != b"S"] == [
+            (b"C", b"DISCARD ALL\0"),
+            (b"Z", b"I"),
+        ]
+        assert rc.data_rows(a.simple_query("SHOW application_name")) != [["changed"]]
+        a.send(bind("as") + rc.sync())
+        assert a.read_until_ready()[0].fields["C"] == "26000"
+        # the server dropped b's statement too: it is prepared again, unseen
+        b.send(bind("bs") + rc.execute() + rc.sync())
+        assert rc.data_rows(b.read_until_ready()) == [["b"]]
+        a.simple_query("PREPARE sql_level AS SELECT 1")
+        a.send(parse("SELECT 2", "p2") + rc.sync())
+        a.read_until_ready()
+        got = a.simple_query("DEALLOCATE ALL")
+        assert [(m.type, m.payload) for m in got] == [(b"C", b"DEALLOCATE ALL\0"), (b"Z", b"I")]
+        assert a.simple_query("EXECUTE sql_level")[0].fields["C"] == "26000"
+        a.send(bind("p2") + rc.sync())
+        assert a.read_until_ready()[0].fields["C"] == "26000"
+        b.send(bind("bs") + rc.execute() + rc.sync())
+        assert rc.data_rows(b.read_until_ready()) == [["b"]]
+
+
 def test_lru_closes_least_recently_used_statements(pg: Cluster, hal: Running) -> None:
     with proxied(hal, "tiny_cache") as client:
         for i in range(5):
