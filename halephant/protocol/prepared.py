@@ -411,14 +411,23 @@ class ClientStatements:
     def passed(self, ready: int) -> None:
         """The fast path relayed `ready` ReadyForQuery while a barrier was all that was outstanding."""
         queue = self.queue
+        if not queue or queue[0][1] != BARRIER:
+            return
         count = queue[0][3]
-        assert isinstance(count, int) and queue[0][1] == BARRIER
+        assert isinstance(count, int)
         if count > ready:
             queue[0] = (0, BARRIER, None, count - ready, 0, b"")
         else:
             queue.popleft()
             if not queue:
                 self.bound.clear()
+
+    def copy_in(self) -> None:
+        """A COPY FROM STDIN began in a batch a barrier stands for, started by an Execute with a Sync
+        behind it: PostgreSQL ignores that Sync, so one ReadyForQuery fewer is coming."""
+        queue = self.queue
+        if queue and queue[0][1] == BARRIER:
+            self.passed(1)
 
     def stale_plan(self, payload: bytes) -> None:
         """An ErrorResponse from a batch a barrier stands for: on a stale plan, retire what it bound."""
@@ -556,7 +565,12 @@ class ClientStatements:
         return b"".join(out)
 
     def splice(
-        self, buf: bytes, frames: list[tuple[int, int, int]], status: int, server: ServerStatements
+        self,
+        buf: bytes,
+        frames: list[tuple[int, int, int]],
+        status: int,
+        server: ServerStatements,
+        copy_skips_sync: bool = False,
     ) -> tuple[list[bytes], int, int, list[tuple[int, bytes]], int]:
         """Walk complete server messages against the queue.
 
@@ -595,6 +609,8 @@ class ClientStatements:
                         queue.popleft()
                 elif t == codes.COPY_IN_RESPONSE:
                     kept.append((t, buf[start:end]))
+                    if copy_skips_sync:
+                        self.copy_in()
                 elif t == codes.ERROR_RESPONSE and self.bound:
                     self.stale_plan(buf[start:end])
                 continue

@@ -145,8 +145,13 @@ def relay(server: ServerConnection, data: bytes, client: ClientConnection) -> No
         # nothing outstanding but whole batches that need nothing of halephant: the fast path, counting
         # their ReadyForQuery (an ErrorResponse reaches `stale_plan` through the scanner's kept messages)
         server._relay(data, client)
-        if queue and sc.ready:
-            ps.passed(sc.ready)
+        if queue:
+            if sc.kept and client._last_sync_point == codes.SYNC:
+                for t, _ in sc.kept:
+                    if t == codes.COPY_IN_RESPONSE:
+                        ps.copy_in()  # the Sync behind the Execute that began it goes unanswered
+            if sc.ready and queue:
+                ps.passed(sc.ready)
         return
     # The fast path may have passed on the start of a message (before tracking began, or a notice while
     # nothing was outstanding): pass on its rest the same way first.
@@ -174,7 +179,8 @@ def relay(server: ServerConnection, data: bytes, client: ClientConnection) -> No
     except ProtocolViolation as exc:
         server._lost_with_client(client, f"protocol violation from server: {exc.message}")
         return
-    out, ready, status, kept, stop = ps.splice(buf, frames, sc.status, statements_of(server))
+    copy_skips_sync = client._last_sync_point == codes.SYNC
+    out, ready, status, kept, stop = ps.splice(buf, frames, sc.status, statements_of(server), copy_skips_sync)
     if stop < consumed:  # nothing is outstanding any more: the rest takes the fast path
         rest, server._buf = buf[stop:], b""
     else:

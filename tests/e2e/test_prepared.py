@@ -318,6 +318,27 @@ def test_discard_all_and_deallocate_all_reach_the_server_and_others_prepare_agai
         assert rc.data_rows(b.read_until_ready()) == [["b"]]
 
 
+def test_copy_from_stdin_by_execute_keeps_the_books_straight(pg: Cluster, hal: Running) -> None:
+    # PostgreSQL ignores the Sync that reaches it in copy-in mode: its ReadyForQuery never comes
+    table = new_table(pg)
+    with proxied(hal, "one") as client, proxied(hal, "one") as other:
+        other.send(parse("SELECT 'o'::text", "o") + rc.sync())
+        other.read_until_ready()
+        client.send(parse("SELECT 1", "warm") + rc.sync())
+        client.read_until_ready()
+        for n in range(2):
+            client.send(parse(f"COPY {table} FROM STDIN") + bind() + rc.execute() + rc.sync())
+            assert [m.type for m in client.read_until(b"G")] == [b"1", b"2", b"G"]
+            rows = f"{2 * n}\tx\n{2 * n + 1}\ty\n".encode()
+            client.send(rc.msg(b"d", rows) + rc.msg(b"c") + rc.sync())
+            assert [m.type for m in client.read_until_ready()] == [b"C", b"Z"]
+            # a statement the server has: its ParseComplete is halephant's, in its place
+            client.send(parse("SELECT 'o'::text", f"mine{n}") + bind(f"mine{n}") + rc.execute() + rc.sync())
+            got = client.read_until_ready()
+            assert b"".join(m.type for m in got) == b"12DCZ"
+    assert int(pg.primary.sql(f"SELECT count(*) FROM {table}", dbname="myapp")) == 4
+
+
 def test_lru_closes_least_recently_used_statements(pg: Cluster, hal: Running) -> None:
     with proxied(hal, "tiny_cache") as client:
         for i in range(5):
