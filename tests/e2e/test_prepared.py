@@ -339,6 +339,24 @@ def test_copy_from_stdin_by_execute_keeps_the_books_straight(pg: Cluster, hal: R
     assert int(pg.primary.sql(f"SELECT count(*) FROM {table}", dbname="myapp")) == 4
 
 
+def test_rejection_inside_a_transaction_keeps_its_place_among_mapped_statements(hal: Running) -> None:
+    with proxied(hal) as client:
+        client.send(parse("SELECT 'kept'::text", "k") + rc.sync())
+        client.read_until_ready()
+        client.simple_query("BEGIN")
+        # cursor_guard refuses a holdable cursor in transaction pooling: the server fails at that point
+        client.send(
+            bind("k") + rc.execute() + parse("DECLARE c CURSOR WITH HOLD FOR SELECT 1") + bind()
+            + rc.execute() + rc.sync()
+        )  # fmt: skip
+        got = client.read_until_ready()
+        assert [m.type for m in got] == [b"2", b"D", b"C", b"E", b"Z"]
+        assert got[3].fields["C"] == "0A000" and got[-1].payload == b"E"
+        client.simple_query("ROLLBACK")
+        client.send(bind("k") + rc.execute() + rc.sync())
+        assert rc.data_rows(client.read_until_ready()) == [["kept"]]
+
+
 def test_lru_closes_least_recently_used_statements(pg: Cluster, hal: Running) -> None:
     with proxied(hal, "tiny_cache") as client:
         for i in range(5):
