@@ -531,6 +531,14 @@ class ClientStatements:
         self._interesting = False
         return _EMPTY_QUERY
 
+    def reset(self) -> None:
+        """Forget what is outstanding (the server went back to its pool; names stay)."""
+        self.queue.clear()
+        self._pending.clear()
+        self.skipping = self.blind = self._interesting = False
+        self._batch = 0
+        self.bound.clear()
+
     def clear_on_success(self) -> None:
         """A DISCARD ALL or DEALLOCATE ALL goes to the server: it drops every statement there if it
         succeeds (PostgreSQL refuses DISCARD ALL inside a transaction block)."""

@@ -152,6 +152,8 @@ def relay(server: ServerConnection, data: bytes, client: ClientConnection) -> No
                         ps.copy_in()  # the Sync behind the Execute that began it goes unanswered
             if sc.ready and queue:
                 ps.passed(sc.ready)
+            if queue and server.client is not client:
+                _out_of_step(client, ps)
         return
     # The fast path may have passed on the start of a message (before tracking began, or a notice while
     # nothing was outstanding): pass on its rest the same way first.
@@ -193,5 +195,16 @@ def relay(server: ServerConnection, data: bytes, client: ClientConnection) -> No
         server._kept(kept, client)
     if ready:
         client.server_ready(ready, status, not rest and not server._buf)
+        if server.client is not client and queue:
+            _out_of_step(client, ps)
     if rest and server.client is client:
         server._relay(rest, client)
+
+
+def _out_of_step(client: ClientConnection, ps: ClientStatements) -> None:
+    # The pooling loop gave the server back with requests still in the books: they can never be
+    # answered now. Start afresh rather than read the next server's replies against them.
+    log.warning(
+        "%r: prepared-statement books out of step at check-in (%d entries): reset", client, len(ps.queue)
+    )
+    ps.reset()
