@@ -53,6 +53,7 @@ TAG: Final = 4  # an empty Query standing in for DEALLOCATE / DISCARD ALL: answe
 REPLACE: Final = 5  # a rejection in place: replace the server's ErrorResponse by `reply`
 BARRIER: Final = 6  # requests sent before tracking began: pass everything on until `reply` ReadyForQuery
 CLEAR: Final = 7  # a client's DISCARD ALL / DEALLOCATE ALL: if it succeeds, the server has no statements left
+RETRY: Final = 8  # a Bind that may be sent again (with `reply`, the batch's bytes) if its plan went stale
 
 # undo operations, applied when the server never processed the request (an earlier error) or it failed
 UNMAP: Final = 1  # forget the client's name again
@@ -236,6 +237,7 @@ class ClientStatements:
         "names",
         "queue",
         "registry",
+        "resend",
         "skipping",
     )
 
@@ -264,6 +266,8 @@ class ClientStatements:
         self._pending: list[Entry] = []
         #: statements bound by the batches a barrier stands for: retired together on a stale-plan error
         self.bound: list[ServerStatement] = []
+        #: bytes for the server that `splice` decided to send (a batch retried after a stale plan)
+        self.resend = b""
         if outstanding:
             self.queue.append((0, BARRIER, None, outstanding, 0, b""))
 
@@ -276,6 +280,7 @@ class ClientStatements:
         failed: bool = False,
         outstanding: int = 0,
         frames: list[Frame] | None = None,
+        retry: bool = False,
     ) -> bytes:
         """Rewrite a run of complete client messages for the linked server and queue what they await.
 
@@ -291,6 +296,8 @@ class ClientStatements:
         queue = self._pending
         last = 0  # start of the run of client bytes passed on unchanged
         odd = self.blind or self.skipping  # both only ever end inside this loop
+        # where the batch being read began in `data` (-1: in an earlier run), for a transparent retry
+        batch_start = 0 if retry and not self._batch and not self._interesting else -1
         for i, (t, start, end) in enumerate(frames):
             head = start - 5
             if odd:
@@ -364,7 +371,10 @@ class ClientStatements:
             elif t == codes.EXECUTE:
                 queue.append(_EXECUTE)
             else:  # Sync, Query, FunctionCall: the batch is sealed
+                if retry and batch_start >= 0 and t == codes.SYNC and not odd:
+                    self._retriable(data[batch_start:end])
                 self._seal(t)
+                batch_start = end if retry else -1
         if queue:
             self.queue.extend(queue)
             self._batch += len(queue)
@@ -373,6 +383,26 @@ class ClientStatements:
             return data
         append(data[last:])
         return b"".join(out)
+
+    def _retriable(self, batch: bytes) -> None:
+        """Bind (a mapped statement), Describe (portal), Execute, Sync, alone outside a transaction: if the
+        plan went stale, the batch can be run again with the statement prepared afresh, and the client
+        (which asked for the row description) cannot tell."""
+        pending = self._pending
+        if len(pending) != 3 or self._interesting:
+            return
+        bind_entry = pending[0]
+        if bind_entry[0] != codes.BIND or bind_entry[2] is None:
+            return
+        if pending[1][0] != codes.DESCRIBE or pending[2][0] != codes.EXECUTE:
+            return
+        frames = split_frames(batch, len(batch) + 1)[0]
+        if [f[0] for f in frames] != [codes.BIND, codes.DESCRIBE, codes.EXECUTE, codes.SYNC]:
+            return
+        if batch[frames[1][1]] != 0x50:  # Describe of the portal ('P')
+            return
+        pending[0] = (codes.BIND, RETRY, bind_entry[2], batch, 0, bind_entry[5])
+        self._interesting = True
 
     def _seal(self, t: int) -> None:
         """A sync point ends the batch. One whose requests need nothing of halephant becomes a barrier: its
@@ -641,7 +671,7 @@ class ClientStatements:
                 if len(queue) > 1 and queue[1][0] == codes.SYNC:
                     del queue[1]
             done = t in _DONE[kind]
-            if action == FORWARD:
+            if action in (FORWARD, RETRY):
                 if done:
                     queue.popleft()
                 continue
@@ -649,6 +679,8 @@ class ClientStatements:
                 if last < head:
                     out.append(buf[last:head])
                 last = end
+                if t == codes.READY_FOR_QUERY:
+                    ready -= 1  # the answer to a batch the client never sees (a retried one)
                 if done:
                     queue.popleft()
             elif action == TAG:
@@ -715,6 +747,8 @@ class ClientStatements:
                 # the schema changed under the statement: the next Parse of this text prepares afresh
                 if self.registry.retire(stmt) and self._on_retire is not None:
                     self._on_retire(stmt)
+                if action == RETRY and self._retry(stmt, detail, name, server):
+                    return b""
             elif code == sqlstate.INVALID_SQL_STATEMENT_NAME:
                 # the server has not got it after all (its Parse failed unseen, or a DEALLOCATE halephant
                 # did not see): as PostgreSQL would, the client's name goes too
@@ -728,6 +762,26 @@ class ClientStatements:
             elif code == sqlstate.DUPLICATE_PREPARED_STATEMENT:
                 server.add(stmt)  # it had it after all
         return None
+
+    def _retry(self, stmt: ServerStatement, batch: object, name: bytes, server: ServerStatements) -> bool:
+        """Run a failed retriable batch again, once, with its statement prepared afresh. Only when nothing
+        was sent after it: the server has skipped the batch and answers its Sync next."""
+        queue = self.queue
+        if len(queue) != 1 or queue[0][0] != codes.SYNC or self._batch or self._pending:
+            return False
+        assert isinstance(batch, bytes)
+        fresh = self.registry.get(stmt.body)
+        if fresh.name == stmt.name or self.names.get(name) is not stmt:
+            return False
+        self.names[name] = fresh
+        queue[0] = (codes.SYNC, DROP, None, None, 0, b"")  # the failed batch's ReadyForQuery
+        out: list[bytes] = []
+        self._make_room(server, fresh, out)
+        out.append(fresh.parse)
+        self._pending.append((codes.PARSE, DROP, fresh, None, LRU_DROP, b""))
+        self._interesting = True
+        self.resend = b"".join(out) + self.translate(batch, server, outstanding=1)
+        return True
 
     def _undo(self, stmt: ServerStatement | None, undo: int, name: bytes, server: ServerStatements) -> None:
         while undo:

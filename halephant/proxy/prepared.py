@@ -81,8 +81,14 @@ def forward(
     ps = client.prepared
     assert ps is not None
     sc = server.scanner
-    failed = sc.status == codes.TX_FAILED
-    server.send(ps.translate(data, statements_of(server), failed, client.outstanding, frames))
+    status = sc.status
+    # alone and outside a transaction, a batch may be run again after a stale plan (see `_retriable`)
+    retry = status == codes.TX_IDLE and client.outstanding == 1
+    server.send(
+        ps.translate(
+            data, statements_of(server), status == codes.TX_FAILED, client.outstanding, frames, retry
+        )
+    )
     queue = ps.queue
     if queue and queue[0][1] == SYNTH and sc.at_boundary:
         # nothing before it is outstanding: answer now (the client may wait for it after a Flush)
@@ -187,6 +193,9 @@ def relay(server: ServerConnection, data: bytes, client: ClientConnection) -> No
         rest, server._buf = buf[stop:], b""
     else:
         rest, server._buf = b"", buf[consumed:]
+    if ps.resend:
+        server.send(ps.resend)
+        ps.resend = b""
     sc.status = status
     server.rfq_seen += ready
     if out:

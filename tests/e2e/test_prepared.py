@@ -402,6 +402,39 @@ def test_schema_change_retires_the_statement_everywhere(pg: Cluster, hal: Runnin
         assert rc.data_rows(a.read_until_ready()) == [["1", "one", "5"]]
 
 
+def test_stale_plan_is_retried_when_the_client_asked_for_the_row_description(
+    pg: Cluster, hal: Running
+) -> None:
+    table = new_table(pg)
+    pg.primary.sql(f"INSERT INTO {table} VALUES (1, 'one')", dbname="myapp")
+    query = f"SELECT * FROM {table}"
+    with proxied(hal, "one") as client:
+        client.send(parse(query, "q") + bind("q") + describe("P") + rc.execute() + rc.sync())
+        assert rc.data_rows(client.read_until_ready()) == [["1", "one"]]
+        pg.primary.sql(f"ALTER TABLE {table} ADD COLUMN extra int DEFAULT 5", dbname="myapp")
+        # alone, outside a transaction, with Describe before Execute: run again on a fresh statement,
+        # and the new row description tells the client the new shape
+        client.send(bind("q") + describe("P") + rc.execute() + rc.sync())
+        got = client.read_until_ready()
+        assert b"".join(m.type for m in got) == b"2TDCZ", got
+        assert rc.data_rows(got) == [["1", "one", "5"]]
+        assert b"extra" in got[1].payload
+        # without the Describe the client relies on a row description it has: PostgreSQL's error
+        pg.primary.sql(f"ALTER TABLE {table} DROP COLUMN extra", dbname="myapp")
+        client.send(bind("q") + rc.execute() + rc.sync())
+        got = client.read_until_ready()
+        assert got[0].fields["C"] == "0A000"
+        # and inside a transaction never
+        client.send(bind("q") + describe("P") + rc.execute() + rc.sync())
+        assert rc.data_rows(client.read_until_ready()) == [["1", "one"]]
+        pg.primary.sql(f"ALTER TABLE {table} ADD COLUMN extra int DEFAULT 6", dbname="myapp")
+        client.simple_query("BEGIN")
+        client.send(bind("q") + describe("P") + rc.execute() + rc.sync())
+        got = client.read_until_ready()
+        assert got[0].fields["C"] == "0A000" and got[-1].payload == b"E"
+        client.simple_query("ROLLBACK")
+
+
 def test_client_gone_mid_pipeline_leaves_no_dirty_server(pg: Cluster, hal: Running) -> None:
     for _ in range(3):
         client = proxied(hal, "one")

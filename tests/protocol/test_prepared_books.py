@@ -398,3 +398,36 @@ def test_batch_that_needs_nothing_becomes_a_barrier_and_its_stale_plan_still_ret
     assert len(books.queue) == 1 and books.queue[0][1] != BARRIER
     books.translate(execute() + SYNC, lru)
     assert [e[1] for e in books.queue] == [BARRIER]
+
+
+def describe_portal() -> bytes:
+    return m.message(b"D", b"P\0")
+
+
+def test_stale_plan_of_a_lone_batch_with_describe_is_run_again_unseen() -> None:
+    registry = StatementRegistry()
+    lru = ServerStatements(10)
+    books = ClientStatements(registry)
+    ModelServer().feed(books.translate(parse("q", "1") + SYNC, lru))
+    books.queue.clear()
+    old = books.names[b"q"]
+    batch = bind("q") + describe_portal() + execute() + SYNC
+    books.translate(batch, lru, outstanding=1, retry=True)
+    stale = m.error_response("0A000", "cached plan must not change result type")
+    replies = stale + m.READY_FOR_QUERY_IDLE
+    frames, _ = split_frames(replies, 1 << 20)
+    out, ready, *_ = books.splice(replies, frames, codes.TX_IDLE, lru)
+    assert b"".join(out) == b"" and ready == 0  # neither the error nor its ReadyForQuery reach the client
+    fresh = books.names[b"q"]
+    assert fresh is not old and fresh.name == old.name + b"_1"
+    assert books.resend.startswith(fresh.parse)
+    assert fresh.name in books.resend[len(fresh.parse) :]
+    answer = m.message(b"2") + m.message(b"T", b"\0\0") + m.message(b"C", b"SELECT 0\0")
+    replies = m.PARSE_COMPLETE + answer + m.READY_FOR_QUERY_IDLE
+    frames, _ = split_frames(replies, 1 << 20)
+    out, ready, *_ = books.splice(replies, frames, codes.TX_IDLE, lru)
+    assert b"".join(out) == answer + m.READY_FOR_QUERY_IDLE and ready == 1
+    assert not books.queue
+    # not retried: without the Describe, or with something sent after it
+    books.translate(bind("q") + execute() + SYNC, lru, outstanding=1, retry=True)
+    assert all(entry[1] != 8 for entry in books.queue)
