@@ -15,6 +15,11 @@ that any client may use on any server. This module owns:
   halephant gives itself (ParseComplete for a statement the server already has, CloseComplete for a
   client's Close) and rewrite errors, each at exactly the place PostgreSQL would have answered.
 
+Batches that need none of that (the steady state: Bind/Execute/Sync of a statement the server has) are
+folded into a barrier at their sync point, so their replies take the proxy's fast path and only their
+ReadyForQuery is counted. A lone batch that asked for the row description and hit a stale plan is run
+again on a fresh statement (`_retriable`, `_retry`).
+
 The queue mirrors PostgreSQL's extended-query rules: every request answers with one completion (or an
 ErrorResponse); after an error in an extended batch the server ignores everything up to Sync, so the
 requests in between get no reply (their bookkeeping is undone) and synthetic replies for them are not sent.
