@@ -439,3 +439,20 @@ def test_package_without_patterns_rejects_nothing(package: ModuleType) -> None:
     reporting = client(user="reporting")
     pool = pool_info(plugins, config, reporting)
     assert plugins.inspect_query(reporting, Statement("DELETE FROM t"), pool) is None
+
+
+def test_status_busiest_databases() -> None:
+    module = load_example(EXAMPLES / "plugins" / "status_busiest_databases.py")
+    plugins = make_plugins(module)
+    pools = [
+        {"database": "small", "transactions": 5, "queries": 9, "cl_waiting": 0},
+        {"database": "big", "transactions": 700, "queries": 900, "cl_waiting": 2},
+        {"database": "big", "transactions": 300, "queries": 100, "cl_waiting": 1},
+    ]
+    panels = plugins.status_panels({"pools": pools})
+    ((name, panel),) = panels
+    assert name == "status_busiest_databases"
+    assert not isinstance(panel, Exception)
+    assert panel.title == "Busiest databases"
+    assert panel.rows == (("big", "1000", "1000", "3"), ("small", "5", "9", "0"))
+    assert plugins.status_panels({"pools": []}) == []  # nothing to show: no panel

@@ -198,6 +198,8 @@ def relay(server: ServerConnection, data: bytes, client: ClientConnection) -> No
         ps.resend = b""
     sc.status = status
     server.rfq_seen += ready
+    if ready and status == codes.TX_IDLE:
+        server.xact_seen += 1  # as the fast path counts transactions
     if out:
         client.transport.write(b"".join(out))
     if kept:
