@@ -173,6 +173,12 @@ def find_pg_tool(name: str) -> str:
     return str(path)
 
 
+def pgbouncer_version(binary: str) -> tuple[int, int]:
+    first = subprocess.run([binary, "--version"], capture_output=True, text=True).stdout.splitlines()[0]
+    m = re.search(r"(\d+)\.(\d+)", first)
+    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+
+
 def find_pgbouncer() -> str:
     for candidate in (shutil.which("pgbouncer"), "/usr/sbin/pgbouncer"):
         if candidate and os.access(candidate, os.X_OK):
@@ -238,6 +244,8 @@ class Target:
     pid: int | None = None  # the pooler's process, charged with its CPU; None for direct PostgreSQL
     proc: subprocess.Popen[bytes] | None = None  # set when this script started it
     logfile: Path | None = None
+    #: whether it can run pgbench -M prepared (PgBouncer only from 1.21, with max_prepared_statements)
+    prepared: bool = True
 
     @property
     def address(self) -> str:
@@ -330,6 +338,10 @@ class Setup:
         port = free_port()
         secret = self.scram_verifier or a.password  # plaintext works too when we may not read pg_authid
         (d / "userlist.txt").write_text(f'"{a.user}" "{secret}"\n')
+        # From 1.21 PgBouncer keeps protocol-level prepared statements in transaction mode (as halephant does
+        # with its default max_prepared_statements: 200); older versions cannot run pgbench -M prepared.
+        prepared = pgbouncer_version(binary) >= (1, 21)
+        prepared_line = "max_prepared_statements = 200\n" if prepared else ""
         (d / "pgbouncer.ini").write_text(
             f"""\
 [databases]
@@ -349,7 +361,7 @@ ignore_startup_parameters = extra_float_digits,options
 logfile = {d}/pgbouncer.log
 log_connections = 0
 log_disconnections = 0
-"""
+{prepared_line}"""
         )
         user = service_user()
         kwargs: dict[str, Any] = {}
@@ -375,7 +387,9 @@ log_disconnections = 0
             [binary, "--version"], capture_output=True, text=True
         ).stdout.splitlines()[0]
         log(f"# {self.versions['pgbouncer']} pid {proc.pid} on 127.0.0.1:{port} (pool_size {a.pool_size})")
-        self.targets.append(Target("pgbouncer", "127.0.0.1", port, proc.pid, proc, d / "pgbouncer.log"))
+        self.targets.append(
+            Target("pgbouncer", "127.0.0.1", port, proc.pid, proc, d / "pgbouncer.log", prepared=prepared)
+        )
 
     # --- halephant ----------------------------------------------------------------------------------------
 
@@ -505,7 +519,7 @@ def run_once(setup: Setup, target: Target, cell: Cell, postmaster: int | None) -
         # Directly on PostgreSQL so every target starts from the same table state.
         setup.psql("TRUNCATE pgbench_history", "VACUUM pgbench_branches, pgbench_tellers")
     cmd = [a.pgbench, "-n", "-h", target.host, "-p", str(target.port), "-U", a.user, "-M", cell.proto]
-    cmd += ["-c", str(cell.clients), "-j", str(min(2, cell.clients)), "-T", str(a.duration)]
+    cmd += ["-c", str(cell.clients), "-j", str(threads(cell)), "-T", str(a.duration)]
     cmd += (["-S"] if cell.mode == "S" else []) + [a.dbname]
 
     table = process_table()
@@ -580,9 +594,18 @@ def cells_of(args: argparse.Namespace) -> list[Cell]:
     return [Cell(m, p, c) for m in args.modes for p in args.protocols for c in args.clients]
 
 
+def threads(cell: Cell) -> int:
+    """pgbench -j. pgbench prepares with a blocking PQprepare: a client waiting there for a pooled server
+    would stall the other clients of its thread, one of which may hold that server in a tpcb transaction.
+    So -M prepared tpcb runs a thread per client, for every target alike."""
+    if cell.proto == "prepared" and cell.mode == "tpcb":
+        return cell.clients
+    return min(2, cell.clients)
+
+
 def targets_for(cell: Cell, targets: list[Target]) -> list[Target]:
-    # PgBouncer 1.18 cannot keep prepared statements in transaction mode: pgbench -M prepared fails there.
-    return [t for t in targets if not (cell.proto == "prepared" and t.name == "pgbouncer")]
+    # PgBouncer before 1.21 cannot keep prepared statements in transaction mode: its rows say n/a.
+    return [t for t in targets if t.prepared or cell.proto != "prepared"]
 
 
 def _run_summary(rec: dict[str, Any]) -> str:
@@ -674,7 +697,8 @@ COLUMNS = [
 def print_tables(setup: Setup, results: list[dict[str, Any]], out: TextIO) -> None:
     a = setup.args
     print(
-        f"\npgbench -T {a.duration} -j min(2,c), scale {a.scale}, pool_size {a.pool_size}, "
+        f"\npgbench -T {a.duration} -j min(2,c) (c for prepared tpcb), scale {a.scale}, "
+        f"pool_size {a.pool_size}, "
         f"{'median of ' + str(a.reps) + ' reps' if a.reps > 1 else '1 rep'}; "
         "tps = 'without initial connection time'; CPU per transaction in us; "
         f"softirq and other in % of one core ({os.cpu_count()} cores)",
@@ -684,6 +708,7 @@ def print_tables(setup: Setup, results: list[dict[str, Any]], out: TextIO) -> No
     header += " ".join(f"{h:>{w}}" for h, w, _, _ in COLUMNS)
     for cell in cells_of(a):
         names = [t.name for t in targets_for(cell, setup.targets)]
+        left_out = [t.name for t in setup.targets if t.name not in names]
         direct = cell_value(results, "direct", cell, "tps")
         pgb = cell_value(results, "pgbouncer", cell, "tps") if "pgbouncer" in names else None
         print(f"\n{cell.label()}\n{header}", file=out)
@@ -697,6 +722,8 @@ def print_tables(setup: Setup, results: list[dict[str, Any]], out: TextIO) -> No
             if any("error" in r for r in runs):
                 row += "  ERRORS (see the run log above)"
             print(row, file=out)
+        for name in left_out:
+            print(f"  {name:<12} {'n/a':>8}  (cannot run -M prepared in transaction mode)", file=out)
 
 
 def goal_checks(
@@ -807,7 +834,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument(
         "--protocols",
         type=_list(str, ("simple", "extended", "prepared")),
-        help="pgbench -M values [simple,extended]; PgBouncer sits out 'prepared'",
+        help="pgbench -M values [simple,extended,prepared]; PgBouncer < 1.21 sits out 'prepared'",
     )
     ap.add_argument("--clients", type=_list(int), help="client counts [1,10,100]")
     ap.add_argument("-T", dest="duration", type=int, help="seconds per pgbench run [10]")
@@ -844,7 +871,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--quiet-wait", type=float, default=60.0, help="wait at most this long for quiet [60]")
     a = ap.parse_args(argv)
     a.modes = a.modes or (["S"] if a.quick else ["S", "tpcb"])
-    a.protocols = a.protocols or ["simple", "extended"]
+    a.protocols = a.protocols or ["simple", "extended", "prepared"]
     a.clients = a.clients or ([10, 100] if a.quick else [1, 10, 100])
     a.duration = a.duration or (5 if a.quick else 10)
     if a.idle_only and not a.idle:

@@ -192,6 +192,9 @@ class DatabaseConfig(_Section):
     max_lifetime: Annotated[Duration, Field(gt=0)] = 3600.0
     checkout_timeout: Annotated[Duration, Field(gt=0)] = 30.0
     server_reset_query: StrictStr = "DISCARD ALL"
+    #: Named protocol-level statements each server connection keeps for clients in transaction pooling
+    #: (least recently used closed first); 0 turns sharing off: a client that names one keeps its server.
+    max_prepared_statements: Annotated[StrictInt, Field(ge=0, le=100_000)] = 200
     #: Extra server connections a pool may open when a client has waited `reserve_pool_timeout`.
     reserve_pool_size: Annotated[StrictInt, Field(ge=0)] = 0
     reserve_pool_timeout: Annotated[Duration, Field(gt=0)] = 5.0

@@ -17,6 +17,8 @@ Linking a server applies the client's settings first (startup parameters and the
 only where the server differs. What a transaction leaves in the session (settings, session-bound features,
 emulated LISTEN and SQL PREPARE) is `halephant.proxy.session_state`'s: a client that has any of it has a
 `session`, and only such a client costs more than one comparison at the end of a transaction.
+Named prepared statements do not pin: from its first named Parse a client's messages go through
+`halephant.proxy.prepared`, which maps its names onto statements shared on the servers.
 A rejected statement is answered without running it. With no server linked the answer is local; inside a
 transaction, the statement is swapped for one that fails at exactly that point on the server, whose error
 is then rewritten, so ordering under pipelining and the aborted-transaction state are PostgreSQL's own.
@@ -37,6 +39,7 @@ from halephant.errors import ClientError, ProtocolViolation
 from halephant.protocol import codes
 from halephant.protocol import messages as m
 from halephant.protocol.framing import split_frames
+from halephant.protocol.prepared import ClientStatements
 from halephant.protocol.session_params import startup_settings
 from halephant.protocol.startup import (
     CancelRequest,
@@ -45,7 +48,7 @@ from halephant.protocol.startup import (
     StartupFramer,
     StartupMessage,
 )
-from halephant.proxy import session_state
+from halephant.proxy import prepared, session_state
 from halephant.proxy.limits import too_many_clients
 from halephant.sql import Statement
 from halephant.types import (
@@ -129,6 +132,7 @@ class ClientConnection(asyncio.Protocol):
         "pinned",
         "pool_info",
         "pool_reject",
+        "prepared",
         "server",
         "session",
         "session_due",
@@ -166,6 +170,8 @@ class ClientConnection(asyncio.Protocol):
         self.unsynced = False
         self.skip_to_sync = False
         self.pinned = False
+        #: named statements mapped to shared server-side ones (transaction pooling), once it names one
+        self.prepared: ClientStatements | None = None
         self.settings: dict[str, str] = {}
         self.transaction_mode = False
         self.write_paused = False
@@ -444,6 +450,7 @@ class ClientConnection(asyncio.Protocol):
         server = self.server
         plugins = self.app.plugins
         transaction_mode = self.transaction_mode
+        ps = self.prepared
         fwd = 0  # start of the run of messages not yet forwarded
         for t, start, end in frames:
             kind = _KIND.get(t)
@@ -453,7 +460,10 @@ class ClientConnection(asyncio.Protocol):
             if self.skip_to_sync:
                 # after an error in an extended-protocol batch, PostgreSQL ignores everything until Sync
                 if server is not None and fwd < head:
-                    server.send(buf[fwd:head])
+                    if ps is None:
+                        server.send(buf[fwd:head])
+                    else:
+                        prepared.forward(self, server, buf[fwd:head])
                 fwd = end
                 if t != codes.SYNC:
                     continue
@@ -480,7 +490,10 @@ class ClientConnection(asyncio.Protocol):
                             self._reject_locally(t, error)
                         else:
                             if fwd < head:
-                                server.send(buf[fwd:head])
+                                if ps is None:
+                                    server.send(buf[fwd:head])
+                                else:
+                                    prepared.forward(self, server, buf[fwd:head])
                             self._reject_in_place(server, t, error)
                         fwd = end
                         continue
@@ -492,7 +505,10 @@ class ClientConnection(asyncio.Protocol):
                         self._pending_pin = verdict
             elif kind == _K_TERMINATE:
                 if server is not None and fwd < head:
-                    server.send(buf[fwd:head])
+                    if ps is None:
+                        server.send(buf[fwd:head])
+                    else:
+                        prepared.forward(self, server, buf[fwd:head])
                 self.close()
                 return
             if server is None:
@@ -526,12 +542,31 @@ class ClientConnection(asyncio.Protocol):
             if verdict is not None:
                 self._pending_pin = None
             if statement is not None and transaction_mode:
-                if statement.session_state or verdict is not None or self.session is not None:
+                effect = statement.session_state
+                if effect == "DEALLOCATE" or effect == "DISCARD":
+                    # named statements: only the client's own go (see halephant.proxy.prepared)
+                    if fwd < head:
+                        if ps is None:
+                            server.send(buf[fwd:head])
+                        else:
+                            prepared.forward(self, server, buf[fwd:head])
+                        fwd = head
+                    instead = prepared.deallocate(self, server, t, statement, buf[head:end])
+                    if instead is not None:
+                        server.send(instead)
+                        fwd = end
+                if effect or verdict is not None or self.session is not None:
                     # State that outlives the transaction: carried with the client, or the client keeps
                     # this server (logged with the reason) until it is released.
                     session_state.on_statement(self, statement, verdict)
-                if t == codes.PARSE and buf[start] != 0:
-                    if self.session is not None:
+                if t == codes.PARSE and buf[start] != 0 and ps is None:
+                    if prepared.limit(self):
+                        # mapped onto statements shared on the servers from now on: no pin
+                        if fwd < head:
+                            server.send(buf[fwd:head])
+                            fwd = head
+                        ps = self.prepared = prepared.activate(self)
+                    elif self.session is not None:
                         session_state.pin_session(self, "named prepared statement")
                     elif not self.pinned:
                         self.pin_for("named prepared statement")
@@ -547,7 +582,12 @@ class ClientConnection(asyncio.Protocol):
             elif kind == _K_BATCH:
                 self.unsynced = True
         if server is not None and fwd < consumed:
-            server.send(buf if fwd == 0 and consumed == len(buf) else buf[fwd:consumed])
+            if ps is None:
+                server.send(buf if fwd == 0 and consumed == len(buf) else buf[fwd:consumed])
+            elif fwd == 0 and consumed == len(buf):
+                prepared.forward(self, server, buf, frames)  # the common case: framed already
+            else:
+                prepared.forward(self, server, buf[fwd:consumed])
         if consumed < len(buf):
             if buf[consumed] not in _KIND:
                 # refuse on the type byte alone: waiting for the body of a bogus length could hang forever
@@ -585,7 +625,10 @@ class ClientConnection(asyncio.Protocol):
     def _reject_in_place(self, server: ServerConnection, t: int, error: bytes) -> None:
         """Inside a transaction: make the server fail at this very point, then show our error instead."""
         marker = f"halephant_rejected_{next(_reject_markers)}"
-        server.arm_rewrite(marker.encode(), error, self.outstanding)
+        if self.prepared is not None:
+            prepared.reject(self, t, error)
+        else:
+            server.arm_rewrite(marker.encode(), error, self.outstanding)
         if t == codes.QUERY:
             server.send(m.query(marker))
             self.outstanding += 1

@@ -92,6 +92,7 @@ class _Listener:
     """One shared listener connection; stands in as the server connection's client."""
 
     transaction_mode = False
+    prepared = None  # never names a prepared statement (halephant.proxy.prepared)
 
     def __init__(self, app: App, pool: ServerPool) -> None:
         self.app = app

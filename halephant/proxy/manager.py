@@ -19,6 +19,7 @@ from halephant.errors import ClientError
 from halephant.pool.pool import Pool
 from halephant.protocol import codes
 from halephant.protocol import messages as m
+from halephant.proxy import prepared
 from halephant.proxy.nodes import Nodes
 from halephant.proxy.server import ServerConnection, ServerLoginError
 from halephant.proxy.sweep import sweep_clients, sweep_waiters
@@ -76,6 +77,7 @@ class _Reset:
         pass
 
     transaction_mode = False
+    prepared = None
 
     def pin_for(self, reason: str) -> None:
         pass
@@ -238,6 +240,7 @@ class PoolManager:
             self.checkin(server)
             return
         server.client = _Reset(self, server, clears_settings=not targeted)  # type: ignore[assignment]
+        prepared.forget_after_reset(server, query)
         server.send(m.query(query))
 
     def close_idle(self, cluster: str, server_database: str, reason: str) -> None:

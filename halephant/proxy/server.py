@@ -6,6 +6,9 @@ first ReadyForQuery) and completes `login` (a future the opener awaits under a t
 the client decides at each ReadyForQuery whether the server goes back to its pool. Bytes from a server
 no client is linked to (a FATAL, a stray notification) close it: an idle server must be silent.
 
+A client that names prepared statements has its replies relayed message by message while it has requests
+outstanding (`halephant.proxy.prepared`), so that halephant's own replies fall into place.
+
 Two slower paths exist for halephant's own queries: the answers to a settings query (a client's startup
 parameters and session settings) and to the queries that read or clean up a transaction-mode client's
 session state (`run_internal`) are swallowed (`absorb`), and while a rejection is in flight the stream
@@ -30,9 +33,11 @@ from halephant.protocol import messages as m
 from halephant.protocol.framing import BackendScanner, split_frames
 from halephant.protocol.session_params import settings_sql
 from halephant.protocol.session_queries import decode_data_row
+from halephant.proxy import prepared
 
 if TYPE_CHECKING:
     from halephant.pool.pool import Pool
+    from halephant.protocol.prepared import ServerStatements
     from halephant.proxy.client import ClientConnection
     from halephant.proxy.manager import PoolManager
 
@@ -41,8 +46,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("halephant.server")
 
 _MAX_SERVER_MESSAGE = 1 << 30
-# ParameterStatus: session state changed; CopyInResponse: a COPY FROM STDIN began (its Sync accounting)
-_KEEP = frozenset((codes.PARAMETER_STATUS, codes.COPY_IN_RESPONSE))
+# ParameterStatus: session state changed; CopyInResponse: a COPY FROM STDIN began (its Sync accounting);
+# ErrorResponse: a stale plan of a shared prepared statement (halephant.proxy.prepared); all are rare
+_KEEP = frozenset((codes.PARAMETER_STATUS, codes.COPY_IN_RESPONSE, codes.ERROR_RESPONSE))
 _TX_IDLE = codes.TX_IDLE
 #: the answer to an internal query: its rows (text format), and the error message if it failed
 InternalDone = Callable[[list[list[str | None]], str | None], None]
@@ -79,6 +85,7 @@ class ServerConnection(asyncio.Protocol):
         "rfq_seen",
         "scanner",
         "settings",
+        "statements",
         "transport",
         "xact_seen",
     )
@@ -120,6 +127,8 @@ class ServerConnection(asyncio.Protocol):
         #: ReadyForQuery messages still to swallow: answers to halephant's own set-up queries
         self.absorb = 0
         self._setup_error: ClientError | None = None
+        #: the named statements prepared here on behalf of clients (halephant.proxy.prepared)
+        self.statements: ServerStatements | None = None
         #: one entry per absorbed query, oldest first: None for a settings query, else its callback
         self._internal: deque[InternalDone | None] = deque()
         self._internal_rows: list[list[str | None]] = []
@@ -177,6 +186,9 @@ class ServerConnection(asyncio.Protocol):
             if self.absorb:
                 self._absorbing_data(data, client)
                 return
+            if client.prepared is not None:
+                prepared.relay(self, data, client)
+                return
             if self._rewrites:
                 self._rewrite_path(data, client)
                 return
@@ -226,6 +238,8 @@ class ServerConnection(asyncio.Protocol):
                     client.parameter_changed(name)
             elif t == codes.COPY_IN_RESPONSE:
                 client.copy_in_started()
+            elif t == codes.ERROR_RESPONSE and client.prepared is not None and client.prepared.bound:
+                client.prepared.stale_plan(payload)
 
     def apply_settings(self, wanted: dict[str, str]) -> bool:
         """Bring this server to a client's startup settings; True when a query for that is in flight.

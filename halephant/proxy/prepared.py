@@ -1,0 +1,221 @@
+"""The I/O side of protocol-level prepared statements in transaction pooling.
+
+`halephant.protocol.prepared` keeps the books; this module connects them to a client and its linked
+server: it starts tracking a client at its first named Parse (`activate`), sends its translated messages
+(`forward`), relays the server's replies message by message while the client has requests outstanding
+(`relay`), and handles the SQL statements that drop prepared statements (`deallocate`). Clients that
+never name a statement never come here: their bytes take the ordinary forwarding path.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import TYPE_CHECKING
+
+from halephant.errors import ProtocolViolation
+from halephant.protocol import codes
+from halephant.protocol.framing import Frame, split_frames
+from halephant.protocol.prepared import (
+    BARRIER,
+    SYNTH,
+    ClientStatements,
+    ServerStatement,
+    ServerStatements,
+    StatementRegistry,
+)
+from halephant.sql import Statement
+
+if TYPE_CHECKING:
+    from halephant.proxy.client import ClientConnection
+    from halephant.proxy.server import ServerConnection
+
+log = logging.getLogger("halephant.prepared")
+
+#: the server-side names of every statement body, for every client and server of this process
+REGISTRY = StatementRegistry()
+_MAX_SERVER_MESSAGE = 1 << 30
+_DEALLOCATE = re.compile(
+    r'\s*deallocate\s+(?:prepare\s+)?(?:(all)|"((?:[^"]|"")+)"|([A-Za-z_\x80-\uffff][\w$\x80-\uffff]*))\s*;?\s*',
+    re.IGNORECASE,
+)
+_DISCARD_ALL = re.compile(r"\s*discard\s+all\s*;?\s*", re.IGNORECASE)
+#: the reset queries that drop every prepared statement of a server connection
+_DROPS_ALL = re.compile(r"\b(?:discard\s+all|deallocate\s+(?:prepare\s+)?all)\b", re.IGNORECASE)
+
+
+def limit(client: ClientConnection) -> int:
+    """`max_prepared_statements` of the client's database (0: named statements pin the client)."""
+    target = client.target
+    db = client.app.config.database_for(target.database) if target is not None else None
+    return db.max_prepared_statements if db is not None else 0
+
+
+def _retired(stmt: ServerStatement) -> None:
+    log.info("prepared statement %s retired (its cached plan changed result type)", stmt.name.decode())
+
+
+def activate(client: ClientConnection) -> ClientStatements:
+    """Track `client`'s named statements from now on. Its earlier requests may still be unanswered: a
+    barrier of as many ReadyForQuery as sync points are outstanding separates them from what is tracked,
+    and requests sent since the last sync point keep the server's own replies until the next one."""
+    log.info("%r: named prepared statements are mapped to shared server-side statements", client)
+    return ClientStatements(
+        REGISTRY, outstanding=client.outstanding, blind=client.unsynced, on_retire=_retired
+    )
+
+
+def statements_of(server: ServerConnection) -> ServerStatements:
+    found = server.statements
+    if found is None:
+        db = server.manager.app.config.database_for(server.pool.info.target.database)
+        found = server.statements = ServerStatements(db.max_prepared_statements if db is not None else 200)
+    return found
+
+
+def forward(
+    client: ClientConnection, server: ServerConnection, data: bytes, frames: list[Frame] | None = None
+) -> None:
+    """Send a run of complete client messages through the client's statement books (`frames`: the
+    messages of `data`, when the caller cut them already)."""
+    ps = client.prepared
+    assert ps is not None
+    sc = server.scanner
+    status = sc.status
+    # alone and outside a transaction, a batch may be run again after a stale plan (see `_retriable`)
+    retry = status == codes.TX_IDLE and client.outstanding == 1
+    server.send(
+        ps.translate(
+            data, statements_of(server), status == codes.TX_FAILED, client.outstanding, frames, retry
+        )
+    )
+    queue = ps.queue
+    if queue and queue[0][1] == SYNTH and sc.at_boundary:
+        # nothing before it is outstanding: answer now (the client may wait for it after a Flush)
+        client.transport.write(ps.due_replies(sc.status))
+
+
+def reject(client: ClientConnection, t: int, error: bytes) -> None:
+    ps = client.prepared
+    assert ps is not None
+    ps.reject(t, error)
+
+
+def deallocate(
+    client: ClientConnection, server: ServerConnection, t: int, statement: Statement, message: bytes
+) -> bytes | None:
+    """DEALLOCATE / DISCARD from a client in transaction pooling (`message`: the Query or Parse).
+
+    Returns what to send instead, or None to send `message` as the caller would. `DEALLOCATE name` of
+    one of the client's statements is answered by halephant (the server's statement is shared); `ALL`
+    and `DISCARD ALL` go to the server, so that PostgreSQL refuses or answers them itself, and forget
+    the client's names; once one succeeds, the server's statements are known to be gone.
+    """
+    text = statement.text
+    ps = client.prepared
+    match = _DEALLOCATE.fullmatch(text) if statement.first_keyword == "DEALLOCATE" else None
+    discard_all = match is None and _DISCARD_ALL.fullmatch(text) is not None
+    if match is None and not discard_all:
+        return None  # DISCARD PLANS/TEMP/SEQUENCES, several statements: nothing to do with names
+    if match is not None and match.group(1) is None:
+        quoted = match.group(2)
+        name = (quoted.replace('""', '"') if quoted else match.group(3).lower()).encode()
+        if ps is not None and t == codes.QUERY and not ps.skipping and name in ps.names:
+            ps.forget(name)
+            return ps.substitute_query("DEALLOCATE")
+        return None  # an SQL-level name, or unknown: PostgreSQL decides
+    if ps is not None:
+        ps.forget(None)
+        if t == codes.QUERY and not ps.skipping and not ps.blind:
+            ps.clear_on_success()
+            return message
+    if server.statements is not None:
+        server.statements.clear()  # not tracked: assume it succeeds
+    return None
+
+
+def forget_after_reset(server: ServerConnection, query: str) -> None:
+    """The server ran `query` before going back to its pool: did that drop its prepared statements?"""
+    if server.statements is not None and _DROPS_ALL.search(query):
+        server.statements.clear()
+
+
+def relay(server: ServerConnection, data: bytes, client: ClientConnection) -> None:
+    """Server -> client for a client whose statements are mapped: message by message while a request
+    that needs halephant (a synthetic reply, a reply to drop, an error to rewrite) is outstanding."""
+    ps = client.prepared
+    assert ps is not None
+    queue = ps.queue
+    sc = server.scanner
+    if not server._buf and (not queue or (len(queue) == 1 and queue[0][1] == BARRIER)):
+        # nothing outstanding but whole batches that need nothing of halephant: the fast path, counting
+        # their ReadyForQuery (an ErrorResponse reaches `stale_plan` through the scanner's kept messages)
+        server._relay(data, client)
+        if queue:
+            if sc.kept and client._last_sync_point == codes.SYNC:
+                for t, _ in sc.kept:
+                    if t == codes.COPY_IN_RESPONSE:
+                        ps.copy_in()  # the Sync behind the Execute that began it goes unanswered
+            if sc.ready and queue:
+                ps.passed(sc.ready)
+            if queue and server.client is not client:
+                _out_of_step(client, ps)
+        return
+    # The fast path may have passed on the start of a message (before tracking began, or a notice while
+    # nothing was outstanding): pass on its rest the same way first.
+    while data and not server._buf and not sc.at_boundary:
+        step = sc.bytes_to_boundary()
+        server._relay(data[:step], client)
+        data = data[step:]
+        if server.client is not client:
+            return
+        if sc.ready and queue and queue[0][1] == BARRIER:  # a ReadyForQuery counts down a barrier
+            kind, action, stmt, left, undo, name = queue[0]
+            assert isinstance(left, int)
+            if left > sc.ready:
+                queue[0] = (kind, action, stmt, left - sc.ready, undo, name)
+            else:
+                queue.popleft()
+    if not queue:
+        rest, server._buf = server._buf + data, b""
+        if rest:
+            server._relay(rest, client)
+        return
+    buf = server._buf + data if server._buf else data
+    try:
+        frames, consumed = split_frames(buf, _MAX_SERVER_MESSAGE)
+    except ProtocolViolation as exc:
+        server._lost_with_client(client, f"protocol violation from server: {exc.message}")
+        return
+    copy_skips_sync = client._last_sync_point == codes.SYNC
+    out, ready, status, kept, stop = ps.splice(buf, frames, sc.status, statements_of(server), copy_skips_sync)
+    if stop < consumed:  # nothing is outstanding any more: the rest takes the fast path
+        rest, server._buf = buf[stop:], b""
+    else:
+        rest, server._buf = b"", buf[consumed:]
+    if ps.resend:
+        server.send(ps.resend)
+        ps.resend = b""
+    sc.status = status
+    server.rfq_seen += ready
+    if ready and status == codes.TX_IDLE:
+        server.xact_seen += 1  # as the fast path counts transactions
+    if out:
+        client.transport.write(b"".join(out))
+    if kept:
+        server._kept(kept, client)
+    if ready:
+        client.server_ready(ready, status, not rest and not server._buf)
+        if server.client is not client and queue:
+            _out_of_step(client, ps)
+    if rest and server.client is client:
+        server._relay(rest, client)
+
+
+def _out_of_step(client: ClientConnection, ps: ClientStatements) -> None:
+    # The pooling loop gave the server back with requests still in the books: they can never be
+    # answered now. Start afresh rather than read the next server's replies against them.
+    log.warning(
+        "%r: prepared-statement books out of step at check-in (%d entries): reset", client, len(ps.queue)
+    )
+    ps.reset()

@@ -1,0 +1,706 @@
+"""End to end: protocol-level prepared statements in transaction pooling.
+
+Client statement names are private to each client and mapped onto shared server-side statements, prepared
+on whichever server a client gets. These tests run more clients than servers so statements really move
+between servers, and compare what clients see with what PostgreSQL says directly: raw message sequences
+(hand-written and hypothesis-generated pipelines of Parse/Bind/Describe/Execute/Close/Sync/Flush), psycopg
+(prepare=True, pipeline mode), asyncpg (its statement cache, executemany) and pgbench -M prepared.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import asyncpg
+import psycopg
+import psycopg.errors
+import pytest
+import rawclient as rc
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from rawclient import Message, RawClient
+from support.halephant import HalephantFactory, Running, default_config
+from support.leaks import assert_clean_servers
+
+from halephant.testing.pgcluster import Cluster, pgbench
+
+pytestmark = pytest.mark.e2e
+
+BENCH_DB = "e2e_prepared_bench"
+POOL_SIZE = 2
+
+
+@pytest.fixture(scope="module")
+def hal(pg: Cluster, module_halephant: HalephantFactory) -> Running:
+    pg.create_database(BENCH_DB, owner="myapp")
+    pgbench(pg.primary, "-i", "-q", "-s", "1", dbname=BENCH_DB, user="myapp")
+    main = {"cluster": "main", "database": "myapp", "checkout_timeout": "10s"}
+    config = default_config(
+        pg,
+        databases={
+            "myapp": {**main, "pool_size": POOL_SIZE},
+            "one": {**main, "pool_size": 1},
+            "tiny_cache": {**main, "pool_size": 1, "max_prepared_statements": 2},
+            "pinning": {**main, "pool_size": 2, "max_prepared_statements": 0},
+            "bench": {"cluster": "main", "database": BENCH_DB, "pool_size": 4},
+        },
+    )
+    return module_halephant.start(config)
+
+
+@pytest.fixture(autouse=True)
+def clean(pg: Cluster) -> Iterator[None]:
+    yield
+    assert_clean_servers(pg.primary)
+
+
+_table_numbers = iter(range(1, 1_000_000))
+
+
+def new_table(pg: Cluster, columns: str = "id int PRIMARY KEY, v text") -> str:
+    name = f"e2e_prepared_{next(_table_numbers)}_{int(time.time() * 1000) % 100_000}"
+    pg.primary.sql(f"CREATE TABLE {name} ({columns})", dbname="myapp", user="myapp")
+    return name
+
+
+# --- raw protocol ----------------------------------------------------------------------------------------
+
+
+def parse(sql: str, name: str = "", types: tuple[int, ...] = ()) -> bytes:
+    return rc.msg(b"P", rc.cstr(name) + rc.cstr(sql) + struct.pack(f"!h{len(types)}I", len(types), *types))
+
+
+def bind(statement: str = "", portal: str = "", params: tuple[str | None, ...] = ()) -> bytes:
+    body = rc.cstr(portal) + rc.cstr(statement) + struct.pack("!hh", 0, len(params))
+    for p in params:
+        body += struct.pack("!i", -1) if p is None else struct.pack("!i", len(p.encode())) + p.encode()
+    return rc.msg(b"B", body + struct.pack("!h", 0))
+
+
+def describe(kind: str, name: str = "") -> bytes:
+    return rc.msg(b"D", kind.encode() + rc.cstr(name))
+
+
+def close(kind: str, name: str = "") -> bytes:
+    return rc.msg(b"C", kind.encode() + rc.cstr(name))
+
+
+def flush() -> bytes:
+    return rc.msg(b"H")
+
+
+def direct(pg: Cluster) -> RawClient:
+    client = RawClient(pg.primary.host, pg.primary.port)
+    client.login("myapp", "myapp", "myapp")
+    return client
+
+
+def proxied(hal: Running, dbname: str = "myapp") -> RawClient:
+    client = RawClient(hal.host, hal.port)
+    client.login("myapp", "myapp", dbname)
+    return client
+
+
+def read_syncs(client: RawClient, n: int, timeout: float = 5.0) -> list[Message]:
+    out: list[Message] = []
+    for _ in range(n):
+        out += client.read_until_ready(timeout=timeout)
+    return out
+
+
+def shape(messages: list[Message]) -> list[tuple[str, ...]]:
+    """What must match between PostgreSQL and halephant: types, SQLSTATEs and messages, rows, tags."""
+    out: list[tuple[str, ...]] = []
+    for msg in messages:
+        t = msg.type.decode()
+        if t in ("E", "N"):
+            f = msg.fields
+            out.append((t, f.get("C", ""), f.get("M", "")))
+        elif t in ("D", "C", "Z", "T", "t"):
+            out.append((t, msg.payload.hex()))
+        elif t == "S":
+            continue  # ParameterStatus: not part of the answer
+        else:
+            out.append((t,))
+    return out
+
+
+def test_statement_is_shared_and_prepared_on_whichever_server(pg: Cluster, hal: Running) -> None:
+    with proxied(hal) as a, proxied(hal) as b:
+        for client in (a, b):
+            client.send(
+                parse("SELECT $1::int + 1", "s1") + bind("s1", params=("41",)) + rc.execute() + rc.sync()
+            )
+            got = client.read_until_ready()
+            assert [m.type for m in got] == [b"1", b"2", b"D", b"C", b"Z"], got
+            assert rc.data_rows(got) == [["42"]]
+        # the same text keeps working for both, whichever server each gets
+        for i in range(10):
+            for client in (a, b):
+                client.send(bind("s1", params=(str(i),)) + rc.execute() + rc.sync())
+                assert rc.data_rows(client.read_until_ready()) == [[str(i + 1)]]
+
+
+def test_bind_to_unknown_statement_is_26000_and_client_stays_usable(hal: Running) -> None:
+    with proxied(hal) as client:
+        client.send(bind("nope") + rc.execute() + rc.sync())
+        got = client.read_until_ready()
+        assert [m.type for m in got] == [b"E", b"Z"]
+        assert got[0].fields["C"] == "26000"
+        assert got[0].fields["M"] == 'prepared statement "nope" does not exist'
+        client.send(describe("S", "nope") + rc.sync())
+        got = client.read_until_ready()
+        assert got[0].fields["M"] == 'prepared statement "nope" does not exist'
+        assert rc.data_rows(client.simple_query("SELECT 7")) == [["7"]]
+
+
+def test_duplicate_name_is_42P05_and_close_frees_it(hal: Running) -> None:
+    with proxied(hal) as client:
+        client.send(parse("SELECT 1", "dup") + rc.sync())
+        assert [m.type for m in client.read_until_ready()] == [b"1", b"Z"]
+        client.send(parse("SELECT 2", "dup") + bind("dup") + rc.execute() + rc.sync())
+        got = client.read_until_ready()
+        assert [m.type for m in got] == [b"E", b"Z"]
+        assert got[0].fields["C"] == "42P05"
+        assert got[0].fields["M"] == 'prepared statement "dup" already exists'
+        client.send(close("S", "dup") + close("S", "never_was") + parse("SELECT 2", "dup") + rc.sync())
+        assert [m.type for m in client.read_until_ready()] == [b"3", b"3", b"1", b"Z"]
+        client.send(bind("dup") + rc.execute() + rc.sync())
+        assert rc.data_rows(client.read_until_ready()) == [["2"]]
+
+
+def test_synthetic_replies_come_in_order_under_pipelining(hal: Running) -> None:
+    pins = hal.log_text().count("pinned to server")
+    with proxied(hal) as warm:
+        warm.send(parse("SELECT 'warm'::text", "w") + rc.sync())
+        warm.read_until_ready()
+    with proxied(hal, "one") as a:
+        a.send(parse("SELECT 'warm'::text", "w") + rc.sync())  # prepares it on the only server
+        a.read_until_ready()
+    with proxied(hal, "one") as client:
+        client.send(parse("SELECT 'other'::text", "o") + rc.sync())
+        assert [m.type for m in client.read_until_ready()] == [b"1", b"Z"]
+        # 'w' is already on the server: its ParseComplete is halephant's, between the server's replies
+        client.send(
+            parse("SELECT pg_sleep(0.2)") + bind() + rc.execute()
+            + parse("SELECT 'warm'::text", "w") + bind("w") + rc.execute()
+            + close("S", "w") + flush()
+        )  # fmt: skip
+        got = [client.read(timeout=5) for _ in range(8)]
+        assert [m.type for m in got] == [b"1", b"2", b"D", b"C", b"1", b"2", b"D", b"C"], got
+        assert client.read(timeout=5).type == b"3"
+        client.send(rc.sync())
+        assert [m.type for m in client.read_until_ready()] == [b"Z"]
+    assert hal.log_text().count("pinned to server") == pins
+
+
+def test_first_named_statement_mid_batch_is_shared_too(hal: Running) -> None:
+    before = pins(hal)
+    with proxied(hal) as client:
+        client.send(
+            parse("SELECT 1") + bind() + rc.execute() + parse("SELECT 2", "two") + bind("two") + rc.execute()
+            + rc.sync()
+        )  # fmt: skip
+        got = client.read_until_ready()
+        assert [m.type for m in got] == [b"1", b"2", b"D", b"C", b"1", b"2", b"D", b"C", b"Z"]
+        client.send(bind("two") + rc.execute() + rc.sync())
+        assert rc.data_rows(client.read_until_ready()) == [["2"]]
+        # the same text again, mid-batch in a new client, while the server already has it
+        with proxied(hal) as other:
+            other.send(
+                parse("SELECT 1") + bind() + rc.execute() + parse("SELECT 2", "mine") + bind("mine")
+                + rc.execute() + close("S", "mine") + rc.sync() + parse("SELECT 2", "mine") + rc.sync()
+            )  # fmt: skip
+            got = other.read_until_ready() + other.read_until_ready()
+            assert b"".join(m.type for m in got) == b"12DC12DC3Z1Z"
+    assert pins(hal) == before
+
+
+def test_large_result_ahead_of_a_synthetic_reply_streams_through(hal: Running) -> None:
+    # the replies are relayed message by message while CloseComplete waits behind 1 MB of rows that
+    # arrive in many pieces, messages cut anywhere
+    with proxied(hal) as client:
+        client.send(parse("SELECT 1", "x") + rc.sync())
+        client.read_until_ready()
+        big = "SELECT repeat(md5(i::text), 600) FROM generate_series(1, 50) i"
+        for _ in range(2):
+            client.send(
+                parse(big) + bind() + rc.execute() + close("S", "x") + parse("SELECT 1", "x")
+                + bind("x") + rc.execute() + rc.sync()
+            )  # fmt: skip
+            got = client.read_until_ready(timeout=20)
+            kinds = b"".join(m.type for m in got)
+            assert kinds == b"12" + b"D" * 50 + b"C312DCZ", kinds[-12:]
+            assert [len(m.payload) for m in got if m.type == b"D"][:50] == [19_206] * 50
+
+
+def test_error_in_batch_skips_synthetic_replies_and_undoes_parse(hal: Running) -> None:
+    with proxied(hal, "one") as client:
+        client.send(parse("SELECT 1", "known") + rc.sync())
+        client.read_until_ready()
+        # after the error PostgreSQL ignores everything up to Sync: no ParseComplete, no CloseComplete
+        client.send(
+            parse("SELECT 1/(random() * 0)::int") + bind() + rc.execute()
+            + parse("SELECT 1", "again") + close("S", "known") + parse("SELECT 3", "new") + rc.sync()
+        )  # fmt: skip
+        got = client.read_until_ready()
+        assert [m.type for m in got] == [b"1", b"2", b"E", b"Z"], got
+        # so 'known' is still there, 'again' and 'new' never were
+        client.send(bind("known") + rc.execute() + bind("again") + rc.sync())
+        got = client.read_until_ready()
+        assert [m.type for m in got] == [b"2", b"D", b"C", b"E", b"Z"], got
+        assert got[3].fields["M"] == 'prepared statement "again" does not exist'
+        client.send(parse("SELECT 3", "new") + rc.sync())
+        assert [m.type for m in client.read_until_ready()] == [b"1", b"Z"]
+
+
+def test_deallocate_and_discard_all_forget_only_the_clients_names(hal: Running) -> None:
+    with proxied(hal, "one") as a, proxied(hal, "one") as b:
+        for client in (a, b):
+            client.send(parse("SELECT 'x'::text", "x") + parse("SELECT 'y'::text", "y") + rc.sync())
+            assert [m.type for m in client.read_until_ready()] == [b"1", b"1", b"Z"]
+        got = a.simple_query("DEALLOCATE x")
+        assert [(m.type, m.payload) for m in got] == [(b"C", b"DEALLOCATE\0"), (b"Z", b"I")]
+        a.send(bind("x") + rc.sync())
+        assert a.read_until_ready()[0].fields["C"] == "26000"
+        got = a.simple_query("deallocate all")
+        assert [(m.type, m.payload) for m in got] == [(b"C", b"DEALLOCATE ALL\0"), (b"Z", b"I")]
+        a.send(parse("SELECT 'y'::text", "y") + rc.sync())
+        assert [m.type for m in a.read_until_ready()] == [b"1", b"Z"]
+        got = a.simple_query("DISCARD ALL")
+        assert [(m.type, m.payload) for m in got] == [(b"C", b"DISCARD ALL\0"), (b"Z", b"I")]
+        a.send(bind("y") + rc.sync())
+        assert a.read_until_ready()[0].fields["C"] == "26000"
+        # b's statements, on the same server, were never touched
+        b.send(bind("x") + rc.execute() + bind("y") + rc.execute() + rc.sync())
+        assert rc.data_rows(b.read_until_ready()) == [["x"], ["y"]]
+        # inside a transaction DISCARD ALL is PostgreSQL's to refuse
+        b.close()
+        a.simple_query("BEGIN")
+        got = a.simple_query("DISCARD ALL")
+        assert got[0].fields["C"] == "25001"
+        a.simple_query("ROLLBACK")
+
+
+def test_discard_all_and_deallocate_all_reach_the_server_and_others_prepare_again(hal: Running) -> None:
+    with proxied(hal, "one") as a, proxied(hal, "one") as b:
+        b.send(parse("SELECT 'b'::text", "bs") + rc.sync())
+        b.read_until_ready()
+        a.send(parse("SELECT 'a'::text", "as") + rc.sync())
+        a.read_until_ready()
+        a.simple_query("SET application_name = 'changed'")
+        got = a.simple_query("DISCARD ALL")
+        assert [(m.type, m.payload) for m in got if m.type != b"S"] == [
+            (b"C", b"DISCARD ALL\0"),
+            (b"Z", b"I"),
+        ]
+        assert rc.data_rows(a.simple_query("SHOW application_name")) != [["changed"]]
+        a.send(bind("as") + rc.sync())
+        assert a.read_until_ready()[0].fields["C"] == "26000"
+        # the server dropped b's statement too: it is prepared again, unseen
+        b.send(bind("bs") + rc.execute() + rc.sync())
+        assert rc.data_rows(b.read_until_ready()) == [["b"]]
+        a.simple_query("PREPARE sql_level AS SELECT 1")
+        a.send(parse("SELECT 2", "p2") + rc.sync())
+        a.read_until_ready()
+        got = a.simple_query("DEALLOCATE ALL")
+        assert [(m.type, m.payload) for m in got] == [(b"C", b"DEALLOCATE ALL\0"), (b"Z", b"I")]
+        assert a.simple_query("EXECUTE sql_level")[0].fields["C"] == "26000"
+        a.send(bind("p2") + rc.sync())
+        assert a.read_until_ready()[0].fields["C"] == "26000"
+        b.send(bind("bs") + rc.execute() + rc.sync())
+        assert rc.data_rows(b.read_until_ready()) == [["b"]]
+
+
+def test_copy_from_stdin_by_execute_keeps_the_books_straight(pg: Cluster, hal: Running) -> None:
+    # PostgreSQL ignores the Sync that reaches it in copy-in mode: its ReadyForQuery never comes
+    table = new_table(pg)
+    with proxied(hal, "one") as client, proxied(hal, "one") as other:
+        other.send(parse("SELECT 'o'::text", "o") + rc.sync())
+        other.read_until_ready()
+        client.send(parse("SELECT 1", "warm") + rc.sync())
+        client.read_until_ready()
+        for n in range(2):
+            client.send(parse(f"COPY {table} FROM STDIN") + bind() + rc.execute() + rc.sync())
+            assert [m.type for m in client.read_until(b"G")] == [b"1", b"2", b"G"]
+            rows = f"{2 * n}\tx\n{2 * n + 1}\ty\n".encode()
+            client.send(rc.msg(b"d", rows) + rc.msg(b"c") + rc.sync())
+            assert [m.type for m in client.read_until_ready()] == [b"C", b"Z"]
+            # a statement the server has: its ParseComplete is halephant's, in its place
+            client.send(parse("SELECT 'o'::text", f"mine{n}") + bind(f"mine{n}") + rc.execute() + rc.sync())
+            got = client.read_until_ready()
+            assert b"".join(m.type for m in got) == b"12DCZ"
+    assert int(pg.primary.sql(f"SELECT count(*) FROM {table}", dbname="myapp")) == 4
+
+
+def test_rejection_inside_a_transaction_keeps_its_place_among_mapped_statements(hal: Running) -> None:
+    with proxied(hal) as client:
+        client.send(parse("SELECT 'kept'::text", "k") + rc.sync())
+        client.read_until_ready()
+        client.simple_query("BEGIN")
+        # cursor_guard refuses a holdable cursor in transaction pooling: the server fails at that point
+        client.send(
+            bind("k") + rc.execute() + parse("DECLARE c CURSOR WITH HOLD FOR SELECT 1") + bind()
+            + rc.execute() + rc.sync()
+        )  # fmt: skip
+        got = client.read_until_ready()
+        assert [m.type for m in got] == [b"2", b"D", b"C", b"E", b"Z"]
+        assert got[3].fields["C"] == "0A000" and got[-1].payload == b"E"
+        client.simple_query("ROLLBACK")
+        client.send(bind("k") + rc.execute() + rc.sync())
+        assert rc.data_rows(client.read_until_ready()) == [["kept"]]
+
+
+def test_lru_closes_least_recently_used_statements(pg: Cluster, hal: Running) -> None:
+    with proxied(hal, "tiny_cache") as client:
+        for i in range(5):
+            client.send(parse(f"SELECT {i}", f"s{i}") + rc.sync())
+            assert [m.type for m in client.read_until_ready()] == [b"1", b"Z"]
+        for _ in range(2):
+            for i in range(5):
+                client.send(bind(f"s{i}") + rc.execute() + rc.sync())
+                assert rc.data_rows(client.read_until_ready()) == [[str(i)]]
+        got = client.simple_query("SELECT count(*) FROM pg_prepared_statements")
+        assert rc.data_rows(got) == [["2"]]
+
+
+def test_max_prepared_statements_0_pins_as_before(hal: Running) -> None:
+    with proxied(hal, "pinning") as client:
+        client.send(parse("SELECT pg_backend_pid()", "pid") + bind("pid") + rc.execute() + rc.sync())
+        first = rc.data_rows(client.read_until_ready())
+        with proxied(hal, "pinning") as other:
+            other.send(parse("SELECT pg_backend_pid()", "pid") + bind("pid") + rc.execute() + rc.sync())
+            assert rc.data_rows(other.read_until_ready()) != first
+        client.send(bind("pid") + rc.execute() + rc.sync())
+        assert rc.data_rows(client.read_until_ready()) == first
+
+
+def test_schema_change_retires_the_statement_everywhere(pg: Cluster, hal: Running) -> None:
+    table = new_table(pg)
+    pg.primary.sql(f"INSERT INTO {table} VALUES (1, 'one')", dbname="myapp")
+    query = f"SELECT * FROM {table}"
+    with proxied(hal, "one") as a:
+        a.send(parse(query, "q") + bind("q") + rc.execute() + rc.sync())
+        assert rc.data_rows(a.read_until_ready()) == [["1", "one"]]
+        pg.primary.sql(f"ALTER TABLE {table} ADD COLUMN extra int DEFAULT 5", dbname="myapp")
+        a.send(bind("q") + rc.execute() + rc.sync())
+        got = a.read_until_ready()
+        # what PostgreSQL says directly, too
+        assert got[0].fields["C"] == "0A000"
+        assert got[0].fields["M"] == "cached plan must not change result type"
+        with proxied(hal, "one") as b:
+            # the same text from another client on the same server prepares afresh
+            b.send(parse(query, "mine") + bind("mine") + rc.execute() + rc.sync())
+            assert rc.data_rows(b.read_until_ready()) == [["1", "one", "5"]]
+        a.send(close("S", "q") + parse(query, "q") + bind("q") + rc.execute() + rc.sync())
+        assert rc.data_rows(a.read_until_ready()) == [["1", "one", "5"]]
+
+
+def test_stale_plan_is_retried_when_the_client_asked_for_the_row_description(
+    pg: Cluster, hal: Running
+) -> None:
+    table = new_table(pg)
+    pg.primary.sql(f"INSERT INTO {table} VALUES (1, 'one')", dbname="myapp")
+    query = f"SELECT * FROM {table}"
+    with proxied(hal, "one") as client:
+        client.send(parse(query, "q") + bind("q") + describe("P") + rc.execute() + rc.sync())
+        assert rc.data_rows(client.read_until_ready()) == [["1", "one"]]
+        pg.primary.sql(f"ALTER TABLE {table} ADD COLUMN extra int DEFAULT 5", dbname="myapp")
+        # alone, outside a transaction, with Describe before Execute: run again on a fresh statement,
+        # and the new row description tells the client the new shape
+        client.send(bind("q") + describe("P") + rc.execute() + rc.sync())
+        got = client.read_until_ready()
+        assert b"".join(m.type for m in got) == b"2TDCZ", got
+        assert rc.data_rows(got) == [["1", "one", "5"]]
+        assert b"extra" in got[1].payload
+        # without the Describe the client relies on a row description it has: PostgreSQL's error
+        pg.primary.sql(f"ALTER TABLE {table} DROP COLUMN extra", dbname="myapp")
+        client.send(bind("q") + rc.execute() + rc.sync())
+        got = client.read_until_ready()
+        assert got[0].fields["C"] == "0A000"
+        # and inside a transaction never
+        client.send(bind("q") + describe("P") + rc.execute() + rc.sync())
+        assert rc.data_rows(client.read_until_ready()) == [["1", "one"]]
+        pg.primary.sql(f"ALTER TABLE {table} ADD COLUMN extra int DEFAULT 6", dbname="myapp")
+        client.simple_query("BEGIN")
+        client.send(bind("q") + describe("P") + rc.execute() + rc.sync())
+        got = client.read_until_ready()
+        assert got[0].fields["C"] == "0A000" and got[-1].payload == b"E"
+        client.simple_query("ROLLBACK")
+
+
+def test_client_gone_mid_pipeline_leaves_no_dirty_server(pg: Cluster, hal: Running) -> None:
+    for _ in range(3):
+        client = proxied(hal, "one")
+        client.send(parse("SELECT 1", "a") + rc.sync())
+        client.read_until_ready()
+        client.send(
+            rc.query("BEGIN") + parse("SELECT pg_sleep(0.1)", "b") + bind("b") + rc.execute() + flush()
+        )
+        client.read_until_ready()
+        client.close()
+    assert_clean_servers(pg.primary)
+    with proxied(hal, "one") as client:
+        client.send(parse("SELECT 1", "a") + bind("a") + rc.execute() + rc.sync())
+        assert rc.data_rows(client.read_until_ready()) == [["1"]]
+
+
+# --- drivers ---------------------------------------------------------------------------------------------
+
+
+def pins(hal: Running) -> int:
+    return hal.log_text().count("pinned to server")
+
+
+def run_threads(n: int, work: Callable[[int], None]) -> None:
+    errors: list[BaseException] = []
+
+    def wrapped(i: int) -> None:
+        try:
+            work(i)
+        except BaseException as exc:  # reported below, in the test's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=wrapped, args=(i,)) for i in range(n)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    if errors:
+        raise errors[0]
+
+
+def test_psycopg_prepared_statements_move_between_servers(pg: Cluster, hal: Running) -> None:
+    table = new_table(pg)
+    before = pins(hal)
+    seen_pids: set[int] = set()
+
+    def work(i: int) -> None:
+        with psycopg.connect(hal.dsn(), autocommit=True, prepare_threshold=0) as conn:
+            for n in range(40):
+                row = conn.execute("SELECT %s::int * 2, pg_backend_pid()", (n,)).fetchone()
+                assert row is not None and row[0] == 2 * n
+                seen_pids.add(row[1])
+                conn.execute(f"INSERT INTO {table} VALUES (%s, %s)", (i * 1000 + n, f"c{i}"))
+                with conn.transaction():
+                    got = conn.execute(f"SELECT count(*) FROM {table} WHERE v = %s", (f"c{i}",)).fetchone()
+                    assert got == (n + 1,)
+
+    run_threads(2 * POOL_SIZE + 2, work)
+    assert len(seen_pids) == POOL_SIZE  # every client used every server, nobody was pinned
+    assert pins(hal) == before
+    assert int(pg.primary.sql(f"SELECT count(*) FROM {table}", dbname="myapp")) == 40 * (2 * POOL_SIZE + 2)
+
+
+@pytest.mark.parametrize("autocommit", [True, False])
+def test_psycopg_pipeline_mode_with_prepared_statements(pg: Cluster, hal: Running, autocommit: bool) -> None:
+    # without autocommit psycopg sends BEGIN (unnamed) ahead of the first named statement in the batch
+    before = pins(hal)
+
+    def outcome(dsn: str) -> list[Any]:
+        table = new_table(pg)
+        results: list[Any] = []
+        with psycopg.connect(dsn, autocommit=autocommit, prepare_threshold=0) as conn:
+            for round_ in range(3):
+                cursors: list[Any] = []
+                try:
+                    with conn.pipeline() as p:
+                        cursors += [
+                            conn.execute("SELECT %s::int + %s::int", (round_, k), prepare=True)
+                            for k in range(5)
+                        ]
+                        insert = f"INSERT INTO {table} VALUES (%s, 'p') RETURNING id"
+                        cursors.append(conn.execute(insert, (round_,), prepare=True))
+                        p.sync()
+                        # psycopg raises the error of a pipeline wherever it reads it: sync or exit
+                        conn.execute("SELECT 1 / %s::int", (round_,), prepare=True)
+                        p.sync()
+                except psycopg.errors.DivisionByZero:
+                    results.append("22012")
+                results.append([c.fetchall() for c in cursors])
+                if not autocommit:
+                    conn.rollback()
+            # outside a pipeline afterwards, on a fresh batch
+            results.append(conn.execute("SELECT %s::text", ("after",), prepare=True).fetchall())
+        return results
+
+    proxied_result = outcome(hal.dsn())
+    direct_result = outcome(pg.primary.dsn("myapp", "myapp", "myapp"))
+    assert proxied_result == direct_result
+    assert proxied_result[0] == "22012"
+    assert proxied_result[1][:5] == [[(k,)] for k in range(5)]
+    assert proxied_result[-1] == [("after",)]
+    assert pins(hal) == before
+
+
+def test_asyncpg_statement_cache_executemany_in_transaction_mode(pg: Cluster, hal: Running) -> None:
+    table = new_table(pg)
+    before = pins(hal)
+
+    async def client(i: int) -> set[int]:
+        conn = await asyncpg.connect(
+            host=hal.host, port=hal.port, user="myapp", password="myapp", database="myapp", ssl=False
+        )
+        pids: set[int] = set()
+        try:
+            for n in range(20):
+                assert await conn.fetchval("SELECT $1::int + $2::int", n, i) == n + i
+                pids.add(await conn.fetchval("SELECT pg_backend_pid()"))
+            await conn.executemany(
+                f"INSERT INTO {table} VALUES ($1, $2)", [(i * 1000 + k, f"a{i}") for k in range(200)]
+            )
+            stmt = await conn.prepare(f"SELECT count(*) FROM {table} WHERE v = $1")
+            assert await stmt.fetchval(f"a{i}") == 200
+            async with conn.transaction():
+                await conn.execute(f"UPDATE {table} SET v = $1 WHERE id = $2", f"b{i}", i * 1000)
+                rows = [r["id"] async for r in conn.cursor(f"SELECT id FROM {table} WHERE v = $1", f"a{i}")]
+                assert len(rows) == 199
+            with pytest.raises(asyncpg.exceptions.DivisionByZeroError):
+                await conn.fetchval("SELECT 1 / $1::int", 0)
+            assert await stmt.fetchval(f"b{i}") == 1
+        finally:
+            await conn.close()
+        return pids
+
+    async def main() -> set[int]:
+        results = await asyncio.gather(*(client(i) for i in range(3 * POOL_SIZE)))
+        return set().union(*results)
+
+    assert len(asyncio.run(main())) == POOL_SIZE
+    assert pins(hal) == before
+
+
+def test_asyncpg_reprepares_after_schema_change_as_direct(pg: Cluster, hal: Running) -> None:
+    table = new_table(pg)
+    pg.primary.sql(f"INSERT INTO {table} VALUES (1, 'one')", dbname="myapp")
+
+    async def main(port: int, database: str) -> list[Any]:
+        conns = [
+            await asyncpg.connect(host=hal.host, port=port, user="myapp", password="myapp", database=database,
+                                  ssl=False)
+            for _ in range(2)
+        ]  # fmt: skip
+        try:
+            out = [tuple(await c.fetchrow(f"SELECT * FROM {table}")) for c in conns]
+            await conns[0].execute(f"ALTER TABLE {table} ADD COLUMN extra int DEFAULT 7")
+            # asyncpg sees 0A000, drops its cached statement and prepares again: the server must let it
+            for c in conns:
+                out.append(tuple(await c.fetchrow(f"SELECT * FROM {table}")))
+            await conns[0].execute(f"ALTER TABLE {table} DROP COLUMN extra")
+            return out
+        finally:
+            for c in conns:
+                await c.close()
+
+    through = asyncio.run(main(hal.port, "one"))
+    assert through == [(1, "one"), (1, "one"), (1, "one", 7), (1, "one", 7)]
+
+
+def test_pgbench_prepared(hal: Running, run_client: Any) -> None:
+    # a thread per client: pgbench prepares with a blocking PQprepare, so a client waiting for a server
+    # would stall the other clients of its thread, one of which holds that server in its transaction
+    out = run_client(
+        "pgbench", hal, ["-n", "-M", "prepared", "-c", "8", "-j", "8", "-T", "3"], dbname="bench", timeout=60
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    processed = re.search(r"number of transactions actually processed: (\d+)", out.stdout)
+    failed = re.search(r"number of failed transactions: (\d+)", out.stdout)
+    assert processed is not None and int(processed.group(1)) > 100, out.stdout
+    assert failed is not None and int(failed.group(1)) == 0, out.stdout
+
+
+# --- hypothesis: raw pipelines, direct and through halephant ----------------------------------------------
+
+VALID = ["SELECT 1", "SELECT 'two'::text AS t", "SELECT 1/(random() * 0)::int", "BEGIN", "COMMIT"]
+
+raw_op = st.one_of(
+    st.tuples(st.just("parse"), st.sampled_from(["a", "b"]), st.sampled_from(VALID)),
+    st.tuples(st.just("unnamed"), st.sampled_from([*VALID, "SELEC 1"])),
+    st.tuples(st.just("bind"), st.sampled_from(["a", "b", "zz"]), st.booleans()),
+    st.tuples(st.just("describe"), st.sampled_from(["a", "b", "zz"])),
+    st.tuples(st.just("close"), st.sampled_from(["a", "b", "zz"])),
+    st.just(("flush",)),
+    st.just(("sync",)),
+)
+noise_op = st.sampled_from(["none", "none", "hold", "release", "prepare"])
+
+
+def raw_bytes(item: tuple[Any, ...]) -> bytes:
+    kind = item[0]
+    if kind == "parse":
+        return parse(item[2], item[1])
+    if kind == "unnamed":
+        return parse(item[1]) + bind() + rc.execute()
+    if kind == "bind":
+        return bind(item[1]) + (describe("P") if item[2] else b"") + rc.execute()
+    if kind == "describe":
+        return describe("S", item[1])
+    if kind == "close":
+        return close("S", item[1])
+    return flush() if kind == "flush" else rc.sync()
+
+
+def raw_batches(ops: list[tuple[Any, ...]]) -> list[bytes]:
+    out, batch = [], b""
+    for item in [*ops, ("sync",)]:
+        batch += raw_bytes(item)
+        if item[0] == "sync":
+            out.append(batch)
+            batch = b""
+    return out
+
+
+class Noise:
+    """Another client of the same pool: holds a server now and then and prepares the same texts."""
+
+    def __init__(self, hal: Running) -> None:
+        self.client = proxied(hal)
+        self.holding = False
+        self.n = 0
+
+    def act(self, what: str) -> None:
+        if what == "hold" and not self.holding:
+            self.client.simple_query("BEGIN")
+            self.client.simple_query("SELECT 1")
+            self.holding = True
+        elif what == "release" and self.holding:
+            self.client.simple_query("COMMIT")
+            self.holding = False
+        elif what == "prepare":
+            self.n += 1
+            texts = enumerate(VALID[:3])
+            self.client.send(b"".join(parse(text, f"n{self.n}_{i}") for i, text in texts) + rc.sync())
+            self.client.read_until_ready()
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.lists(raw_op, max_size=10), noise_op), min_size=1, max_size=5))
+def test_raw_pipelines_answer_as_direct(pg: Cluster, hal: Running, script: list[Any]) -> None:
+    # The first named statement comes at a sync point: named later in a batch, errors in that batch may
+    # name halephant's server-side statement instead of the client's (the documented limit).
+    ops = [("parse", "first", "SELECT 1"), ("sync",)]
+    ops += [op for batch_ops, _ in script for op in [*batch_ops, ("sync",)]]
+    noises = [noise for _, noise in script]
+    with direct(pg) as d, proxied(hal) as p:
+        noise = Noise(hal)
+        try:
+            for i, batch in enumerate(raw_batches(ops)):
+                if 0 < i <= len(noises):
+                    noise.act(noises[i - 1])
+                d.send(batch)
+                p.send(batch)
+                want, got = shape(d.read_until_ready()), shape(p.read_until_ready())
+                assert got == want, f"batch {i}: {batch!r}"
+            for client in (d, p):
+                client.send(close("S", "a") + close("S", "b") + close("S", "first") + rc.sync())
+                client.read_until_ready()
+                client.simple_query("ROLLBACK")
+        finally:
+            noise.act("release")
+            noise.client.close()
