@@ -149,7 +149,20 @@ def halephant_inspect_query(client: ClientInfo, statement: Statement, pool: Pool
     :param pool: the client's pool, including its ``mode``.
     :returns: ``None`` for no objection; ``Allow(reason)`` to stop other inspectors; ``Reject(code,
         message, hint)`` to answer with an ErrorResponse instead of running it (the client stays usable);
-        ``Pin(reason)`` to keep the server connection for the rest of the session.
+        ``Pin(reason)`` to keep the server connection for the rest of the session;
+        ``Pin(reason, feature=name)`` to keep it until the client releases that session-bound feature
+        (a row of ``databases.<name>.session_features``: after a statement that may release it, such as
+        UNLISTEN, ``pg_advisory_unlock``, CLOSE, DROP, RESET ROLE or DEALLOCATE, the core checks the
+        server at the end of the transaction and gives it back once none of it is held);
+        ``Unpin(reason)`` to drop this client's earlier feature-less ``Pin`` (the server goes back once
+        the core has checked it holds nothing session-bound).
 
-    Default: ``plugins/cursor_guard.py`` (rejects ``DECLARE ... WITH HOLD`` in transaction pools, 0A000).
+    Pins are logged with their reason, and so are their releases. Whatever the answer, a transaction
+    pool never hands on a server with session state: a statement that takes a feature nobody pinned,
+    rejected or could emulate pins the client anyway, and settings are always carried with the client.
+
+    Default: ``plugins/session_features.py`` and ``plugins/cursor_guard.py``. The first applies the table
+    ``databases.<name>.session_features`` (LISTEN and SQL PREPARE emulated, advisory locks, temporary
+    tables and SET ROLE pinned, LOAD rejected); the second its ``with_hold`` row (rejects ``DECLARE ...
+    WITH HOLD`` in transaction pools, 0A000).
     """

@@ -42,6 +42,7 @@ __all__ = [
     "LoggingConfig",
     "PluginsConfig",
     "PoolModeName",
+    "SessionFeaturesConfig",
     "UserConfig",
     "is_md5_hash",
     "is_scram_verifier",
@@ -160,6 +161,27 @@ class ClusterConfig(_Section):
         return self.nodes[0]
 
 
+PinOrReject = Literal["pin", "reject"]
+EmulateOrPinOrReject = Literal["emulate", "pin", "reject"]
+
+
+class SessionFeaturesConfig(_Section):
+    """`databases.<name>.session_features`: what a transaction pool does with each session-bound feature.
+
+    `pin`: the client keeps its server until it releases the feature (or leaves); `reject`: 0A000 with a
+    hint; `emulate`: halephant provides it without tying the client to a server. Applied by the default
+    plugin `session_features` (`with_hold` by `cursor_guard`) through `halephant_inspect_query`.
+    """
+
+    listen: EmulateOrPinOrReject = "emulate"
+    advisory_locks: PinOrReject = "pin"
+    with_hold: PinOrReject = "reject"
+    temp_tables: PinOrReject = "pin"
+    prepare: EmulateOrPinOrReject = "emulate"
+    set_role: PinOrReject = "pin"
+    load: PinOrReject = "reject"
+
+
 class DatabaseConfig(_Section):
     """One database clients can name in their startup packet, and the pools behind it."""
 
@@ -173,6 +195,7 @@ class DatabaseConfig(_Section):
     max_lifetime: Annotated[Duration, Field(gt=0)] = 3600.0
     checkout_timeout: Annotated[Duration, Field(gt=0)] = 30.0
     server_reset_query: StrictStr = "DISCARD ALL"
+    session_features: SessionFeaturesConfig = SessionFeaturesConfig()
     _name: str = PrivateAttr(default="")
 
     @property

@@ -766,12 +766,15 @@ class ClientConnection(asyncio.Protocol):
             if server.reading_paused:
                 server.set_reading(False)
             reset = session_state.on_leave(self) if self.transaction_mode else ""
-            if server.absorb:
-                server.close("client left while halephant's own query ran")
-            elif not clean:
+            if not clean:
                 server.close("client left mid-transaction")
             elif reset is None:
                 server.close("client left session state that cannot be undone (LOAD)")
+            elif server.absorb:
+                # halephant's own query for this client still runs: let it finish, and since what it
+                # would have read back is not recorded, reset the settings too
+                query = f"{reset}; RESET ALL" if reset else "DISCARD ALL"
+                self.app.manager.reset_and_checkin(server, query, clears_settings=True)
             else:
                 # session pooling, or a client pinned by session state: reset before anyone else gets it
                 # (targeted when halephant knows what the client held, else server_reset_query)

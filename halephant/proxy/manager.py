@@ -211,7 +211,9 @@ class PoolManager:
         if waiter is not None:
             waiter.attach_server(server)
 
-    def reset_and_checkin(self, server: ServerConnection, targeted: str | None = None) -> None:
+    def reset_and_checkin(
+        self, server: ServerConnection, targeted: str | None = None, clears_settings: bool = False
+    ) -> None:
         """Run the reset query, then pool the server (or close it if that fails).
 
         `targeted` replaces `server_reset_query` when the caller knows exactly what a transaction-mode
@@ -224,7 +226,9 @@ class PoolManager:
         if not query:
             self.checkin(server)
             return
-        server.client = _Reset(self, server, clears_settings=not targeted)  # type: ignore[assignment]
+        server.client = _Reset(  # type: ignore[assignment]
+            self, server, clears_settings=clears_settings or not targeted
+        )
         server.send(m.query(query))
 
     def server_gone(self, pool: ServerPool) -> None:

@@ -10,7 +10,7 @@ In transaction pooling the server changes at every transaction, so halephant car
   savepoints and failed statements need no guessing. `RESET x`, `RESET ALL` and `DISCARD ALL` bring the
   client back to the pool's defaults. The server's own `settings` record follows, so the next client's
   difference undoes exactly what this one left.
-* Session-bound features (`halephant.sql.session_effects.FEATURES`): the `halephant_inspect_query` verdict
+* Session-bound features (`halephant.sql.effects.FEATURES`): the `halephant_inspect_query` verdict
   decides (`Pin` with a `feature`, `Reject`, or nothing = emulate where halephant can). A feature that is
   neither rejected nor emulated pins the client to its server (logged with its reason) until a statement
   that may release it ran and the server, checked at the end of that transaction, holds none of it.
@@ -44,7 +44,7 @@ from halephant.protocol.session_queries import (
     reset_sql,
 )
 from halephant.sql import Statement
-from halephant.sql.session_effects import ALL, LISTEN, PREPARE, SETTINGS, session_effects
+from halephant.sql.effects import ALL, LISTEN, PREPARE, SETTINGS, session_effects
 from halephant.types import Pin, Unpin, Verdict
 
 if TYPE_CHECKING:

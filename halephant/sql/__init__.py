@@ -9,6 +9,7 @@ use. It imports only the standard library; `pglast` is loaded the first time a p
 
 from __future__ import annotations
 
+from halephant.sql.effects import FEATURES, SessionEffect, session_effects
 from halephant.sql.lexer import (
     COMMENT,
     DOLLAR_STRING,
@@ -30,6 +31,7 @@ from halephant.sql.statement import Statement
 __all__ = [
     "COMMENT",
     "DOLLAR_STRING",
+    "FEATURES",
     "NUMBER",
     "PARAM",
     "PUNCT",
@@ -38,9 +40,11 @@ __all__ = [
     "SPACE",
     "STRING",
     "WORD",
+    "SessionEffect",
     "Statement",
     "Token",
     "TokenKind",
     "iter_tokens",
+    "session_effects",
     "split_statements",
 ]
