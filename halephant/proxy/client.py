@@ -705,9 +705,19 @@ class ClientConnection(asyncio.Protocol):
     def is_closed(self) -> bool:
         return self.state == CLOSED
 
-    def release(self) -> None:
-        """Give the linked server back to its pool (transaction pooling, at the end of a transaction)."""
-        self._release()
+    def release(self, reset: str = "") -> None:
+        """Give the linked server back to its pool (transaction pooling, at the end of a transaction),
+        after running `reset` on it when given (the server is closed if that fails)."""
+        if reset:
+            server = self.server
+            assert server is not None
+            self.server = None
+            server.client = None
+            if self.write_paused:
+                server.set_reading(False)
+            self.app.manager.reset_and_checkin(server, reset)
+        else:
+            self._release()
         if self.session is not None:
             session_state.flush(self)
 

@@ -336,32 +336,34 @@ def _clean_up_now(client: ClientConnection, server: ServerConnection, st: Sessio
     if not ok:
         _hold(client, st, LISTEN, "listen: the shared listener connection is not available")
         return
-    if client.outstanding or client.unsynced or server.absorb:
+    if not _idle(client, server):
         client.session_due = True  # the client went on meanwhile: clean up at the end of that
+        return
+    if client.session_due:
+        at_idle(client)  # read back what the client did meanwhile first
         return
     sql = cleanup_sql(listen=st.listen_seen, prepared=st.prepare_seen)
     st.listen_seen = st.prepare_seen = False
-    server.run_internal(sql, lambda rows, error: _cleaned(client, server, error))
+    # The server leaves the client now: whatever the client sends next gets a server (maybe this one)
+    # through a checkout, which prepares its statements again. The server is closed if this fails.
+    client.release(reset=sql)
 
 
-def _cleaned(client: ClientConnection, server: ServerConnection, error: str | None) -> None:
-    if error is not None:
-        server.dirty = f"clean-up failed: {error}"  # closed at check-in, never handed on
-        log.warning("%r: clean-up of server pid %d failed: %s", client, server.backend_pid, error)
-    if client.server is server:
-        _done(client, server)
-
-
-def _done(client: ClientConnection, server: ServerConnection) -> None:
-    """Release the server if the client still has nothing in flight on it."""
-    if (
+def _idle(client: ClientConnection, server: ServerConnection) -> bool:
+    """The client is between transactions on this server, with nothing in flight."""
+    return (
         client.server is server
         and not client.outstanding
         and not client.unsynced
         and not server.absorb
         and server.scanner.status == codes.TX_IDLE
         and server.scanner.at_boundary
-    ):
+    )
+
+
+def _done(client: ClientConnection, server: ServerConnection) -> None:
+    """Release the server if the client still has nothing in flight on it."""
+    if _idle(client, server):
         if client.session_due:
             at_idle(client)
             return
