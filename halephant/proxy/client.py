@@ -129,6 +129,7 @@ class ClientConnection(asyncio.Protocol):
         "skip_to_sync",
         "state",
         "target",
+        "told_pid",
         "transaction_mode",
         "transport",
         "unsynced",
@@ -170,6 +171,7 @@ class ClientConnection(asyncio.Protocol):
         self.wait_deadline = 0.0
         self.cancel_key = 0
         self.number = 0
+        self.told_pid = 0  # session pooling: the server process ID the client was told
 
     def __repr__(self) -> str:
         return repr(self.info) if self.info else "<client (starting)>"
@@ -346,6 +348,9 @@ class ClientConnection(asyncio.Protocol):
         self.transaction_mode = self.pool_info.mode is PoolMode.TRANSACTION
         log.info("%r: login ok (%s, pool %s, %s mode)", self, how, self.target.database, self.target.mode)
         self.state = WELCOME
+        if not self.transaction_mode and "application_name" not in self.settings:
+            # as connected directly: no application_name given means "", not halephant's own
+            self.settings = {**self.settings, "application_name": ""}
         params = self.app.manager.welcome_params(self.target)
         if self.pool_info.mode is PoolMode.SESSION or params is None or self.settings:
             # Session pooling holds a server from login. Otherwise a server is needed once to learn the
@@ -365,7 +370,12 @@ class ClientConnection(asyncio.Protocol):
         out = [m.parameter_status(name, value) for name, value in params.items()]
         # unpredictable: the key is what authorizes cancelling this client's queries
         self.cancel_key = secrets.randbits(31) or 1  # 0 means "no key yet"
-        out.append(m.backend_key_data(self.info.id, self.cancel_key))
+        process_id = self.info.id
+        if not self.transaction_mode and self.server is not None:
+            # session pooling: the server's real process ID, so pg_backend_pid() and the sender of the
+            # client's own NOTIFYs match what it was told; the secret key stays halephant's
+            process_id = self.app.session_process_id(self, self.server.backend_pid)
+        out.append(m.backend_key_data(process_id, self.cancel_key))
         out.append(m.READY_FOR_QUERY_IDLE)
         self.transport.write(b"".join(out))
         self.state = READY
