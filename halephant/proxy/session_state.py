@@ -82,6 +82,7 @@ class SessionState:
         "prepared",
         "queue",
         "queued_bytes",
+        "server_channels",
         "settings_owned",
     )
 
@@ -103,6 +104,8 @@ class SessionState:
         #: emulated state: channels listened to, SQL prepared statements (name -> PREPARE text)
         self.listening: set[str] = set()
         self.prepared: dict[str, str] = {}
+        #: channels the linked server itself listens to for this client (last read back)
+        self.server_channels: set[str] = set()
         #: the session state could not be read back: the server is closed when the client leaves
         self.broken = ""
         #: `client.settings` is this client's own dict (the startup one may be shared)
@@ -283,9 +286,10 @@ def _read_back_done(
             prepared[name] = value
         elif kind == KIND_FEATURE and value == "0" and name in st.pins:
             log.info("%r: released %s (%s)", client, name, st.pins.pop(name))
-    if st.listen_seen and channels - st.listening:
-        client.app.listeners.subscribe(client, channels - st.listening)
-        st.listening |= channels
+    if st.listen_seen:
+        # While the client keeps this server, the server's own LISTEN delivers; the shared listener
+        # takes over only when the server goes back (`_clean_up`), so nothing arrives twice.
+        st.server_channels = channels
     if st.prepare_seen:
         st.prepared = prepared
     if client.pinned and st.owns_pin and not st.pins:
@@ -319,11 +323,11 @@ def _clean_up(client: ClientConnection, server: ServerConnection, st: SessionSta
     if client.pinned or not (st.listen_seen or st.prepare_seen):
         _done(client, server)
         return
-    if st.listen_seen and st.listening:
+    if st.listen_seen and st.server_channels - st.listening:
         # the shared listener must be listening before the server stops, or a notification could be lost
         st.cleaning = True
         client.app.listeners.when_active(
-            client, st.listening, lambda ok: _clean_up_now(client, server, st, ok)
+            client, st.server_channels, lambda ok: _clean_up_now(client, server, st, ok)
         )
         return
     _clean_up_now(client, server, st, True)
@@ -342,6 +346,12 @@ def _clean_up_now(client: ClientConnection, server: ServerConnection, st: Sessio
     if client.session_due:
         at_idle(client)  # read back what the client did meanwhile first
         return
+    new = st.server_channels - st.listening
+    if new:
+        # from now on the shared listener delivers; the server's own notifications go to the reset
+        client.app.listeners.subscribe(client, new)
+        st.listening |= new
+    st.server_channels = set()
     sql = cleanup_sql(listen=st.listen_seen, prepared=st.prepare_seen)
     st.listen_seen = st.prepare_seen = False
     # The server leaves the client now: whatever the client sends next gets a server (maybe this one)

@@ -328,3 +328,22 @@ def test_sql_prepare_is_emulated_per_client(hal: Running) -> None:
         b.execute("DEALLOCATE ALL")
     with connect(hal) as c:
         assert one(c, "SELECT count(*) FROM pg_prepared_statements") == 0
+
+
+def test_a_pinned_client_that_listens_gets_each_notification_once(hal: Running) -> None:
+    with connect(hal) as a, connect(hal, "strict") as sender:
+        received: list[str] = []
+        a.add_notify_handler(lambda n: received.append(n.payload))
+        a.execute("SELECT pg_advisory_lock(7005)")  # pinned
+        a.execute("LISTEN e2e_once")
+        sender.execute("NOTIFY e2e_once, 'while pinned'")
+        time.sleep(0.3)
+        a.execute("SELECT 1")
+        a.execute("SELECT pg_advisory_unlock(7005)")  # released: the shared listener takes over
+        a.execute("SELECT 1")
+        sender.execute("NOTIFY e2e_once, 'after release'")
+        time.sleep(0.3)
+        a.execute("SELECT 1")
+        time.sleep(0.2)
+        a.execute("SELECT 1")
+        assert received == ["while pinned", "after release"]
