@@ -44,7 +44,7 @@ def hal(pg: Cluster, module_halephant: HalephantFactory) -> Running:
                 session_features={"advisory_locks": "reject", "listen": "reject", "prepare": "reject"}
             ),
         },
-        plugins={"modules": ["override_session_features"]},
+        plugins={"modules": ["override_session_features", "pin_on_marker"]},
     )
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("PYTHONPATH", str(PLUGINS_DIR))
@@ -347,3 +347,18 @@ def test_a_pinned_client_that_listens_gets_each_notification_once(hal: Running) 
         time.sleep(0.2)
         a.execute("SELECT 1")
         assert received == ["while pinned", "after release"]
+
+
+def test_a_plugin_pin_lasts_until_the_plugin_unpins(hal: Running) -> None:
+    with connect(hal) as a, connect(hal) as b:
+        a.execute("SELECT 'pinme'")
+        assert_waits_for_the_server(b)
+        a.execute("SELECT pg_advisory_lock(7006)")
+        a.execute("SELECT 'unpinme'")
+        assert_waits_for_the_server(b)  # the advisory lock still holds it
+        a.execute("SELECT pg_advisory_unlock(7006)")
+        assert one(b, "SELECT 1") == 1
+        a.execute("SELECT 'pinme'")
+        assert_waits_for_the_server(b)
+        a.execute("SELECT 'unpinme'")
+        assert one(b, "SELECT 2") == 2
