@@ -682,7 +682,8 @@ class ClientConnection(asyncio.Protocol):
         if self.pinned or self.server is None:
             return
         self.pinned = True
-        self.server.dirty = reason
+        if not self.server.dirty:  # a reason to close the server that is already there stays
+            self.server.dirty = reason
         log.info("%r: pinned to server pid %d: %s", self, self.server.backend_pid, reason)
 
     def server_ready(self, n: int, status: int, at_boundary: bool) -> None:
@@ -708,7 +709,8 @@ class ClientConnection(asyncio.Protocol):
             return
         self.pinned = False
         if self.server is not None:
-            self.server.dirty = ""
+            if self.session is None or self.server.dirty == self.session.pin_reason:
+                self.server.dirty = ""  # a reason to close it that is not the pin's stays
             log.info("%r: unpinned from server pid %d: %s", self, self.server.backend_pid, reason)
 
     @property

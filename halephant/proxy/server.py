@@ -273,7 +273,10 @@ class ServerConnection(asyncio.Protocol):
                         hint=fields.get("H"),
                         fatal=True,
                     )
-                    self.settings = {}  # unknown now: set everything again next time
+                    # The whole settings query rolled back: this server still holds what the previous
+                    # client left, which no record says now. It must not be handed on.
+                    self.settings = {}
+                    self.dirty = f"could not apply a client's settings: {fields.get('M', '')}"
             elif t == codes.NOTIFICATION_RESPONSE:
                 # a notification is the client's, whoever's query it arrived behind
                 client.transport.write(buf[start - 5 : end])

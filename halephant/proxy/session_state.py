@@ -77,6 +77,7 @@ class SessionState:
         "listen_seen",
         "listening",
         "owns_pin",
+        "pin_reason",
         "pins",
         "prepare_seen",
         "prepared",
@@ -94,6 +95,8 @@ class SessionState:
         self.pins: dict[str, str] = {}
         #: the client's pin is ours (released when `pins` empties), not the core's for another reason
         self.owns_pin = False
+        #: the reason the client's pin was logged with (what `server.dirty` says while it lasts)
+        self.pin_reason = ""
         #: a statement may have released a held feature: check the server at the end of the transaction
         self.check = False
         #: the linked server may hold emulated LISTEN / SQL PREPARE state of this client
@@ -126,6 +129,7 @@ def _hold(client: ClientConnection, st: SessionState, feature: str, reason: str)
     if not client.pinned:
         client.pin_for(reason)
         st.owns_pin = True
+        st.pin_reason = reason
     else:
         log.info("%r: also holds %s: %s", client, feature, reason)
 
@@ -248,6 +252,7 @@ def _read_back(client: ClientConnection, server: ServerConnection, st: SessionSt
     features = sorted(f for f in st.pins if f in _CHECKABLE) if st.check else []
     st.check = False
     if not (names or features or st.listen_seen or st.prepare_seen):
+        _maybe_unpin(client, st)
         _done(client, server)
         return
     sql = boundary_sql(
@@ -292,10 +297,14 @@ def _read_back_done(
         st.server_channels = channels
     if st.prepare_seen:
         st.prepared = prepared
+    _maybe_unpin(client, st)
+    _clean_up(client, server, st)
+
+
+def _maybe_unpin(client: ClientConnection, st: SessionState) -> None:
     if client.pinned and st.owns_pin and not st.pins:
         st.owns_pin = False
         client.unpin("every session-bound feature was released")
-    _clean_up(client, server, st)
 
 
 def _setting_read(
