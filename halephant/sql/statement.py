@@ -124,7 +124,7 @@ class Statement:
     #: How many words `.keywords` keeps.
     KEYWORD_LIMIT: ClassVar[int] = 10
 
-    __slots__ = ("_ast", "_first_keyword", "_holdable", "_keywords", "_session", "_spans", "text")
+    __slots__ = ("_ast", "_first_keyword", "_holdable", "_keywords", "_low", "_session", "_spans", "text")
 
     def __init__(self, text: str) -> None:
         self.text: Final = text
@@ -133,6 +133,7 @@ class Statement:
         self._spans: list[tuple[int, int]] | None = None
         self._holdable: bool | None = None
         self._session: str | None = None
+        self._low: str | None = None
         self._ast: Any = _UNSET
 
     def __repr__(self) -> str:
@@ -146,6 +147,14 @@ class Statement:
 
     def __hash__(self) -> int:
         return hash(self.text)
+
+    def _lower(self) -> str:
+        # One lower-cased copy serves every substring prefilter below: most texts are seen once (literal
+        # values differ), so each fact's first computation is the common case.
+        low = self._low
+        if low is None:
+            low = self._low = self.text.lower()
+        return low
 
     # --- structure -----------------------------------------------------------------------------------
 
@@ -243,7 +252,7 @@ class Statement:
     def _find_holdable_cursor(self) -> bool:
         text = self.text
         # `in text.lower()` was the fastest case-insensitive test measured (3x a regex): ~1 µs per 1.5 KB.
-        if "hold" not in text.lower():
+        if "hold" not in self._lower():
             return False
         candidates = {m.start() for m in _DECLARE.finditer(text)}
         if not candidates:
@@ -282,7 +291,7 @@ class Statement:
         # The common case, about 0.2 µs: none of the words that could matter appear anywhere. `set` also
         # covers reset and set_config, `listen` unlisten. Chained `in` tests measured 3x faster than a
         # regex alternation and 4x faster than any() over a tuple.
-        low = self.text.lower()
+        low = self._lower()
         if not (
             "set" in low
             or "prepare" in low
