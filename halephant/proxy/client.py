@@ -475,7 +475,8 @@ class ClientConnection(asyncio.Protocol):
             if verdict is not None:
                 self._pending_pin = None
             if statement is not None and transaction_mode:
-                if statement.session_state or verdict is not None or self.session is not None:
+                session = self.session
+                if statement.session_state or verdict is not None or (session is not None and session.pins):
                     # State that outlives the transaction: carried with the client, or the client keeps
                     # this server (logged with the reason) until it is released.
                     session_state.on_statement(self, statement, verdict)
