@@ -362,3 +362,24 @@ def test_a_plugin_pin_lasts_until_the_plugin_unpins(hal: Running) -> None:
         assert_waits_for_the_server(b)
         a.execute("SELECT 'unpinme'")
         assert one(b, "SELECT 2") == 2
+
+
+def test_listening_clients_are_told_when_the_shared_listener_is_lost(pg: Cluster, hal: Running) -> None:
+    with connect(hal) as a, connect(hal) as bystander, connect(hal, "strict") as b:
+        a.execute("LISTEN e2e_back")
+        b.execute("NOTIFY e2e_back, 'before'")
+        assert [n.payload for n in a.notifies(timeout=3, stop_after=1)] == ["before"]
+        pg.primary.sql(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE application_name = 'halephant listener'"
+        )
+        # as a direct connection whose backend was terminated: notifications may have been missed
+        with pytest.raises(psycopg.OperationalError, match="notifications may have been missed"):
+            for _ in range(50):
+                a.execute("SELECT 1")
+                time.sleep(0.05)
+        assert one(bystander, "SELECT 1") == 1  # a client that does not listen is not concerned
+    with connect(hal) as again, connect(hal, "strict") as b:
+        again.execute("LISTEN e2e_back")
+        b.execute("NOTIFY e2e_back, 'after'")
+        assert [n.payload for n in again.notifies(timeout=3, stop_after=1)] == ["after"]
