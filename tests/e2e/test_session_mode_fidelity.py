@@ -114,3 +114,16 @@ def test_startup_parameters_in_transaction_pooling_too(pg: Cluster, halephant: H
     for name in ("client_encoding", "DateStyle", "IntervalStyle", "TimeZone", "application_name"):
         assert pooled_params[name] == direct_params[name], name
     assert_clean_servers(pg.primary)
+
+
+def test_terminating_its_own_backend_ends_the_session_as_directly(pg: Cluster, hal: Running) -> None:
+    outcomes = []
+    for dsn in (direct_dsn(pg), hal.dsn()):
+        conn = psycopg.connect(dsn, autocommit=True)
+        with pytest.raises(psycopg.OperationalError) as info:
+            conn.execute("SELECT pg_terminate_backend(pg_backend_pid())")
+        outcomes.append((type(info.value).__name__, info.value.sqlstate))
+        conn.close()
+    assert outcomes[1] == outcomes[0] == ("AdminShutdown", "57P01")
+    with psycopg.connect(hal.dsn(), autocommit=True) as conn:  # the pool replaced its server
+        assert one(conn, "SELECT 1") == 1
