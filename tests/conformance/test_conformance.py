@@ -23,10 +23,14 @@ def test_same_as_direct(
     workload: Workload,
     mode: str,
     record_property: pytest.RecordProperty,
+    request: pytest.FixtureRequest,
 ) -> None:
     record_property("driver", workload.driver)
     record_property("workload", workload.name)
     record_property("mode", mode)
+    if workload.known_difference:
+        record_property("known_difference", workload.known_difference)
+        request.applymarker(pytest.mark.xfail(reason=workload.known_difference, strict=True))
     direct = workload.run(targets["direct"])
     pooled = workload.run(targets[mode])
     assert pooled == direct

@@ -55,6 +55,8 @@ class Workload:
     driver: str
     name: str
     run: Callable[[Target], Any]
+    #: why halephant knowingly differs from PostgreSQL here ("" when it must not)
+    known_difference: str = ""
 
     @property
     def id(self) -> str:
@@ -64,9 +66,11 @@ class Workload:
 WORKLOADS: list[Workload] = []
 
 
-def workload(driver: str, name: str) -> Callable[[Callable[[Target], Any]], Callable[[Target], Any]]:
+def workload(
+    driver: str, name: str, known_difference: str = ""
+) -> Callable[[Callable[[Target], Any]], Callable[[Target], Any]]:
     def register(fn: Callable[[Target], Any]) -> Callable[[Target], Any]:
-        WORKLOADS.append(Workload(driver, name, fn))
+        WORKLOADS.append(Workload(driver, name, fn, known_difference))
         return fn
 
     return register
@@ -174,6 +178,50 @@ def psycopg_settings(t: Target) -> Any:
         conn.execute("RESET ALL")
         out.append(conn.execute("SHOW search_path").fetchone())
     return out
+
+
+@workload("psycopg", "notices and reported parameters")
+def psycopg_reported(t: Target) -> Any:
+    names = (
+        "application_name", "client_encoding", "DateStyle", "IntervalStyle", "TimeZone",
+        "standard_conforming_strings", "integer_datetimes", "server_encoding", "is_superuser",
+    )  # fmt: skip
+    out: list[Any] = []
+    with psycopg.connect(t.dsn, autocommit=True, application_name="conformance") as conn:
+        notices: list[tuple[str | None, str | None]] = []
+        conn.add_notice_handler(lambda d: notices.append((d.severity, d.message_primary)))
+        out.append([conn.info.parameter_status(n) for n in names])
+        conn.execute("DO $$BEGIN RAISE NOTICE 'n1'; RAISE WARNING 'w1'; END$$")
+        conn.execute("SET DateStyle = 'SQL, DMY'")
+        conn.execute("SET application_name = 'renamed'")
+        with conn.transaction():
+            conn.execute("SET IntervalStyle = 'postgres_verbose'")
+            conn.execute("SELECT 1")
+        for _ in range(2):
+            out.append([conn.info.parameter_status(n) for n in names])
+            out.append(conn.execute("SELECT current_setting('DateStyle'), current_setting('IntervalStyle'),"
+                                    " current_setting('application_name')").fetchone())  # fmt: skip
+        out.append(notices)
+    return out
+
+
+@workload(
+    "psycopg",
+    "RESET back to the startup parameters",
+    known_difference="RESET returns to the pool's defaults, not to the client's startup parameters",
+)
+def psycopg_reset_to_startup(t: Target) -> Any:
+    dsn = t.dsn + " application_name=startup options='-c work_mem=6MB'"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("SET application_name = 'renamed'")
+        conn.execute("SET work_mem = '7MB'")
+        conn.execute("RESET ALL")
+        return [
+            conn.info.parameter_status("application_name"),
+            conn.execute(
+                "SELECT current_setting('application_name'), current_setting('work_mem')"
+            ).fetchone(),
+        ]
 
 
 @workload("psycopg", "LISTEN / NOTIFY")
