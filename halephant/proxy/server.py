@@ -172,7 +172,10 @@ class ServerConnection(asyncio.Protocol):
         client = self.client
         if client is not None:
             if self.absorb:
-                self._absorbing_data(data, client)
+                try:
+                    self._absorbing_data(data, client)
+                except ProtocolViolation as exc:
+                    self._lost_with_client(client, f"protocol violation from server: {exc.message}")
                 return
             if self._rewrites:
                 self._rewrite_path(data, client)
