@@ -86,8 +86,41 @@ def run(path: str) -> None:
 @click.option(
     "-c", "--config", "path", default="halephant.yaml", show_default=True, type=click.Path(dir_okay=False)
 )
-def check(path: str) -> None:
-    """Validate a config file without starting: exit 0, or print every error as FILE:LINE:COL."""
+@click.option(
+    "--against",
+    "against",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="the config in use (a file): print what a reload from it to -c would change (a dry run)",
+)
+def check(path: str, against: str | None) -> None:
+    """Validate a config file without starting: exit 0, or print every error as FILE:LINE:COL.
+
+    With --against OLD, also print the changes a reload from OLD would apply, one per line
+    (`+` added, `-` removed, `~` changed; secrets are never shown), marking those that need a restart.
+    """
+    config = _checked(path)
+    click.echo(
+        f"{path}: ok ({len(config.databases)} database(s), {len(config.users)} user(s), "
+        f"{len(config.clusters)} cluster(s))"
+    )
+    if against is None:
+        return
+    from halephant.config.diff import diff_configs
+
+    changes = diff_configs(_checked(against), config)
+    if not changes:
+        click.echo(f"no changes from {against}")
+        return
+    restart = sum(c.restart for c in changes)
+    click.echo(f"a reload from {against} would apply {len(changes) - restart} change(s):")
+    for change in changes:
+        click.echo(f"  {change}")
+    if restart:
+        click.echo(f"{restart} change(s) need a restart")
+
+
+def _checked(path: str) -> Config:
     try:
         config, _plugins = load(path)
     except ConfigError as exc:
@@ -98,10 +131,7 @@ def check(path: str) -> None:
     except PluginError as exc:
         click.echo(f"{path}: plugins: {exc}", err=True)
         sys.exit(1)
-    click.echo(
-        f"{path}: ok ({len(config.databases)} database(s), {len(config.users)} user(s), "
-        f"{len(config.clusters)} cluster(s))"
-    )
+    return config
 
 
 @main.command()

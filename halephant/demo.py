@@ -29,11 +29,15 @@ databases:
     database: myapp
     mode: session
     pool_size: 5
+  '*':                # any other database (e.g. Django's test_myapp), under its own name
+    cluster: main
 users:
   myapp:
     password: myapp
-  myapp_ro:
+  myapp_ro:           # Django's `replica` connection
     password: myapp_ro
+    read_only: true   # served by the replica; switching to read-write is refused (25006)
+    server_user: myapp  # logs in upstream as myapp, with pools of its own
 """
 
 
@@ -63,13 +67,9 @@ def run_demo(*, port: int | None = None, base_dir: Path | None = None) -> int:
         click.echo(f"halephant demo: PostgreSQL failed to start: {exc}", err=True)
         return 1
     try:
+        # myapp_ro needs no role of its own: halephant logs it in upstream as myapp (server_user)
         cluster.create_role("myapp", "myapp", createdb=True)
-        cluster.create_role("myapp_ro", "myapp_ro")
         cluster.create_database("myapp", owner="myapp")
-        cluster.primary.sql("GRANT CONNECT ON DATABASE myapp TO myapp_ro")
-        cluster.primary.sql(
-            "ALTER DEFAULT PRIVILEGES FOR ROLE myapp GRANT SELECT ON TABLES TO myapp_ro", dbname="myapp"
-        )
         cluster.wait_replicated()
         workdir = Path(tempfile.mkdtemp(prefix="halephant-demo-"))
         config_path = workdir / "halephant.yaml"
@@ -86,10 +86,13 @@ def run_demo(*, port: int | None = None, base_dir: Path | None = None) -> int:
                 f"  PostgreSQL replica  127.0.0.1:{cluster.replicas[0].port}   (streaming)\n"
                 f"  halephant           127.0.0.1:{port}   (config: {config_path})\n"
                 "\n"
-                "  Connect through halephant (transaction pooling):\n"
+                "  Read-write, served by the primary (transaction pooling):\n"
                 f'    psql "host=127.0.0.1 port={port} user=myapp password=myapp dbname=myapp"\n'
-                "  Read-only user (primary for now; replica routing comes with topology support):\n"
+                "  Read-only, served by the replica (try: SELECT pg_is_in_recovery();):\n"
                 f'    psql "host=127.0.0.1 port={port} user=myapp_ro password=myapp_ro dbname=myapp"\n'
+                "  Django (examples/django, the default and replica connections of the settings above):\n"
+                f"    HALEPHANT_PORT={port} python manage.py migrate && "
+                f"HALEPHANT_PORT={port} python manage.py routing_demo\n"
                 "  Session pooling:\n"
                 f'    psql "host=127.0.0.1 port={port} user=myapp password=myapp dbname=myapp_session"\n'
                 "  Load test:\n"

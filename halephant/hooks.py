@@ -131,7 +131,8 @@ def halephant_pool_size(pool: PoolTarget, config: Config) -> PoolSize | None:
     :param config: the current configuration.
     :returns: ``PoolSize(min, max, reserve, reason)``.
 
-    Default: ``plugins/pool_sizing.py`` (from ``databases.<name>.pool_size`` and ``min_pool_size``).
+    Default: ``plugins/pool_sizing.py`` (from ``databases.<name>.pool_size``, ``min_pool_size`` and
+    ``reserve_pool_size``).
     """
 
 
@@ -155,14 +156,20 @@ def halephant_inspect_query(client: ClientInfo, statement: Statement, pool: Pool
         UNLISTEN, ``pg_advisory_unlock``, CLOSE, DROP, RESET ROLE or DEALLOCATE, the core checks the
         server at the end of the transaction and gives it back once none of it is held);
         ``Unpin(reason)`` to drop this client's earlier feature-less ``Pin`` (the server goes back once
-        the core has checked it holds nothing session-bound).
+        the core has checked it holds nothing session-bound);
+        ``CloseIdleServers(database, reason)`` to let it through after halephant's idle server connections
+        to that upstream database are closed (so a ``DROP DATABASE`` does not fail on them).
 
     Pins are logged with their reason, and so are their releases. Whatever the answer, a transaction
     pool never hands on a server with session state: a statement that takes a feature nobody pinned,
     rejected or could emulate pins the client anyway, and settings are always carried with the client.
 
-    Default: ``plugins/session_features.py`` and ``plugins/cursor_guard.py``. The first applies the table
+    Default: ``plugins/session_features.py``, ``plugins/cursor_guard.py``, ``plugins/replica_routing.py``,
+    and ``plugins/database_routing.py``. session_features applies the table
     ``databases.<name>.session_features`` (LISTEN and SQL PREPARE emulated, advisory locks, temporary
-    tables and SET ROLE pinned, LOAD rejected); the second its ``with_hold`` row (rejects ``DECLARE ...
-    WITH HOLD`` in transaction pools, 0A000).
+    tables and SET ROLE pinned, LOAD rejected); cursor_guard its ``with_hold`` row (rejects ``DECLARE ...
+    WITH HOLD`` in transaction pools, 0A000); replica_routing rejects switching a read-only user's
+    session to read-write (25006) and follows ``SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY``;
+    database_routing closes idle server connections to a
+    database before a client's ``DROP DATABASE`` of it.
     """

@@ -1,4 +1,9 @@
-"""Log output: one human-readable line per event (default) or one JSON object per line."""
+"""Log output: one human-readable line per event (default) or one JSON object per line.
+
+A JSON object has `ts`, `level`, `logger` and `message`, plus whatever a call passed as `extra`
+(`event`, `sqlstate`, `pool`, ...) so collectors can filter without parsing the text, and `exception`
+with a traceback.
+"""
 
 from __future__ import annotations
 
@@ -7,16 +12,24 @@ import logging
 import sys
 import time
 
+#: attributes every LogRecord has; anything else came from a call's `extra`
+_STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+
 
 class _JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        out = {
+        out: dict[str, object] = {
             "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
             + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),
         }
+        for key, value in record.__dict__.items():
+            if key not in _STANDARD and not key.startswith("_"):
+                out[key] = (
+                    value if isinstance(value, str | int | float | bool) or value is None else str(value)
+                )
         if record.exc_info:
             out["exception"] = self.formatException(record.exc_info)
         return json.dumps(out)

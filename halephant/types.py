@@ -19,6 +19,7 @@ __all__ = [
     "Allow",
     "AuthMethod",
     "ClientInfo",
+    "CloseIdleServers",
     "ClusterView",
     "Config",
     "DatabaseConfig",
@@ -104,15 +105,29 @@ class Unpin:
     reason: str
 
 
-Verdict = Allow | Reject | Pin | Unpin
+@dataclass(frozen=True, slots=True)
+class CloseIdleServers:
+    """Let the statement through, after closing halephant's idle server connections to the upstream
+    database `database` on the client's cluster (a `DROP DATABASE` would fail on them otherwise).
+    Connections in use by other clients are left alone: the statement then fails as it would direct."""
+
+    database: str
+    reason: str
+
+
+Verdict = Allow | Reject | Pin | Unpin | CloseIdleServers
 
 
 @dataclass(frozen=True, slots=True)
 class PoolTarget:
     """Where a client's session goes: answer of `halephant_select_pool`.
 
-    `database` is the name of the `databases:` entry (the pool's name); `server_database` and
-    `server_user` are what halephant uses when it logs in upstream.
+    `database` is the pool's database name (the `databases:` entry, or the client's database name when
+    the catch-all `'*'` entry serves it); `server_database` and `server_user` are what halephant uses
+    when it logs in upstream, with `server_settings` as extra startup parameters (e.g.
+    `default_transaction_read_only=on` for a read-only user). `user` is the halephant user the pools
+    belong to ("" means `server_user`): an alias that logs in upstream as another user still gets pools
+    of its own, so servers set up differently are never shared.
     """
 
     database: str
@@ -122,6 +137,13 @@ class PoolTarget:
     server_password: str | None
     mode: PoolMode
     reason: str
+    user: str = ""
+    server_settings: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def pool_user(self) -> str:
+        """The user part of this target's pool keys."""
+        return self.user or self.server_user
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,6 +284,11 @@ class ClientInfo:
         if self._stash is None:
             self._stash = {}
         return self._stash
+
+    def stashed(self, key: object, default: Any = None) -> Any:
+        """`stash.get(key, default)` without creating the stash: for checks that run per transaction."""
+        stash = self._stash
+        return default if stash is None else stash.get(key, default)
 
     @property
     def application_name(self) -> str:

@@ -1,5 +1,6 @@
-"""Pool sizes from the config: `databases.<name>.pool_size` server connections at most and
-`min_pool_size` kept warm, per database, user and node."""
+"""Pool sizes from the config: `databases.<name>.pool_size` server connections at most,
+`min_pool_size` kept warm and `reserve_pool_size` extra for clients that waited too long, per database,
+user and node."""
 
 from __future__ import annotations
 
@@ -9,7 +10,12 @@ from halephant.types import Config, PoolSize, PoolTarget
 
 @hookimpl(trylast=True)
 def halephant_pool_size(pool: PoolTarget, config: Config) -> PoolSize | None:
-    db = config.databases.get(pool.database)
+    db = config.database_for(pool.database)
     if db is None:
         return None
-    return PoolSize(min=db.min_pool_size, max=db.pool_size, reason=f"databases.{pool.database}.pool_size")
+    return PoolSize(
+        min=db.min_pool_size,
+        max=db.pool_size,
+        reserve=db.reserve_pool_size,
+        reason=f"databases.{pool.database}.pool_size",
+    )

@@ -1,22 +1,368 @@
-"""Which kind of node runs a transaction. In this version every cluster's first node is its primary and all
-transactions go there; the decision still carries its reason so logs can explain it."""
+"""Which kind of node runs a transaction: the default `halephant_route` policy, and the guard that keeps a
+read-only session read-only (`halephant_inspect_query`).
+
+User-based: a user with `read_only: true` is served by replicas. Its server connections start with
+`default_transaction_read_only=on` (see `database_routing`), and any attempt to switch its session or a
+transaction to read-write is refused with 25006 before it reaches a server, the client staying usable:
+`SET [SESSION|LOCAL] default_transaction_read_only|transaction_read_only = off|DEFAULT`, their `RESET`,
+`SET SESSION CHARACTERISTICS AS TRANSACTION READ WRITE`, `SET TRANSACTION READ WRITE`,
+`BEGIN|START TRANSACTION ... READ WRITE`, `set_config()` of either setting (unless to true), and `DO`
+blocks that mention them. (What a function does inside the server cannot be seen; on a replica
+PostgreSQL refuses writes anyway, on the primary fallback the session's default stays read-only.) When no
+replica is usable, `databases.<name>.replica_fallback` decides: `primary` (the default; still read-only)
+or `error` (57P03).
+
+Transaction-based, for read-write users, when `databases.<name>.read_only_transactions` is `replica`
+(the default): a transaction that starts with `BEGIN READ ONLY` / `START TRANSACTION READ ONLY` goes to a
+replica, and after `SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY` or
+`SET default_transaction_read_only = on` every later transaction of that client does, until it sets
+read-write again (the state is kept in `client.stash`; `RESET`, `TO DEFAULT`, `RESET ALL` and
+`DISCARD ALL` end it too). Such a SET does not pin the client in transaction pooling: the core carries
+session settings with the client to every server it gets, so the transactions stay read-only if they
+land on the primary.
+Read-only transactions fall back to the primary when no replica is usable; a SERIALIZABLE one stays on
+the primary (a hot standby refuses serializable transactions).
+
+Every decision carries its reason ("replica: user myapp_ro is read-only"), logged at debug level.
+"""
 
 from __future__ import annotations
 
-from halephant import hookimpl
-from halephant.types import ClientInfo, Role, Route
+import re
+from typing import Final
 
-# Decisions are immutable: one per user, not one per transaction (this runs for every transaction).
-_primary_for: dict[str, Route] = {}
+from halephant import hookimpl, sqlstate
+from halephant.sql import (
+    COMMENT,
+    PARAM,
+    PUNCT,
+    SPACE,
+    STRING,
+    WORD,
+    iter_tokens,
+    parse_bool,
+    setting_changes,
+)
+from halephant.types import (
+    ClientInfo,
+    ClusterView,
+    Config,
+    PoolInfo,
+    Reject,
+    Role,
+    Route,
+    Statement,
+    TransactionInfo,
+)
+
+#: settings whose value "off" makes a session or transaction read-write
+READ_ONLY_SETTINGS: Final = frozenset({"default_transaction_read_only", "transaction_read_only"})
+HINT: Final = (
+    "This connection is routed to read-only replicas (users.{user}.read_only in halephant.yaml). "
+    "Connect as a read-write user to write."
+)
+
+#: stash key: the client made its session read-only with a SET (routes to replicas until undone)
+SESSION_READ_ONLY: Final = object()
+
+
+class _Current:
+    """The config in force (set by `halephant_configure`; the route hook does not receive it)."""
+
+    __slots__ = ("config",)
+
+    def __init__(self) -> None:
+        self.config: Config | None = None
+
+
+_current = _Current()
+
+
+class _Plan:
+    """Precomputed decisions for one pool (database, user): the route hook runs per transaction."""
+
+    __slots__ = (
+        "fallback",
+        "pool",
+        "primary",
+        "read_only_user",
+        "ro_to_replica",
+        "ro_tx",
+        "ro_tx_fallback",
+        "session",
+        "session_fallback",
+        "session_primary_tx",
+        "to_replica",
+    )
+
+    def __init__(self, pool: PoolInfo, config: Config | None) -> None:
+        self.pool = pool  # kept so that its id() cannot be reused while the plan is cached
+        target = pool.target
+        user_name = target.pool_user
+        user = config.users.get(user_name) if config is not None else None
+        db = config.database_for(target.database) if config is not None else None
+        self.read_only_user = user is not None and user.read_only
+        self.ro_to_replica = db is None or db.read_only_transactions == "replica"
+        fallback = db.replica_fallback if db is not None else "primary"
+        self.primary = Route(Role.PRIMARY, f"primary: default route for {user_name}")
+        self.to_replica = Route(Role.REPLICA, f"replica: user {user_name} is read-only")
+        self.fallback: Route | Reject
+        if fallback == "error":
+            self.fallback = Reject(
+                sqlstate.CANNOT_CONNECT_NOW,
+                f'no replica is available for read-only user "{user_name}"',
+                hint="Every replica is down or lagging; databases."
+                f"{target.database}.replica_fallback: primary would use the primary (read-only).",
+                reason=f"error: user {user_name} is read-only, no usable replica (replica_fallback: error)",
+            )
+        else:
+            self.fallback = Route(
+                Role.PRIMARY,
+                f"primary: user {user_name} is read-only, no usable replica (replica_fallback: primary)",
+            )
+        self.ro_tx = Route(Role.REPLICA, "replica: transaction starts READ ONLY")
+        self.ro_tx_fallback = Route(Role.PRIMARY, "primary: transaction starts READ ONLY, no usable replica")
+        self.session = Route(Role.REPLICA, "replica: session is read-only (SET by the client)")
+        self.session_fallback = Route(Role.PRIMARY, "primary: session is read-only, no usable replica")
+        self.session_primary_tx = Route(
+            Role.PRIMARY,
+            "primary: session is read-only, but the transaction starts READ WRITE or SERIALIZABLE",
+        )
+
+
+# id(PoolInfo) -> its plan (PoolInfo hashes all its fields: id() is what a per-transaction lookup affords)
+_plans: dict[int, _Plan] = {}
+
+
+def _plan(pool: PoolInfo) -> _Plan:
+    plan = _plans.get(id(pool))
+    if plan is not None and plan.pool is pool:
+        return plan
+    if len(_plans) > 10000:
+        _plans.clear()
+    plan = _plans[id(pool)] = _Plan(pool, _current.config)
+    return plan
+
+
+def _has_replica(cluster: ClusterView) -> bool:
+    # a loop, not any() or cluster.replicas: nothing is allocated, and this runs per transaction
+    for node in cluster.nodes:  # noqa: SIM110
+        if node.role is Role.REPLICA and node.usable:
+            return True
+    return False
 
 
 @hookimpl(trylast=True)
-def halephant_route(client: ClientInfo) -> Route:
-    route = _primary_for.get(client.user)
-    if route is None:
-        if len(_primary_for) > 10000:
-            _primary_for.clear()
-        route = _primary_for[client.user] = Route(
-            Role.PRIMARY, reason=f"primary: default route for {client.user}"
+def halephant_configure(config: Config) -> None:
+    _current.config = config
+    _plans.clear()
+
+
+@hookimpl(trylast=True)
+def halephant_route(
+    client: ClientInfo, transaction: TransactionInfo, pool: PoolInfo, cluster: ClusterView
+) -> Route | Reject:
+    plan = _plans.get(id(pool))  # _plan(), inlined: this runs per transaction
+    if plan is None or plan.pool is not pool:
+        plan = _plan(pool)
+    if plan.read_only_user:
+        return plan.to_replica if _has_replica(cluster) else plan.fallback
+    if not plan.ro_to_replica:
+        return plan.primary
+    statement = transaction.statement
+    begin = statement if statement is not None and statement.first_keyword in _STARTS else None
+    if client.stashed(SESSION_READ_ONLY):
+        if begin is not None and _needs_primary(begin):
+            return plan.session_primary_tx
+        return plan.session if _has_replica(cluster) else plan.session_fallback
+    if begin is not None and _starts_read_only(begin):
+        return plan.ro_tx if _has_replica(cluster) else plan.ro_tx_fallback
+    return plan.primary
+
+
+_STARTS: Final = frozenset({"BEGIN", "START"})
+
+
+# BEGIN texts are few: (access mode: "on" / "off" / None, serializable) is kept per text
+_begins: dict[str, tuple[str | None, bool]] = {}
+
+
+def _begin_modes(statement: Statement) -> tuple[str | None, bool]:
+    modes = _begins.get(statement.text)
+    if modes is None:
+        if len(_begins) > 1024:
+            _begins.clear()
+        changes = setting_changes(statement.text) or ()
+        access = [c.value for c in changes if c.name == "transaction_read_only"]
+        modes = _begins[statement.text] = (
+            access[-1] if access else None,
+            any(c.name == "transaction_isolation" and c.value == "serializable" for c in changes),
         )
-    return route
+    return modes
+
+
+def _starts_read_only(statement: Statement) -> bool:
+    """BEGIN/START TRANSACTION ... READ ONLY, except SERIALIZABLE, which a hot standby cannot run."""
+    if "ONLY" not in statement.keywords:
+        return False
+    access, serializable = _begin_modes(statement)
+    return access == "on" and not serializable
+
+
+def _needs_primary(statement: Statement) -> bool:
+    """BEGIN/START TRANSACTION ... READ WRITE or SERIALIZABLE: what a standby cannot run, even in a
+    session that is read-only by default (PostgreSQL lets such a session begin a read-write one)."""
+    keywords = statement.keywords
+    if "WRITE" not in keywords and "SERIALIZABLE" not in keywords:
+        return False
+    access, serializable = _begin_modes(statement)
+    return access == "off" or serializable
+
+
+# --- keeping read-only sessions read-only ------------------------------------------------------------
+
+
+class _Fact:
+    """What a statement text does to read-only-ness: `to_read_write` names a switch to read-write ("" if
+    none); `session` is True/False when it makes the session read-only / read-write, None if neither."""
+
+    __slots__ = ("session", "to_read_write")
+
+    def __init__(self, to_read_write: str = "", session: bool | None = None) -> None:
+        self.to_read_write = to_read_write
+        self.session = session
+
+
+_NOTHING: Final = _Fact()
+# Facts about a text, shared by every client (applications repeat a small set of statements).
+_facts: dict[str, _Fact] = {}
+_FACT_CACHE_SIZE: Final = 4096
+_FACT_CACHE_MAX_TEXT: Final = 8192
+#: first keywords of the statements that can change read-only-ness (besides set_config, a session state)
+_MAYBE: Final = frozenset({"SET", "RESET", "BEGIN", "START", "DISCARD", "DO"})
+_RELEVANT: Final = re.compile(r"(?i)read|reset|discard|set_config")
+_MENTIONS: Final = re.compile(r"(?i)transaction_read_only|read\s+write")
+
+
+@hookimpl(trylast=True)
+def halephant_inspect_query(client: ClientInfo, statement: Statement, pool: PoolInfo) -> Reject | None:
+    # Nearly every statement is decided by facts cached on the Statement, which the core reads anyway:
+    # most simple-protocol texts are new (their literals differ), so no per-text work comes first.
+    if not (
+        statement.first_keyword in _MAYBE
+        or statement.session_state
+        or (";" in statement.text and statement.is_multi_statement)
+    ):
+        return None
+    text = statement.text
+    fact = _facts.get(text)
+    if fact is None:
+        fact = _classify(statement)
+        if len(text) <= _FACT_CACHE_MAX_TEXT:
+            if len(_facts) >= _FACT_CACHE_SIZE:
+                _facts.clear()
+            _facts[text] = fact
+    if fact is _NOTHING:
+        return None
+    plan = _plan(pool)
+    if plan.read_only_user:
+        if fact.to_read_write:
+            user = pool.target.pool_user
+            return Reject(
+                sqlstate.READ_ONLY_SQL_TRANSACTION,
+                f'user "{user}" is read-only: {fact.to_read_write} is not allowed',
+                hint=HINT.format(user=user),
+                reason=f"read-only user {user}: {fact.to_read_write}",
+            )
+        return None
+    if fact.session is not None and plan.ro_to_replica:
+        if fact.session:
+            client.stash[SESSION_READ_ONLY] = True
+        elif client.stashed(SESSION_READ_ONLY):
+            del client.stash[SESSION_READ_ONLY]
+    return None
+
+
+def _classify(statement: Statement) -> _Fact:
+    if _RELEVANT.search(statement.text) is None:
+        return _NOTHING
+    texts = statement.statements if statement.is_multi_statement else (statement.text,)
+    to_read_write = ""
+    session: bool | None = None
+    for text in texts:
+        what, effect = _classify_one(text)
+        to_read_write = to_read_write or what
+        if effect is not None:
+            session = effect
+    if not to_read_write and session is None:
+        return _NOTHING
+    return _Fact(to_read_write, session)
+
+
+def _classify_one(text: str) -> tuple[str, bool | None]:
+    keyword = Statement(text).first_keyword
+    if keyword in ("SET", "RESET", "BEGIN", "START"):
+        changes = setting_changes(text)
+        if changes is None:
+            upper = text.upper()
+            if keyword == "RESET" and re.fullmatch(r"\s*RESET\s+ALL\s*;?\s*", upper):
+                return "", False  # back to the session defaults: read-only again for a read-only user
+            if _MENTIONS.search(text):
+                return f"{keyword} of transaction_read_only in a form halephant cannot check", None
+            return "", None
+        what, session = "", None
+        for change in changes:
+            if change.name == "default_transaction_isolation" and change.value == "serializable":
+                session = False  # a hot standby cannot run SERIALIZABLE: keep the session on the primary
+                continue
+            if change.name not in READ_ONLY_SETTINGS:
+                continue
+            on = parse_bool(change.value) if change.value is not None else None
+            if not on:
+                what = what or _describe(keyword, text, change.name, change.value)
+            if change.name == "default_transaction_read_only" and not change.local and session is None:
+                session = bool(on)
+        return what, session
+    if keyword == "DISCARD":
+        return "", (False if re.search(r"(?i)\bALL\b", text) else None)
+    if keyword == "DO" and _MENTIONS.search(text):
+        return "a DO block that changes transaction_read_only", None
+    if "set_config" in text.lower():
+        return _set_config_switch(text), None
+    return "", None
+
+
+def _describe(keyword: str, text: str, name: str, value: str | None) -> str:
+    if keyword in ("BEGIN", "START"):
+        return "START TRANSACTION READ WRITE" if keyword == "START" else "BEGIN READ WRITE"
+    if keyword == "RESET":
+        return f"RESET {name}"
+    words = text.upper().split()
+    if "CHARACTERISTICS" in words[:3]:
+        return "SET SESSION CHARACTERISTICS AS TRANSACTION READ WRITE"
+    if words[1:2] == ["TRANSACTION"]:
+        return "SET TRANSACTION READ WRITE"
+    return f"SET {name} TO DEFAULT" if value is None else f"SET {name} = {value}"
+
+
+def _set_config_switch(text: str) -> str:
+    """A `set_config(name, value, ...)` call that could turn read-only off, described; "" if none."""
+    tokens = [(k, v) for k, v in iter_tokens(text) if k != SPACE and k != COMMENT]
+    for i, (kind, value) in enumerate(tokens):
+        if kind != WORD or value != "SET_CONFIG" or tokens[i + 1 : i + 2] != [(PUNCT, "(")]:
+            continue
+        args = tokens[i + 2 : i + 5]
+        if len(args) < 3 or args[0][0] != STRING or args[1] != (PUNCT, ","):
+            if args and args[0][0] == PARAM:
+                return "set_config() with a setting name halephant cannot see"
+            if args and args[0][0] != STRING:
+                return "set_config() with a computed setting name"
+            continue
+        name = args[0][1][1:-1].replace("''", "'").lower() if args[0][1].startswith("'") else ""
+        if name not in READ_ONLY_SETTINGS:
+            continue
+        new = args[2]
+        if new[0] == STRING and new[1].startswith("'") and parse_bool(new[1][1:-1]):
+            continue  # set to true: stays read-only
+        return f"set_config('{name}', ...)"
+    return ""

@@ -117,3 +117,35 @@ def test_several_inspectors_are_chained_in_pluggys_order_without_its_dispatch() 
         assert direct == hook(client=CLIENT, statement=statement, pool=POOL)
         assert direct_calls == calls
     assert direct_calls == ["first", "middle"]  # nobody objected to SELECT 1: every inspector was asked
+
+
+def test_several_plain_implementations_answer_as_pluggy_would() -> None:
+    calls: list[str] = []
+
+    @hookimpl
+    def halephant_inspect_query(statement: Statement) -> Reject | None:
+        calls.append("first")
+        return Reject(sqlstate.INSUFFICIENT_PRIVILEGE, "no") if "nope" in statement.text else None
+
+    class Later:
+        @hookimpl(tryfirst=True)
+        def halephant_inspect_query(self, client: ClientInfo, statement: Statement) -> Reject | None:
+            calls.append("tryfirst")
+            return None
+
+    plugins = Plugins(
+        entry_points=True,
+        extra=[(_module(halephant_inspect_query=halephant_inspect_query), "i"), (Later(), "later")],
+    )
+    assert plugins._inspect.__name__ == "direct_call"  # the direct path is in use
+    for text in ("SELECT nope", "SELECT 1", "DECLARE c CURSOR WITH HOLD FOR SELECT 1", "DROP DATABASE x"):
+        calls.clear()
+        direct = plugins.inspect_query(CLIENT, Statement(text), POOL)
+        expected_calls = list(calls)
+        calls.clear()
+        via_pluggy = plugins.pm.hook.halephant_inspect_query(
+            client=CLIENT, statement=Statement(text), pool=POOL
+        )
+        assert direct == via_pluggy, text
+        assert calls == expected_calls, text  # same order, same stop
+    assert expected_calls[0] == "tryfirst"

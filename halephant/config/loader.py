@@ -27,7 +27,7 @@ from ruamel.yaml.comments import CommentedMap, CommentedSeq, TaggedScalar
 from ruamel.yaml.constructor import DuplicateKeyError
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
-from halephant.config.schema import Config, HostPort, is_md5_hash, is_scram_verifier
+from halephant.config.schema import CATCH_ALL, Config, HostPort, is_md5_hash, is_scram_verifier
 from halephant.errors import ConfigError, ConfigProblem
 
 __all__ = ["RawConfig", "load_config", "read_config", "read_config_text", "validate_config"]
@@ -221,6 +221,13 @@ def _cross_check(plain: dict[Any, Any], where: _Locator) -> list[ConfigProblem]:
                     f"no cluster named {cluster_name!r} (clusters defined: {defined})",
                 )
             )
+        if name == CATCH_ALL and db.get("database") is not None:
+            problems.append(
+                where.problem(
+                    ("databases", name, "database"),
+                    "the '*' entry serves every database under the client's own name: remove database:",
+                )
+            )
         size, min_size = db.get("pool_size", 20), db.get("min_pool_size", 0)
         if _is_int(size) and _is_int(min_size) and size >= 1 and min_size > size:
             problems.append(
@@ -230,9 +237,31 @@ def _cross_check(plain: dict[Any, Any], where: _Locator) -> list[ConfigProblem]:
                 )
             )
 
-    for name, user in _entries(plain.get("users")):
+    users = plain.get("users")
+    for name, user in _entries(users):
         problems += _check_user(name, user, where)
+        problems += _check_server_user(name, user, users, where)
     return problems
+
+
+def _check_server_user(name: Any, user: dict[Any, Any], users: Any, where: _Locator) -> list[ConfigProblem]:
+    target = user.get("server_user")
+    if not isinstance(target, str) or not isinstance(users, dict):
+        return []
+    at = ("users", name, "server_user")
+    entry = users.get(target)
+    if not isinstance(entry, dict):
+        defined = ", ".join(str(u) for u in users if u != name) or "none"
+        return [where.problem(at, f"no user named {target!r} (users defined: {defined})")]
+    if target == name:
+        return [where.problem(at, "a user cannot be its own server_user; leave server_user out")]
+    if entry.get("server_user") is not None:
+        return [
+            where.problem(
+                at, f"user {target!r} has a server_user of its own: name the user that logs in upstream"
+            )
+        ]
+    return []
 
 
 def _check_user(name: Any, user: dict[Any, Any], where: _Locator) -> list[ConfigProblem]:

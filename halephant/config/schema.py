@@ -23,6 +23,7 @@ from pydantic import (
     ConfigDict,
     Field,
     PrivateAttr,
+    StrictBool,
     StrictInt,
     StrictStr,
     field_validator,
@@ -33,6 +34,7 @@ from pydantic_core import PydanticCustomError
 from halephant.config.units import Duration, Size
 
 __all__ = [
+    "CATCH_ALL",
     "AuthName",
     "ClusterConfig",
     "Config",
@@ -50,6 +52,9 @@ __all__ = [
 
 PoolModeName = Literal["transaction", "session"]
 AuthName = Literal["scram-sha-256", "md5", "trust"]
+
+#: The `databases:` key that serves every database name not listed, under its own name upstream.
+CATCH_ALL = "*"
 
 _HOSTNAME = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?")
 _MD5_HASH = re.compile(r"md5[0-9a-f]{32}")
@@ -196,6 +201,21 @@ class DatabaseConfig(_Section):
     checkout_timeout: Annotated[Duration, Field(gt=0)] = 30.0
     server_reset_query: StrictStr = "DISCARD ALL"
     session_features: SessionFeaturesConfig = SessionFeaturesConfig()
+    #: Extra server connections a pool may open when a client has waited `reserve_pool_timeout`.
+    reserve_pool_size: Annotated[StrictInt, Field(ge=0)] = 0
+    reserve_pool_timeout: Annotated[Duration, Field(gt=0)] = 5.0
+    #: Clients of this database at most (None: only the global `limits.max_client_conn`).
+    max_client_conn: Annotated[StrictInt, Field(ge=1)] | None = None
+    #: Overrides of the `limits:` timeouts for this database's clients (None: the global value).
+    client_idle_timeout: Annotated[Duration, Field(ge=0)] | None = None
+    idle_transaction_timeout: Annotated[Duration, Field(ge=0)] | None = None
+    query_timeout: Annotated[Duration, Field(ge=0)] | None = None
+    #: Where a read-only user's transactions go when no replica is usable: `primary` (still read-only)
+    #: or `error` (57P03).
+    replica_fallback: Literal["primary", "error"] = "primary"
+    #: Where read-write users' read-only transactions go (`BEGIN READ ONLY`, or after
+    #: `SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY`): `replica` or `primary`.
+    read_only_transactions: Literal["replica", "primary"] = "replica"
     _name: str = PrivateAttr(default="")
 
     @property
@@ -217,6 +237,18 @@ class UserConfig(_Section):
     #: Plaintext password for the upstream login; needed when `password` is a verifier or hash.
     server_password: StrictStr | None = Field(default=None, repr=False)
     auth: AuthName = "scram-sha-256"
+    #: Clients logged in as this user at most (None: no per-user limit).
+    max_client_conn: Annotated[StrictInt, Field(ge=1)] | None = None
+    #: Overrides of the `limits:` timeouts for this user's clients, before the database's (None: inherit).
+    client_idle_timeout: Annotated[Duration, Field(ge=0)] | None = None
+    idle_transaction_timeout: Annotated[Duration, Field(ge=0)] | None = None
+    query_timeout: Annotated[Duration, Field(ge=0)] | None = None
+    #: Served by replicas only, with `default_transaction_read_only=on` on its server connections;
+    #: any attempt to switch the session to read-write is refused with 25006.
+    read_only: StrictBool = False
+    #: Log in upstream as this other user (an entry under `users:`, whose upstream password is used):
+    #: an alias with its own password and its own pools. None: upstream as this user itself.
+    server_user: Annotated[StrictStr, Field(min_length=1)] | None = None
     _name: str = PrivateAttr(default="")
 
     @property
@@ -243,6 +275,15 @@ class LimitsConfig(_Section):
     max_message_size: Annotated[Size, Field(ge=1024, le=2**31 - 1)] = 64 * 1024 * 1024
     login_timeout: Annotated[Duration, Field(gt=0)] = 15.0
     connect_timeout: Annotated[Duration, Field(gt=0)] = 5.0
+    #: Client connections at most, all databases together (53300 beyond).
+    max_client_conn: Annotated[StrictInt, Field(ge=1)] = 10000
+    #: On SIGTERM/SIGINT, how long transactions in progress may run before everyone gets 57P01.
+    shutdown_timeout: Annotated[Duration, Field(ge=0)] = 30.0
+    #: The timeouts below are off at 0; `databases.<name>` may override each of the first three.
+    client_idle_timeout: Annotated[Duration, Field(ge=0)] = 0.0
+    idle_transaction_timeout: Annotated[Duration, Field(ge=0)] = 0.0
+    query_timeout: Annotated[Duration, Field(ge=0)] = 0.0
+    query_wait_notify: Annotated[Duration, Field(ge=0)] = 5.0
 
 
 class LoggingConfig(_Section):
@@ -284,6 +325,12 @@ class Config(_Section):
     def source(self) -> str:
         """The file name used in messages about this config (not a YAML key)."""
         return self._source
+
+    def database_for(self, name: str) -> DatabaseConfig | None:
+        """The `databases:` entry that serves a client's database name: its own entry, else the
+        catch-all `'*'` entry, else None."""
+        db = self.databases.get(name)
+        return db if db is not None else self.databases.get(CATCH_ALL)
 
     def plugin_settings(self, name: str) -> BaseModel | None:
         """The validated `plugins.<name>` section of a plugin that declared settings, or None."""

@@ -1,15 +1,20 @@
 """One pool: the server connections for one (database, user, node), the clients waiting for one, and the
 counters `halephant status` shows (PgBouncer's names: cl_active, cl_waiting, sv_active, sv_idle, sv_used).
 
-`checkout()` either hands over an idle server at once or queues the waiter (FIFO) and says whether a new
-connection should be opened; `checkin()` gives a server to the oldest waiter or makes it idle. Opening and
+`checkout()` either hands over an idle server at once or queues the waiter and says whether a new
+connection should be opened; `checkin()` gives a server to the next waiter or makes it idle. Opening and
 closing are done by the caller.
+
+Waiters queue per group (the client's user name): FIFO within a group, round robin between groups, so
+when several client users share one pool (a plugin mapping them to one upstream role) one user's 500
+waiters cannot starve another's 5. With a single group this is plain FIFO.
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable, Hashable, Iterator
 from typing import Generic, Protocol, TypeVar
 
 from halephant.types import PoolInfo, PoolSize, PoolTarget
@@ -26,6 +31,85 @@ class PooledServer(Protocol):
 
 S = TypeVar("S", bound=PooledServer)
 W = TypeVar("W")  # a waiting client; the pool only queues it
+
+
+class WaitQueue(Generic[W]):
+    """Waiting clients: FIFO per group, round robin between the groups that have waiters."""
+
+    __slots__ = ("_groups", "_len", "_order")
+
+    def __init__(self) -> None:
+        self._groups: dict[Hashable, deque[W]] = {}
+        self._order: deque[Hashable] = deque()  # groups with waiters; the next to serve first
+        self._len = 0
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __bool__(self) -> bool:
+        return self._len > 0
+
+    def __iter__(self) -> Iterator[W]:
+        for group in list(self._order):
+            yield from list(self._groups[group])
+
+    def append(self, waiter: W, group: Hashable = None) -> None:
+        queue = self._groups.get(group)
+        if queue is None:
+            queue = self._groups[group] = deque()
+            self._order.append(group)
+        queue.append(waiter)
+        self._len += 1
+
+    def popleft(self) -> W:
+        """The next waiter: the oldest of the group whose turn it is; that group goes to the back."""
+        group = self._order[0]
+        queue = self._groups[group]
+        waiter = queue.popleft()
+        self._len -= 1
+        if queue:
+            self._order.rotate(-1)
+        else:
+            self._order.popleft()
+            del self._groups[group]
+        return waiter
+
+    def remove(self, waiter: W) -> None:
+        """Take `waiter` out; ValueError when it is not queued."""
+        for group, queue in self._groups.items():
+            try:
+                queue.remove(waiter)
+            except ValueError:
+                continue
+            self._len -= 1
+            if not queue:
+                del self._groups[group]
+                self._order.remove(group)
+            return
+        raise ValueError("not waiting")
+
+    def clear(self) -> None:
+        self._groups.clear()
+        self._order.clear()
+        self._len = 0
+
+    def heads(self) -> list[W]:
+        """The oldest waiter of each group."""
+        return [queue[0] for queue in self._groups.values()]
+
+    def pop_while(self, expired: Callable[[W], bool]) -> list[W]:
+        """Take out, oldest first in each group, the waiters for which `expired` is true (each group's
+        waiters are in arrival order, so the scan stops at the first one that is not)."""
+        out: list[W] = []
+        for group in list(self._groups):
+            queue = self._groups[group]
+            while queue and expired(queue[0]):
+                out.append(queue.popleft())
+            if not queue:
+                del self._groups[group]
+                self._order.remove(group)
+        self._len -= len(out)
+        return out
 
 
 class Pool(Generic[S, W]):
@@ -46,10 +130,10 @@ class Pool(Generic[S, W]):
         self.info = PoolInfo(target=target, size=size)
         self.host = host
         self.port = port
-        self.key = (target.database, target.server_user, f"{host}:{port}")
+        self.key = (target.database, target.pool_user, f"{host}:{port}")
         self.idle: list[S] = []  # most recently used last
         self.active: set[S] = set()
-        self.waiters: deque[W] = deque()
+        self.waiters: WaitQueue[W] = WaitQueue()
         self.connecting = 0
         self.opened_count = 0
         self.closed_count = 0
@@ -68,13 +152,13 @@ class Pool(Generic[S, W]):
     def total(self) -> int:
         return len(self.idle) + len(self.active) + self.connecting
 
-    def checkout(self, waiter: W) -> tuple[S | None, bool]:
-        """Give `waiter` a server now, or queue it. Returns (server or None, open_one_more)."""
+    def checkout(self, waiter: W, group: Hashable = None) -> tuple[S | None, bool]:
+        """Give `waiter` a server now, or queue it in `group`. Returns (server or None, open_one_more)."""
         if self.idle:
             server = self.idle.pop()
             self.active.add(server)
             return server, False
-        self.waiters.append(waiter)
+        self.waiters.append(waiter, group)
         return None, self._should_open()
 
     def _should_open(self) -> bool:
@@ -140,6 +224,23 @@ class Pool(Generic[S, W]):
             if too_old or too_idle:
                 self.idle.remove(server)
                 out.append(server)
+        self.closed_count += len(out)
+        return out
+
+    def open_reserve(self) -> bool:
+        """Open one connection beyond `max`, up to `max + reserve`, for waiters nobody is opening for."""
+        size = self.info.size
+        if size.reserve and len(self.waiters) > self.connecting and self.total < size.max + size.reserve:
+            self.connecting += 1
+            return True
+        return False
+
+    def excess_idle(self) -> list[S]:
+        """Idle servers beyond `max` (reserve connections no longer needed, or a pool shrunk by a
+        reload), taken out of the pool to be closed."""
+        out: list[S] = []
+        while self.idle and self.total > self.info.size.max:
+            out.append(self.idle.pop(0))  # the least recently used
         self.closed_count += len(out)
         return out
 

@@ -1,8 +1,11 @@
 """A running halephant: the listener, the registry of clients (for cancel keys), the pool manager, and
 the anyio task group everything that is not per-message runs in (server logins, maintenance, signals).
 
-`App.serve()` runs until SIGINT/SIGTERM or `shutdown()`; then it stops listening, tells every client
-57P01 and closes every server connection.
+`App.serve()` runs until SIGINT/SIGTERM or `shutdown()`. The first SIGTERM/SIGINT (`begin_shutdown`)
+stops listening (the listener uses SO_REUSEPORT, so a new halephant may already be listening on the same
+port), lets transactions in progress finish for up to `limits.shutdown_timeout` while clients between
+transactions are closed, then tells everyone left 57P01; a second signal skips the wait. SIGHUP reloads
+the configuration file (`reload()`, see `halephant.proxy.reload`).
 """
 
 from __future__ import annotations
@@ -19,15 +22,16 @@ from typing import Any
 import anyio
 import anyio.abc
 
-from halephant import sqlstate
 from halephant.config import Config
-from halephant.errors import ClientError
 from halephant.plugin_manager import Plugins
 from halephant.protocol import messages as m
 from halephant.proxy.client import ClientConnection
+from halephant.proxy.limits import ClientCounts
 from halephant.proxy.listener import Listeners
 from halephant.proxy.manager import PoolManager
+from halephant.proxy.reload import ReloadResult, reload_app
 from halephant.proxy.server import ServerConnection
+from halephant.proxy.sweep import shutdown_error
 
 log = logging.getLogger("halephant")
 
@@ -46,6 +50,13 @@ class App:
         self.clients: dict[int, ClientConnection] = {}
         #: session-pooling clients by the server process ID they were told instead of their number
         self.session_pids: dict[int, ClientConnection] = {}
+        self.client_counts = ClientCounts()
+        #: set by begin_shutdown(): no new connections; clients leave as their transactions end
+        self.draining = False
+        self._server: asyncio.AbstractServer | None = None
+        self._listen_sock: socket.socket | None = None
+        #: connections taken from the listen queue at shutdown, still being set up
+        self._accepting: list[asyncio.Task[Any]] = []
         self._numbers = itertools.count(1)
         self._tg: anyio.abc.TaskGroup | None = None
         self._stop = anyio.Event()
@@ -59,17 +70,14 @@ class App:
         self.loop = asyncio.get_running_loop()
         self.plugins.configure(self.config)
         listen = self.config.listen
-        server = await self.loop.create_server(
-            lambda: ClientConnection(self),
-            listen.host,
-            listen.port,
-            backlog=4096,
-            reuse_address=True,
-            family=socket.AF_INET6 if ":" in listen.host else socket.AF_INET,
+        sock = self._listen_socket(listen.host, listen.port)
+        server = self._server = await self.loop.create_server(
+            lambda: ClientConnection(self), sock=sock, backlog=4096
         )
-        sock = server.sockets[0].getsockname()
-        self.address = (sock[0], sock[1])
-        log.info("listening on %s:%d", sock[0], sock[1])
+        self._listen_sock = sock
+        name = server.sockets[0].getsockname()
+        self.address = (name[0], name[1])
+        log.info("listening on %s:%d", name[0], name[1])
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
@@ -83,25 +91,102 @@ class App:
                 await self._stop.wait()
                 tg.cancel_scope.cancel()
         finally:
-            server.close()
+            self._stop_listening()
             self._terminate_everyone()
             await anyio.sleep(0.05)  # let the closing writes go out
             log.info("stopped")
 
+    @staticmethod
+    def _listen_socket(host: str, port: int) -> socket.socket:
+        # SO_REUSEPORT: a new halephant can listen on the same port while this one drains (online
+        # restart), and several can share a port to use several cores
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if hasattr(socket, "SO_REUSEPORT"):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((host, port))
+            sock.setblocking(False)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def _stop_listening(self) -> None:
+        """Close the listener, first accepting what the kernel already queued on it: closing a listening
+        socket resets the connections in its queue, and those are connection attempts already made."""
+        server, sock = self._server, self._listen_sock
+        self._server = self._listen_sock = None
+        if server is None:
+            return
+        accepted = 0
+        if sock is not None:
+            while True:
+                try:
+                    conn, _addr = sock.accept()
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError:
+                    break
+                conn.setblocking(False)
+                accepted += 1
+                self._accepting.append(
+                    self.loop.create_task(
+                        self.loop.connect_accepted_socket(lambda: ClientConnection(self), conn)
+                    )
+                )
+        server.close()
+        log.info("stopped listening%s", f" ({accepted} queued connection(s) accepted)" if accepted else "")
+
     async def _signals(self) -> None:
-        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
             async for signum in signals:
-                log.info("received %s: shutting down", signal.Signals(signum).name)
-                self.shutdown()
-                return
+                name = signal.Signals(signum).name
+                if signum == signal.SIGHUP:
+                    log.info("received SIGHUP: reloading %s", self.config.source)
+                    try:
+                        self.reload()
+                    except Exception:  # a bug in applying it must not take the proxy down
+                        log.exception("reload failed")
+                elif not self.draining:
+                    log.info("received %s: shutting down", name)
+                    self.begin_shutdown()
+                else:
+                    log.info("received %s again: terminating every client now", name)
+                    self.shutdown()
+
+    def reload(self) -> ReloadResult:
+        """Read the configuration file again and apply what can change live (see halephant.proxy.reload)."""
+        return reload_app(self)
+
+    def begin_shutdown(self) -> None:
+        """Stop accepting; let transactions finish for up to `shutdown_timeout`, then stop."""
+        if self.draining:
+            return
+        self.draining = True
+        self._stop_listening()
+        timeout = self.config.limits.shutdown_timeout
+        log.info(
+            "shutting down: %d client(s) connected, waiting up to %gs for transactions",
+            len(self.clients),
+            timeout,
+        )
+        self.spawn(self._drain, self.loop.time() + timeout)
+
+    async def _drain(self, deadline: float) -> None:
+        # idle clients are closed by the client sweep (halephant.proxy.sweep); this waits for the rest
+        while (self.clients or any(not t.done() for t in self._accepting)) and self.loop.time() < deadline:
+            await anyio.sleep(0.05)
+        if self.clients:
+            log.info("shutdown_timeout reached: terminating %d client(s)", len(self.clients))
+        self.shutdown()
 
     def shutdown(self) -> None:
+        """Stop now: every client left gets 57P01."""
         self._stop.set()
 
     def _terminate_everyone(self) -> None:
-        error = ClientError(
-            sqlstate.ADMIN_SHUTDOWN, "terminating connection due to administrator command", fatal=True
-        )
+        error = shutdown_error()
         for client in list(self.clients.values()):
             client.fail(error)
         self.listeners.close_all()

@@ -45,10 +45,12 @@ from halephant.protocol.startup import (
     StartupMessage,
 )
 from halephant.proxy import session_state
+from halephant.proxy.limits import too_many_clients
 from halephant.sql import Statement
 from halephant.types import (
     Allow,
     ClientInfo,
+    CloseIdleServers,
     Pin,
     PoolInfo,
     PoolMode,
@@ -110,7 +112,6 @@ class ClientConnection(asyncio.Protocol):
         "_first_checked",
         "_framer",
         "_last_sync_point",
-        "_login_timer",
         "_pending_pin",
         "_primary_pool",
         "_read_paused",
@@ -118,6 +119,8 @@ class ClientConnection(asyncio.Protocol):
         "app",
         "cancel_key",
         "info",
+        "link_count",
+        "login_deadline",
         "number",
         "outstanding",
         "pinned",
@@ -129,12 +132,17 @@ class ClientConnection(asyncio.Protocol):
         "settings",
         "skip_to_sync",
         "state",
+        "sweep_links",
+        "sweep_rfq",
+        "sweep_since",
         "target",
         "told_pid",
         "transaction_mode",
         "transport",
         "unsynced",
         "wait_deadline",
+        "wait_notified",
+        "wait_started",
         "waiting_pool",
         "write_paused",
     )
@@ -160,7 +168,8 @@ class ClientConnection(asyncio.Protocol):
         self.write_paused = False
         self._first_checked = False
         self._reject_next: bytes | None = None
-        self._login_timer: asyncio.TimerHandle | None = None
+        #: enforced by the client sweep (halephant.proxy.sweep), not a timer per connection
+        self.login_deadline = 0.0
         self._primary_pool: ServerPool | None = None
         self._read_paused = False
         self._last_sync_point = 0
@@ -170,9 +179,16 @@ class ClientConnection(asyncio.Protocol):
         #: the session state must be read back from the server at the end of this transaction
         self.session_due = False
         self.wait_deadline = 0.0
+        self.wait_started = 0.0
+        self.wait_notified = False
         self.cancel_key = 0
         self.number = 0
         self.told_pid = 0  # session pooling: the server process ID the client was told
+        #: transactions linked so far, and what the timeout sweep saw last (halephant.proxy.sweep)
+        self.link_count = 0
+        self.sweep_links = -1
+        self.sweep_rfq = -1
+        self.sweep_since = 0.0
 
     def __repr__(self) -> str:
         return repr(self.info) if self.info else "<client (starting)>"
@@ -183,9 +199,7 @@ class ClientConnection(asyncio.Protocol):
         # uvloop's transports don't subclass asyncio's. Both loops set TCP_NODELAY on TCP transports
         # themselves; asking for the socket object here would cost ~100 bytes per idle client.
         self.transport = cast(asyncio.Transport, transport)
-        self._login_timer = self.app.loop.call_later(
-            self.app.config.limits.login_timeout, self._login_timeout
-        )
+        self.login_deadline = self.app.loop.time() + self.app.config.limits.login_timeout
         self.number = self.app.client_opened(self)
 
     def data_received(self, data: bytes) -> None:
@@ -247,14 +261,13 @@ class ClientConnection(asyncio.Protocol):
 
     # --- startup and authentication ---
 
-    def _login_timeout(self) -> None:
-        self._login_timer = None
+    def login_timeout(self) -> None:
+        """Called by the client sweep once `login_deadline` has passed."""
         if self.state < READY:
             log.info("%r: login timeout", self)
+            # PostgreSQL's own code and text for authentication_timeout
             self.fail(
-                ClientError(
-                    sqlstate.PROTOCOL_VIOLATION, "canceling authentication due to timeout", fatal=True
-                )
+                ClientError(sqlstate.QUERY_CANCELED, "canceling authentication due to timeout", fatal=True)
             )
 
     def _startup_data(self, data: bytes) -> None:
@@ -288,6 +301,15 @@ class ClientConnection(asyncio.Protocol):
             user=packet.user, database=packet.database, params=packet.params, address=address, id=self.number
         )
         log.info("%r: connected", self)
+        refused = too_many_clients(self.app.config, len(self.app.clients))
+        if refused is not None:
+            log.warning(
+                "%r: rejected: %s",
+                self,
+                refused.message,
+                extra={"event": "max_client_conn", "sqlstate": refused.code},
+            )
+            raise refused
         if packet.minor > 0 or packet.protocol_options:
             self.transport.write(m.negotiate_protocol_version(codes.PROTOCOL_3_0, packet.protocol_options))
         if "replication" in packet.params and packet.params["replication"].lower() not in (
@@ -344,8 +366,18 @@ class ClientConnection(asyncio.Protocol):
             log.info("%r: rejected: %s", self, r.reason)
             raise ClientError(r.code, r.message, hint=r.hint, fatal=True)
         assert self.info is not None and self.target is not None
+        pool_info = self.app.manager.pool_info(self.target)
+        refused = self.app.client_counts.admit(self.app.config, self.target.database, self.info.user)
+        if refused is not None:
+            log.warning(
+                "%r: rejected: %s",
+                self,
+                refused.message,
+                extra={"event": "max_client_conn", "sqlstate": refused.code},
+            )
+            raise refused
+        self.pool_info = pool_info  # from here on the client is counted (see _closed)
         self.transport.write(m.AUTHENTICATION_OK)
-        self.pool_info = self.app.manager.pool_info(self.target)
         self.transaction_mode = self.pool_info.mode is PoolMode.TRANSACTION
         log.info("%r: login ok (%s, pool %s, %s mode)", self, how, self.target.database, self.target.mode)
         self.state = WELCOME
@@ -364,9 +396,6 @@ class ClientConnection(asyncio.Protocol):
 
     def _welcome(self, params: dict[str, str]) -> None:
         assert self.info is not None
-        if self._login_timer is not None:
-            self._login_timer.cancel()
-            self._login_timer = None
         self._resume_if_paused()
         out = [m.parameter_status(name, value) for name, value in params.items()]
         # unpredictable: the key is what authorizes cancelling this client's queries
@@ -386,6 +415,10 @@ class ClientConnection(asyncio.Protocol):
             and self.pool_info.mode is PoolMode.TRANSACTION
         ):
             self._release()
+        # the timeout sweep counts quiet time from here, not from the first sweep that sees the client
+        self.sweep_links = self.link_count
+        self.sweep_rfq = self.server.rfq_seen if self.server is not None else -1
+        self.sweep_since = self.app.loop.time()
         if self._buf:
             self._process(b"")
 
@@ -436,6 +469,9 @@ class ClientConnection(asyncio.Protocol):
                             self._reject_in_place(server, t, error)
                         fwd = end
                         continue
+                    elif isinstance(verdict, CloseIdleServers):
+                        assert self.target is not None
+                        self.app.manager.close_idle(self.target.cluster, verdict.database, verdict.reason)
                     elif not isinstance(verdict, Allow):
                         # Pin / Unpin: applied once a server is linked (survives a wait for one)
                         self._pending_pin = verdict
@@ -575,7 +611,8 @@ class ClientConnection(asyncio.Protocol):
                 pool = self._primary_pool = self.app.manager.pool_for(self.target, route.role)
         else:
             pool = self.app.manager.pool_for(self.target, route.role)
-        server, open_one = pool.checkout(self)
+        # waiters queue per client user: fair between users sharing one pool
+        server, open_one = pool.checkout(self, self.info.user)
         if server is not None:
             self._link(server)
             return True
@@ -583,10 +620,16 @@ class ClientConnection(asyncio.Protocol):
             self.app.manager.open(pool)
         self.waiting_pool = pool
         self._first_checked = True
-        db = self.app.config.databases.get(self.target.database)
+        db = self.app.config.database_for(self.target.database)
         # enforced by the pool manager's sweep (one timer for everyone, not one per wait)
-        self.wait_deadline = self.app.loop.time() + (db.checkout_timeout if db is not None else 30.0)
+        self.wait_started = now = self.app.loop.time()
+        self.wait_notified = False
+        self.wait_deadline = now + (db.checkout_timeout if db is not None else 30.0)
         return False
+
+    def forget_pools(self) -> None:
+        """A reload may have changed the pools: look the primary's up again at the next transaction."""
+        self._primary_pool = None
 
     def attach_server(self, server: ServerConnection) -> None:
         """Called by the pool: the server this client waited for."""
@@ -644,6 +687,7 @@ class ClientConnection(asyncio.Protocol):
         self.server = server
         server.client = self
         server.link_count += 1
+        self.link_count += 1
         if self.write_paused:
             server.set_reading(True)
         server.apply_settings(self.settings)
@@ -764,7 +808,7 @@ class ClientConnection(asyncio.Protocol):
         except Exception:  # the transport may be gone already
             pass
         if fatal:
-            log.info("%r: closing: %s %s", self, error.code, error.message)
+            log.info("%r: closing: %s %s", self, error.code, error.message, extra={"sqlstate": error.code})
             self.close()
 
     def close(self) -> None:
@@ -777,9 +821,6 @@ class ClientConnection(asyncio.Protocol):
         self.state = CLOSED
         if self.session is not None:
             session_state.forget(self)
-        if self._login_timer is not None:
-            self._login_timer.cancel()
-            self._login_timer = None
         if self.waiting_pool is not None:
             self.waiting_pool.cancel_wait(self)
             self.waiting_pool = None
@@ -804,5 +845,7 @@ class ClientConnection(asyncio.Protocol):
                 # (targeted when halephant knows what the client held, else server_reset_query)
                 self.app.manager.reset_and_checkin(server, reset or None)
         self.app.client_closed(self)
+        if self.pool_info is not None and self.info is not None:
+            self.app.client_counts.release(self.pool_info.database, self.info.user)
         if self.info is not None:
             log.info("%r: disconnected: %s", self, reason)

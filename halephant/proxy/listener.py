@@ -58,7 +58,7 @@ class Listeners:
         target = client.target
         if target is None:
             return None
-        key = (target.database, target.server_user)
+        key = (target.database, target.pool_user)
         listener = self._by_key.get(key)
         if listener is None:
             pool = self.app.manager.pool_for(target, Role.PRIMARY)

@@ -1,6 +1,7 @@
 """The pools of a running halephant, and the I/O their decisions call for: opening server connections
-(a short task each, under `connect_timeout`), resetting session-mode servers, and the maintenance loop
-(idle_timeout, max_lifetime, min_pool_size).
+(a short task each, under `connect_timeout`), resetting session-mode servers, the maintenance loop
+(idle_timeout, max_lifetime, min_pool_size, servers beyond the pool's size) and what a reload changes
+about the pools (`reconfigure`). The timeouts themselves are swept in `halephant.proxy.sweep`.
 """
 
 from __future__ import annotations
@@ -12,12 +13,14 @@ from typing import TYPE_CHECKING
 import anyio
 
 from halephant import sqlstate
+from halephant.config import Config
 from halephant.errors import ClientError
 from halephant.pool.pool import Pool
 from halephant.protocol import codes
 from halephant.protocol import messages as m
 from halephant.protocol.framing import split_frames
 from halephant.proxy.server import ServerConnection, ServerLoginError
+from halephant.proxy.sweep import sweep_clients, sweep_waiters
 from halephant.types import ClusterView, NodeInfo, PoolInfo, PoolMode, PoolTarget, Role
 
 if TYPE_CHECKING:
@@ -104,11 +107,13 @@ class PoolManager:
         self._welcome: dict[tuple[str, str], dict[str, str]] = {}
         self._next_replica = 0
         self._views: dict[str, ClusterView] = {}
+        #: pools a reload took out of use: they serve what they still hold, then close (see tick)
+        self.retired: list[ServerPool] = []
 
     # --- lookups ---
 
     def pool_info(self, target: PoolTarget) -> PoolInfo:
-        key = (target.database, target.server_user)
+        key = (target.database, target.pool_user)
         info = self._infos.get(key)
         if info is None or info.target != target:
             # sized once per pool (halephant_pool_size is not called per client), shared by its clients
@@ -119,7 +124,7 @@ class PoolManager:
     def welcome_params(self, target: PoolTarget | None) -> dict[str, str] | None:
         if target is None:
             return None
-        return self._welcome.get((target.database, target.server_user))
+        return self._welcome.get((target.database, target.pool_user))
 
     def cluster_view(self, name: str) -> ClusterView:
         """The cluster's nodes as last seen. Until nodes are probed, the first configured node is the
@@ -144,13 +149,31 @@ class PoolManager:
         return view
 
     def pool_for(self, target: PoolTarget, role: Role) -> ServerPool:
-        nodes = self.app.config.clusters[target.cluster].nodes
+        cluster = self.app.config.clusters.get(target.cluster)
+        if cluster is None:  # a reload removed it while this client stayed connected
+            raise ClientError(
+                sqlstate.ADMIN_SHUTDOWN,
+                f'terminating connection: cluster "{target.cluster}" was removed from the configuration',
+                fatal=True,
+            )
+        nodes = cluster.nodes
         node = nodes[0]
         if role is Role.REPLICA and len(nodes) > 1:
             self._next_replica = (self._next_replica + 1) % (len(nodes) - 1)
             node = nodes[1 + self._next_replica]
-        key = (target.database, target.server_user, f"{node.host}:{node.port}")
+        key = (target.database, target.pool_user, f"{node.host}:{node.port}")
         pool = self.pools.get(key)
+        # A reload changed what this pool logs in with (a password): new servers use the new one.
+        # Clients from before and after a change of pool mode may share it: it stays in transaction
+        # mode once a transaction-mode client used it, so a server with session state left on it is
+        # closed at check-in rather than handed on.
+        if (
+            pool is not None
+            and pool.info.target is not target
+            and pool.info.target != target
+            and (target.mode is pool.info.mode or target.mode is PoolMode.TRANSACTION)
+        ):
+            pool.info = PoolInfo(target=target, size=pool.info.size)
         if pool is None:
             pool = self.pools[key] = Pool[ServerConnection, "ClientConnection"](
                 target, self.pool_info(target).size, node.host, node.port
@@ -170,6 +193,7 @@ class PoolManager:
             "user": target.server_user,
             "database": target.server_database,
             "application_name": "halephant",
+            **dict(target.server_settings),
         }
         server = ServerConnection(self, pool, startup, target.server_password, loop)
         try:
@@ -200,7 +224,7 @@ class PoolManager:
             for waiter in pool.connect_failed():
                 waiter.checkout_failed(error)
             return
-        self._welcome.setdefault((target.database, target.server_user), dict(server.params))
+        self._welcome.setdefault((target.database, target.pool_user), dict(server.params))
         log.info(
             "pool %s: server connection opened (pid %d, now %d)", pool.name, server.backend_pid, pool.total
         )
@@ -237,7 +261,7 @@ class PoolManager:
         if targeted:
             query = targeted
         else:
-            db = self.app.config.databases.get(server.pool.info.target.database)
+            db = self.app.config.database_for(server.pool.info.target.database)
             query = db.server_reset_query if db is not None else "DISCARD ALL"
         if not query:
             self.checkin(server)
@@ -247,34 +271,73 @@ class PoolManager:
         )
         server.send(m.query(query))
 
+    def close_idle(self, cluster: str, server_database: str, reason: str) -> None:
+        """Close the idle server connections to one upstream database of a cluster, at once (before a
+        client's DROP DATABASE, which fails while any other session is connected to it)."""
+        closed = 0
+        for pool in self.pools.values():
+            target = pool.info.target
+            if target.cluster == cluster and target.server_database == server_database and pool.idle:
+                for server in list(pool.idle):
+                    server.close(reason)
+                    closed += 1
+        if closed:
+            log.info("closed %d idle server connection(s) to %s: %s", closed, server_database, reason)
+
     def server_gone(self, pool: ServerPool) -> None:
         if pool.should_open_for_waiters():
             self.open(pool)
 
     # --- maintenance ---
 
+    def all_pools(self) -> list[ServerPool]:
+        return [*self.pools.values(), *self.retired]
+
     async def expire_waiters(self) -> None:
-        """Every 100 ms, fail the waiters whose checkout_timeout passed (oldest first in each queue)."""
+        """Every 100 ms: checkout_timeout, query_wait_notify and the reserve pool for waiting clients;
+        while shutting down, the client sweep as well."""
         loop = self.app.loop
         while True:
             await anyio.sleep(0.1)
             now = loop.time()
-            for pool in list(self.pools.values()):
-                waiters = pool.waiters
-                while waiters and waiters[0].wait_deadline <= now:
-                    waiters.popleft().checkout_timeout()
+            try:
+                sweep_waiters(self, now)
+                if self.app.draining:
+                    sweep_clients(self.app, now)
+            except Exception:  # a bug here must not stop the sweeps (or the proxy): log it, go on
+                log.exception("waiter sweep failed")
 
     async def maintain(self) -> None:
+        loop = self.app.loop
         while True:
             await anyio.sleep(1.0)
-            self.tick()
+            try:
+                self.tick()
+                if not self.app.draining:
+                    sweep_clients(self.app, loop.time())
+            except Exception:  # a bug here must not stop the sweeps (or the proxy): log it, go on
+                log.exception("maintenance sweep failed")
 
     def tick(self) -> None:
         now = time.monotonic()
+        for pool in self.retired:
+            for server in list(pool.idle):
+                pool.discard(server)
+                server.close("pool retired by a configuration reload")
+        self.retired = [pool for pool in self.retired if pool.total or pool.waiters]
         for pool in list(self.pools.values()):
-            db = self.app.config.databases.get(pool.info.target.database)
+            db = self.app.config.database_for(pool.info.target.database)
             if db is None:
                 continue
+            for server in pool.excess_idle():
+                log.info(
+                    "pool %s: closing server pid %d: above the pool size (%d), now %d",
+                    pool.name,
+                    server.backend_pid,
+                    pool.info.size.max,
+                    pool.total,
+                )
+                server.close("above the pool size")
             for server in pool.expired(now, db.idle_timeout, db.max_lifetime):
                 reason = "max_lifetime" if now - server.created_at > db.max_lifetime else "idle_timeout"
                 log.info(
@@ -292,6 +355,46 @@ class PoolManager:
         await self._open(pool)
 
     def close_all(self) -> None:
-        for pool in self.pools.values():
+        for pool in self.all_pools():
             for server in list(pool.idle) + list(pool.active):
                 server.close("shutdown")
+
+    # --- reload ---
+
+    def reconfigure(self, config: Config) -> list[str]:
+        """Apply a new configuration to the pools; returns what changed, one line each.
+
+        Pools are re-sized through `halephant_pool_size`; a pool whose database is gone or whose node
+        left its cluster is retired: it keeps serving the transactions (and waiters) it has, and its
+        servers close as they become idle. Clients link to the new pools from their next transaction.
+        """
+        changes: list[str] = []
+        self._views.clear()
+        self._infos.clear()
+        self._welcome.clear()
+        for key, pool in list(self.pools.items()):
+            database, _user, node = key
+            db = config.database_for(database)
+            cluster = config.clusters.get(db.cluster) if db is not None else None
+            nodes = {str(n) for n in cluster.nodes} if cluster is not None else set()
+            if db is None or (node not in nodes and f"{pool.host}:{pool.port}" not in nodes):
+                del self.pools[key]
+                self.retired.append(pool)
+                for server in list(pool.idle):
+                    pool.discard(server)
+                    server.close("pool retired by a configuration reload")
+                changes.append(
+                    f"pool {pool.name} retired ({'database removed' if db is None else 'node removed'})"
+                )
+                continue
+            old = pool.info.size
+            size = self.app.plugins.pool_size(pool.info.target, config)
+            if size != old:
+                pool.info = PoolInfo(target=pool.info.target, size=size)
+                changes.append(
+                    f"pool {pool.name} size: max {old.max} -> {size.max}, min {old.min} -> {size.min}, "
+                    f"reserve {old.reserve} -> {size.reserve} ({size.reason})"
+                )
+                while pool.should_open_for_waiters():
+                    self.open(pool)
+        return changes

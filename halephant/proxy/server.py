@@ -410,6 +410,11 @@ class ServerConnection(asyncio.Protocol):
         else:
             self.transport.resume_reading()
 
+    def at_message_boundary(self) -> bool:
+        """True when the linked client has been sent whole messages only, so halephant may put one of
+        its own (a NoticeResponse) in between."""
+        return self.scanner.at_boundary and not self.absorb and not self._rewrites and not self._buf
+
     def send(self, data: bytes) -> None:
         assert self.transport is not None
         self.transport.write(data)

@@ -4,7 +4,9 @@ This package owns reading SQL without executing it: a lossless PostgreSQL tokeni
 statement splitter that respects quotes, nested comments and dollar quotes (`split_statements`), and
 `Statement`, the object `halephant_inspect_query` and `halephant_route` receive, whose facts
 (`first_keyword`, `keywords`, `statement_count`, `declares_holdable_cursor`, `ast`) are computed on first
-use. It imports only the standard library; `pglast` is loaded the first time a plugin asks for `.ast`.
+use, and `setting_changes`, what a `SET` / `RESET` / `BEGIN` / `START TRANSACTION` assigns (with
+`parse_bool`, PostgreSQL's reading of boolean values). It imports only the standard library; `pglast` is
+loaded the first time a plugin asks for `.ast`.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from halephant.sql.lexer import (
     iter_tokens,
     split_statements,
 )
+from halephant.sql.settings import SettingChange, parse_bool, setting_changes
 from halephant.sql.statement import Statement
 
 __all__ = [
@@ -41,10 +44,13 @@ __all__ = [
     "STRING",
     "WORD",
     "SessionEffect",
+    "SettingChange",
     "Statement",
     "Token",
     "TokenKind",
     "iter_tokens",
+    "parse_bool",
     "session_effects",
+    "setting_changes",
     "split_statements",
 ]

@@ -278,7 +278,7 @@ def test_silent_client_is_closed_after_login_timeout(proxy: Running, sent: bytes
         assert closed
         assert LOGIN_TIMEOUT * 0.8 <= elapsed <= LOGIN_TIMEOUT + 1.5, elapsed
         assert [(m.type, m.fields.get("S")) for m in messages] == [(b"E", "FATAL")], messages
-        assert messages[0].fields["C"] == "08P01"
+        assert messages[0].fields["C"] == "57014"
 
 
 def test_client_stalling_mid_authentication_is_closed_after_login_timeout(proxy: Running) -> None:

@@ -222,7 +222,8 @@ def test_run_on_a_port_in_use_exits_with_a_clear_message(pg: Cluster, halephant:
 
 
 def test_sigterm_tells_clients_57P01_and_exits_0(pg: Cluster, halephant: HalephantFactory) -> None:
-    running = halephant.start(default_config(pg))
+    # the transaction left open is ended by shutdown_timeout (graceful shutdown: tests/e2e/test_operations.py)
+    running = halephant.start(default_config(pg, limits={"shutdown_timeout": "1s"}))
     idle = RawClient(running.host, running.port)
     busy = RawClient(running.host, running.port)
     with idle, busy:
@@ -233,7 +234,7 @@ def test_sigterm_tells_clients_57P01_and_exits_0(pg: Cluster, halephant: Halepha
         running.signal(signal.SIGTERM)
         for client in (idle, busy):
             error = client.expect_fatal_and_close("57P01")
-            assert error.fields["M"] == "terminating connection due to administrator command"
+            assert error.fields["M"].startswith("terminating connection due to administrator command")
         assert running.proc.wait(timeout=5) == 0
         assert time.monotonic() - t0 < 5
     log = running.log_text()
@@ -246,7 +247,7 @@ def test_sigterm_tells_clients_57P01_and_exits_0(pg: Cluster, halephant: Halepha
 def test_sigterm_with_no_clients_exits_0(pg: Cluster, halephant: HalephantFactory) -> None:
     running = halephant.start(default_config(pg))
     running.signal(signal.SIGTERM)
-    assert running.proc.wait(timeout=5) == 0
+    assert running.proc.wait(timeout=15) == 0
 
 
 # --- the log -----------------------------------------------------------------------------------------------
@@ -258,10 +259,6 @@ def test_log_of_a_normal_session(pg: Cluster, halephant: HalephantFactory) -> No
         assert conn.execute("select 1").fetchone() == (1,)
     with pytest.raises(psycopg.OperationalError):
         psycopg.connect(running.dsn(password="wrong"))
-    deadline = time.monotonic() + 3
-    while "disconnected" not in running.log_text() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    log = running.log_text()
     client = r"<client #\d+ myapp@myapp from 127\.0\.0\.1:\d+>"
     expected = {
         "listening": r"listening on 127\.0\.0\.1:\d+",
@@ -272,7 +269,14 @@ def test_log_of_a_normal_session(pg: Cluster, halephant: HalephantFactory) -> No
         "disconnect with reason": rf"{client}: disconnected: client sent Terminate",
         "failed login with reason": rf"{client}: closing: 28P01 password authentication failed",
     }
-    missing = [what for what, pattern in expected.items() if not re.search(pattern, log)]
+    # the lines of both clients are written as halephant gets to them: wait for all, a while at most
+    deadline = time.monotonic() + 10
+    while True:
+        log = running.log_text()
+        missing = [what for what, pattern in expected.items() if not re.search(pattern, log)]
+        if not missing or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     assert missing == [], log
 
 

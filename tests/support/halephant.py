@@ -125,14 +125,19 @@ class Running:
             self.proc.send_signal(signum)
 
     def stop(self, timeout: float = 10.0) -> int:
-        """SIGTERM, then SIGKILL after `timeout` seconds; return the exit status (negative: the signal)."""
+        """SIGTERM, a second SIGTERM after a second (no waiting for clients to finish), then SIGKILL
+        after `timeout` seconds; return the exit status (negative: the signal)."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(timeout)
+                self.proc.wait(1.0)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+                self.proc.send_signal(signal.SIGTERM)
+                try:
+                    self.proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait()
         return self.proc.returncode
 
 

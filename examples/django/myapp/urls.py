@@ -1,0 +1,3 @@
+"""No views: the example is driven from manage.py."""
+
+urlpatterns: list[object] = []

@@ -1,0 +1,1 @@
+"""A one-model app for the halephant routing example."""

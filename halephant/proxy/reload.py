@@ -1,0 +1,95 @@
+"""Reloading the configuration of a running halephant (SIGHUP, or the console's RELOAD).
+
+The file is read and validated exactly as at start-up, with the settings models of the plugins already
+loaded. On any error nothing changes: every problem is logged as `file:line:col: path: message` and
+returned. Otherwise the new configuration replaces the old one and is applied live: plugins hear
+`halephant_configure`, pools are re-sized through `halephant_pool_size` (or retired when their database
+or node is gone), timeouts and limits are read from it from now on, the log level and format change.
+No client is dropped, except those of a removed database, which get FATAL 57P01 once their transaction
+is over. What only a restart can change (`listen`, `plugins.disable`, `plugins.modules`) is logged and
+keeps its old value.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from halephant.config import ConfigError, read_config, validate_config
+from halephant.config.diff import Change, diff_configs
+from halephant.logs import setup_logging
+
+if TYPE_CHECKING:
+    from halephant.proxy.app import App
+
+log = logging.getLogger("halephant.reload")
+
+
+@dataclass
+class ReloadResult:
+    """What a reload did: `errors` (then nothing was applied), or the changes applied and those that
+    need a restart, plus what the pools did about them."""
+
+    errors: list[str] = field(default_factory=list)
+    applied: list[Change] = field(default_factory=list)
+    needs_restart: list[Change] = field(default_factory=list)
+    pools: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
+def reload_app(app: App) -> ReloadResult:
+    old = app.config
+    source = old.source
+    try:
+        raw = read_config(source)
+        new = validate_config(raw, app.plugins.settings_models())
+    except ConfigError as exc:
+        errors = [str(problem) for problem in exc.problems]
+        for line in errors:
+            log.error("reload failed: %s", line, extra={"event": "reload_failed"})
+        log.error("reload failed: %d error(s); still running with the previous configuration", len(errors))
+        return ReloadResult(errors=errors)
+    except Exception as exc:  # a plugin's settings hook that raises must not stop the proxy
+        log.error("reload failed: %r; still running with the previous configuration", exc)
+        return ReloadResult(errors=[f"{source}: {exc!r}"])
+
+    changes = diff_configs(old, new)
+    result = ReloadResult(
+        applied=[c for c in changes if not c.restart], needs_restart=[c for c in changes if c.restart]
+    )
+    if not changes:
+        log.info("reload: %s unchanged", source)
+        return result
+    if result.needs_restart:
+        # keep what cannot change live, so the running state and the config in use agree
+        # (model_copy keeps the private attributes: the source and the plugin settings)
+        new = new.model_copy(update={"listen": old.listen, "plugins": old.plugins})
+    app.config = new
+    app.max_message_size = new.limits.max_message_size
+    if new.logging != old.logging:
+        setup_logging(new.logging.level, new.logging.format)
+        app.debug = logging.getLogger("halephant").isEnabledFor(logging.DEBUG)
+    app.plugins.configure(new)
+    for client in app.clients.values():
+        client.forget_pools()
+    result.pools = app.manager.reconfigure(new)
+    for change in result.applied:
+        log.info("reload: applied %s", change, extra={"event": "reload", "path": change.path})
+    for change in result.needs_restart:
+        log.warning(
+            "reload: %s; keeping the running value until a restart",
+            change,
+            extra={"event": "reload", "path": change.path},
+        )
+    for line in result.pools:
+        log.info("reload: %s", line, extra={"event": "pool_reconfigured"})
+    log.info(
+        "reload: done (%d change(s) applied, %d need a restart)",
+        len(result.applied),
+        len(result.needs_restart),
+    )
+    return result

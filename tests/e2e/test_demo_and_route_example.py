@@ -1,0 +1,87 @@
+"""End-to-end: `halephant demo` serves `myapp` from the primary and `myapp_ro` from the replica, and the
+example plugin examples/plugins/route_by_application_name.py overrides `halephant_route` on a real
+primary + streaming replica."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from support.halephant import REPO_ROOT, HalephantFactory, Running, default_config
+from support.leaks import assert_clean_servers
+
+from halephant.testing.pgcluster import Cluster, free_port
+
+pytestmark = pytest.mark.e2e
+
+EXAMPLE_PLUGINS = REPO_ROOT / "examples" / "plugins"
+
+
+def one(dsn: str, sql: str) -> Any:
+    with psycopg.connect(dsn, autocommit=True, connect_timeout=5) as conn:
+        row = conn.execute(sql).fetchone()
+    assert row is not None
+    return row[0]
+
+
+@pytest.fixture
+def report_routing(pg: Cluster, halephant: HalephantFactory) -> Iterator[Running]:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PYTHONPATH", str(EXAMPLE_PLUGINS))
+        run = halephant.start(default_config(pg, plugins={"modules": ["route_by_application_name"]}))
+    yield run
+    assert_clean_servers(pg)
+
+
+@pytest.mark.parametrize("name", ["report-weekly", "reports"])
+def test_the_example_plugin_sends_reports_to_the_replica(report_routing: Running, name: str) -> None:
+    assert one(report_routing.dsn(application_name=name), "SELECT pg_is_in_recovery()") is True
+
+
+@pytest.mark.parametrize("name", ["web", "", "my-report"])
+def test_other_clients_are_left_to_the_default(report_routing: Running, name: str) -> None:
+    assert one(report_routing.dsn(application_name=name), "SELECT pg_is_in_recovery()") is False
+
+
+def test_halephant_demo_routes_myapp_ro_to_the_replica() -> None:
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "halephant", "demo", "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    banner: list[str] = []
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            banner.append(line)
+            if "Press Ctrl-C" in line:
+                break
+        text = "".join(banner)
+        assert "Press Ctrl-C" in text, text
+        dsns = re.findall(r'psql "([^"]+)"', text)
+        writer = next(d for d in dsns if "user=myapp " in d and "dbname=myapp" in d and "session" not in d)
+        reader = next(d for d in dsns if "user=myapp_ro " in d)
+        assert one(writer + " sslmode=disable", "SELECT pg_is_in_recovery()") is False
+        assert one(reader + " sslmode=disable", "SELECT pg_is_in_recovery()") is True
+        assert one(reader + " sslmode=disable", "SELECT current_user") == "myapp"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()

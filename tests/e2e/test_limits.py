@@ -1,0 +1,263 @@
+"""End-to-end: limits and timeouts, each answered with PostgreSQL's own SQLSTATE while every other client
+keeps being served: max_client_conn (global, per database, per user: 53300), client_idle_timeout (57P05),
+idle_transaction_timeout (25P03), query_timeout (a real cancel: 57014), the query_wait_notify NOTICE,
+the reserve pool, and fair queueing between users sharing one pool."""
+
+from __future__ import annotations
+
+import pathlib
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import rawclient as rc
+from rawclient import RawClient, data_rows, errors
+from support.halephant import HalephantFactory, Running, default_config
+from support.leaks import assert_clean_servers
+
+from halephant.testing.pgcluster import Cluster
+
+pytestmark = pytest.mark.e2e
+
+PLUGINS_DIR = pathlib.Path(__file__).resolve().parent / "plugins_for_tests"
+
+_open: list[RawClient] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_clients() -> Iterator[None]:
+    yield
+    while _open:
+        _open.pop().close()
+
+
+def _client(run: Running, user: str = "myapp", password: str | None = None, timeout: float = 10) -> RawClient:
+    client = RawClient(run.host, run.port, timeout=timeout)
+    _open.append(client)
+    client.login(user, password if password is not None else user, "myapp")
+    return client
+
+
+def _works(client: RawClient) -> bool:
+    out = client.simple_query("SELECT 41 + 1")
+    return errors(out) == [] and data_rows(out) == [["42"]]
+
+
+def _config(pg: Cluster, limits: dict[str, Any] | None = None, **db: Any) -> dict[str, Any]:
+    return default_config(
+        pg,
+        databases={"myapp": {"cluster": "main", "pool_size": 2, **db}},
+        limits={"login_timeout": "5s", **(limits or {})},
+    )
+
+
+# --- max_client_conn ------------------------------------------------------------------------------------
+
+
+def test_global_max_client_conn_refuses_with_53300(pg: Cluster, halephant: HalephantFactory) -> None:
+    run = halephant.start(_config(pg, limits={"max_client_conn": 3}))
+    clients = [_client(run) for _ in range(3)]
+    extra = RawClient(run.host, run.port, timeout=5)
+    _open.append(extra)
+    extra.send(rc.startup({"user": "myapp", "database": "myapp"}))
+    error = extra.expect_fatal_and_close("53300")
+    assert "too many clients" in error.fields["M"]
+    assert all(_works(c) for c in clients)
+    clients[0].send(rc.terminate())
+    clients[0].close()
+    time.sleep(0.2)
+    assert _works(_client(run))  # a slot freed is a slot usable
+
+
+def test_per_database_and_per_user_max_client_conn(pg: Cluster, halephant: HalephantFactory) -> None:
+    config = _config(pg, max_client_conn=2)
+    config["users"]["myapp_ro"]["max_client_conn"] = 1
+    run = halephant.start(config)
+    a, b = _client(run), _client(run)
+    third = RawClient(run.host, run.port, timeout=5)
+    _open.append(third)
+    with pytest.raises(AssertionError, match="53300"):
+        third.login("myapp", "myapp", "myapp")
+    assert 'database "myapp"' in third.last_session.messages[-1].fields["M"]
+    assert _works(a) and _works(b)
+    a.send(rc.terminate())
+    a.close()
+    time.sleep(0.2)
+    ro = _client(run, "myapp_ro")  # the database has room again
+    assert _works(ro)
+    b.send(rc.terminate())
+    b.close()
+    time.sleep(0.2)
+    second_ro = RawClient(run.host, run.port, timeout=5)
+    _open.append(second_ro)
+    with pytest.raises(AssertionError, match="53300"):
+        second_ro.login("myapp_ro", "myapp_ro", "myapp")
+    assert 'role "myapp_ro"' in second_ro.last_session.messages[-1].fields["M"]
+    assert _works(ro) and _works(_client(run))
+
+
+def test_wrong_password_is_not_counted(pg: Cluster, halephant: HalephantFactory) -> None:
+    run = halephant.start(_config(pg, max_client_conn=1))
+    for _ in range(3):
+        bad = RawClient(run.host, run.port, timeout=5)
+        _open.append(bad)
+        with pytest.raises(AssertionError, match="28P01"):
+            bad.login("myapp", "wrong", "myapp")
+    assert _works(_client(run))
+
+
+# --- timeouts -------------------------------------------------------------------------------------------
+
+
+def test_client_idle_timeout_closes_only_the_idle_client(pg: Cluster, halephant: HalephantFactory) -> None:
+    run = halephant.start(_config(pg, limits={"client_idle_timeout": "1500ms"}))
+    idle, busy = _client(run), _client(run)
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 3.5:
+        assert _works(busy)
+        time.sleep(0.3)
+    error = idle.expect_fatal_and_close("57P05", timeout=3)
+    assert "idle-session timeout" in error.fields["M"]
+    assert _works(busy)
+
+
+def test_idle_transaction_timeout_closes_the_client_and_rolls_back(
+    pg: Cluster, halephant: HalephantFactory
+) -> None:
+    run = halephant.start(_config(pg, idle_transaction_timeout="1s"))
+    stuck, other = _client(run), _client(run)
+    assert errors(stuck.simple_query("BEGIN")) == []
+    assert errors(stuck.simple_query("SELECT pg_advisory_xact_lock(4242)")) == []
+    t0 = time.monotonic()
+    error = stuck.expect_fatal_and_close("25P03", timeout=5)
+    assert 1.0 <= time.monotonic() - t0 <= 4.5  # the sweeps run once a second
+    assert "idle-in-transaction timeout" in error.fields["M"]
+    assert _works(other)
+    # a transaction that keeps talking is not idle
+    assert errors(other.simple_query("BEGIN")) == []
+    for _ in range(6):
+        assert _works(other)
+        time.sleep(0.4)
+    assert errors(other.simple_query("COMMIT")) == []
+    assert_clean_servers(pg.primary, timeout=3)
+
+
+def test_query_timeout_cancels_with_57014_and_the_client_stays(
+    pg: Cluster, halephant: HalephantFactory
+) -> None:
+    run = halephant.start(_config(pg, limits={"query_timeout": "1s"}))
+    slow, other = _client(run), _client(run)
+    t0 = time.monotonic()
+    slow.send(rc.query("SELECT pg_sleep(20)"))
+    assert _works(other)  # served meanwhile by the other server
+    out = slow.read_until_ready(timeout=6)
+    assert [e["C"] for e in errors(out)] == ["57014"]
+    notices = [m.fields["M"] for m in out if m.type == b"N"]
+    assert any("query_timeout (1s)" in n for n in notices), out
+    assert time.monotonic() - t0 < 5  # the sweeps run once a second
+    assert _works(slow) and _works(other)
+    assert_clean_servers(pg.primary)
+
+
+def test_database_and_user_overrides_of_query_timeout(pg: Cluster, halephant: HalephantFactory) -> None:
+    config = _config(pg, limits={"query_timeout": "1s"}, query_timeout=0)
+    config["users"]["myapp_ro"]["query_timeout"] = "1s"
+    run = halephant.start(config)
+    client, limited = _client(run), _client(run, "myapp_ro")
+    limited.send(rc.query("SELECT pg_sleep(2.5)"))
+    out = client.simple_query("SELECT pg_sleep(2.5)")
+    assert errors(out) == []  # the database turned it off
+    assert [e["C"] for e in errors(limited.read_until_ready())] == ["57014"]  # the user turned it on
+
+
+# --- waiting for a server ---------------------------------------------------------------------------------
+
+
+def test_query_wait_notify_tells_the_waiting_client(pg: Cluster, halephant: HalephantFactory) -> None:
+    run = halephant.start(_config(pg, limits={"query_wait_notify": "500ms"}, pool_size=1))
+    holder, waiter = _client(run), _client(run)
+    assert errors(holder.simple_query("BEGIN")) == []
+    waiter.send(rc.query("SELECT 7"))
+    notice = waiter.read(timeout=3)
+    assert notice.type == b"N", notice
+    text = notice.fields["M"]
+    assert "myapp/myapp@" in text and "1 client(s) waiting" in text, text
+    assert errors(holder.simple_query("COMMIT")) == []
+    out = waiter.read_until_ready()
+    assert data_rows(out) == [["7"]] and errors(out) == []
+
+
+def test_reserve_pool_serves_a_client_that_waited(
+    pg: Cluster, halephant: HalephantFactory, backend_pids: Any
+) -> None:
+    run = halephant.start(
+        _config(pg, pool_size=1, reserve_pool_size=1, reserve_pool_timeout="500ms", idle_timeout="1h")
+    )
+    holder, waiter = _client(run), _client(run)
+    assert errors(holder.simple_query("BEGIN")) == []
+    t0 = time.monotonic()
+    out = waiter.simple_query("SELECT 8")
+    assert data_rows(out) == [["8"]]
+    assert 0.4 <= time.monotonic() - t0 < 3  # served by the reserve while the holder keeps its server
+    assert len(backend_pids("myapp")) == 2
+    assert errors(holder.simple_query("COMMIT")) == []
+    deadline = time.monotonic() + 5
+    while len(backend_pids("myapp")) > 1 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert len(backend_pids("myapp")) == 1  # the reserve connection closed once idle
+    assert _works(holder) and _works(waiter)
+
+
+def test_fair_queueing_between_users_of_one_pool(pg: Cluster, halephant: HalephantFactory) -> None:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PYTHONPATH", str(PLUGINS_DIR))
+        config = _config(pg, pool_size=1, checkout_timeout="60s")
+        config["users"].update({"tenant_a": {"auth": "trust"}, "tenant_b": {"auth": "trust"}})
+        config["plugins"] = {"modules": ["shared_pool"]}
+        config["limits"]["query_wait_notify"] = 0
+        run = halephant.start(config)
+    greedy = [_client(run, "tenant_a", "", timeout=30) for _ in range(80)]
+    modest = [_client(run, "tenant_b", "", timeout=30) for _ in range(5)]
+    for c in greedy:
+        c.send(rc.query("SELECT pg_sleep(0.05)"))
+    time.sleep(0.3)  # tenant_a's 80 queue up first
+    t0 = time.monotonic()
+    for c in modest:
+        c.send(rc.query("SELECT 1"))
+    latencies: list[float] = []
+
+    def read(client: RawClient) -> None:
+        out = client.read_until_ready(timeout=30)
+        assert errors(out) == [] and data_rows(out) == [["1"]]
+        latencies.append(time.monotonic() - t0)
+
+    threads = [threading.Thread(target=read, args=(c,)) for c in modest]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    for c in greedy:
+        assert errors(c.read_until_ready(timeout=30)) == []
+    greedy_done = time.monotonic() - t0
+    assert len(latencies) == 5
+    # FIFO would make tenant_b wait behind all of tenant_a (~4 s); round robin serves it in between
+    assert max(latencies) < greedy_done / 2, (latencies, greedy_done)
+    assert greedy_done > 2.0
+
+
+def test_catch_all_clients_get_their_entrys_limits(pg: Cluster, halephant: HalephantFactory) -> None:
+    config = default_config(pg, limits={"login_timeout": "5s"})
+    config["databases"] = {"*": {"cluster": "main", "max_client_conn": 1, "query_timeout": "1s"}}
+    run = halephant.start(config)
+    client = _client(run)  # "myapp" is served by the '*' entry
+    time.sleep(2.5)  # idle across two sweeps: the entry exists, so the client is kept
+    assert _works(client)
+    second = RawClient(run.host, run.port, timeout=5)
+    _open.append(second)
+    with pytest.raises(AssertionError, match="53300"):
+        second.login("myapp", "myapp", "myapp")
+    out = client.simple_query("SELECT pg_sleep(10)")
+    assert [e["C"] for e in errors(out)] == ["57014"]
+    assert _works(client)
