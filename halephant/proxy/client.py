@@ -745,6 +745,11 @@ class ClientConnection(asyncio.Protocol):
             else:
                 session_state.at_idle(self)
 
+    def notification_relayed(self, payload: bytes) -> None:
+        """The linked server delivered a notification to this client itself (transaction pooling)."""
+        if self.session is not None:
+            session_state.relayed(self, payload)
+
     def parameter_changed(self, name: str) -> None:
         """The server reported a new value of a reported setting (transaction pooling)."""
         session_state.parameter_changed(self, name)

@@ -41,8 +41,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("halephant.server")
 
 _MAX_SERVER_MESSAGE = 1 << 30
-# ParameterStatus: session state changed; CopyInResponse: a COPY FROM STDIN began (its Sync accounting)
-_KEEP = frozenset((codes.PARAMETER_STATUS, codes.COPY_IN_RESPONSE))
+# ParameterStatus: session state changed; CopyInResponse: a COPY FROM STDIN began (its Sync accounting);
+# NotificationResponse: a server's own LISTEN delivered it (emulated LISTEN must not deliver it again).
+# Only messages of these rare types are copied out; the test is made for every message anyway.
+_KEEP = frozenset((codes.PARAMETER_STATUS, codes.COPY_IN_RESPONSE, codes.NOTIFICATION_RESPONSE))
 #: the answer to an internal query: its rows (text format), and the error message if it failed
 InternalDone = Callable[[list[list[str | None]], str | None], None]
 
@@ -224,6 +226,8 @@ class ServerConnection(asyncio.Protocol):
                     client.parameter_changed(name)
             elif t == codes.COPY_IN_RESPONSE:
                 client.copy_in_started()
+            elif t == codes.NOTIFICATION_RESPONSE and client.transaction_mode:
+                client.notification_relayed(payload)
 
     def apply_settings(self, wanted: dict[str, str]) -> bool:
         """Bring this server to a client's startup settings; True when a query for that is in flight.
@@ -283,6 +287,8 @@ class ServerConnection(asyncio.Protocol):
             elif t == codes.NOTIFICATION_RESPONSE:
                 # a notification is the client's, whoever's query it arrived behind
                 client.transport.write(buf[start - 5 : end])
+                if client.transaction_mode:
+                    client.notification_relayed(buf[start:end])
             elif t == codes.READY_FOR_QUERY:
                 self.absorb -= 1
                 entry = internal.popleft() if internal else None

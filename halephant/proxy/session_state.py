@@ -28,6 +28,7 @@ once per transaction.
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from typing import TYPE_CHECKING, Final
 
@@ -60,6 +61,9 @@ _NOT_SETTINGS: Final = frozenset(("session_authorization", "is_superuser", "in_h
 #: notifications a client may have waiting before it is disconnected
 MAX_QUEUED_NOTIFICATIONS: Final = 10_000
 MAX_QUEUED_NOTIFICATION_BYTES: Final = 4 * 1024 * 1024
+#: how many, and how long, notifications delivered by a server are remembered against duplicates
+RELAYED_KEPT: Final = 256
+RELAYED_SECONDS: Final = 5.0
 _CHECKABLE: Final = frozenset(
     ("advisory_locks", "listen", "with_hold", "temp_tables", "prepare", "set_role", "load")
 )
@@ -83,6 +87,7 @@ class SessionState:
         "prepared",
         "queue",
         "queued_bytes",
+        "relayed",
         "server_channels",
         "settings_owned",
     )
@@ -115,6 +120,9 @@ class SessionState:
         self.settings_owned = False
         self.queue: deque[bytes] = deque()
         self.queued_bytes = 0
+        #: notifications the linked server delivered itself lately (time, payload): while the shared
+        #: listener takes over a channel both may deliver the same one, and only one copy must arrive
+        self.relayed: deque[tuple[float, bytes]] = deque(maxlen=RELAYED_KEPT)
 
 
 def _state(client: ClientConnection) -> SessionState:
@@ -426,10 +434,32 @@ def pin_session(client: ClientConnection, reason: str) -> None:
 # --- notifications -------------------------------------------------------------------------------------
 
 
+def relayed(client: ClientConnection, payload: bytes) -> None:
+    """The client's own server delivered this notification (its LISTEN, before the shared listener took
+    over): remember it, so that the shared listener's copy is not delivered a second time."""
+    st = client.session
+    if st is not None and (st.listen_seen or st.listening or st.server_channels):
+        st.relayed.append((time.monotonic(), bytes(payload)))
+
+
+def _already_relayed(st: SessionState, payload: bytes) -> bool:
+    relayed_ = st.relayed
+    horizon = time.monotonic() - RELAYED_SECONDS
+    while relayed_ and relayed_[0][0] < horizon:
+        relayed_.popleft()
+    for entry in relayed_:
+        if entry[1] == payload:
+            relayed_.remove(entry)  # one server copy cancels one listener copy
+            return True
+    return False
+
+
 def deliver(client: ClientConnection, message: bytes) -> None:
     """A NotificationResponse for this client from the shared listener."""
     st = client.session
     if st is None or client.is_closed:
+        return
+    if st.relayed and _already_relayed(st, message[5:]):
         return
     if not st.queue and client.server is None and not client.write_paused and client.waiting_pool is None:
         client.transport.write(message)

@@ -16,8 +16,9 @@ from workloads import Target
 from halephant.testing.pgcluster import Cluster, find_bindir
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def targets(pg: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Target]]:
+    # module scope: its halephant and server connections are gone before other tests count backends
     factory = HalephantFactory(tmp_path_factory.mktemp("conformance"))
     run = factory.start(
         default_config(

@@ -236,7 +236,7 @@ def psycopg_listen(t: Target) -> Any:
         assert sender_pid is not None
         sender.execute(f"NOTIFY {channel}, 'one'")
         sender.execute("SELECT pg_notify(%s, 'two')", (channel,))
-        notes = list(listener.notifies(timeout=5, stop_after=2))
+        notes = list(listener.notifies(timeout=10, stop_after=2))
         got = [(n.channel == channel, n.payload, n.pid == sender_pid[0]) for n in notes]
         listener.execute(f"UNLISTEN {channel}")
         return got
@@ -327,7 +327,7 @@ def psycopg_async_listen(t: Target) -> Any:
         ):
             await listener.execute(f"LISTEN {channel}")
             await sender.execute(f"NOTIFY {channel}, 'async'")
-            return [(n.payload,) async for n in listener.notifies(timeout=5, stop_after=1)]
+            return [(n.payload,) async for n in listener.notifies(timeout=10, stop_after=1)]
 
     return asyncio.run(main())
 
@@ -424,7 +424,7 @@ def asyncpg_listen(t: Target) -> Any:
 
             await listener.add_listener(channel, callback)
             await sender.execute(f"NOTIFY {channel}, 'hi'")
-            first = await asyncio.wait_for(got.get(), 5)
+            first = await asyncio.wait_for(got.get(), 10)
             await listener.remove_listener(channel, callback)
             return [first[0] == channel, first[1]]
         finally:

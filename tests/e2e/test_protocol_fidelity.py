@@ -198,3 +198,25 @@ def test_a_200_mb_result_streams_without_growing_halephant(pg: Cluster, hal: Run
         assert growth_mib < 16, f"halephant grew by {growth_mib:.1f} MiB while streaming 200 MB"
         assert [m.type for m in raw.simple_query("SELECT 1")] == [b"T", b"D", b"C", b"Z"]
     assert_clean_servers(pg.primary)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("after", ["begin_and_batch", "batch_without_sync", "copy_in"])
+def test_a_client_that_leaves_mid_pipeline_leaves_no_dirty_server(
+    pg: Cluster, hal: Running, mode: str, after: str
+) -> None:
+    scripts = {
+        "begin_and_batch": rc.query("BEGIN") + rc.parse("SELECT pg_advisory_xact_lock(9001)") + rc.bind()
+        + rc.execute(),
+        "batch_without_sync": rc.parse("SELECT pg_sleep(0.2)") + rc.bind() + rc.execute() + rc.msg(b"H"),
+        "copy_in": rc.query("COPY fidelity_copy FROM STDIN") + rc.msg(b"d", b"9\tnine\n"),
+    }  # fmt: skip
+    raw = RawClient(hal.host, hal.port)
+    raw.login("myapp", "myapp", database=mode)
+    raw.send(scripts[after])
+    time.sleep(0.1)
+    raw.close()  # no Sync, no Terminate
+    assert_clean_servers(pg.primary, timeout=5)
+    with connect(hal, mode) as conn:
+        assert conn.execute("SELECT count(*) FROM fidelity_copy WHERE n = 9").fetchone() == (0,)
+        assert conn.execute("SELECT 1").fetchone() == (1,)
