@@ -102,12 +102,8 @@ def make_config(plugins: Plugins, tail: str = "") -> Config:
 
 
 def client(user: str = "myapp", database: str = "myapp", **params: str) -> ClientInfo:
-    return ClientInfo(
-        user=user,
-        database=database,
-        params={"user": user, "database": database, **params},
-        address="127.0.0.1:50000",
-    )
+    return ClientInfo(user=user, database=database, params={"user": user, "database": database, **params},
+                      address="127.0.0.1:50000")
 
 
 CLUSTER = ClusterView(
@@ -138,11 +134,7 @@ def _reset_installed_plugins() -> Iterator[None]:
 
 def test_there_are_single_file_examples() -> None:
     assert {p.stem for p in SINGLE_FILES} >= {
-        "route_by_application_name",
-        "tenant_pool_size",
-        "deny_users",
-        "reject_ddl",
-        "select_pool_by_prefix",
+        "route_by_application_name", "tenant_pool_size", "deny_users", "reject_ddl", "select_pool_by_prefix",
     }
 
 
@@ -447,3 +439,20 @@ def test_package_without_patterns_rejects_nothing(package: ModuleType) -> None:
     reporting = client(user="reporting")
     pool = pool_info(plugins, config, reporting)
     assert plugins.inspect_query(reporting, Statement("DELETE FROM t"), pool) is None
+
+
+def test_status_busiest_databases() -> None:
+    module = load_example(EXAMPLES / "plugins" / "status_busiest_databases.py")
+    plugins = make_plugins(module)
+    pools = [
+        {"database": "small", "transactions": 5, "queries": 9, "cl_waiting": 0},
+        {"database": "big", "transactions": 700, "queries": 900, "cl_waiting": 2},
+        {"database": "big", "transactions": 300, "queries": 100, "cl_waiting": 1},
+    ]
+    panels = plugins.status_panels({"pools": pools})
+    ((name, panel),) = panels
+    assert name == "status_busiest_databases"
+    assert not isinstance(panel, Exception)
+    assert panel.title == "Busiest databases"
+    assert panel.rows == (("big", "1000", "1000", "3"), ("small", "5", "9", "0"))
+    assert plugins.status_panels({"pools": []}) == []  # nothing to show: no panel
