@@ -1,4 +1,4 @@
-"""The `halephant` command: `run`, `check`, `plugins`, `demo`."""
+"""The `halephant` command: `run`, `check`, `plugins`, `status`, `demo`."""
 
 from __future__ import annotations
 
@@ -91,7 +91,8 @@ def run(path: str) -> None:
     "against",
     default=None,
     type=click.Path(dir_okay=False),
-    help="the config in use (a file): print what a reload from it to -c would change (a dry run)",
+    help="the config in use, a file or a running halephant's admin URL (http://127.0.0.1:6433): print "
+    "what a reload from it to -c would change (a dry run)",
 )
 def check(path: str, against: str | None) -> None:
     """Validate a config file without starting: exit 0, or print every error as FILE:LINE:COL.
@@ -106,9 +107,15 @@ def check(path: str, against: str | None) -> None:
     )
     if against is None:
         return
-    from halephant.config.diff import diff_configs
+    from halephant.config.diff import diff_configs, diff_trees
 
-    changes = diff_configs(_checked(against), config)
+    if against.startswith(("http://", "https://")):
+        from halephant.admin.snapshot import redacted_config
+
+        # the running halephant hands out its config with secrets redacted: redact ours the same way
+        changes = diff_trees(_running_config(against), redacted_config(config))
+    else:
+        changes = diff_configs(_checked(against), config)
     if not changes:
         click.echo(f"no changes from {against}")
         return
@@ -118,6 +125,20 @@ def check(path: str, against: str | None) -> None:
         click.echo(f"  {change}")
     if restart:
         click.echo(f"{restart} change(s) need a restart")
+
+
+def _running_config(url: str) -> dict[str, Any]:
+    import json
+    import urllib.request
+
+    target = url.rstrip("/") + "/config"
+    try:
+        with urllib.request.urlopen(target, timeout=10) as response:
+            tree: dict[str, Any] = json.loads(response.read())
+            return tree
+    except (OSError, ValueError) as exc:
+        click.echo(f"halephant: cannot read {target}: {getattr(exc, 'reason', None) or exc}", err=True)
+        sys.exit(1)
 
 
 def _checked(path: str) -> Config:
@@ -166,6 +187,59 @@ def plugins(path: str | None) -> None:
     Console().print(table)
     if loaded.disabled:
         click.echo("disabled: " + ", ".join(loaded.disabled))
+
+
+@main.command()
+@click.option("--url", default=None, help="admin API of the halephant to watch [default: from -c, else "
+              "http://127.0.0.1:6433]")  # fmt: skip
+@click.option(
+    "-c",
+    "--config",
+    "path",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="read admin.listen and the plugins (status panels) from this config",
+)
+@click.option("--once", is_flag=True, help="print one snapshot and exit")
+@click.option("--json", "as_json", is_flag=True, help="print the raw snapshot as JSON and exit")
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=0.1),
+    default=1.0,
+    show_default=True,
+    help="seconds between refreshes",
+)
+def status(url: str | None, path: str | None, once: bool, as_json: bool, interval: float) -> None:
+    """Watch a running halephant: pools, nodes, clients, queues, decisions, errors (q quits)."""
+    from rich.console import Console
+
+    from halephant import status as view
+
+    loaded: Plugins | None = None
+    if path is not None:
+        try:
+            config, loaded = load(path)
+        except (ConfigError, PluginError) as exc:
+            click.echo(str(exc), err=True)
+            sys.exit(2)
+        listen = config.admin.listen
+        if url is None and listen is not None:
+            host = "127.0.0.1" if listen.host in ("0.0.0.0", "::") else listen.host
+            url = f"http://[{host}]:{listen.port}" if ":" in host else f"http://{host}:{listen.port}"
+    if loaded is None and not as_json:
+        try:
+            loaded = Plugins()
+        except PluginError as exc:
+            click.echo(f"halephant: {exc}", err=True)
+            sys.exit(1)
+    url = url or view.DEFAULT_URL
+    if "://" not in url:
+        url = "http://" + url
+    panels = loaded.status_panels if loaded is not None else None
+    console = Console()
+    if once or as_json:
+        sys.exit(view.print_once(url, console, panels, as_json))
+    sys.exit(view.watch(url, console, panels, interval))
 
 
 @main.command()

@@ -9,7 +9,7 @@ A hook call costs about 2 µs, so none is called per protocol message.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
         Reject,
         Route,
         Statement,
+        StatusPanel,
         TransactionInfo,
         Verdict,
     )
@@ -172,4 +173,21 @@ def halephant_inspect_query(client: ClientInfo, statement: Statement, pool: Pool
     session to read-write (25006) and follows ``SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY``;
     database_routing closes idle server connections to a
     database before a client's ``DROP DATABASE`` of it.
+    """
+
+
+@hookspec
+def halephant_extend_status(snapshot: dict[str, Any]) -> StatusPanel | list[StatusPanel] | None:
+    """Add panels to ``halephant status``.
+
+    Called by ``halephant status`` (in its own process, not in the proxy) once per refresh, about once a
+    second, and once for ``--once``; all results are collected and shown after the built-in panels, in
+    plugin registration order. Not called for ``--json``. Must be quick: the view waits for it.
+
+    :param snapshot: the document the admin API serves at ``/snapshot`` (``summary``, ``pools``, ``nodes``,
+        ``clients_by_state``, ``queues``, ``decisions``, ``errors``), as decoded JSON.
+    :returns: a ``StatusPanel`` or a list of them (title, columns, rows of strings, an optional note), or
+        ``None`` to add nothing. A plugin that raises is shown as a one-line error panel; the view goes on.
+
+    Default: none. ``examples/plugins/status_busiest_databases.py`` is an example.
     """

@@ -30,6 +30,7 @@ from halephant.types import (
     Route,
     ScramSha256,
     Statement,
+    StatusPanel,
     TransactionInfo,
     Trust,
     Verdict,
@@ -218,6 +219,24 @@ class Plugins:
         if isinstance(answer, PoolSize):
             return answer
         raise PluginError(f"no plugin sized pool {pool.database}/{pool.server_user}: {answer!r}")
+
+    def status_panels(self, snapshot: dict[str, Any]) -> list[tuple[str, StatusPanel | Exception]]:
+        """Every plugin's `halephant_extend_status` panels, with the plugin's name; an exception is kept
+        in place of the panels of the plugin that raised it (the status view shows it and goes on)."""
+        out: list[tuple[str, StatusPanel | Exception]] = []
+        for impl in self.pm.hook.halephant_extend_status.get_hookimpls():  # registration order
+            try:
+                answer = impl.function(*[{"snapshot": snapshot}[name] for name in impl.argnames])
+            except Exception as exc:
+                out.append((impl.plugin_name, exc))
+                continue
+            panels = answer if isinstance(answer, list | tuple) else [answer]
+            for panel in panels:
+                if isinstance(panel, StatusPanel):
+                    out.append((impl.plugin_name, panel))
+                elif panel is not None:
+                    out.append((impl.plugin_name, TypeError(f"not a StatusPanel: {panel!r}")))
+        return out
 
     def inspect_query(self, client: ClientInfo, statement: Statement, pool: PoolInfo) -> Verdict | None:
         answer: Any = self._inspect(client, statement, pool)

@@ -35,6 +35,7 @@ __all__ = [
     "Route",
     "ScramSha256",
     "Statement",
+    "StatusPanel",
     "TransactionInfo",
     "Trust",
     "Unpin",
@@ -226,6 +227,20 @@ class TransactionInfo:
     """The transaction being routed: its first statement when it starts with Query or Parse."""
 
     statement: Statement | None
+
+
+@dataclass(frozen=True, slots=True)
+class StatusPanel:
+    """A panel a plugin adds to `halephant status`: a titled table of text cells.
+
+    `columns` name the table's columns; each row has one string per column. `note` is a line printed
+    under the table (e.g. what the numbers mean). Plain data, so a plugin needs no terminal library.
+    """
+
+    title: str
+    columns: tuple[str, ...]
+    rows: tuple[tuple[str, ...], ...] = ()
+    note: str = ""
 
 
 # --- authentication methods: the core drives the exchange --------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from halephant.config.loader import RawConfig, load_config, read_config, read_config_text, validate_config
 from halephant.config.schema import (
+    AdminConfig,
     ClusterConfig,
     Config,
     DatabaseConfig,
@@ -24,6 +25,7 @@ from halephant.config.units import Duration, Size, parse_duration, parse_size
 from halephant.errors import ConfigError, ConfigProblem
 
 __all__ = [
+    "AdminConfig",
     "ClusterConfig",
     "Config",
     "ConfigError",

@@ -66,6 +66,9 @@ class RawConfig:
         return [str(name) for name in names if isinstance(name, str)]
 
 
+#: database names clients use to reach the admin console (halephant.admin.console), never a pool
+_ADMIN_DATABASES = frozenset(("halephant", "pgbouncer"))
+
 #: keys of `plugins:` that belong to the core, not to one plugin
 _CORE_PLUGIN_KEYS = frozenset(("disable", "modules"))
 
@@ -212,6 +215,12 @@ def _cross_check(plain: dict[Any, Any], where: _Locator) -> list[ConfigProblem]:
             seen.add(address)
 
     for name, db in _entries(plain.get("databases")):
+        if name in _ADMIN_DATABASES:
+            problems.append(
+                where.problem(
+                    ("databases", name), "this name is the admin console's; pick another", at_key=True
+                )
+            )
         cluster_name = db.get("cluster")
         if isinstance(clusters, dict) and isinstance(cluster_name, str) and cluster_name not in clusters:
             defined = ", ".join(str(c) for c in clusters) or "none"
@@ -241,6 +250,21 @@ def _cross_check(plain: dict[Any, Any], where: _Locator) -> list[ConfigProblem]:
     for name, user in _entries(users):
         problems += _check_user(name, user, where)
         problems += _check_server_user(name, user, users, where)
+    problems += _check_admin_users(plain, where)
+    return problems
+
+
+def _check_admin_users(plain: dict[Any, Any], where: _Locator) -> list[ConfigProblem]:
+    # console users log in like everyone else, so each must be an entry of `users:`
+    admin, users = plain.get("admin"), plain.get("users")
+    if not isinstance(admin, dict) or not isinstance(users, dict):
+        return []
+    problems: list[ConfigProblem] = []
+    for key in ("users", "stats_users"):
+        names = admin.get(key)
+        for i, name in enumerate(names if isinstance(names, list) else []):
+            if isinstance(name, str) and name not in users:
+                problems.append(where.problem(("admin", key, i), f"no user named {name!r} under users:"))
     return problems
 
 

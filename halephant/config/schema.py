@@ -35,6 +35,7 @@ from halephant.config.units import Duration, Size
 
 __all__ = [
     "CATCH_ALL",
+    "AdminConfig",
     "AuthName",
     "ClusterConfig",
     "Config",
@@ -291,6 +292,17 @@ class LoggingConfig(_Section):
     format: Literal["text", "json"] = "text"
 
 
+class AdminConfig(_Section):
+    """`admin:`: the HTTP admin API (health, JSON state, Prometheus metrics) and the SQL console."""
+
+    #: HTTP address of the admin API; None turns it off. Loopback by default: it shows every client.
+    listen: HostPort | None = HostPort(host="127.0.0.1", port=6433)
+    #: users (entries of `users:`) who may use the SQL console (database `halephant` or `pgbouncer`)
+    users: tuple[StrictStr, ...] = ()
+    #: users who may use the SQL console read-only (SHOW only)
+    stats_users: tuple[StrictStr, ...] = ()
+
+
 class PluginsConfig(_Section):
     """`plugins:`. Each key besides `disable` is one plugin's section: see `Config.plugin_settings`."""
 
@@ -310,6 +322,7 @@ class Config(_Section):
     limits: LimitsConfig = LimitsConfig()
     logging: LoggingConfig = LoggingConfig()
     plugins: PluginsConfig = PluginsConfig()
+    admin: AdminConfig = AdminConfig()
     _source: str = PrivateAttr(default="<config>")
     _plugin_settings: dict[str, BaseModel] = PrivateAttr(default_factory=dict)
 

@@ -17,6 +17,7 @@ from collections import deque
 from collections.abc import Callable, Hashable, Iterator
 from typing import Generic, Protocol, TypeVar
 
+from halephant.pool.stats import PoolStats
 from halephant.types import PoolInfo, PoolSize, PoolTarget
 
 
@@ -123,6 +124,7 @@ class Pool(Generic[S, W]):
         "key",
         "opened_count",
         "port",
+        "stats",
         "waiters",
     )
 
@@ -137,6 +139,7 @@ class Pool(Generic[S, W]):
         self.connecting = 0
         self.opened_count = 0
         self.closed_count = 0
+        self.stats = PoolStats()
 
     def __repr__(self) -> str:
         return (

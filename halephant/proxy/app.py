@@ -22,6 +22,8 @@ from typing import Any
 import anyio
 import anyio.abc
 
+from halephant.admin.control import Control
+from halephant.admin.http import AdminServer
 from halephant.config import Config
 from halephant.plugin_manager import Plugins
 from halephant.protocol import messages as m
@@ -31,6 +33,7 @@ from halephant.proxy.listener import Listeners
 from halephant.proxy.manager import PoolManager
 from halephant.proxy.reload import ReloadResult, reload_app
 from halephant.proxy.server import ServerConnection
+from halephant.proxy.stats import Stats, run_clock
 from halephant.proxy.sweep import shutdown_error
 
 log = logging.getLogger("halephant")
@@ -44,6 +47,11 @@ class App:
         #: checked before per-transaction debug lines, so they cost nothing when off
         self.debug = logging.getLogger("halephant").isEnabledFor(logging.DEBUG)
         self.manager = PoolManager(self)
+        self.stats = Stats()
+        #: loop time, refreshed every 100 ms (see `halephant.proxy.stats.run_clock`)
+        self.clock = 0.0
+        self.control = Control(self)
+        self.admin: AdminServer | None = None
         #: shared LISTEN connections (emulated LISTEN in transaction pooling)
         self.listeners = Listeners(self)
         #: every connected client by its number, which is also the process ID it is told (cancel keys)
@@ -68,6 +76,7 @@ class App:
     async def serve(self, *, on_ready: Callable[[App], Any] | None = None) -> None:
         # cached: on Python 3.11 every get_running_loop() is a getpid() syscall
         self.loop = asyncio.get_running_loop()
+        self.clock = self.loop.time()
         self.plugins.configure(self.config)
         listen = self.config.listen
         sock = self._listen_socket(listen.host, listen.port)
@@ -84,6 +93,11 @@ class App:
                 tg.start_soon(self.manager.maintain)
                 tg.start_soon(self.manager.expire_waiters)
                 tg.start_soon(self._signals)
+                tg.start_soon(run_clock, self)
+                tg.start_soon(self.control.run)
+                if self.config.admin.listen is not None:
+                    self.admin = AdminServer(self)
+                    tg.start_soon(self.admin.run, self.config.admin.listen)
                 if on_ready is not None:
                     result = on_ready(self)
                     if isinstance(result, Awaitable):
@@ -157,7 +171,9 @@ class App:
 
     def reload(self) -> ReloadResult:
         """Read the configuration file again and apply what can change live (see halephant.proxy.reload)."""
-        return reload_app(self)
+        result = reload_app(self)
+        self.stats.reloaded(result.ok)
+        return result
 
     def begin_shutdown(self) -> None:
         """Stop accepting; let transactions finish for up to `shutdown_timeout`, then stop."""
@@ -203,6 +219,7 @@ class App:
         """Register a new connection; returns its number."""
         number = next(self._numbers)
         self.clients[number] = client
+        self.stats.connections += 1
         return number
 
     def client_closed(self, client: ClientConnection) -> None:

@@ -31,6 +31,7 @@ import secrets
 from typing import TYPE_CHECKING, cast
 
 from halephant import sqlstate
+from halephant.admin.console import ADMIN_DATABASES, CONSOLE_HEADROOM, start_console
 from halephant.auth.server_side import Exchange, exchange_for
 from halephant.errors import ClientError, ProtocolViolation
 from halephant.protocol import codes
@@ -118,6 +119,7 @@ class ClientConnection(asyncio.Protocol):
         "_reject_next",
         "app",
         "cancel_key",
+        "connected_at",
         "info",
         "link_count",
         "login_deadline",
@@ -130,6 +132,7 @@ class ClientConnection(asyncio.Protocol):
         "session",
         "session_due",
         "settings",
+        "since",
         "skip_to_sync",
         "state",
         "sweep_links",
@@ -189,9 +192,16 @@ class ClientConnection(asyncio.Protocol):
         self.sweep_links = -1
         self.sweep_rfq = -1
         self.sweep_since = 0.0
+        #: loop time of the connection, and of the last change between idle, waiting and active
+        self.connected_at = self.since = 0.0
 
     def __repr__(self) -> str:
         return repr(self.info) if self.info else "<client (starting)>"
+
+    @property
+    def console(self) -> bool:
+        """Connected to the admin console (database `halephant` or `pgbouncer`), not to a pool."""
+        return self.info is not None and self.info.database in ADMIN_DATABASES
 
     # --- asyncio.Protocol ---
 
@@ -201,6 +211,8 @@ class ClientConnection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         self.login_deadline = self.app.loop.time() + self.app.config.limits.login_timeout
         self.number = self.app.client_opened(self)
+        # the shared 100 ms clock: no float object of its own per idle client
+        self.connected_at = self.since = self.app.clock
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -301,7 +313,10 @@ class ClientConnection(asyncio.Protocol):
             user=packet.user, database=packet.database, params=packet.params, address=address, id=self.number
         )
         log.info("%r: connected", self)
-        refused = too_many_clients(self.app.config, len(self.app.clients))
+        connected = len(self.app.clients)
+        if packet.database in ADMIN_DATABASES:
+            connected -= CONSOLE_HEADROOM  # an operator can still get in when clients fill every slot
+        refused = too_many_clients(self.app.config, connected)
         if refused is not None:
             log.warning(
                 "%r: rejected: %s",
@@ -323,8 +338,10 @@ class ClientConnection(asyncio.Protocol):
             )
         self.settings = startup_settings(packet.params)
         plugins, config = self.app.plugins, self.app.config
-        selected = plugins.select_pool(info, config)
-        if isinstance(selected, Reject):
+        selected = None if packet.database in ADMIN_DATABASES else plugins.select_pool(info, config)
+        if selected is None:
+            pass  # the admin console: authenticated like anyone, no pool
+        elif isinstance(selected, Reject):
             self.pool_reject = selected  # told only after authentication, as PostgreSQL does
         else:
             self.target = selected
@@ -361,9 +378,13 @@ class ClientConnection(asyncio.Protocol):
 
     def _authenticated(self, how: str) -> None:
         self._exchange = None
+        if self.console:
+            start_console(self)
+            return
         if self.pool_reject is not None:
             r = self.pool_reject
             log.info("%r: rejected: %s", self, r.reason)
+            self.app.stats.decide("reject", self.info, r.reason, r.code)
             raise ClientError(r.code, r.message, hint=r.hint, fatal=True)
         assert self.info is not None and self.target is not None
         pool_info = self.app.manager.pool_info(self.target)
@@ -460,6 +481,8 @@ class ClientConnection(asyncio.Protocol):
                         pass
                     elif isinstance(verdict, Reject):
                         log.info("%r: rejected %s: %s", self, verdict.code, verdict.reason)
+                        self.app.stats.decide("reject", self.info, verdict.reason, verdict.code)
+                        self.app.stats.error(verdict.code)
                         error = m.error_response(verdict.code, verdict.message, hint=verdict.hint)
                         if server is None:
                             self._reject_locally(t, error)
@@ -598,8 +621,10 @@ class ClientConnection(asyncio.Protocol):
             )
         if type(route) is not Route and isinstance(route, Reject):
             log.info("%r: route rejected %s: %s", self, route.code, route.reason)
+            self.app.stats.decide("route_reject", self.info, route.reason, route.code)
             if self.state != READY:
                 raise ClientError(route.code, route.message, hint=route.hint, fatal=True)
+            self.app.stats.error(route.code)
             self._reject_locally(t, m.error_response(route.code, route.message, hint=route.hint))
             return True
         if self.app.debug:
@@ -611,6 +636,9 @@ class ClientConnection(asyncio.Protocol):
                 pool = self._primary_pool = self.app.manager.pool_for(self.target, route.role)
         else:
             pool = self.app.manager.pool_for(self.target, route.role)
+        if self.app.control.holding and self.state == READY and self.app.control.hold(self, pool):
+            self._first_checked = True  # PAUSE: held until RESUME
+            return False
         # waiters queue per client user: fair between users sharing one pool
         server, open_one = pool.checkout(self, self.info.user)
         if server is not None:
@@ -622,7 +650,7 @@ class ClientConnection(asyncio.Protocol):
         self._first_checked = True
         db = self.app.config.database_for(self.target.database)
         # enforced by the pool manager's sweep (one timer for everyone, not one per wait)
-        self.wait_started = now = self.app.loop.time()
+        self.wait_started = self.since = now = self.app.loop.time()
         self.wait_notified = False
         self.wait_deadline = now + (db.checkout_timeout if db is not None else 30.0)
         return False
@@ -633,6 +661,8 @@ class ClientConnection(asyncio.Protocol):
 
     def attach_server(self, server: ServerConnection) -> None:
         """Called by the pool: the server this client waited for."""
+        if self.waiting_pool is not None:
+            self.waiting_pool.stats.waited(self.app.loop.time() - self.wait_started)
         self.waiting_pool = None
         if self.state == CLOSED:
             # gone while waiting: give the server straight back
@@ -660,6 +690,7 @@ class ClientConnection(asyncio.Protocol):
         if self.state != READY or (self.pool_info is not None and self.pool_info.mode is PoolMode.SESSION):
             self.fail(ClientError(error.code, error.message, hint=error.hint, fatal=True))
             return
+        self.app.stats.error(error.code)
         self._reject_next = m.error_response(error.code, error.message, hint=error.hint)
         self.data_received(b"")
 
@@ -669,6 +700,9 @@ class ClientConnection(asyncio.Protocol):
         if pool is None:
             return
         log.warning("%r: checkout timeout waiting for a server of pool %s", self, pool.name)
+        pool.stats.checkout_timeouts += 1
+        why = f"no server of pool {pool.name} in time"
+        self.app.stats.decide("checkout_timeout", self.info, why, sqlstate.TOO_MANY_CONNECTIONS)
         self.checkout_failed(
             ClientError(
                 sqlstate.TOO_MANY_CONNECTIONS,
@@ -685,6 +719,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _link(self, server: ServerConnection) -> None:
         self.server = server
+        self.since = self.app.clock
         server.client = self
         server.link_count += 1
         self.link_count += 1
@@ -731,6 +766,7 @@ class ClientConnection(asyncio.Protocol):
         if not self.server.dirty:  # a reason to close the server that is already there stays
             self.server.dirty = reason
         log.info("%r: pinned to server pid %d: %s", self, self.server.backend_pid, reason)
+        self.app.stats.decide("pin", self.info, reason)
 
     def server_ready(self, n: int, status: int, at_boundary: bool) -> None:
         """The linked server sent `n` ReadyForQuery; the last said `status`."""
@@ -789,6 +825,7 @@ class ClientConnection(asyncio.Protocol):
         assert server is not None
         self.server = None
         server.client = None
+        self.since = self.app.clock
         if self.write_paused:
             server.set_reading(False)
         self.app.manager.checkin(server)
@@ -808,6 +845,7 @@ class ClientConnection(asyncio.Protocol):
         if self.state == CLOSED:
             return
         fatal = error.fatal or self.state != READY
+        self.app.stats.error(error.code)
         try:
             self.transport.write(m.error_response(error.code, error.message, hint=error.hint, fatal=fatal))
         except Exception:  # the transport may be gone already

@@ -67,7 +67,8 @@ def reload_app(app: App) -> ReloadResult:
     if result.needs_restart:
         # keep what cannot change live, so the running state and the config in use agree
         # (model_copy keeps the private attributes: the source and the plugin settings)
-        new = new.model_copy(update={"listen": old.listen, "plugins": old.plugins})
+        admin = new.admin.model_copy(update={"listen": old.admin.listen})  # the admin API stays bound
+        new = new.model_copy(update={"listen": old.listen, "plugins": old.plugins, "admin": admin})
     app.config = new
     app.max_message_size = new.limits.max_message_size
     if new.logging != old.logging:

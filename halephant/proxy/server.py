@@ -45,6 +45,7 @@ _MAX_SERVER_MESSAGE = 1 << 30
 # NotificationResponse: a server's own LISTEN delivered it (emulated LISTEN must not deliver it again).
 # Only messages of these rare types are copied out; the test is made for every message anyway.
 _KEEP = frozenset((codes.PARAMETER_STATUS, codes.COPY_IN_RESPONSE, codes.NOTIFICATION_RESPONSE))
+_TX_IDLE = codes.TX_IDLE
 #: the answer to an internal query: its rows (text format), and the error message if it failed
 InternalDone = Callable[[list[list[str | None]], str | None], None]
 
@@ -81,6 +82,7 @@ class ServerConnection(asyncio.Protocol):
         "scanner",
         "settings",
         "transport",
+        "xact_seen",
     )
 
     def __init__(
@@ -112,8 +114,9 @@ class ServerConnection(asyncio.Protocol):
         self.link_count = 0  # bumped at every link: a cancel checks it did not go stale
         #: rejections in flight, oldest first: (marker, error, ReadyForQuery count after which it is due)
         self._rewrites: deque[tuple[bytes, bytes, int]] = deque()
-        #: ReadyForQuery messages relayed since the connection opened
+        #: ReadyForQuery messages relayed since the connection opened, and those that said Idle
         self.rfq_seen = 0
+        self.xact_seen = 0
         #: settings applied on behalf of clients (startup parameters) beyond the server's own startup
         self.settings: dict[str, str] = {}
         #: ReadyForQuery messages still to swallow: answers to halephant's own set-up queries
@@ -212,6 +215,8 @@ class ServerConnection(asyncio.Protocol):
             self._kept(sc.kept, client)
         if sc.ready:
             self.rfq_seen += sc.ready
+            if sc.status == _TX_IDLE:
+                self.xact_seen += 1  # a transaction (or a run of autocommit statements) ended
             client.server_ready(sc.ready, sc.status, sc.at_boundary)
 
     def _kept(self, kept: list[tuple[int, bytes]], client: ClientConnection) -> None:
@@ -358,6 +363,8 @@ class ServerConnection(asyncio.Protocol):
                 ready += 1
                 status = buf[start]
                 self.rfq_seen += 1
+                if status == _TX_IDLE:
+                    self.xact_seen += 1
                 while rewrites and self.rfq_seen > rewrites[0][2]:
                     rewrites.popleft()  # its error never came: the server skipped the message
             elif t in _KEEP:
@@ -390,6 +397,8 @@ class ServerConnection(asyncio.Protocol):
         self.closing = True
         client, self.client = self.client, None
         self.pool.discard(self)
+        if not was_closing:
+            self.pool.stats.server_closed(self.rfq_seen, self.xact_seen, self.link_count)
         if client is not None:
             client.server_lost(self, "server closed the connection unexpectedly")
         if not was_closing:
@@ -432,6 +441,7 @@ class ServerConnection(asyncio.Protocol):
         self.closing = True
         log.debug("closing server %s: %s", self, reason)
         self.pool.discard(self)
+        self.pool.stats.server_closed(self.rfq_seen, self.xact_seen, self.link_count)
         if self.transport is not None:
             if not self.transport.is_closing():
                 self.transport.write(m.TERMINATE)

@@ -167,8 +167,13 @@ class Statement:
     @property
     def statement_count(self) -> int:
         """How many non-empty statements the text holds (`SELECT 1;;` is one; a bare comment is none)."""
-        if self._spans is None and ";" not in self.text and _FAST_FIRST_WORD.match(self.text):
-            return 1
+        if self._spans is None and _FAST_FIRST_WORD.match(self.text):
+            # No `;`, or only one that ends the text (`SELECT …;`, as pgbench and many tools send):
+            # one statement, without lexing a text that is most often seen once.
+            text = self.text
+            semicolon = text.find(";")
+            if semicolon < 0 or semicolon == len(text.rstrip(" \t\n\r\f\v")) - 1:
+                return 1
         return len(self._statement_spans())
 
     @property

@@ -222,7 +222,7 @@ def test_empty_file_lists_required_sections() -> None:
         pytest.param(
             "frobnicate: 1\n",
             "halephant.yaml:10:1: frobnicate: unknown key; expected one of: "
-            "listen, clusters, databases, users, limits, logging, plugins",
+            "listen, clusters, databases, users, limits, logging, plugins, admin",
             id="unknown-key-no-suggestion",
         ),
         pytest.param(
@@ -467,7 +467,7 @@ def test_many_errors_reported_together_in_file_order() -> None:
         "number of bytes; got 'huge'",
         "halephant.yaml:17:11: logging.format: Input should be 'text' or 'json'",
         "halephant.yaml:18:1: extra: unknown key; expected one of: "
-        "listen, clusters, databases, users, limits, logging, plugins",
+        "listen, clusters, databases, users, limits, logging, plugins, admin",
     ]
 
 

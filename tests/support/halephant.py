@@ -71,6 +71,8 @@ class Running:
         self.port = port
         self.config_path = config_path
         self.log_path = log_path
+        #: base URL of the admin API (``http://127.0.0.1:PORT``), None when it is off
+        self.admin_url: str | None = None
 
     def __repr__(self) -> str:
         return f"<halephant pid={self.proc.pid} {self.host}:{self.port} rc={self.proc.returncode}>"
@@ -86,6 +88,27 @@ class Running:
         params.update(extra)
         return conninfo(**params)
 
+    def admin_get(self, path: str, timeout: float = 10.0) -> tuple[int, str]:
+        """GET `path` from the admin API: (status, body)."""
+        import urllib.error
+        import urllib.request
+
+        assert self.admin_url is not None, "the admin API is off in this halephant"
+        try:
+            with urllib.request.urlopen(self.admin_url + path, timeout=timeout) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as exc:
+            with exc:
+                return exc.code, exc.read().decode()
+
+    def admin_json(self, path: str) -> Any:
+        """GET `path` from the admin API and decode its JSON (status 200 required)."""
+        import json
+
+        status, body = self.admin_get(path)
+        assert status == 200, (path, status, body)
+        return json.loads(body)
+
     def log_text(self) -> str:
         try:
             return self.log_path.read_text(errors="replace")
@@ -97,24 +120,31 @@ class Running:
         return self.proc.poll() is None
 
     def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
-        """Return once the listen port accepts TCP connections; raise (with the log) if halephant exits."""
+        """Return once the listen port (and the admin API's, when on) accepts TCP connections; raise (with
+        the log) if halephant exits. The admin API starts just after the proxy's listener."""
         deadline = time.monotonic() + timeout
+        self._wait_listening(self.host, self.port, deadline, timeout)
+        if self.admin_url is not None:
+            host, _, port = self.admin_url.removeprefix("http://").rpartition(":")
+            self._wait_listening(host, int(port), deadline, timeout)
+
+    def _wait_listening(self, host: str, port: int, deadline: float, timeout: float) -> None:
         while True:
             rc = self.proc.poll()
             if rc is not None:
                 raise HalephantDidNotStart(
-                    f"halephant exited with status {rc} before listening on {self.host}:{self.port}; "
+                    f"halephant exited with status {rc} before listening on {host}:{port}; "
                     f"config {self.config_path}; log:\n{self.log_text()}"
                 )
             try:
-                with socket.create_connection((self.host, self.port), timeout=0.5):
+                with socket.create_connection((host, port), timeout=0.5):
                     return
             except OSError:
                 pass
             if time.monotonic() > deadline:
                 self.stop()
                 raise HalephantDidNotStart(
-                    f"halephant did not listen on {self.host}:{self.port} within {timeout:g} s; "
+                    f"halephant did not listen on {host}:{port} within {timeout:g} s; "
                     f"config {self.config_path}; log:\n{self.log_text()}"
                 )
             time.sleep(0.02)
@@ -154,6 +184,14 @@ class HalephantFactory:
         final: dict[str, Any] = copy.deepcopy(dict(config))
         final.setdefault("listen", f"127.0.0.1:{free_port()}")
         host, port = _split_listen(final["listen"])
+        # the admin API's default port (6433) would be shared by every halephant a test run starts
+        admin = final.setdefault("admin", {})
+        admin_url = None
+        if isinstance(admin, dict):
+            admin.setdefault("listen", f"127.0.0.1:{free_port()}")
+            if admin["listen"] is not None:
+                admin_host, admin_port = _split_listen(admin["listen"])
+                admin_url = f"http://{admin_host}:{admin_port}"
         self.workdir.mkdir(parents=True, exist_ok=True)
         n = len(self.started) + 1
         config_path = self.workdir / f"halephant-{n}.yaml"
@@ -169,6 +207,7 @@ class HalephantFactory:
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.workdir,
             )  # fmt: skip
         running = Running(proc=proc, host=host, port=port, config_path=config_path, log_path=log_path)
+        running.admin_url = admin_url
         self.started.append(running)
         return running
 

@@ -1,0 +1,162 @@
+"""Operator commands on a running halephant: PAUSE, RESUME, RECONNECT and KILL (from the SQL console).
+
+PAUSE holds every new transaction of the paused databases at its checkout (the client's messages are
+buffered as for any wait, and no checkout timeout runs), and reports paused once no server of those
+databases is lent to a client any more. The proxy path pays one attribute test per checkout
+(`holding`), false unless something is paused.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import anyio
+
+from halephant import sqlstate
+from halephant.errors import ClientError
+from halephant.proxy.sweep import shutdown_error
+
+if TYPE_CHECKING:
+    from halephant.admin.console import ConsoleSession
+    from halephant.pool.pool import Pool
+    from halephant.proxy.app import App
+    from halephant.proxy.client import ClientConnection
+    from halephant.proxy.server import ServerConnection
+
+    ServerPool = Pool[ServerConnection, ClientConnection]
+
+log = logging.getLogger("halephant.admin")
+
+ALL = "*"
+
+
+class Control:
+    def __init__(self, app: App) -> None:
+        self.app = app
+        #: databases paused, or ALL
+        self._paused: set[str] = set()
+        #: checked by every checkout: True while anything is paused
+        self.holding = False
+        self._held: list[ClientConnection] = []
+        #: open SQL console sessions (not in `app.clients`: they are not pool clients)
+        self.consoles: set[ConsoleSession] = set()
+
+    async def run(self) -> None:
+        """Runs in the app's task group; when halephant stops, console sessions are told 57P01."""
+        try:
+            await anyio.sleep_forever()
+        finally:
+            for session in list(self.consoles):
+                session.close(shutdown_error())
+
+    # --- state ---
+
+    def is_paused(self, database: str) -> bool:
+        return ALL in self._paused or database in self._paused
+
+    def paused_databases(self) -> set[str]:
+        return set(self._paused)
+
+    def held_by_database(self) -> dict[str, list[ClientConnection]]:
+        out: dict[str, list[ClientConnection]] = {}
+        for client in self._held:
+            if client.waiting_pool is not None and client.info is not None:
+                out.setdefault(client.waiting_pool.key[0], []).append(client)
+        return out
+
+    def _databases(self, database: str | None) -> list[str]:
+        if database is None:
+            return list(self.app.config.databases)
+        if database not in self.app.config.databases:
+            raise ClientError(sqlstate.INVALID_CATALOG_NAME, f'database "{database}" does not exist')
+        return [database]
+
+    def _pools(self, database: str | None) -> list[ServerPool]:
+        return [p for k, p in list(self.app.manager.pools.items()) if database is None or k[0] == database]
+
+    # --- called by the proxy at checkout ---
+
+    def hold(self, client: ClientConnection, pool: ServerPool) -> bool:
+        """Hold `client`'s new transaction if its database is paused; True when held."""
+        if not self.is_paused(pool.key[0]):
+            return False
+        client.waiting_pool = pool  # buffers what it sends; never in the pool's queue, so no timeout
+        client.since = self.app.loop.time()
+        self._held.append(client)
+        return True
+
+    # --- commands ---
+
+    def pause(self, database: str | None) -> None:
+        names = self._databases(database)
+        self._paused.add(ALL if database is None else names[0])
+        self.holding = True
+        log.info("PAUSE %s", database or "(all databases)")
+
+    def active_servers(self, database: str | None) -> int:
+        n = 0
+        for pool in self._pools(database):
+            n += sum(1 for s in pool.active if getattr(s.client, "info", None) is not None)
+        return n
+
+    async def wait_paused(self, database: str | None, poll: float = 0.05) -> None:
+        """Return once no server of `database` (all when None) is lent to a client."""
+        while self.active_servers(database):
+            await anyio.sleep(poll)
+
+    def resume(self, database: str | None) -> None:
+        if database is None:
+            self._paused.clear()
+        else:
+            self._databases(database)
+            self._paused.discard(database)
+        self.holding = bool(self._paused)
+        log.info("RESUME %s", database or "(all databases)")
+        held, self._held = self._held, []
+        for client in held:
+            pool = client.waiting_pool
+            if pool is None or client.info is None:
+                continue  # gone meanwhile
+            if self.is_paused(pool.key[0]):
+                self._held.append(client)
+                continue
+            client.waiting_pool = None
+            client.data_received(b"")  # goes on where it was held: checkout, then its buffered messages
+
+    def reconnect(self, database: str | None) -> int:
+        """Replace the server connections of `database`: idle ones now, the others when they come back."""
+        self._databases(database)
+        n = 0
+        for pool in self._pools(database):
+            for server in list(pool.idle):
+                server.close("RECONNECT")
+                n += 1
+            for server in list(pool.active):
+                if pool.info.mode.value == "transaction":
+                    server.dirty = server.dirty or "RECONNECT"  # closed at check-in, never handed on
+                else:
+                    server.created_at = time.monotonic() - 1e9  # past max_lifetime: closed once idle
+                n += 1
+        log.info("RECONNECT %s: %d server connection(s) to replace", database or "(all databases)", n)
+        return n
+
+    def kill(self, database: str) -> int:
+        """Drop every client and server connection of `database`; it stays paused until RESUME."""
+        self._databases(database)
+        self.pause(database)
+        error = ClientError(
+            sqlstate.ADMIN_SHUTDOWN, "terminating connection due to administrator command", fatal=True
+        )
+        n = 0
+        for client in list(self.app.clients.values()):
+            target = client.target
+            if target is not None and target.database == database:
+                client.fail(error)
+                n += 1
+        for pool in self._pools(database):
+            for server in list(pool.idle) + list(pool.active):
+                server.close("KILL")
+        log.info("KILL %s: %d client(s) terminated", database, n)
+        return n

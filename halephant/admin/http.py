@@ -1,0 +1,160 @@
+"""The HTTP admin API on `admin.listen`: /health, /ready, JSON state and Prometheus /metrics.
+
+A deliberately small HTTP/1.1 server on asyncio streams, in the proxy's own event loop: GET only, one
+request per connection (`Connection: close`), bounded request size and read time, so a slow or hostile
+scraper cannot hold anything the proxy needs. Every answer is built from data already in memory.
+
+If the address is taken (e.g. by the previous process during an online restart), binding is retried
+every second: the proxy keeps serving meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+from collections.abc import Callable
+from http import HTTPStatus
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, urlsplit
+
+import anyio
+
+from halephant.admin import metrics, snapshot
+
+if TYPE_CHECKING:
+    from halephant.config.schema import HostPort
+    from halephant.proxy.app import App
+
+log = logging.getLogger("halephant.admin")
+
+MAX_REQUEST = 16 * 1024
+READ_TIMEOUT = 5.0
+BIND_RETRY = 1.0
+
+Handler = Callable[[dict[str, list[str]]], tuple[int, str, bytes]]
+
+
+def _json(data: Any, status: int = 200) -> tuple[int, str, bytes]:
+    return status, "application/json", json.dumps(data, indent=1, default=str).encode() + b"\n"
+
+
+class AdminServer:
+    def __init__(self, app: App) -> None:
+        self.app = app
+        self.rates = snapshot.Rates(app)
+        self._registry = metrics.registry(app)
+        self.address: tuple[str, int] | None = None
+        self._server: asyncio.Server | None = None
+        self.routes: dict[str, Handler] = {
+            "/health": lambda q: (200, "text/plain", b"ok\n"),
+            "/ready": self._ready,
+            "/snapshot": lambda q: _json(snapshot.full(self.app, self.rates)),
+            "/pools": lambda q: _json(snapshot.pools(self.app)),
+            "/nodes": lambda q: _json(snapshot.nodes(self.app)),
+            "/clients": lambda q: _json(snapshot.clients(self.app)),
+            "/servers": lambda q: _json(snapshot.servers(self.app)),
+            "/queues": lambda q: _json(snapshot.queues(self.app)),
+            "/decisions": self._decisions,
+            "/errors": lambda q: _json(snapshot.errors(self.app)),
+            "/config": lambda q: _json(snapshot.config(self.app)),
+            "/metrics": lambda q: (200, metrics.CONTENT_TYPE, metrics.render(self._registry)),
+        }
+
+    def _ready(self, query: dict[str, list[str]]) -> tuple[int, str, bytes]:
+        ok, detail = snapshot.ready(self.app)
+        return _json({"ready": ok, "databases": detail}, 200 if ok else 503)
+
+    def _decisions(self, query: dict[str, list[str]]) -> tuple[int, str, bytes]:
+        try:
+            limit = int(query.get("limit", ["200"])[0])
+        except ValueError:
+            return _json({"error": "limit must be a number"}, 400)
+        return _json(snapshot.decisions(self.app, limit))
+
+    # --- lifecycle ---
+
+    async def run(self, listen: HostPort) -> None:
+        """Serve until cancelled; retry the bind while the address is taken."""
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self.rates.run)
+            warned = False
+            while self._server is None:
+                try:
+                    self._server = await asyncio.start_server(
+                        self._handle,
+                        listen.host,
+                        listen.port,
+                        reuse_address=True,
+                        family=socket.AF_INET6 if ":" in listen.host else socket.AF_INET,
+                        limit=MAX_REQUEST,
+                    )
+                except OSError as exc:
+                    if not warned:
+                        log.warning("admin API cannot listen on %s (%s): retrying every second", listen, exc)
+                        warned = True
+                    await anyio.sleep(BIND_RETRY)
+            sock = self._server.sockets[0].getsockname()
+            self.address = (sock[0], sock[1])
+            log.info("admin API listening on http://%s:%d/", sock[0], sock[1])
+            try:
+                await anyio.sleep_forever()
+            finally:
+                self._server.close()
+
+    # --- one request ---
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            try:
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), READ_TIMEOUT)
+            except (asyncio.LimitOverrunError, ValueError):
+                await self._send(writer, 431, "text/plain", b"request header too large\n")
+                return
+            except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
+                return
+            status, ctype, body, method = self._respond(head)
+            await self._send(writer, status, ctype, b"" if method == "HEAD" else body, len(body))
+        except Exception:  # one bad request must never reach the proxy's task group
+            log.exception("admin API: error while answering a request")
+        finally:
+            writer.close()
+
+    def _respond(self, head: bytes) -> tuple[int, str, bytes, str]:
+        try:
+            request_line = head.split(b"\r\n", 1)[0].decode("latin-1")
+            method, target, version = request_line.split(" ")
+        except ValueError:
+            return 400, "text/plain", b"bad request\n", ""
+        if not version.startswith("HTTP/1."):
+            return 505, "text/plain", b"HTTP/1.x only\n", method
+        if method not in ("GET", "HEAD"):
+            return 405, "text/plain", b"GET only\n", method
+        url = urlsplit(target)
+        path = url.path.rstrip("/") or "/"
+        if path == "/":
+            index = {"endpoints": sorted(self.routes)}
+            status, ctype, body = _json(index)
+            return status, ctype, body, method
+        handler = self.routes.get(path)
+        if handler is None:
+            return 404, "text/plain", b"not found\n", method
+        status, ctype, body = handler(parse_qs(url.query))
+        return status, ctype, body, method
+
+    @staticmethod
+    async def _send(
+        writer: asyncio.StreamWriter, status: int, ctype: str, body: bytes, length: int | None = None
+    ) -> None:
+        reason = HTTPStatus(status).phrase
+        head = (
+            f"HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\n"
+            f"Content-Length: {len(body) if length is None else length}\r\n"
+            "Cache-Control: no-store\r\nConnection: close\r\n\r\n"
+        )
+        writer.write(head.encode("latin-1") + body)
+        try:
+            await asyncio.wait_for(writer.drain(), READ_TIMEOUT)
+        except (TimeoutError, ConnectionError):
+            pass
