@@ -112,6 +112,7 @@ class ClientConnection(asyncio.Protocol):
         "_exchange",
         "_first_checked",
         "_framer",
+        "_last_route",
         "_last_sync_point",
         "_pending_pin",
         "_primary_pool",
@@ -176,6 +177,7 @@ class ClientConnection(asyncio.Protocol):
         self._primary_pool: ServerPool | None = None
         self._read_paused = False
         self._last_sync_point = 0
+        self._last_route: Route | None = None
         self._pending_pin: Verdict | None = None  # a Pin/Unpin verdict waiting for the server it applies to
         #: session state beyond the startup settings (transaction pooling), created on first need
         self.session: session_state.SessionState | None = None
@@ -627,6 +629,12 @@ class ClientConnection(asyncio.Protocol):
             self.app.stats.error(route.code)
             self._reject_locally(t, m.error_response(route.code, route.message, hint=route.hint))
             return True
+        last = self._last_route
+        if route is not last and route != last and self.state == READY:
+            # recorded when this client's routing changes (its first transaction included), not per
+            # transaction: the default plugin answers with the same Route object while nothing changes
+            self._last_route = route
+            self.app.stats.decide("route", self.info, route.reason)
         if self.app.debug:
             log.debug("%r: route %s: %s", self, route.role, route.reason)
         if route.role is _PRIMARY:

@@ -189,6 +189,18 @@ def test_rejects_and_pins_are_decisions(hal: Running) -> None:
     assert hal.admin_json("/errors").get("0A000", 0) >= 1
 
 
+def test_routing_is_a_decision_when_it_changes_not_per_transaction(hal: Running) -> None:
+    before = [d for d in hal.admin_json("/decisions?limit=200") if d["kind"] == "route"]
+    with connect(hal) as conn:
+        for _ in range(20):
+            conn.execute("SELECT 1")
+    routes = [d for d in hal.admin_json("/decisions?limit=200") if d["kind"] == "route"]
+    new = routes[len(before) :] if len(routes) >= len(before) else routes
+    mine = [d for d in new if d["user"] == "myapp"]
+    assert len(mine) == 1, [(d["client"], d["reason"]) for d in mine]  # twenty transactions: once
+    assert mine[0]["reason"].startswith("primary"), mine
+
+
 def test_metrics_are_prometheus_text(hal: Running) -> None:
     from prometheus_client.parser import text_string_to_metric_families
 
