@@ -18,7 +18,7 @@ DEMO_CONFIG = """\
 listen: 127.0.0.1:{port}
 clusters:
   main:
-    nodes: [127.0.0.1:{primary}, 127.0.0.1:{replica}]   # the first node is the primary
+    nodes: [127.0.0.1:{primary}, 127.0.0.1:{replica}]   # any order: roles are probed
 databases:
   myapp:
     cluster: main

@@ -116,6 +116,10 @@ def halephant_route(
     :param cluster: the nodes of the pool's cluster as last seen (roles, which are usable, their lag);
         ``cluster.primary`` and ``cluster.replicas`` say what can take the transaction now.
     :returns: ``Route(role, reason)``, or ``Reject`` (e.g. 25006 for a write on a read-only route).
+        The core picks the node: the elected primary, or the usable replica with the fewest active
+        server connections. A ``REPLICA`` route while ``cluster.replicas`` is empty fails the
+        transaction with 57P03; a ``PRIMARY`` route while no primary is known waits for one up to
+        ``checkout_timeout``, then fails with 57P03.
 
     Default: ``plugins/replica_routing.py``.
     """

@@ -187,7 +187,9 @@ class NodeInfo:
 
     `role` is None while the node's role is unknown (never reached); `usable` says whether new
     transactions may go there (reachable, and for a replica within the cluster's lag limits), and
-    `reason` explains why not. Lags are None where unknown (and always for a primary).
+    `reason` explains why not. Lags are None where unknown (and always for a primary). `lsn` is the
+    WAL position the last probe saw (a primary's current one, a replica's replayed one, as a byte
+    offset) and `timeline` the node's timeline; both None until a probe answered.
     """
 
     name: str
@@ -198,6 +200,8 @@ class NodeInfo:
     lag_bytes: int | None = None
     lag_seconds: float | None = None
     reason: str = ""
+    lsn: int | None = None
+    timeline: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

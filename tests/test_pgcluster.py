@@ -249,7 +249,9 @@ def fake_factory(tmp_path: pathlib.Path) -> Iterator[HalephantFactory]:
 def test_factory_writes_config_waits_for_the_port_and_stops(
     fake_factory: HalephantFactory, pg: Cluster
 ) -> None:
-    running = fake_factory.start(default_config(pg, databases={"myapp": {"pool_size": 2}}))
+    wanted = default_config(pg, databases={"myapp": {"pool_size": 2}})
+    wanted["admin"] = {"listen": None}  # the fake serves no admin API: do not wait for one
+    running = fake_factory.start(wanted)
     config = YAML(typ="safe", pure=True).load(running.config_path)
     assert config["listen"] == f"127.0.0.1:{running.port}"
     assert config["clusters"]["main"]["nodes"] == [f"127.0.0.1:{n.port}" for n in pg.nodes]

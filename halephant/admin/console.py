@@ -558,7 +558,9 @@ def show_databases(app: App) -> Result:
     rows = []
     for name, db in sorted(app.config.databases.items()):
         cluster = app.config.clusters.get(db.cluster)
-        primary = cluster.nodes[0] if cluster is not None else None
+        # the probed primary (the first configured node while none is known)
+        view = app.manager.cluster_view(db.cluster) if cluster is not None else None
+        primary = (view.primary or cluster.nodes[0]) if view is not None and cluster is not None else None
         rows.append(
             [
                 name, primary.host if primary else None, primary.port if primary else None,

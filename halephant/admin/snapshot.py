@@ -91,7 +91,8 @@ def _client_pool_key(app: App, client: ClientConnection) -> PoolKey | None:
     target = client.target
     if target is None or target.cluster not in app.config.clusters:
         return None
-    node = app.config.clusters[target.cluster].nodes[0]
+    probed = app.manager.cluster_view(target.cluster).primary  # None while failing over
+    node = probed if probed is not None else app.config.clusters[target.cluster].nodes[0]
     return (target.database, target.server_user, f"{node.host}:{node.port}")
 
 

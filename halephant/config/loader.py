@@ -213,6 +213,20 @@ def _cross_check(plain: dict[Any, Any], where: _Locator) -> list[ConfigProblem]:
             if address in seen:
                 problems.append(where.problem(("clusters", name, "nodes", i), f"{address} is listed twice"))
             seen.add(address)
+        probe_user = cluster.get("probe_user")
+        users = plain.get("users")
+        if (
+            isinstance(probe_user, str)
+            and cluster.get("probe_password") is None
+            and isinstance(users, dict)
+            and probe_user not in users
+        ):
+            problems.append(
+                where.problem(
+                    ("clusters", name, "probe_user"),
+                    f"{probe_user!r} is not under users:, so its password is unknown: set probe_password",
+                )
+            )
 
     for name, db in _entries(plain.get("databases")):
         if name in _ADMIN_DATABASES:

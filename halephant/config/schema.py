@@ -46,6 +46,7 @@ __all__ = [
     "PluginsConfig",
     "PoolModeName",
     "SessionFeaturesConfig",
+    "TopologyConfig",
     "UserConfig",
     "is_md5_hash",
     "is_scram_verifier",
@@ -152,9 +153,20 @@ def _server_port(node: HostPort) -> HostPort:
 
 
 class ClusterConfig(_Section):
-    """One PostgreSQL cluster: its nodes. In this version the first node is the primary."""
+    """One PostgreSQL cluster: its nodes (their roles are discovered by probing them), how to probe them,
+    and how far a replica may lag before it gets no new transactions."""
 
     nodes: Annotated[tuple[Annotated[HostPort, AfterValidator(_server_port)], ...], Field(min_length=1)]
+    #: The role the probes log in as; None: the first user under `users:` with a password.
+    probe_user: Annotated[StrictStr, Field(min_length=1)] | None = None
+    #: Its plaintext password; None: that user's upstream password from `users:`, if any.
+    probe_password: StrictStr | None = Field(default=None, repr=False)
+    #: The database the probes connect to.
+    probe_database: Annotated[StrictStr, Field(min_length=1)] = "postgres"
+    #: A replica further behind the primary's WAL than this (bytes) takes no new transactions.
+    max_lag_bytes: Size | None = None
+    #: A replica whose replay is this far behind (seconds) takes no new transactions.
+    max_lag: Annotated[Duration, Field(gt=0)] | None = None
     _name: str = PrivateAttr(default="")
 
     @property
@@ -164,6 +176,7 @@ class ClusterConfig(_Section):
 
     @property
     def primary(self) -> HostPort:
+        """The first configured node: the primary assumed until the probes say otherwise."""
         return self.nodes[0]
 
 
@@ -217,6 +230,10 @@ class DatabaseConfig(_Section):
     #: Where read-write users' read-only transactions go (`BEGIN READ ONLY`, or after
     #: `SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY`): `replica` or `primary`.
     read_only_transactions: Literal["replica", "primary"] = "replica"
+    #: After a client's transaction on the primary, its reads go only to replicas that replayed it.
+    read_your_writes: StrictBool = False
+    #: How long after such a transaction that holds.
+    read_your_writes_window: Annotated[Duration, Field(gt=0)] = 10.0
     _name: str = PrivateAttr(default="")
 
     @property
@@ -287,6 +304,13 @@ class LimitsConfig(_Section):
     query_wait_notify: Annotated[Duration, Field(ge=0)] = 5.0
 
 
+class TopologyConfig(_Section):
+    """How often, and how patiently, every node is probed for its role and replication lag."""
+
+    interval: Annotated[Duration, Field(gt=0)] = 5.0
+    timeout: Annotated[Duration, Field(gt=0)] = 3.0
+
+
 class LoggingConfig(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["text", "json"] = "text"
@@ -320,6 +344,7 @@ class Config(_Section):
     databases: Annotated[dict[StrictStr, DatabaseConfig], Field(min_length=1)]
     users: Annotated[dict[StrictStr, UserConfig], Field(min_length=1)]
     limits: LimitsConfig = LimitsConfig()
+    topology: TopologyConfig = TopologyConfig()
     logging: LoggingConfig = LoggingConfig()
     plugins: PluginsConfig = PluginsConfig()
     admin: AdminConfig = AdminConfig()

@@ -8,6 +8,11 @@ closing are done by the caller.
 Waiters queue per group (the client's user name): FIFO within a group, round robin between groups, so
 when several client users share one pool (a plugin mapping them to one upstream role) one user's 500
 waiters cannot starve another's 5. With a single group this is plain FIFO.
+
+The pools of one (database, user) on a cluster's replicas share one `waiters` queue (see
+`halephant.pool.group`), so a server coming free on any replica serves the next waiter. `serves` is the
+role the pool's node can take transactions for now (None: down, lagging, or not the elected primary),
+kept up to date by the pool manager as the topology changes.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from collections.abc import Callable, Hashable, Iterator
 from typing import Generic, Protocol, TypeVar
 
 from halephant.pool.stats import PoolStats
-from halephant.types import PoolInfo, PoolSize, PoolTarget
+from halephant.types import PoolInfo, PoolSize, PoolTarget, Role
 
 
 class PooledServer(Protocol):
@@ -124,7 +129,9 @@ class Pool(Generic[S, W]):
         "key",
         "opened_count",
         "port",
+        "serves",
         "stats",
+        "track_lsn",
         "waiters",
     )
 
@@ -140,6 +147,9 @@ class Pool(Generic[S, W]):
         self.opened_count = 0
         self.closed_count = 0
         self.stats = PoolStats()
+        self.serves: Role | None = None
+        #: read-your-writes: learn the primary's WAL position when a client's transaction ends here
+        self.track_lsn = False
 
     def __repr__(self) -> str:
         return (
@@ -193,10 +203,13 @@ class Pool(Generic[S, W]):
         self.opened_count += 1
         return self.checkin(server)
 
-    def connect_failed(self) -> list[W]:
-        """Opening failed. When nothing else could serve the waiters soon, they are returned to be failed."""
+    def connect_failed(self, served_elsewhere: bool = False) -> list[W]:
+        """Opening failed. When nothing else could serve the waiters soon, they are returned to be failed.
+
+        `served_elsewhere`: the waiters are shared with pools that can still serve them (replicas).
+        """
         self.connecting -= 1
-        if self.connecting == 0 and not self.active and not self.idle:
+        if self.connecting == 0 and not self.active and not self.idle and not served_elsewhere:
             failed = list(self.waiters)
             self.waiters.clear()
             return failed

@@ -78,6 +78,8 @@ class App:
         self.loop = asyncio.get_running_loop()
         self.clock = self.loop.time()
         self.plugins.configure(self.config)
+        # the nodes' roles before the first client's first transaction is routed
+        await self.manager.nodes.topology.first_round()
         listen = self.config.listen
         sock = self._listen_socket(listen.host, listen.port)
         server = self._server = await self.loop.create_server(
@@ -90,14 +92,16 @@ class App:
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
+                # first: until its handlers are installed a SIGTERM kills the process outright
+                tg.start_soon(self._signals)
                 tg.start_soon(self.manager.maintain)
                 tg.start_soon(self.manager.expire_waiters)
-                tg.start_soon(self._signals)
                 tg.start_soon(run_clock, self)
                 tg.start_soon(self.control.run)
                 if self.config.admin.listen is not None:
                     self.admin = AdminServer(self)
                     tg.start_soon(self.admin.run, self.config.admin.listen)
+                tg.start_soon(self.manager.nodes.topology.run)
                 if on_ready is not None:
                     result = on_ready(self)
                     if isinstance(result, Awaitable):

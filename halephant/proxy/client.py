@@ -437,7 +437,7 @@ class ClientConnection(asyncio.Protocol):
             and self.pool_info is not None
             and self.pool_info.mode is PoolMode.TRANSACTION
         ):
-            self._release()
+            self._release(after_transaction=False)
         # the timeout sweep counts quiet time from here, not from the first sweep that sees the client
         self.sweep_links = self.link_count
         self.sweep_rfq = self.server.rfq_seen if self.server is not None else -1
@@ -621,7 +621,27 @@ class ClientConnection(asyncio.Protocol):
                 self.pool_info,
                 self.app.manager.cluster_view(self.target.cluster),
             )
-        if type(route) is not Route and isinstance(route, Reject):
+        pool: ServerPool | None = None
+        if type(route) is Route or not isinstance(route, Reject):
+            last = self._last_route
+            if route is not last and route != last and self.state == READY:
+                # recorded when this client's routing changes (its first transaction included), not per
+                # transaction: the default plugin answers with the same Route object while nothing changes
+                self._last_route = route
+                self.app.stats.decide("route", self.info, route.reason)
+            if self.app.debug:
+                log.debug("%r: route %s: %s", self, route.role, route.reason)
+            if route.role is _PRIMARY:
+                # the same pool while its node stays the primary: looked up again only after a failover
+                pool = self._primary_pool
+                if pool is None or pool.serves is not _PRIMARY:
+                    pool = self._primary_pool = self.app.manager.pool_for(self.target, route.role)
+            else:
+                pool = self.app.manager.pool_for(self.target, route.role, self)
+            if pool is None:
+                route = self.app.manager.nodes.unavailable(self.target, route.role)
+        if pool is None:
+            assert isinstance(route, Reject)
             log.info("%r: route rejected %s: %s", self, route.code, route.reason)
             self.app.stats.decide("route_reject", self.info, route.reason, route.code)
             if self.state != READY:
@@ -629,21 +649,6 @@ class ClientConnection(asyncio.Protocol):
             self.app.stats.error(route.code)
             self._reject_locally(t, m.error_response(route.code, route.message, hint=route.hint))
             return True
-        last = self._last_route
-        if route is not last and route != last and self.state == READY:
-            # recorded when this client's routing changes (its first transaction included), not per
-            # transaction: the default plugin answers with the same Route object while nothing changes
-            self._last_route = route
-            self.app.stats.decide("route", self.info, route.reason)
-        if self.app.debug:
-            log.debug("%r: route %s: %s", self, route.role, route.reason)
-        if route.role is _PRIMARY:
-            # the same pool every time: looked up once per client, not once per transaction
-            pool = self._primary_pool
-            if pool is None:
-                pool = self._primary_pool = self.app.manager.pool_for(self.target, route.role)
-        else:
-            pool = self.app.manager.pool_for(self.target, route.role)
         if self.app.control.holding and self.state == READY and self.app.control.hold(self, pool):
             self._first_checked = True  # PAUSE: held until RESUME
             return False
@@ -828,7 +833,7 @@ class ClientConnection(asyncio.Protocol):
         if self.session is not None:
             session_state.flush(self)
 
-    def _release(self) -> None:
+    def _release(self, after_transaction: bool = True) -> None:
         server = self.server
         assert server is not None
         self.server = None
@@ -836,7 +841,7 @@ class ClientConnection(asyncio.Protocol):
         self.since = self.app.clock
         if self.write_paused:
             server.set_reading(False)
-        self.app.manager.checkin(server)
+        self.app.manager.checkin(server, self if after_transaction else None)
 
     def server_lost(self, server: ServerConnection, reason: str) -> None:
         if self.server is server:

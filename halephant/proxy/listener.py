@@ -29,7 +29,6 @@ from halephant.protocol import messages as m
 from halephant.protocol.framing import split_frames
 from halephant.proxy import session_state
 from halephant.proxy.server import ServerConnection
-from halephant.types import Role
 
 if TYPE_CHECKING:
     from halephant.pool.pool import Pool
@@ -61,8 +60,7 @@ class Listeners:
         key = (target.database, target.pool_user)
         listener = self._by_key.get(key)
         if listener is None:
-            pool = self.app.manager.pool_for(target, Role.PRIMARY)
-            listener = self._by_key[key] = _Listener(self.app, pool)
+            listener = self._by_key[key] = _Listener(self.app, self.app.manager.nodes.primary_pool(target))
         return listener
 
     def prepare(self, client: ClientConnection, channels: Iterable[str]) -> None:
@@ -174,6 +172,7 @@ class _Listener:
 
     async def _connect(self) -> None:
         target = self.pool.info.target
+        self.pool = self.app.manager.nodes.primary_pool(target)  # the primary may have changed
         startup = {
             "user": target.server_user,
             "database": target.server_database,
@@ -182,6 +181,8 @@ class _Listener:
         loop = self.app.loop
         server = ServerConnection(self.app.manager, self.pool, startup, target.server_password, loop)
         try:
+            if not self.pool.host:
+                raise ConnectionError("no primary is available")
             with anyio.fail_after(self.app.config.limits.connect_timeout):
                 await loop.create_connection(lambda: server, self.pool.host, self.pool.port)
                 await server.login

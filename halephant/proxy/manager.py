@@ -1,7 +1,8 @@
 """The pools of a running halephant, and the I/O their decisions call for: opening server connections
 (a short task each, under `connect_timeout`), resetting session-mode servers, the maintenance loop
 (idle_timeout, max_lifetime, min_pool_size, servers beyond the pool's size) and what a reload changes
-about the pools (`reconfigure`). The timeouts themselves are swept in `halephant.proxy.sweep`.
+about the pools (`reconfigure`). The timeouts themselves are swept in `halephant.proxy.sweep`. Which
+node's pool a transaction gets, following the probed topology, is `halephant.proxy.nodes`.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ from halephant.pool.pool import Pool
 from halephant.protocol import codes
 from halephant.protocol import messages as m
 from halephant.protocol.framing import split_frames
+from halephant.proxy.nodes import Nodes
 from halephant.proxy.server import ServerConnection, ServerLoginError
 from halephant.proxy.sweep import sweep_clients, sweep_waiters
-from halephant.types import ClusterView, NodeInfo, PoolInfo, PoolMode, PoolTarget, Role
+from halephant.types import ClusterView, PoolInfo, PoolMode, PoolTarget, Role
 
 if TYPE_CHECKING:
     from halephant.proxy.app import App
@@ -30,6 +32,11 @@ if TYPE_CHECKING:
     ServerPool = Pool[ServerConnection, ClientConnection]
 
 log = logging.getLogger("halephant.pool")
+
+#: SQLSTATEs of a failed server login that mean the node itself is going away, not a refusal
+_NODE_FAILURES = frozenset(
+    (sqlstate.CONNECTION_FAILURE, sqlstate.CANNOT_CONNECT_NOW, sqlstate.ADMIN_SHUTDOWN)
+)
 
 
 class _Reset:
@@ -105,8 +112,7 @@ class PoolManager:
         self.pools: dict[tuple[str, str, str], ServerPool] = {}
         self._infos: dict[tuple[str, str], PoolInfo] = {}
         self._welcome: dict[tuple[str, str], dict[str, str]] = {}
-        self._next_replica = 0
-        self._views: dict[str, ClusterView] = {}
+        self.nodes = Nodes(self)
         #: pools a reload took out of use: they serve what they still hold, then close (see tick)
         self.retired: list[ServerPool] = []
 
@@ -127,41 +133,20 @@ class PoolManager:
         return self._welcome.get((target.database, target.pool_user))
 
     def cluster_view(self, name: str) -> ClusterView:
-        """The cluster's nodes as last seen. Until nodes are probed, the first configured node is the
-        primary and the others are replicas, all usable."""
-        view = self._views.get(name)
-        if view is None:
-            nodes = self.app.config.clusters[name].nodes
-            view = self._views[name] = ClusterView(
-                name,
-                tuple(
-                    NodeInfo(
-                        f"{node.host}:{node.port}",
-                        node.host,
-                        node.port,
-                        Role.PRIMARY if i == 0 else Role.REPLICA,
-                        usable=True,
-                        reason="configured order",
-                    )
-                    for i, node in enumerate(nodes)
-                ),
-            )
-        return view
+        """The cluster's nodes as last probed (immutable; a new view replaces it after a change)."""
+        view = self.nodes.views.get(name)
+        return view if view is not None else self.nodes.view(name)
 
-    def pool_for(self, target: PoolTarget, role: Role) -> ServerPool:
-        cluster = self.app.config.clusters.get(target.cluster)
-        if cluster is None:  # a reload removed it while this client stayed connected
-            raise ClientError(
-                sqlstate.ADMIN_SHUTDOWN,
-                f'terminating connection: cluster "{target.cluster}" was removed from the configuration',
-                fatal=True,
-            )
-        nodes = cluster.nodes
-        node = nodes[0]
-        if role is Role.REPLICA and len(nodes) > 1:
-            self._next_replica = (self._next_replica + 1) % (len(nodes) - 1)
-            node = nodes[1 + self._next_replica]
-        key = (target.database, target.pool_user, f"{node.host}:{node.port}")
+    def pool_for(
+        self, target: PoolTarget, role: Role, client: ClientConnection | None = None
+    ) -> ServerPool | None:
+        """The pool of the node that gets a transaction of `client` routed to `role`; None when no node
+        can take it (see `halephant.proxy.nodes`)."""
+        return self.nodes.pool_for(target, role, client)
+
+    def node_pool(self, target: PoolTarget, host: str, port: int) -> ServerPool:
+        """The pool of (database, user) on one node, created on first use."""
+        key = (target.database, target.pool_user, f"{host}:{port}")
         pool = self.pools.get(key)
         # A reload changed what this pool logs in with (a password): new servers use the new one.
         # Clients from before and after a change of pool mode may share it: it stays in transaction
@@ -176,7 +161,7 @@ class PoolManager:
             pool.info = PoolInfo(target=target, size=pool.info.size)
         if pool is None:
             pool = self.pools[key] = Pool[ServerConnection, "ClientConnection"](
-                target, self.pool_info(target).size, node.host, node.port
+                target, self.pool_info(target).size, host, port
             )
             log.info("pool %s created (size %d, min %d)", pool.name, pool.info.size.max, pool.info.size.min)
         return pool
@@ -221,8 +206,9 @@ class PoolManager:
                     fatal=True,
                 )
             log.warning("pool %s: server connect failed: %s %s", pool.name, error.code, error.message)
-            for waiter in pool.connect_failed():
-                waiter.checkout_failed(error)
+            # a login the server refused is not the node failing; no answer (or a shutdown) is
+            node_failed = not isinstance(exc, ClientError) or exc.code in _NODE_FAILURES
+            self.nodes.connect_failed(pool, error, node_failed)
             return
         self._welcome.setdefault((target.database, target.pool_user), dict(server.params))
         log.info(
@@ -232,9 +218,12 @@ class PoolManager:
         if first is not None:
             first.attach_server(server)
 
-    def checkin(self, server: ServerConnection) -> None:
+    def checkin(self, server: ServerConnection, client: ClientConnection | None = None) -> None:
         """A client is done with `server`: close it if it may carry session state, else pool it."""
         if server.closing:
+            return
+        if client is not None and server.pool.track_lsn and not server.dirty:
+            self.nodes.learn_lsn(server, client)  # read-your-writes: checks the server in afterwards
             return
         if server.dirty and server.pool.info.mode is PoolMode.TRANSACTION:
             # session state would leak into the next client: never hand it on
@@ -302,6 +291,7 @@ class PoolManager:
             now = loop.time()
             try:
                 sweep_waiters(self, now)
+                self.nodes.expire(now)
                 if self.app.draining:
                     sweep_clients(self.app, now)
             except Exception:  # a bug here must not stop the sweeps (or the proxy): log it, go on
@@ -320,6 +310,7 @@ class PoolManager:
 
     def tick(self) -> None:
         now = time.monotonic()
+        self.nodes.forget_expired(self.app.loop.time())
         for pool in self.retired:
             for server in list(pool.idle):
                 pool.discard(server)
@@ -348,6 +339,8 @@ class PoolManager:
                     pool.total,
                 )
                 server.close(reason)
+            if pool.serves is None or not (pool.opened_count or pool.connecting):
+                continue  # a node that takes no transactions now, or a pool nobody has used yet
             for _ in range(pool.missing_for_min()):
                 self.app.spawn(self._open_for_min, pool)
 
@@ -369,7 +362,6 @@ class PoolManager:
         servers close as they become idle. Clients link to the new pools from their next transaction.
         """
         changes: list[str] = []
-        self._views.clear()
         self._infos.clear()
         self._welcome.clear()
         for key, pool in list(self.pools.items()):
@@ -397,4 +389,5 @@ class PoolManager:
                 )
                 while pool.should_open_for_waiters():
                     self.open(pool)
+        self.nodes.reconfigure(config)
         return changes

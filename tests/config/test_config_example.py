@@ -36,7 +36,9 @@ def test_root_example_sets_every_key() -> None:
         "listen", "clusters", "nodes", "databases", "cluster", "database", "mode", "pool_size",
         "min_pool_size", "idle_timeout", "max_lifetime", "checkout_timeout", "server_reset_query",
         "users", "password", "server_password", "auth", "limits", "max_message_size", "login_timeout",
-        "connect_timeout", "logging", "level", "format", "plugins", "disable",
+        "connect_timeout", "logging", "level", "format", "plugins", "disable", "probe_user",
+        "probe_password", "probe_database", "max_lag_bytes", "max_lag", "read_your_writes",
+        "read_your_writes_window", "topology", "interval", "timeout",
     ]  # fmt: skip
     missing = [key for key in keys if f"{key}:" not in text.replace("#", "")]
     assert missing == []

@@ -222,7 +222,7 @@ def test_empty_file_lists_required_sections() -> None:
         pytest.param(
             "frobnicate: 1\n",
             "halephant.yaml:10:1: frobnicate: unknown key; expected one of: "
-            "listen, clusters, databases, users, limits, logging, plugins, admin",
+            "listen, clusters, databases, users, limits, topology, logging, plugins, admin",
             id="unknown-key-no-suggestion",
         ),
         pytest.param(
@@ -467,7 +467,7 @@ def test_many_errors_reported_together_in_file_order() -> None:
         "number of bytes; got 'huge'",
         "halephant.yaml:17:11: logging.format: Input should be 'text' or 'json'",
         "halephant.yaml:18:1: extra: unknown key; expected one of: "
-        "listen, clusters, databases, users, limits, logging, plugins, admin",
+        "listen, clusters, databases, users, limits, topology, logging, plugins, admin",
     ]
 
 
@@ -540,3 +540,59 @@ def test_raw_config_disabled_plugins() -> None:
     assert disabled("plugins:\n  disable: cursor_guard\n") == []
     assert disabled("plugins: off\n") == []
     assert disabled("listen: 127.0.0.1:6432\n") == []
+
+
+def test_topology_keys_and_defaults() -> None:
+    config = load(MINIMAL)
+    assert (config.topology.interval, config.topology.timeout) == (5.0, 3.0)
+    cluster = config.clusters["main"]
+    assert (cluster.probe_user, cluster.probe_password, cluster.probe_database) == (None, None, "postgres")
+    assert (cluster.max_lag_bytes, cluster.max_lag) == (None, None)
+    db = config.databases["myapp"]
+    assert (db.read_your_writes, db.read_your_writes_window) == (False, 10.0)
+    text = MINIMAL.replace(
+        "nodes: [127.0.0.1:5432]",
+        "nodes: [127.0.0.1:5432]\n    probe_user: watcher\n    probe_password: w\n"
+        "    max_lag_bytes: 8MB\n    max_lag: 1m",
+    ).replace("cluster: main", "cluster: main\n    read_your_writes: true\n    read_your_writes_window: 2s")
+    config = load(text + "topology:\n  interval: 200ms\n  timeout: 1s\n")
+    cluster = config.clusters["main"]
+    assert (cluster.probe_user, cluster.probe_password) == ("watcher", "w")
+    assert (cluster.max_lag_bytes, cluster.max_lag) == (8 * 1024 * 1024, 60.0)
+    db = config.databases["myapp"]
+    assert (db.read_your_writes, db.read_your_writes_window) == (True, 2.0)
+    assert (config.topology.interval, config.topology.timeout) == (0.2, 1.0)
+
+
+def test_topology_errors() -> None:
+    text = """\
+    clusters:
+      main:
+        nodes: [127.0.0.1:5432]
+        probe_user: nobody
+        max_lag_bytes: lots
+        max_lag: 0s
+    databases:
+      myapp:
+        cluster: main
+        read_your_writes: "yes"
+        read_your_writes_window: -1s
+    users:
+      myapp: {password: secret}
+    topology:
+      interval: 0
+      timeout: soon
+    """
+    assert problems(text) == [
+        "halephant.yaml:4:17: clusters.main.probe_user: 'nobody' is not under users:, so its password is "
+        "unknown: set probe_password",
+        "halephant.yaml:5:20: clusters.main.max_lag_bytes: expected a size like 512kB, 64MB, 1GB or a "
+        "whole number of bytes; got 'lots'",
+        "halephant.yaml:6:14: clusters.main.max_lag: Input should be greater than 0",
+        "halephant.yaml:10:23: databases.myapp.read_your_writes: Input should be a valid boolean",
+        "halephant.yaml:11:30: databases.myapp.read_your_writes_window: expected a duration like 500ms, "
+        "30s, 5m, 1h, 1d or a number of seconds; got '-1s'",
+        "halephant.yaml:15:13: topology.interval: Input should be greater than 0",
+        "halephant.yaml:16:12: topology.timeout: expected a duration like 500ms, 30s, 5m, 1h, 1d or a "
+        "number of seconds; got 'soon'",
+    ]

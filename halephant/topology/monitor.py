@@ -1,0 +1,176 @@
+"""The probe loop: every `topology.interval`, each cluster's nodes are probed concurrently (each bounded by
+`topology.timeout`), and the resulting `ClusterView` is handed to `publish` (the pool manager).
+
+A round can also be asked for early (`probe_soon`), e.g. when a server connection to the primary cannot
+be opened or a read-your-writes client waits for a replica to catch up; such early rounds are spaced at
+least `MIN_GAP` apart so they cannot flood the nodes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import anyio
+import anyio.abc
+
+from halephant.config.schema import ClusterConfig, Config
+from halephant.topology.probe import ProbeConnection, ProbeFailed, ProbeResult
+from halephant.topology.state import ClusterState
+from halephant.types import ClusterView
+
+__all__ = ["MIN_GAP", "TopologyMonitor", "probe_login"]
+
+log = logging.getLogger("halephant.topology")
+
+#: seconds between two rounds of one cluster, at least, when rounds are asked for early
+MIN_GAP = 0.1
+
+
+def probe_login(config: Config, cluster: ClusterConfig) -> tuple[str, str | None]:
+    """The user and password the probes of `cluster` log in with: `probe_user`/`probe_password`, else the
+    first user under `users:` that halephant can log in upstream with."""
+    if cluster.probe_user is not None:
+        user = config.users.get(cluster.probe_user)
+        password = cluster.probe_password
+        if password is None and user is not None:
+            password = user.upstream_password
+        return cluster.probe_user, password
+    for name, user in config.users.items():
+        if user.upstream_password is not None:
+            return name, cluster.probe_password or user.upstream_password
+    return next(iter(config.users)), cluster.probe_password
+
+
+class TopologyMonitor:
+    def __init__(self, config: Config, publish: Callable[[str, ClusterView], None]) -> None:
+        self.interval = config.topology.interval
+        self.timeout = config.topology.timeout
+        self._publish = publish
+        self.states = {name: ClusterState(name, cluster) for name, cluster in config.clusters.items()}
+        self._probes: dict[str, list[ProbeConnection]] = {}
+        for name, cluster in config.clusters.items():
+            user, password = probe_login(config, cluster)
+            self._probes[name] = [
+                ProbeConnection(node.host, node.port, user, password, cluster.probe_database)
+                for node in cluster.nodes
+            ]
+        self._wake: dict[str, anyio.Event] = {}
+        self._last_round = dict.fromkeys(config.clusters, 0.0)
+        self._tg: anyio.abc.TaskGroup | None = None
+
+    def reconfigure(self, config: Config) -> None:
+        """A reload: new intervals and lag limits apply at once; a cluster whose nodes or probe login
+        changed is probed afresh (its configured order stands until then); added clusters are probed,
+        removed ones no longer."""
+        self.interval = config.topology.interval
+        self.timeout = config.topology.timeout
+        closing: list[ProbeConnection] = []
+        for name in [n for n in self.states if n not in config.clusters]:
+            del self.states[name]
+            closing += self._probes.pop(name)
+            self._last_round.pop(name, None)
+            event = self._wake.pop(name, None)
+            if event is not None:
+                event.set()  # its loop wakes up and ends
+        for name, cluster in config.clusters.items():
+            user, password = probe_login(config, cluster)
+            wanted = [(n.host, n.port, user, password, cluster.probe_database) for n in cluster.nodes]
+            probes = self._probes.get(name)
+            if probes is None or [(p.host, p.port, p.user, p.password, p.database) for p in probes] != wanted:
+                closing += probes or []
+                self._probes[name] = [ProbeConnection(*args) for args in wanted]
+                self.states[name] = ClusterState(name, cluster)
+            else:
+                self.states[name].cluster = cluster  # lag limits
+            self._last_round.setdefault(name, 0.0)
+            if name not in self._wake and self._tg is not None:
+                self._wake[name] = anyio.Event()
+                self._tg.start_soon(self._loop, name)
+            else:
+                self.probe_soon(name)
+        if self._tg is not None:
+            for probe in closing:
+                self._tg.start_soon(probe.aclose)
+
+    def views(self) -> dict[str, ClusterView]:
+        return {name: state.view for name, state in self.states.items()}
+
+    async def first_round(self) -> None:
+        """Probe every cluster once (before clients are let in, so their first transaction is routed on
+        what the nodes say rather than on the configured order)."""
+        async with anyio.create_task_group() as tg:
+            for name in self.states:
+                tg.start_soon(self._round, name)
+
+    async def run(self) -> None:
+        """Probe every cluster every interval, until cancelled."""
+        try:
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                for name in self.states:
+                    self._wake[name] = anyio.Event()
+                    tg.start_soon(self._loop, name)
+        finally:
+            with anyio.CancelScope(shield=True):
+                for probes in self._probes.values():
+                    for probe in probes:
+                        await probe.aclose()
+
+    def probe_soon(self, name: str) -> None:
+        """Ask for a round of cluster `name` now rather than at the next interval."""
+        event = self._wake.get(name)
+        if event is not None:
+            event.set()
+
+    async def _loop(self, name: str) -> None:
+        while name in self.states:  # a reload may remove the cluster
+            now = time.monotonic()
+            wait = self._last_round[name] + self.interval - now
+            if wait > 0:
+                with anyio.move_on_after(wait):
+                    await self._wake[name].wait()
+                if name not in self.states:
+                    return
+                self._wake[name] = anyio.Event()
+                gap = self._last_round[name] + MIN_GAP - time.monotonic()
+                if gap > 0:
+                    await anyio.sleep(gap)
+            if name in self.states:
+                await self._round(name)
+
+    async def _round(self, name: str) -> None:
+        self._last_round[name] = time.monotonic()
+        probes = self._probes[name]
+        outcomes: list[ProbeResult | str] = [""] * len(probes)
+        async with anyio.create_task_group() as tg:
+            for i, probe in enumerate(probes):
+                tg.start_soon(self._probe_one, probe, outcomes, i)
+        if self._probes.get(name) is not probes:
+            return  # a reload changed the cluster meanwhile: these answers are about the old one
+        state = self.states[name]
+        try:
+            view = state.update(outcomes)
+        except Exception:  # a bug here must not stop the probes of every cluster
+            log.exception("cluster %s: could not update the topology", name)
+            return
+        self._publish(name, view)
+
+    async def _probe_one(self, probe: ProbeConnection, outcomes: list[ProbeResult | str], i: int) -> None:
+        try:
+            with anyio.fail_after(self.timeout):
+                outcomes[i] = await probe.probe()
+        except TimeoutError:
+            outcomes[i] = f"no answer within {self.timeout:g}s"
+        except ProbeFailed as exc:
+            why = str(exc)
+            if "(28P01)" in why or "(28000)" in why:
+                why += f" (probe user {probe.user!r}: check probe_user and probe_password)"
+            outcomes[i] = why
+        except OSError as exc:
+            outcomes[i] = f"could not connect: {exc.strerror or exc}"
+        except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
+            outcomes[i] = "the server closed the connection"
+        except Exception as exc:
+            outcomes[i] = f"probe failed: {exc!r}"

@@ -1,0 +1,204 @@
+"""Probing one PostgreSQL node: is it in recovery, where is its WAL, which timeline, how old is its replay.
+
+`ProbeSession` is the sans-IO part (bytes in, bytes to send out): the login (through
+`halephant.auth.upstream`) and one probe query at a time. `ProbeConnection` drives it over an anyio TCP
+stream and keeps that connection open between probes, so a probe is one round trip. Any failure closes
+the connection; the next probe connects again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import anyio
+import anyio.abc
+
+from halephant import sqlstate
+from halephant.auth.upstream import UpstreamAuth
+from halephant.errors import ClientError, ProtocolViolation
+from halephant.protocol import codes
+from halephant.protocol import messages as m
+from halephant.protocol.framing import split_frames
+from halephant.protocol.session_queries import decode_data_row
+
+__all__ = ["PROBE_SQL", "ProbeConnection", "ProbeFailed", "ProbeResult", "ProbeSession", "parse_lsn"]
+
+#: application_name of the probe connections, so operators can tell them apart in pg_stat_activity.
+APPLICATION_NAME = "halephant topology"
+
+# One statement for primaries and replicas alike, using functions any role may call. LSNs come as byte
+# offsets (pg_lsn - '0/0' is numeric). A primary's timeline is the one it writes WAL on now (right after
+# a promotion the checkpoint's may still be the old one); a replica's is its last restartpoint's.
+# The replay age counts only while WAL is waiting to be replayed: a replica that is idle because its
+# primary is idle is not behind.
+PROBE_SQL = """\
+SELECT r,
+       CASE WHEN r THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END - '0/0',
+       CASE WHEN NOT r THEN NULL
+            WHEN coalesce(pg_last_wal_receive_lsn() > pg_last_wal_replay_lsn(), true)
+            THEN extract(epoch FROM now() - pg_last_xact_replay_timestamp())
+            ELSE 0 END,
+       CASE WHEN r THEN (SELECT timeline_id FROM pg_control_checkpoint())
+            ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int END
+FROM pg_is_in_recovery() AS r"""
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeResult:
+    """What one probe of a node found."""
+
+    in_recovery: bool
+    #: a primary's current WAL position, a replica's replayed one (bytes); None if a replica replayed none
+    lsn: int | None
+    #: seconds since the last replayed commit while WAL waits to be replayed (0 when caught up)
+    replay_age: float | None
+    timeline: int | None
+
+
+class ProbeFailed(Exception):
+    """A probe could not tell anything about the node; the message says why, for the log."""
+
+
+def parse_lsn(text: str) -> int:
+    """`'0/3420660'` -> its byte offset (the form pg_current_wal_lsn() prints)."""
+    high, _, low = text.partition("/")
+    return (int(high, 16) << 32) | int(low, 16)
+
+
+def _number(value: str | None) -> float | None:
+    return None if value is None else float(value)
+
+
+class ProbeSession:
+    """The probe's side of the protocol, sans-IO: `startup()`, then `query()`; `feed()` what arrives."""
+
+    __slots__ = ("_auth", "_buf", "_error", "_row", "logged_in", "startup_params")
+
+    def __init__(self, user: str, password: str | None, database: str) -> None:
+        self._auth = UpstreamAuth(user, password)
+        self.startup_params = {"user": user, "database": database, "application_name": APPLICATION_NAME}
+        self._buf = b""
+        self._row: list[str | None] | None = None
+        self._error: str | None = None
+        self.logged_in = False
+
+    def startup(self) -> bytes:
+        return m.startup_message(self.startup_params)
+
+    def query(self) -> bytes:
+        self._row = None
+        self._error = None
+        return m.query(PROBE_SQL)
+
+    def feed(self, data: bytes) -> tuple[bytes, bool]:
+        """Take bytes from the server; returns (bytes to send back, whether a ReadyForQuery arrived).
+
+        Raises ProbeFailed when the login fails or the server breaks the protocol.
+        """
+        buf = self._buf + data if self._buf else data
+        try:
+            frames, consumed = split_frames(buf, 1 << 20)
+        except ProtocolViolation as exc:
+            raise ProbeFailed(f"protocol violation from server: {exc.message}") from None
+        self._buf = buf[consumed:]
+        out: list[bytes] = []
+        ready = False
+        for t, start, end in frames:
+            payload = buf[start:end]
+            if t == codes.DATA_ROW:
+                try:
+                    self._row = decode_data_row(payload)
+                except ProtocolViolation as exc:
+                    raise ProbeFailed(f"protocol violation from server: {exc.message}") from None
+            elif t == codes.ERROR_RESPONSE:
+                fields = m.decode_error_fields(payload)
+                error = f"{fields.get('M', 'error')} ({fields.get('C', sqlstate.INTERNAL_ERROR)})"
+                if not self.logged_in:
+                    raise ProbeFailed(error)
+                self._error = error
+            elif t == codes.READY_FOR_QUERY:
+                self.logged_in = True
+                ready = True
+            elif t == codes.AUTHENTICATION:
+                code, rest = m.decode_authentication(payload)
+                try:
+                    reply = self._auth.respond(code, rest)
+                except ClientError as exc:
+                    raise ProbeFailed(f"{exc.message} ({exc.code})") from None
+                if reply is not None:
+                    out.append(reply)
+            # ParameterStatus, BackendKeyData, RowDescription, CommandComplete, notices: not needed
+        return b"".join(out), ready
+
+    def result(self) -> ProbeResult:
+        """The answer to the last `query()`, once its ReadyForQuery arrived."""
+        if self._error is not None:
+            raise ProbeFailed(f"probe query failed: {self._error}")
+        row = self._row
+        if row is None or len(row) != 4 or row[0] is None:
+            raise ProbeFailed("probe query returned no row")
+        try:
+            lsn, age, timeline = _number(row[1]), _number(row[2]), _number(row[3])
+        except ValueError:
+            raise ProbeFailed("probe query returned something that is not a number") from None
+        return ProbeResult(
+            in_recovery=row[0] == "t",
+            lsn=None if lsn is None else int(lsn),
+            replay_age=age,
+            timeline=None if timeline is None else int(timeline),
+        )
+
+
+class ProbeConnection:
+    """A node's probe connection, opened on first use and kept open between probes."""
+
+    __slots__ = ("_session", "_stream", "database", "host", "password", "port", "user")
+
+    def __init__(self, host: str, port: int, user: str, password: str | None, database: str) -> None:
+        self.host = host
+        self.port = port
+        self.user = user
+        self.password = password
+        self.database = database
+        self._stream: anyio.abc.SocketStream | None = None
+        self._session: ProbeSession | None = None
+
+    async def probe(self) -> ProbeResult:
+        """Probe the node. Raises ProbeFailed, OSError or anyio's stream errors; the caller bounds the
+        time. Whatever goes wrong (cancellation included), the connection is dropped."""
+        try:
+            if self._stream is None or self._session is None:
+                await self._connect()
+            assert self._stream is not None and self._session is not None
+            await self._stream.send(self._session.query())
+            await self._until_ready()
+            return self._session.result()
+        except BaseException:
+            await self.aclose()
+            raise
+
+    async def _connect(self) -> None:
+        self._stream = await anyio.connect_tcp(self.host, self.port)
+        self._session = ProbeSession(self.user, self.password, self.database)
+        await self._stream.send(self._session.startup())
+        await self._until_ready()
+
+    async def _until_ready(self) -> None:
+        assert self._stream is not None and self._session is not None
+        while True:
+            data = await self._stream.receive()
+            reply, ready = self._session.feed(data)
+            if reply:
+                await self._stream.send(reply)
+            if ready:
+                return
+
+    async def aclose(self) -> None:
+        stream, self._stream, self._session = self._stream, None, None
+        if stream is not None:
+            with anyio.move_on_after(0.5, shield=True):
+                try:
+                    await stream.send(m.TERMINATE)
+                except Exception:
+                    pass
+                await stream.aclose()

@@ -1,0 +1,250 @@
+"""What a cluster looks like after each round of probes: which node is the primary, which replicas may take
+new transactions, and the log lines that explain every change. Pure logic (no I/O): `ClusterState.update`
+takes one outcome per node and returns the new immutable `ClusterView`.
+
+Rules:
+* a node whose probe failed is down: it keeps its last known role but is not usable;
+* when every probe of the cluster failed, nothing changes (halephant may be the one cut off): the last
+  known topology is kept, and the log says so;
+* of several nodes that all claim to be primary (after a promotion, until the old primary is fenced),
+  the one on the highest timeline wins; on equal timelines the current primary stays, else the first
+  configured. The others are not usable, and a split-brain warning is logged;
+* a replica beyond `max_lag_bytes` (behind the primary's WAL) or `max_lag` (replay age, over it in two
+  rounds in a row) is not usable until it is back under; a primary is never excluded for lag.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from halephant.config.schema import ClusterConfig
+from halephant.topology.probe import ProbeResult
+from halephant.types import ClusterView, NodeInfo, Role
+
+__all__ = ["SPLIT_BRAIN", "ClusterState", "configured_view", "format_bytes"]
+
+#: how the reason of a node that claims to be primary but lost the election starts
+SPLIT_BRAIN = "split brain: "
+
+log = logging.getLogger("halephant.topology")
+
+
+def format_bytes(n: int) -> str:
+    """`12 MB`, `1.5 kB`, `8 MB`, `0 B`: sizes in log lines and reasons (powers of 1024, like PostgreSQL)."""
+    value = float(n)
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(value) < 1024 or unit == "TB":
+            if unit == "B" or value >= 10 or value.is_integer():
+                return f"{value:.0f} {unit}"
+            return f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def configured_view(name: str, cluster: ClusterConfig) -> ClusterView:
+    """Before any probe has answered: the first configured node is the primary, the others replicas."""
+    return ClusterView(
+        name,
+        tuple(
+            NodeInfo(
+                str(node),
+                node.host,
+                node.port,
+                Role.PRIMARY if i == 0 else Role.REPLICA,
+                usable=True,
+                reason="configured order (not probed yet)",
+            )
+            for i, node in enumerate(cluster.nodes)
+        ),
+    )
+
+
+class ClusterState:
+    """One cluster's topology as the probes see it, round after round."""
+
+    def __init__(self, name: str, cluster: ClusterConfig) -> None:
+        self.name = name
+        self.cluster = cluster
+        self.view = configured_view(name, cluster)
+        self.probed = False  # True once a round had at least one answer
+        self._failing: dict[str, str] = {}  # node -> why its last probe failed
+        #: the last round had no answer at all (the view is the last known one)
+        self.all_failed = False
+        self._split_brain: frozenset[str] = frozenset()
+        self._over_time: set[str] = set()  # replicas over max_lag in the last round
+
+    def update(self, outcomes: Sequence[ProbeResult | str]) -> ClusterView:
+        """Take one round: per node (in configured order) its ProbeResult, or why the probe failed."""
+        assert len(outcomes) == len(self.view.nodes)
+        for node, outcome in zip(self.view.nodes, outcomes, strict=True):
+            if isinstance(outcome, str):
+                if self._failing.get(node.name) != outcome:  # once per failure, again if the cause changes
+                    log.warning("cluster %s: probe of %s failed: %s", self.name, node.name, outcome)
+                self._failing[node.name] = outcome
+            else:
+                self._failing.pop(node.name, None)
+        if all(isinstance(outcome, str) for outcome in outcomes):
+            if not self.all_failed:
+                self.all_failed = True
+                log.error(
+                    "cluster %s: every probe failed; keeping the last known topology (%s)",
+                    self.name,
+                    self._describe(self.view),
+                )
+            return self.view
+        if self.all_failed:
+            self.all_failed = False
+            log.info("cluster %s: probes answer again", self.name)
+        view = ClusterView(self.name, self._nodes(outcomes))
+        self._log_changes(self.view, view)
+        self.view = view
+        self.probed = True
+        return view
+
+    def _nodes(self, outcomes: Sequence[ProbeResult | str]) -> tuple[NodeInfo, ...]:
+        old = self.view.nodes
+        primary = self._elect(outcomes)
+        primary_result = outcomes[primary] if primary is not None else None
+        primary_lsn = primary_result.lsn if isinstance(primary_result, ProbeResult) else None
+        nodes: list[NodeInfo] = []
+        for i, (node, outcome) in enumerate(zip(old, outcomes, strict=True)):
+            if isinstance(outcome, str):
+                role = node.role if self.probed else None
+                nodes.append(self._info(node, role, False, f"{node.name} is down: {outcome}"))
+            elif not outcome.in_recovery:
+                if i == primary:
+                    nodes.append(self._info(node, Role.PRIMARY, True, f"primary {node.name}", outcome))
+                else:
+                    winner = old[primary].name if primary is not None else "?"
+                    reason = (
+                        f"{SPLIT_BRAIN}{node.name} (timeline {outcome.timeline}) also claims to be primary; "
+                        f"{winner} (timeline {_timeline(outcomes, primary)}) takes the writes"
+                    )
+                    nodes.append(self._info(node, Role.PRIMARY, False, reason, outcome))
+            else:
+                nodes.append(self._replica(node, outcome, primary_lsn))
+        return tuple(nodes)
+
+    def _elect(self, outcomes: Sequence[ProbeResult | str]) -> int | None:
+        claims = [i for i, o in enumerate(outcomes) if isinstance(o, ProbeResult) and not o.in_recovery]
+        if not claims:
+            return None
+        current = self.view.primary.name if self.probed and self.view.primary is not None else None
+        names = [node.name for node in self.view.nodes]
+
+        def rank(i: int) -> tuple[int, bool, int]:
+            outcome = outcomes[i]
+            assert isinstance(outcome, ProbeResult)
+            return (outcome.timeline or 0, names[i] == current, -i)
+
+        winner = max(claims, key=rank)
+        claimants = frozenset(names[i] for i in claims)
+        if len(claims) > 1:
+            if claimants != self._split_brain:
+                log.warning(
+                    "cluster %s: split brain: %s all claim to be primary; writes go to %s only "
+                    "(highest timeline), the others get no transactions until they are fenced or rejoin "
+                    "as replicas",
+                    self.name,
+                    ", ".join(f"{names[i]} (timeline {_timeline(outcomes, i)})" for i in claims),
+                    names[winner],
+                )
+        elif self._split_brain:
+            log.info("cluster %s: split brain over: %s is the only primary", self.name, names[winner])
+        self._split_brain = claimants if len(claims) > 1 else frozenset()
+        return winner
+
+    def _replica(self, node: NodeInfo, outcome: ProbeResult, primary_lsn: int | None) -> NodeInfo:
+        lag_bytes = None
+        if primary_lsn is not None and outcome.lsn is not None:
+            lag_bytes = max(0, primary_lsn - outcome.lsn)
+        lag_seconds = outcome.replay_age
+        max_bytes, max_seconds = self.cluster.max_lag_bytes, self.cluster.max_lag
+        over_time = max_seconds is not None and lag_seconds is not None and lag_seconds > max_seconds
+        # The replay age jumps to "since the last replayed commit" whenever any WAL waits to be replayed,
+        # even a checkpoint record of an idle primary: it counts once it is over two rounds in a row (or
+        # the replica is excluded already).
+        confirmed = over_time and (node.name in self._over_time or not node.usable)
+        if over_time:
+            self._over_time.add(node.name)
+        else:
+            self._over_time.discard(node.name)
+        reason = ""
+        if max_bytes is not None and lag_bytes is not None and lag_bytes > max_bytes:
+            reason = f"replica {node.name} lag {format_bytes(lag_bytes)} > {format_bytes(max_bytes)}"
+        elif confirmed:
+            reason = f"replica {node.name} lag {lag_seconds:.1f}s > {max_seconds:g}s"
+        usable = not reason
+        if usable:
+            lag = format_bytes(lag_bytes) if lag_bytes is not None else "unknown"
+            reason = f"replica {node.name} (lag {lag})"
+        return self._info(node, Role.REPLICA, usable, reason, outcome, lag_bytes, lag_seconds)
+
+    @staticmethod
+    def _info(
+        node: NodeInfo,
+        role: Role | None,
+        usable: bool,
+        reason: str,
+        outcome: ProbeResult | None = None,
+        lag_bytes: int | None = None,
+        lag_seconds: float | None = None,
+    ) -> NodeInfo:
+        return NodeInfo(
+            node.name,
+            node.host,
+            node.port,
+            role,
+            usable,
+            lag_bytes=lag_bytes,
+            lag_seconds=lag_seconds,
+            reason=reason,
+            lsn=outcome.lsn if outcome is not None else node.lsn,
+            timeline=outcome.timeline if outcome is not None else node.timeline,
+        )
+
+    def _log_changes(self, old: ClusterView, new: ClusterView) -> None:
+        first = not self.probed
+        for before, after in zip(old.nodes, new.nodes, strict=True):
+            name = after.name
+            if first:
+                if after.usable:
+                    log.info("cluster %s: %s", self.name, after.reason)
+                else:
+                    log.warning("cluster %s: %s: no new transactions go there", self.name, after.reason)
+                continue
+            came_up = before.reason.startswith(f"{name} is down") and name not in self._failing
+            if after.role is not None and after.role != before.role and after.usable:
+                was = before.role or "unknown"
+                log.warning("cluster %s: %s is now %s (was %s)", self.name, name, after.role, was)
+            if before.usable and not after.usable:
+                if name in self._failing:
+                    log.warning(
+                        "cluster %s: node %s marked down: no new transactions go there until a probe "
+                        "succeeds",
+                        self.name,
+                        name,
+                    )
+                else:
+                    log.warning("cluster %s: %s excluded: %s", self.name, name, after.reason)
+            elif not before.usable and after.usable:
+                log.info("cluster %s: %s readmitted: %s", self.name, name, after.reason)
+            elif came_up and not after.usable:
+                log.warning(
+                    "cluster %s: %s answers again but is not usable: %s", self.name, name, after.reason
+                )
+
+    @staticmethod
+    def _describe(view: ClusterView) -> str:
+        return ", ".join(
+            f"{node.name} {node.role or 'unknown'}{'' if node.usable else ' (not usable)'}"
+            for node in view.nodes
+        )
+
+
+def _timeline(outcomes: Sequence[ProbeResult | str], i: int | None) -> int | None:
+    if i is None:
+        return None
+    outcome = outcomes[i]
+    return outcome.timeline if isinstance(outcome, ProbeResult) else None

@@ -1,0 +1,155 @@
+"""Topology decisions (`halephant.topology.state.ClusterState`) from made-up probe outcomes: role discovery,
+split brain, lag limits, nodes going down, every probe failing. No I/O."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pytest
+
+from halephant.config.schema import ClusterConfig
+from halephant.topology.probe import ProbeResult
+from halephant.topology.state import ClusterState, format_bytes
+from halephant.types import Role
+
+A, B, C = "127.0.0.1:5001", "127.0.0.1:5002", "127.0.0.1:5003"
+MB = 1024 * 1024
+
+
+def state(**settings: Any) -> ClusterState:
+    return ClusterState("main", ClusterConfig.model_validate({"nodes": [A, B, C], **settings}))
+
+
+def primary(lsn: int = 100 * MB, timeline: int = 1) -> ProbeResult:
+    return ProbeResult(in_recovery=False, lsn=lsn, replay_age=None, timeline=timeline)
+
+
+def replica(lsn: int = 100 * MB, age: float | None = 0.0, timeline: int = 1) -> ProbeResult:
+    return ProbeResult(in_recovery=True, lsn=lsn, replay_age=age, timeline=timeline)
+
+
+def roles(s: ClusterState) -> list[tuple[str, Role | None, bool]]:
+    return [(n.name, n.role, n.usable) for n in s.view.nodes]
+
+
+def test_configured_order_until_probed() -> None:
+    s = state()
+    assert roles(s) == [(A, Role.PRIMARY, True), (B, Role.REPLICA, True), (C, Role.REPLICA, True)]
+    assert s.view.primary is not None and s.view.primary.name == A
+
+
+def test_roles_come_from_the_probes(caplog: pytest.LogCaptureFixture) -> None:
+    s = state()
+    with caplog.at_level(logging.INFO, "halephant.topology"):
+        s.update([replica(), primary(), replica()])
+    assert roles(s) == [(A, Role.REPLICA, True), (B, Role.PRIMARY, True), (C, Role.REPLICA, True)]
+    assert s.view.primary is not None and s.view.primary.name == B
+    assert [n.name for n in s.view.replicas] == [A, C]
+    assert f"cluster main: primary {B}" in caplog.text
+    # later role changes are logged as such
+    caplog.clear()
+    with caplog.at_level(logging.INFO, "halephant.topology"):
+        s.update(["no answer within 3s", replica(), primary(timeline=2)])
+    assert f"{C} is now primary (was replica)" in caplog.text
+    assert f"{B} is now replica (was primary)" in caplog.text
+    assert f"node {A} marked down" in caplog.text
+
+
+def test_a_node_that_fails_its_probe_is_down_and_keeps_its_role(caplog: pytest.LogCaptureFixture) -> None:
+    s = state()
+    s.update([primary(), replica(), replica()])
+    with caplog.at_level(logging.INFO, "halephant.topology"):
+        s.update([primary(), "could not connect: Connection refused", replica()])
+    node = s.view.nodes[1]
+    assert (node.role, node.usable) == (Role.REPLICA, False)
+    assert node.reason == f"{B} is down: could not connect: Connection refused"
+    assert f"probe of {B} failed: could not connect: Connection refused" in caplog.text
+    assert f"node {B} marked down" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, "halephant.topology"):
+        s.update([primary(), replica(), replica()])
+    assert s.view.nodes[1].usable
+    assert f"{B} readmitted" in caplog.text
+
+
+def test_every_probe_failing_keeps_the_last_topology(caplog: pytest.LogCaptureFixture) -> None:
+    s = state()
+    s.update([replica(), primary(), replica()])
+    before = s.view
+    with caplog.at_level(logging.INFO, "halephant.topology"):
+        assert s.update(["timeout", "timeout", "timeout"]) is before
+        assert s.update(["timeout", "timeout", "timeout"]) is before
+    assert caplog.text.count("every probe failed; keeping the last known topology") == 1
+    assert s.view.primary is not None and s.view.primary.name == B
+
+
+def test_split_brain_goes_to_the_highest_timeline(caplog: pytest.LogCaptureFixture) -> None:
+    s = state()
+    s.update([primary(), replica(), replica()])
+    with caplog.at_level(logging.INFO, "halephant.topology"):
+        s.update([primary(timeline=1), primary(timeline=2), replica()])
+    assert s.view.primary is not None and s.view.primary.name == B
+    loser = s.view.nodes[0]
+    assert (loser.role, loser.usable) == (Role.PRIMARY, False)
+    assert "split brain" in loser.reason
+    assert [n.name for n in s.view.nodes if n.role is Role.PRIMARY and n.usable] == [B]
+    assert "split brain" in caplog.text and f"writes go to {B} only" in caplog.text
+    # logged once while it lasts
+    caplog.clear()
+    with caplog.at_level(logging.INFO, "halephant.topology"):
+        s.update([primary(timeline=1), primary(timeline=2), replica()])
+    assert "split brain:" not in caplog.text
+
+
+def test_split_brain_on_one_timeline_keeps_the_current_primary() -> None:
+    s = state()
+    s.update([replica(), primary(), replica()])
+    s.update([primary(), primary(), replica()])
+    assert s.view.primary is not None and s.view.primary.name == B
+
+
+def test_lag_limits_exclude_replicas_never_the_primary(caplog: pytest.LogCaptureFixture) -> None:
+    s = state(max_lag_bytes="8MB", max_lag="30s")
+    s.update([primary(lsn=20 * MB), replica(lsn=20 * MB), replica(lsn=20 * MB, age=31.0)])
+    assert len(s.view.replicas) == 2  # over max_lag once: maybe just a record waiting on an idle primary
+    with caplog.at_level(logging.INFO, "halephant.topology"):
+        s.update([primary(lsn=20 * MB), replica(lsn=8 * MB), replica(lsn=20 * MB, age=31.0)])
+    a, b, c = s.view.nodes
+    assert a.usable and a.role is Role.PRIMARY
+    assert (b.usable, b.lag_bytes, b.reason) == (False, 12 * MB, f"replica {B} lag 12 MB > 8 MB")
+    assert (c.usable, c.lag_seconds, c.reason) == (False, 31.0, f"replica {C} lag 31.0s > 30s")
+    assert s.view.replicas == ()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, "halephant.topology"):
+        s.update([primary(lsn=21 * MB), replica(lsn=20 * MB), replica(lsn=21 * MB, age=0.0)])
+    assert [n.name for n in s.view.replicas] == [B, C]
+    assert f"{B} readmitted: replica {B} (lag 1 MB)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, "halephant.topology"):
+        s.update([primary(lsn=40 * MB), replica(lsn=20 * MB), replica(lsn=40 * MB)])
+    assert f"{B} excluded: replica {B} lag 20 MB > 8 MB" in caplog.text
+
+
+def test_lag_is_unknown_without_a_primary() -> None:
+    s = state(max_lag_bytes="1MB")
+    s.update(["down", replica(lsn=1), replica(lsn=2)])
+    assert [n.lag_bytes for n in s.view.nodes] == [None, None, None]
+    assert len(s.view.replicas) == 2
+    assert s.view.primary is None
+
+
+def test_format_bytes() -> None:
+    assert [format_bytes(n) for n in (0, 1023, 1024, 1536, 12 * MB, 3 * 1024 * MB)] == [
+        "0 B", "1023 B", "1 kB", "1.5 kB", "12 MB", "3 GB",
+    ]  # fmt: skip
+
+
+def test_a_node_down_from_the_start_has_no_role_until_it_answers(caplog: pytest.LogCaptureFixture) -> None:
+    s = state()
+    s.update([primary(), "could not connect: Connection refused", replica()])
+    assert s.view.nodes[1].role is None and not s.view.nodes[1].usable
+    with caplog.at_level(logging.INFO, "halephant.topology"):
+        s.update([primary(), replica(), replica()])
+    assert f"{B} is now replica (was unknown)" in caplog.text
+    assert f"{B} readmitted" in caplog.text
