@@ -156,14 +156,27 @@ def halephant_inspect_query(client: ClientInfo, statement: Statement, pool: Pool
     :returns: ``None`` for no objection; ``Allow(reason)`` to stop other inspectors; ``Reject(code,
         message, hint)`` to answer with an ErrorResponse instead of running it (the client stays usable);
         ``Pin(reason)`` to keep the server connection for the rest of the session;
+        ``Pin(reason, feature=name)`` to keep it until the client releases that session-bound feature
+        (a row of ``databases.<name>.session_features``: after a statement that may release it, such as
+        UNLISTEN, ``pg_advisory_unlock``, CLOSE, DROP, RESET ROLE or DEALLOCATE, the core checks the
+        server at the end of the transaction and gives it back once none of it is held);
+        ``Unpin(reason)`` to drop this client's earlier feature-less ``Pin`` (the server goes back once
+        the core has checked it holds nothing session-bound);
         ``CloseIdleServers(database, reason)`` to let it through after halephant's idle server connections
         to that upstream database are closed (so a ``DROP DATABASE`` does not fail on them).
 
-    Default: ``plugins/cursor_guard.py``, ``plugins/replica_routing.py`` and ``plugins/database_routing.py``.
-    cursor_guard rejects ``DECLARE ... WITH HOLD`` in transaction pools (0A000); replica_routing rejects
-    switching a read-only user's session to read-write (25006) and follows ``SET SESSION CHARACTERISTICS
-    AS TRANSACTION READ ONLY``; database_routing closes idle server connections to a database before a
-    client's ``DROP DATABASE`` of it.
+    Pins are logged with their reason, and so are their releases. Whatever the answer, a transaction
+    pool never hands on a server with session state: a statement that takes a feature nobody pinned,
+    rejected or could emulate pins the client anyway, and settings are always carried with the client.
+
+    Default: ``plugins/session_features.py``, ``plugins/cursor_guard.py``, ``plugins/replica_routing.py``,
+    and ``plugins/database_routing.py``. session_features applies the table
+    ``databases.<name>.session_features`` (LISTEN and SQL PREPARE emulated, advisory locks, temporary
+    tables and SET ROLE pinned, LOAD rejected); cursor_guard its ``with_hold`` row (rejects ``DECLARE ...
+    WITH HOLD`` in transaction pools, 0A000); replica_routing rejects switching a read-only user's
+    session to read-write (25006) and follows ``SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY``;
+    database_routing closes idle server connections to a
+    database before a client's ``DROP DATABASE`` of it.
     """
 
 

@@ -87,7 +87,7 @@ class Pin:
     """Keep the client's server connection.
 
     Without `feature`, for the rest of its session (or until a later `Unpin`). With `feature` (a row of
-    `databases.<name>.session_features`, see `halephant.sql.session_effects.FEATURES`), until the client
+    `databases.<name>.session_features`, see `halephant.sql.effects.FEATURES`), until the client
     releases that feature (UNLISTEN, advisory unlock, CLOSE, DROP of its temporary tables, RESET ROLE):
     after a statement that may release it, the core checks the server at the end of the transaction and
     gives the server back once nothing session-bound is left on it.

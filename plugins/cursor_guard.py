@@ -10,7 +10,9 @@ cursors in autocommit are exactly this, which is why its documentation for poole
 `DISABLE_SERVER_SIDE_CURSORS = True`.
 
 The statement is rejected with 0A000 (feature_not_supported) and a hint naming both fixes; the client's
-session stays usable. Session pools are left alone.
+session stays usable. Session pools are left alone. This plugin is the `with_hold` row of the
+session-feature table: with `databases.<name>.session_features.with_hold: pin` the cursor is allowed
+and the client keeps its server until it closes the cursor (`Pin(..., feature="with_hold")`).
 
 Settings, in halephant.yaml::
 
@@ -26,7 +28,7 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import BaseModel, ConfigDict
 
 from halephant import hookimpl, sqlstate
-from halephant.types import ClientInfo, PoolInfo, PoolMode, Reject, Statement
+from halephant.types import ClientInfo, Pin, PoolInfo, PoolMode, Reject, Statement
 
 if TYPE_CHECKING:
     from halephant.types import Config
@@ -70,10 +72,12 @@ class _Current:
     Until the first configure call the defaults apply, so the guard fails closed.
     """
 
-    __slots__ = ("settings",)
+    __slots__ = ("pinned_databases", "settings")
 
     def __init__(self) -> None:
         self.settings = CursorGuardSettings()
+        #: databases whose `session_features.with_hold` is `pin`
+        self.pinned_databases: frozenset[str] = frozenset()
 
 
 _current = _Current()
@@ -90,15 +94,20 @@ def halephant_configure(config: Config) -> None:
     settings = config.plugin_settings(SECTION)
     # The section is optional in halephant.yaml: no section means the defaults.
     _current.settings = settings if isinstance(settings, CursorGuardSettings) else CursorGuardSettings()
+    _current.pinned_databases = frozenset(
+        name for name, db in config.databases.items() if db.session_features.with_hold == "pin"
+    )
 
 
 @hookimpl(trylast=True)
-def halephant_inspect_query(client: ClientInfo, statement: Statement, pool: PoolInfo) -> Reject | None:
+def halephant_inspect_query(client: ClientInfo, statement: Statement, pool: PoolInfo) -> Reject | Pin | None:
     # Cheapest tests first: this runs for every Query and Parse, and nearly every statement is no cursor.
     if pool.mode is not _TRANSACTION or _current.settings.action != "reject":
         return None
     if not statement.declares_holdable_cursor:
         return None
+    if pool.database in _current.pinned_databases:
+        return Pin(f"cursor_guard: DECLARE ... WITH HOLD in {pool.database}", feature="with_hold")
     return Reject(
         sqlstate.FEATURE_NOT_SUPPORTED,
         MESSAGE,

@@ -227,6 +227,10 @@ if config.get("fail"):
 host, port = config["listen"].rsplit(":", 1)
 time.sleep(0.2)
 server = socket.create_server((host, int(port)))
+admin = (config.get("admin") or {}).get("listen")
+if admin:  # the factory waits for the admin API's port too
+    admin_host, admin_port = admin.rsplit(":", 1)
+    admin_server = socket.create_server((admin_host, int(admin_port)))
 print("listening on", port, flush=True)
 admin = (config.get("admin") or {}).get("listen")
 if admin:  # the factory waits for the admin API's port too

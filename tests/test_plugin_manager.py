@@ -87,6 +87,38 @@ def test_disabling_a_required_default_without_a_replacement_refuses_to_start() -
         Plugins(entry_points=True, disabled=["replica_routing"])
 
 
+def test_several_inspectors_are_chained_in_pluggys_order_without_its_dispatch() -> None:
+    calls: list[str] = []
+
+    @hookimpl(tryfirst=True)
+    def first(statement: Statement) -> None:
+        calls.append("first")
+
+    @hookimpl
+    def middle(client: ClientInfo, statement: Statement, pool: PoolInfo) -> Reject | None:
+        calls.append("middle")
+        return Reject(sqlstate.INSUFFICIENT_PRIVILEGE, "middle") if "stop" in statement.text else None
+
+    plugins = Plugins(
+        entry_points=True,
+        extra=[
+            (_module(halephant_inspect_query=first), "first"),
+            (_module(halephant_inspect_query=middle), "middle"),
+        ],
+    )
+    hook = plugins.pm.hook.halephant_inspect_query
+    assert plugins._inspect is not hook  # a generated chain, not pluggy's dispatch
+    for text in ("SELECT 'stop'", "LOAD 'x'", "DECLARE c CURSOR WITH HOLD FOR SELECT 1", "SELECT 1"):
+        statement = Statement(text)
+        calls.clear()
+        direct = plugins.inspect_query(CLIENT, statement, POOL)
+        direct_calls = list(calls)
+        calls.clear()
+        assert direct == hook(client=CLIENT, statement=statement, pool=POOL)
+        assert direct_calls == calls
+    assert direct_calls == ["first", "middle"]  # nobody objected to SELECT 1: every inspector was asked
+
+
 def test_several_plain_implementations_answer_as_pluggy_would() -> None:
     calls: list[str] = []
 

@@ -45,6 +45,7 @@ __all__ = [
     "LoggingConfig",
     "PluginsConfig",
     "PoolModeName",
+    "SessionFeaturesConfig",
     "TopologyConfig",
     "UserConfig",
     "is_md5_hash",
@@ -179,6 +180,27 @@ class ClusterConfig(_Section):
         return self.nodes[0]
 
 
+PinOrReject = Literal["pin", "reject"]
+EmulateOrPinOrReject = Literal["emulate", "pin", "reject"]
+
+
+class SessionFeaturesConfig(_Section):
+    """`databases.<name>.session_features`: what a transaction pool does with each session-bound feature.
+
+    `pin`: the client keeps its server until it releases the feature (or leaves); `reject`: 0A000 with a
+    hint; `emulate`: halephant provides it without tying the client to a server. Applied by the default
+    plugin `session_features` (`with_hold` by `cursor_guard`) through `halephant_inspect_query`.
+    """
+
+    listen: EmulateOrPinOrReject = "emulate"
+    advisory_locks: PinOrReject = "pin"
+    with_hold: PinOrReject = "reject"
+    temp_tables: PinOrReject = "pin"
+    prepare: EmulateOrPinOrReject = "emulate"
+    set_role: PinOrReject = "pin"
+    load: PinOrReject = "reject"
+
+
 class DatabaseConfig(_Section):
     """One database clients can name in their startup packet, and the pools behind it."""
 
@@ -195,6 +217,7 @@ class DatabaseConfig(_Section):
     #: Named protocol-level statements each server connection keeps for clients in transaction pooling
     #: (least recently used closed first); 0 turns sharing off: a client that names one keeps its server.
     max_prepared_statements: Annotated[StrictInt, Field(ge=0, le=100_000)] = 200
+    session_features: SessionFeaturesConfig = SessionFeaturesConfig()
     #: Extra server connections a pool may open when a client has waited `reserve_pool_timeout`.
     reserve_pool_size: Annotated[StrictInt, Field(ge=0)] = 0
     reserve_pool_timeout: Annotated[Duration, Field(gt=0)] = 5.0

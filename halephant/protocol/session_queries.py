@@ -139,8 +139,12 @@ def decode_data_row(payload: bytes) -> list[str | None]:
             if size < 0:
                 out.append(None)
                 continue
+            if pos + size > len(payload):
+                raise ProtocolViolation("invalid DataRow")
             out.append(payload[pos : pos + size].decode())
             pos += size
     except (struct.error, UnicodeDecodeError):
         raise ProtocolViolation("invalid DataRow") from None
+    if pos != len(payload):
+        raise ProtocolViolation("invalid DataRow")
     return out

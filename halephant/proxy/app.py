@@ -56,6 +56,8 @@ class App:
         self.listeners = Listeners(self)
         #: every connected client by its number, which is also the process ID it is told (cancel keys)
         self.clients: dict[int, ClientConnection] = {}
+        #: session-pooling clients by the server process ID they were told instead of their number
+        self.session_pids: dict[int, ClientConnection] = {}
         self.client_counts = ClientCounts()
         #: set by begin_shutdown(): no new connections; clients leave as their transactions end
         self.draining = False
@@ -226,17 +228,27 @@ class App:
 
     def client_closed(self, client: ClientConnection) -> None:
         self.clients.pop(client.number, None)
+        if client.told_pid and self.session_pids.get(client.told_pid) is client:
+            del self.session_pids[client.told_pid]
+
+    def session_process_id(self, client: ClientConnection, backend_pid: int) -> int:
+        """Register the process ID a session-pooling client is told (its server's); returns it."""
+        self.session_pids[backend_pid] = client
+        client.told_pid = backend_pid
+        return backend_pid
 
     def cancel(self, process_id: int, secret_key: int) -> None:
         """A CancelRequest: forward it to the server linked to that client now, and to nobody otherwise."""
-        client = self.clients.get(process_id)
-        if (
-            client is None
-            or not client.cancel_key
-            or not hmac.compare_digest(
-                client.cancel_key.to_bytes(4, "big"), (secret_key & 0xFFFFFFFF).to_bytes(4, "big")
-            )
-        ):
+        key = (secret_key & 0xFFFFFFFF).to_bytes(4, "big")
+        for registry in (self.clients, self.session_pids):
+            client = registry.get(process_id)
+            if (
+                client is not None
+                and client.cancel_key
+                and hmac.compare_digest(client.cancel_key.to_bytes(4, "big"), key)
+            ):
+                break
+        else:
             log.info("cancel request for unknown client %d ignored", process_id)
             return
         server = client.server

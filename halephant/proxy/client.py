@@ -144,6 +144,7 @@ class ClientConnection(asyncio.Protocol):
         "sweep_rfq",
         "sweep_since",
         "target",
+        "told_pid",
         "transaction_mode",
         "transport",
         "unsynced",
@@ -193,6 +194,7 @@ class ClientConnection(asyncio.Protocol):
         self.wait_notified = False
         self.cancel_key = 0
         self.number = 0
+        self.told_pid = 0  # session pooling: the server process ID the client was told
         #: transactions linked so far, and what the timeout sweep saw last (halephant.proxy.sweep)
         self.link_count = 0
         self.sweep_links = -1
@@ -408,6 +410,9 @@ class ClientConnection(asyncio.Protocol):
         self.transaction_mode = self.pool_info.mode is PoolMode.TRANSACTION
         log.info("%r: login ok (%s, pool %s, %s mode)", self, how, self.target.database, self.target.mode)
         self.state = WELCOME
+        if not self.transaction_mode and "application_name" not in self.settings:
+            # as connected directly: no application_name given means "", not halephant's own
+            self.settings = {**self.settings, "application_name": ""}
         params = self.app.manager.welcome_params(self.target)
         if self.pool_info.mode is PoolMode.SESSION or params is None or self.settings:
             # Session pooling holds a server from login. Otherwise a server is needed once to learn the
@@ -424,7 +429,12 @@ class ClientConnection(asyncio.Protocol):
         out = [m.parameter_status(name, value) for name, value in params.items()]
         # unpredictable: the key is what authorizes cancelling this client's queries
         self.cancel_key = secrets.randbits(31) or 1  # 0 means "no key yet"
-        out.append(m.backend_key_data(self.info.id, self.cancel_key))
+        process_id = self.info.id
+        if not self.transaction_mode and self.server is not None:
+            # session pooling: the server's real process ID, so pg_backend_pid() and the sender of the
+            # client's own NOTIFYs match what it was told; the secret key stays halephant's
+            process_id = self.app.session_process_id(self, self.server.backend_pid)
+        out.append(m.backend_key_data(process_id, self.cancel_key))
         out.append(m.READY_FOR_QUERY_IDLE)
         self.transport.write(b"".join(out))
         self.state = READY
@@ -555,7 +565,8 @@ class ClientConnection(asyncio.Protocol):
                     if instead is not None:
                         server.send(instead)
                         fwd = end
-                if effect or verdict is not None or self.session is not None:
+                session = self.session
+                if effect or verdict is not None or (session is not None and session.pins):
                     # State that outlives the transaction: carried with the client, or the client keeps
                     # this server (logged with the reason) until it is released.
                     session_state.on_statement(self, statement, verdict)
@@ -808,7 +819,8 @@ class ClientConnection(asyncio.Protocol):
         if self.pinned or self.server is None:
             return
         self.pinned = True
-        self.server.dirty = reason
+        if not self.server.dirty:  # a reason to close the server that is already there stays
+            self.server.dirty = reason
         log.info("%r: pinned to server pid %d: %s", self, self.server.backend_pid, reason)
         self.app.stats.decide("pin", self.info, reason)
 
@@ -825,6 +837,11 @@ class ClientConnection(asyncio.Protocol):
             else:
                 session_state.at_idle(self)
 
+    def notification_relayed(self, payload: bytes) -> None:
+        """The linked server delivered a notification to this client itself (transaction pooling)."""
+        if self.session is not None:
+            session_state.relayed(self, payload)
+
     def parameter_changed(self, name: str) -> None:
         """The server reported a new value of a reported setting (transaction pooling)."""
         session_state.parameter_changed(self, name)
@@ -835,16 +852,27 @@ class ClientConnection(asyncio.Protocol):
             return
         self.pinned = False
         if self.server is not None:
-            self.server.dirty = ""
+            if self.session is None or self.server.dirty == self.session.pin_reason:
+                self.server.dirty = ""  # a reason to close it that is not the pin's stays
             log.info("%r: unpinned from server pid %d: %s", self, self.server.backend_pid, reason)
 
     @property
     def is_closed(self) -> bool:
         return self.state == CLOSED
 
-    def release(self) -> None:
-        """Give the linked server back to its pool (transaction pooling, at the end of a transaction)."""
-        self._release()
+    def release(self, reset: str = "") -> None:
+        """Give the linked server back to its pool (transaction pooling, at the end of a transaction),
+        after running `reset` on it when given (the server is closed if that fails)."""
+        if reset:
+            server = self.server
+            assert server is not None
+            self.server = None
+            server.client = None
+            if self.write_paused:
+                server.set_reading(False)
+            self.app.manager.reset_and_checkin(server, reset)
+        else:
+            self._release()
         if self.session is not None:
             session_state.flush(self)
 
@@ -902,12 +930,15 @@ class ClientConnection(asyncio.Protocol):
             if server.reading_paused:
                 server.set_reading(False)
             reset = session_state.on_leave(self) if self.transaction_mode else ""
-            if server.absorb:
-                server.close("client left while halephant's own query ran")
-            elif not clean:
+            if not clean:
                 server.close("client left mid-transaction")
             elif reset is None:
                 server.close("client left session state that cannot be undone (LOAD)")
+            elif server.absorb:
+                # halephant's own query for this client still runs: let it finish, and since what it
+                # would have read back is not recorded, reset the settings too
+                query = f"{reset}; RESET ALL" if reset else "DISCARD ALL"
+                self.app.manager.reset_and_checkin(server, query, clears_settings=True)
             else:
                 # session pooling, or a client pinned by session state: reset before anyone else gets it
                 # (targeted when halephant knows what the client held, else server_reset_query)

@@ -9,7 +9,8 @@ and as PostgreSQL sent it (channel, payload and the notifying backend's PID), to
 to that channel (`session_state.deliver`, which queues it while the client is in a transaction).
 
 `when_active` lets a client's server stop listening only once the shared connection listens, so nothing
-is lost in between. A lost listener connection is opened again while anyone still listens.
+is lost in between. When the listener connection is lost, its clients are disconnected with 08006 (as a
+direct connection whose backend went away), since notifications may have been missed meanwhile.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from typing import TYPE_CHECKING
 
 import anyio
 
+from halephant import sqlstate
+from halephant.errors import ClientError
 from halephant.protocol import codes
 from halephant.protocol import messages as m
 from halephant.protocol.framing import split_frames
@@ -239,13 +242,26 @@ class _Listener:
                     done(True)
 
     def server_lost(self, server: ServerConnection, reason: str) -> None:
-        if server is self.server:
-            log.warning("shared listener for %s lost: %s", self.pool.name, reason)
-            self.server = None
-            self.active = set()
-            self._batches.clear()
-            if self.channels and not self.closed:
-                self._open()
+        if server is not self.server:
+            return
+        self.server = None
+        self.active = set()
+        self._batches.clear()
+        if self.closed:
+            return
+        log.warning("shared listener for %s lost: %s", self.pool.name, reason)
+        # Connected directly, a client whose backend is gone learns it with its connection; notifications
+        # sent meanwhile may be lost, so its listening clients are told the same way and reconnect.
+        error = ClientError(
+            sqlstate.CONNECTION_FAILURE,
+            "the connection that listens for this client's notifications was lost: "
+            "notifications may have been missed",
+            fatal=True,
+        )
+        for client in {c for clients in self.channels.values() for c in clients}:
+            client.fail(error)
+        if self.channels:
+            self._open()  # channels wanted ahead of need
 
     def pause_reading(self) -> None:
         pass

@@ -19,6 +19,7 @@ from halephant.errors import ClientError
 from halephant.pool.pool import Pool
 from halephant.protocol import codes
 from halephant.protocol import messages as m
+from halephant.protocol.framing import split_frames
 from halephant.proxy import prepared
 from halephant.proxy.nodes import Nodes
 from halephant.proxy.server import ServerConnection, ServerLoginError
@@ -40,14 +41,27 @@ _NODE_FAILURES = frozenset(
 
 
 class _Reset:
-    """Stands in for a client while a session-mode server runs its reset query."""
+    """Stands in for a client while a server runs its reset query (session pooling, a pinned client that
+    left, or the clean-up of a transaction-mode client's emulated state)."""
 
     __slots__ = ("clears_settings", "manager", "server", "transport")
 
     class _Sink:
-        @staticmethod
-        def write(_data: bytes) -> None:
-            pass
+        """Reads the reset query's answer only to see whether any of it failed."""
+
+        __slots__ = ("buf", "failed")
+
+        def __init__(self) -> None:
+            self.buf = b""
+            self.failed = ""
+
+        def write(self, data: bytes) -> None:
+            buf = self.buf + data if self.buf else data
+            frames, consumed = split_frames(buf, 1 << 30)
+            self.buf = buf[consumed:]
+            for t, start, end in frames:
+                if t == codes.ERROR_RESPONSE and not self.failed:
+                    self.failed = m.decode_error_fields(buf[start:end]).get("M", "error")
 
         @staticmethod
         def pause_reading() -> None:
@@ -62,7 +76,9 @@ class _Reset:
     def server_ready(self, n: int, status: int, at_boundary: bool) -> None:
         server = self.server
         server.client = None
-        if status == codes.TX_IDLE and at_boundary:
+        if self.transport.failed:
+            server.close(f"reset query failed: {self.transport.failed}")
+        elif status == codes.TX_IDLE and at_boundary:
             server.dirty = ""
             if self.clears_settings:
                 server.settings = {}  # the reset query (DISCARD ALL / RESET ALL) undid them
@@ -226,7 +242,9 @@ class PoolManager:
         if waiter is not None:
             waiter.attach_server(server)
 
-    def reset_and_checkin(self, server: ServerConnection, targeted: str | None = None) -> None:
+    def reset_and_checkin(
+        self, server: ServerConnection, targeted: str | None = None, clears_settings: bool = False
+    ) -> None:
         """Run the reset query, then pool the server (or close it if that fails).
 
         `targeted` replaces `server_reset_query` when the caller knows exactly what a transaction-mode
@@ -239,7 +257,9 @@ class PoolManager:
         if not query:
             self.checkin(server)
             return
-        server.client = _Reset(self, server, clears_settings=not targeted)  # type: ignore[assignment]
+        server.client = _Reset(  # type: ignore[assignment]
+            self, server, clears_settings=clears_settings or not targeted
+        )
         prepared.forget_after_reset(server, query)
         server.send(m.query(query))
 

@@ -47,8 +47,12 @@ log = logging.getLogger("halephant.server")
 
 _MAX_SERVER_MESSAGE = 1 << 30
 # ParameterStatus: session state changed; CopyInResponse: a COPY FROM STDIN began (its Sync accounting);
-# ErrorResponse: a stale plan of a shared prepared statement (halephant.proxy.prepared); all are rare
-_KEEP = frozenset((codes.PARAMETER_STATUS, codes.COPY_IN_RESPONSE, codes.ERROR_RESPONSE))
+# ErrorResponse: a stale plan of a shared prepared statement (halephant.proxy.prepared);
+# NotificationResponse: a server's own LISTEN delivered it (emulated LISTEN must not deliver it again).
+# Only messages of these rare types are copied out; the test is made for every message anyway.
+_KEEP = frozenset(
+    (codes.PARAMETER_STATUS, codes.COPY_IN_RESPONSE, codes.ERROR_RESPONSE, codes.NOTIFICATION_RESPONSE)
+)
 _TX_IDLE = codes.TX_IDLE
 #: the answer to an internal query: its rows (text format), and the error message if it failed
 InternalDone = Callable[[list[list[str | None]], str | None], None]
@@ -184,7 +188,10 @@ class ServerConnection(asyncio.Protocol):
         client = self.client
         if client is not None:
             if self.absorb:
-                self._absorbing_data(data, client)
+                try:
+                    self._absorbing_data(data, client)
+                except ProtocolViolation as exc:
+                    self._lost_with_client(client, f"protocol violation from server: {exc.message}")
                 return
             if client.prepared is not None:
                 prepared.relay(self, data, client)
@@ -240,6 +247,8 @@ class ServerConnection(asyncio.Protocol):
                 client.copy_in_started()
             elif t == codes.ERROR_RESPONSE and client.prepared is not None and client.prepared.bound:
                 client.prepared.stale_plan(payload)
+            elif t == codes.NOTIFICATION_RESPONSE and client.transaction_mode:
+                client.notification_relayed(payload)
 
     def apply_settings(self, wanted: dict[str, str]) -> bool:
         """Bring this server to a client's startup settings; True when a query for that is in flight.
@@ -292,10 +301,15 @@ class ServerConnection(asyncio.Protocol):
                         hint=fields.get("H"),
                         fatal=True,
                     )
-                    self.settings = {}  # unknown now: set everything again next time
+                    # The whole settings query rolled back: this server still holds what the previous
+                    # client left, which no record says now. It must not be handed on.
+                    self.settings = {}
+                    self.dirty = f"could not apply a client's settings: {fields.get('M', '')}"
             elif t == codes.NOTIFICATION_RESPONSE:
                 # a notification is the client's, whoever's query it arrived behind
                 client.transport.write(buf[start - 5 : end])
+                if client.transaction_mode:
+                    client.notification_relayed(buf[start:end])
             elif t == codes.READY_FOR_QUERY:
                 self.absorb -= 1
                 entry = internal.popleft() if internal else None

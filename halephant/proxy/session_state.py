@@ -10,7 +10,7 @@ In transaction pooling the server changes at every transaction, so halephant car
   savepoints and failed statements need no guessing. `RESET x`, `RESET ALL` and `DISCARD ALL` bring the
   client back to the pool's defaults. The server's own `settings` record follows, so the next client's
   difference undoes exactly what this one left.
-* Session-bound features (`halephant.sql.session_effects.FEATURES`): the `halephant_inspect_query` verdict
+* Session-bound features (`halephant.sql.effects.FEATURES`): the `halephant_inspect_query` verdict
   decides (`Pin` with a `feature`, `Reject`, or nothing = emulate where halephant can). A feature that is
   neither rejected nor emulated pins the client to its server (logged with its reason) until a statement
   that may release it ran and the server, checked at the end of that transaction, holds none of it.
@@ -28,6 +28,7 @@ once per transaction.
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from typing import TYPE_CHECKING, Final
 
@@ -44,7 +45,7 @@ from halephant.protocol.session_queries import (
     reset_sql,
 )
 from halephant.sql import Statement
-from halephant.sql.session_effects import ALL, LISTEN, PREPARE, SETTINGS, session_effects
+from halephant.sql.effects import ALL, LISTEN, PREPARE, SETTINGS, session_effects
 from halephant.types import Pin, Unpin, Verdict
 
 if TYPE_CHECKING:
@@ -60,6 +61,9 @@ _NOT_SETTINGS: Final = frozenset(("session_authorization", "is_superuser", "in_h
 #: notifications a client may have waiting before it is disconnected
 MAX_QUEUED_NOTIFICATIONS: Final = 10_000
 MAX_QUEUED_NOTIFICATION_BYTES: Final = 4 * 1024 * 1024
+#: how many, and how long, notifications delivered by a server are remembered against duplicates
+RELAYED_KEPT: Final = 256
+RELAYED_SECONDS: Final = 5.0
 _CHECKABLE: Final = frozenset(
     ("advisory_locks", "listen", "with_hold", "temp_tables", "prepare", "set_role", "load")
 )
@@ -77,11 +81,14 @@ class SessionState:
         "listen_seen",
         "listening",
         "owns_pin",
+        "pin_reason",
         "pins",
         "prepare_seen",
         "prepared",
         "queue",
         "queued_bytes",
+        "relayed",
+        "server_channels",
         "settings_owned",
     )
 
@@ -93,6 +100,8 @@ class SessionState:
         self.pins: dict[str, str] = {}
         #: the client's pin is ours (released when `pins` empties), not the core's for another reason
         self.owns_pin = False
+        #: the reason the client's pin was logged with (what `server.dirty` says while it lasts)
+        self.pin_reason = ""
         #: a statement may have released a held feature: check the server at the end of the transaction
         self.check = False
         #: the linked server may hold emulated LISTEN / SQL PREPARE state of this client
@@ -103,12 +112,17 @@ class SessionState:
         #: emulated state: channels listened to, SQL prepared statements (name -> PREPARE text)
         self.listening: set[str] = set()
         self.prepared: dict[str, str] = {}
+        #: channels the linked server itself listens to for this client (last read back)
+        self.server_channels: set[str] = set()
         #: the session state could not be read back: the server is closed when the client leaves
         self.broken = ""
         #: `client.settings` is this client's own dict (the startup one may be shared)
         self.settings_owned = False
         self.queue: deque[bytes] = deque()
         self.queued_bytes = 0
+        #: notifications the linked server delivered itself lately (time, payload): while the shared
+        #: listener takes over a channel both may deliver the same one, and only one copy must arrive
+        self.relayed: deque[tuple[float, bytes]] = deque(maxlen=RELAYED_KEPT)
 
 
 def _state(client: ClientConnection) -> SessionState:
@@ -123,6 +137,7 @@ def _hold(client: ClientConnection, st: SessionState, feature: str, reason: str)
     if not client.pinned:
         client.pin_for(reason)
         st.owns_pin = True
+        st.pin_reason = reason
     else:
         log.info("%r: also holds %s: %s", client, feature, reason)
 
@@ -245,6 +260,7 @@ def _read_back(client: ClientConnection, server: ServerConnection, st: SessionSt
     features = sorted(f for f in st.pins if f in _CHECKABLE) if st.check else []
     st.check = False
     if not (names or features or st.listen_seen or st.prepare_seen):
+        _maybe_unpin(client, st)
         _done(client, server)
         return
     sql = boundary_sql(
@@ -283,15 +299,20 @@ def _read_back_done(
             prepared[name] = value
         elif kind == KIND_FEATURE and value == "0" and name in st.pins:
             log.info("%r: released %s (%s)", client, name, st.pins.pop(name))
-    if st.listen_seen and channels - st.listening:
-        client.app.listeners.subscribe(client, channels - st.listening)
-        st.listening |= channels
+    if st.listen_seen:
+        # While the client keeps this server, the server's own LISTEN delivers; the shared listener
+        # takes over only when the server goes back (`_clean_up`), so nothing arrives twice.
+        st.server_channels = channels
     if st.prepare_seen:
         st.prepared = prepared
+    _maybe_unpin(client, st)
+    _clean_up(client, server, st)
+
+
+def _maybe_unpin(client: ClientConnection, st: SessionState) -> None:
     if client.pinned and st.owns_pin and not st.pins:
         st.owns_pin = False
         client.unpin("every session-bound feature was released")
-    _clean_up(client, server, st)
 
 
 def _setting_read(
@@ -319,11 +340,11 @@ def _clean_up(client: ClientConnection, server: ServerConnection, st: SessionSta
     if client.pinned or not (st.listen_seen or st.prepare_seen):
         _done(client, server)
         return
-    if st.listen_seen and st.listening:
+    if st.listen_seen and st.server_channels - st.listening:
         # the shared listener must be listening before the server stops, or a notification could be lost
         st.cleaning = True
         client.app.listeners.when_active(
-            client, st.listening, lambda ok: _clean_up_now(client, server, st, ok)
+            client, st.server_channels, lambda ok: _clean_up_now(client, server, st, ok)
         )
         return
     _clean_up_now(client, server, st, True)
@@ -336,32 +357,40 @@ def _clean_up_now(client: ClientConnection, server: ServerConnection, st: Sessio
     if not ok:
         _hold(client, st, LISTEN, "listen: the shared listener connection is not available")
         return
-    if client.outstanding or client.unsynced or server.absorb:
+    if not _idle(client, server):
         client.session_due = True  # the client went on meanwhile: clean up at the end of that
         return
+    if client.session_due:
+        at_idle(client)  # read back what the client did meanwhile first
+        return
+    new = st.server_channels - st.listening
+    if new:
+        # from now on the shared listener delivers; the server's own notifications go to the reset
+        client.app.listeners.subscribe(client, new)
+        st.listening |= new
+    st.server_channels = set()
     sql = cleanup_sql(listen=st.listen_seen, prepared=st.prepare_seen)
     st.listen_seen = st.prepare_seen = False
-    server.run_internal(sql, lambda rows, error: _cleaned(client, server, error))
+    # The server leaves the client now: whatever the client sends next gets a server (maybe this one)
+    # through a checkout, which prepares its statements again. The server is closed if this fails.
+    client.release(reset=sql)
 
 
-def _cleaned(client: ClientConnection, server: ServerConnection, error: str | None) -> None:
-    if error is not None:
-        server.dirty = f"clean-up failed: {error}"  # closed at check-in, never handed on
-        log.warning("%r: clean-up of server pid %d failed: %s", client, server.backend_pid, error)
-    if client.server is server:
-        _done(client, server)
-
-
-def _done(client: ClientConnection, server: ServerConnection) -> None:
-    """Release the server if the client still has nothing in flight on it."""
-    if (
+def _idle(client: ClientConnection, server: ServerConnection) -> bool:
+    """The client is between transactions on this server, with nothing in flight."""
+    return (
         client.server is server
         and not client.outstanding
         and not client.unsynced
         and not server.absorb
         and server.scanner.status == codes.TX_IDLE
         and server.scanner.at_boundary
-    ):
+    )
+
+
+def _done(client: ClientConnection, server: ServerConnection) -> None:
+    """Release the server if the client still has nothing in flight on it."""
+    if _idle(client, server):
         if client.session_due:
             at_idle(client)
             return
@@ -405,10 +434,32 @@ def pin_session(client: ClientConnection, reason: str) -> None:
 # --- notifications -------------------------------------------------------------------------------------
 
 
+def relayed(client: ClientConnection, payload: bytes) -> None:
+    """The client's own server delivered this notification (its LISTEN, before the shared listener took
+    over): remember it, so that the shared listener's copy is not delivered a second time."""
+    st = client.session
+    if st is not None and (st.listen_seen or st.listening or st.server_channels):
+        st.relayed.append((time.monotonic(), bytes(payload)))
+
+
+def _already_relayed(st: SessionState, payload: bytes) -> bool:
+    relayed_ = st.relayed
+    horizon = time.monotonic() - RELAYED_SECONDS
+    while relayed_ and relayed_[0][0] < horizon:
+        relayed_.popleft()
+    for entry in relayed_:
+        if entry[1] == payload:
+            relayed_.remove(entry)  # one server copy cancels one listener copy
+            return True
+    return False
+
+
 def deliver(client: ClientConnection, message: bytes) -> None:
     """A NotificationResponse for this client from the shared listener."""
     st = client.session
     if st is None or client.is_closed:
+        return
+    if st.relayed and _already_relayed(st, message[5:]):
         return
     if not st.queue and client.server is None and not client.write_paused and client.waiting_pool is None:
         client.transport.write(message)

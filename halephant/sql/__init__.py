@@ -11,6 +11,7 @@ loaded the first time a plugin asks for `.ast`.
 
 from __future__ import annotations
 
+from halephant.sql.effects import FEATURES, SessionEffect, session_effects
 from halephant.sql.lexer import (
     COMMENT,
     DOLLAR_STRING,
@@ -33,6 +34,7 @@ from halephant.sql.statement import Statement
 __all__ = [
     "COMMENT",
     "DOLLAR_STRING",
+    "FEATURES",
     "NUMBER",
     "PARAM",
     "PUNCT",
@@ -41,12 +43,14 @@ __all__ = [
     "SPACE",
     "STRING",
     "WORD",
+    "SessionEffect",
     "SettingChange",
     "Statement",
     "Token",
     "TokenKind",
     "iter_tokens",
     "parse_bool",
+    "session_effects",
     "setting_changes",
     "split_statements",
 ]

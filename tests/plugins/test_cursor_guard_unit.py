@@ -21,10 +21,11 @@ HOLDABLE = 'declare "c" /*x*/ cursor with /* y */ hold for select 1'
 
 
 class FakeConfig:
-    """Only what `halephant_configure` reads: the validated `plugins.<name>` sections."""
+    """Only what `halephant_configure` reads: the validated `plugins.<name>` sections and the databases."""
 
     def __init__(self, sections: dict[str, BaseModel]) -> None:
         self.sections = sections
+        self.databases: dict[str, object] = {}
 
     def plugin_settings(self, name: str) -> BaseModel | None:
         return self.sections.get(name)

@@ -1,0 +1,222 @@
+"""End to end: COPY, FunctionCall, NOTICE, large results and errors inside an extended-protocol batch behave
+through halephant (transaction and session pooling) as they do connected directly.
+
+Raw message scripts are sent to PostgreSQL directly and through halephant, and the answers compared
+message by message. A 200 MB result streams through halephant while its resident memory is sampled.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import threading
+import time
+from typing import Any
+
+import psycopg
+import psycopg.errors
+import pytest
+import rawclient as rc
+from rawclient import RawClient
+from support.halephant import HalephantFactory, Running, default_config
+from support.leaks import assert_clean_servers
+
+from halephant.testing.pgcluster import Cluster
+
+pytestmark = pytest.mark.e2e
+
+MODES = ["transaction", "session"]
+
+
+@pytest.fixture(scope="module")
+def hal(pg: Cluster, module_halephant: HalephantFactory) -> Running:
+    return module_halephant.start(
+        default_config(
+            pg,
+            databases={
+                "transaction": {"cluster": "main", "database": "myapp", "pool_size": 2},
+                "session": {"cluster": "main", "database": "myapp", "mode": "session", "pool_size": 3},
+            },
+        )
+    )
+
+
+@pytest.fixture(scope="module", autouse=True)
+def table(pg: Cluster, hal: Running) -> None:
+    pg.primary.sql("CREATE TABLE IF NOT EXISTS fidelity_copy (n int, t text)", dbname="myapp")
+    pg.primary.sql("GRANT ALL ON fidelity_copy TO PUBLIC", dbname="myapp")
+
+
+def connect(hal: Running, mode: str) -> psycopg.Connection[Any]:
+    return psycopg.connect(hal.dsn(dbname=mode), autocommit=True, connect_timeout=5)
+
+
+def raw_script(host: str, port: int, database: str, script: bytes) -> list[tuple[bytes, bytes]]:
+    """Send `script` after login, read up to the last ReadyForQuery it asks for; (type, payload) pairs
+    with error fields reduced to severity, SQLSTATE and message."""
+    syncs = script.count(b"S\x00\x00\x00\x04") + _queries(script)
+    if b"COPY fidelity_copy FROM STDIN\x00\x00\x00B" in script:
+        syncs -= 1  # the Sync behind an extended-protocol COPY FROM STDIN is ignored by PostgreSQL
+    with RawClient(host, port) as raw:
+        raw.login("myapp", "myapp", database=database)
+        raw.send(script)
+        out: list[tuple[bytes, bytes]] = []
+        while syncs:
+            message = raw.read(timeout=10)
+            if message.type == b"Z":
+                syncs -= 1
+            if message.type in (b"E", b"N"):
+                f = message.fields
+                out.append((message.type, f"{f.get('S')} {f.get('C')} {f.get('M')}".encode()))
+            else:
+                out.append((message.type, message.payload))
+        return out
+
+
+def _queries(script: bytes) -> int:
+    n = pos = 0
+    while pos < len(script):
+        (length,) = struct.unpack_from("!i", script, pos + 1)
+        n += script[pos : pos + 1] in (b"Q", b"F")
+        pos += 1 + length
+    return n
+
+
+def function_call(oid: int, *args: bytes) -> bytes:
+    body = struct.pack("!ih", oid, 1) + struct.pack("!h", 0) + struct.pack("!h", len(args))
+    for arg in args:
+        body += struct.pack("!i", len(arg)) + arg
+    return rc.msg(b"F", body + struct.pack("!h", 0))
+
+
+SCRIPTS = {
+    "error_mid_batch_skips_to_sync": (
+        rc.parse("SELECT 1") + rc.bind() + rc.execute()
+        + rc.parse("SELEC broken") + rc.bind() + rc.execute()
+        + rc.parse("SELECT 2") + rc.bind() + rc.execute() + rc.sync()
+        + rc.parse("SELECT 3") + rc.bind() + rc.execute() + rc.sync()
+    ),
+    "error_in_a_transaction_batch": (
+        rc.query("BEGIN")
+        + rc.parse("SELECT 1/0") + rc.bind() + rc.execute() + rc.sync()
+        + rc.query("SELECT 1") + rc.query("ROLLBACK") + rc.query("SELECT 'after'")
+    ),
+    "bind_unknown_statement": rc.bind("no_such_statement") + rc.execute() + rc.sync() + rc.query("SELECT 4"),
+    "function_call": function_call(177, b"40", b"2") + rc.query("SELECT 5"),  # int4pl(40, 2)
+    "notice": rc.query("DO $$BEGIN RAISE NOTICE 'hello %', 42; RAISE WARNING 'careful'; END$$"),
+    "copy_out": rc.query("COPY (SELECT g, 'row ' || g FROM generate_series(1, 3) g) TO STDOUT"),
+    "copy_in": (
+        rc.query("COPY fidelity_copy FROM STDIN") + rc.msg(b"d", b"1\tone\n") + rc.msg(b"d", b"2\ttwo\n")
+        + rc.msg(b"c") + rc.query("SELECT count(*) > 0 FROM fidelity_copy")
+    ),
+    "copy_fail": (
+        rc.query("COPY fidelity_copy FROM STDIN") + rc.msg(b"d", b"3\tthree\n") + rc.msg(b"f", b"given up\0")
+        + rc.query("SELECT 6")
+    ),
+    "copy_in_extended": (
+        rc.parse("COPY fidelity_copy FROM STDIN") + rc.bind() + rc.execute() + rc.sync()
+        + rc.msg(b"d", b"7\tseven\n") + rc.msg(b"c") + rc.sync() + rc.query("SELECT 7")
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", list(SCRIPTS))
+def test_raw_message_sequences_match_direct(pg: Cluster, hal: Running, mode: str, name: str) -> None:
+    script = SCRIPTS[name]
+    direct = raw_script(pg.primary.host, pg.primary.port, "myapp", script)
+    pooled = raw_script(hal.host, hal.port, mode, script)
+    assert pooled == direct
+    assert_clean_servers(pg.primary)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_copy_with_psycopg(pg: Cluster, hal: Running, mode: str) -> None:
+    with connect(hal, mode) as conn:
+        table = "fidelity_copy"
+        with conn.transaction():
+            conn.execute(f"DELETE FROM {table} WHERE n >= 1000")
+            with conn.cursor().copy(f"COPY {table} (n, t) FROM STDIN") as copy:
+                for n in range(1000, 3000):
+                    copy.write_row((n, f"value {n}"))
+        out = io.BytesIO()
+        query = f"COPY (SELECT n, t FROM {table} WHERE n >= 1000 ORDER BY n) TO STDOUT"
+        with conn.cursor().copy(query) as copy:
+            for data in copy:
+                out.write(data)
+        lines = out.getvalue().decode().splitlines()
+        assert len(lines) == 2000 and lines[0] == "1000\tvalue 1000"
+        notices: list[str] = []
+        conn.add_notice_handler(lambda d: notices.append(d.message_primary or ""))
+        conn.execute("DO $$BEGIN RAISE NOTICE 'from the server'; END$$")
+        assert notices == ["from the server"]
+        conn.execute(f"DELETE FROM {table} WHERE n >= 1000")
+    assert_clean_servers(pg.primary)
+
+
+def _rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_200_mb_result_streams_without_growing_halephant(pg: Cluster, hal: Running, mode: str) -> None:
+    pid = hal.proc.pid
+    with RawClient(hal.host, hal.port, timeout=30) as raw:
+        raw.login("myapp", "myapp", database=mode)
+        raw.simple_query("SELECT 1")  # warm: the server exists and halephant's buffers are made
+        before = _rss_kib(pid)
+        peak = [before]
+        done = threading.Event()
+
+        def sample() -> None:
+            while not done.is_set():
+                peak[0] = max(peak[0], _rss_kib(pid))
+                time.sleep(0.01)
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        try:
+            raw.send(rc.query("SELECT repeat('x', 1000) FROM generate_series(1, 200000)"))
+            time.sleep(0.5)  # a slow reader at first: halephant must stop reading the server meanwhile
+            total = 0
+            sock = raw.sock
+            tail = b""
+            while not tail.endswith(b"Z\x00\x00\x00\x05I"):
+                chunk = sock.recv(1 << 20)
+                assert chunk, "connection closed"
+                total += len(chunk)
+                tail = (tail + chunk)[-6:]
+        finally:
+            done.set()
+            sampler.join()
+        assert total > 200_000 * 1000
+        growth_mib = (peak[0] - before) / 1024
+        assert growth_mib < 16, f"halephant grew by {growth_mib:.1f} MiB while streaming 200 MB"
+        assert [m.type for m in raw.simple_query("SELECT 1")] == [b"T", b"D", b"C", b"Z"]
+    assert_clean_servers(pg.primary)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("after", ["begin_and_batch", "batch_without_sync", "copy_in"])
+def test_a_client_that_leaves_mid_pipeline_leaves_no_dirty_server(
+    pg: Cluster, hal: Running, mode: str, after: str
+) -> None:
+    scripts = {
+        "begin_and_batch": rc.query("BEGIN") + rc.parse("SELECT pg_advisory_xact_lock(9001)") + rc.bind()
+        + rc.execute(),
+        "batch_without_sync": rc.parse("SELECT pg_sleep(0.2)") + rc.bind() + rc.execute() + rc.msg(b"H"),
+        "copy_in": rc.query("COPY fidelity_copy FROM STDIN") + rc.msg(b"d", b"9\tnine\n"),
+    }  # fmt: skip
+    raw = RawClient(hal.host, hal.port)
+    raw.login("myapp", "myapp", database=mode)
+    raw.send(scripts[after])
+    time.sleep(0.1)
+    raw.close()  # no Sync, no Terminate
+    assert_clean_servers(pg.primary, timeout=5)
+    with connect(hal, mode) as conn:
+        assert conn.execute("SELECT count(*) FROM fidelity_copy WHERE n = 9").fetchone() == (0,)
+        assert conn.execute("SELECT 1").fetchone() == (1,)

@@ -1,0 +1,385 @@
+"""End to end: the session-feature table of a transaction pool (pin / reject / emulate), its release,
+emulated LISTEN and SQL PREPARE, and a plugin overriding a row.
+
+Databases with a single server connection and a 1 s `checkout_timeout` make a pin visible: while one
+client holds the server, another one's query fails with 53300; once the feature is released it runs.
+After every test no server may be left in a transaction or holding an advisory lock.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import psycopg.errors
+import pytest
+import rawclient as rc
+from rawclient import RawClient
+from support.halephant import HalephantFactory, Running, default_config
+from support.leaks import assert_clean_servers
+
+from halephant.testing.pgcluster import Cluster
+
+pytestmark = pytest.mark.e2e
+
+PLUGINS_DIR = pathlib.Path(__file__).resolve().parent / "plugins_for_tests"
+
+
+def _db(**extra: Any) -> dict[str, Any]:
+    return {"cluster": "main", "database": "myapp", "pool_size": 1, "checkout_timeout": "1s", **extra}
+
+
+@pytest.fixture(scope="module")
+def hal(pg: Cluster, module_halephant: HalephantFactory) -> Running:
+    config = default_config(
+        pg,
+        databases={
+            "one": _db(),
+            "strict": _db(),
+            "holdpin": _db(session_features={"with_hold": "pin", "load": "pin"}),
+            "rejecting": _db(
+                session_features={"advisory_locks": "reject", "listen": "reject", "prepare": "reject"}
+            ),
+        },
+        plugins={"modules": ["override_session_features", "pin_on_marker"]},
+    )
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PYTHONPATH", str(PLUGINS_DIR))
+        return module_halephant.start(config)
+
+
+@pytest.fixture(autouse=True)
+def clean_afterwards(pg: Cluster) -> Iterator[None]:
+    yield
+    assert_clean_servers(pg.primary)
+
+
+def connect(hal: Running, dbname: str = "one", **params: Any) -> psycopg.Connection[Any]:
+    return psycopg.connect(hal.dsn(dbname=dbname, **params), autocommit=True, connect_timeout=5)
+
+
+def one(conn: psycopg.Connection[Any], query: str) -> Any:
+    row = conn.execute(query).fetchone()
+    assert row is not None
+    return row[0]
+
+
+def assert_waits_for_the_server(conn: psycopg.Connection[Any]) -> None:
+    """The pool's single server is held by another client: this one's query times out (53300)."""
+    with pytest.raises(psycopg.errors.TooManyConnections):
+        conn.execute("SELECT 1")
+
+
+def advisory_locks(pg: Cluster) -> int:
+    return int(pg.primary.sql("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'"))
+
+
+# --- pin until released ----------------------------------------------------------------------------------
+
+
+def test_advisory_lock_pins_the_client_until_it_unlocks(pg: Cluster, hal: Running) -> None:
+    with connect(hal) as a, connect(hal) as b:
+        a.execute("SELECT pg_advisory_lock(7001)")
+        pid = one(a, "SELECT pg_backend_pid()")
+        with a.transaction():
+            assert one(a, "SELECT pg_backend_pid()") == pid
+        assert (
+            pg.primary.sql(f"SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = {pid}")
+            == "1"
+        )
+        assert_waits_for_the_server(b)
+        # two locks, one unlock: still held, still pinned
+        a.execute("SELECT pg_advisory_lock(7002)")
+        a.execute("SELECT pg_advisory_unlock(7001)")
+        assert_waits_for_the_server(b)
+        a.execute("SELECT pg_advisory_unlock(7002)")
+        assert one(b, "SELECT 1") == 1  # released: the server went back
+        assert advisory_locks(pg) == 0
+
+
+def test_temp_table_pins_until_dropped(hal: Running) -> None:
+    with connect(hal) as a, connect(hal) as b:
+        a.execute("CREATE TEMP TABLE e2e_feature_tmp (n int)")
+        a.execute("INSERT INTO e2e_feature_tmp VALUES (1)")
+        assert one(a, "SELECT count(*) FROM e2e_feature_tmp") == 1
+        assert_waits_for_the_server(b)
+        a.execute("DROP TABLE e2e_feature_tmp")
+        assert one(b, "SELECT to_regclass('pg_temp.e2e_feature_tmp') IS NULL") is True
+
+
+def test_temp_table_on_commit_drop_does_not_pin(hal: Running) -> None:
+    with connect(hal) as a, connect(hal) as b:
+        with a.transaction():
+            a.execute("CREATE TEMP TABLE e2e_feature_tx (n int) ON COMMIT DROP")
+        assert one(b, "SELECT 1") == 1
+
+
+def test_set_role_pins_until_reset(hal: Running) -> None:
+    with connect(hal) as a, connect(hal) as b:
+        a.execute("SET ROLE myapp")
+        assert_waits_for_the_server(b)
+        a.execute("RESET ROLE")
+        assert one(b, "SELECT current_user") == "myapp"
+
+
+def test_holdable_cursor_pinned_by_its_row_until_closed(hal: Running) -> None:
+    with connect(hal, "holdpin") as a, connect(hal, "holdpin") as b:
+        a.execute("DECLARE e2e_hold CURSOR WITH HOLD FOR SELECT g FROM generate_series(1, 3) g")
+        assert one(a, "FETCH NEXT FROM e2e_hold") == 1
+        with a.transaction():
+            assert one(a, "FETCH NEXT FROM e2e_hold") == 2
+        assert_waits_for_the_server(b)
+        a.execute("CLOSE e2e_hold")
+        assert one(b, "SELECT count(*) FROM pg_cursors") == 0
+
+
+def test_a_pinned_client_that_leaves_gets_a_targeted_reset_not_a_new_server(
+    pg: Cluster, hal: Running
+) -> None:
+    with connect(hal) as a:
+        pid = one(a, "SELECT pg_backend_pid()")
+        a.execute("SELECT pg_advisory_lock(7003)")
+        a.execute("CREATE TEMP TABLE e2e_feature_left (n int)")
+        a.execute("SET work_mem = '19MB'")
+    with connect(hal) as b:
+        assert one(b, "SELECT pg_backend_pid()") == pid
+        assert one(b, "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'") == 0
+        assert one(b, "SELECT to_regclass('pg_temp.e2e_feature_left') IS NULL") is True
+        assert one(b, "SELECT setting = reset_val FROM pg_settings WHERE name = 'work_mem'") is True
+
+
+def test_a_loaded_library_closes_the_server_when_its_client_leaves(pg: Cluster, hal: Running) -> None:
+    with connect(hal, "holdpin") as a:
+        pid = one(a, "SELECT pg_backend_pid()")
+        try:
+            a.execute("LOAD 'plpgsql'")
+        except psycopg.Error:
+            pass  # not allowed for this role: pinned all the same, halephant cannot tell what happened
+    deadline = time.monotonic() + 3
+    while pg.primary.sql(f"SELECT count(*) FROM pg_stat_activity WHERE pid = {pid}") != "0":
+        assert time.monotonic() < deadline, "the server a LOAD ran on was handed on"
+        time.sleep(0.05)
+
+
+# --- reject ---------------------------------------------------------------------------------------------
+
+
+def test_load_is_rejected_by_default_with_a_hint(hal: Running) -> None:
+    with connect(hal) as conn:
+        with pytest.raises(psycopg.errors.FeatureNotSupported) as info:
+            conn.execute("LOAD 'plpgsql'")
+        assert "LOAD" in (info.value.diag.message_primary or "")
+        assert "session_features.load" in (info.value.diag.message_hint or "")
+        assert one(conn, "SELECT 1") == 1
+
+
+@pytest.mark.parametrize(
+    "sql", ["SELECT pg_advisory_lock(1)", "LISTEN e2e_rejected", "PREPARE e2e_rejected AS SELECT 1"]
+)
+def test_rows_set_to_reject_answer_0A000(hal: Running, sql: str) -> None:
+    with connect(hal, "rejecting") as conn:
+        with pytest.raises(psycopg.errors.FeatureNotSupported) as info:
+            conn.execute(sql)
+        assert "transaction pooling" in (info.value.diag.message_primary or "")
+        assert "databases.rejecting.mode: session" in (info.value.diag.message_hint or "")
+        assert one(conn, "SELECT 1") == 1
+        assert one(conn, "SELECT count(*) FROM pg_prepared_statements") == 0
+
+
+def test_a_plugin_overrides_rows_of_the_table(pg: Cluster, hal: Running) -> None:
+    with connect(hal, "strict") as a, connect(hal, "strict") as b:
+        with pytest.raises(psycopg.errors.FeatureNotSupported, match="no advisory locks here"):
+            a.execute("SELECT pg_advisory_lock(7004)")
+        # LISTEN pinned instead of emulated: the client's own server listens
+        a.execute("LISTEN e2e_strict")
+        assert one(a, "SELECT count(*) FROM pg_listening_channels()") == 1
+        assert_waits_for_the_server(b)
+        b.close()
+        with connect(hal) as other:
+            other.execute("NOTIFY e2e_strict, 'direct'")
+        received = list(a.notifies(timeout=10, stop_after=1))
+        assert [(n.channel, n.payload) for n in received] == [("e2e_strict", "direct")]
+        a.execute("UNLISTEN *")
+        with connect(hal, "strict") as c:
+            assert one(c, "SELECT count(*) FROM pg_listening_channels()") == 0
+
+
+# --- emulated LISTEN --------------------------------------------------------------------------------------
+
+
+def test_listen_is_emulated_without_pinning(pg: Cluster, hal: Running) -> None:
+    with connect(hal) as a, connect(hal) as b:
+        a.execute("LISTEN e2e_chan")
+        # the single server is free for others, and does not listen itself
+        assert one(b, "SELECT count(*) FROM pg_listening_channels()") == 0
+        sender_pid = one(b, "SELECT pg_backend_pid()")
+        b.execute("NOTIFY e2e_chan, 'hello'")
+        received = list(a.notifies(timeout=10, stop_after=1))
+        assert [(n.channel, n.payload, n.pid) for n in received] == [("e2e_chan", "hello", sender_pid)]
+        b.execute("SELECT pg_notify('e2e_chan', 'second')")
+        assert [n.payload for n in a.notifies(timeout=10, stop_after=1)] == ["second"]
+        a.execute("UNLISTEN e2e_chan")
+        b.execute("NOTIFY e2e_chan, 'unheard'")
+        assert list(a.notifies(timeout=0.5)) == []
+
+
+def test_listen_in_a_transaction_takes_effect_at_commit_only(hal: Running) -> None:
+    with connect(hal) as a, connect(hal) as b:
+        a.execute("BEGIN")
+        a.execute('LISTEN "E2E Mixed"')
+        a.execute("ROLLBACK")
+        b.execute("NOTIFY \"E2E Mixed\", 'after rollback'")
+        assert list(a.notifies(timeout=0.5)) == []
+        with a.transaction():
+            a.execute('LISTEN "E2E Mixed"')
+        b.execute("NOTIFY \"E2E Mixed\", 'after commit'")
+        assert [(n.channel, n.payload) for n in a.notifies(timeout=10, stop_after=1)] == [
+            ("E2E Mixed", "after commit")
+        ]
+
+
+def test_notifications_wait_while_the_client_is_in_a_transaction(hal: Running) -> None:
+    with connect(hal, "holdpin") as a, connect(hal) as b:
+        received: list[str] = []
+        # a handler sees notifications whenever they arrive, also in the middle of another command
+        a.add_notify_handler(lambda n: received.append(n.payload))
+        a.execute("LISTEN e2e_wait")
+        a.execute("BEGIN")
+        a.execute("SELECT 1")
+        b.execute("NOTIFY e2e_wait, 'later'")
+        time.sleep(0.3)
+        assert one(a, "SELECT 2") == 2  # the notification did not cut into this answer
+        assert received == []
+        a.execute("COMMIT")
+        deadline = time.monotonic() + 10
+        while not received and time.monotonic() < deadline:
+            time.sleep(0.05)
+            a.execute("SELECT 1")  # the handler runs for what arrived meanwhile
+        time.sleep(0.2)
+        a.execute("SELECT 1")
+        assert received == ["later"]
+
+
+def test_one_shared_listener_serves_every_client(pg: Cluster, hal: Running) -> None:
+    clients = [connect(hal) for _ in range(3)]
+    try:
+        for n, conn in enumerate(clients):
+            conn.execute(f"LISTEN e2e_many_{n % 2}")
+        listeners = pg.primary.sql(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'halephant listener'"
+            " AND datname = 'myapp'"
+        )
+        assert int(listeners) >= 1
+        with connect(hal, "strict") as sender:
+            sender.execute("NOTIFY e2e_many_0, 'zero'")
+        for conn in (clients[0], clients[2]):
+            assert [n.payload for n in conn.notifies(timeout=10, stop_after=1)] == ["zero"]
+        assert list(clients[1].notifies(timeout=0.3)) == []
+    finally:
+        for conn in clients:
+            conn.close()
+
+
+def test_a_client_that_never_reads_its_notifications_is_cut_off(pg: Cluster, hal: Running) -> None:
+    raw = RawClient(hal.host, hal.port, timeout=10)
+    with raw:
+        raw.login("myapp", "myapp", database="one")
+        raw.simple_query("LISTEN e2e_flood")
+        # never read while 21 MB of notifications arrive: halephant's queue for it must stay bounded
+        with connect(hal) as sender:
+            for n in range(30):
+                # distinct payloads: PostgreSQL folds identical notifications of one transaction
+                sender.execute(
+                    f"SELECT pg_notify('e2e_flood', '{n}-' || g || repeat('x', 7000))"
+                    " FROM generate_series(1, 100) g"
+                )
+            # the others are still served
+            assert one(sender, "SELECT 1") == 1
+        messages, closed = raw.read_all(timeout=10)
+        errors = rc.errors(messages)
+        assert closed
+        assert errors and errors[-1]["C"] == "54000", errors
+        assert "notifications" in errors[-1]["M"]
+        assert len([m for m in messages if m.type == b"A"]) < 3000  # not all of them were kept
+    with connect(hal) as conn:
+        assert one(conn, "SELECT 1") == 1
+
+
+# --- emulated SQL PREPARE ---------------------------------------------------------------------------------
+
+
+def test_sql_prepare_is_emulated_per_client(hal: Running) -> None:
+    with connect(hal) as a, connect(hal) as b:
+        a.execute("PREPARE e2e_plan (int) AS SELECT $1 * 2")
+        b.execute("PREPARE e2e_plan AS SELECT 'other'")  # the same name, on the same server: no conflict
+        for _ in range(2):
+            assert one(a, "EXECUTE e2e_plan(21)") == 42
+            assert one(b, "EXECUTE e2e_plan") == "other"
+        with a.transaction():
+            assert one(a, "EXECUTE e2e_plan(1)") == 2
+            assert one(a, "SELECT count(*) FROM pg_prepared_statements WHERE name = 'e2e_plan'") == 1
+        a.execute("DEALLOCATE e2e_plan")
+        with pytest.raises(psycopg.errors.InvalidSqlStatementName):
+            a.execute("EXECUTE e2e_plan(1)")
+        assert one(b, "EXECUTE e2e_plan") == "other"
+        b.execute("DEALLOCATE ALL")
+    with connect(hal) as c:
+        assert one(c, "SELECT count(*) FROM pg_prepared_statements") == 0
+
+
+def test_a_pinned_client_that_listens_gets_each_notification_once(hal: Running) -> None:
+    with connect(hal) as a, connect(hal, "strict") as sender:
+        received: list[str] = []
+        a.add_notify_handler(lambda n: received.append(n.payload))
+        a.execute("SELECT pg_advisory_lock(7005)")  # pinned
+        a.execute("LISTEN e2e_once")
+        sender.execute("NOTIFY e2e_once, 'while pinned'")
+        time.sleep(0.3)
+        a.execute("SELECT 1")
+        a.execute("SELECT pg_advisory_unlock(7005)")  # released: the shared listener takes over
+        a.execute("SELECT 1")
+        sender.execute("NOTIFY e2e_once, 'after release'")
+        time.sleep(0.3)
+        a.execute("SELECT 1")
+        time.sleep(0.2)
+        a.execute("SELECT 1")
+        assert received == ["while pinned", "after release"]
+
+
+def test_a_plugin_pin_lasts_until_the_plugin_unpins(hal: Running) -> None:
+    with connect(hal) as a, connect(hal) as b:
+        a.execute("SELECT 'pinme'")
+        assert_waits_for_the_server(b)
+        a.execute("SELECT pg_advisory_lock(7006)")
+        a.execute("SELECT 'unpinme'")
+        assert_waits_for_the_server(b)  # the advisory lock still holds it
+        a.execute("SELECT pg_advisory_unlock(7006)")
+        assert one(b, "SELECT 1") == 1
+        a.execute("SELECT 'pinme'")
+        assert_waits_for_the_server(b)
+        a.execute("SELECT 'unpinme'")
+        assert one(b, "SELECT 2") == 2
+
+
+def test_listening_clients_are_told_when_the_shared_listener_is_lost(pg: Cluster, hal: Running) -> None:
+    with connect(hal) as a, connect(hal) as bystander, connect(hal, "strict") as b:
+        a.execute("LISTEN e2e_back")
+        b.execute("NOTIFY e2e_back, 'before'")
+        assert [n.payload for n in a.notifies(timeout=10, stop_after=1)] == ["before"]
+        pg.primary.sql(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE application_name = 'halephant listener'"
+        )
+        # as a direct connection whose backend was terminated: notifications may have been missed
+        with pytest.raises(psycopg.OperationalError, match="notifications may have been missed"):
+            for _ in range(50):
+                a.execute("SELECT 1")
+                time.sleep(0.05)
+        assert one(bystander, "SELECT 1") == 1  # a client that does not listen is not concerned
+    with connect(hal) as again, connect(hal, "strict") as b:
+        again.execute("LISTEN e2e_back")
+        b.execute("NOTIFY e2e_back, 'after'")
+        assert [n.payload for n in again.notifies(timeout=10, stop_after=1)] == ["after"]
