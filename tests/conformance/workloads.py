@@ -232,12 +232,16 @@ def psycopg_listen(t: Target) -> Any:
         psycopg.connect(t.dsn, autocommit=True) as sender,
     ):
         listener.execute(f"LISTEN {channel}")
-        sender_pid = sender.execute("SELECT pg_backend_pid()").fetchone()
-        assert sender_pid is not None
-        sender.execute(f"NOTIFY {channel}, 'one'")
-        sender.execute("SELECT pg_notify(%s, 'two')", (channel,))
+        # each sender PID is read in the notifying transaction itself: in transaction pooling two
+        # transactions of one client may run on different servers, as PostgreSQL's PIDs then say
+        cursor = sender.execute(f"NOTIFY {channel}, 'one'; SELECT pg_backend_pid()")
+        cursor.nextset()
+        one = cursor.fetchone()
+        two = sender.execute("SELECT pg_backend_pid() FROM pg_notify(%s, 'two')", (channel,)).fetchone()
+        assert one is not None and two is not None
         notes = list(listener.notifies(timeout=10, stop_after=2))
-        got = [(n.channel == channel, n.payload, n.pid == sender_pid[0]) for n in notes]
+        pids = (one[0], two[0])[: len(notes)]
+        got = [(n.channel == channel, n.payload, n.pid == pid) for n, pid in zip(notes, pids, strict=True)]
         listener.execute(f"UNLISTEN {channel}")
         return got
 
