@@ -354,6 +354,7 @@ class _LsnQuery:
 
     __slots__ = ("_buf", "client", "nodes", "server", "transport", "until")
     transaction_mode = False
+    prepared = None  # never names a prepared statement (halephant.proxy.prepared)
 
     def __init__(
         self, nodes: Nodes, server: ServerConnection, client: ClientConnection, until: float
