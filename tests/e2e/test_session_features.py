@@ -373,8 +373,12 @@ def test_listening_clients_are_told_when_the_shared_listener_is_lost(pg: Cluster
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
             " WHERE application_name = 'halephant listener'"
         )
-        # as a direct connection whose backend was terminated: notifications may have been missed
-        with pytest.raises(psycopg.OperationalError, match="notifications may have been missed"):
+        # as a direct connection whose backend was terminated: notifications may have been missed. The
+        # FATAL can be lost when the client writes after halephant closed (TCP reset): then only the
+        # closed connection is seen
+        with pytest.raises(
+            psycopg.OperationalError, match=r"notifications may have been missed|server closed the connection"
+        ):
             for _ in range(50):
                 a.execute("SELECT 1")
                 time.sleep(0.05)
