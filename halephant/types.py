@@ -202,6 +202,8 @@ class NodeInfo:
     reason: str = ""
     lsn: int | None = None
     timeline: int | None = None
+    #: when the node was last probed (Unix time); None until then
+    probed_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -251,7 +251,9 @@ def halephant_inspect_query(client: ClientInfo, statement: Statement, pool: Pool
     if not (
         statement.first_keyword in _MAYBE
         or statement.session_state
-        or (";" in statement.text and statement.is_multi_statement)
+        # a later statement of a multi-statement text: any switch it makes names "read" (READ WRITE,
+        # transaction_read_only); SET, RESET, DISCARD and set_config() are session states above
+        or (";" in statement.text and statement.mentions("read") and statement.is_multi_statement)
     ):
         return None
     text = statement.text

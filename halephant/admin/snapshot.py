@@ -198,7 +198,7 @@ def nodes(app: App) -> list[dict[str, Any]]:
             row: dict[str, Any] = {"cluster": name}
             for f in dataclasses.fields(node):
                 row[f.name] = _plain(getattr(node, f.name))
-            row.setdefault("last_probe", None)
+            row["last_probe"] = row.pop("probed_at", None)
             out.append(row)
     return out
 

@@ -156,6 +156,11 @@ class Statement:
             low = self._low = self.text.lower()
         return low
 
+    def mentions(self, word: str) -> bool:
+        """`word` (lower case) occurs anywhere in the text, ignoring ASCII case: a cheap prefilter before
+        the facts below, also in comments and strings (a false positive only costs the precise test)."""
+        return word in self._lower()
+
     # --- structure -----------------------------------------------------------------------------------
 
     def _statement_spans(self) -> list[tuple[int, int]]:

@@ -16,6 +16,7 @@ Rules:
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 
 from halephant.config.schema import ClusterConfig
@@ -202,6 +203,7 @@ class ClusterState:
             reason=reason,
             lsn=outcome.lsn if outcome is not None else node.lsn,
             timeline=outcome.timeline if outcome is not None else node.timeline,
+            probed_at=time.time(),  # made only from a probe round's outcomes
         )
 
     def _log_changes(self, old: ClusterView, new: ClusterView) -> None:

@@ -352,3 +352,10 @@ def test_statement_is_a_small_value() -> None:
     assert repr(a) == "Statement('SELECT 1')"
     assert repr(Statement("x" * 100)).endswith("...')")
     assert not hasattr(a, "__dict__")
+
+
+def test_mentions_ignores_ascii_case_and_looks_everywhere() -> None:
+    statement = Statement("SELECT 1; BEGIN /* x */ Read WRITE")
+    assert statement.mentions("read")
+    assert statement.mentions("begin")
+    assert not statement.mentions("hold")
