@@ -4,6 +4,7 @@ split brain, lag limits, nodes going down, every probe failing. No I/O."""
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import pytest
@@ -37,6 +38,14 @@ def test_configured_order_until_probed() -> None:
     s = state()
     assert roles(s) == [(A, Role.PRIMARY, True), (B, Role.REPLICA, True), (C, Role.REPLICA, True)]
     assert s.view.primary is not None and s.view.primary.name == A
+    assert [n.probed_at for n in s.view.nodes] == [None, None, None]
+
+
+def test_each_probe_round_stamps_its_nodes() -> None:
+    s = state()
+    before = time.time()
+    s.update([primary(), "could not connect: Connection refused", replica()])
+    assert all(n.probed_at is not None and before <= n.probed_at <= time.time() for n in s.view.nodes)
 
 
 def test_roles_come_from_the_probes(caplog: pytest.LogCaptureFixture) -> None:
