@@ -29,6 +29,7 @@ from halephant.protocol import messages as m
 from halephant.protocol.framing import split_frames
 from halephant.proxy import session_state
 from halephant.proxy.server import ServerConnection
+from halephant.proxy.stand_in import StandIn
 
 if TYPE_CHECKING:
     from halephant.pool.pool import Pool
@@ -91,11 +92,8 @@ class Listeners:
             listener.close()
 
 
-class _Listener:
+class _Listener(StandIn):
     """One shared listener connection; stands in as the server connection's client."""
-
-    transaction_mode = False
-    prepared = None  # never names a prepared statement (halephant.proxy.prepared)
 
     def __init__(self, app: App, pool: ServerPool) -> None:
         self.app = app
@@ -264,19 +262,4 @@ class _Listener:
             self._open()  # channels wanted ahead of need
 
     def pause_reading(self) -> None:
-        pass
-
-    def resume_reading_from_server(self) -> None:
-        pass
-
-    def pin_for(self, reason: str) -> None:
-        pass
-
-    def settings_applied(self, error: object) -> None:
-        pass
-
-    def copy_in_started(self) -> None:
-        pass
-
-    def parameter_changed(self, name: str) -> None:
         pass

@@ -23,6 +23,7 @@ from halephant.protocol.framing import split_frames
 from halephant.proxy import prepared
 from halephant.proxy.nodes import Nodes
 from halephant.proxy.server import ServerConnection, ServerLoginError
+from halephant.proxy.stand_in import StandIn
 from halephant.proxy.sweep import sweep_clients, sweep_waiters
 from halephant.types import ClusterView, PoolInfo, PoolMode, PoolTarget, Role
 
@@ -40,7 +41,7 @@ _NODE_FAILURES = frozenset(
 )
 
 
-class _Reset:
+class _Reset(StandIn):
     """Stands in for a client while a server runs its reset query (session pooling, a pinned client that
     left, or the clean-up of a transaction-mode client's emulated state)."""
 
@@ -85,27 +86,6 @@ class _Reset:
             self.manager.checkin(server)
         else:
             server.close("reset query left the server in a transaction")
-
-    def server_lost(self, server: ServerConnection, reason: str) -> None:
-        pass
-
-    def resume_reading_from_server(self) -> None:
-        pass
-
-    transaction_mode = False
-    prepared = None
-
-    def pin_for(self, reason: str) -> None:
-        pass
-
-    def settings_applied(self, error: object) -> None:
-        pass
-
-    def copy_in_started(self) -> None:
-        pass
-
-    def parameter_changed(self, name: str) -> None:
-        pass
 
 
 class PoolManager:

@@ -26,6 +26,7 @@ from halephant.protocol import codes
 from halephant.protocol import messages as m
 from halephant.protocol.framing import split_frames
 from halephant.protocol.session_queries import decode_data_row
+from halephant.proxy.stand_in import StandIn
 from halephant.topology.monitor import TopologyMonitor
 from halephant.topology.probe import parse_lsn
 from halephant.topology.state import SPLIT_BRAIN, configured_view
@@ -349,12 +350,10 @@ class Nodes:
         server.send(_LSN_QUERY)
 
 
-class _LsnQuery:
+class _LsnQuery(StandIn):
     """Stands in for the client while its primary server answers `SELECT pg_current_wal_insert_lsn()`."""
 
     __slots__ = ("_buf", "client", "nodes", "server", "transport", "until")
-    transaction_mode = False
-    prepared = None  # never names a prepared statement (halephant.proxy.prepared)
 
     def __init__(
         self, nodes: Nodes, server: ServerConnection, client: ClientConnection, until: float
@@ -398,21 +397,3 @@ class _LsnQuery:
         except Exception:  # a garbled answer: the client stays pinned to the primary for the window
             log.warning("server %s: could not read pg_current_wal_insert_lsn()", self.server, exc_info=True)
         return None
-
-    def server_lost(self, server: ServerConnection, reason: str) -> None:
-        pass
-
-    def resume_reading_from_server(self) -> None:
-        pass
-
-    def pin_for(self, reason: str) -> None:
-        pass
-
-    def settings_applied(self, error: object) -> None:
-        pass
-
-    def copy_in_started(self) -> None:
-        pass
-
-    def parameter_changed(self, name: str) -> None:
-        pass
