@@ -165,6 +165,12 @@ def halephant_inspect_query(client: ClientInfo, statement: Statement, pool: Pool
         ``CloseIdleServers(database, reason)`` to let it through after halephant's idle server connections
         to that upstream database are closed (so a ``DROP DATABASE`` does not fail on them).
 
+    Most statements are `statement.plain` (one ordinary SELECT, INSERT, UPDATE, DELETE, VALUES, TABLE or
+    WITH that leaves no session state). An implementation with nothing to say about those is marked
+    ``@halephant.ignores_plain_statements`` and is then not called for them; when every implementation
+    is marked, a plain statement costs no hook call at all. All the defaults are marked (each is tested
+    to answer None for every plain statement); an unmarked implementation sees every statement.
+
     Pins are logged with their reason, and so are their releases. Whatever the answer, a transaction
     pool never hands on a server with session state: a statement that takes a feature nobody pinned,
     rejected or could emulate pins the client anyway, and settings are always carried with the client.

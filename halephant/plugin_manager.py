@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import pluggy
 
-from halephant import PROJECT, hooks, sqlstate
+from halephant import IGNORES_PLAIN, PROJECT, hooks, sqlstate
 from halephant.errors import ClientError
 from halephant.types import (
     AuthMethod,
@@ -44,7 +44,9 @@ if TYPE_CHECKING:
 REQUIRED_HOOKS = ("halephant_select_pool", "halephant_authenticate", "halephant_route", "halephant_pool_size")
 
 
-def _fast_call(caller: pluggy.HookCaller) -> Callable[..., Any]:
+def _fast_call(
+    caller: pluggy.HookCaller, keep: Callable[[pluggy.HookImpl], bool] | None = None
+) -> Callable[..., Any]:
     """The hook as a function of its arguments in the hookspec's order (positional): with plain
     implementations (no wrappers, no tracing), direct calls of them; otherwise pluggy's call.
 
@@ -54,9 +56,18 @@ def _fast_call(caller: pluggy.HookCaller) -> Callable[..., Any]:
     stopping at the first non-None answer, gives the same answers. A single implementation that takes
     every argument in order is used as it is; otherwise the calls are written out as one small function
     (measured: a loop over the implementations costs 2-4x the straight-line code for three of them).
-    Rebound whenever plugins are registered.
+    Rebound whenever plugins are registered. With `keep`, only the implementations it keeps are called
+    (with none kept, the function answers None).
     """
     impls = caller.get_hookimpls()
+    if keep is not None:
+        every = impls
+        impls = [impl for impl in impls if keep(impl)]
+        if not impls:
+            return lambda *args: None
+        if len(impls) < len(every) and any(impl.hookwrapper or impl.wrapper for impl in every):
+            keep = None  # a wrapper must see every call: keep pluggy's own dispatch
+            impls = every
     spec = caller.spec
     names = tuple(spec.argnames) if spec is not None else ()
     if (
@@ -84,6 +95,11 @@ def _fast_call(caller: pluggy.HookCaller) -> Callable[..., Any]:
     exec("\n".join(lines), namespace)  # the text is built from the identifiers above only
     function: Callable[..., Any] = namespace["direct_call"]
     return function
+
+
+def _sees_plain(impl: pluggy.HookImpl) -> bool:
+    """The implementation wants plain statements too (it is not marked `ignores_plain_statements`)."""
+    return not getattr(impl.function, IGNORES_PLAIN, False)
 
 
 class PluginError(Exception):
@@ -155,10 +171,17 @@ class Plugins:
         self._authenticate = hook.halephant_authenticate
         self._pool_size = hook.halephant_pool_size
         # called per transaction and per statement: bound to the direct call when only one plugin answers
-        self._route = _fast_call(hook.halephant_route)
+        #: halephant_route's implementations, called directly (positional, in the hookspec's order): the
+        #: per-transaction path calls this and checks the answer with `route_answer` unless it is a Route
+        self.route_call = _fast_call(hook.halephant_route)
         self._inspect = _fast_call(hook.halephant_inspect_query)
+        # for plain statements (Statement.plain), the inspectors that did not say they ignore them
+        self._inspect_plain = _fast_call(hook.halephant_inspect_query, keep=_sees_plain)
+        inspectors = hook.halephant_inspect_query.get_hookimpls()
         #: checked once: the per-statement hook is skipped entirely when nobody implements it
-        self.has_inspectors = bool(hook.halephant_inspect_query.get_hookimpls())
+        self.has_inspectors = bool(inspectors)
+        #: ...and for a plain statement when every implementation ignores those
+        self.has_plain_inspectors = any(_sees_plain(impl) for impl in inspectors)
 
     # --- configuration ---
 
@@ -201,10 +224,14 @@ class Plugins:
     def route(
         self, client: ClientInfo, transaction: TransactionInfo, pool: PoolInfo, cluster: ClusterView
     ) -> Route | Reject:
-        answer = self._route(client, transaction, pool, cluster)
-        if type(answer) is Route or isinstance(
-            answer, Route | Reject
-        ):  # the exact type first: per transaction
+        answer = self.route_call(client, transaction, pool, cluster)
+        if type(answer) is Route:
+            return answer  # per transaction: the exact type first
+        return self.route_answer(answer)
+
+    def route_answer(self, answer: object) -> Route | Reject:
+        """`halephant_route`'s answer checked: a Route or Reject as it is, None refused (57P03)."""
+        if isinstance(answer, Route | Reject):
             return answer
         if answer is None:
             return Reject(
@@ -239,7 +266,8 @@ class Plugins:
         return out
 
     def inspect_query(self, client: ClientInfo, statement: Statement, pool: PoolInfo) -> Verdict | None:
-        answer: Any = self._inspect(client, statement, pool)
+        inspect = self._inspect_plain if statement.plain else self._inspect
+        answer: Any = inspect(client, statement, pool)
         return answer  # type: ignore[no-any-return]
 
     # --- description ---

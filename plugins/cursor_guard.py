@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from halephant import hookimpl, sqlstate
+from halephant import hookimpl, ignores_plain_statements, sqlstate
 from halephant.types import ClientInfo, Pin, PoolInfo, PoolMode, Reject, Statement
 
 if TYPE_CHECKING:
@@ -100,6 +100,7 @@ def halephant_configure(config: Config) -> None:
 
 
 @hookimpl(trylast=True)
+@ignores_plain_statements  # answers None for every plain statement (tested)
 def halephant_inspect_query(client: ClientInfo, statement: Statement, pool: PoolInfo) -> Reject | Pin | None:
     # Cheapest tests first: this runs for every Query and Parse, and nearly every statement is no cursor.
     if pool.mode is not _TRANSACTION or _current.settings.action != "reject":

@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Final
 
-from halephant import hookimpl, sqlstate
+from halephant import hookimpl, ignores_plain_statements, sqlstate
 from halephant.sql import QUOTED_IDENTIFIER, WORD, iter_tokens
 from halephant.types import (
     ClientInfo,
@@ -121,6 +121,7 @@ _NEEDS_NO_SESSIONS: Final = frozenset({"DROP", "ALTER", "CREATE"})
 
 
 @hookimpl(trylast=True)
+@ignores_plain_statements  # answers None for every plain statement (tested)
 def halephant_inspect_query(statement: Statement) -> CloseIdleServers | None:
     # Runs for every statement: one cached attribute decides for nearly all of them.
     if statement.first_keyword not in _NEEDS_NO_SESSIONS:

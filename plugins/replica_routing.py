@@ -31,7 +31,7 @@ from __future__ import annotations
 import re
 from typing import Final
 
-from halephant import hookimpl, sqlstate
+from halephant import hookimpl, ignores_plain_statements, sqlstate
 from halephant.sql import (
     COMMENT,
     PARAM,
@@ -245,6 +245,7 @@ _MENTIONS: Final = re.compile(r"(?i)transaction_read_only|read\s+write")
 
 
 @hookimpl(trylast=True)
+@ignores_plain_statements  # answers None for every plain statement (tested)
 def halephant_inspect_query(client: ClientInfo, statement: Statement, pool: PoolInfo) -> Reject | None:
     # Nearly every statement is decided by facts cached on the Statement, which the core reads anyway:
     # most simple-protocol texts are new (their literals differ), so no per-text work comes first.

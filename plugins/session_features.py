@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from halephant import hookimpl, sqlstate
+from halephant import hookimpl, ignores_plain_statements, sqlstate
 from halephant.sql import session_effects
 from halephant.types import ClientInfo, DatabaseConfig, Pin, PoolInfo, PoolMode, Reject, Statement
 
@@ -72,6 +72,7 @@ def halephant_configure(config: Config) -> None:
 
 
 @hookimpl(trylast=True)
+@ignores_plain_statements  # answers None for every plain statement (tested)
 def halephant_inspect_query(client: ClientInfo, statement: Statement, pool: PoolInfo) -> Reject | Pin | None:
     # Cheapest tests first: this runs for every Query and Parse, and nearly every statement has no effect.
     if not statement.session_state or pool.mode is not PoolMode.TRANSACTION:

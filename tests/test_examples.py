@@ -102,8 +102,12 @@ def make_config(plugins: Plugins, tail: str = "") -> Config:
 
 
 def client(user: str = "myapp", database: str = "myapp", **params: str) -> ClientInfo:
-    return ClientInfo(user=user, database=database, params={"user": user, "database": database, **params},
-                      address="127.0.0.1:50000")
+    return ClientInfo(
+        user=user,
+        database=database,
+        params={"user": user, "database": database, **params},
+        address="127.0.0.1:50000",
+    )
 
 
 CLUSTER = ClusterView(
@@ -134,7 +138,11 @@ def _reset_installed_plugins() -> Iterator[None]:
 
 def test_there_are_single_file_examples() -> None:
     assert {p.stem for p in SINGLE_FILES} >= {
-        "route_by_application_name", "tenant_pool_size", "deny_users", "reject_ddl", "select_pool_by_prefix",
+        "route_by_application_name",
+        "tenant_pool_size",
+        "deny_users",
+        "reject_ddl",
+        "select_pool_by_prefix",
     }
 
 

@@ -7,7 +7,7 @@ import types
 
 import pytest
 
-from halephant import hookimpl, sqlstate
+from halephant import hookimpl, ignores_plain_statements, sqlstate
 from halephant.plugin_manager import PluginError, Plugins
 from halephant.sql import Statement
 from halephant.types import (
@@ -149,3 +149,34 @@ def test_several_plain_implementations_answer_as_pluggy_would() -> None:
         assert direct == via_pluggy, text
         assert calls == expected_calls, text  # same order, same stop
     assert expected_calls[0] == "tryfirst"
+
+
+def test_an_inspector_marked_ignores_plain_statements_is_skipped_for_them_only() -> None:
+    calls: list[str] = []
+
+    @hookimpl
+    @ignores_plain_statements
+    def marked(statement: Statement) -> None:
+        calls.append(f"marked {statement.text}")
+
+    plugins = Plugins(
+        entry_points=True,
+        disabled=["reject_statements"],  # the example package, when installed: it sees every statement
+        extra=[(_module(halephant_inspect_query=marked), "m")],
+    )
+    assert plugins.has_inspectors and not plugins.has_plain_inspectors  # the defaults are marked too
+    assert plugins.inspect_query(CLIENT, Statement("SELECT 1"), POOL) is None
+    assert calls == []
+    assert plugins.inspect_query(CLIENT, Statement("LISTEN x"), POOL) is None
+    assert calls == ["marked LISTEN x"]
+
+    @hookimpl
+    def unmarked(statement: Statement) -> Reject | None:
+        calls.append(f"unmarked {statement.text}")
+        return Reject(sqlstate.INSUFFICIENT_PRIVILEGE, "no") if "secret" in statement.text else None
+
+    plugins.register(_module(halephant_inspect_query=unmarked), "u")
+    assert plugins.has_plain_inspectors
+    calls.clear()
+    assert isinstance(plugins.inspect_query(CLIENT, Statement("SELECT secret FROM t"), POOL), Reject)
+    assert calls == ["unmarked SELECT secret FROM t"]  # the marked one is still skipped for plain ones

@@ -17,9 +17,9 @@ kept up to date by the pool manager as the topology changes.
 
 from __future__ import annotations
 
-import time
 from collections import deque
 from collections.abc import Callable, Hashable, Iterator
+from time import monotonic as _monotonic
 from typing import Generic, Protocol, TypeVar
 
 from halephant.pool.stats import PoolStats
@@ -189,11 +189,11 @@ class Pool(Generic[S, W]):
     def checkin(self, server: S) -> W | None:
         """Return a clean server. Returns the waiter it was handed to (already marked active), if any."""
         self.active.discard(server)
-        if self.waiters:
+        if self.waiters._len:  # not bool(self.waiters): a Python-level __bool__ call, per transaction
             waiter = self.waiters.popleft()
             self.active.add(server)
             return waiter
-        server.idle_since = time.monotonic()
+        server.idle_since = _monotonic()
         self.idle.append(server)
         return None
 

@@ -8,6 +8,8 @@ work per transaction.
 
 from __future__ import annotations
 
+from bisect import bisect_left
+
 #: upper bounds (seconds) of the wait-time histogram buckets; a last bucket (+Inf) is implied
 WAIT_BUCKETS: tuple[float, ...] = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0)
 
@@ -42,12 +44,7 @@ class PoolStats:
         self.wait_total += seconds
         if seconds > self.wait_max:
             self.wait_max = seconds
-        i = 0
-        for bound in WAIT_BUCKETS:
-            if seconds <= bound:
-                break
-            i += 1
-        self.wait_buckets[i] += 1
+        self.wait_buckets[bisect_left(WAIT_BUCKETS, seconds)] += 1  # the first bound >= seconds
 
     def server_closed(self, queries: int, xacts: int, links: int) -> None:
         self.closed_queries += queries

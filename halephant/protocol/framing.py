@@ -71,6 +71,7 @@ class BackendScanner:
         "_keep_len",
         "_keep_type",
         "_skip",
+        "_stop",
         "at_boundary",
         "keep",
         "kept",
@@ -80,6 +81,7 @@ class BackendScanner:
 
     def __init__(self, keep: frozenset[int] = frozenset()) -> None:
         self.keep = keep
+        self._stop = keep | {_READY_FOR_QUERY}  # the types the walk stops at
         self._skip = 0  # bytes of the current (not kept) message still to come
         self._head = b""  # a header split across chunks
         self._keep_type = -1  # type of a kept message split across chunks
@@ -118,6 +120,7 @@ class BackendScanner:
             pos = 0
             n = len(data)
         keep = self.keep
+        stop = self._stop
         unpack_len = _unpack_len  # a local: this loop runs for every server message
         while True:
             left = n - pos
@@ -129,7 +132,7 @@ class BackendScanner:
             t = data[pos]
             (length,) = unpack_len(data, pos + 1)
             end = pos + 1 + length
-            if end <= n and length >= 4 and t != _READY_FOR_QUERY and t not in keep:
+            if t not in stop and end <= n and length >= 4:
                 pos = end  # nearly every message: complete, and only passed through
                 continue
             if length < 4:

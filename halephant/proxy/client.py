@@ -30,6 +30,8 @@ import asyncio
 import itertools
 import logging
 import secrets
+import struct
+from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
 from halephant import sqlstate
@@ -106,7 +108,18 @@ _STATEMENT_CACHE_MAX_TEXT = 8192
 #: bytes a client may send while it waits for a server before its reading is paused
 _MAX_BUFFERED_WHILE_WAITING = 256 * 1024
 _TX_IDLE = codes.TX_IDLE
+_QUERY = codes.QUERY
+_PARSE = codes.PARSE
+_SYNC = codes.SYNC
+#: what may follow the unnamed Parse of a batch `_quick_batch` takes, before its Sync
+_QUICK_BATCH = frozenset((codes.BIND, codes.DESCRIBE, codes.EXECUTE, codes.CLOSE, codes.FLUSH))
+_unpack_len = struct.Struct("!i").unpack_from
 _PRIMARY = Role.PRIMARY  # enum member lookups cost ~60 ns; this one runs per transaction
+_new_transaction = object.__new__
+#: the slot's own setter: what a frozen dataclass's __init__ ends up calling, minus its overhead
+_set_statement: Callable[[TransactionInfo, Statement | None], None] = vars(TransactionInfo)[
+    "statement"
+].__set__
 
 
 class ClientConnection(asyncio.Protocol):
@@ -119,6 +132,7 @@ class ClientConnection(asyncio.Protocol):
         "_last_sync_point",
         "_pending_pin",
         "_primary_pool",
+        "_quick",
         "_read_paused",
         "_reject_next",
         "app",
@@ -181,6 +195,8 @@ class ClientConnection(asyncio.Protocol):
         #: enforced by the client sweep (halephant.proxy.sweep), not a timer per connection
         self.login_deadline = 0.0
         self._primary_pool: ServerPool | None = None
+        #: the Query `_quick_query` took and left waiting for a server (sent as it is when one comes)
+        self._quick: bytes | None = None
         self._read_paused = False
         self._last_sync_point = 0
         self._last_route: Route | None = None
@@ -454,6 +470,20 @@ class ClientConnection(asyncio.Protocol):
     # --- the pooling loop ---
 
     def _process(self, data: bytes) -> None:
+        if (
+            (data[:1] == b"Q" or data[:1] == b"P")
+            and self.server is None
+            and not self._buf
+            and self.transaction_mode
+            and self.session is None
+            and self.prepared is None
+            and not self.skip_to_sync
+            and not self._first_checked
+            and self._reject_next is None
+            and self._quick_query(data)
+        ):
+            return
+        self._quick = None
         buf = self._buf + data if self._buf else data
         self._buf = b""
         frames, consumed = split_frames(buf, self.app.max_message_size)
@@ -485,8 +515,14 @@ class ClientConnection(asyncio.Protocol):
             statement = None
             if kind <= _K_PARSE:  # Query or Parse
                 if transaction_mode or server is None or plugins.has_inspectors:
-                    statement = self._statement(t, buf[start:end])
-                if statement is not None and not self._first_checked and plugins.has_inspectors:
+                    statement = self._statement(t, buf, start, end)
+                if (
+                    statement is not None
+                    and not self._first_checked
+                    and plugins.has_inspectors
+                    # nearly every statement is plain, and the default inspectors all ignore those
+                    and (plugins.has_plain_inspectors or not statement.plain)
+                ):
                     assert self.info is not None and self.pool_info is not None
                     verdict = plugins.inspect_query(self.info, statement, self.pool_info)
                     if verdict is None:  # nearly always: no objection
@@ -605,14 +641,69 @@ class ClientConnection(asyncio.Protocol):
                 raise ProtocolViolation(f"invalid frontend message type {buf[consumed]}")
             self._buf = buf[consumed:]
 
-    def _statement(self, t: int, payload: bytes) -> Statement | None:
-        """The statement of a Query or Parse; None when malformed (PostgreSQL will say so itself)."""
-        # Only the text is needed: find its NULs directly (the full decoders cost ~3x more).
-        start = 0 if t == codes.QUERY else payload.find(b"\0") + 1
-        end = payload.find(b"\0", start)
-        if (start == 0 and t != codes.QUERY) or end < 0:
+    def _quick_query(self, data: bytes) -> bool:
+        """The most common transaction in transaction pooling, by the shortest path: one whole Query of a
+        plain statement (`Statement.plain`) from a client with nothing carried between transactions and
+        no server linked. False, having done nothing, for anything else: `_process` then takes it.
+
+        Exactly what `_process` would do for it: no inspector wants a plain statement, it has no
+        session effect, so it is routed, linked to a server and sent, and counted as a sync point.
+        """
+        n = len(data)
+        if n < 6:
+            return False
+        if data[0] == _QUERY:
+            (length,) = _unpack_len(data, 1)
+            if length + 1 != n or length > self.app.max_message_size:
+                return False
+            statement = self._statement(_QUERY, data, 5, n)
+        else:
+            statement = self._quick_batch(data)
+        if statement is None or not statement.plain or self.app.plugins.has_plain_inspectors:
+            return False
+        point = data[0] if data[0] == _QUERY else _SYNC
+        self._buf = data  # processed again by _process once a server arrives, if it has to wait
+        if not self._checkout(statement, _QUERY):
+            self._quick = data  # ...or sent as it is by attach_server, if nothing came in meanwhile
+            return True
+        self._buf = b""
+        server = self.server
+        if server is not None:
+            self.outstanding += 1
+            self.unsynced = False
+            self._last_sync_point = point
+            server.send(data)
+        return True
+
+    def _quick_batch(self, data: bytes) -> Statement | None:
+        """For `_quick_query`: the statement of a whole extended-protocol batch as drivers send one
+        transaction (an unnamed Parse, then only Bind, Describe, Execute, Close or Flush, ending with
+        its one Sync), else None."""
+        frames, consumed = split_frames(data, self.app.max_message_size)
+        if consumed != len(data) or len(frames) < 2 or frames[-1][0] != _SYNC:
             return None
-        raw = payload[start:end]
+        t, start, end = frames[0]
+        if t != _PARSE or data[start] != 0:  # a named statement is the prepared-statement mapping's
+            return None
+        for frame in frames[1:-1]:
+            if frame[0] not in _QUICK_BATCH:
+                return None
+        return self._statement(_PARSE, data, start, end)
+
+    @staticmethod
+    def _statement(t: int, buf: bytes, start: int, end: int) -> Statement | None:
+        """The statement of the Query or Parse whose payload is `buf[start:end]`; None when malformed
+        (PostgreSQL will say so itself)."""
+        # Only the text is needed: find its NULs directly (the full decoders cost ~3x more).
+        if t != codes.QUERY:
+            name_end = buf.find(b"\0", start, end)
+            if name_end < 0:
+                return None
+            start = name_end + 1
+        text_end = buf.find(b"\0", start, end)
+        if text_end < 0:
+            return None
+        raw = buf[start:text_end]
         statement = _statements.get(raw)
         if statement is None:
             try:
@@ -651,62 +742,67 @@ class ClientConnection(asyncio.Protocol):
 
     def _checkout(self, statement: Statement | None, t: int) -> bool:
         """Link a server for a new transaction. False when the client has to wait (or was failed)."""
-        assert self.info is not None and self.pool_info is not None and self.target is not None
-        if self.state != READY and self.transaction_mode:
+        app = self.app
+        info, target = self.info, self.target
+        assert info is not None and self.pool_info is not None and target is not None
+        ready = self.state == READY
+        if not ready and self.transaction_mode:
             # a server is needed once at login only to learn the parameters to report: not a
             # transaction, so nothing to route (a policy refusing all of this user's transactions
             # must not refuse the login)
             route: Route | Reject = Route(Role.PRIMARY, "login: learning server parameters")
         else:
-            route = self.app.plugins.route(
-                self.info,
-                TransactionInfo(statement),
-                self.pool_info,
-                self.app.manager.cluster_view(self.target.cluster),
-            )
+            # TransactionInfo(statement) without the frozen dataclass's slower __init__ (per transaction)
+            transaction = _new_transaction(TransactionInfo)
+            _set_statement(transaction, statement)
+            manager = app.manager
+            cluster = manager.nodes.views.get(target.cluster) or manager.cluster_view(target.cluster)
+            route = app.plugins.route_call(info, transaction, self.pool_info, cluster)
+            if type(route) is not Route:
+                route = app.plugins.route_answer(route)
         pool: ServerPool | None = None
         if type(route) is Route or not isinstance(route, Reject):
             last = self._last_route
-            if route is not last and route != last and self.state == READY:
+            if route is not last and ready and route != last:
                 # recorded when this client's routing changes (its first transaction included), not per
                 # transaction: the default plugin answers with the same Route object while nothing changes
                 self._last_route = route
-                self.app.stats.decide("route", self.info, route.reason)
-            if self.app.debug:
+                app.stats.decide("route", info, route.reason)
+            if app.debug:
                 log.debug("%r: route %s: %s", self, route.role, route.reason)
             if route.role is _PRIMARY:
                 # the same pool while its node stays the primary: looked up again only after a failover
                 pool = self._primary_pool
                 if pool is None or pool.serves is not _PRIMARY:
-                    pool = self._primary_pool = self.app.manager.pool_for(self.target, route.role)
+                    pool = self._primary_pool = app.manager.pool_for(target, route.role)
             else:
-                pool = self.app.manager.pool_for(self.target, route.role, self)
+                pool = app.manager.pool_for(target, route.role, self)
             if pool is None:
-                route = self.app.manager.nodes.unavailable(self.target, route.role)
+                route = app.manager.nodes.unavailable(target, route.role)
         if pool is None:
             assert isinstance(route, Reject)
             log.info("%r: route rejected %s: %s", self, route.code, route.reason)
-            self.app.stats.decide("route_reject", self.info, route.reason, route.code)
-            if self.state != READY:
+            app.stats.decide("route_reject", info, route.reason, route.code)
+            if not ready:
                 raise ClientError(route.code, route.message, hint=route.hint, fatal=True)
-            self.app.stats.error(route.code)
+            app.stats.error(route.code)
             self._reject_locally(t, m.error_response(route.code, route.message, hint=route.hint))
             return True
-        if self.app.control.holding and self.state == READY and self.app.control.hold(self, pool):
+        if app.control.holding and ready and app.control.hold(self, pool):
             self._first_checked = True  # PAUSE: held until RESUME
             return False
         # waiters queue per client user: fair between users sharing one pool
-        server, open_one = pool.checkout(self, self.info.user)
+        server, open_one = pool.checkout(self, info.user)
         if server is not None:
             self._link(server)
             return True
         if open_one:
-            self.app.manager.open(pool)
+            app.manager.open(pool)
         self.waiting_pool = pool
         self._first_checked = True
-        db = self.app.config.database_for(self.target.database)
+        db = app.config.database_for(target.database)
         # enforced by the pool manager's sweep (one timer for everyone, not one per wait)
-        self.wait_started = self.since = now = self.app.loop.time()
+        self.wait_started = self.since = now = app.loop.time()
         self.wait_notified = False
         self.wait_deadline = now + (db.checkout_timeout if db is not None else 30.0)
         return False
@@ -727,6 +823,17 @@ class ClientConnection(asyncio.Protocol):
         try:
             self._link(server)
             self._resume_if_paused()
+            quick = self._quick
+            if quick is not None:
+                self._quick = None
+                if self._buf is quick:  # what _quick_query took, and nothing since: send it
+                    self._buf = b""
+                    self._first_checked = False
+                    self.outstanding += 1
+                    self.unsynced = False
+                    self._last_sync_point = _QUERY if quick[0] == _QUERY else _SYNC
+                    server.send(quick)
+                    return
             if self.state == WELCOME:
                 self._first_checked = False
                 if not server.absorb:
@@ -781,7 +888,8 @@ class ClientConnection(asyncio.Protocol):
         self.link_count += 1
         if self.write_paused:
             server.set_reading(True)
-        server.apply_settings(self.settings)
+        if server.settings != self.settings:  # nearly always equal: no call then
+            server.apply_settings(self.settings)
         if self.session is not None:
             session_state.on_link(self, server)
 
@@ -833,7 +941,15 @@ class ClientConnection(asyncio.Protocol):
         if at_boundary and status == _TX_IDLE and self.transaction_mode and not self.unsynced:
             if self.session is None:  # the common case: nothing carried between transactions
                 if not self.pinned:
-                    self._release()
+                    # _release(), inlined: this runs once per transaction
+                    server = self.server
+                    assert server is not None
+                    self.server = None
+                    server.client = None
+                    self.since = self.app.clock
+                    if self.write_paused:
+                        server.set_reading(False)
+                    self.app.manager.checkin(server, self)
             else:
                 session_state.at_idle(self)
 

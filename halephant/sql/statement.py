@@ -48,6 +48,16 @@ _UNSET: Final[Any] = object()
 #: first keywords of statements whose effect outlives the transaction on that server connection
 _SESSION_KEYWORDS: Final = frozenset(
     {"SET", "RESET", "PREPARE", "DEALLOCATE", "LISTEN", "UNLISTEN", "LOAD", "DISCARD", "CREATE", "DECLARE"}
+    | {"SELECT", "WITH"}  # SELECT ... INTO TEMP
+)
+_SELECTS: Final = frozenset({"SELECT", "WITH"})
+#: the shape of a `plain` statement (see `Statement.plain`): one of these first words as
+#: `_FAST_FIRST_WORD` finds it (ASCII case folding only, as PostgreSQL's for keywords), then no `;`
+#: except one that ends the text
+_PLAIN: Final = re.compile(
+    r"[ \t\n\r\f\v(]*(select|insert|update|delete|values|table|with)"
+    r"(?![A-Za-z0-9_$'&\x80-\U0010ffff])[^;]*;?[ \t\n\r\f\v]*\Z",
+    re.IGNORECASE | re.ASCII,
 )
 #: session-level functions, found by a plain search (a false positive only costs a reconnect)
 _SESSION_FUNCTIONS: Final = re.compile(r"(?i)pg_(?:try_)?advisory_lock|set_config\s*\(")
@@ -111,6 +121,32 @@ def _is_holdable_declare(tokens: Iterator[tuple[TokenKind, str]]) -> bool:
     )
 
 
+_INTO_TEMP: Final = frozenset({"TEMP", "TEMPORARY", "PG_TEMP"})
+
+
+def selects_into_temp(text: str) -> bool:
+    """`SELECT … INTO [LOCAL | GLOBAL] TEMP | TEMPORARY …` or `… INTO pg_temp.name`: a temporary table
+    created by SELECT INTO (gram.y's OptTempTableName), which outlives the transaction like CREATE TEMP.
+
+    Tokenized, so strings, comments and quoted identifiers other than `"pg_temp"` never count; a
+    false positive only keeps a client on its server."""
+    low = text.lower()
+    if "into" not in low or "temp" not in low:
+        return False
+    tokens = _significant(text, 0, len(text), True)
+    for kind, value in tokens:
+        if kind == WORD and value == "INTO":
+            after = next(tokens, None)
+            if after is not None and after[0] == WORD and after[1] in ("LOCAL", "GLOBAL"):
+                after = next(tokens, None)
+            if after is not None and (
+                (after[0] == WORD and after[1] in _INTO_TEMP)
+                or (after[0] == QUOTED_IDENTIFIER and after[1] == '"pg_temp"')
+            ):
+                return True
+    return False
+
+
 class Statement:
     """One SQL text as sent in a Query or Parse message, possibly several statements.
 
@@ -124,7 +160,17 @@ class Statement:
     #: How many words `.keywords` keeps.
     KEYWORD_LIMIT: ClassVar[int] = 10
 
-    __slots__ = ("_ast", "_first_keyword", "_holdable", "_keywords", "_low", "_session", "_spans", "text")
+    __slots__ = (
+        "_ast",
+        "_first_keyword",
+        "_holdable",
+        "_keywords",
+        "_low",
+        "_plain",
+        "_session",
+        "_spans",
+        "text",
+    )
 
     def __init__(self, text: str) -> None:
         self.text: Final = text
@@ -134,6 +180,7 @@ class Statement:
         self._holdable: bool | None = None
         self._session: str | None = None
         self._low: str | None = None
+        self._plain: bool | None = None
         self._ast: Any = _UNSET
 
     def __repr__(self) -> str:
@@ -288,9 +335,9 @@ class Statement:
         """What this text leaves behind on the server connection after its transaction, or `""`.
 
         Conservative: `SET` (not `SET LOCAL` / `SET TRANSACTION`), `RESET`, `PREPARE`, `DEALLOCATE`,
-        `LISTEN`, `UNLISTEN`, `LOAD`, `DISCARD`, `CREATE TEMP …`, `DECLARE … WITH HOLD`, and calls of
-        session advisory locks or `set_config`. A transaction pooler must not hand such a server to
-        another client as it is.
+        `LISTEN`, `UNLISTEN`, `LOAD`, `DISCARD`, `CREATE TEMP …`, `SELECT … INTO TEMP …`,
+        `DECLARE … WITH HOLD`, and calls of session advisory locks or `set_config`. A transaction
+        pooler must not hand such a server to another client as it is.
         """
         found = self._session
         if found is None:
@@ -312,6 +359,7 @@ class Statement:
             or "create" in low
             or "declare" in low
             or "advisory_lock" in low
+            or ("into" in low and "temp" in low)
         ):
             return ""
         texts = (self,) if self.statement_count <= 1 else tuple(Statement(t) for t in self.statements)
@@ -329,10 +377,46 @@ class Statement:
             elif keyword == "DECLARE":
                 if statement.declares_holdable_cursor:
                     return "DECLARE WITH HOLD"
+            elif keyword in _SELECTS:
+                if selects_into_temp(statement.text):
+                    return "SELECT INTO TEMP"
             else:
                 return keyword
         match = _SESSION_FUNCTIONS.search(self.text)
         return match.group(0).rstrip("( \t\n") if match else ""
+
+    @property
+    def plain(self) -> bool:
+        """An ordinary statement, the kind nearly every transaction sends: nothing in it for a policy.
+
+        True when the text is one statement (at most one `;`, at its end) that starts, after optional
+        whitespace and opening parentheses, with SELECT, INSERT, UPDATE, DELETE, VALUES, TABLE or WITH,
+        and leaves no session state (`session_state` is `""`). So it declares no cursor, changes no
+        setting and takes no session-level lock. Conservative: a leading comment, or a `;` inside a
+        string, makes a text not plain. An inspector marked `@halephant.ignores_plain_statements`
+        is not called for plain statements.
+        """
+        plain = self._plain
+        if plain is None:
+            plain = self._plain = self._is_plain()
+        return plain
+
+    def _is_plain(self) -> bool:
+        # Scans at C speed instead of the facts one by one (most texts are seen once): the shape, then
+        # the names of session-level functions, which are all that can give such a text session state
+        # (a case-insensitive regular expression search for them costs 4x these two tests).
+        m = _PLAIN.match(self.text)
+        if m is None:
+            return False
+        if self._first_keyword is None:
+            self._first_keyword = m.group(1).upper()  # the word first_keyword finds
+        low = self._lower()
+        if "advisory_lock" in low or "set_config" in low:  # what _SESSION_FUNCTIONS can match
+            return False
+        if "into" in low and "temp" in low and selects_into_temp(self.text):
+            return False
+        self._session = ""
+        return True
 
     # --- full parse ----------------------------------------------------------------------------------
 

@@ -147,3 +147,41 @@ def test_error_in_data_buffered_during_login_reaches_the_client(
     messages, closed = client.read_all(timeout=3)
     assert closed and [m.fields.get("C") for m in messages if m.type == b"E"] == ["08P01"]
     assert "Traceback" not in run.log_text()
+
+
+@pytest.mark.parametrize("second", ["query", "batch"])
+def test_a_plain_statement_waiting_for_a_server_keeps_what_follows_it(
+    pg: Cluster, halephant: HalephantFactory, second: str
+) -> None:
+    # The short path for a plain statement sends it as it is when a server comes, unless more arrived
+    # while it waited: then everything goes, in order.
+    run = halephant.start(_config(pg))
+    a, _ = _login(run)
+    b, _ = _login(run)
+    a.simple_query("BEGIN")  # holds the only server
+    b.send(query("SELECT 1"))
+    time.sleep(0.2)  # b waits with its plain statement
+    if second == "query":
+        b.send(query("SELECT 2"))
+    else:
+        b.send(parse("SELECT 2") + bind() + execute() + sync())
+    time.sleep(0.2)
+    a.simple_query("COMMIT")
+    out = b.read_until_ready() + b.read_until_ready()
+    assert errors(out) == [] and data_rows(out) == [["1"], ["2"]]
+    assert data_rows(b.simple_query("SELECT 3")) == [["3"]]
+    assert_clean_servers(pg.primary)
+
+
+def test_a_plain_batch_waiting_for_a_server_is_sent_whole(pg: Cluster, halephant: HalephantFactory) -> None:
+    run = halephant.start(_config(pg))
+    a, _ = _login(run)
+    b, _ = _login(run)
+    a.simple_query("BEGIN")
+    b.send(parse("SELECT 41 + 1") + bind() + msg(b"D", b"P\0") + execute() + sync())
+    time.sleep(0.2)
+    a.simple_query("COMMIT")
+    out = b.read_until_ready()
+    assert errors(out) == [] and data_rows(out) == [["42"]]
+    assert [m.type for m in out][:2] == [b"1", b"2"]  # ParseComplete, BindComplete: the whole batch ran
+    assert_clean_servers(pg.primary)

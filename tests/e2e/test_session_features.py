@@ -110,6 +110,24 @@ def test_temp_table_pins_until_dropped(hal: Running) -> None:
         assert one(b, "SELECT to_regclass('pg_temp.e2e_feature_tmp') IS NULL") is True
 
 
+@pytest.mark.parametrize(
+    "select_into",
+    [
+        "SELECT 1 AS n INTO TEMP e2e_feature_into",
+        "select 1 as n into local temporary table e2e_feature_into",
+        "WITH s AS (SELECT 1 AS n) SELECT n INTO pg_temp.e2e_feature_into FROM s",
+    ],
+)
+def test_select_into_temp_pins_until_dropped(hal: Running, select_into: str) -> None:
+    # a plain-looking SELECT that leaves a temporary table: never handed on with it
+    with connect(hal) as a, connect(hal) as b:
+        a.execute(select_into)
+        assert one(a, "SELECT count(*) FROM e2e_feature_into") == 1
+        assert_waits_for_the_server(b)
+        a.execute("DROP TABLE e2e_feature_into")
+        assert one(b, "SELECT to_regclass('pg_temp.e2e_feature_into') IS NULL") is True
+
+
 def test_temp_table_on_commit_drop_does_not_pin(hal: Running) -> None:
     with connect(hal) as a, connect(hal) as b:
         with a.transaction():

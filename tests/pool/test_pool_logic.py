@@ -138,7 +138,7 @@ def test_checkin_stamps_idle_since(monkeypatch: pytest.MonkeyPatch) -> None:
     pool = make_pool()
     (s,) = fill_idle(pool, 1)
     pool.checkout(FakeWaiter("w"))
-    monkeypatch.setattr("halephant.pool.pool.time.monotonic", lambda: 1234.5)
+    monkeypatch.setattr("halephant.pool.pool._monotonic", lambda: 1234.5)
     pool.checkin(s)
     assert s.idle_since == 1234.5
 

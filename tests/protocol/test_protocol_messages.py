@@ -212,7 +212,6 @@ def test_malformed(decoder: Callable[[bytes], object], payload: bytes) -> None:
         decoder(payload)
 
 
-
 DECODERS: list[Callable[[bytes], object]] = [
     m.decode_query,
     m.decode_parse,

@@ -15,6 +15,8 @@ def effects(text: str) -> list[tuple[str, bool, tuple[str, ...]]]:
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
+        ("SELECT 1 INTO TEMP t", [("temp_tables", True, ())]),
+        ("SELECT * INTO t FROM x", []),
         ("SET work_mem = '8MB'", [("settings", True, ("work_mem",))]),
         ("set session Search_Path to a, b", [("settings", True, ("search_path",))]),
         ("SET myapp.tenant = 1", [("settings", True, ("myapp.tenant",))]),

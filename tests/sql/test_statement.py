@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from support.scaling import assert_linear
 
-from halephant.sql import Statement, split_statements
+from halephant.sql import Statement, session_effects, split_statements
 
 # --- first_keyword / keywords -------------------------------------------------------------------------
 
@@ -109,6 +109,68 @@ def test_fast_paths_agree_with_the_lexer(text: str) -> None:
     assert statement.statement_count == len(split_statements(text))
     assert statement.is_multi_statement == (len(split_statements(text)) > 1)
     assert isinstance(statement.declares_holdable_cursor, bool)
+
+
+# --- plain ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "SELECT abalance FROM pgbench_accounts WHERE aid = 538291;",
+        "select 1",
+        "(SELECT 1)",
+        "  \n\tINSERT INTO t VALUES (1, 'a')",
+        "UPDATE t SET a = 1 WHERE b = 2",
+        "delete from t",
+        "WITH x AS (SELECT 1) SELECT * FROM x",
+        "VALUES (1)",
+        "TABLE t",
+        "SELECT 1;  ",
+        "SELECT * INTO t FROM x",
+    ],
+)
+def test_plain(text: str) -> None:
+    assert Statement(text).plain is True
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "SELECT 1; SELECT 2",
+        "SELECT 1; -- trailing comment after the end",
+        "SELECT ';'",  # conservative: a ; in a string is not looked into
+        "/* tag */ SELECT 1",  # conservative: a leading comment takes the full path
+        "SELECT pg_advisory_lock(1)",
+        "select PG_TRY_ADVISORY_LOCK(1)",
+        "SELECT set_config('a.b', 'c', false)",
+        "SELECT 1 INTO TEMP t",
+        "SET x = 1",
+        "BEGIN",
+        "DECLARE c CURSOR WITH HOLD FOR SELECT 1",
+        "DROP TABLE t",
+        "selectx 1",
+        "\u017felect 1",  # not SELECT: ASCII case folding only
+        "select'a'",
+    ],
+)
+def test_not_plain(text: str) -> None:
+    assert Statement(text).plain is False
+
+
+@given(st.one_of(any_text, fragment_text, st.sampled_from(FRAGMENTS).map(lambda f: "SELECT 1 " + f)))
+def test_a_plain_statement_has_nothing_for_a_policy(text: str) -> None:
+    # what the default inspectors rely on to be marked ignores_plain_statements
+    statement = Statement(text)
+    if statement.plain:
+        fresh = Statement(text)  # the facts computed on their own, not left behind by .plain
+        assert fresh.statement_count == 1
+        assert fresh.first_keyword in {"SELECT", "INSERT", "UPDATE", "DELETE", "VALUES", "TABLE", "WITH"}
+        assert statement.first_keyword == fresh.first_keyword
+        assert fresh.session_state == "" and statement.session_state == ""
+        assert not fresh.declares_holdable_cursor
+        assert session_effects(fresh) == ()
 
 
 # --- statement_count ----------------------------------------------------------------------------------
