@@ -66,8 +66,7 @@ def _fast_call(
         if not impls:
             return lambda *args: None
         if len(impls) < len(every) and any(impl.hookwrapper or impl.wrapper for impl in every):
-            keep = None  # a wrapper must see every call: keep pluggy's own dispatch
-            impls = every
+            impls = every  # a wrapper must see every call: keep pluggy's own dispatch
     spec = caller.spec
     names = tuple(spec.argnames) if spec is not None else ()
     if (

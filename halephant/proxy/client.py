@@ -114,6 +114,13 @@ _SYNC = codes.SYNC
 #: what may follow the unnamed Parse of a batch `_quick_batch` takes, before its Sync
 _QUICK_BATCH = frozenset((codes.BIND, codes.DESCRIBE, codes.EXECUTE, codes.CLOSE, codes.FLUSH))
 _unpack_len = struct.Struct("!i").unpack_from
+
+
+def _sync_point(quick: bytes) -> int:
+    """The sync point that ends what `_quick_query` takes: the Query itself, or the batch's Sync."""
+    return _QUERY if quick[0] == _QUERY else _SYNC
+
+
 _PRIMARY = Role.PRIMARY  # enum member lookups cost ~60 ns; this one runs per transaction
 _new_transaction = object.__new__
 #: the slot's own setter: what a frozen dataclass's __init__ ends up calling, minus its overhead
@@ -650,7 +657,7 @@ class ClientConnection(asyncio.Protocol):
         session effect, so it is routed, linked to a server and sent, and counted as a sync point.
         """
         n = len(data)
-        if n < 6:
+        if n < 6 or self.app.plugins.has_plain_inspectors:
             return False
         if data[0] == _QUERY:
             (length,) = _unpack_len(data, 1)
@@ -659,10 +666,11 @@ class ClientConnection(asyncio.Protocol):
             statement = self._statement(_QUERY, data, 5, n)
         else:
             statement = self._quick_batch(data)
-        if statement is None or not statement.plain or self.app.plugins.has_plain_inspectors:
+        if statement is None or not statement.plain:
             return False
-        point = data[0] if data[0] == _QUERY else _SYNC
         self._buf = data  # processed again by _process once a server arrives, if it has to wait
+        # A refused route is answered as for a Query (error, then ReadyForQuery): for a whole batch
+        # ending in its Sync those are the same bytes the general loop sends, which skips to that Sync.
         if not self._checkout(statement, _QUERY):
             self._quick = data  # ...or sent as it is by attach_server, if nothing came in meanwhile
             return True
@@ -671,7 +679,7 @@ class ClientConnection(asyncio.Protocol):
         if server is not None:
             self.outstanding += 1
             self.unsynced = False
-            self._last_sync_point = point
+            self._last_sync_point = _sync_point(data)
             server.send(data)
         return True
 
@@ -831,7 +839,7 @@ class ClientConnection(asyncio.Protocol):
                     self._first_checked = False
                     self.outstanding += 1
                     self.unsynced = False
-                    self._last_sync_point = _QUERY if quick[0] == _QUERY else _SYNC
+                    self._last_sync_point = _sync_point(quick)
                     server.send(quick)
                     return
             if self.state == WELCOME:
@@ -941,15 +949,7 @@ class ClientConnection(asyncio.Protocol):
         if at_boundary and status == _TX_IDLE and self.transaction_mode and not self.unsynced:
             if self.session is None:  # the common case: nothing carried between transactions
                 if not self.pinned:
-                    # _release(), inlined: this runs once per transaction
-                    server = self.server
-                    assert server is not None
-                    self.server = None
-                    server.client = None
-                    self.since = self.app.clock
-                    if self.write_paused:
-                        server.set_reading(False)
-                    self.app.manager.checkin(server, self)
+                    self._release()
             else:
                 session_state.at_idle(self)
 

@@ -199,21 +199,7 @@ class ServerConnection(asyncio.Protocol):
             if self._rewrites:
                 self._rewrite_path(data, client)
                 return
-            # _relay(), inlined: the hot path
-            sc = self.scanner
-            try:
-                sc.feed(data)
-            except ProtocolViolation as exc:
-                self._lost_with_client(client, f"protocol violation from server: {exc.message}")
-                return
-            client.transport.write(data)
-            if sc.kept:
-                self._kept(sc.kept, client)
-            if sc.ready:
-                self.rfq_seen += sc.ready
-                if sc.status == _TX_IDLE:
-                    self.xact_seen += 1
-                client.server_ready(sc.ready, sc.status, sc.at_boundary)
+            self._relay(data, client)
             return
         if not self.login.done():
             try:

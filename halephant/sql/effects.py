@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from halephant.sql.lexer import COMMENT, QUOTED_IDENTIFIER, SPACE, STRING, WORD, iter_token_spans, upper_word
-from halephant.sql.statement import Statement, selects_into_temp
+from halephant.sql.statement import Statement
 
 __all__ = [
     "ADVISORY_LOCKS",
@@ -213,7 +213,7 @@ def _one(text: str) -> tuple[SessionEffect, ...]:
         return _functions(text)
     if first == "DROP":
         return (SessionEffect(TEMP_TABLES, False),)
-    if (first == "SELECT" or first == "WITH") and selects_into_temp(text):
+    if (first == "SELECT" or first == "WITH") and Statement(text).selects_into_temp:
         return (SessionEffect(TEMP_TABLES, True), *_functions(text))
     return _functions(text)
 

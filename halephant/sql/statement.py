@@ -124,29 +124,6 @@ def _is_holdable_declare(tokens: Iterator[tuple[TokenKind, str]]) -> bool:
 _INTO_TEMP: Final = frozenset({"TEMP", "TEMPORARY", "PG_TEMP"})
 
 
-def selects_into_temp(text: str) -> bool:
-    """`SELECT … INTO [LOCAL | GLOBAL] TEMP | TEMPORARY …` or `… INTO pg_temp.name`: a temporary table
-    created by SELECT INTO (gram.y's OptTempTableName), which outlives the transaction like CREATE TEMP.
-
-    Tokenized, so strings, comments and quoted identifiers other than `"pg_temp"` never count; a
-    false positive only keeps a client on its server."""
-    low = text.lower()
-    if "into" not in low or "temp" not in low:
-        return False
-    tokens = _significant(text, 0, len(text), True)
-    for kind, value in tokens:
-        if kind == WORD and value == "INTO":
-            after = next(tokens, None)
-            if after is not None and after[0] == WORD and after[1] in ("LOCAL", "GLOBAL"):
-                after = next(tokens, None)
-            if after is not None and (
-                (after[0] == WORD and after[1] in _INTO_TEMP)
-                or (after[0] == QUOTED_IDENTIFIER and after[1] == '"pg_temp"')
-            ):
-                return True
-    return False
-
-
 class Statement:
     """One SQL text as sent in a Query or Parse message, possibly several statements.
 
@@ -378,7 +355,7 @@ class Statement:
                 if statement.declares_holdable_cursor:
                     return "DECLARE WITH HOLD"
             elif keyword in _SELECTS:
-                if selects_into_temp(statement.text):
+                if statement.selects_into_temp:
                     return "SELECT INTO TEMP"
             else:
                 return keyword
@@ -413,10 +390,35 @@ class Statement:
         low = self._lower()
         if "advisory_lock" in low or "set_config" in low:  # what _SESSION_FUNCTIONS can match
             return False
-        if "into" in low and "temp" in low and selects_into_temp(self.text):
+        if self.selects_into_temp:
             return False
         self._session = ""
         return True
+
+    @property
+    def selects_into_temp(self) -> bool:
+        """`SELECT … INTO [LOCAL | GLOBAL] TEMP | TEMPORARY …` or `… INTO pg_temp.name`: a temporary
+        table created by SELECT INTO (gram.y's OptTempTableName), which outlives the transaction like
+        CREATE TEMP.
+
+        Tokenized, so strings, comments and quoted identifiers other than `"pg_temp"` never count; a
+        false positive only keeps a client on its server. Not cached: asked at most once per text."""
+        low = self._lower()
+        if "into" not in low or "temp" not in low:
+            return False
+        text = self.text
+        tokens = _significant(text, 0, len(text), True)
+        for kind, value in tokens:
+            if kind == WORD and value == "INTO":
+                after = next(tokens, None)
+                if after is not None and after[0] == WORD and after[1] in ("LOCAL", "GLOBAL"):
+                    after = next(tokens, None)
+                if after is not None and (
+                    (after[0] == WORD and after[1] in _INTO_TEMP)
+                    or (after[0] == QUOTED_IDENTIFIER and after[1] == '"pg_temp"')
+                ):
+                    return True
+        return False
 
     # --- full parse ----------------------------------------------------------------------------------
 
