@@ -175,7 +175,12 @@ class Pool(Generic[S, W]):
         return None, self._should_open()
 
     def _should_open(self) -> bool:
-        if len(self.waiters) > self.connecting and self.total < self.info.size.max:
+        # `total`, inlined: a client that queues runs this
+        connecting = self.connecting
+        if (
+            self.waiters._len > connecting
+            and len(self.idle) + len(self.active) + connecting < self.info.size.max
+        ):
             self.connecting += 1
             return True
         return False

@@ -114,6 +114,7 @@ _SYNC = codes.SYNC
 #: what may follow the unnamed Parse of a batch `_quick_batch` takes, before its Sync
 _QUICK_BATCH = frozenset((codes.BIND, codes.DESCRIBE, codes.EXECUTE, codes.CLOSE, codes.FLUSH))
 _unpack_len = struct.Struct("!i").unpack_from
+_unpack_head = struct.Struct("!Bi").unpack_from  # a message's type and length
 
 
 def _sync_point(quick: bytes) -> int:
@@ -656,47 +657,57 @@ class ClientConnection(asyncio.Protocol):
         Exactly what `_process` would do for it: no inspector wants a plain statement, it has no
         session effect, so it is routed, linked to a server and sent, and counted as a sync point.
         """
+        app = self.app
         n = len(data)
-        if n < 6 or self.app.plugins.has_plain_inspectors:
+        if n < 6 or app.plugins.has_plain_inspectors:
             return False
         if data[0] == _QUERY:
-            (length,) = _unpack_len(data, 1)
-            if length + 1 != n or length > self.app.max_message_size:
+            if _unpack_len(data, 1)[0] + 1 != n or n > app.max_message_size:
                 return False
             statement = self._statement(_QUERY, data, 5, n)
+            sync_point = _QUERY
         else:
             statement = self._quick_batch(data)
+            sync_point = _SYNC
         if statement is None or not statement.plain:
             return False
-        self._buf = data  # processed again by _process once a server arrives, if it has to wait
         # A refused route is answered as for a Query (error, then ReadyForQuery): for a whole batch
         # ending in its Sync those are the same bytes the general loop sends, which skips to that Sync.
         if not self._checkout(statement, _QUERY):
-            self._quick = data  # ...or sent as it is by attach_server, if nothing came in meanwhile
+            # processed again by _process once a server arrives, or sent as it is by attach_server
+            # if nothing came in meanwhile
+            self._buf = self._quick = data
             return True
-        self._buf = b""
         server = self.server
         if server is not None:
             self.outstanding += 1
             self.unsynced = False
-            self._last_sync_point = _sync_point(data)
-            server.send(data)
+            self._last_sync_point = sync_point
+            server.transport.write(data)  # type: ignore[union-attr]  # linked: connected
         return True
 
     def _quick_batch(self, data: bytes) -> Statement | None:
         """For `_quick_query`: the statement of a whole extended-protocol batch as drivers send one
         transaction (an unnamed Parse, then only Bind, Describe, Execute, Close or Flush, ending with
-        its one Sync), else None."""
-        frames, consumed = split_frames(data, self.app.max_message_size)
-        if consumed != len(data) or len(frames) < 2 or frames[-1][0] != _SYNC:
+        its one Sync), else None (`_process` then frames it, and reports what is malformed)."""
+        n = len(data)
+        if data[0] != _PARSE or data[5] != 0:  # a named statement is the prepared-statement mapping's
             return None
-        t, start, end = frames[0]
-        if t != _PARSE or data[start] != 0:  # a named statement is the prepared-statement mapping's
+        limit = self.app.max_message_size
+        parse_end = pos = _unpack_len(data, 1)[0] + 1
+        if not 5 <= parse_end <= limit:
             return None
-        for frame in frames[1:-1]:
-            if frame[0] not in _QUICK_BATCH:
+        # walked here without building the frame list `split_frames` makes: this runs per transaction
+        last = n - 5
+        while pos < last:
+            t, length = _unpack_head(data, pos)
+            if t not in _QUICK_BATCH or not 4 <= length <= limit:
                 return None
-        return self._statement(_PARSE, data, start, end)
+            pos += length + 1
+        # ...up to its Sync, which must end the data
+        if pos != last or data[pos] != _SYNC or _unpack_len(data, pos + 1)[0] != 4:
+            return None
+        return self._statement(_PARSE, data, 5, parse_end)
 
     @staticmethod
     def _statement(t: int, buf: bytes, start: int, end: int) -> Statement | None:
@@ -750,28 +761,29 @@ class ClientConnection(asyncio.Protocol):
 
     def _checkout(self, statement: Statement | None, t: int) -> bool:
         """Link a server for a new transaction. False when the client has to wait (or was failed)."""
+        # Written for few bytecodes: this runs once per transaction.
         app = self.app
-        info, target = self.info, self.target
-        assert info is not None and self.pool_info is not None and target is not None
+        info = self.info
+        target = self.target
+        assert info is not None and target is not None
         ready = self.state == READY
-        if not ready and self.transaction_mode:
-            # a server is needed once at login only to learn the parameters to report: not a
-            # transaction, so nothing to route (a policy refusing all of this user's transactions
-            # must not refuse the login)
-            route: Route | Reject = Route(Role.PRIMARY, "login: learning server parameters")
-        else:
+        if ready or not self.transaction_mode:
             # TransactionInfo(statement) without the frozen dataclass's slower __init__ (per transaction)
             transaction = _new_transaction(TransactionInfo)
             _set_statement(transaction, statement)
-            manager = app.manager
-            cluster = manager.nodes.views.get(target.cluster) or manager.cluster_view(target.cluster)
+            nodes = app.manager.nodes
+            cluster = nodes.views.get(target.cluster) or nodes.view(target.cluster)
             route = app.plugins.route_call(info, transaction, self.pool_info, cluster)
             if type(route) is not Route:
                 route = app.plugins.route_answer(route)
+        else:
+            # a server is needed once at login only to learn the parameters to report: not a
+            # transaction, so nothing to route (a policy refusing all of this user's transactions
+            # must not refuse the login)
+            route = Route(Role.PRIMARY, "login: learning server parameters")
         pool: ServerPool | None = None
         if type(route) is Route or not isinstance(route, Reject):
-            last = self._last_route
-            if route is not last and ready and route != last:
+            if route is not self._last_route and ready and route != self._last_route:
                 # recorded when this client's routing changes (its first transaction included), not per
                 # transaction: the default plugin answers with the same Route object while nothing changes
                 self._last_route = route
@@ -821,16 +833,18 @@ class ClientConnection(asyncio.Protocol):
 
     def attach_server(self, server: ServerConnection) -> None:
         """Called by the pool: the server this client waited for."""
-        if self.waiting_pool is not None:
-            self.waiting_pool.stats.waited(self.app.loop.time() - self.wait_started)
-        self.waiting_pool = None
+        pool = self.waiting_pool
+        if pool is not None:
+            pool.stats.waited(self.app.loop.time() - self.wait_started)
+            self.waiting_pool = None
         if self.state == CLOSED:
             # gone while waiting: give the server straight back
             self.app.manager.checkin(server)
             return
         try:
             self._link(server)
-            self._resume_if_paused()
+            if self._read_paused:
+                self._resume_if_paused()
             quick = self._quick
             if quick is not None:
                 self._quick = None

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from support.scaling import assert_linear
 
 from halephant.sql import Statement, session_effects, split_statements
+from halephant.sql.statement import _PLAIN
 
 # --- first_keyword / keywords -------------------------------------------------------------------------
 
@@ -171,6 +172,28 @@ def test_a_plain_statement_has_nothing_for_a_policy(text: str) -> None:
         assert fresh.session_state == "" and statement.session_state == ""
         assert not fresh.declares_holdable_cursor
         assert session_effects(fresh) == ()
+
+
+_HEADS = st.sampled_from(["SELECT", "select", "Insert", "UPDATE", "delete", "VALUES", "SELECTx", "selec"])
+_AFTER = st.sampled_from([" ", "\t", "\n", "(", "*", ";", "", "'", "\u0130", "\u212a", "\xa0"])
+
+
+@given(_HEADS, _AFTER, st.one_of(any_text, fragment_text), st.sampled_from(["", ";", "; ", ";;", " "]))
+def test_the_short_shape_test_agrees_with_the_regular_expression(
+    head: str, after: str, body: str, end: str
+) -> None:
+    text = head + after + body + end
+    low = text.lower()
+    expected = (
+        _PLAIN.match(text) is not None
+        and "advisory_lock" not in low
+        and "set_config" not in low
+        and not Statement(text).selects_into_temp
+    )
+    statement = Statement(text)
+    assert statement.plain is expected
+    if expected:
+        assert statement.first_keyword == Statement(text).first_keyword
 
 
 # --- statement_count ----------------------------------------------------------------------------------
