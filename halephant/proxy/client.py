@@ -53,6 +53,7 @@ from halephant.protocol.startup import (
 from halephant.proxy import prepared, session_state
 from halephant.proxy.limits import too_many_clients
 from halephant.sql import Statement
+from halephant.sql.statement import statement_of
 from halephant.types import (
     Allow,
     ClientInfo,
@@ -100,11 +101,6 @@ _KIND: dict[int, int] = {
 assert set(_KIND) == codes.FRONTEND_TYPES
 _NEEDS_NO_SERVER = frozenset((codes.SYNC, codes.FLUSH, codes.COPY_DATA, codes.COPY_DONE, codes.COPY_FAIL))
 _reject_markers = itertools.count(1)
-# Statements are immutable facts about a text (lazily computed and cached inside), so one object per
-# distinct text serves every client: applications repeat the same few statements.
-_statements: dict[bytes, Statement] = {}
-_STATEMENT_CACHE_SIZE = 2048
-_STATEMENT_CACHE_MAX_TEXT = 8192
 #: bytes a client may send while it waits for a server before its reading is paused
 _MAX_BUFFERED_WHILE_WAITING = 256 * 1024
 _TX_IDLE = codes.TX_IDLE
@@ -250,6 +246,19 @@ class ClientConnection(asyncio.Protocol):
         try:
             if self.state == READY:
                 if self.waiting_pool is None:
+                    if (
+                        self.server is None
+                        and (data[:1] == b"Q" or data[:1] == b"P")
+                        and not self._buf
+                        and self.transaction_mode
+                        and self.session is None
+                        and self.prepared is None
+                        and not self.skip_to_sync
+                        and not self._first_checked
+                        and self._reject_next is None
+                        and self._quick_query(data)
+                    ):
+                        return
                     self._process(data)
                 else:
                     self._buffer_while_waiting(data)
@@ -478,19 +487,7 @@ class ClientConnection(asyncio.Protocol):
     # --- the pooling loop ---
 
     def _process(self, data: bytes) -> None:
-        if (
-            (data[:1] == b"Q" or data[:1] == b"P")
-            and self.server is None
-            and not self._buf
-            and self.transaction_mode
-            and self.session is None
-            and self.prepared is None
-            and not self.skip_to_sync
-            and not self._first_checked
-            and self._reject_next is None
-            and self._quick_query(data)
-        ):
-            return
+        # (data_received first offers a new transaction's data to _quick_query)
         self._quick = None
         buf = self._buf + data if self._buf else data
         self._buf = b""
@@ -722,18 +719,7 @@ class ClientConnection(asyncio.Protocol):
         text_end = buf.find(b"\0", start, end)
         if text_end < 0:
             return None
-        raw = buf[start:text_end]
-        statement = _statements.get(raw)
-        if statement is None:
-            try:
-                statement = Statement(raw.decode())
-            except UnicodeDecodeError:
-                return None
-            if len(raw) <= _STATEMENT_CACHE_MAX_TEXT:
-                if len(_statements) >= _STATEMENT_CACHE_SIZE:
-                    _statements.clear()  # crude but cheap; applications repeat a small set of texts
-                _statements[raw] = statement
-        return statement
+        return statement_of(buf[start:text_end])
 
     def _reject_locally(self, t: int, error: bytes) -> None:
         """Answer a rejected message with no server involved (between transactions)."""

@@ -27,7 +27,7 @@ from halephant.sql.lexer import (
     upper_word,
 )
 
-__all__ = ["Statement"]
+__all__ = ["Statement", "statement_of"]
 
 # An ordinary statement: optional whitespace and opening parentheses, then an ASCII word that does not
 # start a string (`E'…'`, `U&'…'`) or run into non-ASCII identifier characters. Anything else takes the
@@ -464,3 +464,48 @@ class Statement:
             return parse_sql(text)
         except Exception:
             return None
+
+
+# --- one Statement per text --------------------------------------------------------------------------
+
+# Statements are immutable facts about a text (lazily computed and cached inside), so one object per
+# distinct text serves every client: applications repeat the same few statements.
+_by_text: dict[bytes, Statement] = {}
+_CACHE_SIZE: Final = 2048
+_CACHE_MAX_TEXT: Final = 8192
+# Texts sent with their values inline (the simple protocol: psycopg2, pgbench -M simple) differ in
+# their numbers only, so most are seen once. Whether a text is `plain` does not depend on which digits
+# it holds (a digit stays a digit for the lexer, and no keyword or `;` is made of digits) unless it
+# has a `$` (a dollar-quote tag may hold digits): such texts share the answer, kept per shape with all
+# digits read as 0, with the first keyword it comes with.
+_DIGITS_AS_ZERO: Final = bytes.maketrans(b"123456789", b"000000000")
+_plain_shapes: dict[bytes, str] = {}
+
+
+def statement_of(raw: bytes) -> Statement | None:
+    """The `Statement` of a Query's or Parse's UTF-8 text, shared by every client that sends the same
+    text; None when it is not UTF-8 (PostgreSQL will say so itself)."""
+    statement = _by_text.get(raw)
+    if statement is not None:
+        return statement
+    try:
+        statement = Statement(raw.decode())
+    except UnicodeDecodeError:
+        return None
+    if len(raw) > _CACHE_MAX_TEXT:
+        return statement
+    if len(_by_text) >= _CACHE_SIZE:
+        _by_text.clear()  # crude but cheap; applications repeat a small set of texts
+    _by_text[raw] = statement
+    if 36 not in raw:  # no "$"
+        shape = raw.translate(_DIGITS_AS_ZERO)
+        keyword = _plain_shapes.get(shape)
+        if keyword is not None:
+            statement._plain = True
+            statement._first_keyword = keyword
+            statement._session = ""
+        elif statement.plain:
+            if len(_plain_shapes) >= _CACHE_SIZE:
+                _plain_shapes.clear()
+            _plain_shapes[shape] = statement.first_keyword
+    return statement

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from support.scaling import assert_linear
 
 from halephant.sql import Statement, session_effects, split_statements
-from halephant.sql.statement import _PLAIN
+from halephant.sql.statement import _PLAIN, statement_of
 
 # --- first_keyword / keywords -------------------------------------------------------------------------
 
@@ -452,3 +452,49 @@ def test_mentions_ignores_ascii_case_and_looks_everywhere() -> None:
     assert statement.mentions("read")
     assert statement.mentions("begin")
     assert not statement.mentions("hold")
+
+
+# --- statement_of: one Statement per text, plain facts shared by texts that differ in digits only ------
+
+
+def test_statement_of_shares_one_object_per_text() -> None:
+    first = statement_of(b"SELECT 1 FROM t WHERE a = 42")
+    assert first is not None and first is statement_of(b"SELECT 1 FROM t WHERE a = 42")
+    assert statement_of(b"SELECT '\xff'") is None  # not UTF-8: PostgreSQL says so itself
+
+
+def test_a_dollar_quote_tag_with_digits_does_not_share_the_answer() -> None:
+    # unterminated ($q1$ is never closed): all string, so plain; with every digit 0 the same shape
+    # closes the string and runs SELECT INTO TEMP, which must not be taken as plain from that answer
+    loose = statement_of(b"SELECT $q1$ $q2$ INTO TEMP x1")
+    closed = statement_of(b"SELECT $q0$ $q0$ INTO TEMP x0")
+    assert loose is not None and closed is not None
+    assert loose.plain is Statement(loose.text).plain
+    assert closed.plain is False
+
+
+digits = st.text(alphabet="0123456789", min_size=1, max_size=6)
+
+
+@given(
+    st.one_of(fragment_text, any_text, st.sampled_from(FRAGMENTS).map(lambda f: "SELECT 1 " + f)),
+    st.lists(digits, min_size=1, max_size=4),
+    st.lists(digits, min_size=1, max_size=4),
+)
+def test_texts_that_differ_in_digits_only_agree_on_plain(
+    text: str, first: list[str], second: list[str]
+) -> None:
+    # the same text with different numbers put in at the same places: the second is answered from the
+    # shape the first left behind, and must get what it would get on its own
+    parts = ("SELECT a FROM t WHERE id = {} " + text + " AND b = {}").split("{}")
+    one = parts[0] + first[0] + parts[1] + first[-1] + parts[2]
+    two = parts[0] + second[0] + parts[1] + second[-1] + parts[2]
+    assume(one.encode() != two.encode())
+    a = statement_of(one.encode())
+    b = statement_of(two.encode())
+    if a is None or b is None:
+        return
+    assert a.plain is Statement(one).plain
+    assert b.plain is Statement(two).plain
+    assert b.first_keyword == Statement(two).first_keyword
+    assert b.session_state == Statement(two).session_state
