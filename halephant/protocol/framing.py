@@ -94,7 +94,8 @@ class BackendScanner:
         self.at_boundary = True
         self.kept: list[tuple[int, bytes]] = _NOTHING_KEPT
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes) -> int:
+        """Walk `data`; returns `ready` (see the class)."""
         self.kept = _NOTHING_KEPT  # a list is made only when something is kept
         ready = 0
         pos = 0
@@ -105,7 +106,7 @@ class BackendScanner:
                 if self._skip >= n:
                     self._skip -= n
                     self.at_boundary = self._skip == 0
-                    return
+                    return 0
                 pos = self._skip
                 self._skip = 0
             elif self._keep_type >= 0:
@@ -115,7 +116,7 @@ class BackendScanner:
                 pos = take
                 if take < need:
                     self.at_boundary = False
-                    return
+                    return 0
                 self._finish_kept(self._keep_type, bytes(self._keep_buf))
                 self._keep_type = -1
                 ready = self.ready
@@ -146,7 +147,7 @@ class BackendScanner:
                 else:
                     self._skip = end - n
                     self.at_boundary = False
-                return
+                return ready
             if t == _READY_FOR_QUERY:
                 ready += 1
                 self.status = data[pos + 5]
@@ -159,6 +160,7 @@ class BackendScanner:
             self.at_boundary = False
         else:
             self.at_boundary = True
+        return ready
 
     def bytes_to_boundary(self) -> int:
         """How many bytes to feed next to make progress towards a message boundary (0: at one)."""

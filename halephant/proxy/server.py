@@ -220,18 +220,19 @@ class ServerConnection(asyncio.Protocol):
         """The hot path: scan headers, forward the chunk whole, account for ReadyForQuery."""
         sc = self.scanner
         try:
-            sc.feed(data)
+            ready = sc.feed(data)
         except ProtocolViolation as exc:
             self._lost_with_client(client, f"protocol violation from server: {exc.message}")
             return
         client.transport.write(data)
         if sc.kept:
             self._kept(sc.kept, client)
-        if sc.ready:
-            self.rfq_seen += sc.ready
-            if sc.status == _TX_IDLE:
+        if ready:
+            self.rfq_seen += ready
+            status = sc.status
+            if status == _TX_IDLE:
                 self.xact_seen += 1  # a transaction (or a run of autocommit statements) ended
-            client.server_ready(sc.ready, sc.status, sc.at_boundary)
+            client.server_ready(ready, status, sc.at_boundary)
 
     def _kept(self, kept: list[tuple[int, bytes]], client: ClientConnection) -> None:
         for t, payload in kept:
