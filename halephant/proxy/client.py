@@ -976,9 +976,10 @@ class ClientConnection(asyncio.Protocol):
     def is_closed(self) -> bool:
         return self.state == CLOSED
 
-    def release(self, reset: str = "") -> None:
+    def release(self, reset: str = "", notifications: Callable[[bytes], None] | None = None) -> None:
         """Give the linked server back to its pool (transaction pooling, at the end of a transaction),
-        after running `reset` on it when given (the server is closed if that fails)."""
+        after running `reset` on it when given (the server is closed if that fails); the
+        NotificationResponses the server sends meanwhile go to `notifications` when given."""
         if reset:
             server = self.server
             assert server is not None
@@ -986,7 +987,7 @@ class ClientConnection(asyncio.Protocol):
             server.client = None
             if self.write_paused:
                 server.set_reading(False)
-            self.app.manager.reset_and_checkin(server, reset)
+            self.app.manager.reset_and_checkin(server, reset, notifications=notifications)
         else:
             self._release()
         if self.session is not None:

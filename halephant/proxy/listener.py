@@ -8,9 +8,15 @@ of `ServerConnection`, whose client is the `_Listener` here: every NotificationR
 and as PostgreSQL sent it (channel, payload and the notifying backend's PID), to each client subscribed
 to that channel (`session_state.deliver`, which queues it while the client is in a transaction).
 
-`when_active` lets a client's server stop listening only once the shared connection listens, so nothing
-is lost in between. When the listener connection is lost, its clients are disconnected with 08006 (as a
-direct connection whose backend went away), since notifications may have been missed meanwhile.
+`when_active` lets a client's server stop listening only once the shared connection listens. PostgreSQL
+starts a new listener past every notification already committed, so the client's server must deliver
+those: it first NOTIFYs `halephant_listen_handover` itself, which makes it read the whole notification
+queue while it still listens, and what it still sends while its LISTENs are undone reaches the client
+unless the shared connection delivered the same one (`session_state.late_notification`). So nothing
+is lost in between, and a notification both deliver arrives once (copies are matched by sender PID,
+channel and payload for 5 s; two identical ones sent during a hand-over count as one). When the
+listener connection is lost, its clients are disconnected with 08006 (as a direct connection whose
+backend went away), since notifications may have been missed meanwhile.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import anyio
@@ -50,11 +51,12 @@ class _Reset(StandIn):
     class _Sink:
         """Reads the reset query's answer only to see whether any of it failed."""
 
-        __slots__ = ("buf", "failed")
+        __slots__ = ("buf", "failed", "notifications")
 
-        def __init__(self) -> None:
+        def __init__(self, notifications: Callable[[bytes], None] | None) -> None:
             self.buf = b""
             self.failed = ""
+            self.notifications = notifications
 
         def write(self, data: bytes) -> None:
             buf = self.buf + data if self.buf else data
@@ -63,15 +65,23 @@ class _Reset(StandIn):
             for t, start, end in frames:
                 if t == codes.ERROR_RESPONSE and not self.failed:
                     self.failed = m.decode_error_fields(buf[start:end]).get("M", "error")
+                elif t == codes.NOTIFICATION_RESPONSE and self.notifications is not None:
+                    self.notifications(buf[start - 5 : end])
 
         @staticmethod
         def pause_reading() -> None:
             pass
 
-    def __init__(self, manager: PoolManager, server: ServerConnection, clears_settings: bool = True) -> None:
+    def __init__(
+        self,
+        manager: PoolManager,
+        server: ServerConnection,
+        clears_settings: bool = True,
+        notifications: Callable[[bytes], None] | None = None,
+    ) -> None:
         self.manager = manager
         self.server = server
-        self.transport = self._Sink()
+        self.transport = self._Sink(notifications)
         self.clears_settings = clears_settings
 
     def server_ready(self, n: int, status: int, at_boundary: bool) -> None:
@@ -223,12 +233,17 @@ class PoolManager:
             waiter.attach_server(server)
 
     def reset_and_checkin(
-        self, server: ServerConnection, targeted: str | None = None, clears_settings: bool = False
+        self,
+        server: ServerConnection,
+        targeted: str | None = None,
+        clears_settings: bool = False,
+        notifications: Callable[[bytes], None] | None = None,
     ) -> None:
         """Run the reset query, then pool the server (or close it if that fails).
 
         `targeted` replaces `server_reset_query` when the caller knows exactly what a transaction-mode
-        client left (its settings are then left to the next client's settings difference)."""
+        client left (its settings are then left to the next client's settings difference). The
+        NotificationResponses the server sends meanwhile go to `notifications` (else nowhere)."""
         if targeted:
             query = targeted
         else:
@@ -238,7 +253,7 @@ class PoolManager:
             self.checkin(server)
             return
         server.client = _Reset(  # type: ignore[assignment]
-            self, server, clears_settings=clears_settings or not targeted
+            self, server, clears_settings=clears_settings or not targeted, notifications=notifications
         )
         prepared.forget_after_reset(server, query)
         server.send(m.query(query))

@@ -64,6 +64,8 @@ MAX_QUEUED_NOTIFICATION_BYTES: Final = 4 * 1024 * 1024
 #: how many, and how long, notifications delivered by a server are remembered against duplicates
 RELAYED_KEPT: Final = 256
 RELAYED_SECONDS: Final = 5.0
+#: what a server about to stop listening NOTIFYs itself with, to read the notification queue
+HANDOVER_CHANNEL: Final = "halephant_listen_handover"
 _CHECKABLE: Final = frozenset(
     ("advisory_locks", "listen", "with_hold", "temp_tables", "prepare", "set_role", "load")
 )
@@ -78,6 +80,7 @@ class SessionState:
         "capture_all",
         "check",
         "cleaning",
+        "handed_over",
         "listen_seen",
         "listening",
         "owns_pin",
@@ -123,6 +126,9 @@ class SessionState:
         #: notifications the linked server delivered itself lately (time, payload): while the shared
         #: listener takes over a channel both may deliver the same one, and only one copy must arrive
         self.relayed: deque[tuple[float, bytes]] = deque(maxlen=RELAYED_KEPT)
+        #: ...and the other way round: what the shared listener delivered since the last handover
+        #: (time, payload), against the copies the server still sends while its LISTENs are undone
+        self.handed_over: deque[tuple[float, bytes]] = deque(maxlen=RELAYED_KEPT)
 
 
 def _state(client: ClientConnection) -> SessionState:
@@ -350,7 +356,9 @@ def _clean_up(client: ClientConnection, server: ServerConnection, st: SessionSta
     _clean_up_now(client, server, st, True)
 
 
-def _clean_up_now(client: ClientConnection, server: ServerConnection, st: SessionState, ok: bool) -> None:
+def _clean_up_now(
+    client: ClientConnection, server: ServerConnection, st: SessionState, ok: bool, flushed: bool = False
+) -> None:
     st.cleaning = False
     if client.server is not server:
         return
@@ -364,16 +372,32 @@ def _clean_up_now(client: ClientConnection, server: ServerConnection, st: Sessio
         at_idle(client)  # read back what the client did meanwhile first
         return
     new = st.server_channels - st.listening
+    if new and not flushed:
+        # The shared listener skipped what was committed before it started listening: the server must
+        # deliver all of that before it stops. A backend reads the notification queue only when
+        # signalled, and the notifier's signal may come late (after the UNLISTEN, which would drop
+        # it): a NOTIFY of the server's own makes it read the whole queue before this query's
+        # ReadyForQuery, while it still listens (what it delivers is relayed to the client).
+        st.cleaning = True
+        server.run_internal(
+            f"NOTIFY {HANDOVER_CHANNEL}",
+            lambda rows, error: _clean_up_now(client, server, st, error is None, flushed=True),
+        )
+        return
     if new:
-        # from now on the shared listener delivers; the server's own notifications go to the reset
+        # from now on the shared listener delivers; what the server still sends until its UNLISTEN
+        # reaches the client too, once (`late_notification`)
         client.app.listeners.subscribe(client, new)
         st.listening |= new
+        st.handed_over.clear()
     st.server_channels = set()
     sql = cleanup_sql(listen=st.listen_seen, prepared=st.prepare_seen)
     st.listen_seen = st.prepare_seen = False
     # The server leaves the client now: whatever the client sends next gets a server (maybe this one)
     # through a checkout, which prepares its statements again. The server is closed if this fails.
-    client.release(reset=sql)
+    client.release(
+        reset=sql, notifications=(lambda message: late_notification(client, message)) if new else None
+    )
 
 
 def _idle(client: ClientConnection, server: ServerConnection) -> bool:
@@ -461,6 +485,32 @@ def deliver(client: ClientConnection, message: bytes) -> None:
         return
     if st.relayed and _already_relayed(st, message[5:]):
         return
+    if st.listening:
+        st.handed_over.append((time.monotonic(), message[5:]))
+    _write_notification(client, st, message)
+
+
+def late_notification(client: ClientConnection, message: bytes) -> None:
+    """A NotificationResponse the client's former server sent while its LISTENs were being undone:
+    delivered unless the shared listener delivered that one already (then it is remembered, so that the
+    shared listener's copy, if it comes later, is not delivered a second time)."""
+    st = client.session
+    if st is None or client.is_closed:
+        return
+    payload = message[5:]
+    handed_over = st.handed_over
+    horizon = time.monotonic() - RELAYED_SECONDS
+    while handed_over and handed_over[0][0] < horizon:
+        handed_over.popleft()
+    for entry in handed_over:
+        if entry[1] == payload:
+            handed_over.remove(entry)  # one listener copy cancels one server copy
+            return
+    st.relayed.append((time.monotonic(), bytes(payload)))
+    _write_notification(client, st, message)
+
+
+def _write_notification(client: ClientConnection, st: SessionState, message: bytes) -> None:
     if not st.queue and client.server is None and not client.write_paused and client.waiting_pool is None:
         client.transport.write(message)
         return

@@ -348,6 +348,21 @@ def test_sql_prepare_is_emulated_per_client(hal: Running) -> None:
         assert one(c, "SELECT count(*) FROM pg_prepared_statements") == 0
 
 
+def test_listen_is_handed_over_without_losing_a_notification(hal: Running) -> None:
+    # A NOTIFY right after LISTEN races the hand-over from the client's own server to the shared
+    # listener, which skips what was committed before it listened: the server must deliver that.
+    # Each round listens on a new channel, so each round hands over again.
+    with connect(hal) as a, connect(hal, "strict") as sender:
+        for n in range(20):
+            channel = f"e2e_race_{n}"
+            a.execute(f"LISTEN {channel}")
+            sender.execute(f"NOTIFY {channel}, 'x{n}'")
+            assert [x.payload for x in a.notifies(timeout=5, stop_after=1)] == [f"x{n}"], f"round {n}"
+            a.execute(f"UNLISTEN {channel}")
+        a.execute("SELECT 1")
+        assert list(a.notifies(timeout=0.3)) == []  # nothing twice
+
+
 def test_a_pinned_client_that_listens_gets_each_notification_once(hal: Running) -> None:
     with connect(hal) as a, connect(hal, "strict") as sender:
         received: list[str] = []

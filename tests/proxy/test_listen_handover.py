@@ -1,0 +1,89 @@
+"""The hand-over of a transaction-mode client's LISTEN from its own server connection to the shared
+listener (`halephant.proxy.session_state`): every notification reaches the client once.
+
+While the client's former server undoes its LISTENs, it may still send notifications the shared listener
+also delivers, and ones the shared listener never saw (committed before it started listening). These
+tests drive `deliver` (the shared listener's copy) and `late_notification` (the server's) in every order.
+End to end, `test_listen_is_handed_over_without_losing_a_notification` (tests/e2e/test_session_features.py)
+hands over twenty times with a NOTIFY right behind each LISTEN; the race itself (a shared listener that
+is still connecting) shows in the conformance workload "psycopg async: LISTEN / NOTIFY" under CPU load.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+from halephant.proxy import session_state
+from halephant.proxy.session_state import SessionState
+
+
+class _Transport:
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+
+class _Client:
+    """What `deliver` and `late_notification` read of a client between transactions."""
+
+    def __init__(self) -> None:
+        self.session = SessionState()
+        self.session.listening = {"chan"}
+        self.transport = _Transport()
+        self.server = None
+        self.write_paused = False
+        self.waiting_pool = None
+        self.is_closed = False
+
+
+def _note(payload: str, pid: int = 42) -> bytes:
+    body = struct.pack("!i", pid) + b"chan\0" + payload.encode() + b"\0"
+    return b"A" + struct.pack("!i", len(body) + 4) + body
+
+
+def _client() -> Any:
+    return _Client()
+
+
+def test_the_servers_late_copy_of_what_the_listener_delivered_is_dropped() -> None:
+    client = _client()
+    session_state.deliver(client, _note("one"))
+    session_state.late_notification(client, _note("one"))
+    assert client.transport.written == [_note("one")]
+
+
+def test_what_only_the_server_saw_is_delivered_and_the_listeners_later_copy_dropped() -> None:
+    client = _client()
+    session_state.late_notification(client, _note("before"))  # committed before the listener listened
+    session_state.late_notification(client, _note("both"))
+    session_state.deliver(client, _note("both"))  # the listener's copy of the second one
+    assert client.transport.written == [_note("before"), _note("both")]
+
+
+def test_distinct_notifications_from_both_all_arrive() -> None:
+    client = _client()
+    session_state.deliver(client, _note("a"))
+    session_state.late_notification(client, _note("b"))
+    session_state.deliver(client, _note("c"))
+    session_state.late_notification(client, _note("a", pid=7))  # same payload, another sender
+    assert client.transport.written == [_note("a"), _note("b"), _note("c"), _note("a", pid=7)]
+
+
+def test_one_copy_cancels_one_copy() -> None:
+    # the same notification sent twice (two transactions of one sender): both copies of each arrive once
+    client = _client()
+    session_state.deliver(client, _note("x"))
+    session_state.deliver(client, _note("x"))
+    session_state.late_notification(client, _note("x"))
+    session_state.late_notification(client, _note("x"))
+    assert client.transport.written == [_note("x"), _note("x")]
+
+
+def test_a_client_that_left_gets_nothing() -> None:
+    client = _client()
+    client.is_closed = True
+    session_state.late_notification(client, _note("gone"))
+    assert client.transport.written == []
