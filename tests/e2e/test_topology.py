@@ -97,8 +97,11 @@ def wait_for(check: Callable[[], bool], what: str, timeout: float = 10.0) -> flo
     return time.monotonic() - start
 
 
-def wait_log(run: Running, text: str, timeout: float = 10.0) -> None:
-    wait_for(lambda: text in run.log_text(), f"log line {text!r}\n{run.log_text()[-3000:]}", timeout)
+def wait_log(run: Running, text: str, timeout: float = 10.0, *, seen: int = 0) -> None:
+    """Wait for a log line containing `text`: one more than the `seen` already logged."""
+    wait_for(
+        lambda: run.log_text().count(text) > seen, f"log line {text!r}\n{run.log_text()[-3000:]}", timeout
+    )
 
 
 def paused(node: Node) -> Any:
@@ -215,9 +218,12 @@ def test_lagging_replica_is_excluded_then_readmitted(
             assert {port(conn) for _ in range(6)} == {r2.port}
         # the primary is never excluded for lag; with every replica too far behind, a route to a
         # replica fails safely with 57P03 (the routing plugin could have chosen the primary)
+        r2_excluded = f"{r2.host}:{r2.port} excluded"
+        r2_readmitted = f"{r2.host}:{r2.port} readmitted"
+        seen = run.log_text()  # r2 may have been excluded and readmitted above already
         with paused(r2):
             write_wal(primary)
-            wait_log(run, f"{r2.host}:{r2.port} excluded")
+            wait_log(run, r2_excluded, seen=seen.count(r2_excluded))
             with connect(run, "report-none") as conn:
                 with pytest.raises(psycopg.errors.CannotConnectNow):
                     conn.execute("SELECT 1")
@@ -226,7 +232,7 @@ def test_lagging_replica_is_excluded_then_readmitted(
             with connect(run) as conn:
                 assert port(conn) == primary.port
     wait_log(run, f"{r1.host}:{r1.port} readmitted")
-    wait_log(run, f"{r2.host}:{r2.port} readmitted")
+    wait_log(run, r2_readmitted, seen=seen.count(r2_readmitted))
     with connect(run, "report-back") as conn:
         assert {port(conn) for _ in range(6)} == {r1.port, r2.port}
     assert "lag" in run.log_text()
