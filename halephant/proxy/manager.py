@@ -166,10 +166,11 @@ class PoolManager:
     async def _open(self, pool: ServerPool) -> None:
         loop = self.app.loop
         target = pool.info.target
+        # No application_name of halephant's own: a client that sends none must see PostgreSQL's
+        # default (empty), as connected directly; a client's own is applied while it has the server.
         startup = {
             "user": target.server_user,
             "database": target.server_database,
-            "application_name": "halephant",
             **dict(target.server_settings),
         }
         server = ServerConnection(self, pool, startup, target.server_password, loop)

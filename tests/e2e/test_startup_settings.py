@@ -26,8 +26,10 @@ def test_each_client_sees_its_own_startup_settings_on_a_shared_server(
             assert paris.execute("SHOW TimeZone").fetchone() == ("Europe/Paris",)
             assert paris.execute("SHOW application_name").fetchone() == ("paris",)
             assert plain.execute("SHOW TimeZone").fetchone() != ("Europe/Paris",)
-            assert plain.execute("SHOW application_name").fetchone() != ("paris",)
+            # none sent: PostgreSQL's default, as connected directly (not the other client's)
+            assert plain.execute("SHOW application_name").fetchone() == ("",)
         assert paris.info.parameter_status("TimeZone") == "Europe/Paris"
+        assert plain.info.parameter_status("application_name") == ""
     assert_clean_servers(pg.primary)
 
 
