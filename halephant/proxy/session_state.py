@@ -81,6 +81,7 @@ class SessionState:
         "check",
         "cleaning",
         "handed_over",
+        "handover_until",
         "listen_seen",
         "listening",
         "owns_pin",
@@ -129,6 +130,8 @@ class SessionState:
         #: ...and the other way round: what the shared listener delivered since the last handover
         #: (time, payload), against the copies the server still sends while its LISTENs are undone
         self.handed_over: deque[tuple[float, bytes]] = deque(maxlen=RELAYED_KEPT)
+        #: until when (monotonic) those are recorded: only a hand-over's window needs them
+        self.handover_until = 0.0
 
 
 def _state(client: ClientConnection) -> SessionState:
@@ -390,6 +393,7 @@ def _clean_up_now(
         client.app.listeners.subscribe(client, new)
         st.listening |= new
         st.handed_over.clear()
+        st.handover_until = time.monotonic() + RELAYED_SECONDS
     st.server_channels = set()
     sql = cleanup_sql(listen=st.listen_seen, prepared=st.prepare_seen)
     st.listen_seen = st.prepare_seen = False
@@ -466,14 +470,15 @@ def relayed(client: ClientConnection, payload: bytes) -> None:
         st.relayed.append((time.monotonic(), bytes(payload)))
 
 
-def _already_relayed(st: SessionState, payload: bytes) -> bool:
-    relayed_ = st.relayed
+def _cancel_copy(copies: deque[tuple[float, bytes]], payload: bytes) -> bool:
+    """Whether `copies` (time, payload), those of the last RELAYED_SECONDS, hold this notification: one
+    copy delivered by the other source cancels one, which is taken out."""
     horizon = time.monotonic() - RELAYED_SECONDS
-    while relayed_ and relayed_[0][0] < horizon:
-        relayed_.popleft()
-    for entry in relayed_:
+    while copies and copies[0][0] < horizon:
+        copies.popleft()
+    for entry in copies:
         if entry[1] == payload:
-            relayed_.remove(entry)  # one server copy cancels one listener copy
+            copies.remove(entry)
             return True
     return False
 
@@ -483,10 +488,15 @@ def deliver(client: ClientConnection, message: bytes) -> None:
     st = client.session
     if st is None or client.is_closed:
         return
-    if st.relayed and _already_relayed(st, message[5:]):
-        return
-    if st.listening:
-        st.handed_over.append((time.monotonic(), message[5:]))
+    if st.relayed and _cancel_copy(st.relayed, message[5:]):
+        return  # the client's own server delivered this one
+    if st.handover_until:
+        now = time.monotonic()
+        if now < st.handover_until:
+            st.handed_over.append((now, message[5:]))
+        else:
+            st.handover_until = 0.0
+            st.handed_over.clear()
     _write_notification(client, st, message)
 
 
@@ -498,14 +508,8 @@ def late_notification(client: ClientConnection, message: bytes) -> None:
     if st is None or client.is_closed:
         return
     payload = message[5:]
-    handed_over = st.handed_over
-    horizon = time.monotonic() - RELAYED_SECONDS
-    while handed_over and handed_over[0][0] < horizon:
-        handed_over.popleft()
-    for entry in handed_over:
-        if entry[1] == payload:
-            handed_over.remove(entry)  # one listener copy cancels one server copy
-            return
+    if _cancel_copy(st.handed_over, payload):
+        return  # the shared listener delivered this one
     st.relayed.append((time.monotonic(), bytes(payload)))
     _write_notification(client, st, message)
 

@@ -388,9 +388,7 @@ class Statement:
         # the names of session-level functions, which are all that can give such a text session state
         # (a case-insensitive regular expression search for them costs 4x these two tests).
         text = self.text
-        low = self._low
-        if low is None:  # _lower(), inlined: this runs for nearly every new text
-            low = self._low = text.lower()
+        low = self._lower()
         keyword = _PLAIN_HEADS.get(low[:6])
         semi = text.find(";")
         if keyword is not None and low[6:7] in _PLAIN_HEAD_ENDS and (semi < 0 or semi == len(text) - 1):

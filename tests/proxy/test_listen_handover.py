@@ -12,6 +12,7 @@ is still connecting) shows in the conformance workload "psycopg async: LISTEN / 
 from __future__ import annotations
 
 import struct
+import time
 from typing import Any
 
 from halephant.proxy import session_state
@@ -32,6 +33,8 @@ class _Client:
     def __init__(self) -> None:
         self.session = SessionState()
         self.session.listening = {"chan"}
+        # as `_clean_up_now` leaves it when it hands the channel over
+        self.session.handover_until = time.monotonic() + session_state.RELAYED_SECONDS
         self.transport = _Transport()
         self.server = None
         self.write_paused = False
@@ -87,3 +90,11 @@ def test_a_client_that_left_gets_nothing() -> None:
     client.is_closed = True
     session_state.late_notification(client, _note("gone"))
     assert client.transport.written == []
+
+
+def test_outside_a_hand_over_the_listeners_deliveries_are_not_recorded() -> None:
+    client = _client()
+    client.session.handover_until = time.monotonic() - 1  # the window has passed
+    session_state.deliver(client, _note("later"))
+    assert not client.session.handed_over and client.session.handover_until == 0.0
+    assert client.transport.written == [_note("later")]
