@@ -76,6 +76,8 @@ _FAIL_MESSAGE: Final = m.message(b"D", b"S" + MISSING + b"\0")
 PROBE: Final = b"halephant_probe"
 _CLOSE_PROBE: Final = m.message(b"C", b"S" + PROBE + b"\0")
 _EMPTY_QUERY: Final = m.query("")
+_ROLLBACK: Final = m.query("ROLLBACK")
+_DROP_QUERY: Final[Entry] = (codes.QUERY, DROP, None, None, 0, b"")  # halephant's own Query
 _STALE_PLAN: Final = "cached plan must not change result type"
 _DROPPED_ALL: Final = (b"DISCARD ALL\0", b"DEALLOCATE ALL\0")  # command tags
 # the statements PostgreSQL still parses in a failed transaction (IsTransactionExitStmt)
@@ -285,7 +287,7 @@ class ClientStatements:
         failed: bool = False,
         outstanding: int = 0,
         frames: list[Frame] | None = None,
-        retry: bool = False,
+        retry: bytes | None = None,
     ) -> bytes:
         """Rewrite a run of complete client messages for the linked server and queue what they await.
 
@@ -293,6 +295,10 @@ class ClientStatements:
         sent and not answered yet, those in `data` included. Unless both say the transaction cannot be
         failed when the server reads a Parse of a statement it has, that Parse is checked by the server
         under a scratch name: PostgreSQL refuses most Parses in a failed transaction.
+
+        `retry` (not None): a lone batch in `data` may be run again after a stale plan (`_retriable`);
+        outside a transaction it is `b""`, and first in a transaction it is the Query that began the
+        transaction, sent again after a ROLLBACK before the batch is.
         """
         if frames is None:
             frames = split_frames(data, len(data) + 1)[0]
@@ -302,7 +308,7 @@ class ClientStatements:
         last = 0  # start of the run of client bytes passed on unchanged
         odd = self.blind or self.skipping  # both only ever end inside this loop
         # where the batch being read began in `data` (-1: in an earlier run), for a transparent retry
-        batch_start = 0 if retry and not self._batch and not self._interesting else -1
+        batch_start = 0 if retry is not None and not self._batch and not self._interesting else -1
         for i, (t, start, end) in enumerate(frames):
             head = start - 5
             if odd:
@@ -376,10 +382,10 @@ class ClientStatements:
             elif t == codes.EXECUTE:
                 queue.append(_EXECUTE)
             else:  # Sync, Query, FunctionCall: the batch is sealed
-                if retry and batch_start >= 0 and t == codes.SYNC and not odd:
-                    self._retriable(data[batch_start:end])
+                if retry is not None and batch_start >= 0 and t == codes.SYNC and not odd:
+                    self._retriable(data[batch_start:end], retry)
                 self._seal(t)
-                batch_start = end if retry else -1
+                batch_start = end if retry is not None else -1
         if queue:
             self.queue.extend(queue)
             self._batch += len(queue)
@@ -389,10 +395,11 @@ class ClientStatements:
         append(data[last:])
         return b"".join(out)
 
-    def _retriable(self, batch: bytes) -> None:
-        """Bind (a mapped statement), Describe (portal), Execute, Sync, alone outside a transaction: if the
-        plan went stale, the batch can be run again with the statement prepared afresh, and the client
-        (which asked for the row description) cannot tell."""
+    def _retriable(self, batch: bytes, began: bytes) -> None:
+        """Bind (a mapped statement), Describe (portal), Execute, Sync, alone outside a transaction or
+        first in one (`began`: the Query that began it): if the plan went stale, the batch can be run
+        again with the statement prepared afresh (in a transaction begun again), and the client (which
+        asked for the row description, and saw nothing else run in the transaction) cannot tell."""
         pending = self._pending
         if len(pending) != 3 or self._interesting:
             return
@@ -406,7 +413,7 @@ class ClientStatements:
             return
         if batch[frames[1][1]] != 0x50:  # Describe of the portal ('P')
             return
-        pending[0] = (codes.BIND, RETRY, bind_entry[2], batch, 0, bind_entry[5])
+        pending[0] = (codes.BIND, RETRY, bind_entry[2], (began, batch), 0, bind_entry[5])
         self._interesting = True
 
     def _seal(self, t: int) -> None:
@@ -768,19 +775,26 @@ class ClientStatements:
                 server.add(stmt)  # it had it after all
         return None
 
-    def _retry(self, stmt: ServerStatement, batch: object, name: bytes, server: ServerStatements) -> bool:
+    def _retry(self, stmt: ServerStatement, detail: object, name: bytes, server: ServerStatements) -> bool:
         """Run a failed retriable batch again, once, with its statement prepared afresh. Only when nothing
-        was sent after it: the server has skipped the batch and answers its Sync next."""
+        was sent after it: the server has skipped the batch and answers its Sync next. In a transaction
+        (the batch was the first thing in it after the Query that began it) the failed transaction is
+        rolled back and begun again with that Query first; the replies to both are dropped."""
         queue = self.queue
         if len(queue) != 1 or queue[0][0] != codes.SYNC or self._batch or self._pending:
             return False
-        assert isinstance(batch, bytes)
+        assert isinstance(detail, tuple)
+        began, batch = detail
         fresh = self.registry.get(stmt.body)
         if fresh.name == stmt.name or self.names.get(name) is not stmt:
             return False
         self.names[name] = fresh
         queue[0] = (codes.SYNC, DROP, None, None, 0, b"")  # the failed batch's ReadyForQuery
         out: list[bytes] = []
+        if began:
+            out.append(_ROLLBACK + began)
+            queue.append(_DROP_QUERY)
+            queue.append(_DROP_QUERY)
         self._make_room(server, fresh, out)
         out.append(fresh.parse)
         self._pending.append((codes.PARSE, DROP, fresh, None, LRU_DROP, b""))

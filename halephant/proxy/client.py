@@ -100,6 +100,8 @@ _KIND: dict[int, int] = {
 }
 assert set(_KIND) == codes.FRONTEND_TYPES
 _NEEDS_NO_SERVER = frozenset((codes.SYNC, codes.FLUSH, codes.COPY_DATA, codes.COPY_DONE, codes.COPY_FAIL))
+#: first keywords of a statement that begins a transaction block
+_BEGINS = frozenset(("BEGIN", "START"))
 _reject_markers = itertools.count(1)
 #: bytes a client may send while it waits for a server before its reading is paused
 _MAX_BUFFERED_WHILE_WAITING = 256 * 1024
@@ -128,6 +130,7 @@ _set_statement: Callable[[TransactionInfo, Statement | None], None] = vars(Trans
 
 class ClientConnection(asyncio.Protocol):
     __slots__ = (
+        "_beginning",
         "_buf",
         "_exchange",
         "_first_checked",
@@ -140,6 +143,7 @@ class ClientConnection(asyncio.Protocol):
         "_read_paused",
         "_reject_next",
         "app",
+        "began_with",
         "cancel_key",
         "connected_at",
         "info",
@@ -203,6 +207,10 @@ class ClientConnection(asyncio.Protocol):
         self._quick: bytes | None = None
         self._read_paused = False
         self._last_sync_point = 0
+        #: the Query that began the current transaction from idle, while it is the only sync point sent in
+        #: it before the latest one (a stale-plan retry replays it: halephant.proxy.prepared.forward)
+        self.began_with: bytes | None = None
+        self._beginning: bytes | None = None  # the same, for the latest sync point
         self._last_route: Route | None = None
         self._pending_pin: Verdict | None = None  # a Pin/Unpin verdict waiting for the server it applies to
         #: session state beyond the startup settings (transaction pooling), created on first need
@@ -626,6 +634,17 @@ class ClientConnection(asyncio.Protocol):
                 self.pin_for(verdict.reason)
             if kind <= _K_SYNC:
                 if kind != _K_PARSE:  # Query, Sync, FunctionCall: a sync point
+                    self.began_with = self._beginning
+                    self._beginning = (
+                        buf[head:end]
+                        if statement is not None
+                        and t == codes.QUERY
+                        and self.outstanding == 0
+                        and server.scanner.status == codes.TX_IDLE
+                        and statement.first_keyword in _BEGINS
+                        and not statement.is_multi_statement
+                        else None
+                    )
                     self.outstanding += 1
                     self.unsynced = False
                     self._last_sync_point = t

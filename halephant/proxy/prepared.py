@@ -82,8 +82,14 @@ def forward(
     assert ps is not None
     sc = server.scanner
     status = sc.status
-    # alone and outside a transaction, a batch may be run again after a stale plan (see `_retriable`)
-    retry = status == codes.TX_IDLE and client.outstanding == 1
+    # alone, outside a transaction or first in one, a batch may be run again after a stale plan (see
+    # `_retriable`)
+    retry: bytes | None = None
+    if client.outstanding == 1:
+        if status == codes.TX_IDLE:
+            retry = b""
+        elif status == codes.TX_IN_TRANSACTION:
+            retry = client.began_with
     server.send(
         ps.translate(
             data, statements_of(server), status == codes.TX_FAILED, client.outstanding, frames, retry

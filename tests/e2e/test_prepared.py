@@ -424,15 +424,53 @@ def test_stale_plan_is_retried_when_the_client_asked_for_the_row_description(
         client.send(bind("q") + rc.execute() + rc.sync())
         got = client.read_until_ready()
         assert got[0].fields["C"] == "0A000"
-        # and inside a transaction never
         client.send(bind("q") + describe("P") + rc.execute() + rc.sync())
         assert rc.data_rows(client.read_until_ready()) == [["1", "one"]]
+        # first in a transaction: rolled back, begun again as the client began it, and run again
         pg.primary.sql(f"ALTER TABLE {table} ADD COLUMN extra int DEFAULT 6", dbname="myapp")
+        client.simple_query("BEGIN ISOLATION LEVEL REPEATABLE READ")
+        client.send(bind("q") + describe("P") + rc.execute() + rc.sync())
+        got = client.read_until_ready()
+        assert b"".join(m.type for m in got) == b"2TDCZ", got
+        assert rc.data_rows(got) == [["1", "one", "6"]] and got[-1].payload == b"T"
+        got = client.simple_query("SELECT current_setting('transaction_isolation')")
+        assert rc.data_rows(got) == [["repeatable read"]]
+        client.simple_query("COMMIT")
+        # after anything else in the transaction never: PostgreSQL's error
+        pg.primary.sql(f"ALTER TABLE {table} DROP COLUMN extra", dbname="myapp")
+        client.simple_query("BEGIN")
+        client.simple_query("SELECT 1")
+        client.send(bind("q") + describe("P") + rc.execute() + rc.sync())
+        got = client.read_until_ready()
+        assert got[0].fields["C"] == "0A000" and got[-1].payload == b"E"
+        client.simple_query("ROLLBACK")
+        # nor when the transaction was already open when the BEGIN came (a warning, not a new one)
+        client.send(bind("q") + describe("P") + rc.execute() + rc.sync())
+        assert rc.data_rows(client.read_until_ready()) == [["1", "one"]]
+        pg.primary.sql(f"ALTER TABLE {table} ADD COLUMN extra int DEFAULT 7", dbname="myapp")
+        client.simple_query("BEGIN")
         client.simple_query("BEGIN")
         client.send(bind("q") + describe("P") + rc.execute() + rc.sync())
         got = client.read_until_ready()
         assert got[0].fields["C"] == "0A000" and got[-1].payload == b"E"
         client.simple_query("ROLLBACK")
+
+
+def test_psycopg_transaction_survives_a_schema_change_under_its_prepared_statement(
+    pg: Cluster, hal: Running
+) -> None:
+    # psycopg begins each transaction with a simple-protocol BEGIN, then runs a prepared statement as
+    # Bind, Describe (portal), Execute, Sync: first in its transaction, so run again after a stale plan
+    table = new_table(pg)
+    pg.primary.sql(f"INSERT INTO {table} VALUES (1, 'one')", dbname="myapp")
+    with psycopg.connect(hal.dsn(), prepare_threshold=0) as conn:
+        assert conn.execute(f"SELECT * FROM {table}").fetchall() == [(1, "one")]
+        conn.commit()
+        pg.primary.sql(f"ALTER TABLE {table} ADD COLUMN extra int DEFAULT 5", dbname="myapp")
+        cur = conn.execute(f"SELECT * FROM {table}")
+        assert [c.name for c in cur.description or ()] == ["id", "v", "extra"]
+        assert cur.fetchall() == [(1, "one", 5)]
+        conn.commit()
 
 
 def test_client_gone_mid_pipeline_leaves_no_dirty_server(pg: Cluster, hal: Running) -> None:

@@ -412,7 +412,7 @@ def test_stale_plan_of_a_lone_batch_with_describe_is_run_again_unseen() -> None:
     books.queue.clear()
     old = books.names[b"q"]
     batch = bind("q") + describe_portal() + execute() + SYNC
-    books.translate(batch, lru, outstanding=1, retry=True)
+    books.translate(batch, lru, outstanding=1, retry=b"")
     stale = m.error_response("0A000", "cached plan must not change result type")
     replies = stale + m.READY_FOR_QUERY_IDLE
     frames, _ = split_frames(replies, 1 << 20)
@@ -429,5 +429,33 @@ def test_stale_plan_of_a_lone_batch_with_describe_is_run_again_unseen() -> None:
     assert b"".join(out) == answer + m.READY_FOR_QUERY_IDLE and ready == 1
     assert not books.queue
     # not retried: without the Describe, or with something sent after it
-    books.translate(bind("q") + execute() + SYNC, lru, outstanding=1, retry=True)
+    books.translate(bind("q") + execute() + SYNC, lru, outstanding=1, retry=b"")
     assert all(entry[1] != 8 for entry in books.queue)
+
+
+def test_stale_plan_first_in_a_transaction_is_run_again_in_the_transaction_begun_again() -> None:
+    registry = StatementRegistry()
+    lru = ServerStatements(10)
+    books = ClientStatements(registry)
+    ModelServer().feed(books.translate(parse("q", "1") + SYNC, lru))
+    books.queue.clear()
+    began = m.query("BEGIN ISOLATION LEVEL REPEATABLE READ")
+    batch = bind("q") + describe_portal() + execute() + SYNC
+    books.translate(batch, lru, outstanding=1, retry=began)
+    in_transaction = m.message(b"Z", b"T")
+    stale = m.error_response("0A000", "cached plan must not change result type") + m.message(b"Z", b"E")
+    frames, _ = split_frames(stale, 1 << 20)
+    out, ready, *_ = books.splice(stale, frames, codes.TX_IN_TRANSACTION, lru)
+    assert b"".join(out) == b"" and ready == 0
+    fresh = books.names[b"q"]
+    # rolled back, begun again with the client's own Query, then prepared afresh and run again
+    assert books.resend.startswith(m.query("ROLLBACK") + began + fresh.parse)
+    answer = m.message(b"2") + m.message(b"T", b"\0\0") + m.message(b"C", b"SELECT 0\0")
+    replies = (
+        m.message(b"C", b"ROLLBACK\0") + m.READY_FOR_QUERY_IDLE + m.message(b"C", b"BEGIN\0") + in_transaction
+        + m.PARSE_COMPLETE + answer + in_transaction
+    )  # fmt: skip
+    frames, _ = split_frames(replies, 1 << 20)
+    out, ready, status, *_ = books.splice(replies, frames, codes.TX_FAILED, lru)
+    assert b"".join(out) == answer + in_transaction and ready == 1 and status == codes.TX_IN_TRANSACTION
+    assert not books.queue
