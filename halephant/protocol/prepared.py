@@ -78,6 +78,8 @@ _CLOSE_PROBE: Final = m.message(b"C", b"S" + PROBE + b"\0")
 _EMPTY_QUERY: Final = m.query("")
 _ROLLBACK: Final = m.query("ROLLBACK")
 _DROP_QUERY: Final[Entry] = (codes.QUERY, DROP, None, None, 0, b"")  # halephant's own Query
+_PROBE_PARSE: Final[Entry] = (codes.PARSE, DROP, None, None, 0, b"")  # a Parse under the scratch name
+_PROBE_CLOSE: Final[Entry] = (codes.CLOSE, DROP, None, None, 0, b"")
 _STALE_PLAN: Final = "cached plan must not change result type"
 _DROPPED_ALL: Final = (b"DISCARD ALL\0", b"DEALLOCATE ALL\0")  # command tags
 # the statements PostgreSQL still parses in a failed transaction (IsTransactionExitStmt)
@@ -524,9 +526,13 @@ class ClientStatements:
         queue = self._pending
         self._interesting = True
         if name in self.names:
-            # PostgreSQL: 42P05 (or 25P02 in a failed transaction); made to fail on the server so that
-            # it skips the rest of the batch as it would
-            out.append(_FAIL_MESSAGE)
+            # PostgreSQL parses and analyzes the text before it finds the name taken: the server checks
+            # it under a scratch name (its error, if any, is the client's), then a Describe of a missing
+            # statement makes it fail where PostgreSQL says 42P05 (or 25P02 in a failed transaction), so
+            # that it skips the rest of the batch as it would
+            out.append(m.message(b"P", PROBE + b"\0" + body) + _CLOSE_PROBE + _FAIL_MESSAGE)
+            queue.append(_PROBE_PARSE)
+            queue.append(_PROBE_CLOSE)
             queue.append((codes.PARSE, FAIL, None, body, 0, name))
             return
         stmt = self.registry.get(body)

@@ -169,6 +169,21 @@ def test_duplicate_name_is_42P05_and_close_frees_it(hal: Running) -> None:
         assert [m.type for m in got] == [b"E", b"Z"]
         assert got[0].fields["C"] == "42P05"
         assert got[0].fields["M"] == 'prepared statement "dup" already exists'
+        # as PostgreSQL does, the text is parsed and analyzed before the name is found taken
+        client.send(parse("SELEC 2", "dup") + rc.sync())
+        assert client.read_until_ready()[0].fields["C"] == "42601"
+        client.send(parse("SELECT * FROM no_such_table", "dup") + bind("dup") + rc.sync())
+        got = client.read_until_ready()
+        assert [m.type for m in got] == [b"E", b"Z"] and got[0].fields["C"] == "42P01"
+        client.simple_query("BEGIN")
+        client.send(parse("SELECT 2", "dup") + rc.sync())
+        assert client.read_until_ready()[0].fields["C"] == "42P05"
+        client.send(parse("SELECT 2", "dup") + rc.sync())  # in the failed transaction
+        assert client.read_until_ready()[0].fields["C"] == "25P02"
+        client.send(parse("ROLLBACK", "dup") + rc.sync())  # still parsed there: its name is taken
+        assert client.read_until_ready()[0].fields["C"] == "42P05"
+        client.simple_query("ROLLBACK")
+        assert rc.data_rows(client.simple_query("SELECT count(*) FROM pg_prepared_statements")) == [["1"]]
         client.send(close("S", "dup") + close("S", "never_was") + parse("SELECT 2", "dup") + rc.sync())
         assert [m.type for m in client.read_until_ready()] == [b"3", b"3", b"1", b"Z"]
         client.send(bind("dup") + rc.execute() + rc.sync())

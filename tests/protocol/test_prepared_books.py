@@ -91,12 +91,11 @@ class ModelServer:
         if t == codes.PARSE:
             name, rest = payload.split(b"\0", 1)
             text = rest.split(b"\0", 1)[0]
-            # PostgreSQL reports a syntax error before a duplicate name; halephant knows the name is taken
-            # without asking the server, so it reports 42P05 first (the one documented difference)
-            if name and name in self.statements:
-                return self._error("42P05", f'prepared statement "{name.decode()}" already exists')
+            # PostgreSQL reports a syntax error before a duplicate name
             if text == b"FAIL":
                 return self._error("42601", 'syntax error at or near "FAIL"')
+            if name and name in self.statements:
+                return self._error("42P05", f'prepared statement "{name.decode()}" already exists')
             self.statements[name] = text
             return m.PARSE_COMPLETE
         if t == codes.BIND:
