@@ -116,6 +116,15 @@ def command_complete(tag: str) -> bytes:
     return m.message(b"C", tag.encode() + b"\0")
 
 
+def _named_as_client(payload: bytes, server_name: bytes, name: bytes) -> bytes | None:
+    """An ErrorResponse that names the server's statement (`bind message supplies 1 parameters, but
+    prepared statement "h_…" requires 2`) rewritten with the client's name; None if it names none."""
+    quoted = b'"' + server_name + b'"'
+    if quoted not in payload:
+        return None
+    return m.message(b"E", payload.replace(quoted, b'"' + name + b'"'))
+
+
 def _aborted_error() -> bytes:
     return m.error_response(
         sqlstate.IN_FAILED_SQL_TRANSACTION,
@@ -779,6 +788,8 @@ class ClientStatements:
                     )
             elif code == sqlstate.DUPLICATE_PREPARED_STATEMENT:
                 server.add(stmt)  # it had it after all
+            if name:
+                return _named_as_client(payload, stmt.name, name)
         return None
 
     def _retry(self, stmt: ServerStatement, detail: object, name: bytes, server: ServerStatements) -> bool:

@@ -160,6 +160,19 @@ def test_bind_to_unknown_statement_is_26000_and_client_stays_usable(hal: Running
         assert rc.data_rows(client.simple_query("SELECT 7")) == [["7"]]
 
 
+def test_errors_name_the_client_statement_not_the_server_one(hal: Running) -> None:
+    with proxied(hal) as client:
+        client.send(parse("SELECT $1::int + $2::int", "sum") + bind("sum", params=("1",)) + rc.sync())
+        got = client.read_until_ready()
+        assert [m.type for m in got] == [b"1", b"E", b"Z"]
+        assert got[1].fields["C"] == "08P01"
+        assert got[1].fields["M"] == (
+            'bind message supplies 1 parameters, but prepared statement "sum" requires 2'
+        )
+        client.send(bind("sum", params=("1", "2")) + rc.execute() + rc.sync())
+        assert rc.data_rows(client.read_until_ready()) == [["3"]]
+
+
 def test_duplicate_name_is_42P05_and_close_frees_it(hal: Running) -> None:
     with proxied(hal) as client:
         client.send(parse("SELECT 1", "dup") + rc.sync())
