@@ -78,6 +78,7 @@ _CLOSE_PROBE: Final = m.message(b"C", b"S" + PROBE + b"\0")
 _EMPTY_QUERY: Final = m.query("")
 _ROLLBACK: Final = m.query("ROLLBACK")
 _DROP_QUERY: Final[Entry] = (codes.QUERY, DROP, None, None, 0, b"")  # halephant's own Query
+_DROP_SYNC: Final[Entry] = (codes.SYNC, DROP, None, None, 0, b"")  # halephant's own Sync
 _PROBE_PARSE: Final[Entry] = (codes.PARSE, DROP, None, None, 0, b"")  # a Parse under the scratch name
 _PROBE_CLOSE: Final[Entry] = (codes.CLOSE, DROP, None, None, 0, b"")
 _STALE_PLAN: Final = "cached plan must not change result type"
@@ -580,6 +581,28 @@ class ClientStatements:
         out.append(_FAIL_MESSAGE)
         self._pending.append((codes.DESCRIBE, FAIL, None, None, 0, name))
         self._interesting = True
+
+    def sql_execute(self, name: bytes, server: ServerStatements) -> tuple[bytes, bytes] | None:
+        """SQL `EXECUTE name` (a Query between batches) of the client's protocol-level statement `name`:
+        (what to send first, the server-side name to execute instead). Where the server has not got the
+        statement, a Parse and a Sync prepare it first, their replies dropped. None: not one of the
+        client's statements (an SQL-level one, or unknown: PostgreSQL decides), or mid-batch."""
+        stmt = self.names.get(name)
+        if stmt is None or self._batch or self._pending or self.skipping or self.blind:
+            return None
+        queue = self.queue
+        out: list[bytes] = []
+        if not server.use(stmt):
+            self._make_room(server, stmt, out)
+            out.append(stmt.parse + m.SYNC)
+            queue.extend(self._pending)
+            self._pending.clear()
+            queue.append((codes.PARSE, DROP, stmt, None, LRU_DROP, b""))
+            queue.append(_DROP_SYNC)
+            self._interesting = False
+        self.bound.append(stmt)  # a stale plan retires it, as for a Bind
+        self._barrier()  # the Query's own replies pass on as they are
+        return b"".join(out), stmt.name
 
     def substitute_query(self, tag: str) -> bytes:
         """An empty Query to send instead of DEALLOCATE / DISCARD ALL; its reply becomes `tag`'s."""

@@ -614,6 +614,15 @@ class ClientConnection(asyncio.Protocol):
                     if instead is not None:
                         server.send(instead)
                         fwd = end
+                elif ps is not None and t == codes.QUERY and statement.first_keyword == "EXECUTE":
+                    # SQL EXECUTE of a protocol-level statement: the server knows it by halephant's name
+                    if fwd < head:
+                        prepared.forward(self, server, buf[fwd:head])
+                        fwd = head
+                    instead = prepared.sql_execute(self, server, buf[head:end])
+                    if instead is not None:
+                        server.send(instead)
+                        fwd = end
                 session = self.session
                 if effect or verdict is not None or (session is not None and session.pins):
                     # State that outlives the transaction: carried with the client, or the client keeps

@@ -140,6 +140,36 @@ def deallocate(
     return None
 
 
+_EXECUTE = re.compile(
+    rb'\s*execute\s+(?:"((?:[^"]|"")+)"|([A-Za-z_\x80-\xff][\w$\x80-\xff]*))', re.IGNORECASE
+)
+
+
+def sql_execute(client: ClientConnection, server: ServerConnection, message: bytes) -> bytes | None:
+    """SQL `EXECUTE name [(args)]` from a client (`message`: its Query) that names one of its
+    protocol-level statements, which live on the servers under halephant's names: what to send instead,
+    the Query naming the server's statement (prepared there first when it has not got it). None sends
+    `message` as it is: a name of the client's SQL PREPAREs, an unknown one, or a moment when the
+    server's state is not known for sure (a failed transaction runs no EXECUTE anyway)."""
+    ps = client.prepared
+    if ps is None or client.outstanding or client.unsynced or server.scanner.status == codes.TX_FAILED:
+        return None
+    match = _EXECUTE.match(message, 5)
+    if match is None:
+        return None
+    quoted = match.group(1)
+    name = quoted.replace(b'""', b'"') if quoted is not None else match.group(2).lower()
+    found = ps.sql_execute(name, statements_of(server))
+    if found is None:
+        return None
+    first, server_name = found
+    start, end = match.span(1 if quoted is not None else 2)
+    if quoted is not None:
+        start, end = start - 1, end + 1
+    payload = message[5:start] + server_name + message[end:]
+    return first + b"Q" + (len(payload) + 4).to_bytes(4, "big") + payload
+
+
 def forget_after_reset(server: ServerConnection, query: str) -> None:
     """The server ran `query` before going back to its pool: did that drop its prepared statements?"""
     if server.statements is not None and _DROPS_ALL.search(query):

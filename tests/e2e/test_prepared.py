@@ -173,6 +173,34 @@ def test_errors_name_the_client_statement_not_the_server_one(hal: Running) -> No
         assert rc.data_rows(client.read_until_ready()) == [["3"]]
 
 
+def test_sql_execute_runs_a_protocol_level_statement_as_direct(pg: Cluster, hal: Running) -> None:
+    with proxied(hal) as client:
+        client.send(parse("SELECT $1::int * 10, 'x'::text", "Tens") + rc.sync())
+        client.read_until_ready()
+        # on other servers too, where halephant prepares it first
+        for _ in range(3):
+            with proxied(hal) as other:  # holds another server, so the pool hands out a new one
+                other.simple_query("BEGIN")
+                got = client.simple_query('EXECUTE "Tens"(4)')
+                assert [m.type for m in got] == [b"T", b"D", b"C", b"Z"]
+                assert rc.data_rows(got) == [["40", "x"]]
+                assert got[2].payload == b"SELECT 1\0"  # the executed statement's tag, as direct
+                other.simple_query("ROLLBACK")
+        client.send(parse("SELECT 'low'::text", "low") + rc.sync())
+        client.read_until_ready()
+        assert rc.data_rows(client.simple_query("execute LOW")) == [["low"]]  # unquoted: folded
+        got = client.simple_query("EXECUTE nope")
+        assert got[0].fields["C"] == "26000"
+        assert got[0].fields["M"] == 'prepared statement "nope" does not exist'
+        # in a transaction, and after it failed: PostgreSQL's answers
+        client.simple_query("BEGIN")
+        assert rc.data_rows(client.simple_query('EXECUTE "Tens"(5)')) == [["50", "x"]]
+        assert client.simple_query("SELECT 1/0")[0].fields["C"] == "22012"
+        assert client.simple_query('EXECUTE "Tens"(6)')[0].fields["C"] == "25P02"
+        client.simple_query("ROLLBACK")
+        assert rc.data_rows(client.simple_query('EXECUTE "Tens"(7)')) == [["70", "x"]]
+
+
 def test_duplicate_name_is_42P05_and_close_frees_it(hal: Running) -> None:
     with proxied(hal) as client:
         client.send(parse("SELECT 1", "dup") + rc.sync())
@@ -196,7 +224,10 @@ def test_duplicate_name_is_42P05_and_close_frees_it(hal: Running) -> None:
         client.send(parse("ROLLBACK", "dup") + rc.sync())  # still parsed there: its name is taken
         assert client.read_until_ready()[0].fields["C"] == "42P05"
         client.simple_query("ROLLBACK")
-        assert rc.data_rows(client.simple_query("SELECT count(*) FROM pg_prepared_statements")) == [["1"]]
+        got = client.simple_query(
+            "SELECT count(*) FROM pg_prepared_statements WHERE name = 'halephant_probe'"
+        )
+        assert rc.data_rows(got) == [["0"]]  # the scratch statement does not stay
         client.send(close("S", "dup") + close("S", "never_was") + parse("SELECT 2", "dup") + rc.sync())
         assert [m.type for m in client.read_until_ready()] == [b"3", b"3", b"1", b"Z"]
         client.send(bind("dup") + rc.execute() + rc.sync())
