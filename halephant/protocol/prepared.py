@@ -117,6 +117,27 @@ def command_complete(tag: str) -> bytes:
     return m.message(b"C", tag.encode() + b"\0")
 
 
+#: SQL `EXECUTE name`: the name, bare (folded to lower case) or quoted
+_EXECUTE_SQL: Final = re.compile(
+    rb'\s*execute\s+(?:"((?:[^"]|"")+)"|([A-Za-z_\x80-\xff][\w$\x80-\xff]*))', re.IGNORECASE
+)
+_EXECUTE_FIRST: Final = frozenset(b"eE \t\r\n")
+
+
+def executed_name(buf: bytes, pos: int, endpos: int) -> tuple[bytes, int, int] | None:
+    """The prepared statement an SQL `EXECUTE` at `buf[pos:endpos]` names, with where that name is
+    written (quotes included); None if the text does not begin with EXECUTE."""
+    match = _EXECUTE_SQL.match(buf, pos, endpos)
+    if match is None:
+        return None
+    quoted = match.group(1)
+    if quoted is not None:
+        start, end = match.span(1)
+        return quoted.replace(b'""', b'"'), start - 1, end + 1
+    start, end = match.span(2)
+    return match.group(2).lower(), start, end
+
+
 def _named_as_client(payload: bytes, server_name: bytes, name: bytes) -> bytes | None:
     """An ErrorResponse that names the server's statement (`bind message supplies 1 parameters, but
     prepared statement "h_…" requires 2`) rewritten with the client's name; None if it names none."""
@@ -136,10 +157,12 @@ def _aborted_error() -> bytes:
 class ServerStatement:
     """One statement body (text and parameter types) and the name it has on every server."""
 
-    __slots__ = ("body", "digest", "name", "parse")
+    __slots__ = ("body", "digest", "name", "needs", "parse")
 
     def __init__(self, body: bytes, digest: str, generation: int, private: int = 0) -> None:
         self.body = body
+        #: the statement an SQL `EXECUTE` in this one runs: prepared first wherever this one is used
+        self.needs: ServerStatement | None = None
         self.digest = digest
         suffix = f"_p{private}" if private else f"_{generation}" if generation else ""
         self.name = f"h_{digest}{suffix}".encode()
@@ -348,14 +371,31 @@ class ClientStatements:
                 continue  # Flush, CopyData, CopyDone, CopyFail: no reply of their own
             if t == codes.PARSE:
                 name_end = data.find(b"\0", start, end)
-                if name_end == start or name_end < 0:
+                if name_end < 0:
+                    queue.append(_PLAIN_PARSE)
+                    continue
+                needs = None
+                if name_end + 1 < end and data[name_end + 1] in _EXECUTE_FIRST and self.names:
+                    found = executed_name(data, name_end + 1, end)
+                    needs = self.names.get(found[0]) if found is not None else None
+                if name_end == start and needs is None:
                     queue.append(_PLAIN_PARSE)
                     continue
                 append(data[last:head])
                 last = end
+                body = data[name_end + 1 : end]
+                if needs is not None:
+                    # SQL EXECUTE of one of the client's statements: the server knows it by halephant's name
+                    assert found is not None
+                    body = body[: found[1] - name_end - 1] + needs.name + body[found[2] - name_end - 1 :]
+                if name_end == start:
+                    self._prepare_on(needs, server, out)  # type: ignore[arg-type]  # not None here
+                    append(m.message(b"P", b"\0" + body))
+                    queue.append(_PLAIN_PARSE)
+                    continue
                 # unanswered sync points ahead of this Parse: those of earlier runs and of this one
                 unsure = failed or outstanding - sum(1 for f in frames[i:] if f[0] in _SYNC_POINTS) > 0
-                self._parse(data[start:name_end], data[name_end + 1 : end], server, out, unsure)
+                self._parse(data[start:name_end], body, server, out, unsure, needs)
             elif t == codes.BIND:
                 portal_end = data.find(b"\0", start, end)
                 name_end = data.find(b"\0", portal_end + 1, end) if portal_end >= 0 else -1
@@ -531,7 +571,13 @@ class ClientStatements:
         return None
 
     def _parse(
-        self, name: bytes, body: bytes, server: ServerStatements, out: list[bytes], failed: bool
+        self,
+        name: bytes,
+        body: bytes,
+        server: ServerStatements,
+        out: list[bytes],
+        failed: bool,
+        needs: ServerStatement | None = None,
     ) -> None:
         queue = self._pending
         self._interesting = True
@@ -546,6 +592,8 @@ class ClientStatements:
             queue.append((codes.PARSE, FAIL, None, body, 0, name))
             return
         stmt = self.registry.get(body)
+        if needs is not None:
+            stmt.needs = needs
         self.names[name] = stmt
         if server.use(stmt):
             if failed:
@@ -570,12 +618,18 @@ class ClientStatements:
         stmt = self.names.get(name)
         if stmt is None:
             return None
+        self._prepare_on(stmt, server, out)
+        return stmt
+
+    def _prepare_on(self, stmt: ServerStatement, server: ServerStatements, out: list[bytes]) -> None:
+        """Prepare `stmt` on `server` (and first what it executes) unless the server has it."""
+        if stmt.needs is not None:
+            self._prepare_on(stmt.needs, server, out)
         if not server.use(stmt):
             self._make_room(server, stmt, out)
             out.append(stmt.parse)
             self._pending.append((codes.PARSE, DROP, stmt, None, LRU_DROP, b""))
             self._interesting = True
-        return stmt
 
     def _fail(self, name: bytes, out: list[bytes]) -> None:
         out.append(_FAIL_MESSAGE)

@@ -23,6 +23,7 @@ from halephant.protocol.prepared import (
     ServerStatement,
     ServerStatements,
     StatementRegistry,
+    executed_name,
 )
 from halephant.sql import Statement
 
@@ -140,11 +141,6 @@ def deallocate(
     return None
 
 
-_EXECUTE = re.compile(
-    rb'\s*execute\s+(?:"((?:[^"]|"")+)"|([A-Za-z_\x80-\xff][\w$\x80-\xff]*))', re.IGNORECASE
-)
-
-
 def sql_execute(client: ClientConnection, server: ServerConnection, message: bytes) -> bytes | None:
     """SQL `EXECUTE name [(args)]` from a client (`message`: its Query) that names one of its
     protocol-level statements, which live on the servers under halephant's names: what to send instead,
@@ -154,18 +150,14 @@ def sql_execute(client: ClientConnection, server: ServerConnection, message: byt
     ps = client.prepared
     if ps is None or client.outstanding or client.unsynced or server.scanner.status == codes.TX_FAILED:
         return None
-    match = _EXECUTE.match(message, 5)
-    if match is None:
+    named = executed_name(message, 5, len(message))
+    if named is None:
         return None
-    quoted = match.group(1)
-    name = quoted.replace(b'""', b'"') if quoted is not None else match.group(2).lower()
+    name, start, end = named
     found = ps.sql_execute(name, statements_of(server))
     if found is None:
         return None
     first, server_name = found
-    start, end = match.span(1 if quoted is not None else 2)
-    if quoted is not None:
-        start, end = start - 1, end + 1
     payload = message[5:start] + server_name + message[end:]
     return first + b"Q" + (len(payload) + 4).to_bytes(4, "big") + payload
 

@@ -201,6 +201,27 @@ def test_sql_execute_runs_a_protocol_level_statement_as_direct(pg: Cluster, hal:
         assert rc.data_rows(client.simple_query('EXECUTE "Tens"(7)')) == [["70", "x"]]
 
 
+@pytest.mark.parametrize("prepare", [False, True])
+def test_sql_execute_in_a_parse_runs_a_protocol_level_statement(hal: Running, prepare: bool) -> None:
+    # psycopg and asyncpg send every query as Parse, Bind, Execute: EXECUTE arrives inside a Parse,
+    # unnamed, or named once psycopg prepares it
+    with psycopg.connect(hal.dsn(), autocommit=True) as conn:
+        conn.pgconn.prepare(b"Twice", b"SELECT $1::int * 2")
+        for n in range(6):
+            with proxied(hal) as other:  # holds a server now and then: the next one may lack both
+                if n % 2:
+                    other.simple_query("BEGIN")
+                got = conn.execute(f'EXECUTE "Twice"({n})', prepare=prepare).fetchall()
+                assert got == [(2 * n,)]
+                other.simple_query("ROLLBACK")
+    # the client's name stayed its own: no server knows a statement by it
+    with proxied(hal) as a, proxied(hal) as b:
+        a.simple_query("BEGIN")
+        for client in (a, b):
+            assert client.simple_query('EXECUTE "Twice"(1)')[0].fields["C"] == "26000"
+        a.simple_query("ROLLBACK")
+
+
 def test_duplicate_name_is_42P05_and_close_frees_it(hal: Running) -> None:
     with proxied(hal) as client:
         client.send(parse("SELECT 1", "dup") + rc.sync())
