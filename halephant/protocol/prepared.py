@@ -389,7 +389,8 @@ class ClientStatements:
                     assert found is not None
                     body = body[: found[1] - name_end - 1] + needs.name + body[found[2] - name_end - 1 :]
                 if name_end == start:
-                    self._prepare_on(needs, server, out)  # type: ignore[arg-type]  # not None here
+                    assert needs is not None
+                    self._prepare_on(needs, server, out)
                     append(m.message(b"P", b"\0" + body))
                     queue.append(_PLAIN_PARSE)
                     continue
@@ -599,7 +600,7 @@ class ClientStatements:
             if failed:
                 out.append(m.message(b"P", PROBE + b"\0" + body) + _CLOSE_PROBE)
                 queue.append((codes.PARSE, FORWARD, stmt, None, UNMAP, name))
-                queue.append((codes.CLOSE, DROP, None, None, 0, b""))
+                queue.append(_PROBE_CLOSE)
             else:
                 queue.append((codes.PARSE, SYNTH, stmt, m.PARSE_COMPLETE, UNMAP, name))
             return
@@ -646,12 +647,11 @@ class ClientStatements:
             return None
         queue = self.queue
         out: list[bytes] = []
-        if not server.use(stmt):
-            self._make_room(server, stmt, out)
-            out.append(stmt.parse + m.SYNC)
+        self._prepare_on(stmt, server, out)
+        if out:  # a batch of halephant's own, ended by a Sync
+            out.append(m.SYNC)
             queue.extend(self._pending)
             self._pending.clear()
-            queue.append((codes.PARSE, DROP, stmt, None, LRU_DROP, b""))
             queue.append(_DROP_SYNC)
             self._interesting = False
         self.bound.append(stmt)  # a stale plan retires it, as for a Bind
@@ -883,16 +883,13 @@ class ClientStatements:
         if fresh.name == stmt.name or self.names.get(name) is not stmt:
             return False
         self.names[name] = fresh
-        queue[0] = (codes.SYNC, DROP, None, None, 0, b"")  # the failed batch's ReadyForQuery
+        queue[0] = _DROP_SYNC  # the failed batch's ReadyForQuery
         out: list[bytes] = []
         if began:
             out.append(_ROLLBACK + began)
             queue.append(_DROP_QUERY)
             queue.append(_DROP_QUERY)
-        self._make_room(server, fresh, out)
-        out.append(fresh.parse)
-        self._pending.append((codes.PARSE, DROP, fresh, None, LRU_DROP, b""))
-        self._interesting = True
+        self._prepare_on(fresh, server, out)  # a new name: the server has not got it
         self.resend = b"".join(out) + self.translate(batch, server, outstanding=1)
         return True
 

@@ -643,17 +643,18 @@ class ClientConnection(asyncio.Protocol):
                 self.pin_for(verdict.reason)
             if kind <= _K_SYNC:
                 if kind != _K_PARSE:  # Query, Sync, FunctionCall: a sync point
-                    self.began_with = self._beginning
-                    self._beginning = (
-                        buf[head:end]
-                        if statement is not None
-                        and t == codes.QUERY
-                        and self.outstanding == 0
-                        and server.scanner.status == codes.TX_IDLE
-                        and statement.first_keyword in _BEGINS
-                        and not statement.is_multi_statement
-                        else None
-                    )
+                    if ps is not None:  # only a client whose statements are mapped retries a batch
+                        self.began_with = self._beginning
+                        self._beginning = (
+                            buf[head:end]
+                            if statement is not None
+                            and t == codes.QUERY
+                            and self.outstanding == 0
+                            and server.scanner.status == codes.TX_IDLE
+                            and statement.first_keyword in _BEGINS
+                            and not statement.is_multi_statement
+                            else None
+                        )
                     self.outstanding += 1
                     self.unsynced = False
                     self._last_sync_point = t

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from halephant.errors import ProtocolViolation
 from halephant.protocol import codes
+from halephant.protocol import messages as m
 from halephant.protocol.framing import Frame, split_frames
 from halephant.protocol.prepared import (
     BARRIER,
@@ -159,7 +160,7 @@ def sql_execute(client: ClientConnection, server: ServerConnection, message: byt
         return None
     first, server_name = found
     payload = message[5:start] + server_name + message[end:]
-    return first + b"Q" + (len(payload) + 4).to_bytes(4, "big") + payload
+    return first + m.message(b"Q", payload)
 
 
 def forget_after_reset(server: ServerConnection, query: str) -> None:

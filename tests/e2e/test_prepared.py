@@ -516,24 +516,22 @@ def test_stale_plan_is_retried_when_the_client_asked_for_the_row_description(
         got = client.simple_query("SELECT current_setting('transaction_isolation')")
         assert rc.data_rows(got) == [["repeatable read"]]
         client.simple_query("COMMIT")
+
+        def not_retried_after(change: str, *first: str, columns: list[str]) -> None:
+            client.send(bind("q") + describe("P") + rc.execute() + rc.sync())  # the plan as it is now
+            assert rc.data_rows(client.read_until_ready()) == [columns]
+            pg.primary.sql(f"ALTER TABLE {table} {change}", dbname="myapp")
+            for query in first:
+                client.simple_query(query)
+            client.send(bind("q") + describe("P") + rc.execute() + rc.sync())
+            got = client.read_until_ready()
+            assert got[0].fields["C"] == "0A000" and got[-1].payload == b"E"
+            client.simple_query("ROLLBACK")
+
         # after anything else in the transaction never: PostgreSQL's error
-        pg.primary.sql(f"ALTER TABLE {table} DROP COLUMN extra", dbname="myapp")
-        client.simple_query("BEGIN")
-        client.simple_query("SELECT 1")
-        client.send(bind("q") + describe("P") + rc.execute() + rc.sync())
-        got = client.read_until_ready()
-        assert got[0].fields["C"] == "0A000" and got[-1].payload == b"E"
-        client.simple_query("ROLLBACK")
+        not_retried_after("DROP COLUMN extra", "BEGIN", "SELECT 1", columns=["1", "one", "6"])
         # nor when the transaction was already open when the BEGIN came (a warning, not a new one)
-        client.send(bind("q") + describe("P") + rc.execute() + rc.sync())
-        assert rc.data_rows(client.read_until_ready()) == [["1", "one"]]
-        pg.primary.sql(f"ALTER TABLE {table} ADD COLUMN extra int DEFAULT 7", dbname="myapp")
-        client.simple_query("BEGIN")
-        client.simple_query("BEGIN")
-        client.send(bind("q") + describe("P") + rc.execute() + rc.sync())
-        got = client.read_until_ready()
-        assert got[0].fields["C"] == "0A000" and got[-1].payload == b"E"
-        client.simple_query("ROLLBACK")
+        not_retried_after("ADD COLUMN extra int DEFAULT 7", "BEGIN", "BEGIN", columns=["1", "one"])
 
 
 def test_psycopg_transaction_survives_a_schema_change_under_its_prepared_statement(
