@@ -100,7 +100,7 @@ class BackendScanner:
         ready = 0
         pos = 0
         n = len(data)
-        if self._skip or self._keep_type >= 0 or self._head:  # the previous chunk ended mid-message
+        if not self.at_boundary:  # the previous chunk ended mid-message: _skip, _keep_type or _head
             self.ready = 0
             if self._skip:
                 if self._skip >= n:
@@ -129,24 +129,26 @@ class BackendScanner:
         unpack_head = _unpack_head  # a local: this loop runs for every server message
         limit = n - 5
         # Written for the fewest bytecodes per message: this loop is most of the per-transaction cost
-        # of the server->client direction.
+        # of the server->client direction. A passed-through message is not checked for being complete:
+        # only the last one can run past the chunk, which the end of the walk sees (`pos > n`).
         while pos <= limit:
             t, length = unpack_head(data, pos)
-            if t not in stop and 4 <= length < n - pos:
-                pos += length + 1  # nearly every message: complete, and only passed through
+            if length > 3 and t not in stop:
+                pos += length + 1  # nearly every message: only passed through
                 continue
-            end = pos + 1 + length
+            if t == _READY_FOR_QUERY and length == 5 and pos < limit:  # whole, as it nearly always is
+                ready += 1
+                self.status = data[pos + 5]
+                pos += 6
+                continue
             if length < 4:
                 raise ProtocolViolation("server sent an invalid message length")
             if t == _READY_FOR_QUERY and length != 5:
                 raise ProtocolViolation("server sent a ReadyForQuery of invalid length")
+            end = pos + 1 + length
             if end > n:
                 self.ready = ready
-                if t in stop:
-                    self._start_kept(t, data, pos + 5, n, length)
-                else:
-                    self._skip = end - n
-                    self.at_boundary = False
+                self._start_kept(t, data, pos + 5, n, length)
                 return ready
             if t == _READY_FOR_QUERY:
                 ready += 1
@@ -155,11 +157,14 @@ class BackendScanner:
                 self._add_kept(t, data[pos + 5 : end])
             pos = end
         self.ready = ready
-        if pos < n:
-            self._head = data[pos:]
+        if pos == n:
+            self.at_boundary = True
+        elif pos > n:  # the last message goes on in the next chunk
+            self._skip = pos - n
             self.at_boundary = False
         else:
-            self.at_boundary = True
+            self._head = data[pos:]
+            self.at_boundary = False
         return ready
 
     def bytes_to_boundary(self) -> int:

@@ -111,6 +111,8 @@ _PARSE = codes.PARSE
 _SYNC = codes.SYNC
 #: what may follow the unnamed Parse of a batch `_quick_batch` takes, before its Sync
 _QUICK_BATCH = frozenset((codes.BIND, codes.DESCRIBE, codes.EXECUTE, codes.CLOSE, codes.FLUSH))
+#: the first byte of what `_quick_query` may take (a 1-byte slice is a cached object: no allocation)
+_QUICK_TYPES = frozenset((b"Q", b"P"))
 _unpack_len = struct.Struct("!i").unpack_from
 _unpack_head = struct.Struct("!Bi").unpack_from  # a message's type and length
 
@@ -256,7 +258,7 @@ class ClientConnection(asyncio.Protocol):
                 if self.waiting_pool is None:
                     if (
                         self.server is None
-                        and (data[:1] == b"Q" or data[:1] == b"P")
+                        and data[:1] in _QUICK_TYPES
                         and not self._buf
                         and self.transaction_mode
                         and self.session is None
@@ -690,7 +692,10 @@ class ClientConnection(asyncio.Protocol):
         if data[0] == _QUERY:
             if _unpack_len(data, 1)[0] + 1 != n or n > app.max_message_size:
                 return False
-            statement = self._statement(_QUERY, data, 5, n)
+            text_end = data.find(b"\0", 5)  # `_statement`, inlined
+            if text_end < 0:
+                return False
+            statement = statement_of(data[5:text_end])
             sync_point = _QUERY
         else:
             statement = self._quick_batch(data)
@@ -717,23 +722,25 @@ class ClientConnection(asyncio.Protocol):
         transaction (an unnamed Parse, then only Bind, Describe, Execute, Close or Flush, ending with
         its one Sync), else None (`_process` then frames it, and reports what is malformed)."""
         n = len(data)
-        if data[0] != _PARSE or data[5] != 0:  # a named statement is the prepared-statement mapping's
-            return None
-        limit = self.app.max_message_size
+        if data[0] != _PARSE or data[5] != 0 or n > self.app.max_message_size:
+            return None  # a named statement is the prepared-statement mapping's
         parse_end = pos = _unpack_len(data, 1)[0] + 1
-        if not 5 <= parse_end <= limit:
+        if not 5 <= parse_end <= n:
             return None
-        # walked here without building the frame list `split_frames` makes: this runs per transaction
+        # walked here without building the frame list `split_frames` makes: this runs per transaction.
+        # No message of a chunk this size can be over the size limit without running past its end.
         last = n - 5
         while pos < last:
             t, length = _unpack_head(data, pos)
-            if t not in _QUICK_BATCH or not 4 <= length <= limit:
+            if length < 4 or t not in _QUICK_BATCH:
                 return None
             pos += length + 1
         # ...up to its Sync, which must end the data
         if pos != last or data[pos] != _SYNC or _unpack_len(data, pos + 1)[0] != 4:
             return None
-        return self._statement(_PARSE, data, 5, parse_end)
+        # `_statement`, inlined: the name is empty (data[5] is its NUL), the text follows
+        text_end = data.find(b"\0", 6, parse_end)
+        return None if text_end < 0 else statement_of(data[6:text_end])
 
     @staticmethod
     def _statement(t: int, buf: bytes, start: int, end: int) -> Statement | None:
@@ -971,14 +978,22 @@ class ClientConnection(asyncio.Protocol):
 
     def server_ready(self, n: int, status: int, at_boundary: bool) -> None:
         """The linked server sent `n` ReadyForQuery; the last said `status`."""
-        self.outstanding -= n
-        if self.outstanding > 0:
+        outstanding = self.outstanding - n
+        if outstanding > 0:
+            self.outstanding = outstanding
             return
         self.outstanding = 0
         if at_boundary and status == _TX_IDLE and self.transaction_mode and not self.unsynced:
             if self.session is None:  # the common case: nothing carried between transactions
                 if not self.pinned:
-                    self._release()
+                    server = self.server
+                    if server is not None:  # `_release()`, inlined: this runs per transaction
+                        self.server = None
+                        server.client = None
+                        self.since = self.app.clock
+                        if self.write_paused:
+                            server.set_reading(False)
+                        self.app.manager.checkin(server, self)
             else:
                 session_state.at_idle(self)
 

@@ -187,19 +187,25 @@ class ServerConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         client = self.client
         if client is not None:
-            if self.absorb:
-                try:
-                    self._absorbing_data(data, client)
-                except ProtocolViolation as exc:
-                    self._lost_with_client(client, f"protocol violation from server: {exc.message}")
+            if self.absorb or client.prepared is not None or self._rewrites:
+                self._special_data(data, client)
                 return
-            if client.prepared is not None:
-                prepared.relay(self, data, client)
+            # the hot path: `_relay`, inlined (this runs for every chunk a server sends)
+            sc = self.scanner
+            try:
+                ready = sc.feed(data)
+            except ProtocolViolation as exc:
+                self._lost_with_client(client, f"protocol violation from server: {exc.message}")
                 return
-            if self._rewrites:
-                self._rewrite_path(data, client)
-                return
-            self._relay(data, client)
+            client.transport.write(data)
+            if sc.kept:
+                self._kept(sc.kept, client)
+            if ready:
+                self.rfq_seen += ready
+                status = sc.status
+                if status == _TX_IDLE:
+                    self.xact_seen += 1
+                client.server_ready(ready, status, sc.at_boundary)
             return
         if not self.login.done():
             try:
@@ -216,8 +222,22 @@ class ServerConnection(asyncio.Protocol):
         # unsolicited bytes on an idle server (a FATAL from pg_terminate_backend, a notification)
         self.close("server sent data while idle")
 
+    def _special_data(self, data: bytes, client: ClientConnection) -> None:
+        """A linked server's chunk while halephant has business of its own in the stream: answers to
+        its set-up queries to swallow, a client's mapped prepared statements, a rejection to show."""
+        if self.absorb:
+            try:
+                self._absorbing_data(data, client)
+            except ProtocolViolation as exc:
+                self._lost_with_client(client, f"protocol violation from server: {exc.message}")
+        elif client.prepared is not None:
+            prepared.relay(self, data, client)
+        else:
+            self._rewrite_path(data, client)
+
     def _relay(self, data: bytes, client: ClientConnection) -> None:
-        """The hot path: scan headers, forward the chunk whole, account for ReadyForQuery."""
+        """Scan headers, forward the chunk whole, account for ReadyForQuery (`data_received` inlines
+        this for the common case)."""
         sc = self.scanner
         try:
             ready = sc.feed(data)

@@ -142,28 +142,19 @@ class Statement:
     #: How many words `.keywords` keeps.
     KEYWORD_LIMIT: ClassVar[int] = 10
 
-    __slots__ = (
-        "_ast",
-        "_first_keyword",
-        "_holdable",
-        "_keywords",
-        "_low",
-        "_plain",
-        "_session",
-        "_spans",
-        "text",
-    )
+    # The facts below are computed on first use. Their defaults live on the class, so constructing one
+    # stores the text only (no __slots__: a subclass may then fix facts in advance, see `statement_of`).
+    _first_keyword: str | None = None
+    _keywords: tuple[str, ...] | None = None
+    _spans: list[tuple[int, int]] | None = None
+    _holdable: bool | None = None
+    _session: str | None = None
+    _low: str | None = None
+    _plain: bool | None = None
+    _ast: Any = _UNSET
 
     def __init__(self, text: str) -> None:
         self.text: Final = text
-        self._first_keyword: str | None = None
-        self._keywords: tuple[str, ...] | None = None
-        self._spans: list[tuple[int, int]] | None = None
-        self._holdable: bool | None = None
-        self._session: str | None = None
-        self._low: str | None = None
-        self._plain: bool | None = None
-        self._ast: Any = _UNSET
 
     def __repr__(self) -> str:
         shown = self.text if len(self.text) <= 60 else self.text[:57] + "..."
@@ -477,7 +468,7 @@ _CACHE_MAX_TEXT: Final = 8192
 # has a `$` (a dollar-quote tag may hold digits): such texts share the answer, kept per shape with all
 # digits read as 0, with the first keyword it comes with.
 _DIGITS_AS_ZERO: Final = bytes.maketrans(b"123456789", b"000000000")
-_plain_shapes: dict[bytes, str] = {}
+_plain_shapes: dict[bytes, type[Statement]] = {}
 
 
 def statement_of(raw: bytes) -> Statement | None:
@@ -487,23 +478,38 @@ def statement_of(raw: bytes) -> Statement | None:
     if statement is not None:
         return statement
     try:
-        statement = Statement(raw.decode())
+        text = raw.decode()
     except UnicodeDecodeError:
         return None
     if len(raw) > _CACHE_MAX_TEXT:
-        return statement
+        return Statement(text)
+    if 36 in raw:  # "$"
+        statement = Statement(text)
+    else:
+        shape = raw.translate(_DIGITS_AS_ZERO)
+        plain = _plain_shapes.get(shape)
+        if plain is not None:
+            statement = plain(text)  # seen this shape: the facts come with the class
+        else:
+            statement = Statement(text)
+            if statement.plain:
+                if len(_plain_shapes) >= _CACHE_SIZE:
+                    _plain_shapes.clear()
+                _plain_shapes[shape] = _plain_kind(statement.first_keyword)
     if len(_by_text) >= _CACHE_SIZE:
         _by_text.clear()  # crude but cheap; applications repeat a small set of texts
     _by_text[raw] = statement
-    if 36 not in raw:  # no "$"
-        shape = raw.translate(_DIGITS_AS_ZERO)
-        keyword = _plain_shapes.get(shape)
-        if keyword is not None:
-            statement._plain = True
-            statement._first_keyword = keyword
-            statement._session = ""
-        elif statement.plain:
-            if len(_plain_shapes) >= _CACHE_SIZE:
-                _plain_shapes.clear()
-            _plain_shapes[shape] = statement.first_keyword
     return statement
+
+
+def _plain_kind(keyword: str) -> type[Statement]:
+    """A `Statement` class whose texts are plain and start with `keyword` (one class per keyword)."""
+    kind = _plain_kinds.get(keyword)
+    if kind is None:
+        kind = _plain_kinds[keyword] = type(
+            "PlainStatement", (Statement,), {"_plain": True, "_first_keyword": keyword, "_session": ""}
+        )
+    return kind
+
+
+_plain_kinds: dict[str, type[Statement]] = {}
