@@ -69,15 +69,16 @@ class WaitQueue(Generic[W]):
 
     def popleft(self) -> W:
         """The next waiter: the oldest of the group whose turn it is; that group goes to the back."""
-        group = self._order[0]
+        order = self._order
+        group = order[0]
         queue = self._groups[group]
         waiter = queue.popleft()
         self._len -= 1
-        if queue:
-            self._order.rotate(-1)
-        else:
-            self._order.popleft()
+        if not queue:
+            order.popleft()
             del self._groups[group]
+        elif len(order) > 1:  # one group (one user), the usual case, has nothing to rotate
+            order.rotate(-1)
         return waiter
 
     def remove(self, waiter: W) -> None:

@@ -24,6 +24,8 @@ _unpack_len = _LEN.unpack_from
 #: a message's type and length at once
 _unpack_head = struct.Struct("!Bi").unpack_from
 _READY_FOR_QUERY = codes.READY_FOR_QUERY
+#: ParseComplete then BindComplete: how a reply to an extended-protocol batch starts, passed in one step
+_PARSE_BIND_COMPLETE = b"1\0\0\0\x042\0\0\0\x04"
 #: `BackendScanner.kept` when a chunk held nothing to keep (never appended to: `_add_kept` replaces it)
 _NOTHING_KEPT: list[tuple[int, bytes]] = []
 
@@ -72,6 +74,7 @@ class BackendScanner:
         "_keep_buf",
         "_keep_len",
         "_keep_type",
+        "_opening",
         "_skip",
         "_stop",
         "at_boundary",
@@ -84,6 +87,10 @@ class BackendScanner:
     def __init__(self, keep: frozenset[int] = frozenset()) -> None:
         self.keep = keep
         self._stop = keep | {_READY_FOR_QUERY}  # the types the walk stops at
+        #: passed in one step at a message boundary (the empty tuple matches nothing: kept types)
+        self._opening: bytes | tuple[bytes, ...] = (
+            () if keep & {codes.PARSE_COMPLETE, codes.BIND_COMPLETE} else _PARSE_BIND_COMPLETE
+        )
         self._skip = 0  # bytes of the current (not kept) message still to come
         self._head = b""  # a header split across chunks
         self._keep_type = -1  # type of a kept message split across chunks
@@ -125,6 +132,8 @@ class BackendScanner:
                 self._head = b""
                 pos = 0
                 n = len(data)
+        elif data.startswith(self._opening):  # the reply to nearly every extended-protocol batch
+            pos = 10
         stop = self._stop
         unpack_head = _unpack_head  # a local: this loop runs for every server message
         limit = n - 5

@@ -113,13 +113,11 @@ _SYNC = codes.SYNC
 _QUICK_BATCH = frozenset((codes.BIND, codes.DESCRIBE, codes.EXECUTE, codes.CLOSE, codes.FLUSH))
 #: the first byte of what `_quick_query` may take (a 1-byte slice is a cached object: no allocation)
 _QUICK_TYPES = frozenset((b"Q", b"P"))
+#: Describe the unnamed portal, Execute it for all rows, Sync: how most drivers end a batch
+_DESCRIBE_EXECUTE_SYNC = b"D\0\0\0\x06P\0" + b"E\0\0\0\x09\0\0\0\0\0" + b"S\0\0\0\x04"
+_TAIL_SIZE = len(_DESCRIBE_EXECUTE_SYNC)
 _unpack_len = struct.Struct("!i").unpack_from
 _unpack_head = struct.Struct("!Bi").unpack_from  # a message's type and length
-
-
-def _sync_point(quick: bytes) -> int:
-    """The sync point that ends what `_quick_query` takes: the Query itself, or the batch's Sync."""
-    return _QUERY if quick[0] == _QUERY else _SYNC
 
 
 _PRIMARY = Role.PRIMARY  # enum member lookups cost ~60 ns; this one runs per transaction
@@ -729,14 +727,19 @@ class ClientConnection(asyncio.Protocol):
             return None
         # walked here without building the frame list `split_frames` makes: this runs per transaction.
         # No message of a chunk this size can be over the size limit without running past its end.
+        # The tail most drivers send (Describe the portal, Execute it, Sync) is matched in one step;
+        # the walk must then land exactly on it.
         last = n - 5
-        while pos < last:
+        walk_to = n - _TAIL_SIZE if data.endswith(_DESCRIBE_EXECUTE_SYNC) else last
+        while pos < walk_to:
             t, length = _unpack_head(data, pos)
             if length < 4 or t not in _QUICK_BATCH:
                 return None
             pos += length + 1
+        if pos != walk_to:
+            return None
         # ...up to its Sync, which must end the data
-        if pos != last or data[pos] != _SYNC or _unpack_len(data, pos + 1)[0] != 4:
+        if walk_to == last and (data[pos] != _SYNC or _unpack_len(data, pos + 1)[0] != 4):
             return None
         # `_statement`, inlined: the name is empty (data[5] is its NUL), the text follows
         text_end = data.find(b"\0", 6, parse_end)
@@ -875,8 +878,8 @@ class ClientConnection(asyncio.Protocol):
                     self._first_checked = False
                     self.outstanding += 1
                     self.unsynced = False
-                    self._last_sync_point = _sync_point(quick)
-                    server.send(quick)
+                    self._last_sync_point = _QUERY if quick[0] == _QUERY else _SYNC  # `_sync_point`
+                    server.transport.write(quick)  # type: ignore[union-attr]  # linked: connected
                     return
             if self.state == WELCOME:
                 self._first_checked = False

@@ -208,6 +208,12 @@ SERVER_STREAM = [
     rfq(codes.TX_IN_TRANSACTION),
     (codes.ERROR_RESPONSE, b"SERROR\0C42601\0Msyntax error\0\0"),
     rfq(codes.TX_FAILED),
+    # an extended-protocol reply: ParseComplete and BindComplete open it, passed in one step
+    (codes.PARSE_COMPLETE, b""),
+    (codes.BIND_COMPLETE, b""),
+    (codes.DATA_ROW, b"\0\x01\0\0\0\x01y"),
+    (codes.COMMAND_COMPLETE, b"SELECT 1\0"),
+    rfq(codes.TX_FAILED),
     (codes.NOTICE_RESPONSE, b"SNOTICE\0\0"),
     (codes.PARAMETER_STATUS, b"application_name\0x\0"),
     rfq(codes.TX_IDLE),
@@ -216,7 +222,7 @@ SERVER_STREAM = [
 
 def test_scanner_whole() -> None:
     ready, status, kept = scan([stream(SERVER_STREAM)])
-    assert ready == 4
+    assert ready == 5
     assert status == codes.TX_IDLE
     assert [t for t, _ in kept] == [codes.PARAMETER_STATUS] * 2 + [
         codes.ERROR_RESPONSE,
@@ -250,7 +256,7 @@ def test_scanner_keeps_nothing_by_default() -> None:
     scanner = BackendScanner()
     scanner.feed(stream(SERVER_STREAM))
     assert scanner.kept == []
-    assert scanner.ready == 1 + 1 + 1 + 1
+    assert scanner.ready == 1 + 1 + 1 + 1 + 1
 
 
 def test_scanner_kept_payload_is_bytes() -> None:
@@ -290,6 +296,7 @@ _BACKEND_TYPES = [
 ]
 _backend_message = st.one_of(
     st.sampled_from([codes.TX_IDLE, codes.TX_IN_TRANSACTION, codes.TX_FAILED]).map(rfq),
+    st.sampled_from([(codes.PARSE_COMPLETE, b""), (codes.BIND_COMPLETE, b"")]),  # what feed skips at once
     st.tuples(
         st.sampled_from(_BACKEND_TYPES), st.binary(max_size=40) | st.binary(min_size=100, max_size=300)
     ),
