@@ -354,7 +354,10 @@ class ServerConnection(asyncio.Protocol):
             # when the client has nothing in flight, so nothing of the client's can be in `rest`)
             self._buf = rest
             return
-        if rest and self.client is client:
+        if rest:
+            # to whoever is linked now, as if it had come in a chunk of its own: a callback above may have
+            # handed the server on (a reset query's stand-in gets the NotificationResponse a server
+            # still listening sent right behind its ReadyForQuery; dropped, it was lost)
             self.data_received(rest)
 
     def arm_rewrite(self, marker: bytes, error: bytes, pending: int) -> None:

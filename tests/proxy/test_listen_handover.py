@@ -3,7 +3,8 @@ listener (`halephant.proxy.session_state`): every notification reaches the clien
 
 While the client's former server undoes its LISTENs, it may still send notifications the shared listener
 also delivers, and ones the shared listener never saw (committed before it started listening). These
-tests drive `deliver` (the shared listener's copy) and `late_notification` (the server's) in every order.
+tests drive `deliver` (the shared listener's copy) and `late_notification` (the server's) in every order,
+and the server connection's hand-on of what follows the hand-over query's answer in the same chunk.
 End to end, `test_listen_is_handed_over_without_losing_a_notification` (tests/e2e/test_session_features.py)
 hands over twenty times with a NOTIFY right behind each LISTEN; the race itself (a shared listener that
 is still connecting) shows in the conformance workload "psycopg async: LISTEN / NOTIFY" under CPU load.
@@ -11,12 +12,16 @@ is still connecting) shows in the conformance workload "psycopg async: LISTEN / 
 
 from __future__ import annotations
 
+import asyncio
 import struct
 import time
 from typing import Any
 
+from halephant.protocol import messages as m
 from halephant.proxy import session_state
+from halephant.proxy.server import ServerConnection
 from halephant.proxy.session_state import SessionState
+from halephant.proxy.stand_in import StandIn
 
 
 class _Transport:
@@ -98,3 +103,59 @@ def test_outside_a_hand_over_the_listeners_deliveries_are_not_recorded() -> None
     session_state.deliver(client, _note("later"))
     assert not client.session.handed_over and client.session.handover_until == 0.0
     assert client.transport.written == [_note("later")]
+
+
+# --- the server connection: what comes right behind the hand-over's own query -------------------------
+
+
+class _StandIn(StandIn):
+    """Takes the client's place on the server, as the reset query's stand-in does after the hand-over."""
+
+    def __init__(self) -> None:
+        self.transport = _Transport()
+
+    def server_ready(self, n: int, status: int, at_boundary: bool) -> None:
+        pass
+
+
+class _Linked:
+    """The client linked to the server while its hand-over query runs."""
+
+    transaction_mode = True
+    prepared = None
+
+    def __init__(self) -> None:
+        self.transport = _Transport()
+        self.relayed: list[bytes] = []
+
+    def notification_relayed(self, payload: bytes) -> None:
+        self.relayed.append(payload)
+
+    def settings_applied(self, error: object) -> None:
+        pass
+
+
+def test_a_notification_right_behind_the_handover_querys_answer_reaches_whoever_is_linked_next() -> None:
+    # The server still listens while it runs `NOTIFY halephant_listen_handover`; a notification it sends
+    # right behind that query's ReadyForQuery may share the chunk. The query's callback hands the server
+    # to the reset query's stand-in, whose sink delivers notifications to the client (`late_notification`):
+    # the rest of the chunk must go there, not be dropped.
+    loop = asyncio.new_event_loop()
+    try:
+        server = ServerConnection(None, None, {"user": "u"}, None, loop)  # type: ignore[arg-type]
+        server.transport = _Transport()  # type: ignore[assignment]
+        client, stand_in = _Linked(), _StandIn()
+        server.client = client  # type: ignore[assignment]
+        server.run_internal(
+            "NOTIFY halephant_listen_handover", lambda _rows, _error: _hand_on(server, stand_in)
+        )
+        answer = m.message(b"C", b"NOTIFY\0") + m.READY_FOR_QUERY_IDLE
+        server.data_received(answer + _note("right behind"))
+        assert stand_in.transport.written == [_note("right behind")]
+        assert client.transport.written == []
+    finally:
+        loop.close()
+
+
+def _hand_on(server: ServerConnection, stand_in: StandIn) -> None:
+    server.client = stand_in  # type: ignore[assignment]
