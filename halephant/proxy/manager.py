@@ -215,21 +215,23 @@ class PoolManager:
         """A client is done with `server`: close it if it may carry session state, else pool it."""
         if server.closing:
             return
-        if client is not None and server.pool.track_lsn and not server.dirty:
+        pool = server.pool
+        if server.dirty:
+            if pool.info.mode is PoolMode.TRANSACTION:
+                # session state would leak into the next client: never hand it on
+                log.info(
+                    "pool %s: closing server pid %d: session state left by the client (%s)",
+                    pool.name,
+                    server.backend_pid,
+                    server.dirty,
+                )
+                server.close(f"session state: {server.dirty}")
+                self.server_gone(pool)
+                return
+        elif client is not None and pool.track_lsn:
             self.nodes.learn_lsn(server, client)  # read-your-writes: checks the server in afterwards
             return
-        if server.dirty and server.pool.info.mode is PoolMode.TRANSACTION:
-            # session state would leak into the next client: never hand it on
-            log.info(
-                "pool %s: closing server pid %d: session state left by the client (%s)",
-                server.pool.name,
-                server.backend_pid,
-                server.dirty,
-            )
-            server.close(f"session state: {server.dirty}")
-            self.server_gone(server.pool)
-            return
-        waiter = server.pool.checkin(server)
+        waiter = pool.checkin(server)
         if waiter is not None:
             waiter.attach_server(server)
 

@@ -473,7 +473,8 @@ _plain_shapes: dict[bytes, type[Statement]] = {}
 
 def statement_of(raw: bytes) -> Statement | None:
     """The `Statement` of a Query's or Parse's UTF-8 text, shared by every client that sends the same
-    text; None when it is not UTF-8 (PostgreSQL will say so itself)."""
+    text (except a plain text whose shape is known: cheaper to build than to cache); None when it is
+    not UTF-8 (PostgreSQL will say so itself)."""
     statement = _by_text.get(raw)
     if statement is not None:
         return statement
@@ -489,13 +490,14 @@ def statement_of(raw: bytes) -> Statement | None:
         shape = raw.translate(_DIGITS_AS_ZERO)
         plain = _plain_shapes.get(shape)
         if plain is not None:
-            statement = plain(text)  # seen this shape: the facts come with the class
-        else:
-            statement = Statement(text)
-            if statement.plain:
-                if len(_plain_shapes) >= _CACHE_SIZE:
-                    _plain_shapes.clear()
-                _plain_shapes[shape] = _plain_kind(statement.first_keyword)
+            # seen this shape: the facts come with the class, and building it again costs about what
+            # a cache entry would save; not cached, so texts seen once do not crowd out the others
+            return plain(text)
+        statement = Statement(text)
+        if statement.plain:
+            if len(_plain_shapes) >= _CACHE_SIZE:
+                _plain_shapes.clear()
+            _plain_shapes[shape] = _plain_kind(statement.first_keyword)
     if len(_by_text) >= _CACHE_SIZE:
         _by_text.clear()  # crude but cheap; applications repeat a small set of texts
     _by_text[raw] = statement
