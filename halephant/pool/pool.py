@@ -168,15 +168,22 @@ class Pool(Generic[S, W]):
 
     def checkout(self, waiter: W, group: Hashable = None) -> tuple[S | None, bool]:
         """Give `waiter` a server now, or queue it in `group`. Returns (server or None, open_one_more)."""
-        if self.idle:
-            server = self.idle.pop()
+        idle = self.idle
+        if idle:
+            server = idle.pop()
             self.active.add(server)
             return server, False
-        self.waiters.append(waiter, group)
-        return None, self._should_open()
+        waiters = self.waiters
+        waiters.append(waiter, group)
+        # `_should_open()`, inlined: every client that queues runs this
+        connecting = self.connecting
+        if waiters._len > connecting and len(idle) + len(self.active) + connecting < self.info.size.max:
+            self.connecting += 1
+            return None, True
+        return None, False
 
     def _should_open(self) -> bool:
-        # `total`, inlined: a client that queues runs this
+        # `total`, inlined (and this, in `checkout`)
         connecting = self.connecting
         if (
             self.waiters._len > connecting
@@ -193,12 +200,12 @@ class Pool(Generic[S, W]):
             pass
 
     def checkin(self, server: S) -> W | None:
-        """Return a clean server. Returns the waiter it was handed to (already marked active), if any."""
+        """Return a clean server (an active one). Returns the waiter it was handed to (it stays active),
+        if any."""
+        waiters = self.waiters
+        if waiters._len:  # not bool(waiters): a Python-level __bool__ call, per transaction
+            return waiters.popleft()  # the server stays active
         self.active.discard(server)
-        if self.waiters._len:  # not bool(self.waiters): a Python-level __bool__ call, per transaction
-            waiter = self.waiters.popleft()
-            self.active.add(server)
-            return waiter
         server.idle_since = _monotonic()
         self.idle.append(server)
         return None
@@ -207,6 +214,7 @@ class Pool(Generic[S, W]):
         """A connection opened for this pool finished logging in."""
         self.connecting -= 1
         self.opened_count += 1
+        self.active.add(server)  # as if checked out: `checkin` keeps it active for a waiter
         return self.checkin(server)
 
     def connect_failed(self, served_elsewhere: bool = False) -> list[W]:

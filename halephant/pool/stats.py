@@ -21,7 +21,6 @@ class PoolStats:
         "closed_queries",
         "closed_xacts",
         "wait_buckets",
-        "wait_count",
         "wait_max",
         "wait_total",
     )
@@ -32,19 +31,22 @@ class PoolStats:
         self.closed_xacts = 0
         self.closed_links = 0
         #: clients that had to queue for a server, and how long they waited in all (seconds)
-        self.wait_count = 0
         self.wait_total = 0.0
         self.wait_max = 0.0
         self.wait_buckets = [0] * (len(WAIT_BUCKETS) + 1)
         self.checkout_timeouts = 0
 
     def waited(self, seconds: float) -> None:
-        """A queued client got its server after `seconds`."""
-        self.wait_count += 1
+        """A queued client got its server after `seconds` (runs per wait: the count is the buckets' sum)."""
         self.wait_total += seconds
         if seconds > self.wait_max:
             self.wait_max = seconds
         self.wait_buckets[bisect_left(WAIT_BUCKETS, seconds)] += 1  # the first bound >= seconds
+
+    @property
+    def wait_count(self) -> int:
+        """Clients that had to queue for a server."""
+        return sum(self.wait_buckets)
 
     def server_closed(self, queries: int, xacts: int, links: int) -> None:
         self.closed_queries += queries

@@ -24,6 +24,8 @@ _unpack_len = _LEN.unpack_from
 #: a message's type and length at once
 _unpack_head = struct.Struct("!Bi").unpack_from
 _READY_FOR_QUERY = codes.READY_FOR_QUERY
+#: a whole ReadyForQuery's type and length: what nearly every reply ends with, before its status byte
+_READY_FOR_QUERY_HEAD = b"Z\0\0\0\x05"
 #: ParseComplete then BindComplete: how a reply to an extended-protocol batch starts, passed in one step
 _PARSE_BIND_COMPLETE = b"1\0\0\0\x042\0\0\0\x04"
 #: `BackendScanner.kept` when a chunk held nothing to keep (never appended to: `_add_kept` replaces it)
@@ -136,6 +138,23 @@ class BackendScanner:
             pos = 10
         stop = self._stop
         unpack_head = _unpack_head  # a local: this loop runs for every server message
+        if data[-6:-1] == _READY_FOR_QUERY_HEAD:
+            # Nearly every reply ends with its one ReadyForQuery: walk up to it without looking for
+            # one on the way; the walk must then land exactly on it (a message reaching over it, or
+            # one to stop at before it, leaves the rest of the chunk to the general walk below).
+            end = n - 6
+            while pos < end:
+                t, length = unpack_head(data, pos)
+                if length > 3 and t not in stop:
+                    pos += length + 1
+                    continue
+                break
+            if pos == end:
+                ready += 1
+                self.status = data[-1]
+                self.ready = ready
+                self.at_boundary = True
+                return ready
         limit = n - 5
         # Written for the fewest bytecodes per message: this loop is most of the per-transaction cost
         # of the server->client direction. A passed-through message is not checked for being complete:

@@ -132,6 +132,7 @@ class ClientConnection(asyncio.Protocol):
     __slots__ = (
         "_beginning",
         "_buf",
+        "_checkout_timeout",
         "_exchange",
         "_first_checked",
         "_framer",
@@ -203,6 +204,8 @@ class ClientConnection(asyncio.Protocol):
         #: enforced by the client sweep (halephant.proxy.sweep), not a timer per connection
         self.login_deadline = 0.0
         self._primary_pool: ServerPool | None = None
+        #: the database's checkout_timeout (seconds), looked up at the first wait (< 0: not yet)
+        self._checkout_timeout = -1.0
         #: the Query `_quick_query` took and left waiting for a server (sent as it is when one comes)
         self._quick: bytes | None = None
         self._read_paused = False
@@ -845,16 +848,21 @@ class ClientConnection(asyncio.Protocol):
             app.manager.open(pool)
         self.waiting_pool = pool
         self._first_checked = True
-        db = app.config.database_for(target.database)
+        timeout = self._checkout_timeout
+        if timeout < 0:
+            db = app.config.database_for(target.database)
+            timeout = self._checkout_timeout = db.checkout_timeout if db is not None else 30.0
         # enforced by the pool manager's sweep (one timer for everyone, not one per wait)
         self.wait_started = self.since = now = app.loop.time()
         self.wait_notified = False
-        self.wait_deadline = now + (db.checkout_timeout if db is not None else 30.0)
+        self.wait_deadline = now + timeout
         return False
 
     def forget_pools(self) -> None:
-        """A reload may have changed the pools: look the primary's up again at the next transaction."""
+        """A reload may have changed the pools and their settings: look the primary's pool and the
+        checkout timeout up again when next needed."""
         self._primary_pool = None
+        self._checkout_timeout = -1.0
 
     def attach_server(self, server: ServerConnection) -> None:
         """Called by the pool: the server this client waited for."""

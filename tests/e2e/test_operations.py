@@ -95,6 +95,28 @@ def test_reload_grows_a_pool_live_without_dropping_anyone(pg: Cluster, halephant
     assert _works(holder) and _works(waiter)
 
 
+def test_reload_changes_the_checkout_timeout_of_connected_clients(
+    pg: Cluster, halephant: HalephantFactory
+) -> None:
+    config = _config(pg)
+    run = halephant.start(config)
+    holder, waiter = _client(run), _client(run)
+    assert errors(holder.simple_query("BEGIN")) == []
+    waiter.send(rc.query("SELECT 5"))
+    time.sleep(0.3)  # waiting (checkout_timeout 10s): the only server is in the holder's transaction
+    assert errors(holder.simple_query("COMMIT")) == []
+    assert data_rows(waiter.read_until_ready(timeout=5)) == [["5"]]
+    config["databases"]["myapp"]["checkout_timeout"] = "500ms"
+    _reload(run, config, "reload: done")
+    assert errors(holder.simple_query("BEGIN")) == []
+    started = time.monotonic()
+    out = waiter.simple_query("SELECT 6")  # the same client waits again, under the new timeout
+    assert [e["C"] for e in errors(out)] == ["53300"]
+    assert time.monotonic() - started < 3
+    assert errors(holder.simple_query("COMMIT")) == []
+    assert _works(waiter)
+
+
 def test_reload_with_errors_keeps_the_old_config_and_logs_every_error(
     pg: Cluster, halephant: HalephantFactory
 ) -> None:

@@ -196,6 +196,9 @@ def rfq(status: int) -> tuple[int, bytes]:
     return codes.READY_FOR_QUERY, bytes((status,))
 
 
+#: the bytes of a whole ReadyForQuery (Idle), as they may also end a value inside a DataRow
+READY_LOOKALIKE = b"Z\0\0\0\x05I"
+
 SERVER_STREAM = [
     (codes.AUTHENTICATION, struct.pack("!i", 0)),
     (codes.PARAMETER_STATUS, b"server_version\x0015.4\0"),
@@ -212,6 +215,8 @@ SERVER_STREAM = [
     (codes.PARSE_COMPLETE, b""),
     (codes.BIND_COMPLETE, b""),
     (codes.DATA_ROW, b"\0\x01\0\0\0\x01y"),
+    # a value ending in what looks like a whole ReadyForQuery: a chunk cut right behind it has none
+    (codes.DATA_ROW, b"\0\x01\0\0\0\x06" + READY_LOOKALIKE),
     (codes.COMMAND_COMPLETE, b"SELECT 1\0"),
     rfq(codes.TX_FAILED),
     (codes.NOTICE_RESPONSE, b"SNOTICE\0\0"),
@@ -297,6 +302,7 @@ _BACKEND_TYPES = [
 _backend_message = st.one_of(
     st.sampled_from([codes.TX_IDLE, codes.TX_IN_TRANSACTION, codes.TX_FAILED]).map(rfq),
     st.sampled_from([(codes.PARSE_COMPLETE, b""), (codes.BIND_COMPLETE, b"")]),  # what feed skips at once
+    st.binary(max_size=20).map(lambda b: (codes.DATA_ROW, b + READY_LOOKALIKE)),  # ends like a reply
     st.tuples(
         st.sampled_from(_BACKEND_TYPES), st.binary(max_size=40) | st.binary(min_size=100, max_size=300)
     ),
