@@ -688,10 +688,10 @@ class ClientConnection(asyncio.Protocol):
         """
         app = self.app
         n = len(data)
-        if n < 6 or app.plugins.has_plain_inspectors:
+        if n < 6 or n > app.max_message_size or app.plugins.has_plain_inspectors:
             return False
         if data[0] == _QUERY:
-            if _unpack_len(data, 1)[0] + 1 != n or n > app.max_message_size:
+            if _unpack_len(data, 1)[0] + 1 != n:
                 return False
             text_end = data.find(b"\0", 5)  # `_statement`, inlined
             if text_end < 0:
@@ -699,7 +699,7 @@ class ClientConnection(asyncio.Protocol):
             statement = statement_of(data[5:text_end])
             sync_point = _QUERY
         else:
-            statement = self._quick_batch(data)
+            statement = self._quick_batch(data, n)
             sync_point = _SYNC
         if statement is None or not statement.plain:
             return False
@@ -718,12 +718,13 @@ class ClientConnection(asyncio.Protocol):
             server.transport.write(data)  # type: ignore[union-attr]  # linked: connected
         return True
 
-    def _quick_batch(self, data: bytes) -> Statement | None:
+    @staticmethod
+    def _quick_batch(data: bytes, n: int) -> Statement | None:
         """For `_quick_query`: the statement of a whole extended-protocol batch as drivers send one
         transaction (an unnamed Parse, then only Bind, Describe, Execute, Close or Flush, ending with
-        its one Sync), else None (`_process` then frames it, and reports what is malformed)."""
-        n = len(data)
-        if data[0] != _PARSE or data[5] != 0 or n > self.app.max_message_size:
+        its one Sync), else None (`_process` then frames it, and reports what is malformed). `n` is
+        `len(data)`, at least 6 and within the message size limit."""
+        if data[0] != _PARSE or data[5] != 0:
             return None  # a named statement is the prepared-statement mapping's
         parse_end = pos = _unpack_len(data, 1)[0] + 1
         if not 5 <= parse_end <= n:
@@ -802,40 +803,31 @@ class ClientConnection(asyncio.Protocol):
             nodes = app.manager.nodes
             cluster = nodes.views.get(target.cluster) or nodes.view(target.cluster)
             route = app.plugins.route_call(info, transaction, self.pool_info, cluster)
-            if type(route) is not Route:
+            if type(route) is not Route:  # the exact type first: per transaction
                 route = app.plugins.route_answer(route)
+                if isinstance(route, Reject):
+                    return self._route_rejected(route, t, ready)
         else:
             # a server is needed once at login only to learn the parameters to report: not a
             # transaction, so nothing to route (a policy refusing all of this user's transactions
             # must not refuse the login)
             route = Route(Role.PRIMARY, "login: learning server parameters")
-        pool: ServerPool | None = None
-        if type(route) is Route or not isinstance(route, Reject):
-            if route is not self._last_route and ready and route != self._last_route:
-                # recorded when this client's routing changes (its first transaction included), not per
-                # transaction: the default plugin answers with the same Route object while nothing changes
-                self._last_route = route
-                app.stats.decide("route", info, route.reason)
-            if app.debug:
-                log.debug("%r: route %s: %s", self, route.role, route.reason)
-            if route.role is _PRIMARY:
-                # the same pool while its node stays the primary: looked up again only after a failover
-                pool = self._primary_pool
-                if pool is None or pool.serves is not _PRIMARY:
-                    pool = self._primary_pool = app.manager.pool_for(target, route.role)
-            else:
-                pool = app.manager.pool_for(target, route.role, self)
-            if pool is None:
-                route = app.manager.nodes.unavailable(target, route.role)
+        if route is not self._last_route and ready and route != self._last_route:
+            # recorded when this client's routing changes (its first transaction included), not per
+            # transaction: the default plugin answers with the same Route object while nothing changes
+            self._last_route = route
+            app.stats.decide("route", info, route.reason)
+        if app.debug:
+            log.debug("%r: route %s: %s", self, route.role, route.reason)
+        if route.role is _PRIMARY:
+            # the same pool while its node stays the primary: looked up again only after a failover
+            pool = self._primary_pool
+            if pool is None or pool.serves is not _PRIMARY:
+                pool = self._primary_pool = app.manager.pool_for(target, route.role)
+        else:
+            pool = app.manager.pool_for(target, route.role, self)
         if pool is None:
-            assert isinstance(route, Reject)
-            log.info("%r: route rejected %s: %s", self, route.code, route.reason)
-            app.stats.decide("route_reject", info, route.reason, route.code)
-            if not ready:
-                raise ClientError(route.code, route.message, hint=route.hint, fatal=True)
-            app.stats.error(route.code)
-            self._reject_locally(t, m.error_response(route.code, route.message, hint=route.hint))
-            return True
+            return self._route_rejected(app.manager.nodes.unavailable(target, route.role), t, ready)
         if app.control.holding and ready and app.control.hold(self, pool):
             self._first_checked = True  # PAUSE: held until RESUME
             return False
@@ -857,6 +849,18 @@ class ClientConnection(asyncio.Protocol):
         self.wait_notified = False
         self.wait_deadline = now + timeout
         return False
+
+    def _route_rejected(self, route: Reject, t: int, ready: bool) -> bool:
+        """For `_checkout`: no server for this transaction (a plugin refused it, or no node can take it).
+        At login that fails the client; afterwards only the transaction is refused."""
+        log.info("%r: route rejected %s: %s", self, route.code, route.reason)
+        app = self.app
+        app.stats.decide("route_reject", self.info, route.reason, route.code)
+        if not ready:
+            raise ClientError(route.code, route.message, hint=route.hint, fatal=True)
+        app.stats.error(route.code)
+        self._reject_locally(t, m.error_response(route.code, route.message, hint=route.hint))
+        return True
 
     def forget_pools(self) -> None:
         """A reload may have changed the pools and their settings: look the primary's pool and the
