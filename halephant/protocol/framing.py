@@ -47,17 +47,19 @@ def split_frames(data: bytes, max_size: int) -> tuple[list[Frame], int]:
         if length + 1 == n and 4 <= length <= max_size:
             return [(data[0], 5, n)], n
     frames: list[Frame] = []
+    append = frames.append
     pos = 0
-    while n - pos >= 5:
-        (length,) = _unpack_len(data, pos + 1)
-        if length < 4 or length > max_size:
+    limit = n - 5
+    while pos <= limit:
+        t, length = _unpack_head(data, pos)
+        end = pos + 1 + length
+        if end > n or length < 4 or length > max_size:  # one test for the three rare cases
             if length < 4:
                 raise ProtocolViolation("invalid message length")
-            raise ProtocolViolation(f"message too large ({length} bytes, limit {max_size})")
-        end = pos + 1 + length
-        if end > n:
-            break
-        frames.append((data[pos], pos + 5, end))
+            if length > max_size:
+                raise ProtocolViolation(f"message too large ({length} bytes, limit {max_size})")
+            break  # incomplete: the rest comes in a later chunk
+        append((t, pos + 5, end))
         pos = end
     return frames, pos
 

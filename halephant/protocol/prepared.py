@@ -110,6 +110,8 @@ _PLAIN_DESCRIBE: Final = _PLAIN[codes.DESCRIBE]
 _PLAIN_CLOSE: Final = _PLAIN[codes.CLOSE]
 _EXECUTE: Final = _PLAIN[codes.EXECUTE]
 _SYNC_POINTS: Final = frozenset((codes.SYNC, codes.QUERY, codes.FUNCTION_CALL))
+#: the messages before the Sync of a batch that `_retriable` may run again
+_BIND_DESCRIBE_EXECUTE: Final = (codes.BIND, codes.DESCRIBE, codes.EXECUTE)
 _STATUS_FAILED: Final = codes.TX_FAILED
 
 
@@ -436,7 +438,7 @@ class ClientStatements:
                 queue.append(_EXECUTE)
             else:  # Sync, Query, FunctionCall: the batch is sealed
                 if retry is not None and batch_start >= 0 and t == codes.SYNC and not odd:
-                    self._retriable(data[batch_start:end], retry)
+                    self._retriable(data, frames, i, batch_start, retry)
                 self._seal(t)
                 batch_start = end if retry is not None else -1
         if queue:
@@ -448,11 +450,13 @@ class ClientStatements:
         append(data[last:])
         return b"".join(out)
 
-    def _retriable(self, batch: bytes, began: bytes) -> None:
+    def _retriable(self, data: bytes, frames: list[Frame], i: int, batch_start: int, began: bytes) -> None:
         """Bind (a mapped statement), Describe (portal), Execute, Sync, alone outside a transaction or
         first in one (`began`: the Query that began it): if the plan went stale, the batch can be run
         again with the statement prepared afresh (in a transaction begun again), and the client (which
-        asked for the row description, and saw nothing else run in the transaction) cannot tell."""
+        asked for the row description, and saw nothing else run in the transaction) cannot tell.
+
+        The batch is `data[batch_start:]` up to the end of `frames[i]`, its Sync."""
         pending = self._pending
         if len(pending) != 3 or self._interesting:
             return
@@ -461,12 +465,21 @@ class ClientStatements:
             return
         if pending[1][0] != codes.DESCRIBE or pending[2][0] != codes.EXECUTE:
             return
-        frames = split_frames(batch, len(batch) + 1)[0]
-        if [f[0] for f in frames] != [codes.BIND, codes.DESCRIBE, codes.EXECUTE, codes.SYNC]:
+        # exactly those four messages (no Flush among them): the three before the Sync begin the batch
+        if i < 3 or frames[i - 3][1] - 5 != batch_start:
             return
-        if batch[frames[1][1]] != 0x50:  # Describe of the portal ('P')
+        if (frames[i - 3][0], frames[i - 2][0], frames[i - 1][0]) != _BIND_DESCRIBE_EXECUTE:
             return
-        pending[0] = (codes.BIND, RETRY, bind_entry[2], (began, batch), 0, bind_entry[5])
+        if data[frames[i - 2][1]] != 0x50:  # Describe of the portal ('P')
+            return
+        pending[0] = (
+            codes.BIND,
+            RETRY,
+            bind_entry[2],
+            (began, data[batch_start : frames[i][2]]),
+            0,
+            bind_entry[5],
+        )
         self._interesting = True
 
     def _seal(self, t: int) -> None:

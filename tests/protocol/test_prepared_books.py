@@ -427,9 +427,17 @@ def test_stale_plan_of_a_lone_batch_with_describe_is_run_again_unseen() -> None:
     out, ready, *_ = books.splice(replies, frames, codes.TX_IDLE, lru)
     assert b"".join(out) == answer + m.READY_FOR_QUERY_IDLE and ready == 1
     assert not books.queue
-    # not retried: without the Describe, or with something sent after it
+    # not retried: without the Describe, or with a Flush among the messages
     books.translate(bind("q") + execute() + SYNC, lru, outstanding=1, retry=b"")
     assert all(entry[1] != 8 for entry in books.queue)
+    books.queue.clear()
+    for flushed in (
+        bind("q") + describe_portal() + m.message(b"H") + execute() + SYNC,
+        m.message(b"H") + bind("q") + describe_portal() + execute() + SYNC,
+    ):
+        books.translate(flushed, lru, outstanding=1, retry=b"")
+        assert all(entry[1] != 8 for entry in books.queue)
+        books.queue.clear()
 
 
 def test_stale_plan_first_in_a_transaction_is_run_again_in_the_transaction_begun_again() -> None:
