@@ -109,6 +109,22 @@ _PLAIN_BIND: Final = _PLAIN[codes.BIND]
 _PLAIN_DESCRIBE: Final = _PLAIN[codes.DESCRIBE]
 _PLAIN_CLOSE: Final = _PLAIN[codes.CLOSE]
 _EXECUTE: Final = _PLAIN[codes.EXECUTE]
+_PLAIN_SYNC: Final = _PLAIN[codes.SYNC]
+#: the replies of a successful Bind, Describe (portal), Execute: what `retriable_answered` passes
+_PLAIN_ANSWER: Final = frozenset(
+    (
+        codes.BIND_COMPLETE,
+        codes.ROW_DESCRIPTION,
+        codes.NO_DATA,
+        codes.DATA_ROW,
+        codes.COMMAND_COMPLETE,
+        codes.EMPTY_QUERY_RESPONSE,
+        codes.PORTAL_SUSPENDED,
+    )
+)
+#: a whole ReadyForQuery's type and length, before its status byte
+_READY_FOR_QUERY_HEAD: Final = b"Z\0\0\0\x05"
+_unpack_head = struct.Struct("!Bi").unpack_from
 _SYNC_POINTS: Final = frozenset((codes.SYNC, codes.QUERY, codes.FUNCTION_CALL))
 #: the messages before the Sync of a batch that `_retriable` may run again
 _BIND_DESCRIBE_EXECUTE: Final = (codes.BIND, codes.DESCRIBE, codes.EXECUTE)
@@ -529,6 +545,37 @@ class ClientStatements:
             queue.popleft()
             if not queue:
                 self.bound.clear()
+
+    def retriable_answered(self, data: bytes) -> bool:
+        """Whether `data`, the first bytes from the server for the outstanding requests, is a whole
+        successful answer to exactly one batch `_retriable` armed (nothing else outstanding): its
+        messages are then forgotten, and `data` may be relayed as it is (the fast path).
+
+        The answer is walked without copying: only replies that need nothing of halephant (no error,
+        notice, parameter status or copy), then the batch's one ReadyForQuery, ending `data`. Anything
+        else is False, with nothing changed: `splice` then walks it message by message."""
+        queue = self.queue
+        if (
+            len(queue) != 4
+            or queue[0][1] != RETRY
+            or queue[1] is not _PLAIN_DESCRIBE
+            or queue[2] is not _EXECUTE
+            or queue[3] is not _PLAIN_SYNC
+            or data[-6:-1] != _READY_FOR_QUERY_HEAD
+        ):
+            return False
+        end = len(data) - 6
+        pos = 0
+        while pos < end:
+            t, length = _unpack_head(data, pos)
+            if length < 4 or t not in _PLAIN_ANSWER:
+                return False
+            pos += length + 1
+        if pos != end:
+            return False
+        queue.clear()
+        self.bound.clear()  # as `splice` does when the queue runs empty
+        return True
 
     def copy_in(self) -> None:
         """A COPY FROM STDIN began in a batch a barrier stands for, started by an Execute with a Sync

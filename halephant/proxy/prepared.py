@@ -190,6 +190,11 @@ def relay(server: ServerConnection, data: bytes, client: ClientConnection) -> No
             if queue and server.client is not client:
                 _out_of_step(client, ps)
         return
+    if not server._buf and sc.at_boundary and ps.retriable_answered(data):
+        # the whole, successful answer to a lone Bind/Describe/Execute/Sync (armed for a stale-plan
+        # retry that it turned out not to need): relayed as it is
+        server._relay(data, client)
+        return
     # The fast path may have passed on the start of a message (before tracking began, or a notice while
     # nothing was outstanding): pass on its rest the same way first.
     while data and not server._buf and not sc.at_boundary:

@@ -440,6 +440,42 @@ def test_stale_plan_of_a_lone_batch_with_describe_is_run_again_unseen() -> None:
         books.queue.clear()
 
 
+def test_a_lone_batch_armed_for_a_retry_and_answered_in_full_takes_the_fast_path() -> None:
+    registry = StatementRegistry()
+    lru = ServerStatements(10)
+    books = ClientStatements(registry)
+    ModelServer().feed(books.translate(parse("q", "1") + SYNC, lru))
+    books.queue.clear()
+    batch = bind("q") + describe_portal() + execute() + SYNC
+    row = m.message(b"D", b"\0\x01\0\0\0\x01" + b"1")
+    answer = m.message(b"2") + m.message(b"T", b"\0\0") + row + m.message(b"C", b"SELECT 1\0")
+    # not whole, not successful, or with a message that needs halephant: the books are left as they are
+    refused = [
+        answer,  # no ReadyForQuery yet
+        (answer + m.READY_FOR_QUERY_IDLE)[:-7] + m.READY_FOR_QUERY_IDLE,  # cut inside the last message
+        m.error_response("0A000", "cached plan must not change result type") + m.READY_FOR_QUERY_IDLE,
+        m.message(b"N", b"SNOTICE\0\0") + answer + m.READY_FOR_QUERY_IDLE,
+        answer + m.message(b"S", b"a\0b\0") + m.READY_FOR_QUERY_IDLE,
+        # a value that ends like a ReadyForQuery, and no ReadyForQuery
+        m.message(b"2") + m.message(b"D", b"\0\x01\0\0\0\x06" + m.READY_FOR_QUERY_IDLE),
+    ]
+    for replies in refused:
+        books.translate(batch, lru, outstanding=1, retry=b"")
+        queued = list(books.queue)
+        assert queued[0][1] == 8 and len(queued) == 4  # armed for a retry
+        assert not books.retriable_answered(replies)
+        assert list(books.queue) == queued
+        books.queue.clear()
+    books.translate(batch, lru, outstanding=1, retry=b"")
+    assert books.retriable_answered(answer + m.READY_FOR_QUERY_IDLE)
+    assert not books.queue and not books.bound
+    # a batch that is not armed (no Describe) is not this path's
+    books.translate(bind("q") + execute() + SYNC, lru, outstanding=1, retry=b"")
+    assert not books.retriable_answered(
+        m.message(b"2") + m.message(b"C", b"SELECT 1\0") + m.READY_FOR_QUERY_IDLE
+    )
+
+
 def test_stale_plan_first_in_a_transaction_is_run_again_in_the_transaction_begun_again() -> None:
     registry = StatementRegistry()
     lru = ServerStatements(10)
