@@ -6,6 +6,7 @@ ordinary halephant.yaml, printed so the user can copy it.
 
 from __future__ import annotations
 
+import shutil
 import socket
 import sys
 import tempfile
@@ -66,12 +67,13 @@ def run_demo(*, port: int | None = None, base_dir: Path | None = None) -> int:
     except PgError as exc:
         click.echo(f"halephant demo: PostgreSQL failed to start: {exc}", err=True)
         return 1
+    # the demo's halephant.yaml (with its passwords) lives as long as the demo, like PostgreSQL's data
+    workdir = Path(tempfile.mkdtemp(prefix="halephant-demo-"))
     try:
         # myapp_ro needs no role of its own: halephant logs it in upstream as myapp (server_user)
         cluster.create_role("myapp", "myapp", createdb=True)
         cluster.create_database("myapp", owner="myapp")
         cluster.wait_replicated()
-        workdir = Path(tempfile.mkdtemp(prefix="halephant-demo-"))
         config_path = workdir / "halephant.yaml"
         config_path.write_text(
             DEMO_CONFIG.format(port=port, primary=cluster.primary.port, replica=cluster.replicas[0].port)
@@ -109,6 +111,7 @@ def run_demo(*, port: int | None = None, base_dir: Path | None = None) -> int:
         except KeyboardInterrupt:
             pass
     finally:
-        click.echo("stopping PostgreSQL and removing the demo directory ...", err=True)
+        click.echo("stopping PostgreSQL and removing the demo directories ...", err=True)
         cluster.destroy()
+        shutil.rmtree(workdir, ignore_errors=True)
     return 0

@@ -85,3 +85,10 @@ def test_halephant_demo_routes_myapp_ro_to_the_replica() -> None:
             proc.kill()
             proc.wait()
         proc.stdout.close()
+    # Ctrl-C leaves nothing behind: neither PostgreSQL's data nor the demo's halephant.yaml
+    config = re.search(r"\(config: (\S+)\)", text)
+    data = re.search(r"\(data in (\S+)\)", text)
+    assert config is not None and data is not None, text
+    assert not os.path.exists(config.group(1))
+    assert not os.path.exists(os.path.dirname(config.group(1)))
+    assert not os.path.exists(data.group(1))
