@@ -25,7 +25,7 @@ _unpack_len = _LEN.unpack_from
 _unpack_head = struct.Struct("!Bi").unpack_from
 _READY_FOR_QUERY = codes.READY_FOR_QUERY
 #: a whole ReadyForQuery's type and length: what nearly every reply ends with, before its status byte
-_READY_FOR_QUERY_HEAD = b"Z\0\0\0\x05"
+READY_FOR_QUERY_HEAD = b"Z\0\0\0\x05"
 #: ParseComplete then BindComplete: how a reply to an extended-protocol batch starts, passed in one step
 _PARSE_BIND_COMPLETE = b"1\0\0\0\x042\0\0\0\x04"
 #: `BackendScanner.kept` when a chunk held nothing to keep (never appended to: `_add_kept` replaces it)
@@ -62,6 +62,19 @@ def split_frames(data: bytes, max_size: int) -> tuple[list[Frame], int]:
         append((t, pos + 5, end))
         pos = end
     return frames, pos
+
+
+def walk_types(data: bytes, pos: int, end: int, types: frozenset[int]) -> int:
+    """Step over whole messages from `pos` while before `end`, each of a type in `types` with a valid
+    length: the offset reached (`end` when the walk landed exactly on it), or -1 at a message of any
+    other type. For a caller that has matched what ends `data` (a tail it knows) and must check that
+    what comes before it is only those messages."""
+    while pos < end:
+        t, length = _unpack_head(data, pos)
+        if length < 4 or t not in types:
+            return -1
+        pos += length + 1
+    return pos
 
 
 class BackendScanner:
@@ -140,7 +153,7 @@ class BackendScanner:
             pos = 10
         stop = self._stop
         unpack_head = _unpack_head  # a local: this loop runs for every server message
-        if data[-6:-1] == _READY_FOR_QUERY_HEAD:
+        if data[-6:-1] == READY_FOR_QUERY_HEAD:
             # Nearly every reply ends with its one ReadyForQuery: walk up to it without looking for
             # one on the way; the walk must then land exactly on it (a message reaching over it, or
             # one to stop at before it, leaves the rest of the chunk to the general walk below).

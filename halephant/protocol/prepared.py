@@ -37,7 +37,7 @@ from typing import Final
 from halephant import sqlstate
 from halephant.protocol import codes
 from halephant.protocol import messages as m
-from halephant.protocol.framing import Frame, split_frames
+from halephant.protocol.framing import READY_FOR_QUERY_HEAD, Frame, split_frames, walk_types
 
 __all__ = [
     "ClientStatements",
@@ -122,9 +122,6 @@ _PLAIN_ANSWER: Final = frozenset(
         codes.PORTAL_SUSPENDED,
     )
 )
-#: a whole ReadyForQuery's type and length, before its status byte
-_READY_FOR_QUERY_HEAD: Final = b"Z\0\0\0\x05"
-_unpack_head = struct.Struct("!Bi").unpack_from
 _SYNC_POINTS: Final = frozenset((codes.SYNC, codes.QUERY, codes.FUNCTION_CALL))
 #: the messages before the Sync of a batch that `_retriable` may run again
 _BIND_DESCRIBE_EXECUTE: Final = (codes.BIND, codes.DESCRIBE, codes.EXECUTE)
@@ -561,17 +558,11 @@ class ClientStatements:
             or queue[1] is not _PLAIN_DESCRIBE
             or queue[2] is not _EXECUTE
             or queue[3] is not _PLAIN_SYNC
-            or data[-6:-1] != _READY_FOR_QUERY_HEAD
+            or data[-6:-1] != READY_FOR_QUERY_HEAD
         ):
             return False
         end = len(data) - 6
-        pos = 0
-        while pos < end:
-            t, length = _unpack_head(data, pos)
-            if length < 4 or t not in _PLAIN_ANSWER:
-                return False
-            pos += length + 1
-        if pos != end:
+        if walk_types(data, 0, end, _PLAIN_ANSWER) != end:
             return False
         queue.clear()
         self.bound.clear()  # as `splice` does when the queue runs empty

@@ -40,7 +40,7 @@ from halephant.auth.server_side import Exchange, exchange_for
 from halephant.errors import ClientError, ProtocolViolation
 from halephant.protocol import codes
 from halephant.protocol import messages as m
-from halephant.protocol.framing import split_frames
+from halephant.protocol.framing import split_frames, walk_types
 from halephant.protocol.prepared import ClientStatements
 from halephant.protocol.session_params import startup_settings
 from halephant.protocol.startup import (
@@ -117,7 +117,6 @@ _QUICK_TYPES = frozenset((b"Q", b"P"))
 _DESCRIBE_EXECUTE_SYNC = b"D\0\0\0\x06P\0" + b"E\0\0\0\x09\0\0\0\0\0" + b"S\0\0\0\x04"
 _TAIL_SIZE = len(_DESCRIBE_EXECUTE_SYNC)
 _unpack_len = struct.Struct("!i").unpack_from
-_unpack_head = struct.Struct("!Bi").unpack_from  # a message's type and length
 
 
 _PRIMARY = Role.PRIMARY  # enum member lookups cost ~60 ns; this one runs per transaction
@@ -726,7 +725,7 @@ class ClientConnection(asyncio.Protocol):
         `len(data)`, at least 6 and within the message size limit."""
         if data[0] != _PARSE or data[5] != 0:
             return None  # a named statement is the prepared-statement mapping's
-        parse_end = pos = _unpack_len(data, 1)[0] + 1
+        parse_end = _unpack_len(data, 1)[0] + 1
         if not 5 <= parse_end <= n:
             return None
         # walked here without building the frame list `split_frames` makes: this runs per transaction.
@@ -735,15 +734,10 @@ class ClientConnection(asyncio.Protocol):
         # the walk must then land exactly on it.
         last = n - 5
         walk_to = n - _TAIL_SIZE if data.endswith(_DESCRIBE_EXECUTE_SYNC) else last
-        while pos < walk_to:
-            t, length = _unpack_head(data, pos)
-            if length < 4 or t not in _QUICK_BATCH:
-                return None
-            pos += length + 1
-        if pos != walk_to:
+        if walk_types(data, parse_end, walk_to, _QUICK_BATCH) != walk_to:
             return None
         # ...up to its Sync, which must end the data
-        if walk_to == last and (data[pos] != _SYNC or _unpack_len(data, pos + 1)[0] != 4):
+        if walk_to == last and (data[last] != _SYNC or _unpack_len(data, last + 1)[0] != 4):
             return None
         # `_statement`, inlined: the name is empty (data[5] is its NUL), the text follows
         text_end = data.find(b"\0", 6, parse_end)
