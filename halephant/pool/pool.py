@@ -173,17 +173,11 @@ class Pool(Generic[S, W]):
             server = idle.pop()
             self.active.add(server)
             return server, False
-        waiters = self.waiters
-        waiters.append(waiter, group)
-        # `_should_open()`, inlined: every client that queues runs this
-        connecting = self.connecting
-        if waiters._len > connecting and len(idle) + len(self.active) + connecting < self.info.size.max:
-            self.connecting += 1
-            return None, True
-        return None, False
+        self.waiters.append(waiter, group)
+        return None, self._should_open()
 
     def _should_open(self) -> bool:
-        # `total`, inlined (and this, in `checkout`)
+        # `total`, inlined: a client that queues runs this
         connecting = self.connecting
         if (
             self.waiters._len > connecting
