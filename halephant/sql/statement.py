@@ -508,11 +508,10 @@ def _plain_kind(keyword: str) -> type[Statement]:
     """A `Statement` class whose texts are plain and start with `keyword` (one class per keyword)."""
     kind = _plain_kinds.get(keyword)
     if kind is None:
-        facts = {"_plain": True, "_first_keyword": keyword, "_session": ""}
-        # ...and the same facts as plain class attributes in place of the properties that would
-        # compute them: a pooled transaction reads `plain` and `first_keyword` once each
-        public = {"plain": True, "first_keyword": keyword, "session_state": ""}
-        kind = _plain_kinds[keyword] = type("PlainStatement", (Statement,), {**facts, **public})
+        # the facts as class attributes in place of the properties that would compute them (and of
+        # the fields those read): a pooled transaction reads `plain` and `first_keyword` once each
+        facts = {"plain": True, "first_keyword": keyword, "session_state": ""}
+        kind = _plain_kinds[keyword] = type("PlainStatement", (Statement,), facts)
     return kind
 
 
