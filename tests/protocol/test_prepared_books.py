@@ -403,12 +403,17 @@ def describe_portal() -> bytes:
     return m.message(b"D", b"P\0")
 
 
-def test_stale_plan_of_a_lone_batch_with_describe_is_run_again_unseen() -> None:
-    registry = StatementRegistry()
+def prepared_q() -> tuple[ClientStatements, ServerStatements]:
+    """The books of a client that has prepared `q` (SELECT 1), and the server that holds it."""
     lru = ServerStatements(10)
-    books = ClientStatements(registry)
+    books = ClientStatements(StatementRegistry())
     ModelServer().feed(books.translate(parse("q", "1") + SYNC, lru))
     books.queue.clear()
+    return books, lru
+
+
+def test_stale_plan_of_a_lone_batch_with_describe_is_run_again_unseen() -> None:
+    books, lru = prepared_q()
     old = books.names[b"q"]
     batch = bind("q") + describe_portal() + execute() + SYNC
     books.translate(batch, lru, outstanding=1, retry=b"")
@@ -441,11 +446,7 @@ def test_stale_plan_of_a_lone_batch_with_describe_is_run_again_unseen() -> None:
 
 
 def test_a_lone_batch_armed_for_a_retry_and_answered_in_full_takes_the_fast_path() -> None:
-    registry = StatementRegistry()
-    lru = ServerStatements(10)
-    books = ClientStatements(registry)
-    ModelServer().feed(books.translate(parse("q", "1") + SYNC, lru))
-    books.queue.clear()
+    books, lru = prepared_q()
     batch = bind("q") + describe_portal() + execute() + SYNC
     row = m.message(b"D", b"\0\x01\0\0\0\x01" + b"1")
     answer = m.message(b"2") + m.message(b"T", b"\0\0") + row + m.message(b"C", b"SELECT 1\0")
@@ -477,11 +478,7 @@ def test_a_lone_batch_armed_for_a_retry_and_answered_in_full_takes_the_fast_path
 
 
 def test_stale_plan_first_in_a_transaction_is_run_again_in_the_transaction_begun_again() -> None:
-    registry = StatementRegistry()
-    lru = ServerStatements(10)
-    books = ClientStatements(registry)
-    ModelServer().feed(books.translate(parse("q", "1") + SYNC, lru))
-    books.queue.clear()
+    books, lru = prepared_q()
     began = m.query("BEGIN ISOLATION LEVEL REPEATABLE READ")
     batch = bind("q") + describe_portal() + execute() + SYNC
     books.translate(batch, lru, outstanding=1, retry=began)
