@@ -118,6 +118,23 @@ def tree_ticks(root: int | None, table: dict[int, tuple[int, int]]) -> int | Non
     return total
 
 
+def run_queue_ns(pid: int | None) -> int | None:
+    """Nanoseconds the threads of `pid` have spent runnable but waiting for a CPU (schedstat's run_delay).
+
+    With the pooler's CPU per transaction it tells whether the pooler is what limits a run: a pooler that is
+    running or waiting to run nearly all the time is the bottleneck, whatever its CPU share."""
+    if pid is None:
+        return None
+    total = 0
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[1])
+    except (OSError, IndexError, ValueError):
+        return None  # gone, or a kernel without schedstat
+    return total
+
+
 def system_ticks() -> tuple[int, int]:
     """(busy, softirq) CPU ticks of the whole machine since boot; busy is everything but idle and iowait."""
     with open("/proc/stat") as f:
@@ -525,9 +542,11 @@ def run_once(setup: Setup, target: Target, cell: Cell, postmaster: int | None) -
     table = process_table()
     b_pg, b_px, (b_sys, b_si) = tree_ticks(postmaster, table), tree_ticks(target.pid, table), system_ticks()
     b_ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    b_rq = run_queue_ns(target.pid)
     t0 = time.monotonic()
     r = subprocess.run(cmd, env=setup.pg_env(), capture_output=True, text=True, timeout=a.duration + 300)
     wall = time.monotonic() - t0
+    e_rq = run_queue_ns(target.pid)
     e_ru = resource.getrusage(resource.RUSAGE_CHILDREN)
     time.sleep(0.5)  # backends closing with pgbench exit and get reaped: their CPU moves to the postmaster
     table = process_table()
@@ -552,6 +571,7 @@ def run_once(setup: Setup, target: Target, cell: Cell, postmaster: int | None) -
     px_ticks = None if b_px is None or e_px is None else e_px - b_px
     bench_ticks = (e_ru.ru_utime + e_ru.ru_stime - b_ru.ru_utime - b_ru.ru_stime) * HZ
     busy_ticks, softirq_ticks = e_sys - b_sys, e_si - b_si
+    rq_ticks = None if b_rq is None or e_rq is None else (e_rq - b_rq) / 1e9 * HZ
     rec: dict[str, Any] = {
         "kind": "run",
         "target": target.name,
@@ -564,6 +584,9 @@ def run_once(setup: Setup, target: Target, cell: Cell, postmaster: int | None) -
         "failed": int(failed) if failed else 0,
         "txns": n,
         "pooler_us_per_txn": us_per_txn(px_ticks),
+        # how long the pooler waited for a CPU while it had work: (CPU + this) per transaction near 1e6 / tps
+        # means the pooler was running or runnable all the time, i.e. it limited the run
+        "pooler_runq_us_per_txn": us_per_txn(rq_ticks),
         "postgres_us_per_txn": us_per_txn(pg_ticks),
         "pgbench_us_per_txn": us_per_txn(bench_ticks),
         "cpu_pooler_pct": pct(px_ticks),
@@ -612,9 +635,11 @@ def _run_summary(rec: dict[str, Any]) -> str:
     def g(key: str, spec: str) -> str:
         return _fmt(rec.get(key), spec)
 
+    runq = rec.get("pooler_runq_us_per_txn")
     line = (
         f"tps={g('tps', '.0f')} lat={g('lat_ms', '.3f')}ms us/txn: pooler={g('pooler_us_per_txn', '.1f')} "
-        f"pg={g('postgres_us_per_txn', '.1f')} pgbench={g('pgbench_us_per_txn', '.1f')}; "
+        + ("" if runq is None else f"(+{runq:.1f} waiting for a CPU) ")
+        + f"pg={g('postgres_us_per_txn', '.1f')} pgbench={g('pgbench_us_per_txn', '.1f')}; "
         f"%cpu: softirq={g('cpu_softirq_pct', '.0f')} other={g('cpu_other_pct', '.0f')} "
         f"pre={g('pre_load_pct', '.0f')}"
     )
@@ -688,6 +713,7 @@ COLUMNS = [
     ("tps", 9, ",.0f", "tps"),
     ("lat ms", 8, ".3f", "lat_ms"),
     ("pooler us/txn", 13, ".1f", "pooler_us_per_txn"),
+    ("pooler runq us", 14, ".1f", "pooler_runq_us_per_txn"),
     ("postgres us/txn", 15, ".1f", "postgres_us_per_txn"),
     ("softirq %", 9, ".0f", "cpu_softirq_pct"),
     ("other %", 7, ".0f", "cpu_other_pct"),
