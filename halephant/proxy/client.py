@@ -109,6 +109,7 @@ _TX_IDLE = codes.TX_IDLE
 _QUERY = codes.QUERY
 _PARSE = codes.PARSE
 _SYNC = codes.SYNC
+_STATEMENT_TARGET = ord("S")  # Close (and Describe) of a prepared statement, not of a portal
 #: what may follow the unnamed Parse of a batch `_quick_batch` takes, before its Sync
 _QUICK_BATCH = frozenset((codes.BIND, codes.DESCRIBE, codes.EXECUTE, codes.CLOSE, codes.FLUSH))
 #: the first byte of what `_quick_query` may take (a 1-byte slice is a cached object: no allocation)
@@ -626,7 +627,10 @@ class ClientConnection(asyncio.Protocol):
                         server.send(instead)
                         fwd = end
                 session = self.session
-                if effect or verdict is not None or (session is not None and session.pins):
+                if t == codes.PARSE:
+                    # only prepared: it takes effect when a Bind runs it (below)
+                    session_state.on_parse(self, buf[start : buf.find(b"\0", start, end)], statement, verdict)
+                elif effect or verdict is not None or (session is not None and session.pins):
                     # State that outlives the transaction: carried with the client, or the client keeps
                     # this server (logged with the reason) until it is released.
                     session_state.on_statement(self, statement, verdict)
@@ -643,6 +647,12 @@ class ClientConnection(asyncio.Protocol):
                         self.pin_for("named prepared statement")
             elif isinstance(verdict, Pin):
                 self.pin_for(verdict.reason)
+            elif kind == _K_BATCH and self.session is not None and self.session.parsed and transaction_mode:
+                if t == codes.BIND:  # a statement parsed earlier, maybe transactions ago, runs now
+                    name_start = buf.find(b"\0", start, end) + 1  # after the portal's name
+                    session_state.on_bind(self, buf[name_start : buf.find(b"\0", name_start, end)])
+                elif t == codes.CLOSE and buf[start] == _STATEMENT_TARGET:
+                    session_state.on_close(self, buf[start + 1 : buf.find(b"\0", start + 1, end)])
             if kind <= _K_SYNC:
                 if kind != _K_PARSE:  # Query, Sync, FunctionCall: a sync point
                     if ps is not None:  # only a client whose statements are mapped retries a batch

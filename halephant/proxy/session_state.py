@@ -85,6 +85,7 @@ class SessionState:
         "listen_seen",
         "listening",
         "owns_pin",
+        "parsed",
         "pin_reason",
         "pins",
         "prepare_seen",
@@ -122,6 +123,9 @@ class SessionState:
         self.broken = ""
         #: `client.settings` is this client's own dict (the startup one may be shared)
         self.settings_owned = False
+        #: statements parsed by name (b"" = unnamed) that touch the session, with the inspect verdict they
+        #: got: applied each time a Bind runs them (`on_bind`), not when they are prepared
+        self.parsed: dict[bytes, tuple[Statement, Verdict | None]] = {}
         self.queue: deque[bytes] = deque()
         self.queued_bytes = 0
         #: notifications the linked server delivered itself lately (time, payload): while the shared
@@ -151,9 +155,37 @@ def _hold(client: ClientConnection, st: SessionState, feature: str, reason: str)
         log.info("%r: also holds %s: %s", client, feature, reason)
 
 
+def on_parse(client: ClientConnection, name: bytes, statement: Statement, verdict: Verdict | None) -> None:
+    """A Parse about to go to the linked server in transaction pooling, with the inspect verdict (Reject
+    never comes here). Preparing a statement changes nothing in the session: what it does happens each time
+    a Bind runs it, maybe transactions later (drivers prepare once, then send only Bind/Execute), so it is
+    remembered here for `on_bind`."""
+    if session_effects(statement) or verdict is not None:
+        _state(client).parsed[name] = (statement, verdict)
+    elif client.session is not None:
+        client.session.parsed.pop(name, None)  # a name parsed again for an ordinary statement
+
+
+def on_bind(client: ClientConnection, name: bytes) -> None:
+    """A Bind of statement `name` about to go to the linked server in transaction pooling: when the statement
+    touches the session, it is about to run, as a Query of its text would."""
+    st = client.session
+    if st is not None:
+        noted = st.parsed.get(name)
+        if noted is not None:
+            on_statement(client, noted[0], noted[1])
+
+
+def on_close(client: ClientConnection, name: bytes) -> None:
+    """The client closes its prepared statement `name`."""
+    st = client.session
+    if st is not None:
+        st.parsed.pop(name, None)
+
+
 def on_statement(client: ClientConnection, statement: Statement, verdict: Verdict | None) -> None:
-    """A Query or Parse about to go to the linked server in transaction pooling, with the inspect verdict
-    (Reject never comes here)."""
+    """A Query (or the Bind of a parsed statement, `on_bind`) about to go to the linked server in
+    transaction pooling, with the inspect verdict (Reject never comes here)."""
     st = _state(client)
     pin = verdict if isinstance(verdict, Pin) else None
     pin_used = False

@@ -100,6 +100,27 @@ def test_advisory_lock_pins_the_client_until_it_unlocks(pg: Cluster, hal: Runnin
         assert advisory_locks(pg) == 0
 
 
+def test_features_of_prepared_statements_pin_and_release_when_they_run(pg: Cluster, hal: Running) -> None:
+    # prepared at once (Parse), then run by Bind/Execute alone, as drivers run the statements they cache
+    a = psycopg.connect(hal.dsn(dbname="one"), autocommit=True, connect_timeout=5, prepare_threshold=0)
+    with a, connect(hal) as b:
+        for _ in range(2):  # the second round runs statements the server already has
+            a.execute("SELECT pg_advisory_lock(%s)", [7003])
+            pid = one(a, "SELECT pg_backend_pid()")
+            assert_waits_for_the_server(b)  # `a` holds the lock: never handed to `b` with it
+            a.execute("SELECT pg_advisory_unlock(%s)", [7003])
+            assert one(b, "SELECT pg_backend_pid()") == pid  # released when it ran, not when prepared
+            assert advisory_locks(pg) == 0
+        a.execute("CREATE TEMP TABLE e2e_feature_prepared (n int)")
+        assert_waits_for_the_server(b)
+        a.execute("DROP TABLE e2e_feature_prepared")
+        assert one(b, "SELECT to_regclass('pg_temp.e2e_feature_prepared') IS NULL") is True
+        a.execute("PREPARE e2e_prepared_plan AS SELECT 42")  # SQL PREPARE, itself a prepared statement
+        assert one(b, "SELECT count(*) FROM pg_prepared_statements WHERE name = 'e2e_prepared_plan'") == 0
+        assert one(a, "EXECUTE e2e_prepared_plan") == 42
+        a.execute("DEALLOCATE e2e_prepared_plan")
+
+
 def test_temp_table_pins_until_dropped(hal: Running) -> None:
     with connect(hal) as a, connect(hal) as b:
         a.execute("CREATE TEMP TABLE e2e_feature_tmp (n int)")

@@ -8,9 +8,11 @@ setting left on the server would show to the next client. After each test the se
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from typing import Any
 
+import asyncpg
 import psycopg
 import psycopg.errors
 import pytest
@@ -42,8 +44,13 @@ def clean_afterwards(pg: Cluster, hal: Running) -> Iterator[None]:
         assert one(conn, "SELECT count(*) FROM pg_settings WHERE source = 'session'") == 0
 
 
-def connect(hal: Running, **params: Any) -> psycopg.Connection[Any]:
-    return psycopg.connect(hal.dsn(dbname="one", **params), autocommit=True, connect_timeout=5)
+def connect(hal: Running, prepare_threshold: int | None = 5, **params: Any) -> psycopg.Connection[Any]:
+    return psycopg.connect(
+        hal.dsn(dbname="one", **params),
+        autocommit=True,
+        connect_timeout=5,
+        prepare_threshold=prepare_threshold,
+    )
 
 
 def one(conn: psycopg.Connection[Any], query: str) -> Any:
@@ -169,6 +176,53 @@ def test_set_does_not_pin_a_client_that_leaves(pg: Cluster, hal: Running) -> Non
     with connect(hal) as b:
         assert one(b, "SELECT pg_backend_pid()") == pid  # the same server, not closed for it
         assert one(b, "SELECT setting = reset_val FROM pg_settings WHERE name = 'work_mem'") is True
+
+
+# Drivers prepare a statement once (Parse), then send only Bind/Execute for it, maybe transactions later:
+# psycopg from the prepare_threshold-th run on (0: at once), asyncpg always. A SET in such a statement
+# takes effect when it runs, not when it is prepared.
+
+
+@pytest.mark.parametrize("threshold", [0, 2])
+def test_a_set_in_a_prepared_statement_lasts_from_each_run_and_never_reaches_another(
+    hal: Running, threshold: int
+) -> None:
+    with connect(hal, prepare_threshold=threshold) as a, connect(hal) as b:
+        default = one(b, "SHOW work_mem")
+        for _ in range(4):
+            a.execute("SET work_mem = '33MB'")
+            assert one(a, "SHOW work_mem") == "33MB"
+            assert one(b, "SHOW work_mem") == default
+            a.execute("RESET work_mem")
+            assert one(a, "SHOW work_mem") == default
+            assert one(b, "SHOW work_mem") == default
+        for tenant in ("t1", "t2", "t3", "t4"):
+            a.execute("SELECT set_config('myapp.tenant', %s, false)", [tenant])
+            assert one(a, "SELECT current_setting('myapp.tenant')") == tenant
+            assert one(b, "SELECT current_setting('myapp.tenant', true)") in (None, "")
+            assert one(a, "SELECT current_setting('myapp.tenant')") == tenant
+    with connect(hal) as c:  # after the client left, the server is back at the pool's defaults
+        assert one(c, "SELECT current_setting('myapp.tenant', true)") in (None, "")
+        assert one(c, "SHOW work_mem") == default
+
+
+def test_set_config_through_asyncpg_statements_follows_each_call(hal: Running) -> None:
+    async def main() -> None:
+        a = await asyncpg.connect(
+            host=hal.host, port=hal.port, user="myapp", password="myapp", database="one", ssl=False
+        )
+        try:
+            with connect(hal) as b:  # takes turns with `a` on the pool's single server
+                for tenant in ("t1", "t2", "t3"):
+                    await a.fetchval("SELECT set_config('myapp.tenant', $1, false)", tenant)
+                    assert await a.fetchval("SELECT current_setting('myapp.tenant')") == tenant
+                    assert one(b, "SELECT current_setting('myapp.tenant', true)") in (None, "")
+                    # brought back to `a` on the server that `b` had in between: this call's tenant
+                    assert await a.fetchval("SELECT current_setting('myapp.tenant')") == tenant
+        finally:
+            await a.close()
+
+    asyncio.run(main())
 
 
 def test_session_mode_is_unchanged(pg: Cluster, halephant: HalephantFactory) -> None:
