@@ -475,17 +475,26 @@ class ServerConnection(asyncio.Protocol):
         self.transport.write(data)
 
     def close(self, reason: str) -> None:
-        """Close gracefully (Terminate) and forget it."""
+        """Close gracefully (Terminate) and forget it; abort it when it cannot take what is still to send."""
         if self.closing:
             return
         self.closing = True
         log.debug("closing server %s: %s", self, reason)
         self.pool.discard(self)
         self.pool.stats.server_closed(self.rfq_seen, self.xact_seen, self.link_count)
-        if self.transport is not None:
-            if not self.transport.is_closing():
-                self.transport.write(m.TERMINATE)
-            self.transport.close()
+        transport = self.transport
+        if transport is not None:
+            if not transport.is_closing():
+                transport.write(m.TERMINATE)
+            if transport.get_write_buffer_size():
+                # Not even the Terminate went out: the server is not reading, typically because it is
+                # blocked sending results that nobody reads any more (a client that pipelined queries and
+                # left). A graceful close would wait for it forever, holding the connection and the
+                # backend, since a closing transport reads nothing: drop the connection instead. The
+                # backend sees it go, rolls back and exits.
+                transport.abort()
+            else:
+                transport.close()
 
     def abort(self) -> None:
         self.closing = True

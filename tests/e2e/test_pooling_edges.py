@@ -5,6 +5,8 @@ after a reset, a Pin decided while waiting for a server, an error while buffered
 from __future__ import annotations
 
 import pathlib
+import socket
+import struct
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -56,6 +58,37 @@ def test_server_in_an_aborted_transaction_is_never_handed_on(
     a.close()
     time.sleep(0.3)
     b, _ = _login(run)
+    out = b.simple_query("SELECT 1")
+    assert errors(out) == [] and data_rows(out) == [["1"]]
+    assert_clean_servers(pg.primary)
+
+
+def test_a_client_gone_with_pipelined_queries_unread_frees_its_server(
+    pg: Cluster, halephant: HalephantFactory
+) -> None:
+    # The client queues far more than the sockets hold and reads nothing: halephant stops reading from the
+    # server, whose backend blocks sending results, so it no longer reads what is queued for it either.
+    run = halephant.start(_config(pg))
+    a, _ = _login(run)
+    marker = "edges_unread_pipeline"
+    one_query = query(f"SELECT repeat('x', 100000) AS {marker}")  # 50 bytes in, 100 kB out
+    a.sock.setblocking(False)
+    sent, deadline = 0, time.monotonic() + 3
+    while sent < 64 * 1024 * 1024 and time.monotonic() < deadline:
+        try:
+            sent += a.sock.send(one_query * 50)
+        except BlockingIOError:
+            time.sleep(0.05)
+    a.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    a.close()  # a reset, as from a killed process
+    busy = (
+        f"SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%AS {marker}%' AND pid <> pg_backend_pid()"
+    )
+    deadline = time.monotonic() + 10
+    while pg.primary.sql(busy) != "0":
+        assert time.monotonic() < deadline, "the server of the client that left is still running its query"
+        time.sleep(0.2)
+    b, _ = _login(run)  # the pool's one server was replaced
     out = b.simple_query("SELECT 1")
     assert errors(out) == [] and data_rows(out) == [["1"]]
     assert_clean_servers(pg.primary)
