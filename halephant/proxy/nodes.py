@@ -141,7 +141,17 @@ class Nodes:
     # --- pools and groups ---
 
     def _new_group(self, target: PoolTarget) -> Group:
-        cluster = self.app.config.clusters.get(target.cluster)
+        config = self.app.config
+        if config.database_for(target.database) is None:
+            # a reload removed it while this client stayed connected: what the client sweep tells the
+            # idle ones, told here to one that got its next query in first
+            raise ClientError(
+                sqlstate.ADMIN_SHUTDOWN,
+                f'terminating connection: database "{target.database}" was removed from the halephant '
+                "configuration",
+                fatal=True,
+            )
+        cluster = config.clusters.get(target.cluster)
         if cluster is None:  # a reload removed it while this client stayed connected
             raise ClientError(
                 sqlstate.ADMIN_SHUTDOWN,

@@ -153,6 +153,7 @@ def test_reload_adds_and_removes_databases_and_users(pg: Cluster, halephant: Hal
     staying = _client(run)
     leaving_idle = _client(run, dbname="old_alias")
     leaving_busy = _client(run, dbname="old_alias")
+    leaving_asks = _client(run, dbname="old_alias")
     assert errors(leaving_busy.simple_query("BEGIN")) == []
     new = _config(pg)
     new["listen"] = config["listen"]
@@ -160,6 +161,9 @@ def test_reload_adds_and_removes_databases_and_users(pg: Cluster, halephant: Hal
     new["users"]["plainuser"] = {"password": "plainuser"}
     del new["users"]["myapp_ro"]
     log = _reload(run, new, "reload: done")
+    # a query right after the reload, before the client sweep tells the idle clients: told the same
+    leaving_asks.send(rc.query("SELECT 1"))
+    assert "old_alias" in leaving_asks.expect_fatal_and_close("57P01", timeout=5).fields["M"]
     assert "+ databases.new_alias: added" in log and "- databases.old_alias: removed" in log
     assert "- users.myapp_ro: removed" in log
     assert _works(_client(run, dbname="new_alias")) and _works(_client(run, "plainuser"))
