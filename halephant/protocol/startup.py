@@ -53,16 +53,17 @@ class StartupMessage:
 
 StartupPacket = SSLRequest | GSSENCRequest | CancelRequest | StartupMessage
 
-_HEADER = struct.Struct("!ii")
+_LENGTH = _CODE = struct.Struct("!i")
 
 
 class StartupFramer:
     """Frames startup-phase packets. `feed()` returns complete packets; `pending` says whether bytes wait."""
 
-    __slots__ = ("_buf",)
+    __slots__ = ("_answered", "_buf")
 
     def __init__(self) -> None:
         self._buf = b""
+        self._answered: set[int] = set()  # the encryption requests already answered
 
     @property
     def pending(self) -> bool:
@@ -77,19 +78,37 @@ class StartupFramer:
         buf = self._buf + data if self._buf else data
         out: list[StartupPacket] = []
         pos = 0
-        while len(buf) - pos >= 8:
-            length, code = _HEADER.unpack_from(buf, pos)
+        while len(buf) - pos >= 4:
+            # the length is checked as soon as it is there, as PostgreSQL does: a client that sent a bad
+            # one gets its error at once, not after login_timeout
+            (length,) = _LENGTH.unpack_from(buf, pos)
             if length < 8 or length > codes.MAX_STARTUP_PACKET_LENGTH:
                 raise ProtocolViolation("invalid length of startup packet")
             if len(buf) - pos < length:
                 break
-            out.append(parse_startup_packet(code, buf[pos + 8 : pos + length]))
+            code = _CODE.unpack_from(buf, pos + 4)[0]
+            if code in self._answered:
+                # PostgreSQL takes a second request of the same kind for a protocol version it lacks
+                raise unsupported_protocol(code)
+            packet = parse_startup_packet(code, buf[pos + 8 : pos + length])
+            if isinstance(packet, SSLRequest | GSSENCRequest):
+                self._answered.add(code)
+            out.append(packet)
             pos += length
             # One packet per step: after SSLRequest/GSSENCRequest the client must wait for our answer, and
             # after StartupMessage/CancelRequest come typed messages, or nothing.
             break
         self._buf = buf[pos:]
         return out
+
+
+def unsupported_protocol(code: int) -> ClientError:
+    """PostgreSQL's answer to a startup packet of a protocol version it does not speak."""
+    return ClientError(
+        sqlstate.FEATURE_NOT_SUPPORTED,
+        f"unsupported frontend protocol {code >> 16}.{code & 0xFFFF}: server supports 3.0 to 3.0",
+        fatal=True,
+    )
 
 
 def parse_startup_packet(code: int, body: bytes) -> StartupPacket:
@@ -107,13 +126,8 @@ def parse_startup_packet(code: int, body: bytes) -> StartupPacket:
             raise ProtocolViolation("invalid length of CancelRequest")
         pid, key = struct.unpack("!ii", body)
         return CancelRequest(pid, key)
-    major, minor = code >> 16, code & 0xFFFF
-    if major != 3:
-        raise ClientError(
-            sqlstate.FEATURE_NOT_SUPPORTED,
-            f"unsupported frontend protocol {major}.{minor}: server supports 3.0 to 3.0",
-            fatal=True,
-        )
+    if code >> 16 != 3:
+        raise unsupported_protocol(code)
     if not body or body[-1] != 0:
         raise ProtocolViolation("invalid startup packet layout: expected terminator as last byte")
     params: dict[str, str] = {}
@@ -144,4 +158,4 @@ def parse_startup_packet(code: int, body: bytes) -> StartupPacket:
             "no PostgreSQL user name specified in startup packet",
             fatal=True,
         )
-    return StartupMessage(minor, params, options)
+    return StartupMessage(code & 0xFFFF, params, options)

@@ -189,6 +189,22 @@ def test_libpq_asking_for_the_latest_protocol_logs_in(proxy: Running) -> None:
 @pytest.mark.parametrize(
     "request_bytes", [rc.ssl_request(), rc.gssenc_request()], ids=["SSLRequest", "GSSENCRequest"]
 )
+def test_a_second_encryption_request_of_a_kind_is_0A000(proxy: Running, request_bytes: bytes) -> None:
+    # PostgreSQL answers one of each kind, then takes another for an unsupported protocol version
+    with raw(proxy) as client:
+        client.send(request_bytes)
+        assert client.read_byte() == b"N"
+        client.send(request_bytes)
+        messages, closed = client.read_all(timeout=3.0)
+        assert closed and [(m.type, m.fields["S"], m.fields["C"]) for m in messages] == [
+            (b"E", "FATAL", "0A000")
+        ], messages
+        assert "unsupported frontend protocol 1234." in messages[0].fields["M"]
+
+
+@pytest.mark.parametrize(
+    "request_bytes", [rc.ssl_request(), rc.gssenc_request()], ids=["SSLRequest", "GSSENCRequest"]
+)
 def test_encryption_request_is_declined_then_plain_login_works(proxy: Running, request_bytes: bytes) -> None:
     with raw(proxy) as client:
         client.send(request_bytes)
@@ -235,13 +251,14 @@ def test_bytes_behind_an_ssl_request_are_08P01(proxy: Running, trailing: bytes) 
     "data",
     [
         struct.pack("!ii", 4, 3 << 16),
+        struct.pack("!i", 4),  # the length alone: refused without waiting for the code
         struct.pack("!ii", 7, 3 << 16),
         struct.pack("!ii", 20000, 3 << 16) + b"user\0",
         struct.pack("!ii", 2**31 - 1, 3 << 16),
         struct.pack("!i", -1) + b"\0\0\0\0",
         rc.msg(b"p", b"password\0"),  # a PasswordMessage before any startup packet
     ],
-    ids=["len-4", "len-7", "len-20000", "len-2^31-1", "len-negative", "password-first"],
+    ids=["len-4", "len-4-alone", "len-7", "len-20000", "len-2^31-1", "len-negative", "password-first"],
 )
 def test_bad_startup_length_is_refused_at_once(proxy: Running, data: bytes) -> None:
     with raw(proxy) as client:

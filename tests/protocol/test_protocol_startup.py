@@ -112,6 +112,25 @@ def test_ssl_refused_then_startup_in_later_chunks() -> None:
         assert framer.feed(STARTUP[:cut]) + framer.feed(STARTUP[cut:]) == [EXPECTED[STARTUP]]
 
 
+def test_ssl_then_gssenc_refused_then_startup() -> None:
+    # each kind of encryption request is answered once, in either order
+    for first, second in ((SSL, GSSENC), (GSSENC, SSL)):
+        framer = StartupFramer()
+        assert framer.feed(first) == [EXPECTED[first]]
+        assert framer.feed(second) == [EXPECTED[second]]
+        assert framer.feed(STARTUP) == [EXPECTED[STARTUP]]
+
+
+@pytest.mark.parametrize("request_bytes", [SSL, GSSENC], ids=["SSLRequest", "GSSENCRequest"])
+def test_a_second_encryption_request_of_a_kind_is_an_unsupported_protocol(request_bytes: bytes) -> None:
+    # as PostgreSQL answers it: FATAL 0A000 "unsupported frontend protocol 1234.5679: ..."
+    framer = StartupFramer()
+    assert framer.feed(request_bytes) == [EXPECTED[request_bytes]]
+    with pytest.raises(ClientError, match="unsupported frontend protocol 1234") as caught:
+        framer.feed(request_bytes)
+    assert caught.value.code == sqlstate.FEATURE_NOT_SUPPORTED and caught.value.fatal
+
+
 def test_bytes_pipelined_behind_startup_are_kept() -> None:
     query = m.query("SELECT 1")
     framer = StartupFramer()
@@ -225,6 +244,9 @@ def test_invalid_length(length: int) -> None:
     header = struct.pack("!ii", length, codes.PROTOCOL_3_0)
     with pytest.raises(ProtocolViolation, match="invalid length of startup packet"):
         StartupFramer().feed(header)
+    # ...from the length field alone, before the code arrives
+    with pytest.raises(ProtocolViolation, match="invalid length of startup packet"):
+        StartupFramer().feed(header[:4])
 
 
 def test_longest_accepted_length() -> None:
