@@ -321,15 +321,7 @@ class PoolManager:
             db = self.app.config.database_for(pool.info.target.database)
             if db is None:
                 continue
-            for server in pool.excess_idle():
-                log.info(
-                    "pool %s: closing server pid %d: above the pool size (%d), now %d",
-                    pool.name,
-                    server.backend_pid,
-                    pool.info.size.max,
-                    pool.total,
-                )
-                server.close("above the pool size")
+            self._close_excess(pool)
             for server in pool.expired(now, db.idle_timeout, db.max_lifetime):
                 reason = "max_lifetime" if now - server.created_at > db.max_lifetime else "idle_timeout"
                 log.info(
@@ -344,6 +336,20 @@ class PoolManager:
                 continue  # a node that takes no transactions now, or a pool nobody has used yet
             for _ in range(pool.missing_for_min()):
                 self.app.spawn(self._open_for_min, pool)
+
+    @staticmethod
+    def _close_excess(pool: ServerPool) -> None:
+        """Close the idle servers above the pool's size (a reload shrank it, or reserve ones)."""
+        excess = pool.excess_idle()
+        for i, server in enumerate(excess):
+            log.info(
+                "pool %s: closing server pid %d: above the pool size (%d), now %d",
+                pool.name,
+                server.backend_pid,
+                pool.info.size.max,
+                pool.total + len(excess) - 1 - i,  # taken out of the pool already: counted down here
+            )
+            server.close("above the pool size")
 
     async def _open_for_min(self, pool: ServerPool) -> None:
         await self._open(pool)
@@ -388,6 +394,8 @@ class PoolManager:
                     f"pool {pool.name} size: max {old.max} -> {size.max}, min {old.min} -> {size.min}, "
                     f"reserve {old.reserve} -> {size.reserve} ({size.reason})"
                 )
+                # not handed out again until the next sweep: a shrunk pool shrinks now
+                self._close_excess(pool)
                 while pool.should_open_for_waiters():
                     self.open(pool)
         self.nodes.reconfigure(config)

@@ -317,6 +317,16 @@ def test_reload_shrinks_a_pool_by_closing_idle_servers(
     config["databases"]["myapp"]["pool_size"] = 1
     log = _reload(run, config, "reload: done")
     assert "size: max 3 -> 1" in log
+    # the idle servers above the new size closed with the reload, not at the next sweep: right away, a
+    # second transaction waits for the one server left
+    assert "above the pool size (1), now 2" in log and "above the pool size (1), now 1" in log
+    first, second = clients[:2]
+    assert errors(first.simple_query("BEGIN")) == []
+    second.send(rc.query("SELECT 1"))
+    with pytest.raises(TimeoutError):
+        second.read(timeout=0.5)
+    assert errors(first.simple_query("COMMIT")) == []
+    assert data_rows(second.read_until_ready()) == [["1"]]
     deadline = time.monotonic() + 5
     while len(backend_pids("myapp")) > 1 and time.monotonic() < deadline:
         time.sleep(0.2)
