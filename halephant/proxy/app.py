@@ -238,7 +238,8 @@ class App:
         return backend_pid
 
     def cancel(self, process_id: int, secret_key: int) -> None:
-        """A CancelRequest: forward it to the server linked to that client now, and to nobody otherwise."""
+        """A CancelRequest: forward it to the server linked to that client now, and to nobody otherwise
+        (a statement still waiting for a server is cancelled where it waits)."""
         key = (secret_key & 0xFFFFFFFF).to_bytes(4, "big")
         for registry in (self.clients, self.session_pids):
             client = registry.get(process_id)
@@ -253,7 +254,10 @@ class App:
             return
         server = client.server
         if server is None:
-            log.info("%r: cancel request ignored: no query running", client)
+            if client.cancel_wait():
+                log.info("%r: cancel request: its statement was still waiting for a server", client)
+            else:
+                log.info("%r: cancel request ignored: no query running", client)
             return
         log.info("%r: forwarding cancel request to server pid %d", client, server.backend_pid)
         self.spawn(self._send_cancel, client, server, server.link_count)

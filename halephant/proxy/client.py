@@ -937,6 +937,21 @@ class ClientConnection(asyncio.Protocol):
             )
         )
 
+    def cancel_wait(self) -> bool:
+        """A cancel request while this client waits for a server: its statement has started nowhere, so
+        it is answered here as PostgreSQL answers a cancelled one (ERROR 57014, the rest of its batch
+        skipped up to the Sync); what the client pipelined behind it goes on as it would. False when it
+        is not waiting for a transaction's server."""
+        if self.waiting_pool is None or self.state != READY or not self.transaction_mode:
+            return False
+        self._end_wait()
+        self.app.stats.error(sqlstate.QUERY_CANCELED)
+        self._reject_next = m.error_response(
+            sqlstate.QUERY_CANCELED, "canceling statement due to user request"
+        )
+        self.data_received(b"")
+        return True
+
     def _end_wait(self) -> None:
         if self.waiting_pool is not None:
             self.waiting_pool.cancel_wait(self)

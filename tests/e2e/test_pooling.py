@@ -276,6 +276,31 @@ def test_cancel_without_a_running_query_is_harmless(pg: Cluster, hal: Running) -
     assert_clean_servers(pg.primary)
 
 
+def test_cancel_of_a_statement_waiting_for_a_server_cancels_it_there(pg: Cluster, hal: Running) -> None:
+    # pool_size 1 and a 5 s checkout_timeout: the waiting statement has reached no server yet
+    with connect(hal, "one") as holder, connect(hal, "one") as waiter, ThreadPoolExecutor(1) as pool:
+        holder.execute("BEGIN")
+        holder.execute("SELECT 1")
+
+        def wait_for_the_server() -> tuple[str | None, float]:
+            started = time.monotonic()
+            try:
+                waiter.execute("SELECT 'never sent'")
+            except psycopg.Error as exc:
+                return exc.sqlstate, time.monotonic() - started
+            return None, time.monotonic() - started
+
+        waiting = pool.submit(wait_for_the_server)
+        time.sleep(0.5)
+        waiter.cancel()
+        code, took = waiting.result(timeout=5)
+        assert code == "57014" and took < 2.5  # as PostgreSQL answers a cancelled statement
+        holder.execute("COMMIT")
+        assert waiter.execute("SELECT 'after cancel'").fetchone() == ("after cancel",)
+    assert "its statement was still waiting for a server" in hal.log_text()
+    assert_clean_servers(pg.primary)
+
+
 # --- losing one side mid-transaction -------------------------------------------------------------------
 
 
