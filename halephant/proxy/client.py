@@ -147,6 +147,7 @@ class ClientConnection(asyncio.Protocol):
         "began_with",
         "cancel_key",
         "connected_at",
+        "copy_mark",
         "info",
         "link_count",
         "login_deadline",
@@ -231,6 +232,9 @@ class ClientConnection(asyncio.Protocol):
         self.sweep_links = -1
         self.sweep_rfq = -1
         self.sweep_since = 0.0
+        #: (link_count, the server's rfq_seen) when the linked server last entered COPY FROM STDIN: while
+        #: both stay the same, the client is sending its data (the sweep's activity marks cannot see it)
+        self.copy_mark = (-1, -1)
         #: loop time of the connection, and of the last change between idle, waiting and active
         self.connected_at = self.since = 0.0
 
@@ -996,6 +1000,9 @@ class ClientConnection(asyncio.Protocol):
         in copy-in mode, where PostgreSQL ignores Sync: it will never be answered. The batch is
         finished by the Sync the client sends after CopyDone/CopyFail.
         """
+        server = self.server
+        if server is not None:
+            self.copy_mark = (self.link_count, server.rfq_seen)
         if self._last_sync_point == codes.SYNC:
             self.outstanding = 0
             self.unsynced = True

@@ -135,7 +135,9 @@ def sweep_clients(app: App, now: float) -> None:
                 )
             timeouts[key] = t
         idle_timeout, idle_tx_timeout, query_timeout = t
-        if server is None or (client.outstanding == 0 and server.scanner.status == codes.TX_IDLE):
+        if server is None or (
+            client.outstanding == 0 and server.scanner.status == codes.TX_IDLE and not client.unsynced
+        ):
             # between transactions
             if idle_timeout < 0:
                 client.fail(
@@ -162,8 +164,9 @@ def sweep_clients(app: App, now: float) -> None:
                         fatal=True,
                     )
                 )
-        elif client.outstanding == 0:
-            # in a transaction, and the server waits for the client
+        elif client.outstanding == 0 and client.copy_mark != (client.link_count, rfq):
+            # in a transaction, or in an extended-protocol batch not synced yet, and the server waits
+            # for the client: it holds a server while doing nothing (not sending COPY data)
             if idle_tx_timeout and quiet >= idle_tx_timeout:
                 log.info(
                     "%r: idle_transaction_timeout (%gs)",

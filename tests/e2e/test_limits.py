@@ -144,6 +144,32 @@ def test_idle_transaction_timeout_closes_the_client_and_rolls_back(
     assert_clean_servers(pg.primary, timeout=3)
 
 
+def test_idle_transaction_timeout_cuts_a_batch_left_without_its_sync(
+    pg: Cluster, halephant: HalephantFactory
+) -> None:
+    # Parse/Bind/Execute and a Flush, then nothing: the client holds a server while doing nothing
+    run = halephant.start(_config(pg, idle_transaction_timeout="1s"))
+    stuck, copying = _client(run), _client(run)
+    stuck.send(rc.parse("SELECT 1") + rc.bind() + rc.execute() + rc.msg(b"H"))
+    stuck.read_until(b"C")
+    t0 = time.monotonic()
+    error = stuck.expect_fatal_and_close("25P03", timeout=5)
+    assert 1.0 <= time.monotonic() - t0 <= 4.5
+    assert "idle-in-transaction timeout" in error.fields["M"]
+    # ...but one sending COPY data slowly, in such a batch, is busy, not idle
+    assert errors(copying.simple_query("CREATE TABLE IF NOT EXISTS limits_copy (n int)")) == []
+    copying.send(rc.parse("COPY limits_copy FROM STDIN") + rc.bind() + rc.execute() + rc.sync())
+    copying.read_until(b"G")
+    for n in range(8):
+        copying.send(rc.msg(b"d", f"{n}\n".encode()))
+        time.sleep(0.4)
+    copying.send(rc.msg(b"c") + rc.sync())
+    assert errors(copying.read_until_ready()) == []
+    out = copying.simple_query("SELECT count(*) FROM limits_copy; DROP TABLE limits_copy")
+    assert errors(out) == [] and data_rows(out) == [["8"]]
+    assert_clean_servers(pg.primary, timeout=3)
+
+
 def test_query_timeout_cancels_with_57014_and_the_client_stays(
     pg: Cluster, halephant: HalephantFactory
 ) -> None:
