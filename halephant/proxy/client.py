@@ -651,7 +651,7 @@ class ClientConnection(asyncio.Protocol):
                         self.pin_for("named prepared statement")
             elif isinstance(verdict, Pin):
                 self.pin_for(verdict.reason)
-            elif kind == _K_BATCH and self.session is not None and self.session.parsed and transaction_mode:
+            elif self.session is not None and kind == _K_BATCH and self.session.parsed and transaction_mode:
                 if t == codes.BIND:  # a statement parsed earlier, maybe transactions ago, runs now
                     name_start = buf.find(b"\0", start, end) + 1  # after the portal's name
                     session_state.on_bind(self, buf[name_start : buf.find(b"\0", name_start, end)])
