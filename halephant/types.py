@@ -297,6 +297,11 @@ class ClientInfo:
     address: str
     id: int = field(default_factory=lambda: next(_client_ids))
     _stash: dict[object, Any] | None = field(default=None, repr=False)
+    #: The session's settings as halephant carries them (read only): those set at startup, and in
+    #: transaction pooling every one the client changed, as the server read it back at the end of the
+    #: transaction (so a SET LOCAL or a rolled-back SET does not count). Names lower-case; a setting
+    #: back at the pool's default is absent.
+    settings: dict[str, str] = field(default_factory=dict, repr=False)
 
     @property
     def stash(self) -> dict[object, Any]:

@@ -16,10 +16,12 @@ Transaction-based, for read-write users, when `databases.<name>.read_only_transa
 (the default): a transaction that starts with `BEGIN READ ONLY` / `START TRANSACTION READ ONLY` goes to a
 replica, and after `SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY` or
 `SET default_transaction_read_only = on` every later transaction of that client does, until it sets
-read-write again (the state is kept in `client.stash`; `RESET`, `TO DEFAULT`, `RESET ALL` and
-`DISCARD ALL` end it too). Such a SET does not pin the client in transaction pooling: the core carries
-session settings with the client to every server it gets, so the transactions stay read-only if they
-land on the primary.
+read-write again (`RESET`, `TO DEFAULT`, `RESET ALL` and `DISCARD ALL` end it too). What counts is the
+session's setting as the core carries it (`ClientInfo.settings`: read back from the server at the end of
+each transaction), so a SET that was rolled back or undone by a failed transaction changes nothing, as
+with PostgreSQL. Such a SET does not pin the client in transaction pooling: the core carries session
+settings with the client to every server it gets, so the transactions stay read-only if they land on the
+primary.
 Read-only transactions fall back to the primary when no replica is usable; a SERIALIZABLE one stays on
 the primary (a hot standby refuses serializable transactions).
 
@@ -61,9 +63,6 @@ HINT: Final = (
     "This connection is routed to read-only replicas (users.{user}.read_only in halephant.yaml). "
     "Connect as a read-write user to write."
 )
-
-#: stash key: the client made its session read-only with a SET (routes to replicas until undone)
-SESSION_READ_ONLY: Final = object()
 
 
 class _Current:
@@ -171,7 +170,8 @@ def halephant_route(
         return plan.primary
     statement = transaction.statement
     begin = statement if statement is not None and statement.first_keyword in _STARTS else None
-    if client.stashed(SESSION_READ_ONLY):
+    read_only = client.settings.get("default_transaction_read_only")
+    if read_only is not None and _session_read_only(read_only, client):
         if begin is not None and _needs_primary(begin):
             return plan.session_primary_tx
         return plan.session if _has_replica(cluster) else plan.session_fallback
@@ -181,6 +181,17 @@ def halephant_route(
 
 
 _STARTS: Final = frozenset({"BEGIN", "START"})
+
+
+def _session_read_only(value: str, client: ClientInfo) -> bool:
+    """The session's transactions are read-only by default (`value`: its default_transaction_read_only)
+    and not SERIALIZABLE, which a hot standby cannot run. Read from the settings the core carries for the
+    client, which the server itself reported at the end of each transaction: a SET that was rolled back,
+    or that a failed transaction undid, does not count."""
+    if not parse_bool(value):
+        return False
+    isolation = client.settings.get("default_transaction_isolation", "")
+    return isolation.strip().lower() != "serializable"
 
 
 # BEGIN texts are few: (access mode: "on" / "off" / None, serializable) is kept per text
@@ -222,20 +233,10 @@ def _needs_primary(statement: Statement) -> bool:
 # --- keeping read-only sessions read-only ------------------------------------------------------------
 
 
-class _Fact:
-    """What a statement text does to read-only-ness: `to_read_write` names a switch to read-write ("" if
-    none); `session` is True/False when it makes the session read-only / read-write, None if neither."""
-
-    __slots__ = ("session", "to_read_write")
-
-    def __init__(self, to_read_write: str = "", session: bool | None = None) -> None:
-        self.to_read_write = to_read_write
-        self.session = session
-
-
-_NOTHING: Final = _Fact()
-# Facts about a text, shared by every client (applications repeat a small set of statements).
-_facts: dict[str, _Fact] = {}
+_NOTHING: Final = ""
+# What a text switches to read-write ("" for nothing), shared by every client (applications repeat a
+# small set of statements).
+_facts: dict[str, str] = {}
 _FACT_CACHE_SIZE: Final = 4096
 _FACT_CACHE_MAX_TEXT: Final = 8192
 #: first keywords of the statements that can change read-only-ness (besides set_config, a session state)
@@ -257,82 +258,60 @@ def halephant_inspect_query(client: ClientInfo, statement: Statement, pool: Pool
         or (";" in statement.text and statement.mentions("read") and statement.is_multi_statement)
     ):
         return None
+    plan = _plan(pool)
+    if not plan.read_only_user:
+        return None  # a read-write user's read-only session is routed from its settings (the route hook)
     text = statement.text
-    fact = _facts.get(text)
-    if fact is None:
-        fact = _classify(statement)
+    to_read_write = _facts.get(text)
+    if to_read_write is None:
+        to_read_write = _classify(statement)
         if len(text) <= _FACT_CACHE_MAX_TEXT:
             if len(_facts) >= _FACT_CACHE_SIZE:
                 _facts.clear()
-            _facts[text] = fact
-    if fact is _NOTHING:
+            _facts[text] = to_read_write
+    if not to_read_write:
         return None
-    plan = _plan(pool)
-    if plan.read_only_user:
-        if fact.to_read_write:
-            user = pool.target.pool_user
-            return Reject(
-                sqlstate.READ_ONLY_SQL_TRANSACTION,
-                f'user "{user}" is read-only: {fact.to_read_write} is not allowed',
-                hint=HINT.format(user=user),
-                reason=f"read-only user {user}: {fact.to_read_write}",
-            )
-        return None
-    if fact.session is not None and plan.ro_to_replica:
-        if fact.session:
-            client.stash[SESSION_READ_ONLY] = True
-        elif client.stashed(SESSION_READ_ONLY):
-            del client.stash[SESSION_READ_ONLY]
-    return None
+    user = pool.target.pool_user
+    return Reject(
+        sqlstate.READ_ONLY_SQL_TRANSACTION,
+        f'user "{user}" is read-only: {to_read_write} is not allowed',
+        hint=HINT.format(user=user),
+        reason=f"read-only user {user}: {to_read_write}",
+    )
 
 
-def _classify(statement: Statement) -> _Fact:
+def _classify(statement: Statement) -> str:
+    """What the text does to switch a session or transaction to read-write, described ("" if nothing)."""
     if _RELEVANT.search(statement.text) is None:
         return _NOTHING
     texts = statement.statements if statement.is_multi_statement else (statement.text,)
-    to_read_write = ""
-    session: bool | None = None
     for text in texts:
-        what, effect = _classify_one(text)
-        to_read_write = to_read_write or what
-        if effect is not None:
-            session = effect
-    if not to_read_write and session is None:
-        return _NOTHING
-    return _Fact(to_read_write, session)
+        what = _classify_one(text)
+        if what:
+            return what
+    return _NOTHING
 
 
-def _classify_one(text: str) -> tuple[str, bool | None]:
+def _classify_one(text: str) -> str:
     keyword = Statement(text).first_keyword
     if keyword in ("SET", "RESET", "BEGIN", "START"):
         changes = setting_changes(text)
         if changes is None:
-            upper = text.upper()
-            if keyword == "RESET" and re.fullmatch(r"\s*RESET\s+ALL\s*;?\s*", upper):
-                return "", False  # back to the session defaults: read-only again for a read-only user
-            if _MENTIONS.search(text):
-                return f"{keyword} of transaction_read_only in a form halephant cannot check", None
-            return "", None
-        what, session = "", None
+            if _MENTIONS.search(text) and not re.fullmatch(r"(?i)\s*RESET\s+ALL\s*;?\s*", text):
+                return f"{keyword} of transaction_read_only in a form halephant cannot check"
+            return ""
         for change in changes:
-            if change.name == "default_transaction_isolation" and change.value == "serializable":
-                session = False  # a hot standby cannot run SERIALIZABLE: keep the session on the primary
-                continue
             if change.name not in READ_ONLY_SETTINGS:
                 continue
             on = parse_bool(change.value) if change.value is not None else None
             if not on:
-                what = what or _describe(keyword, text, change.name, change.value)
-            if change.name == "default_transaction_read_only" and not change.local and session is None:
-                session = bool(on)
-        return what, session
-    if keyword == "DISCARD":
-        return "", (False if re.search(r"(?i)\bALL\b", text) else None)
+                return _describe(keyword, text, change.name, change.value)
+        return ""
     if keyword == "DO" and _MENTIONS.search(text):
-        return "a DO block that changes transaction_read_only", None
+        return "a DO block that changes transaction_read_only"
     if "set_config" in text.lower():
-        return _set_config_switch(text), None
-    return "", None
+        return _set_config_switch(text)
+    return ""
 
 
 def _describe(keyword: str, text: str, name: str, value: str | None) -> str:

@@ -148,6 +148,7 @@ class ClientConnection(asyncio.Protocol):
         "cancel_key",
         "connected_at",
         "copy_mark",
+        "held_back",
         "info",
         "link_count",
         "login_deadline",
@@ -210,6 +211,9 @@ class ClientConnection(asyncio.Protocol):
         #: the Query `_quick_query` took and left waiting for a server (sent as it is when one comes)
         self._quick: bytes | None = None
         self._read_paused = False
+        #: what the client sent for its next transaction waits in `_buf` while halephant finishes its own
+        #: business with the last one's server (`_after_transaction`)
+        self.held_back = False
         self._last_sync_point = 0
         #: the Query that began the current transaction from idle, while it is the only sync point sent in
         #: it before the latest one (a stale-plan retry replays it: halephant.proxy.prepared.forward)
@@ -392,7 +396,7 @@ class ClientConnection(asyncio.Protocol):
             raise ClientError(
                 sqlstate.FEATURE_NOT_SUPPORTED, "replication connections are not supported", fatal=True
             )
-        self.settings = startup_settings(packet.params)
+        self.settings = info.settings = startup_settings(packet.params)
         plugins, config = self.app.plugins, self.app.config
         selected = None if packet.database in ADMIN_DATABASES else plugins.select_pool(info, config)
         if selected is None:
@@ -460,7 +464,7 @@ class ClientConnection(asyncio.Protocol):
         self.state = WELCOME
         if not self.transaction_mode and "application_name" not in self.settings:
             # as connected directly: no application_name given means "", not halephant's own
-            self.settings = {**self.settings, "application_name": ""}
+            self.settings = self.info.settings = {**self.settings, "application_name": ""}
         params = self.app.manager.welcome_params(self.target)
         if self.pool_info.mode is PoolMode.SESSION or params is None or self.settings:
             # Session pooling holds a server from login. Otherwise a server is needed once to learn the
@@ -505,9 +509,14 @@ class ClientConnection(asyncio.Protocol):
         # (data_received first offers a new transaction's data to _quick_query)
         self._quick = None
         buf = self._buf + data if self._buf else data
+        server = self.server
+        if server is not None and self.session is not None and self._after_transaction(server):
+            self._buf = buf
+            self.held_back = True
+            return
+        self.held_back = False
         self._buf = b""
         frames, consumed = split_frames(buf, self.app.max_message_size)
-        server = self.server
         plugins = self.app.plugins
         transaction_mode = self.transaction_mode
         ps = self.prepared
@@ -690,6 +699,35 @@ class ClientConnection(asyncio.Protocol):
                 # refuse on the type byte alone: waiting for the body of a bogus length could hang forever
                 raise ProtocolViolation(f"invalid frontend message type {buf[consumed]}")
             self._buf = buf[consumed:]
+
+    def _after_transaction(self, server: ServerConnection) -> bool:
+        """The client's transaction is over and the server stays linked only for halephant's own business
+        with it (reading the session state back, handing LISTEN over): what the client sends now begins
+        its next transaction, which waits for that to finish, so that it is routed as any other (after
+        `SET default_transaction_read_only = off`, say, to the primary) rather than sent to this server."""
+        session = self.session
+        return (
+            session is not None
+            and (session.reading_on is server or session.cleaning)
+            and self.outstanding == 0
+            and not self.unsynced
+            and not self.pinned
+            and server.scanner.status == _TX_IDLE
+        )
+
+    def resume_held(self) -> None:
+        """Go on with what `_process` held back, if halephant's business with the server is over."""
+        if not self.held_back or self.state != READY:
+            return
+        server = self.server
+        if server is not None and self._after_transaction(server):
+            return
+        try:
+            self._process(b"")
+        except ClientError as exc:
+            self.fail(exc)
+        except Exception as exc:  # called from other callbacks: never let it escape there
+            self._internal_error(exc)
 
     def _quick_query(self, data: bytes) -> bool:
         """The most common transaction in transaction pooling, by the shortest path: one whole Query of a
@@ -1077,6 +1115,8 @@ class ClientConnection(asyncio.Protocol):
             self._release()
         if self.session is not None:
             session_state.flush(self)
+        if self.held_back:
+            self.resume_held()  # its next transaction: routed, and linked to a server
 
     def _release(self, after_transaction: bool = True) -> None:
         server = self.server

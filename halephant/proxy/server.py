@@ -359,6 +359,8 @@ class ServerConnection(asyncio.Protocol):
             # handed the server on (a reset query's stand-in gets the NotificationResponse a server
             # still listening sent right behind its ReadyForQuery; dropped, it was lost)
             self.data_received(rest)
+        if client.held_back:
+            client.resume_held()  # what the client sent meanwhile, once halephant's business is over
 
     def arm_rewrite(self, marker: bytes, error: bytes, pending: int) -> None:
         """Replace the server's ErrorResponse that mentions `marker` by `error` (a rejection in place).

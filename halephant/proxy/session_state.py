@@ -92,6 +92,7 @@ class SessionState:
         "prepared",
         "queue",
         "queued_bytes",
+        "reading_on",
         "relayed",
         "server_channels",
         "settings_owned",
@@ -114,6 +115,8 @@ class SessionState:
         self.prepare_seen = False
         #: waiting for the shared listener before the server's own LISTENs can be undone
         self.cleaning = False
+        #: the server the session state is being read back from, after a transaction
+        self.reading_on: ServerConnection | None = None
         #: emulated state: channels listened to, SQL prepared statements (name -> PREPARE text)
         self.listening: set[str] = set()
         self.prepared: dict[str, str] = {}
@@ -311,16 +314,19 @@ def _read_back(client: ClientConnection, server: ServerConnection, st: SessionSt
         prepared=st.prepare_seen,
         server_user=server.pool.info.target.server_user,
     )
+    st.reading_on = server
     server.run_internal(sql, lambda rows, error: _read_back_done(client, server, rows, error))
 
 
 def _read_back_done(
     client: ClientConnection, server: ServerConnection, rows: list[list[str | None]], error: str | None
 ) -> None:
-    if client.server is not server:
-        return  # the client left meanwhile; its server was dealt with then
     st = client.session
     assert st is not None
+    if st.reading_on is server:
+        st.reading_on = None
+    if client.server is not server:
+        return  # the client left meanwhile; its server was dealt with then
     if error is not None:
         log.warning("%r: could not read its session state back: %s", client, error)
         st.broken = error
@@ -366,6 +372,8 @@ def _setting_read(
 ) -> None:
     if not st.settings_owned:
         client.settings = dict(client.settings)
+        if client.info is not None:
+            client.info.settings = client.settings  # what plugins see (routing reads it)
         st.settings_owned = True
     if value is None or (source is not None and source != "session"):
         # back at the server's own value: the pool default
@@ -399,6 +407,7 @@ def _clean_up_now(
         return
     if not ok:
         _hold(client, st, LISTEN, "listen: the shared listener connection is not available")
+        client.resume_held()  # it keeps this server: what it sent meanwhile goes there
         return
     if not _idle(client, server):
         client.session_due = True  # the client went on meanwhile: clean up at the end of that

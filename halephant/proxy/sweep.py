@@ -107,6 +107,8 @@ def sweep_clients(app: App, now: float) -> None:
             continue
         if client.waiting_pool is not None:
             continue  # waiting: checkout_timeout, in the waiter sweep
+        if client.held_back:
+            client.resume_held()  # a safety net: every end of halephant's own business resumes it
         server = client.server
         rfq = server.rfq_seen if server is not None else -1
         if client.sweep_links != client.link_count or client.sweep_rfq != rfq:

@@ -19,6 +19,7 @@ import psycopg
 import psycopg.errors
 import pytest
 from psycopg.pq import TransactionStatus
+from rawclient import RawClient, data_rows, errors
 from support.cluster import start_test_cluster
 from support.halephant import HalephantFactory, Running, default_config
 from support.leaks import assert_clean_servers
@@ -279,6 +280,51 @@ def test_a_read_only_session_goes_to_replicas_until_reset(proxy: Running, on: st
     with connect(proxy) as other:  # and no server was left read-only for the next client
         for _ in range(5):
             assert one(other, "SHOW default_transaction_read_only") == "off"
+
+
+def test_the_statement_right_after_a_switch_is_routed_by_it(proxy: Running) -> None:
+    # The switch is read back from the server after its transaction, while the client may already have
+    # sent its next statement: that one waits for the answer and is routed by it, never sent on to the
+    # server of the switch (a write right after `... = off` on the replica failed with 25006).
+    # A raw client sends the next statement the moment the ReadyForQuery arrives, as psql -c ... -c does.
+    steps = [
+        ("SET default_transaction_read_only = on", None),
+        ("SELECT pg_is_in_recovery()", [["t"]]),
+        ("SET search_path = public", None),
+        ("SET default_transaction_read_only = off", None),
+        ("INSERT INTO routing_t VALUES (100)", None),
+        ("SELECT pg_is_in_recovery()", [["f"]]),
+    ]
+    for _ in range(20):
+        with RawClient(proxy.host, proxy.port, timeout=5) as conn:
+            conn.login("myapp", "myapp", "myapp")
+            for sql, rows in steps:
+                out = conn.simple_query(sql)
+                assert errors(out) == [], sql
+                assert rows is None or data_rows(out) == rows, sql
+
+
+@pytest.mark.parametrize(
+    "undone",
+    [
+        ["BEGIN", "SET default_transaction_read_only = on", "ROLLBACK"],
+        ["BEGIN", "SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY", "SELECT 1/0"],
+        ["SET default_transaction_read_only = on; SELECT 1/0"],
+        ["BEGIN", "SAVEPOINT s", "SET default_transaction_read_only = on", "ROLLBACK TO s", "COMMIT"],
+    ],
+    ids=["rolled-back", "failed-transaction", "failed-query", "rolled-back-savepoint"],
+)
+def test_a_switch_postgresql_undid_changes_no_route(proxy: Running, undone: list[str]) -> None:
+    with connect(proxy) as conn:
+        for sql in undone:
+            try:
+                conn.execute(sql)
+            except psycopg.errors.DivisionByZero:
+                if conn.info.transaction_status != TransactionStatus.IDLE:
+                    conn.execute("ROLLBACK")
+        assert one(conn, "SHOW default_transaction_read_only") == "off"
+        conn.execute("INSERT INTO routing_t VALUES (7)")  # as directly: read-write, so on the primary
+        assert one(conn, "SELECT pg_is_in_recovery()") is False
 
 
 def test_a_read_only_session_stays_read_only_on_the_primary(proxy: Running) -> None:

@@ -8,7 +8,6 @@ from collections.abc import Iterator
 
 import pytest
 from halephant_plugins import replica_routing
-from halephant_plugins.replica_routing import SESSION_READ_ONLY
 
 from halephant import sqlstate
 from halephant.config import Config, read_config_text, validate_config
@@ -125,24 +124,30 @@ def inspect(who: ClientInfo, sql: str, database: str = "myapp") -> object:
 
 
 def test_a_read_only_session_routes_to_replicas_until_it_is_undone() -> None:
+    # the settings the core carries for the client (read back from the server after each transaction)
     me = client("myapp")
-    assert inspect(me, "SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY") is None
-    assert me.stashed(SESSION_READ_ONLY) is True
+    me.settings["default_transaction_read_only"] = "on"
     assert route("myapp", who=me) == Route(Role.REPLICA, "replica: session is read-only (SET by the client)")
     assert route("myapp", who=me, cluster=REPLICA_DOWN).role is Role.PRIMARY  # type: ignore[union-attr]
-    inspect(me, "SET default_transaction_read_only = off")
-    assert me.stashed(SESSION_READ_ONLY) is None
+    me.settings["default_transaction_read_only"] = "off"
     assert route("myapp", who=me).role is Role.PRIMARY  # type: ignore[union-attr]
-    inspect(me, "set default_transaction_read_only to on")
+    me.settings["default_transaction_read_only"] = "true"  # as given in the startup options
     assert route("myapp", who=me).role is Role.REPLICA  # type: ignore[union-attr]
-    inspect(me, "DISCARD ALL")
+    del me.settings["default_transaction_read_only"]  # RESET, DISCARD ALL: back at the pool's default
     assert route("myapp", who=me).role is Role.PRIMARY  # type: ignore[union-attr]
 
 
-def test_read_only_transactions_primary_keeps_no_session_state() -> None:
+def test_statements_alone_do_not_make_a_session_read_only() -> None:
+    # what they do is known once the server ran them (a SET may be rolled back): the settings decide
     me = client("myapp")
-    inspect(me, "SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY", database="onprimary")
-    assert me.stashed(SESSION_READ_ONLY) is None
+    assert inspect(me, "SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY") is None
+    assert route("myapp", who=me).role is Role.PRIMARY  # type: ignore[union-attr]
+
+
+def test_read_only_transactions_primary_keeps_read_only_sessions_on_the_primary() -> None:
+    me = client("myapp")
+    me.settings["default_transaction_read_only"] = "on"
+    assert route("myapp", who=me, database="onprimary").role is Role.PRIMARY  # type: ignore[union-attr]
 
 
 SWITCHES = [
@@ -204,14 +209,13 @@ def test_what_keeps_a_read_only_user_read_only_is_allowed(sql: str) -> None:
 
 def test_a_read_only_session_keeps_read_write_and_serializable_transactions_on_the_primary() -> None:
     me = client("myapp")
-    inspect(me, "SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
+    me.settings["default_transaction_read_only"] = "on"
     assert route("myapp", "BEGIN ISOLATION LEVEL SERIALIZABLE", who=me).role is Role.PRIMARY  # type: ignore[union-attr]
     assert route("myapp", "BEGIN READ WRITE", who=me).role is Role.PRIMARY  # type: ignore[union-attr]
     assert route("myapp", "START TRANSACTION READ ONLY", who=me).role is Role.REPLICA  # type: ignore[union-attr]
     assert route("myapp", "BEGIN", who=me).role is Role.REPLICA  # type: ignore[union-attr]
-    inspect(me, "SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL SERIALIZABLE, READ ONLY")
-    assert me.stashed(SESSION_READ_ONLY) is None  # a standby cannot serve this session at all
-    assert route("myapp", who=me).role is Role.PRIMARY  # type: ignore[union-attr]
+    me.settings["default_transaction_isolation"] = "serializable"
+    assert route("myapp", who=me).role is Role.PRIMARY  # type: ignore[union-attr]  # a standby cannot
 
 
 def test_ordinary_statements_cost_no_per_text_work() -> None:

@@ -123,6 +123,7 @@ class _Linked:
 
     transaction_mode = True
     prepared = None
+    held_back = False
 
     def __init__(self) -> None:
         self.transport = _Transport()
