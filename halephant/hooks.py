@@ -110,7 +110,9 @@ def halephant_route(
     Called once per transaction, at its first message, in transaction pooling; once per session (at its
     first message) in session pooling. Stops at the first non-None result.
 
-    :param client: the client.
+    :param client: the client; ``client.settings`` are its session's settings as the core carries
+        them (startup ones, and every one it changed as the server read it back at the end of each
+        transaction, so a rolled-back SET does not show).
     :param transaction: the transaction's first statement, when it starts with Query or Parse.
     :param pool: the client's pool.
     :param cluster: the nodes of the pool's cluster as last seen (roles, which are usable, their lag);
