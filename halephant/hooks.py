@@ -113,7 +113,8 @@ def halephant_route(
     :param client: the client; ``client.settings`` are its session's settings as the core carries
         them (startup ones, and every one it changed as the server read it back at the end of each
         transaction, so a rolled-back SET does not show).
-    :param transaction: the transaction's first statement, when it starts with Query or Parse.
+    :param transaction: the transaction's first statement, when it starts with Query or Parse, or with a
+        Bind of a statement the client prepared by name.
     :param pool: the client's pool.
     :param cluster: the nodes of the pool's cluster as last seen (roles, which are usable, their lag);
         ``cluster.primary`` and ``cluster.replicas`` say what can take the transaction now.

@@ -230,7 +230,8 @@ class ClusterView:
 
 @dataclass(frozen=True, slots=True)
 class TransactionInfo:
-    """The transaction being routed: its first statement when it starts with Query or Parse."""
+    """The transaction being routed: its first statement when it starts with Query or Parse, or with a
+    Bind of a statement the client prepared by name (what drivers send for the statements they cache)."""
 
     statement: Statement | None
 

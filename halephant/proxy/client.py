@@ -603,6 +603,8 @@ class ClientConnection(asyncio.Protocol):
                     fwd = end
                     continue
                 # the first message of a transaction: route it, then get a server
+                if t == codes.BIND and ps is not None:
+                    statement = self._bound_statement(ps, buf, start, end)
                 self._buf = buf[head:]
                 if not self._checkout(statement, t):
                     return  # waiting; _buf is processed again when a server arrives
@@ -699,6 +701,18 @@ class ClientConnection(asyncio.Protocol):
                 # refuse on the type byte alone: waiting for the body of a bogus length could hang forever
                 raise ProtocolViolation(f"invalid frontend message type {buf[consumed]}")
             self._buf = buf[consumed:]
+
+    @staticmethod
+    def _bound_statement(ps: ClientStatements, buf: bytes, start: int, end: int) -> Statement | None:
+        """The statement a Bind runs, when the client prepared it by name: a transaction that starts by
+        running one (drivers run what they prepared so) is routed as a Query of its text would be."""
+        name_start = buf.find(b"\0", start, end) + 1  # after the portal's name
+        name = buf[name_start : buf.find(b"\0", name_start, end)]
+        bound = ps.names.get(name) if name else None
+        if bound is None:
+            return None
+        body = bound.body  # the text, then the parameter types
+        return statement_of(body[: body.find(b"\0")])
 
     def _after_transaction(self, server: ServerConnection) -> bool:
         """The client's transaction is over and the server stays linked only for halephant's own business

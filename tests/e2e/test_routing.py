@@ -59,11 +59,12 @@ def clean_afterwards(pg: Cluster) -> Iterator[None]:
     assert_clean_servers(pg)
 
 
-def connect(proxy: Running, autocommit: bool = True, **params: Any) -> psycopg.Connection[Any]:
-    # no automatic server-side prepare: a named prepared statement pins the client to its server
-    # (protocol-level prepared statements are not routed across servers yet)
+def connect(
+    proxy: Running, autocommit: bool = True, prepare_threshold: int | None = None, **params: Any
+) -> psycopg.Connection[Any]:
+    # statements sent as they are unless a test asks psycopg to prepare them (0: at once)
     conn = psycopg.connect(proxy.dsn(**params), autocommit=autocommit, connect_timeout=5)
-    conn.prepare_threshold = None
+    conn.prepare_threshold = prepare_threshold
     return conn
 
 
@@ -228,15 +229,20 @@ def test_replica_fallback_error_is_57P03(proxy: Running) -> None:
     "begin",
     ["BEGIN READ ONLY", "START TRANSACTION READ ONLY", "begin isolation level repeatable read, read only"],
 )
-def test_a_read_only_transaction_goes_to_the_replica(proxy: Running, begin: str) -> None:
-    with connect(proxy) as conn:
-        conn.execute(begin)
-        assert one(conn, "SELECT pg_is_in_recovery()") is True
-        conn.execute("COMMIT")
-        assert one(conn, "SELECT pg_is_in_recovery()") is False  # the next transaction is routed again
-        conn.execute("BEGIN")
-        assert one(conn, "SELECT pg_is_in_recovery()") is False
-        conn.execute("COMMIT")
+@pytest.mark.parametrize("prepare_threshold", [None, 0], ids=["sent", "prepared"])
+def test_a_read_only_transaction_goes_to_the_replica(
+    proxy: Running, begin: str, prepare_threshold: int | None
+) -> None:
+    # prepared, the BEGIN is a Parse once, then a Bind of its name: routed by the text all the same
+    with connect(proxy, prepare_threshold=prepare_threshold) as conn:
+        for _ in range(3):
+            conn.execute(begin)
+            assert one(conn, "SELECT pg_is_in_recovery()") is True
+            conn.execute("COMMIT")
+            assert one(conn, "SELECT pg_is_in_recovery()") is False  # the next transaction is routed again
+            conn.execute("BEGIN")
+            assert one(conn, "SELECT pg_is_in_recovery()") is False
+            conn.execute("COMMIT")
 
 
 def test_a_serializable_read_only_transaction_stays_on_the_primary(proxy: Running) -> None:
