@@ -32,7 +32,7 @@ import logging
 import secrets
 import struct
 from collections.abc import Callable
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Final, cast
 
 from halephant import sqlstate
 from halephant.admin.console import ADMIN_DATABASES, CONSOLE_HEADROOM, start_console
@@ -122,6 +122,9 @@ _unpack_len = struct.Struct("!i").unpack_from
 
 _PRIMARY = Role.PRIMARY  # enum member lookups cost ~60 ns; this one runs per transaction
 _new_transaction = object.__new__
+#: a login's check-out (to learn the server's parameters): no statement, and the primary unless routed
+_LOGIN_TRANSACTION: Final = TransactionInfo(None)
+_LOGIN_ROUTE: Final = Route(Role.PRIMARY, "login: learning server parameters")
 #: the slot's own setter: what a frozen dataclass's __init__ ends up calling, minus its overhead
 _set_statement: Callable[[TransactionInfo, Statement | None], None] = vars(TransactionInfo)[
     "statement"
@@ -868,10 +871,16 @@ class ClientConnection(asyncio.Protocol):
                 if isinstance(route, Reject):
                     return self._route_rejected(route, t, ready)
         else:
-            # a server is needed once at login only to learn the parameters to report: not a
-            # transaction, so nothing to route (a policy refusing all of this user's transactions
-            # must not refuse the login)
-            route = Route(Role.PRIMARY, "login: learning server parameters")
+            # A server is needed once at login only to learn the parameters to report: routed as a
+            # transaction with no statement, so that a read-only user's login is served by a replica
+            # (and works while the primary is down). Not a transaction, though: a policy refusing this
+            # user's transactions must not refuse the login, which then learns them from the primary.
+            nodes = app.manager.nodes
+            cluster = nodes.views.get(target.cluster) or nodes.view(target.cluster)
+            answer = app.plugins.route_call(info, _LOGIN_TRANSACTION, self.pool_info, cluster)
+            route = answer if type(answer) is Route else _LOGIN_ROUTE
+            if route.role is not _PRIMARY and app.manager.pool_for(target, route.role, self) is None:
+                route = _LOGIN_ROUTE  # no such node can take it now: nor should the login fail for that
         if route is not self._last_route and ready and route != self._last_route:
             # recorded when this client's routing changes (its first transaction included), not per
             # transaction: the default plugin answers with the same Route object while nothing changes

@@ -334,6 +334,29 @@ def test_a_stopped_replica_is_marked_down_until_it_answers_again(
     assert_clean_servers(cl)
 
 
+def test_a_read_only_user_logs_in_and_reads_while_the_primary_is_down(
+    cl: Cluster, halephant: HalephantFactory, plugin_env: None
+) -> None:
+    # Its login learns the parameters to report from a server: a replica's, as its transactions run there.
+    cfg = config(cl.nodes)
+    cfg["users"]["myapp_ro"] = {"password": "myapp_ro", "read_only": True, "server_user": "myapp"}
+    run = halephant.start(cfg)
+    primary = cl.primary
+    name = f"{primary.host}:{primary.port}"
+    primary.stop()
+    try:
+        wait_log(run, f"node {name} marked down")
+        dsn = run.dsn(user="myapp_ro", password="myapp_ro", dbname="myapp", application_name="reader")
+        with psycopg.connect(dsn, autocommit=True, connect_timeout=10, prepare_threshold=None) as conn:
+            assert port(conn) in {r.port for r in cl.replicas}
+            row = conn.execute("SELECT count(*) >= 0 FROM t").fetchone()
+            assert row == (True,)
+    finally:
+        primary.start()
+    wait_log(run, f"{name} readmitted")
+    assert_clean_servers(cl)
+
+
 def test_every_probe_failing_keeps_the_last_topology(
     cl: Cluster, halephant: HalephantFactory, plugin_env: None
 ) -> None:
