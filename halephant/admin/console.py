@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from halephant import __version__, sqlstate
+from halephant.config.diff import RESTART_PATHS
 from halephant.errors import ClientError, ProtocolViolation
 from halephant.protocol import codes
 from halephant.protocol import messages as m
@@ -586,7 +587,11 @@ def show_config(app: App) -> Result:
 
     pairs: list[tuple[str, str]] = []
     _flatten(snapshot.config(app), "", pairs)
-    return ["key", "value", "changeable"], [[k, v, "yes"] for k, v in pairs], "SHOW"
+
+    def changeable(key: str) -> str:  # by a reload (RELOAD, SIGHUP); the others need a restart
+        return "no" if any(key == p or key.startswith(p + ".") for p in RESTART_PATHS) else "yes"
+
+    return ["key", "value", "changeable"], [[k, v, changeable(k)] for k, v in pairs], "SHOW"
 
 
 def show_version(app: App) -> Result:

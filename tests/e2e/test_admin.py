@@ -263,6 +263,10 @@ def test_no_secret_in_config_or_metrics(hal: Running) -> None:
     for secret in ("admin-pw", "watcher-pw", PLAIN_SECRET, RO_VERIFIER, "SCRAM-SHA-256$"):
         assert secret not in text, secret
     assert not any(r["key"].endswith("password") and r["value"] not in (REDACTED, "") for r in rows)
+    # what a reload cannot change says so
+    changeable = {r["key"]: r["changeable"] for r in rows}
+    assert changeable["listen"] == changeable["admin.listen"] == "no"
+    assert changeable["limits.max_client_conn"] == "yes"
 
 
 # --- the SQL console -------------------------------------------------------------------------------------
