@@ -73,12 +73,17 @@ def test_a_client_gone_with_pipelined_queries_unread_frees_its_server(
     marker = "edges_unread_pipeline"
     one_query = query(f"SELECT repeat('x', 100000) AS {marker}")  # 50 bytes in, 100 kB out
     a.sock.setblocking(False)
+    batch, pending = one_query * 50, b""
     sent, deadline = 0, time.monotonic() + 3
     while sent < 64 * 1024 * 1024 and time.monotonic() < deadline:
+        pending = pending or batch  # whole messages only: a partial send goes on where it stopped
         try:
-            sent += a.sock.send(one_query * 50)
+            n = a.sock.send(pending)
         except BlockingIOError:
             time.sleep(0.05)
+            continue
+        sent += n
+        pending = pending[n:]
     a.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     a.close()  # a reset, as from a killed process
     busy = (
