@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from typing import TYPE_CHECKING
 
 import anyio
@@ -65,6 +66,10 @@ class Control:
             if client.waiting_pool is not None and client.info is not None:
                 out.setdefault(client.waiting_pool.key[0], []).append(client)
         return out
+
+    def held_per_pool(self) -> Counter[ServerPool]:
+        """How many clients PAUSE holds, by the pool each waits for (they are in no pool's queue)."""
+        return Counter(c.waiting_pool for c in self._held if c.waiting_pool is not None)
 
     def _databases(self, database: str | None) -> list[str]:
         if database is None:

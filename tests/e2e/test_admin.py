@@ -375,6 +375,13 @@ def test_pause_waits_for_running_transactions_then_holds_new_ones(hal: Running, 
     assert not done.is_set(), "a new transaction ran while the database was paused"
     queues = [q for q in hal.admin_json("/queues") if q["database"] == "pausable"]
     assert queues and queues[0]["reason"] == "paused"
+    # counted as waiting alike by SHOW POOLS and the metrics
+    assert [p["cl_waiting"] for p in show(admin, "POOLS") if p["database"] == "pausable"] == [1]
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families = {f.name: f for f in text_string_to_metric_families(hal.admin_get("/metrics")[1])}
+    waiting = families["halephant_pool_waiting_clients"].samples
+    assert [s.value for s in waiting if s.labels["database"] == "pausable"] == [1]
     # other databases are not paused
     with connect(hal) as conn:
         assert conn.execute("SELECT 1").fetchone() == (1,)
