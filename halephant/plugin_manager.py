@@ -267,7 +267,9 @@ class Plugins:
     def inspect_query(self, client: ClientInfo, statement: Statement, pool: PoolInfo) -> Verdict | None:
         inspect = self._inspect_plain if statement.plain else self._inspect
         answer: Any = inspect(client, statement, pool)
-        return answer  # type: ignore[no-any-return]
+        if answer is None or isinstance(answer, Verdict):  # nearly always None: one comparison
+            return answer
+        raise _bad_answer("halephant_inspect_query", answer)  # taken for "no objection", it would fail open
 
     # --- description ---
 

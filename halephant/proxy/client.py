@@ -1162,23 +1162,27 @@ class ClientConnection(asyncio.Protocol):
     # --- ending ---
 
     def fail(self, error: ClientError) -> None:
-        """Send an error; a fatal one (or one before login) also closes the connection."""
+        """Send `error` as FATAL and close the connection.
+
+        What comes here comes from outside the flow of the client's messages (a timeout, a shutdown, a
+        plugin's broken answer, an internal error): where the client stands in its protocol is not
+        known, so an ERROR it could go on after (with its ReadyForQuery, or up to its Sync) cannot be
+        given; refusals a client survives are answered in the flow (`_reject_locally`)."""
         if self.state == CLOSED:
             return
-        fatal = error.fatal or self.state != READY
         self.app.stats.error(error.code)
         try:
-            self.transport.write(m.error_response(error.code, error.message, hint=error.hint, fatal=fatal))
+            self.transport.write(m.error_response(error.code, error.message, hint=error.hint, fatal=True))
         except Exception:  # the transport may be gone already
             pass
-        if fatal:
-            log.info("%r: closing: %s %s", self, error.code, error.message, extra={"sqlstate": error.code})
-            self.close()
+        level = logging.WARNING if error.code == sqlstate.INTERNAL_ERROR else logging.INFO
+        log.log(level, "%r: closing: %s %s", self, error.code, error.message, extra={"sqlstate": error.code})
+        self.close(f"closed by halephant: {error.code}")
 
-    def close(self) -> None:
+    def close(self, reason: str = "") -> None:
         if self.state == CLOSED:
             return
-        self._closed("client sent Terminate" if self.state == READY else "closed during login")
+        self._closed(reason or ("client sent Terminate" if self.state == READY else "closed during login"))
         self.transport.close()
 
     def _closed(self, reason: str) -> None:

@@ -262,6 +262,30 @@ def test_inspect_query_exception_inside_a_transaction(proxy: Running) -> None:
         assert_usable(after)
 
 
+@pytest.mark.parametrize(
+    ("params", "sql", "hook"),
+    [
+        ({"application_name": "route_nonsense"}, "SELECT 1", "halephant_route"),
+        ({}, "SELECT 'nonsense'", "halephant_inspect_query"),
+    ],
+    ids=["route", "inspect_query"],
+)
+def test_a_plugin_answer_of_the_wrong_type_costs_that_client_only(
+    proxy: Running, params: dict[str, str], sql: str, hook: str
+) -> None:
+    # XX000 and closed: never a client left waiting for a ReadyForQuery, never a statement let through
+    with connect(proxy) as bystander:
+        with RawClient(proxy.host, proxy.port, timeout=5) as client:
+            client.login("myapp", "myapp", "myapp", extra=params or None)
+            client.send(rc.query(sql))
+            error = client.expect_fatal_and_close("XX000", timeout=5)
+            assert f"plugin answer of unexpected type from {hook}" in error.fields["M"]
+        assert_usable(bystander)
+    log = proxy.log_text()
+    assert f"closing: XX000 plugin answer of unexpected type from {hook}" in log
+    assert "disconnected: closed by halephant: XX000" in log  # not "client sent Terminate"
+
+
 def test_select_pool_exception_fails_that_login_only(proxy: Running) -> None:
     with connect(proxy) as bystander:
         with RawClient(proxy.host, proxy.port) as client:

@@ -1,14 +1,27 @@
 """A plugin that fails on purpose, for tests of how halephant contains a plugin's exception.
 
-`halephant_inspect_query` raises for any statement containing ``boom``; `halephant_select_pool` raises at
-login for a client whose application_name is ``select_pool_boom``. Everything else is left to the other
-plugins (None: "not mine").
+`halephant_inspect_query` raises for any statement containing ``boom``, and answers something that is no
+verdict for one containing ``nonsense``; `halephant_select_pool` raises at login for a client whose
+application_name is ``select_pool_boom``; `halephant_route` answers something that is no route for a client
+whose application_name is ``route_nonsense``. Everything else is left to the other plugins (None: "not
+mine").
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 from halephant import hookimpl
-from halephant.types import ClientInfo, Config, PoolInfo, PoolTarget, Reject, Statement
+from halephant.types import (
+    ClientInfo,
+    ClusterView,
+    Config,
+    PoolInfo,
+    PoolTarget,
+    Reject,
+    Statement,
+    TransactionInfo,
+)
 
 BOOM_APPLICATION_NAME = "select_pool_boom"
 
@@ -18,9 +31,21 @@ class BoomError(RuntimeError):
 
 
 @hookimpl
-def halephant_inspect_query(client: ClientInfo, statement: Statement, pool: PoolInfo) -> None:
+def halephant_inspect_query(client: ClientInfo, statement: Statement, pool: PoolInfo) -> Any:
     if "boom" in statement.text:
         raise BoomError(f"boom in statement from client #{client.id}")
+    if "nonsense" in statement.text:
+        return "no verdict at all"
+    return None
+
+
+@hookimpl(tryfirst=True)
+def halephant_route(
+    client: ClientInfo, transaction: TransactionInfo, pool: PoolInfo, cluster: ClusterView
+) -> Any:
+    if client.application_name == "route_nonsense":
+        return 1
+    return None
 
 
 @hookimpl
