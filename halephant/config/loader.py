@@ -27,7 +27,14 @@ from ruamel.yaml.comments import CommentedMap, CommentedSeq, TaggedScalar
 from ruamel.yaml.constructor import DuplicateKeyError
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
-from halephant.config.schema import CATCH_ALL, Config, HostPort, is_md5_hash, is_scram_verifier
+from halephant.config.schema import (
+    CATCH_ALL,
+    Config,
+    HostPort,
+    is_md5_hash,
+    is_scram_verifier,
+    scram_verifier_problem,
+)
 from halephant.errors import ConfigError, ConfigProblem
 
 __all__ = ["RawConfig", "load_config", "read_config", "read_config_text", "validate_config"]
@@ -317,6 +324,9 @@ def _check_user(name: Any, user: dict[Any, Any], where: _Locator) -> list[Config
             problems.append(
                 where.problem(at_password, "the password is empty; use auth: trust to allow no password")
             )
+        broken = scram_verifier_problem(password) if scram else None
+        if broken is not None:
+            problems.append(where.problem(at_password, broken))
         if (scram or md5) and server_password is None:
             problems.append(
                 where.problem(

@@ -12,6 +12,7 @@ so `DatabaseConfig.server_database` can fall back to it.
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import re
 from collections.abc import Mapping
@@ -50,6 +51,7 @@ __all__ = [
     "UserConfig",
     "is_md5_hash",
     "is_scram_verifier",
+    "scram_verifier_problem",
 ]
 
 PoolModeName = Literal["transaction", "session"]
@@ -66,6 +68,28 @@ _HOSTPORT_HELP = "expected host:port like 127.0.0.1:5432 or [::1]:5432"
 def is_scram_verifier(password: str) -> bool:
     """True for a stored SCRAM-SHA-256 verifier (`SCRAM-SHA-256$<iter>:<salt>$<StoredKey>:<ServerKey>`)."""
     return password.startswith("SCRAM-SHA-256$")
+
+
+def scram_verifier_problem(verifier: str) -> str | None:
+    """What is wrong with a `SCRAM-SHA-256$...` verifier (None: well formed), checked at load time so that
+    a broken one is a config error rather than a failed login for every client of that user."""
+    shape = "expected SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>, as in pg_authid"
+    try:
+        _mech, rest = verifier.split("$", 1)
+        iter_salt, keys = rest.split("$")
+        iterations, salt = iter_salt.split(":")
+        stored, server = keys.split(":")
+    except ValueError:
+        return f"not a SCRAM-SHA-256 verifier: {shape}"
+    if not iterations.isdigit() or int(iterations) < 1:
+        return f"not a SCRAM-SHA-256 verifier: the iteration count must be a positive number ({shape})"
+    try:
+        decoded = [base64.b64decode(part, validate=True) for part in (salt, stored, server)]
+    except ValueError:
+        return f"not a SCRAM-SHA-256 verifier: salt and keys must be base64 ({shape})"
+    if not decoded[0] or len(decoded[1]) != 32 or len(decoded[2]) != 32:
+        return f"not a SCRAM-SHA-256 verifier: StoredKey and ServerKey must be 32 bytes each ({shape})"
+    return None
 
 
 def is_md5_hash(password: str) -> bool:

@@ -90,7 +90,8 @@ def test_every_key_set() -> None:
             server_reset_query: ""
         users:
           app:
-            password: "SCRAM-SHA-256$4096:c2FsdA==$c3RvcmVk:c2VydmVy"
+            password: "SCRAM-SHA-256$4096:c2FsdA==$U1NTU1NTU1NTU1NTU1NTU1NTU1NTU1NTU1NTU1NTU1M=:\
+S0tLS0tLS0tLS0tLS0tLS0tLS0tLS0tLS0tLS0tLS0s="
             server_password: app-plain
             auth: scram-sha-256
           legacy:
@@ -368,7 +369,10 @@ def test_database_errors() -> None:
     ]
 
 
-SCRAM = "SCRAM-SHA-256$4096:c2FsdHNhbHQ=$U3RvcmVkS2V5:U2VydmVyS2V5"
+SCRAM = (
+    "SCRAM-SHA-256$4096:c2FsdHNhbHQ=$U1NTU1NTU1NTU1NTU1NTU1NTU1NTU1NTU1NTU1NTU1M=:"
+    "S0tLS0tLS0tLS0tLS0tLS0tLS0tLS0tLS0tLS0tLS0s="
+)
 MD5 = "md5" + "0123456789abcdef" * 2
 
 
@@ -408,6 +412,12 @@ def test_user_errors() -> None:
       wrong_auth:
         password: plain-text-secret
         auth: SCRAM
+      short_keys:
+        password: "SCRAM-SHA-256$4096:c2FsdA==$U3RvcmVkS2V5:U2VydmVyS2V5"
+        server_password: plain-text-secret
+      no_keys:
+        password: "SCRAM-SHA-256$4096:abc$def"
+        server_password: plain-text-secret
     """
     found = problems(text)
     assert found == [
@@ -425,6 +435,11 @@ def test_user_errors() -> None:
         "use auth: trust to allow no password",
         "halephant.yaml:29:15: users.numeric.password: expected a string, got a number",
         "halephant.yaml:34:11: users.wrong_auth.auth: Input should be 'scram-sha-256', 'md5' or 'trust'",
+        "halephant.yaml:36:15: users.short_keys.password: not a SCRAM-SHA-256 verifier: StoredKey and "
+        "ServerKey must be 32 bytes each "
+        "(expected SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>, as in pg_authid)",
+        "halephant.yaml:39:15: users.no_keys.password: not a SCRAM-SHA-256 verifier: expected "
+        "SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>, as in pg_authid",
     ]
     joined = "\n".join(found)
     for secret in (SCRAM, MD5, "plain-text-secret", "123456"):
@@ -444,7 +459,8 @@ def test_many_errors_reported_together_in_file_order() -> None:
         checkout_timeout: forever
     users:
       myapp:
-        password: "SCRAM-SHA-256$4096:c2FsdA==$a2V5:a2V5"
+        password: "SCRAM-SHA-256$4096:c2FsdA==$U1NTU1NTU1NTU1NTU1NTU1NTU1NTU1NTU1NTU1NTU1M=:\
+S0tLS0tLS0tLS0tLS0tLS0tLS0tLS0tLS0tLS0tLS0s="
         auth: md5
     limits:
       max_message_size: huge
