@@ -5,6 +5,8 @@ loaded. On any error nothing changes: every problem is logged as `file:line:col:
 returned. Otherwise the new configuration replaces the old one and is applied live: plugins hear
 `halephant_configure`, pools are re-sized through `halephant_pool_size` (or retired when their database
 or node is gone), timeouts and limits are read from it from now on, the log level and format change.
+All or nothing: if a plugin's hook raises meanwhile, the previous configuration is applied again and the
+reload counts as failed.
 No client is dropped, except those of a removed database, which get FATAL 57P01 once their transaction
 is over. What only a restart can change (`listen`, `plugins.disable`, `plugins.modules`) is logged and
 keeps its old value.
@@ -21,6 +23,7 @@ from halephant.config.diff import Change, diff_configs
 from halephant.logs import setup_logging
 
 if TYPE_CHECKING:
+    from halephant.config import Config
     from halephant.proxy.app import App
 
 log = logging.getLogger("halephant.reload")
@@ -39,6 +42,16 @@ class ReloadResult:
     @property
     def ok(self) -> bool:
         return not self.errors
+
+
+def _apply(app: App, config: Config) -> list[str]:
+    """Make `config` the running configuration: plugins first, then the pools (their changes returned)."""
+    app.config = config
+    app.max_message_size = config.limits.max_message_size
+    app.plugins.configure(config)
+    for client in app.clients.values():
+        client.forget_pools()
+    return app.manager.reconfigure(config)
 
 
 def reload_app(app: App) -> ReloadResult:
@@ -69,15 +82,23 @@ def reload_app(app: App) -> ReloadResult:
         # (model_copy keeps the private attributes: the source and the plugin settings)
         admin = new.admin.model_copy(update={"listen": old.admin.listen})  # the admin API stays bound
         new = new.model_copy(update={"listen": old.listen, "plugins": old.plugins, "admin": admin})
-    app.config = new
-    app.max_message_size = new.limits.max_message_size
+    try:
+        result.pools = _apply(app, new)
+    except Exception as exc:  # a plugin's hook that raises: all or nothing, never half a configuration
+        log.error(
+            "reload failed while applying it: %r; still running with the previous configuration",
+            exc,
+            exc_info=True,
+            extra={"event": "reload_failed"},
+        )
+        try:
+            _apply(app, old)
+        except Exception:  # the same hook may raise again: a pool is re-sized only once its size is known
+            log.exception("re-applying the previous configuration failed; the pools keep their sizes")
+        return ReloadResult(errors=[f"{source}: applying it failed: {exc!r}"])
     if new.logging != old.logging:
         setup_logging(new.logging.level, new.logging.format)
         app.debug = logging.getLogger("halephant").isEnabledFor(logging.DEBUG)
-    app.plugins.configure(new)
-    for client in app.clients.values():
-        client.forget_pools()
-    result.pools = app.manager.reconfigure(new)
     for change in result.applied:
         log.info("reload: applied %s", change, extra={"event": "reload", "path": change.path})
     for change in result.needs_restart:

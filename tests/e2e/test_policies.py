@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import importlib.metadata
 import pathlib
+import signal
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,7 +21,7 @@ import pytest
 import rawclient as rc
 from psycopg.pq import TransactionStatus
 from rawclient import RawClient
-from support.halephant import HalephantFactory, Running, default_config
+from support.halephant import HalephantFactory, Running, default_config, write_config
 from support.leaks import assert_clean_servers
 
 from halephant.testing.pgcluster import Cluster
@@ -284,6 +286,43 @@ def test_a_plugin_answer_of_the_wrong_type_costs_that_client_only(
     log = proxy.log_text()
     assert f"closing: XX000 plugin answer of unexpected type from {hook}" in log
     assert "disconnected: closed by halephant: XX000" in log  # not "client sent Terminate"
+
+
+def test_a_reload_a_plugin_fails_while_it_is_applied_changes_nothing(
+    pg: Cluster, halephant: HalephantFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PYTHONPATH", str(PLUGINS_DIR))
+    config = _config(pg, plugins={"modules": TEST_PLUGINS})
+    config["databases"]["myapp"]["pool_size"] = 5
+    run = halephant.start(config)
+    with connect(run) as client:
+        assert_usable(client)  # its pool exists: the reload re-sizes it
+        config["databases"]["myapp"]["pool_size"] = 13  # raise_on_boom's pool_size hook raises for it
+        config["limits"]["login_timeout"] = "3s"
+        assert run.admin_url is not None
+        config["listen"] = f"{run.host}:{run.port}"
+        config["admin"] = {"listen": run.admin_url.removeprefix("http://")}
+        write_config(config, run.config_path)
+        run.signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while "reload failed while applying it" not in run.log_text():
+            assert time.monotonic() < deadline, run.log_text()
+            time.sleep(0.05)
+        assert_usable(client)
+    # all or nothing: the previous configuration runs on, and the failure is counted
+    assert "BoomError: boom sizing pool myapp" in run.log_text()
+    shown = {k: v for k, v in _flat(run.admin_json("/config"))}
+    assert shown["databases.myapp.pool_size"] == 5 and shown["limits.login_timeout"] == 2.0
+    metrics = run.admin_get("/metrics")[1]
+    assert 'halephant_reloads_total{result="failed"} 1.0' in metrics
+    with connect(run) as newcomer:
+        assert_usable(newcomer)
+
+
+def _flat(value: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    if isinstance(value, dict):
+        return [kv for k, v in value.items() for kv in _flat(v, f"{prefix}.{k}" if prefix else str(k))]
+    return [(prefix, value)]
 
 
 def test_select_pool_exception_fails_that_login_only(proxy: Running) -> None:

@@ -3,8 +3,9 @@
 `halephant_inspect_query` raises for any statement containing ``boom``, and answers something that is no
 verdict for one containing ``nonsense``; `halephant_select_pool` raises at login for a client whose
 application_name is ``select_pool_boom``; `halephant_route` answers something that is no route for a client
-whose application_name is ``route_nonsense``. Everything else is left to the other plugins (None: "not
-mine").
+whose application_name is ``route_nonsense``; `halephant_pool_size` raises for a database configured
+with ``pool_size: 13`` (how a test makes a reload fail while it is applied). Everything else is left to
+the other plugins (None: "not mine").
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from halephant.types import (
     ClusterView,
     Config,
     PoolInfo,
+    PoolSize,
     PoolTarget,
     Reject,
     Statement,
@@ -52,4 +54,12 @@ def halephant_route(
 def halephant_select_pool(client: ClientInfo, config: Config) -> PoolTarget | Reject | None:
     if client.application_name == BOOM_APPLICATION_NAME:
         raise BoomError(f"boom selecting a pool for client #{client.id}")
+    return None
+
+
+@hookimpl(tryfirst=True)
+def halephant_pool_size(pool: PoolTarget, config: Config) -> PoolSize | None:
+    db = config.database_for(pool.database)
+    if db is not None and db.pool_size == 13:
+        raise BoomError(f"boom sizing pool {pool.database}")
     return None
