@@ -336,13 +336,22 @@ def redacted_config(cfg: Config) -> dict[str, Any]:
 
 def ready(app: App) -> tuple[bool, dict[str, Any]]:
     """Ready when every database's cluster has a usable primary or replica, and halephant is not
-    shutting down (a load balancer should stop sending new connections to a draining process)."""
+    shutting down (a load balancer should stop sending new connections to a draining process).
+
+    A cluster none of whose nodes answered the last round of probes is not ready, although halephant keeps
+    routing by the last view it had (or, never having had one, by the configured order): it cannot
+    vouch for any of them."""
     out: dict[str, Any] = {}
     ok = not getattr(app, "draining", False)
+    states = app.manager.nodes.topology.states
     for name, db in app.config.databases.items():
         view = app.manager.cluster_view(db.cluster)
-        usable = [n.name for n in view.nodes if n.usable]
+        state = states.get(db.cluster)
+        answered = state is not None and state.probed and not state.all_failed
+        usable = [n.name for n in view.nodes if n.usable] if answered else []
         out[name] = {"cluster": db.cluster, "usable_nodes": usable, "ready": bool(usable)}
+        if not answered:
+            out[name]["reason"] = "no node answered the last probes"
         ok = ok and bool(usable)
     return ok, out
 

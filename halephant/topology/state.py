@@ -91,7 +91,7 @@ class ClusterState:
                 log.error(
                     "cluster %s: every probe failed; keeping the last known topology (%s)",
                     self.name,
-                    self._describe(self.view),
+                    self._describe(self.view) if self.probed else "none yet: the configured order",
                 )
             return self.view
         if self.all_failed:

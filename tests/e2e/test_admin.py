@@ -45,6 +45,8 @@ def hal(pg: Cluster, module_halephant: HalephantFactory) -> Running:
     main = {"cluster": "main", "database": "myapp"}
     config = default_config(
         pg,
+        # the probes' login (else the first user that can log in upstream: "admin", no PostgreSQL role)
+        clusters={"main": {"probe_user": "myapp"}},
         databases={
             "myapp": {**main, "pool_size": 3, "checkout_timeout": "5s"},
             "one": {**main, "pool_size": 1, "checkout_timeout": "300ms"},

@@ -11,6 +11,7 @@ replica, the rest to the primary). Which node served a query is read with ``inet
 from __future__ import annotations
 
 import itertools
+import json
 import pathlib
 import signal
 import threading
@@ -364,6 +365,15 @@ def test_every_probe_failing_keeps_the_last_topology(
     wait_log(run, "cluster main: every probe failed; keeping the last known topology")
     with connect(run) as conn:  # the configured order: the first node is the primary
         assert port(conn) == cl.primary.port
+    # ...but halephant cannot vouch for any node: not ready for a load balancer
+    status, body = run.admin_get("/ready")
+    assert status == 503, body
+    assert json.loads(body)["databases"]["myapp"] == {
+        "cluster": "main",
+        "usable_nodes": [],
+        "ready": False,
+        "reason": "no node answered the last probes",
+    }
 
 
 def test_reload_follows_the_clusters_nodes(
