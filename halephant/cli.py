@@ -9,15 +9,25 @@ from typing import Any
 import click
 
 from halephant import __version__
-from halephant.config import Config, ConfigError, read_config, validate_config
+from halephant.config import Config, ConfigError, plugin_problem, read_config, validate_config
 from halephant.plugin_manager import PluginError, Plugins
 
 
 def load(path: str) -> tuple[Config, Plugins]:
-    """Read a config, load the plugins it leaves enabled, and validate it with their settings."""
+    """Read a config, load the plugins it leaves enabled, validate it with their settings, and let them
+    see it (`halephant_configure`), as start-up will: what a plugin refuses is found by `check` too."""
     raw = read_config(path)
-    plugins = Plugins(disabled=raw.disabled_plugins, modules=raw.plugin_modules)
-    return validate_config(raw, plugins.settings_models()), plugins
+    try:
+        plugins = Plugins(disabled=raw.disabled_plugins, modules=raw.plugin_modules)
+        models = plugins.settings_models()
+    except PluginError as exc:
+        raise plugin_problem(raw, exc) from exc
+    config = validate_config(raw, models)
+    try:
+        plugins.configure(config)
+    except PluginError as exc:
+        raise plugin_problem(raw, exc) from exc
+    return config, plugins
 
 
 def _tune_gc() -> None:

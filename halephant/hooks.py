@@ -55,8 +55,11 @@ def halephant_plugin_settings() -> tuple[str, type[BaseModel]] | None:
 def halephant_configure(config: Config) -> None:
     """Take notice of a configuration that has just been loaded and validated.
 
-    Called once at start-up and once after every successful reload, before any client uses it; all
-    implementations are called. Cache derived settings here rather than reading them per statement.
+    Called at start-up (``halephant check`` calls it too, and ``run`` before it serves) and after every
+    reload, before any client uses it; all implementations are called, maybe more than once with the same
+    configuration. Cache derived settings here rather than reading them per statement. Raising refuses
+    the configuration: ``check`` and ``run`` report it at ``plugins`` in the file, a reload keeps the
+    previous configuration.
 
     :param config: the validated configuration.
 

@@ -185,15 +185,35 @@ class Plugins:
     # --- configuration ---
 
     def settings_models(self) -> dict[str, type[BaseModel]]:
+        from pydantic import BaseModel
+
+        try:
+            answers = self.pm.hook.halephant_plugin_settings()
+        except Exception as exc:
+            raise PluginError(f"halephant_plugin_settings raised {exc!r}") from exc
         out: dict[str, type[BaseModel]] = {}
-        for answer in self.pm.hook.halephant_plugin_settings():
-            if answer is not None:
-                name, model = answer
-                out[name] = model
+        for answer in answers:
+            if answer is None:
+                continue
+            if not (
+                isinstance(answer, tuple)
+                and len(answer) == 2
+                and isinstance(answer[0], str)
+                and isinstance(answer[1], type)
+                and issubclass(answer[1], BaseModel)
+            ):
+                raise PluginError(
+                    f"halephant_plugin_settings answered {answer!r}: expected (section name, pydantic model)"
+                )
+            out[answer[0]] = answer[1]
         return out
 
     def configure(self, config: Config) -> None:
-        self.pm.hook.halephant_configure(config=config)
+        """Every plugin hears the configuration in force (at start-up and after each reload)."""
+        try:
+            self.pm.hook.halephant_configure(config=config)
+        except Exception as exc:
+            raise PluginError(f"halephant_configure raised {exc!r}") from exc
 
     # --- decisions (fail closed) ---
 

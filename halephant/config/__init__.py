@@ -7,7 +7,14 @@ each loaded plugin's settings model. Every problem is reported at once in a `Con
 
 from __future__ import annotations
 
-from halephant.config.loader import RawConfig, load_config, read_config, read_config_text, validate_config
+from halephant.config.loader import (
+    RawConfig,
+    load_config,
+    plugin_problem,
+    read_config,
+    read_config_text,
+    validate_config,
+)
 from halephant.config.schema import (
     AdminConfig,
     ClusterConfig,
@@ -44,6 +51,7 @@ __all__ = [
     "load_config",
     "parse_duration",
     "parse_size",
+    "plugin_problem",
     "read_config",
     "read_config_text",
     "validate_config",

@@ -129,6 +129,22 @@ def _syntax_problem(exc: MarkedYAMLError, source: str) -> ConfigProblem:
     return ConfigProblem(source, line, col, "", problem)
 
 
+def plugin_problem(raw: RawConfig, error: Exception) -> ConfigError:
+    """A plugin that could not be loaded, or refused the configuration, as a config error located where
+    the file names it: the `plugins.modules` entry of a module that failed to load, `plugins.disable`
+    when a required decision has no plugin left, else `plugins` (or the top of the file)."""
+    message = str(error)
+    loc: Loc = ("plugins",)
+    for i, module in enumerate(raw.plugin_modules):
+        if repr(module) in message:
+            loc = ("plugins", "modules", i)
+            break
+    else:
+        if message.startswith("no plugin implements"):
+            loc = ("plugins", "disable")
+    return ConfigError([_Locator(raw.data, raw.source).problem(loc, message)])
+
+
 def validate_config(raw: RawConfig, plugin_settings: Mapping[str, type[BaseModel]] | None = None) -> Config:
     """Validate `raw` into a `Config`, or raise ConfigError listing every problem found.
 

@@ -132,6 +132,58 @@ def test_check_yaml_syntax_error_has_a_position(tmp_path: pathlib.Path) -> None:
     assert re.search(rf"^{re.escape(path)}:\d+:\d+: ", result.stdout + result.stderr, re.M), result.stderr
 
 
+@pytest.mark.parametrize(
+    ("plugins", "module", "located", "message"),
+    [
+        (
+            "plugins:\n  modules: [halephant_no_such_module]\n",
+            None,
+            "plugins.modules.0",
+            "could not load plugin module 'halephant_no_such_module'",
+        ),
+        (
+            "plugins:\n  modules: [refuses_config]\n",
+            "from halephant import hookimpl\n\n@hookimpl\ndef halephant_configure(config):\n"
+            "    raise RuntimeError('no, thank you')\n",
+            "plugins",
+            "halephant_configure raised RuntimeError('no, thank you')",
+        ),
+        (
+            "plugins:\n  modules: [bad_settings]\n",
+            "from halephant import hookimpl\n\n@hookimpl\ndef halephant_plugin_settings():\n"
+            "    return 'not a tuple'\n",
+            "plugins",
+            "halephant_plugin_settings answered 'not a tuple'",
+        ),
+        ("plugins:\n  disable: [scram_auth]\n", None, "plugins.disable", "no plugin implements"),
+    ],
+    ids=["missing-module", "configure-raises", "bad-settings-answer", "required-disabled"],
+)
+def test_check_and_run_report_a_plugin_problem_at_its_place_in_the_file(
+    tmp_path: pathlib.Path,
+    monkeypatch: pytest.MonkeyPatch,
+    plugins: str,
+    module: str | None,
+    located: str,
+    message: str,
+) -> None:
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))  # where the plugin module is written
+    if module is not None:
+        (tmp_path / f"{plugins.split('[')[1].split(']')[0]}.py").write_text(module)
+    path = write(tmp_path / "plugins.yaml", GOOD_CONFIG)
+    with open(path, "a") as f:
+        f.write(plugins)
+    for command in (["check", "-c", path], ["run", "-c", path]):
+        result = halephant_cli(*command, timeout=20)
+        output = result.stdout + result.stderr
+        assert result.returncode != 0, output
+        assert "Traceback" not in output, output
+        problems = problem_lines(output)
+        assert len(problems) == 1, output
+        assert (problems[0]["file"], problems[0]["path"]) == (path, located), output
+        assert message in problems[0]["message"], output
+
+
 def test_check_missing_file(tmp_path: pathlib.Path) -> None:
     result = halephant_cli("check", "-c", str(tmp_path / "absent.yaml"))
     assert result.returncode != 0
