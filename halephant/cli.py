@@ -27,6 +27,9 @@ def load(path: str) -> tuple[Config, Plugins]:
         plugins.configure(config)
     except PluginError as exc:
         raise plugin_problem(raw, exc) from exc
+    for name in plugins.unknown_disabled:  # a warning: disabling what is not there disables nothing
+        problem = plugin_problem(raw, PluginError(f"no installed plugin is named {name!r}")).problems[0]
+        click.echo(f"warning: {problem} (plugins: {', '.join(p.name for p in plugins.describe())})", err=True)
     return config, plugins
 
 

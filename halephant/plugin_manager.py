@@ -8,6 +8,7 @@ private registration path), then ``check_pending`` so a misspelt hook fails at s
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -130,8 +131,10 @@ class Plugins:
     ) -> None:
         self.pm = pluggy.PluginManager(PROJECT)
         self.pm.add_hookspecs(hooks)
+        configured_disabled = list(disabled)
+        modules = list(modules)
         env = os.environ.get("HALEPHANT_DISABLE_PLUGINS", "")
-        self.disabled = sorted({*disabled, *(n.strip() for n in env.split(",") if n.strip())})
+        self.disabled = sorted({*configured_disabled, *(n.strip() for n in env.split(",") if n.strip())})
         for name in self.disabled:
             self.pm.set_blocked(name)
         for plugin, name in extra:
@@ -148,6 +151,11 @@ class Plugins:
                 self.pm.load_setuptools_entrypoints(PROJECT)
             except Exception as exc:
                 raise PluginError(f"could not load a plugin: {exc!r}") from exc
+        #: names under plugins.disable that no installed plugin has (a typo, or a plugin uninstalled)
+        self.unknown_disabled: list[str] = []
+        if entry_points:
+            known = {ep.name for ep in importlib.metadata.entry_points(group=PROJECT)} | set(modules)
+            self.unknown_disabled = [name for name in configured_disabled if name not in known]
         try:
             self.pm.check_pending()
         except pluggy.PluginValidationError as exc:

@@ -135,9 +135,10 @@ def plugin_problem(raw: RawConfig, error: Exception) -> ConfigError:
     when a required decision has no plugin left, else `plugins` (or the top of the file)."""
     message = str(error)
     loc: Loc = ("plugins",)
-    for i, module in enumerate(raw.plugin_modules):
-        if repr(module) in message:
-            loc = ("plugins", "modules", i)
+    for key, names in (("modules", raw.plugin_modules), ("disable", raw.disabled_plugins)):
+        found = [i for i, name in enumerate(names) if repr(name) in message]
+        if found:
+            loc = ("plugins", key, found[0])
             break
     else:
         if message.startswith("no plugin implements"):
@@ -288,6 +289,7 @@ def _cross_check(plain: dict[Any, Any], where: _Locator) -> list[ConfigProblem]:
         problems += _check_user(name, user, where)
         problems += _check_server_user(name, user, users, where)
     problems += _check_admin_users(plain, where)
+    problems += _check_admin_listen(plain, where)
     return problems
 
 
@@ -303,6 +305,25 @@ def _check_admin_users(plain: dict[Any, Any], where: _Locator) -> list[ConfigPro
             if isinstance(name, str) and name not in users:
                 problems.append(where.problem(("admin", key, i), f"no user named {name!r} under users:"))
     return problems
+
+
+def _check_admin_listen(plain: dict[Any, Any], where: _Locator) -> list[ConfigProblem]:
+    # the proxy would take the port first, and the admin API would never be reachable
+    admin = plain.get("admin")
+    if not isinstance(admin, dict) or "listen" not in admin or admin["listen"] is None:
+        return []
+    try:
+        admin_listen = HostPort.parse(admin["listen"])
+        listen = HostPort.parse(plain.get("listen", "127.0.0.1:6432"))
+    except (ValidationError, ValueError, TypeError):
+        return []  # reported where it is malformed
+    if admin_listen != listen:
+        return []
+    return [
+        where.problem(
+            ("admin", "listen"), f"{admin_listen} is also listen: the admin API needs a port of its own"
+        )
+    ]
 
 
 def _check_server_user(name: Any, user: dict[Any, Any], users: Any, where: _Locator) -> list[ConfigProblem]:

@@ -612,3 +612,22 @@ def test_topology_errors() -> None:
         "halephant.yaml:16:12: topology.timeout: expected a duration like 500ms, 30s, 5m, 1h, 1d or a "
         "number of seconds; got 'soon'",
     ]
+
+
+def test_admin_listen_must_differ_from_listen() -> None:
+    text = """\
+    listen: 127.0.0.1:7000
+    clusters:
+      main:
+        nodes: [127.0.0.1:5432]
+    databases:
+      myapp: {cluster: main}
+    users:
+      myapp: {password: secret}
+    admin:
+      listen: 127.0.0.1:7000
+    """
+    assert problems(text) == [
+        "halephant.yaml:10:11: admin.listen: 127.0.0.1:7000 is also listen: "
+        "the admin API needs a port of its own"
+    ]

@@ -184,6 +184,16 @@ def test_check_and_run_report_a_plugin_problem_at_its_place_in_the_file(
         assert message in problems[0]["message"], output
 
 
+def test_check_warns_of_a_disabled_plugin_that_is_not_there(tmp_path: pathlib.Path) -> None:
+    path = write(tmp_path / "typo.yaml", GOOD_CONFIG + "plugins:\n  disable: [cursor_gaurd]\n")
+    result = halephant_cli("check", "-c", path)
+    assert result.returncode == 0, result.stderr  # disabling what is not there disables nothing
+    assert f"warning: {path}:12:13: plugins.disable.0: no installed plugin is named 'cursor_gaurd'" in (
+        result.stderr
+    )
+    assert "cursor_guard" in result.stderr  # the names it could have meant
+
+
 def test_check_missing_file(tmp_path: pathlib.Path) -> None:
     result = halephant_cli("check", "-c", str(tmp_path / "absent.yaml"))
     assert result.returncode != 0
