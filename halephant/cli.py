@@ -213,7 +213,9 @@ def plugins(path: str | None) -> None:
     type=click.Path(dir_okay=False),
     help="read admin.listen and the plugins (status panels) from this config",
 )
-@click.option("--once", is_flag=True, help="print one snapshot and exit")
+@click.option(
+    "--once", is_flag=True, help="print one snapshot and exit (what it does when its output is no terminal)"
+)
 @click.option("--json", "as_json", is_flag=True, help="print the raw snapshot as JSON and exit")
 @click.option(
     "--interval",
@@ -250,7 +252,7 @@ def status(url: str | None, path: str | None, once: bool, as_json: bool, interva
         url = "http://" + url
     panels = loaded.status_panels if loaded is not None else None
     console = Console()
-    if once or as_json:
+    if once or as_json or not console.is_terminal:  # a live view into a pipe or a file shows nothing
         sys.exit(view.print_once(url, console, panels, as_json))
     sys.exit(view.watch(url, console, panels, interval))
 

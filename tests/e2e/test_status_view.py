@@ -110,6 +110,14 @@ def test_url_from_the_config_file(hal: Running) -> None:
     assert "Pools" in result.stdout
 
 
+def test_into_a_pipe_it_prints_one_snapshot(hal: Running) -> None:
+    # a live view into a pipe or a file would show nothing: without --once, one snapshot all the same
+    assert hal.admin_url is not None
+    result = status("--url", hal.admin_url)
+    assert result.returncode == 0, result.stderr
+    assert "Pools" in result.stdout
+
+
 def test_unreachable_admin_api_is_a_clear_error() -> None:
     result = status("--url", f"http://127.0.0.1:{free_port()}", "--once")
     assert result.returncode == 1
