@@ -237,18 +237,19 @@ def test_max_lifetime_replaces_the_server(pg: Cluster, hal: Running) -> None:
 # --- cancel --------------------------------------------------------------------------------------------
 
 
+def timed_error(conn: psycopg.Connection[Any], sql: str) -> tuple[str | None, float]:
+    """Run `sql`: the SQLSTATE it failed with (None if it did not), and how long it took."""
+    started = time.monotonic()
+    try:
+        conn.execute(sql)
+    except psycopg.Error as exc:
+        return exc.sqlstate, time.monotonic() - started
+    return None, time.monotonic() - started
+
+
 def test_cancel_cancels_only_that_query(pg: Cluster, hal: Running) -> None:
     with connect(hal) as sleeper, connect(hal) as bystander, ThreadPoolExecutor(2) as pool:
-
-        def long_sleep() -> tuple[str | None, float]:
-            started = time.monotonic()
-            try:
-                sleeper.execute("SELECT pg_sleep(10)")
-            except psycopg.Error as exc:
-                return exc.sqlstate, time.monotonic() - started
-            return None, time.monotonic() - started
-
-        cancelled = pool.submit(long_sleep)
+        cancelled = pool.submit(timed_error, sleeper, "SELECT pg_sleep(10)")
         short = pool.submit(lambda: bystander.execute("SELECT pg_sleep(1), 'finished'").fetchone())
         time.sleep(0.5)
         sleeper.cancel()
@@ -282,15 +283,7 @@ def test_cancel_of_a_statement_waiting_for_a_server_cancels_it_there(pg: Cluster
         holder.execute("BEGIN")
         holder.execute("SELECT 1")
 
-        def wait_for_the_server() -> tuple[str | None, float]:
-            started = time.monotonic()
-            try:
-                waiter.execute("SELECT 'never sent'")
-            except psycopg.Error as exc:
-                return exc.sqlstate, time.monotonic() - started
-            return None, time.monotonic() - started
-
-        waiting = pool.submit(wait_for_the_server)
+        waiting = pool.submit(timed_error, waiter, "SELECT 'never sent'")
         time.sleep(0.5)
         waiter.cancel()
         code, took = waiting.result(timeout=5)
