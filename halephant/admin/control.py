@@ -67,6 +67,10 @@ class Control:
                 out.setdefault(client.waiting_pool.key[0], []).append(client)
         return out
 
+    def held_waiting_for(self, pool: ServerPool) -> list[ClientConnection]:
+        """The clients PAUSE holds that wait for `pool`."""
+        return [c for c in self._held if c.waiting_pool is pool]
+
     def held_per_pool(self) -> Counter[ServerPool]:
         """How many clients PAUSE holds, by the pool each waits for (they are in no pool's queue)."""
         return Counter(c.waiting_pool for c in self._held if c.waiting_pool is not None)

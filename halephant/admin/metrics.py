@@ -86,7 +86,7 @@ class HalephantCollector:
             for state in ("active", "idle", "used", "login"):
                 servers.add_metric([*labels, state], states[state])
             waiting.add_metric(labels, len(pool.waiters) + held[pool])
-            maxwait.add_metric(labels, snapshot.oldest_wait(pool, now))
+            maxwait.add_metric(labels, snapshot.oldest_wait(pool, now, app.control.held_waiting_for(pool)))
         yield from (xacts, queries, timeouts, wait, servers, waiting, maxwait)
 
         errors = CounterMetricFamily(

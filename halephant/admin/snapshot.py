@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import itertools
 import os
 import time
 from collections import Counter
@@ -55,11 +56,12 @@ def _pool_servers(pool: ServerPool) -> Iterable[ServerConnection]:
     yield from pool.idle
 
 
-def oldest_wait(pool: ServerPool, now: float) -> float:
-    """Seconds the longest-waiting client of `pool` has waited (0 when none waits).
+def oldest_wait(pool: ServerPool, now: float, held: Iterable[ClientConnection] = ()) -> float:
+    """Seconds the longest-waiting client of `pool` has waited (0 when none waits); `held`: the clients
+    PAUSE holds for it, which wait outside its queue.
 
     Looked for among all waiters: a queue that is fair between users is not ordered by age."""
-    return max((now - waiter.since for waiter in pool.waiters), default=0.0)
+    return max((now - waiter.since for waiter in itertools.chain(pool.waiters, held)), default=0.0)
 
 
 def pool_totals(pool: ServerPool) -> tuple[int, int, int]:
@@ -147,7 +149,7 @@ def pools(app: App) -> list[dict[str, Any]]:
                 sv_used=states["used"],
                 sv_idle=len(pool.idle),
                 sv_login=pool.connecting,
-                maxwait=round(oldest_wait(pool, now), 6),
+                maxwait=round(oldest_wait(pool, now, app.control.held_waiting_for(pool)), 6),
                 pool_size=pool.info.size.max,
                 min_pool_size=pool.info.size.min,
                 transactions=xacts,

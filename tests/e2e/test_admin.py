@@ -377,13 +377,17 @@ def test_pause_waits_for_running_transactions_then_holds_new_ones(hal: Running, 
     assert not done.is_set(), "a new transaction ran while the database was paused"
     queues = [q for q in hal.admin_json("/queues") if q["database"] == "pausable"]
     assert queues and queues[0]["reason"] == "paused"
-    # counted as waiting alike by SHOW POOLS and the metrics
-    assert [p["cl_waiting"] for p in show(admin, "POOLS") if p["database"] == "pausable"] == [1]
+    # counted as waiting alike by SHOW POOLS and the metrics, for as long as it has waited
+    pools = [p for p in show(admin, "POOLS") if p["database"] == "pausable"]
+    assert [p["cl_waiting"] for p in pools] == [1]
+    assert int(pools[0]["maxwait"]) + int(pools[0]["maxwait_us"]) / 1e6 > 0.2  # PgBouncer's two columns
     from prometheus_client.parser import text_string_to_metric_families
 
     families = {f.name: f for f in text_string_to_metric_families(hal.admin_get("/metrics")[1])}
     waiting = families["halephant_pool_waiting_clients"].samples
     assert [s.value for s in waiting if s.labels["database"] == "pausable"] == [1]
+    maxwait = families["halephant_pool_maxwait_seconds"].samples
+    assert [s.value > 0.2 for s in maxwait if s.labels["database"] == "pausable"] == [True]
     # other databases are not paused
     with connect(hal) as conn:
         assert conn.execute("SELECT 1").fetchone() == (1,)
