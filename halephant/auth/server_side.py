@@ -8,7 +8,6 @@ secret and fail at the end, as PostgreSQL does, so user names cannot be enumerat
 
 from __future__ import annotations
 
-import base64
 import functools
 import hashlib
 import hmac
@@ -18,7 +17,7 @@ from typing import Protocol
 from scramp import ScramException, ScramMechanism
 
 from halephant import sqlstate
-from halephant.config.schema import is_md5_hash, is_scram_verifier
+from halephant.config.schema import is_md5_hash, is_scram_verifier, parse_scram_verifier
 from halephant.errors import ClientError
 from halephant.protocol import codes
 from halephant.protocol import messages as m
@@ -47,25 +46,6 @@ class Exchange(Protocol):
     def start(self) -> bytes: ...
 
     def feed(self, payload: bytes) -> tuple[bytes, bool]: ...
-
-
-def parse_scram_verifier(verifier: str) -> AuthInfo:
-    """`SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>` (pg_authid) -> scramp auth info."""
-    try:
-        mech, rest = verifier.split("$", 1)
-        iter_salt, keys = rest.split("$")
-        iterations, salt = iter_salt.split(":")
-        stored, server = keys.split(":")
-        if mech != "SCRAM-SHA-256":
-            raise ValueError(mech)
-        return (
-            base64.b64decode(salt, validate=True),
-            base64.b64decode(stored, validate=True),
-            base64.b64decode(server, validate=True),
-            int(iterations),
-        )
-    except ValueError as exc:
-        raise ValueError("not a SCRAM-SHA-256 verifier") from exc
 
 
 def _user_salt(user: str) -> bytes:

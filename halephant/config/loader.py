@@ -33,7 +33,7 @@ from halephant.config.schema import (
     HostPort,
     is_md5_hash,
     is_scram_verifier,
-    scram_verifier_problem,
+    parse_scram_verifier,
 )
 from halephant.errors import ConfigError, ConfigProblem
 
@@ -361,9 +361,11 @@ def _check_user(name: Any, user: dict[Any, Any], where: _Locator) -> list[Config
             problems.append(
                 where.problem(at_password, "the password is empty; use auth: trust to allow no password")
             )
-        broken = scram_verifier_problem(password) if scram else None
-        if broken is not None:
-            problems.append(where.problem(at_password, broken))
+        if scram:
+            try:
+                parse_scram_verifier(password)
+            except ValueError as exc:
+                problems.append(where.problem(at_password, str(exc)))
         if (scram or md5) and server_password is None:
             problems.append(
                 where.problem(

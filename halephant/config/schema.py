@@ -51,7 +51,7 @@ __all__ = [
     "UserConfig",
     "is_md5_hash",
     "is_scram_verifier",
-    "scram_verifier_problem",
+    "parse_scram_verifier",
 ]
 
 PoolModeName = Literal["transaction", "session"]
@@ -70,26 +70,34 @@ def is_scram_verifier(password: str) -> bool:
     return password.startswith("SCRAM-SHA-256$")
 
 
-def scram_verifier_problem(verifier: str) -> str | None:
-    """What is wrong with a `SCRAM-SHA-256$...` verifier (None: well formed), checked at load time so that
-    a broken one is a config error rather than a failed login for every client of that user."""
+def parse_scram_verifier(verifier: str) -> tuple[bytes, bytes, bytes, int]:
+    """`SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>` (pg_authid) -> (salt, StoredKey,
+    ServerKey, iterations); ValueError saying what is wrong. The config checks every verifier with it at
+    load time, so that a broken one is a config error rather than a failed login for every client of
+    that user; client authentication reads the keys with it."""
     shape = "expected SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>, as in pg_authid"
     try:
-        _mech, rest = verifier.split("$", 1)
+        mech, rest = verifier.split("$", 1)
         iter_salt, keys = rest.split("$")
         iterations, salt = iter_salt.split(":")
         stored, server = keys.split(":")
     except ValueError:
-        return f"not a SCRAM-SHA-256 verifier: {shape}"
+        raise ValueError(f"not a SCRAM-SHA-256 verifier: {shape}") from None
+    if mech != "SCRAM-SHA-256":
+        raise ValueError(f"not a SCRAM-SHA-256 verifier: {shape}")
     if not iterations.isdigit() or int(iterations) < 1:
-        return f"not a SCRAM-SHA-256 verifier: the iteration count must be a positive number ({shape})"
+        raise ValueError(
+            f"not a SCRAM-SHA-256 verifier: the iteration count must be a positive number ({shape})"
+        )
     try:
         decoded = [base64.b64decode(part, validate=True) for part in (salt, stored, server)]
     except ValueError:
-        return f"not a SCRAM-SHA-256 verifier: salt and keys must be base64 ({shape})"
+        raise ValueError(f"not a SCRAM-SHA-256 verifier: salt and keys must be base64 ({shape})") from None
     if not decoded[0] or len(decoded[1]) != 32 or len(decoded[2]) != 32:
-        return f"not a SCRAM-SHA-256 verifier: StoredKey and ServerKey must be 32 bytes each ({shape})"
-    return None
+        raise ValueError(
+            f"not a SCRAM-SHA-256 verifier: StoredKey and ServerKey must be 32 bytes each ({shape})"
+        )
+    return decoded[0], decoded[1], decoded[2], int(iterations)
 
 
 def is_md5_hash(password: str) -> bool:
