@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter
 from typing import TYPE_CHECKING
 
 import anyio
@@ -62,18 +61,19 @@ class Control:
 
     def held_by_database(self) -> dict[str, list[ClientConnection]]:
         out: dict[str, list[ClientConnection]] = {}
-        for client in self._held:
-            if client.waiting_pool is not None and client.info is not None:
-                out.setdefault(client.waiting_pool.key[0], []).append(client)
+        for pool, clients in self.held_by_pool().items():
+            logged_in = [c for c in clients if c.info is not None]
+            if logged_in:
+                out.setdefault(pool.key[0], []).extend(logged_in)
         return out
 
-    def held_waiting_for(self, pool: ServerPool) -> list[ClientConnection]:
-        """The clients PAUSE holds that wait for `pool`."""
-        return [c for c in self._held if c.waiting_pool is pool]
-
-    def held_per_pool(self) -> Counter[ServerPool]:
-        """How many clients PAUSE holds, by the pool each waits for (they are in no pool's queue)."""
-        return Counter(c.waiting_pool for c in self._held if c.waiting_pool is not None)
+    def held_by_pool(self) -> dict[ServerPool, list[ClientConnection]]:
+        """The clients PAUSE holds, by the pool each waits for (they are in no pool's queue)."""
+        out: dict[ServerPool, list[ClientConnection]] = {}
+        for client in self._held:
+            if client.waiting_pool is not None:
+                out.setdefault(client.waiting_pool, []).append(client)
+        return out
 
     def _databases(self, database: str | None) -> list[str]:
         if database is None:

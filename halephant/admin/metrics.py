@@ -69,7 +69,7 @@ class HalephantCollector:
             "halephant_pool_maxwait_seconds", "Age of the oldest waiting client", labels=POOL_LABELS
         )
         now = app.loop.time()
-        held = app.control.held_per_pool()  # waiting too, as SHOW POOLS counts them: held by PAUSE
+        held = app.control.held_by_pool()  # waiting too, as SHOW POOLS counts them: held by PAUSE
         for key, pool in sorted(app.manager.pools.items()):
             labels = list(key)
             x, q, _links = snapshot.pool_totals(pool)
@@ -85,8 +85,9 @@ class HalephantCollector:
             states["login"] = pool.connecting
             for state in ("active", "idle", "used", "login"):
                 servers.add_metric([*labels, state], states[state])
-            waiting.add_metric(labels, len(pool.waiters) + held[pool])
-            maxwait.add_metric(labels, snapshot.oldest_wait(pool, now, app.control.held_waiting_for(pool)))
+            held_here = held.get(pool, ())
+            waiting.add_metric(labels, len(pool.waiters) + len(held_here))
+            maxwait.add_metric(labels, snapshot.oldest_wait(pool, now, held_here))
         yield from (xacts, queries, timeouts, wait, servers, waiting, maxwait)
 
         errors = CounterMetricFamily(

@@ -108,6 +108,7 @@ def pools(app: App) -> list[dict[str, Any]]:
         if key is not None:
             cl.setdefault(key, Counter())[client_state(client)] += 1
     keys = sorted(set(app.manager.pools) | set(cl))
+    held = app.control.held_by_pool()  # waiting outside the pools' queues
     rows = []
     for key in keys:
         pool = app.manager.pools.get(key)
@@ -149,7 +150,7 @@ def pools(app: App) -> list[dict[str, Any]]:
                 sv_used=states["used"],
                 sv_idle=len(pool.idle),
                 sv_login=pool.connecting,
-                maxwait=round(oldest_wait(pool, now, app.control.held_waiting_for(pool)), 6),
+                maxwait=round(oldest_wait(pool, now, held.get(pool, ())), 6),
                 pool_size=pool.info.size.max,
                 min_pool_size=pool.info.size.min,
                 transactions=xacts,
