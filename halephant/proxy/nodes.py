@@ -57,6 +57,15 @@ def _group_of(client: ClientConnection) -> str | None:
     return client.info.user if client.info is not None else None
 
 
+def database_removed(database: str) -> ClientError:
+    """What a client of a database that a reload removed is told (FATAL 57P01)."""
+    return ClientError(
+        sqlstate.ADMIN_SHUTDOWN,
+        f'terminating connection: database "{database}" was removed from the halephant configuration',
+        fatal=True,
+    )
+
+
 class Nodes:
     def __init__(self, manager: PoolManager) -> None:
         self.manager = manager
@@ -145,12 +154,7 @@ class Nodes:
         if config.database_for(target.database) is None:
             # a reload removed it while this client stayed connected: what the client sweep tells the
             # idle ones, told here to one that got its next query in first
-            raise ClientError(
-                sqlstate.ADMIN_SHUTDOWN,
-                f'terminating connection: database "{target.database}" was removed from the halephant '
-                "configuration",
-                fatal=True,
-            )
+            raise database_removed(target.database)
         cluster = config.clusters.get(target.cluster)
         if cluster is None:  # a reload removed it while this client stayed connected
             raise ClientError(

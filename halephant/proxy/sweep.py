@@ -27,6 +27,7 @@ from halephant.errors import ClientError
 from halephant.protocol import codes
 from halephant.protocol import messages as m
 from halephant.proxy.client import READY as _READY
+from halephant.proxy.nodes import database_removed
 
 if TYPE_CHECKING:
     from halephant.proxy.app import App
@@ -142,14 +143,7 @@ def sweep_clients(app: App, now: float) -> None:
         ):
             # between transactions
             if idle_timeout < 0:
-                client.fail(
-                    ClientError(
-                        sqlstate.ADMIN_SHUTDOWN,
-                        f'terminating connection: database "{target.database}" was removed from the '
-                        "halephant configuration",
-                        fatal=True,
-                    )
-                )
+                client.fail(database_removed(target.database))
             elif draining and quiet >= DRAIN_IDLE_GRACE:
                 client.fail(shutdown_error())
             elif idle_timeout and quiet >= idle_timeout:
