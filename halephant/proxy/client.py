@@ -131,6 +131,12 @@ _set_statement: Callable[[TransactionInfo, Statement | None], None] = vars(Trans
 ].__set__
 
 
+def _bound_name(buf: bytes, start: int, end: int) -> bytes:
+    """The name of the prepared statement the Bind whose payload is `buf[start:end]` runs (b"": unnamed)."""
+    name_start = buf.find(b"\0", start, end) + 1  # after the portal's name
+    return buf[name_start : buf.find(b"\0", name_start, end)]
+
+
 class ClientConnection(asyncio.Protocol):
     __slots__ = (
         "_beginning",
@@ -667,8 +673,7 @@ class ClientConnection(asyncio.Protocol):
                 self.pin_for(verdict.reason)
             elif self.session is not None and kind == _K_BATCH and self.session.parsed and transaction_mode:
                 if t == codes.BIND:  # a statement parsed earlier, maybe transactions ago, runs now
-                    name_start = buf.find(b"\0", start, end) + 1  # after the portal's name
-                    session_state.on_bind(self, buf[name_start : buf.find(b"\0", name_start, end)])
+                    session_state.on_bind(self, _bound_name(buf, start, end))
                 elif t == codes.CLOSE and buf[start] == _STATEMENT_TARGET:
                     session_state.on_close(self, buf[start + 1 : buf.find(b"\0", start + 1, end)])
             if kind <= _K_SYNC:
@@ -709,8 +714,7 @@ class ClientConnection(asyncio.Protocol):
     def _bound_statement(ps: ClientStatements, buf: bytes, start: int, end: int) -> Statement | None:
         """The statement a Bind runs, when the client prepared it by name: a transaction that starts by
         running one (drivers run what they prepared so) is routed as a Query of its text would be."""
-        name_start = buf.find(b"\0", start, end) + 1  # after the portal's name
-        name = buf[name_start : buf.find(b"\0", name_start, end)]
+        name = _bound_name(buf, start, end)
         bound = ps.names.get(name) if name else None
         if bound is None:
             return None
@@ -875,8 +879,7 @@ class ClientConnection(asyncio.Protocol):
             # transaction with no statement, so that a read-only user's login is served by a replica
             # (and works while the primary is down). Not a transaction, though: a policy refusing this
             # user's transactions must not refuse the login, which then learns them from the primary.
-            nodes = app.manager.nodes
-            cluster = nodes.views.get(target.cluster) or nodes.view(target.cluster)
+            cluster = app.manager.cluster_view(target.cluster)
             answer = app.plugins.route_call(info, _LOGIN_TRANSACTION, self.pool_info, cluster)
             route = answer if type(answer) is Route else _LOGIN_ROUTE
             if route.role is not _PRIMARY and app.manager.pool_for(target, route.role, self) is None:
