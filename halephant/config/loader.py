@@ -314,7 +314,9 @@ def _check_admin_listen(plain: dict[Any, Any], where: _Locator) -> list[ConfigPr
         return []
     try:
         admin_listen = HostPort.parse(admin["listen"])
-        listen = HostPort.parse(plain.get("listen", "127.0.0.1:6432"))
+        listen = (
+            HostPort.parse(plain["listen"]) if "listen" in plain else Config.model_fields["listen"].default
+        )
     except (ValidationError, ValueError, TypeError):
         return []  # reported where it is malformed
     if admin_listen != listen:
