@@ -3,10 +3,14 @@
 A pooled server cannot keep LISTENing for a transaction-mode client: the next client would get its
 notifications, and this client would miss those sent while it has no server. So each channel a client
 listens to is LISTENed on one extra server connection per (database, user) (on the primary: standbys
-cannot LISTEN), opened on first use and kept outside the pool. Its `data_received` is the ordinary relay
-of `ServerConnection`, whose client is the `_Listener` here: every NotificationResponse is handed, whole
-and as PostgreSQL sent it (channel, payload and the notifying backend's PID), to each client subscribed
-to that channel (`session_state.deliver`, which queues it while the client is in a transaction).
+cannot LISTEN), opened on first use and kept outside the pool. A channel is LISTENed there as soon as a
+client's transaction LISTENs to it, and UNLISTENed once no client listens to it or is about to (a
+rolled-back or undone LISTEN, a client gone in the middle of its transaction: `settle`).
+
+Its `data_received` is the ordinary relay of `ServerConnection`, whose client is the `_Listener` here:
+every NotificationResponse is handed, whole and as PostgreSQL sent it (channel, payload and the
+notifying backend's PID), to each client subscribed to that channel (`session_state.deliver`, which
+queues it while the client is in a transaction).
 
 `when_active` lets a client's server stop listening only once the shared connection listens. PostgreSQL
 starts a new listener past every notification already committed, so the client's server must deliver
@@ -71,10 +75,19 @@ class Listeners:
         return listener
 
     def prepare(self, client: ClientConnection, channels: Iterable[str]) -> None:
-        """Start listening early on channels the client is about to LISTEN to."""
+        """Start listening early on channels the client is about to LISTEN to (its transaction may
+        still roll that back: `settle` then drops them)."""
         listener = self._for(client)
         if listener is not None:
-            listener.want(channels)
+            listener.want(channels, client)
+
+    def settle(self, client: ClientConnection) -> None:
+        """The client's LISTENs are read back (or it left): what it wanted ahead of need and did not
+        subscribe to (a rolled-back LISTEN, a transaction cut short) is no longer listened to, unless
+        another client listens to it or is about to."""
+        listener = self._for(client)
+        if listener is not None:
+            listener.settle(client)
 
     def subscribe(self, client: ClientConnection, channels: Iterable[str]) -> None:
         listener = self._for(client)
@@ -91,7 +104,7 @@ class Listeners:
         if listener is None:
             done(False)
         else:
-            listener.when_active(set(channels), done)
+            listener.when_active(set(channels), done, client)
 
     def close_all(self) -> None:
         for listener in self._by_key.values():
@@ -109,20 +122,29 @@ class _Listener(StandIn):
         self.closed = False
         #: channel -> clients that receive its notifications (an empty set: LISTENed ahead of need)
         self.channels: dict[str, set[ClientConnection]] = {}
+        #: channel -> clients whose transaction LISTENs to it, until they subscribe or `settle`
+        self.wanted: dict[str, set[ClientConnection]] = {}
         #: channels the shared connection listens to now
         self.active: set[str] = set()
-        #: LISTEN/UNLISTEN queries in flight, oldest first: the channels each makes active
-        self._batches: deque[list[str]] = deque()
+        #: LISTEN/UNLISTEN queries in flight, oldest first: the channels each makes active, and those
+        #: it stops (a channel one of them touches is not counted as active until they are answered)
+        self._batches: deque[tuple[list[str], list[str]]] = deque()
         self._waiters: list[tuple[set[str], Waiter]] = []
         self._buf = b""
         self.transport = self  # the relay writes the server's bytes here
 
     # --- what clients ask ---
 
-    def want(self, channels: Iterable[str]) -> None:
-        new = [ch for ch in channels if ch not in self.channels]
-        for ch in new:
-            self.channels[ch] = set()
+    def want(self, channels: Iterable[str], client: ClientConnection) -> None:
+        new = []
+        for ch in channels:
+            if ch not in self.channels:
+                self.channels[ch] = set()
+                new.append(ch)
+            wanting = self.wanted.get(ch)
+            if wanting is None:
+                wanting = self.wanted[ch] = set()
+            wanting.add(client)
         self._listen(new)
 
     def subscribe(self, client: ClientConnection, channels: Iterable[str]) -> None:
@@ -136,25 +158,43 @@ class _Listener(StandIn):
         self._listen(new)
 
     def unsubscribe(self, client: ClientConnection, channels: Iterable[str]) -> None:
-        gone = []
-        for ch in list(channels):
+        for ch in channels:
             clients = self.channels.get(ch)
-            if clients is None:
-                continue
-            clients.discard(client)
-            if not clients:
+            if clients is not None:
+                clients.discard(client)
+        self._drop_unused(channels)
+
+    def settle(self, client: ClientConnection) -> None:
+        wanted = []
+        for ch, wanting in list(self.wanted.items()):
+            if client in wanting:
+                wanting.discard(client)
+                wanted.append(ch)
+                if not wanting:
+                    del self.wanted[ch]
+        self._drop_unused(wanted)
+
+    def _drop_unused(self, channels: Iterable[str]) -> None:
+        """UNLISTEN those of `channels` that no client listens to, is about to, or waits for."""
+        gone = []
+        for ch in channels:
+            if (
+                self.channels.get(ch) == set()
+                and ch not in self.wanted
+                and not any(ch in waited for waited, _ in self._waiters)
+            ):
                 del self.channels[ch]
                 gone.append(ch)
         if gone and self.server is not None and not self.server.closing:
             self.active.difference_update(gone)
-            self._batches.append([])
+            self._batches.append(([], gone))
             self.server.send(m.query("; ".join(f"UNLISTEN {_ident(ch)}" for ch in gone)))
 
-    def when_active(self, channels: set[str], done: Waiter) -> None:
-        if channels <= self.active:
+    def when_active(self, channels: set[str], done: Waiter, client: ClientConnection) -> None:
+        if self._listening(channels):
             done(True)
             return
-        self.want(channels)
+        self.want(channels, client)
         self._waiters.append((channels, done))
         self._open()
 
@@ -166,7 +206,7 @@ class _Listener(StandIn):
         if self.server is None or self.server.closing:
             self._open()
             return
-        self._batches.append(channels)
+        self._batches.append((channels, []))
         self.server.send(m.query("; ".join(f"LISTEN {_ident(ch)}" for ch in channels)))
 
     def _open(self) -> None:
@@ -237,13 +277,18 @@ class _Listener(StandIn):
     def server_ready(self, n: int, status: int, at_boundary: bool) -> None:
         for _ in range(n):
             if self._batches:
-                self.active.update(self._batches.popleft())
+                started, stopped = self._batches.popleft()
+                self.active.update(started)
+                self.active.difference_update(stopped)
         if self._waiters:
             waiting = self._waiters
-            self._waiters = [(chs, done) for chs, done in waiting if not chs <= self.active]
+            self._waiters = [(chs, done) for chs, done in waiting if not self._listening(chs)]
+            settled: set[str] = set()
             for chs, done in waiting:
-                if chs <= self.active:
+                if self._listening(chs):
                     done(True)
+                    settled |= chs
+            self._drop_unused(settled)  # a client that waited may have left meanwhile
 
     def server_lost(self, server: ServerConnection, reason: str) -> None:
         if server is not self.server:
@@ -266,6 +311,13 @@ class _Listener(StandIn):
             client.fail(error)
         if self.channels:
             self._open()  # channels wanted ahead of need
+
+    def _listening(self, channels: set[str]) -> bool:
+        """The shared connection listens to all of `channels`, and no query in flight changes that."""
+        return channels <= self.active and not any(
+            channels.intersection(started) or channels.intersection(stopped)
+            for started, stopped in self._batches
+        )
 
     def pause_reading(self) -> None:
         pass

@@ -436,6 +436,9 @@ def _clean_up_now(
         st.handed_over.clear()
         st.handover_until = time.monotonic() + RELAYED_SECONDS
     st.server_channels = set()
+    if st.listen_seen:
+        # a LISTEN rolled back, or undone by the client itself, leaves nothing on the shared listener
+        client.app.listeners.settle(client)
     sql = cleanup_sql(listen=st.listen_seen, prepared=st.prepare_seen)
     st.listen_seen = st.prepare_seen = False
     # The server leaves the client now: whatever the client sends next gets a server (maybe this one)
@@ -491,6 +494,8 @@ def forget(client: ClientConnection) -> None:
     if st is not None and st.listening:
         client.app.listeners.unsubscribe(client, st.listening)
         st.listening = set()
+    if st is not None and st.listen_seen:  # left in the middle of a transaction that LISTENed
+        client.app.listeners.settle(client)
 
 
 def pin_session(client: ClientConnection, reason: str) -> None:

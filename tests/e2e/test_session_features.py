@@ -302,6 +302,51 @@ def test_notifications_wait_while_the_client_is_in_a_transaction(hal: Running) -
         assert received == ["later"]
 
 
+def _listener_stopped(pg: Cluster, channel: str) -> bool:
+    """Some shared listener's last query was the UNLISTEN of `channel` (waits up to 5 s)."""
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        stopped = pg.primary.sql(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'halephant listener'"
+            f" AND query = 'UNLISTEN \"{channel}\"'"
+        )
+        if int(stopped):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.parametrize("how", ["rolled back", "undone", "client gone"])
+def test_a_listen_that_does_not_last_leaves_nothing_on_the_shared_listener(
+    pg: Cluster, hal: Running, how: str
+) -> None:
+    channel = f"e2e_orphan_{how.replace(' ', '_')}"
+    a = connect(hal)
+    try:
+        a.execute("BEGIN")
+        a.execute(f"LISTEN {channel}")  # the shared listener starts listening ahead of need
+        if how == "rolled back":
+            a.execute("ROLLBACK")
+        elif how == "undone":
+            a.execute(f"UNLISTEN {channel}")
+            a.execute("COMMIT")
+    finally:
+        a.close()  # "client gone": in the middle of its transaction (close() does not commit)
+    assert _listener_stopped(pg, channel)
+
+
+def test_a_rolled_back_listen_keeps_the_channel_of_another_client(pg: Cluster, hal: Running) -> None:
+    with connect(hal) as a, connect(hal) as b:
+        b.execute("LISTEN e2e_shared_keep")
+        a.execute("BEGIN")
+        a.execute("LISTEN e2e_shared_keep")
+        a.execute("ROLLBACK")
+        with connect(hal, "strict") as sender:
+            sender.execute("NOTIFY e2e_shared_keep, 'still'")
+        assert [n.payload for n in b.notifies(timeout=10, stop_after=1)] == ["still"]
+        assert list(a.notifies(timeout=0.3)) == []
+
+
 def test_one_shared_listener_serves_every_client(pg: Cluster, hal: Running) -> None:
     clients = [connect(hal) for _ in range(3)]
     try:
