@@ -26,6 +26,7 @@ from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq, TaggedScalar
 from ruamel.yaml.constructor import DuplicateKeyError
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
+from ruamel.yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from halephant.config.schema import (
     CATCH_ALL,
@@ -104,6 +105,9 @@ def read_config_text(text: str, source: str) -> RawConfig:
     yaml = YAML(typ="rt")  # a fresh loader each time: YAML instances keep per-load state
     try:
         data = yaml.load(text)
+    except DuplicateKeyError as exc:
+        # every duplicate at once, each with its dotted path (ruamel stops at the first)
+        raise ConfigError(_duplicate_keys(text, source) or [_syntax_problem(exc, source)]) from None
     except MarkedYAMLError as exc:
         raise ConfigError([_syntax_problem(exc, source)]) from None
     except YAMLError as exc:
@@ -127,6 +131,41 @@ def _syntax_problem(exc: MarkedYAMLError, source: str) -> ConfigProblem:
     if exc.problem and exc.context and exc.context_mark is not None:
         problem += f" ({exc.context} at line {exc.context_mark.line + 1})"
     return ConfigProblem(source, line, col, "", problem)
+
+
+def _duplicate_keys(text: str, source: str) -> list[ConfigProblem]:
+    """Every key written twice in one mapping of `text` (which parses, but for those), located at the
+    second one. Found on the node tree, before keys are constructed (which is where ruamel stops)."""
+    problems: list[ConfigProblem] = []
+    visited: set[int] = set()  # an alias may repeat a node, or contain itself
+
+    def walk(node: Node | None, loc: Loc) -> None:
+        if node is None or id(node) in visited:
+            return
+        visited.add(id(node))
+        if isinstance(node, MappingNode):
+            first: dict[tuple[str | None, str], int] = {}
+            for key, value in node.value:
+                name = str(key.value) if isinstance(key, ScalarNode) else "?"
+                if isinstance(key, ScalarNode) and name != "<<":  # merge keys may repeat
+                    mark = key.start_mark
+                    seen = first.get((key.tag, name))
+                    if seen is None:
+                        first[(key.tag, name)] = mark.line + 1
+                    else:
+                        path = ".".join(str(part) for part in (*loc, name))
+                        message = f"duplicate key {name!r} (first at line {seen}): write each key once"
+                        problems.append(ConfigProblem(source, mark.line + 1, mark.column + 1, path, message))
+                walk(value, (*loc, name))
+        elif isinstance(node, SequenceNode):
+            for i, item in enumerate(node.value):
+                walk(item, (*loc, i))
+
+    try:
+        walk(YAML(typ="rt").compose(text), ())
+    except YAMLError:
+        return []
+    return problems
 
 
 def plugin_problem(raw: RawConfig, error: Exception) -> ConfigError:

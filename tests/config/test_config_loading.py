@@ -180,7 +180,8 @@ def test_file_not_utf8(tmp_path: Path) -> None:
         ),
         pytest.param(
             "users:\n  myapp:\n    password: hunter2\n    password: hunter3\n",
-            'halephant.yaml:4:5: found duplicate key "password"',
+            "halephant.yaml:4:5: users.myapp.password: duplicate key 'password' (first at line 3): "
+            "write each key once",
             id="duplicate-key",
         ),
         pytest.param(
@@ -202,6 +203,26 @@ def test_yaml_errors(text: str, expected: str) -> None:
         read_config_text(text, "halephant.yaml")
     assert [str(p) for p in excinfo.value.problems] == [expected]
     assert "hunter" not in str(excinfo.value)
+
+
+def test_every_duplicate_key_is_reported_with_its_path() -> None:
+    text = (
+        "clusters:\n  main: {nodes: [127.0.0.1:5432], nodes: [127.0.0.1:5433]}\n"
+        "databases:\n  app:\n    pool_size: 3\n    cluster: main\n    pool_size: 4\n"
+        "users:\n  - {password: a}\n  - {password: b, password: c}\n"
+        "anchored: &loop\n  - *loop\n"
+        "base: &base {mode: session}\nmerged:\n  <<: *base\n  <<: *base\n"
+    )
+    with pytest.raises(ConfigError) as excinfo:
+        read_config_text(text, "halephant.yaml")
+    assert [str(p) for p in excinfo.value.problems] == [
+        "halephant.yaml:2:35: clusters.main.nodes: duplicate key 'nodes' (first at line 2): "
+        "write each key once",
+        "halephant.yaml:7:5: databases.app.pool_size: duplicate key 'pool_size' (first at line 5): "
+        "write each key once",
+        "halephant.yaml:10:19: users.1.password: duplicate key 'password' (first at line 10): "
+        "write each key once",
+    ]
 
 
 def test_empty_file_lists_required_sections() -> None:
