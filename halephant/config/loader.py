@@ -503,10 +503,29 @@ class _Locator:
         self.source = source
 
     def problem(self, loc: Loc, message: str, *, at_key: bool = False) -> ConfigProblem:
-        line, col = self.position(loc, at_key=at_key)
-        return ConfigProblem(self.source, line, col, ".".join(str(part) for part in loc), message)
+        keys = self._keys(loc)
+        line, col = self.position(keys, at_key=at_key)
+        return ConfigProblem(self.source, line, col, ".".join(_key_text(key) for key in keys), message)
 
-    def position(self, loc: Loc, *, at_key: bool = False) -> tuple[int, int]:
+    def _keys(self, loc: Loc) -> tuple[Any, ...]:
+        """`loc` with each part that stands for a key of the file as that key: pydantic writes a null
+        key as 'None' and a boolean one as 0 or 1."""
+        keys: list[Any] = []
+        node: Any = self.root
+        for part in loc:
+            if isinstance(node, CommentedMap):
+                same = [k for k in node if (k == part or (k is None and part == "None"))]
+                exact = [k for k in same if type(k) is type(part)]
+                part = (exact or same or [part])[0]
+                node = node.get(part) if _contains(node, part) else None
+            elif isinstance(node, CommentedSeq) and isinstance(part, int) and 0 <= part < len(node):
+                node = node[part]
+            else:
+                node = None
+            keys.append(part)
+        return tuple(keys)
+
+    def position(self, loc: tuple[Any, ...], *, at_key: bool = False) -> tuple[int, int]:
         """Where `loc` is written. A value is located at the value, except collections and empty
         values, which are located at their key; `at_key` asks for the key itself (unknown keys).
         A loc that leaves the tree (a missing key) stops at the deepest node that exists."""
@@ -540,6 +559,15 @@ class _Locator:
             message = _message(error, model, loc)
             problems.append(self.problem((*prefix, *loc), message, at_key=at_key))
         return problems
+
+
+def _key_text(key: Any) -> str:
+    """A key as YAML spells it, in a dotted path."""
+    if key is None:
+        return "null"
+    if isinstance(key, bool):
+        return "true" if key else "false"
+    return str(key)
 
 
 def _contains(node: CommentedMap, key: Any) -> bool:

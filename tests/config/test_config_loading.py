@@ -390,6 +390,19 @@ def test_database_errors() -> None:
     ]
 
 
+def test_null_and_boolean_keys_are_located_and_named_as_written() -> None:
+    text = (
+        "clusters:\n  main: {nodes: [127.0.0.1:5432]}\n"
+        "databases:\n  app: {cluster: main}\n  true:\n    cluster: main\n  ~:\n    cluster: main\n"
+        "users:\n  app: {password: secret}\n  null: {password: secret}\n"
+    )
+    assert problems(text) == [
+        "halephant.yaml:5:3: databases.true: expected a string, got a boolean",
+        "halephant.yaml:7:3: databases.null: expected a string, got nothing",
+        "halephant.yaml:11:3: users.null: expected a string, got nothing",
+    ]
+
+
 SCRAM = (
     "SCRAM-SHA-256$4096:c2FsdHNhbHQ=$U1NTU1NTU1NTU1NTU1NTU1NTU1NTU1NTU1NTU1NTU1M=:"
     "S0tLS0tLS0tLS0tLS0tLS0tLS0tLS0tLS0tLS0tLS0s="
