@@ -189,6 +189,24 @@ class Plugins:
         self.has_inspectors = bool(inspectors)
         #: ...and for a plain statement when every implementation ignores those
         self.has_plain_inspectors = any(_sees_plain(impl) for impl in inspectors)
+        #: every hook implementation's code, to name the plugin an exception came from (`culprit`)
+        self._impl_codes = {
+            impl.function.__code__: (impl.plugin_name, name)
+            for name in dir(hook)
+            if name.startswith("halephant_")
+            for impl in getattr(hook, name).get_hookimpls()
+            if hasattr(impl.function, "__code__")
+        }
+
+    def culprit(self, exc: BaseException) -> tuple[str, str] | None:
+        """(plugin name, hook) of the hook implementation `exc` was raised in or through (the one
+        nearest to where it was raised), or None when no plugin is on its traceback."""
+        found = None
+        tb = exc.__traceback__
+        while tb is not None:
+            found = self._impl_codes.get(tb.tb_frame.f_code, found)
+            tb = tb.tb_next
+        return found
 
     # --- configuration ---
 

@@ -82,6 +82,26 @@ def test_a_route_answer_of_the_wrong_type_is_an_internal_error() -> None:
         plugins.route(CLIENT, TransactionInfo(None), POOL, CLUSTER)
 
 
+def test_the_plugin_an_exception_came_from_is_named() -> None:
+    def helper(statement: Statement) -> None:
+        raise ValueError(statement.text)  # raised below the implementation: still that plugin's
+
+    @hookimpl
+    def halephant_inspect_query(statement: Statement) -> None:
+        helper(statement)
+
+    plugins = Plugins(
+        entry_points=True, extra=[(_module(halephant_inspect_query=halephant_inspect_query), "fussy")]
+    )
+    with pytest.raises(ValueError) as info:
+        plugins.inspect_query(CLIENT, Statement("DROP TABLE t"), POOL)
+    assert plugins.culprit(info.value) == ("fussy", "halephant_inspect_query")
+    try:
+        raise KeyError("core")
+    except KeyError as exc:
+        assert plugins.culprit(exc) is None
+
+
 def test_disabling_a_required_default_without_a_replacement_refuses_to_start() -> None:
     with pytest.raises(PluginError, match="halephant_route"):
         Plugins(entry_points=True, disabled=["replica_routing"])

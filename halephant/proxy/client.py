@@ -303,8 +303,14 @@ class ClientConnection(asyncio.Protocol):
 
     def _internal_error(self, exc: Exception) -> None:
         # a bug or a plugin's exception costs this client only, never the listener or a server callback
-        log.exception("%r: internal error", self)
-        self.fail(ClientError(sqlstate.INTERNAL_ERROR, f"internal error in halephant: {exc!r}", fatal=True))
+        culprit = self.app.plugins.culprit(exc)
+        if culprit is None:
+            log.exception("%r: internal error", self)
+            message = f"internal error in halephant: {exc!r}"
+        else:
+            log.exception("%r: internal error: plugin %r raised in %s", self, *culprit)
+            message = f"internal error in halephant: plugin {culprit[0]!r} raised in {culprit[1]}: {exc!r}"
+        self.fail(ClientError(sqlstate.INTERNAL_ERROR, message, fatal=True))
 
     def _buffer_while_waiting(self, data: bytes) -> None:
         # Reading is not paused at every wait (two epoll_ctl calls per transaction under load): a

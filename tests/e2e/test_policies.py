@@ -244,6 +244,10 @@ def test_inspect_query_exception_costs_that_client_only(proxy: Running) -> None:
             victim.execute("select 'boom'")
         assert info.value.diag.sqlstate == "XX000"
         assert info.value.diag.severity == "FATAL"
+        # the plugin is named, not only in the traceback
+        assert "plugin 'raise_on_boom' raised in halephant_inspect_query: BoomError" in str(
+            info.value.diag.message_primary
+        )
         assert victim.closed or victim.broken
         assert_usable(bystander)
         with connect(proxy) as newcomer:
@@ -251,6 +255,7 @@ def test_inspect_query_exception_costs_that_client_only(proxy: Running) -> None:
     log = proxy.log_text()
     assert "Traceback (most recent call last)" in log
     assert "BoomError: boom in statement" in log
+    assert "internal error: plugin 'raise_on_boom' raised in halephant_inspect_query" in log
 
 
 def test_inspect_query_exception_inside_a_transaction(proxy: Running) -> None:
@@ -332,7 +337,7 @@ def test_select_pool_exception_fails_that_login_only(proxy: Running) -> None:
                 rc.startup({"user": "myapp", "database": "myapp", "application_name": "select_pool_boom"})
             )
             error = client.expect_fatal_and_close("XX000")
-            assert "BoomError" in error.fields["M"]
+            assert "plugin 'raise_on_boom' raised in halephant_select_pool: BoomError" in error.fields["M"]
         with pytest.raises(psycopg.OperationalError, match="internal error"):
             connect(proxy, application_name="select_pool_boom")
         assert_usable(bystander)
