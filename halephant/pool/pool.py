@@ -130,6 +130,7 @@ class Pool(Generic[S, W]):
         "key",
         "opened_count",
         "port",
+        "retire_before",
         "serves",
         "stats",
         "track_lsn",
@@ -151,6 +152,9 @@ class Pool(Generic[S, W]):
         self.serves: Role | None = None
         #: read-your-writes: learn the primary's WAL position when a client's transaction ends here
         self.track_lsn = False
+        #: a server opened before this (monotonic) time is past max_lifetime: closed when it comes
+        #: back, not handed on to a waiting client (kept up to date by the pool manager's sweep)
+        self.retire_before = float("-inf")
 
     def __repr__(self) -> str:
         return (

@@ -234,6 +234,28 @@ def test_max_lifetime_replaces_the_server(pg: Cluster, hal: Running) -> None:
     assert second != first
 
 
+def test_max_lifetime_replaces_a_server_that_is_never_idle(pg: Cluster, hal: Running) -> None:
+    # Three clients keep the pool's one server busy: it goes from one to the next without ever being
+    # idle, where the sweep looks at ages. It must still be replaced once past its lifetime (on release).
+    stop = time.monotonic() + 3.5
+    pids: set[int] = set()
+    errors: list[BaseException] = []
+
+    def busy() -> None:
+        try:
+            with connect(hal, "lifetime") as conn:
+                while time.monotonic() < stop:
+                    pids.add(backend_pid(conn))
+        except BaseException as exc:  # reported below: the clients see no error while servers rotate
+            errors.append(exc)
+
+    with ThreadPoolExecutor(3) as executor:
+        for _ in range(3):
+            executor.submit(busy)
+    assert errors == []
+    assert len(pids) >= 2, f"max_lifetime 1 s, 3.5 s of back-to-back transactions: servers {pids}"
+
+
 # --- cancel --------------------------------------------------------------------------------------------
 
 
