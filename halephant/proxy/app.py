@@ -237,9 +237,20 @@ class App:
         client.told_pid = backend_pid
         return backend_pid
 
-    def cancel(self, process_id: int, secret_key: int) -> None:
+    def cancel(self, process_id: int, secret_key: int, done: Callable[[], None]) -> None:
         """A CancelRequest: forward it to the server linked to that client now, and to nobody otherwise
-        (a statement still waiting for a server is cancelled where it waits)."""
+        (a statement still waiting for a server is cancelled where it waits). `done` is called once the
+        cancel has been handled: when forwarded, once PostgreSQL has closed its cancel connection, which
+        it does after signalling the backend. Clients (libpq's PQcancel, psycopg, asyncpg) wait for the
+        cancel connection to close before they send anything more, so that their next statement is not
+        the one cancelled: closing the client's cancel connection any earlier breaks that."""
+        try:
+            self._cancel(process_id, secret_key, done)
+        except BaseException:
+            done()
+            raise
+
+    def _cancel(self, process_id: int, secret_key: int, done: Callable[[], None]) -> None:
         key = (secret_key & 0xFFFFFFFF).to_bytes(4, "big")
         for registry in (self.clients, self.session_pids):
             client = registry.get(process_id)
@@ -251,6 +262,7 @@ class App:
                 break
         else:
             log.info("cancel request for unknown client %d ignored", process_id)
+            done()
             return
         server = client.server
         if server is None:
@@ -258,11 +270,20 @@ class App:
                 log.info("%r: cancel request: its statement was still waiting for a server", client)
             else:
                 log.info("%r: cancel request ignored: no query running", client)
+            done()
             return
         log.info("%r: forwarding cancel request to server pid %d", client, server.backend_pid)
-        self.spawn(self._send_cancel, client, server, server.link_count)
+        self.spawn(self._send_cancel, client, server, server.link_count, done)
 
-    async def _send_cancel(self, client: ClientConnection, server: ServerConnection, link: int) -> None:
+    async def _send_cancel(
+        self, client: ClientConnection, server: ServerConnection, link: int, done: Callable[[], None]
+    ) -> None:
+        try:
+            await self._forward_cancel(client, server, link)
+        finally:
+            done()
+
+    async def _forward_cancel(self, client: ClientConnection, server: ServerConnection, link: int) -> None:
         try:
             with anyio.fail_after(5):
                 stream = await anyio.connect_tcp(server.pool.host, server.pool.port)

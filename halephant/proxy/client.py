@@ -368,10 +368,10 @@ class ClientConnection(asyncio.Protocol):
                     raise ProtocolViolation(f"received unencrypted data after {what} request")
                 self.transport.write(b"N")
             elif isinstance(packet, CancelRequest):
-                self.app.cancel(packet.process_id, packet.secret_key)
                 self.state = CLOSED
                 self.app.client_closed(self)
-                self.transport.close()
+                # closed once the cancel has reached PostgreSQL: the client waits for that (see App.cancel)
+                self.app.cancel(packet.process_id, packet.secret_key, self.transport.close)
                 return
             elif isinstance(packet, StartupMessage):
                 rest = framer.take_rest()

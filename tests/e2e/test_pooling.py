@@ -283,6 +283,25 @@ def test_cancel_cancels_only_that_query(pg: Cluster, hal: Running) -> None:
     assert_clean_servers(pg.primary)
 
 
+@pytest.mark.parametrize("dbname", ["myapp", "session_one"])
+def test_a_cancel_has_landed_when_the_client_hears_back(pg: Cluster, hal: Running, dbname: str) -> None:
+    # libpq's PQcancel (psycopg's cancel()) returns once the cancel connection is closed, taken as the
+    # sign that the server got the cancel: the statement sent next must not be the one it cancels
+    outcomes = []
+    with connect(hal, dbname, autocommit=False) as conn:
+        for _ in range(10):
+            conn.execute("SELECT 1")  # idle in a transaction: its server is linked, nothing running
+            conn.cancel()
+            try:
+                conn.execute("SELECT pg_sleep(0.1)")
+                outcomes.append("ok")
+            except psycopg.errors.QueryCanceled:
+                outcomes.append("cancelled")
+            conn.rollback()
+    assert outcomes == ["ok"] * 10
+    assert_clean_servers(pg.primary)
+
+
 def test_cancel_without_a_running_query_is_harmless(pg: Cluster, hal: Running) -> None:
     # pool_size 1: the idle client's last server is now running someone else's query
     with connect(hal, "one") as idle, connect(hal, "one") as busy, ThreadPoolExecutor(1) as pool:
