@@ -731,14 +731,16 @@ class ClientConnection(asyncio.Protocol):
         """The client's transaction is over and the server stays linked only for halephant's own business
         with it (reading the session state back, handing LISTEN over): what the client sends now begins
         its next transaction, which waits for that to finish, so that it is routed as any other (after
-        `SET default_transaction_read_only = off`, say, to the primary) rather than sent to this server."""
+        `SET default_transaction_read_only = off`, say, to the primary) rather than sent to this server.
+        A pinned client waits too: what it sends may take again a feature whose release the read-back is
+        about to report (`SELECT pg_advisory_unlock(1)`, then `SELECT pg_advisory_lock(1)`), and that
+        report must not count for the feature taken again."""
         session = self.session
         return (
             session is not None
             and (session.reading_on is server or session.cleaning)
             and self.outstanding == 0
             and not self.unsynced
-            and not self.pinned
             and server.scanner.status == _TX_IDLE
         )
 

@@ -121,6 +121,40 @@ def test_features_of_prepared_statements_pin_and_release_when_they_run(pg: Clust
         a.execute("DEALLOCATE e2e_prepared_plan")
 
 
+@pytest.mark.parametrize(
+    ("take", "release", "held"),
+    [
+        (
+            "SELECT pg_advisory_lock(7101)",
+            "SELECT pg_advisory_unlock(7101)",
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'",
+        ),
+        (
+            "CREATE TEMP TABLE e2e_feature_again (n int)",
+            "DROP TABLE e2e_feature_again",
+            "SELECT count(*) FROM pg_class WHERE relname = 'e2e_feature_again' AND relpersistence = 't'",
+        ),
+    ],
+    ids=["advisory_lock", "temp_table"],
+)
+def test_a_feature_taken_again_right_after_its_release_is_never_handed_on(
+    pg: Cluster, hal: Running, take: str, release: str, held: str
+) -> None:
+    # The release is confirmed by reading the server's state back after its transaction; the client's
+    # next statement, sent as soon as it has its answer, takes the feature again meanwhile. That read-back
+    # must not count as the release of the feature taken again.
+    for _ in range(10):
+        with connect(hal) as a:
+            a.execute(take)
+            a.execute(release)
+            a.execute(take)
+        # `a` left holding it: its server is reset (or closed) before anyone else gets it
+        deadline = time.monotonic() + 3
+        while pg.primary.sql(held) != "0" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert pg.primary.sql(held) == "0"
+
+
 def test_temp_table_pins_until_dropped(hal: Running) -> None:
     with connect(hal) as a, connect(hal) as b:
         a.execute("CREATE TEMP TABLE e2e_feature_tmp (n int)")
