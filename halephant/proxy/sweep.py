@@ -103,7 +103,9 @@ def sweep_clients(app: App, now: float) -> None:
     timeouts: dict[tuple[str, str], tuple[float, float, float]] = {}
     for client in list(app.clients.values()):
         if client.state != _READY:
-            if client.state < _READY and now >= client.login_deadline:
+            # once authenticated, a client waiting for a server (session pooling) has checkout_timeout's
+            # time, as documented, not what is left of login_timeout
+            if client.state < _READY and now >= client.login_deadline and client.waiting_pool is None:
                 client.login_timeout()
             continue
         if client.waiting_pool is not None:

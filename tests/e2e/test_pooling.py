@@ -181,6 +181,22 @@ def test_checkout_timeout_in_session_mode_refuses_the_connection(pg: Cluster, ha
     assert_clean_servers(pg.primary)
 
 
+def test_a_session_client_waits_for_a_server_up_to_checkout_timeout_not_login_timeout(
+    pg: Cluster, halephant: HalephantFactory
+) -> None:
+    # authenticated, then waiting for a server: the database's checkout_timeout, however short the
+    # login_timeout (which is for connecting and authenticating)
+    held = {"cluster": "main", "database": "myapp", "mode": "session", "pool_size": 1}
+    held["checkout_timeout"] = "2500ms"
+    run = halephant.start(default_config(pg, databases={"held": held}, limits={"login_timeout": "1s"}))
+    with psycopg.connect(run.dsn(dbname="held")) as holder:
+        assert holder.execute("SELECT 1").fetchone() == (1,)
+        started = time.monotonic()
+        with pytest.raises(psycopg.OperationalError, match="no server connection available"):
+            psycopg.connect(run.dsn(dbname="held"))  # FATAL 53300, as libpq reports it
+        assert time.monotonic() - started >= 2
+
+
 # --- min_pool_size, idle_timeout, max_lifetime ---------------------------------------------------------
 
 
