@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -107,6 +108,9 @@ class PoolManager:
         self.nodes = Nodes(self)
         #: pools a reload took out of use: they serve what they still hold, then close (see tick)
         self.retired: list[ServerPool] = []
+        #: servers handed to waiting clients while another hand-over is under way (`hand_over`)
+        self._handing = False
+        self._hand_overs: deque[tuple[ClientConnection, ServerConnection]] = deque()
 
     # --- lookups ---
 
@@ -209,7 +213,7 @@ class PoolManager:
         )
         first = pool.connected(server)
         if first is not None:
-            first.attach_server(server)
+            self.hand_over(first, server)
 
     def checkin(self, server: ServerConnection, client: ClientConnection | None = None) -> None:
         """A client is done with `server`: close it if it may carry session state, else pool it."""
@@ -240,7 +244,27 @@ class PoolManager:
             return
         waiter = pool.checkin(server)
         if waiter is not None:
+            self.hand_over(waiter, server)
+
+    def hand_over(self, waiter: ClientConnection, server: ServerConnection) -> None:
+        """Give `server` (checked out for it) to a client that waited for one.
+
+        A client may give the server straight back as it takes it (a login that only needed the server
+        to learn the parameters to report), which hands it to the next waiting client, and so on: done
+        one after the other here, never nested, however many clients wait (hundreds of logins queued
+        behind a busy pool would otherwise exhaust the stack)."""
+        if self._handing:
+            self._hand_overs.append((waiter, server))
+            return
+        self._handing = True
+        try:
             waiter.attach_server(server)
+            queued = self._hand_overs
+            while queued:
+                waiter, server = queued.popleft()
+                waiter.attach_server(server)
+        finally:
+            self._handing = False
 
     def reset_and_checkin(
         self,

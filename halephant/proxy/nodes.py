@@ -232,7 +232,7 @@ class Nodes:
             return
         server, open_one = pool.checkout(waiter, _group_of(waiter))
         if server is not None:
-            waiter.attach_server(server)
+            self.manager.hand_over(waiter, server)
             return
         waiter.waiting_pool = pool
         if open_one:

@@ -181,6 +181,43 @@ def test_checkout_timeout_in_session_mode_refuses_the_connection(pg: Cluster, ha
     assert_clean_servers(pg.primary)
 
 
+def test_hundreds_of_logins_queued_behind_a_busy_pool_all_get_in(
+    pg: Cluster, halephant: HalephantFactory
+) -> None:
+    # A login with startup settings needs a server once (to check them and learn what to report), then
+    # gives it straight back, to the next login waiting: handed on 400 times in a row when the one busy
+    # server comes free. Never a recursion through every waiting client.
+    tiny = {"cluster": "main", "database": "myapp", "pool_size": 1, "checkout_timeout": "20s"}
+    run = halephant.start(default_config(pg, databases={"tiny": tiny}, limits={"login_timeout": "20s"}))
+
+    async def login() -> str:
+        conn = await asyncpg.connect(
+            host=run.host, port=run.port, user="myapp", password="myapp", database="tiny", ssl=False,
+            server_settings={"application_name": "queued"}, timeout=30,
+        )  # fmt: skip
+        try:
+            return str(await conn.fetchval("SELECT 'in'"))
+        finally:
+            await conn.close()
+
+    async def storm() -> list[str]:
+        holder = await asyncpg.connect(
+            host=run.host, port=run.port, user="myapp", password="myapp", database="tiny", ssl=False
+        )
+        busy = asyncio.create_task(holder.execute("SELECT pg_sleep(2)"))
+        await asyncio.sleep(0.3)
+        outcomes = await asyncio.gather(*(login() for _ in range(400)), return_exceptions=True)
+        await busy
+        await holder.close()
+        return [o if isinstance(o, str) else repr(o) for o in outcomes]
+
+    outcomes = asyncio.run(storm())
+    assert [o for o in outcomes if o != "in"] == []
+    assert "RecursionError" not in run.log_text()
+    with psycopg.connect(run.dsn(dbname="tiny")) as after:  # the pool is not wedged
+        assert after.execute("SELECT 1").fetchone() == (1,)
+
+
 def test_a_session_client_waits_for_a_server_up_to_checkout_timeout_not_login_timeout(
     pg: Cluster, halephant: HalephantFactory
 ) -> None:
