@@ -485,10 +485,13 @@ class ClientConnection(asyncio.Protocol):
             # Session pooling holds a server from login. Otherwise a server is needed once to learn the
             # parameters to report, or to check the client's startup settings and report them as the
             # server normalizes them (PostgreSQL refuses a bad one at login, so does halephant).
-            if self._checkout(None, codes.QUERY) and self.server is not None and not self.server.absorb:
-                self._welcome(self.server.params)
+            self._login_checkout()
             return
         self._welcome(params)
+
+    def _login_checkout(self) -> None:
+        if self._checkout(None, codes.QUERY) and self.server is not None and not self.server.absorb:
+            self._welcome(self.server.params)
 
     def _welcome(self, params: dict[str, str]) -> None:
         assert self.info is not None
@@ -983,6 +986,21 @@ class ClientConnection(asyncio.Protocol):
             self.fail(exc)
         except Exception as exc:
             self._internal_error(exc)
+
+    def reroute(self) -> None:
+        """Called by the pool manager: the pool this client waits on has no node to serve it any more
+        (the replicas are gone). Nothing it sent has started anywhere, so it is routed again as if it
+        had just come: the routing policy decides where it goes now (the primary, or a refusal)."""
+        self._end_wait()
+        if self.state == READY:
+            self.data_received(b"")  # its next transaction, from the start: routed, then a server
+        elif self.state == WELCOME:
+            try:
+                self._login_checkout()
+            except ClientError as exc:
+                self.fail(exc)
+            except Exception as exc:
+                self._internal_error(exc)
 
     def checkout_failed(self, error: ClientError) -> None:
         """Called by the pool manager: no server could be opened for this waiting client."""

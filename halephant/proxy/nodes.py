@@ -262,15 +262,29 @@ class Nodes:
                 parked.clear()
                 for waiter in waiters:
                     self._to_primary(group, waiter)
-            if not group.replicas and group.replica_waiters:
-                error = ClientError(
-                    sqlstate.CANNOT_CONNECT_NOW, f"no replica of cluster {name} is available any more"
-                )
-                waiters = list(group.replica_waiters)
-                group.replica_waiters.clear()
-                for waiter in waiters:
-                    waiter.waiting_pool = None
-                    waiter.checkout_failed(error)
+            if group.replica_waiters:
+                self._serve_replica_waiters(group)
+
+    def _serve_replica_waiters(self, group: Group) -> None:
+        """After a round of probes: the clients waiting for a replica server get one opened for them, or,
+        with no replica left, are routed again, as a client arriving now is (the policy may fall back
+        to the primary): what they sent has started nowhere."""
+        if group.replicas:
+            replica = group.pick_replica()
+            if replica is not None and replica.should_open_for_waiters():
+                self.manager.open(replica)
+            return
+        waiters = list(group.replica_waiters)
+        group.replica_waiters.clear()
+        log.info(
+            "cluster %s: no replica left: %d waiting client(s) routed again", group.cluster, len(waiters)
+        )
+        replica_pools = [pool for pool in group.pools.values() if pool is not group.primary]
+        for waiter in waiters:
+            if waiter.waiting_pool not in replica_pools:
+                continue  # no longer waiting for a replica (it stopped waiting, or left)
+            waiter.waiting_pool = None
+            waiter.reroute()
 
     def _fence(self, view: ClusterView) -> None:
         """Close every server connection to a node that claims to be primary but lost to another: a
@@ -314,6 +328,17 @@ class Nodes:
         state = self.topology.states.get(target.cluster)
         # With no node answering the probes there is nothing to wait for: fail them as without probes.
         probed = state is not None and state.probed and not state.all_failed
+        if node_failed and probed and group is not None and pool.serves is Role.REPLICA and failed:
+            # No replica could take them now: they wait for the probes, which will have them served by
+            # a replica that answers, or routed again if none is left (`_serve_replica_waiters`).
+            log.warning(
+                "pool %s: the replica did not answer; %d client(s) wait for the probes",
+                pool.name,
+                len(failed),
+            )
+            for waiter in failed:
+                group.replica_waiters.append(waiter, _group_of(waiter))
+            return
         if node_failed and probed and group is not None and pool.serves is Role.PRIMARY and failed:
             # The primary may be failing over: park its clients until the probes find a primary
             # (or their checkout_timeout passes: 57P03) rather than failing them now.

@@ -17,6 +17,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import psycopg
@@ -332,6 +333,43 @@ def test_a_stopped_replica_is_marked_down_until_it_answers_again(
             r2.start()
         wait_log(run, f"{name} readmitted")
         assert {port(conn) for _ in range(4)} == {r1.port, r2.port}
+    assert_clean_servers(cl)
+
+
+def test_a_client_waiting_for_a_replica_is_routed_again_when_no_replica_is_left(
+    cl: Cluster, halephant: HalephantFactory, plugin_env: None
+) -> None:
+    # BEGIN READ ONLY goes to a replica; with none usable, replica_fallback (primary) decides. A client
+    # that was waiting for a replica server when the last replica went must be routed as one arriving
+    # then is: its BEGIN has started nowhere.
+    cfg = config(cl.nodes)
+    cfg["databases"]["myapp"]["pool_size"] = 1
+    run = halephant.start(cfg)
+    holders = [connect(run) for _ in cl.replicas]
+    waiter = connect(run)
+    try:
+        for holder in holders:  # one server per replica, both busy
+            holder.execute("BEGIN READ ONLY")
+            assert port(holder) in {r.port for r in cl.replicas}
+        with ThreadPoolExecutor(1) as pool:
+            began = pool.submit(waiter.execute, "BEGIN READ ONLY")
+            time.sleep(0.3)
+            assert not began.done()  # waiting for a replica server
+            for replica in cl.replicas:
+                replica.stop()
+            try:
+                began.result(timeout=10)  # not 57P03 or 08006: routed again, to the primary
+                assert port(waiter) == cl.primary.port
+                waiter.execute("COMMIT")
+            finally:
+                for replica in cl.replicas:
+                    replica.start()
+        assert "no replica left: 1 waiting client(s) routed again" in run.log_text()
+    finally:
+        for conn in (*holders, waiter):
+            conn.close()
+    for replica in cl.replicas:
+        wait_log(run, f"{replica.host}:{replica.port} readmitted")
     assert_clean_servers(cl)
 
 
