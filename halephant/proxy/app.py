@@ -279,11 +279,13 @@ class App:
         self, client: ClientConnection, server: ServerConnection, link: int, done: Callable[[], None]
     ) -> None:
         try:
-            await self._forward_cancel(client, server, link)
+            await self.forward_cancel(client, server, link)
         finally:
             done()
 
-    async def _forward_cancel(self, client: ClientConnection, server: ServerConnection, link: int) -> None:
+    async def forward_cancel(self, client: ClientConnection, server: ServerConnection, link: int) -> None:
+        """Send a CancelRequest for the query `server` runs for `client`, unless the server moved on (its
+        `link_count` is no longer `link`); returns once PostgreSQL has closed the cancel connection."""
         try:
             with anyio.fail_after(5):
                 stream = await anyio.connect_tcp(server.pool.host, server.pool.port)

@@ -199,7 +199,7 @@ def sweep_clients(app: App, now: float) -> None:
                         f"halephant: cancelling the query: it ran past query_timeout ({query_timeout:g}s)",
                     )
                 )
-            app.spawn(app._send_cancel, client, server, server.link_count)
+            app.spawn(app.forward_cancel, client, server, server.link_count)
 
 
 _NO_USER = UserConfig(auth="trust")  # a user no longer configured: no overrides

@@ -44,6 +44,7 @@ class FakeClient:
     waiting_pool: Any = None
     servers: list[Any] = field(default_factory=list)
     errors: list[ClientError] = field(default_factory=list)
+    rerouted: int = 0
 
     def attach_server(self, server: Any) -> None:
         self.waiting_pool = None
@@ -52,6 +53,9 @@ class FakeClient:
     def checkout_failed(self, error: ClientError) -> None:
         self.waiting_pool = None
         self.errors.append(error)
+
+    def reroute(self) -> None:
+        self.rerouted += 1
 
 
 @pytest.fixture
@@ -114,12 +118,30 @@ def test_no_usable_replica(manager: PoolManager) -> None:
     )
 
 
-def test_replica_waiters_fail_when_the_last_replica_goes(manager: PoolManager) -> None:
+def test_replica_waiters_are_routed_again_when_the_last_replica_goes(manager: PoolManager) -> None:
+    publish(manager, node(P, Role.PRIMARY), node(R1, Role.REPLICA))
+    client, gone = FakeClient("c"), FakeClient("gone")
+    wait(manager, client, Role.REPLICA)
+    wait(manager, gone, Role.REPLICA)
+    gone.waiting_pool = None  # stopped waiting (cancelled, or left) while still queued
+    publish(manager, node(P, Role.PRIMARY), node(R1, Role.REPLICA, usable=False))
+    assert (client.rerouted, client.errors, client.waiting_pool) == (1, [], None)
+    assert gone.rerouted == 0
+
+
+def test_a_failed_replica_connect_leaves_its_waiters_to_the_probes(manager: PoolManager) -> None:
     publish(manager, node(P, Role.PRIMARY), node(R1, Role.REPLICA))
     client = FakeClient("c")
-    wait(manager, client, Role.REPLICA)
+    replica = wait(manager, client, Role.REPLICA)
+    replica.connecting = 1
+    error = ClientError(sqlstate.CONNECTION_FAILURE, "could not connect")
+    manager.nodes.connect_failed(replica, error, node_failed=True)
+    assert client.errors == [] and client.waiting_pool is replica
+    manager.app.opened.clear()
+    publish(manager, node(P, Role.PRIMARY), node(R1, Role.REPLICA, lsn=1))  # it answers the probes again
+    assert manager.app.opened == [replica]  # opened for the waiter
     publish(manager, node(P, Role.PRIMARY), node(R1, Role.REPLICA, usable=False))
-    assert [e.code for e in client.errors] == [sqlstate.CANNOT_CONNECT_NOW]
+    assert client.rerouted == 1
 
 
 def test_waiters_follow_the_primary(manager: PoolManager) -> None:
