@@ -17,7 +17,7 @@ import logging
 import signal
 import socket
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any
+from typing import Any, TypeVarTuple
 
 import anyio
 import anyio.abc
@@ -37,6 +37,8 @@ from halephant.proxy.stats import Stats, run_clock
 from halephant.proxy.sweep import shutdown_error
 
 log = logging.getLogger("halephant")
+
+Args = TypeVarTuple("Args")
 
 
 class App:
@@ -212,7 +214,7 @@ class App:
         self.listeners.close_all()
         self.manager.close_all()
 
-    def spawn(self, func: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> None:
+    def spawn(self, func: Callable[[*Args], Coroutine[Any, Any, Any]], *args: *Args) -> None:
         """Run a background coroutine (a server login, a warm-up) in the app's task group."""
         assert self._tg is not None
         self._tg.start_soon(func, *args)
