@@ -17,6 +17,7 @@ import anyio
 
 from halephant import sqlstate
 from halephant.config import Config
+from halephant.config.schema import CATCH_ALL
 from halephant.errors import ClientError
 from halephant.pool.pool import Pool
 from halephant.protocol import codes
@@ -108,6 +109,8 @@ class PoolManager:
         self.nodes = Nodes(self)
         #: pools a reload took out of use: they serve what they still hold, then close (see tick)
         self.retired: list[ServerPool] = []
+        #: (database, user) of catch-all pools holding nothing -> since when (`_forget_unused`)
+        self._unused: dict[tuple[str, str], float] = {}
         #: servers handed to waiting clients while another hand-over is under way (`hand_over`)
         self._handing = False
         self._hand_overs: deque[tuple[ClientConnection, ServerConnection]] = deque()
@@ -368,6 +371,39 @@ class PoolManager:
                 continue  # a node that takes no transactions now, or a pool nobody has used yet
             for _ in range(pool.missing_for_min()):
                 self.app.spawn(self._open_for_min, pool)
+        self._forget_unused(now)
+
+    def _forget_unused(self, now: float) -> None:
+        """The catch-all entry (`databases: '*'`) makes pools for every database name a client asks for,
+        so their number has no bound: once the pools of such a database and user hold no server and none
+        of that database's clients is connected, for the entry's idle_timeout, they are forgotten, with
+        what was kept for them (as PgBouncer drops automatic databases after autodb_idle_timeout)."""
+        config = self.app.config
+        catch_all = config.databases.get(CATCH_ALL)
+        if catch_all is None:
+            self._unused.clear()
+            return
+        by_pair: dict[tuple[str, str], list[ServerPool]] = {}
+        for pool in self.pools.values():
+            if pool.key[0] not in config.databases:
+                by_pair.setdefault(pool.key[:2], []).append(pool)
+        connected = self.app.client_counts.by_database
+        for pair in [pair for pair in self._unused if pair not in by_pair]:
+            del self._unused[pair]
+        for pair, pools in by_pair.items():
+            if pair[0] in connected or any(pool.total or pool.waiters for pool in pools):
+                self._unused.pop(pair, None)
+                continue
+            if now - self._unused.setdefault(pair, now) < catch_all.idle_timeout:
+                continue
+            del self._unused[pair]
+            for pool in pools:
+                del self.pools[pool.key]
+                pool.serves = None  # a reference kept anywhere looks its pool up again
+            self._infos.pop(pair, None)
+            self._welcome.pop(pair, None)
+            self.nodes.forget_group(pair)
+            log.info("pools of %s/%s forgotten: unused for %.0f s", *pair, catch_all.idle_timeout)
 
     @staticmethod
     def _close_excess(pool: ServerPool) -> None:

@@ -199,6 +199,10 @@ class Nodes:
             group.pools = pools
             self._assign(group, self.view(group.cluster))
 
+    def forget_group(self, key: tuple[str, str]) -> None:
+        """The pools of (database, user) were forgotten (unused catch-all pools)."""
+        self.groups.pop(key, None)
+
     def _assign(self, group: Group, view: ClusterView) -> None:
         primary = view.primary
         # pools for the nodes that serve what these clients use (no replica pools for write-only users)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -371,6 +372,29 @@ def test_the_catch_all_entry_serves_unlisted_databases_under_their_own_name(prox
 def test_an_unlisted_database_that_does_not_exist_upstream_is_3D000(proxy: Running) -> None:
     with pytest.raises(psycopg.OperationalError, match='database "no_such_db" does not exist'):
         connect(proxy, dbname="no_such_db")
+
+
+def test_catch_all_pools_nobody_uses_are_forgotten(pg: Cluster, halephant: HalephantFactory) -> None:
+    # one set of pools per name asked for, with no bound: kept for the entry's idle_timeout after last use
+    catch_all = {"cluster": "main", "pool_size": 2, "idle_timeout": "1s"}
+    run = halephant.start(default_config(pg, databases={"*": catch_all}))
+    for name in ("postgres", "no_such_db_1", "no_such_db_2"):
+        try:
+            with psycopg.connect(run.dsn(dbname=name), connect_timeout=5) as conn:
+                assert one(conn, "SELECT current_database()") == name
+        except psycopg.OperationalError as exc:
+            assert "does not exist" in str(exc)
+    with psycopg.connect(run.dsn(dbname="myapp"), autocommit=True, connect_timeout=5) as held:
+        deadline = time.monotonic() + 10
+        while run.log_text().count("forgotten: unused") < 3 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        log = run.log_text()
+        for name in ("postgres", "no_such_db_1", "no_such_db_2"):
+            assert f"pools of {name}/myapp forgotten: unused for 1 s" in log
+        assert "pools of myapp/myapp forgotten" not in log  # its client is still connected
+        assert one(held, "SELECT 1") == 1
+    with psycopg.connect(run.dsn(dbname="postgres"), connect_timeout=5) as again:  # made again on demand
+        assert one(again, "SELECT current_database()") == "postgres"
 
 
 @pytest.mark.parametrize(
