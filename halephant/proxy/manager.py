@@ -235,15 +235,15 @@ class PoolManager:
                 server.close(f"session state: {server.dirty}")
                 self.server_gone(pool)
                 return
+        elif client is not None and pool.track_lsn:
+            self.nodes.learn_lsn(server, client)  # read-your-writes: checks the server in afterwards
+            return
         elif server.created_at < pool.retire_before:
             # A busy pool hands a server from client to client without it ever being idle, where the
             # sweep would see its age: max_lifetime is enforced here too, as PgBouncer does on release.
             log.info("pool %s: closing server pid %d (max_lifetime)", pool.name, server.backend_pid)
             server.close("max_lifetime")
             self.server_gone(pool)
-            return
-        elif client is not None and pool.track_lsn:
-            self.nodes.learn_lsn(server, client)  # read-your-writes: checks the server in afterwards
             return
         waiter = pool.checkin(server)
         if waiter is not None:

@@ -297,6 +297,24 @@ def test_read_your_writes(cl: Cluster, halephant: HalephantFactory, plugin_env: 
 # --- probe failures -----------------------------------------------------------------------------------
 
 
+def test_read_your_writes_holds_for_a_write_on_a_server_past_max_lifetime(
+    cl: Cluster, halephant: HalephantFactory, plugin_env: None
+) -> None:
+    # the server is closed at check-in for its age: the client's position must still be learnt first
+    cfg = config(cl.nodes)
+    cfg["databases"]["ryw"]["max_lifetime"] = "1s"
+    run = halephant.start(cfg)
+    with connect(run, "split-ryw", dbname="ryw") as ryw, paused(cl.replicas[0]), paused(cl.replicas[1]):
+        with ryw.transaction():
+            ryw.execute("INSERT INTO t VALUES (-4, 'old server')")
+            time.sleep(2.2)  # past max_lifetime, and the sweep has seen it
+        row = ryw.execute("SELECT count(*), inet_server_port() FROM t WHERE id = -4").fetchone()
+        assert row == (1, cl.primary.port)
+        ryw.execute("DELETE FROM t WHERE id = -4")
+    assert "(max_lifetime)" in run.log_text()
+    assert_clean_servers(cl)
+
+
 def test_wrong_probe_password_marks_that_node_down(
     cl: Cluster, halephant: HalephantFactory, plugin_env: None
 ) -> None:
