@@ -283,10 +283,11 @@ class Nodes:
         log.info(
             "cluster %s: no replica left: %d waiting client(s) routed again", group.cluster, len(waiters)
         )
-        replica_pools = [pool for pool in group.pools.values() if pool is not group.primary]
         for waiter in waiters:
-            if waiter.waiting_pool not in replica_pools:
-                continue  # no longer waiting for a replica (it stopped waiting, or left)
+            pool = waiter.waiting_pool
+            if pool is None or waiter in pool.waiters:
+                continue  # no longer waiting for a replica (it stopped waiting, left, or waits elsewhere)
+            # waiting for a replica, now in no queue (its pool may even be the primary, promoted)
             waiter.waiting_pool = None
             waiter.reroute()
 

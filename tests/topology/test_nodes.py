@@ -129,6 +129,15 @@ def test_replica_waiters_are_routed_again_when_the_last_replica_goes(manager: Po
     assert gone.rerouted == 0
 
 
+def test_a_replica_waiter_is_routed_again_when_its_replica_is_promoted(manager: PoolManager) -> None:
+    publish(manager, node(P, Role.PRIMARY), node(R1, Role.REPLICA))
+    client = FakeClient("c")
+    replica = wait(manager, client, Role.REPLICA)
+    publish(manager, node(P, None, usable=False), node(R1, Role.PRIMARY))
+    assert replica.serves is Role.PRIMARY  # its pool serves as the primary now, with a queue of its own
+    assert client.rerouted == 1
+
+
 def test_a_failed_replica_connect_leaves_its_waiters_to_the_probes(manager: PoolManager) -> None:
     publish(manager, node(P, Role.PRIMARY), node(R1, Role.REPLICA))
     client = FakeClient("c")
