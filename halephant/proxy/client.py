@@ -660,6 +660,8 @@ class ClientConnection(asyncio.Protocol):
                         server.send(instead)
                         fwd = end
                 session = self.session
+                if session is not None and session.unlistening is not None:
+                    session_state.unlisten_outcome(self, statement)  # a ROLLBACK undoes the UNLISTEN
                 if t == codes.PARSE:
                     # only prepared: it takes effect when a Bind runs it (below)
                     session_state.on_parse(self, buf[start : buf.find(b"\0", start, end)], statement, verdict)

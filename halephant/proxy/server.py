@@ -33,7 +33,7 @@ from halephant.protocol import messages as m
 from halephant.protocol.framing import BackendScanner, split_frames
 from halephant.protocol.session_params import settings_sql
 from halephant.protocol.session_queries import decode_data_row
-from halephant.proxy import prepared
+from halephant.proxy import prepared, session_state
 
 if TYPE_CHECKING:
     from halephant.pool.pool import Pool
@@ -266,8 +266,11 @@ class ServerConnection(asyncio.Protocol):
                     client.parameter_changed(name)
             elif t == codes.COPY_IN_RESPONSE:
                 client.copy_in_started()
-            elif t == codes.ERROR_RESPONSE and client.prepared is not None and client.prepared.bound:
-                client.prepared.stale_plan(payload)
+            elif t == codes.ERROR_RESPONSE:
+                if client.prepared is not None and client.prepared.bound:
+                    client.prepared.stale_plan(payload)
+                if client.session is not None:
+                    session_state.failed_in_transaction(client)
             elif t == codes.NOTIFICATION_RESPONSE and client.transaction_mode:
                 client.notification_relayed(payload)
 

@@ -96,6 +96,8 @@ class SessionState:
         "relayed",
         "server_channels",
         "settings_owned",
+        "unlisten_undone",
+        "unlistening",
     )
 
     def __init__(self) -> None:
@@ -122,6 +124,10 @@ class SessionState:
         self.prepared: dict[str, str] = {}
         #: channels the linked server itself listens to for this client (last read back)
         self.server_channels: set[str] = set()
+        #: emulated channels UNLISTENed in the current transaction: stopped at its end if it commits
+        self.unlistening: set[str] | None = None
+        #: ...and the transaction will not commit (an error, a ROLLBACK): they stay
+        self.unlisten_undone = False
         #: the session state could not be read back: the server is closed when the client leaves
         self.broken = ""
         #: `client.settings` is this client's own dict (the startup one may be shared)
@@ -225,9 +231,10 @@ def on_statement(client: ClientConnection, statement: Statement, verdict: Verdic
                 st.check = True
                 due = True
             if feature == LISTEN and st.listening:
+                # as in PostgreSQL, the UNLISTEN takes effect when the transaction commits (`at_idle`)
                 channels = st.listening.copy() if ALL in effect.names else set(effect.names) & st.listening
-                st.listening -= channels
-                client.app.listeners.unsubscribe(client, channels)
+                st.unlistening = channels if st.unlistening is None else st.unlistening | channels
+                due = True
             elif feature == PREPARE:
                 if ALL in effect.names:
                     st.prepared.clear()
@@ -244,6 +251,36 @@ def on_statement(client: ClientConnection, statement: Statement, verdict: Verdic
         due = True
     if due:
         client.session_due = True
+
+
+def unlisten_outcome(client: ClientConnection, statement: Statement) -> None:
+    """A statement of a transaction that UNLISTENed emulated channels: a ROLLBACK (or ABORT) of the
+    transaction undoes the UNLISTEN; ROLLBACK TO SAVEPOINT is taken as keeping it."""
+    st = client.session
+    assert st is not None
+    words = statement.keywords
+    if words and words[0] in ("ROLLBACK", "ABORT") and (len(words) < 2 or words[1] not in ("TO", "PREPARED")):
+        st.unlisten_undone = True
+    elif words and words[0] == "ROLLBACK" and words[1] == "TO":
+        st.unlisten_undone = False  # back at a savepoint: the failed part is undone, the rest stands
+
+
+def failed_in_transaction(client: ClientConnection) -> None:
+    """The linked server reported an error: a transaction that UNLISTENed will not commit that way."""
+    st = client.session
+    if st is not None and st.unlistening is not None:
+        st.unlisten_undone = True
+
+
+def _end_unlisten(client: ClientConnection, st: SessionState) -> None:
+    """The transaction that UNLISTENed is over: the channels stop unless it was rolled back."""
+    channels, st.unlistening = st.unlistening, None
+    undone, st.unlisten_undone = st.unlisten_undone, False
+    if channels is None or undone:
+        return
+    channels &= st.listening
+    st.listening -= channels
+    client.app.listeners.unsubscribe(client, channels)
 
 
 def parameter_changed(client: ClientConnection, name: str) -> None:
@@ -281,6 +318,8 @@ def at_idle(client: ClientConnection) -> None:
     assert server is not None
     st = client.session
     assert st is not None
+    if st.unlistening is not None:
+        _end_unlisten(client, st)
     if client.session_due:
         client.session_due = False
         _read_back(client, server, st)

@@ -369,6 +369,34 @@ def test_a_listen_that_does_not_last_leaves_nothing_on_the_shared_listener(
     assert _listener_stopped(pg, channel)
 
 
+@pytest.mark.parametrize(
+    ("statements", "delivered"),
+    [
+        (["BEGIN", "UNLISTEN {ch}", "ROLLBACK"], True),
+        (["BEGIN", "UNLISTEN *", "SELECT 1/0", "COMMIT"], True),  # COMMIT of a failed transaction
+        (["UNLISTEN {ch}; SELECT 1/0"], True),  # one implicit transaction, rolled back by its error
+        (["BEGIN", "UNLISTEN {ch}", "COMMIT"], False),
+        (["UNLISTEN {ch}"], False),
+    ],
+    ids=["rolled back", "failed", "implicit failed", "committed", "autocommit"],
+)
+def test_an_unlisten_takes_effect_when_its_transaction_commits(
+    hal: Running, statements: list[str], delivered: bool
+) -> None:
+    channel = "e2e_unlisten_" + str(abs(hash(tuple(statements))) % 10_000)
+    with connect(hal) as a:
+        a.execute(f"LISTEN {channel}")
+        for sql in statements:
+            try:
+                a.execute(sql.format(ch=channel))
+            except psycopg.errors.DivisionByZero:
+                pass
+        with connect(hal, "strict") as sender:
+            sender.execute(f"NOTIFY {channel}, 'after'")
+        got = [n.payload for n in a.notifies(timeout=1.5 if delivered else 0.5, stop_after=1)]
+        assert got == (["after"] if delivered else [])
+
+
 def test_a_rolled_back_listen_keeps_the_channel_of_another_client(pg: Cluster, hal: Running) -> None:
     with connect(hal) as a, connect(hal) as b:
         b.execute("LISTEN e2e_shared_keep")
