@@ -55,6 +55,14 @@ def startup_settings(params: dict[str, str]) -> dict[str, str]:
         elif word.startswith("-c") or word.startswith("--"):
             assignment = word[2:]
             i += 1
+        elif not word.startswith("-"):
+            # PostgreSQL's own code and text for a word that is no switch at all
+            raise ClientError(
+                sqlstate.SYNTAX_ERROR,
+                f"invalid command-line argument for server process: {word}",
+                hint='Try "postgres --help" for more information.',
+                fatal=True,
+            )
         else:
             raise ClientError(
                 sqlstate.FEATURE_NOT_SUPPORTED,

@@ -40,6 +40,17 @@ def test_bad_options_are_refused_at_login(options: str) -> None:
     assert info.value.fatal
 
 
+@pytest.mark.parametrize(
+    ("options", "code"),
+    [("hello", "42601"), ("-c a=1 hello", "42601"), ("-d 5", "0A000"), ("-c novalue", "42601")],
+)
+def test_bad_options_get_postgresqls_sqlstate(options: str, code: str) -> None:
+    # a word that is no switch: 42601 as PostgreSQL; a switch it has but halephant does not take: 0A000
+    with pytest.raises(ClientError) as info:
+        startup_settings({"user": "u", "options": options})
+    assert info.value.code == code
+
+
 def test_sql_is_only_the_difference_and_quotes_values() -> None:
     assert settings_sql({"a": "1"}, {"a": "1"}) == ""
     assert settings_sql({"a": "1", "b": "2"}, {"a": "1"}) == "RESET b"
