@@ -333,29 +333,24 @@ class Nodes:
         state = self.topology.states.get(target.cluster)
         # With no node answering the probes there is nothing to wait for: fail them as without probes.
         probed = state is not None and state.probed and not state.all_failed
-        if node_failed and probed and group is not None and pool.serves is Role.REPLICA and failed:
-            # No replica could take them now: they wait for the probes, which will have them served by
-            # a replica that answers, or routed again if none is left (`_serve_replica_waiters`).
+        if node_failed and probed and group is not None and pool.serves is not None and failed:
+            # The node may be failing over or going down: its clients wait for the probes rather than
+            # fail now. A primary's are parked until the probes find a primary (or their checkout_timeout
+            # passes: 57P03); a replica's go back to the replicas' queue, served by a replica that
+            # answers, or routed again if none is left (`_serve_replica_waiters`).
+            role = "primary" if pool.serves is Role.PRIMARY else "replica"
             log.warning(
-                "pool %s: the replica did not answer; %d client(s) wait for the probes",
+                "pool %s: the %s did not answer; %d client(s) wait for the probes",
                 pool.name,
+                role,
                 len(failed),
             )
             for waiter in failed:
-                group.replica_waiters.append(waiter, _group_of(waiter))
-            return
-        if node_failed and probed and group is not None and pool.serves is Role.PRIMARY and failed:
-            # The primary may be failing over: park its clients until the probes find a primary
-            # (or their checkout_timeout passes: 57P03) rather than failing them now.
-            log.warning(
-                "pool %s: the primary did not answer; %d client(s) wait for the probes",
-                pool.name,
-                len(failed),
-            )
-            parked = group.waiting_for_primary
-            for waiter in failed:
-                parked.waiters.append(waiter, _group_of(waiter))
-                waiter.waiting_pool = parked
+                if pool.serves is Role.PRIMARY:
+                    group.waiting_for_primary.waiters.append(waiter, _group_of(waiter))
+                    waiter.waiting_pool = group.waiting_for_primary
+                else:
+                    group.replica_waiters.append(waiter, _group_of(waiter))
             return
         for waiter in failed:
             waiter.checkout_failed(error)
