@@ -158,11 +158,12 @@ class _Listener(StandIn):
         self._listen(new)
 
     def unsubscribe(self, client: ClientConnection, channels: Iterable[str]) -> None:
-        for ch in channels:
+        names = list(channels)  # walked twice
+        for ch in names:
             clients = self.channels.get(ch)
             if clients is not None:
                 clients.discard(client)
-        self._drop_unused(channels)
+        self._drop_unused(names)
 
     def settle(self, client: ClientConnection) -> None:
         wanted = []
@@ -281,14 +282,16 @@ class _Listener(StandIn):
                 self.active.update(started)
                 self.active.difference_update(stopped)
         if self._waiters:
-            waiting = self._waiters
-            self._waiters = [(chs, done) for chs, done in waiting if not self._listening(chs)]
-            settled: set[str] = set()
-            for chs, done in waiting:
-                if self._listening(chs):
+            ready: list[tuple[set[str], Waiter]] = []
+            waiting: list[tuple[set[str], Waiter]] = []
+            for waiter in self._waiters:
+                (ready if self._listening(waiter[0]) else waiting).append(waiter)
+            if ready:
+                self._waiters = waiting  # first: a callback may add waiters of its own
+                for _, done in ready:
                     done(True)
-                    settled |= chs
-            self._drop_unused(settled)  # a client that waited may have left meanwhile
+                # a client that waited may have left meanwhile
+                self._drop_unused({ch for chs, _ in ready for ch in chs})
 
     def server_lost(self, server: ServerConnection, reason: str) -> None:
         if server is not self.server:
