@@ -503,35 +503,21 @@ class _Locator:
         self.source = source
 
     def problem(self, loc: Loc, message: str, *, at_key: bool = False) -> ConfigProblem:
-        keys = self._keys(loc)
-        line, col = self.position(keys, at_key=at_key)
+        keys, line, col = self._locate(loc, at_key=at_key)
         return ConfigProblem(self.source, line, col, ".".join(_key_text(key) for key in keys), message)
 
-    def _keys(self, loc: Loc) -> tuple[Any, ...]:
-        """`loc` with each part that stands for a key of the file as that key: pydantic writes a null
-        key as 'None' and a boolean one as 0 or 1."""
+    def _locate(self, loc: Loc, *, at_key: bool = False) -> tuple[tuple[Any, ...], int, int]:
+        """`loc` as the file's own keys (`_file_key`), and where it is written. A value is located at
+        the value, except collections and empty values, which are located at their key; `at_key` asks
+        for the key itself (unknown keys). A loc that leaves the tree (a missing key) stops at the
+        deepest node that exists."""
         keys: list[Any] = []
-        node: Any = self.root
-        for part in loc:
-            if isinstance(node, CommentedMap):
-                same = [k for k in node if (k == part or (k is None and part == "None"))]
-                exact = [k for k in same if type(k) is type(part)]
-                part = (exact or same or [part])[0]
-                node = node.get(part) if _contains(node, part) else None
-            elif isinstance(node, CommentedSeq) and isinstance(part, int) and 0 <= part < len(node):
-                node = node[part]
-            else:
-                node = None
-            keys.append(part)
-        return tuple(keys)
-
-    def position(self, loc: tuple[Any, ...], *, at_key: bool = False) -> tuple[int, int]:
-        """Where `loc` is written. A value is located at the value, except collections and empty
-        values, which are located at their key; `at_key` asks for the key itself (unknown keys).
-        A loc that leaves the tree (a missing key) stops at the deepest node that exists."""
         line, col = 0, 0
         node: Any = self.root
         for i, part in enumerate(loc):
+            if isinstance(node, CommentedMap):
+                part = _file_key(node, part)
+            keys.append(part)
             if isinstance(node, CommentedMap) and _contains(node, part):
                 child = node[part]
                 if at_key and i == len(loc) - 1:
@@ -545,7 +531,8 @@ class _Locator:
             else:
                 break
             node = child
-        return line + 1, col + 1
+        keys.extend(loc[len(keys) :])
+        return tuple(keys), line + 1, col + 1
 
     def from_validation(
         self, exc: ValidationError, model: type[BaseModel], prefix: Loc = ()
@@ -559,6 +546,14 @@ class _Locator:
             message = _message(error, model, loc)
             problems.append(self.problem((*prefix, *loc), message, at_key=at_key))
         return problems
+
+
+def _file_key(node: CommentedMap, part: Any) -> Any:
+    """The key of `node` that a pydantic loc's `part` stands for: pydantic writes a null key as 'None'
+    and a boolean one as 0 or 1."""
+    same = [k for k in node if k == part or (k is None and part == "None")]
+    exact = [k for k in same if type(k) is type(part)]
+    return (exact or same or [part])[0]
 
 
 def _key_text(key: Any) -> str:
