@@ -44,10 +44,7 @@ def halephant_configure(config: Config) -> None:
 
 @hookimpl(trylast=True)
 def halephant_select_pool(client: ClientInfo, config: Config) -> PoolTarget | Reject:
-    params = client.params
-    if ("options" in params or "default_transaction_read_only" in params) and _read_write_at_startup(
-        client, config
-    ):
+    if client.settings and _read_write_at_startup(client, config):
         return Reject(
             sqlstate.READ_ONLY_SQL_TRANSACTION,
             f'user "{client.user}" is read-only: default_transaction_read_only cannot be set at startup',
@@ -67,15 +64,24 @@ def halephant_select_pool(client: ClientInfo, config: Config) -> PoolTarget | Re
 
 
 def _read_write_at_startup(client: ClientInfo, config: Config) -> bool:
-    """A read-only user's startup parameters (or `options=-c ...`) that touch its read-only setting:
-    they would be applied to its server connections, after the pool's own."""
+    """A read-only user's startup settings (parameters or `options=-c ...`) that touch its read-only
+    setting: they would be applied to its server connections, after the pool's own. Read from
+    `client.settings`, where names are folded to lower case as PostgreSQL folds them (a check of the
+    raw parameters would let `Default_Transaction_Read_Only=off` through)."""
     user = config.users.get(client.user)
     if user is None or not user.read_only:
         return False
-    value = client.params.get("default_transaction_read_only")
-    if value is not None and value.strip().lower() not in ("on", "true", "1", "yes"):
-        return True
-    return "transaction_read_only" in client.params.get("options", "").lower().replace("-", "_")
+    for name in _READ_ONLY_NAMES:
+        value = client.settings.get(name)
+        if value is not None and value.strip().lower() not in _TRUE_WORDS:
+            return True
+    return False
+
+
+#: the settings that make a session read-write when set to false
+_READ_ONLY_NAMES: Final = ("default_transaction_read_only", "transaction_read_only")
+#: the spellings of true PostgreSQL accepts for a boolean setting (unique prefixes of true and yes)
+_TRUE_WORDS: Final = frozenset(("on", "1", "t", "tr", "tru", "true", "y", "ye", "yes"))
 
 
 def _select(client: ClientInfo, config: Config) -> PoolTarget | Reject:

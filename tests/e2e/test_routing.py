@@ -104,6 +104,14 @@ def test_read_only_user_is_served_by_the_replica_as_the_application_role(proxy: 
         assert one(conn, "SHOW default_transaction_read_only") == "off"
 
 
+def test_read_only_user_cannot_switch_at_startup_by_the_case_of_a_name(proxy: Running) -> None:
+    # A startup parameter's name is a setting's in any case (asyncpg's server_settings sends any):
+    # PostgreSQL would apply it after the pool's default_transaction_read_only=on.
+    extra = {"Default_Transaction_Read_Only": "off"}
+    with RawClient(proxy.host, proxy.port, timeout=5) as conn, pytest.raises(AssertionError, match="25006"):
+        conn.login("myapp_ro", "myapp_ro", "myapp", extra=extra)
+
+
 def test_the_alias_has_pools_of_its_own(proxy: Running) -> None:
     # myapp and myapp_ro log in upstream as the same role; a server set up read-only for one must never
     # serve the other

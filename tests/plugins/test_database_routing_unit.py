@@ -10,6 +10,7 @@ from halephant_plugins import database_routing
 
 from halephant import sqlstate
 from halephant.config import Config, read_config_text, validate_config
+from halephant.protocol.session_params import startup_settings
 from halephant.types import ClientInfo, CloseIdleServers, PoolMode, PoolTarget, Reject, Statement
 
 CONFIG = """\
@@ -32,6 +33,7 @@ def config() -> Config:
 
 def select(user: str, database: str, **params: str) -> PoolTarget | Reject:
     client = ClientInfo(user=user, database=database, params=params, address="test")
+    client.settings = startup_settings(params)  # as the core sets them before this hook
     return database_routing.halephant_select_pool(client=client, config=config())
 
 
@@ -66,12 +68,32 @@ def test_alias_user_logs_in_upstream_as_the_other_user_with_pools_of_its_own() -
         {"options": "-c default_transaction_read_only=off"},
         {"options": "-c transaction_read_only=off"},
         {"default_transaction_read_only": "off"},
+        # PostgreSQL folds setting names to lower case: so must the check
+        {"Default_Transaction_Read_Only": "off"},
+        {"DEFAULT_TRANSACTION_READ_ONLY": "false"},
+        {"options": "-c Default_Transaction_Read_Only=no"},
+        {"options": "--Transaction-Read-Only=0"},
+        # the last one given wins, in PostgreSQL as in the settings read
+        {"default_transaction_read_only": "on", "Default_Transaction_Read_Only": "off"},
     ],
 )
 def test_a_read_only_user_cannot_turn_read_only_off_at_startup(params: dict[str, str]) -> None:
     answer = select("myapp_ro", "myapp", **params)
     assert isinstance(answer, Reject) and answer.code == sqlstate.READ_ONLY_SQL_TRANSACTION
     assert isinstance(select("myapp", "myapp", **params), PoolTarget)  # read-write users may
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"default_transaction_read_only": "on"},
+        {"Default_Transaction_Read_Only": "true"},
+        {"options": "-c default_transaction_read_only=yes -c statement_timeout=5s"},
+        {"options": "-c application_name=transaction_read_only=off"},  # a value, not the setting
+    ],
+)
+def test_a_read_only_user_may_keep_read_only_on_at_startup(params: dict[str, str]) -> None:
+    assert isinstance(select("myapp_ro", "myapp", **params), PoolTarget)
 
 
 @pytest.mark.parametrize(
