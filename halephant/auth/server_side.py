@@ -17,6 +17,7 @@ from typing import Protocol
 from scramp import ScramException, ScramMechanism
 
 from halephant import sqlstate
+from halephant.auth.upstream import scram_password
 from halephant.config.schema import is_md5_hash, is_scram_verifier, parse_scram_verifier
 from halephant.errors import ClientError
 from halephant.protocol import codes
@@ -59,13 +60,7 @@ def scram_keys(password: str, salt: bytes, iterations: int) -> tuple[bytes, byte
 
     Like PostgreSQL and libpq, a password SASLprep refuses is used as its raw UTF-8 bytes.
     """
-    try:
-        from scramp.utils import saslprep
-
-        normalized = saslprep(password).encode()
-    except Exception:
-        normalized = password.encode()
-    salted = hashlib.pbkdf2_hmac("sha256", normalized, salt, iterations)
+    salted = hashlib.pbkdf2_hmac("sha256", scram_password(password), salt, iterations)
     client_key = hmac.new(salted, b"Client Key", hashlib.sha256).digest()
     server_key = hmac.new(salted, b"Server Key", hashlib.sha256).digest()
     return hashlib.sha256(client_key).digest(), server_key

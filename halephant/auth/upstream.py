@@ -4,11 +4,14 @@ trust) for a server connection. Sans-IO: `respond(code, data)` returns the messa
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import hmac
 import os
+from collections.abc import Callable
+from typing import Final
 
-from scramp import ScramClient, ScramException
+from scramp.utils import saslprep
 
 from halephant import sqlstate
 from halephant.errors import ClientError
@@ -20,57 +23,130 @@ class UpstreamAuthError(ClientError):
     """The server asked for something halephant cannot answer (e.g. a password that is not configured)."""
 
 
-class _RawBytesScramClient:
-    """SCRAM-SHA-256 over the password's raw UTF-8 bytes, for passwords SASLprep refuses.
+#: The most PBKDF2 iterations a server may ask for (as scramp allows): each costs the CPU about 0.4 µs,
+#: so this bounds one login's key derivation to a few seconds, in a worker thread.
+MAX_ITERATIONS: Final = 10_000_000
 
-    PostgreSQL and libpq fall back to the raw bytes in that case; scramp refuses such passwords, so this
-    small client (same method names as scramp's) covers exactly that case.
-    """
+# Salted-password keys by (password, salt, iterations) -> (ClientKey, ServerKey). PostgreSQL keeps one
+# salt per role password, so only a user's first server login derives them; every later one (a pool
+# opening servers by the dozen) costs two HMACs.
+_keys: dict[tuple[bytes, bytes, int], tuple[bytes, bytes]] = {}
+_KEYS_KEPT: Final = 1024
+
+
+def _derive(password: bytes, salt: bytes, iterations: int) -> tuple[bytes, bytes]:
+    """PBKDF2 (blocking, milliseconds at PostgreSQL's default 4096 iterations): run it in a worker
+    thread (`UpstreamAuth.slow_step`) where the count may be large; hashlib releases the GIL."""
+    key = (password, salt, iterations)
+    keys = _keys.get(key)
+    if keys is None:
+        salted = hashlib.pbkdf2_hmac("sha256", password, salt, iterations)
+        keys = (
+            hmac.new(salted, b"Client Key", hashlib.sha256).digest(),
+            hmac.new(salted, b"Server Key", hashlib.sha256).digest(),
+        )
+        if len(_keys) >= _KEYS_KEPT:
+            _keys.clear()
+        _keys[key] = keys
+    return keys
+
+
+def scram_password(password: str) -> bytes:
+    """The bytes SCRAM hashes: SASLprep'd, or the raw UTF-8 bytes for a password SASLprep refuses (as
+    PostgreSQL and libpq do)."""
+    try:
+        prepared: str = saslprep(password)
+    except Exception:
+        return password.encode()
+    return prepared.encode()
+
+
+class _ScramClient:
+    """The client side of SCRAM-SHA-256 without channel binding, as libpq runs it."""
+
+    __slots__ = (
+        "_combined",
+        "_first_bare",
+        "_iterations",
+        "_nonce",
+        "_password",
+        "_salt",
+        "_server_first",
+        "_server_signature",
+    )
 
     def __init__(self, password: str) -> None:
-        self._password = password.encode()
+        self._password = scram_password(password)
         self._nonce = base64.b64encode(os.urandom(18)).decode()
         self._first_bare = f"n=*,r={self._nonce}"  # PostgreSQL ignores the SCRAM user name
+        self._server_first = ""
+        self._combined = ""
+        self._salt = b""
+        self._iterations = 0
         self._server_signature = b""
 
-    def get_client_first(self) -> str:
+    def client_first(self) -> str:
         return "n,," + self._first_bare
 
-    def set_server_first(self, message: str) -> None:
-        self._server_first = message
-        attrs = dict(part.split("=", 1) for part in message.split(","))
-        if not attrs.get("r", "").startswith(self._nonce):
-            raise ScramException("server nonce does not extend the client nonce")
-        self._combined = attrs["r"]
-        self._salt = base64.b64decode(attrs["s"])
-        self._iterations = int(attrs["i"])
+    def server_first(self, message: str) -> None:
+        try:
+            attrs = dict(part.split("=", 1) for part in message.split(","))
+            combined, salt, iterations = (
+                attrs["r"],
+                base64.b64decode(attrs["s"], validate=True),
+                int(attrs["i"]),
+            )
+        except (ValueError, KeyError, binascii.Error):
+            raise ScramError("malformed server-first-message") from None
+        if not combined.startswith(self._nonce) or len(combined) == len(self._nonce):
+            raise ScramError("server nonce does not extend the client nonce")
+        if not 1 <= iterations <= MAX_ITERATIONS:
+            raise ScramError(
+                f"the server asks for {iterations} iterations (at most {MAX_ITERATIONS:,} are accepted)"
+            )
+        self._server_first, self._combined, self._salt, self._iterations = message, combined, salt, iterations
 
-    def get_client_final(self) -> str:
+    def keys_cached(self) -> bool:
+        return (self._password, self._salt, self._iterations) in _keys
+
+    def derive(self) -> None:
+        _derive(self._password, self._salt, self._iterations)
+
+    def client_final(self) -> str:
         without_proof = f"c=biws,r={self._combined}"
-        salted = hashlib.pbkdf2_hmac("sha256", self._password, self._salt, self._iterations)
-        client_key = hmac.new(salted, b"Client Key", hashlib.sha256).digest()
+        client_key, server_key = _derive(self._password, self._salt, self._iterations)
         stored_key = hashlib.sha256(client_key).digest()
         auth_message = f"{self._first_bare},{self._server_first},{without_proof}".encode()
         signature = hmac.new(stored_key, auth_message, hashlib.sha256).digest()
         proof = bytes(a ^ b for a, b in zip(client_key, signature, strict=True))
-        server_key = hmac.new(salted, b"Server Key", hashlib.sha256).digest()
         self._server_signature = hmac.new(server_key, auth_message, hashlib.sha256).digest()
         return f"{without_proof},p={base64.b64encode(proof).decode()}"
 
-    def set_server_final(self, message: str) -> None:
-        if not message.startswith("v=") or not hmac.compare_digest(
-            base64.b64decode(message[2:]), self._server_signature
-        ):
-            raise ScramException("the server's signature does not match")
+    def server_final(self, message: str) -> None:
+        if message.startswith("e="):
+            raise ScramError(f"the server reported an error: {message[2:]}")
+        try:
+            signature = base64.b64decode(message[2:], validate=True) if message.startswith("v=") else b""
+        except (ValueError, binascii.Error):
+            signature = b""
+        if not self._server_signature or not hmac.compare_digest(signature, self._server_signature):
+            raise ScramError("the server's signature does not match")
+
+
+class ScramError(Exception):
+    """The server's side of the SCRAM exchange is wrong."""
 
 
 class UpstreamAuth:
+    """One login's answers. A caller that must not block first asks `slow_step` for the work an answer
+    needs (a SCRAM key derivation not yet cached), runs it in a worker thread, then calls `respond`."""
+
     __slots__ = ("_password", "_scram", "_user")
 
     def __init__(self, user: str, password: str | None) -> None:
         self._user = user
         self._password = password
-        self._scram: ScramClient | _RawBytesScramClient | None = None
+        self._scram: _ScramClient | None = None
 
     def _need_password(self) -> str:
         if self._password is None:
@@ -79,6 +155,19 @@ class UpstreamAuth:
                 f'server asked for a password for user "{self._user}" and none is configured',
             )
         return self._password
+
+    def slow_step(self, code: int, data: bytes) -> Callable[[], None] | None:
+        """Blocking work `respond(code, data)` would do, to run in a worker thread before calling it
+        (it then finds the result cached); None when there is none, or the request is wrong (`respond`
+        then says so)."""
+        scram = self._scram
+        if code != codes.AUTH_SASL_CONTINUE or scram is None:
+            return None
+        try:
+            scram.server_first(data.decode())
+        except (ScramError, UnicodeDecodeError):
+            return None
+        return None if scram.keys_cached() else scram.derive
 
     def respond(self, code: int, data: bytes) -> bytes | None:
         if code == codes.AUTH_OK:
@@ -96,19 +185,15 @@ class UpstreamAuth:
                         sqlstate.FEATURE_NOT_SUPPORTED,
                         f"server offers no supported SASL mechanism ({', '.join(mechanisms)})",
                     )
-                password = self._need_password()
-                try:
-                    self._scram = ScramClient(["SCRAM-SHA-256"], self._user, password)
-                except ScramException:
-                    self._scram = _RawBytesScramClient(password)  # SASLprep refused it
-                return m.sasl_initial_response("SCRAM-SHA-256", self._scram.get_client_first().encode())
+                self._scram = _ScramClient(self._need_password())
+                return m.sasl_initial_response("SCRAM-SHA-256", self._scram.client_first().encode())
             if code == codes.AUTH_SASL_CONTINUE and self._scram is not None:
-                self._scram.set_server_first(data.decode())
-                return m.sasl_response(self._scram.get_client_final().encode())
+                self._scram.server_first(data.decode())
+                return m.sasl_response(self._scram.client_final().encode())
             if code == codes.AUTH_SASL_FINAL and self._scram is not None:
-                self._scram.set_server_final(data.decode())
+                self._scram.server_final(data.decode())
                 return None
-        except ScramException as exc:
+        except (ScramError, UnicodeDecodeError) as exc:
             raise UpstreamAuthError(
                 sqlstate.INVALID_PASSWORD, f"SCRAM exchange with the server failed: {exc}"
             ) from None

@@ -25,6 +25,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
+import anyio.to_thread
+
 from halephant import sqlstate
 from halephant.auth.upstream import UpstreamAuth
 from halephant.errors import ClientError, ProtocolViolation
@@ -71,6 +73,7 @@ class ServerConnection(asyncio.Protocol):
         "_internal_rows",
         "_rewrites",
         "_setup_error",
+        "_slow_step",
         "_startup",
         "absorb",
         "backend_key",
@@ -106,6 +109,7 @@ class ServerConnection(asyncio.Protocol):
         self.pool = pool
         self._startup = startup
         self._auth = UpstreamAuth(startup["user"], password)
+        self._slow_step = False  # login work running in a worker thread: bytes wait in _buf meanwhile
         self.login: asyncio.Future[None] = loop.create_future()
         self.transport: asyncio.Transport | None = None
         self._buf = b""
@@ -158,6 +162,14 @@ class ServerConnection(asyncio.Protocol):
             payload = buf[start:end]
             if t == codes.AUTHENTICATION:
                 code, rest = m.decode_authentication(payload)
+                slow = self._auth.slow_step(code, rest)
+                if slow is not None:
+                    # a key derivation (a user's first SCRAM login, milliseconds to seconds): in a worker
+                    # thread, not blocking every client; this message is taken again once it is done
+                    self._buf = buf[start - 5 :]
+                    self._slow_step = True
+                    self.manager.app.spawn(self._login_slow_step, slow)
+                    return
                 reply = self._auth.respond(code, rest)
                 if reply is not None:
                     self.transport.write(reply)
@@ -181,6 +193,25 @@ class ServerConnection(asyncio.Protocol):
                     self.login.set_result(None)
                 return
             # NoticeResponse, NegotiateProtocolVersion: nothing to do
+
+    def _logging_in(self, data: bytes) -> None:
+        try:
+            self._login_data(data)
+        except ClientError as exc:
+            self.login.set_exception(exc)
+            self.abort()
+        except Exception as exc:  # a hostile or broken server must not take the proxy down
+            self.login.set_exception(ServerLoginError(sqlstate.CONNECTION_FAILURE, f"login failed: {exc!r}"))
+            self.abort()
+
+    async def _login_slow_step(self, work: Callable[[], None]) -> None:
+        try:
+            await anyio.to_thread.run_sync(work, abandon_on_cancel=True)
+        finally:
+            self._slow_step = False
+        if not self.login.done() and not self.closing:
+            self._logging_in(b"")  # the message that needed the work, and any that came meanwhile
+        # else timed out or lost meanwhile: the keys are cached for the next login all the same
 
     # --- asyncio.Protocol: relaying ---
 
@@ -208,16 +239,10 @@ class ServerConnection(asyncio.Protocol):
                 client.server_ready(ready, status, sc.at_boundary)
             return
         if not self.login.done():
-            try:
-                self._login_data(data)
-            except ClientError as exc:
-                self.login.set_exception(exc)
-                self.abort()
-            except Exception as exc:  # a hostile or broken server must not take the proxy down
-                self.login.set_exception(
-                    ServerLoginError(sqlstate.CONNECTION_FAILURE, f"login failed: {exc!r}")
-                )
-                self.abort()
+            if self._slow_step:
+                self._buf += data
+            else:
+                self._logging_in(data)
             return
         # unsolicited bytes on an idle server (a FATAL from pg_terminate_backend, a notification)
         self.close("server sent data while idle")

@@ -8,10 +8,12 @@ the connection; the next probe connects again.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import anyio
 import anyio.abc
+import anyio.to_thread
 
 from halephant import sqlstate
 from halephant.auth.upstream import UpstreamAuth
@@ -72,7 +74,7 @@ def _number(value: str | None) -> float | None:
 class ProbeSession:
     """The probe's side of the protocol, sans-IO: `startup()`, then `query()`; `feed()` what arrives."""
 
-    __slots__ = ("_auth", "_buf", "_error", "_row", "logged_in", "startup_params")
+    __slots__ = ("_auth", "_buf", "_error", "_row", "logged_in", "slow_step", "startup_params")
 
     def __init__(self, user: str, password: str | None, database: str) -> None:
         self._auth = UpstreamAuth(user, password)
@@ -81,6 +83,8 @@ class ProbeSession:
         self._row: list[str | None] | None = None
         self._error: str | None = None
         self.logged_in = False
+        #: blocking login work (a SCRAM key derivation) to run in a worker thread before `feed(b"")`
+        self.slow_step: Callable[[], None] | None = None
 
     def startup(self) -> bytes:
         return m.startup_message(self.startup_params)
@@ -121,6 +125,10 @@ class ProbeSession:
                 ready = True
             elif t == codes.AUTHENTICATION:
                 code, rest = m.decode_authentication(payload)
+                self.slow_step = self._auth.slow_step(code, rest)
+                if self.slow_step is not None:
+                    self._buf = buf[start - 5 :]  # taken again by `feed(b"")` once that work is done
+                    break
                 try:
                     reply = self._auth.respond(code, rest)
                 except ClientError as exc:
@@ -185,11 +193,17 @@ class ProbeConnection:
 
     async def _until_ready(self) -> None:
         assert self._stream is not None and self._session is not None
+        session = self._session
         while True:
-            data = await self._stream.receive()
-            reply, ready = self._session.feed(data)
-            if reply:
-                await self._stream.send(reply)
+            reply, ready = session.feed(await self._stream.receive())
+            while True:
+                if reply:
+                    await self._stream.send(reply)
+                slow, session.slow_step = session.slow_step, None
+                if slow is None:
+                    break
+                await anyio.to_thread.run_sync(slow, abandon_on_cancel=True)
+                reply, ready = session.feed(b"")
             if ready:
                 return
 

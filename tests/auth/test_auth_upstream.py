@@ -12,7 +12,7 @@ from scramp import ScramException, ScramMechanism
 
 from halephant import sqlstate
 from halephant.auth.server_side import ScramExchange, parse_scram_verifier
-from halephant.auth.upstream import UpstreamAuth, UpstreamAuthError
+from halephant.auth.upstream import MAX_ITERATIONS, UpstreamAuth, UpstreamAuthError
 from halephant.errors import ClientError
 from halephant.protocol import codes
 from halephant.protocol import messages as m
@@ -195,3 +195,47 @@ def test_scram_password_that_saslprep_refuses() -> None:
     password = "\u05d0\u05d1\u05d2123"
     verifier = pg_verifier(password)  # what PostgreSQL stores for it: SCRAM over the raw bytes
     scram_login(UpstreamAuth(USER, password), ScrampServer(verifier))
+
+
+def test_a_key_derivation_is_offered_as_slow_work_once_per_password_salt_and_count() -> None:
+    verifier = pg_verifier(PASSWORD, salt=b"slow-step salt..", iterations=4097)
+    first = UpstreamAuth(USER, PASSWORD)
+    server = ScrampServer(verifier)
+    server_first = server.first(
+        password_payload(first.respond(codes.AUTH_SASL, sasl_mechanisms("SCRAM-SHA-256")))
+    )
+    assert first.slow_step(codes.AUTH_SASL, sasl_mechanisms("SCRAM-SHA-256")) is None
+    slow = first.slow_step(codes.AUTH_SASL_CONTINUE, server_first)
+    assert slow is not None
+    slow()  # what a caller runs in a worker thread
+    assert first.slow_step(codes.AUTH_SASL_CONTINUE, server_first) is None  # now cached
+    client_final = password_payload(first.respond(codes.AUTH_SASL_CONTINUE, server_first))
+    assert first.respond(codes.AUTH_SASL_FINAL, server.final(client_final)) is None
+    # the next login with the same verifier derives nothing; another count or salt does
+    second = UpstreamAuth(USER, PASSWORD)
+    again = ScrampServer(verifier).first(
+        password_payload(second.respond(codes.AUTH_SASL, sasl_mechanisms("SCRAM-SHA-256")))
+    )
+    assert second.slow_step(codes.AUTH_SASL_CONTINUE, again) is None
+    third = UpstreamAuth(USER, PASSWORD)
+    other = ScrampServer(pg_verifier(PASSWORD, salt=b"slow-step salt..", iterations=4098)).first(
+        password_payload(third.respond(codes.AUTH_SASL, sasl_mechanisms("SCRAM-SHA-256")))
+    )
+    assert third.slow_step(codes.AUTH_SASL_CONTINUE, other) is not None
+
+
+@pytest.mark.parametrize(
+    ("iterations", "message"),
+    [(MAX_ITERATIONS + 1, "iterations"), (0, "iterations"), (-5, "iterations"), ("x", "malformed")],
+)
+def test_a_server_asking_for_a_wrong_iteration_count_is_refused(iterations: object, message: str) -> None:
+    # each iteration costs CPU time: a server (or whatever answers in its place) must not make one login
+    # cost minutes
+    auth = UpstreamAuth(USER, PASSWORD)
+    initial = password_payload(auth.respond(codes.AUTH_SASL, sasl_mechanisms("SCRAM-SHA-256")))
+    nonce = m.decode_sasl_initial_response(initial)[1].decode().rsplit("r=", 1)[1]
+    server_first = f"r={nonce}server,s={base64.b64encode(b'salt').decode()},i={iterations}".encode()
+    assert auth.slow_step(codes.AUTH_SASL_CONTINUE, server_first) is None  # nothing to run: refused
+    with pytest.raises(UpstreamAuthError, match=message) as exc_info:
+        auth.respond(codes.AUTH_SASL_CONTINUE, server_first)
+    assert exc_info.value.code == sqlstate.INVALID_PASSWORD

@@ -9,7 +9,11 @@ Client side, halephant checks SCRAM (the default), md5 (plaintext or an md5 hash
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
+import os
+import threading
+import time
 from typing import Any
 
 import asyncpg
@@ -18,6 +22,7 @@ import pytest
 from support.halephant import HalephantFactory, Running, default_config
 from support.leaks import assert_clean_servers
 
+from halephant.auth.server_side import scram_keys
 from halephant.testing.pgcluster import Cluster
 
 pytestmark = pytest.mark.e2e
@@ -178,3 +183,60 @@ def test_wrong_upstream_password_reaches_the_client(pg: Cluster, client_auth_hal
     assert "not-the-password" not in log  # never logged
     # the other pools are not affected
     assert who_am_i(client_auth_hal, "myapp", "myapp") == ("myapp", "myapp", "myapp")
+
+
+#: PBKDF2 iterations of `slowscram`'s verifier: PostgreSQL's default is 4096; this takes about a second
+SLOW_ITERATIONS = 3_000_000
+
+
+def test_a_slow_scram_login_upstream_stalls_no_other_client(pg: Cluster, halephant: HalephantFactory) -> None:
+    # A role whose verifier has many iterations (ALTER ROLE takes one as it is; PostgreSQL 16 makes them
+    # with scram_iterations): halephant's first login as it derives the keys in a worker thread, and
+    # each later one finds them cached.
+    salt = os.urandom(16)
+    stored, server = scram_keys("slow", salt, SLOW_ITERATIONS)
+    b64 = base64.b64encode
+    verifier = (
+        f"SCRAM-SHA-256${SLOW_ITERATIONS}:{b64(salt).decode()}${b64(stored).decode()}:{b64(server).decode()}"
+    )
+    pg.primary.sql(f"DROP ROLE IF EXISTS slowscram; CREATE ROLE slowscram LOGIN PASSWORD '{verifier}'")
+    config = default_config(pg, users={"slowscram": {"password": "slow"}}, limits={"connect_timeout": "30s"})
+    proxy = halephant.start(config)
+    try:
+        with psycopg.connect(proxy.dsn(), autocommit=True) as other:
+            other.execute("SELECT 1")
+            outcome: list[object] = []
+
+            def slow_login() -> None:
+                try:
+                    with psycopg.connect(proxy.dsn(user="slowscram", password="slow")) as conn:
+                        outcome.append(conn.execute("SELECT current_user").fetchone())
+                except Exception as exc:  # reported by the assertion below
+                    outcome.append(exc)
+
+            thread = threading.Thread(target=slow_login)
+            started = time.monotonic()
+            thread.start()
+            worst = 0.0
+            while thread.is_alive():
+                t0 = time.monotonic()
+                other.execute("SELECT 1")
+                worst = max(worst, time.monotonic() - t0)
+                time.sleep(0.01)
+            thread.join()
+            took = time.monotonic() - started
+        assert outcome == [("slowscram",)]
+        # the derivation took the slow login most of a second; the other client was never held for it
+        assert took > 0.3, took
+        assert worst < took / 3, (worst, took)
+        # a second server connection for the role (the first is held in a transaction) costs no derivation
+        with psycopg.connect(proxy.dsn(user="slowscram", password="slow")) as first:
+            first.execute("SELECT 1")  # holds its server: the next client needs another one
+            t0 = time.monotonic()
+            with psycopg.connect(proxy.dsn(user="slowscram", password="slow")) as second:
+                assert second.execute("SELECT current_user").fetchone() == ("slowscram",)
+            assert time.monotonic() - t0 < took / 3
+        assert "server connection opened" in proxy.log_text()
+    finally:
+        proxy.stop()  # before the role goes: its servers are connected as it
+        pg.primary.sql("DROP ROLE IF EXISTS slowscram")
