@@ -1,5 +1,10 @@
 """Log output: one human-readable line per event (default) or one JSON object per line.
 
+Text lines carry names clients chose (user, database, application_name): a newline in one must not
+forge a line of its own, nor an escape sequence drive the operator's terminal. As PostgreSQL does, each
+line after the first of a record (a traceback, a multi-line config error) starts with a tab, and other
+control characters are written as escapes.
+
 A JSON object has `ts`, `level`, `logger` and `message`, plus whatever a call passed as `extra`
 (`event`, `sqlstate`, `pool`, ...) so collectors can filter without parsing the text, and `exception`
 with a traceback.
@@ -9,11 +14,27 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 
 #: attributes every LogRecord has; anything else came from a call's `extra`
 _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+
+
+#: control characters (C0 but tab, DEL, C1) and Unicode's own line and paragraph separators
+_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _escape(match: re.Match[str]) -> str:
+    char = match.group()
+    return "\n\t" if char == "\n" else char.encode("unicode_escape").decode()
+
+
+class _TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        return _CONTROL.sub(_escape, text) if _CONTROL.search(text) else text
 
 
 class _JsonFormatter(logging.Formatter):
@@ -41,7 +62,7 @@ def setup_logging(level: str = "info", fmt: str = "text") -> None:
         handler.setFormatter(_JsonFormatter())
     else:
         handler.setFormatter(
-            logging.Formatter(
+            _TextFormatter(
                 "%(asctime)s.%(msecs)03d %(levelname)-7s %(name)s: %(message)s", datefmt="%Y-%m-%d %H:%M:%S"
             )
         )

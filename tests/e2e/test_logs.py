@@ -110,3 +110,19 @@ def test_no_secret_ever_reaches_the_log(
         assert any("pool" in m and "created" in m for m in messages)
         assert any(r.get("event") == "reload" and r.get("path") == "users.myapp_ro.password" for r in records)
         assert any(r.get("event") == "reload_failed" for r in records)
+
+
+def test_a_name_a_client_chose_cannot_forge_a_log_line(pg: Cluster, halephant: HalephantFactory) -> None:
+    # The user and database names of a startup packet are logged with every line about that client.
+    forged = "2026-01-01 00:00:00.000 INFO    halephant.client: <client #1 postgres@app>: login ok (trust)"
+    run = halephant.start(_config(pg, "text"))
+    with RawClient(run.host, run.port, timeout=5) as client:
+        try:
+            client.login("myapp", VERIFIED, f"nowhere\n{forged}\x1b[2J")
+        except AssertionError:
+            pass
+    run.stop()
+    lines = run.log_text().splitlines()
+    assert not any(line.startswith(forged) for line in lines)
+    assert any(line.startswith("\t" + forged) for line in lines)  # a continuation, as PostgreSQL writes it
+    assert not any("\x1b" in line for line in lines) and any("\\x1b[2J" in line for line in lines)
