@@ -96,9 +96,17 @@ def _count(n: float) -> str:
     return f"{n:,.0f}" if isinstance(n, int) or n >= 100 else f"{n:.1f}"
 
 
+class _DataTable(Table):
+    """A table of what the admin API reports: names there are the clients' and plugins' own (a database
+    named `[/x]`), so a plain string cell is text, never Rich markup."""
+
+    def add_row(self, *renderables: RenderableType | None, **kwargs: Any) -> None:
+        super().add_row(*(Text(r) if isinstance(r, str) else r for r in renderables), **kwargs)
+
+
 def _table(title: str, *, wide: bool) -> Table:
-    return Table(
-        title=title,
+    return _DataTable(
+        title=Text(title),
         title_justify="left",
         title_style="bold",
         box=box.SIMPLE_HEAD,

@@ -156,3 +156,18 @@ def test_plugins_add_panels_and_a_broken_one_is_shown_not_fatal(width: int) -> N
     assert "From a plugin" in text and "counted by a plugin" in text
     assert "broken_plugin: error" in text and "boom" in text
     assert max(len(line) for line in text.splitlines()) <= width
+
+
+@pytest.mark.parametrize("width", [80, 160])
+def test_names_are_shown_as_written_never_read_as_markup(width: int) -> None:
+    # database and user names are the clients' own: `[/oops]` once made rich raise MarkupError
+    data = snapshot()
+    data["pools"][0]["database"] = "[/oops]"
+    data["pools"][1]["user"] = "[bold]x"
+    data["decisions"][0]["reason"] = "no databases entry named '[/oops]'"
+    data["queues"][0]["reason"] = "[red]"
+    console = Console(record=True, width=width, color_system=None, force_terminal=False)
+    console.print(render(data, width, panels=[("[/p]", StatusPanel("[/t]", ("[c]",), (("[/v]",),)))]))
+    text = console.export_text()
+    for literal in ("[/oops]", "[bold]x", "[/t]", "[/v]"):
+        assert literal in text, literal
