@@ -328,6 +328,8 @@ class LimitsConfig(_Section):
     max_message_size: Annotated[Size, Field(ge=1024, le=2**31 - 1)] = 64 * 1024 * 1024
     login_timeout: Annotated[Duration, Field(gt=0)] = 15.0
     connect_timeout: Annotated[Duration, Field(gt=0)] = 5.0
+    #: After PostgreSQL refused a server login, how long a pool tries no other (0 = at once).
+    server_login_retry: Annotated[Duration, Field(ge=0)] = 5.0
     #: Client connections at most, all databases together (53300 beyond).
     max_client_conn: Annotated[StrictInt, Field(ge=1)] = 10000
     #: On SIGTERM/SIGINT, how long transactions in progress may run before everyone gets 57P01.

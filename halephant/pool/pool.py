@@ -128,6 +128,7 @@ class Pool(Generic[S, W]):
         "idle",
         "info",
         "key",
+        "login_refused",
         "opened_count",
         "port",
         "retire_before",
@@ -155,6 +156,8 @@ class Pool(Generic[S, W]):
         #: a server opened before this (monotonic) time is past max_lifetime: closed when it comes
         #: back, not handed on to a waiting client (kept up to date by the pool manager's sweep)
         self.retire_before = float("-inf")
+        #: (the error, until when): the server refused a login; none is tried again until then
+        self.login_refused: tuple[object, float] | None = None
 
     def __repr__(self) -> str:
         return (

@@ -11,7 +11,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import anyio
 
@@ -180,6 +180,14 @@ class PoolManager:
             "database": target.server_database,
             **dict(target.server_settings),
         }
+        refused = pool.login_refused
+        if refused is not None:
+            if loop.time() < refused[1]:
+                # PostgreSQL refused the last login: no other before server_login_retry (each would
+                # fail as well, and log a failed login there, for every transaction)
+                self.nodes.connect_failed(pool, cast(ClientError, refused[0]), False)
+                return
+            pool.login_refused = None
         server = ServerConnection(self, pool, startup, target.server_password, loop)
         try:
             with anyio.fail_after(self.app.config.limits.connect_timeout):
@@ -191,7 +199,17 @@ class PoolManager:
                     )
         except Exception as exc:
             server.abort()
-            if isinstance(exc, ClientError):
+            if isinstance(exc, ClientError) and exc.code.startswith("28"):
+                # the client's own login succeeded: say whose login this was
+                error = ClientError(
+                    exc.code,
+                    f"halephant's login to the server failed: {exc.message}",
+                    hint=exc.hint
+                    or f'halephant logs in as "{target.server_user}" with the password halephant.yaml '
+                    "gives it (server_password, else password).",
+                    fatal=True,
+                )
+            elif isinstance(exc, ClientError):
                 error = ClientError(exc.code, exc.message, hint=exc.hint, fatal=True)
             elif isinstance(exc, TimeoutError):
                 error = ClientError(
@@ -205,9 +223,21 @@ class PoolManager:
                     f"could not connect to server {pool.host}:{pool.port}: {exc}",
                     fatal=True,
                 )
-            log.warning("pool %s: server connect failed: %s %s", pool.name, error.code, error.message)
             # a login the server refused is not the node failing; no answer (or a shutdown) is
             node_failed = not isinstance(exc, ClientError) or exc.code in _NODE_FAILURES
+            retry = self.app.config.limits.server_login_retry
+            if node_failed:
+                log.warning("pool %s: server connect failed: %s %s", pool.name, error.code, error.message)
+            else:
+                if retry > 0:
+                    pool.login_refused = (error, loop.time() + retry)
+                log.warning(
+                    "pool %s: server login refused: %s %s%s",
+                    pool.name,
+                    error.code,
+                    error.message,
+                    f" (no other login for {retry:g}s: server_login_retry)" if retry > 0 else "",
+                )
             self.nodes.connect_failed(pool, error, node_failed)
             return
         self._welcome.setdefault((target.database, target.pool_user), dict(server.params))
@@ -440,6 +470,7 @@ class PoolManager:
         self._infos.clear()
         self._welcome.clear()
         for key, pool in list(self.pools.items()):
+            pool.login_refused = None  # a password may have changed: try again at once
             database, _user, node = key
             db = config.database_for(database)
             cluster = config.clusters.get(db.cluster) if db is not None else None

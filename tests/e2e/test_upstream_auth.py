@@ -12,6 +12,7 @@ import asyncio
 import base64
 import hashlib
 import os
+import signal
 import threading
 import time
 from typing import Any
@@ -19,7 +20,7 @@ from typing import Any
 import asyncpg
 import psycopg
 import pytest
-from support.halephant import HalephantFactory, Running, default_config
+from support.halephant import HalephantFactory, Running, default_config, write_config
 from support.leaks import assert_clean_servers
 
 from halephant.auth.server_side import scram_keys
@@ -175,10 +176,11 @@ def test_clients_log_in_with_md5(pg: Cluster, client_auth_hal: Running) -> None:
 
 def test_wrong_upstream_password_reaches_the_client(pg: Cluster, client_auth_hal: Running) -> None:
     assert login_sqlstate(client_auth_hal, "myapp_ro", "myapp_ro") == "28P01"
-    with pytest.raises(psycopg.OperationalError, match='password authentication failed for user "myapp_ro"'):
+    refused = 'halephant\'s login to the server failed: password authentication failed for user "myapp_ro"'
+    with pytest.raises(psycopg.OperationalError, match=refused):
         psycopg.connect(client_auth_hal.dsn(user="myapp_ro", password="myapp_ro"))
     log = client_auth_hal.log_text()
-    assert "server connect failed" in log
+    assert "server login refused" in log
     assert "28P01" in log
     assert "not-the-password" not in log  # never logged
     # the other pools are not affected
@@ -240,3 +242,25 @@ def test_a_slow_scram_login_upstream_stalls_no_other_client(pg: Cluster, halepha
     finally:
         proxy.stop()  # before the role goes: its servers are connected as it
         pg.primary.sql("DROP ROLE IF EXISTS slowscram")
+
+
+@pytest.mark.parametrize("retry", ["1h", "0"])
+def test_a_refused_server_login_is_not_tried_again_before_server_login_retry(
+    pg: Cluster, halephant: HalephantFactory, retry: str
+) -> None:
+    users = {"myapp_ro": {"password": "myapp_ro", "server_password": "not-the-password"}}
+    config = default_config(pg, users=users, limits={**_LIMITS, "server_login_retry": retry})
+    proxy = halephant.start(config)
+    for _ in range(3):
+        assert login_sqlstate(proxy, "myapp_ro", "myapp_ro") == "28P01"
+    # PostgreSQL saw one failed login, not one per client (each would be a line in its log, and count
+    # towards whatever locks accounts out there)
+    assert proxy.log_text().count("server login refused") == (1 if retry == "1h" else 3)
+    # a reload (the operator fixed the password) tries again at once
+    write_config(default_config(pg, limits={**_LIMITS, "server_login_retry": retry}), proxy.config_path)
+    proxy.signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while "reload: done" not in proxy.log_text():
+        assert time.monotonic() < deadline, proxy.log_text()
+        time.sleep(0.05)
+    assert who_am_i(proxy, "myapp_ro", "myapp_ro") == ("myapp_ro", "myapp_ro", "myapp")
