@@ -62,8 +62,8 @@ class TopologyMonitor:
 
     def reconfigure(self, config: Config) -> None:
         """A reload: new intervals and lag limits apply at once; a cluster whose nodes or probe login
-        changed is probed afresh (its configured order stands until then); added clusters are probed,
-        removed ones no longer."""
+        changed is probed afresh at once (its nodes still listed keep their last known state until
+        then, new ones are not usable); added clusters are probed, removed ones no longer."""
         self.interval = config.topology.interval
         self.timeout = config.topology.timeout
         closing: list[ProbeConnection] = []
@@ -81,7 +81,7 @@ class TopologyMonitor:
             if probes is None or [(p.host, p.port, p.user, p.password, p.database) for p in probes] != wanted:
                 closing += probes or []
                 self._probes[name] = [ProbeConnection(*args) for args in wanted]
-                self.states[name] = ClusterState(name, cluster)
+                self.states[name] = ClusterState(name, cluster, self.states.get(name))
             else:
                 self.states[name].cluster = cluster  # lag limits
             self._last_round.setdefault(name, 0.0)

@@ -9,6 +9,12 @@ Rules:
 * of several nodes that all claim to be primary (after a promotion, until the old primary is fenced),
   the one on the highest timeline wins; on equal timelines the current primary stays, else the first
   configured. The others are not usable, and a split-brain warning is logged;
+* a node claiming to be primary on a lower timeline than a primary seen before is never elected, even
+  alone: it is an old primary that was not shut down, and the new one may just have missed a probe.
+  Writes wait for a primary on that timeline (the highest is forgotten by a restart, or a reload that
+  leaves none of the cluster's nodes);
+* a reload that changes a cluster's nodes keeps what the probes said of the nodes still listed; new
+  nodes are not usable until probed;
 * a replica beyond `max_lag_bytes` (behind the primary's WAL) or `max_lag` (replay age, over it in two
   rounds in a row) is not usable until it is back under; a primary is never excluded for lag.
 """
@@ -64,7 +70,8 @@ def configured_view(name: str, cluster: ClusterConfig) -> ClusterView:
 class ClusterState:
     """One cluster's topology as the probes see it, round after round."""
 
-    def __init__(self, name: str, cluster: ClusterConfig) -> None:
+    def __init__(self, name: str, cluster: ClusterConfig, previous: ClusterState | None = None) -> None:
+        """`previous`: the cluster's state before a reload changed its nodes (or probe login)."""
         self.name = name
         self.cluster = cluster
         self.view = configured_view(name, cluster)
@@ -74,6 +81,32 @@ class ClusterState:
         self.all_failed = False
         self._split_brain: frozenset[str] = frozenset()
         self._over_time: set[str] = set()  # replicas over max_lag in the last round
+        #: the highest timeline a primary of this cluster was elected on
+        self.timeline = 0
+        if previous is not None and previous.probed:
+            self._carry_over(previous)
+
+    def _carry_over(self, previous: ClusterState) -> None:
+        """Until the new nodes are probed, the nodes still listed keep what the probes said of them, and
+        the new ones take nothing: the configured order would make the first listed node the primary
+        (an old, fenced primary; a replica after a reorder)."""
+        known = {node.name: node for node in previous.view.nodes}
+        if not known.keys() & {node.name for node in self.view.nodes}:
+            return  # none of its nodes is left: a new cluster under an old name
+        self.view = ClusterView(
+            self.name,
+            tuple(
+                known.get(node.name)
+                or NodeInfo(
+                    node.name, node.host, node.port, None, False, reason=f"{node.name}: not probed yet"
+                )
+                for node in self.view.nodes
+            ),
+        )
+        self.probed = True
+        self.timeline = previous.timeline
+        self._split_brain = previous._split_brain
+        self._over_time = previous._over_time & known.keys()
 
     def update(self, outcomes: Sequence[ProbeResult | str]) -> ClusterView:
         """Take one round: per node (in configured order) its ProbeResult, or why the probe failed."""
@@ -116,8 +149,14 @@ class ClusterState:
             elif not outcome.in_recovery:
                 if i == primary:
                     nodes.append(self._info(node, Role.PRIMARY, True, f"primary {node.name}", outcome))
+                elif primary is None:
+                    reason = (
+                        f"{SPLIT_BRAIN}{node.name} claims to be primary on timeline {outcome.timeline}, "
+                        f"but a primary on timeline {self.timeline} was seen: writes wait for it"
+                    )
+                    nodes.append(self._info(node, Role.PRIMARY, False, reason, outcome))
                 else:
-                    winner = old[primary].name if primary is not None else "?"
+                    winner = old[primary].name
                     reason = (
                         f"{SPLIT_BRAIN}{node.name} (timeline {outcome.timeline}) also claims to be primary; "
                         f"{winner} (timeline {_timeline(outcomes, primary)}) takes the writes"
@@ -140,6 +179,23 @@ class ClusterState:
             return (outcome.timeline or 0, names[i] == current, -i)
 
         winner = max(claims, key=rank)
+        winner_timeline = _timeline(outcomes, winner) or 0
+        if winner_timeline < self.timeline:
+            # every claimant is behind a primary seen before (which may just have missed this probe)
+            stale = frozenset(names[i] for i in claims)
+            if stale != self._split_brain:
+                log.error(
+                    "cluster %s: %s claim(s) to be primary on timeline %s, but a primary on timeline %d was "
+                    "seen: no writes go there (an old primary that was not shut down?); a restart forgets "
+                    "that timeline",
+                    self.name,
+                    ", ".join(names[i] for i in claims),
+                    winner_timeline,
+                    self.timeline,
+                )
+            self._split_brain = stale
+            return None
+        self.timeline = winner_timeline
         claimants = frozenset(names[i] for i in claims)
         if len(claims) > 1:
             if claimants != self._split_brain:
@@ -207,10 +263,9 @@ class ClusterState:
         )
 
     def _log_changes(self, old: ClusterView, new: ClusterView) -> None:
-        first = not self.probed
         for before, after in zip(old.nodes, new.nodes, strict=True):
             name = after.name
-            if first:
+            if before.probed_at is None:  # its first answer (the first round, or a node a reload added)
                 if after.usable:
                     log.info("cluster %s: %s", self.name, after.reason)
                 else:

@@ -111,6 +111,27 @@ def test_split_brain_goes_to_the_highest_timeline(caplog: pytest.LogCaptureFixtu
     assert "split brain:" not in caplog.text
 
 
+def test_an_old_primary_is_never_elected_again_when_the_new_one_misses_a_probe(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    s = state()
+    s.update([primary(), replica(), replica()])
+    s.update([primary(timeline=1), primary(timeline=2), replica()])  # B promoted, A still up
+    assert s.view.primary is not None and s.view.primary.name == B
+    with caplog.at_level(logging.INFO, "halephant.topology"):
+        s.update([primary(timeline=1), "connection refused", replica()])  # B restarting, say
+    assert s.view.primary is None  # writes wait for B: they would be lost on A
+    stale = s.view.nodes[0]
+    assert (stale.role, stale.usable) == (Role.PRIMARY, False)
+    assert stale.reason.startswith("split brain: ")  # so its server connections are closed
+    assert "a primary on timeline 2 was seen" in caplog.text
+    s.update([primary(timeline=1), primary(timeline=2), replica()])
+    assert s.view.primary is not None and s.view.primary.name == B
+    # once the old primary rejoins on the new timeline, it may be elected again later
+    s.update([primary(timeline=3), replica(timeline=3), replica(timeline=3)])
+    assert s.view.primary is not None and s.view.primary.name == A
+
+
 def test_split_brain_on_one_timeline_keeps_the_current_primary() -> None:
     s = state()
     s.update([replica(), primary(), replica()])
@@ -162,3 +183,22 @@ def test_a_node_down_from_the_start_has_no_role_until_it_answers(caplog: pytest.
         s.update([primary(), replica(), replica()])
     assert f"{B} is now replica (was unknown)" in caplog.text
     assert f"{B} readmitted" in caplog.text
+
+
+def test_a_reload_that_changes_the_nodes_keeps_what_the_probes_said_of_those_still_listed() -> None:
+    s = state()
+    s.update([primary(timeline=1), primary(timeline=2), replica(timeline=2)])  # B promoted, A fenced
+    assert s.view.primary is not None and s.view.primary.name == B
+    d = "127.0.0.1:5004"
+    # reordered, C removed, D added: the configured order alone would make A the primary
+    reloaded = ClusterState("main", ClusterConfig.model_validate({"nodes": [A, d, B]}), s)
+    a, new, b = reloaded.view.nodes
+    assert (b.name, b.role, b.usable) == (B, Role.PRIMARY, True)
+    assert (a.name, a.role, a.usable) == (A, Role.PRIMARY, False) and a.reason.startswith("split brain: ")
+    assert (new.name, new.role, new.usable) == (d, None, False)
+    assert reloaded.timeline == 2  # A is still never elected while B misses a probe
+    reloaded.update([primary(timeline=1), replica(timeline=2), "connection refused"])
+    assert reloaded.view.primary is None
+    # a cluster whose nodes are all new starts from the configured order
+    fresh = ClusterState("main", ClusterConfig.model_validate({"nodes": [d]}), s)
+    assert fresh.view.primary is not None and fresh.view.primary.name == d and fresh.timeline == 0
