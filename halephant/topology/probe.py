@@ -173,17 +173,34 @@ class ProbeConnection:
 
     async def probe(self) -> ProbeResult:
         """Probe the node. Raises ProbeFailed, OSError or anyio's stream errors; the caller bounds the
-        time. Whatever goes wrong (cancellation included), the connection is dropped."""
+        time. Whatever goes wrong (cancellation included), the connection is dropped.
+
+        A kept connection that turns out to be closed (the node restarted, an administrator or
+        `idle_session_timeout` ended the session) is not the node failing: the probe is tried once more
+        on a new connection."""
+        reused = self._stream is not None
         try:
-            if self._stream is None or self._session is None:
-                await self._connect()
-            assert self._stream is not None and self._session is not None
-            await self._stream.send(self._session.query())
-            await self._until_ready()
-            return self._session.result()
+            return await self._probe()
+        except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            await self.aclose()
+            if not reused:
+                raise
         except BaseException:
             await self.aclose()
             raise
+        try:
+            return await self._probe()
+        except BaseException:
+            await self.aclose()
+            raise
+
+    async def _probe(self) -> ProbeResult:
+        if self._stream is None or self._session is None:
+            await self._connect()
+        assert self._stream is not None and self._session is not None
+        await self._stream.send(self._session.query())
+        await self._until_ready()
+        return self._session.result()
 
     async def _connect(self) -> None:
         self._stream = await anyio.connect_tcp(self.host, self.port)

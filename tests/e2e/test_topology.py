@@ -453,6 +453,25 @@ def test_reload_follows_the_clusters_nodes(
     assert_clean_servers(cl)
 
 
+def test_a_probe_connection_ended_by_the_server_is_not_the_node_failing(
+    cl: Cluster, halephant: HalephantFactory, plugin_env: None
+) -> None:
+    # The probes keep their connection open between rounds; an administrator's pg_terminate_backend, an
+    # idle_session_timeout or a quick restart ends it. The node answers a new connection at once: it
+    # must not be marked down for an interval.
+    run = halephant.start(config(cl.nodes))
+    kill = "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = "
+    kill += "'halephant topology'"
+    for _ in range(3):
+        assert cl.primary.sql(kill) == "1"
+        wait_for(lambda: cl.primary.sql(kill.replace("pg_terminate_backend(pid)", "*")) == "1", "a new probe")
+    time.sleep(INTERVAL)
+    log = run.log_text()
+    assert "probe of" not in log and "marked down" not in log, log[-3000:]
+    with connect(run) as conn:
+        assert port(conn) == cl.primary.port
+
+
 # --- failover -----------------------------------------------------------------------------------------
 
 
