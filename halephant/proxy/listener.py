@@ -110,6 +110,19 @@ class Listeners:
         for listener in self._by_key.values():
             listener.close()
 
+    def fence(self, cluster: str, address: str, reason: str) -> None:
+        """Cut the shared connections to node `address` of `cluster` (no longer its primary): their clients
+        are told as when it is lost, and it reopens on the primary."""
+        for listener in self._by_key.values():
+            server = listener.server
+            if (
+                server is not None
+                and server.pool.key[2] == address
+                and server.pool.info.target.cluster == cluster
+            ):
+                log.warning("shared listener for %s: closing it: %s", listener.pool.name, reason)
+                server.fence(reason)
+
 
 class _Listener(StandIn):
     """One shared listener connection; stands in as the server connection's client."""

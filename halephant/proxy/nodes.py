@@ -78,6 +78,8 @@ class Nodes:
         self._lsn: dict[str, int] = {}
         #: read-your-writes: client -> (LSN its reads must see, until when)
         self.ryw: dict[ClientConnection, tuple[int, float]] = {}
+        #: the address of each cluster's last elected primary ("host:port"), to fence when another is
+        self._primaries: dict[str, str] = {}
 
     # --- the transaction path ---
 
@@ -292,23 +294,43 @@ class Nodes:
             waiter.reroute()
 
     def _fence(self, view: ClusterView) -> None:
-        """Close every server connection to a node that claims to be primary but lost to another: a
-        client in a transaction there (or holding its server for its session) would go on writing to it."""
+        """Cut every server connection to a node that is no longer the primary: one that claims to be
+        primary but lost to another, and the last primary once another node is: a client in a
+        transaction there (or holding its server for its session) would go on writing to it, and one
+        whose COMMIT waits on a frozen node would see it succeed there later. Its clients get 08006."""
+        fenced: dict[str, tuple[str, bool]] = {}  # address -> (why, spare its replica pools)
         for node in view.nodes:
-            if node.role is not Role.PRIMARY or node.usable or not node.reason.startswith(SPLIT_BRAIN):
-                continue
-            address = _address(node.host, node.port)
+            if node.role is Role.PRIMARY and not node.usable and node.reason.startswith(SPLIT_BRAIN):
+                fenced[_address(node.host, node.port)] = (node.reason, False)
+        primary = view.primary
+        if primary is not None:
+            now = _address(primary.host, primary.port)
+            last = self._primaries.get(view.name)
+            self._primaries[view.name] = now
+            if last is not None and last != now:
+                # it may be a replica again by now: its replica pools are spared
+                fenced.setdefault(
+                    last, (f"{last} is no longer the primary of cluster {view.name}: {now} is", True)
+                )
+        for address, (reason, as_primary) in fenced.items():
             for pool in list(self.manager.pools.values()):
-                if pool.key[2] != address or not (pool.idle or pool.active):
+                if (
+                    pool.key[2] != address
+                    or pool.info.target.cluster != view.name
+                    or not (pool.idle or pool.active)
+                ):
                     continue
+                if as_primary and pool.serves is Role.REPLICA:
+                    continue  # connected to it since it rejoined as a replica
                 log.warning(
                     "pool %s: closing its %d server connection(s): %s",
                     pool.name,
                     len(pool.idle) + len(pool.active),
-                    node.reason,
+                    reason,
                 )
                 for server in [*pool.idle, *pool.active]:
-                    server.close("split brain: another node is the primary")
+                    server.fence(reason)
+            self.app.listeners.fence(view.name, address, reason)
 
     # --- I/O outcomes ---
 

@@ -526,6 +526,13 @@ class ServerConnection(asyncio.Protocol):
             else:
                 transport.close()
 
+    def fence(self, reason: str) -> None:
+        """Cut the connection now, not waiting for the server to take a Terminate (it may be frozen): a
+        node that is no longer the primary. Its client learns it as the loss of its server (08006)."""
+        self.close(reason)
+        if self.transport is not None:
+            self.transport.abort()
+
     def abort(self) -> None:
         self.closing = True
         if self.transport is not None:

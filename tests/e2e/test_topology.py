@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import pathlib
 import signal
 import threading
@@ -575,3 +576,90 @@ def test_split_brain_writes_go_to_the_higher_timeline(
     log = run.log_text()
     assert "writes go to " + f"{new.host}:{new.port} only" in log
     assert_clean_servers(fresh)
+
+
+def _processes_of(node: Node) -> list[int]:
+    """The postmaster of `node` and every process it forked."""
+    postmaster = int((node.datadir / "postmaster.pid").read_text().split()[0])
+    pids = [postmaster]
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = pathlib.Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(stat[1]) == postmaster:
+                pids.append(int(entry))
+    return pids
+
+
+def test_a_frozen_primary_replaced_by_another_is_cut_off(
+    fresh: Cluster, halephant: HalephantFactory, plugin_env: None
+) -> None:
+    # A primary that hangs (a frozen host, a network partition) keeps its connections open: once another
+    # node is the primary, a COMMIT waiting there must fail (08006), not succeed on the old node later.
+    old, new = fresh.primary, fresh.replicas[0]
+    run = halephant.start(config(fresh.nodes))
+    inside = connect(run)
+    inside.execute("BEGIN")
+    inside.execute("INSERT INTO t VALUES (-2, 'frozen primary')")
+    frozen = _processes_of(old)
+    outcome: list[BaseException | None] = []
+    for pid in frozen:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        wait_log(run, f"{old.host}:{old.port} marked down")
+
+        def commit() -> None:
+            try:
+                inside.execute("COMMIT")
+                outcome.append(None)
+            except BaseException as exc:
+                outcome.append(exc)
+
+        committer = threading.Thread(target=commit)
+        committer.start()
+        new.promote()
+        wait_log(run, f"{new.host}:{new.port} is now primary")
+        committer.join(5)
+        assert outcome, "the COMMIT still waits on the frozen old primary"
+    finally:
+        for pid in frozen:
+            os.kill(pid, signal.SIGCONT)
+    error = outcome[0]
+    assert isinstance(error, psycopg.OperationalError) and error.sqlstate == "08006", error
+    inside.close()
+    assert "is no longer the primary of cluster main" in run.log_text()
+    # (whether the old node ran the COMMIT it had received when it wakes up is its own affair: the
+    # client was told the connection failed, which says that the outcome is not known)
+    with connect(run) as conn:
+        conn.execute("INSERT INTO t VALUES (-3, 'after')")
+        assert port(conn) == new.port
+
+
+def test_emulated_listen_follows_the_primary_after_a_promotion(
+    fresh: Cluster, halephant: HalephantFactory, plugin_env: None
+) -> None:
+    # The shared LISTEN connection is outside the pools: left on the old primary, it would hear nothing
+    # of the NOTIFYs now sent to the new one, and its clients would never know.
+    old, new = fresh.primary, fresh.replicas[0]
+    run = halephant.start(config(fresh.nodes))
+    listening = connect(run)
+    listening.execute("LISTEN ch")
+    wait_log(run, "shared listener for")
+    new.promote()  # the old primary still runs: both claim to be primary
+    wait_log(run, "shared listener for myapp/myapp@" + f"{old.host}:{old.port}: closing it")
+    with pytest.raises(psycopg.OperationalError) as excinfo:  # told, as when its backend is lost
+        listening.execute("SELECT 1")
+    assert excinfo.value.sqlstate == "08006", excinfo.value
+    listening.close()
+    with connect(run) as again, connect(run) as sender:
+        again.execute("LISTEN ch")
+        wait_for(lambda: _notified(again, sender), "a notification through the new primary")
+        assert port(sender) == new.port
+
+
+def _notified(listener: psycopg.Connection[Any], sender: psycopg.Connection[Any]) -> bool:
+    sender.execute("NOTIFY ch, 'hello'")
+    listener.execute("SELECT 1")
+    return any(n.payload == "hello" for n in listener.notifies(timeout=0.2, stop_after=1))
