@@ -130,6 +130,7 @@ class Pool(Generic[S, W]):
         "key",
         "login_refused",
         "opened_count",
+        "outdated_before",
         "port",
         "retire_before",
         "serves",
@@ -156,6 +157,8 @@ class Pool(Generic[S, W]):
         #: a server opened before this (monotonic) time is past max_lifetime: closed when it comes
         #: back, not handed on to a waiting client (kept up to date by the pool manager's sweep)
         self.retire_before = float("-inf")
+        #: a server opened before this time was opened for settings a reload changed since
+        self.outdated_before = float("-inf")
         #: (the error, until when): the server refused a login; none is tried again until then
         self.login_refused: tuple[object, float] | None = None
 

@@ -157,7 +157,26 @@ class PoolManager:
             and pool.info.target != target
             and (target.mode is pool.info.mode or target.mode is PoolMode.TRANSACTION)
         ):
+            old = pool.info.target
             pool.info = PoolInfo(target=target, size=pool.info.size)
+            if (old.server_database, old.server_user, old.server_settings) != (
+                target.server_database,
+                target.server_user,
+                target.server_settings,
+            ):
+                # Its servers are connected to another database, as another role, or with other
+                # settings (a user made read_only): none is handed to a client again. Idle ones close
+                # now, busy ones when they come back (as for max_lifetime).
+                pool.outdated_before = pool.retire_before = time.monotonic()
+                log.info(
+                    "pool %s: its %d server connection(s) are replaced: a reload changed what they log in "
+                    "with",
+                    pool.name,
+                    len(pool.idle) + len(pool.active),
+                )
+                for server in list(pool.idle):
+                    pool.discard(server)
+                    server.close("a reload changed the pool's settings")
         if pool is None:
             pool = self.pools[key] = Pool[ServerConnection, "ClientConnection"](
                 target, self.pool_info(target).size, host, port
@@ -271,8 +290,9 @@ class PoolManager:
         elif server.created_at < pool.retire_before:
             # A busy pool hands a server from client to client without it ever being idle, where the
             # sweep would see its age: max_lifetime is enforced here too, as PgBouncer does on release.
-            log.info("pool %s: closing server pid %d (max_lifetime)", pool.name, server.backend_pid)
-            server.close("max_lifetime")
+            why = "max_lifetime" if server.created_at >= pool.outdated_before else "opened before a reload"
+            log.info("pool %s: closing server pid %d (%s)", pool.name, server.backend_pid, why)
+            server.close(why)
             self.server_gone(pool)
             return
         waiter = pool.checkin(server)
@@ -386,7 +406,7 @@ class PoolManager:
             if db is None:
                 continue
             self._close_excess(pool)
-            pool.retire_before = now - db.max_lifetime
+            pool.retire_before = max(now - db.max_lifetime, pool.outdated_before)
             for server in pool.expired(now, db.idle_timeout, db.max_lifetime):
                 reason = "max_lifetime" if now - server.created_at > db.max_lifetime else "idle_timeout"
                 log.info(

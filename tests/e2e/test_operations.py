@@ -332,3 +332,33 @@ def test_reload_shrinks_a_pool_by_closing_idle_servers(
         time.sleep(0.2)
     assert len(backend_pids("myapp")) == 1
     assert all(_works(c) for c in clients)  # nobody was dropped; they share the one server now
+
+
+def test_reload_that_changes_what_a_pool_logs_in_with_replaces_its_servers(
+    pg: Cluster, halephant: HalephantFactory, backend_pids: Any
+) -> None:
+    # The pool keeps its name, but its servers were opened as a read-write session of another database:
+    # a new client of a user made read_only by a reload must not be handed one.
+    config = _config(pg, pool_size=2, idle_timeout="1h")
+    run = halephant.start(config)
+    busy, idle = _client(run), _client(run)
+    assert errors(busy.simple_query("BEGIN")) == []
+    assert errors(idle.simple_query("SELECT 1")) == []  # a second server, idle in the pool
+    old = set(backend_pids("myapp"))
+    assert len(old) == 2
+    config["users"]["myapp"]["read_only"] = True
+    config["databases"]["myapp"]["database"] = "postgres"
+    _reload(run, config, "reload: done")
+    check = "SELECT current_setting('default_transaction_read_only'), current_database(), pg_backend_pid()"
+    new = _client(run)
+    rows = data_rows(new.simple_query(check))
+    assert rows[0][:2] == ["on", "postgres"] and int(rows[0][2]) not in old
+    assert [e["C"] for e in errors(new.simple_query("CREATE TEMP TABLE w (x int)"))] == ["25006"]
+    assert errors(busy.simple_query("COMMIT")) == []  # its server is closed as it comes back
+    deadline = time.monotonic() + 5
+    while set(backend_pids("myapp")) & old and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not set(backend_pids("myapp")) & old  # the idle one closed at once, the busy one on its return
+    log = run.log_text()
+    assert "server connection(s) are replaced: a reload changed what they log in with" in log
+    assert "(opened before a reload)" in log
