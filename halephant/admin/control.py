@@ -1,7 +1,8 @@
 """Operator commands on a running halephant: PAUSE, RESUME, RECONNECT and KILL (from the SQL console).
 
-PAUSE holds every new transaction of the paused databases at its checkout (the client's messages are
-buffered as for any wait, and no checkout timeout runs), and reports paused once no server of those
+PAUSE holds every new transaction of the paused databases at its checkout, and every login that would
+take a server (session pooling; a login that learns the parameters to report): the client's messages
+are buffered as for any wait, and no checkout timeout runs. It reports paused once no server of those
 databases is lent to a client any more. The proxy path pays one attribute test per checkout
 (`holding`), false unless something is paused.
 """
@@ -132,7 +133,7 @@ class Control:
                 self._held.append(client)
                 continue
             client.waiting_pool = None
-            client.data_received(b"")  # goes on where it was held: checkout, then its buffered messages
+            client.reroute()  # goes on where it was held: checkout (at login too), then what it sent
 
     def reconnect(self, database: str | None) -> int:
         """Replace the server connections of `database`: idle ones now, the others when they come back."""

@@ -913,8 +913,10 @@ class ClientConnection(asyncio.Protocol):
             pool = app.manager.pool_for(target, route.role, self)
         if pool is None:
             return self._route_rejected(app.manager.nodes.unavailable(target, route.role), t, ready)
-        if app.control.holding and ready and app.control.hold(self, pool):
-            self._first_checked = True  # PAUSE: held until RESUME
+        if app.control.holding and app.control.hold(self, pool):
+            # PAUSE: held until RESUME; a login too (session pooling takes its server at login, and a
+            # login that learns the parameters to report would open one)
+            self._first_checked = True
             return False
         # waiters queue per client user: fair between users sharing one pool
         server, open_one = pool.checkout(self, info.user)
@@ -991,8 +993,9 @@ class ClientConnection(asyncio.Protocol):
 
     def reroute(self) -> None:
         """Called by the pool manager: the pool this client waits on has no node to serve it any more
-        (the replicas are gone). Nothing it sent has started anywhere, so it is routed again as if it
-        had just come: the routing policy decides where it goes now (the primary, or a refusal)."""
+        (the replicas are gone); by RESUME: its database is no longer paused. Nothing it sent has
+        started anywhere, so it is routed again as if it had just come: the routing policy decides where
+        it goes now (the primary, or a refusal)."""
         self._end_wait()
         if self.state == READY:
             self.data_received(b"")  # its next transaction, from the start: routed, then a server

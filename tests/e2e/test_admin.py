@@ -52,6 +52,7 @@ def hal(pg: Cluster, module_halephant: HalephantFactory) -> Running:
             "one": {**main, "pool_size": 1, "checkout_timeout": "300ms"},
             "pausable": {**main, "pool_size": 2, "checkout_timeout": "5s"},
             "killable": {**main, "pool_size": 2},
+            "pausable_session": {**main, "mode": "session", "pool_size": 2},
         },
         users={
             "myapp_ro": {"password": RO_VERIFIER, "server_password": SERVER_SECRET},
@@ -444,6 +445,28 @@ def test_pause_without_a_database_pauses_all_and_resume_releases(hal: Running, p
         assert done.wait(5)
         thread.join(5)
         held.close()
+    assert_clean_servers(pg)
+
+
+def test_pause_holds_a_session_mode_login_until_resume(hal: Running, pg: Cluster) -> None:
+    # session pooling takes a server at login: during PAUSE (the operator is about to restart
+    # PostgreSQL) the login waits, as a transaction would, and opens nothing
+    with console(hal) as admin:
+        admin.execute("PAUSE pausable_session")
+        before = pg.primary.sql("SELECT count(*) FROM pg_stat_activity WHERE datname = 'myapp'")
+        logged_in: list[psycopg.Connection[Any]] = []
+        thread = threading.Thread(target=lambda: logged_in.append(connect(hal, dbname="pausable_session")))
+        thread.start()
+        time.sleep(0.5)
+        assert not logged_in
+        assert pg.primary.sql("SELECT count(*) FROM pg_stat_activity WHERE datname = 'myapp'") == before
+        row = next(r for r in show(admin, "DATABASES") if r["name"] == "pausable_session")
+        assert row["paused"] in (True, 1)  # (PgBouncer's type is int4)
+        admin.execute("RESUME pausable_session")
+        thread.join(5)
+        assert logged_in
+        with logged_in[0] as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
     assert_clean_servers(pg)
 
 
