@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -78,6 +79,11 @@ def main() -> None:
 )
 def run(path: str) -> None:
     """Run the proxy in the foreground."""
+    # SIGHUP's default action ends the process: until the proxy's own handlers are installed (after
+    # the imports and the first round of probes, which may wait out topology.timeout), one is noted
+    # and the reload done then ("start, then reload" from configuration management must not kill it).
+    early_hups: list[int] = []
+    signal.signal(signal.SIGHUP, lambda signum, _frame: early_hups.append(signum))
     from halephant.logs import setup_logging
 
     try:
@@ -87,7 +93,7 @@ def run(path: str) -> None:
         sys.exit(2)
     setup_logging(config.logging.level, config.logging.format)
     try:
-        run_app(config, plugins)
+        run_app(config, plugins, early_hups=early_hups)
     except OSError as exc:
         click.echo(f"halephant: cannot listen on {config.listen}: {exc.strerror or exc}", err=True)
         sys.exit(1)

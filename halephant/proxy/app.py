@@ -75,7 +75,11 @@ class App:
 
     # --- lifecycle ---
 
-    async def serve(self, *, on_ready: Callable[[App], Any] | None = None) -> None:
+    async def serve(
+        self, *, on_ready: Callable[[App], Any] | None = None, early_hups: list[int] | None = None
+    ) -> None:
+        """Serve until stopped. `early_hups`: SIGHUPs received before this installs its handlers (the
+        caller notes them from the process start): one reload is done for them once it has."""
         # cached: on Python 3.11 every get_running_loop() is a getpid() syscall
         self.loop = asyncio.get_running_loop()
         self.clock = self.loop.time()
@@ -95,7 +99,7 @@ class App:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
                 # first: until its handlers are installed a SIGTERM kills the process outright
-                tg.start_soon(self._signals)
+                tg.start_soon(self._signals, early_hups)
                 tg.start_soon(self.manager.maintain)
                 tg.start_soon(self.manager.expire_waiters)
                 tg.start_soon(run_clock, self)
@@ -158,8 +162,14 @@ class App:
         server.close()
         log.info("stopped listening%s", f" ({accepted} queued connection(s) accepted)" if accepted else "")
 
-    async def _signals(self) -> None:
+    async def _signals(self, early_hups: list[int] | None = None) -> None:
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+            if early_hups:
+                log.info("received SIGHUP while starting: reloading %s", self.config.source)
+                try:
+                    self.reload()
+                except Exception:
+                    log.exception("reload failed")
             async for signum in signals:
                 name = signal.Signals(signum).name
                 if signum == signal.SIGHUP:

@@ -6,6 +6,7 @@ first drains, and a client connecting in a loop sees no failed attempt."""
 from __future__ import annotations
 
 import signal
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -362,3 +363,25 @@ def test_reload_that_changes_what_a_pool_logs_in_with_replaces_its_servers(
     log = run.log_text()
     assert "server connection(s) are replaced: a reload changed what they log in with" in log
     assert "(opened before a reload)" in log
+
+
+def test_a_sighup_while_starting_reloads_once_started(pg: Cluster, halephant: HalephantFactory) -> None:
+    # SIGHUP's default action ends a process: one that comes during the imports or the first round of
+    # probes (here held for topology.timeout by a node that accepts and never answers) must not.
+    silent = socket.create_server(("127.0.0.1", 0))
+    try:
+        config = _config(pg)
+        config["clusters"]["main"]["nodes"].append(f"127.0.0.1:{silent.getsockname()[1]}")
+        config["topology"] = {"timeout": "2s"}
+        run = halephant.spawn(config)
+        silent.settimeout(10)
+        probe, _ = silent.accept()  # in its first round of probes: started, not serving yet
+        probe.close()
+        for _ in range(3):
+            run.signal(signal.SIGHUP)
+            time.sleep(0.3)
+        run.wait_ready()
+        _wait_log(run, "received SIGHUP while starting: reloading")
+        assert run.alive and _works(_client(run))
+    finally:
+        silent.close()
