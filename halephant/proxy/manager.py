@@ -515,6 +515,11 @@ class PoolManager:
                 )
                 # not handed out again until the next sweep: a shrunk pool shrinks now
                 self._close_excess(pool)
+                if size.max < old.max and pool.active:
+                    # A busy pool hands a server from client to client without it coming back to the
+                    # pool: those opened before close as they come back, and the pool opens again only
+                    # up to its new size.
+                    pool.outdated_before = pool.retire_before = time.monotonic()
                 while pool.should_open_for_waiters():
                     self.open(pool)
         self.nodes.reconfigure(config)

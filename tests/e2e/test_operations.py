@@ -385,3 +385,27 @@ def test_a_sighup_while_starting_reloads_once_started(pg: Cluster, halephant: Ha
         assert run.alive and _works(_client(run))
     finally:
         silent.close()
+
+
+def test_reload_shrinks_a_busy_pool_as_its_servers_come_back(
+    pg: Cluster, halephant: HalephantFactory, backend_pids: Any
+) -> None:
+    # Under load a server goes from client to client without ever being idle: a smaller pool_size must
+    # still be reached, not only once the load stops.
+    config = _config(pg, pool_size=3, idle_timeout="1h")
+    run = halephant.start(config)
+    holders = [_client(run) for _ in range(3)]
+    for c in holders:
+        assert errors(c.simple_query("BEGIN")) == []
+    old = set(backend_pids("myapp"))
+    assert len(old) == 3
+    waiters = [_client(run) for _ in range(3)]
+    for c in waiters:
+        c.send(rc.query("SELECT pg_backend_pid()"))
+    config["databases"]["myapp"]["pool_size"] = 1
+    _reload(run, config, "reload: done")
+    for c in holders:
+        assert errors(c.simple_query("COMMIT")) == []
+    served = {int(data_rows(c.read_until_ready(timeout=10))[0][0]) for c in waiters}
+    assert len(served) == 1 and not served & old  # one new server, none of the three handed on
+    assert len(backend_pids("myapp")) == 1
