@@ -139,16 +139,15 @@ class Control:
         """Replace the server connections of `database`: idle ones now, the others when they come back."""
         self._databases(database)
         n = 0
+        now = time.monotonic()
         for pool in self._pools(database):
             for server in list(pool.idle):
                 server.close("RECONNECT")
                 n += 1
-            for server in list(pool.active):
-                if pool.info.mode.value == "transaction":
-                    server.dirty = server.dirty or "RECONNECT"  # closed at check-in, never handed on
-                else:
-                    server.created_at = time.monotonic() - 1e9  # past max_lifetime: closed once idle
-                n += 1
+            # The others are closed when they come back to the pool, never handed on: after their
+            # client's transaction, its session (session pooling), or a pin (an advisory lock, ...).
+            pool.outdated_before = pool.retire_before = now
+            n += len(pool.active)
         log.info("RECONNECT %s: %d server connection(s) to replace", database or "(all databases)", n)
         return n
 

@@ -157,7 +157,8 @@ class Pool(Generic[S, W]):
         #: a server opened before this (monotonic) time is past max_lifetime: closed when it comes
         #: back, not handed on to a waiting client (kept up to date by the pool manager's sweep)
         self.retire_before = float("-inf")
-        #: a server opened before this time was opened for settings a reload changed since
+        #: a server opened before this time is to be replaced (a reload changed what it logs in with or
+        #: shrank the pool, or RECONNECT)
         self.outdated_before = float("-inf")
         #: (the error, until when): the server refused a login; none is tried again until then
         self.login_refused: tuple[object, float] | None = None

@@ -290,7 +290,11 @@ class PoolManager:
         elif server.created_at < pool.retire_before:
             # A busy pool hands a server from client to client without it ever being idle, where the
             # sweep would see its age: max_lifetime is enforced here too, as PgBouncer does on release.
-            why = "max_lifetime" if server.created_at >= pool.outdated_before else "opened before a reload"
+            why = (
+                "max_lifetime"
+                if server.created_at >= pool.outdated_before
+                else "opened before a reload or RECONNECT"
+            )
             log.info("pool %s: closing server pid %d (%s)", pool.name, server.backend_pid, why)
             server.close(why)
             self.server_gone(pool)

@@ -410,6 +410,24 @@ def test_reconnect_replaces_server_connections(hal: Running, backend_pids: Any) 
     assert first != second
 
 
+@pytest.mark.parametrize("dbname", ["pausable", "pausable_session"])
+def test_reconnect_replaces_a_server_pinned_at_that_moment(hal: Running, dbname: str) -> None:
+    # a client holding an advisory lock keeps its server; once it lets go, that server is replaced, not
+    # handed to the next client
+    with connect(hal, dbname=dbname) as pinned:
+        pinned.execute("SELECT pg_advisory_lock(42)")
+        held = pinned.execute("SELECT pg_backend_pid()").fetchone()
+        with console(hal) as admin:
+            admin.execute(f"RECONNECT {dbname}")
+        assert pinned.execute("SELECT pg_backend_pid()").fetchone() == held  # still pinned
+        pinned.execute("SELECT pg_advisory_unlock(42)")
+        after = pinned.execute("SELECT pg_backend_pid()").fetchone()
+    with connect(hal, dbname=dbname) as other:
+        seen = {other.execute("SELECT pg_backend_pid()").fetchone() for _ in range(3)}
+    assert held not in seen and (dbname == "pausable_session" or after != held)
+    assert "(opened before a reload or RECONNECT)" in hal.log_text()
+
+
 def test_kill_drops_clients_with_57P01_and_resume_reopens(hal: Running, pg: Cluster) -> None:
     victim = connect(hal, dbname="killable")
     victim.execute("SELECT 1")
