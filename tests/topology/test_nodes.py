@@ -64,6 +64,8 @@ def manager() -> PoolManager:
     plugins = SimpleNamespace(pool_size=lambda target, config: PoolSize(0, 2))
     app = SimpleNamespace(config=config, plugins=plugins, loop=FakeLoop(), debug=False, opened=[])
     app.spawn = lambda func, *args: app.opened.append(args[0])
+    app.fenced = []  # nodes whose shared LISTEN connections were cut
+    app.listeners = SimpleNamespace(fence=lambda cluster, address, reason: app.fenced.append(address))
     return PoolManager(app)  # type: ignore[arg-type]
 
 
@@ -160,6 +162,7 @@ def test_waiters_follow_the_primary(manager: PoolManager) -> None:
     publish(manager, node(P, Role.PRIMARY, usable=False), node(R1, Role.PRIMARY))
     assert client.waiting_pool is not old and client.waiting_pool.port == R1[1]
     assert old.serves is None and client.waiting_pool.serves is Role.PRIMARY
+    assert manager.app.fenced == [f"{P[0]}:{P[1]}"]  # the last primary is cut off: another one is
 
 
 def test_failed_connect_to_the_primary_parks_its_clients(manager: PoolManager) -> None:
