@@ -15,12 +15,17 @@ Rules:
   leaves none of the cluster's nodes);
 * a reload that changes a cluster's nodes keeps what the probes said of the nodes still listed; new
   nodes are not usable until probed;
-* a replica beyond `max_lag_bytes` (behind the primary's WAL) or `max_lag` (replay age, over it in two
-  rounds in a row) is not usable until it is back under; a primary is never excluded for lag.
+* a replica beyond `max_lag_bytes` (behind the primary's WAL) or `max_lag` (over it in two rounds in a
+  row) is not usable until it is back under; a primary is never excluded for lag. A replica's lag in
+  time is the larger of its replay age (since the last replayed commit, while it has WAL to replay)
+  and how long ago the primary had written WAL the replica has not replayed yet (from the positions
+  the probes saw, round by round): a replica that stopped receiving WAL has nothing left to replay,
+  yet falls behind all the same.
 """
 
 from __future__ import annotations
 
+import bisect
 import logging
 import time
 from collections.abc import Sequence
@@ -35,6 +40,13 @@ __all__ = ["SPLIT_BRAIN", "ClusterState", "configured_view", "format_bytes"]
 SPLIT_BRAIN = "split brain: "
 
 log = logging.getLogger("halephant.topology")
+
+#: the primary WAL positions kept, one per round in which it moved (at a 5 s interval: over 5 hours)
+_WAL_KEPT = 4096
+
+
+def _now() -> float:
+    return time.monotonic()
 
 
 def format_bytes(n: int) -> str:
@@ -83,6 +95,10 @@ class ClusterState:
         self._over_time: set[str] = set()  # replicas over max_lag in the last round
         #: the highest timeline a primary of this cluster was elected on
         self.timeline = 0
+        #: the elected primary's WAL positions, rising, with when the probes saw each (for replicas' lag)
+        self._wal_primary = ""
+        self._wal_lsns: list[int] = []
+        self._wal_times: list[float] = []
         if previous is not None and previous.probed:
             self._carry_over(previous)
 
@@ -141,6 +157,8 @@ class ClusterState:
         primary = self._elect(outcomes)
         primary_result = outcomes[primary] if primary is not None else None
         primary_lsn = primary_result.lsn if isinstance(primary_result, ProbeResult) else None
+        if primary is not None and primary_lsn is not None:
+            self._saw_primary_wal(old[primary].name, primary_lsn)
         nodes: list[NodeInfo] = []
         for i, (node, outcome) in enumerate(zip(old, outcomes, strict=True)):
             if isinstance(outcome, str):
@@ -212,11 +230,30 @@ class ClusterState:
         self._split_brain = claimants if len(claims) > 1 else frozenset()
         return winner
 
+    def _saw_primary_wal(self, name: str, lsn: int) -> None:
+        if name != self._wal_primary:  # another primary: its positions say nothing of the old one's
+            self._wal_primary = name
+            self._wal_lsns, self._wal_times = [], []
+        if self._wal_lsns and lsn <= self._wal_lsns[-1]:
+            return  # nothing written since: the first time it was at this position is what counts
+        self._wal_lsns.append(lsn)
+        self._wal_times.append(_now())
+        if len(self._wal_lsns) > _WAL_KEPT:
+            del self._wal_lsns[0], self._wal_times[0]
+
+    def _behind_for(self, lsn: int) -> float:
+        """For how long the primary has had WAL beyond `lsn` (0 when a replica at `lsn` has replayed all
+        the primary had written when last probed)."""
+        i = bisect.bisect_right(self._wal_lsns, lsn)  # the first position seen beyond it
+        return _now() - self._wal_times[i] if i < len(self._wal_times) else 0.0
+
     def _replica(self, node: NodeInfo, outcome: ProbeResult, primary_lsn: int | None) -> NodeInfo:
         lag_bytes = None
         if primary_lsn is not None and outcome.lsn is not None:
             lag_bytes = max(0, primary_lsn - outcome.lsn)
         lag_seconds = outcome.replay_age
+        if outcome.lsn is not None and self._wal_lsns:
+            lag_seconds = max(lag_seconds or 0.0, self._behind_for(outcome.lsn))
         max_bytes, max_seconds = self.cluster.max_lag_bytes, self.cluster.max_lag
         over_time = max_seconds is not None and lag_seconds is not None and lag_seconds > max_seconds
         # The replay age jumps to "since the last replayed commit" whenever any WAL waits to be replayed,

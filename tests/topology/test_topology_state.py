@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from halephant.config.schema import ClusterConfig
+from halephant.topology import state as state_module
 from halephant.topology.probe import ProbeResult
 from halephant.topology.state import ClusterState, format_bytes
 from halephant.types import Role
@@ -202,3 +203,25 @@ def test_a_reload_that_changes_the_nodes_keeps_what_the_probes_said_of_those_sti
     # a cluster whose nodes are all new starts from the configured order
     fresh = ClusterState("main", ClusterConfig.model_validate({"nodes": [d]}), s)
     assert fresh.view.primary is not None and fresh.view.primary.name == d and fresh.timeline == 0
+
+
+def test_a_replica_that_receives_no_wal_falls_behind_in_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Its replay age stays 0 (it has nothing left to replay), yet the primary goes on writing: the time
+    # since the primary first had WAL the replica has not replayed is its lag.
+    clock = [1000.0]
+    monkeypatch.setattr(state_module, "_now", lambda: clock[0])
+    s = state(max_lag="30s")
+    for i in range(7):  # 10 s apart, the primary writes; B follows, C stopped at 20 MB
+        lsn = (20 + i) * MB
+        s.update([primary(lsn=lsn), replica(lsn=lsn), replica(lsn=20 * MB)])
+        clock[0] += 10
+    _, b, c = s.view.nodes
+    assert b.usable and b.lag_seconds == 0.0
+    assert c.lag_seconds == 50.0  # the primary was past 20 MB 50 s ago (in the second round)
+    assert not c.usable and c.reason == f"replica {C} lag 50.0s > 30s"  # over it twice in a row
+    # an idle primary: a replica at its position is not behind, however old its last commit
+    s.update([primary(lsn=26 * MB), replica(lsn=26 * MB), replica(lsn=26 * MB)])
+    assert [n.usable for n in s.view.nodes] == [True, True, True]
+    # another primary's positions say nothing of the old one's
+    s.update([replica(lsn=26 * MB), primary(lsn=30 * MB, timeline=2), replica(lsn=26 * MB)])
+    assert s.view.nodes[2].lag_seconds == 0.0
