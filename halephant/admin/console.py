@@ -554,7 +554,7 @@ def show_databases(app: App) -> Result:
         "pool_mode", "current_connections", "paused", "disabled",
     ]  # fmt: skip
     current: dict[str, int] = {}
-    for key, pool in app.manager.pools.items():
+    for key, pool in app.manager.shown_pools().items():
         current[key[0]] = current.get(key[0], 0) + pool.total
     rows = []
     for name, db in sorted(app.config.databases.items()):

@@ -70,7 +70,7 @@ class HalephantCollector:
         )
         now = app.loop.time()
         held = app.control.held_by_pool()  # waiting too, as SHOW POOLS counts them: held by PAUSE
-        for key, pool in sorted(app.manager.pools.items()):
+        for key, pool in sorted(app.manager.shown_pools().items()):
             labels = list(key)
             x, q, _links = snapshot.pool_totals(pool)
             xacts.add_metric(labels, x)

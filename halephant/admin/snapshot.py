@@ -23,6 +23,7 @@ import anyio
 from halephant import __version__
 from halephant.config.diff import REDACTED, config_tree, redact_tree
 from halephant.config.schema import is_md5_hash, is_scram_verifier
+from halephant.pool.group import NO_PRIMARY
 from halephant.pool.stats import WAIT_BUCKETS
 from halephant.proxy.client import READY
 
@@ -107,11 +108,12 @@ def pools(app: App) -> list[dict[str, Any]]:
         key = _client_pool_key(app, client)
         if key is not None:
             cl.setdefault(key, Counter())[client_state(client)] += 1
-    keys = sorted(set(app.manager.pools) | set(cl))
+    shown = app.manager.shown_pools()
+    keys = sorted(set(shown) | set(cl))
     held = app.control.held_by_pool()  # waiting outside the pools' queues
     rows = []
     for key in keys:
-        pool = app.manager.pools.get(key)
+        pool = shown.get(key)
         counts = cl.get(key, Counter())
         database, user, node = key
         db = app.config.databases.get(database)
@@ -245,7 +247,7 @@ def clients_by_state(app: App) -> dict[str, int]:
 def servers(app: App) -> list[dict[str, Any]]:
     mono = time.monotonic()
     out = []
-    for key, pool in list(app.manager.pools.items()):
+    for key, pool in list(app.manager.shown_pools().items()):
         for server in _pool_servers(pool):
             client = server.client
             out.append(
@@ -273,7 +275,7 @@ def queues(app: App) -> list[dict[str, Any]]:
     """Pools with clients waiting for a server, and clients held by PAUSE."""
     now = app.loop.time()
     out = []
-    for key, pool in list(app.manager.pools.items()):
+    for key, pool in list(app.manager.shown_pools().items()):
         if not pool.waiters:
             continue
         out.append(
@@ -284,7 +286,7 @@ def queues(app: App) -> list[dict[str, Any]]:
                 "waiting": len(pool.waiters),
                 "oldest_wait": round(oldest_wait(pool, now), 3),
                 "clients": [c.number for c in list(pool.waiters)[:50]],
-                "reason": "pool full",
+                "reason": "no primary (failing over?)" if key[2] == NO_PRIMARY else "pool full",
             }
         )
     for database, held in app.control.held_by_database().items():
@@ -370,7 +372,7 @@ class Rates:
 
     def totals(self) -> tuple[int, int]:
         xacts = queries = 0
-        for pool in list(self.app.manager.pools.values()):
+        for pool in list(self.app.manager.shown_pools().values()):
             x, q, _ = pool_totals(pool)
             xacts += x
             queries += q

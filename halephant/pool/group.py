@@ -18,9 +18,12 @@ from typing import Generic
 from halephant.pool.pool import Pool, S, W, WaitQueue
 from halephant.types import PoolSize, PoolTarget, Role
 
-__all__ = ["PoolGroup"]
+__all__ = ["NO_PRIMARY", "PoolGroup"]
 
 _NO_CAPACITY = PoolSize(min=0, max=0, reason="waiting for a primary: no node to connect to")
+
+#: the node name the admin views show for the clients that wait for a primary
+NO_PRIMARY = "(no primary)"
 
 
 class PoolGroup(Generic[S, W]):
@@ -46,6 +49,7 @@ class PoolGroup(Generic[S, W]):
         self.replicas: tuple[Pool[S, W], ...] = ()
         self.replica_waiters: WaitQueue[W] = WaitQueue()
         self.waiting_for_primary: Pool[S, W] = Pool(target, _NO_CAPACITY, "", 0)
+        self.waiting_for_primary.key = (*self.waiting_for_primary.key[:2], NO_PRIMARY)  # as shown
         self._next = 0
         #: a transaction was routed to a replica once: the replicas' pools are kept assigned from then on
         self.wants_replicas = False

@@ -371,6 +371,18 @@ class PoolManager:
     def all_pools(self) -> list[ServerPool]:
         return [*self.pools.values(), *self.retired]
 
+    def shown_pools(self) -> dict[tuple[str, str, str], ServerPool]:
+        """Every pool by its key, for the admin views: retired ones too (they still serve what they
+        hold; a live pool of the same key wins), and the queue of each group's clients that wait for a
+        primary (node "(no primary)")."""
+        out = {pool.key: pool for pool in self.retired}
+        out.update(self.pools)
+        for group in list(self.nodes.groups.values()):
+            parked = group.waiting_for_primary
+            if parked.waiters:
+                out[parked.key] = parked
+        return out
+
     async def expire_waiters(self) -> None:
         """Every 100 ms: checkout_timeout, query_wait_notify and the reserve pool for waiting clients;
         while shutting down, the client sweep as well."""

@@ -409,3 +409,19 @@ def test_reload_shrinks_a_busy_pool_as_its_servers_come_back(
     served = {int(data_rows(c.read_until_ready(timeout=10))[0][0]) for c in waiters}
     assert len(served) == 1 and not served & old  # one new server, none of the three handed on
     assert len(backend_pids("myapp")) == 1
+
+
+def test_a_pool_retired_by_a_reload_stays_in_the_admin_views_while_it_serves(
+    pg: Cluster, halephant: HalephantFactory
+) -> None:
+    config = _config(pg)
+    config["databases"]["sess"] = {"cluster": "main", "database": "myapp", "mode": "session"}
+    run = halephant.start(config)
+    held = _client(run, dbname="sess")
+    assert _works(held)
+    del config["databases"]["sess"]
+    _reload(run, config, "reload: done")
+    # its session goes on until it is between transactions long enough to be told 57P01: meanwhile its
+    # server is still there, and so it is in the views
+    assert [s["database"] for s in run.admin_json("/servers")].count("sess") == 1
+    assert [p["sv_active"] for p in run.admin_json("/pools") if p["database"] == "sess"] == [1]

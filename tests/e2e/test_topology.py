@@ -524,6 +524,10 @@ def test_failover_to_a_promoted_replica(
         writer = threading.Thread(target=write)
         writer.start()
         time.sleep(0.2)
+        # the admin views show it waiting (it is in no node's pool)
+        queues = run.admin_json("/queues")
+        assert [(q["node"], q["waiting"]) for q in queues] == [("(no primary)", 1)], queues
+        assert any(p["node"] == "(no primary)" and p["cl_waiting"] == 1 for p in run.admin_json("/pools"))
         new.promote()
         promoted = time.monotonic()
         wait_for(lambda: _write_ok(after), "a write through halephant after the promotion")
