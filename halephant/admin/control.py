@@ -104,6 +104,12 @@ class Control:
         self._paused.add(ALL if database is None else names[0])
         self.holding = True
         log.info("PAUSE %s", database or "(all databases)")
+        # Clients already queued for a server have started nothing either: held too, not served by the
+        # servers the transactions in progress give back (PAUSE would wait for theirs as well).
+        for pool in self._pools(database):
+            for client in list(pool.waiters):
+                pool.cancel_wait(client)
+                self.hold(client, pool)
 
     def active_servers(self, database: str | None) -> int:
         n = 0

@@ -448,6 +448,33 @@ def test_kill_drops_clients_with_57P01_and_resume_reopens(hal: Running, pg: Clus
     assert_clean_servers(pg)
 
 
+def test_pause_holds_the_transactions_already_queued_too(hal: Running, pg: Cluster) -> None:
+    busy = [connect(hal, dbname="pausable") for _ in range(2)]  # both servers of the pool
+    for conn in busy:
+        conn.execute("BEGIN")
+    queued = connect(hal, dbname="pausable")
+    served = threading.Event()
+    waiter = threading.Thread(target=lambda: (queued.execute("SELECT 7"), served.set()))
+    waiter.start()
+    time.sleep(0.3)  # queued for a server
+    with console(hal) as admin:
+        pausing = threading.Thread(target=lambda: admin.execute("PAUSE pausable"))
+        pausing.start()
+        time.sleep(0.2)
+        for conn in busy:
+            conn.execute("COMMIT")
+        pausing.join(5)
+        assert not pausing.is_alive()
+        time.sleep(0.3)
+        assert not served.is_set(), "a transaction queued before PAUSE ran while paused"
+        admin.execute("RESUME pausable")
+    assert served.wait(5)
+    waiter.join(5)
+    for conn in [*busy, queued]:
+        conn.close()
+    assert_clean_servers(pg)
+
+
 def test_pause_without_a_database_pauses_all_and_resume_releases(hal: Running, pg: Cluster) -> None:
     with console(hal) as admin:
         admin.execute("PAUSE")
