@@ -116,6 +116,22 @@ def sweep_clients(app: App, now: float) -> None:
         rfq = server.rfq_seen if server is not None else -1
         if client.sweep_links != client.link_count or client.sweep_rfq != rfq:
             client.sweep_links, client.sweep_rfq, client.sweep_since = client.link_count, rfq, now
+            target = client.target
+            if (
+                target is not None
+                and config.database_for(target.database) is None
+                and (
+                    server is None
+                    or (
+                        client.outstanding == 0
+                        and server.scanner.status == codes.TX_IDLE
+                        and not client.unsynced
+                    )
+                )
+            ):
+                # removed by a reload: a busy client (a session-mode one runs its own statements) is
+                # never quiet for a whole sweep, so it is told between two of its transactions
+                client.fail(database_removed(target.database))
             continue
         quiet = now - client.sweep_since
         target, info = client.target, client.info

@@ -418,10 +418,19 @@ def test_a_pool_retired_by_a_reload_stays_in_the_admin_views_while_it_serves(
     config["databases"]["sess"] = {"cluster": "main", "database": "myapp", "mode": "session"}
     run = halephant.start(config)
     held = _client(run, dbname="sess")
-    assert _works(held)
+    assert errors(held.simple_query("BEGIN")) == []
     del config["databases"]["sess"]
     _reload(run, config, "reload: done")
-    # its session goes on until it is between transactions long enough to be told 57P01: meanwhile its
-    # server is still there, and so it is in the views
+    # its session goes on until it is between transactions: meanwhile its server is still there, and so
+    # it is in the views
     assert [s["database"] for s in run.admin_json("/servers")].count("sess") == 1
     assert [p["sv_active"] for p in run.admin_json("/pools") if p["database"] == "sess"] == [1]
+    # then it is told (57P01), at the next sweep, however busy it keeps itself
+    assert errors(held.simple_query("COMMIT")) == []
+    deadline = time.monotonic() + 5
+    with pytest.raises(rc.Closed):
+        while time.monotonic() < deadline:
+            out = held.simple_query("SELECT 1")
+            assert errors(out) == [] or errors(out)[0]["C"] == "57P01"
+            time.sleep(0.1)
+    assert "was removed from the halephant configuration" in run.log_text()
