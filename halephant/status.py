@@ -182,15 +182,23 @@ def pools_panel(snapshot: dict[str, Any], wide: bool) -> Table:
 
 def nodes_panel(snapshot: dict[str, Any], wide: bool) -> Table:
     t = _table("Nodes", wide=wide)
+    nodes = snapshot.get("nodes", [])
     for name in ("cluster", "node", "role", "health", "lag", "lag_s", "probed"):
         if name == "cluster" and not wide:
             continue
         if name.startswith("lag"):
             t.add_column(name, no_wrap=True, overflow="ellipsis", justify="right")
+        elif name == "node":  # the name whole: a long health reason gives way, not the node
+            width = max((len(str(n.get("name", "?"))) for n in nodes), default=4)
+            t.add_column(name, no_wrap=True, min_width=width)
+        elif name == "role":
+            t.add_column(name, no_wrap=True, min_width=7)
+        elif name == "health":
+            t.add_column(name, no_wrap=True, overflow="ellipsis", max_width=48 if wide else 24)
         else:
             t.add_column(name, no_wrap=True, overflow="ellipsis")
     now = snapshot.get("summary", {}).get("now", time.time())
-    for n in snapshot.get("nodes", []):
+    for n in nodes:
         usable = n.get("usable")
         health = Text("ok" if usable else (n.get("reason") or "unusable"), style="green" if usable else "red")
         probed = n.get("last_probe")

@@ -171,3 +171,14 @@ def test_names_are_shown_as_written_never_read_as_markup(width: int) -> None:
     text = console.export_text()
     for literal in ("[/oops]", "[bold]x", "[/t]", "[/v]"):
         assert literal in text, literal
+
+
+@pytest.mark.parametrize("width", [80, 120, 160])
+def test_a_long_health_reason_leaves_the_node_and_role_whole(width: int) -> None:
+    data = snapshot()
+    data["nodes"][1]["reason"] = "127.0.0.1:5433 is down: could not connect: All connection attempts failed"
+    console = Console(record=True, width=width, color_system=None, force_terminal=False)
+    console.print(render(data, width))
+    text = console.export_text()
+    assert "10.0.0.2:5432" in text and "replica" in text and "primary" in text
+    assert max(len(line) for line in text.splitlines()) <= width
