@@ -22,6 +22,9 @@ Named prepared statements do not pin: from its first named Parse a client's mess
 A rejected statement is answered without running it. With no server linked the answer is local; inside a
 transaction, the statement is swapped for one that fails at exactly that point on the server, whose error
 is then rewritten, so ordering under pipelining and the aborted-transaction state are PostgreSQL's own.
+A lone ROLLBACK or COMMIT from a client with no transaction open (drivers send one after an error) is
+answered locally too, with PostgreSQL's own WARNING: it needs no server, nor does it wait for one while
+the primary is down (`_end_outside_transaction`).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import re
 import secrets
 import struct
 from collections.abc import Callable
@@ -102,6 +106,27 @@ assert set(_KIND) == codes.FRONTEND_TYPES
 _NEEDS_NO_SERVER = frozenset((codes.SYNC, codes.FLUSH, codes.COPY_DATA, codes.COPY_DONE, codes.COPY_FAIL))
 #: first keywords of a statement that begins a transaction block
 _BEGINS = frozenset(("BEGIN", "START"))
+#: the bytes a Query of ROLLBACK, ABORT, COMMIT or END may start with: one subscript leaves every other
+#: transaction's first statement (BEGIN, SELECT, ...) alone, before `_end_outside_transaction` looks closer
+_END_INITIALS = frozenset(b"RrAaCcEe \t\n\r\f")
+#: a whole Query payload of ROLLBACK, ABORT, COMMIT or END, optionally with WORK or TRANSACTION and a
+#: `;`, in any case, with PostgreSQL's whitespace around the words (not \v: a syntax error before 16).
+#: Nothing else: AND CHAIN is an ERROR outside a transaction block, ROLLBACK TO / PREPARED are other
+#: statements, and a comment or a second statement goes to the server as any other text.
+_LONE_END = re.compile(
+    rb"[ \t\n\r\f]*(?:(rollback|abort)|commit|end)"
+    rb"(?:[ \t\n\r\f]+(?:work|transaction))?[ \t\n\r\f]*;?[ \t\n\r\f]*\0",
+    re.IGNORECASE,
+)
+#: PostgreSQL's answer to such a statement outside a transaction block (xact.c: EndTransactionBlock,
+#: UserAbortTransactionBlock), as it sends it with the default lc_messages and client_min_messages
+_NO_TRANSACTION = m.notice_response(
+    sqlstate.NO_ACTIVE_SQL_TRANSACTION, "there is no transaction in progress", severity="WARNING"
+)
+_LONE_ROLLBACK = _NO_TRANSACTION + m.message(b"C", b"ROLLBACK\0") + m.READY_FOR_QUERY_IDLE
+_LONE_COMMIT = _NO_TRANSACTION + m.message(b"C", b"COMMIT\0") + m.READY_FOR_QUERY_IDLE
+#: settings that change that answer (its severity's words and message, or whether it is sent at all)
+_NOTICE_SETTINGS = ("client_min_messages", "lc_messages")
 _reject_markers = itertools.count(1)
 #: bytes a client may send while it waits for a server before its reading is paused
 _MAX_BUFFERED_WHILE_WAITING = 256 * 1024
@@ -620,6 +645,14 @@ class ClientConnection(asyncio.Protocol):
                         self.transport.write(m.READY_FOR_QUERY_IDLE)
                     fwd = end
                     continue
+                if (
+                    kind == _K_QUERY
+                    and statement is not None  # also: the text is not empty
+                    and buf[start] in _END_INITIALS
+                    and self._end_outside_transaction(buf, start, end)
+                ):
+                    fwd = end
+                    continue
                 # the first message of a transaction: route it, then get a server
                 if t == codes.BIND and ps is not None:
                     statement = self._bound_statement(ps, buf, start, end)
@@ -843,6 +876,40 @@ class ClientConnection(asyncio.Protocol):
         if text_end < 0:
             return None
         return statement_of(buf[start:text_end])
+
+    def _end_outside_transaction(self, buf: bytes, start: int, end: int) -> bool:
+        """For `_process`, at a Query with no server linked whose text may end a transaction: answer
+        it here, as PostgreSQL answers it outside a transaction block, when that is exactly what a
+        server would send. False, having done nothing, for anything else.
+
+        Transaction pooling with no server linked means no transaction is open: the server goes back
+        only at ReadyForQuery Idle with nothing outstanding, and a pinned client keeps its server. The
+        Query must be the last thing the client sent (nothing pipelined behind it), no inspector may
+        have asked for a pin, and the client must not have set what changes PostgreSQL's answer. Not
+        routed: no server is needed, so a lone ROLLBACK after a failed transaction (as drivers send
+        one) is answered at once also while the primary is down, instead of waiting for a checkout.
+        """
+        if (
+            end != len(buf)
+            or not self.transaction_mode
+            or self._pending_pin is not None
+            or self.outstanding
+            or self.unsynced
+            or self.pinned
+        ):
+            return False
+        settings = self.settings
+        if settings:
+            for name in _NOTICE_SETTINGS:
+                if name in settings:
+                    return False
+        match = _LONE_END.fullmatch(buf, start, end)
+        if match is None:
+            return False
+        self._first_checked = False
+        self.sweep_links = -1  # activity for the timeout sweep, as a transaction through a server is
+        self.transport.write(_LONE_ROLLBACK if match.group(1) else _LONE_COMMIT)
+        return True
 
     def _reject_locally(self, t: int, error: bytes) -> None:
         """Answer a rejected message with no server involved (between transactions)."""
