@@ -50,5 +50,8 @@ def halephant_pool_size(pool: PoolTarget, config: Config) -> PoolSize | None:
     entry = config.databases.get(TEMPLATE)
     if entry is None or pool.database in config.databases or TENANT_DATABASE.fullmatch(pool.database) is None:
         return None
-    return PoolSize(min=entry.min_pool_size, max=entry.pool_size,
-                    reason=f"tenant database {pool.database}: databases.{TEMPLATE}.pool_size")
+    return PoolSize(
+        min=entry.min_pool_size,
+        max=entry.pool_size,
+        reason=f"tenant database {pool.database}: databases.{TEMPLATE}.pool_size",
+    )
