@@ -85,9 +85,11 @@ def parse_scram_verifier(verifier: str) -> tuple[bytes, bytes, bytes, int]:
         raise ValueError(f"not a SCRAM-SHA-256 verifier: {shape}") from None
     if mech != "SCRAM-SHA-256":
         raise ValueError(f"not a SCRAM-SHA-256 verifier: {shape}")
-    if not iterations.isdigit() or int(iterations) < 1:
+    if not iterations.isdigit() or not 1 <= int(iterations) <= 2**31 - 1:
+        # (PostgreSQL's own limit: scram_iterations and pg_authid hold an int)
         raise ValueError(
-            f"not a SCRAM-SHA-256 verifier: the iteration count must be a positive number ({shape})"
+            "not a SCRAM-SHA-256 verifier: the iteration count must be a number from 1 to 2147483647 "
+            f"({shape})"
         )
     try:
         decoded = [base64.b64decode(part, validate=True) for part in (salt, stored, server)]

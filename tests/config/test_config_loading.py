@@ -452,6 +452,9 @@ def test_user_errors() -> None:
       no_keys:
         password: "SCRAM-SHA-256$4096:abc$def"
         server_password: plain-text-secret
+      endless:
+        password: "{SCRAM.replace("$4096:", "$99999999999:")}"
+        server_password: plain-text-secret
     """
     found = problems(text)
     assert found == [
@@ -474,6 +477,9 @@ def test_user_errors() -> None:
         "(expected SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>, as in pg_authid)",
         "halephant.yaml:39:15: users.no_keys.password: not a SCRAM-SHA-256 verifier: expected "
         "SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>, as in pg_authid",
+        "halephant.yaml:42:15: users.endless.password: not a SCRAM-SHA-256 verifier: the iteration count "
+        "must be a number from 1 to 2147483647 "
+        "(expected SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>, as in pg_authid)",
     ]
     joined = "\n".join(found)
     for secret in (SCRAM, MD5, "plain-text-secret", "123456"):
