@@ -17,7 +17,7 @@ import socket
 from collections.abc import Callable
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs
 
 import anyio
 
@@ -70,7 +70,9 @@ class AdminServer:
         try:
             limit = int(query.get("limit", ["200"])[0])
         except ValueError:
-            return _json({"error": "limit must be a number"}, 400)
+            limit = 0
+        if limit < 1:
+            return _json({"error": "limit must be a positive number"}, 400)
         return _json(snapshot.decisions(self.app, limit))
 
     # --- lifecycle ---
@@ -131,8 +133,9 @@ class AdminServer:
             return 505, "text/plain", b"HTTP/1.x only\n", method
         if method not in ("GET", "HEAD"):
             return 405, "text/plain", b"GET only\n", method
-        url = urlsplit(target)
-        path = url.path.rstrip("/") or "/"
+        # (not urlsplit: it reads "//pools" as a host name with an empty path, which is the index)
+        path, _, query = target.partition("?")
+        path = path.rstrip("/") or "/"
         if path == "/":
             index = {"endpoints": sorted(self.routes)}
             status, ctype, body = _json(index)
@@ -140,7 +143,7 @@ class AdminServer:
         handler = self.routes.get(path)
         if handler is None:
             return 404, "text/plain", b"not found\n", method
-        status, ctype, body = handler(parse_qs(url.query))
+        status, ctype, body = handler(parse_qs(query))
         return status, ctype, body, method
 
     @staticmethod
@@ -148,8 +151,9 @@ class AdminServer:
         writer: asyncio.StreamWriter, status: int, ctype: str, body: bytes, length: int | None = None
     ) -> None:
         reason = HTTPStatus(status).phrase
+        allow = "Allow: GET, HEAD\r\n" if status == 405 else ""  # (RFC 9110: a 405 says what is allowed)
         head = (
-            f"HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\n"
+            f"HTTP/1.1 {status} {reason}\r\n{allow}Content-Type: {ctype}\r\n"
             f"Content-Length: {len(body) if length is None else length}\r\n"
             "Cache-Control: no-store\r\nConnection: close\r\n\r\n"
         )

@@ -104,7 +104,10 @@ def test_unknown_path_is_404_and_post_is_405(hal: Running) -> None:
     with pytest.raises(urllib.error.HTTPError) as info:
         urllib.request.urlopen(request, timeout=5)
     info.value.close()
-    assert info.value.code == 405
+    assert info.value.code == 405 and info.value.headers["Allow"] == "GET, HEAD"
+    assert hal.admin_get("//pools")[0] == 404  # not the index: "pools" is no host name here
+    for limit in ("0", "-1", "x"):
+        assert hal.admin_get(f"/decisions?limit={limit}")[0] == 400
 
 
 def test_pools_count_transactions_and_queries(hal: Running, pg: Cluster) -> None:
