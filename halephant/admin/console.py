@@ -4,9 +4,11 @@ PgBouncer tooling works unchanged) talk to halephant itself, as with PgBouncer's
 Authentication is the normal one (`users:` entries, `halephant_authenticate`); afterwards the user must be
 listed in `admin.users` (every command) or `admin.stats_users` (SHOW only), else 42501. The session is
 then handed to `ConsoleSession`, which answers SHOW POOLS | CLIENTS | SERVERS | STATS | DATABASES |
-CONFIG | VERSION | NODES with PgBouncer-like result sets and runs PAUSE, RESUME, RECONNECT, KILL, RELOAD
-and SHUTDOWN. The simple query protocol is the console's language, as for PgBouncer; a minimal extended
-protocol (unnamed statements, text results) is answered too so that drivers that always use it work.
+CONFIG | VERSION | NODES with PgBouncer's columns and types (`halephant.admin.resultset` encodes them) and
+runs PAUSE, RESUME, RECONNECT, KILL, RELOAD and SHUTDOWN. The simple query protocol is
+the console's language, as for PgBouncer; the extended protocol is answered too (the unnamed statement
+and portal, text or binary results as Bind asks, row limits with PortalSuspended) so that drivers that
+always use it (psycopg, asyncpg with statement_cache_size=0) work.
 """
 
 from __future__ import annotations
@@ -18,10 +20,20 @@ import secrets
 import signal
 import struct
 import time
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from halephant import __version__, sqlstate
+from halephant.admin.resultset import (
+    TEXT,
+    Column,
+    Result,
+    columns,
+    command_complete,
+    data_row,
+    encode_result,
+    result_formats,
+    row_description,
+)
 from halephant.config.diff import RESTART_PATHS
 from halephant.errors import ClientError, ProtocolViolation
 from halephant.protocol import codes
@@ -40,8 +52,6 @@ ADMIN_DATABASES = frozenset({"halephant", "pgbouncer"})
 #: logged in; this bounds the ones still authenticating)
 CONSOLE_HEADROOM = 5
 _I16 = struct.Struct("!h")
-_I32 = struct.Struct("!i")
-_OID_BOOL, _OID_INT8, _OID_FLOAT8, _OID_TEXT = 16, 20, 701, 25
 _WRITE_COMMANDS = frozenset({"PAUSE", "RESUME", "RECONNECT", "KILL", "RELOAD", "SHUTDOWN"})
 #: what the console reports at login (PgBouncer says e.g. "1.21.0/bouncer")
 CONSOLE_PARAMS = {
@@ -54,8 +64,6 @@ CONSOLE_PARAMS = {
     "standard_conforming_strings": "on",
     "is_superuser": "off",
 }
-
-Result = tuple[list[str], list[list[Any]], str]
 
 
 def start_console(client: ClientConnection) -> None:
@@ -98,56 +106,15 @@ def start_console(client: ClientConnection) -> None:
     app.loop.call_soon(session.take_buffered)
 
 
-def _row_description(columns: list[str], types: list[int]) -> bytes:
-    parts = [_I16.pack(len(columns))]
-    for name, oid in zip(columns, types, strict=True):
-        parts.append(name.encode() + b"\0" + struct.pack("!ihihih", 0, 0, oid, -1, -1, 0))
-    return m.message(b"T", b"".join(parts))
+class _Portal:
+    """The unnamed portal: a command's result, the format of each column, the rows Execute has sent."""
 
+    __slots__ = ("formats", "result", "sent")
 
-def _text(value: Any) -> bytes | None:
-    if value is None:
-        return None
-    if isinstance(value, bool):
-        return b"t" if value else b"f"
-    return str(value).encode()
-
-
-def _data_row(row: Sequence[Any]) -> bytes:
-    parts = [_I16.pack(len(row))]
-    for value in row:
-        raw = _text(value)
-        parts.append(_I32.pack(-1) if raw is None else _I32.pack(len(raw)) + raw)
-    return m.message(b"D", b"".join(parts))
-
-
-def _types(columns: list[str], rows: Sequence[Sequence[Any]]) -> list[int]:
-    types = []
-    for i in range(len(columns)):
-        oid = _OID_TEXT
-        for row in rows:
-            value = row[i]
-            if value is None:
-                continue
-            if isinstance(value, bool):
-                oid = _OID_BOOL
-            elif isinstance(value, int):
-                oid = _OID_INT8
-            elif isinstance(value, float):
-                oid = _OID_FLOAT8
-            break
-        types.append(oid)
-    return types
-
-
-def encode_result(result: Result, *, describe: bool = True) -> bytes:
-    columns, rows, tag = result
-    out = []
-    if columns and describe:
-        out.append(_row_description(columns, _types(columns, rows)))
-    out += [_data_row(row) for row in rows]
-    out.append(m.message(b"C", tag.encode() + b"\0"))
-    return b"".join(out)
+    def __init__(self, result: Result, formats: tuple[int, ...]) -> None:
+        self.result = result
+        self.formats = formats
+        self.sent = 0
 
 
 class ConsoleSession(asyncio.Protocol):
@@ -162,8 +129,8 @@ class ConsoleSession(asyncio.Protocol):
         self._busy = False  # a command that waits (PAUSE) is running: input waits behind it
         self._closed = False
         self._skip_to_sync = False
-        self._statement = ""  # the unnamed statement of the extended protocol
-        self._portal: Result | None = None
+        self._statement: str | None = None  # the unnamed statement of the extended protocol
+        self._portal: _Portal | None = None  # dropped at Sync, as PostgreSQL ends the implicit transaction
 
     def take_buffered(self) -> None:
         data, self.client._buf = self.client._buf, b""
@@ -255,7 +222,7 @@ class ConsoleSession(asyncio.Protocol):
         commands = [c.strip() for c in text.split(";")]
         commands = [c for c in commands if c]
         if not commands:
-            out.append(m.message(b"I"))  # EmptyQueryResponse
+            out.append(m.EMPTY_QUERY_RESPONSE)
             return None
         for n, command in enumerate(commands):
             try:
@@ -266,7 +233,7 @@ class ConsoleSession(asyncio.Protocol):
                     database = self._pause(command)
                     if self.app.control.active_servers(database):
                         return asyncio.ensure_future(self._pause_done(database))
-                    out.append(m.message(b"C", b"PAUSE\0"))
+                    out.append(command_complete("PAUSE"))
                     continue
                 out.append(encode_result(self.run(command)))
             except ClientError as exc:
@@ -288,7 +255,7 @@ class ConsoleSession(asyncio.Protocol):
                 self.transport.write(self._error(error))
                 self._skip_to_sync = not simple
             elif simple:
-                self.transport.write(m.message(b"C", t.result().encode() + b"\0"))
+                self.transport.write(command_complete(t.result()))
             if simple:
                 self.transport.write(m.READY_FOR_QUERY_IDLE)
             if self._buf:
@@ -301,51 +268,40 @@ class ConsoleSession(asyncio.Protocol):
         return "PAUSE"
 
     def _extended(self, t: int, payload: bytes, out: list[bytes]) -> asyncio.Task[str] | None:
-        """Answer one extended-protocol message; a PAUSE that has to wait returns its task."""
+        """Answer one extended-protocol message as PostgreSQL would; a PAUSE that has to wait returns its
+        task."""
         if t == codes.PARSE:
             name, query, _ = m.decode_parse(payload)
             if name:
                 raise ClientError(sqlstate.FEATURE_NOT_SUPPORTED, "the admin console has no named statements")
             self._statement = query
-            out.append(m.message(b"1"))
+            out.append(m.PARSE_COMPLETE)
         elif t == codes.BIND:
-            portal_end = payload.index(b"\0")
-            statement_end = payload.index(b"\0", portal_end + 1)
-            if payload[:portal_end] or payload[portal_end + 1 : statement_end]:
-                raise ClientError(sqlstate.FEATURE_NOT_SUPPORTED, "the admin console has no named portals")
-            command = self._statement.strip().rstrip(";").strip()
-            if _verb(command) == "PAUSE":
-                self._check_write("PAUSE")
-                database = self._pause(command)
-                self._portal = ([], [], "PAUSE")
-                out.append(m.message(b"2"))
-                if self.app.control.active_servers(database):
-                    return asyncio.ensure_future(self._pause_done(database))
-                return None
-            self._portal = self.run(command) if command else ([], [], "")
-            out.append(m.message(b"2"))
+            return self._bind(m.decode_bind(payload), out)
         elif t == codes.DESCRIBE:
-            if payload[:1] == b"S":
-                out.append(m.message(b"t", _I16.pack(0)))  # no parameters
-                if not self._statement.strip():
-                    out.append(m.message(b"n"))
+            kind, name = m.decode_describe_close(payload)
+            if kind == "S":
+                command = self._command(name)
+                out.append(m.message(b"t", _I16.pack(0)))  # ParameterDescription: no parameters
+                if not command:
+                    out.append(m.NO_DATA)
                     return None
-                columns, rows, _tag = self.run(self._statement.strip().rstrip(";").strip(), describe=True)
-                out.append(_row_description(columns, _types(columns, rows)) if columns else m.message(b"n"))
-                return None
-            if self._portal is None:
-                raise ClientError(sqlstate.INVALID_CURSOR_STATE, "portal does not exist")
-            columns, rows, _tag = self._portal
-            out.append(_row_description(columns, _types(columns, rows)) if columns else m.message(b"n"))
-        elif t == codes.EXECUTE:
-            if self._portal is None:
-                raise ClientError(sqlstate.INVALID_CURSOR_STATE, "portal does not exist")
-            if not self._portal[2]:
-                out.append(m.message(b"I"))
+                # the formats are not known before Bind: PostgreSQL describes a statement as text
+                out.append(row_description(self.run(command, describe=True).columns))
             else:
-                out.append(encode_result(self._portal, describe=False))
+                portal = self._named_portal(name)
+                out.append(row_description(portal.result.columns, portal.formats))
+        elif t == codes.EXECUTE:
+            name, max_rows = m.decode_execute(payload)
+            self._execute(self._named_portal(name), max_rows, out)
         elif t == codes.CLOSE:
-            out.append(m.message(b"3"))
+            kind, name = m.decode_describe_close(payload)
+            # closing what does not exist is no error (PostgreSQL); named ones never exist here
+            if not name and kind == "S":
+                self._statement = None
+            elif not name:
+                self._portal = None
+            out.append(m.CLOSE_COMPLETE)
         elif t == codes.FLUSH:
             pass
         else:
@@ -353,6 +309,72 @@ class ConsoleSession(asyncio.Protocol):
                 sqlstate.FEATURE_NOT_SUPPORTED, f"message type {chr(t)!r} is not supported here"
             )
         return None
+
+    def _command(self, statement: str) -> str:
+        """The command text of the statement named `statement` (only the unnamed one can exist)."""
+        if statement:
+            raise ClientError(
+                sqlstate.INVALID_SQL_STATEMENT_NAME, f'prepared statement "{statement}" does not exist'
+            )
+        if self._statement is None:
+            raise ClientError(
+                sqlstate.INVALID_SQL_STATEMENT_NAME, "unnamed prepared statement does not exist"
+            )
+        return self._statement.strip().rstrip(";").strip()
+
+    def _named_portal(self, name: str) -> _Portal:
+        if name or self._portal is None:
+            raise ClientError(sqlstate.INVALID_CURSOR_NAME, f'portal "{name}" does not exist')
+        return self._portal
+
+    def _bind(self, bind: m.Bind, out: list[bytes]) -> asyncio.Task[str] | None:
+        command = self._command(bind.statement)
+        # PostgreSQL's checks and words; a console command has no parameters
+        n = len(bind.params)
+        if len(bind.param_formats) > 1 and len(bind.param_formats) != n:
+            raise ClientError(
+                sqlstate.PROTOCOL_VIOLATION,
+                f"bind message has {len(bind.param_formats)} parameter formats but {n} parameters",
+            )
+        if n:
+            raise ClientError(
+                sqlstate.PROTOCOL_VIOLATION,
+                f'bind message supplies {n} parameters, but prepared statement "{bind.statement}" requires 0',
+            )
+        if bind.portal:
+            raise ClientError(sqlstate.FEATURE_NOT_SUPPORTED, "the admin console has no named portals")
+        self._portal = None  # a Bind replaces the unnamed portal
+        if _verb(command) == "PAUSE":
+            self._check_write("PAUSE")
+            database = self._pause(command)
+            self._portal = _Portal(Result((), (), "PAUSE"), ())
+            out.append(m.BIND_COMPLETE)
+            if self.app.control.active_servers(database):
+                return asyncio.ensure_future(self._pause_done(database))
+            return None
+        result = self.run(command) if command else Result((), (), "")
+        # formats apply to a result with columns only: PostgreSQL ignores them for other commands
+        formats = result_formats(bind.result_formats, len(result.columns)) if result.columns else ()
+        self._portal = _Portal(result, formats)
+        out.append(m.BIND_COMPLETE)
+        return None
+
+    def _execute(self, portal: _Portal, max_rows: int, out: list[bytes]) -> None:
+        """Send the portal's next rows: all that are left, or at most `max_rows` (> 0) followed by
+        PortalSuspended when that many were sent, as PostgreSQL does (the next Execute goes on from there;
+        one that finds no rows left completes the portal)."""
+        result = portal.result
+        if not result.tag:
+            out.append(m.EMPTY_QUERY_RESPONSE)
+            return
+        start = portal.sent
+        rows = result.rows[start:] if max_rows <= 0 else result.rows[start : start + max_rows]
+        portal.sent += len(rows)
+        out += [data_row(row, result.columns, portal.formats) for row in rows]
+        if 0 < max_rows == len(rows):
+            out.append(m.PORTAL_SUSPENDED)
+        else:
+            out.append(command_complete(result.tag))
 
     # --- commands ---
 
@@ -391,7 +413,7 @@ class ConsoleSession(asyncio.Protocol):
             raise _syntax(command)
         self._check_write(verb)
         if describe:
-            return [], [], verb
+            return Result((), (), verb)
         control = self.app.control
         if verb == "RESUME":
             control.resume(_argument(command, verb))
@@ -415,7 +437,7 @@ class ConsoleSession(asyncio.Protocol):
                 raise _syntax(command)
             os.kill(os.getpid(), signal.SIGTERM)
         self.app.stats.decide("admin", self.client.info, command)
-        return [], [], verb
+        return Result((), (), verb)
 
 
 def _verb(command: str) -> str:
@@ -455,13 +477,19 @@ def _timestamp(epoch: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(epoch))
 
 
+# Each SHOW declares its columns with PgBouncer's names and types (PgBouncer 1.18's: int4 for counts,
+# ports and flags, int8 for the statistics, text for times and addresses) where PgBouncer has them, so that
+# its tooling reads them alike, even from a result without rows; halephant's own columns come after.
+
+POOLS_COLUMNS = columns(
+    "database:text user:text cl_active:int4 cl_waiting:int4 sv_active:int4 sv_idle:int4 sv_used:int4 "
+    "sv_tested:int4 sv_login:int4 maxwait:int4 maxwait_us:int4 pool_mode:text node:text"
+)
+
+
 def show_pools(app: App) -> Result:
     from halephant.admin import snapshot
 
-    columns = [
-        "database", "user", "cl_active", "cl_waiting", "sv_active", "sv_idle", "sv_used", "sv_tested",
-        "sv_login", "maxwait", "maxwait_us", "pool_mode", "node",
-    ]  # fmt: skip
     rows = []
     for p in snapshot.pools(app):
         wait = p["maxwait"]
@@ -472,16 +500,18 @@ def show_pools(app: App) -> Result:
                 p["node"],
             ]
         )  # fmt: skip
-    return columns, rows, "SHOW"
+    return Result(POOLS_COLUMNS, rows, "SHOW")
+
+
+CLIENTS_COLUMNS = columns(
+    "type:text user:text database:text state:text addr:text port:int4 connect_time:text request_time:text "
+    "wait:int4 wait_us:int4 link:text remote_pid:int4 application_name:text pinned:bool"
+)
 
 
 def show_clients(app: App) -> Result:
     from halephant.admin import snapshot
 
-    columns = [
-        "type", "user", "database", "state", "addr", "port", "connect_time", "request_time", "wait",
-        "wait_us", "link", "remote_pid", "application_name", "pinned",
-    ]  # fmt: skip
     rows = []
     for c in snapshot.clients(app):
         host, port = _split_address(c["address"])
@@ -494,16 +524,18 @@ def show_clients(app: App) -> Result:
                 c["application_name"], c["pinned"],
             ]
         )  # fmt: skip
-    return columns, rows, "SHOW"
+    return Result(CLIENTS_COLUMNS, rows, "SHOW")
+
+
+SERVERS_COLUMNS = columns(
+    "type:text user:text database:text state:text addr:text port:int4 connect_time:text request_time:text "
+    "link:text remote_pid:int4 transactions:int8 queries:int8"
+)
 
 
 def show_servers(app: App) -> Result:
     from halephant.admin import snapshot
 
-    columns = [
-        "type", "user", "database", "state", "addr", "port", "connect_time", "request_time", "link",
-        "remote_pid", "transactions", "queries",
-    ]  # fmt: skip
     now = time.time()
     rows = []
     for s in snapshot.servers(app):
@@ -517,16 +549,19 @@ def show_servers(app: App) -> Result:
                 s.get("client"), s["pid"], s.get("transactions"), s.get("queries"),
             ]
         )  # fmt: skip
-    return columns, rows, "SHOW"
+    return Result(SERVERS_COLUMNS, rows, "SHOW")
+
+
+STATS_COLUMNS = columns(
+    "database:text total_xact_count:int8 total_query_count:int8 total_wait_time:int8 total_wait_count:int8 "
+    "max_wait_time:int8 total_checkout_timeouts:int8 avg_xact_count:int8 avg_query_count:int8 "
+    "avg_wait_time:int8"
+)
 
 
 def show_stats(app: App) -> Result:
     from halephant.admin import snapshot
 
-    columns = [
-        "database", "total_xact_count", "total_query_count", "total_wait_time", "total_wait_count",
-        "max_wait_time", "total_checkout_timeouts", "avg_xact_count", "avg_query_count", "avg_wait_time",
-    ]  # fmt: skip
     uptime = max(time.time() - app.stats.started_at, 1.0)
     per_db: dict[str, dict[str, Any]] = {}
     for p in snapshot.pools(app):
@@ -545,14 +580,16 @@ def show_stats(app: App) -> Result:
                 int(d["x"] / uptime), int(d["q"] / uptime), int(d["w"] * 1e6 / d["wc"]) if d["wc"] else 0,
             ]
         )  # fmt: skip
-    return columns, rows, "SHOW"
+    return Result(STATS_COLUMNS, rows, "SHOW")
+
+
+DATABASES_COLUMNS = columns(
+    "name:text host:text port:int4 database:text cluster:text pool_size:int4 min_pool_size:int4 "
+    "reserve_pool:int4 pool_mode:text current_connections:int4 paused:int4 disabled:int4"
+)
 
 
 def show_databases(app: App) -> Result:
-    columns = [
-        "name", "host", "port", "database", "cluster", "pool_size", "min_pool_size", "reserve_pool",
-        "pool_mode", "current_connections", "paused", "disabled",
-    ]  # fmt: skip
     current: dict[str, int] = {}
     for key, pool in app.manager.shown_pools().items():
         current[key[0]] = current.get(key[0], 0) + pool.total
@@ -566,10 +603,10 @@ def show_databases(app: App) -> Result:
             [
                 name, primary.host if primary else None, primary.port if primary else None,
                 db.server_database, db.cluster, db.pool_size, db.min_pool_size, 0, db.mode,
-                current.get(name, 0), app.control.is_paused(name), False,
+                current.get(name, 0), 1 if app.control.is_paused(name) else 0, 0,
             ]
         )  # fmt: skip
-    return columns, rows, "SHOW"
+    return Result(DATABASES_COLUMNS, rows, "SHOW")
 
 
 def _flatten(value: Any, prefix: str, out: list[tuple[str, str]]) -> None:
@@ -582,6 +619,9 @@ def _flatten(value: Any, prefix: str, out: list[tuple[str, str]]) -> None:
         out.append((prefix, "" if value is None else str(value)))
 
 
+CONFIG_COLUMNS = columns("key:text value:text changeable:text")
+
+
 def show_config(app: App) -> Result:
     from halephant.admin import snapshot
 
@@ -591,23 +631,28 @@ def show_config(app: App) -> Result:
     def changeable(key: str) -> str:  # by a reload (RELOAD, SIGHUP); the others need a restart
         return "no" if any(key == p or key.startswith(p + ".") for p in RESTART_PATHS) else "yes"
 
-    return ["key", "value", "changeable"], [[k, v, changeable(k)] for k, v in pairs], "SHOW"
+    return Result(CONFIG_COLUMNS, [[k, v, changeable(k)] for k, v in pairs], "SHOW")
 
 
 def show_version(app: App) -> Result:
-    return ["version"], [[f"halephant {__version__}"]], "SHOW"
+    return Result(columns("version:text"), [[f"halephant {__version__}"]], "SHOW")
+
+
+NODES_COLUMNS = columns(
+    "cluster:text node:text role:text usable:bool lag_bytes:int8 lag_seconds:float8 last_probe:float8 "
+    "reason:text"
+)
 
 
 def show_nodes(app: App) -> Result:
     from halephant.admin import snapshot
 
-    columns = ["cluster", "node", "role", "usable", "lag_bytes", "lag_seconds", "last_probe", "reason"]
     rows = [
         [n["cluster"], n["name"], n["role"], n["usable"], n.get("lag_bytes"), n.get("lag_seconds"),
          n.get("last_probe"), n.get("reason", "")]
         for n in snapshot.nodes(app)
     ]  # fmt: skip
-    return columns, rows, "SHOW"
+    return Result(NODES_COLUMNS, rows, "SHOW")
 
 
 def show_help(app: App) -> Result:
@@ -620,7 +665,7 @@ def show_help(app: App) -> Result:
         ["RELOAD", "reload the configuration file"],
         ["SHUTDOWN", "stop halephant as on SIGTERM"],
     ]
-    return ["command", "what it does"], rows, "SHOW"
+    return Result((Column("command", TEXT), Column("what it does", TEXT)), rows, "SHOW")
 
 
 _SHOW = {

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterable, Mapping
+from typing import NamedTuple
 
 from halephant.errors import ProtocolViolation
 from halephant.protocol import codes
@@ -30,7 +31,11 @@ def _cstr(s: str) -> bytes:
 READY_FOR_QUERY_IDLE = message(b"Z", b"I")
 AUTHENTICATION_OK = message(b"R", _I32.pack(codes.AUTH_OK))
 PARSE_COMPLETE = message(b"1")
+BIND_COMPLETE = message(b"2")
 CLOSE_COMPLETE = message(b"3")
+NO_DATA = message(b"n")
+PORTAL_SUSPENDED = message(b"s")
+EMPTY_QUERY_RESPONSE = message(b"I")
 
 
 def ready_for_query(status: int) -> bytes:
@@ -146,6 +151,82 @@ def decode_parse(payload: bytes | memoryview) -> tuple[str, str, tuple[int, ...]
     if n < 0 or pos + 4 * n != len(b):
         raise ProtocolViolation("invalid message format")
     return name, text, struct.unpack_from(f"!{n}I", b, pos)
+
+
+class Bind(NamedTuple):
+    """A decoded Bind message."""
+
+    portal: str
+    statement: str
+    #: parameter format codes as sent: none (all text), one (for all) or one per parameter
+    param_formats: tuple[int, ...]
+    #: parameter values; None is SQL NULL
+    params: tuple[bytes | None, ...]
+    #: result column format codes as sent: none (all text), one (for all) or one per column
+    result_formats: tuple[int, ...]
+
+
+def _int16s(b: bytes, pos: int) -> tuple[tuple[int, ...], int]:
+    """An int16 count and that many int16 values at `pos`; the values and the position after them."""
+    if pos + 2 > len(b):
+        raise ProtocolViolation("invalid message format")
+    (n,) = struct.unpack_from("!h", b, pos)
+    pos += 2
+    if n < 0 or pos + 2 * n > len(b):
+        raise ProtocolViolation("invalid message format")
+    return struct.unpack_from(f"!{n}h", b, pos), pos + 2 * n
+
+
+def decode_bind(payload: bytes | memoryview) -> Bind:
+    """Bind: portal, statement, parameter formats, parameter values, result formats."""
+    b = bytes(payload)
+    portal, pos = read_cstring(b, 0)
+    statement, pos = read_cstring(b, pos)
+    param_formats, pos = _int16s(b, pos)
+    if pos + 2 > len(b):
+        raise ProtocolViolation("invalid message format")
+    (n,) = struct.unpack_from("!h", b, pos)
+    pos += 2
+    if n < 0:
+        raise ProtocolViolation("invalid message format")
+    params: list[bytes | None] = []
+    for _ in range(n):
+        if pos + 4 > len(b):
+            raise ProtocolViolation("invalid message format")
+        (size,) = _I32.unpack_from(b, pos)
+        pos += 4
+        if size == -1:
+            params.append(None)
+            continue
+        if size < 0 or pos + size > len(b):
+            raise ProtocolViolation("invalid message format")
+        params.append(b[pos : pos + size])
+        pos += size
+    result_formats, pos = _int16s(b, pos)
+    if pos != len(b):
+        raise ProtocolViolation("invalid message format")
+    return Bind(portal, statement, param_formats, tuple(params), result_formats)
+
+
+def decode_execute(payload: bytes | memoryview) -> tuple[str, int]:
+    """Execute: portal name and the row limit (0: no limit)."""
+    b = bytes(payload)
+    portal, pos = read_cstring(b, 0)
+    if pos + 4 != len(b):
+        raise ProtocolViolation("invalid message format")
+    (max_rows,) = _I32.unpack_from(b, pos)
+    return portal, max_rows
+
+
+def decode_describe_close(payload: bytes | memoryview) -> tuple[str, str]:
+    """Describe or Close (the same layout): 'S' (statement) or 'P' (portal), and the name."""
+    b = bytes(payload)
+    if not b or b[0] not in b"SP":
+        raise ProtocolViolation("invalid DESCRIBE or CLOSE message type")
+    name, pos = read_cstring(b, 1)
+    if pos != len(b):
+        raise ProtocolViolation("invalid message format")
+    return chr(b[0]), name
 
 
 def decode_error_fields(payload: bytes | memoryview) -> dict[str, str]:

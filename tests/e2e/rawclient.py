@@ -68,9 +68,20 @@ def parse(sql: str, name: str = "") -> bytes:
     return msg(b"P", cstr(name) + cstr(sql) + struct.pack("!h", 0))
 
 
-def bind(statement: str = "", portal: str = "") -> bytes:
-    # no parameter formats, no parameters, no result formats
-    return msg(b"B", cstr(portal) + cstr(statement) + struct.pack("!hhh", 0, 0, 0))
+def bind(statement: str = "", portal: str = "", result_formats: tuple[int, ...] = ()) -> bytes:
+    # no parameter formats, no parameters; result formats: none (all text), one for all, or one per column
+    n = len(result_formats)
+    return msg(b"B", cstr(portal) + cstr(statement) + struct.pack(f"!hhh{n}h", 0, 0, n, *result_formats))
+
+
+def describe(kind: str = "P", name: str = "") -> bytes:
+    """Describe a statement ('S') or a portal ('P')."""
+    return msg(b"D", kind.encode() + cstr(name))
+
+
+def close(kind: str = "P", name: str = "") -> bytes:
+    """Close a statement ('S') or a portal ('P')."""
+    return msg(b"C", kind.encode() + cstr(name))
 
 
 def execute(portal: str = "", max_rows: int = 0) -> bytes:
@@ -307,6 +318,42 @@ class RawClient:
 def errors(messages: list[Message]) -> list[dict[str, str]]:
     """The fields of every ErrorResponse among `messages`."""
     return [m.fields for m in messages if m.type == b"E"]
+
+
+def row_description(message: Message) -> list[tuple[str, int, int]]:
+    """The (name, type OID, format code) of each column of a RowDescription."""
+    assert message.type == b"T", message
+    (n,) = struct.unpack_from("!h", message.payload)
+    pos = 2
+    out = []
+    for _ in range(n):
+        end = message.payload.index(b"\0", pos)
+        name = message.payload[pos:end].decode()
+        _table, _column, oid, _size, _mod, fmt = struct.unpack_from("!ihihih", message.payload, end + 1)
+        out.append((name, oid, fmt))
+        pos = end + 1 + 18
+    return out
+
+
+def raw_rows(messages: list[Message]) -> list[list[bytes | None]]:
+    """The undecoded values of each DataRow (text or binary, as sent)."""
+    rows: list[list[bytes | None]] = []
+    for m in messages:
+        if m.type != b"D":
+            continue
+        (n,) = struct.unpack_from("!h", m.payload)
+        pos = 2
+        row: list[bytes | None] = []
+        for _ in range(n):
+            (length,) = struct.unpack_from("!i", m.payload, pos)
+            pos += 4
+            if length < 0:
+                row.append(None)
+            else:
+                row.append(m.payload[pos : pos + length])
+                pos += length
+        rows.append(row)
+    return rows
 
 
 def data_rows(messages: list[Message]) -> list[list[str | None]]:

@@ -7,13 +7,17 @@ them may appear in /config, /metrics or SHOW CONFIG.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
+import math
 import os
+import struct
 import threading
 import time
 from typing import Any
 
+import asyncpg
 import psycopg
 import psycopg.errors
 import pytest
@@ -442,7 +446,7 @@ def test_kill_drops_clients_with_57P01_and_resume_reopens(hal: Running, pg: Clus
         assert "administrator command" in str(info.value)
         assert bystander.execute("SELECT 1").fetchone() == (1,)
         pools = [p for p in show(admin, "DATABASES") if p["name"] == "killable"]
-        assert pools[0]["paused"] is True
+        assert pools[0]["paused"] == 1  # int4 0/1, as PgBouncer says it
         admin.execute("RESUME killable")
     with connect(hal, dbname="killable") as again:
         assert again.execute("SELECT 1").fetchone() == (1,)
@@ -481,7 +485,7 @@ def test_pause_holds_the_transactions_already_queued_too(hal: Running, pg: Clust
 def test_pause_without_a_database_pauses_all_and_resume_releases(hal: Running, pg: Cluster) -> None:
     with console(hal) as admin:
         admin.execute("PAUSE")
-        assert show(admin, "DATABASES")[0]["paused"] is True
+        assert show(admin, "DATABASES")[0]["paused"] == 1
         assert hal.admin_json("/snapshot")["summary"]["paused"] == ["*"]
         held = connect(hal)  # logging in still works; its first transaction is held
         done = threading.Event()
@@ -681,3 +685,224 @@ def test_console_gets_in_when_clients_fill_max_client_conn(pg: Cluster, halephan
         with psycopg.connect(dsn, autocommit=True) as admin:
             clients = admin.execute("SHOW CLIENTS").fetchall()
             assert len(clients) == 2  # the client and the console session itself
+
+
+# --- the console's extended protocol, as drivers speak it ------------------------------------------------
+
+#: every SHOW the console answers
+SHOW_COMMANDS = ["HELP", "POOLS", "CLIENTS", "SERVERS", "STATS", "DATABASES", "CONFIG", "VERSION", "NODES"]
+
+
+def console_raw(hal: Running) -> rc.RawClient:
+    client = rc.RawClient(hal.host, hal.port)
+    client.login("admin", "admin-pw", "pgbouncer")
+    return client
+
+
+def test_every_show_through_asyncpg_without_statement_cache(hal: Running) -> None:
+    # asyncpg describes the unnamed statement, then asks for binary results wherever it can decode them
+    # (int4, int8, bool, float8, text) and decodes the DataRows as binary: text there was misread
+    async def main() -> dict[str, list[asyncpg.Record]]:
+        conn = await asyncpg.connect(
+            host=hal.host, port=hal.port, user="admin", password="admin-pw", database="pgbouncer",
+            ssl=False, statement_cache_size=0,
+        )  # fmt: skip
+        try:
+            return {what: await conn.fetch(f"SHOW {what}") for what in SHOW_COMMANDS}
+        finally:
+            await conn.close()
+
+    with connect(hal) as client:
+        client.execute("SELECT 1")  # a pool, a server and a client to show
+        results = asyncio.run(main())
+        with console(hal) as admin:  # the same through the simple query protocol (text)
+            texts = {what: show(admin, what) for what in ("DATABASES", "NODES", "VERSION")}
+    for what, rows in results.items():
+        assert rows, what
+    dbs = {r["name"]: dict(r) for r in results["DATABASES"]}
+    assert {d["name"]: (d["host"], d["port"], d["paused"], d["pool_size"]) for d in texts["DATABASES"]} == {
+        name: (d["host"], d["port"], d["paused"], d["pool_size"]) for name, d in dbs.items()
+    }
+    assert dbs["myapp"]["paused"] == 0 and dbs["myapp"]["disabled"] == 0 and dbs["myapp"]["pool_size"] == 3
+    pools = [dict(p) for p in results["POOLS"] if p["database"] == "myapp"]
+    assert pools and all(isinstance(p["cl_active"], int) and isinstance(p["maxwait_us"], int) for p in pools)
+    nodes = {n["node"]: dict(n) for n in results["NODES"]}
+    assert {n["node"]: (n["role"], n["usable"]) for n in texts["NODES"]} == {
+        name: (n["role"], n["usable"]) for name, n in nodes.items()
+    }
+    for n in nodes.values():
+        assert n["usable"] is True
+        assert n["last_probe"] is None or abs(n["last_probe"] - time.time()) < 3600
+        assert n["lag_seconds"] is None or isinstance(n["lag_seconds"], float)
+    assert results["VERSION"][0]["version"] == texts["VERSION"][0]["version"]
+    assert any(s["remote_pid"] and isinstance(s["transactions"], int) for s in results["SERVERS"])
+    assert any(c["user"] == "myapp" and isinstance(c["port"], int) for c in results["CLIENTS"])
+    assert any(s["database"] == "myapp" and s["total_xact_count"] >= 1 for s in results["STATS"])
+
+
+def _execute_batch(client: rc.RawClient, query: str, formats: tuple[int, ...]) -> list[rc.Message]:
+    client.send(rc.parse(query) + rc.bind(result_formats=formats) + rc.describe() + rc.execute() + rc.sync())
+    return client.read_until_ready()
+
+
+def test_console_sends_binary_where_bind_asks_for_it(hal: Running, pg: Cluster) -> None:
+    with console_raw(hal) as client:
+        text = _execute_batch(client, "SHOW DATABASES", ())
+        binary = _execute_batch(client, "SHOW DATABASES", (1,))  # one code: binary for every column
+    assert [m.type for m in binary[:3]] == [b"1", b"2", b"T"] and binary[-2:][0].type == b"C"
+    described = rc.row_description(binary[2])
+    assert [fmt for _name, _oid, fmt in described] == [1] * len(described)
+    assert [oid for _name, oid, _fmt in described] == [oid for _n, oid, _f in rc.row_description(text[2])]
+    names = [name for name, _oid, _fmt in described]
+    by_name = {rc.data_rows(text)[i][0]: row for i, row in enumerate(rc.raw_rows(binary))}
+    myapp = dict(zip(names, by_name["myapp"], strict=True))
+    # as int4send, textsend write them: 4 bytes big-endian, the characters
+    assert myapp["name"] == b"myapp" and myapp["pool_mode"] == b"transaction"
+    assert struct.unpack("!i", myapp["port"]) == (pg.primary.port,)
+    assert struct.unpack("!i", myapp["pool_size"]) == (3,)
+    assert myapp["paused"] == myapp["disabled"] == b"\0\0\0\0"
+
+    # one code per column: text, binary as asked; bool and float8 as boolsend and float8send write them
+    with console_raw(hal) as client:
+        nodes_text = _execute_batch(client, "SHOW NODES", ())
+        formats = (0, 0, 0, 1, 1, 1, 1, 0)  # usable, lag_bytes, lag_seconds, last_probe binary
+        nodes = _execute_batch(client, "SHOW NODES", formats)
+    described = rc.row_description(nodes[2])
+    assert [(name, oid, fmt) for name, oid, fmt in described][3:7] == [
+        ("usable", 16, 1), ("lag_bytes", 20, 1), ("lag_seconds", 701, 1), ("last_probe", 701, 1),
+    ]  # fmt: skip
+    texts = {row[1]: row for row in rc.data_rows(nodes_text)}
+    for row in rc.raw_rows(nodes):
+        node = row[1]
+        assert node is not None
+        expected = texts[node.decode()]
+        assert row[2] == (expected[2] or "").encode()  # text as asked
+        assert row[3] == (b"\x01" if expected[3] == "t" else b"\x00")
+        if expected[4] is None:
+            assert row[4] is None  # NULL is -1 whatever the format
+        else:
+            assert struct.unpack("!q", row[4] or b"") == (int(expected[4]),)
+        for i in (5, 6):
+            if expected[i] is None:
+                assert row[i] is None
+            else:
+                (value,) = struct.unpack("!d", row[i] or b"")
+                assert math.isclose(value, float(expected[i]), rel_tol=1e-9, abs_tol=1.0)
+
+
+def test_console_answers_bad_result_formats_as_postgresql(hal: Running) -> None:
+    with console_raw(hal) as client:
+        # two codes for a result of twelve columns: 08P01 (an ERROR, not FATAL), then the batch is skipped
+        client.send(rc.parse("SHOW DATABASES") + rc.bind(result_formats=(1, 0)) + rc.execute() + rc.sync())
+        messages = client.read_until_ready()
+        assert [m.type for m in messages] == [b"1", b"E", b"Z"]
+        error = messages[1].fields
+        assert (error["S"], error["C"]) == ("ERROR", "08P01")
+        assert error["M"] == "bind message has 2 result formats but query has 12 columns"
+        client.send(rc.parse("SHOW VERSION") + rc.bind(result_formats=(2,)) + rc.execute() + rc.sync())
+        messages = client.read_until_ready()
+        assert [m.type for m in messages] == [b"1", b"E", b"Z"]
+        assert (messages[1].fields["C"], messages[1].fields["M"]) == ("22023", "unsupported format code: 2")
+        # formats mean nothing to a command without a result, as for PostgreSQL
+        client.send(rc.parse("RECONNECT myapp") + rc.bind(result_formats=(1, 1)) + rc.execute() + rc.sync())
+        assert [m.type for m in client.read_until_ready()] == [b"1", b"2", b"C", b"Z"]
+        assert rc.data_rows(client.simple_query("SHOW VERSION"))
+
+
+def _types(messages: list[rc.Message]) -> list[bytes]:
+    """Message types (an ErrorResponse with its SQLSTATE), notices and ParameterStatus left out."""
+    return [
+        m.type + m.fields["C"].encode() if m.type == b"E" else m.type for m in messages if m.type not in b"NS"
+    ]
+
+
+def _run_script(host: str, port: int, user: str, password: str, database: str, script: bytes) -> list[bytes]:
+    with rc.RawClient(host, port) as client:
+        client.login(user, password, database)
+        client.send(script)
+        out = []
+        for _ in range(script.count(rc.sync())):
+            out += _types(client.read_until_ready())
+        return out
+
+
+def _limited(query: str) -> bytes:
+    """Execute the unnamed portal 2 rows at a time, twice, then the rest; Close it and Execute again."""
+    return (
+        rc.parse(query) + rc.bind(result_formats=(1,)) + rc.execute(max_rows=2) + rc.execute(max_rows=2)
+        + rc.execute() + rc.sync()
+        + rc.bind() + rc.execute(max_rows=1) + rc.close() + rc.execute() + rc.sync()
+        + rc.bind() + rc.sync() + rc.execute() + rc.sync()
+    )  # fmt: skip
+
+
+def _collapsed(types: list[bytes]) -> list[bytes]:
+    """A run of more than two DataRows as one `D+`: the two results differ in length."""
+    out: list[bytes] = []
+    run = 0
+    for t in [*types, b""]:
+        if t == b"D":
+            run += 1
+            continue
+        out += [b"D"] * run if run <= 2 else [b"D+"]
+        run = 0
+        out.append(t)
+    return out[:-1]
+
+
+def test_console_row_limits_and_close_match_postgresql(hal: Running, pg: Cluster) -> None:
+    # PostgreSQL's SHOW ALL is a utility statement with rows, like the console's SHOW: the same messages
+    # must come back in the same order (a row limit ends with PortalSuspended; Close drops the portal;
+    # Sync drops the unnamed portal), whatever the number of rows
+    direct = _run_script(pg.primary.host, pg.primary.port, "myapp", "myapp", "myapp", _limited("SHOW ALL"))
+    console = _run_script(hal.host, hal.port, "admin", "admin-pw", "halephant", _limited("SHOW CONFIG"))
+    assert _collapsed(direct) == [
+        b"1", b"2", b"D", b"D", b"s", b"D", b"D", b"s", b"D+", b"C", b"Z",
+        b"2", b"D", b"s", b"3", b"E34000", b"Z",
+        b"2", b"Z", b"E34000", b"Z",
+    ]  # fmt: skip
+    assert _collapsed(console) == _collapsed(direct)
+
+    # exactly as many rows as the limit: PortalSuspended, and the next Execute completes with none
+    def one_row(query: str) -> bytes:
+        return rc.parse(query) + rc.bind() + rc.execute(max_rows=1) + rc.execute(max_rows=1) + rc.sync()
+
+    direct = _run_script(
+        pg.primary.host, pg.primary.port, "myapp", "myapp", "myapp", one_row("SHOW work_mem")
+    )
+    console = _run_script(hal.host, hal.port, "admin", "admin-pw", "halephant", one_row("SHOW VERSION"))
+    assert console == direct == [b"1", b"2", b"D", b"s", b"C", b"Z"]
+
+
+def test_console_portal_errors_name_the_portal(hal: Running) -> None:
+    with console_raw(hal) as client:
+        client.send(rc.parse("SHOW VERSION") + rc.bind() + rc.close() + rc.execute() + rc.sync())
+        messages = client.read_until_ready()
+        assert [m.type for m in messages] == [b"1", b"2", b"3", b"E", b"Z"]
+        assert (messages[3].fields["C"], messages[3].fields["M"]) == ("34000", 'portal "" does not exist')
+        client.send(rc.close("S") + rc.bind() + rc.sync())
+        messages = client.read_until_ready()
+        assert [m.type for m in messages] == [b"3", b"E", b"Z"]
+        assert messages[1].fields["C"] == "26000"
+        assert messages[1].fields["M"] == "unnamed prepared statement does not exist"
+        assert rc.data_rows(client.simple_query("SHOW VERSION"))
+
+
+def test_show_columns_keep_their_types_without_rows(pg: Cluster, halephant: HalephantFactory) -> None:
+    config = default_config(
+        pg,
+        clusters={"main": {"probe_user": "myapp"}},
+        users={"admin": {"password": "admin-pw"}},
+        admin={"users": ["admin"]},
+    )
+    run = halephant.start(config)
+    with rc.RawClient(run.host, run.port) as client:
+        client.login("admin", "admin-pw", "halephant")
+        for what, expected in [
+            ("SERVERS", {"port": 23, "remote_pid": 23, "transactions": 20, "connect_time": 25}),
+            ("STATS", {"total_xact_count": 20, "total_wait_time": 20, "database": 25}),
+        ]:
+            messages = client.simple_query(f"SHOW {what}")
+            assert not rc.data_rows(messages), what  # nothing connected yet
+            types = {name: oid for name, oid, _fmt in rc.row_description(messages[0])}
+            assert {name: types[name] for name in expected} == expected, what

@@ -132,6 +132,64 @@ def test_parse_decodes(name: str, text: str, oids: list[int]) -> None:
     assert m.decode_parse(memoryview(payload)) == (name, text, tuple(oids))
 
 
+def bind_payload(
+    portal: bytes,
+    statement: bytes,
+    param_formats: list[int],
+    params: list[bytes | None],
+    result_formats: list[int],
+) -> bytes:
+    # built from the protocol docs, independently of halephant's decoder
+    out = portal + b"\0" + statement + b"\0"
+    out += struct.pack(f"!h{len(param_formats)}h", len(param_formats), *param_formats)
+    out += struct.pack("!h", len(params))
+    for p in params:
+        out += struct.pack("!i", -1) if p is None else struct.pack("!i", len(p)) + p
+    return out + struct.pack(f"!h{len(result_formats)}h", len(result_formats), *result_formats)
+
+
+int16 = st.integers(-(2**15), 2**15 - 1)
+
+
+@FUZZ
+@given(
+    portal=cstr_text,
+    statement=cstr_text,
+    param_formats=st.lists(int16, max_size=4),
+    params=st.lists(st.none() | st.binary(max_size=20), max_size=4),
+    result_formats=st.lists(int16, max_size=6),
+)
+def test_bind_decodes(
+    portal: str,
+    statement: str,
+    param_formats: list[int],
+    params: list[bytes | None],
+    result_formats: list[int],
+) -> None:
+    payload = bind_payload(portal.encode(), statement.encode(), param_formats, params, result_formats)
+    expected = (portal, statement, tuple(param_formats), tuple(params), tuple(result_formats))
+    assert m.decode_bind(payload) == expected
+    assert m.decode_bind(memoryview(payload)).result_formats == tuple(result_formats)
+
+
+@FUZZ
+@given(portal=cstr_text, max_rows=int32)
+def test_execute_decodes(portal: str, max_rows: int) -> None:
+    assert m.decode_execute(portal.encode() + b"\0" + struct.pack("!i", max_rows)) == (portal, max_rows)
+
+
+def test_describe_and_close_decode() -> None:
+    assert m.decode_describe_close(b"S\0") == ("S", "")
+    assert m.decode_describe_close(memoryview(b"Pname\0")) == ("P", "name")
+
+
+def test_portal_suspended_and_friends_layout() -> None:
+    assert m.PORTAL_SUSPENDED == b"s\0\0\0\x04"
+    assert m.BIND_COMPLETE == b"2\0\0\0\x04"
+    assert m.NO_DATA == b"n\0\0\0\x04"
+    assert m.EMPTY_QUERY_RESPONSE == b"I\0\0\0\x04"
+
+
 @FUZZ
 @given(mech=cstr_text, data=st.binary(max_size=100))
 def test_sasl_initial_response_round_trip(mech: str, data: bytes) -> None:
@@ -205,6 +263,18 @@ def test_read_cstring_positions() -> None:
         (m.decode_password, b"secret"),
         (m.decode_password, b"secret\0\0"),
         (m.decode_password, b"\xff\0"),
+        (m.decode_bind, b"\0\0\0\0\0"),  # no result format count
+        (m.decode_bind, b"\0\0\0\0\0\0\0\0\0"),  # trailing byte
+        (m.decode_bind, b"\0\0\xff\xff\0\0\0\0"),  # negative parameter format count
+        (m.decode_bind, b"\0\0\0\0\0\x01\0\0\0\x05ab\0\0"),  # a value shorter than its length
+        (m.decode_bind, b"\0\0\0\0\0\x01\xff\xff\xff\xfe\0\0"),  # a length below -1
+        (m.decode_bind, b"\0\0\0\0\0\0\0\x02\0\x01"),  # two result formats, one given
+        (m.decode_execute, b"\0\0\0\0"),
+        (m.decode_execute, b"\0\0\0\0\0\0"),
+        (m.decode_describe_close, b"X\0"),
+        (m.decode_describe_close, b""),
+        (m.decode_describe_close, b"Sname"),
+        (m.decode_describe_close, b"S\0\0"),
     ],
 )
 def test_malformed(decoder: Callable[[bytes], object], payload: bytes) -> None:
@@ -221,6 +291,9 @@ DECODERS: list[Callable[[bytes], object]] = [
     m.decode_authentication,
     m.decode_sasl_initial_response,
     m.decode_password,
+    m.decode_bind,
+    m.decode_execute,
+    m.decode_describe_close,
     lambda b: m.read_cstring(b, 0),
     lambda b: m.read_cstring(b, len(b) // 2),
 ]
