@@ -3,9 +3,9 @@ PgBouncer tooling works unchanged) talk to halephant itself, as with PgBouncer's
 
 Authentication is the normal one (`users:` entries, `halephant_authenticate`); afterwards the user must be
 listed in `admin.users` (every command) or `admin.stats_users` (SHOW only), else 42501. The session is
-then handed to `ConsoleSession`, which answers SHOW POOLS | CLIENTS | SERVERS | STATS | DATABASES |
-CONFIG | VERSION | NODES with PgBouncer's columns and types (`halephant.admin.resultset` encodes them) and
-runs PAUSE, RESUME, RECONNECT, KILL, RELOAD and SHUTDOWN. The simple query protocol is
+then handed to `ConsoleSession`, which answers SHOW POOLS | CLIENTS | SERVERS | STATS | STATS_TOTALS |
+LISTS | DATABASES | CONFIG | VERSION | NODES with PgBouncer's columns and types (`halephant.admin.resultset`
+encodes them) and runs PAUSE, RESUME, RECONNECT, KILL, RELOAD and SHUTDOWN. The simple query protocol is
 the console's language, as for PgBouncer; the extended protocol is answered too (the unnamed statement
 and portal, text or binary results as Bind asks, row limits with PortalSuspended) so that drivers that
 always use it (psycopg, asyncpg with statement_cache_size=0) work.
@@ -460,8 +460,8 @@ def _syntax(command: str) -> ClientError:
     return ClientError(
         sqlstate.SYNTAX_ERROR,
         f"invalid admin console command: {command[:200]}",
-        hint="Commands: SHOW POOLS|CLIENTS|SERVERS|STATS|DATABASES|CONFIG|VERSION|NODES, PAUSE [db], "
-        "RESUME [db], RECONNECT [db], KILL db, RELOAD, SHUTDOWN.",
+        hint="Commands: SHOW POOLS|CLIENTS|SERVERS|STATS|STATS_TOTALS|LISTS|DATABASES|CONFIG|VERSION|NODES, "
+        "PAUSE [db], RESUME [db], RECONNECT [db], KILL db, RELOAD, SHUTDOWN.",
     )
 
 
@@ -559,21 +559,27 @@ STATS_COLUMNS = columns(
 )
 
 
-def show_stats(app: App) -> Result:
+def _stats_per_database(app: App) -> list[tuple[str, dict[str, Any]]]:
+    """The pools' counters summed per database (databases with a pool only, as PgBouncer's)."""
     from halephant.admin import snapshot
 
-    uptime = max(time.time() - app.stats.started_at, 1.0)
     per_db: dict[str, dict[str, Any]] = {}
     for p in snapshot.pools(app):
-        d = per_db.setdefault(p["database"], {"x": 0, "q": 0, "w": 0.0, "wc": 0, "wm": 0.0, "t": 0})
+        d = per_db.setdefault(p["database"], {"x": 0, "q": 0, "a": 0, "w": 0.0, "wc": 0, "wm": 0.0, "t": 0})
         d["x"] += p["transactions"]
         d["q"] += p["queries"]
+        d["a"] += p["checkouts"]
         d["w"] += p["wait_total"]
         d["wc"] += p["waits"]
         d["wm"] = max(d["wm"], p["wait_max"])
         d["t"] += p["checkout_timeouts"]
+    return sorted(per_db.items())
+
+
+def show_stats(app: App) -> Result:
+    uptime = max(time.time() - app.stats.started_at, 1.0)
     rows = []
-    for name, d in sorted(per_db.items()):
+    for name, d in _stats_per_database(app):
         rows.append(
             [
                 name, d["x"], d["q"], int(d["w"] * 1e6), d["wc"], int(d["wm"] * 1e6), d["t"],
@@ -581,6 +587,50 @@ def show_stats(app: App) -> Result:
             ]
         )  # fmt: skip
     return Result(STATS_COLUMNS, rows, "SHOW")
+
+
+# PgBouncer's names and meanings: server_assignment_count (servers handed to clients: halephant's
+# checkouts), xact_count, query_count, wait_time (µs clients waited for a server, counted when they get
+# one); halephant does not count bytes or time spent in transactions and queries: NULL, never a made-up 0.
+STATS_TOTALS_COLUMNS = columns(
+    "database:text server_assignment_count:int8 xact_count:int8 query_count:int8 bytes_received:int8 "
+    "bytes_sent:int8 xact_time:int8 query_time:int8 wait_time:int8"
+)
+
+
+def show_stats_totals(app: App) -> Result:
+    rows = [
+        [name, d["a"], d["x"], d["q"], None, None, None, None, int(d["w"] * 1e6)]
+        for name, d in _stats_per_database(app)
+    ]
+    return Result(STATS_TOTALS_COLUMNS, rows, "SHOW")
+
+
+LISTS_COLUMNS = columns("list:text items:int4")
+
+
+def show_lists(app: App) -> Result:
+    """PgBouncer's counts of its internal lists, one per row. halephant keeps no freed connection objects
+    for reuse and no DNS cache of its own, so those counts are 0."""
+    from halephant.admin import snapshot
+
+    clients = list(app.clients.values())
+    servers = sum(len(p.active) + len(p.idle) + p.connecting for p in list(app.manager.pools.values()))
+    rows = [
+        ["databases", len(app.config.databases)],
+        ["users", len(app.config.users)],
+        ["pools", len(app.manager.pools)],
+        ["free_clients", 0],
+        ["used_clients", len(clients) + len(app.control.consoles)],  # console sessions are clients too
+        ["login_clients", sum(1 for c in clients if snapshot.client_state(c) == "login")],
+        ["free_servers", 0],
+        ["used_servers", servers],  # logging in, lent or idle, as SHOW SERVERS lists them
+        ["dns_names", 0],
+        ["dns_zones", 0],
+        ["dns_queries", 0],
+        ["dns_pending", 0],
+    ]
+    return Result(LISTS_COLUMNS, rows, "SHOW")
 
 
 DATABASES_COLUMNS = columns(
@@ -657,7 +707,7 @@ def show_nodes(app: App) -> Result:
 
 def show_help(app: App) -> Result:
     rows = [
-        ["SHOW POOLS|CLIENTS|SERVERS|STATS|DATABASES|CONFIG|VERSION|NODES", "read"],
+        ["SHOW POOLS|CLIENTS|SERVERS|STATS|STATS_TOTALS|LISTS|DATABASES|CONFIG|VERSION|NODES", "read"],
         ["PAUSE [db]", "hold new transactions once running ones finish"],
         ["RESUME [db]", "release held transactions"],
         ["RECONNECT [db]", "replace server connections as they become idle"],
@@ -674,6 +724,8 @@ _SHOW = {
     "CLIENTS": show_clients,
     "SERVERS": show_servers,
     "STATS": show_stats,
+    "STATS_TOTALS": show_stats_totals,
+    "LISTS": show_lists,
     "DATABASES": show_databases,
     "CONFIG": show_config,
     "VERSION": show_version,

@@ -690,7 +690,10 @@ def test_console_gets_in_when_clients_fill_max_client_conn(pg: Cluster, halephan
 # --- the console's extended protocol, as drivers speak it ------------------------------------------------
 
 #: every SHOW the console answers
-SHOW_COMMANDS = ["HELP", "POOLS", "CLIENTS", "SERVERS", "STATS", "DATABASES", "CONFIG", "VERSION", "NODES"]
+SHOW_COMMANDS = [
+    "HELP", "POOLS", "CLIENTS", "SERVERS", "STATS", "STATS_TOTALS", "LISTS", "DATABASES", "CONFIG", "VERSION",
+    "NODES",
+]  # fmt: skip
 
 
 def console_raw(hal: Running) -> rc.RawClient:
@@ -738,6 +741,8 @@ def test_every_show_through_asyncpg_without_statement_cache(hal: Running) -> Non
     assert any(s["remote_pid"] and isinstance(s["transactions"], int) for s in results["SERVERS"])
     assert any(c["user"] == "myapp" and isinstance(c["port"], int) for c in results["CLIENTS"])
     assert any(s["database"] == "myapp" and s["total_xact_count"] >= 1 for s in results["STATS"])
+    assert any(s["database"] == "myapp" and s["xact_count"] >= 1 for s in results["STATS_TOTALS"])
+    assert dict(results["LISTS"])["databases"] == 4  # type: ignore[arg-type]
 
 
 def _execute_batch(client: rc.RawClient, query: str, formats: tuple[int, ...]) -> list[rc.Message]:
@@ -906,3 +911,71 @@ def test_show_columns_keep_their_types_without_rows(pg: Cluster, halephant: Hale
             assert not rc.data_rows(messages), what  # nothing connected yet
             types = {name: oid for name, oid, _fmt in rc.row_description(messages[0])}
             assert {name: types[name] for name in expected} == expected, what
+
+
+# --- PgBouncer tooling ----------------------------------------------------------------------------------
+
+#: PgBouncer's SHOW LISTS rows, as its documentation names them
+PGBOUNCER_LISTS = [
+    "databases", "users", "pools", "free_clients", "used_clients", "login_clients", "free_servers",
+    "used_servers", "dns_names", "dns_zones", "dns_queries", "dns_pending",
+]  # fmt: skip
+#: what prometheus-community/pgbouncer_exporter reads as numbers (the rest are labels), per SHOW
+EXPORTER_METRICS = {
+    "DATABASES": [
+        "pool_size", "reserve_pool", "max_connections", "current_connections", "paused", "disabled",
+    ],
+    "STATS_TOTALS": [
+        "query_count", "query_time", "bytes_received", "requests", "bytes_sent", "wait_time", "xact_count",
+        "xact_time", "client_parse_count", "server_parse_count", "bind_count",
+    ],
+    "POOLS": [
+        "cl_active", "cl_waiting", "sv_active", "sv_idle", "sv_used", "sv_tested", "sv_login", "maxwait",
+    ],
+}  # fmt: skip
+
+
+def test_show_lists_and_stats_totals_have_pgbouncers_columns(hal: Running) -> None:
+    with connect(hal) as client:
+        client.execute("SELECT 1")
+        with console(hal) as admin:
+            cur = admin.execute("SHOW LISTS")
+            assert [(d.name, d.type_code) for d in cur.description] == [("list", 25), ("items", 23)]
+            lists = dict(cur.fetchall())
+            stats = {s["database"]: s for s in show(admin, "STATS")}
+            cur = admin.execute("SHOW STATS_TOTALS")
+            names = [d.name for d in cur.description]
+            totals = {row[0]: dict(zip(names, row, strict=True)) for row in cur.fetchall()}
+    assert list(lists) == PGBOUNCER_LISTS
+    assert lists["databases"] == 4 and lists["users"] == 7  # default_config's myapp and the module's six
+    assert lists["pools"] >= 1 and lists["used_servers"] >= 1
+    assert lists["used_clients"] >= 2  # the client and this console session
+    assert lists["free_clients"] == lists["free_servers"] == lists["dns_names"] == 0
+    assert names == [
+        "database", "server_assignment_count", "xact_count", "query_count", "bytes_received", "bytes_sent",
+        "xact_time", "query_time", "wait_time",
+    ]  # fmt: skip
+    myapp = totals["myapp"]
+    assert myapp["server_assignment_count"] >= 1 and myapp["query_count"] >= 1 and myapp["wait_time"] >= 0
+    assert myapp["xact_count"] >= stats["myapp"]["total_xact_count"] >= 1  # counted since, never less
+    # not measured by halephant: NULL, not a made-up zero
+    assert myapp["bytes_received"] is myapp["bytes_sent"] is myapp["xact_time"] is myapp["query_time"] is None
+
+
+def test_pgbouncer_exporter_reads_every_number(hal: Running) -> None:
+    # the exporter (lib/pq, simple query protocol) parses each metric column's text with ParseFloat and
+    # reports the pooler down when SHOW LISTS or SHOW STATS_TOTALS fails; "t"/"f" are not numbers
+    with connect(hal) as client:
+        client.execute("SELECT 1")
+        with console_raw(hal) as admin:
+            for what, metrics in EXPORTER_METRICS.items():
+                messages = admin.simple_query(f"SHOW {what};")
+                assert not rc.errors(messages), (what, rc.errors(messages))
+                names = [name for name, _oid, _fmt in rc.row_description(messages[0])]
+                for row in rc.data_rows(messages):
+                    for name, value in zip(names, row, strict=True):
+                        if name in metrics and value is not None:
+                            float(value)
+            messages = admin.simple_query("SHOW LISTS;")
+            assert len(rc.row_description(messages[0])) == 2
+            assert all(float(items or "") >= 0 for _list, items in rc.data_rows(messages))
