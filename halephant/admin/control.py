@@ -5,6 +5,10 @@ take a server (session pooling; a login that learns the parameters to report): t
 are buffered as for any wait, and no checkout timeout runs. It reports paused once no server of those
 databases is lent to a client any more. The proxy path pays one attribute test per checkout
 (`holding`), false unless something is paused.
+
+A PAUSE or RESUME that would change nothing is refused with PgBouncer's words ("already suspended/paused",
+"database X is not paused", "pooler is not paused/suspended"), under SQLSTATE 55000
+(object_not_in_prerequisite_state) where PgBouncer says 08P01, which drivers read as a broken connection.
 """
 
 from __future__ import annotations
@@ -100,9 +104,12 @@ class Control:
     # --- commands ---
 
     def pause(self, database: str | None) -> None:
+        """Refused while every database is paused; a database paused on its own may be paused again (its
+        PAUSE answers once its transactions are done), as with PgBouncer."""
         names = self._databases(database)
-        self._paused.add(ALL if database is None else names[0])
-        self.holding = True
+        if ALL in self._paused:
+            raise ClientError(sqlstate.OBJECT_NOT_IN_PREREQUISITE_STATE, "already suspended/paused")
+        self._hold(ALL if database is None else names[0])
         log.info("PAUSE %s", database or "(all databases)")
         # Clients already queued for a server have started nothing either: held too, not served by the
         # servers the transactions in progress give back (PAUSE would wait for theirs as well).
@@ -110,6 +117,10 @@ class Control:
             for client in list(pool.waiters):
                 pool.cancel_wait(client)
                 self.hold(client, pool)
+
+    def _hold(self, name: str) -> None:
+        self._paused.add(name)
+        self.holding = True
 
     def active_servers(self, database: str | None) -> int:
         n = 0
@@ -123,10 +134,22 @@ class Control:
             await anyio.sleep(poll)
 
     def resume(self, database: str | None) -> None:
+        """Without a database, releases every pause; refused when nothing is paused, or when `database`
+        was not paused on its own (a PAUSE of all databases is released by a RESUME of all)."""
         if database is None:
+            if not self._paused:
+                raise ClientError(sqlstate.OBJECT_NOT_IN_PREREQUISITE_STATE, "pooler is not paused/suspended")
             self._paused.clear()
         else:
             self._databases(database)
+            if database not in self._paused:
+                raise ClientError(
+                    sqlstate.OBJECT_NOT_IN_PREREQUISITE_STATE,
+                    f"database {database} is not paused",
+                    hint="PAUSE without a database paused them all: RESUME without one releases them."
+                    if ALL in self._paused
+                    else None,
+                )
             self._paused.discard(database)
         self.holding = bool(self._paused)
         log.info("RESUME %s", database or "(all databases)")
@@ -160,7 +183,7 @@ class Control:
     def kill(self, database: str) -> int:
         """Drop every client and server connection of `database`; it stays paused until RESUME."""
         self._databases(database)
-        self.pause(database)
+        self._hold(database)  # also while every database is paused: KILL is no PAUSE
         error = ClientError(
             sqlstate.ADMIN_SHUTDOWN, "terminating connection due to administrator command", fatal=True
         )

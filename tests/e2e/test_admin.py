@@ -522,6 +522,46 @@ def test_pause_holds_a_session_mode_login_until_resume(hal: Running, pg: Cluster
     assert_clean_servers(pg)
 
 
+def test_pause_and_resume_that_change_nothing_are_refused_as_by_pgbouncer(hal: Running) -> None:
+    def refused(admin: Any, command: str) -> tuple[str | None, str | None]:
+        with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState) as info:  # 55000
+            admin.execute(command)
+        return info.value.diag.message_primary, info.value.diag.message_hint
+
+    with console(hal) as admin:
+        try:
+            assert refused(admin, "RESUME") == ("pooler is not paused/suspended", None)
+            assert refused(admin, "RESUME myapp") == ("database myapp is not paused", None)
+            with pytest.raises(psycopg.errors.InvalidCatalogName):  # an unknown name is still 3D000
+                admin.execute("RESUME nosuch")
+            # a database paused on its own may be paused again, as with PgBouncer; resumed once
+            admin.execute("PAUSE pausable")
+            admin.execute("PAUSE pausable")
+            admin.execute("RESUME pausable")
+            assert refused(admin, "RESUME pausable") == ("database pausable is not paused", None)
+            # all of them: a second PAUSE, a PAUSE of one, a RESUME of one are refused; RESUME releases
+            admin.execute("PAUSE")
+            assert refused(admin, "PAUSE") == ("already suspended/paused", None)
+            assert refused(admin, "PAUSE myapp") == ("already suspended/paused", None)
+            message, hint = refused(admin, "RESUME myapp")
+            assert message == "database myapp is not paused" and hint and "RESUME without one" in hint
+            assert all(d["paused"] == 1 for d in show(admin, "DATABASES"))
+            admin.execute("RESUME")
+            assert refused(admin, "RESUME") == ("pooler is not paused/suspended", None)
+            # the same through the extended protocol
+            with psycopg.connect(hal.dsn(user="admin", password="admin-pw", dbname="halephant")) as ext:
+                ext.autocommit = True
+                with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState):
+                    ext.execute("RESUME")
+                assert ext.execute("SHOW VERSION").fetchone()
+        finally:
+            if hal.admin_json("/snapshot")["summary"]["paused"]:
+                admin.execute("RESUME")
+        assert all(d["paused"] == 0 for d in show(admin, "DATABASES"))
+    with connect(hal) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
 def test_reload_never_kills_halephant(hal: Running) -> None:
     # RELOAD sends SIGHUP to halephant itself: where no reload is installed, it must refuse instead
     with console(hal) as admin:
