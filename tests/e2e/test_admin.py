@@ -782,7 +782,7 @@ def test_every_show_through_asyncpg_without_statement_cache(hal: Running) -> Non
     assert any(c["user"] == "myapp" and isinstance(c["port"], int) for c in results["CLIENTS"])
     assert any(s["database"] == "myapp" and s["total_xact_count"] >= 1 for s in results["STATS"])
     assert any(s["database"] == "myapp" and s["xact_count"] >= 1 for s in results["STATS_TOTALS"])
-    assert dict(results["LISTS"])["databases"] == 4  # type: ignore[arg-type]
+    assert dict(results["LISTS"])["databases"] == 5  # type: ignore[arg-type]
 
 
 def _execute_batch(client: rc.RawClient, query: str, formats: tuple[int, ...]) -> list[rc.Message]:
@@ -987,7 +987,7 @@ def test_show_lists_and_stats_totals_have_pgbouncers_columns(hal: Running) -> No
             names = [d.name for d in cur.description]
             totals = {row[0]: dict(zip(names, row, strict=True)) for row in cur.fetchall()}
     assert list(lists) == PGBOUNCER_LISTS
-    assert lists["databases"] == 4 and lists["users"] == 7  # default_config's myapp and the module's six
+    assert lists["databases"] == 5 and lists["users"] == 7  # default_config's myapp and the module's six
     assert lists["pools"] >= 1 and lists["used_servers"] >= 1
     assert lists["used_clients"] >= 2  # the client and this console session
     assert lists["free_clients"] == lists["free_servers"] == lists["dns_names"] == 0
