@@ -378,7 +378,23 @@ class ConsoleSession(asyncio.Protocol):
 
     # --- commands ---
 
+    def _check_rights(self) -> None:
+        """The user lists are read again for every command: a reload may have changed them."""
+        user = self.client.info.user if self.client.info else ""
+        admin = self.app.config.admin
+        if user in admin.users:
+            self.readonly = False
+        elif user in admin.stats_users:
+            self.readonly = True
+        else:
+            raise ClientError(
+                sqlstate.INSUFFICIENT_PRIVILEGE,
+                f'user "{user}" may no longer use the admin console',
+                hint="A reload took the user out of admin.users and admin.stats_users.",
+            )
+
     def _check_write(self, verb: str) -> None:
+        self._check_rights()
         if self.readonly:
             user = self.client.info.user if self.client.info else ""
             raise ClientError(
@@ -398,6 +414,7 @@ class ConsoleSession(asyncio.Protocol):
         words = command.split()
         verb = words[0].upper() if words else ""
         if verb == "SHOW":
+            self._check_rights()
             if len(words) != 2:
                 raise _syntax(command)
             what = words[1].upper()

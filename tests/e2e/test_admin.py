@@ -12,6 +12,7 @@ import base64
 import json
 import math
 import os
+import signal
 import struct
 import threading
 import time
@@ -23,7 +24,7 @@ import psycopg.errors
 import pytest
 import rawclient as rc
 from scramp import ScramMechanism
-from support.halephant import HalephantFactory, Running, default_config
+from support.halephant import HalephantFactory, Running, default_config, write_config
 from support.leaks import assert_clean_servers
 
 from halephant.admin.snapshot import REDACTED
@@ -351,6 +352,41 @@ def test_console_is_read_only_for_stats_users(hal: Running) -> None:
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
                 watcher.execute(command)
     assert hal.alive
+
+
+def test_a_reload_changes_the_rights_of_an_open_console_session(
+    pg: Cluster, halephant: HalephantFactory
+) -> None:
+    def config(users: list[str], stats_users: list[str]) -> dict[str, Any]:
+        return default_config(
+            pg,
+            users={"admin": {"password": "admin-pw"}},
+            admin={"users": users, "stats_users": stats_users},
+        )
+
+    def reload(cfg: dict[str, Any]) -> None:
+        seen = run.log_text().count("reload: done")
+        cfg["listen"] = f"{run.host}:{run.port}"
+        cfg["admin"]["listen"] = run.admin_url.removeprefix("http://") if run.admin_url else None
+        write_config(cfg, run.config_path)
+        run.signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while run.log_text().count("reload: done") == seen:
+            assert time.monotonic() < deadline, run.log_text()
+            time.sleep(0.05)
+
+    run = halephant.start(config(["admin"], []))
+    with console(run) as admin:
+        admin.execute("RECONNECT")
+        reload(config([], ["admin"]))  # SHOW only from now on
+        assert show(admin, "VERSION")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            admin.execute("RECONNECT")
+        reload(config([], []))  # nothing at all
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="may no longer use the admin console"):
+            admin.execute("SHOW VERSION")
+        reload(config(["admin"], []))
+        admin.execute("RECONNECT")
 
 
 def test_pause_waits_for_running_transactions_then_holds_new_ones(hal: Running, pg: Cluster) -> None:
