@@ -30,6 +30,7 @@ class PoolGroup(Generic[S, W]):
     __slots__ = (
         "_next",
         "cluster",
+        "generation",
         "pools",
         "primary",
         "replica_waiters",
@@ -41,8 +42,10 @@ class PoolGroup(Generic[S, W]):
 
     def __init__(self, target: PoolTarget) -> None:
         self.cluster = target.cluster
-        #: the target the group was last asked for (a reload may hand clients a new one)
+        #: the target the group was last asked for (a reload may hand clients a new one), and the
+        #: configuration generation it comes from: a client from an older one does not change it back
         self.target = target
+        self.generation = 0
         #: every pool of this (database, user), by node ("host:port"), whatever its node's role now
         self.pools: dict[str, Pool[S, W]] = {}
         self.primary: Pool[S, W] | None = None

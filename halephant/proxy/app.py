@@ -44,6 +44,8 @@ Args = TypeVarTuple("Args")
 class App:
     def __init__(self, config: Config, plugins: Plugins) -> None:
         self.config = config
+        #: bumped by every reload applied: a client's targets are of the configuration it logged in under
+        self.config_generation = 0
         self.plugins = plugins
         self.max_message_size = config.limits.max_message_size
         #: checked before per-transaction debug lines, so they cost nothing when off

@@ -180,6 +180,7 @@ class ClientConnection(asyncio.Protocol):
         "app",
         "began_with",
         "cancel_key",
+        "config_generation",
         "connected_at",
         "copy_mark",
         "held_back",
@@ -242,6 +243,7 @@ class ClientConnection(asyncio.Protocol):
         self._primary_pool: ServerPool | None = None
         #: the database's checkout_timeout (seconds), looked up at the first wait (< 0: not yet)
         self._checkout_timeout = -1.0
+        self.config_generation = 0  # of the configuration its target comes from
         #: the Query `_quick_query` took and left waiting for a server (sent as it is when one comes)
         self._quick: bytes | None = None
         self._read_paused = False
@@ -445,6 +447,7 @@ class ClientConnection(asyncio.Protocol):
             self.pool_reject = selected  # told only after authentication, as PostgreSQL does
         else:
             self.target = selected
+            self.config_generation = self.app.config_generation
         method = plugins.authenticate(info, self.target, config)
         if isinstance(method, Reject):
             raise ClientError(method.code, method.message, hint=method.hint, fatal=True)
@@ -975,7 +978,7 @@ class ClientConnection(asyncio.Protocol):
             # the same pool while its node stays the primary: looked up again only after a failover
             pool = self._primary_pool
             if pool is None or pool.serves is not _PRIMARY:
-                pool = self._primary_pool = app.manager.pool_for(target, route.role)
+                pool = self._primary_pool = app.manager.pool_for(target, route.role, self)
         else:
             pool = app.manager.pool_for(target, route.role, self)
         if pool is None:

@@ -95,9 +95,15 @@ class Nodes:
         """The pool that gets a transaction for `role`; None when no node can take it (no usable
         replica). With no primary known, the pool returned only queues, until one appears."""
         group = self.groups.get((target.database, target.pool_user))
+        generation = client.config_generation if client is not None else -1
         if group is None or group.cluster != target.cluster:
             group = self._new_group(target)
-        elif group.target is not target:
+            group.generation = generation
+        elif group.target is not target and generation >= group.generation:
+            # A reload handed new clients a new target: the pools log in with it from now on. The
+            # clients from before keep theirs, but must not switch the pools back (and forth: every
+            # switch replaces the servers, when what they log in with changed).
+            group.generation = generation
             self._retarget(group, target)
         if role is _PRIMARY:
             return group.primary or group.waiting_for_primary

@@ -47,6 +47,7 @@ class ReloadResult:
 def _apply(app: App, config: Config) -> list[str]:
     """Make `config` the running configuration: plugins first, then the pools (their changes returned)."""
     app.config = config
+    app.config_generation += 1
     app.max_message_size = config.limits.max_message_size
     app.plugins.configure(config)
     for client in app.clients.values():

@@ -360,8 +360,12 @@ def test_reload_that_changes_what_a_pool_logs_in_with_replaces_its_servers(
     while set(backend_pids("myapp")) & old and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not set(backend_pids("myapp")) & old  # the idle one closed at once, the busy one on its return
+    # clients from before the reload and after it, in turns: the pool stays on the new login
+    for client in (idle, new, busy, new):
+        assert errors(client.simple_query("SELECT 1")) == []
+    assert data_rows(new.simple_query(check))[0][:2] == ["on", "postgres"]
     log = run.log_text()
-    assert "server connection(s) are replaced: a reload changed what they log in with" in log
+    assert log.count("server connection(s) are replaced: a reload changed what they log in with") == 1
     assert "(opened before a reload or RECONNECT)" in log
 
 

@@ -4,7 +4,7 @@ when their checkout_timeout passes; no usable replica; a failed connect to the p
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import SimpleNamespace
 from typing import Any
 
@@ -45,6 +45,7 @@ class FakeClient:
     servers: list[Any] = field(default_factory=list)
     errors: list[ClientError] = field(default_factory=list)
     rerouted: int = 0
+    config_generation: int = 0
 
     def attach_server(self, server: Any) -> None:
         self.waiting_pool = None
@@ -153,6 +154,21 @@ def test_a_failed_replica_connect_leaves_its_waiters_to_the_probes(manager: Pool
     assert manager.app.opened == [replica]  # opened for the waiter
     publish(manager, node(P, Role.PRIMARY), node(R1, Role.REPLICA, usable=False))
     assert client.rerouted == 1
+
+
+def test_clients_from_before_a_reload_do_not_switch_the_pools_back(manager: PoolManager) -> None:
+    # a reload made the user read-only: new clients carry a target whose servers start read-only
+    publish(manager, node(P, Role.PRIMARY), node(R1, Role.REPLICA))
+    old = FakeClient("old")
+    pool = manager.pool_for(TARGET, Role.PRIMARY, old)  # type: ignore[arg-type]
+    assert pool is not None and pool.info.target is TARGET
+    read_only = replace(TARGET, server_settings=(("default_transaction_read_only", "on"),))
+    new = FakeClient("new", config_generation=1)
+    assert manager.pool_for(read_only, Role.PRIMARY, new) is pool  # type: ignore[arg-type]
+    assert pool.info.target is read_only
+    for client, target in [(old, TARGET), (new, read_only), (old, TARGET)]:
+        assert manager.pool_for(target, Role.PRIMARY, client) is pool  # type: ignore[arg-type]
+        assert pool.info.target is read_only  # never back to the old one's read-write servers
 
 
 def test_waiters_follow_the_primary(manager: PoolManager) -> None:
