@@ -259,6 +259,17 @@ class PoolManager:
                 )
             self.nodes.connect_failed(pool, error, node_failed)
             return
+        if server.created_at < pool.outdated_before:
+            # A reload changed what the pool logs in with (or RECONNECT ran) while this one logged in
+            # with the old: never handed to a client. Another one is opened in its place.
+            log.info(
+                "pool %s: server pid %d logged in as before a reload or RECONNECT: closed, another opened",
+                pool.name,
+                server.backend_pid,
+            )
+            server.close("opened before a reload or RECONNECT")
+            self.app.spawn(self._open, pool)
+            return
         self._welcome.setdefault((target.database, target.pool_user), dict(server.params))
         log.info(
             "pool %s: server connection opened (pid %d, now %d)", pool.name, server.backend_pid, pool.total

@@ -264,3 +264,52 @@ def test_a_refused_server_login_is_not_tried_again_before_server_login_retry(
         assert time.monotonic() < deadline, proxy.log_text()
         time.sleep(0.05)
     assert who_am_i(proxy, "myapp_ro", "myapp_ro") == ("myapp_ro", "myapp_ro", "myapp")
+
+
+def test_a_server_that_logged_in_across_a_reconnect_is_not_handed_on(
+    pg: Cluster, halephant: HalephantFactory
+) -> None:
+    # RECONNECT (or a reload that changes what a pool logs in with) while a server is still logging in:
+    # that server was opened as things were before, and must not reach a client.
+    salt = os.urandom(16)
+    stored, server = scram_keys("slow", salt, SLOW_ITERATIONS)
+    b64 = base64.b64encode
+    verifier = (
+        f"SCRAM-SHA-256${SLOW_ITERATIONS}:{b64(salt).decode()}${b64(stored).decode()}:{b64(server).decode()}"
+    )
+    pg.primary.sql(f"DROP ROLE IF EXISTS slowscram; CREATE ROLE slowscram LOGIN PASSWORD '{verifier}'")
+    config = default_config(
+        pg,
+        users={"slowscram": {"password": "slow"}, "admin": {"password": "admin-pw"}},
+        databases={"myapp": {"mode": "session"}},  # the server taken at login is the session's
+        clusters={"main": {"probe_user": "myapp"}},
+        admin={"users": ["admin"]},
+        limits={"connect_timeout": "30s"},
+    )
+    proxy = halephant.start(config)
+    try:
+        logged_in: list[Any] = []
+        thread = threading.Thread(
+            target=lambda: logged_in.append(psycopg.connect(proxy.dsn(user="slowscram", password="slow")))
+        )
+        thread.start()
+        deadline = time.monotonic() + 10
+        while "pool myapp/slowscram" not in proxy.log_text():  # its first server is logging in
+            assert time.monotonic() < deadline, proxy.log_text()
+            time.sleep(0.02)
+        admin_dsn = proxy.dsn(user="admin", password="admin-pw", dbname="halephant")
+        reconnected = pg.primary.sql("SELECT now()")
+        with psycopg.connect(admin_dsn, autocommit=True, cursor_factory=psycopg.ClientCursor) as admin:
+            admin.execute("RECONNECT")
+        thread.join(30)
+        with logged_in[0] as conn:
+            assert conn.execute("SELECT current_user").fetchone() == ("slowscram",)
+            started = conn.execute(
+                "SELECT backend_start > %s::timestamptz FROM pg_stat_activity WHERE pid = pg_backend_pid()",
+                (reconnected,),
+            ).fetchone()
+            assert started == (True,)  # its server was opened after the RECONNECT
+        assert "logged in as before a reload or RECONNECT: closed, another opened" in proxy.log_text()
+    finally:
+        proxy.stop()
+        pg.primary.sql("DROP ROLE IF EXISTS slowscram")
