@@ -123,6 +123,11 @@ class ClusterState:
         self.timeline = previous.timeline
         self._split_brain = previous._split_brain
         self._over_time = previous._over_time & known.keys()
+        if previous._wal_primary in known.keys() & {node.name for node in self.view.nodes}:
+            # a replica's lag in time is measured against them: without, one that stopped receiving
+            # WAL would look caught up again
+            self._wal_primary = previous._wal_primary
+            self._wal_lsns, self._wal_times = previous._wal_lsns, previous._wal_times
 
     def update(self, outcomes: Sequence[ProbeResult | str]) -> ClusterView:
         """Take one round: per node (in configured order) its ProbeResult, or why the probe failed."""
@@ -252,7 +257,9 @@ class ClusterState:
         if primary_lsn is not None and outcome.lsn is not None:
             lag_bytes = max(0, primary_lsn - outcome.lsn)
         lag_seconds = outcome.replay_age
-        if outcome.lsn is not None and self._wal_lsns:
+        if outcome.lsn is not None and primary_lsn is not None:
+            # (only with a primary answering: while it is down, a replica that missed its last WAL is
+            # still the freshest there is)
             lag_seconds = max(lag_seconds or 0.0, self._behind_for(outcome.lsn))
         max_bytes, max_seconds = self.cluster.max_lag_bytes, self.cluster.max_lag
         over_time = max_seconds is not None and lag_seconds is not None and lag_seconds > max_seconds

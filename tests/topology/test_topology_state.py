@@ -219,6 +219,15 @@ def test_a_replica_that_receives_no_wal_falls_behind_in_time(monkeypatch: pytest
     assert b.usable and b.lag_seconds == 0.0
     assert c.lag_seconds == 50.0  # the primary was past 20 MB 50 s ago (in the second round)
     assert not c.usable and c.reason == f"replica {C} lag 50.0s > 30s"  # over it twice in a row
+    # a reload that changes the nodes keeps the primary's positions: C is still behind
+    nodes = [A, B, C, "127.0.0.1:5004"]
+    reloaded = ClusterState("main", ClusterConfig.model_validate({"nodes": nodes, "max_lag": "30s"}), s)
+    reloaded.update([primary(lsn=26 * MB), replica(lsn=26 * MB), replica(lsn=20 * MB), replica(lsn=26 * MB)])
+    assert not reloaded.view.nodes[2].usable and reloaded.view.nodes[2].lag_seconds == 60.0
+    # with the primary down, the replicas are the freshest there is: not excluded for time
+    clock[0] += 100
+    reloaded.update(["connection refused", replica(lsn=26 * MB), replica(lsn=25 * MB), replica(lsn=26 * MB)])
+    assert reloaded.view.nodes[1].usable and reloaded.view.nodes[3].usable
     # an idle primary: a replica at its position is not behind, however old its last commit
     s.update([primary(lsn=26 * MB), replica(lsn=26 * MB), replica(lsn=26 * MB)])
     assert [n.usable for n in s.view.nodes] == [True, True, True]
