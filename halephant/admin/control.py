@@ -175,7 +175,8 @@ class Control:
                 n += 1
             # The others are closed when they come back to the pool, never handed on: after their
             # client's transaction, its session (session pooling), or a pin (an advisory lock, ...).
-            pool.outdated_before = pool.retire_before = now
+            pool.outdated_before = now
+            pool.retire_before = max(pool.retire_before, now)
             n += len(pool.active)
         log.info("RECONNECT %s: %d server connection(s) to replace", database or "(all databases)", n)
         return n

@@ -128,6 +128,7 @@ class Pool(Generic[S, W]):
         "idle",
         "info",
         "key",
+        "lifetime_before",
         "login_refused",
         "opened_count",
         "outdated_before",
@@ -154,11 +155,14 @@ class Pool(Generic[S, W]):
         self.serves: Role | None = None
         #: read-your-writes: learn the primary's WAL position when a client's transaction ends here
         self.track_lsn = False
-        #: a server opened before this (monotonic) time is past max_lifetime: closed when it comes
-        #: back, not handed on to a waiting client (kept up to date by the pool manager's sweep)
+        #: a server coming back that was opened before this (monotonic) time is looked at before it is
+        #: handed on (the later of the two below; +inf while a reload's smaller size is not reached:
+        #: each one coming back is then counted), kept up to date by the pool manager's sweep
         self.retire_before = float("-inf")
-        #: a server opened before this time is to be replaced (a reload changed what it logs in with or
-        #: shrank the pool, or RECONNECT)
+        #: a server opened before this time is past max_lifetime
+        self.lifetime_before = float("-inf")
+        #: a server opened before this time is to be replaced (a reload changed what it logs in with,
+        #: or RECONNECT)
         self.outdated_before = float("-inf")
         #: (the error, until when): the server refused a login; none is tried again until then
         self.login_refused: tuple[object, float] | None = None

@@ -8,6 +8,7 @@ node's pool a transaction gets, following the probed topology, is `halephant.pro
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -167,7 +168,8 @@ class PoolManager:
                 # Its servers are connected to another database, as another role, or with other
                 # settings (a user made read_only): none is handed to a client again. Idle ones close
                 # now, busy ones when they come back (as for max_lifetime).
-                pool.outdated_before = pool.retire_before = time.monotonic()
+                pool.outdated_before = now = time.monotonic()
+                pool.retire_before = max(pool.retire_before, now)
                 log.info(
                     "pool %s: its %d server connection(s) are replaced: a reload changed what they log in "
                     "with",
@@ -298,21 +300,32 @@ class PoolManager:
         elif client is not None and pool.track_lsn:
             self.nodes.learn_lsn(server, client)  # read-your-writes: checks the server in afterwards
             return
-        elif server.created_at < pool.retire_before:
+        elif server.created_at < pool.retire_before and (why := self._retiring(pool, server)):
             # A busy pool hands a server from client to client without it ever being idle, where the
-            # sweep would see its age: max_lifetime is enforced here too, as PgBouncer does on release.
-            why = (
-                "max_lifetime"
-                if server.created_at >= pool.outdated_before
-                else "opened before a reload or RECONNECT"
+            # sweep would see it: max_lifetime, a reload and RECONNECT are enforced here too, as
+            # PgBouncer does on release.
+            log.info(
+                "pool %s: closing server pid %d (%s), now %d", pool.name, server.backend_pid, why, pool.total
             )
-            log.info("pool %s: closing server pid %d (%s)", pool.name, server.backend_pid, why)
             server.close(why)
             self.server_gone(pool)
             return
         waiter = pool.checkin(server)
         if waiter is not None:
             self.hand_over(waiter, server)
+
+    @staticmethod
+    def _retiring(pool: ServerPool, server: ServerConnection) -> str:
+        """Why `server`, come back to `pool`, is closed rather than handed on ("" when it is not)."""
+        if server.created_at < pool.outdated_before:
+            return "opened before a reload or RECONNECT"
+        if server.created_at < pool.lifetime_before:
+            return "max_lifetime"
+        if pool.total > pool.info.size.max:
+            return "above the pool size"  # a reload shrank it: only the excess goes
+        # the smaller size is reached (or this is the usual look at an old server): back to ages
+        pool.retire_before = max(pool.lifetime_before, pool.outdated_before)
+        return ""
 
     def hand_over(self, waiter: ClientConnection, server: ServerConnection) -> None:
         """Give `server` (checked out for it) to a client that waited for one.
@@ -433,7 +446,9 @@ class PoolManager:
             if db is None:
                 continue
             self._close_excess(pool)
-            pool.retire_before = max(now - db.max_lifetime, pool.outdated_before)
+            pool.lifetime_before = now - db.max_lifetime
+            if pool.retire_before != math.inf:  # (+inf: shrinking, see `_retiring`)
+                pool.retire_before = max(pool.lifetime_before, pool.outdated_before)
             for server in pool.expired(now, db.idle_timeout, db.max_lifetime):
                 reason = "max_lifetime" if now - server.created_at > db.max_lifetime else "idle_timeout"
                 log.info(
@@ -543,10 +558,10 @@ class PoolManager:
                 # not handed out again until the next sweep: a shrunk pool shrinks now
                 self._close_excess(pool)
                 if size.max < old.max and pool.active:
-                    # A busy pool hands a server from client to client without it coming back to the
-                    # pool: those opened before close as they come back, and the pool opens again only
-                    # up to its new size.
-                    pool.outdated_before = pool.retire_before = time.monotonic()
+                    # A busy pool hands a server from client to client without it coming back idle:
+                    # each one that comes back is counted, and closed while the pool is above its
+                    # new size (`_retiring`).
+                    pool.retire_before = math.inf
                 while pool.should_open_for_waiters():
                     self.open(pool)
         self.nodes.reconfigure(config)
