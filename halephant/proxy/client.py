@@ -23,8 +23,8 @@ A rejected statement is answered without running it. With no server linked the a
 transaction, the statement is swapped for one that fails at exactly that point on the server, whose error
 is then rewritten, so ordering under pipelining and the aborted-transaction state are PostgreSQL's own.
 A lone ROLLBACK or COMMIT from a client with no transaction open (drivers send one after an error) is
-answered locally too, with PostgreSQL's own WARNING: it needs no server, nor does it wait for one while
-the primary is down (`_end_outside_transaction`).
+answered locally too while no primary is known, with PostgreSQL's own WARNING: it needs no server, so it
+does not wait for one through a failover (`_end_outside_transaction`).
 """
 
 from __future__ import annotations
@@ -906,6 +906,11 @@ class ClientConnection(asyncio.Protocol):
             for name in _NOTICE_SETTINGS:
                 if name in settings:
                     return False
+        # Only while no primary is known: a server's own defaults (ALTER ROLE ... SET
+        # client_min_messages, lc_messages) may change its answer, which halephant cannot see.
+        target = self.target
+        if target is None or self.app.manager.cluster_view(target.cluster).primary is not None:
+            return False
         match = _LONE_END.fullmatch(buf, start, end)
         if match is None:
             return False

@@ -9,6 +9,7 @@ tests/e2e/test_lone_transaction_end.py.
 from __future__ import annotations
 
 import struct
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -73,6 +74,10 @@ class _Client:
         self._first_checked = False
         self.sweep_links = 3
         self.transport = _Transport()
+        self.target = SimpleNamespace(cluster="main")
+        # no primary known: the only time the answer is local (see `test_not_while_a_primary_is_known`)
+        view = SimpleNamespace(primary=None)
+        self.app = SimpleNamespace(manager=SimpleNamespace(cluster_view=lambda name: view))
         for name, value in overrides.items():
             setattr(self, name, value)
 
@@ -149,3 +154,12 @@ def test_the_first_byte_that_process_looks_at_lets_every_answered_text_through(t
     # `_process` calls `_end_outside_transaction` only for a Query whose text starts with one of these
     assert text.encode()[0] in client_module._END_INITIALS
     assert not {ord(c) for c in "BSIUDWV"} & client_module._END_INITIALS  # BEGIN, SELECT, INSERT, ...
+
+
+def test_not_while_a_primary_is_known() -> None:
+    # a server's own defaults (ALTER ROLE ... SET client_min_messages = error, lc_messages) may change
+    # PostgreSQL's answer, and halephant cannot see them: with a primary there, the server answers
+    client = _Client()
+    client.app.manager.cluster_view = lambda name: SimpleNamespace(primary=object())
+    assert not _answer(client, _query("ROLLBACK"))
+    assert client.transport.written == []
