@@ -113,10 +113,11 @@ class Control:
         log.info("PAUSE %s", database or "(all databases)")
         # Clients already queued for a server have started nothing either: held too, not served by the
         # servers the transactions in progress give back (PAUSE would wait for theirs as well).
-        for pool in self._pools(database):
-            for client in list(pool.waiters):
-                pool.cancel_wait(client)
-                self.hold(client, pool)
+        for key, pool in list(self.app.manager.shown_pools().items()):  # parked for a primary too
+            if database is None or key[0] == database:
+                for client in list(pool.waiters):
+                    pool.cancel_wait(client)
+                    self.hold(client, pool)
 
     def _hold(self, name: str) -> None:
         self._paused.add(name)

@@ -181,6 +181,24 @@ def test_waiters_follow_the_primary(manager: PoolManager) -> None:
     assert manager.app.fenced == [f"{P[0]}:{P[1]}"]  # the last primary is cut off: another one is
 
 
+def test_pause_holds_the_clients_parked_for_a_primary(manager: PoolManager) -> None:
+    from halephant.admin.control import Control
+
+    publish(manager, node(P, Role.PRIMARY), node(R1, Role.REPLICA))
+    client = FakeClient("c")
+    primary = wait(manager, client, Role.PRIMARY)
+    primary.connecting = 1
+    manager.nodes.connect_failed(primary, ClientError(sqlstate.CONNECTION_FAILURE, "no"), node_failed=True)
+    parked = client.waiting_pool
+    assert parked.key[2] == "(no primary)" and client in parked.waiters
+    control = Control(manager.app)  # type: ignore[arg-type]
+    manager.app.manager = manager
+    control.pause("myapp")
+    assert client not in parked.waiters and client.waiting_pool is parked  # held, not handed a primary
+    publish(manager, node(P, Role.PRIMARY), node(R1, Role.REPLICA, lsn=1))  # the primary is back
+    assert client.servers == [] and client.waiting_pool is parked
+
+
 def test_failed_connect_to_the_primary_parks_its_clients(manager: PoolManager) -> None:
     publish(manager, node(P, Role.PRIMARY), node(R1, Role.REPLICA))
     client = FakeClient("c")
