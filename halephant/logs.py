@@ -31,6 +31,14 @@ def _escape(match: re.Match[str]) -> str:
     return "\n\t" if char == "\n" else char.encode("unicode_escape").decode()
 
 
+def printable(text: str) -> str:
+    """`text` on one line, every control character written as an escape (for a terminal view of names
+    clients chose: `halephant status`)."""
+    if not _CONTROL.search(text):
+        return text
+    return _CONTROL.sub(lambda match: match.group().encode("unicode_escape").decode(), text)
+
+
 class _TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         text = super().format(record)

@@ -27,6 +27,7 @@ from rich.table import Table
 from rich.text import Text
 
 from halephant import sqlstate
+from halephant.logs import printable
 from halephant.types import StatusPanel
 
 DEFAULT_URL = "http://127.0.0.1:6433"
@@ -98,10 +99,11 @@ def _count(n: float) -> str:
 
 class _DataTable(Table):
     """A table of what the admin API reports: names there are the clients' and plugins' own (a database
-    named `[/x]`), so a plain string cell is text, never Rich markup."""
+    named `[/x]`, or one with an escape sequence in it), so a plain string cell is text, never Rich
+    markup, and its control characters are shown as escapes rather than sent to the terminal."""
 
     def add_row(self, *renderables: RenderableType | None, **kwargs: Any) -> None:
-        super().add_row(*(Text(r) if isinstance(r, str) else r for r in renderables), **kwargs)
+        super().add_row(*(Text(printable(r)) if isinstance(r, str) else r for r in renderables), **kwargs)
 
 
 def _table(title: str, *, wide: bool) -> Table:

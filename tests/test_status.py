@@ -173,6 +173,16 @@ def test_names_are_shown_as_written_never_read_as_markup(width: int) -> None:
         assert literal in text, literal
 
 
+def test_control_characters_in_names_are_shown_as_escapes() -> None:
+    # a database reached through the '*' catch-all may be named with an escape sequence in it
+    data = snapshot()
+    data["pools"][0]["database"] = "x\x1b]0;pwned\x07\x1b[2J"
+    console = Console(record=True, width=160, color_system=None, force_terminal=False)
+    console.print(render(data, 160))
+    text = console.export_text()
+    assert "\x1b" not in text and "x\\x1b]0;pwned" in text
+
+
 @pytest.mark.parametrize("width", [80, 120, 160])
 def test_a_long_health_reason_leaves_the_node_and_role_whole(width: int) -> None:
     data = snapshot()
