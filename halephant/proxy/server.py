@@ -207,6 +207,13 @@ class ServerConnection(asyncio.Protocol):
     async def _login_slow_step(self, work: Callable[[], None]) -> None:
         try:
             await anyio.to_thread.run_sync(work, abandon_on_cancel=True)
+        except Exception as exc:  # this login fails, not the proxy (a spawned task's error would stop it)
+            if not self.login.done():
+                self.login.set_exception(
+                    ServerLoginError(sqlstate.CONNECTION_FAILURE, f"login failed: {exc!r}")
+                )
+            self.abort()
+            return
         finally:
             self._slow_step = False
         if not self.login.done() and not self.closing:
