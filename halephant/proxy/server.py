@@ -197,22 +197,22 @@ class ServerConnection(asyncio.Protocol):
     def _logging_in(self, data: bytes) -> None:
         try:
             self._login_data(data)
-        except ClientError as exc:
-            self.login.set_exception(exc)
-            self.abort()
         except Exception as exc:  # a hostile or broken server must not take the proxy down
-            self.login.set_exception(ServerLoginError(sqlstate.CONNECTION_FAILURE, f"login failed: {exc!r}"))
-            self.abort()
+            self._login_failed(exc)
+
+    def _login_failed(self, exc: Exception) -> None:
+        """The login failed: a refusal as the server gave it (a ClientError), anything else as 08006."""
+        if not self.login.done():
+            if not isinstance(exc, ClientError):
+                exc = ServerLoginError(sqlstate.CONNECTION_FAILURE, f"login failed: {exc!r}")
+            self.login.set_exception(exc)
+        self.abort()
 
     async def _login_slow_step(self, work: Callable[[], None]) -> None:
         try:
             await anyio.to_thread.run_sync(work, abandon_on_cancel=True)
         except Exception as exc:  # this login fails, not the proxy (a spawned task's error would stop it)
-            if not self.login.done():
-                self.login.set_exception(
-                    ServerLoginError(sqlstate.CONNECTION_FAILURE, f"login failed: {exc!r}")
-                )
-            self.abort()
+            self._login_failed(exc)
             return
         finally:
             self._slow_step = False
