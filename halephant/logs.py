@@ -26,17 +26,19 @@ _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
 _CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
 
 
+def _escaped(match: re.Match[str]) -> str:
+    return match.group().encode("unicode_escape").decode()
+
+
 def _escape(match: re.Match[str]) -> str:
-    char = match.group()
-    return "\n\t" if char == "\n" else char.encode("unicode_escape").decode()
+    """For the text log: a newline goes on a continuation line, as in PostgreSQL's log."""
+    return "\n\t" if match.group() == "\n" else _escaped(match)
 
 
 def printable(text: str) -> str:
     """`text` on one line, every control character written as an escape (for a terminal view of names
     clients chose: `halephant status`)."""
-    if not _CONTROL.search(text):
-        return text
-    return _CONTROL.sub(lambda match: match.group().encode("unicode_escape").decode(), text)
+    return _CONTROL.sub(_escaped, text) if _CONTROL.search(text) else text
 
 
 class _TextFormatter(logging.Formatter):
