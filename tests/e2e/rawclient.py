@@ -358,20 +358,4 @@ def raw_rows(messages: list[Message]) -> list[list[bytes | None]]:
 
 def data_rows(messages: list[Message]) -> list[list[str | None]]:
     """Decode DataRow messages (text format) into lists of values."""
-    rows: list[list[str | None]] = []
-    for m in messages:
-        if m.type != b"D":
-            continue
-        (n,) = struct.unpack_from("!h", m.payload)
-        pos = 2
-        row: list[str | None] = []
-        for _ in range(n):
-            (length,) = struct.unpack_from("!i", m.payload, pos)
-            pos += 4
-            if length < 0:
-                row.append(None)
-            else:
-                row.append(m.payload[pos : pos + length].decode())
-                pos += length
-        rows.append(row)
-    return rows
+    return [[None if value is None else value.decode() for value in row] for row in raw_rows(messages)]

@@ -191,10 +191,9 @@ def test_wrong_upstream_password_reaches_the_client(pg: Cluster, client_auth_hal
 SLOW_ITERATIONS = 3_000_000
 
 
-def test_a_slow_scram_login_upstream_stalls_no_other_client(pg: Cluster, halephant: HalephantFactory) -> None:
-    # A role whose verifier has many iterations (ALTER ROLE takes one as it is; PostgreSQL 16 makes them
-    # with scram_iterations): halephant's first login as it derives the keys in a worker thread, and
-    # each later one finds them cached.
+def _create_slow_role(pg: Cluster) -> None:
+    """Role `slowscram` (password "slow") with a verifier of SLOW_ITERATIONS: ALTER ROLE takes one as it
+    is, and PostgreSQL 16 makes them with scram_iterations."""
     salt = os.urandom(16)
     stored, server = scram_keys("slow", salt, SLOW_ITERATIONS)
     b64 = base64.b64encode
@@ -202,6 +201,12 @@ def test_a_slow_scram_login_upstream_stalls_no_other_client(pg: Cluster, halepha
         f"SCRAM-SHA-256${SLOW_ITERATIONS}:{b64(salt).decode()}${b64(stored).decode()}:{b64(server).decode()}"
     )
     pg.primary.sql(f"DROP ROLE IF EXISTS slowscram; CREATE ROLE slowscram LOGIN PASSWORD '{verifier}'")
+
+
+def test_a_slow_scram_login_upstream_stalls_no_other_client(pg: Cluster, halephant: HalephantFactory) -> None:
+    # A role whose verifier has many iterations: halephant's first login as it derives the keys in a
+    # worker thread, and each later one finds them cached.
+    _create_slow_role(pg)
     config = default_config(pg, users={"slowscram": {"password": "slow"}}, limits={"connect_timeout": "30s"})
     proxy = halephant.start(config)
     try:
@@ -271,13 +276,7 @@ def test_a_server_that_logged_in_across_a_reconnect_is_not_handed_on(
 ) -> None:
     # RECONNECT (or a reload that changes what a pool logs in with) while a server is still logging in:
     # that server was opened as things were before, and must not reach a client.
-    salt = os.urandom(16)
-    stored, server = scram_keys("slow", salt, SLOW_ITERATIONS)
-    b64 = base64.b64encode
-    verifier = (
-        f"SCRAM-SHA-256${SLOW_ITERATIONS}:{b64(salt).decode()}${b64(stored).decode()}:{b64(server).decode()}"
-    )
-    pg.primary.sql(f"DROP ROLE IF EXISTS slowscram; CREATE ROLE slowscram LOGIN PASSWORD '{verifier}'")
+    _create_slow_role(pg)
     config = default_config(
         pg,
         users={"slowscram": {"password": "slow"}, "admin": {"password": "admin-pw"}},
