@@ -2,7 +2,7 @@
 
 Each exchange is sans-IO: `start()` gives the first AuthenticationRequest to send, `feed(payload)` takes
 the body of the client's next PasswordMessage/SASL message and returns ``(reply, done)``. A wrong
-password raises `ClientError` 28P01. Unknown users run the same exchange against a deterministic fake
+password raises `ClientError` 28P01, a SCRAM message that cannot be parsed 08P01, as in PostgreSQL. Unknown users run the same exchange against a deterministic fake
 secret and fail at the end, as PostgreSQL does, so user names cannot be enumerated.
 """
 
@@ -15,6 +15,7 @@ import os
 from typing import Protocol
 
 from scramp import ScramException, ScramMechanism
+from scramp.utils import ServerError
 
 from halephant import sqlstate
 from halephant.auth.upstream import scram_password
@@ -107,6 +108,12 @@ class ScramExchange:
                         fatal=True,
                     )
                 first = data.decode()
+                if first.count(",") >= 2 and first.split(",", 2)[1]:
+                    raise ClientError(
+                        sqlstate.FEATURE_NOT_SUPPORTED,
+                        "client uses authorization identity, but it is not supported",
+                        fatal=True,
+                    )
                 # PostgreSQL ignores the SCRAM user name (the startup user counts) and libpq sends an empty
                 # one (`n=,`), which scramp refuses: give scramp a placeholder, but keep the exact bytes the
                 # client signed for the AuthMessage.
@@ -126,9 +133,19 @@ class ScramExchange:
                     raise auth_failed(self.user, "scram")
                 final = self._server.get_server_final().encode()
                 return m.authentication(codes.AUTH_SASL_FINAL, final), True
-        except (ScramException, ValueError, UnicodeDecodeError):
-            raise auth_failed(self.user, "scram") from None
+        except ScramException as exc:
+            if exc.server_error is ServerError.INVALID_PROOF:
+                raise auth_failed(self.user, "scram") from None
+            raise _malformed() from None
+        except (ValueError, UnicodeDecodeError):
+            raise _malformed() from None
         raise ClientError(sqlstate.PROTOCOL_VIOLATION, "unexpected SASL message", fatal=True)
+
+
+def _malformed() -> ClientError:
+    # PostgreSQL's answer to a SCRAM message it cannot parse, whether the user exists or not: only a
+    # well-formed exchange with a wrong proof is a wrong password (28P01)
+    return ClientError(sqlstate.PROTOCOL_VIOLATION, "malformed SCRAM message", fatal=True)
 
 
 def md5_inner(password: str, user: str) -> str:

@@ -114,6 +114,26 @@ def test_wrong_password_with_psycopg(proxy: Running) -> None:
     assert 'password authentication failed for user "myapp"' in str(info.value)
 
 
+@pytest.mark.parametrize("user", ["myapp", "nobody"])
+@pytest.mark.parametrize(
+    "client_first, code",
+    [(b"n,,r=abc", "08P01"), (b"x,,n=,r=abc", "08P01"), (b"n,a=b,n=,r=x", "0A000")],
+)
+def test_malformed_scram_message_is_not_a_wrong_password(
+    proxy: Running, user: str, client_first: bytes, code: str
+) -> None:
+    # PostgreSQL 15 answers these with 08P01 "malformed SCRAM message" (0A000 for an authorization
+    # identity), for known and unknown users alike
+    with raw(proxy) as client:
+        client.send(rc.startup({"user": user, "database": "myapp"}))
+        assert client.read().auth_code == rc.AUTH_SASL
+        mechanism = b"SCRAM-SHA-256\0"
+        client.send(rc.msg(b"p", mechanism + struct.pack("!i", len(client_first)) + client_first))
+        error = client.expect_error()
+        assert (error.fields["S"], error.fields["C"]) == ("FATAL", code), error
+        client.expect_closed()
+
+
 def test_unknown_database_is_told_only_after_a_correct_password(proxy: Running) -> None:
     with raw(proxy) as client:
         client.send(rc.startup({"user": "myapp", "database": "nosuchdb"}))
