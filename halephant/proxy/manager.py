@@ -91,6 +91,12 @@ class _Reset(StandIn):
         server = self.server
         server.client = None
         if self.transport.failed:
+            log.info(
+                "pool %s: closing server pid %d: reset query failed: %s",
+                server.pool.name,
+                server.backend_pid,
+                self.transport.failed,
+            )
             server.close(f"reset query failed: {self.transport.failed}")
         elif status == codes.TX_IDLE and at_boundary:
             server.dirty = ""

@@ -21,6 +21,7 @@ class StandIn:
 
     transaction_mode = False
     prepared = None  # never names a prepared statement (halephant.proxy.prepared)
+    session = None  # carries no session state (an ErrorResponse, say of a failed reset, checks it)
     held_back = False  # holds nothing back for a next transaction (ClientConnection.resume_held)
 
     def server_lost(self, server: ServerConnection, reason: str) -> None:

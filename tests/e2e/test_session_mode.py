@@ -113,3 +113,32 @@ def test_startup_parameters_reach_the_server(pg: Cluster, hal: Running) -> None:
         assert one(conn, "SHOW application_name") == "e2e-session"
         assert one(conn, "SHOW work_mem") == "5MB"
     assert_clean_servers(pg.primary)
+
+
+def test_a_failed_reset_closes_the_server_and_the_next_client_gets_a_new_one(
+    pg: Cluster, halephant: HalephantFactory
+) -> None:
+    # PostgreSQL refuses this reset: DISCARD ALL cannot run in the implicit transaction block of a query
+    # string of several statements. The server cannot be known clean, so it must be closed, not handed on.
+    config = default_config(
+        pg,
+        databases={
+            "myapp": {
+                "cluster": "main", "mode": "session", "pool_size": 1, "checkout_timeout": "5s",
+                "server_reset_query": "DISCARD ALL; SELECT 1",
+            },
+        },
+    )  # fmt: skip
+    run = halephant.start(config)
+    pids = []
+    for _ in range(2):
+        with connect(run) as conn:
+            pids.append(one(conn, "SELECT pg_backend_pid()"))
+            assert one(conn, "SHOW work_mem") != "7MB"
+            conn.execute("SET work_mem = '7MB'")
+            conn.execute("SELECT pg_advisory_lock(424243)")
+    assert pids[0] != pids[1]
+    assert_clean_servers(pg.primary)
+    log = run.log_text()
+    assert f"closing server pid {pids[0]}: reset query failed: DISCARD ALL cannot run inside" in log
+    assert "Traceback" not in log
