@@ -1310,6 +1310,11 @@ class ClientConnection(asyncio.Protocol):
             reset = session_state.on_leave(self) if self.transaction_mode else ""
             if not clean:
                 server.close("client left mid-transaction")
+            elif not server.scanner.at_boundary:
+                # In the middle of a message the client had not read whole (a notification, while the
+                # client read nothing and so neither did halephant): a reset's answer would be read from
+                # the middle of that message, and cannot be told apart from it.
+                server.close("client left in the middle of a message from the server")
             elif reset is None:
                 server.close("client left session state that cannot be undone (LOAD)")
             elif server.absorb:

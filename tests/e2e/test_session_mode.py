@@ -7,10 +7,13 @@ show, unless `server_reset_query` (DISCARD ALL) removed it.
 
 from __future__ import annotations
 
+import socket
+import time
 from typing import Any
 
 import psycopg
 import pytest
+from rawclient import RawClient, terminate
 from support.halephant import HalephantFactory, Running, default_config
 from support.leaks import assert_clean_servers
 
@@ -106,6 +109,33 @@ def test_client_leaving_mid_transaction_does_not_hand_on_its_server(pg: Cluster,
         assert one(conn, "SELECT 'works'") == "works"
     assert pg.primary.sql(f"SELECT count(*) FROM pg_stat_activity WHERE pid = {pid}") == "0"
     assert_clean_servers(pg.primary)
+
+
+def test_client_leaving_in_the_middle_of_a_notification_does_not_hand_on_its_server(
+    pg: Cluster, hal: Running
+) -> None:
+    # A listening client that reads nothing: halephant stops reading its server once the client's socket
+    # is full, most likely in the middle of a notification. The client then leaves between transactions.
+    listener = RawClient(hal.host, hal.port, timeout=5)
+    listener.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    try:
+        listener.login("myapp", "myapp", "myapp")
+        listener.simple_query("LISTEN e2e_session_flood")
+        with psycopg.connect(pg.primary.dsn("myapp", "myapp", "myapp"), autocommit=True) as direct:
+            direct.execute(  # 24 MB, far more than the sockets on the way hold
+                "SELECT pg_notify('e2e_session_flood', g || repeat('x', 7990))"
+                " FROM generate_series(1, 3000) g"
+            )
+        time.sleep(0.5)
+        listener.send(terminate())
+    finally:
+        listener.close()
+    with connect(hal) as conn:
+        assert one(conn, "SELECT count(*) FROM pg_listening_channels()") == 0
+        assert one(conn, "SELECT 'works'") == "works"
+    assert_clean_servers(pg.primary)
+    # (the reset's answer was read from the middle of the notification: ProtocolViolation in the callback)
+    assert "Traceback" not in hal.log_text()
 
 
 def test_startup_parameters_reach_the_server(pg: Cluster, hal: Running) -> None:
