@@ -57,6 +57,7 @@ from halephant.protocol.startup import (
 from halephant.proxy import prepared, session_state
 from halephant.proxy.limits import too_many_clients
 from halephant.sql import Statement
+from halephant.sql.effects import LOAD, session_effects
 from halephant.sql.statement import statement_of
 from halephant.types import (
     Allow,
@@ -672,6 +673,14 @@ class ClientConnection(asyncio.Protocol):
             verdict = self._pending_pin
             if verdict is not None:
                 self._pending_pin = None
+            if (
+                statement is not None
+                and not transaction_mode
+                and statement.session_state
+                and any(e.feature == LOAD for e in session_effects(statement))
+            ):
+                # session pooling: no reset unloads a library (a transaction pool closes such a server too)
+                server.unresettable = "a client ran LOAD"
             if statement is not None and transaction_mode:
                 effect = statement.session_state
                 if effect == "DEALLOCATE" or effect == "DISCARD":
@@ -1307,7 +1316,10 @@ class ClientConnection(asyncio.Protocol):
             clean = self.outstanding == 0 and not self.unsynced and server.scanner.status == codes.TX_IDLE
             if server.reading_paused:
                 server.set_reading(False)
-            reset = session_state.on_leave(self) if self.transaction_mode else ""
+            if self.transaction_mode:
+                reset = session_state.on_leave(self)
+            else:
+                reset = None if server.unresettable else ""
             if not clean:
                 server.close("client left mid-transaction")
             elif not server.scanner.at_boundary:

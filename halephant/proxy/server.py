@@ -94,6 +94,7 @@ class ServerConnection(asyncio.Protocol):
         "settings",
         "statements",
         "transport",
+        "unresettable",
         "xact_seen",
     )
 
@@ -124,6 +125,8 @@ class ServerConnection(asyncio.Protocol):
         self.reading_paused = False
         #: why this server carries session state since its last reset ("" = clean): checked at check-in
         self.dirty = ""
+        #: why no reset can make this server clean ("" = a reset can): it is closed when its client leaves
+        self.unresettable = ""
         self.link_count = 0  # bumped at every link: a cancel checks it did not go stale
         #: rejections in flight, oldest first: (marker, error, ReadyForQuery count after which it is due)
         self._rewrites: deque[tuple[bytes, bytes, int]] = deque()

@@ -138,6 +138,24 @@ def test_client_leaving_in_the_middle_of_a_notification_does_not_hand_on_its_ser
     assert "Traceback" not in hal.log_text()
 
 
+def test_a_loaded_library_closes_the_server_when_its_client_leaves(pg: Cluster, hal: Running) -> None:
+    # DISCARD ALL unloads nothing: the next client would get a backend with the library's hooks in place
+    with connect(hal) as conn:
+        pid = one(conn, "SELECT pg_backend_pid()")
+        try:
+            conn.execute("SELECT 1; LOAD 'plpgsql'")
+        except psycopg.Error:
+            pass  # not allowed for this role: closed all the same, halephant cannot tell what happened
+    with connect(hal) as conn:
+        assert one(conn, "SELECT pg_backend_pid()") != pid
+    assert pg.primary.sql(f"SELECT count(*) FROM pg_stat_activity WHERE pid = {pid}") == "0"
+    with connect(hal) as conn:
+        other = one(conn, "SELECT pg_backend_pid()")
+        conn.execute("SET work_mem = '3MB'")  # any other session state: reset, the server kept
+    with connect(hal) as conn:
+        assert one(conn, "SELECT pg_backend_pid()") == other
+
+
 def test_startup_parameters_reach_the_server(pg: Cluster, hal: Running) -> None:
     with connect(hal, application_name="e2e-session", options="-c work_mem=5MB") as conn:
         assert one(conn, "SHOW application_name") == "e2e-session"
