@@ -60,8 +60,9 @@ class App:
         self.listeners = Listeners(self)
         #: every connected client by its number, which is also the process ID it is told (cancel keys)
         self.clients: dict[int, ClientConnection] = {}
-        #: session-pooling clients by the server process ID they were told instead of their number
-        self.session_pids: dict[int, ClientConnection] = {}
+        #: session-pooling clients by the server process ID they were told instead of their number (servers
+        #: on different hosts may have the same process ID: each of its clients is told it)
+        self.session_pids: dict[int, list[ClientConnection]] = {}
         self.client_counts = ClientCounts()
         #: set by begin_shutdown(): no new connections; clients leave as their transactions end
         self.draining = False
@@ -242,12 +243,16 @@ class App:
 
     def client_closed(self, client: ClientConnection) -> None:
         self.clients.pop(client.number, None)
-        if client.told_pid and self.session_pids.get(client.told_pid) is client:
-            del self.session_pids[client.told_pid]
+        if client.told_pid:
+            told = self.session_pids.get(client.told_pid)
+            if told is not None and client in told:
+                told.remove(client)
+                if not told:
+                    del self.session_pids[client.told_pid]
 
     def session_process_id(self, client: ClientConnection, backend_pid: int) -> int:
         """Register the process ID a session-pooling client is told (its server's); returns it."""
-        self.session_pids[backend_pid] = client
+        self.session_pids.setdefault(backend_pid, []).append(client)
         client.told_pid = backend_pid
         return backend_pid
 
@@ -266,8 +271,7 @@ class App:
 
     def _cancel(self, process_id: int, secret_key: int, done: Callable[[], None]) -> None:
         key = (secret_key & 0xFFFFFFFF).to_bytes(4, "big")
-        for registry in (self.clients, self.session_pids):
-            client = registry.get(process_id)
+        for client in (self.clients.get(process_id), *self.session_pids.get(process_id, ())):
             if (
                 client is not None
                 and client.cancel_key
