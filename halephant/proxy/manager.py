@@ -1,6 +1,7 @@
 """The pools of a running halephant, and the I/O their decisions call for: opening server connections
 (a short task each, under `connect_timeout`), resetting session-mode servers, the maintenance loop
-(idle_timeout, max_lifetime, min_pool_size, servers beyond the pool's size) and what a reload changes
+(idle_timeout, max_lifetime, min_pool_size, servers beyond the pool's size,
+resets that do not answer) and what a reload changes
 about the pools (`reconfigure`). The timeouts themselves are swept in `halephant.proxy.sweep`. Which
 node's pool a transaction gets, following the probed topology, is `halephant.proxy.nodes`.
 """
@@ -49,7 +50,7 @@ class _Reset(StandIn):
     """Stands in for a client while a server runs its reset query (session pooling, a pinned client that
     left, or the clean-up of a transaction-mode client's emulated state)."""
 
-    __slots__ = ("clears_settings", "manager", "server", "transport")
+    __slots__ = ("clears_settings", "manager", "server", "started", "transport")
 
     class _Sink:
         """Reads the reset query's answer only to see whether any of it failed."""
@@ -86,6 +87,7 @@ class _Reset(StandIn):
         self.server = server
         self.transport = self._Sink(notifications)
         self.clears_settings = clears_settings
+        self.started = time.monotonic()  # bounded by connect_timeout (`PoolManager._close_stuck_resets`)
 
     def server_ready(self, n: int, status: int, at_boundary: bool) -> None:
         server = self.server
@@ -447,6 +449,7 @@ class PoolManager:
                 pool.discard(server)
                 server.close("pool retired by a configuration reload")
         self.retired = [pool for pool in self.retired if pool.total or pool.waiters]
+        self._close_stuck_resets(now)
         for pool in list(self.pools.values()):
             db = self.app.config.database_for(pool.info.target.database)
             if db is None:
@@ -470,6 +473,23 @@ class PoolManager:
             for _ in range(pool.missing_for_min()):
                 self.app.spawn(self._open_for_min, pool)
         self._forget_unused(now)
+
+    def _close_stuck_resets(self, now: float) -> None:
+        """Close the servers whose reset has not answered within connect_timeout (a frozen server, a
+        network gone silent, a reset query that waits on a lock): no client owns them, so nothing else
+        would, and each holds a place in its pool that waiting clients need."""
+        limit = self.app.config.limits.connect_timeout
+        for pool in self.all_pools():
+            for server in list(pool.active):
+                reset = cast(object, server.client)  # a stand-in, typed as the client it stands in for
+                if isinstance(reset, _Reset) and now - reset.started > limit:
+                    log.warning(
+                        "pool %s: closing server pid %d: no answer to its reset within connect_timeout (%gs)",
+                        pool.name,
+                        server.backend_pid,
+                        limit,
+                    )
+                    server.close("reset did not answer within connect_timeout")
 
     def _forget_unused(self, now: float) -> None:
         """The catch-all entry (`databases: '*'`) makes pools for every database name a client asks for,

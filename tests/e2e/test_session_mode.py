@@ -190,3 +190,31 @@ def test_a_failed_reset_closes_the_server_and_the_next_client_gets_a_new_one(
     log = run.log_text()
     assert f"closing server pid {pids[0]}: reset query failed: DISCARD ALL cannot run inside" in log
     assert "Traceback" not in log
+
+
+def test_a_reset_that_never_answers_closes_the_server_and_the_next_client_gets_a_new_one(
+    pg: Cluster, halephant: HalephantFactory
+) -> None:
+    # A reset waiting on a lock stands for any that never answers (a frozen server, a network gone
+    # silent): no client owns the server meanwhile, and it holds the pool's only place.
+    config = default_config(
+        pg,
+        databases={
+            "myapp": {
+                "cluster": "main", "mode": "session", "pool_size": 1, "checkout_timeout": "10s",
+                "server_reset_query": "SELECT pg_advisory_xact_lock(424244)",
+            },
+        },
+        limits={"connect_timeout": "1s"},
+    )  # fmt: skip
+    run = halephant.start(config)
+    with psycopg.connect(pg.primary.dsn("myapp", "myapp", "myapp"), autocommit=True) as holder:
+        holder.execute("SELECT pg_advisory_lock(424244)")
+        with connect(run) as conn:
+            pid = one(conn, "SELECT pg_backend_pid()")
+        started = time.monotonic()
+        with connect(run) as conn:
+            assert one(conn, "SELECT pg_backend_pid()") != pid
+        assert time.monotonic() - started < 5  # connect_timeout, and the once-a-second sweep
+    assert_clean_servers(pg.primary)
+    assert f"closing server pid {pid}: no answer to its reset within connect_timeout (1s)" in run.log_text()
