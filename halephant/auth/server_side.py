@@ -2,8 +2,9 @@
 
 Each exchange is sans-IO: `start()` gives the first AuthenticationRequest to send, `feed(payload)` takes
 the body of the client's next PasswordMessage/SASL message and returns ``(reply, done)``. A wrong
-password raises `ClientError` 28P01, a SCRAM message that cannot be parsed 08P01, as in PostgreSQL. Unknown users run the same exchange against a deterministic fake
-secret and fail at the end, as PostgreSQL does, so user names cannot be enumerated.
+password raises `ClientError` 28P01, a SCRAM message that cannot be parsed 08P01, as in PostgreSQL.
+Unknown users run the same exchange against a deterministic fake secret and fail at the end, as
+PostgreSQL does, so user names cannot be enumerated.
 """
 
 from __future__ import annotations

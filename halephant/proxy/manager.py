@@ -1,9 +1,9 @@
 """The pools of a running halephant, and the I/O their decisions call for: opening server connections
 (a short task each, under `connect_timeout`), resetting session-mode servers, the maintenance loop
-(idle_timeout, max_lifetime, min_pool_size, servers beyond the pool's size,
-resets that do not answer) and what a reload changes
-about the pools (`reconfigure`). The timeouts themselves are swept in `halephant.proxy.sweep`. Which
-node's pool a transaction gets, following the probed topology, is `halephant.proxy.nodes`.
+(idle_timeout, max_lifetime, min_pool_size, servers beyond the pool's size, resets that do not answer)
+and what a reload changes about the pools (`reconfigure`). The timeouts themselves are swept in
+`halephant.proxy.sweep`. Which node's pool a transaction gets, following the probed topology, is
+`halephant.proxy.nodes`.
 """
 
 from __future__ import annotations
