@@ -304,17 +304,36 @@ class App:
     async def forward_cancel(self, client: ClientConnection, server: ServerConnection, link: int) -> None:
         """Send a CancelRequest for the query `server` runs for `client`, unless the server moved on (its
         `link_count` is no longer `link`); returns once PostgreSQL has closed the cancel connection."""
+
+        def still_theirs() -> bool:
+            # the server may have moved on to another client while we connected: never cancel theirs
+            if client.server is server and server.link_count == link:
+                return True
+            log.info("%r: cancel dropped: its server moved on", client)
+            return False
+
+        await self._cancel_request(server, repr(client), still_theirs)
+
+    def cancel_orphaned(self, server: ServerConnection) -> None:
+        """Cancel the statement `server` still runs for a client that left. Closing the connection alone
+        lets it run to its end (PostgreSQL notices a closed connection only when it next reads from it
+        or writes to it), holding its locks, its snapshot and a backend meanwhile. The server is being
+        closed, so the cancel can reach no other client's statement."""
+        log.info("server pid %d: cancelling the statement its client left running", server.backend_pid)
+        self.spawn(self._cancel_request, server, f"server pid {server.backend_pid}", None)
+
+    async def _cancel_request(
+        self, server: ServerConnection, who: str, wanted: Callable[[], bool] | None
+    ) -> None:
         try:
             with anyio.fail_after(5):
                 stream = await anyio.connect_tcp(server.pool.host, server.pool.port)
                 async with stream:
-                    # the server may have moved on to another client while we connected: never cancel theirs
-                    if client.server is not server or server.link_count != link:
-                        log.info("%r: cancel dropped: its server moved on", client)
+                    if wanted is not None and not wanted():
                         return
                     await stream.send(m.cancel_request(server.backend_pid, server.backend_key))
                     await stream.receive()
         except (anyio.EndOfStream, anyio.BrokenResourceError):
             pass
         except Exception as exc:
-            log.warning("%r: cancel request failed: %s", client, exc)
+            log.warning("%s: cancel request failed: %s", who, exc)

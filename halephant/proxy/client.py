@@ -1321,6 +1321,8 @@ class ClientConnection(asyncio.Protocol):
             else:
                 reset = None if server.unresettable else ""
             if not clean:
+                if self.outstanding:
+                    self.app.cancel_orphaned(server)  # a statement still runs: stop it
                 server.close("client left mid-transaction")
             elif not server.scanner.at_boundary:
                 # In the middle of a message the client had not read whole (a notification, while the

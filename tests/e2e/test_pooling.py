@@ -438,6 +438,31 @@ def test_client_lost_mid_transaction_leaves_no_lock(pg: Cluster, hal: Running) -
     assert_clean_servers(pg.primary)
 
 
+def test_client_lost_mid_statement_has_its_statement_cancelled(pg: Cluster, hal: Running) -> None:
+    table = new_table(pg)
+    conn = connect(hal)
+    conn.execute("BEGIN")
+    pid = backend_pid(conn)
+    conn.execute(f"UPDATE {table} SET v = 100 WHERE id = 1")
+    # a statement that would run for a minute, holding the row lock, and a client that goes away
+    conn.pgconn.send_query(b"SELECT pg_sleep(60)")
+    assert wait_for(
+        lambda: pg.primary.sql(f"SELECT wait_event FROM pg_stat_activity WHERE pid = {pid}") == "PgSleep", 5
+    )
+    sock = socket.socket(fileno=os.dup(conn.fileno()))
+    sock.shutdown(socket.SHUT_RDWR)
+    sock.close()
+    conn.close()
+    # the backend does not run on to the end of its statement: it is cancelled, rolls back and exits
+    assert wait_for(
+        lambda: pg.primary.sql(f"SELECT count(*) FROM pg_stat_activity WHERE pid = {pid}") == "0", 5
+    )
+    assert "cancelling the statement its client left running" in hal.log_text()
+    with connect(hal) as other:
+        assert other.execute(f"SELECT v FROM {table} WHERE id = 1").fetchone() == (0,)  # rolled back
+    assert_clean_servers(pg.primary)
+
+
 # --- session state -------------------------------------------------------------------------------------
 
 
