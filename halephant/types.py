@@ -141,6 +141,11 @@ class PoolTarget:
     user: str = ""
     server_settings: tuple[tuple[str, str], ...] = ()
 
+    def __post_init__(self) -> None:
+        if type(self.mode) is not PoolMode:
+            # the core tells modes apart by identity: "session" must not pass for transaction pooling
+            object.__setattr__(self, "mode", PoolMode(self.mode))
+
     @property
     def pool_user(self) -> str:
         """The user part of this target's pool keys."""
@@ -175,10 +180,18 @@ class PoolInfo:
 
 @dataclass(frozen=True, slots=True)
 class Route:
-    """Which kind of node runs a transaction: answer of `halephant_route`."""
+    """Which kind of node runs a transaction: answer of `halephant_route`.
+
+    `role` may be given by its name (`"primary"`, `"replica"`); anything else raises ValueError.
+    """
 
     role: Role
     reason: str
+
+    def __post_init__(self) -> None:
+        if type(self.role) is not Role:
+            # the core tells roles apart by identity: "primary" must not be taken for a replica route
+            object.__setattr__(self, "role", Role(self.role))
 
 
 @dataclass(frozen=True, slots=True)

@@ -82,6 +82,39 @@ def test_a_route_answer_of_the_wrong_type_is_an_internal_error() -> None:
         plugins.route(CLIENT, TransactionInfo(None), POOL, CLUSTER)
 
 
+def test_a_route_or_pool_mode_given_by_name_is_the_enum_member() -> None:
+    # the core tells roles and modes apart by identity: Route("primary", ...) must not go to a replica
+    @hookimpl
+    def halephant_route() -> Route:
+        return Route("primary", "by name")  # type: ignore[arg-type]
+
+    plugins = Plugins(
+        entry_points=True,
+        disabled=["replica_routing"],
+        extra=[(_module(halephant_route=halephant_route), "r")],
+    )
+    assert plugins.route(CLIENT, TransactionInfo(None), POOL, CLUSTER).role is Role.PRIMARY
+    target = PoolTarget("d", "main", "d", "u", None, "transaction", "by name")  # type: ignore[arg-type]
+    assert target.mode is PoolMode.TRANSACTION
+
+
+def test_a_route_to_no_such_role_is_the_plugins_error() -> None:
+    @hookimpl
+    def halephant_route() -> Route:
+        return Route("leader", "no such role")  # type: ignore[arg-type]
+
+    plugins = Plugins(
+        entry_points=True,
+        disabled=["replica_routing"],
+        extra=[(_module(halephant_route=halephant_route), "typo")],
+    )
+    with pytest.raises(ValueError, match="leader") as info:
+        plugins.route(CLIENT, TransactionInfo(None), POOL, CLUSTER)
+    assert plugins.culprit(info.value) == ("typo", "halephant_route")
+    with pytest.raises(ValueError, match="bogus"):
+        PoolTarget("d", "main", "d", "u", None, "bogus", "no such mode")  # type: ignore[arg-type]
+
+
 def test_the_plugin_an_exception_came_from_is_named() -> None:
     def helper(statement: Statement) -> None:
         raise ValueError(statement.text)  # raised below the implementation: still that plugin's
