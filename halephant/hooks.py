@@ -140,7 +140,9 @@ def halephant_pool_size(pool: PoolTarget, config: Config) -> PoolSize | None:
 
     :param pool: the pool's target.
     :param config: the current configuration.
-    :returns: ``PoolSize(min, max, reserve, reason)``.
+    :returns: ``PoolSize(min, max, reserve, reason)``, whole numbers with ``max`` 1 or more, ``min`` from 0
+        to ``max`` and ``reserve`` 0 or more; any other answer fails the clients of that pool with XX000
+        (a reload keeps the previous configuration).
 
     Default: ``plugins/pool_sizing.py`` (from ``databases.<name>.pool_size``, ``min_pool_size`` and
     ``reserve_pool_size``).

@@ -102,6 +102,20 @@ def _sees_plain(impl: pluggy.HookImpl) -> bool:
     return not getattr(impl.function, IGNORES_PLAIN, False)
 
 
+def _size_problem(size: PoolSize) -> str | None:
+    """What is wrong with a `halephant_pool_size` answer (the checks the config makes of pool_size,
+    min_pool_size and reserve_pool_size), or None."""
+    if not all(type(n) is int for n in (size.min, size.max, size.reserve)):
+        return "min, max and reserve must be whole numbers"
+    if size.max < 1:
+        return "max must be 1 or more"
+    if not 0 <= size.min <= size.max:
+        return "min must be from 0 to max"
+    if size.reserve < 0:
+        return "reserve cannot be negative"
+    return None
+
+
 class PluginError(Exception):
     """A plugin could not be loaded, or a required decision has no implementation."""
 
@@ -289,7 +303,14 @@ class Plugins:
     def pool_size(self, pool: PoolTarget, config: Config) -> PoolSize:
         answer = self._pool_size(pool=pool, config=config)
         if isinstance(answer, PoolSize):
-            return answer
+            problem = _size_problem(answer)
+            if problem is None:
+                return answer
+            # the pool would never serve (max 0), or open min and close down to max at every sweep
+            raise PluginError(
+                f"halephant_pool_size answered {answer!r} for pool {pool.database}/{pool.server_user}: "
+                f"{problem}"
+            )
         raise PluginError(f"no plugin sized pool {pool.database}/{pool.server_user}: {answer!r}")
 
     def status_panels(self, snapshot: dict[str, Any]) -> list[tuple[str, StatusPanel | Exception]]:

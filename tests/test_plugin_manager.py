@@ -115,6 +115,28 @@ def test_a_route_to_no_such_role_is_the_plugins_error() -> None:
         PoolTarget("d", "main", "d", "u", None, "bogus", "no such mode")  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize(
+    ("size", "problem"),
+    [
+        (PoolSize(min=6, max=2), "min must be from 0 to max"),
+        (PoolSize(min=-1, max=2), "min must be from 0 to max"),
+        (PoolSize(min=0, max=0), "max must be 1 or more"),
+        (PoolSize(min=0, max=2, reserve=-1), "reserve cannot be negative"),
+        (PoolSize(min=0, max="5"), "min, max and reserve must be whole numbers"),  # type: ignore[arg-type]
+        (PoolSize(min=0, max=True), "min, max and reserve must be whole numbers"),
+    ],
+)
+def test_a_pool_size_the_pool_cannot_keep_is_refused(size: PoolSize, problem: str) -> None:
+    # min above max would open min servers and close them down to max at every sweep, for ever
+    @hookimpl
+    def halephant_pool_size() -> PoolSize:
+        return size
+
+    plugins = Plugins(entry_points=True, extra=[(_module(halephant_pool_size=halephant_pool_size), "s")])
+    with pytest.raises(PluginError, match=f"halephant_pool_size answered .* for pool d/u: {problem}"):
+        plugins.pool_size(TARGET, None)  # type: ignore[arg-type]
+
+
 def test_the_plugin_an_exception_came_from_is_named() -> None:
     def helper(statement: Statement) -> None:
         raise ValueError(statement.text)  # raised below the implementation: still that plugin's
