@@ -164,7 +164,7 @@ class Plugins:
             try:
                 self.pm.load_setuptools_entrypoints(PROJECT)
             except Exception as exc:
-                raise PluginError(f"could not load a plugin: {exc!r}") from exc
+                raise PluginError(f"could not load {self._failed_entry_point()}: {exc!r}") from exc
         #: names under plugins.disable that no installed plugin has (a typo, or a plugin uninstalled)
         self.unknown_disabled: list[str] = []
         if entry_points:
@@ -181,6 +181,18 @@ class Plugins:
         if os.environ.get("HALEPHANT_TRACE_HOOKS") == "1":
             self.pm.trace.root.setwriter(print)
             self.pm.enable_tracing()
+
+    def _failed_entry_point(self) -> str:
+        """The entry point `load_setuptools_entrypoints` stopped at, for the operator: the first of the
+        group (in the order pluggy loads them) neither registered nor blocked."""
+        for ep in importlib.metadata.entry_points(group=PROJECT):
+            if self.pm.get_plugin(ep.name) is None and not self.pm.is_blocked(ep.name):
+                dist = f" of {ep.dist.name} {ep.dist.version}" if ep.dist is not None else ""
+                return (
+                    f"plugin {ep.name!r} (entry point {ep.value!r}{dist}; to start without it, "
+                    f"name it under plugins.disable)"
+                )
+        return "a plugin"
 
     def register(self, plugin: object, name: str | None = None) -> None:
         self.pm.register(plugin, name=name)

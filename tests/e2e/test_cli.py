@@ -259,6 +259,33 @@ def test_plugins_disabling_a_required_default_is_an_error(tmp_path: pathlib.Path
     assert "Traceback" not in result.stderr
 
 
+def test_a_broken_entry_point_is_named_with_the_way_to_leave_it_out(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # an installed package whose `halephant` entry point names a module that is not there
+    dist_info = tmp_path / "halephant_broken_plugin-0.3.dist-info"
+    dist_info.mkdir()
+    (dist_info / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: halephant-broken-plugin\nVersion: 0.3\n"
+    )
+    (dist_info / "entry_points.txt").write_text("[halephant]\nbroken = halephant_broken_plugin_gone\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    named = (
+        "could not load plugin 'broken' "
+        "(entry point 'halephant_broken_plugin_gone' of halephant-broken-plugin 0.3"
+    )
+    path = write(tmp_path / "good.yaml", GOOD_CONFIG)
+    for command in (["plugins"], ["check", "-c", path]):
+        result = halephant_cli(*command)
+        assert result.returncode != 0, result.stdout
+        assert named in result.stderr and "plugins.disable" in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+    disabled = write(tmp_path / "disabled.yaml", GOOD_CONFIG + "plugins:\n  disable: [broken]\n")
+    result = halephant_cli("check", "-c", disabled)
+    assert result.returncode == 0, result.stderr
+    assert "warning" not in result.stderr  # an installed plugin, disabled: no typo
+
+
 # --- halephant run ---------------------------------------------------------------------------------------
 
 
