@@ -27,6 +27,15 @@ from ruamel.yaml.comments import CommentedMap, CommentedSeq, TaggedScalar
 from ruamel.yaml.constructor import DuplicateKeyError
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 from ruamel.yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+from ruamel.yaml.tokens import (
+    BlockEndToken,
+    BlockMappingStartToken,
+    BlockSequenceStartToken,
+    FlowMappingEndToken,
+    FlowMappingStartToken,
+    FlowSequenceEndToken,
+    FlowSequenceStartToken,
+)
 
 from halephant.config.schema import (
     CATCH_ALL,
@@ -112,13 +121,89 @@ def read_config_text(text: str, source: str) -> RawConfig:
         raise ConfigError([_syntax_problem(exc, source)]) from None
     except YAMLError as exc:
         raise ConfigError([ConfigProblem(source, 1, 1, "", f"invalid YAML: {exc}")]) from None
+    except RecursionError:  # ruamel builds nested collections recursively
+        raise ConfigError([_too_deep(text, source)]) from None
     if data is None:  # an empty file, or only comments
         data = CommentedMap()
     if not isinstance(data, CommentedMap):
         line, col = (data.lc.line + 1, data.lc.col + 1) if isinstance(data, CommentedSeq) else (1, 1)
         message = "the file must be a mapping of settings (listen:, clusters:, databases:, users:, ...)"
         raise ConfigError([ConfigProblem(source, line, col, "", message)])
+    too_many = _too_many_values(data, source)
+    if too_many is not None:
+        raise ConfigError([too_many])
     return RawConfig(data, source)
+
+
+#: Nesting a configuration never needs; found by the scanner, which (unlike the parser) is not recursive.
+_MAX_DEPTH = 100
+
+_OPEN_TOKENS = (
+    BlockMappingStartToken,
+    BlockSequenceStartToken,
+    FlowMappingStartToken,
+    FlowSequenceStartToken,
+)
+_CLOSE_TOKENS = (BlockEndToken, FlowMappingEndToken, FlowSequenceEndToken)
+
+
+def _too_deep(text: str, source: str) -> ConfigProblem:
+    """Where `text` nests deeper than `_MAX_DEPTH` (the top of the file if the scanner says otherwise)."""
+    message = f"nested more than {_MAX_DEPTH} levels deep: not a halephant configuration"
+    depth = 0
+    try:
+        for token in YAML(typ="rt").scan(text):
+            if isinstance(token, _OPEN_TOKENS):
+                depth += 1
+                if depth > _MAX_DEPTH:
+                    mark = token.start_mark
+                    return ConfigProblem(source, mark.line + 1, mark.column + 1, "", message)
+            elif isinstance(token, _CLOSE_TOKENS):
+                depth -= 1
+    except YAMLError:
+        pass
+    return ConfigProblem(source, 1, 1, "", message)
+
+
+#: Values a document may stand for once its aliases (`*name`) are expanded. A configuration has
+#: thousands; a few lines of aliases of aliases can stand for billions, which validation would walk
+#: one by one (`halephant check` hanging, or a reload holding up every client).
+_MAX_VALUES = 1_000_000
+
+
+def _too_many_values(data: CommentedMap, source: str) -> ConfigProblem | None:
+    """A problem when `data` expands to more than `_MAX_VALUES` values, located at the innermost
+    collection that does on its own; counted without expanding (each collection once)."""
+    sizes: dict[int, int] = {}
+
+    def size(node: Any) -> int:
+        if not isinstance(node, CommentedMap | CommentedSeq):
+            return 1
+        known = sizes.get(id(node))
+        if known is None:
+            sizes[id(node)] = 1  # a collection that contains itself counts once
+            children = node.values() if isinstance(node, CommentedMap) else node
+            known = sizes[id(node)] = 1 + sum(size(child) for child in children)
+        return known
+
+    if size(data) <= _MAX_VALUES:
+        return None
+    loc: list[Any] = []
+    node: Any = data
+    seen = {id(data)}
+    while True:
+        items = node.items() if isinstance(node, CommentedMap) else enumerate(node)
+        big = [(key, child) for key, child in items if size(child) > _MAX_VALUES and id(child) not in seen]
+        if not big:
+            break
+        key, node = big[0]
+        loc.append(key)
+        seen.add(id(node))
+    message = (
+        f"expands to more than {_MAX_VALUES:,} values through YAML aliases (*name): "
+        "not a halephant configuration"
+    )
+    return _Locator(data, source).problem(tuple(loc), message)
 
 
 def _syntax_problem(exc: MarkedYAMLError, source: str) -> ConfigProblem:

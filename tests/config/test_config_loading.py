@@ -587,6 +587,31 @@ def test_anchors_and_merge_keys() -> None:
     ]
 
 
+def test_aliases_that_expand_to_millions_of_values_are_refused_at_once() -> None:
+    # ten aliases of ten aliases of ...: 10**8 values in a few lines, which validation would walk
+    levels = ["  a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    levels += [f"  a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)]
+    text = MINIMAL + "limits:\n" + "\n".join(levels) + "\n"
+    with pytest.raises(ConfigError) as excinfo:
+        read_config_text(text, "halephant.yaml")
+    assert [str(p) for p in excinfo.value.problems] == [
+        "halephant.yaml:16:3: limits.a5: expands to more than 1,000,000 values through YAML aliases "
+        "(*name): not a halephant configuration"
+    ]
+    # an alias used a few times is fine, and so is one that contains itself
+    assert read_config_text(MINIMAL + "x: &x [1, 2]\ny: [*x, *x, *x]\nz: &z [*z]\n", "halephant.yaml")
+
+
+def test_nesting_too_deep_for_the_parser_is_a_problem_with_a_position() -> None:
+    # ruamel builds nested collections recursively: this deep, it stops with RecursionError
+    text = MINIMAL + "limits: " + "[" * 500 + "]" * 500 + "\n"
+    with pytest.raises(ConfigError) as excinfo:
+        read_config_text(text, "halephant.yaml")
+    assert [str(p) for p in excinfo.value.problems] == [
+        "halephant.yaml:10:108: nested more than 100 levels deep: not a halephant configuration"
+    ]
+
+
 def test_raw_config_disabled_plugins() -> None:
     def disabled(text: str) -> list[str]:
         return read_config_text(text, "halephant.yaml").disabled_plugins
