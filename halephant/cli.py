@@ -191,7 +191,11 @@ def plugins(path: str | None) -> None:
     disabled: list[str] = []
     modules: list[str] = []
     if path is not None:
-        raw = read_config(path)
+        try:
+            raw = read_config(path)
+        except ConfigError as exc:
+            click.echo(str(exc), err=True)
+            sys.exit(1)
         disabled, modules = raw.disabled_plugins, raw.plugin_modules
     try:
         loaded = Plugins(disabled=disabled, modules=modules)

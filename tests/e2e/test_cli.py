@@ -259,6 +259,23 @@ def test_plugins_disabling_a_required_default_is_an_error(tmp_path: pathlib.Path
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [(None, ":1:1: cannot read the file"), ("clusters:\n\tmain: {}\n", ":2:1: found character '\\t'")],
+    ids=["missing-file", "yaml-error"],
+)
+def test_plugins_with_a_config_it_cannot_read_says_why(
+    tmp_path: pathlib.Path, text: str | None, problem: str
+) -> None:
+    path = tmp_path / "halephant.yaml"
+    if text is not None:
+        path.write_text(text)
+    result = halephant_cli("plugins", "-c", str(path))
+    assert result.returncode != 0
+    assert f"{path}{problem}" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_a_broken_entry_point_is_named_with_the_way_to_leave_it_out(
     tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
