@@ -72,12 +72,12 @@ class _Current:
     Until the first configure call the defaults apply, so the guard fails closed.
     """
 
-    __slots__ = ("pinned_databases", "settings")
+    __slots__ = ("config", "settings")
 
     def __init__(self) -> None:
         self.settings = CursorGuardSettings()
-        #: databases whose `session_features.with_hold` is `pin`
-        self.pinned_databases: frozenset[str] = frozenset()
+        #: the configuration in force: each database's `session_features.with_hold`
+        self.config: Config | None = None
 
 
 _current = _Current()
@@ -94,9 +94,7 @@ def halephant_configure(config: Config) -> None:
     settings = config.plugin_settings(SECTION)
     # The section is optional in halephant.yaml: no section means the defaults.
     _current.settings = settings if isinstance(settings, CursorGuardSettings) else CursorGuardSettings()
-    _current.pinned_databases = frozenset(
-        name for name, db in config.databases.items() if db.session_features.with_hold == "pin"
-    )
+    _current.config = config
 
 
 @hookimpl(trylast=True)
@@ -107,7 +105,10 @@ def halephant_inspect_query(client: ClientInfo, statement: Statement, pool: Pool
         return None
     if not statement.declares_holdable_cursor:
         return None
-    if pool.database in _current.pinned_databases:
+    config = _current.config
+    # the database's own entry, or the catch-all '*' entry that serves it
+    db = config.database_for(pool.database) if config is not None else None
+    if db is not None and db.session_features.with_hold == "pin":
         return Pin(f"cursor_guard: DECLARE ... WITH HOLD in {pool.database}", feature="with_hold")
     return Reject(
         sqlstate.FEATURE_NOT_SUPPORTED,

@@ -54,12 +54,12 @@ HINT = (
 
 
 class _Current:
-    """The policy tables in force, by database name; replaced whole on every reload."""
+    """The configuration in force (its policy tables); replaced whole on every reload."""
 
-    __slots__ = ("databases",)
+    __slots__ = ("config",)
 
     def __init__(self) -> None:
-        self.databases: dict[str, DatabaseConfig] = {}
+        self.config: Config | None = None
 
 
 _current = _Current()
@@ -68,7 +68,7 @@ _DEFAULT = DatabaseConfig(cluster="")
 
 @hookimpl
 def halephant_configure(config: Config) -> None:
-    _current.databases = dict(config.databases)
+    _current.config = config
 
 
 @hookimpl(trylast=True)
@@ -77,7 +77,10 @@ def halephant_inspect_query(client: ClientInfo, statement: Statement, pool: Pool
     # Cheapest tests first: this runs for every Query and Parse, and nearly every statement has no effect.
     if not statement.session_state or pool.mode is not PoolMode.TRANSACTION:
         return None
-    policy = _current.databases.get(pool.database, _DEFAULT).session_features
+    config = _current.config
+    # the database's own entry, or the catch-all '*' entry that serves it
+    db = config.database_for(pool.database) if config is not None else None
+    policy = (db if db is not None else _DEFAULT).session_features
     pin: Pin | None = None
     for effect in session_effects(statement):
         feature = effect.feature

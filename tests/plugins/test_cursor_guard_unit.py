@@ -12,7 +12,8 @@ from halephant_plugins.cursor_guard import CursorGuardSettings
 from pydantic import BaseModel, ValidationError
 
 from halephant import PROJECT, hooks, sqlstate
-from halephant.types import ClientInfo, PoolInfo, PoolMode, PoolSize, PoolTarget, Reject, Statement
+from halephant.config import read_config_text, validate_config
+from halephant.types import ClientInfo, Pin, PoolInfo, PoolMode, PoolSize, PoolTarget, Reject, Statement
 
 if TYPE_CHECKING:
     from halephant.types import Config
@@ -29,6 +30,9 @@ class FakeConfig:
 
     def plugin_settings(self, name: str) -> BaseModel | None:
         return self.sections.get(name)
+
+    def database_for(self, name: str) -> object | None:
+        return None
 
 
 def configure(action: str | None) -> None:
@@ -127,6 +131,24 @@ def test_action_reject_is_the_default_and_a_reload_applies() -> None:
     assert inspect(HOLDABLE, PoolMode.TRANSACTION) is None
     configure(None)  # the section removed on reload: back to the default
     assert isinstance(inspect(HOLDABLE, PoolMode.TRANSACTION), Reject)
+
+
+@pytest.mark.parametrize("database", ["app", "served_by_the_catch_all"])
+def test_with_hold_pin_of_the_entry_that_serves_the_database(database: str) -> None:
+    # the catch-all '*' entry's session_features apply to the databases it serves
+    text = (
+        "clusters: {main: {nodes: [127.0.0.1:5432]}}\n"
+        "databases:\n"
+        "  app: {cluster: main, session_features: {with_hold: pin}}\n"
+        "  '*': {cluster: main, session_features: {with_hold: pin}}\n"
+        "users: {myapp: {password: secret}}\n"
+    )
+    cursor_guard.halephant_configure(config=validate_config(read_config_text(text, "halephant.yaml")))
+    target = PoolTarget(database, "main", database, "myapp", None, PoolMode.TRANSACTION, "test")
+    verdict = cursor_guard.halephant_inspect_query(
+        client=client(), statement=Statement(HOLDABLE), pool=PoolInfo(target, PoolSize(min=0, max=5))
+    )
+    assert verdict == Pin(f"cursor_guard: DECLARE ... WITH HOLD in {database}", feature="with_hold")
 
 
 def test_settings_model() -> None:
