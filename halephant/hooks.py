@@ -77,8 +77,9 @@ def halephant_select_pool(client: ClientInfo, config: Config) -> PoolTarget | Re
     :param client: user, database and startup parameters of the client.
     :param config: the current configuration.
     :returns: a ``PoolTarget`` (the ``databases:`` entry, its cluster, the upstream database and user and
-        the password halephant logs in with, the pool mode), or ``Reject`` (for an unknown database,
-        3D000; the core sends it only after authentication, as PostgreSQL does).
+        the password halephant logs in with, the pool mode; for a database ``databases:`` does not list,
+        ``entry`` names the entry whose settings its pools follow), or ``Reject`` (for an unknown
+        database, 3D000; the core sends it only after authentication, as PostgreSQL does).
 
     Default: ``plugins/database_routing.py``.
     """

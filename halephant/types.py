@@ -128,7 +128,10 @@ class PoolTarget:
     when it logs in upstream, with `server_settings` as extra startup parameters (e.g.
     `default_transaction_read_only=on` for a read-only user). `user` is the halephant user the pools
     belong to ("" means `server_user`): an alias that logs in upstream as another user still gets pools
-    of its own, so servers set up differently are never shared.
+    of its own, so servers set up differently are never shared. `entry` is the `databases:` entry
+    whose settings the pools use (sizes, timeouts, reset query, session features; "" means the one
+    that serves `database`): a plugin that serves databases `databases:` does not list names the
+    entry they follow, and its clients are told 57P01 once a reload removes that entry.
     """
 
     database: str
@@ -140,6 +143,7 @@ class PoolTarget:
     reason: str
     user: str = ""
     server_settings: tuple[tuple[str, str], ...] = ()
+    entry: str = ""
 
     def __post_init__(self) -> None:
         if type(self.mode) is not PoolMode:
@@ -150,6 +154,11 @@ class PoolTarget:
     def pool_user(self) -> str:
         """The user part of this target's pool keys."""
         return self.user or self.server_user
+
+    @property
+    def entry_name(self) -> str:
+        """The name to look the pools' `databases:` entry up by (`Config.database_for`)."""
+        return self.entry or self.database
 
 
 @dataclass(frozen=True, slots=True)

@@ -107,7 +107,7 @@ def halephant_inspect_query(client: ClientInfo, statement: Statement, pool: Pool
         return None
     config = _current.config
     # the database's own entry, or the catch-all '*' entry that serves it
-    db = config.database_for(pool.database) if config is not None else None
+    db = config.database_for(pool.target.entry_name) if config is not None else None
     if db is not None and db.session_features.with_hold == "pin":
         return Pin(f"cursor_guard: DECLARE ... WITH HOLD in {pool.database}", feature="with_hold")
     return Reject(

@@ -10,12 +10,12 @@ from halephant.types import Config, PoolSize, PoolTarget
 
 @hookimpl(trylast=True)
 def halephant_pool_size(pool: PoolTarget, config: Config) -> PoolSize | None:
-    db = config.database_for(pool.database)
+    db = config.database_for(pool.entry_name)
     if db is None:
         return None
     return PoolSize(
         min=db.min_pool_size,
         max=db.pool_size,
         reserve=db.reserve_pool_size,
-        reason=f"databases.{pool.database}.pool_size",
+        reason=f"databases.{db.name}.pool_size",
     )

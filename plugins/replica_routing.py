@@ -99,7 +99,7 @@ class _Plan:
         target = pool.target
         user_name = target.pool_user
         user = config.users.get(user_name) if config is not None else None
-        db = config.database_for(target.database) if config is not None else None
+        db = config.database_for(target.entry_name) if config is not None else None
         self.read_only_user = user is not None and user.read_only
         self.ro_to_replica = db is None or db.read_only_transactions == "replica"
         fallback = db.replica_fallback if db is not None else "primary"

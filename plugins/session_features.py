@@ -79,7 +79,7 @@ def halephant_inspect_query(client: ClientInfo, statement: Statement, pool: Pool
         return None
     config = _current.config
     # the database's own entry, or the catch-all '*' entry that serves it
-    db = config.database_for(pool.database) if config is not None else None
+    db = config.database_for(pool.target.entry_name) if config is not None else None
     policy = (db if db is not None else _DEFAULT).session_features
     pin: Pin | None = None
     for effect in session_effects(statement):

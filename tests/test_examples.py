@@ -279,7 +279,8 @@ def test_select_pool_by_prefix() -> None:
     assert (target.server_user, target.server_password) == ("reporting", "upstream-secret")
     assert target.mode is PoolMode.SESSION  # from databases.tenants
     assert "acme" in target.reason
-    # Its pools have no `databases:` entry: the module sizes them from the template entry.
+    # Its pools have no `databases:` entry: they follow the template entry's, sizes included.
+    assert target.entry == "tenants"
     size = plugins.pool_size(target, config)
     assert (size.min, size.max) == (1, 7)
 

@@ -7,8 +7,8 @@ to the next plugin (the default looks it up in `databases:`, and answers 3D000 f
 
 Each tenant database gets its own pools (pools are keyed by `PoolTarget.database`), so a server connection
 is never handed from one tenant's database to another. Those pools have no `databases:` entry of their
-own, which is why this module also answers `halephant_pool_size` for them, with the sizes of the
-`tenants` entry: without that, no plugin could size them.
+own: `PoolTarget.entry` names the `tenants` entry, whose settings they follow (pool sizes, timeouts, reset
+query, session features), and a reload that removes it ends their clients' sessions (57P01).
 
 Tenant names are limited to lower-case letters, digits and `_`, so a client cannot create pools for
 arbitrary names; PostgreSQL answers 3D000 for a tenant that does not exist.
@@ -20,9 +20,9 @@ import re
 from typing import Final
 
 from halephant import hookimpl
-from halephant.types import ClientInfo, Config, PoolMode, PoolSize, PoolTarget
+from halephant.types import ClientInfo, Config, PoolMode, PoolTarget
 
-#: The `databases:` entry whose cluster, pool mode and sizes every tenant database uses.
+#: The `databases:` entry whose cluster, pool mode and settings every tenant database uses.
 TEMPLATE: Final = "tenants"
 TENANT_DATABASE: Final = re.compile(r"tenant_([a-z0-9_]{1,50})")
 
@@ -42,16 +42,5 @@ def halephant_select_pool(client: ClientInfo, config: Config) -> PoolTarget | No
         server_password=user.upstream_password if user is not None else None,
         mode=PoolMode(entry.mode),
         reason=f"tenant {match.group(1)} -> cluster {entry.cluster} (databases.{TEMPLATE})",
-    )
-
-
-@hookimpl
-def halephant_pool_size(pool: PoolTarget, config: Config) -> PoolSize | None:
-    entry = config.databases.get(TEMPLATE)
-    if entry is None or pool.database in config.databases or TENANT_DATABASE.fullmatch(pool.database) is None:
-        return None
-    return PoolSize(
-        min=entry.min_pool_size,
-        max=entry.pool_size,
-        reason=f"tenant database {pool.database}: databases.{TEMPLATE}.pool_size",
+        entry=TEMPLATE,
     )

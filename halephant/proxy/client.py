@@ -492,7 +492,7 @@ class ClientConnection(asyncio.Protocol):
             raise ClientError(r.code, r.message, hint=r.hint, fatal=True)
         assert self.info is not None and self.target is not None
         pool_info = self.app.manager.pool_info(self.target)
-        refused = self.app.client_counts.admit(self.app.config, self.target.database, self.info.user)
+        refused = self.app.client_counts.admit(self.app.config, self.target, self.info.user)
         if refused is not None:
             log.warning(
                 "%r: rejected: %s",
@@ -1013,7 +1013,7 @@ class ClientConnection(asyncio.Protocol):
         self._first_checked = True
         timeout = self._checkout_timeout
         if timeout < 0:
-            db = app.config.database_for(target.database)
+            db = app.config.database_for(target.entry_name)
             timeout = self._checkout_timeout = db.checkout_timeout if db is not None else 30.0
         # enforced by the pool manager's sweep (one timer for everyone, not one per wait)
         self.wait_started = self.since = now = app.loop.time()

@@ -8,9 +8,14 @@ probe nor use up another user's allowance.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from halephant import sqlstate
 from halephant.config import Config
 from halephant.errors import ClientError
+
+if TYPE_CHECKING:
+    from halephant.types import PoolTarget
 
 
 class ClientCounts:
@@ -22,9 +27,10 @@ class ClientCounts:
         self.by_database: dict[str, int] = {}
         self.by_user: dict[str, int] = {}
 
-    def admit(self, config: Config, database: str, user: str) -> ClientError | None:
-        """Count a client in, or say why it may not log in (nothing is counted then)."""
-        db, u = config.database_for(database), config.users.get(user)
+    def admit(self, config: Config, target: PoolTarget, user: str) -> ClientError | None:
+        """Count a client of `target` in, or say why it may not log in (nothing is counted then)."""
+        database = target.database
+        db, u = config.database_for(target.entry_name), config.users.get(user)
         n_db, n_user = self.by_database.get(database, 0), self.by_user.get(user, 0)
         if db is not None and db.max_client_conn is not None and n_db >= db.max_client_conn:
             return ClientError(

@@ -370,7 +370,7 @@ class PoolManager:
         if targeted:
             query = targeted
         else:
-            db = self.app.config.database_for(server.pool.info.target.database)
+            db = self.app.config.database_for(server.pool.info.target.entry_name)
             query = db.server_reset_query if db is not None else "DISCARD ALL"
         if not query:
             self.checkin(server)
@@ -451,7 +451,7 @@ class PoolManager:
         self.retired = [pool for pool in self.retired if pool.total or pool.waiters]
         self._close_stuck_resets(now)
         for pool in list(self.pools.values()):
-            db = self.app.config.database_for(pool.info.target.database)
+            db = self.app.config.database_for(pool.info.target.entry_name)
             if db is None:
                 continue
             self._close_excess(pool)
@@ -559,8 +559,8 @@ class PoolManager:
         self._welcome.clear()
         for key, pool in list(self.pools.items()):
             pool.login_refused = None  # a password may have changed: try again at once
-            database, _user, node = key
-            db = config.database_for(database)
+            _database, _user, node = key
+            db = config.database_for(pool.info.target.entry_name)
             cluster = config.clusters.get(db.cluster) if db is not None else None
             nodes = {str(n) for n in cluster.nodes} if cluster is not None else set()
             if db is None or (node not in nodes and f"{pool.host}:{pool.port}" not in nodes):

@@ -159,7 +159,7 @@ class Nodes:
 
     def _new_group(self, target: PoolTarget) -> Group:
         config = self.app.config
-        if config.database_for(target.database) is None:
+        if config.database_for(target.entry_name) is None:
             # a reload removed it while this client stayed connected: what the client sweep tells the
             # idle ones, told here to one that got its next query in first
             raise database_removed(target.database)
@@ -190,7 +190,7 @@ class Nodes:
         self._shapes.clear()
         for key, group in list(self.groups.items()):
             cluster = config.clusters.get(group.cluster)
-            db = config.database_for(key[0])
+            db = config.database_for(group.target.entry_name)
             if cluster is None or db is None:
                 del self.groups[key]
                 for pool in group.pools.values():
@@ -224,7 +224,7 @@ class Nodes:
             [_address(node.host, node.port) for node in view.replicas],
         )
         for pool in group.pools.values():
-            db = self.app.config.database_for(pool.info.target.database)
+            db = self.app.config.database_for(pool.info.target.entry_name)
             pool.track_lsn = pool.serves is Role.PRIMARY and db is not None and db.read_your_writes
         for waiter in displaced:
             self._to_primary(group, waiter)
@@ -409,7 +409,7 @@ class Nodes:
     def learn_lsn(self, server: ServerConnection, client: ClientConnection) -> None:
         """A client's transaction ended on the primary: ask the server for its WAL position, then check
         the server in."""
-        db = self.app.config.database_for(server.pool.info.target.database)
+        db = self.app.config.database_for(server.pool.info.target.entry_name)
         window = db.read_your_writes_window if db is not None else 10.0
         until = self.app.loop.time() + window
         self.ryw[client] = (_PENDING, until)

@@ -49,7 +49,7 @@ _DROPS_ALL = re.compile(r"\b(?:discard\s+all|deallocate\s+(?:prepare\s+)?all)\b"
 def limit(client: ClientConnection) -> int:
     """`max_prepared_statements` of the client's database (0: named statements pin the client)."""
     target = client.target
-    db = client.app.config.database_for(target.database) if target is not None else None
+    db = client.app.config.database_for(target.entry_name) if target is not None else None
     return db.max_prepared_statements if db is not None else 0
 
 
@@ -70,7 +70,7 @@ def activate(client: ClientConnection) -> ClientStatements:
 def statements_of(server: ServerConnection) -> ServerStatements:
     found = server.statements
     if found is None:
-        db = server.manager.app.config.database_for(server.pool.info.target.database)
+        db = server.manager.app.config.database_for(server.pool.info.target.entry_name)
         found = server.statements = ServerStatements(db.max_prepared_statements if db is not None else 200)
     return found
 

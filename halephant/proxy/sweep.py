@@ -58,7 +58,7 @@ def sweep_waiters(manager: PoolManager, now: float) -> None:
                     client.wait_notified = True
                     _notify_waiting(client, pool.name, len(pool.active), len(waiters), now)
         if pool.info.size.reserve:
-            db = app.config.database_for(pool.info.target.database)
+            db = app.config.database_for(pool.info.target.entry_name)
             timeout = db.reserve_pool_timeout if db is not None else 5.0
             if now - oldest >= timeout and pool.open_reserve():
                 log.info(
@@ -119,7 +119,7 @@ def sweep_clients(app: App, now: float) -> None:
             target = client.target
             if (
                 target is not None
-                and config.database_for(target.database) is None
+                and config.database_for(target.entry_name) is None
                 and (
                     server is None
                     or (
@@ -140,7 +140,7 @@ def sweep_clients(app: App, now: float) -> None:
         key = (target.database, info.user)
         t = timeouts.get(key)
         if t is None:
-            db, user = config.database_for(target.database), users.get(info.user)
+            db, user = config.database_for(target.entry_name), users.get(info.user)
             if db is None:
                 t = (-1.0, 0.0, 0.0)  # removed by a reload
             else:

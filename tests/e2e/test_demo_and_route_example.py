@@ -1,6 +1,7 @@
-"""End-to-end: `halephant demo` serves `myapp` from the primary and `myapp_ro` from the replica, and the
+"""End-to-end: `halephant demo` serves `myapp` from the primary and `myapp_ro` from the replica, the
 example plugin examples/plugins/route_by_application_name.py overrides `halephant_route` on a real
-primary + streaming replica."""
+primary + streaming replica, and examples/plugins/select_pool_by_prefix.py serves tenant databases that
+`databases:` does not list."""
 
 from __future__ import annotations
 
@@ -49,6 +50,38 @@ def test_the_example_plugin_sends_reports_to_the_replica(report_routing: Running
 @pytest.mark.parametrize("name", ["web", "", "my-report"])
 def test_other_clients_are_left_to_the_default(report_routing: Running, name: str) -> None:
     assert one(report_routing.dsn(application_name=name), "SELECT pg_is_in_recovery()") is False
+
+
+def test_the_tenant_example_serves_databases_databases_does_not_list(
+    pg: Cluster, halephant: HalephantFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a pool chosen by a plugin for a database without an entry of its own follows the entry it names
+    # (here databases.tenants): it is no "database removed from the configuration"
+    pg.primary.sql("DROP DATABASE IF EXISTS tenant_acme; CREATE DATABASE tenant_acme OWNER myapp")
+    monkeypatch.setenv("PYTHONPATH", str(EXAMPLE_PLUGINS))
+    config = default_config(
+        pg,
+        databases={"tenants": {"cluster": "main", "pool_size": 2, "client_idle_timeout": "30s"}},
+        plugins={"modules": ["select_pool_by_prefix"]},
+    )
+    run = halephant.start(config)
+    try:
+        with psycopg.connect(run.dsn(dbname="tenant_acme"), autocommit=True, connect_timeout=5) as conn:
+            assert one_of(conn, "SELECT current_database()") == "tenant_acme"
+            time.sleep(1.5)  # a sweep of the clients (once a second) leaves it alone
+            assert one_of(conn, "SELECT current_database()") == "tenant_acme"
+        assert "pool tenant_acme/myapp@" in run.log_text()
+        assert "was removed from the halephant configuration" not in run.log_text()
+        assert_clean_servers(pg)
+    finally:
+        run.stop()
+        pg.primary.sql("DROP DATABASE IF EXISTS tenant_acme")
+
+
+def one_of(conn: psycopg.Connection[Any], sql: str) -> Any:
+    row = conn.execute(sql).fetchone()
+    assert row is not None
+    return row[0]
 
 
 def test_halephant_demo_routes_myapp_ro_to_the_replica() -> None:
