@@ -271,7 +271,22 @@ class Plugins:
 
     def select_pool(self, client: ClientInfo, config: Config) -> PoolTarget | Reject:
         answer = self._select_pool(client=client, config=config)
-        if isinstance(answer, PoolTarget | Reject):
+        if isinstance(answer, Reject):
+            return answer
+        if isinstance(answer, PoolTarget):
+            # what the core would otherwise find out later, and tell as something else (a KeyError, or
+            # "database removed from the configuration")
+            if config.database_for(answer.entry_name) is None:
+                raise ClientError(
+                    sqlstate.INTERNAL_ERROR,
+                    f"halephant_select_pool chose database {answer.database!r}, which no databases: entry "
+                    f"serves: its PoolTarget.entry must name the entry whose settings its pools follow",
+                )
+            if answer.cluster not in config.clusters:
+                raise ClientError(
+                    sqlstate.INTERNAL_ERROR,
+                    f"halephant_select_pool chose cluster {answer.cluster!r}, which is not under clusters:",
+                )
             return answer
         if answer is None:
             return Reject(

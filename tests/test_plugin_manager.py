@@ -8,6 +8,8 @@ import types
 import pytest
 
 from halephant import hookimpl, ignores_plain_statements, sqlstate
+from halephant.config import read_config_text, validate_config
+from halephant.errors import ClientError
 from halephant.plugin_manager import PluginError, Plugins
 from halephant.sql import Statement
 from halephant.types import (
@@ -135,6 +137,38 @@ def test_a_pool_size_the_pool_cannot_keep_is_refused(size: PoolSize, problem: st
     plugins = Plugins(entry_points=True, extra=[(_module(halephant_pool_size=halephant_pool_size), "s")])
     with pytest.raises(PluginError, match=f"halephant_pool_size answered .* for pool d/u: {problem}"):
         plugins.pool_size(TARGET, None)  # type: ignore[arg-type]
+
+
+def test_a_pool_chosen_outside_the_configuration_is_refused_saying_why() -> None:
+    config = validate_config(
+        read_config_text(
+            "clusters: {main: {nodes: [127.0.0.1:5432]}}\n"
+            "databases: {tenants: {cluster: main}}\n"
+            "users: {u: {password: secret}}\n",
+            "halephant.yaml",
+        )
+    )
+    chosen: list[PoolTarget] = []
+
+    @hookimpl
+    def halephant_select_pool() -> PoolTarget:
+        return chosen[-1]
+
+    plugins = Plugins(entry_points=True, extra=[(_module(halephant_select_pool=halephant_select_pool), "p")])
+    chosen.append(
+        PoolTarget("tenant_a", "main", "tenant_a", "u", None, PoolMode.TRANSACTION, "t", entry="tenants")
+    )
+    assert plugins.select_pool(CLIENT, config) is chosen[-1]
+    # no entry to follow: not told later as "database removed from the configuration"
+    chosen.append(PoolTarget("tenant_a", "main", "tenant_a", "u", None, PoolMode.TRANSACTION, "t"))
+    with pytest.raises(
+        ClientError, match="chose database 'tenant_a', which no databases: entry serves"
+    ) as info:
+        plugins.select_pool(CLIENT, config)
+    assert info.value.code == sqlstate.INTERNAL_ERROR
+    chosen.append(PoolTarget("tenants", "nowhere", "tenants", "u", None, PoolMode.TRANSACTION, "t"))
+    with pytest.raises(ClientError, match="chose cluster 'nowhere', which is not under clusters:"):
+        plugins.select_pool(CLIENT, config)
 
 
 def test_the_plugin_an_exception_came_from_is_named() -> None:
