@@ -10,8 +10,9 @@ is never handed from one tenant's database to another. Those pools have no `data
 own: `PoolTarget.entry` names the `tenants` entry, whose settings they follow (pool sizes, timeouts, reset
 query, session features), and a reload that removes it ends their clients' sessions (57P01).
 
-Tenant names are limited to lower-case letters, digits and `_`, so a client cannot create pools for
-arbitrary names; PostgreSQL answers 3D000 for a tenant that does not exist.
+Tenant names are limited to lower-case letters, digits and `_`; PostgreSQL answers 3D000 for a tenant
+that does not exist. The pools of a tenant database nobody uses are forgotten after the `tenants` entry's
+idle_timeout, as those of the catch-all entry are.
 """
 
 from __future__ import annotations

@@ -19,7 +19,6 @@ import anyio
 
 from halephant import sqlstate
 from halephant.config import Config
-from halephant.config.schema import CATCH_ALL
 from halephant.errors import ClientError
 from halephant.pool.pool import Pool
 from halephant.protocol import codes
@@ -493,14 +492,12 @@ class PoolManager:
 
     def _forget_unused(self, now: float) -> None:
         """The catch-all entry (`databases: '*'`) makes pools for every database name a client asks for,
-        so their number has no bound: once the pools of such a database and user hold no server and none
-        of that database's clients is connected, for the entry's idle_timeout, they are forgotten, with
-        what was kept for them (as PgBouncer drops automatic databases after autodb_idle_timeout)."""
+        and so may a plugin's `halephant_select_pool` (for databases that follow the settings of an entry
+        of another name, `PoolTarget.entry`), so their number has no bound: once the pools of such a
+        database and user hold no server and none of that database's clients is connected, for the
+        entry's idle_timeout, they are forgotten, with what was kept for them (as PgBouncer drops
+        automatic databases after autodb_idle_timeout)."""
         config = self.app.config
-        catch_all = config.databases.get(CATCH_ALL)
-        if catch_all is None:
-            self._unused.clear()
-            return
         by_pair: dict[tuple[str, str], list[ServerPool]] = {}
         for pool in self.pools.values():
             if pool.key[0] not in config.databases:
@@ -509,10 +506,11 @@ class PoolManager:
         for pair in [pair for pair in self._unused if pair not in by_pair]:
             del self._unused[pair]
         for pair, pools in by_pair.items():
-            if pair[0] in connected or any(pool.total or pool.waiters for pool in pools):
+            entry = config.database_for(pools[0].info.target.entry_name)
+            if entry is None or pair[0] in connected or any(pool.total or pool.waiters for pool in pools):
                 self._unused.pop(pair, None)
                 continue
-            if now - self._unused.setdefault(pair, now) < catch_all.idle_timeout:
+            if now - self._unused.setdefault(pair, now) < entry.idle_timeout:
                 continue
             del self._unused[pair]
             for pool in pools:
@@ -521,7 +519,7 @@ class PoolManager:
             self._infos.pop(pair, None)
             self._welcome.pop(pair, None)
             self.nodes.forget_group(pair)
-            log.info("pools of %s/%s forgotten: unused for %.0f s", *pair, catch_all.idle_timeout)
+            log.info("pools of %s/%s forgotten: unused for %.0f s", *pair, entry.idle_timeout)
 
     @staticmethod
     def _close_excess(pool: ServerPool) -> None:

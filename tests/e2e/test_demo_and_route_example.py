@@ -61,7 +61,7 @@ def test_the_tenant_example_serves_databases_databases_does_not_list(
     monkeypatch.setenv("PYTHONPATH", str(EXAMPLE_PLUGINS))
     config = default_config(
         pg,
-        databases={"tenants": {"cluster": "main", "pool_size": 2, "client_idle_timeout": "30s"}},
+        databases={"tenants": {"cluster": "main", "pool_size": 2, "idle_timeout": "1s"}},
         plugins={"modules": ["select_pool_by_prefix"]},
     )
     run = halephant.start(config)
@@ -72,6 +72,11 @@ def test_the_tenant_example_serves_databases_databases_does_not_list(
             assert one_of(conn, "SELECT current_database()") == "tenant_acme"
         assert "pool tenant_acme/myapp@" in run.log_text()
         assert "was removed from the halephant configuration" not in run.log_text()
+        # any tenant_<name> makes pools: unused for the entry's idle_timeout, they are forgotten
+        deadline = time.monotonic() + 10
+        while "pools of tenant_acme/myapp forgotten: unused for 1 s" not in run.log_text():
+            assert time.monotonic() < deadline, run.log_text()
+            time.sleep(0.1)
         assert_clean_servers(pg)
     finally:
         run.stop()
