@@ -58,8 +58,9 @@ def halephant_configure(config: Config) -> None:
     Called at start-up (``halephant check`` calls it too, and ``run`` before it serves) and after every
     reload, before any client uses it; all implementations are called, maybe more than once with the same
     configuration. Cache derived settings here rather than reading them per statement. Raising refuses
-    the configuration: ``check`` and ``run`` report it at ``plugins`` in the file, a reload keeps the
-    previous configuration.
+    the configuration: ``check`` and ``run`` report it, naming the plugin, at ``plugins`` in the file
+    (at its ``plugins.modules`` entry when it is loaded from there), a reload keeps the previous
+    configuration.
 
     :param config: the validated configuration.
 

@@ -239,12 +239,15 @@ class Plugins:
     def settings_models(self) -> dict[str, type[BaseModel]]:
         from pydantic import BaseModel
 
-        try:
-            answers = self.pm.hook.halephant_plugin_settings()
-        except Exception as exc:
-            raise PluginError(f"halephant_plugin_settings raised {exc!r}") from exc
         out: dict[str, type[BaseModel]] = {}
-        for answer in answers:
+        # each implementation called by itself (in pluggy's order), to name the plugin a problem is in
+        for impl in reversed(self.pm.hook.halephant_plugin_settings.get_hookimpls()):
+            try:
+                answer = impl.function()
+            except Exception as exc:
+                raise PluginError(
+                    f"plugin {impl.plugin_name!r} raised in halephant_plugin_settings: {exc!r}"
+                ) from exc
             if answer is None:
                 continue
             if not (
@@ -255,7 +258,8 @@ class Plugins:
                 and issubclass(answer[1], BaseModel)
             ):
                 raise PluginError(
-                    f"halephant_plugin_settings answered {answer!r}: expected (section name, pydantic model)"
+                    f"plugin {impl.plugin_name!r} answered {answer!r} to halephant_plugin_settings: "
+                    "expected (section name, pydantic model)"
                 )
             out[answer[0]] = answer[1]
         return out
@@ -265,7 +269,11 @@ class Plugins:
         try:
             self.pm.hook.halephant_configure(config=config)
         except Exception as exc:
-            raise PluginError(f"halephant_configure raised {exc!r}") from exc
+            culprit = self.culprit(exc)
+            where = (
+                "halephant_configure" if culprit is None else f"plugin {culprit[0]!r} in halephant_configure"
+            )
+            raise PluginError(f"{where} refused the configuration: {exc!r}") from exc
 
     # --- decisions (fail closed) ---
 

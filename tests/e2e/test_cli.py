@@ -145,15 +145,16 @@ def test_check_yaml_syntax_error_has_a_position(tmp_path: pathlib.Path) -> None:
             "plugins:\n  modules: [refuses_config]\n",
             "from halephant import hookimpl\n\n@hookimpl\ndef halephant_configure(config):\n"
             "    raise RuntimeError('no, thank you')\n",
-            "plugins",
-            "halephant_configure raised RuntimeError('no, thank you')",
+            "plugins.modules.0",
+            "plugin 'refuses_config' in halephant_configure refused the configuration: "
+            "RuntimeError('no, thank you')",
         ),
         (
             "plugins:\n  modules: [bad_settings]\n",
             "from halephant import hookimpl\n\n@hookimpl\ndef halephant_plugin_settings():\n"
             "    return 'not a tuple'\n",
-            "plugins",
-            "halephant_plugin_settings answered 'not a tuple'",
+            "plugins.modules.0",
+            "plugin 'bad_settings' answered 'not a tuple' to halephant_plugin_settings",
         ),
         ("plugins:\n  disable: [scram_auth]\n", None, "plugins.disable", "no plugin implements"),
     ],
