@@ -2,7 +2,8 @@
 
 The file is read and validated exactly as at start-up, with the settings models of the plugins already
 loaded. On any error nothing changes: every problem is logged as `file:line:col: path: message` and
-returned. Otherwise the new configuration replaces the old one and is applied live: plugins hear
+returned. Otherwise the new configuration replaces the old one and is applied live (even when the file
+has not changed: plugins may read more than the file, so every reload is theirs to hear): plugins hear
 `halephant_configure`, pools are re-sized through `halephant_pool_size` (or retired when their database
 or node is gone), timeouts and limits are read from it from now on, the log level and format change.
 All or nothing: if a plugin's hook raises meanwhile, the previous configuration is applied again and the
@@ -76,8 +77,9 @@ def reload_app(app: App) -> ReloadResult:
         applied=[c for c in changes if not c.restart], needs_restart=[c for c in changes if c.restart]
     )
     if not changes:
+        # applied all the same: plugins hear every reload (one may read more than this file), and pool
+        # sizes are asked for again
         log.info("reload: %s unchanged", source)
-        return result
     if result.needs_restart:
         # keep what cannot change live, so the running state and the config in use agree
         # (model_copy keeps the private attributes: the source and the plugin settings)

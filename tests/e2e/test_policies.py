@@ -324,6 +324,28 @@ def test_a_reload_a_plugin_fails_while_it_is_applied_changes_nothing(
         assert_usable(newcomer)
 
 
+def test_a_reload_of_an_unchanged_file_asks_the_plugins_again(
+    pg: Cluster, halephant: HalephantFactory, monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path
+) -> None:
+    # halephant_pool_size is asked "again after each reload": a plugin may size pools from elsewhere
+    size_file = tmp_path / "pool_size"
+    size_file.write_text("3")
+    monkeypatch.setenv("PYTHONPATH", str(PLUGINS_DIR))
+    monkeypatch.setenv("HALEPHANT_TEST_POOL_SIZE_FILE", str(size_file))
+    run = halephant.start(_config(pg, plugins={"modules": ["size_from_file"]}))
+    with connect(run) as client:
+        assert_usable(client)  # its pool exists, sized 3
+        size_file.write_text("4")
+        run.signal(signal.SIGHUP)  # the configuration file itself is unchanged
+        deadline = time.monotonic() + 10
+        while "reload: done" not in run.log_text():
+            assert time.monotonic() < deadline, run.log_text()
+            time.sleep(0.05)
+        assert_usable(client)
+    log = run.log_text()
+    assert "size: max 3 -> 4, min 0 -> 0, reserve 0 -> 0 (size_from_file: 4)" in log, log
+
+
 def _flat(value: Any, prefix: str = "") -> list[tuple[str, Any]]:
     if isinstance(value, dict):
         return [kv for k, v in value.items() for kv in _flat(v, f"{prefix}.{k}" if prefix else str(k))]
