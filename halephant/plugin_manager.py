@@ -2,7 +2,8 @@
 
 Order: add the specs, block the plugins named in ``plugins.disable`` (and ``HALEPHANT_DISABLE_PLUGINS``),
 load the ``halephant`` entry-point group (halephant's own defaults come in that way too: the core has no
-private registration path), then ``check_pending`` so a misspelt hook fails at start-up.
+private registration path), then ``check_pending`` so a misspelt hook fails at start-up, and so does a
+hook function someone forgot to mark.
 """
 
 from __future__ import annotations
@@ -174,6 +175,7 @@ class Plugins:
             self.pm.check_pending()
         except pluggy.PluginValidationError as exc:
             raise PluginError(str(exc)) from exc
+        self._check_unmarked()
         missing = [h for h in REQUIRED_HOOKS if not getattr(self.pm.hook, h).get_hookimpls()]
         if missing:
             raise PluginError(f"no plugin implements {', '.join(missing)} (is a default plugin disabled?)")
@@ -181,6 +183,24 @@ class Plugins:
         if os.environ.get("HALEPHANT_TRACE_HOOKS") == "1":
             self.pm.trace.root.setwriter(print)
             self.pm.enable_tracing()
+
+    def _check_unmarked(self) -> None:
+        """Refuse a plugin with a function named as a hook but not marked `@halephant.hookimpl`: pluggy
+        passes over it without a word, and a policy that is never called fails open (a user it was
+        written to deny gets in)."""
+        hooks = [name for name in dir(self.pm.hook) if name.startswith(f"{PROJECT}_")]
+        for name, plugin in self.pm.list_name_plugin():
+            unmarked = [
+                hook
+                for hook in hooks
+                if callable(getattr(plugin, hook, None))
+                and not hasattr(getattr(plugin, hook), f"{PROJECT}_impl")
+            ]
+            if unmarked:
+                raise PluginError(
+                    f"plugin {name!r}: {', '.join(unmarked)} is not marked @halephant.hookimpl, so it would "
+                    "never be called: mark it, or rename it"
+                )
 
     def _failed_entry_point(self) -> str:
         """The entry point `load_setuptools_entrypoints` stopped at, for the operator: the first of the

@@ -191,6 +191,17 @@ def test_the_plugin_an_exception_came_from_is_named() -> None:
         assert plugins.culprit(exc) is None
 
 
+def test_a_hook_function_not_marked_as_one_refuses_to_start() -> None:
+    # pluggy would pass over it without a word: a deny policy never called lets everyone in
+    def halephant_authenticate(client: ClientInfo) -> Reject:
+        return Reject(sqlstate.INVALID_PASSWORD, "no")
+
+    with pytest.raises(
+        PluginError, match=r"plugin 'deny': halephant_authenticate is not marked @halephant\.hookimpl"
+    ):
+        Plugins(entry_points=True, extra=[(_module(halephant_authenticate=halephant_authenticate), "deny")])
+
+
 def test_disabling_a_required_default_without_a_replacement_refuses_to_start() -> None:
     with pytest.raises(PluginError, match="halephant_route"):
         Plugins(entry_points=True, disabled=["replica_routing"])
