@@ -28,9 +28,17 @@ def load(path: str) -> tuple[Config, Plugins]:
         plugins.configure(config)
     except PluginError as exc:
         raise plugin_problem(raw, exc) from exc
-    for name in plugins.unknown_disabled:  # a warning: disabling what is not there disables nothing
+    # warnings: disabling what is not there disables nothing
+    installed = ", ".join(p.name for p in plugins.describe())
+    for name in plugins.unknown_disabled:
         problem = plugin_problem(raw, PluginError(f"no installed plugin is named {name!r}")).problems[0]
-        click.echo(f"warning: {problem} (plugins: {', '.join(p.name for p in plugins.describe())})", err=True)
+        click.echo(f"warning: {problem} (plugins: {installed})", err=True)
+    for name in plugins.unknown_disabled_env:
+        click.echo(
+            f"warning: HALEPHANT_DISABLE_PLUGINS: no installed plugin is named {name!r} "
+            f"(plugins: {installed})",
+            err=True,
+        )
     return config, plugins
 
 

@@ -149,7 +149,8 @@ class Plugins:
         configured_disabled = list(disabled)
         modules = list(modules)
         env = os.environ.get("HALEPHANT_DISABLE_PLUGINS", "")
-        self.disabled = sorted({*configured_disabled, *(n.strip() for n in env.split(",") if n.strip())})
+        env_disabled = [n.strip() for n in env.split(",") if n.strip()]
+        self.disabled = sorted({*configured_disabled, *env_disabled})
         for name in self.disabled:
             self.pm.set_blocked(name)
         for plugin, name in extra:
@@ -166,11 +167,14 @@ class Plugins:
                 self.pm.load_setuptools_entrypoints(PROJECT)
             except Exception as exc:
                 raise PluginError(f"could not load {self._failed_entry_point()}: {exc!r}") from exc
-        #: names under plugins.disable that no installed plugin has (a typo, or a plugin uninstalled)
+        #: names under plugins.disable that no installed plugin has (a typo, or a plugin uninstalled),
+        #: and those in HALEPHANT_DISABLE_PLUGINS
         self.unknown_disabled: list[str] = []
+        self.unknown_disabled_env: list[str] = []
         if entry_points:
             known = {ep.name for ep in importlib.metadata.entry_points(group=PROJECT)} | set(modules)
             self.unknown_disabled = [name for name in configured_disabled if name not in known]
+            self.unknown_disabled_env = [name for name in env_disabled if name not in known]
         try:
             self.pm.check_pending()
         except pluggy.PluginValidationError as exc:

@@ -116,12 +116,14 @@ def pools(app: App) -> list[dict[str, Any]]:
         pool = shown.get(key)
         counts = cl.get(key, Counter())
         database, user, node = key
-        db = app.config.databases.get(database)
+        # the pool's own mode: a database the catch-all entry (or a plugin) serves has no entry of its name
+        db = app.config.database_for(database)
+        mode = pool.info.target.mode if pool is not None else db.mode if db is not None else ""
         row: dict[str, Any] = {
             "database": database,
             "user": user,
             "node": node,
-            "pool_mode": db.mode if db is not None else "",
+            "pool_mode": str(mode),
             "cl_active": counts["active"] + counts["idle"],
             "cl_waiting": counts["waiting"],
             "cl_linked": counts["active"],

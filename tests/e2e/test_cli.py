@@ -195,6 +195,14 @@ def test_check_warns_of_a_disabled_plugin_that_is_not_there(tmp_path: pathlib.Pa
     assert "cursor_guard" in result.stderr  # the names it could have meant
 
 
+def test_check_warns_of_a_plugin_the_environment_disables_that_is_not_there(tmp_path: pathlib.Path) -> None:
+    path = write(tmp_path / "good.yaml", GOOD_CONFIG)
+    result = halephant_cli("check", "-c", path, HALEPHANT_DISABLE_PLUGINS="cursor_gaurd")
+    assert result.returncode == 0, result.stderr
+    assert "warning: HALEPHANT_DISABLE_PLUGINS: no installed plugin is named 'cursor_gaurd'" in result.stderr
+    assert "cursor_guard" in result.stderr
+
+
 def test_check_missing_file(tmp_path: pathlib.Path) -> None:
     result = halephant_cli("check", "-c", str(tmp_path / "absent.yaml"))
     assert result.returncode != 0

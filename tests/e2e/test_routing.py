@@ -405,6 +405,13 @@ def test_catch_all_pools_nobody_uses_are_forgotten(pg: Cluster, halephant: Halep
         assert one(again, "SELECT current_database()") == "postgres"
 
 
+def test_the_pools_of_a_catch_all_database_show_their_mode(proxy: Running) -> None:
+    with connect(proxy, dbname="postgres") as conn:
+        assert one(conn, "SELECT current_database()") == "postgres"
+        pools = [p for p in proxy.admin_json("/pools") if p["database"] == "postgres"]
+    assert pools and {p["pool_mode"] for p in pools} == {"transaction"}
+
+
 @pytest.mark.parametrize(
     "drop", ["DROP DATABASE {name}", "drop database if exists {name}", 'DROP DATABASE "{name}" WITH (FORCE)']
 )
