@@ -135,7 +135,7 @@ class ConsoleSession(asyncio.Protocol):
     def take_buffered(self) -> None:
         data, self.client._buf = self.client._buf, b""
         if data and not self._closed:
-            self.data_received(data)
+            self.data_received(bytes(data))
 
     # --- asyncio.Protocol ---
 

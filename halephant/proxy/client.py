@@ -131,6 +131,8 @@ _NOTICE_SETTINGS = ("client_min_messages", "lc_messages")
 _reject_markers = itertools.count(1)
 #: bytes a client may send while it waits for a server before its reading is paused
 _MAX_BUFFERED_WHILE_WAITING = 256 * 1024
+#: an incomplete message longer than this is gathered in place, in a bytearray (`_gathered`)
+_GATHER_FROM = 64 * 1024
 _TX_IDLE = codes.TX_IDLE
 _QUERY = codes.QUERY
 _PARSE = codes.PARSE
@@ -220,7 +222,7 @@ class ClientConnection(asyncio.Protocol):
         self.app = app
         self.state = STARTUP
         self._framer: StartupFramer | None = StartupFramer()
-        self._buf = b""
+        self._buf: bytes | bytearray = b""  # a bytearray while a large message arrives (`_gathered`)
         self._exchange: Exchange | None = None
         self.info: ClientInfo | None = None
         self.target: PoolTarget | None = None
@@ -460,7 +462,7 @@ class ClientConnection(asyncio.Protocol):
         self.transport.write(self._exchange.start())
 
     def _auth_data(self, data: bytes) -> None:
-        buf = self._buf + data if self._buf else data
+        buf = bytes(self._buf) + data if self._buf else data  # (bytes: only `_process` gathers in place)
         frames, consumed = split_frames(buf, 1 << 16)
         self._buf = buf[consumed:]
         for t, start, end in frames:
@@ -477,7 +479,7 @@ class ClientConnection(asyncio.Protocol):
                 rest, self._buf = self._buf, b""
                 self._authenticated(self._exchange.name)
                 if rest:
-                    self.data_received(rest)
+                    self.data_received(bytes(rest))
                 return
 
     def _authenticated(self, how: str) -> None:
@@ -555,7 +557,12 @@ class ClientConnection(asyncio.Protocol):
     def _process(self, data: bytes) -> None:
         # (data_received first offers a new transaction's data to _quick_query)
         self._quick = None
-        buf = self._buf + data if self._buf else data
+        if self._buf:
+            buf = self._gathered(data)
+            if buf is None:
+                return
+        else:
+            buf = data
         server = self.server
         if server is not None and self.session is not None and self._after_transaction(server):
             self._buf = buf
@@ -764,7 +771,20 @@ class ClientConnection(asyncio.Protocol):
             if buf[consumed] not in _KIND:
                 # refuse on the type byte alone: waiting for the body of a bogus length could hang forever
                 raise ProtocolViolation(f"invalid frontend message type {buf[consumed]}")
-            self._buf = buf[consumed:]
+            rest = buf[consumed:]
+            self._buf = bytearray(rest) if len(rest) > 4 and _unpack_len(rest, 1)[0] > _GATHER_FROM else rest
+
+    def _gathered(self, data: bytes) -> bytes | None:
+        """For `_process`: what is left of earlier chunks, then `data`; None while a large message is
+        still incomplete (gathered in place: copied whole at every chunk, it would cost time quadratic
+        in its size)."""
+        pending = self._buf
+        if isinstance(pending, bytearray):
+            pending += data
+            if len(pending) <= _unpack_len(pending, 1)[0]:
+                return None
+            return bytes(pending)
+        return pending + data
 
     @staticmethod
     def _bound_statement(ps: ClientStatements, buf: bytes, start: int, end: int) -> Statement | None:

@@ -8,6 +8,7 @@ message by message. A 1 GB result streams through halephant while its resident m
 from __future__ import annotations
 
 import io
+import os
 import struct
 import threading
 import time
@@ -197,6 +198,39 @@ def test_a_1_gb_result_streams_without_growing_halephant(pg: Cluster, hal: Runni
         growth_mib = (peak[0] - before) / 1024
         assert growth_mib < 4, f"halephant grew by {growth_mib:.1f} MiB while streaming 1 GB"
         assert [m.type for m in raw.simple_query("SELECT 1")] == [b"T", b"D", b"C", b"Z"]
+    assert_clean_servers(pg.primary)
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def test_a_large_message_from_a_client_costs_time_in_proportion_to_its_size(
+    pg: Cluster, hal: Running
+) -> None:
+    # A 32 MB row of COPY data, sent as drivers send it, in pieces: gathered by copying everything so far
+    # at every piece, it cost halephant seconds of CPU (quadratic in its size) while every other client
+    # waited; gathered in place it costs about what reading and writing it once does.
+    size = 32 << 20
+    row = rc.msg(b"d", b"41\t" + b"x" * size + b"\n")
+    with RawClient(hal.host, hal.port, timeout=30) as raw:
+        raw.login("myapp", "myapp", database="transaction")
+        raw.simple_query("SELECT 1")
+        raw.send(rc.query("COPY fidelity_copy FROM STDIN"))
+        assert raw.read().type == b"G"
+        before = _cpu_seconds(hal.proc.pid)
+        for i in range(0, len(row), 1 << 16):
+            raw.send(row[i : i + (1 << 16)])
+        raw.send(rc.msg(b"c"))
+        assert [m.type for m in raw.read_until_ready()] == [b"C", b"Z"]
+        spent = _cpu_seconds(hal.proc.pid) - before
+        assert raw.simple_query("SELECT length(t) FROM fidelity_copy WHERE n = 41")[1].payload.endswith(
+            str(size).encode()
+        )
+        raw.simple_query("DELETE FROM fidelity_copy WHERE n = 41")
+    assert spent < 0.6, f"halephant spent {spent:.2f} s of CPU on one 32 MB message"
     assert_clean_servers(pg.primary)
 
 
