@@ -33,6 +33,11 @@ _NOTHING_KEPT: list[tuple[int, bytes]] = []
 
 Frame = tuple[int, int, int]
 
+#: server messages a proxy passes on unchanged that may be large (a row, a row of COPY data, up to 1 GB):
+#: a path that otherwise frames the server's messages whole passes one of these on as it comes
+#: (through `BackendScanner`), so that it neither holds all of it nor copies it at every chunk
+PASSED_AS_IT_COMES = frozenset((codes.DATA_ROW, codes.COPY_DATA))
+
 
 def split_frames(data: bytes, max_size: int) -> tuple[list[Frame], int]:
     """Cut `data` into complete typed messages.

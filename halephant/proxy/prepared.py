@@ -16,9 +16,10 @@ from typing import TYPE_CHECKING
 from halephant.errors import ProtocolViolation
 from halephant.protocol import codes
 from halephant.protocol import messages as m
-from halephant.protocol.framing import Frame, split_frames
+from halephant.protocol.framing import PASSED_AS_IT_COMES, Frame, split_frames
 from halephant.protocol.prepared import (
     BARRIER,
+    DROP,
     SYNTH,
     ClientStatements,
     ServerStatement,
@@ -225,6 +226,10 @@ def relay(server: ServerConnection, data: bytes, client: ClientConnection) -> No
     out, ready, status, kept, stop = ps.splice(buf, frames, sc.status, statements_of(server), copy_skips_sync)
     if stop < consumed:  # nothing is outstanding any more: the rest takes the fast path
         rest, server._buf = buf[stop:], b""
+    elif consumed < len(buf) and buf[consumed] in PASSED_AS_IT_COMES and (not queue or queue[0][1] != DROP):
+        # a row goes on as it comes: gathered whole, it would be held, copied at every chunk, and the
+        # server read on meanwhile (halephant stops reading it only once the client falls behind)
+        rest, server._buf = buf[consumed:], b""
     else:
         rest, server._buf = b"", buf[consumed:]
     if ps.resend:

@@ -32,7 +32,7 @@ from halephant.auth.upstream import UpstreamAuth
 from halephant.errors import ClientError, ProtocolViolation
 from halephant.protocol import codes
 from halephant.protocol import messages as m
-from halephant.protocol.framing import BackendScanner, split_frames
+from halephant.protocol.framing import PASSED_AS_IT_COMES, BackendScanner, split_frames
 from halephant.protocol.session_params import settings_sql
 from halephant.protocol.session_queries import decode_data_row
 from halephant.proxy import prepared, session_state
@@ -450,8 +450,11 @@ class ServerConnection(asyncio.Protocol):
             elif t in _KEEP:
                 kept.append((t, buf[start:end]))
         out.append(buf[last:consumed])
-        self._buf = b"" if not rewrites else buf[consumed:]
-        rest = buf[consumed:] if not rewrites else b""
+        rest = buf[consumed:]
+        if rewrites and not (rest and rest[0] in PASSED_AS_IT_COMES):
+            self._buf, rest = rest, b""  # an incomplete message, framed whole once the rest arrives
+        else:
+            self._buf = b""  # the rest takes the fast path (a row: as it comes, see `_rewrite_path`)
         self.scanner.status = status
         client.transport.write(b"".join(out))
         if kept:

@@ -234,6 +234,59 @@ def test_a_large_message_from_a_client_costs_time_in_proportion_to_its_size(
     assert_clean_servers(pg.primary)
 
 
+#: the first message of a transaction whose replies halephant frames message by message, not only scans
+SLOW_PATHS = {
+    # a client that names its statements: their replies are spliced with halephant's own
+    "named_statement": rc.parse("SELECT repeat('x', 40000000)", name="big") + rc.bind("big") + rc.execute()
+    + rc.sync(),
+    # a rejection in place is in flight behind the row: the server's error for it is replaced
+    "rejection_behind": rc.query("BEGIN") + rc.query("SELECT repeat('x', 40000000)")
+    + rc.query("DECLARE held CURSOR WITH HOLD FOR SELECT 1") + rc.query("ROLLBACK"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("path", list(SLOW_PATHS))
+def test_a_large_row_streams_where_halephant_frames_replies(pg: Cluster, hal: Running, path: str) -> None:
+    # Framed whole, a 40 MB DataRow was held in halephant (and copied at every chunk, quadratic in its
+    # size) while it read the server on regardless of a client that read nothing.
+    script = SLOW_PATHS[path]
+    pid = hal.proc.pid
+    with RawClient(hal.host, hal.port, timeout=30) as raw:
+        raw.login("myapp", "myapp", database="transaction")
+        raw.simple_query("SELECT 1")
+        before = _rss_kib(pid)
+        raw.send(script)
+        time.sleep(0.5)  # not reading: halephant must stop reading the server
+        peak = _rss_kib(pid)
+        # read as it comes, walking the message headers (RawClient gathers whole messages)
+        expected = _queries(script) + script.count(rc.sync())
+        types: list[bytes] = []
+        pending = b""
+        skip = 0
+        while types.count(b"Z") < expected:
+            chunk = raw.sock.recv(1 << 20)
+            assert chunk, "connection closed"
+            peak = max(peak, _rss_kib(pid))
+            if skip >= len(chunk):
+                skip -= len(chunk)
+                continue
+            pending += chunk[skip:]
+            skip = 0
+            while len(pending) >= 5:
+                (length,) = struct.unpack_from("!i", pending, 1)
+                types.append(pending[:1])
+                if length + 1 > len(pending):
+                    skip, pending = length + 1 - len(pending), b""
+                else:
+                    pending = pending[length + 1 :]
+        assert raw.simple_query("SELECT 1")[-1].payload == b"I"
+    if path == "rejection_behind":
+        assert types == [b"C", b"Z", b"T", b"D", b"C", b"Z", b"E", b"Z", b"C", b"Z"]
+    growth_mib = (peak - before) / 1024
+    assert growth_mib < 16, f"halephant grew by {growth_mib:.1f} MiB relaying a 40 MB row"
+    assert_clean_servers(pg.primary)
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("after", ["begin_and_batch", "batch_without_sync", "copy_in"])
 def test_a_client_that_leaves_mid_pipeline_leaves_no_dirty_server(
