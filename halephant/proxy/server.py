@@ -87,6 +87,7 @@ class ServerConnection(asyncio.Protocol):
         "login",
         "manager",
         "params",
+        "paused_client",
         "pool",
         "reading_paused",
         "rfq_seen",
@@ -123,6 +124,8 @@ class ServerConnection(asyncio.Protocol):
         self.idle_since = self.created_at
         self.closing = False
         self.reading_paused = False
+        #: the client whose reading this server stopped while it was slow to take that client's data
+        self.paused_client: ClientConnection | None = None
         #: why this server carries session state since its last reset ("" = clean): checked at check-in
         self.dirty = ""
         #: why no reset can make this server clean ("" = a reset can): it is closed when its client leaves
@@ -478,6 +481,8 @@ class ServerConnection(asyncio.Protocol):
             )
         was_closing = self.closing
         self.closing = True
+        if self.paused_client is not None:
+            self.resume_writing()  # what the client sent is gone with the connection
         client, self.client = self.client, None
         self.pool.discard(self)
         if not was_closing:
@@ -490,12 +495,19 @@ class ServerConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         # the server is slow to take the client's data: stop reading the client
-        if self.client is not None:
-            self.client.transport.pause_reading()
+        client = self.client
+        if client is not None:
+            self.paused_client = client
+            client.transport.pause_reading()
 
     def resume_writing(self) -> None:
-        if self.client is not None:
-            self.client.resume_reading_from_server()
+        # The client whose reading was stopped, which need not be linked any more: a COPY FROM STDIN that
+        # failed on the server was answered (ErrorResponse, ReadyForQuery) and the server handed back
+        # while the client's CopyData still waited here for the server to discard it. Resumed when
+        # still linked, the client would be read from never again.
+        client, self.paused_client = self.paused_client, None
+        if client is not None:
+            client.resume_reading_from_server()
 
     # --- control ---
 

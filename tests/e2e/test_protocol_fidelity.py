@@ -7,6 +7,7 @@ message by message. A 1 GB result streams through halephant while its resident m
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import struct
@@ -198,6 +199,43 @@ def test_a_1_gb_result_streams_without_growing_halephant(pg: Cluster, hal: Runni
         growth_mib = (peak[0] - before) / 1024
         assert growth_mib < 4, f"halephant grew by {growth_mib:.1f} MiB while streaming 1 GB"
         assert [m.type for m in raw.simple_query("SELECT 1")] == [b"T", b"D", b"C", b"Z"]
+    assert_clean_servers(pg.primary)
+
+
+def test_a_client_still_streaming_into_a_failed_copy_is_read_on(pg: Cluster, hal: Running) -> None:
+    # PostgreSQL answers a failed COPY FROM STDIN at once (ErrorResponse, ReadyForQuery) and drops the
+    # CopyData that keeps coming until the client sees the error. The server goes back to the pool at
+    # that ReadyForQuery, while CopyData the server was slow to take still waits in halephant and the
+    # client's reading is stopped (backpressure): it must be read again once that data is gone, though
+    # it is no longer linked to that server, or the client, blocked sending, waits forever.
+    pg.primary.sql("CREATE TABLE IF NOT EXISTS fidelity_unique (n int PRIMARY KEY)", dbname="myapp")
+    pg.primary.sql("GRANT ALL ON fidelity_unique TO PUBLIC", dbname="myapp")
+    rows = b"".join(rc.msg(b"d", b"1\n") for _ in range(1_000_000))  # 6 MB, a duplicate key from row 2
+    with psycopg.connect(pg.primary.dsn("myapp", "myapp", "myapp"), autocommit=True) as locker:
+        locker.execute("BEGIN")
+        locker.execute("LOCK TABLE fidelity_unique")  # the COPY waits: its data piles up in halephant
+        with RawClient(hal.host, hal.port, timeout=30) as raw:
+            raw.login("myapp", "myapp", database="transaction")
+            raw.send(rc.query("COPY fidelity_unique FROM STDIN"))  # answered once the lock is gone
+            sent = threading.Event()
+
+            def stream() -> None:
+                with contextlib.suppress(OSError):
+                    for _ in range(4):  # more than the kernel's socket buffers hold on the way
+                        raw.sock.sendall(rows)
+                    raw.sock.sendall(rc.msg(b"c") + rc.query("SELECT 'after the copy'"))
+                    sent.set()
+
+            sender = threading.Thread(target=stream, daemon=True)
+            sender.start()
+            time.sleep(0.5)
+            assert not sent.is_set(), "halephant took everything without pushing back"
+            locker.execute("ROLLBACK")
+            assert raw.read().type == b"G"
+            assert rc.errors(raw.read_until_ready())[0]["C"] == "23505"
+            assert sent.wait(10), "the client was never read again after its COPY failed"
+            assert rc.data_rows(raw.read_until_ready()) == [["after the copy"]]
+            sender.join()
     assert_clean_servers(pg.primary)
 
 
