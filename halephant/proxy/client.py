@@ -1293,6 +1293,13 @@ class ClientConnection(asyncio.Protocol):
         if self.server is server:
             self.server = None
             log.warning("%r: server %s lost mid-transaction: %s", self, server, reason)
+            if not server.scanner.at_boundary:
+                # Cut in the middle of a message it relayed (a backend terminated while blocked sending a
+                # row to a slow client): an ErrorResponse now would be read as the rest of that message.
+                # The client sees the connection end there, as it would connected directly.
+                self.app.stats.error(sqlstate.CONNECTION_FAILURE)
+                self.close(f"server connection lost in the middle of a message: {reason}")
+                return
             self.fail(
                 ClientError(sqlstate.CONNECTION_FAILURE, f"server connection lost: {reason}", fatal=True)
             )

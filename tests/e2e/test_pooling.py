@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import struct
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -20,6 +21,7 @@ import asyncpg
 import psycopg
 import psycopg.errors
 import pytest
+import rawclient as rc
 from support.halephant import HalephantFactory, Running, default_config
 from support.leaks import assert_clean_servers
 
@@ -410,6 +412,33 @@ def test_server_lost_mid_transaction(pg: Cluster, hal: Running) -> None:
         assert new_pid != pid
     assert "lost mid-transaction" in hal.log_text()
     assert_clean_servers(pg.primary)
+
+
+def test_server_lost_in_the_middle_of_a_row_ends_the_client_stream_there(pg: Cluster, hal: Running) -> None:
+    # A backend terminated while blocked sending a large row to a client that reads slowly stops in the
+    # middle of the row. An ErrorResponse appended there would be read as the rest of the row (the end
+    # of its value, then garbage): the connection just ends, as it does connected directly.
+    with rc.RawClient(hal.host, hal.port, timeout=10) as raw:
+        raw.login("myapp", "myapp", database="myapp")
+        raw.send(rc.query("SELECT repeat('x', 40000000) AS cut_short"))
+        deadline = time.monotonic() + 10
+        pid = ""
+        while not pid:  # blocked sending: the client reads nothing, so halephant stopped reading the server
+            assert time.monotonic() < deadline, "the backend never blocked sending"
+            time.sleep(0.05)
+            pid = pg.primary.sql(
+                "SELECT pid FROM pg_stat_activity"
+                " WHERE query LIKE '%AS cut_short' AND wait_event = 'ClientWrite'"
+            )
+        assert pg.primary.sql(f"SELECT pg_terminate_backend({pid})") == "t"
+        assert raw.read().type == b"T"
+        data = raw._buf
+        while chunk := raw.sock.recv(1 << 20):
+            data += chunk
+    assert data[:1] == b"D"
+    (length,) = struct.unpack_from("!i", data, 1)
+    assert len(data) < 1 + length, "the row was not cut short"
+    assert set(data[-1000:]) == {ord("x")}, f"something came inside the row: {data[-120:]!r}"
 
 
 def test_client_lost_mid_transaction_leaves_no_lock(pg: Cluster, hal: Running) -> None:
