@@ -1293,33 +1293,34 @@ class ClientConnection(asyncio.Protocol):
         if self.server is server:
             self.server = None
             log.warning("%r: server %s lost mid-transaction: %s", self, server, reason)
-            if not server.scanner.at_boundary:
-                # Cut in the middle of a message it relayed (a backend terminated while blocked sending a
-                # row to a slow client): an ErrorResponse now would be read as the rest of that message.
-                # The client sees the connection end there, as it would connected directly.
-                self.app.stats.error(sqlstate.CONNECTION_FAILURE)
-                self.close(f"server connection lost in the middle of a message: {reason}")
-                return
             self.fail(
-                ClientError(sqlstate.CONNECTION_FAILURE, f"server connection lost: {reason}", fatal=True)
+                ClientError(sqlstate.CONNECTION_FAILURE, f"server connection lost: {reason}", fatal=True),
+                # a backend terminated while blocked sending a row to a slow client stops inside it
+                mid_message=not server.scanner.at_boundary,
             )
 
     # --- ending ---
 
-    def fail(self, error: ClientError) -> None:
+    def fail(self, error: ClientError, mid_message: bool = False) -> None:
         """Send `error` as FATAL and close the connection.
 
         What comes here comes from outside the flow of the client's messages (a timeout, a shutdown, a
         plugin's broken answer, an internal error): where the client stands in its protocol is not
         known, so an ERROR it could go on after (with its ReadyForQuery, or up to its Sync) cannot be
-        given; refusals a client survives are answered in the flow (`_reject_locally`)."""
+        given; refusals a client survives are answered in the flow (`_reject_locally`).
+
+        A client that was relayed part of a message (`mid_message`, or its linked server's scanner is
+        inside one: a large row on its way) is closed without it: the ErrorResponse would be read as
+        the rest of that message. It sees the connection end there, as when a backend dies."""
         if self.state == CLOSED:
             return
         self.app.stats.error(error.code)
-        try:
-            self.transport.write(m.error_response(error.code, error.message, hint=error.hint, fatal=True))
-        except Exception:  # the transport may be gone already
-            pass
+        server = self.server
+        if not mid_message and (server is None or server.scanner.at_boundary):
+            try:
+                self.transport.write(m.error_response(error.code, error.message, hint=error.hint, fatal=True))
+            except Exception:  # the transport may be gone already
+                pass
         level = logging.WARNING if error.code == sqlstate.INTERNAL_ERROR else logging.INFO
         log.log(level, "%r: closing: %s %s", self, error.code, error.message, extra={"sqlstate": error.code})
         self.close(f"closed by halephant: {error.code}")

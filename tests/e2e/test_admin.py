@@ -491,6 +491,34 @@ def test_kill_drops_clients_with_57P01_and_resume_reopens(hal: Running, pg: Clus
     assert_clean_servers(pg)
 
 
+def test_kill_of_a_client_in_the_middle_of_a_row_ends_its_stream_there(hal: Running, pg: Cluster) -> None:
+    # The client has been relayed part of a large row (it reads slowly): a FATAL written now would be
+    # read as the rest of the row, so the connection just ends, as when a backend dies.
+    with rc.RawClient(hal.host, hal.port, timeout=10) as raw:
+        raw.login("myapp", "myapp", database="killable")
+        raw.send(rc.query("SELECT repeat('x', 40000000) AS killed_mid_row"))
+        deadline = time.monotonic() + 10
+        # blocked sending: halephant has relayed what the client's socket takes, and waits
+        while not pg.primary.sql(
+            "SELECT pid FROM pg_stat_activity"
+            " WHERE query LIKE '%AS killed_mid_row' AND wait_event = 'ClientWrite'"
+        ):
+            assert time.monotonic() < deadline, "the backend never blocked sending"
+            time.sleep(0.05)
+        with console(hal) as admin:
+            admin.execute("KILL killable")
+            admin.execute("RESUME killable")
+        assert raw.read().type == b"T"
+        data = raw._buf
+        while chunk := raw.sock.recv(1 << 20):
+            data += chunk
+    assert data[:1] == b"D"
+    (length,) = struct.unpack_from("!i", data, 1)
+    assert len(data) < 1 + length, "the row was not cut short"
+    assert set(data[-1000:]) == {ord("x")}, f"something came inside the row: {data[-120:]!r}"
+    assert_clean_servers(pg)
+
+
 def test_pause_holds_the_transactions_already_queued_too(hal: Running, pg: Cluster) -> None:
     busy = [connect(hal, dbname="pausable") for _ in range(2)]  # both servers of the pool
     for conn in busy:
