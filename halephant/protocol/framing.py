@@ -148,6 +148,7 @@ class BackendScanner:
                     return 0
                 self._finish_kept(self._keep_type, bytes(self._keep_buf))
                 self._keep_type = -1
+                self._keep_buf = bytearray()  # as large as that message (an error can be 1 GB): not kept
                 ready = self.ready
             if self._head:
                 data = self._head + data[pos:]

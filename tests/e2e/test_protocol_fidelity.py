@@ -239,6 +239,27 @@ def test_a_client_still_streaming_into_a_failed_copy_is_read_on(pg: Cluster, hal
     assert_clean_servers(pg.primary)
 
 
+def test_a_large_error_is_not_held_after_it_was_relayed(pg: Cluster, hal: Running) -> None:
+    # An ErrorResponse is copied out as it passes (its SQLSTATE matters to halephant); one that spans
+    # chunks is gathered in a buffer, which was kept with the server connection after use, as large as
+    # the message (up to 1 GB), until another such message came.
+    pid = hal.proc.pid
+    with RawClient(hal.host, hal.port, timeout=30) as raw:
+        raw.login("myapp", "myapp", database="session")  # the same server throughout
+        raw.simple_query("SELECT 1")
+        before = _rss_kib(pid)
+        raw.send(rc.query("DO $$BEGIN RAISE EXCEPTION '%', repeat('e', 30000000); END$$"))
+        received = b""
+        while not received.endswith(b"Z\x00\x00\x00\x05I"):
+            chunk = raw.sock.recv(1 << 20)
+            assert chunk, "connection closed"
+            received = (received + chunk)[-6:]
+        assert raw.simple_query("SELECT 1")[-1].payload == b"I"
+        time.sleep(0.2)
+        held_mib = (_rss_kib(pid) - before) / 1024
+    assert held_mib < 10, f"halephant still holds {held_mib:.1f} MiB after relaying a 30 MB error"
+
+
 def _cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
