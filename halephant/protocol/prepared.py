@@ -54,7 +54,7 @@ FORWARD: Final = 0  # the client's own request: pass its replies on
 DROP: Final = 1  # halephant's own Parse or Close: swallow its completion; pass an error on
 SYNTH: Final = 2  # never sent: answer with `reply` once the requests before it are answered
 FAIL: Final = 3  # sent as a Describe of a missing statement: replace its error by the one PostgreSQL gives
-TAG: Final = 4  # an empty Query standing in for DEALLOCATE / DISCARD ALL: answer with its command tag
+TAG: Final = 4  # an empty Query standing in for DEALLOCATE name: answer with its command tag
 REPLACE: Final = 5  # a rejection in place: replace the server's ErrorResponse by `reply`
 BARRIER: Final = 6  # requests sent before tracking began: pass everything on until `reply` ReadyForQuery
 CLEAR: Final = 7  # a client's DISCARD ALL / DEALLOCATE ALL: if it succeeds, the server has no statements left
@@ -709,9 +709,15 @@ class ClientStatements:
         self._barrier()  # the Query's own replies pass on as they are
         return b"".join(out), stmt.name
 
-    def substitute_query(self, tag: str) -> bytes:
-        """An empty Query to send instead of DEALLOCATE / DISCARD ALL; its reply becomes `tag`'s."""
-        self.queue.append((codes.QUERY, TAG, None, tag, 0, b""))
+    def deallocate(self, name: bytes) -> bytes | None:
+        """SQL `DEALLOCATE name` (a Query between batches) of one of the client's statements: the name goes
+        now (another client may use the server's statement, which stays), and comes back if PostgreSQL
+        would have refused it (in a failed transaction). Returns the empty Query to send instead, whose
+        reply becomes DEALLOCATE's; None when `name` is not the client's (PostgreSQL decides)."""
+        stmt = self.names.pop(name, None)
+        if stmt is None:
+            return None
+        self.queue.append((codes.QUERY, TAG, stmt, "DEALLOCATE", REMAP, name))
         self._batch = 0  # a sync point: the batch before it stays tracked request by request
         self._interesting = False
         return _EMPTY_QUERY
@@ -725,9 +731,11 @@ class ClientStatements:
         self.bound.clear()
 
     def clear_on_success(self) -> None:
-        """A DISCARD ALL or DEALLOCATE ALL goes to the server: it drops every statement there if it
-        succeeds (PostgreSQL refuses DISCARD ALL inside a transaction block)."""
-        self.queue.append((codes.QUERY, CLEAR, None, None, 0, b""))
+        """A Query of DISCARD ALL or DEALLOCATE ALL goes to the server: the client's names go now (what it
+        sends behind it may prepare them again), the server's statements once it succeeds. If it fails
+        (DISCARD ALL inside a transaction block, either in a failed transaction) the names come back."""
+        self.queue.append((codes.QUERY, CLEAR, None, self.names, 0, b""))
+        self.names = {}
         self._batch = 0
         self._interesting = False
 
@@ -738,12 +746,9 @@ class ClientStatements:
             self._batch = 0 if t == codes.QUERY else self._batch + 1
             self._interesting = t != codes.QUERY
 
-    def forget(self, name: bytes | None) -> None:
-        """DEALLOCATE name (None: ALL) or DISCARD ALL: the client's names go, the servers' stay."""
-        if name is None:
-            self.names.clear()
-        else:
-            self.names.pop(name, None)
+    def forget(self) -> None:
+        """DEALLOCATE ALL or DISCARD ALL whose outcome is not followed: the client's names go."""
+        self.names.clear()
 
     # --- server -> client -------------------------------------------------------------------------------
 
@@ -844,7 +849,11 @@ class ClientStatements:
                         out.append(buf[last:head])
                     last = end
                     assert isinstance(detail, str)
-                    out.append(_aborted_error() if status == _STATUS_FAILED else command_complete(detail))
+                    if status == _STATUS_FAILED:
+                        out.append(_aborted_error())
+                        self._undo(stmt, undo, name, server)  # refused: the client keeps its statement
+                    else:
+                        out.append(command_complete(detail))
                 elif done:
                     queue.popleft()
             elif action == REPLACE:  # a rejected Query (a rejected Parse fails above)
@@ -859,6 +868,10 @@ class ClientStatements:
             elif action == CLEAR:
                 if t == codes.COMMAND_COMPLETE and buf.startswith(_DROPPED_ALL, start):
                     server.clear()
+                elif t == codes.ERROR_RESPONSE:
+                    assert isinstance(detail, dict)
+                    for old_name, old in detail.items():  # refused: the client keeps its statements
+                        self.names.setdefault(old_name, old)
                 if done:
                     queue.popleft()
             elif action == FAIL:

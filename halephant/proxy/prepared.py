@@ -117,8 +117,9 @@ def deallocate(
 
     Returns what to send instead, or None to send `message` as the caller would. `DEALLOCATE name` of
     one of the client's statements is answered by halephant (the server's statement is shared); `ALL`
-    and `DISCARD ALL` go to the server, so that PostgreSQL refuses or answers them itself, and forget
-    the client's names; once one succeeds, the server's statements are known to be gone.
+    and `DISCARD ALL` go to the server, so that PostgreSQL refuses or answers them itself. The books
+    follow only what succeeds: PostgreSQL refuses DISCARD ALL inside a transaction block, and both in
+    a failed transaction, and then every prepared statement stays, the client's and the server's.
     """
     text = statement.text
     ps = client.prepared
@@ -129,17 +130,28 @@ def deallocate(
     if match is not None and match.group(1) is None:
         quoted = match.group(2)
         name = (quoted.replace('""', '"') if quoted else match.group(3).lower()).encode()
-        if ps is not None and t == codes.QUERY and not ps.skipping and name in ps.names:
-            ps.forget(name)
-            return ps.substitute_query("DEALLOCATE")
+        if ps is not None and t == codes.QUERY and not ps.skipping:
+            return ps.deallocate(name)
         return None  # an SQL-level name, or unknown: PostgreSQL decides
-    if ps is not None:
-        ps.forget(None)
-        if t == codes.QUERY and not ps.skipping and not ps.blind:
-            ps.clear_on_success()
-            return message
-    if server.statements is not None:
-        server.statements.clear()  # not tracked: assume it succeeds
+    if t == codes.QUERY and ps is not None and not ps.skipping and not ps.blind:
+        ps.clear_on_success()  # its reply says whether the server's statements went
+        return message
+    if t == codes.QUERY and not client.outstanding and not client.unsynced:
+        # nothing in flight: the server's state now is the one the Query meets
+        status = server.scanner.status
+        if status == codes.TX_FAILED or (status == codes.TX_IN_TRANSACTION and discard_all):
+            return None  # refused: nothing goes
+        if ps is not None:
+            ps.forget()
+        if server.statements is not None:
+            server.statements.clear()
+        return None
+    # Run when an Execute of it comes, or in a state not followed: whether it drops the server's
+    # statements is not known. The books are left as they are (a Bind of a statement gone is answered
+    # 26000, as PostgreSQL would after it), and the server is closed rather than handed to another
+    # client whose statements halephant would believe prepared there, or not.
+    if server.statements is not None and not server.dirty:
+        server.dirty = f"{statement.first_keyword} ALL with an outcome not followed"
     return None
 
 

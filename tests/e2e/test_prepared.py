@@ -398,6 +398,73 @@ def test_discard_all_and_deallocate_all_reach_the_server_and_others_prepare_agai
         assert rc.data_rows(b.read_until_ready()) == [["b"]]
 
 
+@pytest.mark.parametrize(
+    "steps",
+    [
+        ["BEGIN", "DISCARD ALL", "ROLLBACK"],
+        ["BEGIN", "SELECT 1/0", "DEALLOCATE ALL", "ROLLBACK"],
+        ["BEGIN", "SELECT 1/0", "DISCARD ALL", "ROLLBACK"],
+        ["BEGIN", "SELECT 1/0", "DEALLOCATE a", "ROLLBACK"],
+    ],
+)
+def test_deallocate_refused_by_postgresql_leaves_every_statement(
+    pg: Cluster, hal: Running, steps: list[str]
+) -> None:
+    # PostgreSQL refuses DISCARD ALL in a transaction block and both in a failed transaction: the
+    # client's statements stay, and so do the server's, which another client's Parse then finds there
+    with direct(pg) as d, proxied(hal, "one") as a, proxied(hal, "one") as b:
+        for client in (d, a):
+            client.send(parse("SELECT 'a'::text", "a") + rc.sync())
+            client.read_until_ready()
+        for sql in steps:
+            assert shape(a.simple_query(sql)) == shape(d.simple_query(sql)), sql
+        for client in (d, a):
+            client.send(bind("a") + rc.execute() + rc.sync())
+            assert rc.data_rows(client.read_until_ready()) == [["a"]]
+        b.send(parse("SELECT 'a'::text", "b") + bind("b") + rc.execute() + rc.sync())
+        assert [m.type for m in b.read_until_ready()] == [b"1", b"2", b"D", b"C", b"Z"]
+
+
+def test_discard_all_of_a_client_without_statements_keeps_the_books_of_others(hal: Running) -> None:
+    with proxied(hal, "one") as a, proxied(hal, "one") as plain:
+        a.send(parse("SELECT 'a'::text", "a") + rc.sync())
+        a.read_until_ready()
+        plain.simple_query("BEGIN")
+        assert plain.simple_query("DISCARD ALL")[0].fields["C"] == "25001"
+        plain.simple_query("ROLLBACK")
+        a.send(parse("SELECT 'a'::text", "a2") + bind("a2") + rc.execute() + rc.sync())
+        assert [m.type for m in a.read_until_ready()] == [b"1", b"2", b"D", b"C", b"Z"]
+        assert [m.type for m in plain.simple_query("DISCARD ALL")] == [b"C", b"Z"]
+        a.send(bind("a") + rc.execute() + rc.sync())
+        assert rc.data_rows(a.read_until_ready()) == [["a"]]
+
+
+@pytest.mark.parametrize("sql", ["DISCARD ALL", "DEALLOCATE ALL"])
+@pytest.mark.parametrize("in_block", [True, False])
+def test_discard_all_by_extended_protocol_leaves_no_server_with_wrong_books(
+    hal: Running, sql: str, in_block: bool
+) -> None:
+    # run by an Execute, whether it drops the server's statements is not followed: the server is closed
+    # at the end of the transaction rather than handed to a client halephant would then answer wrongly
+    with proxied(hal, "one") as a, proxied(hal, "one") as b:
+        for client in (a, b):
+            client.send(parse("SELECT 'a'::text", "a") + rc.sync())
+            client.read_until_ready()
+        if in_block:
+            a.simple_query("BEGIN")
+        a.send(parse(sql) + bind() + rc.execute() + rc.sync())
+        a.read_until_ready()
+        if in_block:
+            a.simple_query("ROLLBACK")
+        for client in (b, a):
+            client.send(parse("SELECT 'a'::text", "c") + bind("c") + rc.execute() + rc.sync())
+            assert [m.type for m in client.read_until_ready()] == [b"1", b"2", b"D", b"C", b"Z"]
+        # refused in a transaction block (DISCARD ALL), the client's statements stay, as do b's anyway
+        for client in (b, a) if in_block and sql == "DISCARD ALL" else (b,):
+            client.send(bind("a") + rc.execute() + rc.sync())
+            assert rc.data_rows(client.read_until_ready()) == [["a"]]
+
+
 def test_copy_from_stdin_by_execute_keeps_the_books_straight(pg: Cluster, hal: Running) -> None:
     # PostgreSQL ignores the Sync that reaches it in copy-in mode: its ReadyForQuery never comes
     table = new_table(pg)
