@@ -1271,7 +1271,7 @@ class ClientConnection(asyncio.Protocol):
             server.client = None
             if self.write_paused:
                 server.set_reading(False)
-            self.app.manager.reset_and_checkin(server, reset, notifications=notifications)
+            self.app.manager.reset_and_checkin(server, reset, notifications=notifications, client=self)
         else:
             self._release()
         if self.session is not None:

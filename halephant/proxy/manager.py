@@ -49,7 +49,7 @@ class _Reset(StandIn):
     """Stands in for a client while a server runs its reset query (session pooling, a pinned client that
     left, or the clean-up of a transaction-mode client's emulated state)."""
 
-    __slots__ = ("clears_settings", "manager", "server", "started", "transport")
+    __slots__ = ("clears_settings", "client", "manager", "server", "started", "transport")
 
     class _Sink:
         """Reads the reset query's answer only to see whether any of it failed."""
@@ -81,9 +81,11 @@ class _Reset(StandIn):
         server: ServerConnection,
         clears_settings: bool = True,
         notifications: Callable[[bytes], None] | None = None,
+        client: ClientConnection | None = None,
     ) -> None:
         self.manager = manager
         self.server = server
+        self.client = client  # whose transaction just ended (read-your-writes), if any
         self.transport = self._Sink(notifications)
         self.clears_settings = clears_settings
         self.started = time.monotonic()  # bounded by connect_timeout (`PoolManager._close_stuck_resets`)
@@ -103,7 +105,7 @@ class _Reset(StandIn):
             server.dirty = ""
             if self.clears_settings:
                 server.settings = {}  # the reset query (DISCARD ALL / RESET ALL) undid them
-            self.manager.checkin(server)
+            self.manager.checkin(server, self.client)
         else:
             server.close("reset query left the server in a transaction")
 
@@ -302,6 +304,8 @@ class PoolManager:
                     server.dirty,
                 )
                 server.close(f"session state: {server.dirty}")
+                if client is not None and pool.track_lsn:
+                    self.nodes.lsn_pending(server, client)  # read-your-writes: position not learnt
                 self.server_gone(pool)
                 return
         elif client is not None and pool.track_lsn:
@@ -360,22 +364,32 @@ class PoolManager:
         targeted: str | None = None,
         clears_settings: bool = False,
         notifications: Callable[[bytes], None] | None = None,
+        client: ClientConnection | None = None,
     ) -> None:
         """Run the reset query, then pool the server (or close it if that fails).
 
         `targeted` replaces `server_reset_query` when the caller knows exactly what a transaction-mode
         client left (its settings are then left to the next client's settings difference). The
-        NotificationResponses the server sends meanwhile go to `notifications` (else nowhere)."""
+        NotificationResponses the server sends meanwhile go to `notifications` (else nowhere). `client`:
+        the client whose transaction just ended there, checked in with it as `checkin` does (its
+        read-your-writes position is learnt after the reset)."""
+        if client is not None and server.pool.track_lsn:
+            # its next transaction may be routed before the reset is over: not to a replica yet
+            self.nodes.lsn_pending(server, client)
         if targeted:
             query = targeted
         else:
             db = self.app.config.database_for(server.pool.info.target.entry_name)
             query = db.server_reset_query if db is not None else "DISCARD ALL"
         if not query:
-            self.checkin(server)
+            self.checkin(server, client)
             return
         server.client = _Reset(  # type: ignore[assignment]
-            self, server, clears_settings=clears_settings or not targeted, notifications=notifications
+            self,
+            server,
+            clears_settings=clears_settings or not targeted,
+            notifications=notifications,
+            client=client,
         )
         prepared.forget_after_reset(server, query)
         server.send(m.query(query))

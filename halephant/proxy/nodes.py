@@ -7,8 +7,9 @@ parked waiting for one are handed to it; when a primary stops being one, its wai
 
 Read-your-writes (per database, off by default): when a client's transaction ends on the primary, the
 server is asked for `pg_current_wal_insert_lsn()` before it goes back to the pool (the insert position:
-with synchronous_commit off the commit record may not be written out yet); for the window after that,
-the client's replica-routed transactions go only to a replica whose replayed LSN (as last probed) has
+with synchronous_commit off the commit record may not be written out yet), after halephant's own
+clean-up of the server if there is one (emulated LISTEN and PREPARE); for the window after that, the
+client's replica-routed transactions go only to a replica whose replayed LSN (as last probed) has
 reached it, else to the primary. Until the answer arrives, the client counts as not caught up anywhere.
 With the feature off nothing of this runs: the check on the transaction path is one empty-dict test.
 """
@@ -406,13 +407,19 @@ class Nodes:
 
     # --- read-your-writes ---
 
-    def learn_lsn(self, server: ServerConnection, client: ClientConnection) -> None:
-        """A client's transaction ended on the primary: ask the server for its WAL position, then check
-        the server in."""
+    def lsn_pending(self, server: ServerConnection, client: ClientConnection) -> float:
+        """A client's transaction ended on the primary `server`: until its WAL position is known, no
+        replica counts as having reached it. Returns when read-your-writes ends for it."""
         db = self.app.config.database_for(server.pool.info.target.entry_name)
         window = db.read_your_writes_window if db is not None else 10.0
         until = self.app.loop.time() + window
         self.ryw[client] = (_PENDING, until)
+        return until
+
+    def learn_lsn(self, server: ServerConnection, client: ClientConnection) -> None:
+        """A client's transaction ended on the primary: ask the server for its WAL position, then check
+        the server in."""
+        until = self.lsn_pending(server, client)
         server.client = _LsnQuery(self, server, client, until)  # type: ignore[assignment]
         server.send(_LSN_QUERY)
 

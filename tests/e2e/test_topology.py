@@ -295,6 +295,30 @@ def test_read_your_writes(cl: Cluster, halephant: HalephantFactory, plugin_env: 
     assert_clean_servers(cl)
 
 
+@pytest.mark.parametrize(
+    "write",
+    [
+        # SQL PREPARE is emulated: halephant prepares it again on the server, and cleans up after
+        ["PREPARE ins(int, text) AS INSERT INTO t VALUES ($1, $2)", "EXECUTE ins(-5, 'prepared')"],
+        # LISTEN is emulated: the server's own LISTEN is undone after the transaction
+        ["BEGIN", "LISTEN ryw_channel", "INSERT INTO t VALUES (-5, 'listen')", "COMMIT"],
+    ],
+    ids=["prepare", "listen"],
+)
+def test_read_your_writes_holds_after_halephant_cleans_the_server_up(
+    cl: Cluster, halephant: HalephantFactory, plugin_env: None, write: list[str]
+) -> None:
+    # the server goes back to the pool through a clean-up query: the client's position must be learnt
+    run = halephant.start(config(cl.nodes))
+    with connect(run, "split-ryw", dbname="ryw") as ryw, paused(cl.replicas[0]), paused(cl.replicas[1]):
+        for sql in write:
+            ryw.execute(sql)
+        row = ryw.execute("SELECT count(*), inet_server_port() FROM t WHERE id = -5").fetchone()
+        assert row == (1, cl.primary.port)
+        ryw.execute("DELETE FROM t WHERE id = -5")
+    assert_clean_servers(cl)
+
+
 # --- probe failures -----------------------------------------------------------------------------------
 
 
