@@ -6,11 +6,15 @@ User-based: a user with `read_only: true` is served by replicas. Its server conn
 transaction to read-write is refused with 25006 before it reaches a server, the client staying usable:
 `SET [SESSION|LOCAL] default_transaction_read_only|transaction_read_only = off|DEFAULT`, their `RESET`,
 `SET SESSION CHARACTERISTICS AS TRANSACTION READ WRITE`, `SET TRANSACTION READ WRITE`,
-`BEGIN|START TRANSACTION ... READ WRITE`, `set_config()` of either setting (unless to true), and `DO`
-blocks that mention them. (What a function does inside the server cannot be seen; on a replica
-PostgreSQL refuses writes anyway, on the primary fallback the session's default stays read-only.) When no
-replica is usable, `databases.<name>.replica_fallback` decides: `primary` (the default; still read-only)
-or `error` (57P03).
+`BEGIN|START TRANSACTION ... READ WRITE`, `set_config()` of either setting (unless to a true literal)
+or of a name that is not a plain literal (`'a' || 'b'`, `E'...'`, a parameter), also in a `DO` block's
+body, and `DO` blocks that mention them. When no replica is usable, `databases.<name>.replica_fallback`
+decides: `primary` (the default; still read-only) or `error` (57P03).
+What a function or dynamic SQL does inside the server cannot be seen. On a replica PostgreSQL refuses
+writes anyway; on the primary fallback, a transaction-pooled session whose server reported
+`default_transaction_read_only` off after such a switch gets 25006 for every transaction there (the
+client must reconnect). A session-pooled one, which is routed once, and the rest of the very Query that
+made the switch are not covered.
 
 Transaction-based, for read-write users, when `databases.<name>.read_only_transactions` is `replica`
 (the default): a transaction that starts with `BEGIN READ ONLY` / `START TRANSACTION READ ONLY` goes to a
@@ -31,13 +35,16 @@ Every decision carries its reason ("replica: user myapp_ro is read-only"), logge
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from typing import Final
 
 from halephant import hookimpl, ignores_plain_statements, sqlstate
 from halephant.sql import (
     COMMENT,
+    DOLLAR_STRING,
     PARAM,
     PUNCT,
+    QUOTED_IDENTIFIER,
     SPACE,
     STRING,
     WORD,
@@ -85,6 +92,7 @@ class _Plan:
         "pool",
         "primary",
         "read_only_user",
+        "read_write_on_primary",
         "ro_to_replica",
         "ro_tx",
         "ro_tx_fallback",
@@ -119,6 +127,15 @@ class _Plan:
                 Role.PRIMARY,
                 f"primary: user {user_name} is read-only, no usable replica (replica_fallback: primary)",
             )
+        self.read_write_on_primary = Reject(
+            sqlstate.READ_ONLY_SQL_TRANSACTION,
+            f'user "{user_name}" is read-only, but its session was switched to read-write '
+            "(default_transaction_read_only is off): not served on the primary",
+            hint="No replica is usable now, and the primary serves this user only in a read-only "
+            f"session (users.{user_name}.read_only in halephant.yaml): reconnect.",
+            reason=f"error: read-only user {user_name} turned default_transaction_read_only off, "
+            "no usable replica",
+        )
         self.ro_tx = Route(Role.REPLICA, "replica: transaction starts READ ONLY")
         self.ro_tx_fallback = Route(Role.PRIMARY, "primary: transaction starts READ ONLY, no usable replica")
         self.session = Route(Role.REPLICA, "replica: session is read-only (SET by the client)")
@@ -165,7 +182,11 @@ def halephant_route(
     if plan is None or plan.pool is not pool:
         plan = _plan(pool)
     if plan.read_only_user:
-        return plan.to_replica if _has_replica(cluster) else plan.fallback
+        if _has_replica(cluster):
+            return plan.to_replica  # a hot standby refuses writes, whatever the session says
+        if type(plan.fallback) is Route and _read_write_session(client):
+            return plan.read_write_on_primary
+        return plan.fallback
     if not plan.ro_to_replica:
         return plan.primary
     statement = transaction.statement
@@ -181,6 +202,13 @@ def halephant_route(
 
 
 _STARTS: Final = frozenset({"BEGIN", "START"})
+
+
+def _read_write_session(client: ClientInfo) -> bool:
+    """The read-only user's session is read-write by default: something the inspect hook could not see
+    turned it off (a function, dynamic SQL in a DO block), as the server reported."""
+    value = client.settings.get("default_transaction_read_only")
+    return value is not None and parse_bool(value) is not True
 
 
 def _session_read_only(value: str, client: ClientInfo) -> bool:
@@ -328,23 +356,54 @@ def _describe(keyword: str, text: str, name: str, value: str | None) -> str:
 
 
 def _set_config_switch(text: str) -> str:
-    """A `set_config(name, value, ...)` call that could turn read-only off, described; "" if none."""
+    """A `set_config(name, value, ...)` call that could turn read-only off, described; "" if none.
+
+    Only a name and a value written as plain literals (`'...'`, a cast allowed) can be checked: a call
+    with anything else there (an expression, a parameter, an `E'...'` or dollar-quoted string) is
+    refused, whatever it names. The body of a `DO` block is looked into as well."""
     tokens = [(k, v) for k, v in iter_tokens(text) if k != SPACE and k != COMMENT]
     for i, (kind, value) in enumerate(tokens):
-        if kind != WORD or value != "SET_CONFIG" or tokens[i + 1 : i + 2] != [(PUNCT, "(")]:
+        if kind == DOLLAR_STRING or (kind == STRING and value.startswith("'")):
+            if "set_config" in value.lower():  # a DO block's body (or a string that looks like one)
+                if kind == DOLLAR_STRING:
+                    body = value[value.index("$", 1) + 1 : value.rindex("$", 0, -1)]
+                else:
+                    body = value[1:-1].replace("''", "'")
+                what = _set_config_switch(body)
+                if what:
+                    return what
             continue
-        args = tokens[i + 2 : i + 5]
-        if len(args) < 3 or args[0][0] != STRING or args[1] != (PUNCT, ","):
-            if args and args[0][0] == PARAM:
+        if not _is_set_config(kind, value) or tokens[i + 1 : i + 2] != [(PUNCT, "(")]:
+            continue
+        name, j = _literal_argument(tokens, i + 2)
+        if name is None:
+            if tokens[i + 2 : i + 3] and tokens[i + 2][0] == PARAM:
                 return "set_config() with a setting name halephant cannot see"
-            if args and args[0][0] != STRING:
-                return "set_config() with a computed setting name"
+            return "set_config() with a computed setting name"
+        if name.lower() not in READ_ONLY_SETTINGS:
             continue
-        name = args[0][1][1:-1].replace("''", "'").lower() if args[0][1].startswith("'") else ""
-        if name not in READ_ONLY_SETTINGS:
-            continue
-        new = args[2]
-        if new[0] == STRING and new[1].startswith("'") and parse_bool(new[1][1:-1]):
+        new, _ = _literal_argument(tokens, j)
+        if new is not None and parse_bool(new):
             continue  # set to true: stays read-only
-        return f"set_config('{name}', ...)"
+        return f"set_config('{name.lower()}', ...)"
     return ""
+
+
+def _is_set_config(kind: str, value: str) -> bool:
+    return (kind == WORD and value == "SET_CONFIG") or (kind == QUOTED_IDENTIFIER and value == '"set_config"')
+
+
+def _literal_argument(tokens: Sequence[tuple[str, str]], i: int) -> tuple[str | None, int]:
+    """The function argument at `tokens[i]` when it is one plain `'...'` literal, maybe cast
+    (`'x'::text`), and the index after its `,` (None when it is anything else)."""
+    kind, value = tokens[i] if i < len(tokens) else ("", "")
+    if kind != STRING or not value.startswith("'"):
+        return None, i
+    i += 1
+    if tokens[i : i + 2] == [(PUNCT, ":"), (PUNCT, ":")]:
+        if tokens[i + 2 : i + 3] == [] or tokens[i + 2][0] != WORD:
+            return None, i
+        i += 3
+    if tokens[i : i + 1] not in ([(PUNCT, ",")], [(PUNCT, ")")]):
+        return None, i
+    return value[1:-1].replace("''", "'"), i + 1

@@ -65,7 +65,7 @@ _PLAIN_HEADS: Final = {w.lower(): w for w in ("SELECT", "INSERT", "UPDATE", "DEL
 #: allows there; anything else goes to _PLAIN)
 _PLAIN_HEAD_ENDS: Final = frozenset(" \t\n\r\f\v(*")
 #: session-level functions, found by a plain search (a false positive only costs a reconnect)
-_SESSION_FUNCTIONS: Final = re.compile(r"(?i)pg_(?:try_)?advisory_lock|set_config\s*\(")
+_SESSION_FUNCTIONS: Final = re.compile(r"(?i)pg_(?:try_)?advisory_lock|set_config\"?\s*\(")
 
 
 def _significant(

@@ -153,6 +153,11 @@ READ_WRITE_SWITCHES = [
     "SELECT set_config('default_transaction_read_only', 'off', false)",
     "SELECT pg_catalog.set_config('transaction_read_only', 'off', true)",
     "DO $$ BEGIN EXECUTE 'SET default_transaction_read_only = off'; END $$",
+    "SELECT set_config('default_transaction_read_only'::text, 'off', false)",
+    "SELECT set_config('default_transaction_' || 'read_only', 'off', false)",
+    "SELECT set_config(E'default_transaction_read_only', 'off', false)",
+    "SELECT \"set_config\"('default_transaction_read_only', 'off', false)",
+    "DO $$ BEGIN PERFORM set_config('default_transaction_' || 'read_only', 'off', false); END $$",
 ]
 
 
@@ -219,6 +224,20 @@ def test_replica_fallback_primary_stays_read_only(proxy: Running) -> None:
         assert one(conn, "SELECT 1") == 1
     log = proxy.log_text()
     assert "primary: user myapp_ro is read-only, no usable replica (replica_fallback: primary)" in log
+
+
+def test_replica_fallback_primary_refuses_a_session_switched_to_read_write_unseen(
+    pg: Cluster, proxy: Running
+) -> None:
+    # dynamic SQL: no statement halephant sees names the setting, but the server reports the switch
+    with ro(proxy, dbname="fallback_primary") as conn:
+        conn.execute("DO $$ BEGIN EXECUTE 'SET default_transaction_read' || '_only = off'; END $$")
+        for sql in ["INSERT INTO routing_t VALUES (5)", "SELECT 1"]:
+            with pytest.raises(psycopg.errors.ReadOnlySqlTransaction) as info:
+                conn.execute(sql)
+            assert "switched to read-write" in str(info.value)
+            assert status(conn) is TransactionStatus.IDLE
+    assert pg.primary.sql("SELECT count(*) FROM routing_t WHERE id = 5", dbname="myapp") == "0"
 
 
 def test_replica_fallback_error_is_57P03(proxy: Running) -> None:

@@ -94,6 +94,19 @@ def test_read_only_user_with_replica_fallback_error_gets_57P03() -> None:
     assert route("myapp_ro", database="strict") == Route(Role.REPLICA, "replica: user myapp_ro is read-only")
 
 
+def test_a_read_only_user_whose_session_turned_read_write_is_refused_on_the_primary() -> None:
+    # a switch the statements did not show (a function, dynamic SQL), as the server reported it
+    me = client("myapp_ro")
+    me.settings["default_transaction_read_only"] = "off"
+    answer = route("myapp_ro", who=me, cluster=REPLICA_DOWN)
+    assert isinstance(answer, Reject) and answer.code == sqlstate.READ_ONLY_SQL_TRANSACTION
+    assert "default_transaction_read_only is off" in answer.message
+    # a replica refuses the writes itself
+    assert route("myapp_ro", who=me) == Route(Role.REPLICA, "replica: user myapp_ro is read-only")
+    me.settings["default_transaction_read_only"] = "on"
+    assert route("myapp_ro", who=me, cluster=REPLICA_DOWN).role is Role.PRIMARY  # type: ignore[union-attr]
+
+
 def test_read_write_user_goes_to_the_primary() -> None:
     assert route("myapp") == Route(Role.PRIMARY, "primary: default route for myapp")
     assert route("myapp", None) == Route(Role.PRIMARY, "primary: default route for myapp")
@@ -167,6 +180,17 @@ SWITCHES = [
     "SELECT set_config('transaction_read_only', $1, true)",
     "SELECT set_config($1, 'off', false)",
     "DO $$ BEGIN PERFORM set_config('default_transaction_read_only', 'off', false); END $$",
+    # forms whose setting name is not one plain literal
+    "SELECT set_config('default_transaction_read_only'::text, 'off', false)",
+    "SELECT set_config('default_transaction_' || 'read_only', 'off', false)",
+    "SELECT set_config('default_transaction_'\n'read_only', 'off', false)",
+    "SELECT set_config(E'default_transaction_read_only', 'off', false)",
+    "SELECT set_config(U&'default_transaction_read_only', 'off', false)",
+    "SELECT set_config($$default_transaction_read_only$$, 'off', false)",
+    "SELECT \"set_config\"('default_transaction_read_only', 'off', false)",
+    "SELECT set_config('default_transaction_read_only', 'o' || 'ff', false)",
+    "DO $f$ BEGIN PERFORM set_config('default_transaction_' || 'read_only', 'off', false); END $f$",
+    "DO 'BEGIN PERFORM set_config(''default_transaction_'' || ''read_only'', ''off'', false); END'",
 ]
 
 
@@ -199,6 +223,10 @@ def test_read_write_users_may_switch(sql: str) -> None:
         "DISCARD ALL",
         "SELECT set_config('TimeZone', 'UTC', false)",
         "SELECT set_config('default_transaction_read_only', 'on', false)",
+        "SELECT set_config('default_transaction_read_only'::text, 'on'::text, false)",
+        "SELECT set_config('myapp.tenant'::text, $1, false)",
+        "SELECT set_config('myapp.tenant', 'a' || 'b', false)",
+        "DO $$ BEGIN PERFORM set_config('search_path', 'public', false); END $$",
         "SET TIME ZONE 'UTC'",
         "INSERT INTO t VALUES ('read write')",
     ],
