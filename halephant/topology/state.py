@@ -17,10 +17,11 @@ Rules:
   nodes are not usable until probed;
 * a replica beyond `max_lag_bytes` (behind the primary's WAL) or `max_lag` (over it in two rounds in a
   row) is not usable until it is back under; a primary is never excluded for lag. A replica's lag in
-  time is the larger of its replay age (since the last replayed commit, while it has WAL to replay)
-  and how long ago the primary had written WAL the replica has not replayed yet (from the positions
+  time is how long ago the primary had written WAL the replica has not replayed yet (from the positions
   the probes saw, round by round): a replica that stopped receiving WAL has nothing left to replay,
-  yet falls behind all the same.
+  yet falls behind all the same. Only while the probes have not seen the primary at the replica's
+  position yet (just started, a new primary) does its replay age count as well, if larger (since the
+  last replayed commit, while it has WAL to replay).
 """
 
 from __future__ import annotations
@@ -260,7 +261,13 @@ class ClusterState:
         if outcome.lsn is not None and primary_lsn is not None:
             # (only with a primary answering: while it is down, a replica that missed its last WAL is
             # still the freshest there is)
-            lag_seconds = max(lag_seconds or 0.0, self._behind_for(outcome.lsn))
+            # When the probes saw the primary at this position or before it, when the primary went past
+            # it is known (to a round), and that is how stale the replica is. Its replay age is not: it
+            # counts from the last commit replayed, which is long ago while a long transaction on an
+            # otherwise quiet primary streams its WAL (a bulk load, CREATE INDEX), replayed as it comes.
+            behind = self._behind_for(outcome.lsn)
+            known = self._wal_lsns[0] <= outcome.lsn
+            lag_seconds = behind if known else max(lag_seconds or 0.0, behind)
         max_bytes, max_seconds = self.cluster.max_lag_bytes, self.cluster.max_lag
         over_time = max_seconds is not None and lag_seconds is not None and lag_seconds > max_seconds
         # The replay age jumps to "since the last replayed commit" whenever any WAL waits to be replayed,

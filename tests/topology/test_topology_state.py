@@ -142,10 +142,11 @@ def test_split_brain_on_one_timeline_keeps_the_current_primary() -> None:
 
 def test_lag_limits_exclude_replicas_never_the_primary(caplog: pytest.LogCaptureFixture) -> None:
     s = state(max_lag_bytes="8MB", max_lag="30s")
-    s.update([primary(lsn=20 * MB), replica(lsn=20 * MB), replica(lsn=20 * MB, age=31.0)])
+    # C is behind every position the probes saw the primary at: its replay age is all there is to go by
+    s.update([primary(lsn=20 * MB), replica(lsn=20 * MB), replica(lsn=19 * MB, age=31.0)])
     assert len(s.view.replicas) == 2  # over max_lag once: maybe just a record waiting on an idle primary
     with caplog.at_level(logging.INFO, "halephant.topology"):
-        s.update([primary(lsn=20 * MB), replica(lsn=8 * MB), replica(lsn=20 * MB, age=31.0)])
+        s.update([primary(lsn=20 * MB), replica(lsn=8 * MB), replica(lsn=19 * MB, age=31.0)])
     a, b, c = s.view.nodes
     assert a.usable and a.role is Role.PRIMARY
     assert (b.usable, b.lag_bytes, b.reason) == (False, 12 * MB, f"replica {B} lag 12 MB > 8 MB")
@@ -234,3 +235,22 @@ def test_a_replica_that_receives_no_wal_falls_behind_in_time(monkeypatch: pytest
     # another primary's positions say nothing of the old one's
     s.update([replica(lsn=26 * MB), primary(lsn=30 * MB, timeline=2), replica(lsn=26 * MB)])
     assert s.view.nodes[2].lag_seconds == 0.0
+
+
+def test_a_replica_replaying_a_long_transaction_as_it_streams_is_not_behind(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A bulk load on an otherwise quiet primary: no commit for a long time, the replica replays the WAL as
+    # it comes (a little always waits, so its replay age counts from the last commit), keeping up.
+    clock = [1000.0]
+    monkeypatch.setattr(state_module, "_now", lambda: clock[0])
+    s = state(max_lag="30s")
+    s.update([primary(lsn=20 * MB), replica(lsn=20 * MB), replica(lsn=20 * MB)])
+    for i in range(1, 8):
+        clock[0] += 10
+        lsn = (20 + 10 * i) * MB
+        s.update([primary(lsn=lsn), replica(lsn=lsn - MB, age=10.0 * i), replica(lsn=20 * MB, age=10.0 * i)])
+    _, b, c = s.view.nodes
+    assert b.usable and b.lag_seconds == 0.0  # it was at most one round behind
+    # C stopped replaying at 20 MB: the primary was past it 60 s ago
+    assert not c.usable and c.lag_seconds == 60.0 and c.reason == f"replica {C} lag 60.0s > 30s"
