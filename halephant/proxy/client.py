@@ -207,6 +207,7 @@ class ClientConnection(asyncio.Protocol):
         "sweep_rfq",
         "sweep_since",
         "target",
+        "timeout_mark",
         "told_pid",
         "transaction_mode",
         "transport",
@@ -278,6 +279,8 @@ class ClientConnection(asyncio.Protocol):
         #: (link_count, the server's rfq_seen) when the linked server last entered COPY FROM STDIN: while
         #: both stay the same, the client is sending its data (the sweep's activity marks cannot see it)
         self.copy_mark = (-1, -1)
+        #: (link_count, the server's rfq_seen) when query_timeout last cancelled the client's query
+        self.timeout_mark = (-1, -1)
         #: loop time of the connection, and of the last change between idle, waiting and active
         self.connected_at = self.since = 0.0
 

@@ -197,8 +197,30 @@ def sweep_clients(app: App, now: float) -> None:
                     )
                 )
         elif query_timeout and quiet >= query_timeout:
+            mark = (client.link_count, rfq)
+            if client.timeout_mark == mark and client.write_paused:
+                # Cancelled one query_timeout ago, and the client reads nothing of what the query sends:
+                # the backend is blocked sending it, and PostgreSQL acts on no cancel there. As PgBouncer
+                # does at query_timeout, the client goes, and its server with it.
+                log.warning(
+                    "%r: query_timeout (%gs): still running after its cancel, and the client reads none "
+                    "of its result: disconnecting it",
+                    client,
+                    query_timeout,
+                    extra={"event": "query_timeout"},
+                )
+                client.fail(
+                    ClientError(
+                        sqlstate.QUERY_CANCELED,
+                        "terminating connection: the query ran past query_timeout and its result is not "
+                        "being read",
+                        fatal=True,
+                    )
+                )
+                continue
             # a query has been running that long: cancel it as the client could, and let PostgreSQL's
             # own ERROR 57014 reach the client; the clock restarts in case the cancel is lost
+            client.timeout_mark = mark
             log.info(
                 "%r: query_timeout (%gs): cancelling on server pid %d",
                 client,

@@ -187,6 +187,31 @@ def test_query_timeout_cancels_with_57014_and_the_client_stays(
     assert_clean_servers(pg.primary)
 
 
+def test_query_timeout_disconnects_a_client_that_reads_none_of_the_result(
+    pg: Cluster, halephant: HalephantFactory
+) -> None:
+    # PostgreSQL acts on no cancel while a backend is blocked sending: the cancel alone would leave the
+    # server taken for as long as the client neither reads nor leaves
+    run = halephant.start(_config(pg, limits={"query_timeout": "1s"}))
+    stalled, other = _client(run), _client(run)
+    stalled.send(rc.query("SELECT 'stalled', repeat('x', 1000000) FROM generate_series(1, 1000)"))
+    running = (
+        "SELECT count(*) FROM pg_stat_activity"
+        " WHERE query LIKE 'SELECT ''stalled''%' AND pid <> pg_backend_pid()"
+    )
+    deadline = time.monotonic() + 10
+    while pg.primary.sql(running) != "1" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert pg.primary.sql(running) == "1"
+    deadline = time.monotonic() + 8
+    while pg.primary.sql(running) != "0" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert pg.primary.sql(running) == "0", "the backend still runs the query"
+    assert "still running after its cancel, and the client reads none of its result" in run.log_text()
+    assert _works(other)
+    assert_clean_servers(pg.primary)
+
+
 def test_database_and_user_overrides_of_query_timeout(pg: Cluster, halephant: HalephantFactory) -> None:
     config = _config(pg, limits={"query_timeout": "1s"}, query_timeout=0)
     config["users"]["myapp_ro"]["query_timeout"] = "1s"
