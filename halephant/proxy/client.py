@@ -104,6 +104,23 @@ _KIND: dict[int, int] = {
     codes.TERMINATE: _K_TERMINATE,
 }
 assert set(_KIND) == codes.FRONTEND_TYPES
+_NAMES_A_STATEMENT = frozenset((codes.BIND, codes.DESCRIBE))
+_NO_UNNAMED_STATEMENT = m.error_response(
+    sqlstate.INVALID_SQL_STATEMENT_NAME,
+    "unnamed prepared statement does not exist",
+    hint="In transaction pooling the unnamed statement lasts only as long as the transaction that "
+    "prepared it: send Parse in the same transaction as its Bind, or prepare a named statement.",
+)
+
+
+def _unnamed(t: int, buf: bytes, start: int, end: int) -> bool:
+    """A Bind or Describe (of a statement) whose payload is `buf[start:end]` names the unnamed statement."""
+    if t == codes.DESCRIBE:
+        return buf[start:end] == b"S\0"
+    portal_end = buf.find(b"\0", start, end)  # Bind: the portal's name, then the statement's
+    return portal_end >= 0 and buf[portal_end + 1 : portal_end + 2] == b"\0" and portal_end + 1 < end
+
+
 _NEEDS_NO_SERVER = frozenset((codes.SYNC, codes.FLUSH, codes.COPY_DATA, codes.COPY_DONE, codes.COPY_FAIL))
 #: first keywords of a statement that begins a transaction block
 _BEGINS = frozenset(("BEGIN", "START"))
@@ -665,6 +682,13 @@ class ClientConnection(asyncio.Protocol):
                     and buf[start] in _END_INITIALS
                     and self._end_outside_transaction(buf, start, end)
                 ):
+                    fwd = end
+                    continue
+                if t in _NAMES_A_STATEMENT and transaction_mode and _unnamed(t, buf, start, end):
+                    # The unnamed statement of an earlier transaction stayed on its server: whichever
+                    # server this transaction gets holds another one, or another client's. Never run it.
+                    self.app.stats.error(sqlstate.INVALID_SQL_STATEMENT_NAME)
+                    self._reject_locally(t, _NO_UNNAMED_STATEMENT)
                     fwd = end
                     continue
                 # the first message of a transaction: route it, then get a server

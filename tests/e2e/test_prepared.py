@@ -160,6 +160,30 @@ def test_bind_to_unknown_statement_is_26000_and_client_stays_usable(hal: Running
         assert rc.data_rows(client.simple_query("SELECT 7")) == [["7"]]
 
 
+def test_the_unnamed_statement_of_another_transaction_is_never_run(hal: Running) -> None:
+    # One server (database "one"): the unnamed statement A prepared stays on it after A's transaction.
+    # Neither B nor A itself may run it in a later transaction: with more servers it could be anyone's.
+    with proxied(hal, "one") as a, proxied(hal, "one") as b:
+        a.send(parse("SELECT 'prepared by a'") + rc.sync())
+        assert [m.type for m in a.read_until_ready()] == [b"1", b"Z"]
+        for client in (b, a):
+            client.send(bind() + rc.execute() + rc.sync())
+            got = client.read_until_ready()
+            assert [m.type for m in got] == [b"E", b"Z"], got
+            assert (got[0].fields["C"], got[0].fields["M"]) == (
+                "26000",
+                "unnamed prepared statement does not exist",
+            )
+            client.send(describe("S") + rc.sync())
+            assert rc.errors(client.read_until_ready())[0]["C"] == "26000"
+        # within one transaction it is the client's own: Parse, then Bind after a Flush, as asyncpg does
+        a.send(parse("SELECT 'mine'") + describe("S") + rc.msg(b"H"))
+        assert [a.read(timeout=5).type for _ in range(3)] == [b"1", b"t", b"T"]
+        a.send(bind() + rc.execute() + rc.sync())
+        assert rc.data_rows(a.read_until_ready()) == [["mine"]]
+        assert rc.data_rows(b.simple_query("SELECT 7")) == [["7"]]
+
+
 def test_errors_name_the_client_statement_not_the_server_one(hal: Running) -> None:
     with proxied(hal) as client:
         client.send(parse("SELECT $1::int + $2::int", "sum") + bind("sum", params=("1",)) + rc.sync())
