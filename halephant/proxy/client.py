@@ -296,8 +296,9 @@ class ClientConnection(asyncio.Protocol):
         #: (link_count, the server's rfq_seen) when the linked server last entered COPY FROM STDIN: while
         #: both stay the same, the client is sending its data (the sweep's activity marks cannot see it)
         self.copy_mark = (-1, -1)
-        #: (link_count, the server's rfq_seen) when query_timeout last cancelled the client's query
-        self.timeout_mark = (-1, -1)
+        #: (link_count, the server's rfq_seen, what the client had not read yet) when query_timeout last
+        #: cancelled the client's query
+        self.timeout_mark = (-1, -1, -1)
         #: loop time of the connection, and of the last change between idle, waiting and active
         self.connected_at = self.since = 0.0
 

@@ -18,7 +18,10 @@ sweep interval, as with PgBouncer's once-a-second janitor.
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import struct
+import termios
 from typing import TYPE_CHECKING
 
 from halephant import sqlstate
@@ -35,6 +38,10 @@ if TYPE_CHECKING:
     from halephant.proxy.manager import PoolManager
 
 log = logging.getLogger("halephant.timeouts")
+
+#: the ioctl that gives a TCP socket's unsent bytes (SIOCOUTQ on Linux), where there is one
+_OUTQ: int | None = getattr(termios, "TIOCOUTQ", None)
+_INT = struct.Struct("i")
 
 #: while shutting down, a client between transactions that has been silent this long is closed
 DRAIN_IDLE_GRACE = 1.0
@@ -197,11 +204,12 @@ def sweep_clients(app: App, now: float) -> None:
                     )
                 )
         elif query_timeout and quiet >= query_timeout:
-            mark = (client.link_count, rfq)
+            mark = (client.link_count, rfq, _unread(client) if client.write_paused else -1)
             if client.timeout_mark == mark and client.write_paused:
-                # Cancelled one query_timeout ago, and the client reads nothing of what the query sends:
-                # the backend is blocked sending it, and PostgreSQL acts on no cancel there. As PgBouncer
-                # does at query_timeout, the client goes, and its server with it.
+                # Cancelled one query_timeout ago, and the client has read nothing since of what the query
+                # sends: the backend is blocked sending it, and PostgreSQL acts on no cancel there. As
+                # PgBouncer does at query_timeout, the client goes, and its server with it. (One that
+                # reads, however slowly, gets the cancel's ERROR behind the rows already on their way.)
                 log.warning(
                     "%r: query_timeout (%gs): still running after its cancel, and the client reads none "
                     "of its result: disconnecting it",
@@ -220,7 +228,6 @@ def sweep_clients(app: App, now: float) -> None:
                 continue
             # a query has been running that long: cancel it as the client could, and let PostgreSQL's
             # own ERROR 57014 reach the client; the clock restarts in case the cancel is lost
-            client.timeout_mark = mark
             log.info(
                 "%r: query_timeout (%gs): cancelling on server pid %d",
                 client,
@@ -237,10 +244,27 @@ def sweep_clients(app: App, now: float) -> None:
                         f"halephant: cancelling the query: it ran past query_timeout ({query_timeout:g}s)",
                     )
                 )
+            # (taken after that NOTICE, which the client has not read either)
+            client.timeout_mark = (client.link_count, rfq, _unread(client) if client.write_paused else -1)
             app.spawn(app.forward_cancel, client, server, server.link_count)
 
 
 _NO_USER = UserConfig(auth="trust")  # a user no longer configured: no overrides
+
+
+def _unread(client: ClientConnection) -> int:
+    """What halephant has written to `client` that the client has not read: its transport's buffer and,
+    where the system tells, the socket's send queue. Changes only when the client reads, while halephant
+    has stopped reading its server (the client being slow to read: `write_paused`)."""
+    transport = client.transport
+    unread = transport.get_write_buffer_size()
+    sock = transport.get_extra_info("socket")
+    if sock is not None and _OUTQ is not None:
+        try:
+            unread += _INT.unpack(fcntl.ioctl(sock.fileno(), _OUTQ, b"\0\0\0\0"))[0]
+        except OSError:
+            pass
+    return unread
 
 
 def _pick(*values: float | None) -> float:

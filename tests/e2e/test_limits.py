@@ -6,6 +6,8 @@ the reserve pool, and fair queueing between users sharing one pool."""
 from __future__ import annotations
 
 import pathlib
+import socket
+import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -209,6 +211,29 @@ def test_query_timeout_disconnects_a_client_that_reads_none_of_the_result(
     assert pg.primary.sql(running) == "0", "the backend still runs the query"
     assert "still running after its cancel, and the client reads none of its result" in run.log_text()
     assert _works(other)
+    assert_clean_servers(pg.primary)
+
+
+def test_query_timeout_does_not_disconnect_a_client_that_reads_its_result_slowly(
+    pg: Cluster, halephant: HalephantFactory
+) -> None:
+    # A client that reads, if slowly, gets the cancel's ERROR 57014 behind the rows already on their
+    # way and stays connected, as connected directly: only one that reads nothing is disconnected.
+    run = halephant.start(_config(pg, limits={"query_timeout": "1s"}))
+    slow = _client(run, timeout=60)
+    slow.send(rc.query("SELECT repeat('x', 8000) FROM generate_series(1, 100000)"))
+    slow.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 5:  # two sweeps and more past the cancel, reading all along
+        chunk = slow.sock.recv(8192)
+        assert chunk, f"disconnected after {time.monotonic() - t0:.1f} s while reading its result"
+        slow._buf += chunk
+        while len(slow._buf) >= 5 and len(slow._buf) >= 1 + struct.unpack_from("!i", slow._buf, 1)[0]:
+            assert slow.read().type in (b"T", b"D", b"N"), "the query ended before the test could see"
+        time.sleep(0.04)
+    out = slow.read_until_ready(timeout=60)  # then at full speed, up to the end of the result
+    assert [e["C"] for e in errors(out)] == ["57014"]
+    assert _works(slow)
     assert_clean_servers(pg.primary)
 
 
