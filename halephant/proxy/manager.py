@@ -559,16 +559,19 @@ class PoolManager:
 
     # --- reload ---
 
-    def reconfigure(self, config: Config) -> list[str]:
+    def reconfigure(self, config: Config, unchanged: bool = False) -> list[str]:
         """Apply a new configuration to the pools; returns what changed, one line each.
 
         Pools are re-sized through `halephant_pool_size`; a pool whose database is gone or whose node
         left its cluster is retired: it keeps serving the transactions (and waiters) it has, and its
         servers close as they become idle. Clients link to the new pools from their next transaction.
+        The server parameters new clients are told are learnt again from new servers, unless the file
+        is `unchanged` (learnt only when a server opens: until then, every login takes a server).
         """
         changes: list[str] = []
         self._infos.clear()
-        self._welcome.clear()
+        if not unchanged:
+            self._welcome.clear()
         for key, pool in list(self.pools.items()):
             pool.login_refused = None  # a password may have changed: try again at once
             _database, _user, node = key

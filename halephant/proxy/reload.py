@@ -45,15 +45,16 @@ class ReloadResult:
         return not self.errors
 
 
-def _apply(app: App, config: Config) -> list[str]:
-    """Make `config` the running configuration: plugins first, then the pools (their changes returned)."""
+def _apply(app: App, config: Config, unchanged: bool = False) -> list[str]:
+    """Make `config` the running configuration: plugins first, then the pools (their changes returned).
+    `unchanged`: the file says what the running configuration says (see `PoolManager.reconfigure`)."""
     app.config = config
     app.config_generation += 1
     app.max_message_size = config.limits.max_message_size
     app.plugins.configure(config)
     for client in app.clients.values():
         client.forget_pools()
-    return app.manager.reconfigure(config)
+    return app.manager.reconfigure(config, unchanged=unchanged)
 
 
 def reload_app(app: App) -> ReloadResult:
@@ -86,7 +87,7 @@ def reload_app(app: App) -> ReloadResult:
         admin = new.admin.model_copy(update={"listen": old.admin.listen})  # the admin API stays bound
         new = new.model_copy(update={"listen": old.listen, "plugins": old.plugins, "admin": admin})
     try:
-        result.pools = _apply(app, new)
+        result.pools = _apply(app, new, unchanged=not changes)
     except Exception as exc:  # a plugin's hook that raises: all or nothing, never half a configuration
         log.error(
             "reload failed while applying it: %r; still running with the previous configuration",

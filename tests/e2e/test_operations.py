@@ -439,3 +439,21 @@ def test_a_pool_retired_by_a_reload_stays_in_the_admin_views_while_it_serves(
             assert errors(out) == [] or errors(out)[0]["C"] == "57P01"
             time.sleep(0.1)
     assert "was removed from the halephant configuration" in run.log_text()
+
+
+def test_a_reload_of_an_unchanged_file_keeps_logins_from_waiting_for_a_server(
+    pg: Cluster, halephant: HalephantFactory
+) -> None:
+    # A login answers with the server parameters learnt from the pool: after a reload that changed
+    # nothing, a newcomer must not wait for the pool's only server, busy in another's transaction.
+    config = _config(pg)
+    run = halephant.start(config)
+    holder = _client(run)
+    assert errors(holder.simple_query("BEGIN")) == []
+    run.signal(signal.SIGHUP)  # the file as it is
+    assert "unchanged" in _wait_log(run, "reload: done")
+    t0 = time.monotonic()
+    newcomer = _client(run)
+    assert time.monotonic() - t0 < 1, "the login waited for a server"
+    assert errors(holder.simple_query("COMMIT")) == []
+    assert _works(newcomer) and _works(holder)
