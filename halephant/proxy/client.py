@@ -659,7 +659,7 @@ class ClientConnection(asyncio.Protocol):
                         server.send(buf[fwd:head])
                     else:
                         prepared.forward(self, server, buf[fwd:head])
-                self.close()
+                self.close(terminated=True)
                 return
             if server is None:
                 if self._reject_next is not None:
@@ -1353,13 +1353,19 @@ class ClientConnection(asyncio.Protocol):
         log.log(level, "%r: closing: %s %s", self, error.code, error.message, extra={"sqlstate": error.code})
         self.close(f"closed by halephant: {error.code}")
 
-    def close(self, reason: str = "") -> None:
+    def close(self, reason: str = "", *, terminated: bool = False) -> None:
+        """Close the connection; `terminated`: the client sent Terminate (see `_closed`)."""
         if self.state == CLOSED:
             return
-        self._closed(reason or ("client sent Terminate" if self.state == READY else "closed during login"))
+        self._closed(
+            reason or ("client sent Terminate" if self.state == READY else "closed during login"), terminated
+        )
         self.transport.close()
 
-    def _closed(self, reason: str) -> None:
+    def _closed(self, reason: str, terminated: bool = False) -> None:
+        """The client is gone. A statement its server still runs is cancelled, unless the client ended
+        with Terminate: PostgreSQL runs what came before a Terminate to its end (a client may send a
+        statement and Terminate without waiting for the answer), so the server is only closed."""
         self.state = CLOSED
         if self.session is not None:
             session_state.forget(self)
@@ -1377,8 +1383,8 @@ class ClientConnection(asyncio.Protocol):
             else:
                 reset = None if server.unresettable else ""
             if not clean:
-                if self.outstanding:
-                    self.app.cancel_orphaned(server)  # a statement still runs: stop it
+                if self.outstanding and not terminated:
+                    self.app.cancel_orphaned(server)  # a statement still runs, its client gone: stop it
                 server.close("client left mid-transaction")
             elif not server.scanner.at_boundary:
                 # In the middle of a message the client had not read whole (a notification, while the

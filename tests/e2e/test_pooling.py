@@ -492,6 +492,25 @@ def test_client_lost_mid_statement_has_its_statement_cancelled(pg: Cluster, hal:
     assert_clean_servers(pg.primary)
 
 
+def test_a_statement_a_client_sends_before_terminate_runs_to_its_end(pg: Cluster, hal: Running) -> None:
+    # Terminate after a statement, without waiting for its answer (libpq's PQsendQuery then PQfinish):
+    # PostgreSQL reads the messages in order, runs the statement to its end (committing it), and only
+    # then the Terminate. The client asked for nothing to be cancelled.
+    table = new_table(pg)
+    direct = (pg.primary.host, pg.primary.port, "myapp")
+    for host, port, dbname in (direct, (hal.host, hal.port, "myapp"), (hal.host, hal.port, "session_one")):
+        with rc.RawClient(host, port, timeout=10) as raw:
+            raw.login("myapp", "myapp", database=dbname)
+            update = rc.query(f"UPDATE {table} SET v = v + 1 FROM pg_sleep(0.5) WHERE id = 1")
+            raw.send(update + rc.terminate())  # and gone, without waiting for the answer
+        time.sleep(0.1)
+    running = f"SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'UPDATE {table} %'"
+    assert wait_for(lambda: pg.primary.sql(running) == "0", 5)
+    with connect(hal) as other:
+        assert other.execute(f"SELECT v FROM {table} WHERE id = 1").fetchone() == (3,)
+    assert_clean_servers(pg.primary)
+
+
 # --- session state -------------------------------------------------------------------------------------
 
 
