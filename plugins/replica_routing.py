@@ -355,21 +355,23 @@ def _describe(keyword: str, text: str, name: str, value: str | None) -> str:
     return f"SET {name} TO DEFAULT" if value is None else f"SET {name} = {value}"
 
 
-def _set_config_switch(text: str) -> str:
+def _set_config_switch(text: str, in_do: bool = False) -> str:
     """A `set_config(name, value, ...)` call that could turn read-only off, described; "" if none.
 
     Only a name and a value written as plain literals (`'...'`, a cast allowed) can be checked: a call
     with anything else there (an expression, a parameter, an `E'...'` or dollar-quoted string) is
-    refused, whatever it names. The body of a `DO` block is looked into as well."""
+    refused, whatever it names. The body of a `DO` block is looked into as well, and the strings in it
+    (dynamic SQL); the strings of other statements are data (`LIKE '%set_config(%'`)."""
     tokens = [(k, v) for k, v in iter_tokens(text) if k != SPACE and k != COMMENT]
+    in_do = in_do or tokens[:1] == [(WORD, "DO")]
     for i, (kind, value) in enumerate(tokens):
         if kind == DOLLAR_STRING or (kind == STRING and value.startswith("'")):
-            if "set_config" in value.lower():  # a DO block's body (or a string that looks like one)
+            if in_do and "set_config" in value.lower():  # a DO block's body, or a string in it
                 if kind == DOLLAR_STRING:
                     body = value[value.index("$", 1) + 1 : value.rindex("$", 0, -1)]
                 else:
                     body = value[1:-1].replace("''", "'")
-                what = _set_config_switch(body)
+                what = _set_config_switch(body, in_do=True)
                 if what:
                     return what
             continue

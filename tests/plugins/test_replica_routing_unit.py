@@ -227,6 +227,7 @@ def test_read_write_users_may_switch(sql: str) -> None:
         "SELECT set_config('myapp.tenant'::text, $1, false)",
         "SELECT set_config('myapp.tenant', 'a' || 'b', false)",
         "DO $$ BEGIN PERFORM set_config('search_path', 'public', false); END $$",
+        "SELECT count(*) FROM audit WHERE statement LIKE '%set_config(%'",
         "SET TIME ZONE 'UTC'",
         "INSERT INTO t VALUES ('read write')",
     ],
