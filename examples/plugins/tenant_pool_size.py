@@ -23,7 +23,7 @@ def halephant_pool_size(pool: PoolTarget, config: Config) -> PoolSize | None:
     size = POOL_SIZES.get(pool.database)
     if size is None:
         return None
-    entry = config.databases.get(pool.database)
+    entry = config.database_for(pool.entry_name)  # the entry whose settings the pool follows
     # Keep the configured warm minimum, but never above the new maximum.
     warm = min(entry.min_pool_size, size) if entry is not None else 0
     return PoolSize(min=warm, max=size, reason=f"tenant_pool_size: {pool.database} is sized {size}")
