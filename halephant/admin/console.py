@@ -250,8 +250,12 @@ class ConsoleSession(asyncio.Protocol):
             self._busy = False
             if self._closed:
                 return
-            if t.cancelled() or t.exception() is not None:
-                error = ClientError(sqlstate.INTERNAL_ERROR, f"PAUSE failed: {t.exception()!r}")
+            exc = None if t.cancelled() else t.exception()
+            if t.cancelled() or exc is not None:
+                if isinstance(exc, ClientError):
+                    error = exc
+                else:
+                    error = ClientError(sqlstate.INTERNAL_ERROR, f"PAUSE failed: {exc!r}")
                 self.transport.write(self._error(error))
                 self._skip_to_sync = not simple
             elif simple:

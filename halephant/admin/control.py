@@ -130,9 +130,14 @@ class Control:
         return n
 
     async def wait_paused(self, database: str | None, poll: float = 0.05) -> None:
-        """Return once no server of `database` (all when None) is lent to a client."""
+        """Return once no server of `database` (all when None) is lent to a client. A RESUME meanwhile
+        ends the wait with 57014: that pause is no longer in force, and its PAUSE would otherwise wait
+        (the console session with it) for as long as any client keeps a server, forever in session
+        pooling."""
         while self.active_servers(database):
             await anyio.sleep(poll)
+            if not (ALL in self._paused if database is None else self.is_paused(database)):
+                raise ClientError(sqlstate.QUERY_CANCELED, "PAUSE canceled: RESUME released the pause first")
 
     def resume(self, database: str | None) -> None:
         """Without a database, releases every pause; refused when nothing is paused, or when `database`

@@ -586,6 +586,34 @@ def test_pause_holds_a_session_mode_login_until_resume(hal: Running, pg: Cluster
     assert_clean_servers(pg)
 
 
+def test_a_resume_ends_the_wait_of_a_pause_it_released(hal: Running, pg: Cluster) -> None:
+    # In session pooling a PAUSE waits for every session to end: an operator who gives up and RESUMEs
+    # from another console gets the waiting PAUSE answered (57014), not its console hung as long as a
+    # client stays connected.
+    with connect(hal, dbname="pausable_session") as session, console(hal) as admin, console(hal) as other:
+        session.execute("SELECT 1")
+        answer: list[BaseException | None] = []
+
+        def pause() -> None:
+            try:
+                admin.execute("PAUSE pausable_session")
+                answer.append(None)
+            except BaseException as exc:
+                answer.append(exc)
+
+        thread = threading.Thread(target=pause)
+        thread.start()
+        time.sleep(0.3)
+        assert not answer, "PAUSE returned while a session held its server"
+        other.execute("RESUME pausable_session")
+        thread.join(5)
+        assert answer and isinstance(answer[0], psycopg.errors.QueryCanceled), answer
+        assert "RESUME" in str(answer[0])
+        assert show(admin, "VERSION")  # the console goes on
+        assert session.execute("SELECT 2").fetchone() == (2,)
+    assert_clean_servers(pg)
+
+
 def test_pause_and_resume_that_change_nothing_are_refused_as_by_pgbouncer(hal: Running) -> None:
     def refused(admin: Any, command: str) -> tuple[str | None, str | None]:
         with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState) as info:  # 55000
