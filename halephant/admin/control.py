@@ -44,7 +44,10 @@ class Control:
         self._paused: set[str] = set()
         #: checked by every checkout: True while anything is paused
         self.holding = False
-        self._held: list[ClientConnection] = []
+        #: the clients held, each once (a dict as an ordered set): one held again after a cancel
+        #: answered where it was held must not be routed twice by RESUME (the second time out of the
+        #: pool's queue it had joined the first time, where it stayed to be handed a second server)
+        self._held: dict[ClientConnection, None] = {}
         #: open SQL console sessions (not in `app.clients`: they are not pool clients)
         self.consoles: set[ConsoleSession] = set()
 
@@ -98,7 +101,7 @@ class Control:
             return False
         client.waiting_pool = pool  # buffers what it sends; never in the pool's queue, so no timeout
         client.since = self.app.loop.time()
-        self._held.append(client)
+        self._held[client] = None
         return True
 
     # --- commands ---
@@ -159,13 +162,13 @@ class Control:
             self._paused.discard(database)
         self.holding = bool(self._paused)
         log.info("RESUME %s", database or "(all databases)")
-        held, self._held = self._held, []
+        held, self._held = self._held, {}
         for client in held:
             pool = client.waiting_pool
             if pool is None or client.info is None:
                 continue  # gone meanwhile
             if self.is_paused(pool.key[0]):
-                self._held.append(client)
+                self._held[client] = None
                 continue
             client.waiting_pool = None
             client.reroute()  # goes on where it was held: checkout (at login too), then what it sent

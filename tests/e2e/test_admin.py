@@ -614,6 +614,64 @@ def test_a_resume_ends_the_wait_of_a_pause_it_released(hal: Running, pg: Cluster
     assert_clean_servers(pg)
 
 
+def test_a_client_held_again_after_a_cancel_is_queued_once_at_resume(hal: Running, pg: Cluster) -> None:
+    # A client held by PAUSE, cancelled there (57014), then held again by its next statement, was held
+    # twice: RESUME routed it twice, so that it queued twice for the full pool, and the second server
+    # handed to it was linked to it while it had one already (or sat idle with one, in transaction
+    # pooling), whose answers went to a client that had moved on.
+    busy = [connect(hal, dbname="pausable") for _ in range(2)]  # the whole pool (2), in transactions
+    for conn in busy:
+        conn.execute("BEGIN")
+        conn.execute("SELECT 1")
+    client = connect(hal, dbname="pausable")
+    with console(hal) as admin, console(hal) as other:
+        paused: list[BaseException | None] = []
+
+        def pause() -> None:
+            try:
+                admin.execute("PAUSE pausable")  # answered 57014 by the RESUME below
+                paused.append(None)
+            except psycopg.Error as exc:
+                paused.append(exc)
+
+        pausing = threading.Thread(target=pause)
+        pausing.start()
+        time.sleep(0.3)
+        answers: list[Any] = []
+
+        def run(sql: str) -> None:
+            try:
+                answers.append(client.execute(sql).fetchone())
+            except psycopg.Error as exc:
+                answers.append(exc)
+
+        first = threading.Thread(target=run, args=("SELECT 1",))
+        first.start()
+        time.sleep(0.3)
+        client.cancel()  # while held: answered where it waits
+        first.join(5)
+        assert isinstance(answers[0], psycopg.errors.QueryCanceled), answers
+        second = threading.Thread(target=run, args=("SELECT 2",))
+        second.start()
+        time.sleep(0.3)
+        other.execute("RESUME pausable")  # the pool is still full: it queues for a server
+        pausing.join(5)
+        assert paused and isinstance(paused[0], psycopg.errors.QueryCanceled), paused
+        time.sleep(0.3)
+        busy[0].execute("COMMIT")
+        second.join(5)
+        assert answers[1:] == [(2,)]
+        time.sleep(0.3)
+        linked = [c for c in hal.admin_json("/clients") if c["database"] == "pausable" and c["server_pid"]]
+        assert len(linked) == 1, linked  # busy[1] only, still in its transaction
+        # the server busy[0] gave up serves the others, not a client between transactions
+        assert busy[0].execute("SELECT 3").fetchone() == (3,)
+        busy[1].execute("COMMIT")
+    for conn in [*busy, client]:
+        conn.close()
+    assert_clean_servers(pg)
+
+
 def test_pause_and_resume_that_change_nothing_are_refused_as_by_pgbouncer(hal: Running) -> None:
     def refused(admin: Any, command: str) -> tuple[str | None, str | None]:
         with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState) as info:  # 55000
