@@ -229,6 +229,16 @@ class Nodes:
             pool.track_lsn = pool.serves is Role.PRIMARY and db is not None and db.read_your_writes
         for waiter in displaced:
             self._to_primary(group, waiter)
+        if group.replica_waiters and group.replicas:
+            # A waiter queued by a replica that serves no more stays in the shared queue for the others:
+            # its waiting pool must be one of theirs, whose queue a cancel or checkout timeout takes it
+            # out of (the excluded pool's queue is its own again). With none left, it is routed again
+            # after this round (`_serve_replica_waiters`).
+            serving = group.replicas[0]
+            for waiter in group.replica_waiters:
+                queued_by = waiter.waiting_pool
+                if queued_by is not None and queued_by.serves is not Role.REPLICA:
+                    waiter.waiting_pool = serving
         if group.replica_waiters:
             # a replica that was opening connections for them may have just been excluded
             replica = group.pick_replica()

@@ -141,6 +141,23 @@ def test_a_replica_waiter_is_routed_again_when_its_replica_is_promoted(manager: 
     assert client.rerouted == 1
 
 
+def test_a_replica_waiter_whose_replica_goes_can_still_stop_waiting(manager: PoolManager) -> None:
+    # two replicas share one queue: a waiter whose own replica is excluded stays queued for the other,
+    # and a cancel or checkout timeout (`cancel_wait` on its waiting pool) must still take it out
+    publish(manager, node(P, Role.PRIMARY), node(R1, Role.REPLICA), node(R2, Role.REPLICA))
+    client = FakeClient("c")
+    first = wait(manager, client, Role.REPLICA)
+    publish(
+        manager,
+        node(P, Role.PRIMARY),
+        *(node(where, Role.REPLICA, usable=where != (first.host, first.port)) for where in (R1, R2)),
+    )
+    other = client.waiting_pool
+    assert other is not first and other.serves is Role.REPLICA and client in other.waiters
+    other.cancel_wait(client)
+    assert client not in other.waiters  # nobody hands it a server once it stopped waiting
+
+
 def test_a_failed_replica_connect_leaves_its_waiters_to_the_probes(manager: PoolManager) -> None:
     publish(manager, node(P, Role.PRIMARY), node(R1, Role.REPLICA))
     client = FakeClient("c")
