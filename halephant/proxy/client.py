@@ -1093,8 +1093,11 @@ class ClientConnection(asyncio.Protocol):
         if pool is not None:
             pool.stats.waited(self.app.loop.time() - self.wait_started)
             self.waiting_pool = None
-        if self.state == CLOSED:
-            # gone while waiting: give the server straight back
+        if self.state == CLOSED or self.server is not None:
+            # gone while waiting: give the server straight back. (One that has a server already was
+            # queued twice, a bug: a second server would cross the streams of the two.)
+            if self.server is not None:
+                log.error("%r: handed %s while it has %s: given back", self, server, self.server)
             self.app.manager.checkin(server)
             return
         try:
