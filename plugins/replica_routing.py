@@ -355,23 +355,25 @@ def _describe(keyword: str, text: str, name: str, value: str | None) -> str:
     return f"SET {name} TO DEFAULT" if value is None else f"SET {name} = {value}"
 
 
-def _set_config_switch(text: str, in_do: bool = False) -> str:
+def _set_config_switch(text: str, in_do: bool = False, data: bool = False) -> str:
     """A `set_config(name, value, ...)` call that could turn read-only off, described; "" if none.
 
     Only a name and a value written as plain literals (`'...'`, a cast allowed) can be checked: a call
     with anything else there (an expression, a parameter, an `E'...'` or dollar-quoted string) is
     refused, whatever it names. The body of a `DO` block is looked into as well, and the strings in it
-    (dynamic SQL); the strings of other statements are data (`LIKE '%set_config(%'`)."""
+    (dynamic SQL). The strings of other statements are mostly data (`LIKE '%set_config(%'`), but a
+    function may run one as SQL in the session (`query_to_xml('SELECT set_config(...)', ...)`): there
+    (`data`) only a call that plainly names a read-only setting counts."""
     tokens = [(k, v) for k, v in iter_tokens(text) if k != SPACE and k != COMMENT]
     in_do = in_do or tokens[:1] == [(WORD, "DO")]
     for i, (kind, value) in enumerate(tokens):
         if kind == DOLLAR_STRING or (kind == STRING and value.startswith("'")):
-            if in_do and "set_config" in value.lower():  # a DO block's body, or a string in it
+            if "set_config" in value.lower():  # a DO block's body, a string in it, or maybe data
                 if kind == DOLLAR_STRING:
                     body = value[value.index("$", 1) + 1 : value.rindex("$", 0, -1)]
                 else:
                     body = value[1:-1].replace("''", "'")
-                what = _set_config_switch(body, in_do=True)
+                what = _set_config_switch(body, in_do=True) if in_do else _set_config_switch(body, data=True)
                 if what:
                     return what
             continue
@@ -379,6 +381,8 @@ def _set_config_switch(text: str, in_do: bool = False) -> str:
             continue
         name, j = _literal_argument(tokens, i + 2)
         if name is None:
+            if data:
+                continue  # text that mentions set_config, as data does
             if tokens[i + 2 : i + 3] and tokens[i + 2][0] == PARAM:
                 return "set_config() with a setting name halephant cannot see"
             return "set_config() with a computed setting name"

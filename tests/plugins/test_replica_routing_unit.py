@@ -191,6 +191,8 @@ SWITCHES = [
     "SELECT set_config('default_transaction_read_only', 'o' || 'ff', false)",
     "DO $f$ BEGIN PERFORM set_config('default_transaction_' || 'read_only', 'off', false); END $f$",
     "DO 'BEGIN PERFORM set_config(''default_transaction_'' || ''read_only'', ''off'', false); END'",
+    # a function that runs its argument as SQL in the session
+    "SELECT query_to_xml('SELECT set_config(''transaction_read_only'', ''off'', false)', false, false, '')",
 ]
 
 
@@ -228,6 +230,7 @@ def test_read_write_users_may_switch(sql: str) -> None:
         "SELECT set_config('myapp.tenant', 'a' || 'b', false)",
         "DO $$ BEGIN PERFORM set_config('search_path', 'public', false); END $$",
         "SELECT count(*) FROM audit WHERE statement LIKE '%set_config(%'",
+        "SELECT count(*) FROM audit WHERE statement LIKE '%set_config(''transaction_read_only''%'",
         "SET TIME ZONE 'UTC'",
         "INSERT INTO t VALUES ('read write')",
     ],
