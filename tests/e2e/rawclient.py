@@ -225,6 +225,13 @@ class RawClient:
     def read_until_ready(self, timeout: float | None = None) -> list[Message]:
         return self.read_until(b"Z", timeout=timeout)
 
+    def rest_of_stream(self) -> bytes:
+        """Every byte still to come, unframed, up to the end of the connection."""
+        data = self._buf
+        while chunk := self.sock.recv(1 << 20):
+            data += chunk
+        return data
+
     def read_all(self, timeout: float | None = None) -> tuple[list[Message], bool]:
         """Everything until the peer closes or goes quiet: (messages, closed)."""
         out: list[Message] = []
@@ -359,3 +366,12 @@ def raw_rows(messages: list[Message]) -> list[list[bytes | None]]:
 def data_rows(messages: list[Message]) -> list[list[str | None]]:
     """Decode DataRow messages (text format) into lists of values."""
     return [[None if value is None else value.decode() for value in row] for row in raw_rows(messages)]
+
+
+def assert_one_row_cut_short(data: bytes) -> None:
+    """`data` is a DataRow of `repeat('x', ...)` that the connection ended in the middle of, with
+    nothing written inside it (an ErrorResponse there would be read as the rest of the value)."""
+    assert data[:1] == b"D"
+    (length,) = struct.unpack_from("!i", data, 1)
+    assert len(data) < 1 + length, "the row was not cut short"
+    assert set(data[-1000:]) == {ord("x")}, f"something came inside the row: {data[-120:]!r}"
