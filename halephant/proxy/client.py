@@ -1324,6 +1324,12 @@ class ClientConnection(asyncio.Protocol):
         if self.server is server:
             self.server = None
             log.warning("%r: server %s lost mid-transaction: %s", self, server, reason)
+            if server.fatal_relayed:
+                # The server's own FATAL (pg_terminate_backend, a shutdown) was relayed: the client ends
+                # as connected directly. A FATAL of halephant's after it would be read, by a client idle
+                # until then, as a second answer to its next query.
+                self.close("the server ended the connection with a FATAL error")
+                return
             self.fail(
                 ClientError(sqlstate.CONNECTION_FAILURE, f"server connection lost: {reason}", fatal=True),
                 # a backend terminated while blocked sending a row to a slow client stops inside it

@@ -56,6 +56,7 @@ _KEEP = frozenset(
     (codes.PARAMETER_STATUS, codes.COPY_IN_RESPONSE, codes.ERROR_RESPONSE, codes.NOTIFICATION_RESPONSE)
 )
 _TX_IDLE = codes.TX_IDLE
+_ENDS_SESSION = frozenset(("FATAL", "PANIC"))  # ErrorResponse severities after which a server closes
 #: the answer to an internal query: its rows (text format), and the error message if it failed
 InternalDone = Callable[[list[list[str | None]], str | None], None]
 
@@ -82,6 +83,7 @@ class ServerConnection(asyncio.Protocol):
         "closing",
         "created_at",
         "dirty",
+        "fatal_relayed",
         "idle_since",
         "link_count",
         "login",
@@ -128,6 +130,7 @@ class ServerConnection(asyncio.Protocol):
         self.paused_client: ClientConnection | None = None
         #: why this server carries session state since its last reset ("" = clean): checked at check-in
         self.dirty = ""
+        self.fatal_relayed = False
         #: why no reset can make this server clean ("" = a reset can): it is closed when its client leaves
         self.unresettable = ""
         self.link_count = 0  # bumped at every link: a cancel checks it did not go stale
@@ -305,6 +308,8 @@ class ServerConnection(asyncio.Protocol):
             elif t == codes.COPY_IN_RESPONSE:
                 client.copy_in_started()
             elif t == codes.ERROR_RESPONSE:
+                if m.decode_error_fields(payload).get("V") in _ENDS_SESSION:
+                    self.fatal_relayed = True  # the server closes next: its client heard why
                 if client.prepared is not None and client.prepared.bound:
                     client.prepared.stale_plan(payload)
                 if client.session is not None:

@@ -413,6 +413,20 @@ def test_server_lost_mid_transaction(pg: Cluster, hal: Running) -> None:
     assert_clean_servers(pg.primary)
 
 
+def test_a_server_fatal_reaches_the_client_alone(pg: Cluster, hal: Running) -> None:
+    # pg_terminate_backend (or a fast shutdown) of a client's server: PostgreSQL's own FATAL is relayed,
+    # then the server closes. Nothing may follow that FATAL: a second one (halephant's 08006) is read by
+    # the client, idle until then, as a second answer to its next query (psycopg: "received 2 results").
+    with rc.RawClient(hal.host, hal.port, timeout=5) as raw:
+        raw.login("myapp", "myapp", database="myapp")
+        raw.send(rc.query("BEGIN; SELECT pg_backend_pid()"))
+        pid = next(m for m in raw.read_until_ready() if m.type == b"D").payload[6:].decode()
+        assert pg.primary.sql(f"SELECT pg_terminate_backend({pid})") == "t"
+        messages, closed = raw.read_all(timeout=5)
+    assert closed
+    assert [(m.type, m.fields.get("S"), m.fields.get("C")) for m in messages] == [(b"E", "FATAL", "57P01")]
+
+
 def test_server_lost_in_the_middle_of_a_row_ends_the_client_stream_there(pg: Cluster, hal: Running) -> None:
     # A backend terminated while blocked sending a large row to a client that reads slowly stops in the
     # middle of the row. An ErrorResponse appended there would be read as the rest of the row (the end
