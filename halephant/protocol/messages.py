@@ -244,6 +244,23 @@ def decode_error_fields(payload: bytes | memoryview) -> dict[str, str]:
     return fields
 
 
+def error_ends_session(payload: bytes) -> bool:
+    """An ErrorResponse whose severity is FATAL or PANIC (the server closes the connection after it).
+
+    Read from the leading fields only, without decoding the message (which can be as large as 1 GB):
+    PostgreSQL sends S (localized severity) first, then V (the same, never localized; 9.6 and later).
+    """
+    end = payload.find(b"\0")
+    if end < 0:
+        return False
+    if payload.startswith(b"V", end + 1):
+        return payload.startswith(_FATAL_V, end + 1) or payload.startswith(_PANIC_V, end + 1)
+    return payload.startswith(_FATAL_S) or payload.startswith(_PANIC_S)  # before 9.6: S only
+
+
+_FATAL_V, _PANIC_V, _FATAL_S, _PANIC_S = b"VFATAL\0", b"VPANIC\0", b"SFATAL\0", b"SPANIC\0"
+
+
 def decode_parameter_status(payload: bytes | memoryview) -> tuple[str, str]:
     name, pos = read_cstring(payload, 0)
     value, _ = read_cstring(payload, pos)

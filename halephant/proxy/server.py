@@ -56,7 +56,6 @@ _KEEP = frozenset(
     (codes.PARAMETER_STATUS, codes.COPY_IN_RESPONSE, codes.ERROR_RESPONSE, codes.NOTIFICATION_RESPONSE)
 )
 _TX_IDLE = codes.TX_IDLE
-_ENDS_SESSION = frozenset(("FATAL", "PANIC"))  # ErrorResponse severities after which a server closes
 #: the answer to an internal query: its rows (text format), and the error message if it failed
 InternalDone = Callable[[list[list[str | None]], str | None], None]
 
@@ -308,7 +307,7 @@ class ServerConnection(asyncio.Protocol):
             elif t == codes.COPY_IN_RESPONSE:
                 client.copy_in_started()
             elif t == codes.ERROR_RESPONSE:
-                if m.decode_error_fields(payload).get("V") in _ENDS_SESSION:
+                if m.error_ends_session(payload):
                     self.fatal_relayed = True  # the server closes next: its client heard why
                 if client.prepared is not None and client.prepared.bound:
                     client.prepared.stale_plan(payload)

@@ -325,3 +325,20 @@ def test_decode_sasl_mechanisms_invalid_utf8() -> None:
 @given(payload=st.text(st.characters(codec="utf-8"), max_size=30).map(str.encode))
 def test_decode_sasl_mechanisms_valid_utf8_never_fails(payload: bytes) -> None:
     assert all(m.decode_sasl_mechanisms(payload))
+
+
+@pytest.mark.parametrize(
+    "fields, ends",
+    [
+        (b"SFATAL\0VFATAL\0C57P01\0Mterminating connection due to administrator command\0", True),
+        (b"SPANIC\0VPANIC\0CXX000\0Mboom\0", True),
+        (b"SSCHWERWIEGEND\0VFATAL\0C57P01\0Mx\0", True),  # a localized S, the V that never is
+        (b"SERROR\0VERROR\0C42601\0Msyntax error\0", False),
+        (b"SFEHLER\0VERROR\0C42601\0MFATAL in the text\0", False),
+        (b"SFATAL\0C57P01\0Mbefore 9.6: no V field\0", True),
+        (b"SERROR\0C22012\0Mdivision by zero\0", False),
+        (b"", False),
+    ],
+)
+def test_error_ends_session_reads_the_severity_only(fields: bytes, ends: bool) -> None:
+    assert m.error_ends_session(fields + b"\0") is ends
