@@ -17,19 +17,13 @@ import struct
 import time
 from typing import Any
 
+from support.fakes import RecordingTransport
+
 from halephant.protocol import messages as m
 from halephant.proxy import session_state
 from halephant.proxy.server import ServerConnection
 from halephant.proxy.session_state import SessionState
 from halephant.proxy.stand_in import StandIn
-
-
-class _Transport:
-    def __init__(self) -> None:
-        self.written: list[bytes] = []
-
-    def write(self, data: bytes) -> None:
-        self.written.append(data)
 
 
 class _Client:
@@ -40,7 +34,7 @@ class _Client:
         self.session.listening = {"chan"}
         # as `_clean_up_now` leaves it when it hands the channel over
         self.session.handover_until = time.monotonic() + session_state.RELAYED_SECONDS
-        self.transport = _Transport()
+        self.transport = RecordingTransport()
         self.server = None
         self.write_paused = False
         self.waiting_pool = None
@@ -112,7 +106,7 @@ class _StandIn(StandIn):
     """Takes the client's place on the server, as the reset query's stand-in does after the hand-over."""
 
     def __init__(self) -> None:
-        self.transport = _Transport()
+        self.transport = RecordingTransport()
 
     def server_ready(self, n: int, status: int, at_boundary: bool) -> None:
         pass
@@ -126,7 +120,7 @@ class _Linked:
     held_back = False
 
     def __init__(self) -> None:
-        self.transport = _Transport()
+        self.transport = RecordingTransport()
         self.relayed: list[bytes] = []
 
     def notification_relayed(self, payload: bytes) -> None:
@@ -144,7 +138,7 @@ def test_a_notification_right_behind_the_handover_querys_answer_reaches_whoever_
     loop = asyncio.new_event_loop()
     try:
         server = ServerConnection(None, None, {"user": "u"}, None, loop)  # type: ignore[arg-type]
-        server.transport = _Transport()  # type: ignore[assignment]
+        server.transport = RecordingTransport()  # type: ignore[assignment]
         client, stand_in = _Linked(), _StandIn()
         server.client = client  # type: ignore[assignment]
         server.run_internal(

@@ -13,6 +13,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from support.fakes import RecordingTransport
 
 from halephant.proxy import client as client_module
 from halephant.proxy.client import ClientConnection
@@ -53,14 +54,6 @@ NOT_ANSWERED = [
 ]
 
 
-class _Transport:
-    def __init__(self) -> None:
-        self.written: list[bytes] = []
-
-    def write(self, data: bytes) -> None:
-        self.written.append(data)
-
-
 class _Client:
     """What `_end_outside_transaction` reads of a transaction-mode client with no server linked."""
 
@@ -73,7 +66,7 @@ class _Client:
         self.settings: dict[str, str] = {}
         self._first_checked = False
         self.sweep_links = 3
-        self.transport = _Transport()
+        self.transport = RecordingTransport()
         self.target = SimpleNamespace(cluster="main")
         # no primary known: the only time the answer is local (see `test_not_while_a_primary_is_known`)
         view = SimpleNamespace(primary=None)
