@@ -163,21 +163,24 @@ def test_startup_parameters_reach_the_server(pg: Cluster, hal: Running) -> None:
     assert_clean_servers(pg.primary)
 
 
+def _one_server_sessions(
+    pg: Cluster, reset_query: str, checkout_timeout: str, **overrides: Any
+) -> dict[str, Any]:
+    """Session pooling of `myapp` on one server connection, reset with `reset_query` (`overrides` as
+    for `default_config`)."""
+    database = {
+        "cluster": "main", "mode": "session", "pool_size": 1, "checkout_timeout": checkout_timeout,
+        "server_reset_query": reset_query,
+    }  # fmt: skip
+    return default_config(pg, databases={"myapp": database}, **overrides)
+
+
 def test_a_failed_reset_closes_the_server_and_the_next_client_gets_a_new_one(
     pg: Cluster, halephant: HalephantFactory
 ) -> None:
     # PostgreSQL refuses this reset: DISCARD ALL cannot run in the implicit transaction block of a query
     # string of several statements. The server cannot be known clean, so it must be closed, not handed on.
-    config = default_config(
-        pg,
-        databases={
-            "myapp": {
-                "cluster": "main", "mode": "session", "pool_size": 1, "checkout_timeout": "5s",
-                "server_reset_query": "DISCARD ALL; SELECT 1",
-            },
-        },
-    )  # fmt: skip
-    run = halephant.start(config)
+    run = halephant.start(_one_server_sessions(pg, "DISCARD ALL; SELECT 1", "5s"))
     pids = []
     for _ in range(2):
         with connect(run) as conn:
@@ -197,17 +200,8 @@ def test_a_reset_that_never_answers_closes_the_server_and_the_next_client_gets_a
 ) -> None:
     # A reset waiting on a lock stands for any that never answers (a frozen server, a network gone
     # silent): no client owns the server meanwhile, and it holds the pool's only place.
-    config = default_config(
-        pg,
-        databases={
-            "myapp": {
-                "cluster": "main", "mode": "session", "pool_size": 1, "checkout_timeout": "10s",
-                "server_reset_query": "SELECT pg_advisory_xact_lock(424244)",
-            },
-        },
-        limits={"connect_timeout": "1s"},
-    )  # fmt: skip
-    run = halephant.start(config)
+    reset = "SELECT pg_advisory_xact_lock(424244)"
+    run = halephant.start(_one_server_sessions(pg, reset, "10s", limits={"connect_timeout": "1s"}))
     with psycopg.connect(pg.primary.dsn("myapp", "myapp", "myapp"), autocommit=True) as holder:
         holder.execute("SELECT pg_advisory_lock(424244)")
         with connect(run) as conn:
