@@ -449,17 +449,21 @@ def test_server_lost_in_the_middle_of_a_row_ends_the_client_stream_there(pg: Clu
     rc.assert_one_row_cut_short(data)
 
 
+def drop(conn: psycopg.Connection[Any]) -> None:
+    """Drop the TCP connection under the driver, with no Terminate, as a crashed client would."""
+    sock = socket.socket(fileno=os.dup(conn.fileno()))
+    sock.shutdown(socket.SHUT_RDWR)
+    sock.close()
+    conn.close()
+
+
 def test_client_lost_mid_transaction_leaves_no_lock(pg: Cluster, hal: Running) -> None:
     table = new_table(pg)
     conn = connect(hal)
     conn.execute("BEGIN")
     pid = backend_pid(conn)
     conn.execute(f"UPDATE {table} SET v = 100 WHERE id = 1")
-    # drop the TCP connection under the driver, as a crashed client would
-    sock = socket.socket(fileno=os.dup(conn.fileno()))
-    sock.shutdown(socket.SHUT_RDWR)
-    sock.close()
-    conn.close()
+    drop(conn)
     assert_clean_servers(pg.primary)
     with connect(hal) as other:
         started = time.monotonic()
@@ -486,10 +490,7 @@ def test_client_lost_mid_statement_has_its_statement_cancelled(pg: Cluster, hal:
     assert wait_for(
         lambda: pg.primary.sql(f"SELECT wait_event FROM pg_stat_activity WHERE pid = {pid}") == "PgSleep", 5
     )
-    sock = socket.socket(fileno=os.dup(conn.fileno()))
-    sock.shutdown(socket.SHUT_RDWR)
-    sock.close()
-    conn.close()
+    drop(conn)
     # the backend does not run on to the end of its statement: it is cancelled, rolls back and exits
     assert wait_for(
         lambda: pg.primary.sql(f"SELECT count(*) FROM pg_stat_activity WHERE pid = {pid}") == "0", 5
