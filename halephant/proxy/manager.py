@@ -281,6 +281,25 @@ class PoolManager:
             server.close("opened before a reload or RECONNECT")
             self.app.spawn(self._open, pool)
             return
+        if pool.serves is Role.PRIMARY and server.params.get("in_hot_standby") == "on":
+            # The node was restarted as a standby (or demoted) since the probes last saw it primary:
+            # every write there would fail with 25006. PostgreSQL 14+ says so at login. Its clients
+            # wait for the probes, run at once, as when the node does not answer.
+            where = f"{pool.host}:{pool.port}"
+            log.warning(
+                "pool %s: %s is in recovery (a standby), not the primary: server closed, probing again",
+                pool.name,
+                where,
+            )
+            server.close("the node is a standby")
+            error = ClientError(
+                sqlstate.CANNOT_CONNECT_NOW,
+                f"{where} is a standby now, not the primary of cluster {target.cluster}",
+                hint="The cluster is failing over or being restarted; retry later.",
+                fatal=True,
+            )
+            self.nodes.connect_failed(pool, error, True)
+            return
         self._welcome.setdefault((target.database, target.pool_user), dict(server.params))
         log.info(
             "pool %s: server connection opened (pid %d, now %d)", pool.name, server.backend_pid, pool.total

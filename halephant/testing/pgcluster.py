@@ -506,6 +506,12 @@ class Node:
         """Promote a replica and wait until it accepts writes."""
         self._pg_ctl("-w", "-t", "60", "promote")
 
+    def restart_as_standby(self) -> None:
+        """Stop, then start again in recovery (standby.signal), following no primary: a demoted primary."""
+        self.stop()
+        self._pg.write_file(self.datadir / "standby.signal", "")
+        self.start()
+
     def reload(self, timeout: float = 10.0) -> None:
         """Re-read postgresql.conf and pg_hba.conf, returning once new connections see the change."""
         before = self.sql("SELECT pg_conf_load_time()")

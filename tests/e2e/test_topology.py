@@ -606,6 +606,28 @@ def test_split_brain_writes_go_to_the_higher_timeline(
     assert_clean_servers(fresh)
 
 
+def test_a_primary_restarted_as_a_standby_between_probes_takes_no_write(
+    fresh: Cluster, halephant: HalephantFactory, plugin_env: None
+) -> None:
+    """Between two rounds of probes the primary comes back as a standby and the replica is promoted: the
+    next write must not go to the standby (25006) but wait for the probes, which find the new primary."""
+    old, new = fresh.primary, fresh.replicas[0]
+    cfg = config(fresh.nodes)
+    cfg["topology"]["interval"] = "1h"  # no round of probes of its own during the test
+    run = halephant.start(cfg)
+    with connect(run) as conn:
+        conn.execute("INSERT INTO t VALUES (1, 'before')")
+        assert port(conn) == old.port
+    old.restart_as_standby()
+    new.promote()
+    with connect(run) as conn:
+        conn.execute("INSERT INTO t VALUES (2, 'after')")
+        assert port(conn) == new.port
+    assert f"{old.host}:{old.port} is in recovery (a standby), not the primary" in run.log_text()
+    assert new.sql("SELECT count(*) FROM t", dbname="myapp") == "2"
+    assert_clean_servers(new)
+
+
 def _processes_of(node: Node) -> list[int]:
     """The postmaster of `node` and every process it forked."""
     postmaster = int((node.datadir / "postmaster.pid").read_text().split()[0])
