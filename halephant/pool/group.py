@@ -3,7 +3,8 @@
 PRIMARY goes to the pool of the elected primary; while there is none, waiters are parked in
 `waiting_for_primary` (a pool with no node and no capacity: it only queues) until one appears or their
 checkout_timeout passes. REPLICA goes to the usable replica with the fewest active server connections
-(connections being opened count too), round-robin among equals. The replica pools share one wait
+(connections being opened count too), round-robin among equals, and one that refused halephant's
+last login (`Pool.login_refused`) only when all did. The replica pools share one wait
 queue, so whichever replica frees a server first serves the next waiter.
 
 Synchronous and I/O-free like `Pool`: the pool manager assigns the pools when the topology changes and does
@@ -24,6 +25,9 @@ _NO_CAPACITY = PoolSize(min=0, max=0, reason="waiting for a primary: no node to 
 
 #: the node name the admin views show for the clients that wait for a primary
 NO_PRIMARY = "(no primary)"
+#: what a replica that refused halephant's last login (until server_login_retry passes) weighs in
+#: `pick_replica`: picked only when every other one refused too
+_REFUSED = 1 << 30
 
 
 class PoolGroup(Generic[S, W]):
@@ -97,9 +101,13 @@ class PoolGroup(Generic[S, W]):
         start = self._next = (self._next + 1) % n
         best = pools[start]
         best_load = len(best.active) + best.connecting
+        if best.login_refused is not None:
+            best_load += _REFUSED
         for i in range(1, n):
             pool = pools[(start + i) % n]
             load = len(pool.active) + pool.connecting
+            if pool.login_refused is not None:
+                load += _REFUSED
             if load < best_load:
                 best, best_load = pool, load
         return best

@@ -482,7 +482,11 @@ class PoolManager:
                 server.close("pool retired by a configuration reload")
         self.retired = [pool for pool in self.retired if pool.total or pool.waiters]
         self._close_stuck_resets(now)
+        loop_now = self.app.loop.time()
         for pool in list(self.pools.values()):
+            refused = pool.login_refused
+            if refused is not None and loop_now >= refused[1]:
+                pool.login_refused = None  # a replica refusing logins is picked again (`pick_replica`)
             db = self.app.config.database_for(pool.info.target.entry_name)
             if db is None:
                 continue

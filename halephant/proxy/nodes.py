@@ -297,11 +297,17 @@ class Nodes:
             if replica is not None and replica.should_open_for_waiters():
                 self.manager.open(replica)
             return
+        log.info(
+            "cluster %s: no replica left: %d waiting client(s) routed again",
+            group.cluster,
+            len(group.replica_waiters),
+        )
+        self._route_replica_waiters_again(group)
+
+    @staticmethod
+    def _route_replica_waiters_again(group: Group) -> None:
         waiters = list(group.replica_waiters)
         group.replica_waiters.clear()
-        log.info(
-            "cluster %s: no replica left: %d waiting client(s) routed again", group.cluster, len(waiters)
-        )
         for waiter in waiters:
             pool = waiter.waiting_pool
             if pool is None or waiter in pool.waiters:
@@ -362,6 +368,13 @@ class Nodes:
         if group is not None and pool.serves is Role.REPLICA:
             # the replicas share their waiters: another one that is serving will get to them
             others = [p for p in group.replicas if p is not pool]
+            if pool.login_refused is not None and any(p.login_refused is None for p in others):
+                # This replica refused the login (at max_connections: 53300; pg_hba.conf; a CONNECTION
+                # LIMIT) and another may not: its waiters are routed again, and `pick_replica` passes
+                # it by until server_login_retry has passed.
+                pool.connect_failed(True)
+                self._route_replica_waiters_again(group)
+                return
             served_elsewhere = any(p.active or p.idle or p.connecting for p in others)
             if node_failed and others and not served_elsewhere:
                 other = group.pick_replica(others)

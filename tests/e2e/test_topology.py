@@ -379,6 +379,32 @@ def test_a_stopped_replica_is_marked_down_until_it_answers_again(
     assert_clean_servers(cl)
 
 
+def test_a_replica_that_refuses_logins_gets_no_reads_while_another_serves(
+    cl: Cluster, halephant: HalephantFactory, plugin_env: None
+) -> None:
+    # The replica answers its probes (they log in to "postgres") but refuses every login to myapp, as a
+    # replica at max_connections (53300) or behind a pg_hba.conf change does: not a node failure, so
+    # it stays a usable replica, and its reads must go to the other one, whether that one has servers
+    # open or not, until server_login_retry has passed.
+    refusing, serving = cl.replicas
+    cfg = config(cl.nodes)
+    cfg["limits"] = {"server_login_retry": "1s"}
+    refusing.set_hba(["host myapp all 127.0.0.1/32 reject"])
+    try:
+        run = halephant.start(cfg)
+        with connect(run, "report-refused") as conn:
+            assert [port(conn) for _ in range(6)] == [serving.port] * 6
+        with connect(run, "report-refused") as conn:  # the serving replica's server is idle now
+            assert [port(conn) for _ in range(6)] == [serving.port] * 6
+        assert "server login refused: 28000" in run.log_text()
+    finally:
+        refusing.set_hba([])
+    time.sleep(2.2)  # server_login_retry, and the next maintenance tick: it is picked again
+    with connect(run, "report-refused") as conn:
+        assert {port(conn) for _ in range(6)} == {refusing.port, serving.port}
+    assert_clean_servers(cl)
+
+
 def test_a_client_waiting_for_a_replica_is_routed_again_when_no_replica_is_left(
     cl: Cluster, halephant: HalephantFactory, plugin_env: None
 ) -> None:

@@ -1,5 +1,6 @@
 """Node selection (`halephant.pool.group.PoolGroup`) with fake servers and waiters: least active replica,
-round-robin on ties, one wait queue shared by the replicas, waiters displaced when the primary moves."""
+round-robin on ties, refusing replicas last, one wait queue shared by the replicas, waiters displaced
+when the primary moves."""
 
 from __future__ import annotations
 
@@ -39,6 +40,19 @@ def test_round_robin_on_ties_least_active_otherwise() -> None:
     b.active.add(FakeServer())
     assert [group.pick_replica() for _ in range(3)] == [c, c, c]
     c.connecting = 2  # connections being opened count as busy
+    assert [group.pick_replica() for _ in range(3)] == [b, b, b]
+
+
+def test_a_replica_that_refused_a_login_is_picked_only_when_every_one_did() -> None:
+    group = make_group()
+    group.assign("a:1", ["b:2", "c:3"])
+    b, c = group.replicas
+    c.active.update((FakeServer(), FakeServer()))  # busier than b, and still preferred to a refusing b
+    b.login_refused = (object(), 0.0)
+    assert [group.pick_replica() for _ in range(3)] == [c, c, c]
+    c.login_refused = (object(), 0.0)
+    assert [group.pick_replica() for _ in range(3)] == [b, b, b]  # all refused: the least busy
+    b.login_refused = c.login_refused = None
     assert [group.pick_replica() for _ in range(3)] == [b, b, b]
 
 
