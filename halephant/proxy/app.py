@@ -290,6 +290,29 @@ class App:
                 log.info("%r: cancel request ignored: no query running", client)
             done()
             return
+        if server.absorb:
+            # halephant's own query (the client's startup settings, a clean-up) runs ahead of the
+            # client's statement: cancelled now, it would fail instead, and the statement run after it
+            # without the client's settings. Forwarded once that query has answered.
+            log.info(
+                "%r: cancel request held until halephant's own query on server pid %d has answered",
+                client,
+                server.backend_pid,
+            )
+            server.held_cancels.append((client, done))
+            return
+        log.info("%r: forwarding cancel request to server pid %d", client, server.backend_pid)
+        self.spawn(self._send_cancel, client, server, server.link_count, done)
+
+    def forward_held_cancel(
+        self, client: ClientConnection, server: ServerConnection, done: Callable[[], None]
+    ) -> None:
+        """Forward a cancel request held while halephant's own query ran on `server` (`_cancel`), if the
+        client still has that server."""
+        if client.server is not server or server.closing:
+            log.info("%r: held cancel request dropped: its server moved on", client)
+            done()
+            return
         log.info("%r: forwarding cancel request to server pid %d", client, server.backend_pid)
         self.spawn(self._send_cancel, client, server, server.link_count, done)
 

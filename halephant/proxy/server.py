@@ -83,6 +83,7 @@ class ServerConnection(asyncio.Protocol):
         "created_at",
         "dirty",
         "fatal_relayed",
+        "held_cancels",
         "idle_since",
         "link_count",
         "login",
@@ -149,6 +150,9 @@ class ServerConnection(asyncio.Protocol):
         self._internal: deque[InternalDone | None] = deque()
         self._internal_rows: list[list[str | None]] = []
         self._internal_error: str | None = None
+        #: cancel requests of the linked client that came while halephant's own query ran ahead of the
+        #: client's statement: (client, done), forwarded once it has answered (`App.cancel`)
+        self.held_cancels: list[tuple[ClientConnection, Callable[[], None]]] = []
 
     def __repr__(self) -> str:
         state = "closing" if self.closing else ("active" if self.client else "idle")
@@ -406,6 +410,18 @@ class ServerConnection(asyncio.Protocol):
             self.data_received(rest)
         if client.held_back:
             client.resume_held()  # what the client sent meanwhile, once halephant's business is over
+        if self.held_cancels:
+            self._release_cancels()
+
+    def _release_cancels(self, forward: bool = True) -> None:
+        """Forward the cancel requests held while halephant's own query ran (`forward` False: the server
+        is gone, there is nothing to cancel: their cancel connections are just closed)."""
+        held, self.held_cancels = self.held_cancels, []
+        for client, done in held:
+            if forward:
+                self.manager.app.forward_held_cancel(client, self, done)
+            else:
+                done()
 
     def arm_rewrite(self, marker: bytes, error: bytes, pending: int) -> None:
         """Replace the server's ErrorResponse that mentions `marker` by `error` (a rejection in place).
@@ -493,6 +509,8 @@ class ServerConnection(asyncio.Protocol):
             self.pool.stats.server_closed(self.rfq_seen, self.xact_seen, self.link_count)
         if client is not None:
             client.server_lost(self, "server closed the connection unexpectedly")
+        if self.held_cancels:
+            self._release_cancels(forward=False)
         if not was_closing:
             log.info("server %s closed: %s", self, exc or "connection closed by server")
         self.manager.server_gone(self.pool)

@@ -3,7 +3,12 @@ one is refused at login with PostgreSQL's own SQLSTATE."""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
 import psycopg
+import psycopg.errors
 import pytest
 from support.halephant import HalephantFactory, default_config
 from support.leaks import assert_clean_servers
@@ -49,3 +54,69 @@ def test_unknown_setting_is_refused_at_login(pg: Cluster, halephant: HalephantFa
     with psycopg.connect(run.dsn(), autocommit=True) as conn:  # everyone else is still served
         assert conn.execute("select 1").fetchone() == (1,)
     assert_clean_servers(pg.primary)
+
+
+def test_a_cancel_that_comes_while_the_settings_are_applied_waits_for_them(
+    pg: Cluster, halephant: HalephantFactory
+) -> None:
+    """A client's statement goes out behind halephant's query that applies its startup settings. A cancel
+    that came while that query ran cancelled it instead, and the statement then ran without the
+    client's settings (here: it read another client's). The settings query is made to wait on a lock
+    of the catalog it reads, so that the cancel comes exactly then."""
+    primary = pg.primary
+    sql = f"host={primary.sockdir} port={primary.port} user=postgres dbname=myapp"
+    with psycopg.connect(sql, autocommit=True) as admin:
+        admin.execute("DROP TEXT SEARCH CONFIGURATION IF EXISTS public.hal_cancel")
+        admin.execute("CREATE TEXT SEARCH CONFIGURATION public.hal_cancel (COPY = pg_catalog.simple)")
+    run = halephant.start(default_config(pg, databases={"myapp": {"pool_size": 1}}))
+    own = psycopg.connect(run.dsn(options="-c default_text_search_config=public.hal_cancel"), autocommit=True)
+    other = psycopg.connect(run.dsn(), autocommit=True)
+    show = "SHOW default_text_search_config"
+    try:
+        assert own.execute(show).fetchone() == ("public.hal_cancel",)
+        assert other.execute(show).fetchone() == ("pg_catalog.english",)  # the one server: set back
+        with psycopg.connect(sql) as locker:
+            # renamed there and back: the server's cached entry is gone, so setting it reads the catalog
+            locker.execute("ALTER TEXT SEARCH CONFIGURATION public.hal_cancel RENAME TO hal_cancel2")
+            locker.execute("ALTER TEXT SEARCH CONFIGURATION public.hal_cancel2 RENAME TO hal_cancel")
+            locker.commit()
+            locker.execute("LOCK TABLE pg_catalog.pg_ts_config IN ACCESS EXCLUSIVE MODE")
+            with ThreadPoolExecutor(2) as threads:
+                answer = threads.submit(lambda: own.execute(show).fetchone())
+                wait_until(lambda: "waiting" in server_state(sql), "the settings query waits on the lock")
+                cancelled = threads.submit(own.cancel_safe)  # (cancel() holds the GIL while it waits)
+                time.sleep(0.5)  # the cancel reached halephant (which holds it: nothing to see here)
+                locker.rollback()
+                cancelled.result(timeout=10)
+                try:
+                    got = answer.result(timeout=10)
+                except psycopg.errors.QueryCanceled:
+                    got = None  # the statement itself was cancelled: as the client asked
+        assert got in (("public.hal_cancel",), None)
+        assert own.execute(show).fetchone() == ("public.hal_cancel",)
+        assert other.execute(show).fetchone() == ("pg_catalog.english",)
+    finally:
+        own.close()
+        other.close()
+    assert "cancel request held until halephant's own query" in run.log_text()
+    assert_clean_servers(pg.primary)
+
+
+def server_state(dsn: str) -> str:
+    """How the backends of user myapp wait: their wait events, joined."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT coalesce(wait_event_type, '') || ':' || state FROM pg_stat_activity"
+            " WHERE usename = 'myapp' AND backend_type = 'client backend'"
+        ).fetchall()
+    return " ".join(row[0] for row in rows) + (
+        " waiting" if any(r[0].startswith("Lock:") for r in rows) else ""
+    )
+
+
+def wait_until(check: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout:g}s: {what}")
+        time.sleep(0.02)

@@ -39,7 +39,7 @@ def _cancel(app: Any, process_id: int, key: int) -> list[tuple[Any, Any]]:
 
 
 def _server(pid: int, host: str) -> SimpleNamespace:
-    return SimpleNamespace(backend_pid=pid, link_count=1, host=host)
+    return SimpleNamespace(backend_pid=pid, link_count=1, host=host, absorb=0)
 
 
 def test_two_session_clients_told_the_same_process_id_each_cancel_their_own_query() -> None:
