@@ -493,8 +493,11 @@ class ServerConnection(asyncio.Protocol):
         self.close(reason)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if not self.login.done():
-            self.login.set_exception(
+        login = self.login
+        # (cancelled: the opener's connect_timeout passed)
+        logged_in = login.done() and not login.cancelled() and login.exception() is None
+        if not login.done():
+            login.set_exception(
                 ServerLoginError(
                     sqlstate.CONNECTION_FAILURE, "server closed the connection during login", fatal=True
                 )
@@ -513,7 +516,11 @@ class ServerConnection(asyncio.Protocol):
             self._release_cancels(forward=False)
         if not was_closing:
             log.info("server %s closed: %s", self, exc or "connection closed by server")
-        self.manager.server_gone(self.pool)
+        if logged_in:
+            self.manager.server_gone(self.pool)
+        # else it never served: its opener (`PoolManager._open`) has accounted for the failure. Opening
+        # another here for the waiting clients would retry a node that refuses every login (one shutting
+        # down: 57P03) as fast as it answers, hundreds of times a second, until checkout_timeout.
 
     def pause_writing(self) -> None:
         # the server is slow to take the client's data: stop reading the client

@@ -1,0 +1,93 @@
+"""End to end: server connections over their life while PostgreSQL misbehaves: a node that refuses
+logins for a while (shutting down, a role's CONNECTION LIMIT reached), and what halephant does about
+the clients waiting meanwhile.
+
+This module starts its own single-node cluster: its tests shut PostgreSQL down and start it again.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from support.cluster import start_test_cluster
+from support.halephant import HalephantFactory, Running
+from support.leaks import assert_clean_servers
+
+from halephant.testing.pgcluster import Cluster
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def own() -> Iterator[Cluster]:
+    cluster = start_test_cluster(replicas=0)
+    try:
+        yield cluster
+    finally:
+        cluster.destroy()
+
+
+def config(pg: Cluster, **limits: Any) -> dict[str, Any]:
+    return {
+        "clusters": {"main": {"nodes": [f"{pg.primary.host}:{pg.primary.port}"], "probe_user": "myapp"}},
+        "databases": {"myapp": {"cluster": "main", "pool_size": 3, "checkout_timeout": "10s"}},
+        "users": {"myapp": {"password": "myapp"}, "limited": {"password": "limited"}},
+        "limits": {"connect_timeout": "3s", **limits},
+    }
+
+
+def connect(run: Running, user: str = "myapp") -> psycopg.Connection[Any]:
+    return psycopg.connect(run.dsn(user=user, password=user), autocommit=True)
+
+
+def in_thread(work: Callable[[], Any]) -> tuple[threading.Thread, list[Any]]:
+    """Run `work` in a thread; the list gets ("ok", result, seconds) or (sqlstate, message, seconds)."""
+    out: list[Any] = []
+
+    def run() -> None:
+        started = time.monotonic()
+        try:
+            out.append(("ok", work(), time.monotonic() - started))
+        except psycopg.Error as exc:
+            out.append((exc.sqlstate, str(exc), time.monotonic() - started))
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, out
+
+
+def test_a_node_shutting_down_is_not_hammered_with_logins(own: Cluster, halephant: HalephantFactory) -> None:
+    # A smart shutdown waits for the sessions it has and refuses new ones (57P03). A client needing a
+    # second server of a pool that still has one waits for it; meanwhile halephant must not try a login
+    # again each time the last one is refused (it did: hundreds a second, each a fork and a log line).
+    run = halephant.start(config(own))
+    node = own.primary
+    try:
+        with connect(run) as holder, connect(run) as waiter:
+            holder.execute("BEGIN")
+            holder.execute("SELECT 1")
+            own._pg.run(
+                [own._pg.bin("pg_ctl"), "-D", str(node.datadir), "-m", "smart", "stop", "--no-wait"],
+                cwd=own.base_dir,
+            )
+            deadline = time.monotonic() + 10
+            while node.log_text().count("received smart shutdown request") < 1:
+                assert time.monotonic() < deadline, node.log_text()[-2000:]
+                time.sleep(0.02)
+            thread, out = in_thread(lambda: waiter.execute("SELECT 2").fetchone())
+            time.sleep(2.5)
+            attempts = run.log_text().count("server connect failed: 57P03")
+            assert 1 <= attempts <= 5, f"{attempts} logins tried in 2.5 s"
+            # the waiting client gets the server the other one gives back
+            holder.execute("COMMIT")
+            thread.join(10)
+            assert out and out[0][:2] == ("ok", (2,)), out
+    finally:
+        node.stop("fast")
+        node.start()
+    assert_clean_servers(own)
