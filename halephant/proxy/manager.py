@@ -508,7 +508,17 @@ class PoolManager:
                 continue  # a node that takes no transactions now, or a pool nobody has used yet
             for _ in range(pool.missing_for_min()):
                 self.app.spawn(self._open_for_min, pool)
+            if pool.waiters and self._may_log_in(pool) and pool.should_open_for_waiters():
+                # A login failed while the pool's other servers were busy: its clients wait for those,
+                # and nothing else would try another login for them (only a client that comes next
+                # does). One a second, as PgBouncer's janitor does, once server_login_retry allows.
+                self.open(pool)
         self._forget_unused(now)
+
+    def _may_log_in(self, pool: ServerPool) -> bool:
+        """False while PostgreSQL's refusal of the pool's last login stands (server_login_retry)."""
+        refused = pool.login_refused
+        return refused is None or self.app.loop.time() >= refused[1]
 
     def _close_stuck_resets(self, now: float) -> None:
         """Close the servers whose reset has not answered within connect_timeout (a frozen server, a

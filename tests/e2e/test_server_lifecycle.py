@@ -91,3 +91,36 @@ def test_a_node_shutting_down_is_not_hammered_with_logins(own: Cluster, halephan
         node.stop("fast")
         node.start()
     assert_clean_servers(own)
+
+
+def test_a_waiting_client_gets_a_server_once_logins_are_accepted_again(
+    own: Cluster, halephant: HalephantFactory
+) -> None:
+    # The pool's one server is busy; the login of a second is refused (the role's CONNECTION LIMIT is
+    # reached, by a session from elsewhere). Once that session ends, the waiting client must get a new
+    # server after server_login_retry, not wait for the busy one up to checkout_timeout.
+    own.primary.sql(
+        "DROP ROLE IF EXISTS limited; CREATE ROLE limited LOGIN PASSWORD 'limited' CONNECTION LIMIT 2"
+    )
+    run = halephant.start(config(own, server_login_retry="1s"))
+    try:
+        with psycopg.connect(own.primary.dsn("limited", "limited", "myapp")):  # a session from elsewhere
+            holder = connect(run, "limited")
+            waiter = connect(run, "limited")
+            holder.execute("BEGIN")
+            holder.execute("SELECT 1")
+            thread, out = in_thread(lambda: waiter.execute("SELECT 2").fetchone())
+            deadline = time.monotonic() + 10
+            while "server login refused: 53300" not in run.log_text():
+                assert time.monotonic() < deadline, run.log_text()[-2000:]
+                time.sleep(0.02)
+        thread.join(12)
+        assert out and out[0][:2] == ("ok", (2,)), out
+        assert out[0][2] < 6, f"waited {out[0][2]:.1f} s (checkout_timeout 10 s)"
+        holder.execute("COMMIT")
+        holder.close()
+        waiter.close()
+    finally:
+        run.stop()  # before the role goes: its servers are connected as it
+        own.primary.sql("DROP ROLE IF EXISTS limited")
+    assert_clean_servers(own)
