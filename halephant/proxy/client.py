@@ -1163,11 +1163,17 @@ class ClientConnection(asyncio.Protocol):
         pool.stats.checkout_timeouts += 1
         why = f"no server of pool {pool.name} in time"
         self.app.stats.decide("checkout_timeout", self.info, why, sqlstate.TOO_MANY_CONNECTIONS)
+        refused = pool.login_refused
+        if refused is not None:
+            # the pool is not full: PostgreSQL refuses its logins (server_login_retry), say so
+            hint = f"PostgreSQL refused the pool's last login: {cast(ClientError, refused[0]).message}"
+        else:
+            hint = "The pool is full; raise pool_size or checkout_timeout, or shorten transactions."
         self.checkout_failed(
             ClientError(
                 sqlstate.TOO_MANY_CONNECTIONS,
                 f"no server connection available for pool {pool.key[0]}/{pool.key[1]}: checkout timeout",
-                hint="The pool is full; raise pool_size or checkout_timeout, or shorten transactions.",
+                hint=hint,
             )
         )
 

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import psycopg
+import psycopg.errors
 import pytest
 from support.cluster import start_test_cluster
 from support.halephant import HalephantFactory, Running
@@ -32,10 +33,10 @@ def own() -> Iterator[Cluster]:
         cluster.destroy()
 
 
-def config(pg: Cluster, **limits: Any) -> dict[str, Any]:
+def config(pg: Cluster, checkout_timeout: str = "10s", **limits: Any) -> dict[str, Any]:
     return {
         "clusters": {"main": {"nodes": [f"{pg.primary.host}:{pg.primary.port}"], "probe_user": "myapp"}},
-        "databases": {"myapp": {"cluster": "main", "pool_size": 3, "checkout_timeout": "10s"}},
+        "databases": {"myapp": {"cluster": "main", "pool_size": 3, "checkout_timeout": checkout_timeout}},
         "users": {"myapp": {"password": "myapp"}, "limited": {"password": "limited"}},
         "limits": {"connect_timeout": "3s", **limits},
     }
@@ -93,15 +94,20 @@ def test_a_node_shutting_down_is_not_hammered_with_logins(own: Cluster, halephan
     assert_clean_servers(own)
 
 
+def create_limited_role(pg: Cluster) -> None:
+    """A role that may have two sessions at a time."""
+    pg.primary.sql(
+        "DROP ROLE IF EXISTS limited; CREATE ROLE limited LOGIN PASSWORD 'limited' CONNECTION LIMIT 2"
+    )
+
+
 def test_a_waiting_client_gets_a_server_once_logins_are_accepted_again(
     own: Cluster, halephant: HalephantFactory
 ) -> None:
     # The pool's one server is busy; the login of a second is refused (the role's CONNECTION LIMIT is
     # reached, by a session from elsewhere). Once that session ends, the waiting client must get a new
     # server after server_login_retry, not wait for the busy one up to checkout_timeout.
-    own.primary.sql(
-        "DROP ROLE IF EXISTS limited; CREATE ROLE limited LOGIN PASSWORD 'limited' CONNECTION LIMIT 2"
-    )
+    create_limited_role(own)
     run = halephant.start(config(own, server_login_retry="1s"))
     try:
         with psycopg.connect(own.primary.dsn("limited", "limited", "myapp")):  # a session from elsewhere
@@ -124,3 +130,31 @@ def test_a_waiting_client_gets_a_server_once_logins_are_accepted_again(
         run.stop()  # before the role goes: its servers are connected as it
         own.primary.sql("DROP ROLE IF EXISTS limited")
     assert_clean_servers(own)
+
+
+def test_a_checkout_timeout_behind_a_refused_login_says_why(
+    own: Cluster, halephant: HalephantFactory
+) -> None:
+    # The pool's one server is busy and PostgreSQL refuses another login: a client that waits in vain
+    # is told that refusal, not that the pool is full (which would send the operator to pool_size).
+    create_limited_role(own)
+    run = halephant.start(config(own, checkout_timeout="1s", server_login_retry="1h"))
+    try:
+        with (
+            psycopg.connect(own.primary.dsn("limited", "limited", "myapp")),  # a session from elsewhere
+            connect(run, "limited") as holder,
+            connect(run, "limited") as waiter,
+        ):
+            holder.execute("BEGIN")
+            holder.execute("SELECT 1")
+            with pytest.raises(psycopg.errors.TooManyConnections) as info:
+                waiter.execute("SELECT 2")
+            assert "checkout timeout" in str(info.value)
+            assert info.value.diag.message_hint == (
+                'PostgreSQL refused the pool\'s last login: too many connections for role "limited"'
+            )
+            holder.execute("COMMIT")
+            assert waiter.execute("SELECT 3").fetchone() == (3,)  # an ERROR: the client goes on
+    finally:
+        run.stop()
+        own.primary.sql("DROP ROLE IF EXISTS limited")
