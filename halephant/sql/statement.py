@@ -472,16 +472,21 @@ _plain_shapes: dict[bytes, type[Statement]] = {}
 
 
 def statement_of(raw: bytes) -> Statement | None:
-    """The `Statement` of a Query's or Parse's UTF-8 text, shared by every client that sends the same
-    text (except a plain text whose shape is known: cheaper to build than to cache); None when it is
-    not UTF-8 (PostgreSQL will say so itself)."""
+    """The `Statement` of a Query's or Parse's text, shared by every client that sends the same text
+    (except a plain text whose shape is known: cheaper to build than to cache).
+
+    The text is in the client's `client_encoding`: nearly always UTF-8. Text that is not UTF-8 comes
+    from a client with another encoding (LATIN1, WIN1252, EUC_JP, ...) and must be inspected all the
+    same, or its `SET`s, advisory locks and `WITH HOLD` cursors would slip past halephant: it is read
+    as Latin-1, which keeps every ASCII byte (keywords, quotes, comments) where it is, as every
+    encoding PostgreSQL accepts from a client does for what the lexer needs, and is exact for LATIN1."""
     statement = _by_text.get(raw)
     if statement is not None:
         return statement
     try:
         text = raw.decode()
     except UnicodeDecodeError:
-        return None
+        text = raw.decode("latin-1")
     if len(raw) > _CACHE_MAX_TEXT:
         return Statement(text)
     if 36 in raw:  # "$"

@@ -234,3 +234,19 @@ def test_session_mode_is_unchanged(pg: Cluster, halephant: HalephantFactory) -> 
     with psycopg.connect(run.dsn(), autocommit=True) as conn:
         assert one(conn, "SELECT setting = reset_val FROM pg_settings WHERE name = 'work_mem'") is True
     assert_clean_servers(pg.primary)
+
+
+# A client whose client_encoding is not UTF-8 (LATIN1 here) sends text that is not UTF-8 as soon as it holds
+# a character outside ASCII: PostgreSQL runs it, so halephant must see what it does all the same.
+
+
+def test_a_latin1_statement_that_takes_a_session_lock_pins_its_client(hal: Running) -> None:
+    with connect(hal, client_encoding="LATIN1") as a, connect(hal) as b:
+        a.execute("SELECT pg_advisory_lock(4242) -- the café's lock")
+        pid = one(a, "SELECT pg_backend_pid()")
+        # the single server is a's while it holds the lock: b waits for it in vain
+        with pytest.raises(psycopg.errors.TooManyConnections):
+            b.execute("SELECT 1")
+        assert one(a, "SELECT pg_backend_pid()") == pid
+        assert one(a, "SELECT pg_advisory_unlock(4242) -- the café's lock") is True
+        assert one(b, "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'") == 0

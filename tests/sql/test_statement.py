@@ -460,7 +460,14 @@ def test_mentions_ignores_ascii_case_and_looks_everywhere() -> None:
 def test_statement_of_shares_one_object_per_text() -> None:
     first = statement_of(b"SELECT 1 FROM t WHERE a = 42")
     assert first is not None and first is statement_of(b"SELECT 1 FROM t WHERE a = 42")
-    assert statement_of(b"SELECT '\xff'") is None  # not UTF-8: PostgreSQL says so itself
+
+
+def test_text_in_another_client_encoding_is_inspected_all_the_same() -> None:
+    # LATIN1 bytes (not UTF-8): a client with client_encoding LATIN1 sends them, and PostgreSQL runs them
+    locks = statement_of(b"SELECT pg_advisory_lock(1) /* caf\xe9 */")
+    assert locks is not None and not locks.plain and locks.text.endswith("café */")
+    setting = statement_of(b"SET search_path = 'sch\xe9ma', public")
+    assert setting is not None and setting.session_state
 
 
 def test_a_dollar_quote_tag_with_digits_does_not_share_the_answer() -> None:
