@@ -5,6 +5,8 @@ as a setting, and the `-c name=value` / `--name=value` switches inside `options`
 was started with none of them, so halephant applies them itself when it links a server to the client:
 only the difference from what the server holds now, with `set_config()` (which takes the value exactly
 as the startup packet carries it, lists such as search_path included) and `RESET` for what must go.
+The values are written so that the server reads them right whatever `client_encoding` the previous
+client left it with (`halephant.protocol.session_queries.literal`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import re
 
 from halephant import sqlstate
 from halephant.errors import ClientError
+from halephant.protocol.session_queries import literal
 
 #: startup parameters that are not settings
 NOT_SETTINGS = frozenset(("user", "database", "replication", "options"))
@@ -84,15 +87,11 @@ def startup_settings(params: dict[str, str]) -> dict[str, str]:
     return settings
 
 
-def _literal(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
-
-
 def settings_sql(current: dict[str, str], wanted: dict[str, str]) -> str:
     """SQL taking a server from the settings in `current` to those in `wanted` ("" when nothing to do)."""
     parts = [f"RESET {name}" for name in current if name not in wanted]
     changes = [
-        f"pg_catalog.set_config({_literal(name)}, {_literal(value)}, false)"
+        f"pg_catalog.set_config({literal(name)}, {literal(value)}, false)"
         for name, value in wanted.items()
         if current.get(name) != value
     ]

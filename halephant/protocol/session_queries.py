@@ -1,6 +1,6 @@
 """The SQL halephant runs on a server for a transaction-mode client's session state, and reading its answer.
 
-Sans-IO: text in, text out. Three kinds of query:
+Sans-IO: text in, text out. Four kinds of query:
 
 * the end-of-transaction query (`boundary_sql`): after a transaction that ran `SET`/`RESET`, `LISTEN`,
   SQL `PREPARE` or released a pinned feature, it reads from the server what that left behind, since only
@@ -10,9 +10,12 @@ Sans-IO: text in, text out. Three kinds of query:
 * the clean-up before the server goes back (`cleanup_sql`): emulated LISTEN and SQL PREPARE leave the
   server as it was;
 * the targeted reset when a pinned client leaves (`reset_sql`): only what its features could leave behind,
-  so that server-side state that belongs to the pool (protocol-level prepared statements) survives.
+  so that server-side state that belongs to the pool (protocol-level prepared statements) survives;
+* a client's SQL prepared statements prepared again on its next server (`prepare_sql`).
 
-Answers come back as rows of `(kind, name, value, extra)` (`BoundaryRow`).
+Answers come back as rows of `(kind, name, value, extra)` (`BoundaryRow`). They run on a server set up for
+the linked client, whose `client_encoding` may be other than UTF-8: values go out and come back in a form
+that does not depend on it (`literal`, `text_value`).
 """
 
 from __future__ import annotations
@@ -32,7 +35,9 @@ __all__ = [
     "cleanup_sql",
     "decode_data_row",
     "literal",
+    "prepare_sql",
     "reset_sql",
+    "text_value",
 ]
 
 KIND_SETTING: Final = "s"
@@ -45,9 +50,28 @@ _I32 = struct.Struct("!i")
 
 
 def literal(value: str) -> str:
-    """A standard-conforming SQL string literal (halephant's own queries run with the server's default,
-    standard_conforming_strings on, which every supported PostgreSQL has)."""
-    return "'" + value.replace("'", "''") + "'"
+    """An SQL string expression for `value` that means the same whatever the server's `client_encoding`
+    and `standard_conforming_strings` are when it reads it: halephant's own queries run on a server set up
+    for the linked client, which may be LATIN1 or have escapes on. ASCII goes as a plain literal; text
+    with other characters or a backslash goes as hex digits of its UTF-8 bytes, converted on the server."""
+    if value.isascii() and "\\" not in value:
+        return "'" + value.replace("'", "''") + "'"
+    data = value.encode("utf-8", "surrogateescape").hex()
+    return f"pg_catalog.convert_from(pg_catalog.decode('{data}', 'hex'), 'UTF8')"
+
+
+def _text(expression: str) -> str:
+    """A text column of a read-back query as hex digits of its UTF-8 bytes (`text_value` reads it): the
+    server sends text in the linked client's `client_encoding`, which need not be UTF-8."""
+    return f"pg_catalog.encode(pg_catalog.convert_to({expression}, 'UTF8'), 'hex')"
+
+
+def text_value(column: str) -> str:
+    """A column of a read-back query written by `_text` (not NULL)."""
+    try:
+        return bytes.fromhex(column).decode("utf-8", "surrogateescape")
+    except ValueError:
+        raise ProtocolViolation("invalid hex text in an internal query's answer") from None
 
 
 #: per feature: a count of what of it is still held on this backend (0 = released)
@@ -82,25 +106,38 @@ def boundary_sql(
 ) -> str:
     """One query reading what the transaction left: see the module docstring. Rows: (kind, name, value,
     extra): settings (name, current value or NULL, pg_settings.source), channels, SQL prepared statements
-    (name, statement text) and, per feature, how much of it is still held."""
+    (name, statement text) and, per feature, how much of it is still held. The names and values of the
+    first three kinds come as `_text` writes them: read them with `text_value`."""
     parts: list[str] = []
     if settings:
         names = ", ".join(literal(name) for name in settings)
         parts.append(
-            "SELECT 's', n, pg_catalog.current_setting(n, true), "
+            f"SELECT 's', {_text('n')}, {_text('pg_catalog.current_setting(n, true)')}, "
             "(SELECT s.source FROM pg_catalog.pg_settings s WHERE lower(s.name) = n) "
             f"FROM pg_catalog.unnest(ARRAY[{names}]::text[]) n"
         )
     if listen:
-        parts.append("SELECT 'l', c, NULL, NULL FROM pg_catalog.pg_listening_channels() c")
+        parts.append(f"SELECT 'l', {_text('c')}, NULL, NULL FROM pg_catalog.pg_listening_channels() c")
     if prepared:
         parts.append(
-            "SELECT 'p', name, statement, NULL FROM pg_catalog.pg_prepared_statements WHERE from_sql"
+            f"SELECT 'p', {_text('name')}, {_text('statement')}, NULL "
+            "FROM pg_catalog.pg_prepared_statements WHERE from_sql"
         )
     for feature in features:
         held = _HELD[feature].format(user=literal(server_user))
         parts.append(f"SELECT 'f', {literal(feature)}, ({held})::text, NULL")
     return " UNION ALL ".join(parts)
+
+
+def prepare_sql(texts: list[str]) -> str:
+    """SQL `PREPARE` statements (as `pg_prepared_statements` shows them) prepared again on a server set up
+    for their client: one with other than ASCII characters runs through `EXECUTE` from UTF-8 bytes, since
+    the server reads a query in the client's encoding."""
+    parts = []
+    for text in texts:
+        text = text.rstrip().rstrip(";")
+        parts.append(text if text.isascii() else f"DO $$BEGIN EXECUTE {literal(text)}; END$$")
+    return "; ".join(parts)
 
 
 def cleanup_sql(*, listen: bool, prepared: bool) -> str:

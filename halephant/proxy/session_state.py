@@ -42,7 +42,9 @@ from halephant.protocol.session_queries import (
     KIND_SETTING,
     boundary_sql,
     cleanup_sql,
+    prepare_sql,
     reset_sql,
+    text_value,
 )
 from halephant.sql import Statement
 from halephant.sql.effects import ALL, LISTEN, PREPARE, SETTINGS, session_effects
@@ -297,7 +299,7 @@ def on_link(client: ClientConnection, server: ServerConnection) -> None:
     st = client.session
     if st is None or not st.prepared:
         return
-    sql = "; ".join(text.rstrip().rstrip(";") for text in st.prepared.values())
+    sql = prepare_sql(list(st.prepared.values()))
     server.run_internal(sql, lambda rows, error: _prepared_again(client, error))
     st.prepare_seen = True
     client.session_due = True
@@ -377,6 +379,9 @@ def _read_back_done(
         kind, name, value, extra = [*row, None, None, None, None][:4]
         if name is None:
             continue
+        if kind != KIND_FEATURE:
+            name = text_value(name)
+            value = None if value is None else text_value(value)
         if kind == KIND_SETTING:
             _setting_read(client, server, st, name, value, extra)
         elif kind == KIND_LISTEN:

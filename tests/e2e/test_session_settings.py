@@ -250,3 +250,23 @@ def test_a_latin1_statement_that_takes_a_session_lock_pins_its_client(hal: Runni
         assert one(a, "SELECT pg_backend_pid()") == pid
         assert one(a, "SELECT pg_advisory_unlock(4242) -- the café's lock") is True
         assert one(b, "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'") == 0
+
+
+def test_settings_with_other_than_ascii_survive_clients_in_other_encodings(hal: Running) -> None:
+    # halephant's own queries (a client's settings applied, read back at the end of a transaction, its SQL
+    # PREPAREs made again) run on a server whose client_encoding is the linked client's
+    with (
+        connect(hal, client_encoding="LATIN1") as latin1,
+        connect(hal, client_encoding="UTF8", options="-c myapp.name=josé") as utf8,
+    ):
+        latin1.execute("SET search_path = 'schéma', public")
+        latin1.execute("SELECT set_config('myapp.city', 'Zürich', false)")
+        latin1.execute("PREPARE café AS SELECT 'crème'::text")
+        for _ in range(2):  # both take turns on the single server connection
+            assert one(utf8, "SELECT current_setting('myapp.name')") == "josé"
+            assert one(utf8, "SHOW search_path") == '"$user", public'
+            assert one(utf8, "SELECT current_setting('myapp.city', true)") in (None, "")
+            assert one(latin1, "SHOW search_path") == '"schéma", public'
+            assert one(latin1, "SELECT current_setting('myapp.city')") == "Zürich"
+            assert one(latin1, "EXECUTE café") == "crème"
+        latin1.execute("DEALLOCATE café")

@@ -12,7 +12,9 @@ from halephant.protocol.session_queries import (
     cleanup_sql,
     decode_data_row,
     literal,
+    prepare_sql,
     reset_sql,
+    text_value,
 )
 
 
@@ -36,6 +38,27 @@ def test_decode_data_row_refuses_malformed_input(bad: bytes) -> None:
 
 def test_literal_doubles_quotes() -> None:
     assert literal("it's") == "'it''s'"
+
+
+@pytest.mark.parametrize("value", ["café", "a\\b", "日本"])
+def test_literal_of_other_than_ascii_does_not_depend_on_the_servers_client_encoding(value: str) -> None:
+    # the server reads halephant's query in the linked client's encoding (LATIN1, ...): ASCII only
+    sql = literal(value)
+    assert sql.isascii() and "\\" not in sql and value.encode().hex() in sql
+
+
+def test_text_value_reads_hex_of_utf8() -> None:
+    assert text_value("636166c3a9") == "café"
+    with pytest.raises(ProtocolViolation):
+        text_value("caf\u00e9")
+
+
+def test_prepare_sql_keeps_ascii_and_runs_the_rest_from_utf8() -> None:
+    assert prepare_sql(["PREPARE a AS SELECT 1;", "PREPARE b AS SELECT 2"]) == (
+        "PREPARE a AS SELECT 1; PREPARE b AS SELECT 2"
+    )
+    sql = prepare_sql(["PREPARE café AS SELECT 1"])
+    assert sql.isascii() and sql.startswith("DO $$BEGIN EXECUTE ")
 
 
 def test_boundary_sql_reads_only_what_was_asked() -> None:
