@@ -2,7 +2,9 @@
 
 A client's named statements are private to it, but server connections are shared, so each
 (query text, parameter types) gets one server-side name (`ServerStatement`, from a `StatementRegistry`)
-that any client may use on any server. This module owns:
+that any client may use on any server, among clients whose settings make PostgreSQL parse the text
+alike (`parse_context`: a DMY client must not run a statement whose '01/02/2003'::date an MDY client's
+settings parsed). This module owns:
 
 * `StatementRegistry`: the server-side name of each statement body, with a generation per body hash so a
   statement whose cached plan went stale (`0A000 cached plan must not change result type` after a schema
@@ -40,11 +42,13 @@ from halephant.protocol import messages as m
 from halephant.protocol.framing import READY_FOR_QUERY_HEAD, Frame, split_frames, walk_types
 
 __all__ = [
+    "PARSE_SETTINGS",
     "ClientStatements",
     "Entry",
     "ServerStatement",
     "ServerStatements",
     "StatementRegistry",
+    "parse_context",
 ]
 
 _I16: Final = struct.Struct("!h")
@@ -169,13 +173,51 @@ def _aborted_error() -> bytes:
     )
 
 
+#: settings that change what PostgreSQL makes of a statement's text when it parses it, which a prepared
+#: statement keeps: the bytes of the text (client_encoding), constants such as '01/02/2003'::date or
+#: '2024-01-01 12:00'::timestamptz (DateStyle, TimeZone, ...), escapes in strings. (search_path is not one:
+#: PostgreSQL parses a statement again when it changed.)
+PARSE_SETTINGS: Final = (
+    "array_nulls",
+    "backslash_quote",
+    "client_encoding",
+    "datestyle",
+    "intervalstyle",
+    "lc_monetary",
+    "standard_conforming_strings",
+    "timezone",
+    "timezone_abbreviations",
+    "transform_null_equals",
+    "xmloption",
+)
+
+
+def parse_context(settings: dict[str, str]) -> bytes:
+    """What of a client's settings (`PARSE_SETTINGS`) a statement it prepares depends on: clients that
+    differ in it must not share a server's statement. b"" for a client at the servers' defaults."""
+    if not settings:
+        return b""  # nearly every client
+    parts = []
+    for name in PARSE_SETTINGS:
+        value = settings.get(name)
+        if value is not None:
+            if name == "client_encoding":  # as PostgreSQL reads its name: UTF8, utf-8 and Utf_8 are one
+                value = "".join(ch for ch in value.lower() if ch.isalnum())
+            parts.append(f"{name}={value}")
+    return "\0".join(parts).encode("utf-8", "surrogateescape")
+
+
 class ServerStatement:
-    """One statement body (text and parameter types) and the name it has on every server."""
+    """One statement body (text and parameter types), parsed under one `parse_context`, and the name it
+    has on every server."""
 
-    __slots__ = ("body", "digest", "name", "needs", "parse")
+    __slots__ = ("body", "context", "digest", "name", "needs", "parse")
 
-    def __init__(self, body: bytes, digest: str, generation: int, private: int = 0) -> None:
+    def __init__(
+        self, body: bytes, digest: str, generation: int, private: int = 0, context: bytes = b""
+    ) -> None:
         self.body = body
+        self.context = context
         #: the statement an SQL `EXECUTE` in this one runs: prepared first wherever this one is used
         self.needs: ServerStatement | None = None
         self.digest = digest
@@ -192,20 +234,22 @@ class StatementRegistry:
     """Server-side names by statement body; shared by every client and server of a process."""
 
     def __init__(self, max_entries: int = 10_000) -> None:
-        self._by_body: dict[bytes, ServerStatement] = {}
+        self._by_body: dict[bytes | tuple[bytes, bytes], ServerStatement] = {}
         self._generation: dict[str, int] = {}
         self._private = 0
         self.max_entries = max_entries
 
-    def get(self, body: bytes) -> ServerStatement:
-        stmt = self._by_body.get(body)
+    def get(self, body: bytes, context: bytes = b"") -> ServerStatement:
+        """The statement of `body` for clients with `context` (`parse_context`)."""
+        key = (context, body) if context else body
+        stmt = self._by_body.get(key)
         if stmt is None:
-            digest = hashlib.blake2b(body, digest_size=10).hexdigest()
-            stmt = ServerStatement(body, digest, self._generation.get(digest, 0))
+            digest = hashlib.blake2b(context + b"\0" + body if context else body, digest_size=10).hexdigest()
+            stmt = ServerStatement(body, digest, self._generation.get(digest, 0), context=context)
             if len(self._by_body) >= self.max_entries:
                 # clients and servers hold their statements themselves: forgetting only costs a hash
                 self._by_body.clear()
-            self._by_body[body] = stmt
+            self._by_body[key] = stmt
         return stmt
 
     def private(self, body: bytes) -> ServerStatement:
@@ -219,8 +263,9 @@ class StatementRegistry:
         if stmt.name != ServerStatement(stmt.body, stmt.digest, current).name:
             return False
         self._generation[stmt.digest] = current + 1
-        if self._by_body.get(stmt.body) is stmt:
-            del self._by_body[stmt.body]
+        key = (stmt.context, stmt.body) if stmt.context else stmt.body
+        if self._by_body.get(key) is stmt:
+            del self._by_body[key]
         return True
 
     def generation(self, digest: str) -> int:
@@ -291,6 +336,7 @@ class ClientStatements:
         "_pending",
         "blind",
         "bound",
+        "context",
         "names",
         "queue",
         "registry",
@@ -305,8 +351,11 @@ class ClientStatements:
         outstanding: int = 0,
         blind: bool = False,
         on_retire: Callable[[ServerStatement], None] | None = None,
+        context: bytes = b"",
     ) -> None:
         self.registry = registry
+        #: the client's `parse_context`: the statements it prepares are those of clients with the same
+        self.context = context
         self.names: dict[bytes, ServerStatement] = {}
         self.queue: deque[Entry] = deque()
         #: the server reported an error in the current extended batch and ignores everything up to Sync
@@ -598,7 +647,7 @@ class ClientStatements:
             if taken is not None:  # the server says 42P05, if about its own name (a rare mistake)
                 return taken.parse
             body = data[name_end + 1 : end]
-            stmt = self.registry.get(body)
+            stmt = self.registry.get(body, self.context)
             if stmt.name in server:
                 stmt = self.registry.private(body)  # a real Parse needs a name the server has not got
             self.names[name] = stmt
@@ -643,7 +692,7 @@ class ClientStatements:
             queue.append(_PROBE_CLOSE)
             queue.append((codes.PARSE, FAIL, None, body, 0, name))
             return
-        stmt = self.registry.get(body)
+        stmt = self.registry.get(body, self.context)
         if needs is not None:
             stmt.needs = needs
         self.names[name] = stmt
@@ -708,6 +757,17 @@ class ClientStatements:
         self.bound.append(stmt)  # a stale plan retires it, as for a Bind
         self._barrier()  # the Query's own replies pass on as they are
         return b"".join(out), stmt.name
+
+    def set_context(self, context: bytes) -> None:
+        """The client's `parse_context` changed (it ran `SET DateStyle`, ...). Its statements are from now
+        on those parsed under the new one, as the client's next server prepares them: one of the old
+        context must not be prepared under the new settings, where clients of the old one would use it."""
+        if context == self.context:
+            return
+        self.context = context
+        for name, stmt in list(self.names.items()):
+            if stmt.needs is None and stmt.context != context:
+                self.names[name] = self.registry.get(stmt.body, context)
 
     def deallocate(self, name: bytes) -> bytes | None:
         """SQL `DEALLOCATE name` (a Query between batches) of one of the client's statements: the name goes
@@ -943,7 +1003,7 @@ class ClientStatements:
             return False
         assert isinstance(detail, tuple)
         began, batch = detail
-        fresh = self.registry.get(stmt.body)
+        fresh = self.registry.get(stmt.body, stmt.context)
         if fresh.name == stmt.name or self.names.get(name) is not stmt:
             return False
         self.names[name] = fresh

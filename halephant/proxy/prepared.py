@@ -26,6 +26,7 @@ from halephant.protocol.prepared import (
     ServerStatements,
     StatementRegistry,
     executed_name,
+    parse_context,
 )
 from halephant.sql import Statement
 
@@ -64,7 +65,11 @@ def activate(client: ClientConnection) -> ClientStatements:
     and requests sent since the last sync point keep the server's own replies until the next one."""
     log.info("%r: named prepared statements are mapped to shared server-side statements", client)
     return ClientStatements(
-        REGISTRY, outstanding=client.outstanding, blind=client.unsynced, on_retire=_retired
+        REGISTRY,
+        outstanding=client.outstanding,
+        blind=client.unsynced,
+        on_retire=_retired,
+        context=parse_context(client.settings),
     )
 
 

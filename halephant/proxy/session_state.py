@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Final
 from halephant import sqlstate
 from halephant.errors import ClientError
 from halephant.protocol import codes
+from halephant.protocol.prepared import parse_context
 from halephant.protocol.session_queries import (
     KIND_FEATURE,
     KIND_LISTEN,
@@ -390,6 +391,8 @@ def _read_back_done(
             prepared[name] = value
         elif kind == KIND_FEATURE and value == "0" and name in st.pins:
             log.info("%r: released %s (%s)", client, name, st.pins.pop(name))
+    if client.prepared is not None:
+        client.prepared.set_context(parse_context(client.settings))
     if st.listen_seen:
         # While the client keeps this server, the server's own LISTEN delivers; the shared listener
         # takes over only when the server goes back (`_clean_up`), so nothing arrives twice.

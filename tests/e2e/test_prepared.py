@@ -705,6 +705,44 @@ def test_psycopg_prepared_statements_move_between_servers(pg: Cluster, hal: Runn
     assert int(pg.primary.sql(f"SELECT count(*) FROM {table}", dbname="myapp")) == 40 * (2 * POOL_SIZE + 2)
 
 
+# PostgreSQL reads a statement's constants when it prepares it, with the settings of that moment, and keeps
+# them: clients whose DateStyle, TimeZone or client_encoding differ must never run each other's statement.
+_CONSTANTS = "SELECT '01/02/2003'::date::text, '2024-01-01 12:00'::timestamptz::text, 'é'::text"
+
+
+def test_prepared_statements_are_not_shared_by_clients_whose_settings_parse_them_differently(
+    hal: Running,
+) -> None:
+    def connect(options: str, **params: Any) -> psycopg.Connection[Any]:
+        return psycopg.connect(
+            hal.dsn(dbname="one", options=options, **params), autocommit=True, prepare_threshold=0
+        )
+
+    us = "-c DateStyle=ISO,MDY -c TimeZone=UTC"
+    eu = "-c DateStyle=ISO,DMY -c TimeZone=Asia/Tokyo"
+    with (
+        connect(us) as mdy,
+        connect(eu) as dmy,
+        connect(us, client_encoding="LATIN1") as latin1,
+        connect("") as later,
+    ):
+        for _ in range(2):  # all take turns on the pool's single server
+            assert mdy.execute(_CONSTANTS).fetchone() == ("2003-01-02", "2024-01-01 12:00:00+00", "é")
+            assert dmy.execute(_CONSTANTS).fetchone() == ("2003-02-01", "2024-01-01 12:00:00+09", "é")
+            assert latin1.execute(_CONSTANTS).fetchone() == ("2003-01-02", "2024-01-01 12:00:00+00", "é")
+        # a client that changes those settings after preparing: its statement is parsed again under them
+        # (connected directly it would keep the first parse), never under the other clients' name
+        later.execute(_CONSTANTS).fetchone()
+        later.execute("SET DateStyle = 'ISO, DMY'")
+        later.execute("SET TimeZone = 'Asia/Tokyo'")
+        assert later.execute(_CONSTANTS).fetchone() == ("2003-02-01", "2024-01-01 12:00:00+09", "é")
+        assert mdy.execute(_CONSTANTS).fetchone() == ("2003-01-02", "2024-01-01 12:00:00+00", "é")
+        later.execute("SET DateStyle = 'ISO, MDY'")
+        later.execute("SET TimeZone = 'UTC'")
+        assert later.execute(_CONSTANTS).fetchone() == ("2003-01-02", "2024-01-01 12:00:00+00", "é")
+        assert dmy.execute(_CONSTANTS).fetchone() == ("2003-02-01", "2024-01-01 12:00:00+09", "é")
+
+
 @pytest.mark.parametrize("autocommit", [True, False])
 def test_psycopg_pipeline_mode_with_prepared_statements(pg: Cluster, hal: Running, autocommit: bool) -> None:
     # without autocommit psycopg sends BEGIN (unnamed) ahead of the first named statement in the batch

@@ -28,6 +28,7 @@ from halephant.protocol.prepared import (
     ServerStatement,
     ServerStatements,
     StatementRegistry,
+    parse_context,
 )
 
 # --- client message builders ------------------------------------------------------------------------------
@@ -196,6 +197,28 @@ def test_registry_names_by_body_and_retires_by_generation() -> None:
     assert second.name == first.name + b"_1"
     assert registry.retire(second)
     assert registry.get(body).name == first.name + b"_2"
+
+
+def test_clients_whose_settings_parse_a_text_differently_get_different_statements() -> None:
+    assert parse_context({}) == parse_context({"application_name": "x", "work_mem": "1MB"}) == b""
+    assert parse_context({"client_encoding": "utf-8"}) == parse_context({"client_encoding": "UTF8"})
+    dmy = parse_context({"datestyle": "ISO, DMY"})
+    assert dmy not in (b"", parse_context({"datestyle": "ISO, MDY"}))
+    registry = StatementRegistry()
+    body = b"SELECT '01/02/2003'::date\0\0\0"
+    default = registry.get(body)
+    assert registry.get(body, dmy) is registry.get(body, dmy) is not default
+    assert registry.get(body, dmy).name != default.name
+    stale = registry.get(body, dmy)
+    assert registry.retire(stale) and registry.get(body, dmy).name == stale.name + b"_1"
+    assert registry.get(body) is default
+    # a client whose settings change: its statements are those of its new settings from then on
+    client = ClientStatements(registry)
+    server = ServerStatements(10)
+    client.translate(parse("s", "SELECT '01/02/2003'::date"), server)
+    assert client.names[b"s"] is default
+    client.set_context(dmy)
+    assert client.names[b"s"] is registry.get(body, dmy)
 
 
 def test_server_lru_evicts_least_recently_used() -> None:
