@@ -236,6 +236,8 @@ class _Listener(StandIn):
             "user": target.server_user,
             "database": target.server_database,
             "application_name": "halephant listener",
+            # notifications arrive in UTF-8, re-encoded for each client that has another encoding
+            "client_encoding": "UTF8",
         }
         loop = self.app.loop
         server = ServerConnection(self.app.manager, self.pool, startup, target.server_password, loop)

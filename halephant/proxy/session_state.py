@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Final
 from halephant import sqlstate
 from halephant.errors import ClientError
 from halephant.protocol import codes
+from halephant.protocol.encodings import codec_of, notification_for
 from halephant.protocol.prepared import parse_context
 from halephant.protocol.session_queries import (
     KIND_FEATURE,
@@ -581,6 +582,11 @@ def deliver(client: ClientConnection, message: bytes) -> None:
     st = client.session
     if st is None or client.is_closed:
         return
+    encoding = client.settings.get("client_encoding")
+    if encoding is not None:
+        codec = codec_of(encoding)
+        if codec is not None:  # the shared listener's is UTF-8; PostgreSQL sends the client's
+            message = notification_for(message, codec)
     if st.relayed and _cancel_copy(st.relayed, message[5:]):
         return  # the client's own server delivered this one
     if st.handover_until:

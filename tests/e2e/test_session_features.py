@@ -299,6 +299,17 @@ def test_listen_is_emulated_without_pinning(pg: Cluster, hal: Running) -> None:
         assert list(a.notifies(timeout=0.5)) == []
 
 
+def test_notifications_reach_a_latin1_client_in_its_encoding(hal: Running) -> None:
+    # the shared listener receives them in UTF-8; PostgreSQL sends each client its own client_encoding
+    with connect(hal, client_encoding="LATIN1") as a, connect(hal) as b:
+        a.execute('LISTEN "e2e_café"')
+        assert one(b, "SELECT count(*) FROM pg_listening_channels()") == 0  # the shared listener's work
+        b.execute("NOTIFY \"e2e_café\", 'crème brûlée'")
+        received = list(a.notifies(timeout=10, stop_after=1))
+        assert [(n.channel, n.payload) for n in received] == [("e2e_café", "crème brûlée")]
+        a.execute('UNLISTEN "e2e_café"')
+
+
 def test_listen_in_a_transaction_takes_effect_at_commit_only(hal: Running) -> None:
     with connect(hal) as a, connect(hal) as b:
         a.execute("BEGIN")
