@@ -478,8 +478,10 @@ def statement_of(raw: bytes) -> Statement | None:
     The text is in the client's `client_encoding`: nearly always UTF-8. Text that is not UTF-8 comes
     from a client with another encoding (LATIN1, WIN1252, EUC_JP, ...) and must be inspected all the
     same, or its `SET`s, advisory locks and `WITH HOLD` cursors would slip past halephant: it is read
-    as Latin-1, which keeps every ASCII byte (keywords, quotes, comments) where it is, as every
-    encoding PostgreSQL accepts from a client does for what the lexer needs, and is exact for LATIN1."""
+    as Latin-1, exact for LATIN1 and keeping every ASCII byte where it is. In the multi-byte client
+    encodings (SJIS, BIG5, GBK, UHC, ...) a character's second byte may look like an ASCII letter or a
+    backslash, but never like a quote, `$`, `-`, `/` or `*` (nor, but in JOHAB, `;`): keywords,
+    strings, comments and statement ends are still found; names with such characters come out garbled."""
     statement = _by_text.get(raw)
     if statement is not None:
         return statement
