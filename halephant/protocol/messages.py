@@ -23,7 +23,8 @@ def message(type_: bytes, payload: bytes = b"") -> bytes:
 
 
 def _cstr(s: str) -> bytes:
-    return s.encode() + b"\0"
+    # surrogateescape: bytes that came in another encoding (`decode_parameter_status`) go out as they came
+    return s.encode("utf-8", "surrogateescape") + b"\0"
 
 
 # --- backend messages halephant sends to clients ---------------------------------------------------------
@@ -262,9 +263,17 @@ _FATAL_V, _PANIC_V, _FATAL_S, _PANIC_S = b"VFATAL\0", b"VPANIC\0", b"SFATAL\0", 
 
 
 def decode_parameter_status(payload: bytes | memoryview) -> tuple[str, str]:
-    name, pos = read_cstring(payload, 0)
-    value, _ = read_cstring(payload, pos)
-    return name, value
+    """A ParameterStatus's name and value. PostgreSQL sends them in the session's `client_encoding`,
+    which a client may have set to LATIN1 or another: bytes that are not UTF-8 (a role name in
+    session_authorization) are kept as they are (surrogateescape), and written back so by `_cstr`."""
+    b = bytes(payload) if isinstance(payload, memoryview) else payload
+    end = b.find(b"\0")
+    value_end = b.find(b"\0", end + 1) if end >= 0 else -1
+    if value_end < 0:
+        raise ProtocolViolation("invalid ParameterStatus")
+    return b[:end].decode("utf-8", "surrogateescape"), b[end + 1 : value_end].decode(
+        "utf-8", "surrogateescape"
+    )
 
 
 def decode_backend_key_data(payload: bytes | memoryview) -> tuple[int, int]:

@@ -107,6 +107,14 @@ def test_parameter_status_round_trip(name: str, value: str) -> None:
     assert m.decode_parameter_status(memoryview(payload)) == (name, value)
 
 
+def test_a_parameter_status_in_another_encoding_is_kept_byte_for_byte() -> None:
+    # a LATIN1 session's session_authorization for the role "josé": not UTF-8, and no protocol violation
+    payload = b"session_authorization\0jos\xe9\0"
+    name, value = m.decode_parameter_status(payload)
+    assert name == "session_authorization"
+    assert m.parameter_status(name, value) == m.message(b"S", payload)
+
+
 @FUZZ
 @given(pid=int32, key=int32)
 def test_backend_key_data_round_trip(pid: int, key: int) -> None:
