@@ -235,8 +235,13 @@ class PoolManager:
                     exc.code,
                     f"halephant's login to the server failed: {exc.message}",
                     hint=exc.hint
-                    or f'halephant logs in as "{target.server_user}" with the password halephant.yaml '
-                    "gives it (server_password, else password).",
+                    or (
+                        f'halephant logs in as "{target.server_user}" with the password halephant.yaml '
+                        "gives it (server_password, else password)."
+                        if exc.code == sqlstate.INVALID_PASSWORD
+                        else f'halephant logs in as "{target.server_user}" from the host halephant runs on: '
+                        "the server's pg_hba.conf, or the role's rights, refuse that."
+                    ),
                     fatal=True,
                 )
             elif isinstance(exc, ClientError):

@@ -177,14 +177,28 @@ def test_clients_log_in_with_md5(pg: Cluster, client_auth_hal: Running) -> None:
 def test_wrong_upstream_password_reaches_the_client(pg: Cluster, client_auth_hal: Running) -> None:
     assert login_sqlstate(client_auth_hal, "myapp_ro", "myapp_ro") == "28P01"
     refused = 'halephant\'s login to the server failed: password authentication failed for user "myapp_ro"'
-    with pytest.raises(psycopg.OperationalError, match=refused):
+    with pytest.raises(psycopg.OperationalError, match=refused) as excinfo:
         psycopg.connect(client_auth_hal.dsn(user="myapp_ro", password="myapp_ro"))
+    assert 'HINT:  halephant logs in as "myapp_ro" with the password halephant.yaml' in str(excinfo.value)
     log = client_auth_hal.log_text()
     assert "server login refused" in log
     assert "28P01" in log
     assert "not-the-password" not in log  # never logged
     # the other pools are not affected
     assert who_am_i(client_auth_hal, "myapp", "myapp") == ("myapp", "myapp", "myapp")
+
+
+def test_a_server_login_refused_for_another_reason_than_the_password_says_so(
+    pg: Cluster, halephant: HalephantFactory
+) -> None:
+    pg.primary.sql("DROP ROLE IF EXISTS nologin; CREATE ROLE nologin NOLOGIN PASSWORD 'nologin'")
+    run = halephant.start(default_config(pg, users={"nologin": {"password": "nologin"}}))
+    assert login_sqlstate(run, "nologin", "nologin") == "28000"
+    with pytest.raises(psycopg.OperationalError) as excinfo:
+        psycopg.connect(run.dsn(user="nologin", password="nologin"))
+    assert 'role "nologin" is not permitted to log in' in str(excinfo.value)
+    hint = str(excinfo.value).split("HINT:")[1]
+    assert "pg_hba.conf, or the role's rights" in hint and "password" not in hint
 
 
 #: PBKDF2 iterations of `slowscram`'s verifier: PostgreSQL's default is 4096; this takes about a second
