@@ -57,6 +57,12 @@ def _ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
+def _major(server_version: str) -> int:
+    """The major version in a server_version ParameterStatus ("15.18 (Debian 15.18-0+deb12u1)"); 0 if none."""
+    digits = server_version.split(".", 1)[0].split(" ", 1)[0]
+    return int(digits) if digits.isdigit() else 0
+
+
 class Listeners:
     """The shared listeners of a running halephant, one per (database, server user)."""
 
@@ -264,6 +270,11 @@ class _Listener(StandIn):
         self._batches.clear()
         server.client = self  # type: ignore[assignment]
         log.info("shared listener for %s: connected (pid %d)", self.pool.name, server.backend_pid)
+        if _major(server.params.get("server_version", "")) >= 14:
+            # It sits idle between notifications: an idle_session_timeout set on its role or database
+            # would end it, and with it every listening client's LISTEN (08006).
+            self._batches.append(([], []))
+            server.send(m.query("SET idle_session_timeout = 0"))
         self._listen(list(self.channels))
 
     def close(self) -> None:

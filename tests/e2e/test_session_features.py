@@ -559,3 +559,22 @@ def test_listening_clients_are_told_when_the_shared_listener_is_lost(pg: Cluster
         again.execute("LISTEN e2e_back")
         b.execute("NOTIFY e2e_back, 'after'")
         assert [n.payload for n in again.notifies(timeout=10, stop_after=1)] == ["after"]
+
+
+def test_an_idle_session_timeout_of_the_role_does_not_end_the_shared_listener(
+    pg: Cluster, hal: Running
+) -> None:
+    # the shared listener sits idle between notifications: the role's timeout must not end it
+    pg.primary.sql(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'halephant listener'"
+    )
+    pg.primary.sql("ALTER ROLE myapp SET idle_session_timeout = '300ms'")
+    try:
+        with connect(hal) as a, connect(hal, "strict") as b:
+            a.execute("LISTEN e2e_idle")  # a new listener, which logs in with the role's setting
+            time.sleep(1.0)
+            b.execute("NOTIFY e2e_idle, 'still here'")
+            assert [n.payload for n in a.notifies(timeout=10, stop_after=1)] == ["still here"]
+            assert one(a, "SELECT 1") == 1
+    finally:
+        pg.primary.sql("ALTER ROLE myapp RESET idle_session_timeout")
