@@ -305,7 +305,13 @@ class PoolManager:
             )
             self.nodes.connect_failed(pool, error, True)
             return
-        self._welcome.setdefault((target.database, target.pool_user), dict(server.params))
+        pair = (target.database, target.pool_user)
+        if pool.serves is Role.PRIMARY or pair not in self._welcome:
+            # What clients logging in without a server are told: the primary's parameters (a
+            # replica's say in_hot_standby=on, and libpq's target_session_attrs=read-write would refuse
+            # halephant), from its newest server (a default changed since on the server side, by
+            # ALTER ROLE ... SET or postgresql.conf, reaches new clients as servers are replaced).
+            self._welcome[pair] = dict(server.params)
         log.info(
             "pool %s: server connection opened (pid %d, now %d)", pool.name, server.backend_pid, pool.total
         )

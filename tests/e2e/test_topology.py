@@ -405,6 +405,25 @@ def test_a_replica_that_refuses_logins_gets_no_reads_while_another_serves(
     assert_clean_servers(cl)
 
 
+def test_clients_are_told_the_primarys_parameters_whoever_logged_in_first(
+    cl: Cluster, halephant: HalephantFactory, plugin_env: None
+) -> None:
+    # The first server of (myapp, myapp) opens on a replica (a "report" client's login). A client that
+    # asks libpq for a read-write session must not then be told in_hot_standby=on: it would refuse
+    # halephant, whose writes go to the primary.
+    run = halephant.start(config(cl.nodes))
+    with connect(run, "report-first") as first:
+        assert port(first) in {r.port for r in cl.replicas}
+        assert first.info.parameter_status("in_hot_standby") == "on"  # no primary server opened yet
+        with connect(run) as writer:  # the primary's first server opens for its login
+            assert port(writer) == cl.primary.port
+    # no startup settings: told the parameters halephant learnt, without taking a server to log in
+    dsn = run.dsn(target_session_attrs="read-write")
+    with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as conn:
+        assert conn.info.parameter_status("in_hot_standby") == "off"
+        assert port(conn) == cl.primary.port
+
+
 def test_a_client_waiting_for_a_replica_is_routed_again_when_no_replica_is_left(
     cl: Cluster, halephant: HalephantFactory, plugin_env: None
 ) -> None:
