@@ -399,9 +399,9 @@ def test_a_replica_that_refuses_logins_gets_no_reads_while_another_serves(
         assert "server login refused: 28000" in run.log_text()
     finally:
         refusing.set_hba([])
-    time.sleep(2.2)  # server_login_retry, and the next maintenance tick: it is picked again
     with connect(run, "report-refused") as conn:
-        assert {port(conn) for _ in range(6)} == {refusing.port, serving.port}
+        # once server_login_retry has passed (and the next maintenance tick saw it), it is picked again
+        wait_for(lambda: {port(conn) for _ in range(6)} == {refusing.port, serving.port}, "both replicas")
     assert_clean_servers(cl)
 
 

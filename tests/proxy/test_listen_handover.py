@@ -39,6 +39,7 @@ class _Client:
         self.write_paused = False
         self.waiting_pool = None
         self.is_closed = False
+        self.settings: dict[str, str] = {}  # client_encoding not set: notifications pass on as they are
 
 
 def _note(payload: str, pid: int = 42) -> bytes:
