@@ -372,8 +372,21 @@ class ClientConnection(asyncio.Protocol):
             self.transport.pause_reading()
 
     def _resume_if_paused(self) -> None:
-        if self._read_paused and self.state != CLOSED:
+        if self._read_paused:
             self._read_paused = False
+            self._resume_reading()
+
+    def _resume_reading(self) -> None:
+        """Read the client again, unless something else still holds its reading paused: output it has
+        not read (`write_paused`), a wait that buffered enough (`_read_paused`), or the full input of
+        its server (`ServerConnection.pause_writing`)."""
+        server = self.server
+        if (
+            self.state != CLOSED
+            and not self.write_paused
+            and not self._read_paused
+            and (server is None or server.paused_client is not self)
+        ):
             self.transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -382,20 +395,24 @@ class ClientConnection(asyncio.Protocol):
         self._closed("client closed the connection" if exc is None else f"client connection lost: {exc}")
 
     def pause_writing(self) -> None:
+        # The client reads nothing: its server's output waits, and so does its own input, as a backend
+        # blocked sending reads nothing more. What halephant answers itself (a ReadyForQuery to each
+        # Sync, a refusal to each message) would otherwise pile up in the transport without bound.
         self.write_paused = True
         if self.server is not None:
             self.server.set_reading(True)
+        self.transport.pause_reading()
 
     def resume_writing(self) -> None:
         self.write_paused = False
         if self.server is not None:
             self.server.set_reading(False)
+        self._resume_reading()
         if self.session is not None:
             session_state.flush(self)
 
     def resume_reading_from_server(self) -> None:
-        if self.waiting_pool is None and self.state != CLOSED:
-            self.transport.resume_reading()
+        self._resume_reading()
 
     # --- startup and authentication ---
 

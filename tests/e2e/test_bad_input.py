@@ -472,6 +472,43 @@ def test_error_mid_pipeline_skips_to_sync(proxy: Running) -> None:
         assert_usable(client)
 
 
+def test_client_that_reads_none_of_its_answers_is_not_read_either(proxy: Running) -> None:
+    # Halephant answers each unnamed Bind (26000) and Sync (ReadyForQuery) itself: about ten times the
+    # bytes sent. A backend whose client reads nothing blocks sending and reads nothing more; so must
+    # halephant, or those answers pile up in its memory as fast as the client can send (half a GB in
+    # ten seconds, measured).
+    client, _ = logged_in(proxy)
+    with client:
+        batch = rc.bind() + rc.sync()
+        stream = batch * 1000
+        sent = 0
+        client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 32768)  # little waiting on this side
+        client.sock.settimeout(1.0)
+        deadline = time.monotonic() + 6
+        while True:
+            assert time.monotonic() < deadline, f"halephant read {sent >> 20} MB without its answers read"
+            try:
+                sent += client.sock.send(stream[sent % len(stream) :])
+            except TimeoutError:
+                break
+        # then it reads: every answer arrives, in order, and the session goes on
+        batches = -(-sent // len(batch))
+        client.sock.settimeout(30.0)
+        rest = batch[sent % len(batch) :] if sent % len(batch) else b""
+        writer = threading.Thread(target=client.sock.sendall, args=(rest + rc.query("select 42"),))
+        writer.start()
+        answers = bytearray()
+        end = rc.msg(b"C", b"SELECT 1\0") + rc.msg(b"Z", b"I")
+        while not answers.endswith(end):
+            chunk = client.sock.recv(1 << 20)
+            assert chunk, "closed"
+            answers += chunk
+        writer.join()
+        assert answers.count(b"C26000\0") == batches
+        assert answers.count(rc.msg(b"Z", b"I")) == batches + 1
+        assert_usable(client)
+
+
 # --- cancel requests ---------------------------------------------------------------------------------------
 
 
