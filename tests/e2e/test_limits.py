@@ -286,6 +286,35 @@ def test_reserve_pool_serves_a_client_that_waited(
     assert _works(holder) and _works(waiter)
 
 
+def test_a_waiter_is_served_once_a_refused_server_login_would_succeed(
+    pg: Cluster, halephant: HalephantFactory
+) -> None:
+    # A server login that fails while the pool's other server is busy (here PostgreSQL's own limit;
+    # no file descriptor left fails the same way) leaves the client queued: the pool has room, so it
+    # must try again, not leave the client to the busy server or to checkout_timeout.
+    run = halephant.start(
+        _config(pg, limits={"server_login_retry": "500ms"}, pool_size=2, checkout_timeout="20s")
+    )
+    holder, waiter = _client(run, "myapp_ro"), _client(run, "myapp_ro")
+    assert errors(holder.simple_query("BEGIN")) == []
+    pg.primary.sql("ALTER ROLE myapp_ro CONNECTION LIMIT 1")
+    try:
+        waiter.send(rc.query("SELECT 9"))
+        deadline = time.monotonic() + 5
+        while "server login refused" not in run.log_text():
+            assert time.monotonic() < deadline, "the second server login was not refused"
+            time.sleep(0.05)
+    finally:
+        pg.primary.sql("ALTER ROLE myapp_ro CONNECTION LIMIT -1")
+    t0 = time.monotonic()
+    out = waiter.read_until_ready(timeout=5)
+    assert data_rows(out) == [["9"]]
+    assert time.monotonic() - t0 < 3  # server_login_retry, then the next once-a-second sweep
+    assert errors(holder.simple_query("COMMIT")) == []
+    assert _works(holder) and _works(waiter)
+    assert_clean_servers(pg.primary)
+
+
 def test_fair_queueing_between_users_of_one_pool(pg: Cluster, halephant: HalephantFactory) -> None:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("PYTHONPATH", str(PLUGINS_DIR))
