@@ -127,6 +127,7 @@ class ConsoleSession(asyncio.Protocol):
         self.transport = client.transport
         self._buf = b""
         self._busy = False  # a command that waits (PAUSE) is running: input waits behind it
+        self._write_paused = False  # the client reads none of its answers: its input waits too
         self._closed = False
         self._skip_to_sync = False
         self._statement: str | None = None  # the unnamed statement of the extended protocol
@@ -149,6 +150,25 @@ class ConsoleSession(asyncio.Protocol):
             except Exception as exc:
                 log.exception("admin console: internal error")
                 self._fatal(sqlstate.INTERNAL_ERROR, f"internal error in halephant: {exc!r}")
+
+    def pause_writing(self) -> None:
+        # A client that reads none of its answers is read no further, as a backend blocked sending
+        # reads nothing: the answers to what it keeps sending would otherwise pile up here.
+        self._write_paused = True
+        self._set_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._set_reading()
+
+    def _set_reading(self) -> None:
+        """Read the client while it reads its answers and no command (PAUSE) holds its input."""
+        if self._closed:
+            return
+        if self._write_paused or self._busy:
+            self.transport.pause_reading()
+        else:
+            self.transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
@@ -245,11 +265,13 @@ class ConsoleSession(asyncio.Protocol):
         """Hold this session's input until `task` (PAUSE waiting for transactions) is done; a simple
         Query is then answered, an extended-protocol batch goes on from its next message."""
         self._busy = True
+        self._set_reading()
 
         def done(t: asyncio.Task[str]) -> None:
             self._busy = False
             if self._closed:
                 return
+            self._set_reading()
             exc = None if t.cancelled() else t.exception()
             if t.cancelled() or exc is not None:
                 if isinstance(exc, ClientError):

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import signal
+import socket
 import struct
 import threading
 import time
@@ -343,6 +344,39 @@ def test_console_unknown_command_is_42601_and_session_goes_on(hal: Running) -> N
         with pytest.raises(psycopg.errors.SyntaxError):
             admin.execute("SHOW TABLES")
         assert admin.execute("SHOW VERSION").fetchone()
+
+
+def test_console_reads_no_faster_than_its_client_reads_the_answers(hal: Running) -> None:
+    # Every answer is the console's own: a client that sends commands and reads none of the answers
+    # must stop being read, or the answers pile up in halephant's memory as fast as it sends.
+    with rc.RawClient(hal.host, hal.port, timeout=5) as admin:
+        admin.login("watcher", "watcher-pw", "halephant")
+        stream = rc.query("SHOW VERSION") * 1000
+        sent = 0
+        admin.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 32768)  # little waiting on this side
+        admin.sock.settimeout(1.0)
+        deadline = time.monotonic() + 6
+        while True:
+            assert time.monotonic() < deadline, f"the console read {sent >> 20} MB without its answers read"
+            try:
+                sent += admin.sock.send(stream[sent % len(stream) :])
+            except TimeoutError:
+                break
+        # then it reads: every command is answered, in order, and the session goes on
+        one = len(rc.query("SHOW VERSION"))
+        admin.sock.settimeout(30.0)
+        rest = stream[sent % one : one] if sent % one else b""
+        writer = threading.Thread(target=admin.sock.sendall, args=(rest + rc.query("SHOW HELP"),))
+        writer.start()
+        answers = bytearray()
+        end = rc.msg(b"C", b"SHOW\0") + rc.msg(b"Z", b"I")
+        while b"what it does" not in answers[-1000:] or not answers.endswith(end):
+            chunk = admin.sock.recv(1 << 20)
+            assert chunk, "closed"
+            answers += chunk
+        writer.join()
+        assert answers.count(b"\0\x01version\0") == -(-sent // one)  # each answer's RowDescription
+        assert answers.count(rc.msg(b"Z", b"I")) == -(-sent // one) + 1
 
 
 def test_console_is_read_only_for_stats_users(hal: Running) -> None:
