@@ -160,5 +160,9 @@ class AdminServer:
         writer.write(head.encode("latin-1") + body)
         try:
             await asyncio.wait_for(writer.drain(), READ_TIMEOUT)
-        except (TimeoutError, ConnectionError):
+        except TimeoutError:
+            # A peer that reads none of it: closed gracefully, the connection and the unsent answer
+            # would be kept for as long as the peer stays connected
+            writer.transport.abort()
+        except ConnectionError:
             pass
