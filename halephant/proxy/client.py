@@ -1392,7 +1392,14 @@ class ClientConnection(asyncio.Protocol):
         self._closed(
             reason or ("client sent Terminate" if self.state == READY else "closed during login"), terminated
         )
-        self.transport.close()
+        transport = self.transport
+        if transport.get_write_buffer_size():
+            # It has not read what was sent to it (a query_timeout or a KILL of a client that stopped
+            # reading): closed gracefully, the connection and what is still to send would be kept for as
+            # long as the client stays connected without reading, no longer counted as a client
+            transport.abort()
+        else:
+            transport.close()
 
     def _closed(self, reason: str, terminated: bool = False) -> None:
         """The client is gone. A statement its server still runs is cancelled, unless the client ended

@@ -5,6 +5,7 @@ the reserve pool, and fair queueing between users sharing one pool."""
 
 from __future__ import annotations
 
+import os
 import pathlib
 import socket
 import struct
@@ -45,6 +46,19 @@ def _client(run: Running, user: str = "myapp", password: str | None = None, time
 def _works(client: RawClient) -> bool:
     out = client.simple_query("SELECT 41 + 1")
     return errors(out) == [] and data_rows(out) == [["42"]]
+
+
+def _holds(run: Running, sock: socket.socket) -> bool:
+    """Whether the halephant process still has its end of the client connection `sock` open."""
+    port = sock.getsockname()[1]
+    inodes = set()
+    with open("/proc/net/tcp") as table:
+        for line in table.read().splitlines()[1:]:
+            fields = line.split()
+            if int(fields[2].split(":")[1], 16) == port:  # its remote address is the client's
+                inodes.add(f"socket:[{fields[9]}]")
+    fds = pathlib.Path(f"/proc/{run.proc.pid}/fd")
+    return any(os.readlink(fd) in inodes for fd in fds.iterdir())
 
 
 def _config(pg: Cluster, limits: dict[str, Any] | None = None, **db: Any) -> dict[str, Any]:
@@ -205,11 +219,17 @@ def test_query_timeout_disconnects_a_client_that_reads_none_of_the_result(
     while pg.primary.sql(running) != "1" and time.monotonic() < deadline:
         time.sleep(0.1)
     assert pg.primary.sql(running) == "1"
+    assert _holds(run, stalled.sock)
     deadline = time.monotonic() + 8
     while pg.primary.sql(running) != "0" and time.monotonic() < deadline:
         time.sleep(0.2)
     assert pg.primary.sql(running) == "0", "the backend still runs the query"
     assert "still running after its cancel, and the client reads none of its result" in run.log_text()
+    # and halephant let go of the connection, rather than keep it until the client reads what was sent
+    deadline = time.monotonic() + 3
+    while _holds(run, stalled.sock):
+        assert time.monotonic() < deadline, "halephant keeps the connection of the client it closed"
+        time.sleep(0.1)
     assert _works(other)
     assert_clean_servers(pg.primary)
 
