@@ -225,6 +225,20 @@ class RawClient:
     def read_until_ready(self, timeout: float | None = None) -> list[Message]:
         return self.read_until(b"Z", timeout=timeout)
 
+    def send_until_not_read(self, stream: bytes, within: float = 6.0) -> int:
+        """Send `stream` over and over, reading nothing, until the peer stops reading too (a send blocks
+        for a second); returns the bytes sent. Fails if the peer still reads after `within` seconds."""
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 32768)  # little waiting on this side
+        self.sock.settimeout(1.0)
+        sent = 0
+        deadline = time.monotonic() + within
+        while True:
+            assert time.monotonic() < deadline, f"the peer read {sent >> 20} MB without its answers read"
+            try:
+                sent += self.sock.send(stream[sent % len(stream) :])
+            except TimeoutError:
+                return sent
+
     def rest_of_stream(self) -> bytes:
         """Every byte still to come, unframed, up to the end of the connection."""
         data = self._buf
