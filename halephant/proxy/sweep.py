@@ -22,7 +22,7 @@ import fcntl
 import logging
 import struct
 import termios
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from halephant import sqlstate
 from halephant.config import UserConfig
@@ -35,7 +35,7 @@ from halephant.proxy.nodes import database_removed
 if TYPE_CHECKING:
     from halephant.proxy.app import App
     from halephant.proxy.client import ClientConnection
-    from halephant.proxy.manager import PoolManager
+    from halephant.proxy.manager import PoolManager, ServerPool
 
 log = logging.getLogger("halephant.timeouts")
 
@@ -63,7 +63,7 @@ def sweep_waiters(manager: PoolManager, now: float) -> None:
             for client in waiters:
                 if not client.wait_notified and now - client.wait_started >= notify:
                     client.wait_notified = True
-                    _notify_waiting(client, pool.name, len(pool.active), len(waiters), now)
+                    _notify_waiting(client, pool, len(waiters), now)
         if pool.info.size.reserve:
             db = app.config.database_for(pool.info.target.entry_name)
             timeout = db.reserve_pool_timeout if db is not None else 5.0
@@ -79,22 +79,27 @@ def sweep_waiters(manager: PoolManager, now: float) -> None:
                 manager.open(pool)
 
 
-def _notify_waiting(client: ClientConnection, pool: str, busy: int, waiting: int, now: float) -> None:
+def _notify_waiting(client: ClientConnection, pool: ServerPool, waiting: int, now: float) -> None:
     waited = now - client.wait_started
     log.info(
         "%r: waiting %.1f s for a server of pool %s (%d waiting)",
         client,
         waited,
-        pool,
+        pool.name,
         waiting,
-        extra={"event": "query_wait_notify", "pool": pool},
+        extra={"event": "query_wait_notify", "pool": pool.name},
     )
+    refused = pool.login_refused
+    if refused is not None:  # not full: PostgreSQL refuses another login (server_login_retry)
+        why = f"PostgreSQL refused its last login ({cast(ClientError, refused[0]).message})"
+    else:
+        why = f"is full ({len(pool.active)} busy)"
     try:
         client.transport.write(
             m.notice_response(
                 sqlstate.SUCCESSFUL_COMPLETION,
-                f"halephant: waiting {waited:.1f} s for a server connection: pool {pool} is full "
-                f"({busy} busy), {waiting} client(s) waiting",
+                f"halephant: waiting {waited:.1f} s for a server connection: pool {pool.name} {why}, "
+                f"{waiting} client(s) waiting",
             )
         )
     except Exception:  # the transport may be closing; the client's own callbacks will notice

@@ -138,13 +138,17 @@ def test_a_checkout_timeout_behind_a_refused_login_says_why(
     # The pool's one server is busy and PostgreSQL refuses another login: a client that waits in vain
     # is told that refusal, not that the pool is full (which would send the operator to pool_size).
     create_limited_role(own)
-    run = halephant.start(config(own, checkout_timeout="1s", server_login_retry="1h"))
+    run = halephant.start(
+        config(own, checkout_timeout="1500ms", server_login_retry="1h", query_wait_notify="500ms")
+    )
     try:
         with (
             psycopg.connect(own.primary.dsn("limited", "limited", "myapp")),  # a session from elsewhere
             connect(run, "limited") as holder,
             connect(run, "limited") as waiter,
         ):
+            notices: list[str] = []
+            waiter.add_notice_handler(lambda diag: notices.append(diag.message_primary or ""))
             holder.execute("BEGIN")
             holder.execute("SELECT 1")
             with pytest.raises(psycopg.errors.TooManyConnections) as info:
@@ -153,6 +157,9 @@ def test_a_checkout_timeout_behind_a_refused_login_says_why(
             assert info.value.diag.message_hint == (
                 'PostgreSQL refused the pool\'s last login: too many connections for role "limited"'
             )
+            # and so did the NOTICE while it waited (query_wait_notify)
+            assert len(notices) == 1 and "pool myapp/limited@" in notices[0], notices
+            assert 'refused its last login (too many connections for role "limited")' in notices[0]
             holder.execute("COMMIT")
             assert waiter.execute("SELECT 3").fetchone() == (3,)  # an ERROR: the client goes on
     finally:
