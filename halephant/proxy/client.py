@@ -86,7 +86,7 @@ log = logging.getLogger("halephant.client")
 STARTUP, AUTH, WELCOME, READY, CLOSED = range(5)
 _SYNC_POINTS = frozenset((codes.QUERY, codes.SYNC, codes.FUNCTION_CALL))
 # What each frontend message means for the pooling loop (one dict lookup per message).
-_K_QUERY, _K_PARSE, _K_SYNC, _K_BATCH, _K_NEUTRAL, _K_TERMINATE = range(6)
+_K_QUERY, _K_PARSE, _K_SYNC, _K_BATCH, _K_NEUTRAL, _K_TERMINATE, _K_COPY_END = range(7)
 _KIND: dict[int, int] = {
     codes.QUERY: _K_QUERY,  # a statement, and a sync point
     codes.PARSE: _K_PARSE,  # a statement, inside a batch
@@ -99,8 +99,8 @@ _KIND: dict[int, int] = {
     # neither open nor close a batch
     codes.FLUSH: _K_NEUTRAL,
     codes.COPY_DATA: _K_NEUTRAL,
-    codes.COPY_DONE: _K_NEUTRAL,
-    codes.COPY_FAIL: _K_NEUTRAL,
+    codes.COPY_DONE: _K_COPY_END,  # neutral too, but remembered (`copy_in_started`)
+    codes.COPY_FAIL: _K_COPY_END,
     codes.TERMINATE: _K_TERMINATE,
 }
 assert set(_KIND) == codes.FRONTEND_TYPES
@@ -202,6 +202,7 @@ class ClientConnection(asyncio.Protocol):
         "cancel_key",
         "config_generation",
         "connected_at",
+        "copy_ended",
         "copy_mark",
         "held_back",
         "info",
@@ -296,6 +297,10 @@ class ClientConnection(asyncio.Protocol):
         #: (link_count, the server's rfq_seen) when the linked server last entered COPY FROM STDIN: while
         #: both stay the same, the client is sending its data (the sweep's activity marks cannot see it)
         self.copy_mark = (-1, -1)
+        #: the last CopyDone/CopyFail sent to a server: (link_count, sync points sent before it on that
+        #: server, counted as its `rfq_seen` counts them, 1 if the client had sent messages after the last
+        #: of those, 1 if that last one was a Sync), for a CopyInResponse that comes after it
+        self.copy_ended = (-1, 0, 0, 0)
         #: (link_count, the server's rfq_seen, what the client had not read yet) when query_timeout last
         #: cancelled the client's query
         self.timeout_mark = (-1, -1, -1)
@@ -805,6 +810,13 @@ class ClientConnection(asyncio.Protocol):
                     self.unsynced = True
             elif kind == _K_BATCH:
                 self.unsynced = True
+            elif kind == _K_COPY_END:
+                self.copy_ended = (
+                    self.link_count,
+                    server.rfq_seen + self.outstanding,
+                    self.unsynced,
+                    self._last_sync_point == _SYNC,
+                )
         if server is not None and fwd < consumed:
             if ps is None:
                 server.send(buf if fwd == 0 and consumed == len(buf) else buf[fwd:consumed])
@@ -1246,16 +1258,32 @@ class ClientConnection(asyncio.Protocol):
         elif error is not None:
             log.warning("%r: could not apply startup settings on %s: %s", self, self.server, error.message)
 
-    def copy_in_started(self) -> None:
-        """The linked server entered COPY FROM STDIN mode.
+    def copy_in_started(self, counted: int = 0) -> None:
+        """The linked server entered COPY FROM STDIN mode (`counted`: ReadyForQuery of the same chunk
+        already in the server's `rfq_seen`, and not yet in `outstanding`).
 
         Started by an extended-protocol Execute, the Sync the client sent behind it reached the server
         in copy-in mode, where PostgreSQL ignores Sync: it will never be answered. The batch is
         finished by the Sync the client sends after CopyDone/CopyFail.
         """
         server = self.server
-        if server is not None:
-            self.copy_mark = (self.link_count, server.rfq_seen)
+        if server is None:
+            return
+        self.copy_mark = (self.link_count, server.rfq_seen)
+        answered = server.rfq_seen - counted
+        link, sent, unsynced, sync = self.copy_ended
+        # Every sync point sent before the Execute (or Query) of this COPY was answered before its
+        # CopyInResponse: fewer than `sent` (+1 when the COPY's batch had no Sync) only if the client
+        # sent its CopyDone/CopyFail before this CopyInResponse came (it pipelined its data). What it
+        # sent after that CopyDone stays in the books then.
+        if link == self.link_count and answered < sent + unsynced:
+            self.copy_ended = (-1, 0, 0, 0)
+            if unsynced or sync:  # an extended-protocol COPY: its batch ends at a Sync after CopyDone
+                if not unsynced:
+                    self.outstanding -= 1  # the Sync behind its Execute, which PostgreSQL ignores
+                if answered + self.outstanding == sent:  # no sync point since the CopyDone yet
+                    self.unsynced = True
+            return
         if self._last_sync_point == codes.SYNC:
             self.outstanding = 0
             self.unsynced = True

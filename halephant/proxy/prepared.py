@@ -259,7 +259,7 @@ def relay(server: ServerConnection, data: bytes, client: ClientConnection) -> No
     if out:
         client.transport.write(b"".join(out))
     if kept:
-        server._kept(kept, client)
+        server._kept(kept, client, ready)
     if ready:
         client.server_ready(ready, status, not rest and not server._buf)
         if server.client is not client and queue:

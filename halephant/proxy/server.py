@@ -298,7 +298,9 @@ class ServerConnection(asyncio.Protocol):
                 self.xact_seen += 1  # a transaction (or a run of autocommit statements) ended
             client.server_ready(ready, status, sc.at_boundary)
 
-    def _kept(self, kept: list[tuple[int, bytes]], client: ClientConnection) -> None:
+    def _kept(self, kept: list[tuple[int, bytes]], client: ClientConnection, counted: int = 0) -> None:
+        """Act on the messages the scanner copied out of a chunk (`counted`: ReadyForQuery of that chunk
+        already in `rfq_seen`; the fast path counts them after this)."""
         for t, payload in kept:
             if t == codes.PARAMETER_STATUS:
                 # a reported setting changed (SET application_name, SET TIME ZONE, ...): session state,
@@ -309,7 +311,7 @@ class ServerConnection(asyncio.Protocol):
                     # carried with the client like any session setting (read back at the transaction's end)
                     client.parameter_changed(name)
             elif t == codes.COPY_IN_RESPONSE:
-                client.copy_in_started()
+                client.copy_in_started(counted)
             elif t == codes.ERROR_RESPONSE:
                 if m.error_ends_session(payload):
                     self.fatal_relayed = True  # the server closes next: its client heard why
@@ -481,7 +483,7 @@ class ServerConnection(asyncio.Protocol):
         self.scanner.status = status
         client.transport.write(b"".join(out))
         if kept:
-            self._kept(kept, client)
+            self._kept(kept, client, ready)
         if ready:
             client.server_ready(ready, status, not rest and not self._buf)
         if rest and self.client is client:

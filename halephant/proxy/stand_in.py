@@ -36,7 +36,7 @@ class StandIn:
     def settings_applied(self, error: object) -> None:
         pass
 
-    def copy_in_started(self) -> None:
+    def copy_in_started(self, counted: int = 0) -> None:
         pass
 
     def parameter_changed(self, name: str) -> None:

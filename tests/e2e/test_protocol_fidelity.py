@@ -38,6 +38,7 @@ def hal(pg: Cluster, module_halephant: HalephantFactory) -> Running:
             databases={
                 "transaction": {"cluster": "main", "database": "myapp", "pool_size": 2},
                 "session": {"cluster": "main", "database": "myapp", "mode": "session", "pool_size": 3},
+                "single": {"cluster": "main", "database": "myapp", "pool_size": 1, "checkout_timeout": "2s"},
             },
         )
     )
@@ -366,3 +367,28 @@ def test_a_client_that_leaves_mid_pipeline_leaves_no_dirty_server(
     with connect(hal, mode) as conn:
         assert conn.execute("SELECT count(*) FROM fidelity_copy WHERE n = 9").fetchone() == (0,)
         assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+@pytest.mark.parametrize("then", ["query", "batch"])
+def test_a_copy_pipelined_with_its_data_gives_its_server_back(pg: Cluster, hal: Running, then: str) -> None:
+    # A client that sends its COPY data, CopyDone and Sync without waiting for the CopyInResponse, and
+    # more behind them. PostgreSQL ignores the Sync behind the Execute (it reaches it in copy-in mode):
+    # forgetting every sync point sent so far at the CopyInResponse, halephant kept the server linked
+    # after the last ReadyForQuery, and the next client of the pool waited for it in vain (53300).
+    batch = rc.parse("SELECT 7") + rc.bind() + rc.execute() + rc.sync()
+    behind = rc.query("SELECT 7") if then == "query" else batch
+    script = (
+        rc.parse("COPY fidelity_copy FROM STDIN") + rc.bind() + rc.execute() + rc.sync()
+        + rc.msg(b"d", b"11\televen\n") + rc.msg(b"c") + rc.sync() + behind
+    )  # fmt: skip
+    with RawClient(hal.host, hal.port) as first, RawClient(hal.host, hal.port) as second:
+        first.login("myapp", "myapp", database="single")
+        second.login("myapp", "myapp", database="single")
+        first.send(script)
+        replies = first.read_until_ready() + first.read_until_ready()
+        rest = [b"T", b"D", b"C", b"Z"] if then == "query" else [b"1", b"2", b"D", b"C", b"Z"]
+        assert [m.type for m in replies] == [b"1", b"2", b"G", b"C", b"Z", *rest]
+        assert rc.data_rows(replies) == [["7"]] and replies[-1].payload == b"I"
+        assert not rc.errors(second.simple_query("SELECT 1"))
+        first.simple_query("DELETE FROM fidelity_copy WHERE n = 11")
+    assert_clean_servers(pg.primary)
