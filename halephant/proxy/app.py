@@ -35,6 +35,7 @@ from halephant.proxy.reload import ReloadResult, reload_app
 from halephant.proxy.server import ServerConnection
 from halephant.proxy.stats import Stats, run_clock
 from halephant.proxy.sweep import shutdown_error
+from halephant.proxy.tcp import set_tcp_options
 
 log = logging.getLogger("halephant")
 
@@ -123,8 +124,7 @@ class App:
             await anyio.sleep(0.05)  # let the closing writes go out
             log.info("stopped")
 
-    @staticmethod
-    def _listen_socket(host: str, port: int) -> socket.socket:
+    def _listen_socket(self, host: str, port: int) -> socket.socket:
         # SO_REUSEPORT: a new halephant can listen on the same port while this one drains (online
         # restart), and several can share a port to use several cores
         sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
@@ -132,12 +132,18 @@ class App:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if hasattr(socket, "SO_REUSEPORT"):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            set_tcp_options(sock, self.config.limits)  # inherited by the connections it accepts
             sock.bind((host, port))
             sock.setblocking(False)
         except BaseException:
             sock.close()
             raise
         return sock
+
+    def tcp_options_changed(self) -> None:
+        """A reload may have changed `limits.tcp_*`: connections accepted from now on get the new ones."""
+        if self._listen_sock is not None:
+            set_tcp_options(self._listen_sock, self.config.limits)
 
     def _stop_listening(self) -> None:
         """Close the listener, first accepting what the kernel already queued on it: closing a listening

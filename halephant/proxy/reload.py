@@ -54,6 +54,7 @@ def _apply(app: App, config: Config, unchanged: bool = False) -> list[str]:
     app.plugins.configure(config)
     for client in app.clients.values():
         client.forget_pools()
+    app.tcp_options_changed()
     return app.manager.reconfigure(config, unchanged=unchanged)
 
 

@@ -36,6 +36,7 @@ from halephant.protocol.framing import PASSED_AS_IT_COMES, BackendScanner, split
 from halephant.protocol.session_params import settings_sql
 from halephant.protocol.session_queries import decode_data_row
 from halephant.proxy import prepared, session_state
+from halephant.proxy.tcp import set_tcp_options
 
 if TYPE_CHECKING:
     from halephant.pool.pool import Pool
@@ -163,6 +164,9 @@ class ServerConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports don't subclass asyncio's; both loops set TCP_NODELAY themselves
         self.transport = cast(asyncio.Transport, transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            set_tcp_options(sock, self.manager.app.config.limits)
         self.transport.write(m.startup_message(self._startup))
 
     def _login_data(self, data: bytes) -> None:

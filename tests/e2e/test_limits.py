@@ -5,8 +5,11 @@ the reserve pool, and fair queueing between users sharing one pool."""
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
 import pathlib
+import signal
 import socket
 import struct
 import threading
@@ -14,10 +17,11 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import psycopg
 import pytest
 import rawclient as rc
 from rawclient import RawClient, data_rows, errors
-from support.halephant import HalephantFactory, Running, default_config
+from support.halephant import HalephantFactory, Running, default_config, write_config
 from support.leaks import assert_clean_servers
 
 from halephant.testing.pgcluster import Cluster
@@ -386,3 +390,81 @@ def test_catch_all_clients_get_their_entrys_limits(pg: Cluster, halephant: Halep
     out = client.simple_query("SELECT pg_sleep(10)")
     assert [e["C"] for e in errors(out)] == ["57014"]
     assert _works(client)
+
+
+# --- TCP keepalive ---------------------------------------------------------------------------------------
+
+#: (SO_KEEPALIVE, TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT, TCP_USER_TIMEOUT) as read from a socket
+_TCP_OPTIONS = (
+    (socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+    (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+    (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
+    (socket.IPPROTO_TCP, socket.TCP_KEEPCNT),
+    (socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT),
+)
+
+
+def _tcp_sockets(pid: int) -> list[tuple[int, int, tuple[int, ...]]]:
+    """(local port, peer port, `_TCP_OPTIONS` values) of each connected TCP socket of process `pid`, read
+    from a copy of its descriptor (pidfd_getfd, Linux 5.6+)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    pidfd = os.pidfd_open(pid)
+    found = []
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                if not os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:"):
+                    continue
+            except FileNotFoundError:
+                continue
+            copy = libc.syscall(438, pidfd, int(fd), 0)  # SYS_pidfd_getfd
+            if copy < 0:
+                if ctypes.get_errno() in (errno.ENOSYS, errno.EPERM):
+                    pytest.skip("this kernel (or its sandbox) does not let a test copy another's socket")
+                continue
+            sock = socket.socket(fileno=copy)
+            try:
+                if sock.family == socket.AF_INET and sock.type == socket.SOCK_STREAM:
+                    try:
+                        peer = sock.getpeername()[1]
+                    except OSError:
+                        continue  # listening
+                    options = tuple(sock.getsockopt(level, option) for level, option in _TCP_OPTIONS)
+                    found.append((sock.getsockname()[1], peer, options))
+            finally:
+                sock.close()
+    finally:
+        os.close(pidfd)
+    return found
+
+
+def test_tcp_keepalive_is_set_on_client_and_server_connections(
+    pg: Cluster, halephant: HalephantFactory
+) -> None:
+    limits = {"tcp_keepidle": "77s", "tcp_keepintvl": "7s", "tcp_keepcnt": 4, "tcp_user_timeout": "9s"}
+    config = _config(pg, limits=limits)
+    run = halephant.start(config)
+    with psycopg.connect(run.dsn(), autocommit=True) as conn:
+        conn.execute("SELECT 1")
+        sockets = _tcp_sockets(run.proc.pid)
+        # the pooled servers (the topology probes' connection, to database postgres, is not one of
+        # them: each probe has its own timeout)
+        pooled = pg.primary.sql(
+            "SELECT client_port FROM pg_stat_activity WHERE usename = 'myapp' AND datname = 'myapp'"
+        )
+        ports = {int(port) for port in pooled.split()}
+        clients = [options for local, _, options in sockets if local == run.port]
+        servers = [options for local, _, options in sockets if local in ports]
+        assert clients == [(1, 77, 7, 4, 9000)]
+        assert servers and set(servers) == {(1, 77, 7, 4, 9000)}
+    # a reload applies to the connections accepted from then on
+    write_config(_config(pg, limits={"tcp_keepalive": False}), run.config_path)
+    run.signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while "reload: done" not in run.log_text():
+        assert time.monotonic() < deadline, run.log_text()[-2000:]
+        time.sleep(0.05)
+    with psycopg.connect(run.dsn(), autocommit=True) as conn:
+        conn.execute("SELECT 1")
+        clients = [options for local, _, options in _tcp_sockets(run.proc.pid) if local == run.port]
+        assert [options[0] for options in clients] == [0]
