@@ -84,6 +84,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("halephant.client")
 
 STARTUP, AUTH, WELCOME, READY, CLOSED = range(5)
+#: how long a closed client's connection is kept for it to read what was still to send (`close`)
+_CLOSE_GRACE = 10.0
 _SYNC_POINTS = frozenset((codes.QUERY, codes.SYNC, codes.FUNCTION_CALL))
 # What each frontend message means for the pooling loop (one dict lookup per message).
 _K_QUERY, _K_PARSE, _K_SYNC, _K_BATCH, _K_NEUTRAL, _K_TERMINATE, _K_COPY_END = range(7)
@@ -1421,13 +1423,13 @@ class ClientConnection(asyncio.Protocol):
             reason or ("client sent Terminate" if self.state == READY else "closed during login"), terminated
         )
         transport = self.transport
+        transport.close()
         if transport.get_write_buffer_size():
-            # It has not read what was sent to it (a query_timeout or a KILL of a client that stopped
-            # reading): closed gracefully, the connection and what is still to send would be kept for as
-            # long as the client stays connected without reading, no longer counted as a client
-            transport.abort()
-        else:
-            transport.close()
+            # It has not read all that was sent to it (the error that ends it comes last). Closed
+            # gracefully, the connection and what is still to send would be kept for as long as the
+            # client stays connected without reading (a query_timeout or a KILL of one that stopped
+            # reading), no longer counted as a client: dropped once a reader has had time to take it.
+            self.app.loop.call_later(_CLOSE_GRACE, transport.abort)
 
     def _closed(self, reason: str, terminated: bool = False) -> None:
         """The client is gone. A statement its server still runs is cancelled, unless the client ended
