@@ -360,8 +360,15 @@ class App:
                 async with stream:
                     if wanted is not None and not wanted():
                         return
-                    await stream.send(m.cancel_request(server.backend_pid, server.backend_key))
-                    await stream.receive()
+                    server.cancelling += 1  # the server serves nobody else until PostgreSQL has taken it
+                    try:
+                        await stream.send(m.cancel_request(server.backend_pid, server.backend_key))
+                        await stream.receive()
+                    finally:
+                        server.cancelling -= 1
+                        if not server.cancelling and server.parked is not None:
+                            (client,), server.parked = server.parked, None
+                            self.manager.checkin(server, client)
         except (anyio.EndOfStream, anyio.BrokenResourceError):
             pass
         except Exception as exc:

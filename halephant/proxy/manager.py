@@ -323,6 +323,12 @@ class PoolManager:
         """A client is done with `server`: close it if it may carry session state, else pool it."""
         if server.closing:
             return
+        if server.cancelling:
+            # A cancel forwarded for its last statement is not delivered yet: PostgreSQL signals the
+            # backend later, and would cancel whatever it runs by then, another client's statement or
+            # the query that applies its settings. Checked in once PostgreSQL has taken it.
+            server.parked = (client,)
+            return
         pool = server.pool
         if server.dirty:
             if pool.info.mode is PoolMode.TRANSACTION:

@@ -79,6 +79,7 @@ class ServerConnection(asyncio.Protocol):
         "absorb",
         "backend_key",
         "backend_pid",
+        "cancelling",
         "client",
         "closing",
         "created_at",
@@ -90,6 +91,7 @@ class ServerConnection(asyncio.Protocol):
         "login",
         "manager",
         "params",
+        "parked",
         "paused_client",
         "pool",
         "reading_paused",
@@ -154,6 +156,10 @@ class ServerConnection(asyncio.Protocol):
         #: cancel requests of the linked client that came while halephant's own query ran ahead of the
         #: client's statement: (client, done), forwarded once it has answered (`App.cancel`)
         self.held_cancels: list[tuple[ClientConnection, Callable[[], None]]] = []
+        #: cancel requests sent to PostgreSQL for this server that it has not yet confirmed (closed)
+        self.cancelling = 0
+        #: (the client it came from,) when a check-in waits for those to be confirmed (`PoolManager.checkin`)
+        self.parked: tuple[ClientConnection | None] | None = None
 
     def __repr__(self) -> str:
         state = "closing" if self.closing else ("active" if self.client else "idle")

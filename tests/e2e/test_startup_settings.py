@@ -3,6 +3,8 @@ one is refused at login with PostgreSQL's own SQLSTATE."""
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -99,6 +101,42 @@ def test_a_cancel_that_comes_while_the_settings_are_applied_waits_for_them(
         own.close()
         other.close()
     assert "cancel request held until halephant's own query" in run.log_text()
+    assert_clean_servers(pg.primary)
+
+
+def test_a_cancel_still_on_its_way_never_reaches_the_next_clients_statement(
+    pg: Cluster, halephant: HalephantFactory
+) -> None:
+    """A cancel is forwarded while its client's statement runs, but PostgreSQL signals the backend only
+    later: the statement may end first, and the server go to another client, whose settings query or
+    statement the signal then cancelled (seen in a soak: the statement then ran with the first client's
+    settings). The server waits for the cancel to be delivered before it serves anyone else. PostgreSQL's
+    postmaster, stopped here, is what delivers it."""
+    postmaster = int((pg.primary.datadir / "postmaster.pid").read_text().split()[0])
+    run = halephant.start(default_config(pg, databases={"myapp": {"pool_size": 1}}))
+    first = psycopg.connect(run.dsn(application_name="first"), autocommit=True)
+    second = psycopg.connect(run.dsn(application_name="second"), autocommit=True)
+    try:
+        assert first.execute("SELECT 1").fetchone() == (1,)
+        with ThreadPoolExecutor(3) as threads:
+            slept = threads.submit(lambda: first.execute("SELECT 1 FROM pg_sleep(0.5)").fetchone())
+            time.sleep(0.1)  # the statement runs
+            os.kill(postmaster, signal.SIGSTOP)
+            try:
+                cancelled = threads.submit(first.cancel_safe)
+                wait_until(lambda: "forwarding cancel request" in run.log_text(), "the cancel is forwarded")
+                assert slept.result(timeout=10) == (1,)  # it ended before PostgreSQL took the cancel
+                mine = "SELECT current_setting('application_name') FROM pg_sleep(1)"
+                answer = threads.submit(lambda: second.execute(mine).fetchone())
+                time.sleep(0.3)
+            finally:
+                os.kill(postmaster, signal.SIGCONT)
+            cancelled.result(timeout=10)
+            assert answer.result(timeout=10) == ("second",)
+        assert first.execute("SELECT current_setting('application_name')").fetchone() == ("first",)
+    finally:
+        first.close()
+        second.close()
     assert_clean_servers(pg.primary)
 
 
