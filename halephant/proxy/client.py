@@ -602,13 +602,16 @@ class ClientConnection(asyncio.Protocol):
     def _process(self, data: bytes) -> None:
         # (data_received first offers a new transaction's data to _quick_query)
         self._quick = None
+        server = self.server
         if self._buf:
             buf = self._gathered(data)
             if buf is None:
                 return
+            if self.held_back and server is not None and server.absorb:
+                self._buf = buf  # still waiting for the answer to the query applying its settings
+                return
         else:
             buf = data
-        server = self.server
         if server is not None and self.session is not None and self._after_transaction(server):
             self._buf = buf
             self.held_back = True
@@ -878,7 +881,7 @@ class ClientConnection(asyncio.Protocol):
         if not self.held_back or self.state != READY:
             return
         server = self.server
-        if server is not None and self._after_transaction(server):
+        if server is not None and (server.absorb or self._after_transaction(server)):
             return
         try:
             self._process(b"")
@@ -1084,8 +1087,7 @@ class ClientConnection(asyncio.Protocol):
         # waiters queue per client user: fair between users sharing one pool
         server, open_one = pool.checkout(self, info.user)
         if server is not None:
-            self._link(server)
-            return True
+            return self._link(server)
         if open_one:
             app.manager.open(pool)
         self.waiting_pool = pool
@@ -1132,9 +1134,11 @@ class ClientConnection(asyncio.Protocol):
             self.app.manager.checkin(server)
             return
         try:
-            self._link(server)
+            linked = self._link(server)
             if self._read_paused:
                 self._resume_if_paused()
+            if not linked:
+                return  # what it sent waits for its settings to be applied (`resume_held`)
             quick = self._quick
             if quick is not None:
                 self._quick = None
@@ -1229,7 +1233,9 @@ class ClientConnection(asyncio.Protocol):
             self.waiting_pool = None
         self._resume_if_paused()
 
-    def _link(self, server: ServerConnection) -> None:
+    def _link(self, server: ServerConnection) -> bool:
+        """Link `server`; False when what the client sent must wait for the query that applies its
+        settings there (`_checkout` and `attach_server` then treat it as still waiting)."""
         self.server = server
         self.since = self.app.clock
         server.client = self
@@ -1237,10 +1243,19 @@ class ClientConnection(asyncio.Protocol):
         self.link_count += 1
         if self.write_paused:
             server.set_reading(True)
-        if server.settings != self.settings:  # nearly always equal: no call then
-            server.apply_settings(self.settings)
+        # (settings nearly always equal: no call then)
+        if server.settings != self.settings and server.apply_settings(self.settings) and self.state == READY:
+            # Sent behind that query, the client's statement would run even when the query failed (an
+            # operator's cancel hit it), with the settings another client left there: it waits for the
+            # answer (`settings_applied`, then `resume_held`).
+            self.held_back = True
+            self._first_checked = True
+            if self.session is not None:
+                session_state.on_link(self, server)
+            return False
         if self.session is not None:
             session_state.on_link(self, server)
+        return True
 
     def settings_applied(self, error: ClientError | None) -> None:
         """The linked server ran the query that applies this client's startup settings."""
@@ -1258,7 +1273,10 @@ class ClientConnection(asyncio.Protocol):
             elif self.server is not None:
                 self._welcome(self.server.params)
         elif error is not None:
+            # what the client sent waits for this answer (`_link`) and is dropped: run without its settings
+            # it would read or write as another client; the server, dirty, is closed when it goes back
             log.warning("%r: could not apply startup settings on %s: %s", self, self.server, error.message)
+            self.fail(error)
 
     def copy_in_started(self, counted: int = 0) -> None:
         """The linked server entered COPY FROM STDIN mode (`counted`: ReadyForQuery of the same chunk

@@ -104,6 +104,51 @@ def test_a_cancel_that_comes_while_the_settings_are_applied_waits_for_them(
     assert_clean_servers(pg.primary)
 
 
+def test_a_statement_never_runs_behind_a_settings_query_that_failed(
+    pg: Cluster, halephant: HalephantFactory
+) -> None:
+    """An operator's pg_cancel_backend can hit halephant's query that applies a client's settings (here it
+    waits on a lock of the catalog it reads). The client's statement, sent behind it, then ran with the
+    settings the previous client left on that server. It waits for that query's answer now: the client
+    is told it failed and its statement runs nowhere."""
+    primary = pg.primary
+    sql = f"host={primary.sockdir} port={primary.port} user=postgres dbname=myapp"
+    with psycopg.connect(sql, autocommit=True) as admin:
+        admin.execute("DROP TEXT SEARCH CONFIGURATION IF EXISTS public.hal_cancel")
+        admin.execute("CREATE TEXT SEARCH CONFIGURATION public.hal_cancel (COPY = pg_catalog.simple)")
+    run = halephant.start(default_config(pg, databases={"myapp": {"pool_size": 1}}))
+    own = psycopg.connect(run.dsn(options="-c default_text_search_config=public.hal_cancel"), autocommit=True)
+    german = "-c default_text_search_config=pg_catalog.german"
+    other = psycopg.connect(run.dsn(options=german), autocommit=True)
+    show = "SHOW default_text_search_config"
+    try:
+        assert own.execute(show).fetchone() == ("public.hal_cancel",)
+        assert other.execute(show).fetchone() == ("pg_catalog.german",)  # the one server: its settings now
+        with psycopg.connect(sql) as locker, psycopg.connect(sql, autocommit=True) as admin:
+            locker.execute("ALTER TEXT SEARCH CONFIGURATION public.hal_cancel RENAME TO hal_cancel2")
+            locker.execute("ALTER TEXT SEARCH CONFIGURATION public.hal_cancel2 RENAME TO hal_cancel")
+            locker.commit()
+            locker.execute("LOCK TABLE pg_catalog.pg_ts_config IN ACCESS EXCLUSIVE MODE")
+            with ThreadPoolExecutor(1) as threads:
+                answer = threads.submit(lambda: own.execute(show).fetchone())
+                wait_until(lambda: "waiting" in server_state(sql), "the settings query waits on the lock")
+                admin.execute(
+                    "SELECT pg_cancel_backend(pid) FROM pg_stat_activity"
+                    " WHERE usename = 'myapp' AND wait_event_type = 'Lock'"
+                )
+                try:
+                    got = answer.result(timeout=10)
+                except psycopg.OperationalError as exc:
+                    got = exc.sqlstate
+                locker.rollback()
+        assert got == "57014"  # not ("pg_catalog.german",): the other client's
+        assert other.execute(show).fetchone() == ("pg_catalog.german",)
+    finally:
+        own.close()
+        other.close()
+    assert_clean_servers(pg.primary)
+
+
 def test_a_cancel_still_on_its_way_never_reaches_the_next_clients_statement(
     pg: Cluster, halephant: HalephantFactory
 ) -> None:
