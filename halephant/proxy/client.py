@@ -724,7 +724,7 @@ class ClientConnection(asyncio.Protocol):
                     statement = self._bound_statement(ps, buf, start, end)
                 self._buf = buf[head:]
                 if not self._checkout(statement, t):
-                    return  # waiting; _buf is processed again when a server arrives
+                    return  # waiting; _buf is processed again when a server arrives (or its settings)
                 self._buf = b""
                 server = self.server
                 if server is None:  # rejected by routing
@@ -919,7 +919,7 @@ class ClientConnection(asyncio.Protocol):
         # ending in its Sync those are the same bytes the general loop sends, which skips to that Sync.
         if not self._checkout(statement, _QUERY):
             # processed again by _process once a server arrives, or sent as it is by attach_server
-            # if nothing came in meanwhile
+            # if nothing came in meanwhile (by resume_held once the server has the client's settings)
             self._buf = self._quick = data
             return True
         server = self.server
