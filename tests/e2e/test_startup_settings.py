@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import psycopg
 import psycopg.errors
 import pytest
+from rawclient import RawClient, data_rows, query
 from support.halephant import HalephantFactory, default_config
 from support.leaks import assert_clean_servers
 
@@ -146,6 +147,41 @@ def test_a_statement_never_runs_behind_a_settings_query_that_failed(
     finally:
         own.close()
         other.close()
+    assert_clean_servers(pg.primary)
+
+
+def test_what_a_client_sends_while_its_settings_are_applied_follows_its_statement(
+    pg: Cluster, halephant: HalephantFactory
+) -> None:
+    """The statement waits for the query that applies the client's settings, and so does what the client
+    pipelines behind it meanwhile: both run, in order, with its settings, once that query has answered."""
+    primary = pg.primary
+    sql = f"host={primary.sockdir} port={primary.port} user=postgres dbname=myapp"
+    with psycopg.connect(sql, autocommit=True) as admin:
+        admin.execute("DROP TEXT SEARCH CONFIGURATION IF EXISTS public.hal_cancel")
+        admin.execute("CREATE TEXT SEARCH CONFIGURATION public.hal_cancel (COPY = pg_catalog.simple)")
+    run = halephant.start(default_config(pg, databases={"myapp": {"pool_size": 1}}))
+    other = psycopg.connect(run.dsn(), autocommit=True)
+    show = "SHOW default_text_search_config"
+    with RawClient(run.host, run.port, timeout=10) as own, other:
+        own.login(
+            "myapp", "myapp", "myapp", extra={"options": "-c default_text_search_config=public.hal_cancel"}
+        )
+        assert data_rows(own.simple_query(show)) == [["public.hal_cancel"]]
+        assert other.execute(show).fetchone() == ("pg_catalog.english",)
+        with psycopg.connect(sql) as locker:
+            locker.execute("ALTER TEXT SEARCH CONFIGURATION public.hal_cancel RENAME TO hal_cancel2")
+            locker.execute("ALTER TEXT SEARCH CONFIGURATION public.hal_cancel2 RENAME TO hal_cancel")
+            locker.commit()
+            locker.execute("LOCK TABLE pg_catalog.pg_ts_config IN ACCESS EXCLUSIVE MODE")
+            own.send(query(show))
+            wait_until(lambda: "waiting" in server_state(sql), "the settings query waits on the lock")
+            own.send(query("SELECT 2"))  # a chunk of its own, while the statement before it waits
+            time.sleep(0.2)
+            locker.rollback()
+        answers = own.read_until_ready() + own.read_until_ready()
+        assert data_rows(answers) == [["public.hal_cancel"], ["2"]]
+        assert other.execute(show).fetchone() == ("pg_catalog.english",)
     assert_clean_servers(pg.primary)
 
 
