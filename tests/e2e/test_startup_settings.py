@@ -3,11 +3,13 @@ one is refused at login with PostgreSQL's own SQLSTATE."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import psycopg
 import psycopg.errors
@@ -66,11 +68,7 @@ def test_a_cancel_that_comes_while_the_settings_are_applied_waits_for_them(
     that came while that query ran cancelled it instead, and the statement then ran without the
     client's settings (here: it read another client's). The settings query is made to wait on a lock
     of the catalog it reads, so that the cancel comes exactly then."""
-    primary = pg.primary
-    sql = f"host={primary.sockdir} port={primary.port} user=postgres dbname=myapp"
-    with psycopg.connect(sql, autocommit=True) as admin:
-        admin.execute("DROP TEXT SEARCH CONFIGURATION IF EXISTS public.hal_cancel")
-        admin.execute("CREATE TEXT SEARCH CONFIGURATION public.hal_cancel (COPY = pg_catalog.simple)")
+    sql = superuser_dsn(pg)
     run = halephant.start(default_config(pg, databases={"myapp": {"pool_size": 1}}))
     own = psycopg.connect(run.dsn(options="-c default_text_search_config=public.hal_cancel"), autocommit=True)
     other = psycopg.connect(run.dsn(), autocommit=True)
@@ -78,23 +76,17 @@ def test_a_cancel_that_comes_while_the_settings_are_applied_waits_for_them(
     try:
         assert own.execute(show).fetchone() == ("public.hal_cancel",)
         assert other.execute(show).fetchone() == ("pg_catalog.english",)  # the one server: set back
-        with psycopg.connect(sql) as locker:
-            # renamed there and back: the server's cached entry is gone, so setting it reads the catalog
-            locker.execute("ALTER TEXT SEARCH CONFIGURATION public.hal_cancel RENAME TO hal_cancel2")
-            locker.execute("ALTER TEXT SEARCH CONFIGURATION public.hal_cancel2 RENAME TO hal_cancel")
-            locker.commit()
-            locker.execute("LOCK TABLE pg_catalog.pg_ts_config IN ACCESS EXCLUSIVE MODE")
-            with ThreadPoolExecutor(2) as threads:
-                answer = threads.submit(lambda: own.execute(show).fetchone())
-                wait_until(lambda: "waiting" in server_state(sql), "the settings query waits on the lock")
-                cancelled = threads.submit(own.cancel_safe)  # (cancel() holds the GIL while it waits)
-                time.sleep(0.5)  # the cancel reached halephant (which holds it: nothing to see here)
-                locker.rollback()
-                cancelled.result(timeout=10)
-                try:
-                    got = answer.result(timeout=10)
-                except psycopg.errors.QueryCanceled:
-                    got = None  # the statement itself was cancelled: as the client asked
+        with settings_query_blocked(sql) as locker, ThreadPoolExecutor(2) as threads:
+            answer = threads.submit(lambda: own.execute(show).fetchone())
+            wait_until(lambda: "waiting" in server_state(sql), "the settings query waits on the lock")
+            cancelled = threads.submit(own.cancel_safe)  # (cancel() holds the GIL while it waits)
+            time.sleep(0.5)  # the cancel reached halephant (which holds it: nothing to see here)
+            locker.rollback()
+            cancelled.result(timeout=10)
+            try:
+                got = answer.result(timeout=10)
+            except psycopg.errors.QueryCanceled:
+                got = None  # the statement itself was cancelled: as the client asked
         assert got in (("public.hal_cancel",), None)
         assert own.execute(show).fetchone() == ("public.hal_cancel",)
         assert other.execute(show).fetchone() == ("pg_catalog.english",)
@@ -112,11 +104,7 @@ def test_a_statement_never_runs_behind_a_settings_query_that_failed(
     waits on a lock of the catalog it reads). The client's statement, sent behind it, then ran with the
     settings the previous client left on that server. It waits for that query's answer now: the client
     is told it failed and its statement runs nowhere."""
-    primary = pg.primary
-    sql = f"host={primary.sockdir} port={primary.port} user=postgres dbname=myapp"
-    with psycopg.connect(sql, autocommit=True) as admin:
-        admin.execute("DROP TEXT SEARCH CONFIGURATION IF EXISTS public.hal_cancel")
-        admin.execute("CREATE TEXT SEARCH CONFIGURATION public.hal_cancel (COPY = pg_catalog.simple)")
+    sql = superuser_dsn(pg)
     run = halephant.start(default_config(pg, databases={"myapp": {"pool_size": 1}}))
     own = psycopg.connect(run.dsn(options="-c default_text_search_config=public.hal_cancel"), autocommit=True)
     german = "-c default_text_search_config=pg_catalog.german"
@@ -125,23 +113,22 @@ def test_a_statement_never_runs_behind_a_settings_query_that_failed(
     try:
         assert own.execute(show).fetchone() == ("public.hal_cancel",)
         assert other.execute(show).fetchone() == ("pg_catalog.german",)  # the one server: its settings now
-        with psycopg.connect(sql) as locker, psycopg.connect(sql, autocommit=True) as admin:
-            locker.execute("ALTER TEXT SEARCH CONFIGURATION public.hal_cancel RENAME TO hal_cancel2")
-            locker.execute("ALTER TEXT SEARCH CONFIGURATION public.hal_cancel2 RENAME TO hal_cancel")
-            locker.commit()
-            locker.execute("LOCK TABLE pg_catalog.pg_ts_config IN ACCESS EXCLUSIVE MODE")
-            with ThreadPoolExecutor(1) as threads:
-                answer = threads.submit(lambda: own.execute(show).fetchone())
-                wait_until(lambda: "waiting" in server_state(sql), "the settings query waits on the lock")
-                admin.execute(
-                    "SELECT pg_cancel_backend(pid) FROM pg_stat_activity"
-                    " WHERE usename = 'myapp' AND wait_event_type = 'Lock'"
-                )
-                try:
-                    got = answer.result(timeout=10)
-                except psycopg.OperationalError as exc:
-                    got = exc.sqlstate
-                locker.rollback()
+        with (
+            settings_query_blocked(sql) as locker,
+            psycopg.connect(sql, autocommit=True) as admin,
+            ThreadPoolExecutor(1) as threads,
+        ):
+            answer = threads.submit(lambda: own.execute(show).fetchone())
+            wait_until(lambda: "waiting" in server_state(sql), "the settings query waits on the lock")
+            admin.execute(
+                "SELECT pg_cancel_backend(pid) FROM pg_stat_activity"
+                " WHERE usename = 'myapp' AND wait_event_type = 'Lock'"
+            )
+            try:
+                got = answer.result(timeout=10)
+            except psycopg.OperationalError as exc:
+                got = exc.sqlstate
+            locker.rollback()
         assert got == "57014"  # not ("pg_catalog.german",): the other client's
         assert other.execute(show).fetchone() == ("pg_catalog.german",)
     finally:
@@ -155,11 +142,7 @@ def test_what_a_client_sends_while_its_settings_are_applied_follows_its_statemen
 ) -> None:
     """The statement waits for the query that applies the client's settings, and so does what the client
     pipelines behind it meanwhile: both run, in order, with its settings, once that query has answered."""
-    primary = pg.primary
-    sql = f"host={primary.sockdir} port={primary.port} user=postgres dbname=myapp"
-    with psycopg.connect(sql, autocommit=True) as admin:
-        admin.execute("DROP TEXT SEARCH CONFIGURATION IF EXISTS public.hal_cancel")
-        admin.execute("CREATE TEXT SEARCH CONFIGURATION public.hal_cancel (COPY = pg_catalog.simple)")
+    sql = superuser_dsn(pg)
     run = halephant.start(default_config(pg, databases={"myapp": {"pool_size": 1}}))
     other = psycopg.connect(run.dsn(), autocommit=True)
     show = "SHOW default_text_search_config"
@@ -169,11 +152,7 @@ def test_what_a_client_sends_while_its_settings_are_applied_follows_its_statemen
         )
         assert data_rows(own.simple_query(show)) == [["public.hal_cancel"]]
         assert other.execute(show).fetchone() == ("pg_catalog.english",)
-        with psycopg.connect(sql) as locker:
-            locker.execute("ALTER TEXT SEARCH CONFIGURATION public.hal_cancel RENAME TO hal_cancel2")
-            locker.execute("ALTER TEXT SEARCH CONFIGURATION public.hal_cancel2 RENAME TO hal_cancel")
-            locker.commit()
-            locker.execute("LOCK TABLE pg_catalog.pg_ts_config IN ACCESS EXCLUSIVE MODE")
+        with settings_query_blocked(sql) as locker:
             own.send(query(show))
             wait_until(lambda: "waiting" in server_state(sql), "the settings query waits on the lock")
             own.send(query("SELECT 2"))  # a chunk of its own, while the statement before it waits
@@ -219,6 +198,30 @@ def test_a_cancel_still_on_its_way_never_reaches_the_next_clients_statement(
         first.close()
         second.close()
     assert_clean_servers(pg.primary)
+
+
+def superuser_dsn(pg: Cluster) -> str:
+    """The primary's superuser over its unix socket, in myapp, where the text search configuration
+    `public.hal_cancel` has just been made afresh (a client's setting the tests below apply)."""
+    primary = pg.primary
+    sql = f"host={primary.sockdir} port={primary.port} user=postgres dbname=myapp"
+    with psycopg.connect(sql, autocommit=True) as admin:
+        admin.execute("DROP TEXT SEARCH CONFIGURATION IF EXISTS public.hal_cancel")
+        admin.execute("CREATE TEXT SEARCH CONFIGURATION public.hal_cancel (COPY = pg_catalog.simple)")
+    return sql
+
+
+@contextlib.contextmanager
+def settings_query_blocked(sql: str) -> Iterator[psycopg.Connection[Any]]:
+    """A connection whose open transaction makes halephant's query that sets default_text_search_config
+    to public.hal_cancel wait (on a lock of pg_ts_config) until it ends (`rollback()`)."""
+    with psycopg.connect(sql) as locker:
+        # renamed there and back: the servers' cached entry is gone, so setting it reads the catalog
+        locker.execute("ALTER TEXT SEARCH CONFIGURATION public.hal_cancel RENAME TO hal_cancel2")
+        locker.execute("ALTER TEXT SEARCH CONFIGURATION public.hal_cancel2 RENAME TO hal_cancel")
+        locker.commit()
+        locker.execute("LOCK TABLE pg_catalog.pg_ts_config IN ACCESS EXCLUSIVE MODE")
+        yield locker
 
 
 def server_state(dsn: str) -> str:
