@@ -17,6 +17,7 @@ import socket
 import struct
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import asyncpg
@@ -612,23 +613,14 @@ def test_a_resume_ends_the_wait_of_a_pause_it_released(hal: Running, pg: Cluster
     # client stays connected.
     with connect(hal, dbname="pausable_session") as session, console(hal) as admin, console(hal) as other:
         session.execute("SELECT 1")
-        answer: list[BaseException | None] = []
-
-        def pause() -> None:
-            try:
-                admin.execute("PAUSE pausable_session")
-                answer.append(None)
-            except BaseException as exc:
-                answer.append(exc)
-
-        thread = threading.Thread(target=pause)
-        thread.start()
-        time.sleep(0.3)
-        assert not answer, "PAUSE returned while a session held its server"
-        other.execute("RESUME pausable_session")
-        thread.join(5)
-        assert answer and isinstance(answer[0], psycopg.errors.QueryCanceled), answer
-        assert "RESUME" in str(answer[0])
+        with ThreadPoolExecutor(1) as threads:
+            paused = threads.submit(admin.execute, "PAUSE pausable_session")
+            time.sleep(0.3)
+            assert not paused.done(), "PAUSE returned while a session held its server"
+            other.execute("RESUME pausable_session")
+            error = paused.exception(timeout=5)
+        assert isinstance(error, psycopg.errors.QueryCanceled), error
+        assert "RESUME" in str(error)
         assert show(admin, "VERSION")  # the console goes on
         assert session.execute("SELECT 2").fetchone() == (2,)
     assert_clean_servers(pg)

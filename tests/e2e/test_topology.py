@@ -18,7 +18,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any
 
 import psycopg
@@ -699,29 +699,20 @@ def test_a_frozen_primary_replaced_by_another_is_cut_off(
     inside.execute("BEGIN")
     inside.execute("INSERT INTO t VALUES (-2, 'frozen primary')")
     frozen = _processes_of(old)
-    outcome: list[BaseException | None] = []
     for pid in frozen:
         os.kill(pid, signal.SIGSTOP)
-    try:
-        wait_log(run, f"{old.host}:{old.port} marked down")
-
-        def commit() -> None:
-            try:
-                inside.execute("COMMIT")
-                outcome.append(None)
-            except BaseException as exc:
-                outcome.append(exc)
-
-        committer = threading.Thread(target=commit)
-        committer.start()
-        new.promote()
-        wait_log(run, f"{new.host}:{new.port} is now primary")
-        committer.join(5)
-        assert outcome, "the COMMIT still waits on the frozen old primary"
-    finally:
-        for pid in frozen:
-            os.kill(pid, signal.SIGCONT)
-    error = outcome[0]
+    with ThreadPoolExecutor(1) as threads:
+        try:
+            wait_log(run, f"{old.host}:{old.port} marked down")
+            committed = threads.submit(inside.execute, "COMMIT")
+            new.promote()
+            wait_log(run, f"{new.host}:{new.port} is now primary")
+            wait([committed], timeout=5)
+            assert committed.done(), "the COMMIT still waits on the frozen old primary"
+        finally:
+            for pid in frozen:
+                os.kill(pid, signal.SIGCONT)
+    error = committed.exception()
     assert isinstance(error, psycopg.OperationalError) and error.sqlstate == "08006", error
     inside.close()
     assert "is no longer the primary of cluster main" in run.log_text()
