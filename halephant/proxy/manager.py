@@ -503,7 +503,9 @@ class PoolManager:
         for pool in list(self.pools.values()):
             refused = pool.login_refused
             if refused is not None and loop_now >= refused[1]:
-                pool.login_refused = None  # a replica refusing logins is picked again (`pick_replica`)
+                # server_login_retry has passed: a replica refusing logins is picked again
+                # (`pick_replica`), and the pool's waiters get another login below
+                pool.login_refused = None
             db = self.app.config.database_for(pool.info.target.entry_name)
             if db is None:
                 continue
@@ -525,17 +527,12 @@ class PoolManager:
                 continue  # a node that takes no transactions now, or a pool nobody has used yet
             for _ in range(pool.missing_for_min()):
                 self.app.spawn(self._open_for_min, pool)
-            if pool.waiters and self._may_log_in(pool) and pool.should_open_for_waiters():
+            if pool.waiters and pool.login_refused is None and pool.should_open_for_waiters():
                 # A login failed while the pool's other servers were busy: its clients wait for those,
                 # and nothing else would try another login for them (only a client that comes next
                 # does). One a second, as PgBouncer's janitor does, once server_login_retry allows.
                 self.open(pool)
         self._forget_unused(now)
-
-    def _may_log_in(self, pool: ServerPool) -> bool:
-        """False while PostgreSQL's refusal of the pool's last login stands (server_login_retry)."""
-        refused = pool.login_refused
-        return refused is None or self.app.loop.time() >= refused[1]
 
     def _close_stuck_resets(self, now: float) -> None:
         """Close the servers whose reset has not answered within connect_timeout (a frozen server, a
