@@ -120,14 +120,15 @@ SYNC = message(b"S")
 # --- decoders ---------------------------------------------------------------------------------------------
 
 
-def read_cstring(buf: bytes | memoryview, pos: int) -> tuple[str, int]:
-    """Decode the NUL-terminated string at `pos`; return it and the position after the NUL."""
+def read_cstring(buf: bytes | memoryview, pos: int, errors: str = "strict") -> tuple[str, int]:
+    """Decode the NUL-terminated string at `pos`; return it and the position after the NUL. `errors`:
+    as for `bytes.decode` ("surrogateescape" keeps bytes that are not UTF-8 as they are)."""
     b = bytes(buf) if isinstance(buf, memoryview) else buf
     end = b.find(b"\0", pos)
     if end < 0:
         raise ProtocolViolation("invalid string in message")
     try:
-        return b[pos:end].decode(), end + 1
+        return b[pos:end].decode("utf-8", errors), end + 1
     except UnicodeDecodeError:
         raise ProtocolViolation("invalid byte sequence in message string") from None
 
@@ -266,14 +267,9 @@ def decode_parameter_status(payload: bytes | memoryview) -> tuple[str, str]:
     """A ParameterStatus's name and value. PostgreSQL sends them in the session's `client_encoding`,
     which a client may have set to LATIN1 or another: bytes that are not UTF-8 (a role name in
     session_authorization) are kept as they are (surrogateescape), and written back so by `_cstr`."""
-    b = bytes(payload) if isinstance(payload, memoryview) else payload
-    end = b.find(b"\0")
-    value_end = b.find(b"\0", end + 1) if end >= 0 else -1
-    if value_end < 0:
-        raise ProtocolViolation("invalid ParameterStatus")
-    return b[:end].decode("utf-8", "surrogateescape"), b[end + 1 : value_end].decode(
-        "utf-8", "surrogateescape"
-    )
+    name, pos = read_cstring(payload, 0, "surrogateescape")
+    value, _ = read_cstring(payload, pos, "surrogateescape")
+    return name, value
 
 
 def decode_backend_key_data(payload: bytes | memoryview) -> tuple[int, int]:
