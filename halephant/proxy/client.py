@@ -623,6 +623,8 @@ class ClientConnection(asyncio.Protocol):
         transaction_mode = self.transaction_mode
         ps = self.prepared
         fwd = 0  # start of the run of messages not yet forwarded
+        # where the batch not yet ended by a sync point began in `buf` (-1: in an earlier run)
+        batch_at = -1 if self.unsynced else 0
         for t, start, end in frames:
             kind = _KIND.get(t)
             if kind is None:
@@ -778,11 +780,15 @@ class ClientConnection(asyncio.Protocol):
                     session_state.on_statement(self, statement, verdict)
                 if t == codes.PARSE and buf[start] != 0 and ps is None:
                     if prepared.limit(self):
-                        # mapped onto statements shared on the servers from now on: no pin
-                        if fwd < head:
-                            server.send(buf[fwd:head])
-                            fwd = head
-                        ps = self.prepared = prepared.activate(self)
+                        # mapped onto statements shared on the servers from now on: no pin. The books
+                        # follow the batch from its start when none of it has gone to the server yet;
+                        # else the replies to what went stay the server's own (`blind`)
+                        whole = batch_at >= 0 and fwd <= batch_at
+                        cut = batch_at if whole else head
+                        if fwd < cut:
+                            server.send(buf[fwd:cut])
+                            fwd = cut
+                        ps = self.prepared = prepared.activate(self, blind=not whole)
                     elif self.session is not None:
                         session_state.pin_session(self, "named prepared statement")
                     elif not self.pinned:
@@ -811,6 +817,7 @@ class ClientConnection(asyncio.Protocol):
                     self.outstanding += 1
                     self.unsynced = False
                     self._last_sync_point = t
+                    batch_at = end
                 else:
                     self.unsynced = True
             elif kind == _K_BATCH:

@@ -59,15 +59,16 @@ def _retired(stmt: ServerStatement) -> None:
     log.info("prepared statement %s retired (its cached plan changed result type)", stmt.name.decode())
 
 
-def activate(client: ClientConnection) -> ClientStatements:
+def activate(client: ClientConnection, blind: bool) -> ClientStatements:
     """Track `client`'s named statements from now on. Its earlier requests may still be unanswered: a
     barrier of as many ReadyForQuery as sync points are outstanding separates them from what is tracked,
-    and requests sent since the last sync point keep the server's own replies until the next one."""
+    and (`blind`) requests of the current batch already sent keep the server's own replies until the
+    next sync point."""
     log.info("%r: named prepared statements are mapped to shared server-side statements", client)
     return ClientStatements(
         REGISTRY,
         outstanding=client.outstanding,
-        blind=client.unsynced,
+        blind=blind,
         on_retire=_retired,
         context=parse_context(client.settings),
     )

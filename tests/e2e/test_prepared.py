@@ -326,6 +326,30 @@ def test_first_named_statement_mid_batch_is_shared_too(hal: Running) -> None:
     assert pins(hal) == before
 
 
+def test_first_named_statement_mid_batch_is_followed_from_the_batch_start(hal: Running) -> None:
+    # the batch's earlier (unnamed) requests came in the same write: the books follow all of it, so the
+    # error names the client's statement and a failed Parse leaves nothing behind on the server
+    unnamed = parse("SELECT 1") + bind() + rc.execute()
+    with proxied(hal, "one") as client:
+        client.send(
+            unnamed + parse("SELECT $1::int + $2::int", "sum") + bind("sum", params=("1",)) + rc.sync()
+        )
+        got = client.read_until_ready()
+        assert [m.type for m in got] == [b"1", b"2", b"D", b"C", b"1", b"E", b"Z"], got
+        assert (
+            got[5].fields["M"]
+            == 'bind message supplies 1 parameters, but prepared statement "sum" requires 2'
+        )
+    with proxied(hal, "one") as client:
+        client.send(unnamed + parse("SELEC 2", "bad") + rc.sync())
+        assert rc.errors(client.read_until_ready())[0]["C"] == "42601"
+    with proxied(hal, "one") as other:  # the same server (pool_size 1): it has no statement of that text
+        other.send(parse("SELEC 2", "mine") + bind("mine") + rc.execute() + rc.sync())
+        got = other.read_until_ready()
+        assert [m.type for m in got] == [b"E", b"Z"], got
+        assert got[0].fields["C"] == "42601"
+
+
 def test_large_result_ahead_of_a_synthetic_reply_streams_through(hal: Running) -> None:
     # the replies are relayed message by message while CloseComplete waits behind 1 MB of rows that
     # arrive in many pieces, messages cut anywhere
@@ -927,8 +951,9 @@ class Noise:
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(st.tuples(st.lists(raw_op, max_size=10), noise_op), min_size=1, max_size=5))
 def test_raw_pipelines_answer_as_direct(pg: Cluster, hal: Running, script: list[Any]) -> None:
-    # The first named statement comes at a sync point: named later in a batch, errors in that batch may
-    # name halephant's server-side statement instead of the client's (the documented limit).
+    # The first named statement comes at a sync point: named later in a batch whose start came in an
+    # earlier write, errors in that batch may name halephant's server-side statement instead of the
+    # client's (the documented limit).
     ops = [("parse", "first", "SELECT 1"), ("sync",)]
     ops += [op for batch_ops, _ in script for op in [*batch_ops, ("sync",)]]
     noises = [noise for _, noise in script]
