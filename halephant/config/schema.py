@@ -33,6 +33,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from halephant.config.units import Duration, Size
+from halephant.unix_socket import MAX_SOCKET_PATH, is_socket_dir, socket_path
 
 __all__ = [
     "CATCH_ALL",
@@ -112,9 +113,12 @@ class _Section(BaseModel):
 
 
 class HostPort(_Section):
-    """A TCP address: written `host:port`, or `[v6 address]:port`.
+    """An address: written `host:port`, or `[v6 address]:port`; for a cluster node the host may also be
+    a Unix-socket directory, an absolute path as in libpq's `host=` (`/var/run/postgresql:5432` is the
+    socket `/var/run/postgresql/.s.PGSQL.5432`, see `halephant.unix_socket`).
 
-    Port 0 is accepted (it means "any free port" for `listen`); cluster nodes refuse it.
+    Port 0 is accepted (it means "any free port" for `listen`); cluster nodes refuse it, and `listen`
+    and `admin.listen` refuse socket directories (they are TCP only).
     """
 
     host: StrictStr
@@ -134,9 +138,22 @@ class HostPort(_Section):
     @field_validator("host")
     @classmethod
     def _check_host(cls, host: str) -> str:
-        if not _valid_host(host):
-            raise PydanticCustomError("host", "not a valid host name or IP address")
+        if is_socket_dir(host):
+            _check_socket_dir(host)
+        elif not _valid_host(host):
+            raise PydanticCustomError("host", _not_a_host(host))
         return host
+
+    @model_validator(mode="after")
+    def _check_socket_path(self) -> HostPort:
+        if is_socket_dir(self.host):
+            _check_socket_path_length(self.host, self.port)
+        return self
+
+    @property
+    def is_socket_dir(self) -> bool:
+        """The host is a Unix-socket directory, not a host name or IP address."""
+        return is_socket_dir(self.host)
 
     @classmethod
     def parse(cls, text: str) -> HostPort:
@@ -144,12 +161,23 @@ class HostPort(_Section):
         return cls.model_validate(text)
 
     def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        if ":" in self.host and not self.is_socket_dir:
+            return f"[{self.host}]:{self.port}"
+        return f"{self.host}:{self.port}"
 
 
 def _split_host_port(text: str) -> tuple[str, int]:
     stripped = text.strip()
-    if stripped.startswith("["):
+    if is_socket_dir(stripped):
+        # a path may hold colons: the port is after the last one, and is not optional (libpq's 5432
+        # would be a guess here)
+        host, sep, port = stripped.rpartition(":")
+        if not sep or not port.isdigit():
+            raise PydanticCustomError(
+                "host_port",
+                f"a Unix-socket directory needs its port too, like /var/run/postgresql:5432; got {text!r}",
+            )
+    elif stripped.startswith("["):
         host, sep, port = stripped[1:].partition("]:")
         if not sep or not host:
             raise PydanticCustomError("host_port", f"{_HOSTPORT_HELP}; got {text!r}")
@@ -165,9 +193,32 @@ def _split_host_port(text: str) -> tuple[str, int]:
             )
     if not port.isascii() or not port.isdigit() or int(port) > 65535:
         raise PydanticCustomError("host_port", f"the port must be a number from 0 to 65535; got {text!r}")
-    if not _valid_host(host):
-        raise PydanticCustomError("host_port", f"not a valid host name or IP address: {host!r}")
+    if is_socket_dir(host):
+        _check_socket_dir(host)
+    elif not _valid_host(host):
+        raise PydanticCustomError("host_port", f"{_not_a_host(host)}: {host!r}")
     return host, int(port)
+
+
+def _not_a_host(host: str) -> str:
+    if "/" in host:
+        return "a Unix-socket directory must be an absolute path (starting with /)"
+    return "not a valid host name or IP address"
+
+
+def _check_socket_dir(path: str) -> None:
+    if "\0" in path:
+        raise PydanticCustomError("socket_dir", "a Unix-socket directory cannot contain a NUL character")
+
+
+def _check_socket_path_length(directory: str, port: int) -> None:
+    path = socket_path(directory, port)
+    if len(path.encode(errors="surrogateescape")) > MAX_SOCKET_PATH:
+        raise PydanticCustomError(
+            "socket_dir",
+            f"the socket path {path!r} would be longer than {MAX_SOCKET_PATH} bytes, the most a "
+            "Unix-domain socket's path can be",
+        )
 
 
 def _valid_host(host: str) -> bool:
@@ -184,6 +235,18 @@ def _server_port(node: HostPort) -> HostPort:
     if node.port == 0:
         raise PydanticCustomError("host_port", "a server node needs a real port, not 0")
     return node
+
+
+def _tcp_address(address: HostPort) -> HostPort:
+    if address.is_socket_dir:
+        raise PydanticCustomError(
+            "host_port",
+            "expected a TCP address like 127.0.0.1:6432, not a Unix-socket directory",
+        )
+    return address
+
+
+TcpAddress = Annotated[HostPort, AfterValidator(_tcp_address)]
 
 
 class ClusterConfig(_Section):
@@ -366,7 +429,7 @@ class AdminConfig(_Section):
     """`admin:`: the HTTP admin API (health, JSON state, Prometheus metrics) and the SQL console."""
 
     #: HTTP address of the admin API; None turns it off. Loopback by default: it shows every client.
-    listen: HostPort | None = HostPort(host="127.0.0.1", port=6433)
+    listen: TcpAddress | None = HostPort(host="127.0.0.1", port=6433)
     #: users (entries of `users:`) who may use the SQL console (database `halephant` or `pgbouncer`)
     users: tuple[StrictStr, ...] = ()
     #: users who may use the SQL console read-only (SHOW only)
@@ -385,7 +448,7 @@ class PluginsConfig(_Section):
 class Config(_Section):
     """A validated `halephant.yaml`. Build it with `halephant.config.load_config` / `validate_config`."""
 
-    listen: HostPort = HostPort(host="127.0.0.1", port=6432)
+    listen: TcpAddress = HostPort(host="127.0.0.1", port=6432)
     clusters: Annotated[dict[StrictStr, ClusterConfig], Field(min_length=1)]
     databases: Annotated[dict[StrictStr, DatabaseConfig], Field(min_length=1)]
     users: Annotated[dict[StrictStr, UserConfig], Field(min_length=1)]

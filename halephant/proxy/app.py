@@ -36,6 +36,7 @@ from halephant.proxy.server import ServerConnection
 from halephant.proxy.stats import Stats, run_clock
 from halephant.proxy.sweep import shutdown_error
 from halephant.proxy.tcp import set_tcp_options
+from halephant.unix_socket import connect_stream
 
 log = logging.getLogger("halephant")
 
@@ -356,7 +357,7 @@ class App:
     ) -> None:
         try:
             with anyio.fail_after(5):
-                stream = await anyio.connect_tcp(server.pool.host, server.pool.port)
+                stream = await connect_stream(server.pool.host, server.pool.port)
                 async with stream:
                     if wanted is not None and not wanted():
                         return

@@ -40,6 +40,7 @@ from halephant.protocol.framing import split_frames
 from halephant.proxy import session_state
 from halephant.proxy.server import ServerConnection
 from halephant.proxy.stand_in import StandIn
+from halephant.unix_socket import create_connection
 
 if TYPE_CHECKING:
     from halephant.pool.pool import Pool
@@ -251,7 +252,7 @@ class _Listener(StandIn):
             if not self.pool.host:
                 raise ConnectionError("no primary is available")
             with anyio.fail_after(self.app.config.limits.connect_timeout):
-                await loop.create_connection(lambda: server, self.pool.host, self.pool.port)
+                await create_connection(loop, lambda: server, self.pool.host, self.pool.port)
                 await server.login
         except Exception as exc:
             server.abort()

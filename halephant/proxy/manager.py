@@ -30,6 +30,7 @@ from halephant.proxy.server import ServerConnection, ServerLoginError
 from halephant.proxy.stand_in import StandIn
 from halephant.proxy.sweep import sweep_clients, sweep_waiters
 from halephant.types import ClusterView, PoolInfo, PoolMode, PoolTarget, Role
+from halephant.unix_socket import create_connection
 
 if TYPE_CHECKING:
     from halephant.proxy.app import App
@@ -221,7 +222,7 @@ class PoolManager:
         server = ServerConnection(self, pool, startup, target.server_password, loop)
         try:
             with anyio.fail_after(self.app.config.limits.connect_timeout):
-                await loop.create_connection(lambda: server, pool.host, pool.port)
+                await create_connection(loop, lambda: server, pool.host, pool.port)
                 await server.login
                 if server.closing:  # closed between its ReadyForQuery and now: nobody can use it
                     raise ServerLoginError(

@@ -1,8 +1,9 @@
 """Probing one PostgreSQL node: is it in recovery, where is its WAL, which timeline, how old is its replay.
 
 `ProbeSession` is the sans-IO part (bytes in, bytes to send out): the login (through
-`halephant.auth.upstream`) and one probe query at a time. `ProbeConnection` drives it over an anyio TCP
-stream and keeps that connection open between probes, so a probe is one round trip. Any failure closes
+`halephant.auth.upstream`) and one probe query at a time. `ProbeConnection` drives it over an anyio stream
+(TCP, or the node's Unix-domain socket when it is given as a socket directory) and keeps that connection
+open between probes, so a probe is one round trip. Any failure closes
 the connection; the next probe connects again.
 """
 
@@ -22,6 +23,7 @@ from halephant.protocol import codes
 from halephant.protocol import messages as m
 from halephant.protocol.framing import split_frames
 from halephant.protocol.session_queries import decode_data_row
+from halephant.unix_socket import connect_stream
 
 __all__ = ["PROBE_SQL", "ProbeConnection", "ProbeFailed", "ProbeResult", "ProbeSession", "parse_lsn"]
 
@@ -203,7 +205,7 @@ class ProbeConnection:
         return self._session.result()
 
     async def _connect(self) -> None:
-        self._stream = await anyio.connect_tcp(self.host, self.port)
+        self._stream = await connect_stream(self.host, self.port)
         self._session = ProbeSession(self.user, self.password, self.database)
         await self._stream.send(self._session.startup())
         await self._until_ready()
