@@ -12,6 +12,7 @@ import click
 from halephant import __version__
 from halephant.config import Config, ConfigError, plugin_problem, read_config, validate_config
 from halephant.plugin_manager import PluginError, Plugins
+from halephant.unix_socket import UnixSocketError
 
 
 def load(path: str) -> tuple[Config, Plugins]:
@@ -102,6 +103,9 @@ def run(path: str) -> None:
     setup_logging(config.logging.level, config.logging.format)
     try:
         run_app(config, plugins, early_hups=early_hups)
+    except UnixSocketError as exc:
+        click.echo(f"halephant: {exc}", err=True)
+        sys.exit(1)
     except OSError as exc:
         click.echo(f"halephant: cannot listen on {config.listen}: {exc.strerror or exc}", err=True)
         sys.exit(1)

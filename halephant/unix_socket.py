@@ -1,16 +1,28 @@
-"""Unix-domain sockets: the `.s.PGSQL.<port>` file name, and connections to a node written as a socket
-directory.
+"""Unix-domain sockets, on both sides: the `.s.PGSQL.<port>` file name, the listening socket of
+`unix_socket_dir`, and connections to a node written as a socket directory.
 
 A host that starts with `/` is a socket directory, as in libpq's `host=`: node `/var/run/postgresql:5432`
 is reached at `/var/run/postgresql/.s.PGSQL.5432` by server connections (the shared LISTEN one too),
 topology probes and cancel requests alike (`create_connection`, `connect_stream`). TCP options
 (keepalive, user timeout) do not apply to such a connection (`halephant.proxy.tcp` leaves any socket that
 is not TCP alone).
+
+Listening (`UnixListener`): the socket is bound under a temporary name beside the final one, listens,
+and is then renamed over the final name. So a stale file left by a crashed halephant is replaced, and so
+is the live one of a halephant being replaced (an online restart: the TCP listener uses SO_REUSEPORT,
+which a Unix-domain socket has no equivalent of), with no moment in which the name is missing. At
+shutdown the file is removed only if it is still this process's (same device and inode): a new
+halephant may already have put its own in its place.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
+import os
+import socket
+import stat
 from collections.abc import Callable
 
 import anyio
@@ -18,6 +30,8 @@ import anyio.abc
 
 __all__ = [
     "MAX_SOCKET_PATH",
+    "UnixListener",
+    "UnixSocketError",
     "connect_stream",
     "create_connection",
     "is_socket_dir",
@@ -26,6 +40,10 @@ __all__ = [
 
 #: The longest socket path PostgreSQL and libpq take (sun_path less its terminating NUL, on Linux).
 MAX_SOCKET_PATH = 107
+
+
+class UnixSocketError(Exception):
+    """`unix_socket_dir` cannot be listened on; the message says why, for the operator."""
 
 
 def is_socket_dir(host: str) -> bool:
@@ -53,3 +71,72 @@ async def create_connection(
         await loop.create_unix_connection(factory, socket_path(host, port))
     else:
         await loop.create_connection(factory, host, port)
+
+
+class UnixListener:
+    """The listening socket `<directory>/.s.PGSQL.<port>`, made as the module docstring says."""
+
+    __slots__ = ("_ident", "directory", "path", "sock")
+
+    def __init__(self, directory: str, port: int, backlog: int) -> None:
+        """Bind, listen and put the file in place; raises UnixSocketError."""
+        self.directory = directory
+        self.path = socket_path(directory, port)
+        if not os.path.isdir(directory):
+            raise UnixSocketError(f"unix_socket_dir {directory}: no such directory")
+        with contextlib.suppress(FileNotFoundError):
+            if not stat.S_ISSOCK(os.lstat(self.path).st_mode):
+                raise UnixSocketError(f"unix_socket_dir {directory}: {self.path} exists and is not a socket")
+        # a name of this process's own beside the final one; too long a name, and the file is replaced
+        # the plain way (removed, then bound: a connection attempt in between finds no file)
+        temporary = f"{self.path}.{os.getpid()}"
+        if len(os.fsencode(temporary)) > MAX_SOCKET_PATH:
+            temporary = self.path
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            # left by a crashed process of the same pid, or (the plain way) the stale file itself
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temporary)
+            sock.bind(temporary)
+            try:
+                # PostgreSQL's and PgBouncer's default mode: who may connect is the directory's to say
+                os.chmod(temporary, 0o777)
+                sock.listen(backlog)
+                found = os.stat(temporary)
+                if temporary != self.path:
+                    os.rename(temporary, self.path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(temporary)
+                raise
+            sock.setblocking(False)
+        except OSError as exc:
+            sock.close()
+            raise UnixSocketError(
+                f"unix_socket_dir {directory}: cannot listen on {self.path}: {_why(exc)}"
+            ) from exc
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+        self._ident = (found.st_dev, found.st_ino)
+
+    def remove(self) -> bool:
+        """Remove the socket file if it is still the one this listener made; True if it was."""
+        try:
+            found = os.lstat(self.path)
+        except OSError:
+            return False
+        if (found.st_dev, found.st_ino) != self._ident:
+            return False  # another halephant's now
+        try:
+            os.unlink(self.path)
+        except OSError:
+            return False
+        return True
+
+
+def _why(exc: OSError) -> str:
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"the directory is not writable by this process (uid {os.geteuid()}): {exc.strerror}"
+    return exc.strerror or str(exc)

@@ -405,6 +405,7 @@ def summary(app: App, rates: Rates | None) -> dict[str, Any]:
         "started_at": app.stats.started_at,
         "uptime": round(time.time() - app.stats.started_at, 3),
         "listen": f"{app.address[0]}:{app.address[1]}" if app.address else None,
+        "unix_socket": app.unix_socket,
         "connections_total": app.stats.connections,
         "clients": len(app.clients),
         "transactions_total": xacts,

@@ -46,6 +46,7 @@ from halephant.config.schema import (
     parse_scram_verifier,
 )
 from halephant.errors import ConfigError, ConfigProblem
+from halephant.unix_socket import MAX_SOCKET_PATH, is_socket_dir, socket_path
 
 __all__ = ["RawConfig", "load_config", "read_config", "read_config_text", "validate_config"]
 
@@ -414,7 +415,32 @@ def _cross_check(plain: dict[Any, Any], where: _Locator) -> list[ConfigProblem]:
         problems += _check_server_user(name, user, users, where)
     problems += _check_admin_users(plain, where)
     problems += _check_admin_listen(plain, where)
+    problems += _check_unix_socket_dir(plain, where)
     return problems
+
+
+def _check_unix_socket_dir(plain: dict[Any, Any], where: _Locator) -> list[ConfigProblem]:
+    # the socket's name takes listen's port: only together do they say how long its path is
+    directory = plain.get("unix_socket_dir")
+    if not isinstance(directory, str) or not is_socket_dir(directory):
+        return []  # off, or reported where it is malformed
+    try:
+        listen = (
+            HostPort.parse(plain["listen"]) if "listen" in plain else Config.model_fields["listen"].default
+        )
+    except (ValidationError, ValueError, TypeError):
+        return []
+    # port 0: whichever port the system picks, at most five digits
+    path = socket_path(directory, listen.port or 65535)
+    if len(path.encode(errors="surrogateescape")) <= MAX_SOCKET_PATH:
+        return []
+    return [
+        where.problem(
+            ("unix_socket_dir",),
+            f"the socket path {path!r} would be longer than {MAX_SOCKET_PATH} bytes, the most a Unix-domain "
+            "socket's path can be",
+        )
+    ]
 
 
 def _check_admin_users(plain: dict[Any, Any], where: _Locator) -> list[ConfigProblem]:

@@ -118,7 +118,7 @@ class HostPort(_Section):
     socket `/var/run/postgresql/.s.PGSQL.5432`, see `halephant.unix_socket`).
 
     Port 0 is accepted (it means "any free port" for `listen`); cluster nodes refuse it, and `listen`
-    and `admin.listen` refuse socket directories (they are TCP only).
+    and `admin.listen` refuse socket directories (`unix_socket_dir` is halephant's own socket).
     """
 
     host: StrictStr
@@ -241,9 +241,19 @@ def _tcp_address(address: HostPort) -> HostPort:
     if address.is_socket_dir:
         raise PydanticCustomError(
             "host_port",
-            "expected a TCP address like 127.0.0.1:6432, not a Unix-socket directory",
+            "expected a TCP address like 127.0.0.1:6432; for a Unix-domain socket set unix_socket_dir",
         )
     return address
+
+
+def _socket_dir(directory: str) -> str:
+    if not is_socket_dir(directory):
+        raise PydanticCustomError(
+            "socket_dir",
+            f"expected an absolute path (starting with /), like /var/run/postgresql; got {directory!r}",
+        )
+    _check_socket_dir(directory)
+    return directory
 
 
 TcpAddress = Annotated[HostPort, AfterValidator(_tcp_address)]
@@ -449,6 +459,8 @@ class Config(_Section):
     """A validated `halephant.yaml`. Build it with `halephant.config.load_config` / `validate_config`."""
 
     listen: TcpAddress = HostPort(host="127.0.0.1", port=6432)
+    #: A directory in which to listen on a Unix-domain socket too, `.s.PGSQL.<listen's port>` (None: off).
+    unix_socket_dir: Annotated[StrictStr, AfterValidator(_socket_dir)] | None = None
     clusters: Annotated[dict[StrictStr, ClusterConfig], Field(min_length=1)]
     databases: Annotated[dict[StrictStr, DatabaseConfig], Field(min_length=1)]
     users: Annotated[dict[StrictStr, UserConfig], Field(min_length=1)]

@@ -1,11 +1,15 @@
-"""A running halephant: the listener, the registry of clients (for cancel keys), the pool manager, and
+"""A running halephant: the listeners, the registry of clients (for cancel keys), the pool manager, and
 the anyio task group everything that is not per-message runs in (server logins, maintenance, signals).
 
+It listens on `listen` (TCP) and, with `unix_socket_dir`, on `<dir>/.s.PGSQL.<port>` too (see
+`halephant.unix_socket`); the clients of both are served alike.
+
 `App.serve()` runs until SIGINT/SIGTERM or `shutdown()`. The first SIGTERM/SIGINT (`begin_shutdown`)
-stops listening (the listener uses SO_REUSEPORT, so a new halephant may already be listening on the same
-port), lets transactions in progress finish for up to `limits.shutdown_timeout` while clients between
-transactions are closed, then tells everyone left 57P01; a second signal skips the wait. SIGHUP reloads
-the configuration file (`reload()`, see `halephant.proxy.reload`).
+stops listening (the TCP listener uses SO_REUSEPORT, so a new halephant may already be listening on the
+same port, and may have put its own socket file in place of this one's, which is then left alone), lets
+transactions in progress finish for up to `limits.shutdown_timeout` while clients between transactions
+are closed, then tells everyone left 57P01; a second signal skips the wait. SIGHUP reloads the
+configuration file (`reload()`, see `halephant.proxy.reload`).
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from halephant.proxy.server import ServerConnection
 from halephant.proxy.stats import Stats, run_clock
 from halephant.proxy.sweep import shutdown_error
 from halephant.proxy.tcp import set_tcp_options
-from halephant.unix_socket import connect_stream
+from halephant.unix_socket import UnixListener, connect_stream
 
 log = logging.getLogger("halephant")
 
@@ -70,6 +74,8 @@ class App:
         self.draining = False
         self._server: asyncio.AbstractServer | None = None
         self._listen_sock: socket.socket | None = None
+        self._unix_server: asyncio.AbstractServer | None = None
+        self._unix: UnixListener | None = None
         #: connections taken from the listen queue at shutdown, still being set up
         self._accepting: list[asyncio.Task[Any]] = []
         self._numbers = itertools.count(1)
@@ -77,6 +83,8 @@ class App:
         self._stop = anyio.Event()
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set in serve()
         self.address: tuple[str, int] | None = None
+        #: the path of the Unix-domain socket listened on (`unix_socket_dir`), None when off
+        self.unix_socket: str | None = None
 
     # --- lifecycle ---
 
@@ -100,6 +108,13 @@ class App:
         name = server.sockets[0].getsockname()
         self.address = (name[0], name[1])
         log.info("listening on %s:%d", name[0], name[1])
+        try:
+            if self.config.unix_socket_dir is not None:
+                # the port listened on: `listen`'s, or the one the system picked for port 0
+                await self._listen_unix(self.config.unix_socket_dir, name[1])
+        except BaseException:
+            self._stop_listening()
+            raise
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
@@ -141,36 +156,61 @@ class App:
             raise
         return sock
 
+    async def _listen_unix(self, directory: str, port: int) -> None:
+        unix = self._unix = UnixListener(directory, port, backlog=4096)
+        self._unix_server = await self.loop.create_unix_server(
+            lambda: ClientConnection(self), sock=unix.sock, backlog=4096
+        )
+        self.unix_socket = unix.path
+        log.info("listening on %s", unix.path)
+
     def tcp_options_changed(self) -> None:
         """A reload may have changed `limits.tcp_*`: connections accepted from now on get the new ones."""
         if self._listen_sock is not None:
             set_tcp_options(self._listen_sock, self.config.limits)
 
     def _stop_listening(self) -> None:
-        """Close the listener, first accepting what the kernel already queued on it: closing a listening
-        socket resets the connections in its queue, and those are connection attempts already made."""
+        """Close the listeners, first accepting what the kernel already queued on them: closing a
+        listening socket resets the connections in its queue, and those are connection attempts already
+        made. The Unix-domain socket's file goes first (no new attempt finds it), if it is still ours."""
+        unix, unix_server = self._unix, self._unix_server
+        self._unix = self._unix_server = None
+        if unix is not None:
+            if unix.remove():
+                log.info("removed %s", unix.path)
+            else:
+                log.info("left %s alone: it is no longer this process's socket", unix.path)
         server, sock = self._server, self._listen_sock
         self._server = self._listen_sock = None
         if server is None:
             return
-        accepted = 0
-        if sock is not None:
-            while True:
-                try:
-                    conn, _addr = sock.accept()
-                except (BlockingIOError, InterruptedError):
-                    break
-                except OSError:
-                    break
-                conn.setblocking(False)
-                accepted += 1
-                self._accepting.append(
-                    self.loop.create_task(
-                        self.loop.connect_accepted_socket(lambda: ClientConnection(self), conn)
-                    )
-                )
+        accepted = self._accept_queued(sock)
         server.close()
+        if unix is not None:
+            accepted += self._accept_queued(unix.sock)
+            if unix_server is not None:
+                unix_server.close()
+            else:  # its server was never started: the socket is still this one's to close
+                unix.sock.close()
         log.info("stopped listening%s", f" ({accepted} queued connection(s) accepted)" if accepted else "")
+
+    def _accept_queued(self, sock: socket.socket | None) -> int:
+        accepted = 0
+        if sock is None:
+            return accepted
+        while True:
+            try:
+                conn, _addr = sock.accept()
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                break
+            conn.setblocking(False)
+            accepted += 1
+            self._accepting.append(
+                self.loop.create_task(self.loop.connect_accepted_socket(lambda: ClientConnection(self), conn))
+            )
+        return accepted
 
     async def _signals(self, early_hups: list[int] | None = None) -> None:
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:

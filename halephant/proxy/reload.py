@@ -9,8 +9,8 @@ or node is gone), timeouts and limits are read from it from now on, the log leve
 All or nothing: if a plugin's hook raises meanwhile, the previous configuration is applied again and the
 reload counts as failed.
 No client is dropped, except those of a removed database, which get FATAL 57P01 once their transaction
-is over. What only a restart can change (`listen`, `plugins.disable`, `plugins.modules`) is logged and
-keeps its old value.
+is over. What only a restart can change (`listen`, `unix_socket_dir`, `plugins.disable`,
+`plugins.modules`, `admin.listen`) is logged and keeps its old value.
 """
 
 from __future__ import annotations
@@ -86,7 +86,14 @@ def reload_app(app: App) -> ReloadResult:
         # keep what cannot change live, so the running state and the config in use agree
         # (model_copy keeps the private attributes: the source and the plugin settings)
         admin = new.admin.model_copy(update={"listen": old.admin.listen})  # the admin API stays bound
-        new = new.model_copy(update={"listen": old.listen, "plugins": old.plugins, "admin": admin})
+        new = new.model_copy(
+            update={
+                "listen": old.listen,
+                "unix_socket_dir": old.unix_socket_dir,
+                "plugins": old.plugins,
+                "admin": admin,
+            }
+        )
     try:
         result.pools = _apply(app, new, unchanged=not changes)
     except Exception as exc:  # a plugin's hook that raises: all or nothing, never half a configuration

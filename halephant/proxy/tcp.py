@@ -7,7 +7,7 @@ probes find such a connection while it is idle, `tcp_user_timeout` while data wa
 
 Set on the listening socket, whose accepted client connections inherit them (Linux), so nothing is
 done per client; and on each server connection as it opens. At 0 a value is the kernel's default.
-Unix-domain sockets (nodes given as a socket directory) are left alone.
+Unix-domain sockets (`unix_socket_dir`, nodes given as socket directories) are left alone.
 """
 
 from __future__ import annotations

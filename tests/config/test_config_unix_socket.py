@@ -1,5 +1,5 @@
 """Unix-domain sockets in the configuration: cluster nodes written as a socket directory
-(`/var/run/postgresql:5432`, libpq's rule: a host that starts with `/`)."""
+(`/var/run/postgresql:5432`, libpq's rule: a host that starts with `/`), and `unix_socket_dir`."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import textwrap
 import pytest
 
 from halephant.config import Config, ConfigError, HostPort, read_config_text, validate_config
+from halephant.config.diff import diff_configs
 
 
 def load(text: str) -> Config:
@@ -20,6 +21,7 @@ def problems(text: str) -> list[str]:
     return [str(p) for p in excinfo.value.problems]
 
 
+CLUSTERS = "clusters:\n  main:\n    nodes: [127.0.0.1:5432]\n"
 TAIL = """\
 databases:
   myapp: {cluster: main}
@@ -62,7 +64,8 @@ def test_socket_directory_errors_are_located() -> None:
     """ % ("d" * 100)
     long = "/" + "d" * 100 + "/.s.PGSQL.5432"
     assert problems(text) == [
-        "halephant.yaml:1:9: listen: expected a TCP address like 127.0.0.1:6432, not a Unix-socket directory",
+        "halephant.yaml:1:9: listen: expected a TCP address like 127.0.0.1:6432; for a Unix-domain socket "
+        "set unix_socket_dir",
         "halephant.yaml:4:24: clusters.main.nodes.1: a Unix-socket directory needs its port too, like "
         "/var/run/postgresql:5432; got '/var/run/postgresql'",
         "halephant.yaml:4:45: clusters.main.nodes.2: a Unix-socket directory must be an absolute path "
@@ -72,6 +75,51 @@ def test_socket_directory_errors_are_located() -> None:
         "halephant.yaml:4:83: clusters.main.nodes.4: a server node needs a real port, not 0",
         f"halephant.yaml:6:29: clusters.long.nodes.1: the socket path {long!r} would be longer than 107 "
         "bytes, the most a Unix-domain socket's path can be",
-        "halephant.yaml:12:11: admin.listen: expected a TCP address like 127.0.0.1:6432, not a Unix-socket "
-        "directory",
+        "halephant.yaml:12:11: admin.listen: expected a TCP address like 127.0.0.1:6432; for a Unix-domain "
+        "socket set unix_socket_dir",
+    ]
+
+
+def test_unix_socket_dir_is_off_by_default() -> None:
+    assert load(CLUSTERS + TAIL).unix_socket_dir is None
+    assert load("unix_socket_dir: /tmp\n" + CLUSTERS + TAIL).unix_socket_dir == "/tmp"
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (
+            "tmp/sockets",
+            "expected an absolute path (starting with /), like /var/run/postgresql; got 'tmp/sockets'",
+        ),
+        ("/tmp:6432", None),  # a directory whose name has a colon: nothing to do with a port here
+        ("6432", "expected a string, got a number"),
+    ],
+)
+def test_unix_socket_dir_errors(value: str, message: str | None) -> None:
+    text = f"unix_socket_dir: {value}\n" + CLUSTERS + TAIL
+    if message is None:
+        assert load(text).unix_socket_dir == value
+    else:
+        assert problems(text) == [f"halephant.yaml:1:18: unix_socket_dir: {message}"]
+
+
+def test_unix_socket_dir_too_long_for_listens_port() -> None:
+    directory = "/" + "d" * 91  # with /.s.PGSQL.65432: 107 bytes, the most there can be
+    ok = f"listen: 127.0.0.1:65432\nunix_socket_dir: {directory}\n{CLUSTERS}"
+    assert load(ok + TAIL).unix_socket_dir == directory
+    longer = directory + "d"
+    text = f"listen: 127.0.0.1:65432\nunix_socket_dir: {longer}\n{CLUSTERS}"
+    path = longer + "/.s.PGSQL.65432"
+    assert problems(text + TAIL) == [
+        f"halephant.yaml:2:18: unix_socket_dir: the socket path {path!r} would be longer than 107 bytes, "
+        "the most a Unix-domain socket's path can be"
+    ]
+
+
+def test_changing_unix_socket_dir_needs_a_restart() -> None:
+    old = load(CLUSTERS + TAIL)
+    new = load("unix_socket_dir: /tmp\n" + CLUSTERS + TAIL)
+    assert [(str(c), c.restart) for c in diff_configs(old, new)] == [
+        ("~ unix_socket_dir: null -> /tmp (needs a restart)", True)
     ]

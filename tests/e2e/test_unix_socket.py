@@ -1,28 +1,41 @@
-"""End to end: Unix-domain sockets between halephant and PostgreSQL.
+"""End to end: Unix-domain sockets on both sides of halephant.
 
-Nodes written as `<socket dir>:<port>` are reached over PostgreSQL's own socket by server connections,
-topology probes, cancel requests and the shared LISTEN connection (PostgreSQL then shows them with no
-client_addr).
+Clients: `unix_socket_dir` makes halephant listen on `<dir>/.s.PGSQL.<port>` as well, where psycopg and
+pgbench reach it with `host=<dir>` (SCRAM login, transactions, cancel requests, the admin views showing
+the peer as `unix`, max_client_conn counting it). A stale socket file does not stop start-up; at shutdown
+the file is removed only while it is still this process's (an online restart replaces it first).
+Servers: nodes written as `<socket dir>:<port>` are reached over PostgreSQL's own socket by server
+connections, topology probes, cancel requests and the shared LISTEN connection (PostgreSQL then shows
+them with no client_addr).
 """
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import psycopg
 import psycopg.errors
 import pytest
-from support.halephant import HalephantFactory, default_config
+from support.halephant import HalephantFactory, Running, default_config
 from support.leaks import assert_clean_servers
 
-from halephant.testing.pgcluster import Cluster
+from halephant.testing.pgcluster import Cluster, find_bindir, free_port, pgbench
 
 pytestmark = pytest.mark.e2e
+
+BENCH_DB = "e2e_unix_bench"
 
 
 def wait_for(check: Callable[[], Any], what: str, timeout: float = 10.0) -> Any:
@@ -34,6 +47,206 @@ def wait_for(check: Callable[[], Any], what: str, timeout: float = 10.0) -> Any:
         if time.monotonic() > deadline:
             raise AssertionError(f"{what}: not within {timeout:g} s")
         time.sleep(0.02)
+
+
+def inode(path: Path) -> int | None:
+    try:
+        return path.stat().st_ino
+    except FileNotFoundError:
+        return None
+
+
+def accepts(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX) as sock:
+        try:
+            sock.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
+@pytest.fixture
+def sockdir() -> Iterator[Path]:
+    """A fresh directory for halephant's socket (short: a socket's path holds 107 bytes at most)."""
+    path = Path(tempfile.mkdtemp(prefix="halephant-unix-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def module_sockdir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="halephant-unix-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def hal(pg: Cluster, module_halephant: HalephantFactory, module_sockdir: Path) -> Running:
+    config = default_config(
+        pg,
+        unix_socket_dir=str(module_sockdir),
+        clusters={"main": {"probe_user": "myapp"}},
+        databases={"bench": {"cluster": "main", "database": BENCH_DB, "pool_size": 4}},
+        users={"admin": {"password": "admin-pw"}},
+        admin={"users": ["admin"]},
+    )
+    run = module_halephant.start(config)
+    wait_for(lambda: accepts(module_sockdir / f".s.PGSQL.{run.port}"), "the socket accepts connections")
+    return run
+
+
+def over_socket(run: Running, directory: Path, **kwargs: Any) -> psycopg.Connection[Any]:
+    kwargs.setdefault("autocommit", True)
+    dsn_keys = {k: kwargs.pop(k) for k in ("user", "password", "dbname") if k in kwargs}
+    return psycopg.connect(run.dsn(host=str(directory), **dsn_keys), **kwargs)
+
+
+# --- clients on halephant's socket -----------------------------------------------------------------
+
+
+def test_psycopg_over_the_socket(hal: Running, module_sockdir: Path, pg: Cluster) -> None:
+    path = module_sockdir / f".s.PGSQL.{hal.port}"
+    assert path.is_socket() and path.stat().st_mode & 0o777 == 0o777
+    # the socket asks for the password as TCP does: it is not a trusted way in
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+        over_socket(hal, module_sockdir, password="wrong")
+    with over_socket(hal, module_sockdir, application_name="unix-client") as conn:
+        with conn.transaction():
+            first = conn.execute("SELECT txid_current()").fetchone()
+            second = conn.execute("SELECT txid_current()").fetchone()
+        assert first == second
+        assert conn.execute("SELECT current_user").fetchone() == ("myapp",)
+        mine = [c for c in hal.admin_json("/clients") if c["application_name"] == "unix-client"]
+        assert [c["address"] for c in mine] == ["unix"]
+        with over_socket(
+            hal, module_sockdir, user="admin", password="admin-pw", dbname="halephant"
+        ) as console:
+            cur = console.execute("SHOW CLIENTS")
+            names = [d.name for d in cur.description]
+            rows = [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+        shown = [r for r in rows if r["application_name"] == "unix-client"]
+        assert [(r["addr"], r["port"]) for r in shown] == [("unix", None)]
+        assert hal.admin_json("/snapshot")["summary"]["unix_socket"] == str(path)
+    assert re.search(r"<client #\d+ myapp@myapp from unix>: connected", hal.log_text())
+    assert_clean_servers(pg.primary)
+
+
+def test_cancel_over_the_socket_cancels_only_that_query(hal: Running, module_sockdir: Path) -> None:
+    with (
+        over_socket(hal, module_sockdir, application_name="unix-cancelled") as victim,
+        over_socket(hal, module_sockdir, application_name="unix-bystander") as bystander,
+        ThreadPoolExecutor(2) as pool,
+    ):
+        cancelled = pool.submit(victim.execute, "SELECT pg_sleep(30)")
+        spared = pool.submit(lambda: bystander.execute("SELECT pg_sleep(1.5), 'finished'").fetchone())
+
+        def both_running() -> bool:
+            states = {c["application_name"]: c["state"] for c in hal.admin_json("/clients")}
+            return states.get("unix-cancelled") == "active" and states.get("unix-bystander") == "active"
+
+        wait_for(both_running, "both queries running")
+        t0 = time.monotonic()
+        victim.cancel()  # libpq's PQcancel: a CancelRequest over the same socket
+        with pytest.raises(psycopg.errors.QueryCanceled):
+            cancelled.result(10)
+        assert time.monotonic() - t0 < 5
+        assert spared.result(10)[1] == "finished"
+        assert victim.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_pgbench_over_the_socket(pg: Cluster, hal: Running, module_sockdir: Path) -> None:
+    pg.create_database(BENCH_DB, owner="myapp")
+    pgbench(pg.primary, "-i", "-q", "-s", "1", dbname=BENCH_DB, user="myapp")
+    argv = [
+        str(find_bindir() / "pgbench"), "-h", str(module_sockdir), "-p", str(hal.port), "-U", "myapp",
+        "-n", "-S", "-c", "8", "-j", "2", "-T", "3", "bench",
+    ]  # fmt: skip
+    env = dict(os.environ, PGPASSWORD="myapp")
+    out = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    processed = re.search(r"number of transactions actually processed: (\d+)", out.stdout)
+    failed = re.search(r"number of failed transactions: (\d+)", out.stdout)
+    assert processed is not None and int(processed.group(1)) > 100, out.stdout
+    assert failed is not None and int(failed.group(1)) == 0, out.stdout
+
+
+# --- the socket file over halephant's lifetime ----------------------------------------------------------
+
+
+def test_a_stale_socket_file_is_replaced_and_unix_clients_count_against_max_client_conn(
+    pg: Cluster, halephant: HalephantFactory, sockdir: Path
+) -> None:
+    port = free_port()
+    path = sockdir / f".s.PGSQL.{port}"
+    with socket.socket(socket.AF_UNIX) as stale:  # a crashed instance's: bound, nobody listening any more
+        stale.bind(str(path))
+    assert path.is_socket() and not accepts(path)
+    config = default_config(
+        pg, listen=f"127.0.0.1:{port}", unix_socket_dir=str(sockdir), limits={"max_client_conn": 1}
+    )
+    run = halephant.start(config)
+    wait_for(lambda: accepts(path), "the socket accepts connections")
+    with over_socket(run, sockdir) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+        with pytest.raises(psycopg.OperationalError, match="sorry, too many clients already"):
+            psycopg.connect(run.dsn())  # over TCP: the socket's client holds the only place
+    # its place is free again once it has gone
+    wait_for(lambda: not run.admin_json("/clients"), "the client gone")
+    with psycopg.connect(run.dsn()) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_shutdown_removes_the_socket_file_unless_a_new_halephant_replaced_it(
+    pg: Cluster, halephant: HalephantFactory, sockdir: Path
+) -> None:
+    config = default_config(pg, listen=f"127.0.0.1:{free_port()}", unix_socket_dir=str(sockdir))
+    old = halephant.start(config)
+    path = sockdir / f".s.PGSQL.{old.port}"
+    old_inode = wait_for(lambda: accepts(path) and inode(path), "the first socket")
+    client = over_socket(old, sockdir)
+    try:
+        assert client.execute("SELECT 1").fetchone() == (1,)
+        # an online restart: the new one listens on the same port (SO_REUSEPORT) and puts its own
+        # socket in place of the old one's, which keeps serving its clients
+        new = halephant.spawn(config)
+        wait_for(lambda: inode(path) not in (None, old_inode), "the new halephant's socket")
+        assert client.execute("SELECT 2").fetchone() == (2,)
+        new_inode = inode(path)
+        old.signal(signal.SIGTERM)
+        assert old.proc.wait(10) == 0  # its idle socket client was closed (57P01)
+        with pytest.raises(psycopg.OperationalError):
+            client.execute("SELECT 3")
+    finally:
+        client.close()
+    assert inode(path) == new_inode, "the old halephant removed the new one's socket"
+    assert f"left {path} alone: it is no longer this process's socket" in old.log_text()
+    with over_socket(new, sockdir, application_name="after-handover") as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+        assert [c["address"] for c in new.admin_json("/clients")] == ["unix"]
+    assert new.stop() == 0
+    assert not path.exists()
+    assert os.listdir(sockdir) == []  # no temporary file left either
+
+
+@pytest.mark.parametrize("problem", ["missing", "regular file"])
+def test_a_socket_directory_that_cannot_be_used_stops_start_up(
+    pg: Cluster, halephant: HalephantFactory, sockdir: Path, problem: str
+) -> None:
+    port = free_port()
+    if problem == "missing":
+        directory = sockdir / "nope"
+        expected = f"halephant: unix_socket_dir {directory}: no such directory"
+    else:
+        directory = sockdir
+        (sockdir / f".s.PGSQL.{port}").write_text("not a socket\n")
+        expected = (
+            f"halephant: unix_socket_dir {directory}: {directory}/.s.PGSQL.{port} exists and is not a socket"
+        )
+    run = halephant.spawn(default_config(pg, listen=f"127.0.0.1:{port}", unix_socket_dir=str(directory)))
+    assert run.proc.wait(30) == 1
+    assert expected in run.log_text()
+    if problem == "regular file":
+        assert (sockdir / f".s.PGSQL.{port}").read_text() == "not a socket\n"
 
 
 # --- nodes given as PostgreSQL's socket directory -----------------------------------------------------
