@@ -1,7 +1,8 @@
 """`halephant demo`: a throwaway PostgreSQL primary + streaming replica, and halephant in front of them.
 
 Everything lives in one temporary directory and goes away on Ctrl-C. The config written there is an
-ordinary halephant.yaml, printed so the user can copy it.
+ordinary halephant.yaml, printed so the user can copy it. halephant listens on TCP and on a Unix-domain
+socket in the demo's directory (`unix_socket_dir`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import click
 DEMO_CONFIG = """\
 # halephant demo configuration (written by `halephant demo`)
 listen: 127.0.0.1:{port}
+unix_socket_dir: {socket_dir}   # also listens on {socket_dir}/.s.PGSQL.{port} (psql -h {socket_dir})
 clusters:
   main:
     nodes: [127.0.0.1:{primary}, 127.0.0.1:{replica}]   # any order: roles are probed
@@ -76,7 +78,12 @@ def run_demo(*, port: int | None = None, base_dir: Path | None = None) -> int:
         cluster.wait_replicated()
         config_path = workdir / "halephant.yaml"
         config_path.write_text(
-            DEMO_CONFIG.format(port=port, primary=cluster.primary.port, replica=cluster.replicas[0].port)
+            DEMO_CONFIG.format(
+                port=port,
+                socket_dir=workdir,
+                primary=cluster.primary.port,
+                replica=cluster.replicas[0].port,
+            )
         )
         config, plugins = load(str(config_path))
         setup_logging(config.logging.level, config.logging.format)
@@ -97,6 +104,8 @@ def run_demo(*, port: int | None = None, base_dir: Path | None = None) -> int:
                 f"HALEPHANT_PORT={port} python manage.py routing_demo\n"
                 "  Session pooling:\n"
                 f'    psql "host=127.0.0.1 port={port} user=myapp password=myapp dbname=myapp_session"\n'
+                "  Over halephant's Unix-domain socket (unix_socket_dir):\n"
+                f'    psql "host={workdir} port={port} user=myapp password=myapp dbname=myapp"\n'
                 "  Load test:\n"
                 f"    PGPASSWORD=myapp pgbench -i -h 127.0.0.1 -p {cluster.primary.port} -U myapp myapp\n"
                 f"    PGPASSWORD=myapp pgbench -n -S -c 20 -T 10 -h 127.0.0.1 -p {port} -U myapp myapp\n"

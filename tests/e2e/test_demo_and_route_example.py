@@ -115,6 +115,9 @@ def test_halephant_demo_routes_myapp_ro_to_the_replica() -> None:
         assert one(writer + " sslmode=disable", "SELECT pg_is_in_recovery()") is False
         assert one(reader + " sslmode=disable", "SELECT pg_is_in_recovery()") is True
         assert one(reader + " sslmode=disable", "SELECT current_user") == "myapp"
+        # the same through halephant's Unix-domain socket in the demo's directory
+        over_socket = next(d for d in dsns if "host=/" in d)
+        assert one(over_socket, "SELECT pg_is_in_recovery()") is False
     finally:
         proc.send_signal(signal.SIGINT)
         try:
