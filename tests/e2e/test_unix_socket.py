@@ -256,9 +256,10 @@ def test_nodes_given_as_socket_directories(pg: Cluster, halephant: HalephantFact
     nodes = [f"{pg.sockdir}:{node.port}" for node in pg.nodes]
     config = default_config(pg, clusters={"main": {"nodes": nodes}})
     run = halephant.start(config)
-    # probed over the socket: each node's role is known, under the name it was given
-    shown = {n["name"]: n["role"] for n in run.admin_json("/nodes")}
-    assert shown == {nodes[0]: "primary", nodes[1]: "replica"}
+    # probed over the socket: each node's role and timeline are known (a probe that failed would leave
+    # the configured order, without a timeline), under the name it was given
+    shown = {n["name"]: (n["role"], n["usable"], n["timeline"] is not None) for n in run.admin_json("/nodes")}
+    assert shown == {nodes[0]: ("primary", True, True), nodes[1]: ("replica", True, True)}
 
     def peer(node: Any, pid: int) -> str:
         return str(
