@@ -495,6 +495,15 @@ def _check_server_user(name: Any, user: dict[Any, Any], users: Any, where: _Loca
                 at, f"user {target!r} has a server_user of its own: name the user that logs in upstream"
             )
         ]
+    if _is_int(user.get("max_user_connections")):
+        # the cap protects the upstream role's connections: an alias's count against its server_user's
+        return [
+            where.problem(
+                ("users", name, "max_user_connections"),
+                f"this user logs in upstream as {target!r}, whose cap counts its connections too: "
+                f"set max_user_connections under users.{target} instead",
+            )
+        ]
     return []
 
 

@@ -330,6 +330,9 @@ class DatabaseConfig(_Section):
     reserve_pool_timeout: Annotated[Duration, Field(gt=0)] = 5.0
     #: Clients of this database at most (None: only the global `limits.max_client_conn`).
     max_client_conn: Annotated[StrictInt, Field(ge=1)] | None = None
+    #: Server connections to this database on any one node at most, all users' pools together (None:
+    #: no cap; each database name the catch-all entry serves has its own).
+    max_db_connections: Annotated[StrictInt, Field(ge=1)] | None = None
     #: Overrides of the `limits:` timeouts for this database's clients (None: the global value).
     client_idle_timeout: Annotated[Duration, Field(ge=0)] | None = None
     idle_transaction_timeout: Annotated[Duration, Field(ge=0)] | None = None
@@ -367,6 +370,9 @@ class UserConfig(_Section):
     auth: AuthName = "scram-sha-256"
     #: Clients logged in as this user at most (None: no per-user limit).
     max_client_conn: Annotated[StrictInt, Field(ge=1)] | None = None
+    #: Server connections logged in upstream as this user on any one node at most, all databases
+    #: together, its aliases' (`server_user`) included (None: no cap).
+    max_user_connections: Annotated[StrictInt, Field(ge=1)] | None = None
     #: Overrides of the `limits:` timeouts for this user's clients, before the database's (None: inherit).
     client_idle_timeout: Annotated[Duration, Field(ge=0)] | None = None
     idle_transaction_timeout: Annotated[Duration, Field(ge=0)] | None = None

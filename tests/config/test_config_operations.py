@@ -1,6 +1,6 @@
-"""The operations keys (limits, reserve pool, timeouts, shutdown) with their positions, and the diff a
-reload applies (`halephant.config.diff`): entries added and removed as a whole, secrets never shown,
-restart-only settings marked."""
+"""The operations keys (limits, reserve pool, timeouts, shutdown, the caps across pools) with their
+positions, and the diff a reload applies (`halephant.config.diff`): entries added and removed as a
+whole, secrets never shown, restart-only settings marked."""
 
 from __future__ import annotations
 
@@ -100,6 +100,85 @@ def test_database_and_user_errors() -> None:
         "1h, 1d or a number of seconds; got 'x'",
         "halephant.yaml:12:22: users.myapp.max_client_conn: expected a whole number, got a string",
     ]
+
+
+def test_caps_across_pools_default_to_none_and_are_read() -> None:
+    config = load(BASE)
+    assert config.databases["myapp"].max_db_connections is None
+    assert config.users["myapp"].max_user_connections is None
+    config = load(
+        BASE.replace("cluster: main", "cluster: main\n    max_db_connections: 40")
+        + "  app_ro:\n    password: ro\n    server_user: myapp\n"
+    )
+    assert config.databases["myapp"].max_db_connections == 40
+    config = load(BASE + "    max_user_connections: 3\n")
+    assert config.users["myapp"].max_user_connections == 3
+
+
+@pytest.mark.parametrize(
+    ("db_value", "user_value", "expected"),
+    [
+        pytest.param(
+            "0",
+            "-2",
+            [
+                "halephant.yaml:7:25: databases.myapp.max_db_connections: Input should be greater than or "
+                "equal to 1",
+                "halephant.yaml:11:27: users.myapp.max_user_connections: Input should be greater than or "
+                "equal to 1",
+            ],
+            id="zero-and-negative",
+        ),
+        pytest.param(
+            '"10"',
+            "2.5",
+            [
+                "halephant.yaml:7:25: databases.myapp.max_db_connections: expected a whole number, "
+                "got a string",
+                "halephant.yaml:11:27: users.myapp.max_user_connections: expected a whole number, "
+                "got a decimal number",
+            ],
+            id="wrong-types",
+        ),
+        pytest.param(
+            "true",
+            "[1]",
+            [
+                "halephant.yaml:7:25: databases.myapp.max_db_connections: expected a whole number, got a "
+                "boolean",
+                "halephant.yaml:11:5: users.myapp.max_user_connections: expected a whole number, got a list",
+            ],
+            id="boolean-and-list",
+        ),
+    ],
+)
+def test_caps_across_pools_errors(db_value: str, user_value: str, expected: list[str]) -> None:
+    text = BASE.replace("cluster: main", f"cluster: main\n    max_db_connections: {db_value}")
+    text += f"    max_user_connections: {user_value}\n"
+    assert problems(text) == expected
+
+
+def test_an_alias_has_no_max_user_connections_of_its_own() -> None:
+    # it logs in upstream as its server_user: that user's cap counts its connections
+    text = BASE + "  myapp_ro:\n    password: ro\n    server_user: myapp\n    max_user_connections: 2\n"
+    assert problems(text) == [
+        "halephant.yaml:13:27: users.myapp_ro.max_user_connections: this user logs in upstream as 'myapp', "
+        "whose cap counts its connections too: set max_user_connections under users.myapp instead"
+    ]
+
+
+def test_check_reports_a_bad_cap_with_its_position(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from halephant.cli import main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(BASE.replace("cluster: main", "cluster: main\n    max_db_connections: 0"))
+    result = CliRunner().invoke(main, ["check", "-c", str(bad)])
+    assert result.exit_code == 1
+    assert f"{bad}:7:25: databases.myapp.max_db_connections: Input should be greater than or equal to 1" in (
+        result.output
+    )
 
 
 def test_diff_reports_entries_leaves_and_restarts() -> None:
