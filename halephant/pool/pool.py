@@ -13,6 +13,10 @@ The pools of one (database, user) on a cluster's replicas share one `waiters` qu
 `halephant.pool.group`), so a server coming free on any replica serves the next waiter. `serves` is the
 role the pool's node can take transactions for now (None: down, lagging, or not the elected primary),
 kept up to date by the pool manager as the topology changes.
+
+`caps` are the caps on server connections across pools that count this pool's (`halephant.pool.caps`:
+max_db_connections, max_user_connections), empty when none is configured: they are asked only where a
+connection would be opened, never when an idle server is checked out or a server checked in.
 """
 
 from __future__ import annotations
@@ -20,10 +24,13 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Hashable, Iterator
 from time import monotonic as _monotonic
-from typing import Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
 from halephant.pool.stats import PoolStats
 from halephant.types import PoolInfo, PoolSize, PoolTarget, Role
+
+if TYPE_CHECKING:
+    from halephant.pool.caps import Cap
 
 
 class PooledServer(Protocol):
@@ -122,6 +129,7 @@ class WaitQueue(Generic[W]):
 class Pool(Generic[S, W]):
     __slots__ = (
         "active",
+        "caps",
         "closed_count",
         "connecting",
         "host",
@@ -129,6 +137,7 @@ class Pool(Generic[S, W]):
         "info",
         "key",
         "lifetime_before",
+        "lingering",
         "login_refused",
         "opened_count",
         "outdated_before",
@@ -166,6 +175,11 @@ class Pool(Generic[S, W]):
         self.outdated_before = float("-inf")
         #: (the error, until when): the server refused a login; none is tried again until then
         self.login_refused: tuple[object, float] | None = None
+        #: the caps that count this pool's server connections (set by the pool manager)
+        self.caps: tuple[Cap, ...] = ()
+        #: servers closed while the pool had caps, until PostgreSQL has closed its side (backend gone):
+        #: server -> when it was closed; the caps count them
+        self.lingering: dict[S, float] = {}
 
     def __repr__(self) -> str:
         return (
@@ -198,9 +212,34 @@ class Pool(Generic[S, W]):
             self.waiters._len > connecting
             and len(self.idle) + len(self.active) + connecting < self.info.size.max
         ):
+            if self.caps and not self._admitted():
+                return False
             self.connecting += 1
             return True
         return False
+
+    def _admitted(self) -> bool:
+        """Whether every cap has room for one more connection of this pool; each one that has none
+        holds the pool until it has (`Cap.hold`)."""
+        admitted = True
+        for cap in self.caps:
+            if cap.counted() >= cap.limit:
+                cap.hold(self)
+                admitted = False
+        if admitted:
+            for cap in self.caps:
+                cap.held.pop(self, None)
+        return admitted
+
+    def held_by(self) -> Cap | None:
+        """The cap that keeps this pool from opening a connection for its waiters now (None: none does;
+        the pool may be full by its own size)."""
+        if len(self.idle) + len(self.active) + self.connecting >= self.info.size.max:
+            return None
+        for cap in self.caps:
+            if cap.counted() >= cap.limit:
+                return cap
+        return None
 
     def cancel_wait(self, waiter: W) -> None:
         try:
@@ -246,8 +285,18 @@ class Pool(Generic[S, W]):
             try:
                 self.idle.remove(server)
             except ValueError:
+                if self.lingering:
+                    self.lingering.pop(server, None)  # gone now
                 return
         self.closed_count += 1
+
+    def linger(self, server: S) -> bool:
+        """A server being closed (taken out of the pool already): while the pool has caps, it stays
+        counted until it is gone (`discard` once more). False when the pool has none."""
+        if not self.caps:
+            return False
+        self.lingering[server] = _monotonic()
+        return True
 
     def should_open_for_waiters(self) -> bool:
         """After a server was discarded: open a replacement if clients still wait."""
@@ -270,6 +319,8 @@ class Pool(Generic[S, W]):
         """Open one connection beyond `max`, up to `max + reserve`, for waiters nobody is opening for."""
         size = self.info.size
         if size.reserve and len(self.waiters) > self.connecting and self.total < size.max + size.reserve:
+            if self.caps and any(cap.counted() >= cap.limit for cap in self.caps):
+                return False  # the reserve never goes beyond a cap (nor makes room under one)
             self.connecting += 1
             return True
         return False
@@ -286,5 +337,7 @@ class Pool(Generic[S, W]):
     def missing_for_min(self) -> int:
         """How many connections to open so the pool holds min_pool_size."""
         n = max(0, self.info.size.min - self.total)
+        for cap in self.caps:  # min_pool_size never goes beyond a cap
+            n = min(n, max(0, cap.limit - cap.counted()))
         self.connecting += n
         return n
