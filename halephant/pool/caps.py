@@ -80,7 +80,7 @@ class Cap:
         else:
             whose = f'All the pools that log in as "{self.name}" (every database) together'
         return (
-            f"{whose} hold {self.limit} server connections on {self.node}, their {self.setting}: raise "
+            f"{whose} may hold {self.limit} server connection(s) on {self.node} ({self.setting}): raise "
             "it, or shorten transactions."
         )
 
@@ -109,11 +109,19 @@ class Cap:
 
     # --- what to do ---
 
+    def forget_served(self) -> None:
+        """Let go of the held pools that want no connection any more (their clients were served
+        otherwise, gave up, or left), and of those PostgreSQL refuses logins to for now: the pool
+        manager's tick tries those again once server_login_retry has passed, as for any pool."""
+        for pool in [p for p in self.held if p.login_refused is not None or not wants(p)]:
+            del self.held[pool]
+
     def serve_held(self) -> list[AnyPool]:
         """While there is room: the held pools to open a connection for, one each in turn, oldest held
         first (their `connecting` is counted already: the caller opens one per entry). A pool whose
         waiters no longer need one leaves the line; one that another cap still refuses waits in that
         one's."""
+        self.forget_served()
         opened: list[AnyPool] = []
         while self.held and self.counted() < self.limit:
             pool = next(iter(self.held))

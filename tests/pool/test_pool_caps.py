@@ -107,6 +107,22 @@ def test_held_pools_take_turns() -> None:
     assert list(cap.held) == [b, c]  # both want one more, in turn
 
 
+def test_held_pools_that_want_nothing_now_or_are_refused_logins_leave_the_line() -> None:
+    cap, _woken = db_cap(limit=1)
+    a, b, c = capped(cap, "a", "b", "c")
+    s = open_for(a, FakeWaiter("a1"))
+    gave_up = FakeWaiter("b1")
+    b.checkout(gave_up)
+    c.checkout(FakeWaiter("c1"))
+    assert list(cap.held) == [b, c]
+    b.cancel_wait(gave_up)
+    c.login_refused = (object(), 1e9)  # server_login_retry: the tick tries it again, not every release
+    close(a, s)
+    a.discard(s)
+    assert cap.serve_held() == []
+    assert not cap.held and (b.connecting, c.connecting) == (0, 0)
+
+
 def test_idle_servers_of_other_pools_are_evicted_for_a_held_pool() -> None:
     cap, _woken = db_cap(limit=2)
     a, b = capped(cap, "a", "b")
