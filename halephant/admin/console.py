@@ -676,9 +676,12 @@ def show_lists(app: App) -> Result:
     return Result(LISTS_COLUMNS, rows, "SHOW")
 
 
+# max_connections is PgBouncer's name for max_db_connections (0: none), which halephant applies per node;
+# current_connections are the database's server connections on all its nodes.
 DATABASES_COLUMNS = columns(
     "name:text host:text port:int4 database:text cluster:text pool_size:int4 min_pool_size:int4 "
-    "reserve_pool:int4 pool_mode:text current_connections:int4 paused:int4 disabled:int4"
+    "reserve_pool:int4 pool_mode:text max_connections:int4 current_connections:int4 paused:int4 "
+    "disabled:int4"
 )
 
 
@@ -696,7 +699,7 @@ def show_databases(app: App) -> Result:
             [
                 name, primary.host if primary else None, primary.port if primary else None,
                 db.server_database, db.cluster, db.pool_size, db.min_pool_size, 0, db.mode,
-                current.get(name, 0), 1 if app.control.is_paused(name) else 0, 0,
+                db.max_db_connections or 0, current.get(name, 0), 1 if app.control.is_paused(name) else 0, 0,
             ]
         )  # fmt: skip
     return Result(DATABASES_COLUMNS, rows, "SHOW")

@@ -23,6 +23,7 @@ import anyio
 from halephant import __version__
 from halephant.config.diff import REDACTED, config_tree, redact_tree
 from halephant.config.schema import is_md5_hash, is_scram_verifier
+from halephant.pool.caps import DB
 from halephant.pool.group import NO_PRIMARY
 from halephant.pool.stats import WAIT_BUCKETS
 from halephant.proxy.client import READY
@@ -144,8 +145,23 @@ def pools(app: App) -> list[dict[str, Any]]:
             "servers_opened": 0,
             "servers_closed": 0,
             "paused": app.control.is_paused(database),
+            # the caps across pools that count this pool's servers (None: no such cap), what they count
+            # now on this node, every pool of theirs together, and the one keeping its waiters from a
+            # new server, if one is
+            "max_db_connections": None,
+            "db_connections": None,
+            "max_user_connections": None,
+            "user_connections": None,
+            "held_by": None,
         }
         if pool is not None:
+            for cap in pool.caps:
+                counted = "db_connections" if cap.setting == DB else "user_connections"
+                row[cap.setting] = cap.limit
+                row[counted] = cap.counted()
+            if pool.waiters and pool.caps:
+                holder = pool.held_by()
+                row["held_by"] = holder.describe() if holder is not None else None
             states = Counter(server_state(s) for s in pool.active)
             xacts, queries, links = pool_totals(pool)
             st = pool.stats

@@ -997,13 +997,13 @@ def test_console_sends_binary_where_bind_asks_for_it(hal: Running, pg: Cluster) 
 
 def test_console_answers_bad_result_formats_as_postgresql(hal: Running) -> None:
     with console_raw(hal) as client:
-        # two codes for a result of twelve columns: 08P01 (an ERROR, not FATAL), then the batch is skipped
+        # two codes for a result of thirteen columns: 08P01 (an ERROR, not FATAL), then the batch is skipped
         client.send(rc.parse("SHOW DATABASES") + rc.bind(result_formats=(1, 0)) + rc.execute() + rc.sync())
         messages = client.read_until_ready()
         assert [m.type for m in messages] == [b"1", b"E", b"Z"]
         error = messages[1].fields
         assert (error["S"], error["C"]) == ("ERROR", "08P01")
-        assert error["M"] == "bind message has 2 result formats but query has 12 columns"
+        assert error["M"] == "bind message has 2 result formats but query has 13 columns"
         client.send(rc.parse("SHOW VERSION") + rc.bind(result_formats=(2,)) + rc.execute() + rc.sync())
         messages = client.read_until_ready()
         assert [m.type for m in messages] == [b"1", b"E", b"Z"]
