@@ -1201,23 +1201,25 @@ class ClientConnection(asyncio.Protocol):
         pool = self.waiting_pool
         if pool is None:
             return
-        log.warning("%r: checkout timeout waiting for a server of pool %s", self, pool.name)
         pool.stats.checkout_timeouts += 1
-        why = f"no server of pool {pool.name} in time"
-        self.app.stats.decide("checkout_timeout", self.info, why, sqlstate.TOO_MANY_CONNECTIONS)
+        message = f"no server connection available for pool {pool.key[0]}/{pool.key[1]}: checkout timeout"
         refused = pool.login_refused
+        cap = pool.held_by() if pool.caps else None
         if refused is not None:
             # the pool is not full: PostgreSQL refuses its logins (server_login_retry), say so
             hint = f"PostgreSQL refused the pool's last login: {cast(ClientError, refused[0]).message}"
+            why = f"no server of pool {pool.name} in time"
+        elif cap is not None:
+            # the pool is not full either: a cap across pools is (max_db_connections, ...)
+            message += f": {cap.describe()} reached"
+            hint = cap.hint()
+            why = f"no server of pool {pool.name} in time: {cap.describe()} reached"
         else:
             hint = "The pool is full; raise pool_size or checkout_timeout, or shorten transactions."
-        self.checkout_failed(
-            ClientError(
-                sqlstate.TOO_MANY_CONNECTIONS,
-                f"no server connection available for pool {pool.key[0]}/{pool.key[1]}: checkout timeout",
-                hint=hint,
-            )
-        )
+            why = f"no server of pool {pool.name} in time"
+        log.warning("%r: checkout timeout waiting for a server of pool %s", self, pool.name)
+        self.app.stats.decide("checkout_timeout", self.info, why, sqlstate.TOO_MANY_CONNECTIONS)
+        self.checkout_failed(ClientError(sqlstate.TOO_MANY_CONNECTIONS, message, hint=hint))
 
     def cancel_wait(self) -> bool:
         """A cancel request while this client waits for a server: its statement has started nowhere, so

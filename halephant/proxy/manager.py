@@ -4,6 +4,14 @@
 and what a reload changes about the pools (`reconfigure`). The timeouts themselves are swept in
 `halephant.proxy.sweep`. Which node's pool a transaction gets, following the probed topology, is
 `halephant.proxy.nodes`.
+
+The caps across pools (`max_db_connections`, `max_user_connections`: `halephant.pool.caps`) are kept
+here too: which pools each one counts, following the configuration, and what their decisions call for.
+A pool held by a full cap gets a look at once (`_relieve`: connections opened for held pools while there
+is room, idle servers of the cap's other pools closed for them), and again whenever one of the cap's
+servers is gone or fails to open, and every 100 ms as a safety net; a server checked in to a pool of a
+cap with held pools, or above a lowered cap, is looked at before it is handed on (`_retiring`). Nothing
+of this runs for a pool without caps.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import anyio
 from halephant import sqlstate
 from halephant.config import Config
 from halephant.errors import ClientError
+from halephant.pool.caps import DB, USER, Cap
 from halephant.pool.pool import Pool
 from halephant.protocol import codes
 from halephant.protocol import messages as m
@@ -125,6 +134,8 @@ class PoolManager:
         #: servers handed to waiting clients while another hand-over is under way (`hand_over`)
         self._handing = False
         self._hand_overs: deque[tuple[ClientConnection, ServerConnection]] = deque()
+        #: the caps across pools, by (setting, database or user, node) (`_caps_for`)
+        self.caps: dict[tuple[str, str, str], Cap] = {}
 
     # --- lookups ---
 
@@ -189,12 +200,93 @@ class PoolManager:
                 for server in list(pool.idle):
                     pool.discard(server)
                     server.close("a reload changed the pool's settings")
+            self._set_caps(pool, self._caps_for(pool, self.app.config))
         if pool is None:
             pool = self.pools[key] = Pool[ServerConnection, "ClientConnection"](
                 target, self.pool_info(target).size, host, port
             )
             log.info("pool %s created (size %d, min %d)", pool.name, pool.info.size.max, pool.info.size.min)
+            self._set_caps(pool, self._caps_for(pool, self.app.config))
         return pool
+
+    # --- caps across pools ---
+
+    def _caps_for(self, pool: ServerPool, config: Config) -> tuple[Cap, ...]:
+        """The caps that count `pool`'s server connections under `config` (made on first use)."""
+        target = pool.info.target
+        node = pool.key[2]
+        caps = []
+        db = config.database_for(target.entry_name)
+        if db is not None and db.max_db_connections is not None:
+            # per database name: each one the catch-all entry serves has a cap of its own
+            caps.append(self._cap(DB, target.database, node, db.max_db_connections))
+        user = config.users.get(target.server_user)
+        if user is not None and user.max_user_connections is not None:
+            # per role halephant logs in as: an alias counts against the user it logs in as
+            caps.append(self._cap(USER, target.server_user, node, user.max_user_connections))
+        return tuple(caps)
+
+    def _cap(self, setting: str, name: str, node: str, limit: int) -> Cap:
+        cap = self.caps.get((setting, name, node))
+        if cap is None:
+            cap = self.caps[(setting, name, node)] = Cap(setting, name, node, limit)
+            cap.wake = self._wake
+        cap.limit = limit
+        return cap
+
+    def _set_caps(self, pool: ServerPool, caps: tuple[Cap, ...]) -> None:
+        old = pool.caps
+        if old == caps:
+            return
+        for cap in old:
+            if cap not in caps:
+                cap.pools.remove(pool)
+                cap.held.pop(pool, None)
+                if not cap.pools and self.caps.get((cap.setting, cap.name, cap.node)) is cap:
+                    del self.caps[(cap.setting, cap.name, cap.node)]
+        for cap in caps:
+            if cap not in old:
+                cap.pools.append(pool)
+        pool.caps = caps
+
+    def _wake(self, cap: Cap) -> None:
+        """A pool got held by `cap`: a look at it right after the current callback (never from inside
+        the pool's own decision)."""
+        cap.waking = True
+        self.app.loop.call_soon(self._relieve, cap)
+
+    def _relieve(self, cap: Cap) -> None:
+        """Open connections for the pools `cap` holds while it has room; close idle servers of its other
+        pools for those it has none for; have check-ins looked at while some still wait."""
+        cap.waking = False
+        if self.caps.get((cap.setting, cap.name, cap.node)) is not cap:
+            return  # a reload took it away (its pools were given their waiters' connections then)
+        try:
+            for pool in cap.serve_held():  # (forgets the held pools that want nothing now)
+                self.open(pool)
+            if not cap.held:
+                return
+            for server in cap.evict_idle():
+                log.info(
+                    "pool %s: closing idle server pid %d: another pool waits for a place under %s",
+                    server.pool.name,
+                    server.backend_pid,
+                    cap.describe(),
+                )
+                server.close(f"evicted: {cap.setting}")
+            cap.watch_check_ins()
+        except Exception:  # a bug here must not stop the callback that called it: log it, go on
+            log.exception("cap %s: look at its held pools failed", cap.describe())
+
+    def _caps_changed(self, pool: ServerPool, failed: bool = False) -> None:
+        """One of `pool`'s servers is gone, or `failed` to open: the held pools of its caps may proceed.
+        After a failure, `pool` itself is not among them: it tries again as a pool without caps would
+        (its next client, or the tick), not as fast as its node can refuse."""
+        for cap in pool.caps:
+            if failed:
+                cap.held.pop(pool, None)
+            if cap.held:
+                self._relieve(cap)
 
     # --- I/O the pools call for ---
 
@@ -217,6 +309,8 @@ class PoolManager:
                 # PostgreSQL refused the last login: no other before server_login_retry (each would
                 # fail as well, and log a failed login there, for every transaction)
                 self.nodes.connect_failed(pool, cast(ClientError, refused[0]), False)
+                if pool.caps:
+                    self._caps_changed(pool, failed=True)
                 return
             pool.login_refused = None
         server = ServerConnection(self, pool, startup, target.server_password, loop)
@@ -275,6 +369,8 @@ class PoolManager:
                     f" (no other login for {retry:g}s: server_login_retry)" if retry > 0 else "",
                 )
             self.nodes.connect_failed(pool, error, node_failed)
+            if pool.caps:
+                self._caps_changed(pool, failed=True)
             return
         if server.created_at < pool.outdated_before:
             # A reload changed what the pool logs in with (or RECONNECT ran) while this one logged in
@@ -305,6 +401,8 @@ class PoolManager:
                 fatal=True,
             )
             self.nodes.connect_failed(pool, error, True)
+            if pool.caps:
+                self._caps_changed(pool, failed=True)
             return
         pair = (target.database, target.pool_user)
         if pool.serves is Role.PRIMARY or pair not in self._welcome:
@@ -319,6 +417,8 @@ class PoolManager:
         first = pool.connected(server)
         if first is not None:
             self.hand_over(first, server)
+        elif pool.caps:
+            self._caps_changed(pool)  # idle at once (its waiters left): a held pool may need the place
 
     def checkin(self, server: ServerConnection, client: ClientConnection | None = None) -> None:
         """A client is done with `server`: close it if it may carry session state, else pool it."""
@@ -371,6 +471,13 @@ class PoolManager:
             return "max_lifetime"
         if pool.total > pool.info.size.max:
             return "above the pool size"  # a reload shrank it: only the excess goes
+        if pool.caps:
+            for cap in pool.caps:
+                why = cap.reclaim(pool)
+                if why:
+                    return why
+            if any(cap.held for cap in pool.caps):
+                return ""  # every server that comes back is looked at while a pool waits
         # the smaller size is reached (or this is the usual look at an old server): back to ages
         pool.retire_before = max(pool.lifetime_before, pool.outdated_before)
         return ""
@@ -447,6 +554,8 @@ class PoolManager:
     def server_gone(self, pool: ServerPool) -> None:
         if pool.should_open_for_waiters():
             self.open(pool)
+        if pool.caps:
+            self._caps_changed(pool)
 
     # --- maintenance ---
 
@@ -475,6 +584,8 @@ class PoolManager:
             try:
                 sweep_waiters(self, now)
                 self.nodes.expire(now)
+                for cap in [cap for cap in self.caps.values() if cap.held]:
+                    self._relieve(cap)  # a safety net: whatever frees room under a cap looks at once
                 if self.app.draining:
                     sweep_clients(self.app, now)
             except Exception:  # a bug here must not stop the sweeps (or the proxy): log it, go on
@@ -498,8 +609,15 @@ class PoolManager:
             for server in list(pool.idle):
                 pool.discard(server)
                 server.close("pool retired by a configuration reload")
-        self.retired = [pool for pool in self.retired if pool.total or pool.waiters]
+        kept = []
+        for pool in self.retired:
+            if pool.total or pool.waiters or pool.lingering:
+                kept.append(pool)
+            else:
+                self._set_caps(pool, ())
+        self.retired = kept
         self._close_stuck_resets(now)
+        self._abort_lingering(now)
         loop_now = self.app.loop.time()
         for pool in list(self.pools.values()):
             refused = pool.login_refused
@@ -552,6 +670,23 @@ class PoolManager:
                     )
                     server.close("reset did not answer within connect_timeout")
 
+    def _abort_lingering(self, now: float) -> None:
+        """Servers closed under a cap whose PostgreSQL side has not closed within connect_timeout (a
+        frozen node): dropped, so that they stop holding their caps' places."""
+        limit = self.app.config.limits.connect_timeout
+        for pool in self.all_pools():
+            if pool.lingering:
+                for server, since in list(pool.lingering.items()):
+                    if now - since > limit:
+                        log.warning(
+                            "pool %s: server pid %d did not close within connect_timeout (%gs): dropped",
+                            pool.name,
+                            server.backend_pid,
+                            limit,
+                        )
+                        del pool.lingering[server]
+                        server.abort()
+
     def _forget_unused(self, now: float) -> None:
         """The catch-all entry (`databases: '*'`) makes pools for every database name a client asks for,
         and so may a plugin's `halephant_select_pool` (for databases that follow the settings of an entry
@@ -569,7 +704,11 @@ class PoolManager:
             del self._unused[pair]
         for pair, pools in by_pair.items():
             entry = config.database_for(pools[0].info.target.entry_name)
-            if entry is None or pair[0] in connected or any(pool.total or pool.waiters for pool in pools):
+            if (
+                entry is None
+                or pair[0] in connected
+                or any(pool.total or pool.waiters or pool.lingering for pool in pools)
+            ):
                 self._unused.pop(pair, None)
                 continue
             if now - self._unused.setdefault(pair, now) < entry.idle_timeout:
@@ -578,6 +717,7 @@ class PoolManager:
             for pool in pools:
                 del self.pools[pool.key]
                 pool.serves = None  # a reference kept anywhere looks its pool up again
+                self._set_caps(pool, ())
             self._infos.pop(pair, None)
             self._welcome.pop(pair, None)
             self.nodes.forget_group(pair)
@@ -604,6 +744,9 @@ class PoolManager:
         for pool in self.all_pools():
             for server in list(pool.idle) + list(pool.active):
                 server.close("shutdown")
+            for server in list(pool.lingering):  # no place under a cap to keep now: closed at once
+                if server.transport is not None:
+                    server.transport.close()
 
     # --- reload ---
 
@@ -617,6 +760,9 @@ class PoolManager:
         is `unchanged` (learnt only when a server opens: until then, every login takes a server).
         """
         changes: list[str] = []
+        # (taken first: a pool the reload gives a new target is pointed at its new caps on the way)
+        caps_before = {key: cap.limit for key, cap in self.caps.items()}
+        held_before = {pool for cap in self.caps.values() for pool in cap.held}
         self._infos.clear()
         if not unchanged:
             self._welcome.clear()
@@ -654,4 +800,38 @@ class PoolManager:
                 while pool.should_open_for_waiters():
                     self.open(pool)
         self.nodes.reconfigure(config)
+        changes += self._reconfigure_caps(config, caps_before, held_before)
+        return changes
+
+    def _reconfigure_caps(
+        self, config: Config, before: dict[tuple[str, str, str], int], held: set[ServerPool]
+    ) -> list[str]:
+        """Point every pool at the caps `config` gives it (`before`: the caps' limits before the reload,
+        `held`: the pools they held). A lowered cap closes the idle servers above it now and the busy
+        ones as they come back; a raised or removed one lets the pools it held open."""
+        for pool in self.all_pools():
+            self._set_caps(pool, self._caps_for(pool, config))
+        changes = []
+        for key in sorted(set(before) | set(self.caps)):
+            cap = self.caps.get(key)
+            old, new = before.get(key), cap.limit if cap is not None else None
+            if old != new:
+                setting, name, node = key
+                what = "database" if setting == DB else "user"
+                changes.append(f'{setting} of {what} "{name}" on {node}: {old or "none"} -> {new or "none"}')
+        for cap in list(self.caps.values()):
+            for server in cap.trim():
+                log.info(
+                    "pool %s: closing idle server pid %d: above %s",
+                    server.pool.name,
+                    server.backend_pid,
+                    cap.describe(),
+                )
+                server.close(f"above {cap.setting}")
+            if cap.open_count() > cap.limit:
+                cap.watch_check_ins()  # the busy ones close as they come back
+            self._relieve(cap)
+        for pool in held:
+            while pool.should_open_for_waiters():  # (held again where a cap still has no room)
+                self.open(pool)
         return changes

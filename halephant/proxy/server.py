@@ -589,6 +589,15 @@ class ServerConnection(asyncio.Protocol):
                 # backend, since a closing transport reads nothing: drop the connection instead. The
                 # backend sees it go, rolls back and exits.
                 transport.abort()
+            elif self.client is None and self.pool.linger(self):
+                # Counted by the pool's caps (max_db_connections, ...) until PostgreSQL closes its
+                # side, which it does only once the backend has exited (pqcomm.c's socket_close): a
+                # place freed under a cap is then really free for the next login. Nothing the server
+                # sends now goes anywhere; connection_lost comes at its EOF (or the maintenance tick
+                # drops it after connect_timeout).
+                if self.reading_paused:
+                    self.reading_paused = False
+                    transport.resume_reading()
             else:
                 transport.close()
 

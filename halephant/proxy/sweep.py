@@ -1,7 +1,8 @@
 """Timers for everyone: two sweeps replace any per-client timer or task.
 
 The waiter sweep (every 100 ms, `sweep_waiters`): `checkout_timeout` (ERROR 53300), the NOTICE a client
-gets once it has waited `query_wait_notify` for a server, and the reserve pool (one more server beyond
+gets once it has waited `query_wait_notify` for a server (naming what holds it: the pool's size, a
+refused login, or a cap across pools), and the reserve pool (one more server beyond
 `pool_size`, up to `reserve_pool_size`, while the oldest waiter has waited `reserve_pool_timeout`).
 
 The client sweep (`sweep_clients`, every second; every 100 ms while shutting down): `login_timeout`
@@ -90,8 +91,11 @@ def _notify_waiting(client: ClientConnection, pool: ServerPool, waiting: int, no
         extra={"event": "query_wait_notify", "pool": pool.name},
     )
     refused = pool.login_refused
+    cap = pool.held_by() if pool.caps else None
     if refused is not None:  # not full: PostgreSQL refuses another login (server_login_retry)
         why = f"PostgreSQL refused its last login ({cast(ClientError, refused[0]).message})"
+    elif cap is not None:  # not full either: a cap across pools is (max_db_connections, ...)
+        why = f"is held by {cap.describe()}, reached ({len(pool.active)} of its servers busy)"
     else:
         why = f"is full ({len(pool.active)} busy)"
     try:
