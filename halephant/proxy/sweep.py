@@ -95,7 +95,7 @@ def _notify_waiting(client: ClientConnection, pool: ServerPool, waiting: int, no
     if refused is not None:  # not full: PostgreSQL refuses another login (server_login_retry)
         why = f"PostgreSQL refused its last login ({cast(ClientError, refused[0]).message})"
     elif cap is not None:  # not full either: a cap across pools is (max_db_connections, ...)
-        why = f"is held by {cap.describe()}, reached ({len(pool.active)} of its servers busy)"
+        why = f"is held by {cap.describe()}: all its places are taken ({len(pool.active)} by this pool)"
     else:
         why = f"is full ({len(pool.active)} busy)"
     try:
