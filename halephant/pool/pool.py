@@ -16,7 +16,8 @@ kept up to date by the pool manager as the topology changes.
 
 `caps` are the caps on server connections across pools that count this pool's (`halephant.pool.caps`:
 max_db_connections, max_user_connections), empty when none is configured: they are asked only where a
-connection would be opened, never when an idle server is checked out or a server checked in.
+connection would be opened, never when an idle server is checked out or a server checked in here (the
+pool manager looks at a check-in only while a cap has pools waiting, through `retire_before`).
 """
 
 from __future__ import annotations
