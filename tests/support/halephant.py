@@ -25,6 +25,8 @@ from halephant.testing.pgcluster import Cluster, conninfo, free_port
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 DEFAULT_ARGV = (sys.executable, "-m", "halephant")
 START_TIMEOUT = 15.0
+#: How long `HalephantFactory.stop_all` lets a process shut down gracefully before the second SIGTERM.
+TEARDOWN_GRACE = 0.1
 
 
 class HalephantDidNotStart(RuntimeError):
@@ -154,20 +156,28 @@ class Running:
         if self.alive:
             self.proc.send_signal(signum)
 
-    def stop(self, timeout: float = 10.0) -> int:
-        """SIGTERM, a second SIGTERM after a second (no waiting for clients to finish), then SIGKILL
-        after `timeout` seconds; return the exit status (negative: the signal)."""
+    def stop(self, timeout: float = 10.0, grace: float = 1.0) -> int:
+        """SIGTERM, a second SIGTERM after `grace` seconds (no waiting for clients to finish), then SIGKILL
+        after `timeout` seconds; return the exit status (negative: the signal).
+
+        The second SIGTERM is repeated every half second: one sent while the first is still pending (a
+        busy machine) merges with it, and halephant would go on draining."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(1.0)
+                self.proc.wait(grace)
             except subprocess.TimeoutExpired:
-                self.proc.send_signal(signal.SIGTERM)
-                try:
-                    self.proc.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait()
+                deadline = time.monotonic() + timeout
+                while True:
+                    self.proc.send_signal(signal.SIGTERM)
+                    try:
+                        self.proc.wait(min(0.5, max(deadline - time.monotonic(), 0.01)))
+                        break
+                    except subprocess.TimeoutExpired:
+                        if time.monotonic() >= deadline:
+                            self.proc.kill()
+                            self.proc.wait()
+                            break
         return self.proc.returncode
 
 
@@ -218,8 +228,10 @@ class HalephantFactory:
         return running
 
     def stop_all(self) -> None:
+        # After the test: nothing waits for its clients (often still connected, idle) to be let go
+        # gracefully, which a first SIGTERM gives them a second for (DRAIN_IDLE_GRACE).
         for running in self.started:
-            running.stop()
+            running.stop(grace=TEARDOWN_GRACE)
 
 
 def _merge(base: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
