@@ -15,6 +15,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import asyncpg
@@ -205,62 +206,70 @@ def test_a_server_login_refused_for_another_reason_than_the_password_says_so(
 SLOW_ITERATIONS = 3_000_000
 
 
-def _create_slow_role(pg: Cluster) -> None:
-    """Role `slowscram` (password "slow") with a verifier of SLOW_ITERATIONS: ALTER ROLE takes one as it
-    is, and PostgreSQL 16 makes them with scram_iterations."""
+@pytest.fixture(scope="module")
+def slow_role(pg: Cluster) -> Iterator[str]:
+    """Role `slowscram` (password "slow") with a verifier of SLOW_ITERATIONS, made once for the module
+    (each test starts its own halephant, which has derived no keys yet); dropped after the module's
+    halephants stopped, as their servers were connected as it.
+
+    The verifier is written to pg_authid as it is: CREATE or ALTER ROLE ... PASSWORD would take it too
+    (PostgreSQL 16 makes such ones with scram_iterations), but checks that it is not the verifier of an
+    empty password by deriving the keys of "" with its SLOW_ITERATIONS: seconds of a test's time."""
     salt = os.urandom(16)
     stored, server = scram_keys("slow", salt, SLOW_ITERATIONS)
     b64 = base64.b64encode
     verifier = (
         f"SCRAM-SHA-256${SLOW_ITERATIONS}:{b64(salt).decode()}${b64(stored).decode()}:{b64(server).decode()}"
     )
-    pg.primary.sql(f"DROP ROLE IF EXISTS slowscram; CREATE ROLE slowscram LOGIN PASSWORD '{verifier}'")
+    pg.primary.sql(
+        "DROP ROLE IF EXISTS slowscram; CREATE ROLE slowscram LOGIN; "
+        f"UPDATE pg_authid SET rolpassword = '{verifier}' WHERE rolname = 'slowscram'"
+    )
+    yield "slowscram"
+    pg.primary.sql("DROP ROLE IF EXISTS slowscram")
 
 
-def test_a_slow_scram_login_upstream_stalls_no_other_client(pg: Cluster, halephant: HalephantFactory) -> None:
+def test_a_slow_scram_login_upstream_stalls_no_other_client(
+    pg: Cluster, slow_role: str, halephant: HalephantFactory
+) -> None:
     # A role whose verifier has many iterations: halephant's first login as it derives the keys in a
     # worker thread, and each later one finds them cached.
-    _create_slow_role(pg)
     config = default_config(pg, users={"slowscram": {"password": "slow"}}, limits={"connect_timeout": "30s"})
     proxy = halephant.start(config)
-    try:
-        with psycopg.connect(proxy.dsn(), autocommit=True) as other:
-            other.execute("SELECT 1")
-            outcome: list[object] = []
+    with psycopg.connect(proxy.dsn(), autocommit=True) as other:
+        other.execute("SELECT 1")
+        outcome: list[object] = []
 
-            def slow_login() -> None:
-                try:
-                    with psycopg.connect(proxy.dsn(user="slowscram", password="slow")) as conn:
-                        outcome.append(conn.execute("SELECT current_user").fetchone())
-                except Exception as exc:  # reported by the assertion below
-                    outcome.append(exc)
+        def slow_login() -> None:
+            try:
+                with psycopg.connect(proxy.dsn(user="slowscram", password="slow")) as conn:
+                    outcome.append(conn.execute("SELECT current_user").fetchone())
+            except Exception as exc:  # reported by the assertion below
+                outcome.append(exc)
 
-            thread = threading.Thread(target=slow_login)
-            started = time.monotonic()
-            thread.start()
-            worst = 0.0
-            while thread.is_alive():
-                t0 = time.monotonic()
-                other.execute("SELECT 1")
-                worst = max(worst, time.monotonic() - t0)
-                time.sleep(0.01)
-            thread.join()
-            took = time.monotonic() - started
-        assert outcome == [("slowscram",)]
-        # the derivation took the slow login most of a second; the other client was never held for it
-        assert took > 0.3, took
-        assert worst < took / 3, (worst, took)
-        # a second server connection for the role (the first is held in a transaction) costs no derivation
-        with psycopg.connect(proxy.dsn(user="slowscram", password="slow")) as first:
-            first.execute("SELECT 1")  # holds its server: the next client needs another one
+        thread = threading.Thread(target=slow_login)
+        started = time.monotonic()
+        thread.start()
+        worst = 0.0
+        while thread.is_alive():
             t0 = time.monotonic()
-            with psycopg.connect(proxy.dsn(user="slowscram", password="slow")) as second:
-                assert second.execute("SELECT current_user").fetchone() == ("slowscram",)
-            assert time.monotonic() - t0 < took / 3
-        assert "server connection opened" in proxy.log_text()
-    finally:
-        proxy.stop()  # before the role goes: its servers are connected as it
-        pg.primary.sql("DROP ROLE IF EXISTS slowscram")
+            other.execute("SELECT 1")
+            worst = max(worst, time.monotonic() - t0)
+            time.sleep(0.01)
+        thread.join()
+        took = time.monotonic() - started
+    assert outcome == [("slowscram",)]
+    # the derivation took the slow login most of a second; the other client was never held for it
+    assert took > 0.3, took
+    assert worst < took / 3, (worst, took)
+    # a second server connection for the role (the first is held in a transaction) costs no derivation
+    with psycopg.connect(proxy.dsn(user="slowscram", password="slow")) as first:
+        first.execute("SELECT 1")  # holds its server: the next client needs another one
+        t0 = time.monotonic()
+        with psycopg.connect(proxy.dsn(user="slowscram", password="slow")) as second:
+            assert second.execute("SELECT current_user").fetchone() == ("slowscram",)
+        assert time.monotonic() - t0 < took / 3
+    assert "server connection opened" in proxy.log_text()
 
 
 @pytest.mark.parametrize("retry", ["1h", "0"])
@@ -286,11 +295,10 @@ def test_a_refused_server_login_is_not_tried_again_before_server_login_retry(
 
 
 def test_a_server_that_logged_in_across_a_reconnect_is_not_handed_on(
-    pg: Cluster, halephant: HalephantFactory
+    pg: Cluster, slow_role: str, halephant: HalephantFactory
 ) -> None:
     # RECONNECT (or a reload that changes what a pool logs in with) while a server is still logging in:
     # that server was opened as things were before, and must not reach a client.
-    _create_slow_role(pg)
     config = default_config(
         pg,
         users={"slowscram": {"password": "slow"}, "admin": {"password": "admin-pw"}},
@@ -300,29 +308,25 @@ def test_a_server_that_logged_in_across_a_reconnect_is_not_handed_on(
         limits={"connect_timeout": "30s"},
     )
     proxy = halephant.start(config)
-    try:
-        logged_in: list[Any] = []
-        thread = threading.Thread(
-            target=lambda: logged_in.append(psycopg.connect(proxy.dsn(user="slowscram", password="slow")))
-        )
-        thread.start()
-        deadline = time.monotonic() + 10
-        while "pool myapp/slowscram" not in proxy.log_text():  # its first server is logging in
-            assert time.monotonic() < deadline, proxy.log_text()
-            time.sleep(0.02)
-        admin_dsn = proxy.dsn(user="admin", password="admin-pw", dbname="halephant")
-        reconnected = pg.primary.sql("SELECT now()")
-        with psycopg.connect(admin_dsn, autocommit=True, cursor_factory=psycopg.ClientCursor) as admin:
-            admin.execute("RECONNECT")
-        thread.join(30)
-        with logged_in[0] as conn:
-            assert conn.execute("SELECT current_user").fetchone() == ("slowscram",)
-            started = conn.execute(
-                "SELECT backend_start > %s::timestamptz FROM pg_stat_activity WHERE pid = pg_backend_pid()",
-                (reconnected,),
-            ).fetchone()
-            assert started == (True,)  # its server was opened after the RECONNECT
-        assert "logged in as before a reload or RECONNECT: closed, another opened" in proxy.log_text()
-    finally:
-        proxy.stop()
-        pg.primary.sql("DROP ROLE IF EXISTS slowscram")
+    logged_in: list[Any] = []
+    thread = threading.Thread(
+        target=lambda: logged_in.append(psycopg.connect(proxy.dsn(user="slowscram", password="slow")))
+    )
+    thread.start()
+    deadline = time.monotonic() + 10
+    while "pool myapp/slowscram" not in proxy.log_text():  # its first server is logging in
+        assert time.monotonic() < deadline, proxy.log_text()
+        time.sleep(0.02)
+    admin_dsn = proxy.dsn(user="admin", password="admin-pw", dbname="halephant")
+    reconnected = pg.primary.sql("SELECT now()")
+    with psycopg.connect(admin_dsn, autocommit=True, cursor_factory=psycopg.ClientCursor) as admin:
+        admin.execute("RECONNECT")
+    thread.join(30)
+    with logged_in[0] as conn:
+        assert conn.execute("SELECT current_user").fetchone() == ("slowscram",)
+        started = conn.execute(
+            "SELECT backend_start > %s::timestamptz FROM pg_stat_activity WHERE pid = pg_backend_pid()",
+            (reconnected,),
+        ).fetchone()
+        assert started == (True,)  # its server was opened after the RECONNECT
+    assert "logged in as before a reload or RECONNECT: closed, another opened" in proxy.log_text()
