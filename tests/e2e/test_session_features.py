@@ -1,7 +1,7 @@
 """End to end: the session-feature table of a transaction pool (pin / reject / emulate), its release,
 emulated LISTEN and SQL PREPARE, and a plugin overriding a row.
 
-Databases with a single server connection and a 1 s `checkout_timeout` make a pin visible: while one
+Databases with a single server connection and a 500 ms `checkout_timeout` make a pin visible: while one
 client holds the server, another one's query fails with 53300; once the feature is released it runs.
 After every test no server may be left in a transaction or holding an advisory lock.
 """
@@ -29,7 +29,8 @@ PLUGINS_DIR = pathlib.Path(__file__).resolve().parent / "plugins_for_tests"
 
 
 def _db(**extra: Any) -> dict[str, Any]:
-    return {"cluster": "main", "database": "myapp", "pool_size": 1, "checkout_timeout": "1s", **extra}
+    # A server handed on with the pin would reach the waiter at once: waiting longer shows nothing more.
+    return {"cluster": "main", "database": "myapp", "pool_size": 1, "checkout_timeout": "500ms", **extra}
 
 
 @pytest.fixture(scope="module")
