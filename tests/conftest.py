@@ -6,6 +6,9 @@ nodes logged during the test, so a failure in CI can be read without rerunning i
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from collections.abc import Generator, Iterator
 
 import pytest
@@ -18,9 +21,29 @@ PG_CLUSTER = pytest.StashKey[Cluster]()
 REPORTS = pytest.StashKey[dict[str, pytest.TestReport]]()
 FACTORY = pytest.StashKey[HalephantFactory]()
 PG_LOG_OFFSETS = pytest.StashKey[dict[str, int]]()
+PYCACHE = pytest.StashKey[tuple[str, str]]()
 
 #: Lines of each log attached to a failed test's report.
 LOG_TAIL_LINES = 400
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # The tests start a few hundred Python interpreters (halephant, its CLI): with
+    # PYTHONDONTWRITEBYTECODE, each compiled every module of halephant again, a tenth of a second of
+    # each start. They share a bytecode cache of their own instead, outside the working tree.
+    if os.environ.get("PYTHONDONTWRITEBYTECODE") and not os.environ.get("PYTHONPYCACHEPREFIX"):
+        prefix = tempfile.mkdtemp(prefix="halephant-test-pycache-")
+        config.stash[PYCACHE] = (prefix, os.environ.pop("PYTHONDONTWRITEBYTECODE"))
+        os.environ["PYTHONPYCACHEPREFIX"] = prefix
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    saved = config.stash.get(PYCACHE, None)
+    if saved is not None:
+        prefix, dont_write = saved
+        os.environ["PYTHONDONTWRITEBYTECODE"] = dont_write
+        os.environ.pop("PYTHONPYCACHEPREFIX", None)
+        shutil.rmtree(prefix, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
