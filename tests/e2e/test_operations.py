@@ -9,7 +9,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -52,6 +52,13 @@ def _wait_log(run: Running, text: str, timeout: float = 10) -> str:
             return log
         time.sleep(0.05)
     raise AssertionError(f"{text!r} not logged within {timeout} s; log:\n{run.log_text()}")
+
+
+def _wait_until(check: Callable[[], bool], what: str, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
+        time.sleep(0.02)
 
 
 def _config(pg: Cluster, **db: Any) -> dict[str, Any]:
@@ -269,15 +276,14 @@ def test_rolling_restart_loses_no_connection_attempt(pg: Cluster, halephant: Hal
     for t in loops:
         t.start()
     try:
-        time.sleep(0.5)
+        _wait_until(lambda: attempts >= 20, "the clients connect in a loop")
         new = halephant.spawn(config)  # the same listen address
         _wait_log(new, "listening on")
         time.sleep(0.5)
         old.signal(signal.SIGTERM)
         assert old.proc.wait(10) == 0
         before = attempts
-        time.sleep(1.0)
-        assert attempts > before  # the new one serves alone now
+        _wait_until(lambda: attempts > before + 20, "the new one serves alone")
     finally:
         stop.set()
         for t in loops:
