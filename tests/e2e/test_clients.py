@@ -428,7 +428,7 @@ def test_pgbench_under_load(
         out = run_client(
             "pgbench",
             hal,
-            ["-n", "-M", protocol, "-c", "20", "-j", "2", "-T", "3"],
+            ["-n", "-M", protocol, "-c", "20", "-j", "2", "-T", "2"],
             dbname="bench",
             timeout=60,
         )

@@ -875,7 +875,7 @@ def test_pgbench_prepared(hal: Running, run_client: Any) -> None:
     # a thread per client: pgbench prepares with a blocking PQprepare, so a client waiting for a server
     # would stall the other clients of its thread, one of which holds that server in its transaction
     out = run_client(
-        "pgbench", hal, ["-n", "-M", "prepared", "-c", "8", "-j", "8", "-T", "3"], dbname="bench", timeout=60
+        "pgbench", hal, ["-n", "-M", "prepared", "-c", "8", "-j", "8", "-T", "2"], dbname="bench", timeout=60
     )
     assert out.returncode == 0, out.stdout + out.stderr
     processed = re.search(r"number of transactions actually processed: (\d+)", out.stdout)
