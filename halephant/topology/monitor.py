@@ -30,7 +30,7 @@ MIN_GAP = 0.1
 
 def probe_login(config: Config, cluster: ClusterConfig) -> tuple[str, str | None]:
     """The user and password the probes of `cluster` log in with: `probe_user`/`probe_password`, else the
-    first user under `users:` that halephant can log in upstream with."""
+    first user under `users:` (not an alias) that halephant can log in upstream with."""
     if cluster.probe_user is not None:
         user = config.users.get(cluster.probe_user)
         password = cluster.probe_password
@@ -38,7 +38,8 @@ def probe_login(config: Config, cluster: ClusterConfig) -> tuple[str, str | None
             password = user.upstream_password
         return cluster.probe_user, password
     for name, user in config.users.items():
-        if user.upstream_password is not None:
+        # an alias (server_user) is no role of PostgreSQL's: the user it logs in as is under users: too
+        if user.server_user is None and user.upstream_password is not None:
             return name, cluster.probe_password or user.upstream_password
     return next(iter(config.users)), cluster.probe_password
 
