@@ -12,15 +12,13 @@ Each scenario counts the backends of a server database (or role) of its own.
 from __future__ import annotations
 
 import asyncio
-import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
 
 import psycopg
 import pytest
-from support.halephant import HalephantFactory, Running, default_config, write_config
+from support.halephant import HalephantFactory, Running, default_config
 from support.leaks import assert_clean_servers
 
 from halephant.testing.pgcluster import Cluster, conninfo
@@ -214,20 +212,6 @@ def test_max_user_connections_counts_every_database_and_the_alias(pg: Cluster, h
 # --- reload ------------------------------------------------------------------------------------------------
 
 
-def _reload(run: Running, config: dict[str, Any], expect: str) -> str:
-    write_config(config, run.config_path)
-    before = run.log_text().count("reload: done")
-    run.signal(signal.SIGHUP)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        log = run.log_text()
-        if log.count("reload: done") > before:
-            assert expect in log, log
-            return log
-        time.sleep(0.05)
-    raise AssertionError(f"no reload after SIGHUP; log:\n{run.log_text()}")
-
-
 @pytest.fixture
 def reload_db(pg: Cluster) -> Iterator[str]:
     pg.create_database(RELOAD_DB, owner="myapp")
@@ -252,7 +236,7 @@ def test_reload_lowering_the_cap_closes_idle_servers_now_and_busy_ones_as_they_c
             done.execute("COMMIT")  # its server goes back idle: 3 open, 1 idle
             assert sampler.now() == 3
             config["databases"]["myapp"]["max_db_connections"] = 1
-            log = _reload(run, config, "reload: done")
+            log = run.reload(config, "reload: done")
             assert f'max_db_connections of database "myapp" on 127.0.0.1:{pg.primary.port}: 3 -> 1' in log
             assert "~ databases.myapp.max_db_connections: 3 -> 1" in log
             assert wait_for(lambda: sampler.now() == 2), "the idle server above the cap was not closed"

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import rawclient as rc
 from rawclient import RawClient, data_rows, errors
-from support.halephant import HalephantFactory, Running, default_config, write_config
+from support.halephant import HalephantFactory, Running, default_config
 from support.leaks import assert_clean_servers
 
 from halephant.testing.pgcluster import Cluster, free_port
@@ -70,19 +70,6 @@ def _config(pg: Cluster, **db: Any) -> dict[str, Any]:
     )
 
 
-def _reload(run: Running, config: dict[str, Any], expect: str) -> str:
-    write_config(config, run.config_path)
-    before = run.log_text().count("reload")
-    run.signal(signal.SIGHUP)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        log = run.log_text()
-        if expect in log and log.count("reload") > before:
-            return log
-        time.sleep(0.05)
-    raise AssertionError(f"{expect!r} not logged after SIGHUP; log:\n{run.log_text()}")
-
-
 # --- reload ---------------------------------------------------------------------------------------------
 
 
@@ -94,7 +81,7 @@ def test_reload_grows_a_pool_live_without_dropping_anyone(pg: Cluster, halephant
     waiter.send(rc.query("SELECT 5"))
     time.sleep(0.3)  # waiting: the only server is in the holder's transaction
     config["databases"]["myapp"]["pool_size"] = 2
-    log = _reload(run, config, "reload: done")
+    log = run.reload(config, "reload: done")
     assert "~ databases.myapp.pool_size: 1 -> 2" in log
     assert "size: max 1 -> 2" in log
     out = waiter.read_until_ready(timeout=5)  # served by the second server while the holder still holds
@@ -115,7 +102,7 @@ def test_reload_changes_the_checkout_timeout_of_connected_clients(
     assert errors(holder.simple_query("COMMIT")) == []
     assert data_rows(waiter.read_until_ready(timeout=5)) == [["5"]]
     config["databases"]["myapp"]["checkout_timeout"] = "500ms"
-    _reload(run, config, "reload: done")
+    run.reload(config, "reload: done")
     assert errors(holder.simple_query("BEGIN")) == []
     started = time.monotonic()
     out = waiter.simple_query("SELECT 6")  # the same client waits again, under the new timeout
@@ -134,7 +121,7 @@ def test_reload_with_errors_keeps_the_old_config_and_logs_every_error(
     bad = default_config(pg, listen=config["listen"])
     bad["databases"]["myapp"]["pool_size"] = -1
     bad["limits"] = {"query_timout": "1s"}
-    log = _reload(run, bad, "reload failed: 2 error(s)")
+    log = run.reload(bad, "reload failed: 2 error(s)")
     name = run.config_path.name
     lines = [line for line in log.splitlines() if "reload failed:" in line and f"{name}:" in line]
     assert len(lines) == 2, log
@@ -168,7 +155,7 @@ def test_reload_adds_and_removes_databases_and_users(pg: Cluster, halephant: Hal
     new["databases"]["new_alias"] = {"cluster": "main", "database": "myapp"}
     new["users"]["plainuser"] = {"password": "plainuser"}
     del new["users"]["myapp_ro"]
-    log = _reload(run, new, "reload: done")
+    log = run.reload(new, "reload: done")
     # a query right after the reload, before the client sweep tells the idle clients: told the same
     leaving_asks.send(rc.query("SELECT 1"))
     assert "old_alias" in leaving_asks.expect_fatal_and_close("57P01", timeout=5).fields["M"]
@@ -193,7 +180,7 @@ def test_reload_reports_what_needs_a_restart(pg: Cluster, halephant: HalephantFa
     config = _config(pg)
     run = halephant.start(config)
     moved = dict(config, listen=f"127.0.0.1:{free_port()}")
-    log = _reload(run, moved, "need a restart")
+    log = run.reload(moved, "need a restart")
     assert f"~ listen: {config['listen']} -> {moved['listen']} (needs a restart)" in log
     assert _works(_client(run))  # still on the old address
 
@@ -301,7 +288,7 @@ def test_reload_applies_plugin_settings(pg: Cluster, halephant: HalephantFactory
     hold = "DECLARE c CURSOR WITH HOLD FOR SELECT 1"
     assert [e["C"] for e in errors(client.simple_query(hold))] == ["0A000"]
     config["plugins"] = {"cursor_guard": {"action": "allow"}}
-    log = _reload(run, config, "reload: done")
+    log = run.reload(config, "reload: done")
     assert "~ plugins.cursor_guard.action: reject -> allow" in log
     assert errors(client.simple_query("BEGIN")) == []
     assert errors(client.simple_query(hold)) == []  # the same client, now allowed
@@ -322,7 +309,7 @@ def test_reload_shrinks_a_pool_by_closing_idle_servers(
         assert errors(c.simple_query("COMMIT")) == []
     assert len(backend_pids("myapp")) == 3
     config["databases"]["myapp"]["pool_size"] = 1
-    log = _reload(run, config, "reload: done")
+    log = run.reload(config, "reload: done")
     assert "size: max 3 -> 1" in log
     # the idle servers above the new size closed with the reload, not at the next sweep: right away, a
     # second transaction waits for the one server left
@@ -355,7 +342,7 @@ def test_reload_that_changes_what_a_pool_logs_in_with_replaces_its_servers(
     assert len(old) == 2
     config["users"]["myapp"]["read_only"] = True
     config["databases"]["myapp"]["database"] = "postgres"
-    _reload(run, config, "reload: done")
+    run.reload(config, "reload: done")
     check = "SELECT current_setting('default_transaction_read_only'), current_database(), pg_backend_pid()"
     new = _client(run)
     rows = data_rows(new.simple_query(check))
@@ -413,7 +400,7 @@ def test_reload_shrinks_a_busy_pool_as_its_servers_come_back(
     for c in waiters:
         c.send(rc.query("SELECT pg_backend_pid()"))
     config["databases"]["myapp"]["pool_size"] = 2
-    _reload(run, config, "reload: done")
+    run.reload(config, "reload: done")
     for c in holders:
         assert errors(c.simple_query("COMMIT")) == []
     served = {int(data_rows(c.read_until_ready(timeout=10))[0][0]) for c in waiters}
@@ -431,7 +418,7 @@ def test_a_pool_retired_by_a_reload_stays_in_the_admin_views_while_it_serves(
     held = _client(run, dbname="sess")
     assert errors(held.simple_query("BEGIN")) == []
     del config["databases"]["sess"]
-    _reload(run, config, "reload: done")
+    run.reload(config, "reload: done")
     # its session goes on until it is between transactions: meanwhile its server is still there, and so
     # it is in the views
     assert [s["database"] for s in run.admin_json("/servers")].count("sess") == 1

@@ -156,6 +156,22 @@ class Running:
         if self.alive:
             self.proc.send_signal(signum)
 
+    def reload(self, config: Mapping[str, Any], expect: str, timeout: float = 10.0) -> str:
+        """Write `config` over the running file, SIGHUP, wait until the reload has finished (done or
+        failed) and `expect` is logged by it; return the whole log."""
+        write_config(config, self.config_path)
+        start = len(self.log_text())
+        self.signal(signal.SIGHUP)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            log = self.log_text()
+            new = log[start:]
+            if "reload: done" in new or "still running with the previous configuration" in new:
+                assert expect in new, log
+                return log
+            time.sleep(0.05)
+        raise AssertionError(f"no reload finished after SIGHUP; log:\n{self.log_text()}")
+
     def stop(self, timeout: float = 10.0, grace: float = 1.0) -> int:
         """SIGTERM, a second SIGTERM after `grace` seconds (no waiting for clients to finish), then SIGKILL
         after `timeout` seconds; return the exit status (negative: the signal).
