@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-import textwrap
-
-import pytest
-
-from halephant.config import ConfigError, read_config_text, validate_config
-from halephant.config.schema import Config
+from support.config_text import load, problems
 
 BASE = """\
 clusters:
@@ -20,16 +15,6 @@ users:
   myapp:
     password: secret
 """
-
-
-def load(text: str) -> Config:
-    return validate_config(read_config_text(textwrap.dedent(text), "halephant.yaml"))
-
-
-def problems(text: str) -> list[str]:
-    with pytest.raises(ConfigError) as excinfo:
-        load(text)
-    return [str(p) for p in excinfo.value.problems]
 
 
 def test_defaults_listen_on_loopback_with_no_console_users() -> None:

@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import textwrap
 from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
+from support.config_text import load, problems
 
 from halephant.config import (
-    Config,
     ConfigError,
     HostPort,
     load_config,
     read_config,
     read_config_text,
-    validate_config,
 )
 
 MINIMAL = """\
@@ -32,16 +30,6 @@ users:
 
 # The same valid head before each error case, so the case's own lines start at line 10.
 HEAD = MINIMAL
-
-
-def load(text: str) -> Config:
-    return validate_config(read_config_text(textwrap.dedent(text), "halephant.yaml"))
-
-
-def problems(text: str) -> list[str]:
-    with pytest.raises(ConfigError) as excinfo:
-        load(text)
-    return [str(p) for p in excinfo.value.problems]
 
 
 def test_minimal_file_gets_defaults() -> None:

@@ -4,12 +4,11 @@ whole, secrets never shown, restart-only settings marked."""
 
 from __future__ import annotations
 
-import textwrap
 from pathlib import Path
 
 import pytest
+from support.config_text import load, problems
 
-from halephant.config import Config, ConfigError, read_config_text, validate_config
 from halephant.config.diff import config_tree, diff_configs, diff_trees, redact_tree
 
 BASE = """\
@@ -23,16 +22,6 @@ users:
   myapp:
     password: secret
 """
-
-
-def load(text: str) -> Config:
-    return validate_config(read_config_text(textwrap.dedent(text), "halephant.yaml"))
-
-
-def problems(text: str) -> list[str]:
-    with pytest.raises(ConfigError) as excinfo:
-        load(text)
-    return [str(p) for p in excinfo.value.problems]
 
 
 def test_defaults() -> None:

@@ -3,23 +3,11 @@
 
 from __future__ import annotations
 
-import textwrap
-
 import pytest
+from support.config_text import load, problems
 
-from halephant.config import Config, ConfigError, HostPort, read_config_text, validate_config
+from halephant.config import HostPort
 from halephant.config.diff import diff_configs
-
-
-def load(text: str) -> Config:
-    return validate_config(read_config_text(textwrap.dedent(text), "halephant.yaml"))
-
-
-def problems(text: str) -> list[str]:
-    with pytest.raises(ConfigError) as excinfo:
-        load(text)
-    return [str(p) for p in excinfo.value.problems]
-
 
 CLUSTERS = "clusters:\n  main:\n    nodes: [127.0.0.1:5432]\n"
 TAIL = """\
