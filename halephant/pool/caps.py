@@ -40,9 +40,7 @@ USER: Literal["max_user_connections"] = "max_user_connections"
 
 def wants(pool: AnyPool) -> int:
     """How many more connections `pool` would open for its waiters now, were no cap in the way."""
-    size = pool.info.size.max
-    total = len(pool.idle) + len(pool.active) + pool.connecting
-    return max(0, min(len(pool.waiters) - pool.connecting, size - total))
+    return max(0, min(len(pool.waiters) - pool.connecting, pool.info.size.max - pool.total))
 
 
 class Cap:
@@ -88,13 +86,14 @@ class Cap:
 
     def open_count(self) -> int:
         """Server connections of its pools open or being opened."""
-        return sum(len(p.idle) + len(p.active) + p.connecting for p in self.pools)
+        return sum(p.total for p in self.pools)
 
     def counted(self) -> int:
         """What the cap holds against new connections: `open_count` and those closing, not gone yet."""
-        return sum(len(p.idle) + len(p.active) + p.connecting + len(p.lingering) for p in self.pools)
+        return sum(p.total + len(p.lingering) for p in self.pools)
 
     def room(self) -> int:
+        """Connections its pools may still open (0 or less: none, the cap is full)."""
         return self.limit - self.counted()
 
     def hold(self, pool: AnyPool) -> None:
@@ -123,7 +122,7 @@ class Cap:
         one's."""
         self.forget_served()
         opened: list[AnyPool] = []
-        while self.held and self.counted() < self.limit:
+        while self.held and self.room() > 0:
             pool = next(iter(self.held))
             del self.held[pool]
             if pool._should_open():  # (holds it again, at the back, where a cap has no room)
@@ -150,8 +149,7 @@ class Cap:
         idle.sort(key=lambda entry: entry[0])
         out = []
         for _since, server, pool in idle[:n]:
-            pool.idle.remove(server)
-            pool.closed_count += 1
+            pool.discard(server)
             out.append(server)
         return out
 
@@ -176,10 +174,9 @@ class Cap:
             n = wants(other)
             if n:
                 wanted += n
-                total = len(other.idle) + len(other.active) + other.connecting
-                fewest = total if fewest is None else min(fewest, total)
+                fewest = other.total if fewest is None else min(fewest, other.total)
         if fewest is None or open_now + wanted <= self.limit:
             return ""  # the servers already closing make room enough
-        if wants(pool) and len(pool.idle) + len(pool.active) + pool.connecting <= fewest + 1:
+        if wants(pool) and pool.total <= fewest + 1:
             return ""  # its own waiters need it as much
         return f"another pool waits for a place under {self.describe()}"

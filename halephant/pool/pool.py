@@ -224,7 +224,7 @@ class Pool(Generic[S, W]):
         holds the pool until it has (`Cap.hold`)."""
         admitted = True
         for cap in self.caps:
-            if cap.counted() >= cap.limit:
+            if cap.room() <= 0:
                 cap.hold(self)
                 admitted = False
         if admitted:
@@ -235,10 +235,10 @@ class Pool(Generic[S, W]):
     def held_by(self) -> Cap | None:
         """The cap that keeps this pool from opening a connection for its waiters now (None: none does;
         the pool may be full by its own size)."""
-        if len(self.idle) + len(self.active) + self.connecting >= self.info.size.max:
+        if self.total >= self.info.size.max:
             return None
         for cap in self.caps:
-            if cap.counted() >= cap.limit:
+            if cap.room() <= 0:
                 return cap
         return None
 
@@ -320,7 +320,7 @@ class Pool(Generic[S, W]):
         """Open one connection beyond `max`, up to `max + reserve`, for waiters nobody is opening for."""
         size = self.info.size
         if size.reserve and len(self.waiters) > self.connecting and self.total < size.max + size.reserve:
-            if self.caps and any(cap.counted() >= cap.limit for cap in self.caps):
+            if self.caps and any(cap.room() <= 0 for cap in self.caps):
                 return False  # the reserve never goes beyond a cap (nor makes room under one)
             self.connecting += 1
             return True
@@ -339,6 +339,6 @@ class Pool(Generic[S, W]):
         """How many connections to open so the pool holds min_pool_size."""
         n = max(0, self.info.size.min - self.total)
         for cap in self.caps:  # min_pool_size never goes beyond a cap
-            n = min(n, max(0, cap.limit - cap.counted()))
+            n = min(n, max(0, cap.room()))
         self.connecting += n
         return n
