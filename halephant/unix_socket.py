@@ -36,6 +36,7 @@ __all__ = [
     "create_connection",
     "is_socket_dir",
     "socket_path",
+    "too_long",
 ]
 
 #: The longest socket path PostgreSQL and libpq take (sun_path less its terminating NUL, on Linux).
@@ -54,6 +55,17 @@ def is_socket_dir(host: str) -> bool:
 def socket_path(directory: str, port: int) -> str:
     """`<directory>/.s.PGSQL.<port>`: where PostgreSQL (and PgBouncer, and halephant) listen."""
     return f"{directory.rstrip('/')}/.s.PGSQL.{port}"
+
+
+def too_long(directory: str, port: int) -> str | None:
+    """Why the socket of `directory` and `port` cannot be (its path would not fit), else None."""
+    path = socket_path(directory, port)
+    if len(path.encode(errors="surrogateescape")) <= MAX_SOCKET_PATH:
+        return None
+    return (
+        f"the socket path {path!r} would be longer than {MAX_SOCKET_PATH} bytes, the most a Unix-domain "
+        "socket's path can be"
+    )
 
 
 async def connect_stream(host: str, port: int) -> anyio.abc.SocketStream:

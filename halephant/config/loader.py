@@ -46,7 +46,7 @@ from halephant.config.schema import (
     parse_scram_verifier,
 )
 from halephant.errors import ConfigError, ConfigProblem
-from halephant.unix_socket import MAX_SOCKET_PATH, is_socket_dir, socket_path
+from halephant.unix_socket import is_socket_dir, too_long
 
 __all__ = ["RawConfig", "load_config", "read_config", "read_config_text", "validate_config"]
 
@@ -431,16 +431,8 @@ def _check_unix_socket_dir(plain: dict[Any, Any], where: _Locator) -> list[Confi
     except (ValidationError, ValueError, TypeError):
         return []
     # port 0: whichever port the system picks, at most five digits
-    path = socket_path(directory, listen.port or 65535)
-    if len(path.encode(errors="surrogateescape")) <= MAX_SOCKET_PATH:
-        return []
-    return [
-        where.problem(
-            ("unix_socket_dir",),
-            f"the socket path {path!r} would be longer than {MAX_SOCKET_PATH} bytes, the most a Unix-domain "
-            "socket's path can be",
-        )
-    ]
+    why = too_long(directory, listen.port or 65535)
+    return [] if why is None else [where.problem(("unix_socket_dir",), why)]
 
 
 def _check_admin_users(plain: dict[Any, Any], where: _Locator) -> list[ConfigProblem]:

@@ -33,7 +33,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from halephant.config.units import Duration, Size
-from halephant.unix_socket import MAX_SOCKET_PATH, is_socket_dir, socket_path
+from halephant.unix_socket import is_socket_dir, too_long
 
 __all__ = [
     "CATCH_ALL",
@@ -212,13 +212,9 @@ def _check_socket_dir(path: str) -> None:
 
 
 def _check_socket_path_length(directory: str, port: int) -> None:
-    path = socket_path(directory, port)
-    if len(path.encode(errors="surrogateescape")) > MAX_SOCKET_PATH:
-        raise PydanticCustomError(
-            "socket_dir",
-            f"the socket path {path!r} would be longer than {MAX_SOCKET_PATH} bytes, the most a "
-            "Unix-domain socket's path can be",
-        )
+    why = too_long(directory, port)
+    if why is not None:
+        raise PydanticCustomError("socket_dir", why)
 
 
 def _valid_host(host: str) -> bool:
