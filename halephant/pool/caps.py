@@ -31,11 +31,16 @@ if TYPE_CHECKING:
 
     AnyPool = Pool[Any, Any]
 
-__all__ = ["DB", "USER", "Cap", "wants"]
+__all__ = ["DB", "USER", "Cap", "covers", "wants"]
 
 #: the settings, as the operator writes them
 DB: Literal["max_db_connections"] = "max_db_connections"
 USER: Literal["max_user_connections"] = "max_user_connections"
+
+
+def covers(setting: str, name: str, node: str) -> str:
+    """What a cap covers, for people: `of database "app" on 10.0.0.1:5432`."""
+    return f'of {"database" if setting == DB else "user"} "{name}" on {node}'
 
 
 def wants(pool: AnyPool) -> int:
@@ -68,8 +73,7 @@ class Cap:
 
     def describe(self) -> str:
         """`max_db_connections (2) of database "app" on 10.0.0.1:5432`, for log lines and clients."""
-        what = "database" if self.setting == DB else "user"
-        return f'{self.setting} ({self.limit}) of {what} "{self.name}" on {self.node}'
+        return f"{self.setting} ({self.limit}) {covers(self.setting, self.name, self.node)}"
 
     def hint(self) -> str:
         """What a client refused a server because of this cap is told to do about it."""

@@ -28,7 +28,7 @@ import anyio
 from halephant import sqlstate
 from halephant.config import Config
 from halephant.errors import ClientError
-from halephant.pool.caps import DB, USER, Cap
+from halephant.pool.caps import DB, USER, Cap, covers
 from halephant.pool.pool import Pool
 from halephant.protocol import codes
 from halephant.protocol import messages as m
@@ -816,9 +816,7 @@ class PoolManager:
             cap = self.caps.get(key)
             old, new = before.get(key), cap.limit if cap is not None else None
             if old != new:
-                setting, name, node = key
-                what = "database" if setting == DB else "user"
-                changes.append(f'{setting} of {what} "{name}" on {node}: {old or "none"} -> {new or "none"}')
+                changes.append(f"{key[0]} {covers(*key)}: {old or 'none'} -> {new or 'none'}")
         for cap in list(self.caps.values()):
             for server in cap.trim():
                 log.info(
