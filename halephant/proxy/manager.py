@@ -266,14 +266,11 @@ class PoolManager:
                 self.open(pool)
             if not cap.held:
                 return
-            for server in cap.evict_idle():
-                log.info(
-                    "pool %s: closing idle server pid %d: another pool waits for a place under %s",
-                    server.pool.name,
-                    server.backend_pid,
-                    cap.describe(),
-                )
-                server.close(f"evicted: {cap.setting}")
+            _close_taken(
+                cap.evict_idle(),
+                f"another pool waits for a place under {cap.describe()}",
+                f"evicted: {cap.setting}",
+            )
             cap.watch_check_ins()
         except Exception:  # a bug here must not stop the callback that called it: log it, go on
             log.exception("cap %s: look at its held pools failed", cap.describe())
@@ -818,14 +815,7 @@ class PoolManager:
             if old != new:
                 changes.append(f"{key[0]} {covers(*key)}: {old or 'none'} -> {new or 'none'}")
         for cap in list(self.caps.values()):
-            for server in cap.trim():
-                log.info(
-                    "pool %s: closing idle server pid %d: above %s",
-                    server.pool.name,
-                    server.backend_pid,
-                    cap.describe(),
-                )
-                server.close(f"above {cap.setting}")
+            _close_taken(cap.trim(), f"above {cap.describe()}", f"above {cap.setting}")
             if cap.open_count() > cap.limit:
                 cap.watch_check_ins()  # the busy ones close as they come back
             self._relieve(cap)
@@ -833,3 +823,10 @@ class PoolManager:
             while pool.should_open_for_waiters():  # (held again where a cap still has no room)
                 self.open(pool)
         return changes
+
+
+def _close_taken(servers: list[ServerConnection], why: str, reason: str) -> None:
+    """Close idle servers a cap took out of their pools (`why`: for the log; `reason`: for the server)."""
+    for server in servers:
+        log.info("pool %s: closing idle server pid %d: %s", server.pool.name, server.backend_pid, why)
+        server.close(reason)
