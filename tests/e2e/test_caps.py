@@ -14,12 +14,13 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import psycopg
 import pytest
 from support.halephant import HalephantFactory, Running, default_config
 from support.leaks import assert_clean_servers
+from support.polling import became
 
 from halephant.testing.pgcluster import Cluster, conninfo
 
@@ -99,15 +100,6 @@ class Sampler:
         self._thread.join(10)
         self.max = max(self.max, self.now())
         self._conn.close()
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 async def run_clients(hal: Running, who: list[tuple[str, str]], transactions: int) -> list[set[str]]:
@@ -239,11 +231,13 @@ def test_reload_lowering_the_cap_closes_idle_servers_now_and_busy_ones_as_they_c
             log = run.reload(config, "reload: done")
             assert f'max_db_connections of database "myapp" on 127.0.0.1:{pg.primary.port}: 3 -> 1' in log
             assert "~ databases.myapp.max_db_connections: 3 -> 1" in log
-            assert wait_for(lambda: sampler.now() == 2), "the idle server above the cap was not closed"
+            assert became(lambda: sampler.now() == 2, interval=0.02), (
+                "the idle server above the cap was not closed"
+            )
             for client in (busy_1, busy_2):  # never cut in the middle of their transactions
                 assert client.execute("SELECT pg_backend_pid()").fetchone() == pids[client]
             busy_1.execute("COMMIT")  # comes back while 2 are open: closed
-            assert wait_for(lambda: sampler.now() == 1)
+            assert became(lambda: sampler.now() == 1, interval=0.02)
             busy_2.execute("COMMIT")  # at the cap now: kept
             assert done.execute("SELECT pg_backend_pid()").fetchone() == pids[busy_2]
             assert sampler.now() == 1

@@ -23,6 +23,7 @@ import pytest
 import rawclient as rc
 from support.halephant import HalephantFactory, Running, default_config
 from support.leaks import assert_clean_servers
+from support.polling import became
 
 from halephant.testing.pgcluster import Cluster
 
@@ -87,15 +88,6 @@ def new_table(pg: Cluster) -> str:
         user="myapp",
     )
     return name
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(interval)
-    return True
 
 
 # --- sharing and limits --------------------------------------------------------------------------------
@@ -242,7 +234,7 @@ def test_min_pool_size_and_idle_timeout(pg: Cluster, hal: Running, backend_pids:
     # pools are created by their first client; min_pool_size is kept from then on
     with connect(hal, "warm") as conn:
         assert conn.execute("SELECT current_database()").fetchone() == (WARM_DB,)
-    assert wait_for(lambda: len(backend_pids(WARM_DB)) == 2, timeout=5), backend_pids(WARM_DB)
+    assert became(lambda: len(backend_pids(WARM_DB)) == 2, timeout=5), backend_pids(WARM_DB)
 
     # four transactions at once need four servers
     conns = [connect(hal, "warm") for _ in range(4)]
@@ -264,7 +256,7 @@ def test_min_pool_size_and_idle_timeout(pg: Cluster, hal: Running, backend_pids:
         counts.append(len(backend_pids(WARM_DB)))
         return counts[-1] == 2
 
-    assert wait_for(settled, timeout=6, interval=0.1), counts
+    assert became(settled, timeout=6, interval=0.1), counts
     for _ in range(15):
         counts.append(len(backend_pids(WARM_DB)))
         time.sleep(0.1)
@@ -280,9 +272,7 @@ def test_max_lifetime_replaces_the_server(pg: Cluster, hal: Running) -> None:
         first = backend_pid(conn)
         assert backend_pid(conn) == first
         started = time.monotonic()
-        assert wait_for(lambda: gone(first), timeout=5), (
-            "max_lifetime 1 s: the server should have been closed"
-        )
+        assert became(lambda: gone(first), timeout=5), "max_lifetime 1 s: the server should have been closed"
         assert time.monotonic() - started > 0.5  # not at once: it lived out its lifetime
         second = backend_pid(conn)
     assert second != first
@@ -477,7 +467,7 @@ def test_client_lost_mid_transaction_leaves_no_lock(pg: Cluster, hal: Running) -
         assert time.monotonic() - started < 1.5
         assert other.execute(f"SELECT v FROM {table}").fetchone() == (1,)  # the lost UPDATE rolled back
     # the server was closed rather than rolled back and handed on
-    assert wait_for(
+    assert became(
         lambda: pg.primary.sql(f"SELECT count(*) FROM pg_stat_activity WHERE pid = {pid}") == "0", 2
     )
     assert_clean_servers(pg.primary)
@@ -491,12 +481,12 @@ def test_client_lost_mid_statement_has_its_statement_cancelled(pg: Cluster, hal:
     conn.execute(f"UPDATE {table} SET v = 100 WHERE id = 1")
     # a statement that would run for a minute, holding the row lock, and a client that goes away
     conn.pgconn.send_query(b"SELECT pg_sleep(60)")
-    assert wait_for(
+    assert became(
         lambda: pg.primary.sql(f"SELECT wait_event FROM pg_stat_activity WHERE pid = {pid}") == "PgSleep", 5
     )
     drop(conn)
     # the backend does not run on to the end of its statement: it is cancelled, rolls back and exits
-    assert wait_for(
+    assert became(
         lambda: pg.primary.sql(f"SELECT count(*) FROM pg_stat_activity WHERE pid = {pid}") == "0", 5
     )
     assert "cancelling the statement its client left running" in hal.log_text()
@@ -518,7 +508,7 @@ def test_a_statement_a_client_sends_before_terminate_runs_to_its_end(pg: Cluster
             raw.send(update + rc.terminate())  # and gone, without waiting for the answer
         time.sleep(0.1)
     running = f"SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'UPDATE {table} %'"
-    assert wait_for(lambda: pg.primary.sql(running) == "0", 5)
+    assert became(lambda: pg.primary.sql(running) == "0", 5)
     with connect(hal) as other:
         assert other.execute(f"SELECT v FROM {table} WHERE id = 1").fetchone() == (3,)
     assert_clean_servers(pg.primary)

@@ -7,7 +7,7 @@ import contextlib
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -17,6 +17,7 @@ import pytest
 from rawclient import RawClient, data_rows, query
 from support.halephant import HalephantFactory, default_config
 from support.leaks import assert_clean_servers
+from support.polling import wait_until
 
 from halephant.testing.pgcluster import Cluster
 
@@ -234,11 +235,3 @@ def server_state(dsn: str) -> str:
     return " ".join(row[0] for row in rows) + (
         " waiting" if any(r[0].startswith("Lock:") for r in rows) else ""
     )
-
-
-def wait_until(check: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout:g}s: {what}")
-        time.sleep(0.02)

@@ -17,7 +17,7 @@ import pathlib
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any
 
@@ -27,6 +27,7 @@ import pytest
 from support.cluster import start_test_cluster
 from support.halephant import HalephantFactory, Running, write_config
 from support.leaks import assert_clean_servers
+from support.polling import wait_until
 
 from halephant.testing.pgcluster import Cluster, Node
 
@@ -90,19 +91,9 @@ def port(conn: psycopg.Connection[Any]) -> int:
     return int(row[0])
 
 
-def wait_for(check: Callable[[], bool], what: str, timeout: float = 10.0) -> float:
-    """Poll `check` until true; returns how long it took."""
-    start = time.monotonic()
-    while not check():
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"not within {timeout:g}s: {what}")
-        time.sleep(0.02)
-    return time.monotonic() - start
-
-
 def wait_log(run: Running, text: str, timeout: float = 10.0, *, seen: int = 0) -> None:
     """Wait for a log line containing `text`: one more than the `seen` already logged."""
-    wait_for(
+    wait_until(
         lambda: run.log_text().count(text) > seen, f"log line {text!r}\n{run.log_text()[-3000:]}", timeout
     )
 
@@ -217,7 +208,7 @@ def test_lagging_replica_is_excluded_then_readmitted(
         wait_log(run, f"{r1.host}:{r1.port} excluded: replica {r1.host}:{r1.port} lag")
         with connect(run, "report-lag") as conn:
             # r2 replays the same WAL: on a busy machine it may be over the limit for a moment too
-            wait_for(lambda: _replica_port(conn) == r2.port, "r2 serving")
+            wait_until(lambda: _replica_port(conn) == r2.port, "r2 serving")
             assert {port(conn) for _ in range(6)} == {r2.port}
         # the primary is never excluded for lag; with every replica too far behind, a route to a
         # replica fails safely with 57P03 (the routing plugin could have chosen the primary)
@@ -285,7 +276,7 @@ def test_read_your_writes(cl: Cluster, halephant: HalephantFactory, plugin_env: 
             assert port(ryw) in replica_ports
             ryw.execute("DELETE FROM t WHERE id IN (-2, -3)")
         # replicas caught up with the delete: reads go to them again, within the window
-        wait_for(
+        wait_until(
             lambda: (
                 ryw.execute("SELECT count(*), inet_server_port() FROM t WHERE id = -2").fetchone()
                 in {(0, p) for p in replica_ports}
@@ -401,7 +392,7 @@ def test_a_replica_that_refuses_logins_gets_no_reads_while_another_serves(
         refusing.set_hba([])
     with connect(run, "report-refused") as conn:
         # once server_login_retry has passed (and the next maintenance tick saw it), it is picked again
-        wait_for(lambda: {port(conn) for _ in range(6)} == {refusing.port, serving.port}, "both replicas")
+        wait_until(lambda: {port(conn) for _ in range(6)} == {refusing.port, serving.port}, "both replicas")
     assert_clean_servers(cl)
 
 
@@ -534,7 +525,9 @@ def test_a_probe_connection_ended_by_the_server_is_not_the_node_failing(
     kill += "'halephant topology'"
     for _ in range(3):
         assert cl.primary.sql(kill) == "1"
-        wait_for(lambda: cl.primary.sql(kill.replace("pg_terminate_backend(pid)", "*")) == "1", "a new probe")
+        wait_until(
+            lambda: cl.primary.sql(kill.replace("pg_terminate_backend(pid)", "*")) == "1", "a new probe"
+        )
     time.sleep(INTERVAL)
     log = run.log_text()
     assert "probe of" not in log and "marked down" not in log, log[-3000:]
@@ -599,7 +592,7 @@ def test_failover_to_a_promoted_replica(
         assert any(p["node"] == "(no primary)" and p["cl_waiting"] == 1 for p in run.admin_json("/pools"))
         new.promote()
         promoted = time.monotonic()
-        wait_for(lambda: _write_ok(after), "a write through halephant after the promotion")
+        wait_until(lambda: _write_ok(after), "a write through halephant after the promotion")
         assert time.monotonic() - promoted < 2 * INTERVAL + 1.0  # two intervals, plus this machine's slack
         assert port(after) == new.port
         writer.join(5)
@@ -741,7 +734,7 @@ def test_emulated_listen_follows_the_primary_after_a_promotion(
     listening.close()
     with connect(run) as again, connect(run) as sender:
         again.execute("LISTEN ch")
-        wait_for(lambda: _notified(again, sender), "a notification through the new primary")
+        wait_until(lambda: _notified(again, sender), "a notification through the new primary")
         assert port(sender) == new.port
 
 

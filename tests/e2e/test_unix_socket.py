@@ -20,7 +20,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -30,23 +30,13 @@ import psycopg.errors
 import pytest
 from support.halephant import HalephantFactory, Running, default_config
 from support.leaks import assert_clean_servers
+from support.polling import wait_until
 
 from halephant.testing.pgcluster import Cluster, find_bindir, free_port, pgbench
 
 pytestmark = pytest.mark.e2e
 
 BENCH_DB = "e2e_unix_bench"
-
-
-def wait_for(check: Callable[[], Any], what: str, timeout: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout:g} s")
-        time.sleep(0.02)
 
 
 def inode(path: Path) -> int | None:
@@ -91,7 +81,7 @@ def hal(pg: Cluster, module_halephant: HalephantFactory, module_sockdir: Path) -
         admin={"users": ["admin"]},
     )
     run = module_halephant.start(config)
-    wait_for(lambda: accepts(module_sockdir / f".s.PGSQL.{run.port}"), "the socket accepts connections")
+    wait_until(lambda: accepts(module_sockdir / f".s.PGSQL.{run.port}"), "the socket accepts connections")
     return run
 
 
@@ -144,7 +134,7 @@ def test_cancel_over_the_socket_cancels_only_that_query(hal: Running, module_soc
             states = {c["application_name"]: c["state"] for c in hal.admin_json("/clients")}
             return states.get("unix-cancelled") == "active" and states.get("unix-bystander") == "active"
 
-        wait_for(both_running, "both queries running")
+        wait_until(both_running, "both queries running")
         t0 = time.monotonic()
         victim.cancel()  # libpq's PQcancel: a CancelRequest over the same socket
         with pytest.raises(psycopg.errors.QueryCanceled):
@@ -185,13 +175,13 @@ def test_a_stale_socket_file_is_replaced_and_unix_clients_count_against_max_clie
         pg, listen=f"127.0.0.1:{port}", unix_socket_dir=str(sockdir), limits={"max_client_conn": 1}
     )
     run = halephant.start(config)
-    wait_for(lambda: accepts(path), "the socket accepts connections")
+    wait_until(lambda: accepts(path), "the socket accepts connections")
     with over_socket(run, sockdir) as conn:
         assert conn.execute("SELECT 1").fetchone() == (1,)
         with pytest.raises(psycopg.OperationalError, match="sorry, too many clients already"):
             psycopg.connect(run.dsn())  # over TCP: the socket's client holds the only place
     # its place is free again once it has gone
-    wait_for(lambda: not run.admin_json("/clients"), "the client gone")
+    wait_until(lambda: not run.admin_json("/clients"), "the client gone")
     with psycopg.connect(run.dsn()) as conn:
         assert conn.execute("SELECT 1").fetchone() == (1,)
 
@@ -202,14 +192,14 @@ def test_shutdown_removes_the_socket_file_unless_a_new_halephant_replaced_it(
     config = default_config(pg, listen=f"127.0.0.1:{free_port()}", unix_socket_dir=str(sockdir))
     old = halephant.start(config)
     path = sockdir / f".s.PGSQL.{old.port}"
-    old_inode = wait_for(lambda: accepts(path) and inode(path), "the first socket")
+    old_inode = wait_until(lambda: accepts(path) and inode(path), "the first socket")
     client = over_socket(old, sockdir)
     try:
         assert client.execute("SELECT 1").fetchone() == (1,)
         # an online restart: the new one listens on the same port (SO_REUSEPORT) and puts its own
         # socket in place of the old one's, which keeps serving its clients
         new = halephant.spawn(config)
-        wait_for(lambda: inode(path) not in (None, old_inode), "the new halephant's socket")
+        wait_until(lambda: inode(path) not in (None, old_inode), "the new halephant's socket")
         assert client.execute("SELECT 2").fetchone() == (2,)
         new_inode = inode(path)
         old.signal(signal.SIGTERM)
@@ -284,7 +274,7 @@ def test_nodes_given_as_socket_directories(pg: Cluster, halephant: HalephantFact
         # a cancel request is forwarded over the socket too
         with ThreadPoolExecutor(1) as pool:
             sleeping = pool.submit(conn.execute, "SELECT pg_sleep(30)")
-            wait_for(
+            wait_until(
                 lambda: any(c["state"] == "active" for c in run.admin_json("/clients")), "the query running"
             )
             conn.cancel()
@@ -294,7 +284,9 @@ def test_nodes_given_as_socket_directories(pg: Cluster, halephant: HalephantFact
         # and so is the shared connection that listens for transaction-pooled clients
         conn.execute("LISTEN unix_channel")
         with psycopg.connect(run.dsn(), autocommit=True) as other:
-            wait_for(lambda: re.search(r"shared listener for \S+: connected", run.log_text()), "the listener")
+            wait_until(
+                lambda: re.search(r"shared listener for \S+: connected", run.log_text()), "the listener"
+            )
             notified = threading.Event()
             other.execute("NOTIFY unix_channel, 'over the socket'")
             for notify in conn.notifies(timeout=10, stop_after=1):
