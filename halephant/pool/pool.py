@@ -133,6 +133,7 @@ class Pool(Generic[S, W]):
         "caps",
         "closed_count",
         "connecting",
+        "failed_open_at",
         "host",
         "idle",
         "info",
@@ -176,6 +177,9 @@ class Pool(Generic[S, W]):
         self.outdated_before = float("-inf")
         #: (the error, until when): the server refused a login; none is tried again until then
         self.login_refused: tuple[object, float] | None = None
+        #: loop time of the last open that failed (refused, or the node unreachable), None once one logs
+        #: in again: meanwhile the pool manager tops min_pool_size up one connection at a time
+        self.failed_open_at: float | None = None
         #: the caps that count this pool's server connections (set by the pool manager)
         self.caps: tuple[Cap, ...] = ()
         #: servers closed while the pool had caps, until PostgreSQL has closed its side (backend gone):
@@ -263,6 +267,7 @@ class Pool(Generic[S, W]):
         """A connection opened for this pool finished logging in."""
         self.connecting -= 1
         self.opened_count += 1
+        self.failed_open_at = None
         self.active.add(server)  # as if checked out: `checkin` keeps it active for a waiter
         return self.checkin(server)
 
@@ -335,9 +340,12 @@ class Pool(Generic[S, W]):
         self.closed_count += len(out)
         return out
 
-    def missing_for_min(self) -> int:
-        """How many connections to open so the pool holds min_pool_size."""
+    def missing_for_min(self, at_most: int | None = None) -> int:
+        """How many connections to open so the pool holds min_pool_size (`at_most` of them); they
+        count as connecting from now on."""
         n = max(0, self.info.size.min - self.total)
+        if at_most is not None:
+            n = min(n, at_most)
         for cap in self.caps:  # min_pool_size never goes beyond a cap
             n = min(n, max(0, cap.room()))
         self.connecting += n

@@ -321,6 +321,7 @@ class PoolManager:
                     )
         except Exception as exc:
             server.abort()
+            pool.failed_open_at = loop.time()
             if isinstance(exc, ClientError) and exc.code.startswith("28"):
                 # the client's own login succeeded: say whose login this was
                 error = ClientError(
@@ -641,7 +642,18 @@ class PoolManager:
                 server.close(reason)
             if pool.serves is None or not (pool.opened_count or pool.connecting):
                 continue  # a node that takes no transactions now, or a pool nobody has used yet
-            for _ in range(pool.missing_for_min()):
+            failed = pool.failed_open_at
+            if failed is None:
+                for _ in range(pool.missing_for_min()):
+                    self.app.spawn(self._open_for_min, pool)
+            elif (
+                not pool.connecting
+                and loop_now >= failed + self.app.config.limits.server_login_retry
+                and pool.missing_for_min(at_most=1)
+            ):
+                # The last open failed (a refused login, a node down): one login, not the whole
+                # min_pool_size again each time (each a failed login there and a line in both logs);
+                # the rest once one has logged in.
                 self.app.spawn(self._open_for_min, pool)
             if pool.waiters and pool.login_refused is None and pool.should_open_for_waiters():
                 # A login failed while the pool's other servers were busy: its clients wait for those,

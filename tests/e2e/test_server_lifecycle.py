@@ -165,3 +165,59 @@ def test_a_checkout_timeout_behind_a_refused_login_says_why(
     finally:
         run.stop()
         own.primary.sql("DROP ROLE IF EXISTS limited")
+
+
+def refusals_and_failures(run: Running) -> int:
+    text = run.log_text()
+    return text.count("server login refused") + text.count("server connect failed")
+
+
+def wait_for_servers(node_sql: Callable[[str], Any], user: str, n: int) -> None:
+    deadline = time.monotonic() + 10
+    query = f"SELECT count(*) FROM pg_stat_activity WHERE usename = '{user}'"
+    while node_sql(query).strip() != str(n):
+        assert time.monotonic() < deadline, node_sql(query)
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("outage", ["password changed", "node down"])
+def test_min_pool_size_is_topped_up_one_login_at_a_time_after_a_failed_one(
+    own: Cluster, halephant: HalephantFactory, outage: str
+) -> None:
+    # min_pool_size 4: while PostgreSQL refuses the role's logins (or is down), the pool's top-up must
+    # try one login per server_login_retry, not four each time (four failed logins there, four lines
+    # in each log, for every pool); once one logs in, the pool is filled again.
+    node = own.primary
+    node.sql("DROP ROLE IF EXISTS topup; CREATE ROLE topup LOGIN PASSWORD 'topup'")
+    cfg = config(own, server_login_retry="500ms")
+    cfg["databases"]["myapp"].update(pool_size=4, min_pool_size=4)
+    cfg["users"]["topup"] = {"password": "topup"}
+    run = halephant.start(cfg)
+    try:
+        with connect(run, "topup") as client:
+            client.execute("SELECT 1")
+        wait_for_servers(node.sql, "topup", 4)
+        if outage == "password changed":
+            node.sql("ALTER ROLE topup PASSWORD 'other'")
+            node.sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = 'topup'")
+        else:
+            node.stop("fast")
+        deadline = time.monotonic() + 10
+        while not refusals_and_failures(run):
+            assert time.monotonic() < deadline, run.log_text()[-2000:]
+            time.sleep(0.02)
+        time.sleep(0.3)  # the four opens the first top-up after the loss tried (nothing had failed yet)
+        before = refusals_and_failures(run)
+        time.sleep(3)
+        tried = refusals_and_failures(run) - before
+        # one per sweep once server_login_retry has passed: about three in 3 s (four at a time: twelve)
+        assert 1 <= tried <= 4, f"{tried} failed logins in 3 s\n" + run.log_text()[-3000:]
+    finally:
+        if outage == "password changed":
+            node.sql("ALTER ROLE topup PASSWORD 'topup'")
+        else:
+            node.start()
+    wait_for_servers(node.sql, "topup", 4)  # one logged in, then the rest at once
+    run.stop()
+    node.sql("DROP ROLE IF EXISTS topup")
+    assert_clean_servers(own)

@@ -319,6 +319,16 @@ def test_missing_for_min() -> None:
     assert pool.missing_for_min() == 1
 
 
+def test_missing_for_min_at_most_and_a_login_clears_the_failed_open() -> None:
+    pool = make_pool(max_=5, min_=3)
+    assert pool.missing_for_min(at_most=1) == 1
+    assert pool.connecting == 1
+    pool.failed_open_at = 12.0  # what the pool manager sets when an open fails
+    pool.connected(FakeServer())
+    assert pool.failed_open_at is None  # one logged in: the rest is opened at once again
+    assert pool.missing_for_min() == 2
+
+
 # --- description -------------------------------------------------------------------------------------
 
 
