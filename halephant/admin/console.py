@@ -4,8 +4,9 @@ PgBouncer tooling works unchanged) talk to halephant itself, as with PgBouncer's
 Authentication is the normal one (`users:` entries, `halephant_authenticate`); afterwards the user must be
 listed in `admin.users` (every command) or `admin.stats_users` (SHOW only), else 42501. The session is
 then handed to `ConsoleSession`, which answers SHOW POOLS | CLIENTS | SERVERS | STATS | STATS_TOTALS |
-LISTS | DATABASES | CONFIG | VERSION | NODES with PgBouncer's columns and types (`halephant.admin.resultset`
-encodes them) and runs PAUSE, RESUME, RECONNECT, KILL, RELOAD and SHUTDOWN. The simple query protocol is
+LISTS | DATABASES | USERS | CONFIG | VERSION | NODES with PgBouncer's columns and types
+(`halephant.admin.resultset` encodes them) and runs PAUSE, RESUME, RECONNECT, KILL, RELOAD and SHUTDOWN.
+The simple query protocol is
 the console's language, as for PgBouncer; the extended protocol is answered too (the unnamed statement
 and portal, text or binary results as Bind asks, row limits with PortalSuspended) so that drivers that
 always use it (psycopg, asyncpg with statement_cache_size=0) work.
@@ -503,8 +504,8 @@ def _syntax(command: str) -> ClientError:
     return ClientError(
         sqlstate.SYNTAX_ERROR,
         f"invalid admin console command: {command[:200]}",
-        hint="Commands: SHOW POOLS|CLIENTS|SERVERS|STATS|STATS_TOTALS|LISTS|DATABASES|CONFIG|VERSION|NODES, "
-        "PAUSE [db], RESUME [db], RECONNECT [db], KILL db, RELOAD, SHUTDOWN.",
+        hint="Commands: SHOW POOLS|CLIENTS|SERVERS|STATS|STATS_TOTALS|LISTS|DATABASES|USERS|CONFIG|VERSION|"
+        "NODES, PAUSE [db], RESUME [db], RECONNECT [db], KILL db, RELOAD, SHUTDOWN.",
     )
 
 
@@ -705,6 +706,31 @@ def show_databases(app: App) -> Result:
     return Result(DATABASES_COLUMNS, rows, "SHOW")
 
 
+# PgBouncer 1.24's SHOW USERS (with max_user_client_connections; 1.18 had name and pool_mode only): one
+# row per configured user, aliases included. pool_size, reserve_pool_size and pool_mode are a user's
+# overrides, text as PgBouncer types them: halephant sets those per database only, so NULL (PgBouncer's
+# documented "not set"). max_user_connections and current_connections are the role the user logs in
+# upstream as (for an alias, its server_user's, whose cap counts the alias's servers too), on every node;
+# max_user_client_connections is users.<name>.max_client_conn. 0: no cap, as PgBouncer shows its default.
+USERS_COLUMNS = columns(
+    "name:text pool_size:text reserve_pool_size:text pool_mode:text max_user_connections:int4 "
+    "current_connections:int4 max_user_client_connections:int4 current_client_connections:int4"
+)
+
+
+def show_users(app: App) -> Result:
+    from halephant.admin import snapshot
+
+    rows = [
+        [
+            u["name"], None, None, None, u["max_user_connections"] or 0, u["user_connections"],
+            u["max_client_conn"] or 0, u["client_connections"],
+        ]
+        for u in snapshot.users(app)
+    ]  # fmt: skip
+    return Result(USERS_COLUMNS, rows, "SHOW")
+
+
 def _flatten(value: Any, prefix: str, out: list[tuple[str, str]]) -> None:
     if isinstance(value, dict):
         for k, v in value.items():
@@ -753,7 +779,7 @@ def show_nodes(app: App) -> Result:
 
 def show_help(app: App) -> Result:
     rows = [
-        ["SHOW POOLS|CLIENTS|SERVERS|STATS|STATS_TOTALS|LISTS|DATABASES|CONFIG|VERSION|NODES", "read"],
+        ["SHOW POOLS|CLIENTS|SERVERS|STATS|STATS_TOTALS|LISTS|DATABASES|USERS|CONFIG|VERSION|NODES", "read"],
         ["PAUSE [db]", "hold new transactions once running ones finish"],
         ["RESUME [db]", "release held transactions"],
         ["RECONNECT [db]", "replace server connections as they become idle"],
@@ -776,4 +802,5 @@ _SHOW = {
     "CONFIG": show_config,
     "VERSION": show_version,
     "NODES": show_nodes,
+    "USERS": show_users,
 }

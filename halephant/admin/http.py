@@ -52,6 +52,7 @@ class AdminServer:
             "/ready": self._ready,
             "/snapshot": lambda q: _json(snapshot.full(self.app, self.rates)),
             "/pools": lambda q: _json(snapshot.pools(self.app)),
+            "/users": lambda q: _json(snapshot.users(self.app)),
             "/nodes": lambda q: _json(snapshot.nodes(self.app)),
             "/clients": lambda q: _json(snapshot.clients(self.app)),
             "/servers": lambda q: _json(snapshot.servers(self.app)),

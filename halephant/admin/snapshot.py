@@ -1,5 +1,5 @@
-"""What a running halephant looks like right now, as plain JSON-ready data: pools, nodes, clients, servers,
-wait queues, recent decisions, errors, rates, and the configuration with its secrets redacted.
+"""What a running halephant looks like right now, as plain JSON-ready data: pools, users, nodes, clients,
+servers, wait queues, recent decisions, errors, rates, and the configuration with its secrets redacted.
 
 Everything here runs on the event loop when the admin API or the SQL console asks, walking the pools and
 clients once; nothing is kept up to date on the proxy's path except the counters it reads
@@ -186,6 +186,33 @@ def pools(app: App) -> list[dict[str, Any]]:
             ages = [mono - s.created_at for s in _pool_servers(pool)]
             row["oldest_server_age"] = round(max(ages, default=0.0), 3)
         rows.append(row)
+    return rows
+
+
+def users(app: App) -> list[dict[str, Any]]:
+    """One row per configured user, aliases (`server_user`) included, by name: the role it logs in
+    upstream as; `max_user_connections` and `user_connections`, that role's cap and the server
+    connections logged in as it on every node, every database and every alias together, those closing
+    but not gone yet included (what the role's caps count: `halephant.pool.caps`); `max_client_conn`
+    and `client_connections`, the user's own cap on logged-in clients and their number now."""
+    servers: Counter[str] = Counter()
+    for pool in app.manager.all_pools():
+        servers[pool.info.target.server_user] += pool.total + len(pool.lingering)
+    logged_in = app.client_counts.by_user
+    rows = []
+    for name, user in sorted(app.config.users.items()):
+        role = user.server_user or name
+        upstream = app.config.users.get(role)
+        rows.append(
+            {
+                "name": name,
+                "server_user": role,
+                "max_user_connections": upstream.max_user_connections if upstream is not None else None,
+                "user_connections": servers[role],
+                "max_client_conn": user.max_client_conn,
+                "client_connections": logged_in.get(name, 0),
+            }
+        )
     return rows
 
 

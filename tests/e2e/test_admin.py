@@ -892,7 +892,7 @@ def test_console_gets_in_when_clients_fill_max_client_conn(pg: Cluster, halephan
 #: every SHOW the console answers
 SHOW_COMMANDS = [
     "HELP", "POOLS", "CLIENTS", "SERVERS", "STATS", "STATS_TOTALS", "LISTS", "DATABASES", "CONFIG", "VERSION",
-    "NODES",
+    "NODES", "USERS",
 ]  # fmt: skip
 
 
