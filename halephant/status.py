@@ -141,6 +141,10 @@ def header(snapshot: dict[str, Any]) -> Text:
     paused = s.get("paused") or []
     if paused:
         text.append("PAUSED: " + ", ".join(paused), style="bold yellow")
+        text.append("  ")
+    disabled = s.get("disabled") or []
+    if disabled:
+        text.append("DISABLED: " + ", ".join(disabled), style="bold yellow")
     return text
 
 

@@ -5,11 +5,11 @@ Authentication is the normal one (`users:` entries, `halephant_authenticate`); a
 listed in `admin.users` (every command) or `admin.stats_users` (SHOW only), else 42501. The session is
 then handed to `ConsoleSession`, which answers SHOW POOLS | CLIENTS | SERVERS | STATS | STATS_TOTALS |
 LISTS | DATABASES | USERS | CONFIG | VERSION | NODES with PgBouncer's columns and types
-(`halephant.admin.resultset` encodes them) and runs PAUSE, RESUME, RECONNECT, KILL, RELOAD and SHUTDOWN.
-The simple query protocol is
-the console's language, as for PgBouncer; the extended protocol is answered too (the unnamed statement
-and portal, text or binary results as Bind asks, row limits with PortalSuspended) so that drivers that
-always use it (psycopg, asyncpg with statement_cache_size=0) work.
+(`halephant.admin.resultset` encodes them) and runs PAUSE, RESUME, RECONNECT, KILL, DISABLE, ENABLE,
+RELOAD and SHUTDOWN. The simple query protocol is the console's language, as for PgBouncer; the extended
+protocol is answered too (the unnamed statement and portal, text or binary results as Bind asks, row
+limits with PortalSuspended) so that drivers that always use it (psycopg, asyncpg with
+statement_cache_size=0) work.
 """
 
 from __future__ import annotations
@@ -53,7 +53,9 @@ ADMIN_DATABASES = frozenset({"halephant", "pgbouncer"})
 #: logged in; this bounds the ones still authenticating)
 CONSOLE_HEADROOM = 5
 _I16 = struct.Struct("!h")
-_WRITE_COMMANDS = frozenset({"PAUSE", "RESUME", "RECONNECT", "KILL", "RELOAD", "SHUTDOWN"})
+_WRITE_COMMANDS = frozenset(
+    {"PAUSE", "RESUME", "RECONNECT", "KILL", "DISABLE", "ENABLE", "RELOAD", "SHUTDOWN"}
+)
 #: what the console reports at login (PgBouncer says e.g. "1.21.0/bouncer")
 CONSOLE_PARAMS = {
     "server_version": f"{__version__}/halephant",
@@ -468,6 +470,14 @@ class ConsoleSession(asyncio.Protocol):
             if database is None:
                 raise ClientError(sqlstate.SYNTAX_ERROR, "KILL needs a database name")
             control.kill(database)
+        elif verb in ("DISABLE", "ENABLE"):
+            database = _argument(command, verb)
+            if database is None:
+                raise ClientError(sqlstate.SYNTAX_ERROR, f"{verb} needs a database name")
+            if verb == "DISABLE":
+                control.disable(database)
+            else:
+                control.enable(database)
         elif verb == "RELOAD":
             if len(words) != 1:
                 raise _syntax(command)
@@ -505,7 +515,7 @@ def _syntax(command: str) -> ClientError:
         sqlstate.SYNTAX_ERROR,
         f"invalid admin console command: {command[:200]}",
         hint="Commands: SHOW POOLS|CLIENTS|SERVERS|STATS|STATS_TOTALS|LISTS|DATABASES|USERS|CONFIG|VERSION|"
-        "NODES, PAUSE [db], RESUME [db], RECONNECT [db], KILL db, RELOAD, SHUTDOWN.",
+        "NODES, PAUSE [db], RESUME [db], RECONNECT [db], KILL db, DISABLE db, ENABLE db, RELOAD, SHUTDOWN.",
     )
 
 
@@ -700,7 +710,8 @@ def show_databases(app: App) -> Result:
             [
                 name, primary.host if primary else None, primary.port if primary else None,
                 db.server_database, db.cluster, db.pool_size, db.min_pool_size, 0, db.mode,
-                db.max_db_connections or 0, current.get(name, 0), 1 if app.control.is_paused(name) else 0, 0,
+                db.max_db_connections or 0, current.get(name, 0), 1 if app.control.is_paused(name) else 0,
+                1 if app.control.is_disabled(name) else 0,
             ]
         )  # fmt: skip
     return Result(DATABASES_COLUMNS, rows, "SHOW")
@@ -784,6 +795,8 @@ def show_help(app: App) -> Result:
         ["RESUME [db]", "release held transactions"],
         ["RECONNECT [db]", "replace server connections as they become idle"],
         ["KILL db", "drop every client and server connection of db (stays paused until RESUME)"],
+        ["DISABLE db", "refuse new clients of db (55000); connected ones go on, a reload keeps it"],
+        ["ENABLE db", "let new clients of db in again"],
         ["RELOAD", "reload the configuration file"],
         ["SHUTDOWN", "stop halephant as on SIGTERM"],
     ]

@@ -1,10 +1,16 @@
-"""Operator commands on a running halephant: PAUSE, RESUME, RECONNECT and KILL (from the SQL console).
+"""Operator commands on a running halephant: PAUSE, RESUME, RECONNECT, KILL, DISABLE and ENABLE (from the
+SQL console).
 
 PAUSE holds every new transaction of the paused databases at its checkout, and every login that would
 take a server (session pooling; a login that learns the parameters to report): the client's messages
 are buffered as for any wait, and no checkout timeout runs. It reports paused once no server of those
 databases is lent to a client any more. The proxy path pays one attribute test per checkout
 (`holding`), false unless something is paused.
+
+DISABLE refuses new logins to a database (after authentication, as PostgreSQL refuses a database that
+does not allow connections) with PgBouncer's words, under PostgreSQL's SQLSTATE for it, 55000
+(object_not_in_prerequisite_state; PgBouncer says 08P01); clients already logged in go on. ENABLE lets
+them in again. Like PAUSE, the state lives here and not in the configuration: a reload keeps it.
 
 A PAUSE or RESUME that would change nothing is refused with PgBouncer's words ("already suspended/paused",
 "database X is not paused", "pooler is not paused/suspended"), under SQLSTATE 55000
@@ -48,6 +54,8 @@ class Control:
         #: answered where it was held must not be routed twice by RESUME (the second time out of the
         #: pool's queue it had joined the first time, where it stayed to be handed a second server)
         self._held: dict[ClientConnection, None] = {}
+        #: databases DISABLE keeps new clients out of
+        self._disabled: set[str] = set()
         #: open SQL console sessions (not in `app.clients`: they are not pool clients)
         self.consoles: set[ConsoleSession] = set()
 
@@ -63,6 +71,24 @@ class Control:
 
     def is_paused(self, database: str) -> bool:
         return ALL in self._paused or database in self._paused
+
+    def is_disabled(self, database: str) -> bool:
+        return database in self._disabled
+
+    def refuse_login(self, database: str) -> ClientError | None:
+        """Why a client that authenticated for `database` may not log in (None: it may)."""
+        if database not in self._disabled:
+            return None
+        return ClientError(
+            sqlstate.OBJECT_NOT_IN_PREREQUISITE_STATE,
+            f"database does not allow connections: {database}",
+            hint=f"An operator ran DISABLE {database} on the admin console; ENABLE {database} lets "
+            "clients in again.",
+            fatal=True,
+        )
+
+    def disabled_databases(self) -> set[str]:
+        return set(self._disabled)
 
     def paused_databases(self) -> set[str]:
         return set(self._paused)
@@ -189,6 +215,19 @@ class Control:
             n += len(pool.active)
         log.info("RECONNECT %s: %d server connection(s) to replace", database or "(all databases)", n)
         return n
+
+    def disable(self, database: str) -> None:
+        """Refuse new clients of `database`; those logged in go on. Disabling it again changes nothing,
+        as with PgBouncer."""
+        self._databases(database)
+        self._disabled.add(database)
+        log.info("DISABLE %s: new clients are refused", database)
+
+    def enable(self, database: str) -> None:
+        """Let new clients of `database` in again (also when it was not disabled, as with PgBouncer)."""
+        self._databases(database)
+        self._disabled.discard(database)
+        log.info("ENABLE %s", database)
 
     def kill(self, database: str) -> int:
         """Drop every client and server connection of `database`; it stays paused until RESUME."""

@@ -122,6 +122,14 @@ class HalephantCollector:
         for database in sorted(app.config.databases):
             paused.add_metric([database], 1 if app.control.is_paused(database) else 0)
         yield paused
+        disabled = GaugeMetricFamily(
+            "halephant_database_disabled",
+            "1 while DISABLE refuses a database's new clients",
+            labels=["database"],
+        )
+        for database in sorted(app.config.databases):
+            disabled.add_metric([database], 1 if app.control.is_disabled(database) else 0)
+        yield disabled
 
         reloads = CounterMetricFamily("halephant_reloads", "Configuration reloads", labels=["result"])
         for result in ("ok", "failed"):

@@ -457,6 +457,7 @@ def summary(app: App, rates: Rates | None) -> dict[str, Any]:
         "queries_per_s": round(rates.queries_per_s, 1) if rates is not None else 0.0,
         "reloads": dict(app.stats.reloads),
         "paused": sorted(app.control.paused_databases()),
+        "disabled": sorted(app.control.disabled_databases()),
     }
 
 

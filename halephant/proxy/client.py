@@ -538,6 +538,11 @@ class ClientConnection(asyncio.Protocol):
             self.app.stats.decide("reject", self.info, r.reason, r.code)
             raise ClientError(r.code, r.message, hint=r.hint, fatal=True)
         assert self.info is not None and self.target is not None
+        disabled = self.app.control.refuse_login(self.target.database)
+        if disabled is not None:
+            log.info("%r: rejected: %s", self, disabled.message)
+            self.app.stats.decide("reject", self.info, disabled.message, disabled.code)
+            raise disabled
         pool_info = self.app.manager.pool_info(self.target)
         refused = self.app.client_counts.admit(self.app.config, self.target, self.info.user)
         if refused is not None:

@@ -226,7 +226,7 @@ def test_metrics_are_prometheus_text(hal: Running) -> None:
         "halephant_client_connections", "halephant_clients", "halephant_transactions", "halephant_queries",
         "halephant_wait_seconds", "halephant_checkout_timeouts", "halephant_errors",
         "halephant_server_connections", "halephant_node_role", "halephant_reloads",
-        "halephant_database_paused", "process_resident_memory_bytes",
+        "halephant_database_paused", "halephant_database_disabled", "process_resident_memory_bytes",
     ):  # fmt: skip
         assert name in families, name
     xacts = [s for s in families["halephant_transactions"].samples if s.labels.get("database") == "myapp"]

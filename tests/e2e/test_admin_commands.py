@@ -1,5 +1,5 @@
 """End to end: the console commands operators bring from PgBouncer beyond the ones in test_admin.py:
-SHOW USERS (and GET /users), against a real PostgreSQL behind halephant.
+SHOW USERS (and GET /users), DISABLE and ENABLE, against a real PostgreSQL behind halephant.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import psycopg.errors
 import pytest
 import rawclient as rc
 from support.halephant import HalephantFactory, Running, default_config
+from support.leaks import assert_clean_servers
 from support.polling import wait_until
 
 from halephant.testing.pgcluster import Cluster
@@ -111,3 +112,97 @@ def test_show_users_is_open_to_stats_users_only(hal: Running) -> None:
         with pytest.raises(AssertionError, match="login failed"):
             client.login("nobody", "nobody-pw", "pgbouncer")
         assert client.last_session.messages[-1].fields["C"] == "42501"
+
+
+# --- DISABLE / ENABLE ----------------------------------------------------------------------------------
+
+
+def login_error(hal: Running, dbname: str, user: str = "myapp") -> dict[str, str] | None:
+    """The ErrorResponse fields a login to `dbname` ends with (None: it got in)."""
+    with rc.RawClient(hal.host, hal.port) as client:
+        try:
+            client.login(user, PASSWORDS.get(user, user), dbname)
+        except AssertionError:
+            fields: dict[str, str] = client.last_session.messages[-1].fields
+            client.expect_closed()
+            return fields
+        return None
+
+
+def reload_keeping_addresses(hal: Running, cfg: dict[str, Any]) -> None:
+    cfg["listen"] = f"{hal.host}:{hal.port}"
+    cfg["admin"]["listen"] = hal.admin_url.removeprefix("http://") if hal.admin_url else None
+    hal.reload(cfg, expect="reload: done")
+
+
+def test_disable_refuses_new_clients_with_55000_and_keeps_the_connected_ones(
+    hal: Running, pg: Cluster
+) -> None:
+    connected = connect(hal)
+    connected.execute("SELECT 1")
+    in_transaction = connect(hal)
+    in_transaction.execute("BEGIN")
+    in_transaction.execute("SELECT 1")
+    try:
+        with console(hal) as admin:
+            admin.execute("DISABLE myapp")
+            error = login_error(hal, "myapp")
+            assert error is not None
+            assert (error["S"], error["C"], error["M"]) == (
+                "FATAL",
+                "55000",
+                "database does not allow connections: myapp",
+            )
+            assert "ENABLE myapp" in error["H"]
+            assert login_error(hal, "myapp", user="alias") is not None  # every user
+            assert login_error(hal, "other") is None  # other databases, and the console, are not touched
+            # connected clients go on: new transactions, and the one in progress
+            assert connected.execute("SELECT 2").fetchone() == (2,)
+            in_transaction.execute("COMMIT")
+            assert in_transaction.execute("SELECT 3").fetchone() == (3,)
+            databases = show(admin, "DATABASES")
+            assert (databases["myapp"]["disabled"], databases["other"]["disabled"]) == (1, 0)
+            assert hal.admin_json("/snapshot")["summary"]["disabled"] == ["myapp"]
+            assert 'halephant_database_disabled{database="myapp"} 1.0' in hal.admin_get("/metrics")[1]
+            admin.execute("DISABLE myapp")  # again: no error, as with PgBouncer
+            decisions = hal.admin_json("/decisions")
+            assert (decisions[0]["kind"], decisions[0]["reason"]) == ("admin", "DISABLE myapp")
+            reject = next(d for d in decisions if d["kind"] != "admin")
+            assert (reject["kind"], reject["sqlstate"], reject["database"]) == ("reject", "55000", "myapp")
+
+            # a reload does not let them in again (PgBouncer keeps it across RELOAD too)
+            cfg = config(pg)
+            cfg["databases"]["other"]["pool_size"] = 3
+            reload_keeping_addresses(hal, cfg)
+            assert show(admin, "DATABASES")["myapp"]["disabled"] == 1
+            error = login_error(hal, "myapp")
+            assert error is not None and error["C"] == "55000"
+
+            admin.execute("ENABLE myapp")
+            assert login_error(hal, "myapp") is None
+            assert show(admin, "DATABASES")["myapp"]["disabled"] == 0
+            admin.execute("ENABLE myapp")  # not disabled: no error either
+    finally:
+        with console(hal) as admin:
+            admin.execute("ENABLE myapp")
+        connected.close()
+        in_transaction.close()
+    assert_clean_servers(pg)
+
+
+def test_disable_and_enable_refuse_bad_input_and_read_only_users(hal: Running) -> None:
+    with console(hal) as admin:
+        for command in ("DISABLE nosuch", "ENABLE nosuch", 'DISABLE "nosuch"'):
+            with pytest.raises(psycopg.errors.InvalidCatalogName, match='database "nosuch" does not exist'):
+                admin.execute(command)
+        for command in ("DISABLE", "ENABLE", "DISABLE myapp other"):
+            with pytest.raises(psycopg.errors.SyntaxError):
+                admin.execute(command)
+        assert show(admin, "DATABASES")["myapp"]["disabled"] == 0
+        assert any(r["command"] == "DISABLE db" for r in show(admin, "HELP").values())
+    with console(hal, "watcher") as watcher:
+        for command in ("DISABLE myapp", "ENABLE myapp"):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege, match="read-only"):
+                watcher.execute(command)
+        assert show(watcher, "DATABASES")["myapp"]["disabled"] == 0
+    assert login_error(hal, "myapp") is None
