@@ -5,10 +5,10 @@ Authentication is the normal one (`users:` entries, `halephant_authenticate`); a
 listed in `admin.users` (every command) or `admin.stats_users` (SHOW only), else 42501. The session is
 then handed to `ConsoleSession`, which answers SHOW POOLS | CLIENTS | SERVERS | STATS | STATS_TOTALS |
 LISTS | DATABASES | USERS | CONFIG | VERSION | NODES with PgBouncer's columns and types
-(`halephant.admin.resultset` encodes them) and runs PAUSE, RESUME, RECONNECT, KILL, DISABLE, ENABLE,
-RELOAD and SHUTDOWN. The simple query protocol is the console's language, as for PgBouncer; the extended
-protocol is answered too (the unnamed statement and portal, text or binary results as Bind asks, row
-limits with PortalSuspended) so that drivers that always use it (psycopg, asyncpg with
+(`halephant.admin.resultset` encodes them) and runs PAUSE, RESUME, RECONNECT, WAIT_CLOSE, KILL, DISABLE,
+ENABLE, RELOAD and SHUTDOWN. The simple query protocol is the console's language, as for PgBouncer; the
+extended protocol is answered too (the unnamed statement and portal, text or binary results as Bind
+asks, row limits with PortalSuspended) so that drivers that always use it (psycopg, asyncpg with
 statement_cache_size=0) work.
 """
 
@@ -54,8 +54,10 @@ ADMIN_DATABASES = frozenset({"halephant", "pgbouncer"})
 CONSOLE_HEADROOM = 5
 _I16 = struct.Struct("!h")
 _WRITE_COMMANDS = frozenset(
-    {"PAUSE", "RESUME", "RECONNECT", "KILL", "DISABLE", "ENABLE", "RELOAD", "SHUTDOWN"}
+    {"PAUSE", "RESUME", "RECONNECT", "WAIT_CLOSE", "KILL", "DISABLE", "ENABLE", "RELOAD", "SHUTDOWN"}
 )
+#: commands that may answer only later (the session reads nothing more meanwhile)
+_WAITING_COMMANDS = frozenset({"PAUSE", "WAIT_CLOSE"})
 #: what the console reports at login (PgBouncer says e.g. "1.21.0/bouncer")
 CONSOLE_PARAMS = {
     "server_version": f"{__version__}/halephant",
@@ -249,14 +251,15 @@ class ConsoleSession(asyncio.Protocol):
             return None
         for n, command in enumerate(commands):
             try:
-                if _verb(command) == "PAUSE":
-                    self._check_write("PAUSE")
+                verb = _verb(command)
+                if verb in _WAITING_COMMANDS:
+                    self._check_write(verb)
                     if n != len(commands) - 1:
-                        raise ClientError(sqlstate.FEATURE_NOT_SUPPORTED, "PAUSE must be the last command")
-                    database = self._pause(command)
-                    if self.app.control.active_servers(database):
-                        return asyncio.ensure_future(self._pause_done(database))
-                    out.append(command_complete("PAUSE"))
+                        raise ClientError(sqlstate.FEATURE_NOT_SUPPORTED, f"{verb} must be the last command")
+                    task = self._start_waiting(verb, command)
+                    if task is not None:
+                        return task
+                    out.append(command_complete(verb))
                     continue
                 out.append(encode_result(self.run(command)))
             except ClientError as exc:
@@ -264,9 +267,27 @@ class ConsoleSession(asyncio.Protocol):
                 return None
         return None
 
+    def _start_waiting(self, verb: str, command: str) -> asyncio.Task[str] | None:
+        """Run PAUSE or WAIT_CLOSE up to its wait: the task that answers once the wait is over, or None
+        when there is nothing to wait for."""
+        control = self.app.control
+        if verb == "PAUSE":
+            database = self._pause(command)
+            if control.active_servers(database):
+                return asyncio.ensure_future(self._pause_done(database))
+            return None
+        database = _argument(command, verb)
+        pending = control.servers_to_close(database)  # (3D000 for an unknown database)
+        self.app.stats.decide("admin", self.client.info, command)
+        log.info("WAIT_CLOSE %s: %d server connection(s) to close", database or "(all databases)", pending)
+        if pending:
+            return asyncio.ensure_future(self._closed_done(database))
+        return None
+
     def _wait_for(self, task: asyncio.Task[str], *, simple: bool) -> None:
-        """Hold this session's input until `task` (PAUSE waiting for transactions) is done; a simple
-        Query is then answered, an extended-protocol batch goes on from its next message."""
+        """Hold this session's input until `task` (PAUSE waiting for transactions, WAIT_CLOSE for servers
+        to close) is done; a simple Query is then answered, an extended-protocol batch goes on from its
+        next message."""
         self._busy = True
         self._set_reading()
 
@@ -280,7 +301,7 @@ class ConsoleSession(asyncio.Protocol):
                 if isinstance(exc, ClientError):
                     error = exc
                 else:
-                    error = ClientError(sqlstate.INTERNAL_ERROR, f"PAUSE failed: {exc!r}")
+                    error = ClientError(sqlstate.INTERNAL_ERROR, f"the command failed: {exc!r}")
                 self.transport.write(self._error(error))
                 self._skip_to_sync = not simple
             elif simple:
@@ -295,6 +316,10 @@ class ConsoleSession(asyncio.Protocol):
     async def _pause_done(self, database: str | None) -> str:
         await self.app.control.wait_paused(database)
         return "PAUSE"
+
+    async def _closed_done(self, database: str | None) -> str:
+        await self.app.control.wait_closed(database)
+        return "WAIT_CLOSE"
 
     def _extended(self, t: int, payload: bytes, out: list[bytes]) -> asyncio.Task[str] | None:
         """Answer one extended-protocol message as PostgreSQL would; a PAUSE that has to wait returns its
@@ -373,14 +398,13 @@ class ConsoleSession(asyncio.Protocol):
         if bind.portal:
             raise ClientError(sqlstate.FEATURE_NOT_SUPPORTED, "the admin console has no named portals")
         self._portal = None  # a Bind replaces the unnamed portal
-        if _verb(command) == "PAUSE":
-            self._check_write("PAUSE")
-            database = self._pause(command)
-            self._portal = _Portal(Result((), (), "PAUSE"), ())
+        verb = _verb(command)
+        if verb in _WAITING_COMMANDS:
+            self._check_write(verb)
+            task = self._start_waiting(verb, command)
+            self._portal = _Portal(Result((), (), verb), ())
             out.append(m.BIND_COMPLETE)
-            if self.app.control.active_servers(database):
-                return asyncio.ensure_future(self._pause_done(database))
-            return None
+            return task
         result = self.run(command) if command else Result((), (), "")
         # formats apply to a result with columns only: PostgreSQL ignores them for other commands
         formats = result_formats(bind.result_formats, len(result.columns)) if result.columns else ()
@@ -515,7 +539,8 @@ def _syntax(command: str) -> ClientError:
         sqlstate.SYNTAX_ERROR,
         f"invalid admin console command: {command[:200]}",
         hint="Commands: SHOW POOLS|CLIENTS|SERVERS|STATS|STATS_TOTALS|LISTS|DATABASES|USERS|CONFIG|VERSION|"
-        "NODES, PAUSE [db], RESUME [db], RECONNECT [db], KILL db, DISABLE db, ENABLE db, RELOAD, SHUTDOWN.",
+        "NODES, PAUSE [db], RESUME [db], RECONNECT [db], WAIT_CLOSE [db], KILL db, DISABLE db, ENABLE db, "
+        "RELOAD, SHUTDOWN.",
     )
 
 
@@ -794,6 +819,7 @@ def show_help(app: App) -> Result:
         ["PAUSE [db]", "hold new transactions once running ones finish"],
         ["RESUME [db]", "release held transactions"],
         ["RECONNECT [db]", "replace server connections as they become idle"],
+        ["WAIT_CLOSE [db]", "answer once the servers RECONNECT or a reload marked to close are closed"],
         ["KILL db", "drop every client and server connection of db (stays paused until RESUME)"],
         ["DISABLE db", "refuse new clients of db (55000); connected ones go on, a reload keeps it"],
         ["ENABLE db", "let new clients of db in again"],

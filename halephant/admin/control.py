@@ -1,11 +1,15 @@
-"""Operator commands on a running halephant: PAUSE, RESUME, RECONNECT, KILL, DISABLE and ENABLE (from the
-SQL console).
+"""Operator commands on a running halephant: PAUSE, RESUME, RECONNECT, WAIT_CLOSE, KILL, DISABLE and ENABLE
+(from the SQL console).
 
 PAUSE holds every new transaction of the paused databases at its checkout, and every login that would
 take a server (session pooling; a login that learns the parameters to report): the client's messages
 are buffered as for any wait, and no checkout timeout runs. It reports paused once no server of those
 databases is lent to a client any more. The proxy path pays one attribute test per checkout
 (`holding`), false unless something is paused.
+
+RECONNECT closes idle servers at once and marks the others (`Pool.outdated_before`, which a reload that
+changes what a pool logs in with sets too) to be closed when they come back; WAIT_CLOSE answers once no
+marked server is left open, nor any server of a pool a reload retired.
 
 DISABLE refuses new logins to a database (after authentication, as PostgreSQL refuses a database that
 does not allow connections) with PgBouncer's words, under PostgreSQL's SQLSTATE for it, 55000
@@ -228,6 +232,27 @@ class Control:
         self._databases(database)
         self._disabled.discard(database)
         log.info("ENABLE %s", database)
+
+    def servers_to_close(self, database: str | None) -> int:
+        """Servers of `database` (all when None) still open that RECONNECT or a reload marked to be closed:
+        opened before their pool's `outdated_before`, or in a pool a reload retired (lent ones close as
+        they come back). One still logging in is never handed to a client (it is closed once logged in)
+        and is not counted."""
+        self._databases(database)
+        n = 0
+        for pool in self._pools(database):
+            before = pool.outdated_before
+            n += sum(1 for s in pool.active if s.created_at < before)
+            n += sum(1 for s in pool.idle if s.created_at < before)
+        for pool in list(self.app.manager.retired):
+            if database is None or pool.key[0] == database:
+                n += len(pool.active) + len(pool.idle)
+        return n
+
+    async def wait_closed(self, database: str | None, poll: float = 0.05) -> None:
+        """Return once `servers_to_close(database)` is 0."""
+        while self.servers_to_close(database):
+            await anyio.sleep(poll)
 
     def kill(self, database: str) -> int:
         """Drop every client and server connection of `database`; it stays paused until RESUME."""

@@ -1,9 +1,10 @@
 """End to end: the console commands operators bring from PgBouncer beyond the ones in test_admin.py:
-SHOW USERS (and GET /users), DISABLE and ENABLE, against a real PostgreSQL behind halephant.
+SHOW USERS (and GET /users), DISABLE and ENABLE, WAIT_CLOSE, against a real PostgreSQL behind halephant.
 """
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import psycopg
@@ -206,3 +207,52 @@ def test_disable_and_enable_refuse_bad_input_and_read_only_users(hal: Running) -
                 watcher.execute(command)
         assert show(watcher, "DATABASES")["myapp"]["disabled"] == 0
     assert login_error(hal, "myapp") is None
+
+
+# --- WAIT_CLOSE ----------------------------------------------------------------------------------------
+
+
+def test_wait_close_answers_once_the_servers_reconnect_marked_are_closed(
+    hal: Running, pg: Cluster, backend_pids: Any
+) -> None:
+    with console(hal) as admin:
+        admin.execute("WAIT_CLOSE other")  # nothing marked: at once
+        busy = connect(hal, dbname="other")
+        busy.execute("BEGIN")
+        (old_pid,) = busy.execute("SELECT pg_backend_pid()").fetchone()  # type: ignore[misc]
+        admin.execute("RECONNECT other")  # the busy server is marked, closed when it comes back
+        answered = threading.Event()
+        waiter = threading.Thread(target=lambda: (admin.execute("WAIT_CLOSE other"), answered.set()))
+        waiter.start()
+        try:
+            assert not answered.wait(0.5)  # the transaction holds the marked server
+            with console(hal) as other:  # other sessions, and WAIT_CLOSE of other databases, go on
+                other.execute("WAIT_CLOSE myapp")
+            busy.execute("COMMIT")  # the server comes back and is closed: WAIT_CLOSE answers
+            assert answered.wait(10)
+        finally:
+            busy.close()
+            waiter.join(10)
+        wait_until(lambda: old_pid not in backend_pids("myapp"), "the marked backend gone")
+        admin.execute("WAIT_CLOSE")  # all databases: nothing left
+        # the extended protocol waits too, and is answered the same
+        with psycopg.connect(hal.dsn(user="admin", password="admin-pw", dbname="halephant")) as ext:
+            ext.autocommit = True
+            assert ext.execute("WAIT_CLOSE").statusmessage == "WAIT_CLOSE"
+    assert_clean_servers(pg)
+
+
+def test_wait_close_refuses_bad_input_and_read_only_users(hal: Running) -> None:
+    with console(hal) as admin:
+        with pytest.raises(psycopg.errors.InvalidCatalogName):
+            admin.execute("WAIT_CLOSE nosuch")
+        with pytest.raises(psycopg.errors.SyntaxError):
+            admin.execute("WAIT_CLOSE myapp other")
+        with pytest.raises(psycopg.errors.FeatureNotSupported, match="must be the last command"):
+            admin.execute("WAIT_CLOSE; SHOW VERSION")
+        assert admin.execute("SHOW VERSION").fetchone()
+    with (
+        console(hal, "watcher") as watcher,
+        pytest.raises(psycopg.errors.InsufficientPrivilege, match="read-only"),
+    ):
+        watcher.execute("WAIT_CLOSE")
