@@ -734,7 +734,7 @@ def show_databases(app: App) -> Result:
         rows.append(
             [
                 name, primary.host if primary else None, primary.port if primary else None,
-                db.server_database, db.cluster, db.pool_size, db.min_pool_size, 0, db.mode,
+                db.server_database, db.cluster, db.pool_size, db.min_pool_size, db.reserve_pool_size, db.mode,
                 db.max_db_connections or 0, current.get(name, 0), 1 if app.control.is_paused(name) else 0,
                 1 if app.control.is_disabled(name) else 0,
             ]

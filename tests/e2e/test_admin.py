@@ -55,7 +55,7 @@ def hal(pg: Cluster, module_halephant: HalephantFactory) -> Running:
         # the probes' login (else the first user that can log in upstream: "admin", no PostgreSQL role)
         clusters={"main": {"probe_user": "myapp"}},
         databases={
-            "myapp": {**main, "pool_size": 3, "checkout_timeout": "5s"},
+            "myapp": {**main, "pool_size": 3, "checkout_timeout": "5s", "reserve_pool_size": 2},
             "one": {**main, "pool_size": 1, "checkout_timeout": "300ms"},
             "pausable": {**main, "pool_size": 2, "checkout_timeout": "5s"},
             "killable": {**main, "pool_size": 2},
@@ -299,6 +299,8 @@ def test_console_show_commands(hal: Running) -> None:
             assert any(s["database"] == "myapp" and s["total_xact_count"] >= 1 for s in stats)
             dbs = show(admin, "DATABASES")
             assert {d["name"] for d in dbs} >= {"myapp", "one"}
+            by_name = {d["name"]: d for d in dbs}
+            assert (by_name["myapp"]["reserve_pool"], by_name["one"]["reserve_pool"]) == (2, 0)
             assert show(admin, "VERSION")[0]["version"].startswith("halephant ")
             assert any(r["command"] == "PAUSE [db]" for r in show(admin, "HELP"))
             nodes = show(admin, "NODES")
