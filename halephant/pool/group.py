@@ -3,9 +3,11 @@
 PRIMARY goes to the pool of the elected primary; while there is none, waiters are parked in
 `waiting_for_primary` (a pool with no node and no capacity: it only queues) until one appears or their
 checkout_timeout passes. REPLICA goes to the usable replica with the fewest active server connections
-(connections being opened count too), round-robin among equals, and one that refused halephant's
-last login (`Pool.login_refused`) only when all did. The replica pools share one wait
-queue, so whichever replica frees a server first serves the next waiter.
+(connections being opened count too), round-robin among equals; one that cannot serve a client now
+because a full cap across pools keeps it from opening a connection and it has no idle server
+(`Pool.capped_out`) only when no other one can serve now; and one that refused halephant's last
+login (`Pool.login_refused`) only when all did. The replica pools share one wait queue, so whichever
+replica frees a server first serves the next waiter.
 
 Synchronous and I/O-free like `Pool`: the pool manager assigns the pools when the topology changes and does
 the I/O the choices call for.
@@ -28,6 +30,10 @@ NO_PRIMARY = "(no primary)"
 #: what a replica that refused halephant's last login (until server_login_retry passes) weighs in
 #: `pick_replica`: picked only when every other one refused too
 _REFUSED = 1 << 30
+#: what a replica whose full cap keeps it from opening a connection, with no idle server, weighs in
+#: `pick_replica` (`Pool.capped_out`): a client sent there would queue for a place under the cap while
+#: another replica may serve it now; below `_REFUSED`, as such a replica still logs in
+_CAPPED = 1 << 20
 
 
 class PoolGroup(Generic[S, W]):
@@ -92,7 +98,9 @@ class PoolGroup(Generic[S, W]):
         return displaced
 
     def pick_replica(self, pools: Sequence[Pool[S, W]] | None = None) -> Pool[S, W] | None:
-        """The least busy of `pools` (default: the usable replicas), round-robin on ties."""
+        """The least busy of `pools` (default: the usable replicas), round-robin on ties; one held by a
+        full cap with no idle server (`Pool.capped_out`) only when every other one is too, or refused
+        halephant's last login."""
         if pools is None:
             pools = self.replicas
         n = len(pools)
@@ -110,4 +118,26 @@ class PoolGroup(Generic[S, W]):
                 load += _REFUSED
             if load < best_load:
                 best, best_load = pool, load
+        if best.caps and best.capped_out():
+            # Only the winner is asked (one attribute test per pick where no cap is configured); the
+            # weighing again with every cap in it picks what weighing them all from the start would.
+            return _least_busy(pools, start)
         return best
+
+
+def _least_busy(pools: Sequence[Pool[S, W]], start: int) -> Pool[S, W]:
+    """`PoolGroup.pick_replica`'s weighing, each replica held by a full cap with no idle server
+    (`Pool.capped_out`) weighing `_CAPPED` more, from `start` on (the first of equals wins)."""
+    n = len(pools)
+    best = pools[start]
+    best_load = -1
+    for i in range(n):
+        pool = pools[(start + i) % n]
+        load = len(pool.active) + pool.connecting
+        if pool.login_refused is not None:
+            load += _REFUSED
+        elif pool.caps and pool.capped_out():
+            load += _CAPPED
+        if best_load < 0 or load < best_load:
+            best, best_load = pool, load
+    return best

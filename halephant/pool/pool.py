@@ -16,7 +16,8 @@ kept up to date by the pool manager as the topology changes.
 
 `caps` are the caps on server connections across pools that count this pool's (`halephant.pool.caps`:
 max_db_connections, max_user_connections), empty when none is configured: they are asked only where a
-connection would be opened, never when an idle server is checked out or a server checked in here (the
+connection would be opened, and when a replica is picked for a transaction (`capped_out`: only a capped
+pool with no idle server), never when an idle server is checked out or a server checked in here (the
 pool manager looks at a check-in only while a cap has pools waiting, through `retire_before`).
 """
 
@@ -245,6 +246,11 @@ class Pool(Generic[S, W]):
             if cap.room() <= 0:
                 return cap
         return None
+
+    def capped_out(self) -> bool:
+        """No idle server, and a full cap keeps the pool from opening one: a client queued here now
+        waits for a place under that cap (asked by `PoolGroup.pick_replica`, only of a pool with caps)."""
+        return not self.idle and any(cap.room() <= 0 for cap in self.caps)
 
     def cancel_wait(self, waiter: W) -> None:
         try:
