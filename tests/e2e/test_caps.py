@@ -6,7 +6,8 @@ pg_stat_activity on the node shows never goes beyond them while several users' c
 every client is served (an idle pool at the cap gives way to another user's waiting clients), a client
 that waits past checkout_timeout gets 53300 naming the cap (as does the query_wait_notify NOTICE), and a
 reload that lowers a cap closes the idle servers above it at once and the busy ones as they come back.
-Each scenario counts the backends of a server database (or role) of its own.
+Each scenario counts the backends of a server database (or role) of its own. With two replicas, a read
+goes to the replica that can serve it rather than queue at one whose cap is full (a cluster of its own).
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ import asyncio
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import psycopg
 import pytest
+from support.cluster import start_test_cluster
 from support.halephant import HalephantFactory, Running, default_config
 from support.leaks import assert_clean_servers
 from support.polling import became
@@ -245,3 +248,57 @@ def test_reload_lowering_the_cap_closes_idle_servers_now_and_busy_ones_as_they_c
             for client in clients:
                 client.close()
     assert sampler.max <= 3
+
+
+# --- replicas ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def two_replicas() -> Iterator[Cluster]:
+    cluster = start_test_cluster(replicas=2)
+    try:
+        yield cluster
+    finally:
+        cluster.destroy()
+
+
+def test_a_read_goes_to_the_replica_with_room_not_to_one_whose_cap_is_full(
+    two_replicas: Cluster, halephant: HalephantFactory
+) -> None:
+    cl = two_replicas
+    reads = {"cluster": "main", "database": "myapp", "pool_size": 5, "checkout_timeout": "1s"}
+    config = default_config(
+        cl,
+        clusters={"main": {"probe_user": "myapp"}},
+        databases={"myapp": reads, "hold": {**reads, "mode": "session"}},
+        users={"myapp_ro": {"read_only": True, "max_user_connections": 1}},
+    )
+    run = halephant.start(config)
+    ports = {node.port for node in cl.replicas}
+
+    def port(conn: psycopg.Connection[Any]) -> int:
+        row = conn.execute("SELECT inet_server_port()").fetchone()
+        assert row is not None
+        return int(row[0])
+
+    # a session-mode client of the role takes the one place its cap leaves it on one replica, and keeps it
+    with psycopg.connect(
+        run.dsn(user="myapp_ro", password="myapp_ro", dbname="hold"), autocommit=True
+    ) as holder:
+        full = port(holder)
+        assert full in ports
+        (free,) = ports - {full}
+        # The role's other pool (another database) has no server anywhere, and each replica is as idle as
+        # the other: were the one whose cap is full picked for every other read (its login included),
+        # those would wait there for checkout_timeout and get 53300.
+        with psycopg.connect(
+            run.dsn(user="myapp_ro", password="myapp_ro", dbname="myapp"), autocommit=True
+        ) as reader:
+            assert [port(reader) for _ in range(6)] == [free] * 6
+        assert port(holder) == full
+        node = next(node for node in cl.replicas if node.port == full)
+        backends = (
+            "SELECT count(*) FROM pg_stat_activity WHERE usename = 'myapp_ro' AND client_addr IS NOT NULL"
+        )
+        assert node.sql(backends) == "1"  # the holder's: never one more under max_user_connections
+    assert_clean_servers(cl)
