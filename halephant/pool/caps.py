@@ -11,7 +11,8 @@ the cap keeps the held pools in order, and
 * `serve_held` picks which of them open a connection when the cap has room again;
 * `evict_idle` takes idle servers of its pools out to be closed while held pools want more than
   the cap will have room for once those already closing are gone (as PgBouncer evicts idle
-  connections of the database's, or the user's, other pools);
+  connections of the database's, or the user's, other pools); `evict_for_reserve` does the same for
+  a pool whose reserve connection is due (`Pool.reserve_held_by`), which the waiter sweep then opens;
 * `reclaim` says whether a server checked in to one of its pools must be closed rather than handed on:
   the cap was lowered below what its pools hold, or a held pool wants the place and the server's own
   pool needs it less (it has no waiters, or holds more servers than the held pool plus one).
@@ -140,6 +141,12 @@ class Cap:
         what the cap will have room for once the servers already closing are gone, least recently
         used first, taken out of their pools (the caller closes them; they count until gone)."""
         return self._take_idle(self.open_count() + self.wanted() - self.limit)
+
+    def evict_for_reserve(self) -> list[Any]:
+        """Idle servers to close so that a pool's reserve connection gets a place too (the pool is full
+        by its own size: it wants none as a held pool would, `wants`), beyond what the held pools want
+        and what the servers already closing will free; taken out as `evict_idle` does."""
+        return self._take_idle(self.open_count() + self.wanted() + 1 - self.limit)
 
     def trim(self) -> list[Any]:
         """After the cap was lowered: idle servers above it, least recently used first, taken out of

@@ -329,13 +329,28 @@ class Pool(Generic[S, W]):
 
     def open_reserve(self) -> bool:
         """Open one connection beyond `max`, up to `max + reserve`, for waiters nobody is opening for."""
-        size = self.info.size
-        if size.reserve and len(self.waiters) > self.connecting and self.total < size.max + size.reserve:
+        if self._reserve_wanted():
             if self.caps and any(cap.room() <= 0 for cap in self.caps):
-                return False  # the reserve never goes beyond a cap (nor makes room under one)
+                return False  # the reserve never goes beyond a cap (`reserve_held_by`: room is made)
             self.connecting += 1
             return True
         return False
+
+    def reserve_held_by(self) -> list[Cap]:
+        """The full caps that keep `open_reserve` from opening a connection the waiters could have
+        (`Cap.evict_for_reserve` makes room under each). None for a pool below its size: the caps hold
+        it as for any connection (`Cap.hold`), and make room for it then."""
+        if self.total < self.info.size.max or not self._reserve_wanted():
+            return []
+        return [cap for cap in self.caps if cap.room() <= 0]
+
+    def _reserve_wanted(self) -> bool:
+        size = self.info.size
+        return (
+            bool(size.reserve)
+            and len(self.waiters) > self.connecting
+            and self.total < size.max + size.reserve
+        )
 
     def excess_idle(self) -> list[S]:
         """Idle servers beyond `max` (reserve connections no longer needed, or a pool shrunk by a

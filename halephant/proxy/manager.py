@@ -9,7 +9,8 @@ The caps across pools (`max_db_connections`, `max_user_connections`: `halephant.
 here too: which pools each one counts, following the configuration, and what their decisions call for.
 A pool held by a full cap gets a look at once (`_relieve`: connections opened for held pools while there
 is room, idle servers of the cap's other pools closed for them), and again whenever one of the cap's
-servers is gone or fails to open, and every 100 ms as a safety net; a server checked in to a pool of a
+servers is gone or fails to open, and every 100 ms as a safety net (which also closes idle servers for a
+pool whose reserve connection is due: `evict_for_reserve`); a server checked in to a pool of a
 cap with held pools, or above a lowered cap, is looked at before it is handed on (`_retiring`). Nothing
 of this runs for a pool without caps.
 """
@@ -274,6 +275,17 @@ class PoolManager:
             cap.watch_check_ins()
         except Exception:  # a bug here must not stop the callback that called it: log it, go on
             log.exception("cap %s: look at its held pools failed", cap.describe())
+
+    def evict_for_reserve(self, pool: ServerPool) -> None:
+        """`pool`'s reserve connection is due but a full cap keeps it closed: idle servers of the cap's
+        other pools are closed for it (as PgBouncer does); the waiter sweep opens it once they are gone,
+        unless a held pool of the cap takes the place first."""
+        for cap in pool.reserve_held_by():
+            _close_taken(
+                cap.evict_for_reserve(),
+                f"pool {pool.name} needs a reserve connection under {cap.describe()}",
+                f"evicted: {cap.setting}",
+            )
 
     def _caps_changed(self, pool: ServerPool, failed: bool = False) -> None:
         """One of `pool`'s servers is gone, or `failed` to open: the held pools of its caps may proceed.

@@ -3,7 +3,8 @@
 The waiter sweep (every 100 ms, `sweep_waiters`): `checkout_timeout` (ERROR 53300), the NOTICE a client
 gets once it has waited `query_wait_notify` for a server (naming what holds it: the pool's size, a
 refused login, or a cap across pools), and the reserve pool (one more server beyond
-`pool_size`, up to `reserve_pool_size`, while the oldest waiter has waited `reserve_pool_timeout`).
+`pool_size`, up to `reserve_pool_size`, while the oldest waiter has waited `reserve_pool_timeout`; where
+a cap across pools is full, idle servers of its other pools are closed first to make room).
 
 The client sweep (`sweep_clients`, every second; every 100 ms while shutting down): `login_timeout`
 (FATAL 57014, PostgreSQL's code for authentication_timeout), `client_idle_timeout` (FATAL 57P05),
@@ -68,16 +69,19 @@ def sweep_waiters(manager: PoolManager, now: float) -> None:
         if pool.info.size.reserve:
             db = app.config.database_for(pool.info.target.entry_name)
             timeout = db.reserve_pool_timeout if db is not None else 5.0
-            if now - oldest >= timeout and pool.open_reserve():
-                log.info(
-                    "pool %s: opening a reserve connection (oldest waiter %.1f s, %d waiting, now %d)",
-                    pool.name,
-                    now - oldest,
-                    len(waiters),
-                    pool.total,
-                    extra={"event": "reserve_pool", "pool": pool.name},
-                )
-                manager.open(pool)
+            if now - oldest >= timeout:
+                if pool.open_reserve():
+                    log.info(
+                        "pool %s: opening a reserve connection (oldest waiter %.1f s, %d waiting, now %d)",
+                        pool.name,
+                        now - oldest,
+                        len(waiters),
+                        pool.total,
+                        extra={"event": "reserve_pool", "pool": pool.name},
+                    )
+                    manager.open(pool)
+                elif pool.caps:
+                    manager.evict_for_reserve(pool)  # opened by a later sweep, once there is room
 
 
 def _notify_waiting(client: ClientConnection, pool: ServerPool, waiting: int, now: float) -> None:

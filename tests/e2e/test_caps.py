@@ -30,8 +30,9 @@ from halephant.testing.pgcluster import Cluster, conninfo
 pytestmark = pytest.mark.e2e
 
 #: the server database of each scenario, so that its backends can be counted alone
-SHARED_DB, GIVE_WAY_DB, USER_DB_1, USER_DB_2, RELOAD_DB = (
+SHARED_DB, GIVE_WAY_DB, USER_DB_1, USER_DB_2, RELOAD_DB, RESERVE_DB = (
     "e2e_caps_shared", "e2e_caps_give_way", "e2e_caps_u1", "e2e_caps_u2", "e2e_caps_reload",
+    "e2e_caps_reserve",
 )  # fmt: skip
 #: the role of the max_user_connections scenario (and its alias's)
 CAPS_ROLE = "e2e_capsuser"
@@ -39,7 +40,7 @@ CAPS_ROLE = "e2e_capsuser"
 
 @pytest.fixture(scope="module")
 def hal(pg: Cluster, module_halephant: HalephantFactory) -> Running:
-    for name in (SHARED_DB, GIVE_WAY_DB, USER_DB_1, USER_DB_2):
+    for name in (SHARED_DB, GIVE_WAY_DB, USER_DB_1, USER_DB_2, RESERVE_DB):
         pg.create_database(name, owner="myapp")
     pg.create_role(CAPS_ROLE, CAPS_ROLE)
     main = {"cluster": "main", "pool_size": 5, "checkout_timeout": "5s"}
@@ -50,6 +51,15 @@ def hal(pg: Cluster, module_halephant: HalephantFactory) -> Running:
             "shared": {**main, "database": SHARED_DB, "max_db_connections": 2},
             "give_way": {**main, "database": GIVE_WAY_DB, "max_db_connections": 2},
             "tiny": {**main, "database": "myapp", "max_db_connections": 1, "checkout_timeout": "700ms"},
+            "reserve": {
+                **main,
+                "database": RESERVE_DB,
+                "pool_size": 1,
+                "reserve_pool_size": 1,
+                "reserve_pool_timeout": "300ms",
+                "max_db_connections": 2,
+                "checkout_timeout": "3s",
+            },
             "u1": {**main, "database": USER_DB_1},
             "u2": {**main, "database": USER_DB_2},
         },
@@ -186,6 +196,31 @@ def test_a_client_held_by_the_cap_is_told_which_cap(pg: Cluster, hal: Running) -
         assert "is full" not in notices[0]
         holder.execute("COMMIT")
         assert other.execute("SELECT 'usable again'").fetchone() == ("usable again",)
+
+
+def test_a_pool_that_needs_its_reserve_gets_an_idle_place_of_another_users_pool(
+    pg: Cluster, hal: Running
+) -> None:
+    with Sampler(pg, f"datname = '{RESERVE_DB}'") as sampler:
+        # trustuser's pool takes one of the database's two places, and keeps it idle
+        with psycopg.connect(hal.dsn(user="trustuser", password="trustuser", dbname="reserve")) as other:
+            other.execute("SELECT 1")
+        busy = psycopg.connect(hal.dsn(dbname="reserve"), autocommit=True)
+        waiting = psycopg.connect(hal.dsn(dbname="reserve"), autocommit=True)
+        with busy, waiting:
+            busy.execute("BEGIN")
+            busy.execute("SELECT 1")  # myapp's pool (pool_size 1) at its size: the cap is full too
+            assert sampler.now() == 2
+            started = time.monotonic()
+            # served by a reserve connection after reserve_pool_timeout (300ms), in the place of
+            # trustuser's idle server; not after checkout_timeout (3 s: 53300), nor by busy's COMMIT
+            assert waiting.execute("SELECT 'reserve'").fetchone() == ("reserve",)
+            assert time.monotonic() - started < 2
+            assert busy.execute("SELECT 'still in its transaction'").fetchone() is not None
+            busy.execute("COMMIT")
+    assert sampler.max <= 2, f"{sampler.max} backends of {RESERVE_DB}, max_db_connections is 2"
+    assert "needs a reserve connection under max_db_connections (2)" in hal.log_text()
+    assert_clean_servers(pg.primary)
 
 
 # --- max_user_connections --------------------------------------------------------------------------------

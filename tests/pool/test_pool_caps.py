@@ -187,10 +187,46 @@ def test_reserve_and_min_pool_size_never_exceed_the_cap() -> None:
     a.checkout(FakeWaiter("a2"))
     a.checkout(FakeWaiter("a3"))  # a is full by its size: its reserve is what could serve it
     assert not a.open_reserve()  # 3 of 3 counted: none beyond the cap
-    assert not cap.held  # and the reserve does not evict to make room
+    assert not cap.held  # (not held as for a connection below its size: the waiter sweep evicts for it)
+    assert a.reserve_held_by() == [cap] and cap.evict_for_reserve() == []  # b's place is not idle
     b.connect_failed()
     assert a.open_reserve()  # room again
     assert cap.counted() == 3
+
+
+def test_a_pool_that_needs_its_reserve_under_a_full_cap_gets_an_idle_server_closed_for_it() -> None:
+    cap, _woken = db_cap(limit=3)
+    a, b, c = capped(cap, "a", "b", "c", max_=1)
+    a.info = type(a.info)(target=a.info.target, size=PoolSize(min=0, max=1, reserve=1))
+    (idle_b,) = fill_idle(b, 1, idle_since=1.0)
+    (idle_c,) = fill_idle(c, 1, idle_since=2.0)
+    open_for(a, FakeWaiter("a1"))  # a at its size, busy; b and c hold the other places, idle
+    assert a.checkout(FakeWaiter("a2")) == (None, False)
+    assert not cap.held and a.held_by() is None  # full by its own size: only its reserve can serve
+    assert not a.open_reserve()
+    assert a.reserve_held_by() == [cap]
+    assert cap.evict_for_reserve() == [idle_b]  # the least recently used
+    assert b.linger(idle_b) and cap.room() == 0  # counted until PostgreSQL lets it go
+    assert cap.evict_for_reserve() == []  # the one closing makes room enough: c keeps its server
+    assert not a.open_reserve()
+    b.discard(idle_b)  # gone
+    assert a.open_reserve() and cap.counted() == 3
+    assert a.reserve_held_by() == []  # one connection opening for the one waiter: nothing more wanted
+    assert c.idle == [idle_c]
+
+
+def test_a_reserve_gets_a_place_besides_those_held_pools_want() -> None:
+    cap, _woken = db_cap(limit=3)
+    a, b = capped(cap, "a", "b", max_=1)
+    (c,) = capped(cap, "c", max_=2)
+    a.info = type(a.info)(target=a.info.target, size=PoolSize(min=0, max=1, reserve=1))
+    idle_c = fill_idle(c, 2)
+    open_for(a, FakeWaiter("a1"))
+    a.checkout(FakeWaiter("a2"))
+    b.checkout(FakeWaiter("b1"))  # below its size: held (`evict_idle` makes room for it)
+    assert list(cap.held) == [b] and a.reserve_held_by() == [cap] and b.reserve_held_by() == []
+    assert cap.evict_for_reserve() == idle_c  # one for b's place, one for a's reserve
+    assert cap.evict_for_reserve() == [] and cap.evict_idle() == []
 
 
 def test_a_pool_of_two_caps_is_held_by_each_that_is_full() -> None:
