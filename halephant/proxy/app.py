@@ -2,7 +2,8 @@
 the anyio task group everything that is not per-message runs in (server logins, maintenance, signals).
 
 It listens on `listen` (TCP) and, with `unix_socket_dir`, on `<dir>/.s.PGSQL.<port>` too (see
-`halephant.unix_socket`); the clients of both are served alike.
+`halephant.unix_socket`); the clients of both are served alike, accepted by `halephant.proxy.accept`
+(which also says what happens when the process is out of file descriptors).
 
 `App.serve()` runs until SIGINT/SIGTERM or `shutdown()`. The first SIGTERM/SIGINT (`begin_shutdown`)
 stops listening (the TCP listener uses SO_REUSEPORT, so a new halephant may already be listening on the
@@ -31,6 +32,7 @@ from halephant.admin.http import AdminServer
 from halephant.config import Config
 from halephant.plugin_manager import Plugins
 from halephant.protocol import messages as m
+from halephant.proxy.accept import Acceptor
 from halephant.proxy.client import ClientConnection
 from halephant.proxy.limits import ClientCounts
 from halephant.proxy.listener import Listeners
@@ -72,12 +74,12 @@ class App:
         self.client_counts = ClientCounts()
         #: set by begin_shutdown(): no new connections; clients leave as their transactions end
         self.draining = False
-        self._server: asyncio.AbstractServer | None = None
+        self._acceptor: Acceptor | None = None
         self._listen_sock: socket.socket | None = None
-        self._unix_server: asyncio.AbstractServer | None = None
+        self._unix_acceptor: Acceptor | None = None
         self._unix: UnixListener | None = None
-        #: connections taken from the listen queue at shutdown, still being set up
-        self._accepting: list[asyncio.Task[Any]] = []
+        #: connections accepted and still being set up (shutdown waits for them)
+        self._accepting: set[asyncio.Task[Any]] = set()
         self._numbers = itertools.count(1)
         self._tg: anyio.abc.TaskGroup | None = None
         self._stop = anyio.Event()
@@ -101,11 +103,9 @@ class App:
         await self.manager.nodes.topology.first_round()
         listen = self.config.listen
         sock = self._listen_socket(listen.host, listen.port)
-        server = self._server = await self.loop.create_server(
-            lambda: ClientConnection(self), sock=sock, backlog=4096
-        )
         self._listen_sock = sock
-        name = server.sockets[0].getsockname()
+        name = sock.getsockname()
+        self._acceptor = self._accept_on(sock, f"{name[0]}:{name[1]}")
         self.address = (name[0], name[1])
         log.info("listening on %s:%d", name[0], name[1])
         try:
@@ -150,6 +150,7 @@ class App:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             set_tcp_options(sock, self.config.limits)  # inherited by the connections it accepts
             sock.bind((host, port))
+            sock.listen(4096)
             sock.setblocking(False)
         except BaseException:
             sock.close()
@@ -158,11 +159,14 @@ class App:
 
     async def _listen_unix(self, directory: str, port: int) -> None:
         unix = self._unix = UnixListener(directory, port, backlog=4096)
-        self._unix_server = await self.loop.create_unix_server(
-            lambda: ClientConnection(self), sock=unix.sock, backlog=4096
-        )
+        self._unix_acceptor = self._accept_on(unix.sock, unix.path)
         self.unix_socket = unix.path
         log.info("listening on %s", unix.path)
+
+    def _accept_on(self, sock: socket.socket, name: str) -> Acceptor:
+        acceptor = Acceptor(self.loop, sock, lambda: ClientConnection(self), name, self._accepting)
+        acceptor.start()
+        return acceptor
 
     def tcp_options_changed(self) -> None:
         """A reload may have changed `limits.tcp_*`: connections accepted from now on get the new ones."""
@@ -173,44 +177,26 @@ class App:
         """Close the listeners, first accepting what the kernel already queued on them: closing a
         listening socket resets the connections in its queue, and those are connection attempts already
         made. The Unix-domain socket's file goes first (no new attempt finds it), if it is still ours."""
-        unix, unix_server = self._unix, self._unix_server
-        self._unix = self._unix_server = None
+        unix, unix_acceptor = self._unix, self._unix_acceptor
+        self._unix = self._unix_acceptor = None
         if unix is not None:
             if unix.remove():
                 log.info("removed %s", unix.path)
             else:
                 log.info("left %s alone: it is no longer this process's socket", unix.path)
-        server, sock = self._server, self._listen_sock
-        self._server = self._listen_sock = None
-        if server is None:
-            return
-        accepted = self._accept_queued(sock)
-        server.close()
-        if unix is not None:
-            accepted += self._accept_queued(unix.sock)
-            if unix_server is not None:
-                unix_server.close()
-            else:  # its server was never started: the socket is still this one's to close
-                unix.sock.close()
-        log.info("stopped listening%s", f" ({accepted} queued connection(s) accepted)" if accepted else "")
-
-    def _accept_queued(self, sock: socket.socket | None) -> int:
-        accepted = 0
+        acceptor, sock = self._acceptor, self._listen_sock
+        self._acceptor = self._listen_sock = None
         if sock is None:
-            return accepted
-        while True:
-            try:
-                conn, _addr = sock.accept()
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError:
-                break
-            conn.setblocking(False)
-            accepted += 1
-            self._accepting.append(
-                self.loop.create_task(self.loop.connect_accepted_socket(lambda: ClientConnection(self), conn))
-            )
-        return accepted
+            return
+        accepted = 0
+        for each, listening in ((acceptor, sock), (unix_acceptor, unix.sock if unix is not None else None)):
+            if listening is None:
+                continue
+            if each is not None:
+                each.close()
+                accepted += each.accept_queued()
+            listening.close()
+        log.info("stopped listening%s", f" ({accepted} queued connection(s) accepted)" if accepted else "")
 
     async def _signals(self, early_hups: list[int] | None = None) -> None:
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
@@ -290,6 +276,11 @@ class App:
 
     def client_closed(self, client: ClientConnection) -> None:
         self.clients.pop(client.number, None)
+        # its descriptor is free: connections waiting while the process was out of them can be taken
+        if self._acceptor is not None and self._acceptor.failures:
+            self._acceptor.resume_now()
+        if self._unix_acceptor is not None and self._unix_acceptor.failures:
+            self._unix_acceptor.resume_now()
         if client.told_pid:
             told = self.session_pids.get(client.told_pid)
             if told is not None and client in told:

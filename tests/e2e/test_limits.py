@@ -9,6 +9,7 @@ import ctypes
 import errno
 import os
 import pathlib
+import resource
 import signal
 import socket
 import struct
@@ -23,6 +24,7 @@ import rawclient as rc
 from rawclient import RawClient, data_rows, errors
 from support.halephant import HalephantFactory, Running, default_config, write_config
 from support.leaks import assert_clean_servers
+from support.polling import wait_until
 
 from halephant.testing.pgcluster import Cluster
 
@@ -89,6 +91,36 @@ def test_global_max_client_conn_refuses_with_53300(pg: Cluster, halephant: Halep
     clients[0].close()
     time.sleep(0.2)
     assert _works(_client(run))  # a slot freed is a slot usable
+
+
+def test_out_of_file_descriptors_is_logged_sparingly_and_accepting_resumes(
+    pg: Cluster, halephant: HalephantFactory
+) -> None:
+    # uvloop's own server accepted and closed at once every connection it had no descriptor for,
+    # logging nothing (libuv's EMFILE trick); asyncio's logs a traceback every second
+    run = halephant.start(_config(pg))
+    client = _client(run)
+    assert _works(client)  # its server is open, idle in the pool: it needs no new descriptor
+    in_use = len(os.listdir(f"/proc/{run.proc.pid}/fd"))
+    _soft, hard = resource.prlimit(run.proc.pid, resource.RLIMIT_NOFILE)
+    resource.prlimit(run.proc.pid, resource.RLIMIT_NOFILE, (in_use + 2, hard))
+    waiting = [socket.create_connection((run.host, run.port), timeout=5) for _ in range(30)]
+    try:
+        wait_until(lambda: "cannot accept connections" in run.log_text(), "the failed accept logged")
+        time.sleep(1.5)  # accepting is retried meanwhile
+        assert _works(client)
+        lines = run.log_text().splitlines()
+        failed = [line for line in lines if "cannot accept connections" in line]
+        assert len(failed) == 1, lines
+        assert "Too many open files" in failed[0] and "ulimit -n" in failed[0], failed
+        assert f"all the {in_use + 2} file descriptors" in failed[0], failed
+        assert len(lines) < 20, lines
+    finally:
+        for sock in waiting:
+            sock.close()
+    wait_until(lambda: "accepting connections on" in run.log_text(), "accepting again logged")
+    assert _works(_client(run))
+    assert _works(client)
 
 
 def test_per_database_and_per_user_max_client_conn(pg: Cluster, halephant: HalephantFactory) -> None:

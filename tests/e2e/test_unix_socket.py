@@ -176,6 +176,14 @@ def test_a_stale_socket_file_is_replaced_and_unix_clients_count_against_max_clie
     )
     run = halephant.start(config)
     wait_until(lambda: accepts(path), "the socket accepts connections")
+
+    def probes_gone() -> bool:
+        # the connections that found halephant listening (TCP, then the socket) count as clients until
+        # halephant has seen them close
+        summary = run.admin_json("/snapshot")["summary"]
+        return summary["connections_total"] >= 2 and summary["clients"] == 0
+
+    wait_until(probes_gone, "the probe connections gone")
     with over_socket(run, sockdir) as conn:
         assert conn.execute("SELECT 1").fetchone() == (1,)
         with pytest.raises(psycopg.OperationalError, match="sorry, too many clients already"):

@@ -27,6 +27,7 @@ def _app() -> Any:
     app: Any = App.__new__(App)
     app.clients = {}
     app.session_pids = {}
+    app._acceptor = app._unix_acceptor = None  # not listening
     app.forwarded = []
     app.spawn = lambda fn, client, server, link, done: app.forwarded.append((client, server))
     return app
