@@ -4,7 +4,7 @@
 A host that starts with `/` is a socket directory, as in libpq's `host=`: node `/var/run/postgresql:5432`
 is reached at `/var/run/postgresql/.s.PGSQL.5432` by server connections (the shared LISTEN one too),
 topology probes and cancel requests alike (`create_connection`, `connect_stream`). TCP options
-(keepalive, user timeout) do not apply to such a connection (`halephant.proxy.tcp` leaves any socket that
+(keepalive, user timeout) do not apply to such a connection (`halephant.tcp` leaves any socket that
 is not TCP alone).
 
 Listening (`UnixListener`): the socket is bound under a temporary name beside the final one, listens,

@@ -416,7 +416,7 @@ class LimitsConfig(_Section):
     idle_transaction_timeout: Annotated[Duration, Field(ge=0)] = 0.0
     query_timeout: Annotated[Duration, Field(ge=0)] = 0.0
     query_wait_notify: Annotated[Duration, Field(ge=0)] = 5.0
-    #: TCP keepalive on client and server connections, and the user timeout (halephant.proxy.tcp); at 0,
+    #: TCP keepalive on client and server connections, and the user timeout (halephant.tcp); at 0,
     #: the kernel's default.
     tcp_keepalive: StrictBool = True
     tcp_keepidle: Annotated[Duration, Field(ge=0, le=32767)] = 0.0

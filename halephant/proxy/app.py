@@ -41,7 +41,7 @@ from halephant.proxy.reload import ReloadResult, reload_app
 from halephant.proxy.server import ServerConnection
 from halephant.proxy.stats import Stats, run_clock
 from halephant.proxy.sweep import shutdown_error
-from halephant.proxy.tcp import set_tcp_options
+from halephant.tcp import set_tcp_options
 from halephant.unix_socket import UnixListener, connect_stream
 
 log = logging.getLogger("halephant")

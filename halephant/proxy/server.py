@@ -36,7 +36,7 @@ from halephant.protocol.framing import PASSED_AS_IT_COMES, BackendScanner, split
 from halephant.protocol.session_params import settings_sql
 from halephant.protocol.session_queries import decode_data_row
 from halephant.proxy import prepared, session_state
-from halephant.proxy.tcp import set_tcp_options
+from halephant.tcp import set_tcp_options
 
 if TYPE_CHECKING:
     from halephant.pool.pool import Pool

@@ -54,7 +54,7 @@ class TopologyMonitor:
         for name, cluster in config.clusters.items():
             user, password = probe_login(config, cluster)
             self._probes[name] = [
-                ProbeConnection(node.host, node.port, user, password, cluster.probe_database)
+                ProbeConnection(node.host, node.port, user, password, cluster.probe_database, config.limits)
                 for node in cluster.nodes
             ]
         self._wake: dict[str, anyio.Event] = {}
@@ -62,9 +62,10 @@ class TopologyMonitor:
         self._tg: anyio.abc.TaskGroup | None = None
 
     def reconfigure(self, config: Config) -> None:
-        """A reload: new intervals and lag limits apply at once; a cluster whose nodes or probe login
-        changed is probed afresh at once (its nodes still listed keep their last known state until
-        then, new ones are not usable); added clusters are probed, removed ones no longer."""
+        """A reload: new intervals and lag limits apply at once, `limits.tcp_*` to probe connections
+        opened from then on; a cluster whose nodes or probe login changed is probed afresh at once (its
+        nodes still listed keep their last known state until then, new ones are not usable); added
+        clusters are probed, removed ones no longer."""
         self.interval = config.topology.interval
         self.timeout = config.topology.timeout
         closing: list[ProbeConnection] = []
@@ -81,10 +82,12 @@ class TopologyMonitor:
             probes = self._probes.get(name)
             if probes is None or [(p.host, p.port, p.user, p.password, p.database) for p in probes] != wanted:
                 closing += probes or []
-                self._probes[name] = [ProbeConnection(*args) for args in wanted]
+                self._probes[name] = [ProbeConnection(*args, config.limits) for args in wanted]
                 self.states[name] = ClusterState(name, cluster, self.states.get(name))
             else:
                 self.states[name].cluster = cluster  # lag limits
+                for probe in probes:
+                    probe.limits = config.limits  # limits.tcp_* for the connections it opens from now on
             self._last_round.setdefault(name, 0.0)
             if name not in self._wake and self._tg is not None:
                 self._wake[name] = anyio.Event()

@@ -3,7 +3,9 @@
 `ProbeSession` is the sans-IO part (bytes in, bytes to send out): the login (through
 `halephant.auth.upstream`) and one probe query at a time. `ProbeConnection` drives it over an anyio stream
 (TCP, or the node's Unix-domain socket when it is given as a socket directory) and keeps that connection
-open between probes, so a probe is one round trip. Any failure closes
+open between probes, so a probe is one round trip. A TCP probe connection gets `limits.tcp_*` as server
+connections do (`halephant.tcp`): kept open between probes, it would otherwise not notice a node whose
+network path died until its next probe timed out, and a probe's send could hang on it. Any failure closes
 the connection; the next probe connects again.
 """
 
@@ -18,11 +20,13 @@ import anyio.to_thread
 
 from halephant import sqlstate
 from halephant.auth.upstream import UpstreamAuth
+from halephant.config import LimitsConfig
 from halephant.errors import ClientError, ProtocolViolation
 from halephant.protocol import codes
 from halephant.protocol import messages as m
 from halephant.protocol.framing import split_frames
 from halephant.protocol.session_queries import decode_data_row
+from halephant.tcp import set_tcp_options
 from halephant.unix_socket import connect_stream
 
 __all__ = ["PROBE_SQL", "ProbeConnection", "ProbeFailed", "ProbeResult", "ProbeSession", "parse_lsn"]
@@ -162,14 +166,25 @@ class ProbeSession:
 class ProbeConnection:
     """A node's probe connection, opened on first use and kept open between probes."""
 
-    __slots__ = ("_session", "_stream", "database", "host", "password", "port", "user")
+    __slots__ = ("_session", "_stream", "database", "host", "limits", "password", "port", "user")
 
-    def __init__(self, host: str, port: int, user: str, password: str | None, database: str) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        user: str,
+        password: str | None,
+        database: str,
+        limits: LimitsConfig | None = None,
+    ) -> None:
         self.host = host
         self.port = port
         self.user = user
         self.password = password
         self.database = database
+        #: keepalive and user timeout for its TCP connections (None: the kernel's defaults); a reload
+        #: sets the new ones, for connections opened from then on
+        self.limits = limits
         self._stream: anyio.abc.SocketStream | None = None
         self._session: ProbeSession | None = None
 
@@ -206,6 +221,8 @@ class ProbeConnection:
 
     async def _connect(self) -> None:
         self._stream = await connect_stream(self.host, self.port)
+        if self.limits is not None:
+            set_tcp_options(self._stream.extra(anyio.abc.SocketAttribute.raw_socket), self.limits)
         self._session = ProbeSession(self.user, self.password, self.database)
         await self._stream.send(self._session.startup())
         await self._until_ready()

@@ -2,11 +2,14 @@
 
 A peer that vanishes without closing (a host powered off, a network cut, a NAT that forgot the
 connection) leaves a connection that looks open: an idle pooled server would be handed to a client
-whose query then hangs, and a vanished client in session pooling would hold its server. Keepalive
-probes find such a connection while it is idle, `tcp_user_timeout` while data waits unacknowledged.
+whose query then hangs, a vanished client in session pooling would hold its server, and a topology
+probe would wait out its whole `topology.timeout` on a node behind a dead network path, every round.
+Keepalive probes find such a connection while it is idle, `tcp_user_timeout` while data waits
+unacknowledged.
 
 Set on the listening socket, whose accepted client connections inherit them (Linux), so nothing is
-done per client; and on each server connection as it opens. At 0 a value is the kernel's default.
+done per client; and on each server connection and topology probe connection (`halephant.topology.probe`)
+as it opens. At 0 a value is the kernel's default. Used by the proxy and the topology layers alike.
 Unix-domain sockets (`unix_socket_dir`, nodes given as socket directories) are left alone.
 """
 
