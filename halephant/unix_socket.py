@@ -2,7 +2,8 @@
 `unix_socket_dir`, and connections to a node written as a socket directory.
 
 A host that starts with `/` is a socket directory, as in libpq's `host=`: node `/var/run/postgresql:5432`
-is reached at `/var/run/postgresql/.s.PGSQL.5432` by server connections (the shared LISTEN one too),
+(the configuration writes the directory one way, `socket_dir`, so `/run/pg/:5432` is `/run/pg:5432`) is
+reached at `/var/run/postgresql/.s.PGSQL.5432` by server connections (the shared LISTEN one too),
 topology probes and cancel requests alike (`create_connection`, `connect_stream`). TCP options
 (keepalive, user timeout) do not apply to such a connection (`halephant.tcp` leaves any socket that
 is not TCP alone).
@@ -35,6 +36,7 @@ __all__ = [
     "connect_stream",
     "create_connection",
     "is_socket_dir",
+    "socket_dir",
     "socket_path",
     "too_long",
 ]
@@ -50,6 +52,14 @@ class UnixSocketError(Exception):
 def is_socket_dir(host: str) -> bool:
     """A node's host names a Unix-socket directory (libpq's rule: it starts with `/`)."""
     return host.startswith("/")
+
+
+def socket_dir(directory: str) -> str:
+    """`directory` written one way: no repeated, trailing or `.` components (`/run//pg/./` is `/run/pg`),
+    so that one directory spelled two ways is one node (one pool, one name in logs and admin views).
+    Lexical only, the filesystem is not asked; `..` is kept, since `/a/../b` is `/b` only when `a` is
+    no symbolic link."""
+    return "/" + "/".join(part for part in directory.split("/") if part not in ("", "."))
 
 
 def socket_path(directory: str, port: int) -> str:

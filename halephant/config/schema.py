@@ -33,7 +33,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from halephant.config.units import Duration, Size
-from halephant.unix_socket import is_socket_dir, too_long
+from halephant.unix_socket import is_socket_dir, socket_dir, too_long
 
 __all__ = [
     "CATCH_ALL",
@@ -115,7 +115,9 @@ class _Section(BaseModel):
 class HostPort(_Section):
     """An address: written `host:port`, or `[v6 address]:port`; for a cluster node the host may also be
     a Unix-socket directory, an absolute path as in libpq's `host=` (`/var/run/postgresql:5432` is the
-    socket `/var/run/postgresql/.s.PGSQL.5432`, see `halephant.unix_socket`).
+    socket `/var/run/postgresql/.s.PGSQL.5432`, see `halephant.unix_socket`). A directory is kept written
+    one way (`unix_socket.socket_dir`: `/run//pg/:5432` is `/run/pg:5432`), so that two spellings of it
+    are one node, found listed twice like a TCP node.
 
     Port 0 is accepted (it means "any free port" for `listen`); cluster nodes refuse it, and `listen`
     and `admin.listen` refuse socket directories (`unix_socket_dir` is halephant's own socket).
@@ -140,7 +142,8 @@ class HostPort(_Section):
     def _check_host(cls, host: str) -> str:
         if is_socket_dir(host):
             _check_socket_dir(host)
-        elif not _valid_host(host):
+            return socket_dir(host)
+        if not _valid_host(host):
             raise PydanticCustomError("host", _not_a_host(host))
         return host
 
@@ -249,7 +252,7 @@ def _socket_dir(directory: str) -> str:
             f"expected an absolute path (starting with /), like /var/run/postgresql; got {directory!r}",
         )
     _check_socket_dir(directory)
-    return directory
+    return socket_dir(directory)
 
 
 TcpAddress = Annotated[HostPort, AfterValidator(_tcp_address)]

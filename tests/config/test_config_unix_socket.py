@@ -27,12 +27,45 @@ def test_nodes_may_be_socket_directories() -> None:
     nodes = config.clusters["main"].nodes
     assert [(n.host, n.port, n.is_socket_dir) for n in nodes] == [
         ("/var/run/postgresql", 5432, True),
-        ("/srv/pg:sock/", 5433, True),  # a path may hold colons: the port is after the last one
+        ("/srv/pg:sock", 5433, True),  # a path may hold colons: the port is after the last one
         ("127.0.0.1", 5434, False),
     ]
-    # written back as given (the node's name in logs, the admin views and a reload's diff)
-    assert [str(n) for n in nodes] == ["/var/run/postgresql:5432", "/srv/pg:sock/:5433", "127.0.0.1:5434"]
+    # the node's name in logs, the admin views and a reload's diff; read back, the same node
+    assert [str(n) for n in nodes] == ["/var/run/postgresql:5432", "/srv/pg:sock:5433", "127.0.0.1:5434"]
     assert HostPort.parse(str(nodes[1])) == nodes[1]
+
+
+@pytest.mark.parametrize(
+    ("written", "directory"),
+    [
+        ("/run/pg/", "/run/pg"),
+        ("/run//pg", "/run/pg"),
+        ("//run/pg//", "/run/pg"),
+        ("/run/./pg/.", "/run/pg"),
+        ("/", "/"),
+        ("//", "/"),
+        ("/run/../pg", "/run/../pg"),  # `run` may be a symbolic link: not the same as /pg
+    ],
+)
+def test_a_socket_directory_is_written_one_way(written: str, directory: str) -> None:
+    node = HostPort.parse(f"{written}:5432")
+    assert (node.host, str(node)) == (directory, f"{directory}:5432")
+    as_mapping = (
+        load("clusters:\n  main:\n    nodes: [{host: '" + written + "', port: 5432}]\n" + TAIL)
+        .clusters["main"]
+        .nodes[0]
+    )
+    assert as_mapping == node
+    config = load(CLUSTERS + f"unix_socket_dir: '{written}'\n" + TAIL)
+    assert config.unix_socket_dir == directory
+
+
+def test_one_socket_directory_spelled_two_ways_is_listed_twice() -> None:
+    text = "clusters:\n  main:\n    nodes: [/run/pg:5432, /run/pg/:5432, '/run//pg/.:5432', /run/pg:5433]\n"
+    assert problems(text + TAIL) == [
+        "halephant.yaml:3:27: clusters.main.nodes.1: /run/pg:5432 is listed twice",
+        "halephant.yaml:3:42: clusters.main.nodes.2: /run/pg:5432 is listed twice",
+    ]
 
 
 def test_socket_directory_errors_are_located() -> None:
