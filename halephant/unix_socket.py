@@ -8,10 +8,12 @@ topology probes and cancel requests alike (`create_connection`, `connect_stream`
 (keepalive, user timeout) do not apply to such a connection (`halephant.tcp` leaves any socket that
 is not TCP alone).
 
-Listening (`UnixListener`): the socket is bound under a temporary name beside the final one, listens,
-and is then renamed over the final name. So a stale file left by a crashed halephant is replaced, and so
-is the live one of a halephant being replaced (an online restart: the TCP listener uses SO_REUSEPORT,
-which a Unix-domain socket has no equivalent of), with no moment in which the name is missing. At
+Listening (`UnixListener`): the socket is bound under a temporary name beside the final one, given its
+mode and group (`unix_socket_mode`, `unix_socket_group`), listens, and is then renamed over the final
+name (so the final name never has another mode or group). So a stale file left by a crashed halephant
+is replaced, and so is the live one of a halephant being replaced (an online restart: the TCP listener
+uses SO_REUSEPORT, which a Unix-domain socket has no equivalent of), with no moment in which the name
+is missing. At
 shutdown the file is removed only if it is still this process's (same device and inode): a new
 halephant may already have put its own in its place.
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import grp
 import os
 import socket
 import stat
@@ -100,8 +103,11 @@ class UnixListener:
 
     __slots__ = ("_ident", "directory", "path", "sock")
 
-    def __init__(self, directory: str, port: int, backlog: int) -> None:
-        """Bind, listen and put the file in place; raises UnixSocketError."""
+    def __init__(
+        self, directory: str, port: int, backlog: int, mode: int = 0o777, group: int | None = None
+    ) -> None:
+        """Bind, give the file `mode` and `group` (a gid; None: the process's), listen and put the file
+        in place; raises UnixSocketError."""
         self.directory = directory
         self.path = socket_path(directory, port)
         if not os.path.isdir(directory):
@@ -121,8 +127,17 @@ class UnixListener:
                 os.unlink(temporary)
             sock.bind(temporary)
             try:
-                # PostgreSQL's and PgBouncer's default mode: who may connect is the directory's to say
-                os.chmod(temporary, 0o777)
+                # 0777 by default, as PostgreSQL's and PgBouncer's: who may connect is the directory's
+                # to say. The group first: the mode may then let only that group connect.
+                if group is not None:
+                    try:
+                        os.chown(temporary, -1, group)
+                    except OSError as exc:
+                        raise UnixSocketError(
+                            f"unix_socket_group: cannot give {self.path} to group {_group_name(group)}: "
+                            f"{exc.strerror} (halephant, uid {os.geteuid()}, must be a member of it)"
+                        ) from exc
+                os.chmod(temporary, mode)
                 sock.listen(backlog)
                 found = os.stat(temporary)
                 if temporary != self.path:
@@ -132,6 +147,9 @@ class UnixListener:
                     os.unlink(temporary)
                 raise
             sock.setblocking(False)
+        except UnixSocketError:
+            sock.close()
+            raise
         except OSError as exc:
             sock.close()
             raise UnixSocketError(
@@ -156,6 +174,13 @@ class UnixListener:
         except OSError:
             return False
         return True
+
+
+def _group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
 
 
 def _why(exc: OSError) -> str:

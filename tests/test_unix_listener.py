@@ -3,6 +3,7 @@ what a directory it cannot use says, and that only its own file is removed."""
 
 from __future__ import annotations
 
+import grp
 import os
 import pwd
 import shutil
@@ -50,6 +51,31 @@ def test_listens_with_mode_0777_and_removes_only_its_own_file(directory: Path) -
             assert newer.remove() is False
         finally:
             newer.sock.close()
+    finally:
+        listener.sock.close()
+
+
+def test_mode_and_group_are_set_before_the_file_takes_its_name(
+    directory: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    try:
+        gid = grp.getgrnam("nogroup").gr_gid if os.geteuid() == 0 else os.getegid()
+    except KeyError:
+        gid = os.getegid()
+    at_rename: list[os.stat_result] = []
+    rename = os.rename
+
+    def watched(src: str, dst: str) -> None:
+        at_rename.append(os.stat(src))
+        rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", watched)
+    listener = UnixListener(str(directory), 6432, backlog=8, mode=0o660, group=gid)
+    try:
+        found = (directory / ".s.PGSQL.6432").stat()
+        assert (found.st_mode & 0o7777, found.st_gid) == (0o660, gid)
+        # what the final name showed from its first moment
+        assert [(s.st_mode & 0o7777, s.st_gid) for s in at_rename] == [(0o660, gid)]
     finally:
         listener.sock.close()
 

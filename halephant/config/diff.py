@@ -23,7 +23,15 @@ from halephant.config.schema import Config, HostPort
 __all__ = ["RESTART_PATHS", "SECRET_KEYS", "Change", "config_tree", "diff_configs", "diff_trees"]
 
 #: settings a running halephant cannot change: a reload reports them and keeps the old value
-RESTART_PATHS = ("listen", "unix_socket_dir", "plugins.disable", "plugins.modules", "admin.listen")
+RESTART_PATHS = (
+    "listen",
+    "unix_socket_dir",
+    "unix_socket_mode",
+    "unix_socket_group",
+    "plugins.disable",
+    "plugins.modules",
+    "admin.listen",
+)
 #: keys whose values never appear in a diff, a log line or an error
 SECRET_KEYS = frozenset(("password", "server_password", "probe_password"))
 REDACTED = "(secret)"

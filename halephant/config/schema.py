@@ -13,6 +13,7 @@ so `DatabaseConfig.server_database` can fall back to it.
 from __future__ import annotations
 
 import base64
+import grp
 import ipaddress
 import re
 from collections.abc import Mapping
@@ -21,6 +22,7 @@ from typing import Annotated, Any, Literal
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     PrivateAttr,
@@ -255,6 +257,34 @@ def _socket_dir(directory: str) -> str:
     return socket_dir(directory)
 
 
+_MODE = re.compile(r"(?:0o?)?([0-7]{3})")
+
+
+def _socket_mode(value: Any) -> Any:
+    # YAML reads an unquoted 0770 as the number 770: a string is the only spelling that cannot mislead
+    if isinstance(value, int) and not isinstance(value, bool):
+        raise PydanticCustomError(
+            "socket_mode", f'write the mode as a quoted octal string, like "0{value}"; got the number {value}'
+        )
+    if isinstance(value, str):
+        found = _MODE.fullmatch(value.strip())
+        if found is None:
+            raise PydanticCustomError(
+                "socket_mode",
+                f'expected an octal mode of permission bits, like "0777" or "0770"; got {value!r}',
+            )
+        return "0" + found.group(1)
+    return value
+
+
+def _socket_group(name: str) -> str:
+    try:
+        grp.getgrnam(name)
+    except KeyError:
+        raise PydanticCustomError("socket_group", f"no group named {name!r} on this machine") from None
+    return name
+
+
 TcpAddress = Annotated[HostPort, AfterValidator(_tcp_address)]
 
 
@@ -466,6 +496,10 @@ class Config(_Section):
     listen: TcpAddress = HostPort(host="127.0.0.1", port=6432)
     #: A directory in which to listen on a Unix-domain socket too, `.s.PGSQL.<listen's port>` (None: off).
     unix_socket_dir: Annotated[StrictStr, AfterValidator(_socket_dir)] | None = None
+    #: The socket file's permission bits, an octal string (PgBouncer's unix_socket_mode).
+    unix_socket_mode: Annotated[StrictStr, BeforeValidator(_socket_mode)] = "0777"
+    #: The group the socket file is given to (PgBouncer's unix_socket_group); None: the process's own.
+    unix_socket_group: Annotated[StrictStr, AfterValidator(_socket_group)] | None = None
     clusters: Annotated[dict[StrictStr, ClusterConfig], Field(min_length=1)]
     databases: Annotated[dict[StrictStr, DatabaseConfig], Field(min_length=1)]
     users: Annotated[dict[StrictStr, UserConfig], Field(min_length=1)]

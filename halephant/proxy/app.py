@@ -16,6 +16,7 @@ configuration file (`reload()`, see `halephant.proxy.reload`).
 from __future__ import annotations
 
 import asyncio
+import grp
 import hmac
 import itertools
 import logging
@@ -158,7 +159,14 @@ class App:
         return sock
 
     async def _listen_unix(self, directory: str, port: int) -> None:
-        unix = self._unix = UnixListener(directory, port, backlog=4096)
+        group = self.config.unix_socket_group
+        unix = self._unix = UnixListener(
+            directory,
+            port,
+            backlog=4096,
+            mode=int(self.config.unix_socket_mode, 8),
+            group=grp.getgrnam(group).gr_gid if group is not None else None,
+        )
         self._unix_acceptor = self._accept_on(unix.sock, unix.path)
         self.unix_socket = unix.path
         log.info("listening on %s", unix.path)

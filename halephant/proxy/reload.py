@@ -9,8 +9,9 @@ or node is gone), timeouts and limits are read from it from now on, the log leve
 All or nothing: if a plugin's hook raises meanwhile, the previous configuration is applied again and the
 reload counts as failed.
 No client is dropped, except those of a removed database, which get FATAL 57P01 once their transaction
-is over. What only a restart can change (`listen`, `unix_socket_dir`, `plugins.disable`,
-`plugins.modules`, `admin.listen`) is logged and keeps its old value.
+is over. What only a restart can change (`listen`, `unix_socket_dir`, `unix_socket_mode`,
+`unix_socket_group`, `plugins.disable`, `plugins.modules`, `admin.listen`) is logged and keeps its old
+value.
 """
 
 from __future__ import annotations
@@ -90,6 +91,8 @@ def reload_app(app: App) -> ReloadResult:
             update={
                 "listen": old.listen,
                 "unix_socket_dir": old.unix_socket_dir,
+                "unix_socket_mode": old.unix_socket_mode,
+                "unix_socket_group": old.unix_socket_group,
                 "plugins": old.plugins,
                 "admin": admin,
             }

@@ -232,7 +232,8 @@ def test_empty_file_lists_required_sections() -> None:
         pytest.param(
             "frobnicate: 1\n",
             "halephant.yaml:10:1: frobnicate: unknown key; expected one of: "
-            "listen, unix_socket_dir, clusters, databases, users, limits, topology, logging, plugins, admin",
+            "listen, unix_socket_dir, unix_socket_mode, unix_socket_group, clusters, databases, users, "
+            "limits, topology, logging, plugins, admin",
             id="unknown-key-no-suggestion",
         ),
         pytest.param(
@@ -511,7 +512,8 @@ S0tLS0tLS0tLS0tLS0tLS0tLS0tLS0tLS0tLS0tLS0s="
         "number of bytes; got 'huge'",
         "halephant.yaml:17:11: logging.format: Input should be 'text' or 'json'",
         "halephant.yaml:18:1: extra: unknown key; expected one of: "
-        "listen, unix_socket_dir, clusters, databases, users, limits, topology, logging, plugins, admin",
+        "listen, unix_socket_dir, unix_socket_mode, unix_socket_group, clusters, databases, users, limits, "
+        "topology, logging, plugins, admin",
     ]
 
 

@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import grp
+import os
+
 import pytest
 from support.config_text import load, problems
 
@@ -143,4 +146,47 @@ def test_changing_unix_socket_dir_needs_a_restart() -> None:
     new = load("unix_socket_dir: /tmp\n" + CLUSTERS + TAIL)
     assert [(str(c), c.restart) for c in diff_configs(old, new)] == [
         ("~ unix_socket_dir: null -> /tmp (needs a restart)", True)
+    ]
+
+
+def test_unix_socket_mode_and_group_default_to_0777_and_the_process_s_group() -> None:
+    config = load(CLUSTERS + TAIL)
+    assert (config.unix_socket_mode, config.unix_socket_group) == ("0777", None)
+    group = grp.getgrgid(os.getegid()).gr_name
+    config = load(f"unix_socket_mode: '770'\nunix_socket_group: {group}\n" + CLUSTERS + TAIL)
+    assert (config.unix_socket_mode, config.unix_socket_group) == ("0770", group)
+    assert load("unix_socket_mode: '0o660'\n" + CLUSTERS + TAIL).unix_socket_mode == "0660"
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("0770", 'write the mode as a quoted octal string, like "0770"; got the number 770'),
+        ("'0778'", 'expected an octal mode of permission bits, like "0777" or "0770"; got \'0778\''),
+        ("'4777'", 'expected an octal mode of permission bits, like "0777" or "0770"; got \'4777\''),
+        (
+            "'rw-rw----'",
+            'expected an octal mode of permission bits, like "0777" or "0770"; got \'rw-rw----\'',
+        ),
+    ],
+)
+def test_unix_socket_mode_errors(value: str, message: str) -> None:
+    text = CLUSTERS + f"unix_socket_mode: {value}\n" + TAIL
+    assert problems(text) == [f"halephant.yaml:4:19: unix_socket_mode: {message}"]
+
+
+def test_an_unknown_unix_socket_group_is_an_error() -> None:
+    text = CLUSTERS + "unix_socket_group: no-such-group-here\n" + TAIL
+    assert problems(text) == [
+        "halephant.yaml:4:20: unix_socket_group: no group named 'no-such-group-here' on this machine"
+    ]
+
+
+def test_changing_unix_socket_mode_or_group_needs_a_restart() -> None:
+    group = grp.getgrgid(os.getegid()).gr_name
+    old = load(CLUSTERS + TAIL)
+    new = load(f"unix_socket_mode: '0770'\nunix_socket_group: {group}\n" + CLUSTERS + TAIL)
+    assert [(str(c), c.restart) for c in diff_configs(old, new)] == [
+        ("~ unix_socket_mode: 0777 -> 0770 (needs a restart)", True),
+        (f"~ unix_socket_group: null -> {group} (needs a restart)", True),
     ]

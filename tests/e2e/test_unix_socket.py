@@ -11,6 +11,7 @@ them with no client_addr).
 
 from __future__ import annotations
 
+import grp
 import os
 import re
 import shutil
@@ -192,6 +193,39 @@ def test_a_stale_socket_file_is_replaced_and_unix_clients_count_against_max_clie
     wait_until(lambda: not run.admin_json("/clients"), "the client gone")
     with psycopg.connect(run.dsn()) as conn:
         assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_unix_socket_mode_and_group_are_the_socket_file_s_and_need_a_restart(
+    pg: Cluster, halephant: HalephantFactory, sockdir: Path
+) -> None:
+    group = "nogroup" if _group_exists("nogroup") else grp.getgrgid(os.getegid()).gr_name
+    config = default_config(
+        pg, unix_socket_dir=str(sockdir), unix_socket_mode="0660", unix_socket_group=group
+    )
+    run = halephant.start(config)
+    path = sockdir / f".s.PGSQL.{run.port}"
+    wait_until(lambda: accepts(path), "the socket accepts connections")
+    found = path.stat()
+    assert (found.st_mode & 0o7777, found.st_gid) == (0o660, grp.getgrnam(group).gr_gid)
+    with over_socket(run, sockdir) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+    assert run.admin_url is not None
+    config.update(
+        listen=f"{run.host}:{run.port}",
+        admin={"listen": run.admin_url.removeprefix("http://")},
+        unix_socket_mode="0600",
+    )
+    log = run.reload(config, expect="unix_socket_mode: 0660 -> 0600 (needs a restart)")
+    assert "reload: done (0 change(s) applied, 1 need a restart)" in log
+    assert path.stat().st_mode & 0o7777 == 0o660
+
+
+def _group_exists(name: str) -> bool:
+    try:
+        grp.getgrnam(name)
+    except KeyError:
+        return False
+    return True
 
 
 def test_shutdown_removes_the_socket_file_unless_a_new_halephant_replaced_it(
