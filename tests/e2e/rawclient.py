@@ -145,8 +145,16 @@ class Session:
 class RawClient:
     """One TCP connection speaking raw protocol bytes. Every read has a deadline (`timeout` seconds)."""
 
-    def __init__(self, host: str, port: int, *, timeout: float = 5.0) -> None:
-        self.sock = socket.create_connection((host, port), timeout=timeout)
+    def __init__(self, host: str, port: int, *, timeout: float = 5.0, rcvbuf: int | None = None) -> None:
+        if rcvbuf is None:
+            self.sock = socket.create_connection((host, port), timeout=timeout)
+        else:
+            # a small receive buffer is set before connecting: shrunk on an open connection, Linux drops
+            # what the window it advertised before still lets in, and the sender crawls on retransmits
+            self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+            self.sock.settimeout(timeout)
+            self.sock.connect((host, port))
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.timeout = timeout
         self._buf = b""

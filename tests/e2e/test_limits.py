@@ -42,8 +42,14 @@ def _close_clients() -> Iterator[None]:
         _open.pop().close()
 
 
-def _client(run: Running, user: str = "myapp", password: str | None = None, timeout: float = 10) -> RawClient:
-    client = RawClient(run.host, run.port, timeout=timeout)
+def _client(
+    run: Running,
+    user: str = "myapp",
+    password: str | None = None,
+    timeout: float = 10,
+    rcvbuf: int | None = None,
+) -> RawClient:
+    client = RawClient(run.host, run.port, timeout=timeout, rcvbuf=rcvbuf)
     _open.append(client)
     client.login(user, password if password is not None else user, "myapp")
     return client
@@ -277,9 +283,8 @@ def test_query_timeout_does_not_disconnect_a_client_that_reads_its_result_slowly
     # A client that reads, if slowly, gets the cancel's ERROR 57014 behind the rows already on their
     # way and stays connected, as connected directly: only one that reads nothing is disconnected.
     run = halephant.start(_config(pg, limits={"query_timeout": "1s"}))
-    slow = _client(run, timeout=60)
+    slow = _client(run, timeout=60, rcvbuf=16384)
     slow.send(rc.query("SELECT repeat('x', 8000) FROM generate_series(1, 100000)"))
-    slow.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
     t0 = time.monotonic()
     while time.monotonic() - t0 < 5:  # two sweeps and more past the cancel, reading all along
         chunk = slow.sock.recv(8192)
