@@ -48,6 +48,10 @@ root-owned and unusable by it. Each node is a copy of a template made by ``initd
 version and OS user (``/tmp/halephant-pgtemplate-<major>-<user>-<hash>``): copying is about ten times
 faster than running initdb again.
 
+HALEPHANT_PG_TMPDIR, when set, is the directory that holds the data directories and the template instead
+of the temporary directory: the tests point it at a tmpfs such as /dev/shm, where creating the thousand
+files of a data directory takes a few milliseconds instead of up to a second on a slow disk.
+
 Authentication: ``trust`` on the unix socket (``Node.sql`` uses it, for any role), ``scram-sha-256`` on
 127.0.0.1 for clients and replication, with any ``hba`` lines placed before those generic lines.
 """
@@ -337,6 +341,11 @@ class _PgInstall:
         self.chown(path)
 
 
+def _tmp_root() -> pathlib.Path:
+    """Where data directories and the template go: HALEPHANT_PG_TMPDIR, else the temporary directory."""
+    return pathlib.Path(os.environ.get("HALEPHANT_PG_TMPDIR") or tempfile.gettempdir())
+
+
 def _install() -> _PgInstall:
     return _PgInstall(find_bindir(), _os_user())
 
@@ -350,7 +359,7 @@ def _template(pg: _PgInstall) -> pathlib.Path:
     """
     recipe = "\0".join([str(pg.bindir), *INITDB_ARGS, TEMPLATE_CONF, HBA_HEAD, HBA_TAIL])
     digest = hashlib.sha256(recipe.encode()).hexdigest()[:10]
-    root = pathlib.Path(tempfile.gettempdir())
+    root = _tmp_root()
     final = root / f"{TEMPLATE_PREFIX}-{pg.major}-{pg.user.name}-{digest}"
     if (final / "PG_VERSION").is_file():
         return _checked_template(final, pg)
@@ -620,7 +629,7 @@ class Cluster:
         install = _install()
         template = _template(install)
         if base_dir is None:
-            path = pathlib.Path(tempfile.mkdtemp(prefix="halephant-pg-"))
+            path = pathlib.Path(tempfile.mkdtemp(prefix="halephant-pg-", dir=_tmp_root()))
             owns = True
         else:
             path = pathlib.Path(base_dir).absolute()
