@@ -16,6 +16,7 @@ import tempfile
 from collections.abc import Generator, Iterator
 
 import pytest
+from support import forkserver
 from support.cluster import start_test_cluster
 from support.halephant import HalephantFactory
 
@@ -58,6 +59,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
+    forkserver.close()
     saved = config.stash.get(PYCACHE, None)
     if saved is not None:
         prefix, dont_write = saved

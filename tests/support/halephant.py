@@ -2,7 +2,9 @@
 
 `HalephantFactory.start(config)` writes `config` as YAML, adds ``listen: 127.0.0.1:<free port>`` when absent,
 runs ``python -m halephant run -c FILE`` with stdout and stderr in a log file, and returns once the port
-accepts TCP connections. `default_config(pg)` is the configuration most tests start from.
+accepts TCP connections. `default_config(pg)` is the configuration most tests start from. halephant itself
+(the default argv) is forked from `support.forkserver`, which has its modules imported already: that saves
+about half a second of each start; any other argv, or HALEPHANT_TEST_FORKSERVER=0, runs `subprocess.Popen`.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from typing import Any
 from ruamel.yaml import YAML
 
 from halephant.testing.pgcluster import Cluster, conninfo, free_port
+
+from . import forkserver
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 DEFAULT_ARGV = (sys.executable, "-m", "halephant")
@@ -62,7 +66,7 @@ class Running:
     def __init__(
         self,
         *,
-        proc: subprocess.Popen[bytes],
+        proc: subprocess.Popen[bytes] | forkserver.Forked,
         host: str,
         port: int,
         config_path: pathlib.Path,
@@ -227,11 +231,16 @@ class HalephantFactory:
         env["PYTHONUNBUFFERED"] = "1"
         # The working tree's code, also when halephant is not installed in this interpreter.
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
+        proc: subprocess.Popen[bytes] | forkserver.Forked
         with log_path.open("wb") as log:
-            proc = subprocess.Popen(
-                [*self.argv, "run", "-c", str(config_path)],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.workdir,
-            )  # fmt: skip
+            if self.argv == list(DEFAULT_ARGV) and os.environ.get("HALEPHANT_TEST_FORKSERVER") != "0":
+                args = ["run", "-c", str(config_path)]
+                proc = forkserver.spawn(args, env=env, cwd=str(self.workdir), log=str(log_path))
+            else:
+                proc = subprocess.Popen(
+                    [*self.argv, "run", "-c", str(config_path)],
+                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.workdir,
+                )  # fmt: skip
         running = Running(proc=proc, host=host, port=port, config_path=config_path, log_path=log_path)
         running.admin_url = admin_url
         self.started.append(running)
