@@ -12,6 +12,8 @@ API::
     free_port() -> int                 # a free 127.0.0.1 TCP port, never 5432 or 6432
     conninfo(**params) -> str          # a libpq keyword/value string, values quoted as libpq wants
     pgbench(node, *args, dbname="postgres", user="postgres") -> str
+    role_sql(name, password=None, ...) / database_sql(name, owner) -> str
+        # the scripts of Cluster.create_role / create_database, to batch several in one Node.sql call
 
     class PgNotFound(RuntimeError)     # no binaries; the message says how to install them
     class PgError(RuntimeError)        # a PostgreSQL program failed; .argv, .returncode, .stderr
@@ -82,9 +84,11 @@ __all__ = [
     "PgError",
     "PgNotFound",
     "conninfo",
+    "database_sql",
     "find_bindir",
     "free_port",
     "pgbench",
+    "role_sql",
 ]
 
 HOST = "127.0.0.1"
@@ -721,33 +725,16 @@ class Cluster:
 
         `password_encryption` ("md5" or "scram-sha-256") picks how the password is stored.
         """
-        attrs = [
-            "LOGIN",
-            "SUPERUSER" if superuser else "NOSUPERUSER",
-            "CREATEDB" if createdb else "NOCREATEDB",
-            f"PASSWORD {_quote_literal(password)}" if password is not None else "PASSWORD NULL",
-        ]
-        ident, options = _quote_ident(name), " ".join(attrs)
-        tag = "$halephant$"
-        body = (
-            f"BEGIN IF EXISTS (SELECT FROM pg_roles WHERE rolname = {_quote_literal(name)}) "
-            f"THEN ALTER ROLE {ident} {options}; ELSE CREATE ROLE {ident} {options}; END IF; END"
-        )
-        if tag in body:
-            raise ValueError(f"role name or password contains {tag}")
-        prefix = (
-            f"SET password_encryption = {_quote_literal(password_encryption)};\n"
-            if password_encryption
-            else ""
-        )
-        self.primary.sql(f"{prefix}DO {tag}{body}{tag};")
+        self.primary.sql(
+            role_sql(
+                name, password, superuser=superuser, createdb=createdb,
+                password_encryption=password_encryption,
+            )
+        )  # fmt: skip
 
     def create_database(self, name: str, owner: str) -> None:
         """Create a database on the primary unless it exists (CREATE DATABASE cannot run in a DO block)."""
-        self.primary.sql(
-            f"SELECT format('CREATE DATABASE %I OWNER %I', {_quote_literal(name)}, {_quote_literal(owner)}) "
-            f"WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = {_quote_literal(name)})\\gexec\n"
-        )
+        self.primary.sql(database_sql(name, owner))
 
     def wait_replicated(self, timeout: float = 10.0) -> None:
         """Wait until every running replica has replayed the primary's current WAL position."""
@@ -798,6 +785,45 @@ class Cluster:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.destroy()
+
+
+def role_sql(
+    name: str,
+    password: str | None = None,
+    *,
+    superuser: bool = False,
+    createdb: bool = False,
+    password_encryption: str | None = None,
+) -> str:
+    """The psql script of `Cluster.create_role`, to run with others in one `Node.sql` call."""
+    attrs = [
+        "LOGIN",
+        "SUPERUSER" if superuser else "NOSUPERUSER",
+        "CREATEDB" if createdb else "NOCREATEDB",
+        f"PASSWORD {_quote_literal(password)}" if password is not None else "PASSWORD NULL",
+    ]
+    ident, options = _quote_ident(name), " ".join(attrs)
+    tag = "$halephant$"
+    body = (
+        f"BEGIN IF EXISTS (SELECT FROM pg_roles WHERE rolname = {_quote_literal(name)}) "
+        f"THEN ALTER ROLE {ident} {options}; ELSE CREATE ROLE {ident} {options}; END IF; END"
+    )
+    if tag in body:
+        raise ValueError(f"role name or password contains {tag}")
+    if not password_encryption:
+        return f"DO {tag}{body}{tag};\n"
+    return (
+        f"SET password_encryption = {_quote_literal(password_encryption)};\n"
+        f"DO {tag}{body}{tag};\nRESET password_encryption;\n"
+    )
+
+
+def database_sql(name: str, owner: str) -> str:
+    """The psql script of `Cluster.create_database`, to run with others in one `Node.sql` call."""
+    return (
+        f"SELECT format('CREATE DATABASE %I OWNER %I', {_quote_literal(name)}, {_quote_literal(owner)}) "
+        f"WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = {_quote_literal(name)})\\gexec\n"
+    )
 
 
 def pgbench(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from halephant.testing.pgcluster import Cluster
+from halephant.testing.pgcluster import Cluster, database_sql, role_sql
 
 #: role -> password; each authenticates to PostgreSQL over TCP with the method in HBA_LINES, else scram.
 ROLE_PASSWORDS = {
@@ -31,22 +31,24 @@ DATABASE = "myapp"
 
 def start_test_cluster(*, replicas: int = 1, **kwargs: Any) -> Cluster:
     """Start a cluster with the test roles and the `myapp` database, replicated to every replica."""
+    others = ", ".join(role for role in ROLE_PASSWORDS if role != "myapp")
+    # One psql run for all of it (each run costs a process and a login).
+    script = "".join([
+        role_sql("myapp", ROLE_PASSWORDS["myapp"], createdb=True),
+        role_sql("myapp_ro", ROLE_PASSWORDS["myapp_ro"]),
+        # Stored as an md5 hash, so PostgreSQL can ask for md5 (scram verifiers cannot answer md5).
+        role_sql("md5user", ROLE_PASSWORDS["md5user"], password_encryption="md5"),
+        role_sql("plainuser", ROLE_PASSWORDS["plainuser"]),
+        role_sql("trustuser", ROLE_PASSWORDS["trustuser"]),
+        database_sql(DATABASE, owner="myapp"),
+        f"GRANT CONNECT ON DATABASE {DATABASE} TO {others};\n",
+        # Tables that `myapp` creates are readable by the read-only user, as on the replica route.
+        f"\\connect {DATABASE}\n",
+        "ALTER DEFAULT PRIVILEGES FOR ROLE myapp IN SCHEMA public GRANT SELECT ON TABLES TO myapp_ro;\n",
+    ])  # fmt: skip
     cluster = Cluster.start(replicas=replicas, hba=HBA_LINES, **kwargs)
     try:
-        cluster.create_role("myapp", ROLE_PASSWORDS["myapp"], createdb=True)
-        cluster.create_role("myapp_ro", ROLE_PASSWORDS["myapp_ro"])
-        # Stored as an md5 hash, so PostgreSQL can ask for md5 (scram verifiers cannot answer md5).
-        cluster.create_role("md5user", ROLE_PASSWORDS["md5user"], password_encryption="md5")
-        cluster.create_role("plainuser", ROLE_PASSWORDS["plainuser"])
-        cluster.create_role("trustuser", ROLE_PASSWORDS["trustuser"])
-        cluster.create_database(DATABASE, owner="myapp")
-        others = ", ".join(role for role in ROLE_PASSWORDS if role != "myapp")
-        cluster.primary.sql(f"GRANT CONNECT ON DATABASE {DATABASE} TO {others}")
-        # Tables that `myapp` creates are readable by the read-only user, as on the replica route.
-        cluster.primary.sql(
-            "ALTER DEFAULT PRIVILEGES FOR ROLE myapp IN SCHEMA public GRANT SELECT ON TABLES TO myapp_ro",
-            dbname=DATABASE,
-        )
+        cluster.primary.sql(script)
         cluster.wait_replicated()
     except BaseException:
         cluster.destroy()
