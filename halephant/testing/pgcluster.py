@@ -33,7 +33,7 @@ API::
         primary: Node; replicas: list[Node]; nodes (primary first); base_dir: pathlib.Path
         Cluster.start(*, replicas=1, settings=None, base_dir=None, max_connections=200,
                       shared_buffers="128MB", hba=()) -> Cluster
-        add_replica(name=None) -> Node
+        add_replica(name=None) -> Node   # pg_basebackup of the primary as it is now
         create_role(name, password=None, *, superuser=False, createdb=False, password_encryption=None)
         create_database(name, owner)
         wait_replicated(timeout=10.0)
@@ -48,7 +48,8 @@ PostgreSQL refuses to run as root. When the effective uid is 0 every PostgreSQL 
 from `tempfile.mkdtemp` and are chowned to that user: directories such as pytest's ``tmp_path`` are 0700
 root-owned and unusable by it. Each node is a copy of a template made by ``initdb`` once per PostgreSQL
 version and OS user (``/tmp/halephant-pgtemplate-<major>-<user>-<hash>``): copying is about ten times
-faster than running initdb again.
+faster than running initdb again. The replicas `Cluster.start` makes are copies too, started (all at once)
+as standbys of the fresh primary; `add_replica` clones a running primary with ``pg_basebackup``.
 
 HALEPHANT_PG_TMPDIR, when set, is the directory that holds the data directories and the template instead
 of the temporary directory: the tests point it at a tmpfs such as /dev/shm, where creating the thousand
@@ -75,6 +76,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -648,8 +650,7 @@ class Cluster:
             install.make_dir(cluster.sockdir)
             cluster._created.append(cluster.sockdir)
             cluster._create_primary(template)
-            for _ in range(replicas):
-                cluster.add_replica()
+            cluster._start_replicas_from(template, replicas)
         except BaseException:
             cluster.destroy()
             raise
@@ -678,6 +679,36 @@ class Cluster:
         if node._hba:
             node._write_hba()
         node._start_fresh()
+
+    def _start_replicas_from(self, template: pathlib.Path, count: int) -> None:
+        """Start `count` streaming replicas made by copying the template, all at once.
+
+        The template was never started, and the primary has not checkpointed since it started from its
+        copy of it: a standby started from another copy is the primary as it was at its start, and streams
+        everything since from its WAL. This saves a ``pg_basebackup`` (a checkpoint and a second copy of
+        every file) per replica; `add_replica` takes one, for a primary that has run for a while.
+        """
+        nodes = [self._new_node(f"replica{len(self.replicas) + i + 1}") for i in range(count)]
+        for node in nodes:
+            if node.datadir.exists():
+                raise PgError(f"{node.datadir} already exists")
+            self._created += [node.datadir, node.log_path]
+            self._pg.run(["cp", "-a", str(template), str(node.datadir)], cwd=self.base_dir)
+            node._write_conf()
+            node._hba = list(self.primary._hba)
+            if node._hba:
+                node._write_hba()
+            # what `pg_basebackup -R` writes
+            primary = conninfo(host=self.sockdir, port=self.primary.port, user="postgres")
+            with (node.datadir / "postgresql.auto.conf").open("a") as conf:
+                conf.write(f"primary_conninfo = {_quote_literal(primary)}\n")
+            self._pg.write_file(node.datadir / "standby.signal", "")
+            self.replicas.append(node)
+        with ThreadPoolExecutor(max(count, 1)) as pool:
+            for started in [pool.submit(node._start_fresh) for node in nodes]:
+                started.result()
+        for node in nodes:
+            self._wait_streaming(node)
 
     def add_replica(self, name: str | None = None) -> Node:
         """Clone the primary with ``pg_basebackup -R`` over its unix socket, start it, wait for streaming."""
