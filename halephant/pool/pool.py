@@ -247,6 +247,17 @@ class Pool(Generic[S, W]):
                 return cap
         return None
 
+    def reserve_held_by_cap(self) -> Cap | None:
+        """The full cap that keeps this pool, full by its own size, from opening its reserve (None: no
+        reserve is left to open, or no cap is full): what a client that waited in vain is told."""
+        size = self.info.size
+        if not size.reserve or not size.max <= self.total < size.max + size.reserve:
+            return None
+        for cap in self.caps:
+            if cap.room() <= 0:
+                return cap
+        return None
+
     def capped_out(self) -> bool:
         """No idle server, and a full cap keeps the pool from opening one: a client queued here now
         waits for a place under that cap (asked by `PoolGroup.pick_replica`, only of a pool with caps)."""

@@ -1209,13 +1209,13 @@ class ClientConnection(asyncio.Protocol):
         pool.stats.checkout_timeouts += 1
         message = f"no server connection available for pool {pool.key[0]}/{pool.key[1]}: checkout timeout"
         refused = pool.login_refused
-        cap = pool.held_by() if pool.caps else None
+        cap = (pool.held_by() or pool.reserve_held_by_cap()) if pool.caps else None
         if refused is not None:
             # the pool is not full: PostgreSQL refuses its logins (server_login_retry), say so
             hint = f"PostgreSQL refused the pool's last login: {cast(ClientError, refused[0]).message}"
             why = f"no server of pool {pool.name} in time"
         elif cap is not None:
-            # the pool is not full either: a cap across pools is (max_db_connections, ...)
+            # the pool (or its reserve) is not full either: a cap across pools is (max_db_connections, ...)
             message += f": {cap.describe()} reached"
             hint = cap.hint()
             why = f"no server of pool {pool.name} in time: {cap.describe()} reached"

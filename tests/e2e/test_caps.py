@@ -223,6 +223,30 @@ def test_a_pool_that_needs_its_reserve_gets_an_idle_place_of_another_users_pool(
     assert_clean_servers(pg.primary)
 
 
+def test_a_client_waiting_in_vain_for_a_reserve_a_cap_holds_up_is_told_the_cap(
+    pg: Cluster, hal: Running
+) -> None:
+    # As above, but trustuser's server is busy too: nothing can be closed for the reserve, and the
+    # client's 53300 must name the cap, not send the operator to pool_size.
+    other = psycopg.connect(
+        hal.dsn(user="trustuser", password="trustuser", dbname="reserve"), autocommit=True
+    )
+    busy = psycopg.connect(hal.dsn(dbname="reserve"), autocommit=True)
+    waiting = psycopg.connect(hal.dsn(dbname="reserve"), autocommit=True)
+    with other, busy, waiting:
+        for conn in (other, busy):
+            conn.execute("BEGIN")
+            conn.execute("SELECT 1")
+        with pytest.raises(psycopg.errors.TooManyConnections) as refused:
+            waiting.execute("SELECT 'never'")
+        assert "max_db_connections (2)" in str(refused.value), str(refused.value)
+        assert "reached" in str(refused.value)
+        for conn in (other, busy):
+            conn.execute("COMMIT")
+        assert waiting.execute("SELECT 'after'").fetchone() == ("after",)  # the client goes on
+    assert_clean_servers(pg.primary)
+
+
 # --- max_user_connections --------------------------------------------------------------------------------
 
 
