@@ -422,7 +422,11 @@ class PoolManager:
             # ALTER ROLE ... SET or postgresql.conf, reaches new clients as servers are replaced).
             self._welcome[pair] = dict(server.params)
         log.info(
-            "pool %s: server connection opened (pid %d, now %d)", pool.name, server.backend_pid, pool.total
+            "pool %s: server connection opened (pid %d, now %d%s)",
+            pool.name,
+            server.backend_pid,
+            len(pool.idle) + len(pool.active) + 1,  # this one: counted as connecting until `connected`
+            f", {pool.connecting - 1} more logging in" if pool.connecting > 1 else "",
         )
         first = pool.connected(server)
         if first is not None:

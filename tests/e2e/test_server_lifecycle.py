@@ -7,6 +7,7 @@ This module starts its own single-node cluster: its tests shut PostgreSQL down a
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -197,6 +198,10 @@ def test_min_pool_size_is_topped_up_one_login_at_a_time_after_a_failed_one(
         with connect(run, "topup") as client:
             client.execute("SELECT 1")
         wait_for_servers(node.sql, "topup", 4)
+        # one for the client, then three at once: each line counts the ones logged in, not those still
+        # logging in (four lines saying "now 4" would tell the operator nothing)
+        opened = re.findall(r"topup@\S+: server connection opened \(pid \d+, now (\d+)", run.log_text())
+        assert sorted(int(n) for n in opened) == [1, 2, 3, 4], run.log_text()[-3000:]
         if outage == "password changed":
             node.sql("ALTER ROLE topup PASSWORD 'other'")
             node.sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = 'topup'")
