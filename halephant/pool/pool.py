@@ -240,28 +240,26 @@ class Pool(Generic[S, W]):
     def held_by(self) -> Cap | None:
         """The cap that keeps this pool from opening a connection for its waiters now (None: none does;
         the pool may be full by its own size)."""
-        if self.total >= self.info.size.max:
-            return None
-        for cap in self.caps:
-            if cap.room() <= 0:
-                return cap
-        return None
+        return self._full_cap() if self.total < self.info.size.max else None
 
-    def reserve_held_by_cap(self) -> Cap | None:
-        """The full cap that keeps this pool, full by its own size, from opening its reserve (None: no
-        reserve is left to open, or no cap is full): what a client that waited in vain is told."""
+    def cap_in_the_way(self) -> Cap | None:
+        """The full cap that keeps this pool from opening a connection its waiters could have: below its
+        size (`held_by`), or its reserve once at its size (None: no cap does, or nothing is left to open):
+        what a client that waits, or waited in vain, is told."""
         size = self.info.size
-        if not size.reserve or not size.max <= self.total < size.max + size.reserve:
-            return None
-        for cap in self.caps:
-            if cap.room() <= 0:
-                return cap
-        return None
+        return self._full_cap() if self.total < size.max + size.reserve else None
 
     def capped_out(self) -> bool:
         """No idle server, and a full cap keeps the pool from opening one: a client queued here now
         waits for a place under that cap (asked by `PoolGroup.pick_replica`, only of a pool with caps)."""
-        return not self.idle and any(cap.room() <= 0 for cap in self.caps)
+        return not self.idle and self._full_cap() is not None
+
+    def _full_cap(self) -> Cap | None:
+        """The first of its caps that has no room left."""
+        for cap in self.caps:
+            if cap.room() <= 0:
+                return cap
+        return None
 
     def cancel_wait(self, waiter: W) -> None:
         try:
@@ -341,7 +339,7 @@ class Pool(Generic[S, W]):
     def open_reserve(self) -> bool:
         """Open one connection beyond `max`, up to `max + reserve`, for waiters nobody is opening for."""
         if self._reserve_wanted():
-            if self.caps and any(cap.room() <= 0 for cap in self.caps):
+            if self.caps and self._full_cap() is not None:
                 return False  # the reserve never goes beyond a cap (`reserve_held_by`: room is made)
             self.connecting += 1
             return True

@@ -1209,7 +1209,7 @@ class ClientConnection(asyncio.Protocol):
         pool.stats.checkout_timeouts += 1
         message = f"no server connection available for pool {pool.key[0]}/{pool.key[1]}: checkout timeout"
         refused = pool.login_refused
-        cap = (pool.held_by() or pool.reserve_held_by_cap()) if pool.caps else None
+        cap = pool.cap_in_the_way() if pool.caps else None
         if refused is not None:
             # the pool is not full: PostgreSQL refuses its logins (server_login_retry), say so
             hint = f"PostgreSQL refused the pool's last login: {cast(ClientError, refused[0]).message}"

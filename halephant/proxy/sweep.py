@@ -95,7 +95,7 @@ def _notify_waiting(client: ClientConnection, pool: ServerPool, waiting: int, no
         extra={"event": "query_wait_notify", "pool": pool.name},
     )
     refused = pool.login_refused
-    cap = (pool.held_by() or pool.reserve_held_by_cap()) if pool.caps else None
+    cap = pool.cap_in_the_way() if pool.caps else None
     if refused is not None:  # not full: PostgreSQL refuses another login (server_login_retry)
         why = f"PostgreSQL refused its last login ({cast(ClientError, refused[0]).message})"
     elif cap is not None:  # not full either: a cap across pools is (max_db_connections, ...)

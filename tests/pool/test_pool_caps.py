@@ -336,15 +336,15 @@ def test_the_cap_is_never_exceeded_and_every_waiter_is_served(seed: int) -> None
         assert not any(p.waiters for p in traffic.pools), (run, [len(p.waiters) for p in traffic.pools], cap)
 
 
-def test_reserve_held_by_cap_is_the_cap_a_client_waiting_for_the_reserve_in_vain_is_told_of() -> None:
+def test_cap_in_the_way_is_the_cap_a_client_waiting_for_the_reserve_in_vain_is_told_of() -> None:
     cap, _woken = db_cap(limit=2)
     a, b = capped(cap, "a", "b", max_=1)
     a.info = type(a.info)(target=a.info.target, size=PoolSize(min=0, max=1, reserve=1))
-    assert a.reserve_held_by_cap() is None  # below its size: `held_by` speaks for it
+    assert a.cap_in_the_way() is None  # below its size, and the cap has room
     open_for(a, FakeWaiter("a1"))
-    assert a.reserve_held_by_cap() is None  # at its size, but the cap has room for its reserve
+    assert a.cap_in_the_way() is None  # at its size, but the cap has room for its reserve
     open_for(b, FakeWaiter("b1"))
     # (asked once the waiter that timed out has left the queue: no waiter needed)
-    assert a.reserve_held_by_cap() is cap and a.held_by() is None
+    assert a.cap_in_the_way() is cap and a.held_by() is None
     a.connecting += 1  # its reserve connection opening: no reserve left to hold up
-    assert a.reserve_held_by_cap() is None
+    assert a.cap_in_the_way() is None
