@@ -107,27 +107,18 @@ class PoolGroup(Generic[S, W]):
         if n < 2:
             return pools[0] if n else None
         start = self._next = (self._next + 1) % n
-        best = pools[start]
-        best_load = len(best.active) + best.connecting
-        if best.login_refused is not None:
-            best_load += _REFUSED
-        for i in range(1, n):
-            pool = pools[(start + i) % n]
-            load = len(pool.active) + pool.connecting
-            if pool.login_refused is not None:
-                load += _REFUSED
-            if load < best_load:
-                best, best_load = pool, load
+        best = _least_busy(pools, start, caps=False)
         if best.caps and best.capped_out():
             # Only the winner is asked (one attribute test per pick where no cap is configured); the
             # weighing again with every cap in it picks what weighing them all from the start would.
-            return _least_busy(pools, start)
+            return _least_busy(pools, start, caps=True)
         return best
 
 
-def _least_busy(pools: Sequence[Pool[S, W]], start: int) -> Pool[S, W]:
-    """`PoolGroup.pick_replica`'s weighing, each replica held by a full cap with no idle server
-    (`Pool.capped_out`) weighing `_CAPPED` more, from `start` on (the first of equals wins)."""
+def _least_busy(pools: Sequence[Pool[S, W]], start: int, caps: bool) -> Pool[S, W]:
+    """`PoolGroup.pick_replica`'s weighing: the fewest active and opening connections, from `start` on
+    (the first of equals wins); a replica that refused halephant's last login weighs `_REFUSED` more,
+    and with `caps` one held by a full cap with no idle server (`Pool.capped_out`) `_CAPPED` more."""
     n = len(pools)
     best = pools[start]
     best_load = -1
@@ -136,7 +127,7 @@ def _least_busy(pools: Sequence[Pool[S, W]], start: int) -> Pool[S, W]:
         load = len(pool.active) + pool.connecting
         if pool.login_refused is not None:
             load += _REFUSED
-        elif pool.caps and pool.capped_out():
+        elif caps and pool.caps and pool.capped_out():
             load += _CAPPED
         if best_load < 0 or load < best_load:
             best, best_load = pool, load

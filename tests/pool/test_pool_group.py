@@ -193,4 +193,4 @@ def test_asking_only_the_winner_about_caps_picks_as_weighing_every_replica_would
                 pool.login_refused = (object(), 0.0)
         group.assign(None, list(group.pools))
         start = (group._next + 1) % len(group.replicas)
-        assert group.pick_replica() is _least_busy(group.replicas, start)
+        assert group.pick_replica() is _least_busy(group.replicas, start, caps=True)
