@@ -667,8 +667,8 @@ class Cluster:
             settings=self._settings,
         )
 
-    def _create_primary(self, template: pathlib.Path) -> None:
-        node = self.primary
+    def _copy_template(self, node: Node, template: pathlib.Path) -> None:
+        """Make `node`'s data directory a copy of the template, with its settings and pg_hba.conf."""
         if node.datadir.exists():
             raise PgError(f"{node.datadir} already exists; pick an empty base_dir")
         self._created += [node.datadir, node.log_path]
@@ -678,7 +678,10 @@ class Cluster:
         node._hba = list(self._hba)
         if node._hba:
             node._write_hba()
-        node._start_fresh()
+
+    def _create_primary(self, template: pathlib.Path) -> None:
+        self._copy_template(self.primary, template)
+        self.primary._start_fresh()
 
     def _start_replicas_from(self, template: pathlib.Path, count: int) -> None:
         """Start `count` streaming replicas made by copying the template, all at once.
@@ -690,14 +693,7 @@ class Cluster:
         """
         nodes = [self._new_node(f"replica{len(self.replicas) + i + 1}") for i in range(count)]
         for node in nodes:
-            if node.datadir.exists():
-                raise PgError(f"{node.datadir} already exists")
-            self._created += [node.datadir, node.log_path]
-            self._pg.run(["cp", "-a", str(template), str(node.datadir)], cwd=self.base_dir)
-            node._write_conf()
-            node._hba = list(self.primary._hba)
-            if node._hba:
-                node._write_hba()
+            self._copy_template(node, template)
             # what `pg_basebackup -R` writes
             primary = conninfo(host=self.sockdir, port=self.primary.port, user="postgres")
             with (node.datadir / "postgresql.auto.conf").open("a") as conf:
