@@ -19,8 +19,9 @@ import pytest
 from support.cluster import start_test_cluster
 from support.halephant import HalephantFactory, Running
 from support.leaks import assert_clean_servers
+from support.polling import wait_until
 
-from halephant.testing.pgcluster import Cluster
+from halephant.testing.pgcluster import Cluster, Node
 
 pytestmark = pytest.mark.e2e
 
@@ -173,12 +174,9 @@ def refusals_and_failures(run: Running) -> int:
     return text.count("server login refused") + text.count("server connect failed")
 
 
-def wait_for_servers(node_sql: Callable[[str], Any], user: str, n: int) -> None:
-    deadline = time.monotonic() + 10
+def wait_for_servers(node: Node, user: str, n: int) -> None:
     query = f"SELECT count(*) FROM pg_stat_activity WHERE usename = '{user}'"
-    while node_sql(query).strip() != str(n):
-        assert time.monotonic() < deadline, node_sql(query)
-        time.sleep(0.05)
+    wait_until(lambda: node.sql(query).strip() == str(n), f"{n} backends of {user} on {node.name}")
 
 
 @pytest.mark.parametrize("outage", ["password changed", "node down"])
@@ -197,7 +195,7 @@ def test_min_pool_size_is_topped_up_one_login_at_a_time_after_a_failed_one(
     try:
         with connect(run, "topup") as client:
             client.execute("SELECT 1")
-        wait_for_servers(node.sql, "topup", 4)
+        wait_for_servers(node, "topup", 4)
         # one for the client, then three at once: each line counts the ones logged in, not those still
         # logging in (four lines saying "now 4" would tell the operator nothing)
         opened = re.findall(r"topup@\S+: server connection opened \(pid \d+, now (\d+)", run.log_text())
@@ -207,10 +205,7 @@ def test_min_pool_size_is_topped_up_one_login_at_a_time_after_a_failed_one(
             node.sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = 'topup'")
         else:
             node.stop("fast")
-        deadline = time.monotonic() + 10
-        while not refusals_and_failures(run):
-            assert time.monotonic() < deadline, run.log_text()[-2000:]
-            time.sleep(0.02)
+        wait_until(lambda: refusals_and_failures(run), "a refused or failed server login")
         time.sleep(0.3)  # the four opens the first top-up after the loss tried (nothing had failed yet)
         before = refusals_and_failures(run)
         time.sleep(3)
@@ -222,7 +217,7 @@ def test_min_pool_size_is_topped_up_one_login_at_a_time_after_a_failed_one(
             node.sql("ALTER ROLE topup PASSWORD 'topup'")
         else:
             node.start()
-    wait_for_servers(node.sql, "topup", 4)  # one logged in, then the rest at once
+    wait_for_servers(node, "topup", 4)  # one logged in, then the rest at once
     run.stop()
     node.sql("DROP ROLE IF EXISTS topup")
     assert_clean_servers(own)
