@@ -203,6 +203,28 @@ class Control:
             client.waiting_pool = None
             client.reroute()  # goes on where it was held: checkout (at login too), then what it sent
 
+    def forget_removed(self) -> None:
+        """After a reload: a database the configuration no longer has is no longer paused or disabled, so
+        one added again under its name starts as a new database does (PgBouncer drops a removed database
+        with its state). Clients PAUSE held for it are let go on: they are told it was removed."""
+        names = self.app.config.databases
+        gone = {d for d in self._paused | self._disabled if d != ALL and d not in names}
+        if not gone:
+            return
+        self._paused -= gone
+        self._disabled -= gone
+        self.holding = bool(self._paused)
+        for name in sorted(gone):
+            log.info("%s removed: no longer paused or disabled", name)
+        for client in list(self._held):
+            pool = client.waiting_pool
+            if pool is None or client.info is None:
+                del self._held[client]  # gone meanwhile
+            elif pool.key[0] not in names:
+                del self._held[client]
+                client.waiting_pool = None
+                client.reroute()  # refused there: its database was removed
+
     def reconnect(self, database: str | None) -> int:
         """Replace the server connections of `database`: idle ones now, the others when they come back."""
         self._databases(database)

@@ -9,9 +9,9 @@ or node is gone), timeouts and limits are read from it from now on, the log leve
 All or nothing: if a plugin's hook raises meanwhile, the previous configuration is applied again and the
 reload counts as failed.
 No client is dropped, except those of a removed database, which get FATAL 57P01 once their transaction
-is over. What only a restart can change (`listen`, `unix_socket_dir`, `unix_socket_mode`,
-`unix_socket_group`, `plugins.disable`, `plugins.modules`, `admin.listen`) is logged and keeps its old
-value.
+is over (or at once, if PAUSE held it); a removed database's PAUSE and DISABLE are forgotten with it.
+What only a restart can change (`listen`, `unix_socket_dir`, `unix_socket_mode`, `unix_socket_group`,
+`plugins.disable`, `plugins.modules`, `admin.listen`) is logged and keeps its old value.
 """
 
 from __future__ import annotations
@@ -56,7 +56,9 @@ def _apply(app: App, config: Config, unchanged: bool = False) -> list[str]:
     for client in app.clients.values():
         client.forget_pools()
     app.tcp_options_changed()
-    return app.manager.reconfigure(config, unchanged=unchanged)
+    pools = app.manager.reconfigure(config, unchanged=unchanged)
+    app.control.forget_removed()
+    return pools
 
 
 def reload_app(app: App) -> ReloadResult:

@@ -191,6 +191,57 @@ def test_disable_refuses_new_clients_with_55000_and_keeps_the_connected_ones(
     assert_clean_servers(pg)
 
 
+def test_a_database_a_reload_removes_forgets_its_pause_and_disable(hal: Running, pg: Cluster) -> None:
+    # PgBouncer drops a removed database with its state: added again, it starts as a new one. The
+    # clients PAUSE held for it are told it was removed instead of waiting for a RESUME.
+    outcome: list[BaseException | None] = []
+    held = connect(hal, "other")  # logged in; its next transaction is held
+
+    def transaction() -> None:
+        try:
+            held.execute("SELECT 1")
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=transaction)
+    try:
+        with console(hal) as admin:
+            admin.execute("PAUSE other")
+            admin.execute("DISABLE other")
+            thread.start()
+            wait_until(
+                lambda: any(
+                    c["database"] == "other" and c["state"] == "waiting" for c in hal.admin_json("/clients")
+                ),
+                "the transaction held by PAUSE",
+            )
+            cfg = config(pg)
+            del cfg["databases"]["other"]
+            reload_keeping_addresses(hal, cfg)
+            thread.join(5)
+            assert len(outcome) == 1 and isinstance(outcome[0], psycopg.errors.AdminShutdown), outcome
+            assert 'database "other" was removed' in str(outcome[0])
+            assert "other" not in show(admin, "DATABASES")
+
+            reload_keeping_addresses(hal, config(pg))
+            row = show(admin, "DATABASES")["other"]
+            assert (row["paused"], row["disabled"]) == (0, 0)
+            assert hal.admin_json("/snapshot")["summary"]["paused"] == []
+            with connect(hal, "other") as again:
+                assert again.execute("SELECT 1").fetchone() == (1,)
+    finally:
+        thread.join(5)
+        held.close()
+        reload_keeping_addresses(hal, config(pg))
+        with console(hal) as admin:
+            admin.execute("ENABLE other")
+            for database in show(admin, "DATABASES").values():
+                if database["paused"]:
+                    admin.execute(f"RESUME {database['name']}")
+    assert_clean_servers(pg)
+
+
 def test_disable_and_enable_refuse_bad_input_and_read_only_users(hal: Running) -> None:
     with console(hal) as admin:
         for command in ("DISABLE nosuch", "ENABLE nosuch", 'DISABLE "nosuch"'):
