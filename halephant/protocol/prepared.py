@@ -175,8 +175,11 @@ def _aborted_error() -> bytes:
 
 #: settings that change what PostgreSQL makes of a statement's text when it parses it, which a prepared
 #: statement keeps: the bytes of the text (client_encoding), constants such as '01/02/2003'::date or
-#: '2024-01-01 12:00'::timestamptz (DateStyle, TimeZone, ...), escapes in strings. (search_path is not one:
-#: PostgreSQL parses a statement again when it changed.)
+#: '2024-01-01 12:00'::timestamptz (DateStyle, TimeZone, ...), escapes in strings; and search_path, last
+#: (`_SEARCH_PATH_PART`), which names the tables and types a statement's columns come from. PostgreSQL
+#: parses a statement again when search_path changed, but a named statement may not change its result
+#: type: shared by clients of schemas whose tables differ (a schema per tenant), each would fail the
+#: other's turn with 0A000 "cached plan must not change result type".
 PARSE_SETTINGS: Final = (
     "array_nulls",
     "backslash_quote",
@@ -189,7 +192,10 @@ PARSE_SETTINGS: Final = (
     "timezone_abbreviations",
     "transform_null_equals",
     "xmloption",
+    "search_path",
 )
+
+_SEARCH_PATH_PART: Final = b"search_path="
 
 
 def parse_context(settings: dict[str, str]) -> bytes:
@@ -205,6 +211,14 @@ def parse_context(settings: dict[str, str]) -> bytes:
                 value = "".join(ch for ch in value.lower() if ch.isalnum())
             parts.append(f"{name}={value}")
     return "\0".join(parts).encode("utf-8", "surrogateescape")
+
+
+def _without_search_path(context: bytes) -> bytes:
+    """`context` less its search_path (the last part, when there)."""
+    at = context.find(_SEARCH_PATH_PART)
+    if at == 0 or (at > 0 and context[at - 1] == 0):
+        return context[: max(at - 1, 0)]
+    return context
 
 
 class ServerStatement:
@@ -765,8 +779,13 @@ class ClientStatements:
         if context == self.context:
             return
         self.context = context
+        # Statements of the old context that differ only in search_path stay: as on a direct connection
+        # PostgreSQL parses them again under the new one, and a changed result type is its 0A000, which
+        # drivers answer by preparing again (then under the new context), never rows of a shape the
+        # client did not describe.
+        kept = _without_search_path(context)
         for name, stmt in list(self.names.items()):
-            if stmt.needs is None and stmt.context != context:
+            if stmt.needs is None and stmt.context != context and _without_search_path(stmt.context) != kept:
                 self.names[name] = self.registry.get(stmt.body, context)
 
     def deallocate(self, name: bytes) -> bytes | None:

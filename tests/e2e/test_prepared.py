@@ -767,6 +767,50 @@ def test_prepared_statements_are_not_shared_by_clients_whose_settings_parse_them
         assert dmy.execute(_CONSTANTS).fetchone() == ("2003-02-01", "2024-01-01 12:00:00+09", "é")
 
 
+def test_clients_of_schemas_whose_tables_differ_each_run_their_own_statement(
+    pg: Cluster, hal: Running
+) -> None:
+    # A schema per tenant, chosen by search_path: the same text names tables of different shapes. A
+    # shared statement would be parsed again for each tenant in turn, and PostgreSQL refuses a named
+    # statement a new result type (0A000), which asyncpg reports while preparing, without retrying.
+    table = new_table(pg)
+    a, b = f"{table}_a", f"{table}_b"
+    pg.primary.sql(
+        f"CREATE SCHEMA {a}; CREATE TABLE {a}.items (id int, name text);"
+        f"INSERT INTO {a}.items VALUES (1, 'a');"
+        f"CREATE SCHEMA {b}; CREATE TABLE {b}.items (id int, name text, extra int);"
+        f"INSERT INTO {b}.items VALUES (2, 'b', 3)",
+        dbname="myapp", user="myapp",
+    )  # fmt: skip
+
+    async def outcome(port: int, dbname: str) -> list[Any]:
+        async def connect(**kwargs: Any) -> asyncpg.Connection:
+            return await asyncpg.connect(
+                host=hal.host, port=port, user="myapp", password="myapp", database=dbname, ssl=False, **kwargs
+            )
+
+        tenants = [await connect(server_settings={"search_path": schema}) for schema in (a, b)]
+        switching = await connect()
+        out: list[Any] = []
+        try:
+            for _ in range(2):  # on a pool of one server: every statement runs on the same server
+                for conn in tenants:
+                    out.append([tuple(r) for r in await conn.fetch("SELECT * FROM items")])
+                # a client that changes search_path under its cached statement: PostgreSQL's 0A000,
+                # which asyncpg answers by preparing it again, as connected directly
+                for schema in (a, b):
+                    await switching.execute(f"SET search_path = {schema}")
+                    out.append([tuple(r) for r in await switching.fetch("SELECT * FROM items")])
+        finally:
+            for conn in (*tenants, switching):
+                await conn.close()
+        return out
+
+    direct = asyncio.run(outcome(pg.primary.port, "myapp"))
+    assert direct == [[(1, "a")], [(2, "b", 3)], [(1, "a")], [(2, "b", 3)]] * 2
+    assert asyncio.run(outcome(hal.port, "one")) == direct
+
+
 @pytest.mark.parametrize("autocommit", [True, False])
 def test_psycopg_pipeline_mode_with_prepared_statements(pg: Cluster, hal: Running, autocommit: bool) -> None:
     # without autocommit psycopg sends BEGIN (unnamed) ahead of the first named statement in the batch

@@ -221,6 +221,30 @@ def test_clients_whose_settings_parse_a_text_differently_get_different_statement
     assert client.names[b"s"] is registry.get(body, dmy)
 
 
+def test_clients_of_different_search_paths_get_different_statements_a_switch_keeps_its_own() -> None:
+    tenant_a = parse_context({"search_path": "tenant_a"})
+    tenant_b = parse_context({"search_path": "tenant_b"})
+    assert len({b"", tenant_a, tenant_b}) == 3
+    dmy = parse_context({"datestyle": "ISO, DMY"})
+    dmy_b = parse_context({"datestyle": "ISO, DMY", "search_path": "tenant_b"})
+    assert dmy_b not in (dmy, tenant_b)
+    registry = StatementRegistry()
+    body = b"SELECT * FROM items\0\0\0"
+    assert registry.get(body, tenant_a) is not registry.get(body, tenant_b)
+    client = ClientStatements(registry, context=tenant_a)
+    client.translate(parse("s", "SELECT * FROM items"), ServerStatements(10))
+    assert client.names[b"s"] is registry.get(body, tenant_a)
+    # search_path alone changed: PostgreSQL parses the client's statement again itself (a changed result
+    # type is its 0A000, as on a direct connection), so the name keeps its statement
+    client.set_context(tenant_b)
+    assert client.names[b"s"] is registry.get(body, tenant_a)
+    client.translate(parse("t", "SELECT * FROM items"), ServerStatements(10))
+    assert client.names[b"t"] is registry.get(body, tenant_b)
+    # anything else changed too: every name moves to the statements of the new settings
+    client.set_context(dmy)
+    assert client.names[b"s"] is client.names[b"t"] is registry.get(body, dmy)
+
+
 def test_server_lru_evicts_least_recently_used() -> None:
     registry = StatementRegistry()
     stmts = [registry.get(f"SELECT {i}\0\0\0".encode()) for i in range(4)]
