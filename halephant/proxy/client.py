@@ -773,6 +773,15 @@ class ClientConnection(asyncio.Protocol):
                     if instead is not None:
                         server.send(instead)
                         fwd = end
+                if t != codes.PARSE and (
+                    effect or (not statement.plain and statement.mentions("search_path"))
+                ):
+                    # a new search_path (SET LOCAL leaves no `effect`; a plain statement sets none): the
+                    # statements prepared after it are those of its clients
+                    if ps is not None and fwd < head:
+                        prepared.forward(self, server, buf[fwd:head])  # ...not those before it
+                        fwd = head
+                    session_state.search_path_set(self, statement)
                 session = self.session
                 if session is not None and session.unlistening is not None:
                     session_state.unlisten_outcome(self, statement)  # a ROLLBACK undoes the UNLISTEN

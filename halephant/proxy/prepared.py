@@ -26,8 +26,8 @@ from halephant.protocol.prepared import (
     ServerStatements,
     StatementRegistry,
     executed_name,
-    parse_context,
 )
+from halephant.proxy import session_state
 from halephant.sql import Statement
 
 if TYPE_CHECKING:
@@ -70,7 +70,7 @@ def activate(client: ClientConnection, blind: bool) -> ClientStatements:
         outstanding=client.outstanding,
         blind=blind,
         on_retire=_retired,
-        context=parse_context(client.settings),
+        context=session_state.prepare_context(client),
     )
 
 

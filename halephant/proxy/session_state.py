@@ -16,6 +16,9 @@ In transaction pooling the server changes at every transaction, so halephant car
   that may release it ran and the server, checked at the end of that transaction, holds none of it.
 * SQL `PREPARE` (emulated): statements prepared with SQL are read at the end of the transaction, removed
   from the server before it goes back, and prepared again on the client's next server.
+* The search_path a transaction sets (also `SET LOCAL`, `set_config(..., true)`): the statements a client
+  prepares from then on until the transaction ends are shared only with clients of that search_path
+  (`prepare_context`), as the server parses them under it.
 * `LISTEN` (emulated): the channels are read at the end of the transaction and handed to the database's
   shared listener connection (`halephant.proxy.listener`), which delivers each NOTIFY to every client
   listening on its channel; the server is then `UNLISTEN`ed. Notifications wait in a bounded queue while
@@ -27,6 +30,7 @@ once per transaction.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections import deque
@@ -48,7 +52,7 @@ from halephant.protocol.session_queries import (
     reset_sql,
     text_value,
 )
-from halephant.sql import Statement
+from halephant.sql import Statement, setting_changes
 from halephant.sql.effects import ALL, LISTEN, PREPARE, SETTINGS, session_effects
 from halephant.types import Pin, Unpin, Verdict
 
@@ -73,6 +77,10 @@ HANDOVER_CHANNEL: Final = "halephant_listen_handover"
 _CHECKABLE: Final = frozenset(
     ("advisory_locks", "listen", "with_hold", "temp_tables", "prepare", "set_role", "load")
 )
+#: `_search_path_set` for a search_path that cannot be read from the text (a parameter, an expression)
+_UNKNOWN_PATH: Final = "\x01"
+#: ...each of which stands for a search_path of its own
+_unknown_paths = itertools.count(1)
 
 
 class SessionState:
@@ -98,6 +106,7 @@ class SessionState:
         "queued_bytes",
         "reading_on",
         "relayed",
+        "search_path",
         "server_channels",
         "settings_owned",
         "unlisten_undone",
@@ -149,6 +158,9 @@ class SessionState:
         self.handed_over: deque[tuple[float, bytes]] = deque(maxlen=RELAYED_KEPT)
         #: until when (monotonic) those are recorded: only a hand-over's window needs them
         self.handover_until = 0.0
+        #: the search_path the current transaction set, as `(value,)` (None: back to the default), which
+        #: statements prepared until it ends are parsed under; None when it set none
+        self.search_path: tuple[str | None] | None = None
 
 
 def _state(client: ClientConnection) -> SessionState:
@@ -173,7 +185,11 @@ def on_parse(client: ClientConnection, name: bytes, statement: Statement, verdic
     never comes here). Preparing a statement changes nothing in the session: what it does happens each time
     a Bind runs it, maybe transactions later (drivers prepare once, then send only Bind/Execute), so it is
     remembered here for `on_bind`."""
-    if session_effects(statement) or verdict is not None:
+    if (
+        session_effects(statement)
+        or verdict is not None
+        or (not statement.plain and statement.mentions("search_path"))  # SET LOCAL: `search_path_set`
+    ):
         _state(client).parsed[name] = (statement, verdict)
     elif client.session is not None:
         client.session.parsed.pop(name, None)  # a name parsed again for an ordinary statement
@@ -187,6 +203,7 @@ def on_bind(client: ClientConnection, name: bytes) -> None:
         noted = st.parsed.get(name)
         if noted is not None:
             on_statement(client, noted[0], noted[1])
+            search_path_set(client, noted[0])
 
 
 def on_close(client: ClientConnection, name: bytes) -> None:
@@ -257,6 +274,68 @@ def on_statement(client: ClientConnection, statement: Statement, verdict: Verdic
         client.session_due = True
 
 
+def search_path_set(client: ClientConnection, statement: Statement) -> None:
+    """`statement` is about to run in transaction pooling and may set search_path (it is a SET, RESET,
+    DISCARD or set_config, or mentions search_path): if it does, the statements the client prepares from
+    here until the end of its transaction are those of clients of the new search_path.
+
+    A named statement is shared by the clients whose settings parse it alike (`parse_context`). PostgreSQL
+    parses a statement again under another search_path, but a named one may not change its result type:
+    shared by clients of a schema per tenant (`SET LOCAL search_path` at the start of each transaction,
+    the way to choose a tenant in transaction pooling) whose tables differ, each would fail the other's
+    turn with 0A000. Statements prepared earlier keep theirs (`ClientStatements.set_context`), as
+    PostgreSQL keeps them. The context goes back to the one of `client.settings` when the transaction
+    ends (`at_idle`), a session SET having been read back by then."""
+    found = _search_path_after(statement)
+    if found is None:
+        return
+    st = _state(client)
+    st.search_path = (f"{_UNKNOWN_PATH}{next(_unknown_paths)}",) if found == (_UNKNOWN_PATH,) else found
+    if client.prepared is not None:
+        client.prepared.set_context(prepare_context(client))
+
+
+def _search_path_after(statement: Statement) -> tuple[str | None] | None:
+    """The search_path `statement` leaves for the rest of its transaction: `(value,)`, `(None,)` for the
+    default, `(_UNKNOWN_PATH,)` when it cannot be read from the text; None when it sets none."""
+    found: tuple[str | None] | None = None
+    texts = [statement] if statement.statement_count <= 1 else [Statement(t) for t in statement.statements]
+    for one in texts:
+        keyword = one.first_keyword
+        if keyword == "SET" or keyword == "RESET":
+            changes = setting_changes(one.text)
+            if changes is None:
+                if one.keywords[1:2] == ("ALL",):
+                    found = (None,)  # RESET ALL
+                elif one.mentions("search_path") or one.mentions("schema"):
+                    found = (_UNKNOWN_PATH,)  # a parameter, an expression
+                continue
+            for change in changes:
+                if change.name == "search_path":
+                    found = (change.value,)
+        elif keyword == "DISCARD":
+            if one.keywords[1:2] == ("ALL",):
+                found = (None,)
+        elif one.mentions("set_config") and one.mentions("search_path"):
+            found = (_UNKNOWN_PATH,)
+    return found
+
+
+def prepare_context(client: ClientConnection) -> bytes:
+    """The `parse_context` of the statements `client` prepares now: of its settings, and of the search_path
+    its transaction set (`search_path_set`)."""
+    st = client.session
+    if st is None or st.search_path is None:
+        return parse_context(client.settings)
+    settings = dict(client.settings)
+    value = st.search_path[0]
+    if value is None:
+        settings.pop("search_path", None)
+    else:
+        settings["search_path"] = value
+    return parse_context(settings)
+
+
 def unlisten_outcome(client: ClientConnection, statement: Statement) -> None:
     """A statement of a transaction that UNLISTENed emulated channels: a ROLLBACK (or ABORT) of the
     transaction undoes the UNLISTEN; ROLLBACK TO SAVEPOINT is taken as keeping it."""
@@ -324,6 +403,10 @@ def at_idle(client: ClientConnection) -> None:
     assert st is not None
     if st.unlistening is not None:
         _end_unlisten(client, st)
+    if st.search_path is not None:
+        st.search_path = None  # what lasts of it is in client.settings once read back
+        if client.prepared is not None:
+            client.prepared.set_context(parse_context(client.settings))
     if client.session_due:
         client.session_due = False
         _read_back(client, server, st)
@@ -393,7 +476,7 @@ def _read_back_done(
         elif kind == KIND_FEATURE and value == "0" and name in st.pins:
             log.info("%r: released %s (%s)", client, name, st.pins.pop(name))
     if client.prepared is not None:
-        client.prepared.set_context(parse_context(client.settings))
+        client.prepared.set_context(prepare_context(client))
     if st.listen_seen:
         # While the client keeps this server, the server's own LISTEN delivers; the shared listener
         # takes over only when the server goes back (`_clean_up`), so nothing arrives twice.

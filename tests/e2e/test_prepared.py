@@ -811,6 +811,66 @@ def test_clients_of_schemas_whose_tables_differ_each_run_their_own_statement(
     assert asyncio.run(outcome(hal.port, "one")) == direct
 
 
+@pytest.mark.parametrize("how", ["asyncpg SET LOCAL", "psycopg set_config", "psycopg pipeline"])
+def test_a_search_path_set_for_one_transaction_chooses_the_statements_prepared_in_it(
+    pg: Cluster, hal: Running, how: str
+) -> None:
+    # A schema per tenant in transaction pooling: each transaction starts by choosing its tenant with
+    # SET LOCAL search_path (or set_config(..., true), in a statement drivers prepare and then only Bind).
+    table = new_table(pg)
+    a, b = f"{table}_a", f"{table}_b"
+    pg.primary.sql(
+        f"CREATE SCHEMA {a}; CREATE TABLE {a}.items (id int, name text);"
+        f"INSERT INTO {a}.items VALUES (1, 'a');"
+        f"CREATE SCHEMA {b}; CREATE TABLE {b}.items (id int, name text, extra int);"
+        f"INSERT INTO {b}.items VALUES (2, 'b', 3)",
+        dbname="myapp", user="myapp",
+    )  # fmt: skip
+
+    async def with_asyncpg(port: int, dbname: str) -> list[Any]:
+        conns = [
+            await asyncpg.connect(host=hal.host, port=port, user="myapp", password="myapp", database=dbname,
+                                  ssl=False)
+            for _ in range(2)
+        ]  # fmt: skip
+        out: list[Any] = []
+        try:
+            for _ in range(3):
+                for conn, schema in zip(conns, (a, b), strict=True):
+                    async with conn.transaction():
+                        await conn.execute(f"SET LOCAL search_path = {schema}")
+                        out.append([tuple(r) for r in await conn.fetch("SELECT * FROM items")])
+        finally:
+            for conn in conns:
+                await conn.close()
+        return out
+
+    def with_psycopg(dsn: str) -> list[Any]:
+        out: list[Any] = []
+        with psycopg.connect(dsn, prepare_threshold=0) as ca, psycopg.connect(dsn, prepare_threshold=0) as cb:
+            for _ in range(3):
+                for conn, schema in ((ca, a), (cb, b)):
+                    if how == "psycopg set_config":
+                        conn.execute("SELECT set_config('search_path', %s, true)", (schema,))
+                        out.append(conn.execute("SELECT * FROM items WHERE id > %s", (0,)).fetchall())
+                    else:
+                        with conn.pipeline():
+                            conn.execute(f"SET LOCAL search_path = {schema}")
+                            cur = conn.execute("SELECT * FROM items WHERE id > %s", (0,))
+                        out.append(cur.fetchall())
+                    conn.commit()
+        return out
+
+    if how.startswith("asyncpg"):
+        direct = asyncio.run(with_asyncpg(pg.primary.port, "myapp"))
+        through = asyncio.run(with_asyncpg(hal.port, "one"))
+    else:
+        direct = with_psycopg(pg.primary.dsn("myapp", "myapp", "myapp"))
+        through = with_psycopg(hal.dsn(dbname="one"))
+    assert direct == [[(1, "a")], [(2, "b", 3)]] * 3
+    assert through == direct
+
+
 @pytest.mark.parametrize("autocommit", [True, False])
 def test_psycopg_pipeline_mode_with_prepared_statements(pg: Cluster, hal: Running, autocommit: bool) -> None:
     # without autocommit psycopg sends BEGIN (unnamed) ahead of the first named statement in the batch
