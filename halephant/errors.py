@@ -27,6 +27,14 @@ class ClientError(HalephantError):
         self.fatal = fatal
 
 
+class OutOfResources(ClientError):
+    """halephant itself could not get what serving needs (a file descriptor for a server connection):
+    SQLSTATE 53000, as PostgreSQL says when it is out of file descriptors. Not the server's doing."""
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(sqlstate.INSUFFICIENT_RESOURCES, message, hint=hint, fatal=True)
+
+
 class ProtocolViolation(ClientError):
     """The peer sent bytes that are not valid protocol 3.0 (SQLSTATE 08P01, always fatal)."""
 

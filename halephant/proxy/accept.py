@@ -10,6 +10,9 @@ descriptors are free again. The failure is logged at once, then at most once per
 with the number of failed attempts in between, naming the limit that was reached; once the queue has
 been emptied, accepting again is logged once.
 
+`shortage` says what ran out and what the operator can change, for this log and for a server
+connection that could not be opened for the same reason (`halephant.proxy.manager`).
+
 An accepted socket is handed to the loop with `connect_accepted_socket` (one short task per
 connection, until `connection_made`), the same way for uvloop and asyncio.
 """
@@ -25,7 +28,7 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["LOG_EVERY_SECONDS", "RETRY_SECONDS", "Acceptor"]
+__all__ = ["LOG_EVERY_SECONDS", "OUT_OF_RESOURCES", "RETRY_SECONDS", "Acceptor", "shortage"]
 
 log = logging.getLogger("halephant")
 
@@ -37,15 +40,17 @@ LOG_EVERY_SECONDS = 5.0
 _BATCH = 64
 #: errors of the connection being accepted (it went away, a firewall refused it): the next one is taken
 _THIS_CONNECTION = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
+#: errors of the process (or the system) being out of something, rather than of one connection
+OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
-def _why(exc: OSError) -> str:
-    """What ran out, and what the operator can change, for the log line."""
+def shortage(exc: OSError, lower: str = "max_client_conn") -> str:
+    """What ran out, and what the operator can change (`lower`: what takes the descriptors)."""
     if exc.errno == errno.EMFILE:
         soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         return (
             f"halephant has all the {soft} file descriptors it may open; raise the limit "
-            "(ulimit -n, or LimitNOFILE= in its systemd unit) or lower max_client_conn"
+            f"(ulimit -n, or LimitNOFILE= in its systemd unit) or lower {lower}"
         )
     if exc.errno == errno.ENFILE:
         return "the system's table of open files is full (sysctl fs.file-max)"
@@ -156,7 +161,7 @@ class Acceptor:
             "wait in the listen queue%s",
             self.name,
             exc.strerror or exc,
-            _why(exc),
+            shortage(exc),
             since,
         )
         self._logged_at = now

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Final, cast
 from halephant import sqlstate
 from halephant.admin.console import ADMIN_DATABASES, CONSOLE_HEADROOM, start_console
 from halephant.auth.server_side import Exchange, exchange_for
-from halephant.errors import ClientError, ProtocolViolation
+from halephant.errors import ClientError, OutOfResources, ProtocolViolation
 from halephant.protocol import codes
 from halephant.protocol import messages as m
 from halephant.protocol.framing import split_frames, walk_types
@@ -1220,8 +1220,13 @@ class ClientConnection(asyncio.Protocol):
         refused = pool.login_refused
         cap = pool.cap_in_the_way() if pool.caps else None
         if refused is not None:
-            # the pool is not full: PostgreSQL refuses its logins (server_login_retry), say so
-            hint = f"PostgreSQL refused the pool's last login: {cast(ClientError, refused[0]).message}"
+            # the pool is not full: PostgreSQL refuses its logins (server_login_retry), or halephant is
+            # out of descriptors for another; say so
+            error = cast(ClientError, refused[0])
+            if isinstance(error, OutOfResources):
+                hint = f"{error.message}; {error.hint}"
+            else:
+                hint = f"PostgreSQL refused the pool's last login: {error.message}"
             why = f"no server of pool {pool.name} in time"
         elif cap is not None:
             # the pool (or its reserve) is not full either: a cap across pools is (max_db_connections, ...)

@@ -28,13 +28,14 @@ import anyio
 
 from halephant import sqlstate
 from halephant.config import Config
-from halephant.errors import ClientError
+from halephant.errors import ClientError, OutOfResources
 from halephant.pool.caps import DB, USER, Cap, covers
 from halephant.pool.pool import Pool
 from halephant.protocol import codes
 from halephant.protocol import messages as m
 from halephant.protocol.framing import split_frames
 from halephant.proxy import prepared
+from halephant.proxy.accept import OUT_OF_RESOURCES, shortage
 from halephant.proxy.nodes import Nodes
 from halephant.proxy.server import ServerConnection, ServerLoginError
 from halephant.proxy.stand_in import StandIn
@@ -351,6 +352,14 @@ class PoolManager:
                 )
             elif isinstance(exc, ClientError):
                 error = ClientError(exc.code, exc.message, hint=exc.hint, fatal=True)
+            elif isinstance(exc, OSError) and exc.errno in OUT_OF_RESOURCES:
+                # halephant has no descriptor for the socket: the node is well (its probes answer), and
+                # every attempt fails alike until a descriptor is freed
+                error = OutOfResources(
+                    f"halephant could not open a connection to server {pool.host}:{pool.port}: "
+                    f"{exc.strerror}",
+                    hint=shortage(exc, "max_client_conn or the pool sizes"),
+                )
             elif isinstance(exc, TimeoutError):
                 error = ClientError(
                     sqlstate.CONNECTION_FAILURE,
@@ -364,10 +373,25 @@ class PoolManager:
                     fatal=True,
                 )
             # a login the server refused is not the node failing; no answer (or a shutdown) is
-            node_failed = not isinstance(exc, ClientError) or exc.code in _NODE_FAILURES
+            node_failed = not isinstance(error, OutOfResources) and (
+                not isinstance(exc, ClientError) or exc.code in _NODE_FAILURES
+            )
             retry = self.app.config.limits.server_login_retry
             if node_failed:
                 log.warning("pool %s: server connect failed: %s %s", pool.name, error.code, error.message)
+            elif isinstance(error, OutOfResources):
+                # as a refused login: no other attempt for server_login_retry (one a second, or one per
+                # waiting client, would log as often), and a client that needs a server meanwhile is
+                # told at once, not parked for probes that find the node well
+                if retry > 0:
+                    pool.login_refused = (error, loop.time() + retry)
+                log.warning(
+                    "pool %s: cannot open a server connection: %s: %s%s",
+                    pool.name,
+                    exc.strerror if isinstance(exc, OSError) else exc,
+                    error.hint,
+                    f" (no other attempt for {retry:g}s: server_login_retry)" if retry > 0 else "",
+                )
             else:
                 if retry > 0:
                     pool.login_refused = (error, loop.time() + retry)

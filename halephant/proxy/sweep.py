@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, cast
 
 from halephant import sqlstate
 from halephant.config import UserConfig
-from halephant.errors import ClientError
+from halephant.errors import ClientError, OutOfResources
 from halephant.protocol import codes
 from halephant.protocol import messages as m
 from halephant.proxy.client import READY as _READY
@@ -97,7 +97,11 @@ def _notify_waiting(client: ClientConnection, pool: ServerPool, waiting: int, no
     refused = pool.login_refused
     cap = pool.cap_in_the_way() if pool.caps else None
     if refused is not None:  # not full: PostgreSQL refuses another login (server_login_retry)
-        why = f"PostgreSQL refused its last login ({cast(ClientError, refused[0]).message})"
+        error = cast(ClientError, refused[0])
+        if isinstance(error, OutOfResources):  # or halephant has no descriptor for another
+            why = f"cannot open another ({error.message})"
+        else:
+            why = f"PostgreSQL refused its last login ({error.message})"
     elif cap is not None:  # not full either: a cap across pools is (max_db_connections, ...)
         why = f"is held by {cap.describe()}: all its places are taken ({len(pool.active)} by this pool)"
     else:

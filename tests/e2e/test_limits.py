@@ -129,6 +129,65 @@ def test_out_of_file_descriptors_is_logged_sparingly_and_accepting_resumes(
     assert _works(client)
 
 
+def _next_fd_fails(run: Running) -> None:
+    """Lower halephant's RLIMIT_NOFILE so that the next descriptor it opens is refused (EMFILE): the
+    limit is on descriptor numbers, and a new one takes the lowest number free."""
+    open_now = {int(fd) for fd in os.listdir(f"/proc/{run.proc.pid}/fd")}
+    lowest_free = min(set(range(len(open_now) + 1)) - open_now)
+    _soft, hard = resource.prlimit(run.proc.pid, resource.RLIMIT_NOFILE)
+    resource.prlimit(run.proc.pid, resource.RLIMIT_NOFILE, (lowest_free, hard))
+
+
+def test_out_of_file_descriptors_for_server_connections_is_told_as_such(
+    pg: Cluster, halephant: HalephantFactory
+) -> None:
+    # The node answers (its probe connection stays open): halephant itself cannot open a socket. Taken
+    # for the node failing, each waiting client was parked for the probes, which found the primary
+    # well and handed it back, ten times a second (two log lines each) until checkout_timeout, then
+    # told 57P03 "no primary ... is down or failing over"; a client waiting behind a busy server was
+    # told "The pool is full; raise pool_size", which needs more descriptors still.
+    run = halephant.start(
+        _config(
+            pg,
+            limits={"server_login_retry": "500ms"},
+            checkout_timeout="1500ms",
+            pool_size=3,
+        )
+    )
+    holder, waiter, other = _client(run), _client(run), _client(run)
+    soft, hard = resource.prlimit(run.proc.pid, resource.RLIMIT_NOFILE)
+    assert errors(holder.simple_query("BEGIN")) == []  # the pool's one server, busy
+    _next_fd_fails(run)
+    try:
+        started = time.monotonic()
+        error = errors(waiter.simple_query("SELECT 1"))
+        assert [e["C"] for e in error] == ["53300"], error  # checkout_timeout, as ever
+        assert "Too many open files" in error[0].get("H", ""), error  # but not "the pool is full"
+        assert "file descriptors" in error[0].get("H", ""), error
+        assert time.monotonic() - started < 3
+        assert errors(holder.simple_query("COMMIT")) == []
+        # no server at all now: told at once, not parked until checkout_timeout
+        pid = data_rows(other.simple_query("SELECT pg_backend_pid()"))[0][0]
+        in_use = len(os.listdir(f"/proc/{run.proc.pid}/fd"))
+        assert pg.primary.sql(f"SELECT pg_terminate_backend({pid})") == "t"
+        wait_until(lambda: len(os.listdir(f"/proc/{run.proc.pid}/fd")) < in_use, "the server closed")
+        _next_fd_fails(run)
+        started = time.monotonic()
+        error = errors(other.simple_query("SELECT 2"))
+        assert [e["C"] for e in error] == ["53000"], error  # insufficient_resources, as PostgreSQL
+        assert "Too many open files" in error[0]["M"], error
+        assert time.monotonic() - started < 1
+        lines = [line for line in run.log_text().splitlines() if "Too many open files" in line]
+        assert 1 <= len(lines) <= 6, lines  # once per server_login_retry at most
+        assert all("ulimit -n" in line for line in lines), lines
+        assert "did not answer" not in run.log_text()
+    finally:
+        resource.prlimit(run.proc.pid, resource.RLIMIT_NOFILE, (soft, hard))
+    wait_until(lambda: _works(other), "a server opened again", timeout=5)
+    assert _works(waiter) and _works(holder)
+    assert_clean_servers(pg.primary)
+
+
 def test_per_database_and_per_user_max_client_conn(pg: Cluster, halephant: HalephantFactory) -> None:
     config = _config(pg, max_client_conn=2)
     config["users"]["myapp_ro"]["max_client_conn"] = 1
