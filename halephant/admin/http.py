@@ -5,7 +5,10 @@ request per connection (`Connection: close`), bounded request size and read time
 scraper cannot hold anything the proxy needs. Every answer is built from data already in memory.
 
 If the address is taken (e.g. by the previous process during an online restart), binding is retried
-every second: the proxy keeps serving meanwhile.
+every second: the proxy keeps serving meanwhile. Connections are accepted as the client listener's are
+(`halephant.proxy.accept`), not by the event loop's own server: out of file descriptors, uvloop's would
+accept each waiting request and close it at once, logging nothing; here a request waits in the listen
+queue until a descriptor is free, and the shortage is logged.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from urllib.parse import parse_qs
 import anyio
 
 from halephant.admin import metrics, snapshot
+from halephant.proxy.accept import Acceptor
 
 if TYPE_CHECKING:
     from halephant.config.schema import HostPort
@@ -32,6 +36,7 @@ log = logging.getLogger("halephant.admin")
 MAX_REQUEST = 16 * 1024
 READ_TIMEOUT = 5.0
 BIND_RETRY = 1.0
+BACKLOG = 128
 
 Handler = Callable[[dict[str, list[str]]], tuple[int, str, bytes]]
 
@@ -46,7 +51,8 @@ class AdminServer:
         self.rates = snapshot.Rates(app)
         self._registry = metrics.registry(app)
         self.address: tuple[str, int] | None = None
-        self._server: asyncio.Server | None = None
+        #: requests accepted and not yet being read
+        self._accepting: set[asyncio.Task[Any]] = set()
         self.routes: dict[str, Handler] = {
             "/health": lambda q: (200, "text/plain", b"ok\n"),
             "/ready": self._ready,
@@ -83,28 +89,35 @@ class AdminServer:
         async with anyio.create_task_group() as tg:
             tg.start_soon(self.rates.run)
             warned = False
-            while self._server is None:
+            sock: socket.socket | None = None
+            while sock is None:
                 try:
-                    self._server = await asyncio.start_server(
-                        self._handle,
-                        listen.host,
-                        listen.port,
-                        reuse_address=True,
+                    sock = socket.create_server(
+                        (listen.host, listen.port),
                         family=socket.AF_INET6 if ":" in listen.host else socket.AF_INET,
-                        limit=MAX_REQUEST,
+                        backlog=BACKLOG,
                     )
                 except OSError as exc:
                     if not warned:
                         log.warning("admin API cannot listen on %s (%s): retrying every second", listen, exc)
                         warned = True
                     await anyio.sleep(BIND_RETRY)
-            sock = self._server.sockets[0].getsockname()
-            self.address = (sock[0], sock[1])
-            log.info("admin API listening on http://%s:%d/", sock[0], sock[1])
+            sock.setblocking(False)
+            name = sock.getsockname()
+            self.address = (name[0], name[1])
+            loop = asyncio.get_running_loop()
+            acceptor = Acceptor(loop, sock, self._protocol, f"admin API {name[0]}:{name[1]}", self._accepting)
+            acceptor.start()
+            log.info("admin API listening on http://%s:%d/", name[0], name[1])
             try:
                 await anyio.sleep_forever()
             finally:
-                self._server.close()
+                acceptor.close()
+                sock.close()
+
+    def _protocol(self) -> asyncio.StreamReaderProtocol:
+        # what asyncio.start_server makes for each connection
+        return asyncio.StreamReaderProtocol(asyncio.StreamReader(limit=MAX_REQUEST), self._handle)
 
     # --- one request ---
 

@@ -188,6 +188,39 @@ def test_out_of_file_descriptors_for_server_connections_is_told_as_such(
     assert_clean_servers(pg.primary)
 
 
+def test_the_admin_api_out_of_file_descriptors_is_logged_and_answers_once_it_can(
+    pg: Cluster, halephant: HalephantFactory
+) -> None:
+    # The admin API ran on the event loop's own server: uvloop accepted each request it had no
+    # descriptor for and closed it at once (libuv's EMFILE trick), logging nothing, so a health check
+    # failed with a reset connection and nobody learnt why. It now accepts as the client listener does.
+    run = halephant.start(_config(pg))
+    assert run.admin_get("/health") == (200, "ok\n")
+    assert run.admin_url is not None
+    host, port = run.admin_url.removeprefix("http://").rsplit(":", 1)
+    soft, hard = resource.prlimit(run.proc.pid, resource.RLIMIT_NOFILE)
+    _next_fd_fails(run)
+    try:
+        check = socket.create_connection((host, int(port)), timeout=5)  # taken into the listen queue
+        check.sendall(b"GET /health HTTP/1.1\r\nHost: halephant\r\n\r\n")
+        wait_until(
+            lambda: f"cannot accept connections on admin API {host}:{port}" in run.log_text(),
+            "the failed accept logged",
+            timeout=5,
+        )
+    finally:
+        resource.prlimit(run.proc.pid, resource.RLIMIT_NOFILE, (soft, hard))
+    with check:
+        answer = b""
+        while chunk := check.recv(4096):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and answer.endswith(b"\r\n\r\nok\n"), answer
+    wait_until(
+        lambda: f"accepting connections on admin API {host}:{port} again" in run.log_text(), "recovery logged"
+    )
+    assert run.admin_get("/health") == (200, "ok\n")
+
+
 def test_per_database_and_per_user_max_client_conn(pg: Cluster, halephant: HalephantFactory) -> None:
     config = _config(pg, max_client_conn=2)
     config["users"]["myapp_ro"]["max_client_conn"] = 1
