@@ -61,6 +61,19 @@ _TX_IDLE = codes.TX_IDLE
 InternalDone = Callable[[list[list[str | None]], str | None], None]
 
 
+def _unsolicited(data: bytes) -> str:
+    """What an idle server sent, for the log: its first ErrorResponse or NoticeResponse."""
+    try:
+        frames, _ = split_frames(data, _MAX_SERVER_MESSAGE)
+        for t, start, end in frames:
+            if t == codes.ERROR_RESPONSE or t == codes.NOTICE_RESPONSE:
+                fields = m.decode_error_fields(data[start:end])
+                return f"{fields.get('S', '?')} {fields.get('C', '?')} {fields.get('M', '')}"
+    except ProtocolViolation:
+        pass
+    return f"it sent {data[:1]!r} while idle"
+
+
 class ServerLoginError(ClientError):
     """PostgreSQL refused the login (its own SQLSTATE) or broke the protocol during it."""
 
@@ -273,7 +286,9 @@ class ServerConnection(asyncio.Protocol):
             else:
                 self._logging_in(data)
             return
-        # unsolicited bytes on an idle server (a FATAL from pg_terminate_backend, a notification)
+        # unsolicited bytes on an idle server (a FATAL from pg_terminate_backend or a shutdown, a
+        # notification): logged with PostgreSQL's reason, or servers would vanish without one
+        log.info("server %s closed while idle: %s", self, _unsolicited(data))
         self.close("server sent data while idle")
 
     def _special_data(self, data: bytes, client: ClientConnection) -> None:

@@ -421,6 +421,22 @@ def test_a_server_fatal_reaches_the_client_alone(pg: Cluster, hal: Running) -> N
     assert [(m.type, m.fields.get("S"), m.fields.get("C")) for m in messages] == [(b"E", "FATAL", "57P01")]
 
 
+def test_an_idle_server_ended_by_postgresql_is_logged_with_its_reason(pg: Cluster, hal: Running) -> None:
+    # pg_terminate_backend of a pooled server, or a fast shutdown of the node: PostgreSQL's FATAL comes
+    # to a server no client is linked to. It was closed with a debug line only, so an operator saw
+    # server connections vanish (the next one opened said "now 1") and never learnt why.
+    with connect(hal, "one") as conn:
+        pid = backend_pid(conn)  # idle in the pool from here on
+        assert pg.primary.sql(f"SELECT pg_terminate_backend({pid})") == "t"
+        expected = (
+            f"server <Server pid={pid} one/myapp@{pg.primary.host}:{pg.primary.port} idle> closed while "
+            "idle: FATAL 57P01 terminating connection due to administrator command"
+        )
+        assert became(lambda: expected in hal.log_text()), hal.log_text()[-3000:]
+        assert backend_pid(conn) != pid  # served by a new one
+    assert_clean_servers(pg.primary)
+
+
 def test_server_lost_in_the_middle_of_a_row_ends_the_client_stream_there(pg: Cluster, hal: Running) -> None:
     # A backend terminated while blocked sending a large row to a client that reads slowly stops in the
     # middle of the row. An ErrorResponse appended there would be read as the rest of the row (the end
