@@ -509,7 +509,17 @@ class ConsoleSession(asyncio.Protocol):
                 raise ClientError(
                     sqlstate.FEATURE_NOT_SUPPORTED, "this halephant cannot reload its configuration"
                 )
-            os.kill(os.getpid(), signal.SIGHUP)
+            # Done here rather than by a SIGHUP to itself, so the answer can say how it went: a file
+            # with mistakes is ERROR F0000 with each of them, as PgBouncer answers, not a RELOAD that
+            # leaves the previous configuration in force unbeknown to the operator.
+            log.info("%r: RELOAD: reloading %s", self.client, self.app.config.source)
+            result = self.app.reload()
+            if not result.ok:
+                raise ClientError(
+                    sqlstate.CONFIG_FILE_ERROR,
+                    f"reload failed: {len(result.errors)} error(s); still running with the previous "
+                    "configuration:\n" + "\n".join(result.errors),
+                )
         elif verb == "SHUTDOWN":
             if len(words) != 1:
                 raise _syntax(command)

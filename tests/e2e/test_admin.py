@@ -25,6 +25,7 @@ import psycopg
 import psycopg.errors
 import pytest
 import rawclient as rc
+from ruamel.yaml import YAML
 from scramp import ScramMechanism
 from support.halephant import HalephantFactory, Running, default_config, write_config
 from support.leaks import assert_clean_servers
@@ -870,6 +871,35 @@ def test_reload_is_counted_in_metrics(hal: Running) -> None:
     while _reloads_ok(hal) == before and time.monotonic() < deadline:
         time.sleep(0.05)
     assert _reloads_ok(hal) == before + 1
+
+
+def test_reload_of_a_broken_file_is_refused_with_F0000_and_every_error(
+    pg: Cluster, halephant: HalephantFactory
+) -> None:
+    # RELOAD sent itself a SIGHUP and answered at once: an operator who reloaded a file with a mistake
+    # was told RELOAD (success) while the old configuration stayed in force. As PgBouncer's, it now
+    # answers ERROR F0000 with each problem at its file:line:col, and the old configuration stays.
+    run = halephant.start(
+        default_config(pg, users={"admin": {"password": "admin-pw"}}, admin={"users": ["admin"]})
+    )
+    good = YAML(typ="safe").load(run.config_path.read_text())  # as written, with its listen addresses
+    bad = {**good, "databases": {"myapp": {"cluster": "main", "pool_size": -1}}}
+    bad["limits"] = {"query_timout": "1s"}
+    write_config(bad, run.config_path)
+    with console(run) as admin:
+        with pytest.raises(psycopg.errors.ConfigFileError) as info:
+            admin.execute("RELOAD")
+        message = info.value.diag.message_primary or ""
+        name = run.config_path.name
+        assert "2 error(s)" in message and "previous configuration" in message, message
+        assert f"{name}:" in message and "databases.myapp.pool_size" in message, message
+        assert "limits.query_timout: unknown key" in message, message
+        assert admin.execute("SHOW VERSION").fetchone()  # an ERROR: the console stays usable
+        write_config({**good, "limits": {"query_timeout": "1s"}}, run.config_path)
+        assert admin.execute("RELOAD").statusmessage == "RELOAD"
+    with connect(run) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+    assert "reload: done" in run.log_text()
 
 
 def test_console_gets_in_when_clients_fill_max_client_conn(pg: Cluster, halephant: HalephantFactory) -> None:
