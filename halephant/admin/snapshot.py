@@ -456,6 +456,16 @@ def summary(app: App, rates: Rates | None) -> dict[str, Any]:
         "transactions_per_s": round(rates.transactions_per_s, 1) if rates is not None else 0.0,
         "queries_per_s": round(rates.queries_per_s, 1) if rates is not None else 0.0,
         "reloads": dict(app.stats.reloads),
+        # a SIGHUP's reload answers nobody: whether the file in force is the one on disk shows here
+        "last_reload": (
+            None
+            if app.stats.last_reload is None
+            else {
+                "at": app.stats.last_reload[0],
+                "ok": not app.stats.last_reload[1],
+                "errors": app.stats.last_reload[1],
+            }
+        ),
         "paused": sorted(app.control.paused_databases()),
         "disabled": sorted(app.control.disabled_databases()),
     }

@@ -232,7 +232,7 @@ class App:
     def reload(self) -> ReloadResult:
         """Read the configuration file again and apply what can change live (see halephant.proxy.reload)."""
         result = reload_app(self)
-        self.stats.reloaded(result.ok)
+        self.stats.reloaded(result.errors)
         return result
 
     def begin_shutdown(self) -> None:

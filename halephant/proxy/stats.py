@@ -1,5 +1,6 @@
-"""Process-wide statistics of a running halephant: connections, errors sent by SQLSTATE, and a bounded
-ring of recent decisions with their reasons (rejects, pins, checkout timeouts, console commands).
+"""Process-wide statistics of a running halephant: connections, errors sent by SQLSTATE, reloads (and
+the last one's errors), and a bounded ring of recent decisions with their reasons (rejects, pins,
+checkout timeouts, console commands).
 
 Recording is a counter increment or one `deque.append`; it happens at decision points (once per client,
 per rejected statement, per pin), never per protocol message. Per-pool counters live on each pool
@@ -61,6 +62,8 @@ class Stats:
         self.decisions: deque[Decision] = deque(maxlen=decisions_kept)
         #: configuration reloads, by outcome ("ok" / "failed")
         self.reloads: Counter[str] = Counter()
+        #: when the last reload ran (wall clock) and its errors (none: applied); None before the first
+        self.last_reload: tuple[float, list[str]] | None = None
 
     def error(self, code: str) -> None:
         """halephant sent an ErrorResponse with this SQLSTATE."""
@@ -80,9 +83,10 @@ class Stats:
             )
         )
 
-    def reloaded(self, ok: bool) -> None:
-        """A configuration reload finished (called by the reload path)."""
-        self.reloads["ok" if ok else "failed"] += 1
+    def reloaded(self, errors: list[str]) -> None:
+        """A configuration reload finished (called by the reload path); `errors`: why it was refused."""
+        self.reloads["failed" if errors else "ok"] += 1
+        self.last_reload = (time.time(), list(errors))
 
 
 async def run_clock(app: App) -> None:

@@ -130,6 +130,10 @@ def test_reload_with_errors_keeps_the_old_config_and_logs_every_error(
     for line in lines:  # file:line:col
         position = line.split(f"{name}:", 1)[1].split(":")[:2]
         assert all(part.isdigit() for part in position), line
+    # and where monitoring looks: a SIGHUP has no one to answer, and the log may be far away
+    last = run.admin_json("/snapshot")["summary"]["last_reload"]
+    assert last["ok"] is False and last["at"] > time.time() - 60, last
+    assert sorted(last["errors"]) == sorted(line.split("reload failed: ", 1)[1] for line in lines), last
     assert _works(client)
     # the old pool size still holds: a second client waits while the first is in a transaction
     assert errors(client.simple_query("BEGIN")) == []
@@ -139,6 +143,8 @@ def test_reload_with_errors_keeps_the_old_config_and_logs_every_error(
         other.read(timeout=0.5)
     assert errors(client.simple_query("COMMIT")) == []
     assert data_rows(other.read_until_ready()) == [["1"]]
+    run.reload(config, "reload: done")
+    assert run.admin_json("/snapshot")["summary"]["last_reload"]["errors"] == []
 
 
 def test_reload_adds_and_removes_databases_and_users(pg: Cluster, halephant: HalephantFactory) -> None:
