@@ -5,6 +5,11 @@ the body of the client's next PasswordMessage/SASL message and returns ``(reply,
 password raises `ClientError` 28P01, a SCRAM message that cannot be parsed 08P01, as in PostgreSQL.
 Unknown users run the same exchange against a deterministic fake secret and fail at the end, as
 PostgreSQL does, so user names cannot be enumerated.
+
+A successful SCRAM login against a configured SCRAM verifier also keeps the client's ClientKey
+(`halephant.auth.passthrough`): halephant logs in to PostgreSQL with it when the user has no
+`server_password` (pass-through). `ScramExchange.learned_keys` is that verifier when this login gave the
+first keys for it, so the caller can let pools that were waiting for them log in at once.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from scramp import ScramException, ScramMechanism
 from scramp.utils import ServerError
 
 from halephant import sqlstate
+from halephant.auth.passthrough import PassthroughKeys, client_key_from_proof, remember
 from halephant.auth.upstream import scram_password
 from halephant.config.schema import is_md5_hash, is_scram_verifier, parse_scram_verifier
 from halephant.errors import ClientError
@@ -45,6 +51,7 @@ def auth_failed(user: str, method: str) -> ClientError:
 
 class Exchange(Protocol):
     name: str
+    learned_keys: str | None
 
     def start(self) -> bytes: ...
 
@@ -90,6 +97,10 @@ class ScramExchange:
     def __init__(self, user: str, secret: str | None) -> None:
         self.user = user
         self._known = secret is not None
+        #: the configured verifier whose ClientKey this login gives (None: plaintext or unknown user)
+        self._verifier = secret if secret is not None and is_scram_verifier(secret) else None
+        #: the verifier, once this login gave the first pass-through keys for it
+        self.learned_keys: str | None = None
         info = _auth_info_for(user, secret) if secret is not None else _mock_auth_info(user)
         self._server = _MECHANISM.make_server(lambda _name: info)
         self._step = 0
@@ -132,6 +143,8 @@ class ScramExchange:
                 self._server.set_client_final(payload.decode())
                 if not self._known:
                     raise auth_failed(self.user, "scram")
+                if self._verifier is not None:
+                    self._keep_keys(payload.decode())
                 final = self._server.get_server_final().encode()
                 return m.authentication(codes.AUTH_SASL_FINAL, final), True
         except ScramException as exc:
@@ -141,6 +154,19 @@ class ScramExchange:
         except (ValueError, UnicodeDecodeError):
             raise _malformed() from None
         raise ClientError(sqlstate.PROTOCOL_VIOLATION, "unexpected SASL message", fatal=True)
+
+    def _keep_keys(self, client_final: str) -> None:
+        """Recover ClientKey from the proof scramp has just verified, and keep it for pass-through."""
+        server = self._server
+        without_proof, _, proof = client_final.rpartition(",p=")
+        auth_message = f"{server.client_first_bare},{server.server_first},{without_proof}".encode()
+        client_key = client_key_from_proof(server.stored_key, auth_message, proof)
+        if client_key is None or self._verifier is None:  # (scramp accepted it: cannot happen)
+            return
+        # (scramp keeps the salt and count as its own Salt and IterationCount)
+        keys = PassthroughKeys(bytes(server.salt), int(server.i), client_key, bytes(server.server_key))
+        if remember(self._verifier, keys):
+            self.learned_keys = self._verifier
 
 
 def _malformed() -> ClientError:
@@ -167,6 +193,7 @@ class Md5Exchange:
         else:
             self._inner = md5_inner(secret, user)
         self._salt = os.urandom(4)
+        self.learned_keys: str | None = None
 
     def start(self) -> bytes:
         return m.authentication(codes.AUTH_MD5_PASSWORD, self._salt)

@@ -1,5 +1,12 @@
 """Logging in to PostgreSQL: answers the server's AuthenticationRequests (SCRAM-SHA-256, md5, cleartext,
-trust) for a server connection. Sans-IO: `respond(code, data)` returns the message to send, or None."""
+trust) for a server connection. Sans-IO: `respond(code, data)` returns the message to send, or None.
+
+The secret is the plaintext password, or, with no `server_password`, the user's own halephant.yaml
+password when it is a hash (pass-through, as PgBouncer does): an md5 hash answers md5 as it is (md5 of
+the hash's hex and the salt); a SCRAM verifier answers SCRAM-SHA-256 with the ClientKey a client's login
+gave (`halephant.auth.passthrough`), when the server's salt and iteration count are the verifier's.
+`passthrough_unready` tells a caller before it connects that such a login has nothing to answer with yet.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +21,8 @@ from typing import Final
 from scramp.utils import saslprep
 
 from halephant import sqlstate
+from halephant.auth.passthrough import PassthroughKeys, keys_for
+from halephant.config.schema import is_md5_hash, is_scram_verifier
 from halephant.errors import ClientError
 from halephant.protocol import codes
 from halephant.protocol import messages as m
@@ -62,7 +71,8 @@ def scram_password(password: str) -> bytes:
 
 
 class _ScramClient:
-    """The client side of SCRAM-SHA-256 without channel binding, as libpq runs it."""
+    """The client side of SCRAM-SHA-256 without channel binding, as libpq runs it: from a password, or
+    from pass-through keys (`pinned`), which hold only for their own salt and iteration count."""
 
     __slots__ = (
         "_combined",
@@ -73,10 +83,12 @@ class _ScramClient:
         "_salt",
         "_server_first",
         "_server_signature",
+        "pinned",
     )
 
-    def __init__(self, password: str) -> None:
-        self._password = scram_password(password)
+    def __init__(self, password: str | None, pinned: PassthroughKeys | None = None) -> None:
+        self._password = b"" if password is None else scram_password(password)
+        self.pinned = pinned
         self._nonce = base64.b64encode(os.urandom(18)).decode()
         self._first_bare = f"n=*,r={self._nonce}"  # PostgreSQL ignores the SCRAM user name
         self._server_first = ""
@@ -106,15 +118,24 @@ class _ScramClient:
             )
         self._server_first, self._combined, self._salt, self._iterations = message, combined, salt, iterations
 
+    def pinned_mismatch(self) -> bool:
+        """True when the server's salt or iteration count is not the pass-through keys'."""
+        pinned = self.pinned
+        return pinned is not None and (pinned.salt, pinned.iterations) != (self._salt, self._iterations)
+
     def keys_cached(self) -> bool:
-        return (self._password, self._salt, self._iterations) in _keys
+        return self.pinned is not None or (self._password, self._salt, self._iterations) in _keys
 
     def derive(self) -> None:
         _derive(self._password, self._salt, self._iterations)
 
     def client_final(self) -> str:
         without_proof = f"c=biws,r={self._combined}"
-        client_key, server_key = _derive(self._password, self._salt, self._iterations)
+        pinned = self.pinned
+        if pinned is not None:
+            client_key, server_key = pinned.client_key, pinned.server_key
+        else:
+            client_key, server_key = _derive(self._password, self._salt, self._iterations)
         stored_key = hashlib.sha256(client_key).digest()
         auth_message = f"{self._first_bare},{self._server_first},{without_proof}".encode()
         signature = hmac.new(stored_key, auth_message, hashlib.sha256).digest()
@@ -137,9 +158,48 @@ class ScramError(Exception):
     """The server's side of the SCRAM exchange is wrong."""
 
 
+def _hash_kind(secret: str | None) -> str:
+    if secret is None:
+        return ""
+    if is_scram_verifier(secret):
+        return "a SCRAM verifier"
+    return "an md5 hash" if is_md5_hash(secret) else ""
+
+
+def _only_a_hash(user: str, secret: str, asked: str) -> UpstreamAuthError:
+    return UpstreamAuthError(
+        sqlstate.INVALID_PASSWORD,
+        f'server asked for {asked} for user "{user}", and halephant.yaml gives "{user}" only '
+        f"{_hash_kind(secret)}, which cannot answer it",
+        hint=f'Set server_password for "{user}" to the plaintext password.',
+    )
+
+
+def _no_keys_yet(user: str) -> UpstreamAuthError:
+    return UpstreamAuthError(
+        sqlstate.INVALID_PASSWORD,
+        f'no client of user "{user}" has logged in since halephant started: halephant.yaml gives '
+        f'"{user}" a SCRAM verifier and no server_password, and a client\'s SCRAM login gives the key '
+        "halephant logs in to the server with",
+        hint=f'Log in as "{user}" through halephant once, or set server_password for "{user}".',
+    )
+
+
+def passthrough_unready(user: str, secret: str | None) -> UpstreamAuthError | None:
+    """The error a login as `user` with `secret` would end in because no client has given its
+    pass-through keys yet (a SCRAM verifier with none kept), else None. Callers check before they
+    connect, so that pools and probes waiting for a client's login put no load on PostgreSQL (even a
+    server whose pg_hba.conf would not ask for a password gets no connection until then)."""
+    if secret is not None and is_scram_verifier(secret) and keys_for(secret) is None:
+        return _no_keys_yet(user)
+    return None
+
+
 class UpstreamAuth:
     """One login's answers. A caller that must not block first asks `slow_step` for the work an answer
-    needs (a SCRAM key derivation not yet cached), runs it in a worker thread, then calls `respond`."""
+    needs (a SCRAM key derivation not yet cached), runs it in a worker thread, then calls `respond`.
+
+    `password` is the plaintext password, a SCRAM verifier or an md5 hash (pass-through, see above)."""
 
     __slots__ = ("_password", "_scram", "_user")
 
@@ -155,6 +215,27 @@ class UpstreamAuth:
                 f'server asked for a password for user "{self._user}" and none is configured',
             )
         return self._password
+
+    def _scram_client(self) -> _ScramClient:
+        secret = self._need_password()
+        if is_md5_hash(secret):
+            raise _only_a_hash(self._user, secret, "SCRAM-SHA-256")
+        if not is_scram_verifier(secret):
+            return _ScramClient(secret)
+        keys = keys_for(secret)
+        if keys is None:
+            raise _no_keys_yet(self._user)
+        return _ScramClient(None, keys)
+
+    def _verifier_differs(self) -> UpstreamAuthError:
+        user = self._user
+        return UpstreamAuthError(
+            sqlstate.INVALID_PASSWORD,
+            f'the server\'s SCRAM verifier for user "{user}" differs from the one in halephant.yaml '
+            "(another salt or iteration count: was the role's password changed?)",
+            hint=f"Copy the role's pg_authid.rolpassword into users.{user}.password (clients then log in "
+            f'with the new password), or set server_password for "{user}".',
+        )
 
     def slow_step(self, code: int, data: bytes) -> Callable[[], None] | None:
         """Blocking work `respond(code, data)` would do, to run in a worker thread before calling it
@@ -173,9 +254,18 @@ class UpstreamAuth:
         if code == codes.AUTH_OK:
             return None
         if code == codes.AUTH_CLEARTEXT_PASSWORD:
-            return m.password_message(self._need_password().encode())
+            password = self._need_password()
+            if _hash_kind(password):
+                raise _only_a_hash(self._user, password, "a cleartext password")
+            return m.password_message(password.encode())
         if code == codes.AUTH_MD5_PASSWORD:
-            inner = hashlib.md5((self._need_password() + self._user).encode()).hexdigest()
+            password = self._need_password()
+            if is_md5_hash(password):
+                inner = password[3:]  # what md5(password + user) gives, as PostgreSQL keeps it
+            elif is_scram_verifier(password):
+                raise _only_a_hash(self._user, password, "an md5 password")
+            else:
+                inner = hashlib.md5((password + self._user).encode()).hexdigest()
             return m.password_message(b"md5" + hashlib.md5(inner.encode() + data[:4]).hexdigest().encode())
         try:
             if code == codes.AUTH_SASL:
@@ -185,10 +275,12 @@ class UpstreamAuth:
                         sqlstate.FEATURE_NOT_SUPPORTED,
                         f"server offers no supported SASL mechanism ({', '.join(mechanisms)})",
                     )
-                self._scram = _ScramClient(self._need_password())
+                self._scram = self._scram_client()
                 return m.sasl_initial_response("SCRAM-SHA-256", self._scram.client_first().encode())
             if code == codes.AUTH_SASL_CONTINUE and self._scram is not None:
                 self._scram.server_first(data.decode())
+                if self._scram.pinned_mismatch():
+                    raise self._verifier_differs()
                 return m.sasl_response(self._scram.client_final().encode())
             if code == codes.AUTH_SASL_FINAL and self._scram is not None:
                 self._scram.server_final(data.decode())
