@@ -132,6 +132,8 @@ class PoolTarget:
     whose settings the pools use (sizes, timeouts, reset query, session features; "" means the one
     that serves `database`): a plugin that serves databases `databases:` does not list names the
     entry they follow, and its clients are told 57P01 once a reload removes that entry.
+    `server_password` is the plaintext password, or the `server_user`'s SCRAM verifier or md5 hash for a
+    pass-through login (`halephant.auth.upstream`); None: none (a server asking for one is refused).
     """
 
     database: str

@@ -5,6 +5,8 @@ A database not listed is served by the catch-all entry `'*'` when there is one (
 auto-database), on the cluster it names, under the client's own database name upstream; without it the
 client gets 3D000 (sent after authentication, as PostgreSQL does).
 
+The upstream password is the user's `server_password`, else its `password`, which may be a SCRAM
+verifier or md5 hash that halephant logs in with by pass-through (`halephant.auth.upstream`).
 A user with `server_user` logs in upstream as that other user (with that user's upstream password) but
 keeps pools of its own; a `read_only` user's server connections start with
 `default_transaction_read_only=on`.
@@ -99,11 +101,11 @@ def _select(client: ClientInfo, config: Config) -> PoolTarget | Reject:
     settings: tuple[tuple[str, str], ...] = ()
     how = ""
     if user is not None:
-        server_password = user.upstream_password
+        server_password = user.upstream_secret
         if user.server_user is not None:
             upstream = config.users.get(user.server_user)
             server_user = user.server_user
-            server_password = upstream.upstream_password if upstream is not None else None
+            server_password = upstream.upstream_secret if upstream is not None else None
             how = f", upstream as {server_user}"
         if user.read_only:
             settings = READ_ONLY_SETTINGS

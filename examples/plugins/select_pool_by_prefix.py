@@ -40,7 +40,7 @@ def halephant_select_pool(client: ClientInfo, config: Config) -> PoolTarget | No
         cluster=entry.cluster,
         server_database=client.database,
         server_user=client.user,
-        server_password=user.upstream_password if user is not None else None,
+        server_password=user.upstream_secret if user is not None else None,
         mode=PoolMode(entry.mode),
         reason=f"tenant {match.group(1)} -> cluster {entry.cluster} (databases.{TEMPLATE})",
         entry=TEMPLATE,

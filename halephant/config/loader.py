@@ -519,11 +519,12 @@ def _check_user(name: Any, user: dict[Any, Any], where: _Locator) -> list[Config
                 parse_scram_verifier(password)
             except ValueError as exc:
                 problems.append(where.problem(at_password, str(exc)))
-        if (scram or md5) and server_password is None:
+        if scram and auth == "trust" and server_password is None:
+            # pass-through needs a client's SCRAM login, and a trusted client makes none
             problems.append(
                 where.problem(
                     at_password,
-                    "a SCRAM verifier or md5 hash cannot log in upstream: "
+                    "with auth: trust no client logs in by SCRAM, so this verifier cannot log in upstream: "
                     "set server_password to the plaintext password",
                 )
             )

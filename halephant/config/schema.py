@@ -293,7 +293,9 @@ class ClusterConfig(_Section):
     and how far a replica may lag before it gets no new transactions."""
 
     nodes: Annotated[tuple[Annotated[HostPort, AfterValidator(_server_port)], ...], Field(min_length=1)]
-    #: The role the probes log in as; None: the first user under `users:` with a password.
+    #: The role the probes log in as; None: the first user under `users:` (not an alias) with a
+    #: plaintext upstream password, else one with an md5 hash, else one with a SCRAM verifier (whose
+    #: probes log in once a client of that user has).
     probe_user: Annotated[StrictStr, Field(min_length=1)] | None = None
     #: Its plaintext password; None: that user's upstream password from `users:`, if any.
     probe_password: StrictStr | None = Field(default=None, repr=False)
@@ -394,7 +396,8 @@ class UserConfig(_Section):
 
     #: Plaintext, a `SCRAM-SHA-256$…` verifier, or `md5` + 32 hex digits. None only with `auth: trust`.
     password: StrictStr | None = Field(default=None, repr=False)
-    #: Plaintext password for the upstream login; needed when `password` is a verifier or hash.
+    #: Plaintext password for the upstream login. None: `password`, which may be a verifier or hash
+    #: (pass-through: an md5 hash answers md5 as it is, a SCRAM verifier once a client has logged in).
     server_password: StrictStr | None = Field(default=None, repr=False)
     auth: AuthName = "scram-sha-256"
     #: Clients logged in as this user at most (None: no per-user limit).
@@ -430,6 +433,14 @@ class UserConfig(_Section):
         if self.server_password is not None:
             return self.server_password
         return None if self.password_is_hashed else self.password
+
+    @property
+    def upstream_secret(self) -> str | None:
+        """What halephant logs in upstream with: `upstream_password`, else the SCRAM verifier or md5
+        hash of `password` (pass-through, `halephant.auth.upstream`); None if there is nothing."""
+        if self.server_password is not None:
+            return self.server_password
+        return self.password
 
 
 class LimitsConfig(_Section):

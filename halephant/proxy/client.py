@@ -522,6 +522,9 @@ class ClientConnection(asyncio.Protocol):
                 self.transport.write(reply)
             if done:
                 rest, self._buf = self._buf, b""
+                learned = self._exchange.learned_keys
+                if learned is not None:
+                    self.app.manager.passthrough_keys_learned(learned)
                 self._authenticated(self._exchange.name)
                 if rest:
                     self.data_received(bytes(rest))

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 import anyio
 
 from halephant import sqlstate
+from halephant.auth.upstream import passthrough_unready
 from halephant.errors import ClientError
 from halephant.protocol import codes
 from halephant.protocol import messages as m
@@ -251,6 +252,9 @@ class _Listener(StandIn):
         try:
             if not self.pool.host:
                 raise ConnectionError("no primary is available")
+            unready = passthrough_unready(target.server_user, target.server_password)
+            if unready is not None:
+                raise unready
             with anyio.fail_after(self.app.config.limits.connect_timeout):
                 await create_connection(loop, lambda: server, self.pool.host, self.pool.port)
                 await server.login

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, cast
 import anyio
 
 from halephant import sqlstate
+from halephant.auth.upstream import passthrough_unready
 from halephant.config import Config
 from halephant.errors import ClientError, OutOfResources
 from halephant.pool.caps import DB, USER, Cap, covers
@@ -325,6 +326,9 @@ class PoolManager:
             pool.login_refused = None
         server = ServerConnection(self, pool, startup, target.server_password, loop)
         try:
+            unready = passthrough_unready(target.server_user, target.server_password)
+            if unready is not None:
+                raise unready  # refused as PostgreSQL's refusal is, without a connection to PostgreSQL
             with anyio.fail_after(self.app.config.limits.connect_timeout):
                 await create_connection(loop, lambda: server, pool.host, pool.port)
                 await server.login
@@ -596,6 +600,14 @@ class PoolManager:
             self._caps_changed(pool)
 
     # --- maintenance ---
+
+    def passthrough_keys_learned(self, verifier: str) -> None:
+        """A client's SCRAM login gave the first pass-through keys for `verifier`: the pools that log in
+        upstream with it and were refused for want of them (`server_login_retry`) log in at once."""
+        for pool in self.all_pools():
+            if pool.info.target.server_password == verifier:
+                pool.login_refused = None
+                pool.failed_open_at = None
 
     def all_pools(self) -> list[ServerPool]:
         return [*self.pools.values(), *self.retired]

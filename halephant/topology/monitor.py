@@ -15,7 +15,7 @@ from collections.abc import Callable
 import anyio
 import anyio.abc
 
-from halephant.config.schema import ClusterConfig, Config
+from halephant.config.schema import ClusterConfig, Config, UserConfig, is_md5_hash, is_scram_verifier
 from halephant.topology.probe import ProbeConnection, ProbeFailed, ProbeResult
 from halephant.topology.state import ClusterState
 from halephant.types import ClusterView
@@ -28,20 +28,51 @@ log = logging.getLogger("halephant.topology")
 MIN_GAP = 0.1
 
 
+def _probe_rank(user: UserConfig) -> int | None:
+    """How well a user serves as the probes' login: 0 a plaintext upstream password, 1 an md5 hash
+    (pass-through needs nothing more), 2 a SCRAM verifier (pass-through once a client of that user has
+    logged in: until then the probes fail and the cluster keeps its last known topology); None: none."""
+    if user.upstream_password is not None:
+        return 0
+    secret = user.upstream_secret
+    if secret is None:
+        return None
+    return 1 if is_md5_hash(secret) else 2 if is_scram_verifier(secret) else None
+
+
 def probe_login(config: Config, cluster: ClusterConfig) -> tuple[str, str | None]:
     """The user and password the probes of `cluster` log in with: `probe_user`/`probe_password`, else the
-    first user under `users:` (not an alias) that halephant can log in upstream with."""
+    first user under `users:` (not an alias) that halephant can log in upstream with, preferring a
+    plaintext password to a pass-through md5 hash, and that to a pass-through SCRAM verifier
+    (`_probe_rank`)."""
     if cluster.probe_user is not None:
         user = config.users.get(cluster.probe_user)
         password = cluster.probe_password
         if password is None and user is not None:
-            password = user.upstream_password
+            password = user.upstream_secret
         return cluster.probe_user, password
+    best: tuple[int, str, str | None] | None = None
     for name, user in config.users.items():
         # an alias (server_user) is no role of PostgreSQL's: the user it logs in as is under users: too
-        if user.server_user is None and user.upstream_password is not None:
-            return name, cluster.probe_password or user.upstream_password
+        rank = _probe_rank(user) if user.server_user is None else None
+        if rank is not None and (best is None or rank < best[0]):
+            best = (rank, name, user.upstream_secret)
+    if best is not None:
+        return best[1], cluster.probe_password or best[2]
     return next(iter(config.users)), cluster.probe_password
+
+
+def _log_passthrough_probes(name: str, user: str, password: str | None) -> None:
+    if password is not None and is_scram_verifier(password):
+        log.info(
+            "cluster %s: the probes log in as %r by SCRAM pass-through (its password in halephant.yaml is a "
+            "SCRAM verifier, with no server_password): they fail until a client of %r has logged in, and "
+            "the cluster keeps its configured topology until then; set probe_user/probe_password, or a "
+            "server_password, to probe from the start",
+            name,
+            user,
+            user,
+        )
 
 
 class TopologyMonitor:
@@ -53,6 +84,7 @@ class TopologyMonitor:
         self._probes: dict[str, list[ProbeConnection]] = {}
         for name, cluster in config.clusters.items():
             user, password = probe_login(config, cluster)
+            _log_passthrough_probes(name, user, password)
             self._probes[name] = [
                 ProbeConnection(node.host, node.port, user, password, cluster.probe_database, config.limits)
                 for node in cluster.nodes
@@ -82,6 +114,7 @@ class TopologyMonitor:
             probes = self._probes.get(name)
             if probes is None or [(p.host, p.port, p.user, p.password, p.database) for p in probes] != wanted:
                 closing += probes or []
+                _log_passthrough_probes(name, user, password)
                 self._probes[name] = [ProbeConnection(*args, config.limits) for args in wanted]
                 self.states[name] = ClusterState(name, cluster, self.states.get(name))
             else:

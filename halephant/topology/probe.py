@@ -19,7 +19,7 @@ import anyio.abc
 import anyio.to_thread
 
 from halephant import sqlstate
-from halephant.auth.upstream import UpstreamAuth
+from halephant.auth.upstream import UpstreamAuth, passthrough_unready
 from halephant.config import LimitsConfig
 from halephant.errors import ClientError, ProtocolViolation
 from halephant.protocol import codes
@@ -220,6 +220,11 @@ class ProbeConnection:
         return self._session.result()
 
     async def _connect(self) -> None:
+        unready = passthrough_unready(self.user, self.password)
+        if unready is not None:
+            # no connection at all until a client's login gives the keys: a probe each round would be
+            # a login each round that PostgreSQL cannot but see fail
+            raise ProbeFailed(unready.message)
         self._stream = await connect_stream(self.host, self.port)
         if self.limits is not None:
             set_tcp_options(self._stream.extra(anyio.abc.SocketAttribute.raw_socket), self.limits)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator
 
+import anyio
+import anyio.abc
 import pytest
 from scram_oracle import _hmac, pg_verifier, salted_password
 from scramp import ScramException
@@ -20,6 +22,7 @@ from halephant.auth.server_side import Md5Exchange, ScramExchange, md5_inner
 from halephant.auth.upstream import UpstreamAuth, UpstreamAuthError, passthrough_unready
 from halephant.errors import ClientError
 from halephant.protocol import codes
+from halephant.topology.probe import ProbeConnection, ProbeFailed
 
 USER = "myapp"
 PASSWORD = "correct horse battery staple"
@@ -211,3 +214,36 @@ def test_a_hash_cannot_answer_another_method(secret: str, code: int, data: bytes
         "which cannot answer it",
     )
     assert excinfo.value.hint == 'Set server_password for "myapp" to the plaintext password.'
+
+
+# --- probes ----------------------------------------------------------------------------------------------
+
+
+def test_a_probe_without_keys_does_not_connect() -> None:
+    accepted: list[int] = []
+
+    async def main() -> None:
+        async with (
+            await anyio.create_tcp_listener(local_host="127.0.0.1") as listener,
+            anyio.create_task_group() as tg,
+        ):
+
+            async def answer(stream: anyio.abc.SocketStream) -> None:
+                accepted.append(1)
+                await stream.aclose()
+
+            tg.start_soon(listener.serve, answer)
+            port = listener.extra(anyio.abc.SocketAttribute.local_port)
+            probe = ProbeConnection("127.0.0.1", port, USER, VERIFIER, "postgres")
+            for _ in range(3):
+                with pytest.raises(ProbeFailed, match="no client of user"):
+                    await probe.probe()
+            await anyio.sleep(0.05)
+            assert accepted == []
+            client_logs_in()
+            with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError, OSError)):
+                await probe.probe()
+            assert accepted
+            tg.cancel_scope.cancel()
+
+    anyio.run(main)

@@ -409,6 +409,7 @@ def test_user_errors() -> None:
     users:
       verifier:
         password: "{SCRAM}"
+        auth: trust
       hashed:
         password: {MD5}
         server_password: plain-text-secret
@@ -447,32 +448,60 @@ def test_user_errors() -> None:
     """
     found = problems(text)
     assert found == [
-        "halephant.yaml:8:15: users.verifier.password: a SCRAM verifier or md5 hash cannot log in upstream: "
-        "set server_password to the plaintext password",
-        "halephant.yaml:14:15: users.scram_for_md5.password: a SCRAM-SHA-256 verifier cannot check md5 "
+        "halephant.yaml:8:15: users.verifier.password: with auth: trust no client logs in by SCRAM, so this "
+        "verifier cannot log in upstream: set server_password to the plaintext password",
+        "halephant.yaml:15:15: users.scram_for_md5.password: a SCRAM-SHA-256 verifier cannot check md5 "
         "logins: use auth: scram-sha-256, or give the plaintext password or its md5 hash",
-        "halephant.yaml:18:15: users.md5_for_scram.password: an md5 hash cannot check SCRAM-SHA-256 logins: "
+        "halephant.yaml:19:15: users.md5_for_scram.password: an md5 hash cannot check SCRAM-SHA-256 logins: "
         "use auth: md5, or give the plaintext password or a SCRAM verifier",
-        "halephant.yaml:23:22: users.hashed_upstream.server_password: server_password must be the plaintext "
+        "halephant.yaml:24:22: users.hashed_upstream.server_password: server_password must be the plaintext "
         "password, not a SCRAM verifier or md5 hash",
-        "halephant.yaml:24:3: users.missing.password: a password is required with auth: md5 "
+        "halephant.yaml:25:3: users.missing.password: a password is required with auth: md5 "
         "(or use auth: trust)",
-        "halephant.yaml:27:15: users.empty.password: the password is empty; "
+        "halephant.yaml:28:15: users.empty.password: the password is empty; "
         "use auth: trust to allow no password",
-        "halephant.yaml:29:15: users.numeric.password: expected a string, got a number",
-        "halephant.yaml:34:11: users.wrong_auth.auth: Input should be 'scram-sha-256', 'md5' or 'trust'",
-        "halephant.yaml:36:15: users.short_keys.password: not a SCRAM-SHA-256 verifier: StoredKey and "
+        "halephant.yaml:30:15: users.numeric.password: expected a string, got a number",
+        "halephant.yaml:35:11: users.wrong_auth.auth: Input should be 'scram-sha-256', 'md5' or 'trust'",
+        "halephant.yaml:37:15: users.short_keys.password: not a SCRAM-SHA-256 verifier: StoredKey and "
         "ServerKey must be 32 bytes each "
         "(expected SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>, as in pg_authid)",
-        "halephant.yaml:39:15: users.no_keys.password: not a SCRAM-SHA-256 verifier: expected "
+        "halephant.yaml:40:15: users.no_keys.password: not a SCRAM-SHA-256 verifier: expected "
         "SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>, as in pg_authid",
-        "halephant.yaml:42:15: users.endless.password: not a SCRAM-SHA-256 verifier: the iteration count "
+        "halephant.yaml:43:15: users.endless.password: not a SCRAM-SHA-256 verifier: the iteration count "
         "must be a number from 1 to 2147483647 "
         "(expected SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>, as in pg_authid)",
     ]
     joined = "\n".join(found)
     for secret in (SCRAM, MD5, "plain-text-secret", "123456"):
         assert secret not in joined
+
+
+def test_a_verifier_or_md5_hash_alone_logs_in_upstream_by_pass_through() -> None:
+    # no server_password: halephant logs in with the hash itself (md5), or with the key a client's SCRAM
+    # login gives (a verifier), as PgBouncer does; a configured server_password still comes first
+    text = f"""\
+    clusters:
+      main:
+        nodes: [127.0.0.1:5432]
+    databases:
+      myapp: {{cluster: main}}
+    users:
+      verifier:
+        password: "{SCRAM}"
+      hashed:
+        password: {MD5}
+        auth: md5
+      hashed_trusted:
+        password: {MD5}
+        auth: trust
+      both:
+        password: "{SCRAM}"
+        server_password: plain-text-secret
+    """
+    users = load(text).users
+    assert (users["verifier"].upstream_password, users["verifier"].upstream_secret) == (None, SCRAM)
+    assert (users["hashed"].upstream_password, users["hashed"].upstream_secret) == (None, MD5)
+    assert users["both"].upstream_secret == "plain-text-secret"
 
 
 def test_many_errors_reported_together_in_file_order() -> None:
@@ -504,8 +533,6 @@ S0tLS0tLS0tLS0tLS0tLS0tLS0tLS0tLS0tLS0tLS0s="
         "halephant.yaml:8:16: databases.myapp.pool_size: expected a whole number, got a string",
         "halephant.yaml:9:23: databases.myapp.checkout_timeout: expected a duration like 500ms, 30s, 5m, 1h, "
         "1d or a number of seconds; got 'forever'",
-        "halephant.yaml:12:15: users.myapp.password: a SCRAM verifier or md5 hash cannot log in upstream: "
-        "set server_password to the plaintext password",
         "halephant.yaml:12:15: users.myapp.password: a SCRAM-SHA-256 verifier cannot check md5 logins: "
         "use auth: scram-sha-256, or give the plaintext password or its md5 hash",
         "halephant.yaml:15:21: limits.max_message_size: expected a size like 512kB, 64MB, 1GB or a whole "

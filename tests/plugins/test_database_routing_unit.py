@@ -62,6 +62,41 @@ def test_alias_user_logs_in_upstream_as_the_other_user_with_pools_of_its_own() -
     assert target.server_settings == (("default_transaction_read_only", "on"),)
 
 
+SCRAM = (
+    "SCRAM-SHA-256$4096:c2FsdHNhbHQ=$U1NTU1NTU1NTU1NTU1NTU1NTU1NTU1NTU1NTU1NTU1M=:"
+    "S0tLS0tLS0tLS0tLS0tLS0tLS0tLS0tLS0tLS0tLS0s="
+)
+
+
+def test_a_hashed_password_is_the_upstream_one_unless_server_password_is_set() -> None:
+    # pass-through (halephant.auth.upstream): the verifier or hash itself goes to the login, for the user
+    # and for its aliases; a server_password comes first
+    users = {
+        "hashed": {"password": SCRAM},
+        "hashed_alias": {"password": "alias", "server_user": "hashed"},
+        "md5": {"password": "md5" + "0123456789abcdef" * 2, "auth": "md5"},
+        "both": {"password": SCRAM, "server_password": "plain"},
+    }
+    text = textwrap.dedent(CONFIG) + "".join(
+        f"  {name}: {{{', '.join(f'{k}: {v!r}' for k, v in entry.items())}}}\n"
+        for name, entry in users.items()
+    )
+    config = validate_config(read_config_text(text, "halephant.yaml"))
+    passwords = {}
+    for name in users:
+        target = database_routing.halephant_select_pool(
+            client=ClientInfo(user=name, database="myapp", params={}, address="test"), config=config
+        )
+        assert isinstance(target, PoolTarget)
+        passwords[name] = target.server_password
+    assert passwords == {
+        "hashed": SCRAM,
+        "hashed_alias": SCRAM,
+        "md5": "md5" + "0123456789abcdef" * 2,
+        "both": "plain",
+    }
+
+
 @pytest.mark.parametrize(
     "params",
     [

@@ -43,3 +43,29 @@ def test_the_first_user_that_can_log_in_upstream() -> None:
 def test_probe_user_and_password_win() -> None:
     config = load("app:\n  password: app-secret\n", "probe_user: monitor\nprobe_password: m\n")
     assert probe_login(config, config.clusters["main"]) == ("monitor", "m")
+
+
+SCRAM = (
+    "SCRAM-SHA-256$4096:c2FsdHNhbHQ=$U1NTU1NTU1NTU1NTU1NTU1NTU1NTU1NTU1NTU1NTU1M=:"
+    "S0tLS0tLS0tLS0tLS0tLS0tLS0tLS0tLS0tLS0tLS0s="
+)
+MD5 = "md5" + "0123456789abcdef" * 2
+
+
+def test_a_plaintext_password_is_preferred_to_pass_through() -> None:
+    # a SCRAM verifier logs in only once a client of that user has: a later user with a plaintext
+    # password (or an md5 hash, which needs no client) probes from the start
+    config = load(
+        f'scram:\n  password: "{SCRAM}"\nmd5:\n  password: {MD5}\n  auth: md5\n'
+        "plain:\n  password: plain-secret\n"
+    )
+    assert probe_login(config, config.clusters["main"]) == ("plain", "plain-secret")
+    config = load(f'scram:\n  password: "{SCRAM}"\nmd5:\n  password: {MD5}\n  auth: md5\n')
+    assert probe_login(config, config.clusters["main"]) == ("md5", MD5)
+
+
+def test_only_pass_through_users_probe_by_pass_through() -> None:
+    config = load(f'scram:\n  password: "{SCRAM}"\n')
+    assert probe_login(config, config.clusters["main"]) == ("scram", SCRAM)
+    config = load(f'scram:\n  password: "{SCRAM}"\n', "probe_user: scram\n")
+    assert probe_login(config, config.clusters["main"]) == ("scram", SCRAM)
