@@ -59,12 +59,63 @@ def _tune_gc() -> None:
     gc.set_threshold(50_000, 20, 20)
 
 
+#: descriptors halephant holds besides its client and server connections (listening sockets, probes,
+#: the admin API and console, the event loop's own, the log), for the start-up estimate below
+_FD_OVERHEAD = 64
+
+
+def _raise_fd_limit(config: Config) -> None:
+    """Raise the soft limit on open files to the hard one: each client and each server connection is a
+    descriptor, and the usual soft limit (1024) is far below `max_client_conn`'s default. Logged once
+    at start-up, as a warning when even the hard limit is below what `max_client_conn` and one user's
+    pools can take: clients beyond it then wait to be accepted (`halephant.proxy.accept`)."""
+    import logging
+    import resource
+
+    log = logging.getLogger("halephant")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard
+    if hard == resource.RLIM_INFINITY:  # the kernel's own ceiling then
+        try:
+            wanted = int(Path("/proc/sys/fs/nr_open").read_text())
+        except (OSError, ValueError):
+            wanted = soft
+    limit = soft
+    if soft != resource.RLIM_INFINITY and wanted > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            limit = wanted
+        except (ValueError, OSError) as exc:
+            log.warning("could not raise the limit on open files from %d to %d: %s", soft, wanted, exc)
+    raised = f" (raised from {soft})" if limit != soft else ""
+    servers = sum(
+        (db.pool_size + db.reserve_pool_size) * len(cluster.nodes)
+        for db in config.databases.values()
+        if (cluster := config.clusters.get(db.cluster)) is not None
+    )
+    need = config.limits.max_client_conn + servers + _FD_OVERHEAD
+    if limit != resource.RLIM_INFINITY and limit < need:
+        log.warning(
+            "open files: limit %d%s, below the %d that limits.max_client_conn (%d) and one user's pools "
+            "(%d server connections) may need: clients beyond it wait to be accepted; raise the hard "
+            "limit (ulimit -Hn, LimitNOFILE= in a systemd unit) or lower max_client_conn",
+            limit,
+            raised,
+            need,
+            config.limits.max_client_conn,
+            servers,
+        )
+    else:
+        log.info("open files: limit %d%s", limit, raised)
+
+
 def run_app(config: Config, plugins: Plugins, **kwargs: Any) -> None:
     """Run the proxy in the foreground on anyio (asyncio backend, uvloop when installed)."""
     import anyio
 
     from halephant.proxy.app import App
 
+    _raise_fd_limit(config)
     app = App(config, plugins)
     _tune_gc()
     try:

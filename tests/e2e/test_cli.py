@@ -10,6 +10,8 @@ import importlib
 import os
 import pathlib
 import re
+import resource
+import shutil
 import signal
 import socket
 import subprocess
@@ -22,7 +24,7 @@ import psycopg
 import pytest
 import rawclient as rc
 from rawclient import RawClient
-from support.halephant import REPO_ROOT, HalephantFactory, default_config
+from support.halephant import DEFAULT_ARGV, REPO_ROOT, HalephantFactory, default_config
 from support.leaks import assert_clean_servers
 
 from halephant.testing.pgcluster import Cluster
@@ -334,6 +336,31 @@ def test_run_on_a_port_in_use_exits_with_a_clear_message(pg: Cluster, halephant:
     assert f"127.0.0.1:{port}" in log
     assert "in use" in log.lower(), log
     assert "Traceback" not in log
+
+
+@pytest.mark.skipif(shutil.which("prlimit") is None, reason="needs util-linux's prlimit")
+def test_run_raises_the_open_files_limit_to_the_hard_one_and_says_so(
+    pg: Cluster, tmp_path: pathlib.Path
+) -> None:
+    # Each client and each server connection is a descriptor: the usual soft limit (1024) is far below
+    # max_client_conn's default (10000), and a daemon that keeps it refuses clients long before that.
+    factory = HalephantFactory(tmp_path, argv=["prlimit", "--nofile=512:4096", *DEFAULT_ARGV])
+    try:
+        enough = factory.start(default_config(pg, limits={"max_client_conn": 1000}))
+        too_few = factory.start(default_config(pg))  # 10000 clients cannot fit in 4096 descriptors
+        for running in (enough, too_few):
+            assert resource.prlimit(running.proc.pid, resource.RLIMIT_NOFILE) == (4096, 4096)
+        lines = [line for line in enough.log_text().splitlines() if "open files" in line]
+        assert len(lines) == 1 and " INFO " in lines[0], lines
+        assert lines[0].endswith("open files: limit 4096 (raised from 512)"), lines
+        lines = [line for line in too_few.log_text().splitlines() if "open files" in line]
+        assert len(lines) == 1 and " WARNING " in lines[0], lines
+        assert "limit 4096 (raised from 512)" in lines[0] and "max_client_conn (10000)" in lines[0], lines
+        assert "LimitNOFILE=" in lines[0], lines
+        with psycopg.connect(enough.dsn(), autocommit=True) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+    finally:
+        factory.stop_all()
 
 
 def test_sigterm_tells_clients_57P01_and_exits_0(pg: Cluster, halephant: HalephantFactory) -> None:
