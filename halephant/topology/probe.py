@@ -6,7 +6,10 @@
 open between probes, so a probe is one round trip. A TCP probe connection gets `limits.tcp_*` as server
 connections do (`halephant.tcp`): kept open between probes, it would otherwise not notice a node whose
 network path died until its next probe timed out, and a probe's send could hang on it. Any failure closes
-the connection; the next probe connects again.
+the connection; the next probe connects again. It is also opened anew after `PROBES_PER_CONNECTION`
+probes: a node shutting down in smart mode (a SIGTERM to the postmaster) lets the sessions it has go on
+and refuses new ones (57P03), so only a new login tells that it is going away, and a connection kept
+for ever would hold up its shutdown for as long as halephant runs.
 """
 
 from __future__ import annotations
@@ -29,7 +32,19 @@ from halephant.protocol.session_queries import decode_data_row
 from halephant.tcp import set_tcp_options
 from halephant.unix_socket import connect_stream
 
-__all__ = ["PROBE_SQL", "ProbeConnection", "ProbeFailed", "ProbeResult", "ProbeSession", "parse_lsn"]
+__all__ = [
+    "PROBES_PER_CONNECTION",
+    "PROBE_SQL",
+    "ProbeConnection",
+    "ProbeFailed",
+    "ProbeResult",
+    "ProbeSession",
+    "parse_lsn",
+]
+
+#: probes made over one connection before it is closed and a new one logs in (a minute at the default
+#: topology.interval of 5 s)
+PROBES_PER_CONNECTION = 12
 
 #: application_name of the probe connections, so operators can tell them apart in pg_stat_activity.
 APPLICATION_NAME = "halephant topology"
@@ -166,7 +181,7 @@ class ProbeSession:
 class ProbeConnection:
     """A node's probe connection, opened on first use and kept open between probes."""
 
-    __slots__ = ("_session", "_stream", "database", "host", "limits", "password", "port", "user")
+    __slots__ = ("_probes", "_session", "_stream", "database", "host", "limits", "password", "port", "user")
 
     def __init__(
         self,
@@ -187,6 +202,7 @@ class ProbeConnection:
         self.limits = limits
         self._stream: anyio.abc.SocketStream | None = None
         self._session: ProbeSession | None = None
+        self._probes = 0  # made over the current connection
 
     async def probe(self) -> ProbeResult:
         """Probe the node. Raises ProbeFailed, OSError or anyio's stream errors; the caller bounds the
@@ -194,7 +210,10 @@ class ProbeConnection:
 
         A kept connection that turns out to be closed (the node restarted, an administrator or
         `idle_session_timeout` ended the session) is not the node failing: the probe is tried once more
-        on a new connection."""
+        on a new connection. One that has served `PROBES_PER_CONNECTION` probes is closed first: the new
+        login is what finds a node that accepts no new sessions."""
+        if self._stream is not None and self._probes >= PROBES_PER_CONNECTION:
+            await self.aclose()
         reused = self._stream is not None
         try:
             return await self._probe()
@@ -215,6 +234,7 @@ class ProbeConnection:
         if self._stream is None or self._session is None:
             await self._connect()
         assert self._stream is not None and self._session is not None
+        self._probes += 1
         await self._stream.send(self._session.query())
         await self._until_ready()
         return self._session.result()
@@ -250,6 +270,7 @@ class ProbeConnection:
 
     async def aclose(self) -> None:
         stream, self._stream, self._session = self._stream, None, None
+        self._probes = 0
         if stream is not None:
             with anyio.move_on_after(0.5, shield=True):
                 try:

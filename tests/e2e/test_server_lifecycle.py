@@ -221,3 +221,35 @@ def test_min_pool_size_is_topped_up_one_login_at_a_time_after_a_failed_one(
     run.stop()
     node.sql("DROP ROLE IF EXISTS topup")
     assert_clean_servers(own)
+
+
+def smart_stop(node: Node, within: float) -> bool:
+    """`pg_ctl stop -m smart` (a SIGTERM to the postmaster: what an init system or container runtime sends),
+    waiting up to `within` seconds; whether PostgreSQL was down by then (else its shutdown goes on)."""
+    argv = [node._pg.bin("pg_ctl"), "-D", str(node.datadir), "-m", "smart", "-t", f"{within:g}", "stop"]
+    return node._pg.run(argv, cwd=node.sockdir.parent, check=False, timeout=within + 10).returncode == 0
+
+
+def test_a_smart_shutdown_is_not_held_up_by_the_probe_connection(
+    own: Cluster, halephant: HalephantFactory
+) -> None:
+    # A smart shutdown waits for every session to end. The probes' connection is kept open between
+    # rounds and answers them as before: never closed, it held the node up for as long as halephant ran.
+    node = own.primary
+    cfg = config(own)
+    cfg["topology"] = {"interval": "100ms"}
+    run = halephant.start(cfg)
+    try:
+        started = time.monotonic()
+        assert smart_stop(node, within=10), run.log_text()[-3000:]
+        assert time.monotonic() - started < 5
+        wait_until(
+            lambda: f"probe of {node.host}:{node.port} failed" in run.log_text(), "the node's probe failing"
+        )
+    finally:
+        node.stop("fast")  # (a smart shutdown still waiting is made a fast one)
+        node.start()
+    # and halephant serves as before once it is back
+    with connect(run) as conn:
+        wait_until(lambda: conn.execute("SELECT 1").fetchone() == (1,), "a query after the restart")
+    assert "Traceback" not in run.log_text()
