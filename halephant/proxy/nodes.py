@@ -31,7 +31,7 @@ from halephant.proxy.stand_in import StandIn
 from halephant.topology.monitor import TopologyMonitor
 from halephant.topology.probe import parse_lsn
 from halephant.topology.state import SPLIT_BRAIN, configured_view
-from halephant.types import ClusterView, Config, PoolTarget, Reject, Role
+from halephant.types import ClusterView, Config, NodeInfo, PoolTarget, Reject, Role
 
 if TYPE_CHECKING:
     from halephant.proxy.client import ClientConnection
@@ -263,6 +263,9 @@ class Nodes:
 
     def publish(self, name: str, view: ClusterView) -> None:
         """The monitor's latest view of cluster `name` (called after every round of probes)."""
+        state = self.topology.states.get(name)
+        if state is not None:
+            self._close_idle_on_refusing(name, state.refusing_sessions())
         if self.views.get(name) is view:
             return  # every probe failed: the last known topology stands, nothing to do
         self.views[name] = view
@@ -287,6 +290,29 @@ class Nodes:
                     self._to_primary(group, waiter)
             if group.replica_waiters:
                 self._serve_replica_waiters(group)
+
+    def _close_idle_on_refusing(self, cluster: str, nodes: list[NodeInfo]) -> None:
+        """Close the idle server connections to nodes that refuse new sessions (57P03): in a smart
+        shutdown PostgreSQL waits for every session to end, and pooled connections nobody uses would
+        hold it up until their idle_timeout, or for ever while new transactions kept taking them. Such a
+        node is down for the probes, so no new transaction is routed there, unless it is the cluster's
+        only node (the last known topology is kept): those wait for a server as for a node that is
+        down. Servers in use are left to their clients, as the shutdown means them to be: each is
+        closed by the first round that finds it idle."""
+        for node in nodes:
+            address = _address(node.host, node.port)
+            for pool in list(self.manager.pools.values()):
+                if pool.key[2] != address or pool.info.target.cluster != cluster or not pool.idle:
+                    continue
+                servers = list(pool.idle)
+                log.warning(
+                    "pool %s: closing %d idle server connection(s): %s takes no new sessions (57P03)",
+                    pool.name,
+                    len(servers),
+                    address,
+                )
+                for server in servers:
+                    server.close(f"{address} takes no new sessions")
 
     def _serve_replica_waiters(self, group: Group) -> None:
         """After a round of probes: the clients waiting for a replica server get one opened for them, or,

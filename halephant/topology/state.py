@@ -3,7 +3,9 @@ new transactions, and the log lines that explain every change. Pure logic (no I/
 takes one outcome per node and returns the new immutable `ClusterView`.
 
 Rules:
-* a node whose probe failed is down: it keeps its last known role but is not usable;
+* a node whose probe failed is down: it keeps its last known role but is not usable; one whose probe
+  login was refused with 57P03 (a smart shutdown waiting for its sessions to end, or starting up) is
+  listed by `refusing_sessions`, even when it is the only node;
 * when every probe of the cluster failed, nothing changes (halephant may be the one cut off): the last
   known topology is kept, and the log says so;
 * of several nodes that all claim to be primary (after a promotion, until the old primary is fenced),
@@ -31,6 +33,7 @@ import logging
 import time
 from collections.abc import Sequence
 
+from halephant import sqlstate
 from halephant.config.schema import ClusterConfig
 from halephant.topology.probe import ProbeResult
 from halephant.types import ClusterView, NodeInfo, Role
@@ -41,6 +44,9 @@ __all__ = ["SPLIT_BRAIN", "ClusterState", "configured_view", "format_bytes"]
 SPLIT_BRAIN = "split brain: "
 
 log = logging.getLogger("halephant.topology")
+
+#: how the failure of a probe refused a login because the node takes no new sessions ends
+_REFUSED = f"({sqlstate.CANNOT_CONNECT_NOW})"
 
 #: the primary WAL positions kept, one per round in which it moved (at a 5 s interval: over 5 hours)
 _WAL_KEPT = 4096
@@ -157,6 +163,12 @@ class ClusterState:
         self.view = view
         self.probed = True
         return view
+
+    def refusing_sessions(self) -> list[NodeInfo]:
+        """The nodes whose last probe was refused with 57P03: they answer, and take no new sessions."""
+        if not self._failing:
+            return []
+        return [node for node in self.view.nodes if self._failing.get(node.name, "").endswith(_REFUSED)]
 
     def _nodes(self, outcomes: Sequence[ProbeResult | str]) -> tuple[NodeInfo, ...]:
         old = self.view.nodes

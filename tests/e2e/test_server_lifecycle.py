@@ -253,3 +253,30 @@ def test_a_smart_shutdown_is_not_held_up_by_the_probe_connection(
     with connect(run) as conn:
         wait_until(lambda: conn.execute("SELECT 1").fetchone() == (1,), "a query after the restart")
     assert "Traceback" not in run.log_text()
+
+
+def test_a_smart_shutdown_is_not_held_up_by_idle_server_connections(
+    own: Cluster, halephant: HalephantFactory
+) -> None:
+    # Once the probes find the node refusing new sessions (57P03), no new transaction goes there: the
+    # pooled connections nobody uses would hold its shutdown up until their idle_timeout (5 min).
+    node = own.primary
+    cfg = config(own)
+    cfg["topology"] = {"interval": "100ms"}
+    run = halephant.start(cfg)
+    try:
+        with connect(run) as a, connect(run) as b:
+            a.execute("BEGIN")
+            b.execute("SELECT 1")  # a second server, idle in the pool once its transaction ends
+            wait_for_servers(node, "myapp", 2 + 1)  # and the probe's
+            a.execute("COMMIT")
+        started = time.monotonic()
+        assert smart_stop(node, within=10), run.log_text()[-3000:]
+        assert time.monotonic() - started < 5
+    finally:
+        node.stop("fast")
+        node.start()
+    assert "closing 2 idle server connection(s)" in run.log_text()
+    with connect(run) as conn:
+        wait_until(lambda: conn.execute("SELECT 1").fetchone() == (1,), "a query after the restart")
+    assert "Traceback" not in run.log_text()

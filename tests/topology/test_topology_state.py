@@ -83,6 +83,19 @@ def test_a_node_that_fails_its_probe_is_down_and_keeps_its_role(caplog: pytest.L
     assert f"{B} readmitted" in caplog.text
 
 
+def test_nodes_refusing_sessions_are_listed_even_when_every_probe_failed() -> None:
+    s = state()
+    s.update([primary(), replica(), replica()])
+    assert s.refusing_sessions() == []
+    shutting_down = "the database system is shutting down (57P03)"
+    s.update([shutting_down, "could not connect: Connection refused", replica()])
+    assert [n.name for n in s.refusing_sessions()] == [A]
+    s.update([shutting_down, shutting_down, shutting_down])  # the last known topology is kept
+    assert [n.name for n in s.refusing_sessions()] == [A, B, C]
+    s.update([primary(), "no answer within 3s", "probe query failed: out of memory (53200)"])
+    assert s.refusing_sessions() == []
+
+
 def test_every_probe_failing_keeps_the_last_topology(caplog: pytest.LogCaptureFixture) -> None:
     s = state()
     s.update([replica(), primary(), replica()])
