@@ -118,6 +118,29 @@ class Listeners:
         for listener in self._by_key.values():
             listener.close()
 
+    def release_unused(self, cluster: str, address: str, reason: str) -> int:
+        """Close the shared connections to node `address` of `cluster` that no client listens on (a node
+        that takes no new sessions: in a smart shutdown it waits for every session to end, and a listener
+        kept open would hold it up for ever). One with listening clients stays, as their sessions would
+        on a direct connection; each reopens on the primary when a client next LISTENs. Returns how many
+        were closed."""
+        n = 0
+        for listener in self._by_key.values():
+            server = listener.server
+            if (
+                server is not None
+                and not server.closing
+                and listener.unused
+                and server.pool.key[2] == address
+                and server.pool.info.target.cluster == cluster
+            ):
+                log.info(
+                    "shared listener for %s: closing it, no client listens: %s", listener.pool.name, reason
+                )
+                server.close(reason)
+                n += 1
+        return n
+
     def fence(self, cluster: str, address: str, reason: str) -> None:
         """Cut the shared connections to node `address` of `cluster` (no longer its primary): their clients
         are told as when it is lost, and it reopens on the primary."""
@@ -281,6 +304,11 @@ class _Listener(StandIn):
             self._batches.append(([], []))
             server.send(m.query("SET idle_session_timeout = 0"))
         self._listen(list(self.channels))
+
+    @property
+    def unused(self) -> bool:
+        """No client listens on this connection, is about to, or waits for it to."""
+        return not self.channels and not self.wanted and not self._waiters
 
     def close(self) -> None:
         self.closed = True

@@ -298,9 +298,11 @@ class Nodes:
         node is down for the probes, so no new transaction is routed there, unless it is the cluster's
         only node (the last known topology is kept): those wait for a server as for a node that is
         down. Servers in use are left to their clients, as the shutdown means them to be: each is
-        closed by the first round that finds it idle."""
+        closed by the first round that finds it idle. So is a shared LISTEN connection there that no
+        client listens on any more (`Listeners.release_unused`)."""
         for node in nodes:
             address = _address(node.host, node.port)
+            self.app.listeners.release_unused(cluster, address, f"{address} takes no new sessions")
             for pool in list(self.manager.pools.values()):
                 if pool.key[2] != address or pool.info.target.cluster != cluster or not pool.idle:
                     continue

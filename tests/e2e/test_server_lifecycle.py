@@ -280,3 +280,37 @@ def test_a_smart_shutdown_is_not_held_up_by_idle_server_connections(
     with connect(run) as conn:
         wait_until(lambda: conn.execute("SELECT 1").fetchone() == (1,), "a query after the restart")
     assert "Traceback" not in run.log_text()
+
+
+def test_a_smart_shutdown_is_not_held_up_by_a_shared_listener_nobody_listens_on(
+    own: Cluster, halephant: HalephantFactory
+) -> None:
+    # LISTEN in transaction pooling runs on one shared connection per database and user, kept open once
+    # opened: after its last client's UNLISTEN it still held a smart shutdown up for as long as halephant
+    # ran. With a client still listening it stays, as that client's own session would, connected directly.
+    node = own.primary
+    cfg = config(own)
+    cfg["topology"] = {"interval": "100ms"}
+    run = halephant.start(cfg)
+    try:
+        with connect(run) as conn:
+            conn.execute("LISTEN lifecycle")
+            conn.execute("SELECT 1")  # the LISTEN is read back at the end of its transaction
+            wait_until(lambda: "connected (pid" in run.log_text(), "the shared listener connected")
+            conn.execute("UNLISTEN lifecycle")
+            conn.execute("SELECT 1")
+        started = time.monotonic()
+        assert smart_stop(node, within=10), run.log_text()[-3000:]
+        assert time.monotonic() - started < 5
+    finally:
+        node.stop("fast")
+        node.start()
+    assert "shared listener for myapp/myapp" in run.log_text() and "no client listens" in run.log_text()
+    # LISTEN works again once the node is back: the shared connection reopens
+    with connect(run) as listener, connect(run) as sender:
+        wait_until(lambda: listener.execute("LISTEN lifecycle") is not None, "a LISTEN after the restart")
+        listener.execute("SELECT 1")
+        sender.execute("NOTIFY lifecycle, 'back'")
+        got = wait_until(lambda: list(listener.notifies(timeout=0.2, stop_after=1)), "the notification")
+        assert got[0].payload == "back"
+    assert "Traceback" not in run.log_text()
