@@ -1425,7 +1425,15 @@ class ClientConnection(asyncio.Protocol):
     def server_lost(self, server: ServerConnection, reason: str) -> None:
         if self.server is server:
             self.server = None
-            log.warning("%r: server %s lost mid-transaction: %s", self, server, reason)
+            # (a session-pooling client keeps its server between transactions: say which it was)
+            idle = not self.outstanding and server.scanner.status == _TX_IDLE
+            log.warning(
+                "%r: server %s lost %s: %s",
+                self,
+                server,
+                "between transactions" if idle else "mid-transaction",
+                reason,
+            )
             if server.fatal_relayed:
                 # The server's own FATAL (pg_terminate_backend, a shutdown) was relayed: the client ends
                 # as connected directly. A FATAL of halephant's after it would be read, by a client idle

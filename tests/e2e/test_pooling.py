@@ -407,6 +407,21 @@ def test_server_lost_mid_transaction(pg: Cluster, hal: Running) -> None:
     assert_clean_servers(pg.primary)
 
 
+def test_a_session_clients_server_lost_between_transactions_is_not_logged_as_mid_transaction(
+    pg: Cluster, hal: Running
+) -> None:
+    # In session pooling a client keeps its server while idle: losing it then is no transaction lost,
+    # and a log saying "mid-transaction" sent the operator looking for one.
+    with connect(hal, "session_one") as victim:
+        pid = backend_pid(victim)
+        assert pg.primary.sql(f"SELECT pg_terminate_backend({pid})") == "t"
+        line = f"server <Server pid={pid} "
+        assert became(lambda: line in hal.log_text() and "lost between transactions" in hal.log_text())
+    lost = [entry for entry in hal.log_text().splitlines() if line in entry and " lost " in entry]
+    assert len(lost) == 1 and "lost between transactions" in lost[0], lost
+    assert_clean_servers(pg.primary)
+
+
 def test_a_server_fatal_reaches_the_client_alone(pg: Cluster, hal: Running) -> None:
     # pg_terminate_backend (or a fast shutdown) of a client's server: PostgreSQL's own FATAL is relayed,
     # then the server closes. Nothing may follow that FATAL: a second one (halephant's 08006) is read by
