@@ -181,7 +181,18 @@ class ProbeSession:
 class ProbeConnection:
     """A node's probe connection, opened on first use and kept open between probes."""
 
-    __slots__ = ("_probes", "_session", "_stream", "database", "host", "limits", "password", "port", "user")
+    __slots__ = (
+        "_logged_in",
+        "_probes",
+        "_session",
+        "_stream",
+        "database",
+        "host",
+        "limits",
+        "password",
+        "port",
+        "user",
+    )
 
     def __init__(
         self,
@@ -203,6 +214,7 @@ class ProbeConnection:
         self._stream: anyio.abc.SocketStream | None = None
         self._session: ProbeSession | None = None
         self._probes = 0  # made over the current connection
+        self._logged_in = False  # the current connection's login is done
 
     async def probe(self) -> ProbeResult:
         """Probe the node. Raises ProbeFailed, OSError or anyio's stream errors; the caller bounds the
@@ -251,6 +263,7 @@ class ProbeConnection:
         self._session = ProbeSession(self.user, self.password, self.database)
         await self._stream.send(self._session.startup())
         await self._until_ready()
+        self._logged_in = True
 
     async def _until_ready(self) -> None:
         assert self._stream is not None and self._session is not None
@@ -271,10 +284,12 @@ class ProbeConnection:
     async def aclose(self) -> None:
         stream, self._stream, self._session = self._stream, None, None
         self._probes = 0
+        logged_in, self._logged_in = self._logged_in, False
         if stream is not None:
             with anyio.move_on_after(0.5, shield=True):
-                try:
-                    await stream.send(m.TERMINATE)
-                except Exception:
-                    pass
+                if logged_in:  # a Terminate in the middle of a login is logged by PostgreSQL as an error
+                    try:
+                        await stream.send(m.TERMINATE)
+                    except Exception:
+                        pass
                 await stream.aclose()
