@@ -3,10 +3,10 @@
 This package owns reading SQL without executing it: a lossless PostgreSQL tokenizer (`iter_tokens`), a
 statement splitter that respects quotes, nested comments and dollar quotes (`split_statements`), and
 `Statement`, the object `halephant_inspect_query` and `halephant_route` receive, whose facts
-(`first_keyword`, `keywords`, `statement_count`, `declares_holdable_cursor`, `ast`) are computed on first
-use, and `setting_changes`, what a `SET` / `RESET` / `BEGIN` / `START TRANSACTION` assigns (with
-`parse_bool`, PostgreSQL's reading of boolean values). It imports only the standard library; `pglast` is
-loaded the first time a plugin asks for `.ast`.
+(`first_keyword`, `first_keywords`, `keywords`, `statement_count`, `declares_holdable_cursor`, `ast`) are
+computed on first use, and `setting_changes`, what a `SET` / `RESET` / `BEGIN` / `START TRANSACTION`
+assigns (with `parse_bool`, PostgreSQL's reading of boolean values). It imports only the standard
+library; `pglast` is loaded the first time a plugin asks for `.ast`.
 """
 
 from __future__ import annotations

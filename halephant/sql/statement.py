@@ -233,6 +233,16 @@ class Statement:
         return keyword
 
     @property
+    def first_keywords(self) -> tuple[str, ...]:
+        """The first keyword of every statement in the text, in order (`SELECT 1; TRUNCATE t` gives
+        `("SELECT", "TRUNCATE")`), one per `statements` (`""` for one without a word): what a policy
+        about kinds of statement checks, since a simple Query may carry several and `first_keyword` is
+        the first one's only. Not cached."""
+        if self.statement_count == 1:
+            return (self.first_keyword,)
+        return tuple(Statement(text).first_keyword for text in self.statements)
+
+    @property
     def keywords(self) -> tuple[str, ...]:
         """The first `KEYWORD_LIMIT` unquoted words of the first statement, upper-cased.
 

@@ -59,6 +59,26 @@ def test_keywords(text: str, first: str, keywords: tuple[str, ...]) -> None:
     assert statement.keywords == keywords and statement.first_keyword == first  # the other order of caching
 
 
+@pytest.mark.parametrize(
+    ("text", "first_keywords"),
+    [
+        ("", ()),
+        ("-- only a comment", ()),
+        ("SELECT 1", ("SELECT",)),
+        ("TRUNCATE t;", ("TRUNCATE",)),
+        ("/* x */ truncate t", ("TRUNCATE",)),
+        ("SELECT 1; truncate t", ("SELECT", "TRUNCATE")),  # what `first_keyword` alone would miss
+        ("select ';'; /* ; */ DROP TABLE t;;", ("SELECT", "DROP")),
+        ("'x'; SELECT 1", ("", "SELECT")),
+        ("'x'", ("",)),
+    ],
+)
+def test_first_keywords(text: str, first_keywords: tuple[str, ...]) -> None:
+    statement = Statement(text)
+    assert statement.first_keywords == first_keywords
+    assert len(first_keywords) == statement.statement_count == len(statement.statements)
+
+
 FRAGMENTS = [
     "select",
     "Declare",
