@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import math
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -114,6 +115,9 @@ def _size_problem(size: PoolSize) -> str | None:
         return "min must be from 0 to max"
     if size.reserve < 0:
         return "reserve cannot be negative"
+    after = size.recheck_after
+    if after is not None and (type(after) not in (int, float) or not 0 < after < math.inf):
+        return "recheck_after must be a number of seconds more than 0, or None"
     return None
 
 

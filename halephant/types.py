@@ -165,12 +165,18 @@ class PoolTarget:
 
 @dataclass(frozen=True, slots=True)
 class PoolSize:
-    """How many server connections one pool (database, user, node) may hold."""
+    """How many server connections one pool (database, user, node) may hold.
+
+    `recheck_after` (seconds, more than 0) asks `halephant_pool_size` again for this pool that long
+    after this answer, without a reload: for sizes that follow the clock or anything else that changes
+    by itself (a bigger pool during office hours). None, the default: asked again only after a reload.
+    """
 
     min: int
     max: int
     reserve: int = 0
     reason: str = ""
+    recheck_after: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -126,6 +126,9 @@ def test_a_route_to_no_such_role_is_the_plugins_error() -> None:
         (PoolSize(min=0, max=2, reserve=-1), "reserve cannot be negative"),
         (PoolSize(min=0, max="5"), "min, max and reserve must be whole numbers"),  # type: ignore[arg-type]
         (PoolSize(min=0, max=True), "min, max and reserve must be whole numbers"),
+        (PoolSize(min=0, max=2, recheck_after=0), "recheck_after must be a number of seconds more than 0"),
+        (PoolSize(min=0, max=2, recheck_after=float("nan")), "recheck_after must be a number of seconds"),
+        (PoolSize(min=0, max=2, recheck_after="60"), "recheck_after must be"),  # type: ignore[arg-type]
     ],
 )
 def test_a_pool_size_the_pool_cannot_keep_is_refused(size: PoolSize, problem: str) -> None:
@@ -137,6 +140,15 @@ def test_a_pool_size_the_pool_cannot_keep_is_refused(size: PoolSize, problem: st
     plugins = Plugins(entry_points=True, extra=[(_module(halephant_pool_size=halephant_pool_size), "s")])
     with pytest.raises(PluginError, match=f"halephant_pool_size answered .* for pool d/u: {problem}"):
         plugins.pool_size(TARGET, None)  # type: ignore[arg-type]
+
+
+def test_a_pool_size_may_ask_to_be_asked_again() -> None:
+    @hookimpl
+    def halephant_pool_size() -> PoolSize:
+        return PoolSize(min=0, max=2, reason="by the clock", recheck_after=60)
+
+    plugins = Plugins(entry_points=True, extra=[(_module(halephant_pool_size=halephant_pool_size), "s")])
+    assert plugins.pool_size(TARGET, None).recheck_after == 60  # type: ignore[arg-type]
 
 
 def test_a_pool_chosen_outside_the_configuration_is_refused_saying_why() -> None:

@@ -41,7 +41,7 @@ from halephant.proxy.nodes import Nodes
 from halephant.proxy.server import ServerConnection, ServerLoginError
 from halephant.proxy.stand_in import StandIn
 from halephant.proxy.sweep import sweep_clients, sweep_waiters
-from halephant.types import ClusterView, PoolInfo, PoolMode, PoolTarget, Role
+from halephant.types import ClusterView, PoolInfo, PoolMode, PoolSize, PoolTarget, Role
 from halephant.unix_socket import create_connection
 
 if TYPE_CHECKING:
@@ -134,6 +134,8 @@ class PoolManager:
         self.retired: list[ServerPool] = []
         #: (database, user) of catch-all pools holding nothing -> since when (`_forget_unused`)
         self._unused: dict[tuple[str, str], float] = {}
+        #: pool key -> when to ask its size again (`PoolSize.recheck_after`, `_recheck_sizes`)
+        self._size_due: dict[tuple[str, str, str], float] = {}
         #: servers handed to waiting clients while another hand-over is under way (`hand_over`)
         self._handing = False
         self._hand_overs: deque[tuple[ClientConnection, ServerConnection]] = deque()
@@ -208,7 +210,8 @@ class PoolManager:
             pool = self.pools[key] = Pool[ServerConnection, "ClientConnection"](
                 target, self.pool_info(target).size, host, port
             )
-            log.info("pool %s created (size %d, min %d)", pool.name, pool.info.size.max, pool.info.size.min)
+            size = pool.info.size
+            log.info("pool %s created (size %d, min %d: %s)", pool.name, size.max, size.min, size.reason)
             self._set_caps(pool, self._caps_for(pool, self.app.config))
         return pool
 
@@ -713,6 +716,7 @@ class PoolManager:
                 # does). One a second, as PgBouncer's janitor does, once server_login_retry allows.
                 self.open(pool)
         self._forget_unused(now)
+        self._recheck_sizes(now)
 
     def _close_stuck_resets(self, now: float) -> None:
         """Close the servers whose reset has not answered within connect_timeout (a frozen server, a
@@ -809,6 +813,58 @@ class PoolManager:
                 if server.transport is not None:
                     server.transport.close()
 
+    # --- pool sizes ---
+
+    def _resize(self, pool: ServerPool, size: PoolSize) -> str:
+        """Give `pool` the size `halephant_pool_size` just answered; returns the change, or ""."""
+        old = pool.info.size
+        if size == old:
+            return ""
+        pool.info = PoolInfo(target=pool.info.target, size=size)
+        # not handed out again until the next sweep: a shrunk pool shrinks now
+        self._close_excess(pool)
+        if size.max < old.max and pool.active:
+            # A busy pool hands a server from client to client without it coming back idle:
+            # each one that comes back is counted, and closed while the pool is above its
+            # new size (`_retiring`).
+            pool.retire_before = math.inf
+        while pool.should_open_for_waiters():
+            self.open(pool)
+        return (
+            f"pool {pool.name} size: max {old.max} -> {size.max}, min {old.min} -> {size.min}, "
+            f"reserve {old.reserve} -> {size.reserve} ({size.reason})"
+        )
+
+    def _recheck_sizes(self, now: float) -> None:
+        """Ask `halephant_pool_size` again for the pools whose last answer set `recheck_after` and is
+        that old (a size that follows the clock), as a reload would. A plugin that raises or answers
+        nonsense leaves the pool as it was, logged, and is asked again `recheck_after` later."""
+        due = self._size_due
+        for key, pool in list(self.pools.items()):
+            after = pool.info.size.recheck_after
+            if after is None:
+                due.pop(key, None)
+                continue
+            at = due.setdefault(key, now + after)
+            if now < at:
+                continue
+            try:
+                size = self.app.plugins.pool_size(pool.info.target, self.app.config)
+            except Exception as exc:
+                due[key] = now + after
+                log.error("pool %s: asking its size again failed, it keeps its size: %s", pool.name, exc)
+                continue
+            change = self._resize(pool, size)
+            if change:
+                log.info("%s", change, extra={"event": "pool_resized", "pool": pool.name})
+                info = self._infos.get(key[:2])
+                if info is not None and info.target is pool.info.target:
+                    self._infos[key[:2]] = pool.info  # pools created from now on start at this size
+            if size.recheck_after is None:
+                due.pop(key, None)
+            else:
+                due[key] = now + size.recheck_after
+
     # --- reload ---
 
     def reconfigure(self, config: Config, unchanged: bool = False) -> list[str]:
@@ -843,23 +899,10 @@ class PoolManager:
                     f"pool {pool.name} retired ({'database removed' if db is None else 'node removed'})"
                 )
                 continue
-            old = pool.info.size
-            size = self.app.plugins.pool_size(pool.info.target, config)
-            if size != old:
-                pool.info = PoolInfo(target=pool.info.target, size=size)
-                changes.append(
-                    f"pool {pool.name} size: max {old.max} -> {size.max}, min {old.min} -> {size.min}, "
-                    f"reserve {old.reserve} -> {size.reserve} ({size.reason})"
-                )
-                # not handed out again until the next sweep: a shrunk pool shrinks now
-                self._close_excess(pool)
-                if size.max < old.max and pool.active:
-                    # A busy pool hands a server from client to client without it coming back idle:
-                    # each one that comes back is counted, and closed while the pool is above its
-                    # new size (`_retiring`).
-                    pool.retire_before = math.inf
-                while pool.should_open_for_waiters():
-                    self.open(pool)
+            change = self._resize(pool, self.app.plugins.pool_size(pool.info.target, config))
+            if change:
+                changes.append(change)
+        self._size_due.clear()  # every pool was just asked: `recheck_after` counts from now
         self.nodes.reconfigure(config)
         changes += self._reconfigure_caps(config, caps_before, held_before)
         return changes

@@ -346,6 +346,30 @@ def test_a_reload_of_an_unchanged_file_asks_the_plugins_again(
     assert "size: max 3 -> 4, min 0 -> 0, reserve 0 -> 0 (size_from_file: 4)" in log, log
 
 
+def test_a_pool_size_with_recheck_after_is_asked_again_without_a_reload(
+    pg: Cluster, halephant: HalephantFactory, monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path
+) -> None:
+    # a size that follows the clock (office hours) must change by itself: nobody sends SIGHUP
+    size_file = tmp_path / "pool_size"
+    size_file.write_text("3")
+    monkeypatch.setenv("PYTHONPATH", str(PLUGINS_DIR))
+    monkeypatch.setenv("HALEPHANT_TEST_POOL_SIZE_FILE", str(size_file))
+    monkeypatch.setenv("HALEPHANT_TEST_POOL_SIZE_RECHECK", "1")
+    run = halephant.start(_config(pg, plugins={"modules": ["size_from_file"]}))
+    with connect(run) as client:
+        assert_usable(client)  # its pool exists, sized 3
+        assert "created (size 3, min 0: size_from_file: 3)" in run.log_text()
+        size_file.write_text("4")
+        deadline = time.monotonic() + 10
+        while "size: max 3 -> 4, min 0 -> 0, reserve 0 -> 0 (size_from_file: 4)" not in run.log_text():
+            assert time.monotonic() < deadline, run.log_text()
+            time.sleep(0.05)
+        assert_usable(client)
+        pools = [p for p in run.admin_json("/pools") if p["database"] == "myapp"]
+        assert pools and all(p["pool_size"] == 4 for p in pools), pools
+    assert "reload" not in run.log_text()
+
+
 def _flat(value: Any, prefix: str = "") -> list[tuple[str, Any]]:
     if isinstance(value, dict):
         return [kv for k, v in value.items() for kv in _flat(v, f"{prefix}.{k}" if prefix else str(k))]
