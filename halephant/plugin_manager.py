@@ -268,6 +268,7 @@ class Plugins:
         from pydantic import BaseModel
 
         out: dict[str, type[BaseModel]] = {}
+        owners: dict[str, str] = {}
         # each implementation called by itself (in pluggy's order), to name the plugin a problem is in
         for impl in reversed(self.pm.hook.halephant_plugin_settings.get_hookimpls()):
             try:
@@ -288,6 +289,13 @@ class Plugins:
                 raise PluginError(
                     f"plugin {impl.plugin_name!r} answered {answer!r} to halephant_plugin_settings: "
                     "expected (section name, pydantic model)"
+                )
+            owner = owners.setdefault(answer[0], impl.plugin_name)
+            if owner != impl.plugin_name:
+                # one section, one model: the other plugin would be handed settings it cannot read
+                raise PluginError(
+                    f"plugins {owner!r} and {impl.plugin_name!r} both declare the settings section "
+                    f"plugins.{answer[0]}: each plugin needs a section of its own"
                 )
             out[answer[0]] = answer[1]
         return out

@@ -151,6 +151,28 @@ def test_a_pool_size_may_ask_to_be_asked_again() -> None:
     assert plugins.pool_size(TARGET, None).recheck_after == 60  # type: ignore[arg-type]
 
 
+def test_two_plugins_declaring_one_settings_section_refuse_to_start() -> None:
+    from pydantic import BaseModel
+
+    class Settings(BaseModel):
+        size: int = 1
+
+    @hookimpl
+    def halephant_plugin_settings() -> tuple[str, type[BaseModel]]:
+        return ("shared", Settings)
+
+    plugins = Plugins(
+        entry_points=True,
+        extra=[
+            (_module(halephant_plugin_settings=halephant_plugin_settings), "first"),
+            (_module(halephant_plugin_settings=halephant_plugin_settings), "second"),
+        ],
+    )
+    with pytest.raises(PluginError, match=r"plugins '\w+' and '\w+' both declare .* plugins\.shared") as info:
+        plugins.settings_models()
+    assert "'first'" in str(info.value) and "'second'" in str(info.value)
+
+
 def test_a_pool_chosen_outside_the_configuration_is_refused_saying_why() -> None:
     config = validate_config(
         read_config_text(
