@@ -10,9 +10,11 @@ examples/halephant-reject-statements``) and is checked as halephant itself sees 
 from __future__ import annotations
 
 import ast
+import datetime
 import importlib.metadata
 import importlib.util
 import pathlib
+import sys
 import textwrap
 from collections.abc import Iterator
 from types import ModuleType
@@ -79,6 +81,8 @@ def load_example(path: pathlib.Path) -> ModuleType:
     spec = importlib.util.spec_from_file_location(f"halephant_example_{path.stem}", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    # registered first, as an import would: pydantic resolves a settings model's annotations there
+    sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
 
@@ -143,6 +147,7 @@ def test_there_are_single_file_examples() -> None:
         "deny_users",
         "reject_ddl",
         "select_pool_by_prefix",
+        "peak_hours_pool_size",
     }
 
 
@@ -206,6 +211,73 @@ def test_tenant_pool_size() -> None:
 
     myapp = pool_info(plugins, config, client())
     assert myapp.size == PoolSize(min=0, max=20, reason="databases.myapp.pool_size")  # the default's answer
+
+
+PEAK_HOURS = """\
+plugins:
+  peak_hours_pool_size:
+    start: {start}
+    end: {end}
+    sizes: {{analytics: 50}}
+"""
+
+
+@pytest.mark.parametrize(
+    ("start", "end", "now", "peak", "recheck_after"),
+    [
+        (8, 18, "10:00", True, 3600.0),  # at most an hour, however far the next change
+        (8, 18, "17:30", True, 1800.0),
+        (8, 18, "18:00", False, 3600.0),
+        (8, 18, "07:59:30", False, 30.0),
+        (22, 6, "23:00", True, 3600.0),  # a peak over midnight
+        (22, 6, "05:15", True, 2700.0),
+        (22, 6, "12:00", False, 3600.0),
+        (22, 6, "21:20", False, 2400.0),
+    ],
+)
+def test_peak_hours_pool_size(
+    monkeypatch: pytest.MonkeyPatch, start: int, end: int, now: str, peak: bool, recheck_after: float
+) -> None:
+    module = load_example(EXAMPLES / "plugins" / "peak_hours_pool_size.py")
+    clock = datetime.datetime.combine(datetime.date(2026, 3, 2), datetime.time.fromisoformat(now))
+    monkeypatch.setattr(module, "_now", lambda: clock)
+    plugins = make_plugins(module)
+    config = make_config(plugins, PEAK_HOURS.format(start=start, end=end))
+
+    analytics = pool_info(plugins, config, client(database="analytics"))
+    assert analytics.size.max == (50 if peak else 10)  # else databases.analytics.pool_size
+    assert analytics.size.min == 2  # the configured warm minimum is kept
+    assert analytics.size.recheck_after == recheck_after
+    assert "peak_hours_pool_size" in analytics.size.reason
+    # Other databases are left to the default, which asks for no recheck.
+    myapp = pool_info(plugins, config, client())
+    assert myapp.size == PoolSize(min=0, max=20, reason="databases.myapp.pool_size")
+
+
+@pytest.mark.parametrize(
+    ("tail", "path", "where", "message"),
+    [
+        ("    sizs: {analytics: 50}\n", "plugins.peak_hours_pool_size.sizs", (4, 5), "did you mean 'sizes'"),
+        ("    start: 24\n", "plugins.peak_hours_pool_size.start", (4, 12), "less than or equal to 23"),
+        (
+            "    sizes: {analytics: 0}\n",
+            "plugins.peak_hours_pool_size.sizes.analytics",
+            (4, 24),
+            "greater than or equal to 1",
+        ),
+        ("    start: 18\n", "plugins.peak_hours_pool_size", (2, 3), "the peak would have no length"),
+    ],
+)
+def test_peak_hours_pool_size_settings_errors_have_a_place(
+    tail: str, path: str, where: tuple[int, int], message: str
+) -> None:
+    plugins = make_plugins(load_example(EXAMPLES / "plugins" / "peak_hours_pool_size.py"))
+    with pytest.raises(ConfigError) as excinfo:
+        make_config(plugins, "plugins:\n  peak_hours_pool_size:\n    end: 18\n" + tail)
+    (problem,) = excinfo.value.problems
+    assert problem.path == path
+    assert (problem.file, problem.line - CONFIG.count("\n"), problem.col) == ("halephant.yaml", *where)
+    assert message in problem.message
 
 
 def test_deny_users() -> None:
