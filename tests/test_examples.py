@@ -197,7 +197,13 @@ def test_route_by_application_name() -> None:
     app = client(application_name="web")
     route = plugins.route(app, transaction, pool_info(plugins, config, app), CLUSTER)
     assert isinstance(route, Route) and route.role is Role.PRIMARY  # left to the default
-    assert module.halephant_route(client=app) is None
+    assert module.halephant_route(client=app, cluster=CLUSTER) is None
+
+    # No replica to take it: left to the default's replica_fallback (the primary), not failed with 57P03.
+    no_replica = ClusterView("main", CLUSTER.nodes[:1])
+    assert module.halephant_route(client=report, cluster=no_replica) is None
+    route = plugins.route(report, transaction, pool_info(plugins, config, report), no_replica)
+    assert isinstance(route, Route) and route.role is Role.PRIMARY
 
 
 def test_tenant_pool_size() -> None:
