@@ -43,9 +43,16 @@ def halephant_plugin_settings() -> tuple[str, type[BaseModel]] | None:
 
     Called once per config load (start-up and every reload), before validation; all results are collected.
 
-    :returns: ``(name, model)``: the section name and a pydantic model (``extra="forbid"`` recommended)
-        that validates it. Errors in the section are reported with file:line:col like any other.
-        The validated section is available as ``config.plugin_settings(name)``.
+    :returns: ``(name, model)``: the section name (by convention the plugin's own name: its entry-point
+        name, or its module's name under ``plugins.modules``) and a pydantic model that validates it.
+        Use ``extra="forbid"`` so that a misspelt key is an error, and put every constraint in the model
+        (``Field(ge=1)``, validators): ``halephant check`` then reports each mistake at its
+        file:line:col like any other, with a did-you-mean for unknown keys, where an error raised later
+        in ``halephant_configure`` can only name ``plugins``. A section left out of the file gets the
+        model's defaults (so a model with required fields makes the section required while the plugin
+        is loaded). Two plugins may not declare the same name. The validated section is available as
+        ``config.plugin_settings(name)``, an instance of ``model`` (typed ``BaseModel | None``: narrow
+        it with ``isinstance``).
 
     Default: ``plugins/cursor_guard.py`` declares ``plugins.cursor_guard``.
     """
@@ -57,10 +64,12 @@ def halephant_configure(config: Config) -> None:
 
     Called at start-up (``halephant check`` calls it too, and ``run`` before it serves) and after every
     reload, before any client uses it; all implementations are called, maybe more than once with the same
-    configuration. Cache derived settings here rather than reading them per statement. Raising refuses
-    the configuration: ``check`` and ``run`` report it, naming the plugin, at ``plugins`` in the file
-    (at its ``plugins.modules`` entry when it is loaded from there), a reload keeps the previous
-    configuration.
+    configuration. Cache derived settings here (in a module-level object, replaced whole, so that other
+    hooks see the old settings or the new ones, never a mixture) rather than reading them per
+    statement. Since ``check`` calls it too, it is no place to start threads or open connections.
+    Raising refuses the configuration: ``check`` and ``run`` report it, naming the plugin, at
+    ``plugins`` in the file (at its ``plugins.modules`` entry when it is loaded from there), a reload
+    keeps the previous configuration.
 
     :param config: the validated configuration.
 
@@ -117,7 +126,10 @@ def halephant_route(
 
     :param client: the client; ``client.settings`` are its session's settings as the core carries
         them (startup ones, and every one it changed as the server read it back at the end of each
-        transaction, so a rolled-back SET does not show).
+        transaction, so a rolled-back SET does not show), while ``client.params`` and
+        ``client.application_name`` are what its startup packet said: a ``SET application_name`` shows
+        in ``client.settings["application_name"]`` from the next transaction on, never in
+        ``client.application_name``.
     :param transaction: the transaction's first statement, when it starts with Query or Parse, or with a
         Bind of a statement the client prepared by name.
     :param pool: the client's pool.
@@ -137,14 +149,20 @@ def halephant_route(
 def halephant_pool_size(pool: PoolTarget, config: Config) -> PoolSize | None:
     """Size a pool (per database, user and node).
 
-    Called when a pool is first created and again after each reload; never per checkout. Stops at the
-    first non-None result.
+    Called when a pool is first created (at the first client that needs it, not at start-up), again
+    after each reload, and ``recheck_after`` seconds after an answer that set it (within a second); never
+    per checkout. A ``databases:`` entry has a pool per user and per node (the primary and each
+    replica), each asked for itself. Stops at the first non-None result.
 
-    :param pool: the pool's target.
+    :param pool: the pool's target (``pool.database``, ``pool.pool_user``; ``config.database_for(
+        pool.entry_name)`` is the ``databases:`` entry whose settings it follows).
     :param config: the current configuration.
-    :returns: ``PoolSize(min, max, reserve, reason)``, whole numbers with ``max`` 1 or more, ``min`` from 0
-        to ``max`` and ``reserve`` 0 or more; any other answer fails the clients of that pool with XX000
-        (a reload keeps the previous configuration).
+    :returns: ``PoolSize(min, max, reserve, reason, recheck_after)``, whole numbers with ``max`` 1 or
+        more, ``min`` from 0 to ``max`` and ``reserve`` 0 or more; ``recheck_after`` (None, or seconds
+        more than 0) asks again that long after this answer, for a size that changes by itself (the
+        time of day) and needs no reload. Any other answer fails the clients of that pool with XX000
+        (a reload keeps the previous configuration; a recheck keeps the pool's size and logs why).
+        A new size is applied as a reload applies one, and logged with its ``reason``.
 
     Default: ``plugins/pool_sizing.py`` (from ``databases.<name>.pool_size``, ``min_pool_size`` and
     ``reserve_pool_size``).
@@ -161,7 +179,9 @@ def halephant_inspect_query(client: ClientInfo, statement: Statement, pool: Pool
 
     :param client: the client; plugins keep per-client state in ``client.stash``.
     :param statement: the SQL text with cheap lexical facts (``first_keyword``,
-        ``declares_holdable_cursor``) and a lazy, size-capped ``ast``.
+        ``declares_holdable_cursor``) and a lazy, size-capped ``ast``. A simple Query may carry several
+        statements (``SELECT 1; TRUNCATE t``) and ``first_keyword`` is the first one's only: a policy
+        about kinds of statement checks ``statement.first_keywords`` (one per statement).
     :param pool: the client's pool, including its ``mode``.
     :returns: ``None`` for no objection; ``Allow(reason)`` to stop other inspectors; ``Reject(code,
         message, hint)`` to answer with an ErrorResponse instead of running it (the client stays usable);

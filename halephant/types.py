@@ -349,6 +349,8 @@ class ClientInfo:
 
     @property
     def application_name(self) -> str:
+        """The `application_name` of the startup packet ("" if none). A later `SET application_name`
+        does not change it: the session's current value is `settings.get("application_name")`."""
         return self.params.get("application_name", "")
 
     def __repr__(self) -> str:
