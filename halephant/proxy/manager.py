@@ -821,6 +821,8 @@ class PoolManager:
         if size == old:
             return ""
         pool.info = PoolInfo(target=pool.info.target, size=size)
+        if (size.min, size.max, size.reserve) == (old.min, old.max, old.reserve):
+            return ""  # a new reason or recheck_after only (a size by the clock, asked again): not news
         # not handed out again until the next sweep: a shrunk pool shrinks now
         self._close_excess(pool)
         if size.max < old.max and pool.active:
@@ -838,15 +840,18 @@ class PoolManager:
     def _recheck_sizes(self, now: float) -> None:
         """Ask `halephant_pool_size` again for the pools whose last answer set `recheck_after` and is
         that old (a size that follows the clock), as a reload would. A plugin that raises or answers
-        nonsense leaves the pool as it was, logged, and is asked again `recheck_after` later."""
+        nonsense leaves the pool as it was, logged, and is asked again `recheck_after` later. A pool
+        not seen here before is asked at once: it may have been created with the size its database and
+        user's first pool was given (`pool_info`), an answer of unknown age."""
         due = self._size_due
+        for key in [key for key in due if key not in self.pools]:
+            del due[key]
         for key, pool in list(self.pools.items()):
             after = pool.info.size.recheck_after
             if after is None:
                 due.pop(key, None)
                 continue
-            at = due.setdefault(key, now + after)
-            if now < at:
+            if now < due.get(key, now):
                 continue
             try:
                 size = self.app.plugins.pool_size(pool.info.target, self.app.config)
@@ -857,9 +862,9 @@ class PoolManager:
             change = self._resize(pool, size)
             if change:
                 log.info("%s", change, extra={"event": "pool_resized", "pool": pool.name})
-                info = self._infos.get(key[:2])
-                if info is not None and info.target is pool.info.target:
-                    self._infos[key[:2]] = pool.info  # pools created from now on start at this size
+            info = self._infos.get(key[:2])
+            if info is not None and info.target is pool.info.target:
+                self._infos[key[:2]] = pool.info  # pools created from now on start at this size
             if size.recheck_after is None:
                 due.pop(key, None)
             else:
@@ -883,6 +888,7 @@ class PoolManager:
         self._infos.clear()
         if not unchanged:
             self._welcome.clear()
+        asked: dict[tuple[str, str, str], float | None] = {}
         for key, pool in list(self.pools.items()):
             pool.login_refused = None  # a password may have changed: try again at once
             _database, _user, node = key
@@ -899,10 +905,14 @@ class PoolManager:
                     f"pool {pool.name} retired ({'database removed' if db is None else 'node removed'})"
                 )
                 continue
-            change = self._resize(pool, self.app.plugins.pool_size(pool.info.target, config))
+            size = self.app.plugins.pool_size(pool.info.target, config)
+            change = self._resize(pool, size)
             if change:
                 changes.append(change)
-        self._size_due.clear()  # every pool was just asked: `recheck_after` counts from now
+            asked[key] = size.recheck_after
+        # every pool was just asked: a `recheck_after` counts from now
+        now = time.monotonic()
+        self._size_due = {key: now + after for key, after in asked.items() if after is not None}
         self.nodes.reconfigure(config)
         changes += self._reconfigure_caps(config, caps_before, held_before)
         return changes
