@@ -179,9 +179,10 @@ class PoolSize:
     recheck_after: float | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, weakref_slot=True)
 class PoolInfo:
-    """What hooks see of the pool a client uses."""
+    """What hooks see of the pool a client uses. Plugins may keep a weak reference to one: the core
+    replaces it on reload, and forgets it with the pools of a database name the catch-all entry served."""
 
     target: PoolTarget
     size: PoolSize

@@ -35,7 +35,8 @@ Every decision carries its reason ("replica: user myapp_ro is read-only"), logge
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+import weakref
+from collections.abc import Callable, Sequence
 from typing import Final
 
 from halephant import hookimpl, ignores_plain_statements, sqlstate
@@ -89,7 +90,7 @@ class _Plan:
 
     __slots__ = (
         "fallback",
-        "pool",
+        "pool_ref",
         "primary",
         "read_only_user",
         "read_write_on_primary",
@@ -103,7 +104,9 @@ class _Plan:
     )
 
     def __init__(self, pool: PoolInfo, config: Config | None) -> None:
-        self.pool = pool  # kept so that its id() cannot be reused while the plan is cached
+        # weak: the core forgets the pools of a catch-all database name once unused (and a reload
+        # replaces every PoolInfo); the plan goes with its PoolInfo (`_plan`)
+        self.pool_ref = weakref.ref(pool, _forget(id(pool)))
         target = pool.target
         user_name = target.pool_user
         user = config.users.get(user_name) if config is not None else None
@@ -146,17 +149,26 @@ class _Plan:
         )
 
 
-# id(PoolInfo) -> its plan (PoolInfo hashes all its fields: id() is what a per-transaction lookup affords)
+# id(PoolInfo) -> its plan (PoolInfo hashes all its fields: id() is what a per-transaction lookup affords).
+# An entry is removed when its PoolInfo is freed (the callback of the plan's weak reference, which runs
+# before that id can be given to another object), so a plan is found only for its own pool, and the
+# plans of pools the core has forgotten (one per database name the catch-all entry served) do not pile up.
 _plans: dict[int, _Plan] = {}
+
+
+def _forget(key: int) -> Callable[[weakref.ref[PoolInfo]], None]:
+    def forget(ref: weakref.ref[PoolInfo]) -> None:
+        plan = _plans.get(key)
+        if plan is not None and plan.pool_ref is ref:
+            del _plans[key]
+
+    return forget
 
 
 def _plan(pool: PoolInfo) -> _Plan:
     plan = _plans.get(id(pool))
-    if plan is not None and plan.pool is pool:
-        return plan
-    if len(_plans) > 10000:
-        _plans.clear()
-    plan = _plans[id(pool)] = _Plan(pool, _current.config)
+    if plan is None:
+        plan = _plans[id(pool)] = _Plan(pool, _current.config)
     return plan
 
 
@@ -179,7 +191,7 @@ def halephant_route(
     client: ClientInfo, transaction: TransactionInfo, pool: PoolInfo, cluster: ClusterView
 ) -> Route | Reject:
     plan = _plans.get(id(pool))  # _plan(), inlined: this runs per transaction
-    if plan is None or plan.pool is not pool:
+    if plan is None:
         plan = _plan(pool)
     if plan.read_only_user:
         if _has_replica(cluster):

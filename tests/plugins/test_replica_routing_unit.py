@@ -3,6 +3,7 @@ database setting and cluster state, and which statements count as a switch to re
 
 from __future__ import annotations
 
+import gc
 import textwrap
 from collections.abc import Iterator
 
@@ -255,3 +256,17 @@ def test_ordinary_statements_cost_no_per_text_work() -> None:
     for sql in ("SELECT 42", "INSERT INTO t VALUES ('read write')", "UPDATE t SET a = 1"):
         assert inspect(client("myapp_ro"), sql) is None
     assert replica_routing._facts == {}
+
+
+def test_a_plan_goes_with_its_pool() -> None:
+    # the catch-all entry makes pools (and a PoolInfo) per database name and forgets them when unused:
+    # the plans made for them must not outlive them
+    pools = [pool("myapp", f"db{i}") for i in range(50)]
+    for each in pools:
+        assert replica_routing.halephant_route(
+            client=client("myapp"), transaction=TransactionInfo(None), pool=each, cluster=WITH_REPLICA
+        ) == Route(Role.PRIMARY, "primary: default route for myapp")  # fmt: skip
+    assert len(replica_routing._plans) == 50
+    del pools, each
+    gc.collect()
+    assert replica_routing._plans == {}
