@@ -564,11 +564,11 @@ class ClientConnection(asyncio.Protocol):
         if not self.transaction_mode and "application_name" not in self.settings:
             # as connected directly: no application_name given means "", not halephant's own
             self.settings = self.info.settings = {**self.settings, "application_name": ""}
-        params = self.app.manager.welcome_params(self.target)
-        if self.pool_info.mode is PoolMode.SESSION or params is None or self.settings:
+        params = self.app.manager.welcome_params(self.target, self.settings)
+        if self.pool_info.mode is PoolMode.SESSION or params is None:
             # Session pooling holds a server from login. Otherwise a server is needed once to learn the
-            # parameters to report, or to check the client's startup settings and report them as the
-            # server normalizes them (PostgreSQL refuses a bad one at login, so does halephant).
+            # parameters to report, or, once per set of startup settings, to check them and report them
+            # as the server normalizes them (PostgreSQL refuses a bad one at login, so does halephant).
             self._login_checkout()
             return
         self._welcome(params)
@@ -579,6 +579,8 @@ class ClientConnection(asyncio.Protocol):
 
     def _welcome(self, params: dict[str, str]) -> None:
         assert self.info is not None
+        if self.server is not None and self.settings and self.transaction_mode and self.target is not None:
+            self.app.manager.learn_welcome(self.target, self.settings, self.server)
         self._resume_if_paused()
         out = [m.parameter_status(name, value) for name, value in params.items()]
         # unpredictable: the key is what authorizes cancelling this client's queries

@@ -57,6 +57,10 @@ _NODE_FAILURES = frozenset(
     (sqlstate.CONNECTION_FAILURE, sqlstate.CANNOT_CONNECT_NOW, sqlstate.ADMIN_SHUTDOWN)
 )
 
+#: sets of startup settings whose parameters are kept per (database, user) (`learn_welcome`): drivers send
+#: the same few (application_name, client_encoding, DateStyle, ...), so more means settings that vary
+_WELCOME_SETTINGS_KEPT = 256
+
 
 class _Reset(StandIn):
     """Stands in for a client while a server runs its reset query (session pooling, a pinned client that
@@ -129,6 +133,8 @@ class PoolManager:
         self.pools: dict[tuple[str, str, str], ServerPool] = {}
         self._infos: dict[tuple[str, str], PoolInfo] = {}
         self._welcome: dict[tuple[str, str], dict[str, str]] = {}
+        #: ...and what a login with startup settings was told, by those settings (`learn_welcome`)
+        self._welcome_with: dict[tuple[str, str], dict[frozenset[tuple[str, str]], dict[str, str]]] = {}
         self.nodes = Nodes(self)
         #: pools a reload took out of use: they serve what they still hold, then close (see tick)
         self.retired: list[ServerPool] = []
@@ -153,10 +159,29 @@ class PoolManager:
             info = self._infos[key] = PoolInfo(target=target, size=size)
         return info
 
-    def welcome_params(self, target: PoolTarget | None) -> dict[str, str] | None:
+    def welcome_params(self, target: PoolTarget | None, settings: dict[str, str]) -> dict[str, str] | None:
+        """The parameters a transaction-pooling client logging in with startup `settings` is told, when
+        known without a server: the primary's, and for settings, what a login with the same ones was told
+        once PostgreSQL had accepted them (`learn_welcome`). None: the login takes a server for it."""
         if target is None:
             return None
-        return self._welcome.get((target.database, target.pool_user))
+        pair = (target.database, target.pool_user)
+        if not settings:
+            return self._welcome.get(pair)
+        known = self._welcome_with.get(pair)
+        return None if known is None else known.get(frozenset(settings.items()))
+
+    def learn_welcome(self, target: PoolTarget, settings: dict[str, str], server: ServerConnection) -> None:
+        """A login with startup `settings` was told `server`'s parameters, the server having taken those
+        settings (PostgreSQL refuses a bad one): the next login with the same settings is told the same
+        without taking a server (as PgBouncer answers logins from what it learnt). Only from a server of
+        the primary: what a replica says (in_hot_standby=on) is not what `_welcome` tells."""
+        if not settings or server.pool.serves is not Role.PRIMARY:
+            return
+        known = self._welcome_with.setdefault((target.database, target.pool_user), {})
+        if len(known) >= _WELCOME_SETTINGS_KEPT:
+            known.clear()
+        known[frozenset(settings.items())] = dict(server.params)
 
     def cluster_view(self, name: str) -> ClusterView:
         """The cluster's nodes as last probed (immutable; a new view replaces it after a change)."""
@@ -451,6 +476,9 @@ class PoolManager:
             # replica's say in_hot_standby=on, and libpq's target_session_attrs=read-write would refuse
             # halephant), from its newest server (a default changed since on the server side, by
             # ALTER ROLE ... SET or postgresql.conf, reaches new clients as servers are replaced).
+            if self._welcome.get(pair) != server.params:
+                # a default changed on the server side: what logins with settings were told is stale too
+                self._welcome_with.pop(pair, None)
             self._welcome[pair] = dict(server.params)
         log.info(
             "pool %s: server connection opened (pid %d, now %d%s)",
@@ -785,6 +813,7 @@ class PoolManager:
                 self._set_caps(pool, ())
             self._infos.pop(pair, None)
             self._welcome.pop(pair, None)
+            self._welcome_with.pop(pair, None)
             self.nodes.forget_group(pair)
             log.info("pools of %s/%s forgotten: unused for %.0f s", *pair, entry.idle_timeout)
 
@@ -888,6 +917,7 @@ class PoolManager:
         self._infos.clear()
         if not unchanged:
             self._welcome.clear()
+            self._welcome_with.clear()
         asked: dict[tuple[str, str, str], float | None] = {}
         for key, pool in list(self.pools.items()):
             pool.login_refused = None  # a password may have changed: try again at once

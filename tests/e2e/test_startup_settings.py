@@ -52,6 +52,41 @@ def test_client_encoding_is_reported_as_postgresql_normalizes_it(
         assert conn.info.parameter_status("client_encoding") == "UTF8"
 
 
+def test_a_login_with_startup_settings_seen_before_needs_no_server(
+    pg: Cluster, halephant: HalephantFactory
+) -> None:
+    # Drivers send startup settings (application_name at least). A login with settings took a server to
+    # check and report them, every time: with every server in a transaction it waited, and a client
+    # that blocks on its next connection while its other connections hold those transactions (pgbench -C
+    # -j 1, more clients than servers) waited into checkout_timeout. Settings PostgreSQL accepted once
+    # are told from then on as PgBouncer tells them, from what it learnt.
+    run = halephant.start(default_config(pg, databases={"myapp": {"pool_size": 1, "checkout_timeout": "2s"}}))
+    dsn = run.dsn(options="-c TimeZone=Asia/Tokyo", application_name="batch")
+    with psycopg.connect(dsn, autocommit=True) as first:  # takes a server to check them: learnt
+        assert first.info.parameter_status("TimeZone") == "Asia/Tokyo"
+    holder = psycopg.connect(run.dsn(), autocommit=True)
+    try:
+        holder.execute("BEGIN")  # the only server, in a transaction
+        started = time.monotonic()
+        with psycopg.connect(dsn, autocommit=True) as again:
+            assert time.monotonic() - started < 1
+            assert again.info.parameter_status("TimeZone") == "Asia/Tokyo"
+            assert again.info.parameter_status("application_name") == "batch"
+            # settings never seen before still take a server: this login waits into checkout_timeout
+            with pytest.raises(psycopg.OperationalError, match="checkout timeout"):
+                psycopg.connect(run.dsn(options="-c TimeZone=Europe/Oslo"))
+            holder.execute("COMMIT")
+            # and the settings are the session's, as ever
+            assert again.execute("SHOW TimeZone").fetchone() == ("Asia/Tokyo",)
+            assert again.execute("SHOW application_name").fetchone() == ("batch",)
+    finally:
+        holder.close()
+    # a bad setting is still refused at login, by PostgreSQL
+    with pytest.raises(psycopg.OperationalError, match="invalid value for parameter"):
+        psycopg.connect(run.dsn(options="-c TimeZone=Nowhere/Never"))
+    assert_clean_servers(pg.primary)
+
+
 def test_unknown_setting_is_refused_at_login(pg: Cluster, halephant: HalephantFactory) -> None:
     run = halephant.start(default_config(pg))
     with pytest.raises(psycopg.OperationalError) as info:
