@@ -7,6 +7,7 @@ This module starts its own single-node cluster: its tests shut PostgreSQL down a
 
 from __future__ import annotations
 
+import contextlib
 import re
 import threading
 import time
@@ -230,29 +231,49 @@ def smart_stop(node: Node, within: float) -> bool:
     return node._pg.run(argv, cwd=node.sockdir.parent, check=False, timeout=within + 10).returncode == 0
 
 
+def probing_fast(own: Cluster, halephant: HalephantFactory) -> Running:
+    """halephant in front of `own`, probing every 100 ms (a smart shutdown is seen within a few rounds)."""
+    cfg = config(own)
+    cfg["topology"] = {"interval": "100ms"}
+    return halephant.start(cfg)
+
+
+@contextlib.contextmanager
+def restarted_after(node: Node) -> Iterator[None]:
+    """Start `node` again after the block (a smart shutdown still waiting is made a fast one first)."""
+    try:
+        yield
+    finally:
+        node.stop("fast")
+        node.start()
+
+
+def assert_smart_shutdown_completes(node: Node, run: Running) -> None:
+    started = time.monotonic()
+    assert smart_stop(node, within=10), run.log_text()[-3000:]
+    assert time.monotonic() - started < 5
+
+
+def assert_serves_again(run: Running) -> None:
+    """halephant serves as before once the node is back, and logged no traceback on the way."""
+    with connect(run) as conn:
+        wait_until(lambda: conn.execute("SELECT 1").fetchone() == (1,), "a query after the restart")
+    assert "Traceback" not in run.log_text()
+
+
 def test_a_smart_shutdown_is_not_held_up_by_the_probe_connection(
     own: Cluster, halephant: HalephantFactory
 ) -> None:
     # A smart shutdown waits for every session to end. The probes' connection is kept open between
     # rounds and answers them as before: never closed, it held the node up for as long as halephant ran.
     node = own.primary
-    cfg = config(own)
-    cfg["topology"] = {"interval": "100ms"}
-    run = halephant.start(cfg)
-    try:
-        started = time.monotonic()
-        assert smart_stop(node, within=10), run.log_text()[-3000:]
-        assert time.monotonic() - started < 5
+    run = probing_fast(own, halephant)
+    with restarted_after(node):
+        assert_smart_shutdown_completes(node, run)
         wait_until(
             lambda: f"probe of {node.host}:{node.port} failed" in run.log_text(), "the node's probe failing"
         )
-    finally:
-        node.stop("fast")  # (a smart shutdown still waiting is made a fast one)
-        node.start()
-    # and halephant serves as before once it is back
-    with connect(run) as conn:
-        wait_until(lambda: conn.execute("SELECT 1").fetchone() == (1,), "a query after the restart")
-    assert "Traceback" not in run.log_text()
+    assert_serves_again(run)
 
 
 def test_a_smart_shutdown_is_not_held_up_by_idle_server_connections(
@@ -261,25 +282,16 @@ def test_a_smart_shutdown_is_not_held_up_by_idle_server_connections(
     # Once the probes find the node refusing new sessions (57P03), no new transaction goes there: the
     # pooled connections nobody uses would hold its shutdown up until their idle_timeout (5 min).
     node = own.primary
-    cfg = config(own)
-    cfg["topology"] = {"interval": "100ms"}
-    run = halephant.start(cfg)
-    try:
+    run = probing_fast(own, halephant)
+    with restarted_after(node):
         with connect(run) as a, connect(run) as b:
             a.execute("BEGIN")
             b.execute("SELECT 1")  # a second server, idle in the pool once its transaction ends
             wait_for_servers(node, "myapp", 2 + 1)  # and the probe's
             a.execute("COMMIT")
-        started = time.monotonic()
-        assert smart_stop(node, within=10), run.log_text()[-3000:]
-        assert time.monotonic() - started < 5
-    finally:
-        node.stop("fast")
-        node.start()
+        assert_smart_shutdown_completes(node, run)
     assert "closing 2 idle server connection(s)" in run.log_text()
-    with connect(run) as conn:
-        wait_until(lambda: conn.execute("SELECT 1").fetchone() == (1,), "a query after the restart")
-    assert "Traceback" not in run.log_text()
+    assert_serves_again(run)
 
 
 def test_a_smart_shutdown_is_not_held_up_by_a_shared_listener_nobody_listens_on(
@@ -289,22 +301,15 @@ def test_a_smart_shutdown_is_not_held_up_by_a_shared_listener_nobody_listens_on(
     # opened: after its last client's UNLISTEN it still held a smart shutdown up for as long as halephant
     # ran. With a client still listening it stays, as that client's own session would, connected directly.
     node = own.primary
-    cfg = config(own)
-    cfg["topology"] = {"interval": "100ms"}
-    run = halephant.start(cfg)
-    try:
+    run = probing_fast(own, halephant)
+    with restarted_after(node):
         with connect(run) as conn:
             conn.execute("LISTEN lifecycle")
             conn.execute("SELECT 1")  # the LISTEN is read back at the end of its transaction
             wait_until(lambda: "connected (pid" in run.log_text(), "the shared listener connected")
             conn.execute("UNLISTEN lifecycle")
             conn.execute("SELECT 1")
-        started = time.monotonic()
-        assert smart_stop(node, within=10), run.log_text()[-3000:]
-        assert time.monotonic() - started < 5
-    finally:
-        node.stop("fast")
-        node.start()
+        assert_smart_shutdown_completes(node, run)
     assert "shared listener for myapp/myapp" in run.log_text() and "no client listens" in run.log_text()
     # LISTEN works again once the node is back: the shared connection reopens
     with connect(run) as listener, connect(run) as sender:
@@ -313,4 +318,4 @@ def test_a_smart_shutdown_is_not_held_up_by_a_shared_listener_nobody_listens_on(
         sender.execute("NOTIFY lifecycle, 'back'")
         got = wait_until(lambda: list(listener.notifies(timeout=0.2, stop_after=1)), "the notification")
         assert got[0].payload == "back"
-    assert "Traceback" not in run.log_text()
+    assert_serves_again(run)
