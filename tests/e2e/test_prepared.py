@@ -767,12 +767,8 @@ def test_prepared_statements_are_not_shared_by_clients_whose_settings_parse_them
         assert dmy.execute(_CONSTANTS).fetchone() == ("2003-02-01", "2024-01-01 12:00:00+09", "é")
 
 
-def test_clients_of_schemas_whose_tables_differ_each_run_their_own_statement(
-    pg: Cluster, hal: Running
-) -> None:
-    # A schema per tenant, chosen by search_path: the same text names tables of different shapes. A
-    # shared statement would be parsed again for each tenant in turn, and PostgreSQL refuses a named
-    # statement a new result type (0A000), which asyncpg reports while preparing, without retrying.
+def two_tenant_schemas(pg: Cluster) -> tuple[str, str]:
+    """Two new schemas, each with a table `items` of another shape (one row each): a schema per tenant."""
     table = new_table(pg)
     a, b = f"{table}_a", f"{table}_b"
     pg.primary.sql(
@@ -782,6 +778,16 @@ def test_clients_of_schemas_whose_tables_differ_each_run_their_own_statement(
         f"INSERT INTO {b}.items VALUES (2, 'b', 3)",
         dbname="myapp", user="myapp",
     )  # fmt: skip
+    return a, b
+
+
+def test_clients_of_schemas_whose_tables_differ_each_run_their_own_statement(
+    pg: Cluster, hal: Running
+) -> None:
+    # A schema per tenant, chosen by search_path: the same text names tables of different shapes. A
+    # shared statement would be parsed again for each tenant in turn, and PostgreSQL refuses a named
+    # statement a new result type (0A000), which asyncpg reports while preparing, without retrying.
+    a, b = two_tenant_schemas(pg)
 
     async def outcome(port: int, dbname: str) -> list[Any]:
         async def connect(**kwargs: Any) -> asyncpg.Connection:
@@ -817,15 +823,7 @@ def test_a_search_path_set_for_one_transaction_chooses_the_statements_prepared_i
 ) -> None:
     # A schema per tenant in transaction pooling: each transaction starts by choosing its tenant with
     # SET LOCAL search_path (or set_config(..., true), in a statement drivers prepare and then only Bind).
-    table = new_table(pg)
-    a, b = f"{table}_a", f"{table}_b"
-    pg.primary.sql(
-        f"CREATE SCHEMA {a}; CREATE TABLE {a}.items (id int, name text);"
-        f"INSERT INTO {a}.items VALUES (1, 'a');"
-        f"CREATE SCHEMA {b}; CREATE TABLE {b}.items (id int, name text, extra int);"
-        f"INSERT INTO {b}.items VALUES (2, 'b', 3)",
-        dbname="myapp", user="myapp",
-    )  # fmt: skip
+    a, b = two_tenant_schemas(pg)
 
     async def with_asyncpg(port: int, dbname: str) -> list[Any]:
         conns = [
