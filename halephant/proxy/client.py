@@ -521,7 +521,9 @@ class ClientConnection(asyncio.Protocol):
             if reply:
                 self.transport.write(reply)
             if done:
-                rest, self._buf = self._buf, b""
+                # whatever came behind the last password message, complete messages included, is the
+                # client's first request: a pipelining client does not wait for AuthenticationOk
+                rest, self._buf = buf[end:], b""
                 learned = self._exchange.learned_keys
                 if learned is not None:
                     self.app.manager.passthrough_keys_learned(learned)

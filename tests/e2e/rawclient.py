@@ -302,9 +302,10 @@ class RawClient:
         self.send(startup({"user": user, "database": database, **(extra or {})}))
         return self.authenticate(user, password)
 
-    def authenticate(self, user: str, password: str) -> Session:
+    def authenticate(self, user: str, password: str, *, pipelined: bytes = b"") -> Session:
         """Answer the authentication requests of a login whose StartupMessage was already sent.
 
+        `pipelined` goes out in the same write as the last SCRAM message, before AuthenticationOk comes.
         Raises AssertionError on an ErrorResponse; `last_session.messages` then ends with it."""
         session = self.last_session = Session()
         scram: ScramClient | None = None
@@ -324,7 +325,7 @@ class RawClient:
                 elif code == AUTH_SASL_CONTINUE:
                     assert scram is not None
                     scram.set_server_first(message.payload[4:].decode())
-                    self.send(msg(b"p", scram.get_client_final().encode()))
+                    self.send(msg(b"p", scram.get_client_final().encode()) + pipelined)
                 elif code == AUTH_SASL_FINAL:
                     assert scram is not None
                     scram.set_server_final(message.payload[4:].decode())

@@ -33,7 +33,11 @@ MAX_MESSAGE_SIZE = 1024 * 1024
 @pytest.fixture(scope="module")
 def proxy(pg: Cluster, module_halephant: HalephantFactory) -> Running:
     return module_halephant.start(
-        default_config(pg, limits={"max_message_size": "1MB", "login_timeout": f"{LOGIN_TIMEOUT:g}s"})
+        default_config(
+            pg,
+            databases={"myapp_session": {"cluster": "main", "database": "myapp", "mode": "session"}},
+            limits={"max_message_size": "1MB", "login_timeout": f"{LOGIN_TIMEOUT:g}s"},
+        )
     )
 
 
@@ -391,6 +395,24 @@ def test_message_just_under_max_message_size_works(proxy: Running) -> None:
         answer = client.simple_query("select length('" + "x" * padding + "')")
         assert rc.errors(answer) == []
         assert rc.data_rows(answer) == [[str(padding)]]
+
+
+@pytest.mark.parametrize("database", ["myapp", "myapp_session"])
+def test_a_query_pipelined_behind_the_last_scram_message_is_answered(proxy: Running, database: str) -> None:
+    with raw(proxy) as client:
+        client.send(rc.startup({"user": "myapp", "database": database}))
+        client.authenticate("myapp", "myapp", pipelined=rc.query("select 42"))
+        answer = client.read_until_ready()
+        assert rc.errors(answer) == []
+        assert rc.data_rows(answer) == [["42"]]
+        assert_usable(client)
+
+
+def test_a_password_message_pipelined_behind_the_last_scram_message_is_08P01(proxy: Running) -> None:
+    with raw(proxy) as client:
+        client.send(rc.startup({"user": "myapp", "database": "myapp"}))
+        client.authenticate("myapp", "myapp", pipelined=rc.msg(b"p", b"myapp\0"))
+        client.expect_fatal_and_close("08P01")
 
 
 def test_second_startup_message_after_login_is_08P01(proxy: Running) -> None:
