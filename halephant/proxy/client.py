@@ -124,6 +124,8 @@ def _unnamed(t: int, buf: bytes, start: int, end: int) -> bool:
 
 
 _NEEDS_NO_SERVER = frozenset((codes.SYNC, codes.FLUSH, codes.COPY_DATA, codes.COPY_DONE, codes.COPY_FAIL))
+#: of those, the ones PostgreSQL answers with ERROR 08P01 "invalid message format" when they have a body
+_EMPTY_ONLY = frozenset((codes.SYNC, codes.FLUSH))
 #: first keywords of a statement that begins a transaction block
 _BEGINS = frozenset(("BEGIN", "START"))
 #: the bytes a Query of ROLLBACK, ABORT, COMMIT or END may start with: one subscript leaves every other
@@ -710,10 +712,11 @@ class ClientConnection(asyncio.Protocol):
                     self._reject_locally(t, error)
                     fwd = end
                     continue
-                if t in _NEEDS_NO_SERVER:
+                if t in _NEEDS_NO_SERVER and (start == end or t not in _EMPTY_ONLY):
                     # Between transactions: a Sync is answered as PostgreSQL would (nothing is pending);
                     # CopyData/CopyDone/CopyFail left over after a failed COPY, and Flush, are ignored,
-                    # as the server would ignore them. None of them is worth a checkout.
+                    # as the server would ignore them. None of them is worth a checkout. A Sync or Flush
+                    # with a body goes to a server, whose ERROR 08P01 (and skip to Sync) is the answer.
                     if t == codes.SYNC:
                         self.transport.write(m.READY_FOR_QUERY_IDLE)
                     fwd = end

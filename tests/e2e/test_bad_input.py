@@ -479,6 +479,19 @@ def test_sync_alone_gets_ready_for_query(proxy: Running) -> None:
         assert_usable(client)
 
 
+@pytest.mark.parametrize("type_", [b"S", b"H"], ids=["Sync", "Flush"])
+def test_sync_or_flush_with_a_body_is_08P01_and_the_session_continues(proxy: Running, type_: bytes) -> None:
+    client, _ = logged_in(proxy)
+    with client:
+        client.send(rc.msg(type_, b"x") + rc.sync() + rc.query("select 7"))
+        answer = client.read_until(b"C")
+        # PostgreSQL: ERROR 08P01 "invalid message format" (then, after Flush, skips to the Sync)
+        assert [(e["S"], e["C"]) for e in rc.errors(answer)] == [("ERROR", "08P01")], answer
+        assert rc.data_rows(answer) == [["7"]]
+        client.read_until_ready()
+        assert_usable(client)
+
+
 def test_error_mid_pipeline_skips_to_sync(proxy: Running) -> None:
     client, _ = logged_in(proxy)
     with client:
