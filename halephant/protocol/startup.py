@@ -50,6 +50,26 @@ class StartupMessage:
         # libpq's rule: the database defaults to the user name
         return self.params.get("database") or self.user
 
+    @property
+    def replication(self) -> bool:
+        """Asks for a replication connection (physical, or logical with `database`)."""
+        value = self.params.get("replication")
+        return value is not None and (value == "database" or parse_bool(value) is True)
+
+
+def parse_bool(value: str) -> bool | None:
+    """PostgreSQL's parse_bool: a non-empty prefix of true/yes/false/no, on/off (two letters at least), 1
+    or 0, in any case; None for anything else."""
+    lowered = value.lower()
+    if lowered in ("1", "0"):
+        return lowered == "1"
+    if len(lowered) >= 2 and lowered in ("on", "off", "of"):
+        return lowered == "on"
+    for word, meaning in (("true", True), ("yes", True), ("false", False), ("no", False)):
+        if lowered and word.startswith(lowered):
+            return meaning
+    return None
+
 
 StartupPacket = SSLRequest | GSSENCRequest | CancelRequest | StartupMessage
 
@@ -149,6 +169,13 @@ def parse_startup_packet(code: int, body: bytes) -> StartupPacket:
             if name.startswith("_pq_."):
                 options.append(name)
             else:
+                if name == "replication" and value != "database" and parse_bool(value) is None:
+                    raise ClientError(
+                        sqlstate.INVALID_PARAMETER_VALUE,
+                        f'invalid value for parameter "replication": "{value}"',
+                        hint='Valid values are: "false", 0, "true", 1, "database".',
+                        fatal=True,
+                    )
                 params[name] = value
     except UnicodeDecodeError:
         raise ProtocolViolation("invalid byte sequence in startup packet") from None

@@ -479,12 +479,7 @@ class ClientConnection(asyncio.Protocol):
             raise refused
         if packet.minor > 0 or packet.protocol_options:
             self.transport.write(m.negotiate_protocol_version(codes.PROTOCOL_3_0, packet.protocol_options))
-        if "replication" in packet.params and packet.params["replication"].lower() not in (
-            "false",
-            "off",
-            "0",
-            "no",
-        ):
+        if packet.replication:
             raise ClientError(
                 sqlstate.FEATURE_NOT_SUPPORTED, "replication connections are not supported", fatal=True
             )

@@ -180,6 +180,19 @@ def test_unsupported_protocol_major_is_0A000(proxy: Running, major: int, minor: 
         assert error.fields["M"].startswith(f"unsupported frontend protocol {major}.{minor}")
 
 
+def test_replication_f_is_a_normal_login(proxy: Running) -> None:
+    with raw(proxy) as client:
+        client.login("myapp", "myapp", "myapp", extra={"replication": "f"})
+        assert_usable(client)
+
+
+@pytest.mark.parametrize(("value", "code"), [("x", "22023"), ("database", "0A000"), ("y", "0A000")])
+def test_replication_value_is_checked_as_postgresql_does(proxy: Running, value: str, code: str) -> None:
+    with raw(proxy) as client:
+        client.send(rc.startup({"user": "myapp", "database": "myapp", "replication": value}))
+        client.expect_fatal_and_close(code)
+
+
 def test_protocol_3_2_is_negotiated_down_then_login_works(proxy: Running) -> None:
     with raw(proxy) as client:
         client.send(rc.startup({"user": "myapp", "database": "myapp"}, minor=2))

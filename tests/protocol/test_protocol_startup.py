@@ -228,6 +228,33 @@ def test_missing_final_nul(body: bytes) -> None:
     assert exc_info.value.fatal
 
 
+# measured against PostgreSQL 15: these log in as a normal connection ...
+@pytest.mark.parametrize("value", ["false", "FALSE", "f", "fa", "n", "NO", "off", "of", "0"])
+def test_replication_off_in_any_spelling_is_a_normal_connection(value: str) -> None:
+    (packet,) = feed_all(startup([("user", "u"), ("replication", value)]))
+    assert isinstance(packet, StartupMessage)
+    assert not packet.replication
+
+
+# ... these ask for a replication connection ...
+@pytest.mark.parametrize("value", ["true", "t", "TR", "yes", "y", "on", "1", "database"])
+def test_replication_on_in_any_spelling_asks_for_replication(value: str) -> None:
+    (packet,) = feed_all(startup([("user", "u"), ("replication", value)]))
+    assert isinstance(packet, StartupMessage)
+    assert packet.replication
+
+
+# ... and these are FATAL 22023, before the missing user would be reported
+@pytest.mark.parametrize("value", ["", "o", "x", "00", " false", "falsey", "Database", "2"])
+def test_replication_with_an_invalid_value_is_22023(value: str) -> None:
+    with pytest.raises(ClientError) as exc_info:
+        feed_all(startup([("replication", value)]))
+    exc = exc_info.value
+    assert exc.code == sqlstate.INVALID_PARAMETER_VALUE == "22023"
+    assert exc.message == f'invalid value for parameter "replication": "{value}"'
+    assert exc.fatal
+
+
 def test_empty_parameter_name() -> None:
     with pytest.raises(ProtocolViolation):
         feed_all(packet(codes.PROTOCOL_3_0, b"user\0u\0\0v\0\0"))
