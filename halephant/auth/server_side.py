@@ -131,6 +131,12 @@ class ScramExchange:
                 # client signed for the AuthMessage.
                 gs2_end = first.index(",", first.index(",") + 1) + 1
                 bare = first[gs2_end:]
+                if bare.startswith("m"):  # reserved-mext: PostgreSQL refuses it before reading further
+                    raise ClientError(
+                        sqlstate.FEATURE_NOT_SUPPORTED,
+                        "client requires an unsupported SCRAM extension",
+                        fatal=True,
+                    )
                 if not bare.startswith("n="):
                     raise ValueError("client-first-message without a user name attribute")
                 self._server.set_client_first(first[:gs2_end] + "n=*" + bare[bare.index(",") :])

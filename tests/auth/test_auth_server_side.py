@@ -211,6 +211,8 @@ def test_scram_message_after_the_end() -> None:
         (b"x,,n=,r=abc", "08P01"),
         (b"\xff\xfe", "08P01"),
         (b"n,a=b,n=,r=x", "0A000"),
+        (b"n,,m=ext,n=,r=abc", "0A000"),
+        (b"n,,mx", "0A000"),
     ],
 )
 def test_scram_malformed_client_first(client_first: bytes, code: str, user: str, secret: str | None) -> None:
