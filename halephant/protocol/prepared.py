@@ -157,6 +157,13 @@ def executed_name(buf: bytes, pos: int, endpos: int) -> tuple[bytes, int, int] |
     return match.group(2).lower(), start, end
 
 
+def _names_a_statement(data: bytes, start: int, end: int) -> bool:
+    """The Describe or Close whose payload is `data[start:end]` is a well-formed one of a named statement:
+    'S', a name, its NUL and nothing after it. A malformed one goes to the server as it is, for PostgreSQL's
+    own ERROR 08P01 (a name read up to the end, or up to a NUL in the middle, would be another name)."""
+    return end - start > 2 and data[start] == 0x53 and data.find(b"\0", start + 1, end) == end - 1
+
+
 def _named_as_client(payload: bytes, server_name: bytes, name: bytes) -> bytes | None:
     """An ErrorResponse that names the server's statement (`bind message supplies 1 parameters, but
     prepared statement "h_…" requires 2`) rewritten with the client's name; None if it names none."""
@@ -492,7 +499,7 @@ class ClientStatements:
                     append(m.message(b"B", payload))
                     queue.append((t, FORWARD, stmt, None, 0, name))
             elif t == codes.DESCRIBE or t == codes.CLOSE:
-                if end - start < 2 or data[start] != 0x53 or data[start + 1] == 0:  # not a named 'S'
+                if not _names_a_statement(data, start, end):
                     queue.append(_PLAIN_DESCRIBE if t == codes.DESCRIBE else _PLAIN_CLOSE)
                     continue
                 append(data[last:head])
@@ -674,7 +681,7 @@ class ClientStatements:
             if found is None or found.name not in server:
                 return None
             return m.message(b"B", data[start : portal_end + 1] + found.name + data[name_end:end])
-        if (t == codes.DESCRIBE or t == codes.CLOSE) and end - start >= 2 and data[start] == 0x53:
+        if (t == codes.DESCRIBE or t == codes.CLOSE) and _names_a_statement(data, start, end):
             name = data[start + 1 : end - 1]
             found = self.names.get(name)
             if found is None or found.name not in server:

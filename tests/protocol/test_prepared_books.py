@@ -15,6 +15,7 @@ import itertools
 import struct
 from collections.abc import Iterator
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -271,6 +272,22 @@ def test_close_is_answered_in_order_behind_outstanding_replies() -> None:
     out, *_ = books.splice(replies, frames, codes.TX_IDLE, lru)
     assert b"".join(out) == replies + m.CLOSE_COMPLETE
     assert not books.queue
+
+
+@pytest.mark.parametrize("type_", [b"D", b"C"], ids=["Describe", "Close"])
+@pytest.mark.parametrize("payload", [b"Sa", b"Sa\0x", b"Sa\0\0"], ids=["no-nul", "trailing", "two-nuls"])
+def test_a_malformed_describe_or_close_of_a_statement_goes_to_the_server_as_it_is(
+    type_: bytes, payload: bytes
+) -> None:
+    lru = ServerStatements(10)
+    books = ClientStatements(StatementRegistry())
+    books.translate(parse("a", "SELECT 1") + SYNC, lru)
+    books.queue.clear()
+    malformed = m.message(type_, payload)
+    # PostgreSQL answers ERROR 08P01 to these bytes: no CloseComplete of its own, no 26000 for another name
+    assert books.translate(malformed + SYNC, lru) == malformed + SYNC
+    assert books.queue[0][1] != SYNTH
+    assert b"a" in books.names
 
 
 def test_statement_is_prepared_once_per_server_and_evicted_with_close() -> None:
