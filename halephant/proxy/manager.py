@@ -411,29 +411,28 @@ class PoolManager:
             retry = self.app.config.limits.server_login_retry
             if node_failed:
                 log.warning("pool %s: server connect failed: %s %s", pool.name, error.code, error.message)
-            elif isinstance(error, OutOfResources):
-                # as a refused login: no other attempt for server_login_retry (one a second, or one per
-                # waiting client, would log as often), and a client that needs a server meanwhile is
-                # told at once, not parked for probes that find the node well
-                if retry > 0:
-                    pool.login_refused = (error, loop.time() + retry)
-                log.warning(
-                    "pool %s: cannot open a server connection: %s: %s%s",
-                    pool.name,
-                    exc.strerror if isinstance(exc, OSError) else exc,
-                    error.hint,
-                    f" (no other attempt for {retry:g}s: server_login_retry)" if retry > 0 else "",
-                )
             else:
+                # no other login for server_login_retry; out of descriptors is handled alike (one attempt
+                # a second, or one per waiting client, would log as often), and a client that needs a
+                # server meanwhile is told at once, not parked for probes that find the node well
                 if retry > 0:
                     pool.login_refused = (error, loop.time() + retry)
-                log.warning(
-                    "pool %s: server login refused: %s %s%s",
-                    pool.name,
-                    error.code,
-                    error.message,
-                    f" (no other login for {retry:g}s: server_login_retry)" if retry > 0 else "",
-                )
+                if isinstance(error, OutOfResources):
+                    log.warning(
+                        "pool %s: cannot open a server connection: %s: %s%s",
+                        pool.name,
+                        cast(OSError, exc).strerror,
+                        error.hint,
+                        f" (no other attempt for {retry:g}s: server_login_retry)" if retry > 0 else "",
+                    )
+                else:
+                    log.warning(
+                        "pool %s: server login refused: %s %s%s",
+                        pool.name,
+                        error.code,
+                        error.message,
+                        f" (no other login for {retry:g}s: server_login_retry)" if retry > 0 else "",
+                    )
             self.nodes.connect_failed(pool, error, node_failed)
             if pool.caps:
                 self._caps_changed(pool, failed=True)
