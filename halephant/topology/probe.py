@@ -182,7 +182,6 @@ class ProbeConnection:
     """A node's probe connection, opened on first use and kept open between probes."""
 
     __slots__ = (
-        "_logged_in",
         "_probes",
         "_session",
         "_stream",
@@ -214,7 +213,6 @@ class ProbeConnection:
         self._stream: anyio.abc.SocketStream | None = None
         self._session: ProbeSession | None = None
         self._probes = 0  # made over the current connection
-        self._logged_in = False  # the current connection's login is done
 
     async def probe(self) -> ProbeResult:
         """Probe the node. Raises ProbeFailed, OSError or anyio's stream errors; the caller bounds the
@@ -263,7 +261,6 @@ class ProbeConnection:
         self._session = ProbeSession(self.user, self.password, self.database)
         await self._stream.send(self._session.startup())
         await self._until_ready()
-        self._logged_in = True
 
     async def _until_ready(self) -> None:
         assert self._stream is not None and self._session is not None
@@ -282,12 +279,12 @@ class ProbeConnection:
                 return
 
     async def aclose(self) -> None:
-        stream, self._stream, self._session = self._stream, None, None
+        stream, session, self._stream, self._session = self._stream, self._session, None, None
         self._probes = 0
-        logged_in, self._logged_in = self._logged_in, False
         if stream is not None:
             with anyio.move_on_after(0.5, shield=True):
-                if logged_in:  # a Terminate in the middle of a login is logged by PostgreSQL as an error
+                # a Terminate in the middle of a login is logged by PostgreSQL as an error
+                if session is not None and session.logged_in:
                     try:
                         await stream.send(m.TERMINATE)
                     except Exception:
