@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import anyio
@@ -192,16 +193,22 @@ class Control:
             self._paused.discard(database)
         self.holding = bool(self._paused)
         log.info("RESUME %s", database or "(all databases)")
+        self._release_held(self.is_paused)
+
+    def _release_held(self, still_held: Callable[[str], bool]) -> None:
+        """Let the held clients go on, but those whose database `still_held` says stay held."""
         held, self._held = self._held, {}
         for client in held:
             pool = client.waiting_pool
             if pool is None or client.info is None:
                 continue  # gone meanwhile
-            if self.is_paused(pool.key[0]):
+            if still_held(pool.key[0]):
                 self._held[client] = None
                 continue
             client.waiting_pool = None
-            client.reroute()  # goes on where it was held: checkout (at login too), then what it sent
+            # goes on where it was held: checkout (at login too), then what it sent; for a database a
+            # reload removed, refused there
+            client.reroute()
 
     def forget_removed(self) -> None:
         """After a reload: a database the configuration no longer has is no longer paused or disabled, so
@@ -216,14 +223,7 @@ class Control:
         self.holding = bool(self._paused)
         for name in sorted(gone):
             log.info("%s removed: no longer paused or disabled", name)
-        for client in list(self._held):
-            pool = client.waiting_pool
-            if pool is None or client.info is None:
-                del self._held[client]  # gone meanwhile
-            elif pool.key[0] not in names:
-                del self._held[client]
-                client.waiting_pool = None
-                client.reroute()  # refused there: its database was removed
+        self._release_held(lambda database: database in names)
 
     def reconnect(self, database: str | None) -> int:
         """Replace the server connections of `database`: idle ones now, the others when they come back."""
