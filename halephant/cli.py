@@ -62,13 +62,20 @@ def _tune_gc() -> None:
 #: descriptors halephant holds besides its client and server connections (listening sockets, probes,
 #: the admin API and console, the event loop's own, the log), for the start-up estimate below
 _FD_OVERHEAD = 64
+#: below this, halephant cannot start its event loop and serve a few clients: refused at start-up
+FD_MINIMUM = 64
+
+
+class FdLimitTooLow(Exception):
+    """The open-files limit cannot be raised to what halephant needs to start at all."""
 
 
 def _raise_fd_limit(config: Config) -> None:
     """Raise the soft limit on open files to the hard one: each client and each server connection is a
     descriptor, and the usual soft limit (1024) is far below `max_client_conn`'s default. Logged once
     at start-up, as a warning when even the hard limit is below what `max_client_conn` and one user's
-    pools can take: clients beyond it then wait to be accepted (`halephant.proxy.accept`)."""
+    pools can take: clients beyond it then wait to be accepted (`halephant.proxy.accept`). Raises
+    FdLimitTooLow below `FD_MINIMUM`, where even the event loop's own descriptors would not fit."""
     import logging
     import resource
 
@@ -88,6 +95,11 @@ def _raise_fd_limit(config: Config) -> None:
         except (ValueError, OSError) as exc:
             log.warning("could not raise the limit on open files from %d to %d: %s", soft, wanted, exc)
     raised = f" (raised from {soft})" if limit != soft else ""
+    if limit != resource.RLIM_INFINITY and limit < FD_MINIMUM:
+        raise FdLimitTooLow(
+            f"open files: limit {limit}{raised} is too low to start; at least {FD_MINIMUM} are needed "
+            f"(raise it with ulimit -n, or LimitNOFILE= in a systemd unit)"
+        )
     servers = sum(
         (db.pool_size + db.reserve_pool_size) * len(cluster.nodes)
         for db in config.databases.values()
@@ -154,7 +166,7 @@ def run(path: str) -> None:
     setup_logging(config.logging.level, config.logging.format)
     try:
         run_app(config, plugins, early_hups=early_hups)
-    except UnixSocketError as exc:
+    except (UnixSocketError, FdLimitTooLow) as exc:
         click.echo(f"halephant: {exc}", err=True)
         sys.exit(1)
     except OSError as exc:

@@ -54,7 +54,7 @@ def _port_free(port: int) -> bool:
 
 
 def run_demo(*, port: int | None = None, base_dir: Path | None = None) -> int:
-    from halephant.cli import load, run_app
+    from halephant.cli import FdLimitTooLow, load, run_app
     from halephant.logs import setup_logging
     from halephant.testing.pgcluster import Cluster, PgError, PgNotFound, free_port
 
@@ -117,6 +117,9 @@ def run_demo(*, port: int | None = None, base_dir: Path | None = None) -> int:
 
         try:
             run_app(config, plugins, on_ready=ready)
+        except FdLimitTooLow as exc:
+            click.echo(f"halephant: {exc}", err=True)
+            return 1
         except KeyboardInterrupt:
             pass
     finally:

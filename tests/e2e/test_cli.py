@@ -363,6 +363,23 @@ def test_run_raises_the_open_files_limit_to_the_hard_one_and_says_so(
         factory.stop_all()
 
 
+@pytest.mark.skipif(shutil.which("prlimit") is None, reason="needs util-linux's prlimit")
+def test_run_refuses_to_start_under_an_open_files_limit_too_low_to_serve(
+    pg: Cluster, tmp_path: pathlib.Path
+) -> None:
+    # Under a dozen descriptors not even the event loop starts: a clear refusal, not a traceback.
+    factory = HalephantFactory(tmp_path, argv=["prlimit", "--nofile=12:12", *DEFAULT_ARGV])
+    running = factory.spawn(default_config(pg))
+    try:
+        rc_ = running.proc.wait(timeout=15)
+    finally:
+        factory.stop_all()
+    log = running.log_text()
+    assert rc_ == 1, log
+    assert "open files: limit 12 is too low to start; at least 64 are needed" in log, log
+    assert "ulimit -n" in log and "Traceback" not in log, log
+
+
 def test_sigterm_tells_clients_57P01_and_exits_0(pg: Cluster, halephant: HalephantFactory) -> None:
     # the transaction left open is ended by shutdown_timeout (graceful shutdown: tests/e2e/test_operations.py)
     running = halephant.start(default_config(pg, limits={"shutdown_timeout": "1s"}))
