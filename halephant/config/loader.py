@@ -410,6 +410,8 @@ def _cross_check(plain: dict[Any, Any], where: _Locator) -> list[ConfigProblem]:
             )
 
     users = plain.get("users")
+    for name, db in _entries(plain.get("databases")):
+        problems += _check_auth_user(name, db, users, where)
     for name, user in _entries(users):
         problems += _check_user(name, user, where)
         problems += _check_server_user(name, user, users, where)
@@ -468,6 +470,48 @@ def _check_admin_listen(plain: dict[Any, Any], where: _Locator) -> list[ConfigPr
             ("admin", "listen"), f"{admin_listen} is also listen: the admin API needs a port of its own"
         )
     ]
+
+
+def _check_auth_user(name: Any, db: dict[Any, Any], users: Any, where: _Locator) -> list[ConfigProblem]:
+    # the user halephant logs in as to look others up: it needs something to log in with, at once
+    problems: list[ConfigProblem] = []
+    query = db.get("auth_query")
+    if isinstance(query, str) and "$1" not in query:
+        problems.append(
+            where.problem(
+                ("databases", name, "auth_query"),
+                "auth_query must name the user as $1 (sent as a parameter), "
+                "like SELECT usename, passwd FROM pg_shadow WHERE usename=$1",
+            )
+        )
+    auth_user = db.get("auth_user")
+    if not isinstance(auth_user, str) or not isinstance(users, dict):
+        return problems
+    at = ("databases", name, "auth_user")
+    entry = users.get(auth_user)
+    if not isinstance(entry, dict):
+        defined = ", ".join(str(u) for u in users) or "none"
+        return [*problems, where.problem(at, f"no user named {auth_user!r} under users: ({defined})")]
+    role = entry.get("server_user")
+    upstream = users.get(role) if isinstance(role, str) else entry
+    if not isinstance(upstream, dict):
+        return problems  # reported at its server_user
+    secret = upstream.get("server_password")
+    if secret is None:
+        secret = upstream.get("password")
+    if not isinstance(secret, str):
+        problems.append(
+            where.problem(at, f"user {auth_user!r} has no password to log in upstream with: give it one")
+        )
+    elif is_scram_verifier(secret):
+        problems.append(
+            where.problem(
+                at,
+                f"user {auth_user!r} has only a SCRAM verifier, which logs in upstream only after a client "
+                f"of its own has: set users.{role if isinstance(role, str) else auth_user}.server_password",
+            )
+        )
+    return problems
 
 
 def _check_server_user(name: Any, user: dict[Any, Any], users: Any, where: _Locator) -> list[ConfigProblem]:

@@ -39,6 +39,7 @@ from halephant.unix_socket import is_socket_dir, socket_dir, too_long
 
 __all__ = [
     "CATCH_ALL",
+    "DEFAULT_AUTH_QUERY",
     "AdminConfig",
     "AuthName",
     "ClusterConfig",
@@ -62,6 +63,9 @@ AuthName = Literal["scram-sha-256", "md5", "trust"]
 
 #: The `databases:` key that serves every database name not listed, under its own name upstream.
 CATCH_ALL = "*"
+
+#: PgBouncer's default `auth_query`: `$1` is the user name, sent as a parameter.
+DEFAULT_AUTH_QUERY = "SELECT usename, passwd FROM pg_shadow WHERE usename=$1"
 
 _HOSTNAME = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?")
 _MD5_HASH = re.compile(r"md5[0-9a-f]{32}")
@@ -378,6 +382,15 @@ class DatabaseConfig(_Section):
     read_your_writes: StrictBool = False
     #: How long after such a transaction that holds.
     read_your_writes_window: Annotated[Duration, Field(gt=0)] = 10.0
+    #: Users not under `users:` are looked up in PostgreSQL (PgBouncer's auth_user): halephant logs in
+    #: as this user (an entry of `users:`) and runs `auth_query`. None: only `users:` may log in.
+    auth_user: Annotated[StrictStr, Field(min_length=1)] | None = None
+    #: Gives the name and the stored password (md5 hash or SCRAM verifier) of the user named by `$1`.
+    auth_query: Annotated[StrictStr, Field(min_length=1)] = DEFAULT_AUTH_QUERY
+    #: The upstream database `auth_query` runs in; None: this entry's (the client's) upstream database.
+    auth_dbname: Annotated[StrictStr, Field(min_length=1)] | None = None
+    #: How long an answer of `auth_query` serves further logins of the same user (0: every login asks).
+    auth_cache: Annotated[Duration, Field(ge=0, le=86400)] = 60.0
     _name: str = PrivateAttr(default="")
 
     @property
