@@ -12,7 +12,7 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
-from halephant.config.schema import Config, DatabaseConfig, UserConfig
+from halephant.config.schema import DEFAULT_AUTH_QUERY, Config, DatabaseConfig, UserConfig
 from halephant.sql import Statement
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     "ClusterView",
     "Config",
     "DatabaseConfig",
+    "LookUp",
     "Md5",
     "NodeInfo",
     "Pin",
@@ -311,7 +312,31 @@ class Trust:
     reason: str = "trust"
 
 
-AuthMethod = ScramSha256 | Md5 | Trust
+@dataclass(frozen=True, slots=True)
+class LookUp:
+    """Look the client's password up in PostgreSQL, then authenticate it against what was found (PgBouncer's
+    `auth_user` / `auth_query`).
+
+    The core logs in to the primary of the client's pool's cluster as `auth_user` (an entry of `users:`,
+    with its upstream password), in database `dbname`, runs `query` with the client's user name as its
+    parameter `$1`, and reads the first row's second column: a SCRAM verifier runs `ScramSha256`, an md5
+    hash `Md5`, no row or a NULL the mock exchange that fails with 28P01 (as for an unknown user). A
+    query that fails ends the login with 28000 (08006 when the primary cannot be reached) and a log line
+    with PostgreSQL's error. An answer serves
+    further logins of the same user for `cache_for` seconds (0: every login asks). Afterwards halephant
+    logs in upstream as the client's user by pass-through of what was found (the ClientKey of the
+    client's SCRAM login, or the md5 hash). Without a pool (pool selection rejected the client) the core
+    runs the mock exchange instead.
+    """
+
+    auth_user: str
+    dbname: str
+    query: str = DEFAULT_AUTH_QUERY
+    cache_for: float = 60.0
+    reason: str = "auth_query"
+
+
+AuthMethod = ScramSha256 | Md5 | Trust | LookUp
 
 
 # --- the client as hooks see it ----------------------------------------------------------------------

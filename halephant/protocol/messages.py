@@ -7,13 +7,14 @@ nothing else. Only messages a decision needs are decoded; everything else is for
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import NamedTuple
 
 from halephant.errors import ProtocolViolation
 from halephant.protocol import codes
 
 _I32 = struct.Struct("!i")
+_I16 = struct.Struct("!h")
 _HDR = struct.Struct("!ci")
 
 
@@ -99,6 +100,18 @@ def cancel_request(process_id: int, secret_key: int) -> bytes:
 
 def query(sql: str) -> bytes:
     return message(b"Q", _cstr(sql))
+
+
+def extended_query(sql: str, params: Sequence[str | None]) -> bytes:
+    """Parse, Bind, Execute and Sync of the unnamed statement and portal: `sql` with its parameters
+    `$1`... sent as text values (never written into the SQL), every column asked for as text."""
+    values = b"".join(_I32.pack(-1) if p is None else _I32.pack(len(b := p.encode())) + b for p in params)
+    return b"".join((
+        message(b"P", b"\0" + _cstr(sql) + _I16.pack(0)),
+        message(b"B", b"\0\0" + _I16.pack(0) + _I16.pack(len(params)) + values + _I16.pack(0)),
+        message(b"E", b"\0" + _I32.pack(0)),
+        SYNC,
+    ))  # fmt: skip
 
 
 def password_message(password: bytes) -> bytes:

@@ -55,14 +55,17 @@ from halephant.protocol.startup import (
     StartupMessage,
 )
 from halephant.proxy import prepared, session_state
+from halephant.proxy.auth_query import look_up
 from halephant.proxy.limits import too_many_clients
 from halephant.sql import Statement
 from halephant.sql.effects import LOAD, session_effects
 from halephant.sql.statement import statement_of
 from halephant.types import (
     Allow,
+    AuthMethod,
     ClientInfo,
     CloseIdleServers,
+    LookUp,
     Pin,
     PoolInfo,
     PoolMode,
@@ -70,6 +73,7 @@ from halephant.types import (
     Reject,
     Role,
     Route,
+    ScramSha256,
     TransactionInfo,
     Verdict,
 )
@@ -496,14 +500,43 @@ class ClientConnection(asyncio.Protocol):
         method = plugins.authenticate(info, self.target, config)
         if isinstance(method, Reject):
             raise ClientError(method.code, method.message, hint=method.hint, fatal=True)
-        self._exchange = exchange_for(method, info.user)
+        if isinstance(method, LookUp):
+            if self.target is not None:
+                self.state = AUTH  # what the client sends meanwhile waits (`_auth_data`)
+                look_up(self.app, self.target, info.user, method, self._looked_up)
+                return
+            method = ScramSha256(None, reason="no pool to look the password up for: mock exchange")
+        self._start_exchange(method)
+
+    def _start_exchange(self, method: AuthMethod) -> None:
+        assert self.info is not None
+        self._exchange = exchange_for(method, self.info.user)
         if self._exchange is None:
             self._authenticated("trust")
             return
         self.state = AUTH
         self.transport.write(self._exchange.start())
 
+    def _looked_up(self, answer: AuthMethod | ClientError) -> None:
+        """The password lookup (`halephant.proxy.auth_query`) answered: the exchange to run, or the error
+        that ends the login. Ignored once the client is gone (login timeout, closed)."""
+        if self.state != AUTH or self._exchange is not None:
+            return
+        try:
+            if isinstance(answer, ClientError):
+                raise answer
+            self._start_exchange(answer)
+            if self._buf and self.state == AUTH:
+                self._auth_data(b"")
+        except ClientError as exc:
+            self.fail(exc)
+        except Exception as exc:
+            self._internal_error(exc)
+
     def _auth_data(self, data: bytes) -> None:
+        if self._exchange is None:  # the password lookup has not answered yet
+            self._buffer_while_waiting(data)
+            return
         buf = bytes(self._buf) + data if self._buf else data  # (bytes: only `_process` gathers in place)
         frames, consumed = split_frames(buf, 1 << 16)
         self._buf = buf[consumed:]

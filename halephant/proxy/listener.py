@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 import anyio
 
 from halephant import sqlstate
+from halephant.auth.lookup import upstream_secret
 from halephant.auth.upstream import passthrough_unready
 from halephant.errors import ClientError
 from halephant.protocol import codes
@@ -271,11 +272,12 @@ class _Listener(StandIn):
             "client_encoding": "UTF8",
         }
         loop = self.app.loop
-        server = ServerConnection(self.app.manager, self.pool, startup, target.server_password, loop)
+        secret = upstream_secret(target)
+        server = ServerConnection(self.app.manager, self.pool, startup, secret, loop)
         try:
             if not self.pool.host:
                 raise ConnectionError("no primary is available")
-            unready = passthrough_unready(target.server_user, target.server_password)
+            unready = passthrough_unready(target.server_user, secret)
             if unready is not None:
                 raise unready
             with anyio.fail_after(self.app.config.limits.connect_timeout):

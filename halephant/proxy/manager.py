@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, cast
 import anyio
 
 from halephant import sqlstate
+from halephant.auth.lookup import upstream_secret
 from halephant.auth.upstream import passthrough_unready
 from halephant.config import Config
 from halephant.errors import ClientError, OutOfResources
@@ -352,9 +353,10 @@ class PoolManager:
                     self._caps_changed(pool, failed=True)
                 return
             pool.login_refused = None
-        server = ServerConnection(self, pool, startup, target.server_password, loop)
+        secret = upstream_secret(target)
+        server = ServerConnection(self, pool, startup, secret, loop)
         try:
-            unready = passthrough_unready(target.server_user, target.server_password)
+            unready = passthrough_unready(target.server_user, secret)
             if unready is not None:
                 raise unready  # refused as PostgreSQL's refusal is, without a connection to PostgreSQL
             with anyio.fail_after(self.app.config.limits.connect_timeout):
@@ -635,7 +637,7 @@ class PoolManager:
         """A client's SCRAM login gave the first pass-through keys for `verifier`: the pools that log in
         upstream with it and were refused for want of them (`server_login_retry`) log in at once."""
         for pool in self.all_pools():
-            if pool.info.target.server_password == verifier:
+            if upstream_secret(pool.info.target) == verifier:
                 pool.login_refused = None
                 pool.failed_open_at = None
 

@@ -4,8 +4,9 @@ The file is read and validated exactly as at start-up, with the settings models 
 loaded. On any error nothing changes: every problem is logged as `file:line:col: path: message` and
 returned. Otherwise the new configuration replaces the old one and is applied live (even when the file
 has not changed: plugins may read more than the file, so every reload is theirs to hear): plugins hear
-`halephant_configure`, pools are re-sized through `halephant_pool_size` (or retired when their database
-or node is gone), timeouts and limits are read from it from now on, the log level and format change.
+`halephant_configure`, the passwords `auth_query` found are asked again, pools are re-sized through
+`halephant_pool_size` (or retired when their database or node is gone), timeouts and limits are read
+from it from now on, the log level and format change.
 All or nothing: if a plugin's hook raises meanwhile, the previous configuration is applied again and the
 reload counts as failed.
 No client is dropped, except those of a removed database, which get FATAL 57P01 once their transaction
@@ -20,6 +21,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from halephant.auth import lookup
 from halephant.config import ConfigError, read_config, validate_config
 from halephant.config.diff import Change, diff_configs
 from halephant.logs import setup_logging
@@ -53,6 +55,7 @@ def _apply(app: App, config: Config, unchanged: bool = False) -> list[str]:
     app.config_generation += 1
     app.max_message_size = config.limits.max_message_size
     app.plugins.configure(config)
+    lookup.forget()  # answers of auth_query: auth_user or auth_query may have changed
     for client in app.clients.values():
         client.forget_pools()
     app.tcp_options_changed()

@@ -1,0 +1,214 @@
+"""Users looked up in PostgreSQL (`auth_user` / `auth_query`, a `LookUp` answer of `halephant_authenticate`),
+sans-IO: the lookup's side of the protocol, the answers kept for a while, and what a looked-up user's
+server connections log in with.
+
+`LookupSession` logs in as the `auth_user` (through `halephant.auth.upstream`) and runs the query with the
+extended protocol, the user name bound as the text parameter `$1` (never written into the SQL). The
+first row's second column is the stored password: a SCRAM verifier, an md5 hash, or NULL.
+
+Answers are kept by (cluster, database, auth_user, query, user) for the `LookUp`'s `cache_for` seconds, a
+missing user's too (so a stream of logins under a wrong name does not become a stream of queries), and
+all are forgotten on reload (`forget`). A password changed with ALTER ROLE therefore counts for new logins
+at most `cache_for` seconds later.
+
+The latest password found for each (cluster, role) is also what that role's server connections log in
+with (`upstream_secret`): by pass-through, the ClientKey of a client's SCRAM login against the verifier
+(`halephant.auth.passthrough`) or the md5 hash as it is. It is kept across reloads (PostgreSQL's roles
+do not change with halephant's file), so pools of looked-up users keep opening servers until the next
+lookup. Nothing here is logged or written anywhere.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Final
+
+from halephant import sqlstate
+from halephant.auth.upstream import UpstreamAuth
+from halephant.config.schema import is_md5_hash, is_scram_verifier
+from halephant.errors import ClientError, ProtocolViolation
+from halephant.protocol import codes
+from halephant.protocol import messages as m
+from halephant.protocol.framing import split_frames
+from halephant.protocol.session_queries import decode_data_row
+from halephant.types import AuthMethod, Md5, PoolTarget, ScramSha256
+
+__all__ = [
+    "APPLICATION_NAME",
+    "LookupFailed",
+    "LookupSession",
+    "cached",
+    "forget",
+    "found",
+    "keep",
+    "method_for",
+    "upstream_secret",
+]
+
+#: application_name of the lookup connections, so operators can tell them apart in pg_stat_activity
+APPLICATION_NAME = "halephant auth_query"
+
+#: (cluster, database, auth_user, query, user)
+Key = tuple[str, str, str, str, str]
+
+_answers: dict[Key, tuple[float, str | None]] = {}
+_logins: dict[tuple[str, str], str] = {}
+#: answers and roles kept at most (a flood of made-up names must not grow them without bound)
+_KEPT: Final = 10_000
+
+
+class LookupFailed(Exception):
+    """The lookup could not tell: the message says why, for the log (PostgreSQL's error, with its
+    SQLSTATE). `reached` is False when the server was never logged in to."""
+
+    def __init__(self, message: str, reached: bool = True) -> None:
+        super().__init__(message)
+        self.reached = reached
+
+
+class LookupSession:
+    """The lookup's side of the protocol, sans-IO: `startup()`, then `query()`; `feed()` what arrives."""
+
+    __slots__ = ("_auth", "_buf", "_error", "_rows", "logged_in", "slow_step", "startup_params")
+
+    def __init__(self, user: str, password: str | None, database: str) -> None:
+        self._auth = UpstreamAuth(user, password)
+        self.startup_params = {"user": user, "database": database, "application_name": APPLICATION_NAME}
+        self._buf = b""
+        self._rows: list[list[str | None]] = []
+        self._error: str | None = None
+        self.logged_in = False
+        #: blocking login work (a SCRAM key derivation) to run in a worker thread before `feed(b"")`
+        self.slow_step: Callable[[], None] | None = None
+
+    def startup(self) -> bytes:
+        return m.startup_message(self.startup_params)
+
+    def query(self, sql: str, user: str) -> bytes:
+        self._rows = []
+        self._error = None
+        return m.extended_query(sql, [user])
+
+    def feed(self, data: bytes) -> tuple[bytes, bool]:
+        """Take bytes from the server; returns (bytes to send back, whether a ReadyForQuery arrived).
+        Raises LookupFailed when the login fails or the server breaks the protocol."""
+        buf = self._buf + data if self._buf else data
+        try:
+            frames, consumed = split_frames(buf, 1 << 20)
+        except ProtocolViolation as exc:
+            raise LookupFailed(f"protocol violation from server: {exc.message}") from None
+        self._buf = buf[consumed:]
+        out: list[bytes] = []
+        ready = False
+        for t, start, end in frames:
+            payload = buf[start:end]
+            if t == codes.DATA_ROW:
+                try:
+                    self._rows.append(decode_data_row(payload))
+                except ProtocolViolation as exc:
+                    raise LookupFailed(f"protocol violation from server: {exc.message}") from None
+            elif t == codes.ERROR_RESPONSE:
+                fields = m.decode_error_fields(payload)
+                error = f"{fields.get('M', 'error')} ({fields.get('C', sqlstate.INTERNAL_ERROR)})"
+                if not self.logged_in:
+                    raise LookupFailed(f"login as the auth_user failed: {error}", reached=False)
+                self._error = self._error or error
+            elif t == codes.READY_FOR_QUERY:
+                self.logged_in = True
+                ready = True
+            elif t == codes.AUTHENTICATION:
+                code, rest = m.decode_authentication(payload)
+                self.slow_step = self._auth.slow_step(code, rest)
+                if self.slow_step is not None:
+                    self._buf = buf[start - 5 :]  # taken again by `feed(b"")` once that work is done
+                    break
+                try:
+                    reply = self._auth.respond(code, rest)
+                except ClientError as exc:
+                    raise LookupFailed(
+                        f"login as the auth_user failed: {exc.message} ({exc.code})", reached=False
+                    ) from None
+                if reply is not None:
+                    out.append(reply)
+        return b"".join(out), ready
+
+    def result(self) -> str | None:
+        """The stored password the query gave (None: no row, or NULL), once its ReadyForQuery arrived."""
+        if self._error is not None:
+            raise LookupFailed(f"auth_query failed: {self._error}")
+        if not self._rows:
+            return None
+        row = self._rows[0]
+        if len(row) < 2:
+            raise LookupFailed(f"auth_query returned {len(row)} column(s): expected the name, the password")
+        if len(self._rows) > 1:
+            raise LookupFailed(f"auth_query returned {len(self._rows)} rows: expected one")
+        return row[1] or None
+
+
+def method_for(user: str, secret: str | None) -> AuthMethod:
+    """The exchange that checks a client against what the lookup found (without saying what it found)."""
+    if secret is None:
+        return ScramSha256(None, reason=f"user {user!r} not found by auth_query: mock exchange")
+    if is_md5_hash(secret):
+        return Md5(secret, reason=f"user {user}: md5, from auth_query")
+    if is_scram_verifier(secret):
+        return ScramSha256(secret, reason=f"user {user}: scram-sha-256, from auth_query")
+    return ScramSha256(secret, reason=f"user {user}: scram-sha-256 (a plaintext password), from auth_query")
+
+
+def cached(key: Key) -> tuple[bool, str | None]:
+    """(True, the answer) when one younger than its `cache_for` is kept, else (False, None)."""
+    kept = _answers.get(key)
+    if kept is None:
+        return False, None
+    if time.monotonic() >= kept[0]:
+        del _answers[key]
+        return False, None
+    return True, kept[1]
+
+
+def keep(key: Key, secret: str | None, cache_for: float) -> None:
+    """Keep an answer for `cache_for` seconds (0: not at all)."""
+    if cache_for <= 0:
+        return
+    if len(_answers) >= _KEPT:
+        now = time.monotonic()
+        for stale in [k for k, (until, _) in _answers.items() if until <= now]:
+            del _answers[stale]
+        if len(_answers) >= _KEPT:
+            del _answers[next(iter(_answers))]
+    _answers[key] = (time.monotonic() + cache_for, secret)
+
+
+def found(cluster: str, role: str, secret: str) -> None:
+    """The lookup found `secret` for `role` on `cluster`: its server connections log in with it."""
+    key = (cluster, role)
+    if key not in _logins and len(_logins) >= _KEPT:
+        del _logins[next(iter(_logins))]
+    _logins[key] = secret
+
+
+def upstream_secret(target: PoolTarget) -> str | None:
+    """What a pool's server connections log in with: the target's `server_password`, else, for a user
+    looked up with `auth_query`, the latest password found for its role on the target's cluster."""
+    if target.server_password is not None:
+        return target.server_password
+    return _logins.get((target.cluster, target.server_user))
+
+
+def looked_up_roles() -> set[tuple[str, str]]:
+    """(cluster, role) of every user a lookup found (the admin views)."""
+    return set(_logins)
+
+
+def forget() -> None:
+    """Forget every kept answer (a reload: auth_user or auth_query may have changed)."""
+    _answers.clear()
+
+
+def forget_all() -> None:
+    """Forget answers and upstream passwords alike (tests)."""
+    _answers.clear()
+    _logins.clear()
