@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from halephant import __version__
+from halephant.auth import lookup
 from halephant.config.diff import REDACTED, config_tree, redact_tree
 from halephant.config.schema import is_md5_hash, is_scram_verifier
 from halephant.pool.caps import DB
@@ -194,10 +195,16 @@ def users(app: App) -> list[dict[str, Any]]:
     upstream as; `max_user_connections` and `user_connections`, that role's cap and the server
     connections logged in as it on every node, every database and every alias together, those closing
     but not gone yet included (what the role's caps count: `halephant.pool.caps`); `max_client_conn`
-    and `client_connections`, the user's own cap on logged-in clients and their number now."""
+    and `client_connections`, the user's own cap on logged-in clients and their number now. Users
+    looked up with `auth_query` (not under `users:`) follow, those that have pools, with no caps."""
     servers: Counter[str] = Counter()
+    looked_up: set[str] = set()
+    found = {role for _cluster, role in lookup.looked_up_roles()}
     for pool in app.manager.all_pools():
-        servers[pool.info.target.server_user] += pool.total + len(pool.lingering)
+        role = pool.info.target.server_user
+        servers[role] += pool.total + len(pool.lingering)
+        if role in found and role not in app.config.users:
+            looked_up.add(role)
     logged_in = app.client_counts.by_user
     rows = []
     for name, user in sorted(app.config.users.items()):
@@ -210,6 +217,17 @@ def users(app: App) -> list[dict[str, Any]]:
                 "max_user_connections": upstream.max_user_connections if upstream is not None else None,
                 "user_connections": servers[role],
                 "max_client_conn": user.max_client_conn,
+                "client_connections": logged_in.get(name, 0),
+            }
+        )
+    for name in sorted(looked_up):
+        rows.append(
+            {
+                "name": name,
+                "server_user": name,
+                "max_user_connections": None,
+                "user_connections": servers[name],
+                "max_client_conn": None,
                 "client_connections": logged_in.get(name, 0),
             }
         )
