@@ -25,6 +25,7 @@ from halephant.types import (
     AuthMethod,
     ClientInfo,
     ClusterView,
+    LookUp,
     Md5,
     PoolInfo,
     PoolSize,
@@ -344,7 +345,7 @@ class Plugins:
         self, client: ClientInfo, pool: PoolTarget | None, config: Config
     ) -> AuthMethod | Reject:
         answer = self._authenticate(client=client, pool=pool, config=config)
-        if isinstance(answer, ScramSha256 | Md5 | Trust | Reject):
+        if isinstance(answer, ScramSha256 | Md5 | Trust | LookUp | Reject):
             return answer
         if answer is None:
             # fail closed: nobody vouched for this client, so it cannot get in
