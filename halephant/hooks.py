@@ -109,9 +109,15 @@ def halephant_authenticate(
         that database names cannot be probed without a password).
     :param config: the current configuration.
     :returns: ``ScramSha256(secret)``, ``Md5(secret)`` or ``Trust()`` from ``halephant.types`` (a ``None``
-        secret runs a mock exchange that fails with 28P01), or ``Reject``.
+        secret runs a mock exchange that fails with 28P01), ``LookUp(auth_user, dbname, query,
+        cache_for)`` to have the core look the password up in PostgreSQL first (it logs in to the
+        primary of ``pool``'s cluster as ``auth_user``, runs ``query`` with the user name as ``$1``,
+        then runs SCRAM or md5 against the verifier or hash found, the mock exchange when none is
+        found, and logs in upstream as that user by pass-through; the hook is not called again for
+        the answer), or ``Reject``.
 
-    Default: ``plugins/scram_auth.py`` (users from ``users:``).
+    Default: ``plugins/scram_auth.py`` (users from ``users:``; a user not listed there is looked up
+    where its database's entry sets ``auth_user``).
     """
 
 

@@ -202,7 +202,8 @@ def test_an_auth_user_that_may_not_read_pg_shadow(pg: Cluster, hal: Running) -> 
         lambda: (
             re.search(
                 r"password lookup for user 'lu_scram' failed: auth_query failed: permission denied for "
-                r"(view|table) pg_shadow \(42501\) \(auth_user 'lookup_auth', database 'myapp', cluster main\)",
+                r"(view|table) pg_shadow \(42501\) "
+                r"\(auth_user 'lookup_auth', database 'myapp', cluster main\)",
                 hal.log_text(),
             )
             is not None
