@@ -37,8 +37,12 @@ from ruamel.yaml.tokens import (
     FlowSequenceStartToken,
 )
 
+from halephant.config.client_tls import ClientTls, TlsFileProblem, load_client_tls
 from halephant.config.schema import (
     CATCH_ALL,
+    TLS_VERIFIED,
+    ClientTlsConfig,
+    ClientTlsMode,
     Config,
     HostPort,
     is_md5_hash,
@@ -300,11 +304,13 @@ def validate_config(raw: RawConfig, plugin_settings: Mapping[str, type[BaseModel
         sections, raw.disabled_plugins, plugin_settings or {}, where, problems
     )
     problems += _cross_check(plain, where)
+    client_tls = _load_client_tls(plain, raw.source, where, problems)
 
     if problems or config is None:
         raise ConfigError(list(dict.fromkeys(problems)))
     config._source = raw.source
     config._plugin_settings = settings
+    config._client_tls = client_tls
     return config
 
 
@@ -418,7 +424,54 @@ def _cross_check(plain: dict[Any, Any], where: _Locator) -> list[ConfigProblem]:
     problems += _check_admin_users(plain, where)
     problems += _check_admin_listen(plain, where)
     problems += _check_unix_socket_dir(plain, where)
+    problems += _check_client_tls(plain, where)
     return problems
+
+
+def _check_client_tls(plain: dict[Any, Any], where: _Locator) -> list[ConfigProblem]:
+    # what each mode needs: checked before any file is read, so the message names the missing key
+    section = plain.get("client_tls")
+    if not isinstance(section, dict):
+        return []
+    mode = section.get("mode", "disable")
+    if mode not in get_args(ClientTlsMode):
+        return []  # reported by the schema
+    problems: list[ConfigProblem] = []
+    needed = {
+        "cert_file": "the certificate halephant presents to clients (PEM)",
+        "key_file": "its private key (PEM)",
+    }
+    if mode in TLS_VERIFIED:
+        needed["ca_file"] = "the certificates that sign the clients' certificates (PEM)"
+    if mode != "disable":
+        for key, what in needed.items():
+            if section.get(key) is None:
+                problems.append(where.problem(("client_tls", "mode"), f"{mode} needs {key}: {what}"))
+    else:
+        for key, other in (("cert_file", "key_file"), ("key_file", "cert_file")):
+            if section.get(key) is not None and section.get(other) is None:
+                problems.append(where.problem(("client_tls", key), f"{key} needs {other} too"))
+    return problems
+
+
+def _load_client_tls(
+    plain: dict[Any, Any], source: str, where: _Locator, problems: list[ConfigProblem]
+) -> ClientTls | None:
+    """Read the files of a well-formed `client_tls:` section and build its context (once per load):
+    a file that cannot be used is a problem at its key, found by `halephant check` too."""
+    section = plain.get("client_tls", {})
+    try:
+        validated = ClientTlsConfig.model_validate(section)
+    except ValidationError:
+        return None  # reported by the schema
+    if any(p.path.startswith("client_tls.") for p in problems):
+        return None
+    try:
+        # relative paths from the configuration file's directory, wherever halephant was started
+        return load_client_tls(validated, os.path.dirname(os.path.abspath(source)))
+    except TlsFileProblem as exc:
+        problems.append(where.problem(("client_tls", exc.key), exc.message))
+        return None
 
 
 def _check_unix_socket_dir(plain: dict[Any, Any], where: _Locator) -> list[ConfigProblem]:

@@ -16,8 +16,9 @@ import base64
 import grp
 import ipaddress
 import re
+import ssl
 from collections.abc import Mapping
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -37,11 +38,16 @@ from pydantic_core import PydanticCustomError
 from halephant.config.units import Duration, Size
 from halephant.unix_socket import is_socket_dir, socket_dir, too_long
 
+if TYPE_CHECKING:
+    from halephant.config.client_tls import ClientTls
+
 __all__ = [
     "CATCH_ALL",
     "DEFAULT_AUTH_QUERY",
     "AdminConfig",
     "AuthName",
+    "ClientTlsConfig",
+    "ClientTlsMode",
     "ClusterConfig",
     "Config",
     "DatabaseConfig",
@@ -505,6 +511,31 @@ class AdminConfig(_Section):
     stats_users: tuple[StrictStr, ...] = ()
 
 
+ClientTlsMode = Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"]
+#: the modes in which a client must use TLS over TCP, and those that also check its certificate
+TLS_REQUIRED: frozenset[str] = frozenset(("require", "verify-ca", "verify-full"))
+TLS_VERIFIED: frozenset[str] = frozenset(("verify-ca", "verify-full"))
+
+_File = Annotated[StrictStr, Field(min_length=1)]
+
+
+class ClientTlsConfig(_Section):
+    """`client_tls:`: TLS between clients and halephant, PgBouncer's `client_tls_*` settings. The files
+    are read, and the context clients get is built, when the configuration is loaded
+    (`halephant.config.client_tls`); a relative path is taken from the configuration file's directory."""
+
+    #: disable (SSLRequest answered N) | allow | prefer (TLS when the client asks) | require (no
+    #: plaintext login over TCP) | verify-ca (a client certificate signed by `ca_file` too) |
+    #: verify-full (and its CN is the user name)
+    mode: ClientTlsMode = "disable"
+    #: the certificate halephant presents (PEM, intermediates after it), and its private key (PEM)
+    cert_file: _File | None = None
+    key_file: _File | None = None
+    #: the certificates that sign client certificates (PEM): required by verify-ca and verify-full
+    ca_file: _File | None = None
+    min_version: Literal["TLSv1.2", "TLSv1.3"] = "TLSv1.2"
+
+
 class PluginsConfig(_Section):
     """`plugins:`. Each key besides `disable` is one plugin's section: see `Config.plugin_settings`."""
 
@@ -532,8 +563,10 @@ class Config(_Section):
     logging: LoggingConfig = LoggingConfig()
     plugins: PluginsConfig = PluginsConfig()
     admin: AdminConfig = AdminConfig()
+    client_tls: ClientTlsConfig = ClientTlsConfig()
     _source: str = PrivateAttr(default="<config>")
     _plugin_settings: dict[str, BaseModel] = PrivateAttr(default_factory=dict)
+    _client_tls: ClientTls | None = PrivateAttr(default=None)
 
     @model_validator(mode="after")
     def _record_names(self) -> Config:
@@ -553,6 +586,18 @@ class Config(_Section):
         catch-all `'*'` entry, else None."""
         db = self.databases.get(name)
         return db if db is not None else self.databases.get(CATCH_ALL)
+
+    @property
+    def client_tls_context(self) -> ssl.SSLContext | None:
+        """The context an SSLRequest is answered with, built once from `client_tls:` when this
+        configuration was loaded; None when TLS to clients is off (`mode: disable`)."""
+        loaded = self._client_tls
+        return loaded.context if loaded is not None and self.client_tls.mode != "disable" else None
+
+    @property
+    def client_tls_certificate(self) -> str | None:
+        """The SHA-256 fingerprint of the certificate in `client_tls.cert_file` (None: none given)."""
+        return self._client_tls.fingerprint if self._client_tls is not None else None
 
     def plugin_settings(self, name: str) -> BaseModel | None:
         """The validated `plugins.<name>` section of a plugin that declared settings, or None."""

@@ -233,7 +233,7 @@ def test_empty_file_lists_required_sections() -> None:
             "frobnicate: 1\n",
             "halephant.yaml:10:1: frobnicate: unknown key; expected one of: "
             "listen, unix_socket_dir, unix_socket_mode, unix_socket_group, clusters, databases, users, "
-            "limits, topology, logging, plugins, admin",
+            "limits, topology, logging, plugins, admin, client_tls",
             id="unknown-key-no-suggestion",
         ),
         pytest.param(
@@ -540,7 +540,7 @@ S0tLS0tLS0tLS0tLS0tLS0tLS0tLS0tLS0tLS0tLS0s="
         "halephant.yaml:17:11: logging.format: Input should be 'text' or 'json'",
         "halephant.yaml:18:1: extra: unknown key; expected one of: "
         "listen, unix_socket_dir, unix_socket_mode, unix_socket_group, clusters, databases, users, limits, "
-        "topology, logging, plugins, admin",
+        "topology, logging, plugins, admin, client_tls",
     ]
 
 

@@ -1,0 +1,215 @@
+"""`client_tls:`: what each mode needs, the files read and checked when the configuration is loaded
+(`halephant check`, start-up, reload), each problem at its key's file:line:col, and the context built."""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+
+import pytest
+import trustme
+from cryptography.hazmat.primitives import serialization
+from support.config_text import load, problems
+
+from halephant.config import load_config
+from halephant.config.client_tls import fingerprint
+
+BASE = """\
+clusters:
+  main:
+    nodes: [127.0.0.1:5432]
+databases:
+  myapp: {cluster: main}
+users:
+  myapp: {password: secret}
+"""
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tls-files")
+    ca = trustme.CA()
+    leaf, other = ca.issue_cert("127.0.0.1"), ca.issue_cert("127.0.0.1")
+    paths = {name: root / f"{name}.pem" for name in ("ca", "cert", "key", "other_key", "both", "junk", "enc")}
+    ca.cert_pem.write_to_path(str(paths["ca"]))
+    leaf.cert_chain_pems[0].write_to_path(str(paths["cert"]))
+    leaf.private_key_pem.write_to_path(str(paths["key"]))
+    other.private_key_pem.write_to_path(str(paths["other_key"]))
+    paths["both"].write_bytes(leaf.private_key_pem.bytes() + leaf.cert_chain_pems[0].bytes())
+    paths["junk"].write_text("not PEM at all\n")
+    key = serialization.load_pem_private_key(leaf.private_key_pem.bytes(), None)
+    paths["enc"].write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"passphrase"),
+        )
+    )
+    return paths
+
+
+def section(**keys: object) -> str:
+    return "client_tls:\n" + "".join(f"  {k}: {v}\n" for k, v in keys.items())
+
+
+def test_off_by_default() -> None:
+    config = load(BASE)
+    assert config.client_tls.mode == "disable"
+    assert config.client_tls_context is None and config.client_tls_certificate is None
+
+
+@pytest.mark.parametrize(
+    ("mode", "verify_mode"),
+    [
+        ("allow", ssl.CERT_NONE),
+        ("prefer", ssl.CERT_NONE),
+        ("require", ssl.CERT_NONE),
+        ("verify-ca", ssl.CERT_OPTIONAL),
+        ("verify-full", ssl.CERT_OPTIONAL),
+    ],
+)
+def test_the_context_is_built_when_the_configuration_is_loaded(
+    files: dict[str, Path], mode: str, verify_mode: ssl.VerifyMode
+) -> None:
+    config = load(
+        BASE + section(mode=mode, cert_file=files["cert"], key_file=files["key"], ca_file=files["ca"])
+    )
+    context = config.client_tls_context
+    assert isinstance(context, ssl.SSLContext)
+    assert context.verify_mode == verify_mode
+    assert context.minimum_version == ssl.TLSVersion.TLSv1_2
+    expected = fingerprint(ssl.PEM_cert_to_DER_cert(files["cert"].read_text()))
+    assert config.client_tls_certificate == expected
+    assert len(expected) == 32 * 3 - 1 and expected == expected.upper()
+
+
+def test_min_version_and_one_file_for_both(files: dict[str, Path]) -> None:
+    config = load(
+        BASE + section(mode="require", cert_file=files["both"], key_file=files["both"], min_version="TLSv1.3")
+    )
+    assert config.client_tls_context is not None
+    assert config.client_tls_context.minimum_version == ssl.TLSVersion.TLSv1_3
+
+
+def test_disable_with_files_checks_them_and_answers_no_ssl_request(files: dict[str, Path]) -> None:
+    # files may be put in place before TLS is turned on (by a reload): they are checked already
+    config = load(BASE + section(mode="disable", cert_file=files["cert"], key_file=files["key"]))
+    assert config.client_tls_context is None
+    assert config.client_tls_certificate is not None
+    assert problems(BASE + section(mode="disable", cert_file=files["junk"], key_file=files["key"])) == [
+        f"halephant.yaml:10:14: client_tls.cert_file: {files['junk']} holds no PEM certificate"
+    ]
+
+
+def test_relative_paths_are_read_from_the_configuration_files_directory(
+    files: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "tls").mkdir()
+    for name in ("cert", "key"):
+        (tmp_path / "tls" / f"{name}.pem").write_bytes(files[name].read_bytes())
+    path = tmp_path / "halephant.yaml"
+    path.write_text(BASE + section(mode="require", cert_file="tls/cert.pem", key_file="tls/key.pem"))
+    monkeypatch.chdir("/")
+    assert load_config(path).client_tls_context is not None
+
+
+@pytest.mark.parametrize(
+    ("keys", "expected"),
+    [
+        (
+            {"mode": "require"},
+            [
+                "halephant.yaml:9:9: client_tls.mode: require needs cert_file: the certificate halephant "
+                "presents to clients (PEM)",
+                "halephant.yaml:9:9: client_tls.mode: require needs key_file: its private key (PEM)",
+            ],
+        ),
+        (
+            {"mode": "verify-full", "cert_file": "/c.pem", "key_file": "/k.pem"},
+            [
+                "halephant.yaml:9:9: client_tls.mode: verify-full needs ca_file: the certificates that sign "
+                "the clients' certificates (PEM)"
+            ],
+        ),
+        (
+            {"cert_file": "/c.pem"},
+            ["halephant.yaml:9:14: client_tls.cert_file: cert_file needs key_file too"],
+        ),
+        (
+            {"mode": "required"},
+            [
+                "halephant.yaml:9:9: client_tls.mode: Input should be 'disable', 'allow', 'prefer', "
+                "'require', 'verify-ca' or 'verify-full'"
+            ],
+        ),
+        (
+            {"mode": "require", "cert_file": "/c.pem", "key_file": "/k.pem", "min_version": "TLSv1.1"},
+            ["halephant.yaml:12:16: client_tls.min_version: Input should be 'TLSv1.2' or 'TLSv1.3'"],
+        ),
+        ({"cert": "/c.pem"}, ["halephant.yaml:9:3: client_tls.cert: unknown key; did you mean 'cert_file'?"]),
+        (
+            {"cert_file": "''", "key_file": "/k.pem"},
+            ["halephant.yaml:9:14: client_tls.cert_file: String should have at least 1 character"],
+        ),
+    ],
+)
+def test_what_each_mode_needs_and_bad_values(keys: dict[str, str], expected: list[str]) -> None:
+    # (checked before any file is read: none of these names exists)
+    assert problems(BASE + section(**keys)) == expected
+
+
+def test_files_that_cannot_be_used_are_reported_at_their_key(files: dict[str, Path], tmp_path: Path) -> None:
+    missing = tmp_path / "missing.pem"
+    cases = [
+        (
+            {"cert_file": missing, "key_file": files["key"]},
+            f"10:14: client_tls.cert_file: cannot read {missing}",
+        ),
+        (
+            {"cert_file": tmp_path, "key_file": files["key"]},
+            f"10:14: client_tls.cert_file: cannot read {tmp_path}",
+        ),
+        ({"cert_file": files["key"], "key_file": files["key"]}, "10:14: client_tls.cert_file: "),
+        (
+            {"cert_file": files["cert"], "key_file": missing},
+            f"11:13: client_tls.key_file: cannot read {missing}",
+        ),
+        ({"cert_file": files["cert"], "key_file": files["junk"]}, "11:13: client_tls.key_file: "),
+        (
+            {"cert_file": files["cert"], "key_file": files["other_key"]},
+            f"11:13: client_tls.key_file: the private key in {files['other_key']} does not belong to the "
+            f"certificate in {files['cert']}",
+        ),
+        (
+            {"cert_file": files["cert"], "key_file": files["enc"]},
+            f"11:13: client_tls.key_file: {files['enc']} is encrypted: halephant takes no passphrase",
+        ),
+        (
+            {"cert_file": files["cert"], "key_file": files["key"], "ca_file": files["junk"]},
+            f"12:12: client_tls.ca_file: {files['junk']} holds no PEM certificate",
+        ),
+        (
+            {"cert_file": files["cert"], "key_file": files["key"], "ca_file": missing},
+            f"12:12: client_tls.ca_file: cannot read {missing}",
+        ),
+    ]
+    for keys, expected in cases:
+        found = problems(
+            BASE + section(**{"mode": "verify-ca", **keys, "ca_file": keys.get("ca_file", files["ca"])})
+        )
+        assert len(found) == 1 and found[0].startswith(f"halephant.yaml:{expected}"), (keys, found)
+    assert problems(BASE + section(mode="require", cert_file=files["junk"], key_file=files["key"])) == [
+        f"halephant.yaml:10:14: client_tls.cert_file: {files['junk']} holds no PEM certificate"
+    ]
+    assert problems(BASE + section(mode="require", cert_file=files["cert"], key_file=files["junk"])) == [
+        f"halephant.yaml:11:13: client_tls.key_file: {files['junk']} holds no PEM private key"
+    ]
+
+
+def test_every_problem_is_reported_at_once(files: dict[str, Path]) -> None:
+    # a broken file is found alongside a mistake elsewhere in the file
+    found = problems(
+        BASE.replace("{cluster: main}", "{cluster: nope}")
+        + section(mode="require", cert_file=files["junk"], key_file=files["key"])
+    )
+    assert [p.split(": ")[1] for p in found] == ["databases.myapp.cluster", "client_tls.cert_file"]
