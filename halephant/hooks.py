@@ -84,7 +84,8 @@ def halephant_select_pool(client: ClientInfo, config: Config) -> PoolTarget | Re
     Called once per client, right after its StartupMessage and before authentication. Stops at the first
     non-None result.
 
-    :param client: user, database and startup parameters of the client.
+    :param client: user, database and startup parameters of the client, and ``client.tls``: the TLS
+        version its connection uses (``"TLSv1.3"``), or None when it connected without TLS.
     :param config: the current configuration.
     :returns: a ``PoolTarget`` (the ``databases:`` entry, its cluster, the upstream database and user and
         the password halephant logs in with, the pool mode; for a database ``databases:`` does not list,
@@ -104,7 +105,9 @@ def halephant_authenticate(
     Called once per client, after ``halephant_select_pool``. Stops at the first non-None result. The hook
     decides only; the core runs the exchange.
 
-    :param client: the client.
+    :param client: the client. ``client.tls`` is the TLS version of its connection (``"TLSv1.3"``), or
+        None when it connected without TLS: answer ``Reject`` (28000) to require TLS of some users
+        or databases only, where ``client_tls.mode: require`` requires it of everyone.
     :param pool: the pool chosen for it, or None when pool selection rejected it (authenticate anyway so
         that database names cannot be probed without a password).
     :param config: the current configuration.

@@ -359,6 +359,9 @@ class ClientInfo:
     #: transaction (so a SET LOCAL or a rolled-back SET does not count). Names lower-case; a setting
     #: back at the pool's default is absent.
     settings: dict[str, str] = field(default_factory=dict, repr=False)
+    #: The TLS version of its connection ("TLSv1.3", "TLSv1.2") when it connected over TLS
+    #: (`client_tls:`), else None: a plugin may refuse a user or a database in plaintext with it.
+    tls: str | None = None
 
     @property
     def stash(self) -> dict[object, Any]:

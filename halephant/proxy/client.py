@@ -34,6 +34,7 @@ import itertools
 import logging
 import re
 import secrets
+import ssl
 import struct
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final, cast
@@ -54,7 +55,7 @@ from halephant.protocol.startup import (
     StartupFramer,
     StartupMessage,
 )
-from halephant.proxy import prepared, session_state
+from halephant.proxy import client_tls, prepared, session_state
 from halephant.proxy.auth_query import look_up
 from halephant.proxy.limits import too_many_clients
 from halephant.sql import Statement
@@ -87,7 +88,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("halephant.client")
 
-STARTUP, AUTH, WELCOME, READY, CLOSED = range(5)
+#: HANDSHAKE: between the `S` answer to an SSLRequest and the end of the TLS handshake (client_tls)
+STARTUP, HANDSHAKE, AUTH, WELCOME, READY, CLOSED = range(6)
+#: how long `start_tls` may take beyond login_timeout: the client sweep closes a stalled handshake first
+_HANDSHAKE_BACKSTOP = 5.0
 #: how long a closed client's connection is kept for it to read what was still to send (`close`)
 _CLOSE_GRACE = 10.0
 _SYNC_POINTS = frozenset((codes.QUERY, codes.SYNC, codes.FUNCTION_CALL))
@@ -316,7 +320,11 @@ class ClientConnection(asyncio.Protocol):
         self.connected_at = self.since = 0.0
 
     def __repr__(self) -> str:
-        return repr(self.info) if self.info else "<client (starting)>"
+        if self.info:
+            return repr(self.info)
+        transport = getattr(self, "transport", None)
+        address = client_tls.peer_address(transport) if transport is not None else "?"
+        return f"<client #{self.number} (starting) from {address}>"
 
     @property
     def console(self) -> bool:
@@ -360,6 +368,9 @@ class ClientConnection(asyncio.Protocol):
                 self._auth_data(data)
             elif self.state == WELCOME:
                 self._buffer_while_waiting(data)
+            elif self.state == HANDSHAKE:
+                # decrypted bytes the loop hands over before `_handshake` has the TLS transport
+                self._buf += data
         except ClientError as exc:
             self.fail(exc)
         except Exception as exc:
@@ -405,6 +416,9 @@ class ClientConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self.state == CLOSED:
             return
+        if self.state == HANDSHAKE:
+            self._handshake_failed(exc)
+            return
         self._closed("client closed the connection" if exc is None else f"client connection lost: {exc}")
 
     def pause_writing(self) -> None:
@@ -443,10 +457,16 @@ class ClientConnection(asyncio.Protocol):
         assert framer is not None
         for packet in framer.feed(data):
             if isinstance(packet, SSLRequest | GSSENCRequest):
+                what = "SSL" if isinstance(packet, SSLRequest) else "GSSAPI encryption"
+                if self.transport.get_extra_info("ssl_object") is not None:
+                    raise ProtocolViolation(f"{what} request received inside an encrypted connection")
                 if framer.pending:
                     # bytes behind an encryption request would pass as encrypted (CVE-2021-23222 shape)
-                    what = "SSL" if isinstance(packet, SSLRequest) else "GSSAPI encryption"
                     raise ProtocolViolation(f"received unencrypted data after {what} request")
+                context = self.app.config.client_tls_context if isinstance(packet, SSLRequest) else None
+                if context is not None and client_tls.over_tcp(self.transport):
+                    self._start_tls(context)
+                    return
                 self.transport.write(b"N")
             elif isinstance(packet, CancelRequest):
                 self.state = CLOSED
@@ -462,13 +482,67 @@ class ClientConnection(asyncio.Protocol):
                     self.data_received(rest)
                 return
 
+    def _start_tls(self, context: ssl.SSLContext) -> None:
+        self.transport.write(b"S")
+        # nothing is read until start_tls reads it: a ClientHello must not be taken for a startup packet
+        self.transport.pause_reading()
+        self.state = HANDSHAKE
+        self._framer = None
+        self.app.spawn(self._handshake, context)
+
+    async def _handshake(self, context: ssl.SSLContext) -> None:
+        try:
+            transport = await self.app.loop.start_tls(
+                self.transport,
+                self,
+                context,
+                server_side=True,
+                ssl_handshake_timeout=self.app.config.limits.login_timeout + _HANDSHAKE_BACKSTOP,
+            )
+        except Exception as exc:  # a failed handshake costs this client only
+            self._handshake_failed(exc)
+            return
+        except BaseException:  # cancelled: halephant stops
+            self.close("halephant is shutting down")
+            raise
+        if self.state != HANDSHAKE or transport is None:  # closed meanwhile (login_timeout, shutdown)
+            if transport is not None:
+                transport.abort()
+            return
+        self.transport = transport
+        self.state = STARTUP
+        self._framer = StartupFramer()  # the StartupMessage comes over TLS, read from scratch
+        early, self._buf = self._buf, b""
+        if early:
+            self.data_received(bytes(early))
+
+    def _handshake_failed(self, exc: BaseException | None) -> None:
+        if self.state != HANDSHAKE:
+            return  # closed on purpose (login_timeout, shutdown), or already told
+        log.info("%r: TLS handshake failed: %s", self, client_tls.failure(exc))
+        self.close("TLS handshake failed")
+
     def _startup(self, packet: StartupMessage) -> None:
-        peer = self.transport.get_extra_info("peername")
-        address = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "unix")
+        address = client_tls.peer_address(self.transport)
+        ssl_object = self.transport.get_extra_info("ssl_object")
+        tls = ssl_object.version() if ssl_object is not None else None
         info = self.info = ClientInfo(
-            user=packet.user, database=packet.database, params=packet.params, address=address, id=self.number
+            user=packet.user,
+            database=packet.database,
+            params=packet.params,
+            address=address,
+            id=self.number,
+            tls=tls,
         )
-        log.info("%r: connected", self)
+        log.info("%r: connected%s", self, f" (tls={tls})" if tls else "")
+        refused_tls = client_tls.login_refusal(
+            self.app.config.client_tls, ssl_object, packet.user, client_tls.over_tcp(self.transport)
+        )
+        if refused_tls is not None:
+            error, why = refused_tls
+            log.info("%r: rejected: %s", self, why)
+            self.app.stats.decide("reject", info, why, error.code)
+            raise error
         connected = len(self.app.clients)
         if packet.database in ADMIN_DATABASES:
             connected -= CONSOLE_HEADROOM  # an operator can still get in when clients fill every slot
@@ -591,7 +665,14 @@ class ClientConnection(asyncio.Protocol):
         self.pool_info = pool_info  # from here on the client is counted (see _closed)
         self.transport.write(m.AUTHENTICATION_OK)
         self.transaction_mode = self.pool_info.mode is PoolMode.TRANSACTION
-        log.info("%r: login ok (%s, pool %s, %s mode)", self, how, self.target.database, self.target.mode)
+        log.info(
+            "%r: login ok (%s, pool %s, %s mode%s)",
+            self,
+            how,
+            self.target.database,
+            self.target.mode,
+            f", tls={self.info.tls}" if self.info.tls else "",
+        )
         self.state = WELCOME
         if not self.transaction_mode and "application_name" not in self.settings:
             # as connected directly: no application_name given means "", not halephant's own
@@ -1498,7 +1579,8 @@ class ClientConnection(asyncio.Protocol):
             return
         self.app.stats.error(error.code)
         server = self.server
-        if not mid_message and (server is None or server.scanner.at_boundary):
+        # (mid-handshake, plaintext would break the handshake rather than be read)
+        if not mid_message and self.state != HANDSHAKE and (server is None or server.scanner.at_boundary):
             try:
                 self.transport.write(m.error_response(error.code, error.message, hint=error.hint, fatal=True))
             except Exception:  # the transport may be gone already
