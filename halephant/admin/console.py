@@ -594,7 +594,7 @@ def show_pools(app: App) -> Result:
 
 CLIENTS_COLUMNS = columns(
     "type:text user:text database:text state:text addr:text port:int4 connect_time:text request_time:text "
-    "wait:int4 wait_us:int4 link:text remote_pid:int4 application_name:text pinned:bool"
+    "wait:int4 wait_us:int4 link:text remote_pid:int4 tls:text application_name:text pinned:bool"
 )
 
 
@@ -610,10 +610,17 @@ def show_clients(app: App) -> Result:
                 "C", c["user"], c["database"], c["state"], host, port, _timestamp(c["connected_at"]),
                 _timestamp(c["since"]), int(c["for"]) if waiting else 0,
                 int((c["for"] % 1) * 1e6) if waiting else 0, c["server_pid"], c["id"],
-                c["application_name"], c["pinned"],
+                _tls(c), c["application_name"], c["pinned"],
             ]
         )  # fmt: skip
     return Result(CLIENTS_COLUMNS, rows, "SHOW")
+
+
+def _tls(client: dict[str, Any]) -> str:
+    # PgBouncer's form: version/cipher, empty for a plaintext client
+    if not client["tls"]:
+        return ""
+    return f"{client['tls']}/{client['tls_cipher']}" if client["tls_cipher"] else client["tls"]
 
 
 SERVERS_COLUMNS = columns(

@@ -294,9 +294,17 @@ def clients(app: App) -> list[dict[str, Any]]:
                 "pool": "/".join(client.waiting_pool.key) if client.waiting_pool is not None else None,
                 "server_pid": server.backend_pid if server is not None else None,
                 "pinned": client.pinned,
+                # the TLS version and cipher of a client connected over TLS, else None
+                "tls": info.tls if info else None,
+                "tls_cipher": _cipher(client) if info and info.tls else None,
             }
         )
     return out
+
+
+def _cipher(client: ClientConnection) -> str | None:
+    cipher = client.transport.get_extra_info("cipher")  # (name, protocol, bits)
+    return str(cipher[0]) if cipher else None
 
 
 def clients_by_state(app: App) -> dict[str, int]:
