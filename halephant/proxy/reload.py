@@ -11,6 +11,9 @@ All or nothing: if a plugin's hook raises meanwhile, the previous configuration 
 reload counts as failed.
 No client is dropped, except those of a removed database, which get FATAL 57P01 once their transaction
 is over (or at once, if PAUSE held it); a removed database's PAUSE and DISABLE are forgotten with it.
+New connections get the `client_tls:` context the new configuration was loaded with (its files are
+read again at every reload, so a certificate replaced under the same name is taken too); connections
+already encrypted keep theirs.
 What only a restart can change (`listen`, `unix_socket_dir`, `unix_socket_mode`, `unix_socket_group`,
 `plugins.disable`, `plugins.modules`, `admin.listen`) is logged and keeps its old value.
 """
@@ -129,6 +132,16 @@ def reload_app(app: App) -> ReloadResult:
         )
     for line in result.pools:
         log.info("reload: %s", line, extra={"event": "pool_reconfigured"})
+    certificate = new.client_tls_certificate
+    if certificate is not None and certificate != old.client_tls_certificate:
+        # also when the file was replaced under the same name, which the diff cannot see
+        log.info(
+            "reload: client_tls: certificate %s (SHA-256 %s) for new connections; "
+            "connections already encrypted keep theirs",
+            new.client_tls.cert_file,
+            certificate,
+            extra={"event": "reload", "path": "client_tls.cert_file"},
+        )
     log.info(
         "reload: done (%d change(s) applied, %d need a restart)",
         len(result.applied),
