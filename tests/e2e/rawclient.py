@@ -9,6 +9,7 @@ authenticated session.
 from __future__ import annotations
 
 import socket
+import ssl
 import struct
 import time
 from dataclasses import dataclass, field
@@ -173,6 +174,16 @@ class RawClient:
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)
 
+    def start_tls(self, context: ssl.SSLContext, server_hostname: str | None = None) -> ssl.SSLSocket:
+        """Send SSLRequest, expect `S`, and go on over TLS (the handshake happens here, within the
+        client's timeout); returns the TLS socket (its peer certificate, its version)."""
+        self.send(ssl_request())
+        answer = self.read_byte()
+        assert answer == b"S", f"SSLRequest answered {answer!r}"
+        assert not self._buf, f"bytes behind the S: {self._buf!r}"
+        self.sock = context.wrap_socket(self.sock, server_hostname=server_hostname)
+        return self.sock
+
     def _fill(self, deadline: float) -> None:
         left = deadline - time.monotonic()
         if left <= 0:
@@ -180,7 +191,7 @@ class RawClient:
         self.sock.settimeout(left)
         try:
             chunk = self.sock.recv(65536)
-        except ConnectionResetError:
+        except (ConnectionResetError, ssl.SSLEOFError):  # (over TLS: closed without close_notify)
             chunk = b""
         except TimeoutError:
             raise TimeoutError(f"no answer in time (have {self._buf!r})") from None
