@@ -10,6 +10,13 @@ A successful SCRAM login against a configured SCRAM verifier also keeps the clie
 (`halephant.auth.passthrough`): halephant logs in to PostgreSQL with it when the user has no
 `server_password` (pass-through). `ScramExchange.learned_keys` is that verifier when this login gave the
 first keys for it, so the caller can let pools that were waiting for them log in at once.
+
+Over TLS (`channel_binding`: the connection's `tls-server-end-point` data) SCRAM-SHA-256-PLUS is offered
+before SCRAM-SHA-256, as PostgreSQL offers them: a client that picks it binds its proof to halephant's
+certificate, so a man in the middle that terminated TLS with another certificate cannot relay the login
+(libpq's `channel_binding=require`). What PostgreSQL refuses in the negotiation is refused alike, 08P01:
+a client that says it could bind but thinks the server cannot (`y`, a downgrade), binding data with the
+plain mechanism or none with PLUS, another binding type, and binding data that does not match.
 """
 
 from __future__ import annotations
@@ -33,6 +40,8 @@ from halephant.protocol import messages as m
 from halephant.types import AuthMethod, Md5, ScramSha256, Trust
 
 _MECHANISM = ScramMechanism("SCRAM-SHA-256")
+_MECHANISM_PLUS = ScramMechanism("SCRAM-SHA-256-PLUS")
+_CHANNEL_BINDING_TYPE = "tls-server-end-point"
 # A per-process secret for mock salts: stable within a run, unguessable from outside.
 _MOCK_SECRET = os.urandom(16)
 
@@ -90,11 +99,12 @@ def _mock_auth_info(user: str) -> AuthInfo:
 
 
 class ScramExchange:
-    """SCRAM-SHA-256 as PostgreSQL runs it (the SCRAM user name is ignored: the startup user counts)."""
+    """SCRAM-SHA-256 as PostgreSQL runs it (the SCRAM user name is ignored: the startup user counts), and
+    SCRAM-SHA-256-PLUS when `channel_binding` (the connection's `tls-server-end-point` data) is given."""
 
     name = "scram-sha-256"
 
-    def __init__(self, user: str, secret: str | None) -> None:
+    def __init__(self, user: str, secret: str | None, channel_binding: bytes | None = None) -> None:
         self.user = user
         self._known = secret is not None
         #: the configured verifier whose ClientKey this login gives (None: plaintext or unknown user)
@@ -102,24 +112,67 @@ class ScramExchange:
         #: the verifier, once this login gave the first pass-through keys for it
         self.learned_keys: str | None = None
         info = _auth_info_for(user, secret) if secret is not None else _mock_auth_info(user)
-        self._server = _MECHANISM.make_server(lambda _name: info)
+        self._auth_info = lambda _name: info
+        self._channel_binding = channel_binding
+        self._server = _MECHANISM.make_server(self._auth_info)  # (replaced if the client picks PLUS)
         self._step = 0
 
+    @property
+    def mechanisms(self) -> list[str]:
+        """What is offered, in PostgreSQL's order: PLUS first, where the connection can bind."""
+        if self._channel_binding is None:
+            return ["SCRAM-SHA-256"]
+        return ["SCRAM-SHA-256-PLUS", "SCRAM-SHA-256"]
+
     def start(self) -> bytes:
-        return m.authentication_sasl(["SCRAM-SHA-256"])
+        return m.authentication_sasl(self.mechanisms)
+
+    def _negotiate(self, mech: str, first: str) -> None:
+        """Check the client's channel binding choice as PostgreSQL does; set up the server for PLUS."""
+        flag = first.split(",", 1)[0]
+        if mech == "SCRAM-SHA-256-PLUS":
+            if not flag.startswith("p="):
+                raise _malformed(
+                    "The client selected SCRAM-SHA-256-PLUS, but the SCRAM message does not include "
+                    "channel binding data."
+                )
+            if flag[2:] != _CHANNEL_BINDING_TYPE:
+                raise ClientError(
+                    sqlstate.PROTOCOL_VIOLATION,
+                    f'unsupported SCRAM channel-binding type "{flag[2:]}"',
+                    fatal=True,
+                )
+            assert self._channel_binding is not None  # (offered only then)
+            self._server = _MECHANISM_PLUS.make_server(
+                self._auth_info, channel_binding=(_CHANNEL_BINDING_TYPE, self._channel_binding)
+            )
+        elif flag.startswith("p="):
+            raise _malformed(
+                "The client selected SCRAM-SHA-256 without channel binding, but the SCRAM message "
+                "includes channel binding data."
+            )
+        elif flag == "y" and self._channel_binding is not None:
+            raise ClientError(
+                sqlstate.PROTOCOL_VIOLATION,
+                "SCRAM channel binding negotiation error",
+                hint="The client supports SCRAM channel binding but thinks the server does not. "
+                "However, this server does support channel binding.",
+                fatal=True,
+            )
 
     def feed(self, payload: bytes) -> tuple[bytes, bool]:
         try:
             if self._step == 0:
                 self._step = 1
                 mech, data = m.decode_sasl_initial_response(payload)
-                if mech != "SCRAM-SHA-256":
+                if mech not in self.mechanisms:
                     raise ClientError(
                         sqlstate.PROTOCOL_VIOLATION,
                         "client selected an invalid SASL authentication mechanism",
                         fatal=True,
                     )
                 first = data.decode()
+                self._negotiate(mech, first)
                 if first.count(",") >= 2 and first.split(",", 2)[1]:
                     raise ClientError(
                         sqlstate.FEATURE_NOT_SUPPORTED,
@@ -156,6 +209,11 @@ class ScramExchange:
         except ScramException as exc:
             if exc.server_error is ServerError.INVALID_PROOF:
                 raise auth_failed(self.user, "scram") from None
+            if exc.server_error is ServerError.CHANNEL_BINDINGS_DONT_MATCH:
+                # PostgreSQL's answer: not a wrong password, and not for a client to retry
+                raise ClientError(
+                    sqlstate.PROTOCOL_VIOLATION, "SCRAM channel binding check failed", fatal=True
+                ) from None
             raise _malformed() from None
         except (ValueError, UnicodeDecodeError):
             raise _malformed() from None
@@ -175,10 +233,10 @@ class ScramExchange:
             self.learned_keys = self._verifier
 
 
-def _malformed() -> ClientError:
+def _malformed(detail: str | None = None) -> ClientError:
     # PostgreSQL's answer to a SCRAM message it cannot parse, whether the user exists or not: only a
     # well-formed exchange with a wrong proof is a wrong password (28P01)
-    return ClientError(sqlstate.PROTOCOL_VIOLATION, "malformed SCRAM message", fatal=True)
+    return ClientError(sqlstate.PROTOCOL_VIOLATION, "malformed SCRAM message", hint=detail, fatal=True)
 
 
 def md5_inner(password: str, user: str) -> str:
@@ -214,10 +272,11 @@ class Md5Exchange:
         return b"", True
 
 
-def exchange_for(method: AuthMethod, user: str) -> Exchange | None:
-    """The exchange for a method, or None for trust (no password asked)."""
+def exchange_for(method: AuthMethod, user: str, channel_binding: bytes | None = None) -> Exchange | None:
+    """The exchange for a method, or None for trust (no password asked); `channel_binding`: the TLS
+    connection's `tls-server-end-point` data, which lets SCRAM offer SCRAM-SHA-256-PLUS."""
     if isinstance(method, ScramSha256):
-        return ScramExchange(user, method.secret)
+        return ScramExchange(user, method.secret, channel_binding)
     if isinstance(method, Md5):
         if method.secret is not None and is_scram_verifier(method.secret):
             # md5 cannot be checked against a SCRAM verifier: run a failing exchange, never let it in

@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Final, cast
 from halephant import sqlstate
 from halephant.admin.console import ADMIN_DATABASES, CONSOLE_HEADROOM, start_console
 from halephant.auth.server_side import Exchange, exchange_for
+from halephant.config.client_tls import channel_binding
 from halephant.errors import ClientError, OutOfResources, ProtocolViolation
 from halephant.protocol import codes
 from halephant.protocol import messages as m
@@ -584,7 +585,10 @@ class ClientConnection(asyncio.Protocol):
 
     def _start_exchange(self, method: AuthMethod) -> None:
         assert self.info is not None
-        self._exchange = exchange_for(method, self.info.user)
+        # over TLS, SCRAM may bind the login to the certificate this connection was made with
+        ssl_object = self.transport.get_extra_info("ssl_object")
+        binding = channel_binding(ssl_object.context) if ssl_object is not None else None
+        self._exchange = exchange_for(method, self.info.user, binding)
         if self._exchange is None:
             self._authenticated("trust")
             return

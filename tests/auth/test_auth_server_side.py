@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
 import struct
 
 import pytest
@@ -14,6 +15,7 @@ from scram_oracle import LibpqScramClient, pg_verifier
 from scramp import ScramClient, ScramMechanism
 
 from halephant import sqlstate
+from halephant.auth.passthrough import keys_for
 from halephant.auth.server_side import (
     Md5Exchange,
     ScramExchange,
@@ -188,6 +190,107 @@ def test_scram_wrong_mechanism() -> None:
         )
     assert exc_info.value.code == sqlstate.PROTOCOL_VIOLATION
     assert exc_info.value.fatal
+
+
+# --- SCRAM-SHA-256-PLUS (channel binding over TLS) -------------------------------------------------------
+
+#: a connection's tls-server-end-point data (the hash of halephant's certificate)
+BINDING = hashlib.sha256(b"halephant's certificate").digest()
+
+
+def bound_login(exchange: ScramExchange, password: str, binding: bytes, *, verify: bool = True) -> None:
+    """A full exchange as a scramp client with channel binding runs it (it picks PLUS when offered)."""
+    _code, data = auth_request(exchange.start())
+    mechanisms = m.decode_sasl_mechanisms(data)
+    client = ScramClient(mechanisms, USER, password, channel_binding=("tls-server-end-point", binding))
+    reply, _ = exchange.feed(
+        payload_of(m.sasl_initial_response(client.mechanism_name, client.get_client_first().encode()))
+    )
+    client.set_server_first(auth_request(reply)[1].decode())
+    server_final = scram_final_step(exchange, client.get_client_final().encode())
+    if verify:
+        client.set_server_final(server_final.decode())
+
+
+def test_scram_plus_is_offered_first_over_tls_and_binds_the_login() -> None:
+    exchange = ScramExchange(USER, PASSWORD, channel_binding=BINDING)
+    assert m.decode_sasl_mechanisms(auth_request(exchange.start())[1]) == [
+        "SCRAM-SHA-256-PLUS",
+        "SCRAM-SHA-256",
+    ]
+    bound_login(exchange, PASSWORD, BINDING)
+
+
+def test_scram_plus_keeps_the_pass_through_keys() -> None:
+    # the proof of a bound login is over the binding too: the ClientKey is recovered all the same
+    verifier = pg_verifier(PASSWORD, salt=b"bound-login-salt")
+    exchange = ScramExchange(USER, verifier, channel_binding=BINDING)
+    bound_login(exchange, PASSWORD, BINDING)
+    keys = keys_for(verifier)
+    assert keys is not None
+    salted = hashlib.pbkdf2_hmac("sha256", PASSWORD.encode(), b"bound-login-salt", 4096)
+    assert keys.client_key == hmac.new(salted, b"Client Key", hashlib.sha256).digest()
+
+
+def test_scram_plus_with_another_certificates_binding_is_refused() -> None:
+    # a man in the middle terminated TLS with another certificate: PostgreSQL's 08P01, not 28P01
+    with pytest.raises(ClientError) as exc_info:
+        bound_login(ScramExchange(USER, PASSWORD, channel_binding=BINDING), PASSWORD, b"another certificate")
+    assert (exc_info.value.code, exc_info.value.message) == ("08P01", "SCRAM channel binding check failed")
+
+
+def test_scram_plus_wrong_password_is_28P01() -> None:
+    with pytest.raises(ClientError) as exc_info:
+        bound_login(ScramExchange(USER, PASSWORD, channel_binding=BINDING), "wrong", BINDING)
+    assert_bad_password(exc_info.value)
+
+
+def test_scram_plain_mechanism_still_works_over_tls() -> None:
+    # a client that cannot bind (asyncpg) picks SCRAM-SHA-256 with the gs2 flag n
+    exchange = ScramExchange(USER, PASSWORD, channel_binding=BINDING)
+    exchange.start()
+    client = LibpqScramClient(PASSWORD)
+    reply, _ = exchange.feed(payload_of(m.sasl_initial_response("SCRAM-SHA-256", client.client_first())))
+    client.check_server_final(scram_final_step(exchange, client.client_final(auth_request(reply)[1])))
+
+
+@pytest.mark.parametrize(
+    ("binding", "mechanism", "client_first", "message"),
+    [
+        # "y": the client could bind, and thinks the server cannot: a downgrade, when PLUS was offered
+        (BINDING, "SCRAM-SHA-256", b"y,,n=,r=abc", "SCRAM channel binding negotiation error"),
+        (BINDING, "SCRAM-SHA-256-PLUS", b"n,,n=,r=abc", "malformed SCRAM message"),
+        (BINDING, "SCRAM-SHA-256-PLUS", b"y,,n=,r=abc", "malformed SCRAM message"),
+        (BINDING, "SCRAM-SHA-256", b"p=tls-server-end-point,,n=,r=abc", "malformed SCRAM message"),
+        (
+            BINDING, "SCRAM-SHA-256-PLUS", b"p=tls-unique,,n=,r=abc",
+            'unsupported SCRAM channel-binding type "tls-unique"',
+        ),
+        # without TLS PLUS is not offered
+        (
+            None, "SCRAM-SHA-256-PLUS", b"p=tls-server-end-point,,n=,r=abc",
+            "client selected an invalid SASL authentication mechanism",
+        ),
+    ],
+    ids=["y-downgrade", "plus-n", "plus-y", "plain-with-binding", "plus-tls-unique", "plus-without-tls"],
+)  # fmt: skip
+def test_scram_channel_binding_negotiation_refused_as_postgresql_does(
+    binding: bytes | None, mechanism: str, client_first: bytes, message: str
+) -> None:
+    for user, secret in ((USER, PASSWORD), ("nobody", None)):  # the same for unknown users
+        exchange = ScramExchange(user, secret, channel_binding=binding)
+        exchange.start()
+        with pytest.raises(ClientError) as exc_info:
+            exchange.feed(payload_of(m.sasl_initial_response(mechanism, client_first)))
+        assert (exc_info.value.code, exc_info.value.message, exc_info.value.fatal) == ("08P01", message, True)
+
+
+def test_scram_y_flag_without_tls_is_fine() -> None:
+    # "y" over a connection that cannot bind is what PostgreSQL lets in too
+    exchange = ScramExchange(USER, PASSWORD)
+    exchange.start()
+    reply, done = exchange.feed(payload_of(m.sasl_initial_response("SCRAM-SHA-256", b"y,,n=,r=abc")))
+    assert not done and auth_request(reply)[0] == codes.AUTH_SASL_CONTINUE
 
 
 def test_scram_message_after_the_end() -> None:

@@ -3,16 +3,21 @@
 
 from __future__ import annotations
 
+import datetime
+import hashlib
 import ssl
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trustme
-from cryptography.hazmat.primitives import serialization
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from support.config_text import load, problems
 
 from halephant.config import load_config
-from halephant.config.client_tls import fingerprint
+from halephant.config.client_tls import channel_binding, end_point_hash, fingerprint
 
 BASE = """\
 clusters:
@@ -213,3 +218,62 @@ def test_every_problem_is_reported_at_once(files: dict[str, Path]) -> None:
         + section(mode="require", cert_file=files["junk"], key_file=files["key"])
     )
     assert [p.split(": ")[1] for p in found] == ["databases.myapp.cluster", "client_tls.cert_file"]
+
+
+# --- tls-server-end-point: what SCRAM-SHA-256-PLUS binds a login to -----------------------------------------
+
+
+def _self_signed(key: Any, algorithm: hashes.HashAlgorithm | None, pss: padding.PSS | None = None) -> bytes:
+    name = x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, "halephant")])
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(datetime.datetime(2020, 1, 1))
+        .not_valid_after(datetime.datetime(2040, 1, 1))
+    )
+    certificate = builder.sign(key, algorithm, rsa_padding=pss) if pss else builder.sign(key, algorithm)
+    return certificate.public_bytes(serialization.Encoding.DER)
+
+
+RSA_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+EC_KEY = ec.generate_private_key(ec.SECP384R1())
+
+
+@pytest.mark.parametrize(
+    ("key", "algorithm", "pss", "expected"),
+    [
+        (RSA_KEY, hashes.SHA256(), None, "sha256"),
+        (RSA_KEY, hashes.SHA384(), None, "sha384"),
+        (RSA_KEY, hashes.SHA512(), None, "sha512"),
+        (EC_KEY, hashes.SHA224(), None, "sha224"),
+        (EC_KEY, hashes.SHA256(), None, "sha256"),
+        (EC_KEY, hashes.SHA384(), None, "sha384"),
+        (RSA_KEY, hashes.SHA384(), padding.PSS(padding.MGF1(hashes.SHA384()), 48), "sha384"),
+        (RSA_KEY, hashes.SHA256(), padding.PSS(padding.MGF1(hashes.SHA256()), 32), "sha256"),
+    ],
+    ids=["rsa-256", "rsa-384", "rsa-512", "ecdsa-224", "ecdsa-256", "ecdsa-384", "pss-384", "pss-256"],
+)
+def test_end_point_hash_uses_the_signatures_hash(
+    key: Any, algorithm: hashes.HashAlgorithm, pss: padding.PSS | None, expected: str
+) -> None:
+    der = _self_signed(key, algorithm, pss)
+    assert end_point_hash(der) == hashlib.new(expected, der).digest()
+
+
+def test_end_point_hash_of_a_signature_without_a_hash_is_none() -> None:
+    # RFC 5929 defines none for Ed25519: SCRAM-SHA-256-PLUS is then not offered
+    assert end_point_hash(_self_signed(ed25519.Ed25519PrivateKey.generate(), None)) is None
+    assert end_point_hash(b"\x30\x03") is None  # (cut short: not read past its end)
+
+
+def test_each_loaded_context_carries_its_certificates_binding(files: dict[str, Path]) -> None:
+    config = load(BASE + section(mode="require", cert_file=files["cert"], key_file=files["key"]))
+    assert config.client_tls_context is not None
+    der = ssl.PEM_cert_to_DER_cert(files["cert"].read_text())
+    assert (
+        channel_binding(config.client_tls_context) == hashlib.sha256(der).digest()
+    )  # (trustme: ECDSA-SHA256)
+    assert channel_binding(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)) is None

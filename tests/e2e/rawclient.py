@@ -13,6 +13,7 @@ import ssl
 import struct
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from scramp import ScramClient
 
@@ -307,16 +308,31 @@ class RawClient:
     # --- login ---
 
     def login(
-        self, user: str, password: str, database: str, *, extra: dict[str, str] | None = None
+        self,
+        user: str,
+        password: str,
+        database: str,
+        *,
+        extra: dict[str, str] | None = None,
+        channel_binding: tuple[str, Any] | None = None,
     ) -> Session:
         """StartupMessage and a SCRAM-SHA-256 exchange, up to ReadyForQuery (see `authenticate`)."""
         self.send(startup({"user": user, "database": database, **(extra or {})}))
-        return self.authenticate(user, password)
+        return self.authenticate(user, password, channel_binding=channel_binding)
 
-    def authenticate(self, user: str, password: str, *, pipelined: bytes = b"") -> Session:
+    def authenticate(
+        self,
+        user: str,
+        password: str,
+        *,
+        pipelined: bytes = b"",
+        channel_binding: tuple[str, Any] | None = None,
+    ) -> Session:
         """Answer the authentication requests of a login whose StartupMessage was already sent.
 
         `pipelined` goes out in the same write as the last SCRAM message, before AuthenticationOk comes.
+        `channel_binding`, scramp's (`("tls-server-end-point", the TLS socket or the data)`), makes it
+        pick SCRAM-SHA-256-PLUS where offered.
         Raises AssertionError on an ErrorResponse; `last_session.messages` then ends with it."""
         session = self.last_session = Session()
         scram: ScramClient | None = None
@@ -329,9 +345,9 @@ class RawClient:
                 code = message.auth_code
                 if code == AUTH_SASL:
                     mechanisms = [m.decode() for m in message.payload[4:].split(b"\0") if m]
-                    scram = ScramClient(mechanisms, user, password)
+                    scram = ScramClient(mechanisms, user, password, channel_binding=channel_binding)
                     first = scram.get_client_first().encode()
-                    body = cstr("SCRAM-SHA-256") + struct.pack("!i", len(first)) + first
+                    body = cstr(scram.mechanism_name) + struct.pack("!i", len(first)) + first
                     self.send(msg(b"p", body))
                 elif code == AUTH_SASL_CONTINUE:
                     assert scram is not None

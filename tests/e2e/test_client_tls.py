@@ -228,6 +228,57 @@ def test_asyncpg_over_tls(hal: Running, pki: Pki) -> None:
     asyncio.run(main())
 
 
+# --- SCRAM-SHA-256-PLUS -------------------------------------------------------------------------------------
+
+
+def test_channel_binding_required_by_psql_and_psycopg(hal: Running, pki: Pki, run_client: Any) -> None:
+    # libpq's channel_binding=require: SCRAM-SHA-256-PLUS, bound to halephant's certificate
+    out = run_client(
+        "psql",
+        hal,
+        ["-X", "-At", "-c", "SELECT 1"],
+        dbname="dbname=myapp sslmode=require channel_binding=require",
+    )
+    assert (out.returncode, out.stdout.strip()) == (0, "1"), out.stderr
+    with psycopg.connect(hal.dsn(**verified(pki, channel_binding="require"))) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+        conn.rollback()
+
+
+def test_a_bound_login_gives_the_keys_for_pass_through(
+    pg: Cluster, halephant: HalephantFactory, pki: Pki
+) -> None:
+    # users.myapp.password is pg_authid's verifier: halephant logs in upstream with the ClientKey a
+    # client's SCRAM login gives it, here a login bound to the TLS channel (SCRAM-SHA-256-PLUS)
+    verifier = pg.primary.sql("SELECT rolpassword FROM pg_authid WHERE rolname = 'myapp'").strip()
+    assert verifier.startswith("SCRAM-SHA-256$")
+    config = default_config(
+        pg,
+        clusters={"main": {"probe_user": "myapp"}},
+        users={"myapp": {"password": verifier}, "myapp_ro": None},
+        client_tls=pki.settings("require"),
+    )
+    run = halephant.start(config)
+    with psycopg.connect(run.dsn(**verified(pki, channel_binding="require")), autocommit=True) as conn:
+        assert conn.execute("SELECT current_user").fetchone() == ("myapp",)
+
+
+def test_channel_binding_to_another_certificate_is_refused(hal: Running, pki: Pki) -> None:
+    # what a man in the middle with its own certificate would relay: the proof is bound to that one
+    with raw(hal) as client:
+        tls = client.start_tls(pki.context(), server_hostname="127.0.0.1")
+        der = tls.getpeercert(binary_form=True)
+        assert der is not None
+        with pytest.raises(AssertionError, match="login failed"):
+            client.login("myapp", "myapp", "myapp", channel_binding=("tls-server-end-point", b"x" * 32))
+        error = client.last_session.messages[-1]
+        assert (error.fields["C"], error.fields["M"]) == ("08P01", "SCRAM channel binding check failed")
+    with raw(hal) as client:  # the same client, bound to the certificate halephant presents: in
+        tls = client.start_tls(pki.context(), server_hostname="127.0.0.1")
+        client.login("myapp", "myapp", "myapp", channel_binding=("tls-server-end-point", tls))
+        assert rc.data_rows(client.simple_query("SELECT 7")) == [["7"]]
+
+
 # --- require ------------------------------------------------------------------------------------------------
 
 
@@ -374,6 +425,9 @@ def test_prefer_serves_plaintext_and_tls_and_plugins_see_which(
     with psycopg.connect(run.dsn(sslmode="prefer")) as conn:
         assert conn.pgconn.ssl_in_use
         assert conn.execute("SELECT 1").fetchone() == (1,)
+    # without TLS there is nothing to bind to: SCRAM-SHA-256-PLUS is not offered, and libpq refuses
+    with pytest.raises(psycopg.OperationalError, match="channel binding"):
+        psycopg.connect(run.dsn(sslmode="disable", channel_binding="require"))
     # the plugin lets myapp_ro in over TLS only (ClientInfo.tls)
     ro = {"user": "myapp_ro", "password": "myapp_ro"}
     with pytest.raises(psycopg.OperationalError, match='user "myapp_ro" may connect only over TLS'):
