@@ -110,6 +110,7 @@ def hal(pg: Cluster, module_halephant: HalephantFactory, pki: Pki, sockdir: Path
             pg,
             clusters={"main": {"probe_user": "myapp"}},
             unix_socket_dir=str(sockdir),
+            databases={"myapp_session": {"cluster": "main", "database": "myapp", "mode": "session"}},
             users={
                 "admin": {"password": "admin-pw"},
                 "trusty": {"auth": "trust", "server_user": "myapp"},  # logs in without a password
@@ -277,6 +278,34 @@ def test_channel_binding_to_another_certificate_is_refused(hal: Running, pki: Pk
         tls = client.start_tls(pki.context(), server_hostname="127.0.0.1")
         client.login("myapp", "myapp", "myapp", channel_binding=("tls-server-end-point", tls))
         assert rc.data_rows(client.simple_query("SELECT 7")) == [["7"]]
+
+
+def test_gssapi_encryption_is_declined_and_tls_taken_after_it(hal: Running, pki: Pki) -> None:
+    # libpq with gssencmode=prefer asks for GSSAPI encryption first, then for TLS
+    with raw(hal) as client:
+        client.send(rc.gssenc_request())
+        assert client.read_byte() == b"N"
+        tls = client.start_tls(pki.context(), server_hostname="127.0.0.1")
+        assert tls.version() == "TLSv1.3"
+        client.login("myapp", "myapp", "myapp", channel_binding=("tls-server-end-point", tls))
+        assert rc.data_rows(client.simple_query("SELECT 5")) == [["5"]]
+
+
+def test_session_pooling_and_copy_both_ways_over_tls(hal: Running, pki: Pki, pg: Cluster) -> None:
+    # megabytes each way through TLS, in session pooling (the server linked from login on)
+    rows = [(i, "y" * 300) for i in range(40000)]
+    with psycopg.connect(hal.dsn(**verified(pki, dbname="myapp_session")), autocommit=True) as conn:
+        conn.execute("CREATE TEMP TABLE tls_copy (id int, v text)")
+        with conn.cursor() as cur:
+            with cur.copy("COPY tls_copy FROM STDIN") as copy:
+                for row in rows:
+                    copy.write_row(row)
+            assert conn.execute("SELECT count(*), sum(length(v)) FROM tls_copy").fetchone() == (
+                40000,
+                12000000,
+            )
+            with cur.copy("COPY tls_copy TO STDOUT") as copy:
+                assert sum(1 for _ in copy.rows()) == 40000
 
 
 # --- require ------------------------------------------------------------------------------------------------
