@@ -1,7 +1,9 @@
 """A client connection: startup, authentication, then the pooling loop for one client.
 
 Theory of operation. Before login the client's bytes are startup packets, then password messages, driven
-by `StartupFramer` and the auth exchange the `halephant_authenticate` answer asks for. After login every
+by `StartupFramer` and the auth exchange the `halephant_authenticate` answer asks for; an SSLRequest may
+first turn the connection into a TLS one (`client_tls:`, see `halephant.proxy.client_tls`), after which
+`transport` is the TLS transport and everything below runs over it unchanged. After login every
 chunk is cut into complete messages (`split_frames`); runs of messages are forwarded to the linked server
 in one write. Only three things need decisions, and each happens at most once per statement or
 transaction, never per message:
@@ -460,6 +462,8 @@ class ClientConnection(asyncio.Protocol):
             if isinstance(packet, SSLRequest | GSSENCRequest):
                 what = "SSL" if isinstance(packet, SSLRequest) else "GSSAPI encryption"
                 if self.transport.get_extra_info("ssl_object") is not None:
+                    # (PostgreSQL would take it for a startup packet of an unknown protocol, 0A000; a
+                    # negotiation inside the one that has ended is a protocol violation)
                     raise ProtocolViolation(f"{what} request received inside an encrypted connection")
                 if framer.pending:
                     # bytes behind an encryption request would pass as encrypted (CVE-2021-23222 shape)
