@@ -15,7 +15,7 @@ says little (`halephant.proxy.client_tls`).
 
 `channel_binding(context)` is the `tls-server-end-point` data of the certificate a connection was made
 with, which SCRAM-SHA-256-PLUS binds the login to (`halephant.auth.server_side`): the certificate's
-hash with its signature's hash function, read from the DER here once per load.
+hash with its signature's hash function (read with asn1crypto), once per load.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ import os
 import ssl
 import weakref
 from dataclasses import dataclass
+
+from asn1crypto.x509 import Certificate
 
 from halephant.config.schema import TLS_VERIFIED, ClientTlsConfig
 
@@ -86,65 +88,26 @@ def channel_binding(context: ssl.SSLContext) -> bytes | None:
     return _END_POINTS.get(context)
 
 
-# The hash of a certificate's signature algorithm, by the algorithm's OID (DER contents): RFC 5929
-# takes SHA-256 for MD5 and SHA-1, the signature's own hash otherwise.
-_SIGNATURE_HASHES = {
-    bytes.fromhex("2a864886f70d010104"): "sha256",  # md5WithRSAEncryption
-    bytes.fromhex("2a864886f70d010105"): "sha256",  # sha1WithRSAEncryption
-    bytes.fromhex("2a864886f70d01010e"): "sha224",
-    bytes.fromhex("2a864886f70d01010b"): "sha256",
-    bytes.fromhex("2a864886f70d01010c"): "sha384",
-    bytes.fromhex("2a864886f70d01010d"): "sha512",
-    bytes.fromhex("2a8648ce3d0401"): "sha256",  # ecdsa-with-SHA1
-    bytes.fromhex("2a8648ce3d040301"): "sha224",
-    bytes.fromhex("2a8648ce3d040302"): "sha256",
-    bytes.fromhex("2a8648ce3d040303"): "sha384",
-    bytes.fromhex("2a8648ce3d040304"): "sha512",
-}
-_RSASSA_PSS = bytes.fromhex("2a864886f70d01010a")
-#: the hashes RSASSA-PSS parameters may name (SHA-1 when they name none)
-_PSS_HASHES = {
-    bytes.fromhex("2b0e03021a"): "sha256",  # sha1
-    bytes.fromhex("608648016503040204"): "sha224",
-    bytes.fromhex("608648016503040201"): "sha256",
-    bytes.fromhex("608648016503040202"): "sha384",
-    bytes.fromhex("608648016503040203"): "sha512",
-}
-
-
-def _tlv(der: bytes, pos: int) -> tuple[int, int, int]:
-    """The DER element at `pos`: (tag, start of its contents, end of its contents)."""
-    tag, length = der[pos], der[pos + 1]
-    pos += 2
-    if length & 0x80:
-        size = length & 0x7F
-        length = int.from_bytes(der[pos : pos + size], "big")
-        pos += size
-    return tag, pos, pos + length
+#: RFC 5929: a certificate signed with MD5 or SHA-1 binds with SHA-256, any other with its signature's hash
+_END_POINT_HASH = {"md5": "sha256", "sha1": "sha256"}
 
 
 def end_point_hash(der: bytes) -> bytes | None:
     """`tls-server-end-point` data for a certificate (DER): its hash, with the hash function its
-    signature algorithm names; None when it names none (Ed25519, Ed448) or cannot be read."""
+    signature algorithm names (RSASSA-PSS: its parameters'); None when it names none (Ed25519, Ed448)
+    or the certificate cannot be read."""
     try:
-        _tag, certificate, _end = _tlv(der, 0)
-        _tag, _start, tbs_end = _tlv(der, certificate)  # tbsCertificate
-        _tag, algorithm, algorithm_end = _tlv(der, tbs_end)  # signatureAlgorithm
-        _tag, oid_start, oid_end = _tlv(der, algorithm)
-        oid = der[oid_start:oid_end]
-        name = _SIGNATURE_HASHES.get(oid)
-        if oid == _RSASSA_PSS:
-            name = "sha256"  # the parameters' default hash, SHA-1
-            if oid_end < algorithm_end:
-                _tag, params, params_end = _tlv(der, oid_end)  # RSASSA-PSS-params
-                if params < params_end and der[params] == 0xA0:  # [0] hashAlgorithm
-                    _tag, explicit, _end = _tlv(der, params)
-                    _tag, hash_algorithm, _end = _tlv(der, explicit)
-                    _tag, start, end = _tlv(der, hash_algorithm)
-                    name = _PSS_HASHES.get(der[start:end])
-    except IndexError:
+        algorithm = Certificate.load(der)["signature_algorithm"]
+        if algorithm.signature_algo in ("ed25519", "ed448"):  # RFC 5929 defines no hash for these
+            return None
+        name = algorithm.hash_algo
+    except (ValueError, TypeError, KeyError):  # asn1crypto's errors: not DER, or an unknown algorithm
         return None
-    return hashlib.new(name, der).digest() if name is not None else None
+    name = _END_POINT_HASH.get(name, name)
+    try:
+        return hashlib.new(name, der).digest()
+    except ValueError:
+        return None
 
 
 def load_client_tls(section: ClientTlsConfig, base_dir: str) -> ClientTls | None:
