@@ -45,11 +45,13 @@ from halephant.config.schema import (
     ClientTlsMode,
     Config,
     HostPort,
+    ServerTlsConfig,
     is_md5_hash,
     is_scram_verifier,
     parse_scram_verifier,
 )
 from halephant.errors import ConfigError, ConfigProblem
+from halephant.server_tls import ServerTls, TlsSetupError
 from halephant.unix_socket import is_socket_dir, too_long
 
 __all__ = ["RawConfig", "load_config", "read_config", "read_config_text", "validate_config"]
@@ -300,6 +302,7 @@ def validate_config(raw: RawConfig, plugin_settings: Mapping[str, type[BaseModel
         config = Config.model_validate(core)
     except ValidationError as exc:
         problems += where.from_validation(exc, Config)
+    problems += _build_server_tls(plain, config, where)
     settings = _validate_plugin_sections(
         sections, raw.disabled_plugins, plugin_settings or {}, where, problems
     )
@@ -472,6 +475,29 @@ def _load_client_tls(
     except TlsFileProblem as exc:
         problems.append(where.problem(("client_tls", exc.key), exc.message))
         return None
+
+
+def _build_server_tls(plain: dict[Any, Any], config: Config | None, where: _Locator) -> list[ConfigProblem]:
+    """Each cluster's SSL context, made now, once for this configuration (kept in `config`, when the file
+    is valid): a mode that lacks a file, or a certificate or key that does not load, is a problem
+    located at the setting to blame. Clusters whose `tls:` is malformed are reported where it is."""
+    problems: list[ConfigProblem] = []
+    for name, cluster in _entries(plain.get("clusters")):
+        section = cluster.get("tls", {})
+        if not isinstance(name, str) or not isinstance(section, dict):
+            continue
+        try:
+            settings = ServerTlsConfig.model_validate(section)
+        except ValidationError:
+            continue
+        try:
+            tls = ServerTls.build(name, settings)
+        except TlsSetupError as exc:
+            problems.append(where.problem(("clusters", name, "tls", exc.key), exc.message))
+            continue
+        if config is not None:
+            config._server_tls[name] = tls
+    return problems
 
 
 def _check_unix_socket_dir(plain: dict[Any, Any], where: _Locator) -> list[ConfigProblem]:

@@ -40,6 +40,7 @@ from halephant.unix_socket import is_socket_dir, socket_dir, too_long
 
 if TYPE_CHECKING:
     from halephant.config.client_tls import ClientTls
+    from halephant.server_tls import ServerTls
 
 __all__ = [
     "CATCH_ALL",
@@ -56,6 +57,8 @@ __all__ = [
     "LoggingConfig",
     "PluginsConfig",
     "PoolModeName",
+    "ServerTlsConfig",
+    "ServerTlsMode",
     "SessionFeaturesConfig",
     "TopologyConfig",
     "UserConfig",
@@ -297,6 +300,38 @@ def _socket_group(name: str) -> str:
 
 TcpAddress = Annotated[HostPort, AfterValidator(_tcp_address)]
 
+ServerTlsMode = Literal["disable", "prefer", "require", "verify-ca", "verify-full"]
+
+
+def _tls_file(path: str) -> str:
+    # a relative path would depend on the directory halephant was started from, which a reload may not share
+    if path != "system" and not path.startswith("/"):
+        raise PydanticCustomError(
+            "tls_file",
+            f"expected an absolute path (starting with /), like /etc/ssl/certs/pg.crt; got {path!r}",
+        )
+    return path
+
+
+TlsFile = Annotated[StrictStr, Field(min_length=1), AfterValidator(_tls_file)]
+
+
+class ServerTlsConfig(_Section):
+    """`clusters.<name>.tls`: TLS from halephant to the cluster's nodes, as libpq's sslmode (see
+    `halephant.server_tls`). Which files each mode needs, and whether they load, is checked when the
+    configuration is loaded (`ServerTls.build`, through the loader)."""
+
+    #: disable, prefer (TLS when the server offers it), require, verify-ca, verify-full
+    mode: ServerTlsMode = "prefer"
+    #: CA certificate(s) the server's certificate must be signed by (PEM), for verify-ca and verify-full;
+    #: `system`: this machine's trusted CAs (verify-full only)
+    ca_file: TlsFile | None = None
+    #: a client certificate (PEM) and its key, for servers that ask for one (pg_hba.conf `cert`)
+    cert_file: TlsFile | None = None
+    key_file: TlsFile | None = None
+    #: the oldest TLS version accepted
+    min_version: Literal["TLSv1.2", "TLSv1.3"] = "TLSv1.2"
+
 
 class ClusterConfig(_Section):
     """One PostgreSQL cluster: its nodes (their roles are discovered by probing them), how to probe them,
@@ -315,6 +350,8 @@ class ClusterConfig(_Section):
     max_lag_bytes: Size | None = None
     #: A replica whose replay is this far behind (seconds) takes no new transactions.
     max_lag: Annotated[Duration, Field(gt=0)] | None = None
+    #: TLS to the nodes (server connections, probes, cancel requests).
+    tls: ServerTlsConfig = ServerTlsConfig()
     _name: str = PrivateAttr(default="")
 
     @property
@@ -567,6 +604,7 @@ class Config(_Section):
     _source: str = PrivateAttr(default="<config>")
     _plugin_settings: dict[str, BaseModel] = PrivateAttr(default_factory=dict)
     _client_tls: ClientTls | None = PrivateAttr(default=None)
+    _server_tls: dict[str, ServerTls] = PrivateAttr(default_factory=dict)
 
     @model_validator(mode="after")
     def _record_names(self) -> Config:
@@ -598,6 +636,16 @@ class Config(_Section):
     def client_tls_certificate(self) -> str | None:
         """The SHA-256 fingerprint of the certificate in `client_tls.cert_file` (None: none given)."""
         return self._client_tls.fingerprint if self._client_tls is not None else None
+    def server_tls(self, cluster: str) -> ServerTls:
+        """The TLS settings and SSL context of cluster `cluster`'s connections, made once per
+        configuration (the loader makes every cluster's, to report a file that does not load at its
+        position); raises `halephant.server_tls.TlsSetupError` or KeyError."""
+        tls = self._server_tls.get(cluster)
+        if tls is None:
+            from halephant.server_tls import ServerTls
+
+            tls = self._server_tls[cluster] = ServerTls.build(cluster, self.clusters[cluster].tls)
+        return tls
 
     def plugin_settings(self, name: str) -> BaseModel | None:
         """The validated `plugins.<name>` section of a plugin that declared settings, or None."""

@@ -98,6 +98,10 @@ def cancel_request(process_id: int, secret_key: int) -> bytes:
     return struct.pack("!iiii", 16, codes.CANCEL_REQUEST_CODE, process_id, secret_key)
 
 
+#: SSLRequest: asks the server to switch the connection to TLS; it answers one byte, S (yes) or N (no)
+SSL_REQUEST = struct.pack("!ii", 8, codes.SSL_REQUEST_CODE)
+
+
 def query(sql: str) -> bytes:
     return message(b"Q", _cstr(sql))
 

@@ -1,0 +1,364 @@
+"""TLS from halephant to PostgreSQL nodes (`clusters.<name>.tls`), as libpq's `sslmode` and PgBouncer's
+`server_tls_*`: the SSL context of each cluster, and the SSLRequest that starts TLS on a new connection.
+
+`ServerTls.build` turns a cluster's settings into one `ssl.SSLContext`, once per configuration load (the
+loader builds every cluster's as it validates the file, so that a certificate or key that cannot be
+loaded is reported at its `file:line:col`; `Config.server_tls` hands it out). A TCP connection to a
+node then starts as PostgreSQL's protocol wants (`open_connection` for asyncio protocols: pooled
+servers and the shared LISTEN connection; `open_stream` for anyio streams: topology probes and cancel
+requests): the 8-byte SSLRequest, and one byte back, `S` (the TLS handshake follows, on the same
+socket, before any byte of the protocol) or `N` (the server has `ssl = off`: plaintext from there on,
+unless the mode requires TLS). The socket is handed to the event loop already connected, so a
+connection's messages take exactly the path they take without TLS: only its transport differs.
+
+Modes, as libpq's: `disable` sends no SSLRequest; `prefer` (the default) uses TLS when the server
+offers it, without checking its certificate, which protects from eavesdropping but not from an
+active attacker (who can answer `N`, or present any certificate); `require` fails when the server
+does not offer TLS, still without checking the certificate; `verify-ca` checks that a CA of
+`ca_file` signed it; `verify-full` also that it names the node's host (`server_hostname`, also sent
+as SNI unless the host is an IP address). A login refused over TLS is not tried again in plaintext
+(libpq's `prefer` does that; PgBouncer does not either). Nodes given as a Unix-socket directory never
+use TLS, whatever the mode (libpq ignores sslmode there too): `halephant.unix_socket` decides that.
+
+Failures: the server answering `N` where TLS is required, a certificate that does not verify, and a
+handshake that fails for another reason (no common protocol version) raise `TlsRefused`, a refused
+login (28000): the node answers, it is not down, and logging in again at once would fail the same way.
+The server closing the connection during the negotiation is the connection failing (an OSError).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import ssl
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final
+
+import anyio
+import anyio.abc
+from anyio.streams.tls import TLSStream
+
+from halephant import sqlstate
+from halephant.errors import ClientError, ProtocolViolation
+from halephant.protocol import messages as m
+
+if TYPE_CHECKING:
+    from halephant.config.schema import ServerTlsConfig
+
+__all__ = [
+    "REQUIRED_MODES",
+    "SYSTEM_CA",
+    "ServerTls",
+    "TlsRefused",
+    "TlsSetupError",
+    "describe",
+    "open_connection",
+    "open_stream",
+]
+
+#: the modes that fail rather than go on in plaintext
+REQUIRED_MODES: Final = frozenset(("require", "verify-ca", "verify-full"))
+#: `ca_file: system`: this machine's trusted CAs (libpq 16's `sslrootcert=system`)
+SYSTEM_CA: Final = "system"
+
+_VERSIONS: Final = {"TLSv1.2": ssl.TLSVersion.TLSv1_2, "TLSv1.3": ssl.TLSVersion.TLSv1_3}
+
+
+class TlsSetupError(Exception):
+    """A cluster's `tls:` settings cannot make an SSL context: `key` is the setting to blame."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
+        self.message = message
+
+
+class TlsRefused(ClientError):
+    """No TLS connection to a node as its cluster's settings ask for one (see the module docstring)."""
+
+    def __init__(self, message: str, hint: str) -> None:
+        super().__init__(sqlstate.INVALID_AUTHORIZATION_SPECIFICATION, message, hint=hint, fatal=True)
+
+
+class _Passphrase(Exception):
+    """A key file encrypted with a passphrase (halephant has no one to ask for it)."""
+
+
+def _no_passphrase() -> str:
+    raise _Passphrase
+
+
+def _read(key: str, path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise TlsSetupError(key, f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def _check_key_mode(path: str) -> None:
+    """libpq's rule for a private key file: owned by root, read access for its group at most (0640 or
+    less: a system-wide key halephant reads through a group it is in); else no access for others than
+    its owner (0600 or less)."""
+    try:
+        found = os.stat(path)
+    except OSError as exc:
+        raise TlsSetupError("key_file", f"cannot read {path}: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(found.st_mode):
+        raise TlsSetupError("key_file", f"{path} is not a regular file")
+    mode = stat.S_IMODE(found.st_mode)
+    if mode & (0o137 if found.st_uid == 0 else 0o077):
+        raise TlsSetupError(
+            "key_file",
+            f"{path} has group or world access (mode {mode:04o}): a private key must have mode 0600 or "
+            "less, or 0640 or less if owned by root (chmod 0600 it), as libpq requires",
+        )
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class ServerTls:
+    """One cluster's TLS to its nodes: the mode, and the context (None with `disable`); `settings`, what
+    they were made from (a reload that changes them replaces the cluster's server connections)."""
+
+    cluster: str
+    settings: ServerTlsConfig
+    context: ssl.SSLContext | None
+
+    @property
+    def mode(self) -> str:
+        return self.settings.mode
+
+    @property
+    def required(self) -> bool:
+        """A connection fails rather than go on in plaintext."""
+        return self.mode in REQUIRED_MODES
+
+    @classmethod
+    def build(cls, cluster: str, settings: ServerTlsConfig) -> ServerTls:
+        """The context `settings` ask for, with its files loaded; raises TlsSetupError."""
+        mode = settings.mode
+        files = {"ca_file": settings.ca_file, "cert_file": settings.cert_file, "key_file": settings.key_file}
+        if mode == "disable":
+            for key, value in files.items():
+                if value is not None:
+                    raise TlsSetupError(
+                        key,
+                        f"mode is disable (no TLS), so {key} is never used: remove it, or pick another mode",
+                    )
+            return cls(cluster, settings, None)
+        verify = mode in ("verify-ca", "verify-full")
+        ca_file = settings.ca_file
+        if verify and ca_file is None:
+            raise TlsSetupError(
+                "mode",
+                f"{mode} checks the server's certificate against ca_file: set ca_file to the CA "
+                f"certificate(s) that signed it (PEM), or to {SYSTEM_CA} for this machine's trusted CAs",
+            )
+        if not verify and ca_file is not None:
+            raise TlsSetupError(
+                "ca_file",
+                f"with mode {mode} the server's certificate is not checked, and ca_file would be ignored: "
+                "set mode to verify-ca or verify-full, or remove ca_file",
+            )
+        if ca_file == SYSTEM_CA and mode != "verify-full":
+            # any public CA signs certificates for names of anyone's: only the name check makes them mean
+            # something (libpq refuses sslrootcert=system below verify-full too)
+            raise TlsSetupError("ca_file", f"ca_file: {SYSTEM_CA} needs mode verify-full, as libpq's does")
+        if (settings.cert_file is None) != (settings.key_file is None):
+            missing, given = (
+                ("key_file", "cert_file") if settings.key_file is None else ("cert_file", "key_file")
+            )
+            raise TlsSetupError(given, f"{given} needs {missing} too: the client certificate and its key")
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.minimum_version = _VERSIONS[settings.min_version]
+        if verify:
+            context.check_hostname = mode == "verify-full"
+            context.verify_mode = ssl.CERT_REQUIRED
+            if ca_file == SYSTEM_CA:
+                context.load_default_certs(ssl.Purpose.SERVER_AUTH)
+            elif ca_file is not None:
+                data = _read("ca_file", ca_file)
+                try:
+                    context.load_verify_locations(cadata=data.decode("ascii", "replace"))
+                except (ssl.SSLError, ValueError):
+                    raise TlsSetupError(
+                        "ca_file", f"{ca_file} holds no PEM certificate (-----BEGIN CERTIFICATE-----)"
+                    ) from None
+        else:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        if settings.cert_file is not None and settings.key_file is not None:
+            _load_client_certificate(context, settings.cert_file, settings.key_file)
+        return cls(cluster, settings, context)
+
+    # --- the negotiation ---
+
+    def wants_tls(self, answer: bytes, where: str) -> bool:
+        """What the server's answer to the SSLRequest means: True to start the handshake, False to go on
+        in plaintext. Raises TlsRefused (TLS required, not offered), ProtocolViolation (not an answer to
+        an SSLRequest) or ConnectionError (no answer)."""
+        if answer == b"S":
+            return True
+        if answer == b"N":
+            if self.required:
+                raise TlsRefused(
+                    f"server does not support SSL, but SSL was required (server {where}, "
+                    f"clusters.{self.cluster}.tls.mode {self.mode})",
+                    hint="The server has ssl = off in postgresql.conf: turn it on there, or set "
+                    f"clusters.{self.cluster}.tls.mode to prefer (TLS when the server offers it) or disable.",
+                )
+            return False
+        if not answer:
+            raise ConnectionError("the server closed the connection in answer to the SSL request")
+        raise ProtocolViolation(
+            f"received invalid response to SSL negotiation from server {where}: {answer!r}"
+        )
+
+    def handshake_failed(self, exc: ssl.SSLError, where: str) -> Exception:
+        """What a failed TLS handshake with the server at `where` is, for the caller to raise."""
+        if isinstance(exc, ssl.SSLEOFError | ssl.SSLZeroReturnError):
+            return ConnectionError("the server closed the connection during the TLS handshake")
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            why = (exc.verify_message or str(exc)).rstrip(". ")
+            return TlsRefused(
+                f"server certificate verification failed: {why} (server {where}, "
+                f"clusters.{self.cluster}.tls.mode {self.mode})",
+                hint=f"clusters.{self.cluster}.tls.ca_file must hold the CA certificate that signed the "
+                "server's certificate"
+                + (
+                    ", and the certificate must name the node's host as written in nodes: (DNS name or IP "
+                    "address among its subject alternative names), or use mode verify-ca."
+                    if self.mode == "verify-full"
+                    else "."
+                ),
+            )
+        return TlsRefused(
+            f"TLS handshake with server {where} failed: {exc.reason or exc} "
+            f"(clusters.{self.cluster}.tls.mode {self.mode})",
+            hint=f"Compare clusters.{self.cluster}.tls (min_version, cert_file) with the server's ssl_* "
+            "settings; the server's log says more.",
+        )
+
+
+def _load_client_certificate(context: ssl.SSLContext, cert_file: str, key_file: str) -> None:
+    """The client certificate the nodes may ask for (pg_hba.conf `cert`, `clientcert=verify-ca`)."""
+    cert = _read("cert_file", cert_file)
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cadata=cert.decode("ascii", "replace"))
+    except (ssl.SSLError, ValueError):
+        raise TlsSetupError(
+            "cert_file", f"{cert_file} holds no PEM certificate (-----BEGIN CERTIFICATE-----)"
+        ) from None
+    _read("key_file", key_file)
+    _check_key_mode(key_file)
+    try:
+        context.load_cert_chain(cert_file, key_file, password=_no_passphrase)
+    except _Passphrase:
+        raise TlsSetupError(
+            "key_file",
+            f"{key_file} is encrypted with a passphrase, which halephant has no way to ask for: give it "
+            "the key decrypted (openssl pkey -in KEY -out PLAIN-KEY)",
+        ) from None
+    except ssl.SSLError as exc:
+        if exc.reason == "KEY_VALUES_MISMATCH":
+            raise TlsSetupError(
+                "key_file", f"{key_file} is not the private key of the certificate in {cert_file}"
+            ) from None
+        raise TlsSetupError("key_file", f"{key_file} holds no PEM private key") from None
+    except OSError as exc:
+        raise TlsSetupError("key_file", f"cannot load {key_file}: {exc.strerror or exc}") from None
+
+
+def describe(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> str:
+    """`TLSv1.3/TLS_AES_256_GCM_SHA384` for a connection's TLS session, "" for none (SHOW SERVERS)."""
+    if ssl_object is None:
+        return ""
+    cipher = ssl_object.cipher()
+    return f"{ssl_object.version()}/{cipher[0]}" if cipher else str(ssl_object.version())
+
+
+# --- connecting ---
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def _connect(loop: asyncio.AbstractEventLoop, host: str, port: int) -> socket.socket:
+    """A connected, non-blocking TCP socket to `host`, trying each of its addresses in turn."""
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    errors: list[OSError] = []
+    for family, kind, proto, _name, address in infos:
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setblocking(False)
+            await loop.sock_connect(sock, address)
+        except OSError as exc:
+            sock.close()
+            errors.append(exc)
+            continue
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+    if len(errors) == 1:
+        raise errors[0]
+    raise OSError(f"Multiple exceptions: {', '.join(str(exc) for exc in errors)}")
+
+
+async def open_connection(
+    loop: asyncio.AbstractEventLoop,
+    factory: Callable[[], asyncio.BaseProtocol],
+    host: str,
+    port: int,
+    tls: ServerTls,
+) -> None:
+    """Connect `factory()`'s protocol to the node at `host:port` (TCP) after the SSLRequest: over TLS when
+    the server takes it, else in plaintext (unless `tls` requires TLS). Raises as the module docstring
+    says, or OSError."""
+    where = _address(host, port)
+    sock = await _connect(loop, host, port)
+    try:
+        await loop.sock_sendall(sock, m.SSL_REQUEST)
+        # one byte exactly: anything the server (or someone in between) sent after it would otherwise be
+        # taken as if it had come over TLS
+        use_tls = tls.wants_tls(await loop.sock_recv(sock, 1), where)
+    except BaseException:
+        sock.close()
+        raise
+    # from here the event loop owns the socket, and closes it if this fails
+    if not use_tls:
+        await loop.create_connection(factory, sock=sock)
+        return
+    try:
+        await loop.create_connection(factory, sock=sock, ssl=tls.context, server_hostname=host)
+    except ssl.SSLError as exc:
+        raise tls.handshake_failed(exc, where) from None
+
+
+async def open_stream(host: str, port: int, tls: ServerTls) -> anyio.abc.ByteStream:
+    """An anyio stream to the node at `host:port` (TCP) after the SSLRequest, as `open_connection`."""
+    where = _address(host, port)
+    stream = await anyio.connect_tcp(host, port)
+    try:
+        await stream.send(m.SSL_REQUEST)
+        try:
+            answer = await stream.receive(1)
+        except anyio.EndOfStream:
+            answer = b""
+        if not tls.wants_tls(answer, where):
+            return stream
+        try:
+            # standard_compatible=False: PostgreSQL may close without a TLS close_notify (it ends a
+            # cancel request's connection so): the end of the stream, not an error
+            return await TLSStream.wrap(
+                stream, hostname=host, ssl_context=tls.context, standard_compatible=False
+            )
+        except ssl.SSLError as exc:
+            raise tls.handshake_failed(exc, where) from None
+    except BaseException:
+        await anyio.aclose_forcefully(stream)
+        raise
