@@ -6,7 +6,8 @@ A host that starts with `/` is a socket directory, as in libpq's `host=`: node `
 reached at `/var/run/postgresql/.s.PGSQL.5432` by server connections (the shared LISTEN one too),
 topology probes and cancel requests alike (`create_connection`, `connect_stream`). TCP options
 (keepalive, user timeout) do not apply to such a connection (`halephant.tcp` leaves any socket that
-is not TCP alone).
+is not TCP alone), and neither does TLS, whatever the cluster's `tls.mode` (libpq ignores sslmode for
+a socket too): a TCP connection with TLS settings is opened by `halephant.server_tls`.
 
 Listening (`UnixListener`): the socket is bound under a temporary name beside the final one, given its
 mode and group (`unix_socket_mode`, `unix_socket_group`), listens, and is then renamed over the final
@@ -32,6 +33,8 @@ from collections.abc import Callable
 import anyio
 import anyio.abc
 
+from halephant.server_tls import ServerTls, open_connection, open_stream
+
 __all__ = [
     "MAX_SOCKET_PATH",
     "UnixListener",
@@ -42,6 +45,7 @@ __all__ = [
     "socket_dir",
     "socket_path",
     "too_long",
+    "uses_tls",
 ]
 
 #: The longest socket path PostgreSQL and libpq take (sun_path less its terminating NUL, on Linux).
@@ -81,19 +85,34 @@ def too_long(directory: str, port: int) -> str | None:
     )
 
 
-async def connect_stream(host: str, port: int) -> anyio.abc.SocketStream:
-    """An anyio stream to a node: its socket file when `host` is a directory, else TCP."""
+def uses_tls(host: str, tls: ServerTls | None) -> bool:
+    """A connection to `host` with `tls` starts with an SSLRequest: TCP, and a mode other than disable."""
+    return tls is not None and tls.context is not None and not is_socket_dir(host)
+
+
+async def connect_stream(host: str, port: int, tls: ServerTls | None = None) -> anyio.abc.ByteStream:
+    """An anyio stream to a node: its socket file when `host` is a directory, else TCP (after an
+    SSLRequest, TLS when the server takes it, unless `tls` is None or its mode disable)."""
     if is_socket_dir(host):
         return await anyio.connect_unix(socket_path(host, port))
+    if tls is not None and tls.context is not None:
+        return await open_stream(host, port, tls)
     return await anyio.connect_tcp(host, port)
 
 
 async def create_connection(
-    loop: asyncio.AbstractEventLoop, factory: Callable[[], asyncio.BaseProtocol], host: str, port: int
+    loop: asyncio.AbstractEventLoop,
+    factory: Callable[[], asyncio.BaseProtocol],
+    host: str,
+    port: int,
+    tls: ServerTls | None = None,
 ) -> None:
-    """Connect `factory()`'s protocol to a node: its socket file when `host` is a directory, else TCP."""
+    """Connect `factory()`'s protocol to a node: its socket file when `host` is a directory, else TCP
+    (after an SSLRequest, TLS when the server takes it, unless `tls` is None or its mode disable)."""
     if is_socket_dir(host):
         await loop.create_unix_connection(factory, socket_path(host, port))
+    elif tls is not None and tls.context is not None:
+        await open_connection(loop, factory, host, port, tls)
     else:
         await loop.create_connection(factory, host, port)
 

@@ -347,7 +347,12 @@ class App:
             )
             server.held_cancels.append((client, done))
             return
-        log.info("%r: forwarding cancel request to server pid %d", client, server.backend_pid)
+        log.info(
+            "%r: forwarding cancel request to server pid %d%s",
+            client,
+            server.backend_pid,
+            " over TLS" if server.tls_used is not None else "",
+        )
         self.spawn(self._send_cancel, client, server, server.link_count, done)
 
     def forward_held_cancel(
@@ -359,7 +364,12 @@ class App:
             log.info("%r: held cancel request dropped: its server moved on", client)
             done()
             return
-        log.info("%r: forwarding cancel request to server pid %d", client, server.backend_pid)
+        log.info(
+            "%r: forwarding cancel request to server pid %d%s",
+            client,
+            server.backend_pid,
+            " over TLS" if server.tls_used is not None else "",
+        )
         self.spawn(self._send_cancel, client, server, server.link_count, done)
 
     async def _send_cancel(
@@ -396,7 +406,10 @@ class App:
     ) -> None:
         try:
             with anyio.fail_after(5):
-                stream = await connect_stream(server.pool.host, server.pool.port)
+                # over TLS when its server connection is (as libpq 17 sends them): the cancel key is not
+                # to be seen on the wire when the session it cancels was not; PostgreSQL checks no
+                # pg_hba.conf line for a cancel request, so plaintext would be taken as well
+                stream = await connect_stream(server.pool.host, server.pool.port, server.tls_used)
                 async with stream:
                     if wanted is not None and not wanted():
                         return

@@ -42,7 +42,6 @@ from halephant.protocol.framing import split_frames
 from halephant.proxy import session_state
 from halephant.proxy.server import ServerConnection
 from halephant.proxy.stand_in import StandIn
-from halephant.unix_socket import create_connection
 
 if TYPE_CHECKING:
     from halephant.pool.pool import Pool
@@ -281,7 +280,7 @@ class _Listener(StandIn):
             if unready is not None:
                 raise unready
             with anyio.fail_after(self.app.config.limits.connect_timeout):
-                await create_connection(loop, lambda: server, self.pool.host, self.pool.port)
+                await server.connect(self.app.manager.tls.get(target.cluster))
                 await server.login
         except Exception as exc:
             server.abort()
@@ -299,7 +298,12 @@ class _Listener(StandIn):
         self.active = set()
         self._batches.clear()
         server.client = self  # type: ignore[assignment]
-        log.info("shared listener for %s: connected (pid %d)", self.pool.name, server.backend_pid)
+        log.info(
+            "shared listener for %s: connected (pid %d%s)",
+            self.pool.name,
+            server.backend_pid,
+            f", tls {server.tls}" if server.tls else "",
+        )
         if _major(server.params.get("server_version", "")) >= 14:
             # It sits idle between notifications: an idle_session_timeout set on its role or database
             # would end it, and with it every listening client's LISTEN (08006).

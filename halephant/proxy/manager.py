@@ -42,8 +42,9 @@ from halephant.proxy.nodes import Nodes
 from halephant.proxy.server import ServerConnection, ServerLoginError
 from halephant.proxy.stand_in import StandIn
 from halephant.proxy.sweep import sweep_clients, sweep_waiters
+from halephant.server_tls import ServerTls
 from halephant.types import ClusterView, PoolInfo, PoolMode, PoolSize, PoolTarget, Role
-from halephant.unix_socket import create_connection
+from halephant.unix_socket import uses_tls
 
 if TYPE_CHECKING:
     from halephant.proxy.app import App
@@ -148,6 +149,9 @@ class PoolManager:
         self._hand_overs: deque[tuple[ClientConnection, ServerConnection]] = deque()
         #: the caps across pools, by (setting, database or user, node) (`_caps_for`)
         self.caps: dict[tuple[str, str, str], Cap] = {}
+        #: each cluster's TLS settings, as last configured (a cluster a reload removed keeps its last:
+        #: its retired pools may still open a server for the clients they hold)
+        self.tls: dict[str, ServerTls] = {name: app.config.server_tls(name) for name in app.config.clusters}
 
     # --- lookups ---
 
@@ -218,19 +222,8 @@ class PoolManager:
                 target.server_settings,
             ):
                 # Its servers are connected to another database, as another role, or with other
-                # settings (a user made read_only): none is handed to a client again. Idle ones close
-                # now, busy ones when they come back (as for max_lifetime).
-                pool.outdated_before = now = time.monotonic()
-                pool.retire_before = max(pool.retire_before, now)
-                log.info(
-                    "pool %s: its %d server connection(s) are replaced: a reload changed what they log in "
-                    "with",
-                    pool.name,
-                    len(pool.idle) + len(pool.active),
-                )
-                for server in list(pool.idle):
-                    pool.discard(server)
-                    server.close("a reload changed the pool's settings")
+                # settings (a user made read_only): none is handed to a client again.
+                self._outdate(pool, "what they log in with")
             self._set_caps(pool, self._caps_for(pool, self.app.config))
         if pool is None:
             pool = self.pools[key] = Pool[ServerConnection, "ClientConnection"](
@@ -240,6 +233,23 @@ class PoolManager:
             log.info("pool %s created (size %d, min %d: %s)", pool.name, size.max, size.min, size.reason)
             self._set_caps(pool, self._caps_for(pool, self.app.config))
         return pool
+
+    @staticmethod
+    def _outdate(pool: ServerPool, changed: str) -> None:
+        """A reload changed `changed` for `pool`'s servers: none is handed to a client again. Idle ones
+        close now, busy ones when they come back (as for max_lifetime), one logging in meanwhile once
+        logged in (`_open`)."""
+        pool.outdated_before = now = time.monotonic()
+        pool.retire_before = max(pool.retire_before, now)
+        log.info(
+            "pool %s: its %d server connection(s) are replaced: a reload changed %s",
+            pool.name,
+            len(pool.idle) + len(pool.active),
+            changed,
+        )
+        for server in list(pool.idle):
+            pool.discard(server)
+            server.close("a reload changed the pool's settings")
 
     # --- caps across pools ---
 
@@ -355,12 +365,13 @@ class PoolManager:
             pool.login_refused = None
         secret = upstream_secret(target)
         server = ServerConnection(self, pool, startup, secret, loop)
+        tls = self.tls.get(target.cluster)
         try:
             unready = passthrough_unready(target.server_user, secret)
             if unready is not None:
                 raise unready  # refused as PostgreSQL's refusal is, without a connection to PostgreSQL
             with anyio.fail_after(self.app.config.limits.connect_timeout):
-                await create_connection(loop, lambda: server, pool.host, pool.port)
+                await server.connect(tls)
                 await server.login
                 if server.closing:  # closed between its ReadyForQuery and now: nobody can use it
                     raise ServerLoginError(
@@ -370,18 +381,12 @@ class PoolManager:
             server.abort()
             pool.failed_open_at = loop.time()
             if isinstance(exc, ClientError) and exc.code.startswith("28"):
-                # the client's own login succeeded: say whose login this was
+                # the client's own login succeeded: say whose login this was (a TLS connection the
+                # cluster's tls: settings refused is such a refusal too: `TlsRefused`)
                 error = ClientError(
                     exc.code,
                     f"halephant's login to the server failed: {exc.message}",
-                    hint=exc.hint
-                    or (
-                        f'halephant logs in as "{target.server_user}" with the password halephant.yaml '
-                        "gives it (server_password, else password)."
-                        if exc.code == sqlstate.INVALID_PASSWORD
-                        else f'halephant logs in as "{target.server_user}" from the host halephant runs on: '
-                        "the server's pg_hba.conf, or the role's rights, refuse that."
-                    ),
+                    hint=exc.hint or _login_hint(exc, target, server, tls),
                     fatal=True,
                 )
             elif isinstance(exc, ClientError):
@@ -482,11 +487,16 @@ class PoolManager:
                 self._welcome_with.pop(pair, None)
             self._welcome[pair] = dict(server.params)
         log.info(
-            "pool %s: server connection opened (pid %d, now %d%s)",
+            "pool %s: server connection opened (pid %d, now %d%s%s)",
             pool.name,
             server.backend_pid,
             len(pool.idle) + len(pool.active) + 1,  # this one: counted as connecting until `connected`
             f", {pool.connecting - 1} more logging in" if pool.connecting > 1 else "",
+            f", tls {server.tls}"
+            if server.tls
+            else ", no tls: the server does not offer it"
+            if uses_tls(pool.host, tls)
+            else "",
         )
         first = pool.connected(server)
         if first is not None:
@@ -920,6 +930,13 @@ class PoolManager:
             self._welcome.clear()
             self._welcome_with.clear()
         asked: dict[tuple[str, str, str], float | None] = {}
+        tls_changed = set()
+        for name in config.clusters:
+            tls = config.server_tls(name)
+            before = self.tls.get(name)
+            if before is not None and before.settings != tls.settings:
+                tls_changed.add(name)
+            self.tls[name] = tls  # (new contexts all the same: the files may have been replaced)
         for key, pool in list(self.pools.items()):
             pool.login_refused = None  # a password may have changed: try again at once
             _database, _user, node = key
@@ -936,6 +953,10 @@ class PoolManager:
                     f"pool {pool.name} retired ({'database removed' if db is None else 'node removed'})"
                 )
                 continue
+            if db.cluster in tls_changed and pool.total:
+                # as a changed node address would: servers of the old settings serve no new client
+                self._outdate(pool, f"clusters.{db.cluster}.tls")
+                changes.append(f"pool {pool.name}: server connections replaced (clusters.{db.cluster}.tls)")
             size = self.app.plugins.pool_size(pool.info.target, config)
             change = self._resize(pool, size)
             if change:
@@ -971,6 +992,27 @@ class PoolManager:
             while pool.should_open_for_waiters():  # (held again where a cap still has no room)
                 self.open(pool)
         return changes
+
+
+def _login_hint(exc: ClientError, target: PoolTarget, server: ServerConnection, tls: ServerTls | None) -> str:
+    """The hint for a login PostgreSQL refused (28000, 28P01) that gave none of its own."""
+    user = target.server_user
+    if exc.code == sqlstate.INVALID_PASSWORD:
+        return (
+            f'halephant logs in as "{user}" with the password halephant.yaml gives it (server_password, '
+            "else password)."
+        )
+    if not server.tls and exc.message.endswith("no encryption"):
+        # pg_hba.conf has a hostssl line for it, and no host one: PostgreSQL's own words for that
+        mode = tls.mode if tls is not None else "disable"
+        return (
+            f"The server accepts this login over TLS only, and halephant connected in plaintext "
+            f"(clusters.{target.cluster}.tls.mode is {mode}): set it to require, verify-ca or verify-full."
+        )
+    return (
+        f'halephant logs in as "{user}" from the host halephant runs on: the server\'s pg_hba.conf, or the '
+        "role's rights, refuse that."
+    )
 
 
 def _close_taken(servers: list[ServerConnection], why: str, reason: str) -> None:

@@ -1,6 +1,8 @@
 """A server connection: logging in to PostgreSQL, then relaying its bytes to whichever client it is linked to.
 
-Login is driven by callbacks (StartupMessage, the auth exchange, ParameterStatus, BackendKeyData, up to the
+`connect` opens it (over TLS when its cluster's `tls:` settings and the server agree on it:
+`halephant.server_tls`; the relaying below is the same either way, only the transport differs). Login is
+driven by callbacks (StartupMessage, the auth exchange, ParameterStatus, BackendKeyData, up to the
 first ReadyForQuery) and completes `login` (a future the opener awaits under a timeout). After login,
 `data_received` forwards each chunk to the linked client whole and only scans headers (BackendScanner);
 the client decides at each ReadyForQuery whether the server goes back to its pool. Bytes from a server
@@ -36,7 +38,9 @@ from halephant.protocol.framing import PASSED_AS_IT_COMES, BackendScanner, split
 from halephant.protocol.session_params import settings_sql
 from halephant.protocol.session_queries import decode_data_row
 from halephant.proxy import prepared, session_state
+from halephant.server_tls import ServerTls, describe
 from halephant.tcp import set_tcp_options
+from halephant.unix_socket import create_connection
 
 if TYPE_CHECKING:
     from halephant.pool.pool import Pool
@@ -112,6 +116,8 @@ class ServerConnection(asyncio.Protocol):
         "scanner",
         "settings",
         "statements",
+        "tls",
+        "tls_used",
         "transport",
         "unresettable",
         "xact_seen",
@@ -173,6 +179,10 @@ class ServerConnection(asyncio.Protocol):
         self.cancelling = 0
         #: (the client it came from,) when a check-in waits for those to be confirmed (`PoolManager.checkin`)
         self.parked: tuple[ClientConnection | None] | None = None
+        #: its TLS session, `TLSv1.3/TLS_AES_256_GCM_SHA384` ("" in plaintext), for SHOW SERVERS and logs
+        self.tls = ""
+        #: the cluster's TLS settings it was opened with, when over TLS (its cancel requests use them too)
+        self.tls_used: ServerTls | None = None
 
     def __repr__(self) -> str:
         state = "closing" if self.closing else ("active" if self.client else "idle")
@@ -180,12 +190,21 @@ class ServerConnection(asyncio.Protocol):
 
     # --- asyncio.Protocol: login ---
 
+    async def connect(self, tls: ServerTls | None) -> None:
+        """Connect to the pool's node, over TLS as the cluster's `tls` settings say (see
+        `halephant.server_tls`); the login starts as the connection is made, and completes `login`."""
+        pool = self.pool
+        await create_connection(self.manager.app.loop, lambda: self, pool.host, pool.port, tls)
+        if self.tls:
+            self.tls_used = tls
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports don't subclass asyncio's; both loops set TCP_NODELAY themselves
         self.transport = cast(asyncio.Transport, transport)
         sock = transport.get_extra_info("socket")
         if sock is not None:
             set_tcp_options(sock, self.manager.app.config.limits)
+        self.tls = describe(transport.get_extra_info("ssl_object"))
         self.transport.write(m.startup_message(self._startup))
 
     def _login_data(self, data: bytes) -> None:

@@ -85,8 +85,11 @@ class TopologyMonitor:
         for name, cluster in config.clusters.items():
             user, password = probe_login(config, cluster)
             _log_passthrough_probes(name, user, password)
+            tls = config.server_tls(name)
             self._probes[name] = [
-                ProbeConnection(node.host, node.port, user, password, cluster.probe_database, config.limits)
+                ProbeConnection(
+                    node.host, node.port, user, password, cluster.probe_database, config.limits, tls
+                )
                 for node in cluster.nodes
             ]
         self._wake: dict[str, anyio.Event] = {}
@@ -95,9 +98,10 @@ class TopologyMonitor:
 
     def reconfigure(self, config: Config) -> None:
         """A reload: new intervals and lag limits apply at once, `limits.tcp_*` to probe connections
-        opened from then on; a cluster whose nodes or probe login changed is probed afresh at once (its
-        nodes still listed keep their last known state until then, new ones are not usable); added
-        clusters are probed, removed ones no longer."""
+        opened from then on (and the TLS context, made anew from the files); a cluster whose nodes,
+        probe login or TLS settings changed is probed afresh at once (its nodes still listed keep their
+        last known state until then, new ones are not usable); added clusters are probed, removed ones
+        no longer."""
         self.interval = config.topology.interval
         self.timeout = config.topology.timeout
         closing: list[ProbeConnection] = []
@@ -110,17 +114,23 @@ class TopologyMonitor:
                 event.set()  # its loop wakes up and ends
         for name, cluster in config.clusters.items():
             user, password = probe_login(config, cluster)
+            tls = config.server_tls(name)
             wanted = [(n.host, n.port, user, password, cluster.probe_database) for n in cluster.nodes]
             probes = self._probes.get(name)
-            if probes is None or [(p.host, p.port, p.user, p.password, p.database) for p in probes] != wanted:
+            if (
+                probes is None
+                or [(p.host, p.port, p.user, p.password, p.database) for p in probes] != wanted
+                or any(p.tls is None or p.tls.settings != tls.settings for p in probes)
+            ):
                 closing += probes or []
                 _log_passthrough_probes(name, user, password)
-                self._probes[name] = [ProbeConnection(*args, config.limits) for args in wanted]
+                self._probes[name] = [ProbeConnection(*args, config.limits, tls) for args in wanted]
                 self.states[name] = ClusterState(name, cluster, self.states.get(name))
             else:
                 self.states[name].cluster = cluster  # lag limits
                 for probe in probes:
                     probe.limits = config.limits  # limits.tcp_* for the connections it opens from now on
+                    probe.tls = tls
             self._last_round.setdefault(name, 0.0)
             if name not in self._wake and self._tg is not None:
                 self._wake[name] = anyio.Event()
@@ -202,7 +212,12 @@ class TopologyMonitor:
             outcomes[i] = f"no answer within {self.timeout:g}s"
         except ProbeFailed as exc:
             why = str(exc)
-            if "(28P01)" in why or "(28000)" in why:
+            if why.endswith("no encryption (28000)") and probe.tls is not None:
+                # pg_hba.conf has a hostssl line for the probes' login and no host one
+                why += (
+                    f" (the node takes this login over TLS only: check clusters.{probe.tls.cluster}.tls.mode)"
+                )
+            elif "(28P01)" in why or "(28000)" in why:
                 why += f" (probe user {probe.user!r}: check probe_user and probe_password)"
             outcomes[i] = why
         except OSError as exc:

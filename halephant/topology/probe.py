@@ -9,7 +9,10 @@ network path died until its next probe timed out, and a probe's send could hang 
 the connection; the next probe connects again. It is also opened anew after `PROBES_PER_CONNECTION`
 probes: a node shutting down in smart mode (a SIGTERM to the postmaster) lets the sessions it has go on
 and refuses new ones (57P03), so only a new login tells that it is going away, and a connection kept
-for ever would hold up its shutdown for as long as halephant runs.
+for ever would hold up its shutdown for as long as halephant runs. A TCP probe connection uses its
+cluster's `tls:` settings as server connections do (`halephant.server_tls`): a node whose pg_hba.conf
+takes only TLS logins (`hostssl`) is probed over TLS, and one whose certificate does not verify is
+down for the probes, with the reason.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from halephant.protocol import codes
 from halephant.protocol import messages as m
 from halephant.protocol.framing import split_frames
 from halephant.protocol.session_queries import decode_data_row
+from halephant.server_tls import ServerTls
 from halephant.tcp import set_tcp_options
 from halephant.unix_socket import connect_stream
 
@@ -190,6 +194,7 @@ class ProbeConnection:
         "limits",
         "password",
         "port",
+        "tls",
         "user",
     )
 
@@ -201,6 +206,7 @@ class ProbeConnection:
         password: str | None,
         database: str,
         limits: LimitsConfig | None = None,
+        tls: ServerTls | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -210,7 +216,10 @@ class ProbeConnection:
         #: keepalive and user timeout for its TCP connections (None: the kernel's defaults); a reload
         #: sets the new ones, for connections opened from then on
         self.limits = limits
-        self._stream: anyio.abc.SocketStream | None = None
+        #: the cluster's TLS settings (None: plaintext); a reload sets the new ones, for connections
+        #: opened from then on
+        self.tls = tls
+        self._stream: anyio.abc.ByteStream | None = None
         self._session: ProbeSession | None = None
         self._probes = 0  # made over the current connection
 
@@ -255,7 +264,10 @@ class ProbeConnection:
             # no connection at all until a client's login gives the keys: a probe each round would be
             # a login each round that PostgreSQL cannot but see fail
             raise ProbeFailed(unready.message)
-        self._stream = await connect_stream(self.host, self.port)
+        try:
+            self._stream = await connect_stream(self.host, self.port, self.tls)
+        except ClientError as exc:  # TLS refused (its message says which setting), or not PostgreSQL
+            raise ProbeFailed(exc.message) from None
         if self.limits is not None:
             set_tcp_options(self._stream.extra(anyio.abc.SocketAttribute.raw_socket), self.limits)
         self._session = ProbeSession(self.user, self.password, self.database)

@@ -40,7 +40,7 @@ def _cancel(app: Any, process_id: int, key: int) -> list[tuple[Any, Any]]:
 
 
 def _server(pid: int, host: str) -> SimpleNamespace:
-    return SimpleNamespace(backend_pid=pid, link_count=1, host=host, absorb=0)
+    return SimpleNamespace(backend_pid=pid, link_count=1, host=host, absorb=0, tls_used=None)
 
 
 def test_two_session_clients_told_the_same_process_id_each_cancel_their_own_query() -> None:

@@ -1,6 +1,7 @@
 """A topology probe's TCP connection gets `limits.tcp_*` (keepalive, user timeout) as server connections
 do, also after a reload; a probe over a Unix-domain socket is left alone. Against a stand-in node that
-answers the login with AuthenticationOk and ReadyForQuery."""
+answers the SSLRequest (`tls.mode` prefer, the default) with N, as PostgreSQL with `ssl = off` does, and
+the login with AuthenticationOk and ReadyForQuery."""
 
 from __future__ import annotations
 
@@ -34,7 +35,9 @@ def _config(node: str, limits: str) -> Config:
 async def _node(listener: anyio.abc.SocketListener) -> None:
     async def answer(stream: anyio.abc.SocketStream) -> None:
         async with stream:
-            await stream.receive()  # the StartupMessage
+            if await stream.receive() == m.SSL_REQUEST:  # over TCP: a Unix-domain socket never has TLS
+                await stream.send(b"N")
+                await stream.receive()  # the StartupMessage
             await stream.send(LOGIN_OK)
             await anyio.sleep_forever()
 
