@@ -625,7 +625,7 @@ def _tls(client: dict[str, Any]) -> str:
 
 SERVERS_COLUMNS = columns(
     "type:text user:text database:text state:text addr:text port:int4 connect_time:text request_time:text "
-    "link:text remote_pid:int4 transactions:int8 queries:int8"
+    "link:text remote_pid:int4 transactions:int8 queries:int8 tls:text"
 )
 
 
@@ -642,7 +642,7 @@ def show_servers(app: App) -> Result:
                 "S", s["user"], s["database"], s["state"], host, port,
                 _timestamp(now - age) if age is not None else None,
                 _timestamp(now - s.get("idle_for", 0.0)) if age is not None else None,
-                s.get("client"), s["pid"], s.get("transactions"), s.get("queries"),
+                s.get("client"), s["pid"], s.get("transactions"), s.get("queries"), s.get("tls"),
             ]
         )  # fmt: skip
     return Result(SERVERS_COLUMNS, rows, "SHOW")

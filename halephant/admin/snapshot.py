@@ -335,6 +335,7 @@ def servers(app: App) -> list[dict[str, Any]]:
                     "queries": server.rfq_seen,
                     "checkouts": server.link_count,
                     "session_state": server.dirty,
+                    "tls": server.tls,
                 }
             )
         for _ in range(pool.connecting):
