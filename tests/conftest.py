@@ -19,6 +19,7 @@ import pytest
 from support import forkserver
 from support.cluster import start_test_cluster
 from support.halephant import HalephantFactory
+from support.tls import TlsFiles, start_tls_cluster
 
 from halephant.testing.pgcluster import Cluster, PgNotFound
 
@@ -80,6 +81,24 @@ def pg(request: pytest.FixtureRequest) -> Iterator[Cluster]:
     request.config.stash[PG_CLUSTER] = cluster
     yield cluster
     del request.config.stash[PG_CLUSTER]
+    cluster.destroy()
+
+
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
+    """A throwaway CA and the PEM files halephant's `tls:` settings name (see `support.tls`)."""
+    return TlsFiles.make(tmp_path_factory.mktemp("tls"))
+
+
+@pytest.fixture(scope="session")
+def tls_pg(tls_files: TlsFiles) -> Iterator[Cluster]:
+    """A one-node cluster with ssl = on whose TCP logins must be over TLS (`support.tls`), for the
+    session: the test roles, the `myapp` database, and `certuser` (client certificate logins)."""
+    try:
+        cluster = start_tls_cluster(tls_files)
+    except PgNotFound as exc:
+        pytest.fail(str(exc), pytrace=False)
+    yield cluster
     cluster.destroy()
 
 

@@ -20,6 +20,7 @@ from ruamel.yaml import YAML
 from support.cluster import ROLE_PASSWORDS
 from support.halephant import HalephantDidNotStart, HalephantFactory, default_config, write_config
 from support.leaks import assert_clean_servers
+from support.tls import CERT_USER, SERVER_NAME, TlsFiles
 
 from halephant.testing import pgcluster
 from halephant.testing.pgcluster import Cluster, PgError, PgNotFound, conninfo, find_bindir, free_port
@@ -116,6 +117,42 @@ def test_each_role_logs_in_over_tcp_with_its_method(pg: Cluster, user: str, meth
     if method != "trust":
         with pytest.raises(psycopg.OperationalError, match="authentication failed"):
             psycopg.connect(pg.primary.dsn(user, "wrong", "myapp"), connect_timeout=10).close()
+
+
+def test_ssl_is_off_unless_asked_for(pg: Cluster) -> None:
+    # what every test, the demo and the benchmarks run against: plaintext, as before ServerSsl existed
+    assert pg.primary.sql("SHOW ssl") == "off"
+    assert not (pg.primary.datadir / pgcluster.SSL_KEY_FILE).exists()
+    assert "hostssl" not in (pg.primary.datadir / "pg_hba.conf").read_text()
+
+
+def test_a_tls_cluster_takes_tcp_logins_over_tls_only(tls_pg: Cluster, tls_files: TlsFiles) -> None:
+    node = tls_pg.primary
+    assert node.sql("SHOW ssl") == "on"
+    key = (node.datadir / pgcluster.SSL_KEY_FILE).stat()
+    assert (key.st_mode & 0o777, key.st_uid) == (0o600, tls_pg._pg.user.uid)
+    plain = conninfo(host=node.host, port=node.port, user="myapp", password="myapp", dbname="myapp")
+    with pytest.raises(psycopg.OperationalError, match="no encryption"):
+        psycopg.connect(plain + " sslmode=disable", connect_timeout=10).close()
+    # the certificate names localhost, signed by the CA
+    verified = conninfo(
+        host=SERVER_NAME, port=node.port, user="myapp", password="myapp", dbname="myapp",
+        sslmode="verify-full", sslrootcert=tls_files.ca_file,
+    )  # fmt: skip
+    with psycopg.connect(verified, connect_timeout=10) as conn:
+        row = conn.execute("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()").fetchone()
+        assert row == (True,)
+    with psycopg.connect(node.dsn("md5user", "md5user", "myapp"), connect_timeout=10) as conn:
+        assert conn.execute("SELECT current_user").fetchone() == ("md5user",)  # the test roles' own methods
+    # certuser: its client certificate, no password
+    cert = conninfo(
+        host=node.host, port=node.port, user=CERT_USER, dbname="myapp", sslmode="require",
+        sslcert=tls_files.cert_file, sslkey=tls_files.key_file,
+    )  # fmt: skip
+    with psycopg.connect(cert, connect_timeout=10) as conn:
+        assert conn.execute("SELECT current_user").fetchone() == (CERT_USER,)
+    with pytest.raises(psycopg.OperationalError, match="certificate"):
+        psycopg.connect(node.dsn(CERT_USER, None, "myapp"), connect_timeout=10).close()
 
 
 def test_read_only_role_reads_what_myapp_creates(pg: Cluster) -> None:

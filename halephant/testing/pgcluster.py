@@ -29,10 +29,13 @@ API::
         dsn(user, password, dbname="postgres") -> str
         log_text() -> str
 
+    class ServerSsl:                   # ssl = on: certificate and key (PEM), CA for client certificates
+        cert_pem, key_pem, client_ca_pem=None, hostssl_only=True
+
     class Cluster:
         primary: Node; replicas: list[Node]; nodes (primary first); base_dir: pathlib.Path
         Cluster.start(*, replicas=1, settings=None, base_dir=None, max_connections=200,
-                      shared_buffers="128MB", hba=()) -> Cluster
+                      shared_buffers="128MB", hba=(), ssl=None) -> Cluster
         add_replica(name=None) -> Node   # pg_basebackup of the primary as it is now
         create_role(name, password=None, *, superuser=False, createdb=False, password_encryption=None)
         create_database(name, owner)
@@ -57,6 +60,13 @@ files of a data directory takes a few milliseconds instead of up to a second on 
 
 Authentication: ``trust`` on the unix socket (``Node.sql`` uses it, for any role), ``scram-sha-256`` on
 127.0.0.1 for clients and replication, with any ``hba`` lines placed before those generic lines.
+
+TLS: off unless ``Cluster.start(ssl=ServerSsl(...))`` is given a server certificate and key in PEM (the
+tests make them with trustme; this module makes none): every node then runs with ``ssl = on``, the files
+in its data directory (the key mode 0600, owned by the OS user that runs PostgreSQL, as it insists), and
+with ``hostssl_only`` its pg_hba.conf refuses every TCP login that is not over TLS (``hostnossl ...
+reject`` first; the ``host`` lines then match TLS logins only). ``client_ca_pem`` becomes ``ssl_ca_file``,
+for ``cert`` logins and ``clientcert=`` options in ``hba`` lines.
 """
 
 from __future__ import annotations
@@ -85,6 +95,7 @@ __all__ = [
     "Node",
     "PgError",
     "PgNotFound",
+    "ServerSsl",
     "conninfo",
     "database_sql",
     "find_bindir",
@@ -132,12 +143,42 @@ HBA_TAIL = """\
 host    all          all   127.0.0.1/32   scram-sha-256
 host    replication  all   127.0.0.1/32   scram-sha-256
 """
+#: first of a `ServerSsl(hostssl_only=True)` node's lines over TCP: a login not over TLS goes no further
+HBA_NO_PLAINTEXT = """\
+hostnossl all        all   all            reject
+hostnossl replication all  all            reject
+"""
+
+#: the files of `ServerSsl`, in each node's data directory (`ssl_cert_file` and `ssl_key_file` default to
+#: the first two)
+SSL_CERT_FILE = "server.crt"
+SSL_KEY_FILE = "server.key"
+SSL_CA_FILE = "root.crt"
 
 PG_INSTALL_HINT = (
     "PostgreSQL server binaries (initdb, pg_ctl) were not found. Install them with "
     "`apt-get install -y postgresql` (Debian/Ubuntu), or set HALEPHANT_PGBIN to the directory that "
     "holds initdb (e.g. HALEPHANT_PGBIN=/usr/lib/postgresql/15/bin)."
 )
+
+
+@dataclass(frozen=True)
+class ServerSsl:
+    """TLS for every node of a cluster (`Cluster.start(ssl=...)`): ``ssl = on`` with this certificate (its
+    chain, PEM) and key (PEM, unencrypted). `client_ca_pem`: the CA that signs the client certificates
+    ``cert`` logins present (``ssl_ca_file``); `hostssl_only`: TCP logins without TLS are refused."""
+
+    cert_pem: str
+    key_pem: str
+    client_ca_pem: str | None = None
+    hostssl_only: bool = True
+
+    def settings(self) -> dict[str, str]:
+        """The postgresql.conf settings for it (the file names are relative to the data directory)."""
+        out = {"ssl": "on", "ssl_cert_file": SSL_CERT_FILE, "ssl_key_file": SSL_KEY_FILE}
+        if self.client_ca_pem is not None:
+            out["ssl_ca_file"] = SSL_CA_FILE
+        return out
 
 
 class PgNotFound(RuntimeError):
@@ -441,6 +482,7 @@ class Node:
         self._pg = install
         self._settings = dict(settings)
         self._hba: list[str] = []
+        self._ssl: ServerSsl | None = None
 
     def __repr__(self) -> str:
         return f"<Node {self.name} {self.host}:{self.port} {self.datadir}>"
@@ -472,10 +514,12 @@ class Node:
         return self.sql("SELECT pg_is_in_recovery()") == "t"
 
     def dsn(self, user: str, password: str | None, dbname: str = "postgres") -> str:
-        """A libpq keyword/value string for a TCP connection to this node (sslmode=disable)."""
+        """A libpq keyword/value string for a TCP connection to this node (sslmode=disable; require on a
+        node started with `ServerSsl`)."""
         return conninfo(
-            host=self.host, port=self.port, user=user, password=password, dbname=dbname, sslmode="disable"
-        )
+            host=self.host, port=self.port, user=user, password=password, dbname=dbname,
+            sslmode="disable" if self._ssl is None else "require",
+        )  # fmt: skip
 
     def log_text(self) -> str:
         return _read_from(self.log_path, 0)
@@ -549,7 +593,19 @@ class Node:
 
     def _write_hba(self) -> None:
         extra = "".join(f"{line}\n" for line in self._hba)
-        self._pg.write_file(self.datadir / "pg_hba.conf", HBA_HEAD + extra + HBA_TAIL)
+        first = HBA_NO_PLAINTEXT if self._ssl is not None and self._ssl.hostssl_only else ""
+        self._pg.write_file(self.datadir / "pg_hba.conf", HBA_HEAD + first + extra + HBA_TAIL)
+
+    def _write_ssl(self) -> None:
+        """The certificate, key and client CA of `ServerSsl` into the data directory (mode 0600, owned by
+        the OS user that runs PostgreSQL, which refuses a key others may read)."""
+        ssl = self._ssl
+        if ssl is None:
+            return
+        self._pg.write_file(self.datadir / SSL_CERT_FILE, ssl.cert_pem)
+        self._pg.write_file(self.datadir / SSL_KEY_FILE, ssl.key_pem)
+        if ssl.client_ca_pem is not None:
+            self._pg.write_file(self.datadir / SSL_CA_FILE, ssl.client_ca_pem)
 
     def _write_conf(self) -> None:
         settings = {
@@ -597,12 +653,14 @@ class Cluster:
         settings: Mapping[str, str],
         hba: Sequence[str],
         owns_base_dir: bool,
+        ssl: ServerSsl | None = None,
     ) -> None:
         self.base_dir = base_dir
         self.sockdir = base_dir / "sock"
         self._pg = install
         self._settings = dict(settings)
         self._hba = list(hba)
+        self._ssl = ssl
         self._owns_base_dir = owns_base_dir
         self._created: list[pathlib.Path] = []
         self.primary: Node = self._new_node("primary")
@@ -625,12 +683,14 @@ class Cluster:
         max_connections: int = 200,
         shared_buffers: str = "128MB",
         hba: Sequence[str] = (),
+        ssl: ServerSsl | None = None,
     ) -> Cluster:
         """Start a primary plus `replicas` streaming replicas and return once every replica streams.
 
         `settings` are extra postgresql.conf parameters for every node; `hba` lines go before the generic
-        scram-sha-256 lines of every node's pg_hba.conf. Without `base_dir` a fresh temporary directory is
-        used; either way `destroy()` removes only what this cluster created.
+        scram-sha-256 lines of every node's pg_hba.conf. `ssl`: TLS on every node (see `ServerSsl`).
+        Without `base_dir` a fresh temporary directory is used; either way `destroy()` removes only what
+        this cluster created.
         """
         install = _install()
         template = _template(install)
@@ -643,8 +703,10 @@ class Cluster:
             path.mkdir(parents=True, exist_ok=True)
         install.chown(path)
         merged = {"max_connections": str(max_connections), "shared_buffers": shared_buffers}
+        if ssl is not None:
+            merged.update(ssl.settings())
         merged.update({key: _settings_text(value) for key, value in (settings or {}).items()})
-        cluster = cls(base_dir=path, install=install, settings=merged, hba=hba, owns_base_dir=owns)
+        cluster = cls(base_dir=path, install=install, settings=merged, hba=hba, owns_base_dir=owns, ssl=ssl)
         _live_clusters.add(cluster)
         try:
             install.make_dir(cluster.sockdir)
@@ -676,7 +738,9 @@ class Cluster:
         self._pg.run(["cp", "-a", str(template), str(node.datadir)], cwd=self.base_dir)
         node._write_conf()
         node._hba = list(self._hba)
-        if node._hba:
+        node._ssl = self._ssl
+        node._write_ssl()
+        if node._hba or node._ssl is not None:
             node._write_hba()
 
     def _create_primary(self, template: pathlib.Path) -> None:
@@ -721,6 +785,8 @@ class Cluster:
         # The copy carries the primary's halephant.conf and pg_hba.conf; give it its own port and name.
         node._write_conf()
         node._hba = list(self.primary._hba)
+        node._ssl = self._ssl
+        node._write_ssl()
         self.replicas.append(node)
         node._start_fresh()
         self._wait_streaming(node)

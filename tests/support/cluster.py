@@ -6,6 +6,7 @@ restart) start their own with the same function so that the same roles exist the
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from halephant.testing.pgcluster import Cluster, database_sql, role_sql
@@ -29,8 +30,9 @@ HBA_LINES = (
 DATABASE = "myapp"
 
 
-def start_test_cluster(*, replicas: int = 1, **kwargs: Any) -> Cluster:
-    """Start a cluster with the test roles and the `myapp` database, replicated to every replica."""
+def start_test_cluster(*, replicas: int = 1, hba: Sequence[str] = (), **kwargs: Any) -> Cluster:
+    """Start a cluster with the test roles and the `myapp` database, replicated to every replica; `hba`:
+    pg_hba.conf lines placed before the test roles' own (`HBA_LINES`)."""
     others = ", ".join(role for role in ROLE_PASSWORDS if role != "myapp")
     # One psql run for all of it (each run costs a process and a login).
     script = "".join([
@@ -46,7 +48,7 @@ def start_test_cluster(*, replicas: int = 1, **kwargs: Any) -> Cluster:
         f"\\connect {DATABASE}\n",
         "ALTER DEFAULT PRIVILEGES FOR ROLE myapp IN SCHEMA public GRANT SELECT ON TABLES TO myapp_ro;\n",
     ])  # fmt: skip
-    cluster = Cluster.start(replicas=replicas, hba=HBA_LINES, **kwargs)
+    cluster = Cluster.start(replicas=replicas, hba=[*hba, *HBA_LINES], **kwargs)
     try:
         cluster.primary.sql(script)
         cluster.wait_replicated()
