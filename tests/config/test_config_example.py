@@ -27,6 +27,7 @@ def test_root_example_validates() -> None:
         "myapp_ro": "myapp_ro",
     }
     assert config.plugin_settings("cursor_guard") == CursorGuardSettings(action="reject")
+    assert config.clusters["main"].tls.mode == "prefer"
 
 
 def test_root_example_sets_every_key() -> None:
@@ -40,7 +41,7 @@ def test_root_example_sets_every_key() -> None:
         "probe_password", "probe_database", "max_lag_bytes", "max_lag", "read_your_writes",
         "read_your_writes_window", "topology", "interval", "timeout", "tcp_keepalive", "tcp_keepidle",
         "tcp_keepintvl", "tcp_keepcnt", "tcp_user_timeout", "unix_socket_dir", "max_db_connections",
-        "max_user_connections", "client_tls", "cert_file", "key_file", "ca_file", "min_version",
+        "max_user_connections", "client_tls", "cert_file", "key_file", "ca_file", "min_version", "tls",
     ]  # fmt: skip
     missing = [key for key in keys if f"{key}:" not in text.replace("#", "")]
     assert missing == []
