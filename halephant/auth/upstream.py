@@ -269,6 +269,10 @@ class UpstreamAuth:
             return m.password_message(b"md5" + hashlib.md5(inner.encode() + data[:4]).hexdigest().encode())
         try:
             if code == codes.AUTH_SASL:
+                # Over TLS the server offers SCRAM-SHA-256-PLUS too: halephant takes SCRAM-SHA-256
+                # without channel binding ("n,," as libpq's channel_binding=disable sends), over TLS
+                # or not, and with pass-through keys alike; the TLS itself is checked by the
+                # cluster's tls.mode (verify-full against an active attacker), not by SCRAM.
                 mechanisms = m.decode_sasl_mechanisms(data)
                 if "SCRAM-SHA-256" not in mechanisms:
                     raise UpstreamAuthError(
