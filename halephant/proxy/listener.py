@@ -280,7 +280,7 @@ class _Listener(StandIn):
             if unready is not None:
                 raise unready
             with anyio.fail_after(self.app.config.limits.connect_timeout):
-                await server.connect(self.app.manager.tls.get(target.cluster))
+                await server.connect(self.app.manager.tls_for(target.cluster))
                 await server.login
         except Exception as exc:
             server.abort()

@@ -251,6 +251,14 @@ class PoolManager:
             pool.discard(server)
             server.close("a reload changed the pool's settings")
 
+    def tls_for(self, cluster: str) -> ServerTls:
+        """The TLS settings connections to `cluster`'s nodes are opened with (the last configured, for a
+        cluster a reload removed); KeyError for a cluster never configured (never plaintext instead)."""
+        tls = self.tls.get(cluster)
+        if tls is None:
+            tls = self.tls[cluster] = self.app.config.server_tls(cluster)
+        return tls
+
     # --- caps across pools ---
 
     def _caps_for(self, pool: ServerPool, config: Config) -> tuple[Cap, ...]:
@@ -365,11 +373,12 @@ class PoolManager:
             pool.login_refused = None
         secret = upstream_secret(target)
         server = ServerConnection(self, pool, startup, secret, loop)
-        tls = self.tls.get(target.cluster)
+        tls: ServerTls | None = None
         try:
             unready = passthrough_unready(target.server_user, secret)
             if unready is not None:
                 raise unready  # refused as PostgreSQL's refusal is, without a connection to PostgreSQL
+            tls = self.tls_for(target.cluster)
             with anyio.fail_after(self.app.config.limits.connect_timeout):
                 await server.connect(tls)
                 await server.login
