@@ -7,7 +7,8 @@ and the verify modes; `prefer` (the default) uses it where offered and goes on i
 `disable` against the TLS-only node, `require` against the plaintext one, a wrong CA and a name the
 certificate does not hold fail with a refused login (28000) that says why, in the client's error and in
 the log, while the other cluster's database is served on. A client certificate logs in as a role whose
-pg_hba.conf line is `cert`. A reload that changes a cluster's TLS settings replaces its servers.
+pg_hba.conf line is `cert`. A TLS connection lost after login (cut at a relay, no close_notify) fails its
+client only, with 08006. A reload that changes a cluster's TLS settings replaces its servers.
 """
 
 from __future__ import annotations
@@ -274,11 +275,14 @@ def test_a_unix_socket_node_never_uses_tls(tls_pg: Cluster, pg: Cluster, halepha
 
 class Relay:
     """A TCP relay to a node that notes how each connection through it starts (its first 8 bytes: an
-    SSLRequest, a StartupMessage's or a CancelRequest's header), the bytes passed on as they come."""
+    SSLRequest, a StartupMessage's or a CancelRequest's header), the bytes passed on as they come; `cut`
+    ends one connection in the middle of its TLS stream, as a vanished server or network would."""
 
     def __init__(self, port: int) -> None:
         self.target = port
         self.starts: list[bytes] = []
+        #: (halephant's side, PostgreSQL's side) of each connection
+        self.pairs: list[tuple[socket.socket, socket.socket]] = []
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         threading.Thread(target=self._accept, daemon=True).start()
@@ -293,6 +297,7 @@ class Relay:
 
     def _serve(self, down: socket.socket) -> None:
         with down, socket.create_connection(("127.0.0.1", self.target)) as up:
+            self.pairs.append((down, up))
             self.starts.append(down.recv(8, socket.MSG_PEEK | socket.MSG_WAITALL))
             back = threading.Thread(target=self._pump, args=(up, down), daemon=True)
             back.start()
@@ -307,6 +312,16 @@ class Relay:
             sink.shutdown(socket.SHUT_WR)
         except OSError:
             pass
+
+    def cut(self, backend_port: int) -> None:
+        """End the connection whose PostgreSQL backend sees the relay at `backend_port`
+        (pg_stat_activity.client_port), both ways at once, with no TLS close_notify."""
+        for down, up in self.pairs:
+            if up.getsockname()[1] == backend_port:
+                for sock in (down, up):
+                    sock.shutdown(socket.SHUT_RDWR)
+                return
+        raise AssertionError(f"no relayed connection from port {backend_port}")
 
     def close(self) -> None:
         self.listener.close()
@@ -425,6 +440,31 @@ def test_a_server_ended_under_its_client_fails_that_client_only(
         assert bystander.execute("SELECT pg_backend_pid()").fetchone() == (other,)
         bystander.execute("COMMIT")
     assert ssl_of_mine(run)[0] is True
+
+
+def test_a_tls_connection_lost_fails_its_client_only_with_08006(
+    tls_pg: Cluster, pg: Cluster, halephant: HalephantFactory
+) -> None:
+    relay = Relay(tls_pg.primary.port)
+    cfg = config(tls_pg, pg, mode="require")
+    cfg["clusters"]["secure"]["nodes"] = [f"127.0.0.1:{relay.port}"]
+    run = halephant.start(cfg)
+    try:
+        with connect(run) as victim, connect(run) as bystander:
+            victim.execute("BEGIN")
+            bystander.execute("BEGIN")
+            pid = victim.execute("SELECT pg_backend_pid()").fetchone()[0]  # type: ignore[index]
+            other = bystander.execute("SELECT pg_backend_pid()").fetchone()[0]  # type: ignore[index]
+            relay.cut(int(tls_pg.primary.sql(f"SELECT client_port FROM pg_stat_activity WHERE pid = {pid}")))
+            with pytest.raises(psycopg.OperationalError) as excinfo:
+                victim.execute("SELECT 1")
+            assert excinfo.value.sqlstate == "08006", excinfo.value
+            assert bystander.execute("SELECT pg_backend_pid()").fetchone() == (other,)
+            bystander.execute("COMMIT")
+        assert ssl_of_mine(run)[0] is True  # a new server for the next client
+        wait_until(lambda: pid not in _backends(tls_pg), "the cut backend gone")
+    finally:
+        relay.close()
 
 
 # --- reload -----------------------------------------------------------------------------------------------
