@@ -6,8 +6,9 @@ Loading happens in two steps so the plugin manager can sit in between: `read_con
 and each loaded plugin's `plugins.<name>` section against the pydantic model that plugin declared.
 
 Validation never stops at the first problem: pydantic collects every field error, the cross-section
-checks below run on the plain data whether or not pydantic succeeded, and everything is raised together
-as one `ConfigError`. Positions come from mapping a pydantic `loc` back onto the ruamel node tree.
+checks below run on the plain data whether or not pydantic succeeded, each cluster's TLS context is made
+(its certificate files loaded: `_build_server_tls`), and everything is raised together as one
+`ConfigError`. Positions come from mapping a pydantic `loc` back onto the ruamel node tree.
 Passwords never appear in a message: checks about them name the field, not its value.
 """
 

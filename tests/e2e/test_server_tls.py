@@ -342,7 +342,9 @@ def test_a_cancel_reaches_a_tls_only_node_over_tls(
     # cancel request's (in plaintext, it would start with CancelRequest's length and code)
     assert len(relay.starts) >= 3, relay.starts
     assert set(relay.starts) == {SSL_REQUEST}, relay.starts
-    assert re.search(r"forwarding cancel request to server pid \d+ over TLS", run.log_text())
+    log = run.log_text()
+    assert re.search(r"forwarding cancel request to server pid \d+ over TLS", log), log
+    assert "cancel request failed" not in log, log
 
 
 def _cancel_a_sleep(run: Running, tls_pg: Cluster) -> None:
