@@ -636,6 +636,7 @@ class Config(_Section):
     def client_tls_certificate(self) -> str | None:
         """The SHA-256 fingerprint of the certificate in `client_tls.cert_file` (None: none given)."""
         return self._client_tls.fingerprint if self._client_tls is not None else None
+
     def server_tls(self, cluster: str) -> ServerTls:
         """The TLS settings and SSL context of cluster `cluster`'s connections, made once per
         configuration (the loader makes every cluster's, to report a file that does not load at its

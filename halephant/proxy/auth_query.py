@@ -1,8 +1,9 @@
 """Running a `LookUp` (`auth_user` / `auth_query`) for a client's login: the I/O around
 `halephant.auth.lookup`.
 
-Each lookup is a short connection of its own to the primary of the client's cluster, logged in as the
-auth_user, that runs the query once and ends with a Terminate. Not a server of the auth_user's pool: a
+Each lookup is a short connection of its own to the primary of the client's cluster (over TLS as the
+cluster's `tls:` says, like every connection to a node), logged in as the auth_user, that runs the
+query once and ends with a Terminate. Not a server of the auth_user's pool: a
 lookup then never waits behind that pool's clients (or takes a server from them), is bound by no pool
 mode, cap or reset query, and leaves nothing on a server anyone else gets. What this costs (a login per
 lookup) is bounded by the answers kept for `cache_for` seconds and by running one query for all the
@@ -98,7 +99,7 @@ async def _query(app: App, target: PoolTarget, method: LookUp, user: str) -> str
     with anyio.fail_after(config.limits.login_timeout):
         async with _slots:
             try:
-                stream = await connect_stream(primary.host, primary.port)
+                stream = await connect_stream(primary.host, primary.port, app.manager.tls_for(target.cluster))
             except OSError as exc:
                 raise lookup.LookupFailed(
                     f"could not connect to {primary.host}:{primary.port}: {exc.strerror or exc}",
@@ -121,7 +122,7 @@ async def _query(app: App, target: PoolTarget, method: LookUp, user: str) -> str
                     await stream.aclose()
 
 
-async def _until_ready(stream: anyio.abc.SocketStream, session: lookup.LookupSession) -> None:
+async def _until_ready(stream: anyio.abc.ByteStream, session: lookup.LookupSession) -> None:
     while True:
         try:
             data = await stream.receive()
@@ -147,6 +148,8 @@ def _failed(target: PoolTarget, method: LookUp, user: str, exc: Exception) -> Cl
         why, reached = "timeout", False
     elif isinstance(exc, lookup.LookupFailed):
         why, reached = str(exc), exc.reached
+    elif isinstance(exc, ClientError):  # TLS to the node refused (`halephant.server_tls.TlsRefused`)
+        why, reached = f"{exc.message} ({exc.code})", False
     else:
         why, reached = repr(exc), False
     log.warning(
