@@ -426,6 +426,32 @@ def test_scram_pass_through_over_tls(tls_pg: Cluster, pg: Cluster, halephant: Ha
     assert ssl_of_mine(run)[0] is True
 
 
+def test_users_looked_up_with_auth_query_over_tls(
+    tls_pg: Cluster, pg: Cluster, halephant: HalephantFactory
+) -> None:
+    # the lookup's own connection (as auth_user) goes over TLS like the pools': the node refuses plaintext
+    tls_pg.primary.sql(
+        "DROP ROLE IF EXISTS tls_lookup; DROP ROLE IF EXISTS tls_looked_up;"
+        " SET password_encryption = 'scram-sha-256';"
+        " CREATE ROLE tls_lookup LOGIN SUPERUSER PASSWORD 'tls_lookup';"
+        " CREATE ROLE tls_looked_up LOGIN PASSWORD 'looked-up-pw';"
+    )
+    cfg = config(tls_pg, pg, mode="require")
+    cfg["databases"]["myapp"]["auth_user"] = "tls_lookup"
+    cfg["users"]["tls_lookup"] = {"password": "tls_lookup"}
+    try:
+        run = halephant.start(cfg)
+        with connect(run, user="tls_looked_up", password="looked-up-pw") as conn:
+            row = conn.execute(f"SELECT current_user, ssl FROM ({SSL_OF_MINE}) s").fetchone()
+        assert row == ("tls_looked_up", True)
+        assert "password lookup for user" not in run.log_text()
+    finally:
+        tls_pg.primary.sql(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE usename IN ('tls_lookup', 'tls_looked_up')"
+        )
+
+
 def test_a_server_ended_under_its_client_fails_that_client_only(
     tls_pg: Cluster, pg: Cluster, halephant: HalephantFactory
 ) -> None:
