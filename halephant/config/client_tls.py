@@ -21,7 +21,6 @@ hash with its signature's hash function (read with asn1crypto), once per load.
 from __future__ import annotations
 
 import hashlib
-import os
 import ssl
 import weakref
 from dataclasses import dataclass
@@ -110,13 +109,13 @@ def end_point_hash(der: bytes) -> bytes | None:
         return None
 
 
-def load_client_tls(section: ClientTlsConfig, base_dir: str) -> ClientTls | None:
-    """The context for `section`, its relative paths taken from `base_dir`; None when it names no
+def load_client_tls(section: ClientTlsConfig) -> ClientTls | None:
+    """The context for `section` (its paths absolute: the schema checks); None when it names no
     certificate (then `mode` is `disable`: the loader checks that). Raises `TlsFileProblem`."""
     if section.cert_file is None or section.key_file is None:
         return None
-    cert_file = os.path.join(base_dir, section.cert_file)
-    key_file = os.path.join(base_dir, section.key_file)
+    cert_file = section.cert_file
+    key_file = section.key_file
     cert_pem = _read("cert_file", cert_file)
     _read("key_file", key_file)
     # the certificate on its own first: load_cert_chain's error would not say which file is wrong
@@ -145,7 +144,7 @@ def load_client_tls(section: ClientTlsConfig, base_dir: str) -> ClientTls | None
     except OSError as exc:  # (removed or made unreadable since it was read above)
         raise TlsFileProblem("key_file", f"cannot read {key_file}: {exc.strerror or exc}") from None
     if section.ca_file is not None:
-        ca_file = os.path.join(base_dir, section.ca_file)
+        ca_file = section.ca_file
         _read("ca_file", ca_file)
         try:
             context.load_verify_locations(cafile=ca_file)

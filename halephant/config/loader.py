@@ -308,7 +308,7 @@ def validate_config(raw: RawConfig, plugin_settings: Mapping[str, type[BaseModel
         sections, raw.disabled_plugins, plugin_settings or {}, where, problems
     )
     problems += _cross_check(plain, where)
-    client_tls = _load_client_tls(plain, raw.source, where, problems)
+    client_tls = _load_client_tls(plain, where, problems)
 
     if problems or config is None:
         raise ConfigError(list(dict.fromkeys(problems)))
@@ -459,7 +459,7 @@ def _check_client_tls(plain: dict[Any, Any], where: _Locator) -> list[ConfigProb
 
 
 def _load_client_tls(
-    plain: dict[Any, Any], source: str, where: _Locator, problems: list[ConfigProblem]
+    plain: dict[Any, Any], where: _Locator, problems: list[ConfigProblem]
 ) -> ClientTls | None:
     """Read the files of a well-formed `client_tls:` section and build its context (once per load):
     a file that cannot be used is a problem at its key, found by `halephant check` too."""
@@ -471,8 +471,7 @@ def _load_client_tls(
     if any(p.path.startswith("client_tls.") for p in problems):
         return None
     try:
-        # relative paths from the configuration file's directory, wherever halephant was started
-        return load_client_tls(validated, os.path.dirname(os.path.abspath(source)))
+        return load_client_tls(validated)
     except TlsFileProblem as exc:
         problems.append(where.problem(("client_tls", exc.key), exc.message))
         return None

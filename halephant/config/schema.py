@@ -305,7 +305,7 @@ ServerTlsMode = Literal["disable", "prefer", "require", "verify-ca", "verify-ful
 
 def _tls_file(path: str) -> str:
     # a relative path would depend on the directory halephant was started from, which a reload may not share
-    if path != "system" and not path.startswith("/"):
+    if path != "system" and not path.startswith("/"):  # ("system": clusters.<name>.tls.ca_file's own word)
         raise PydanticCustomError(
             "tls_file",
             f"expected an absolute path (starting with /), like /etc/ssl/certs/pg.crt; got {path!r}",
@@ -553,13 +553,13 @@ ClientTlsMode = Literal["disable", "allow", "prefer", "require", "verify-ca", "v
 TLS_REQUIRED: frozenset[str] = frozenset(("require", "verify-ca", "verify-full"))
 TLS_VERIFIED: frozenset[str] = frozenset(("verify-ca", "verify-full"))
 
-_File = Annotated[StrictStr, Field(min_length=1)]
+_File = TlsFile
 
 
 class ClientTlsConfig(_Section):
     """`client_tls:`: TLS between clients and halephant, PgBouncer's `client_tls_*` settings. The files
     are read, and the context clients get is built, when the configuration is loaded
-    (`halephant.config.client_tls`); a relative path is taken from the configuration file's directory."""
+    (`halephant.config.client_tls`). Paths are absolute, as every path halephant.yaml names."""
 
     #: disable (SSLRequest answered N) | allow | prefer (TLS when the client asks) | require (no
     #: plaintext login over TCP) | verify-ca (a client certificate signed by `ca_file` too) |
