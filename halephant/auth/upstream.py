@@ -231,10 +231,11 @@ class UpstreamAuth:
         user = self._user
         return UpstreamAuthError(
             sqlstate.INVALID_PASSWORD,
-            f'the server\'s SCRAM verifier for user "{user}" differs from the one in halephant.yaml '
+            f'the server\'s SCRAM verifier for user "{user}" differs from the one halephant logs in with '
             "(another salt or iteration count: was the role's password changed?)",
             hint=f"Copy the role's pg_authid.rolpassword into users.{user}.password (clients then log in "
-            f'with the new password), or set server_password for "{user}".',
+            f'with the new password), or set server_password for "{user}"; a user found by auth_query is '
+            "looked up again once the answer kept for it (auth_cache) has expired.",
         )
 
     def slow_step(self, code: int, data: bytes) -> Callable[[], None] | None:

@@ -34,8 +34,8 @@ NO_KEYS = (
     "to the server with"
 )
 DIFFERS = (
-    'the server\'s SCRAM verifier for user "myapp" differs from the one in halephant.yaml (another salt '
-    "or iteration count: was the role's password changed?)"
+    'the server\'s SCRAM verifier for user "myapp" differs from the one halephant logs in with '
+    "(another salt or iteration count: was the role's password changed?)"
 )
 
 
@@ -158,7 +158,8 @@ def test_a_server_verifier_that_differs_fails_clearly(server_verifier: str) -> N
     assert (excinfo.value.code, excinfo.value.message) == (sqlstate.INVALID_PASSWORD, DIFFERS)
     assert excinfo.value.hint == (
         "Copy the role's pg_authid.rolpassword into users.myapp.password (clients then log in with the new "
-        'password), or set server_password for "myapp".'
+        'password), or set server_password for "myapp"; a user found by auth_query is looked up again once '
+        "the answer kept for it (auth_cache) has expired."
     )
 
 

@@ -145,7 +145,8 @@ def test_a_password_changed_in_postgresql_fails_new_server_logins_clearly(
     # halephant's login to the server as passuser is refused, with why
     differs = (
         "halephant's login to the server failed: the server's SCRAM verifier for user \"passuser\" differs "
-        "from the one in halephant.yaml (another salt or iteration count: was the role's password changed?)"
+        "from the one halephant logs in with (another salt or iteration count: was the role's password "
+        "changed?)"
     )
     with (
         pytest.raises(psycopg.OperationalError, match=re.escape(differs)) as excinfo,
@@ -158,7 +159,9 @@ def test_a_password_changed_in_postgresql_fails_new_server_logins_clearly(
     # the probes (passuser's too) give their logins up in the middle of the exchange: closed without a
     # Terminate, which PostgreSQL would log as an error of its own ("expected SASL response, got
     # message type 88") at every round
-    wait_until(lambda: proxy.log_text().count("differs from the one in halephant.yaml") >= 4, "failed probes")
+    wait_until(
+        lambda: proxy.log_text().count("differs from the one halephant logs in with") >= 4, "failed probes"
+    )
     assert "expected SASL response" not in pg.primary.log_text()
 
 
