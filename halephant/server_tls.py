@@ -29,10 +29,8 @@ The server closing the connection during the negotiation is the connection faili
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
 import ssl
-import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
@@ -42,6 +40,7 @@ import anyio.abc
 from anyio.streams.tls import TLSStream
 
 from halephant import sqlstate
+from halephant.config.tls_files import VERSIONS, TlsFileProblem, load_key_pair, read_certificates
 from halephant.errors import ClientError, ProtocolViolation
 from halephant.protocol import messages as m
 
@@ -52,8 +51,8 @@ __all__ = [
     "REQUIRED_MODES",
     "SYSTEM_CA",
     "ServerTls",
+    "TlsFileProblem",
     "TlsRefused",
-    "TlsSetupError",
     "describe",
     "open_connection",
     "open_stream",
@@ -64,58 +63,12 @@ REQUIRED_MODES: Final = frozenset(("require", "verify-ca", "verify-full"))
 #: `ca_file: system`: this machine's trusted CAs (libpq 16's `sslrootcert=system`)
 SYSTEM_CA: Final = "system"
 
-_VERSIONS: Final = {"TLSv1.2": ssl.TLSVersion.TLSv1_2, "TLSv1.3": ssl.TLSVersion.TLSv1_3}
-
-
-class TlsSetupError(Exception):
-    """A cluster's `tls:` settings cannot make an SSL context: `key` is the setting to blame."""
-
-    def __init__(self, key: str, message: str) -> None:
-        super().__init__(message)
-        self.key = key
-        self.message = message
-
 
 class TlsRefused(ClientError):
     """No TLS connection to a node as its cluster's settings ask for one (see the module docstring)."""
 
     def __init__(self, message: str, hint: str) -> None:
         super().__init__(sqlstate.INVALID_AUTHORIZATION_SPECIFICATION, message, hint=hint, fatal=True)
-
-
-class _Passphrase(Exception):
-    """A key file encrypted with a passphrase (halephant has no one to ask for it)."""
-
-
-def _no_passphrase() -> str:
-    raise _Passphrase
-
-
-def _read(key: str, path: str) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as exc:
-        raise TlsSetupError(key, f"cannot read {path}: {exc.strerror or exc}") from None
-
-
-def _check_key_mode(path: str) -> None:
-    """libpq's rule for a private key file: owned by root, read access for its group at most (0640 or
-    less: a system-wide key halephant reads through a group it is in); else no access for others than
-    its owner (0600 or less)."""
-    try:
-        found = os.stat(path)
-    except OSError as exc:
-        raise TlsSetupError("key_file", f"cannot read {path}: {exc.strerror or exc}") from None
-    if not stat.S_ISREG(found.st_mode):
-        raise TlsSetupError("key_file", f"{path} is not a regular file")
-    mode = stat.S_IMODE(found.st_mode)
-    if mode & (0o137 if found.st_uid == 0 else 0o077):
-        raise TlsSetupError(
-            "key_file",
-            f"{path} has group or world access (mode {mode:04o}): a private key must have mode 0600 or "
-            "less, or 0640 or less if owned by root (chmod 0600 it), as libpq requires",
-        )
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -138,13 +91,13 @@ class ServerTls:
 
     @classmethod
     def build(cls, cluster: str, settings: ServerTlsConfig) -> ServerTls:
-        """The context `settings` ask for, with its files loaded; raises TlsSetupError."""
+        """The context `settings` ask for, with its files loaded; raises TlsFileProblem."""
         mode = settings.mode
         files = {"ca_file": settings.ca_file, "cert_file": settings.cert_file, "key_file": settings.key_file}
         if mode == "disable":
             for key, value in files.items():
                 if value is not None:
-                    raise TlsSetupError(
+                    raise TlsFileProblem(
                         key,
                         f"mode is disable (no TLS), so {key} is never used: remove it, or pick another mode",
                     )
@@ -152,13 +105,13 @@ class ServerTls:
         verify = mode in ("verify-ca", "verify-full")
         ca_file = settings.ca_file
         if verify and ca_file is None:
-            raise TlsSetupError(
+            raise TlsFileProblem(
                 "mode",
                 f"{mode} checks the server's certificate against ca_file: set ca_file to the CA "
                 f"certificate(s) that signed it (PEM), or to {SYSTEM_CA} for this machine's trusted CAs",
             )
         if not verify and ca_file is not None:
-            raise TlsSetupError(
+            raise TlsFileProblem(
                 "ca_file",
                 f"with mode {mode} the server's certificate is not checked, and ca_file would be ignored: "
                 "set mode to verify-ca or verify-full, or remove ca_file",
@@ -166,32 +119,26 @@ class ServerTls:
         if ca_file == SYSTEM_CA and mode != "verify-full":
             # any public CA signs certificates for names of anyone's: only the name check makes them mean
             # something (libpq refuses sslrootcert=system below verify-full too)
-            raise TlsSetupError("ca_file", f"ca_file: {SYSTEM_CA} needs mode verify-full, as libpq's does")
+            raise TlsFileProblem("ca_file", f"ca_file: {SYSTEM_CA} needs mode verify-full, as libpq's does")
         if (settings.cert_file is None) != (settings.key_file is None):
             missing, given = (
                 ("key_file", "cert_file") if settings.key_file is None else ("cert_file", "key_file")
             )
-            raise TlsSetupError(given, f"{given} needs {missing} too: the client certificate and its key")
+            raise TlsFileProblem(given, f"{given} needs {missing} too: the client certificate and its key")
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        context.minimum_version = _VERSIONS[settings.min_version]
+        context.minimum_version = VERSIONS[settings.min_version]
         if verify:
             context.check_hostname = mode == "verify-full"
             context.verify_mode = ssl.CERT_REQUIRED
             if ca_file == SYSTEM_CA:
                 context.load_default_certs(ssl.Purpose.SERVER_AUTH)
             elif ca_file is not None:
-                data = _read("ca_file", ca_file)
-                try:
-                    context.load_verify_locations(cadata=data.decode("ascii", "replace"))
-                except (ssl.SSLError, ValueError):
-                    raise TlsSetupError(
-                        "ca_file", f"{ca_file} holds no PEM certificate (-----BEGIN CERTIFICATE-----)"
-                    ) from None
+                context.load_verify_locations(cadata=read_certificates("ca_file", ca_file))
         else:
             context.check_hostname = False
             context.verify_mode = ssl.CERT_NONE
         if settings.cert_file is not None and settings.key_file is not None:
-            _load_client_certificate(context, settings.cert_file, settings.key_file)
+            load_key_pair(context, settings.cert_file, settings.key_file)
         return cls(cluster, settings, context)
 
     # --- the negotiation ---
@@ -241,35 +188,6 @@ class ServerTls:
             hint=f"Compare clusters.{self.cluster}.tls (min_version, cert_file) with the server's ssl_* "
             "settings; the server's log says more.",
         )
-
-
-def _load_client_certificate(context: ssl.SSLContext, cert_file: str, key_file: str) -> None:
-    """The client certificate the nodes may ask for (pg_hba.conf `cert`, `clientcert=verify-ca`)."""
-    cert = _read("cert_file", cert_file)
-    try:
-        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cadata=cert.decode("ascii", "replace"))
-    except (ssl.SSLError, ValueError):
-        raise TlsSetupError(
-            "cert_file", f"{cert_file} holds no PEM certificate (-----BEGIN CERTIFICATE-----)"
-        ) from None
-    _read("key_file", key_file)
-    _check_key_mode(key_file)
-    try:
-        context.load_cert_chain(cert_file, key_file, password=_no_passphrase)
-    except _Passphrase:
-        raise TlsSetupError(
-            "key_file",
-            f"{key_file} is encrypted with a passphrase, which halephant has no way to ask for: give it "
-            "the key decrypted (openssl pkey -in KEY -out PLAIN-KEY)",
-        ) from None
-    except ssl.SSLError as exc:
-        if exc.reason == "KEY_VALUES_MISMATCH":
-            raise TlsSetupError(
-                "key_file", f"{key_file} is not the private key of the certificate in {cert_file}"
-            ) from None
-        raise TlsSetupError("key_file", f"{key_file} holds no PEM private key") from None
-    except OSError as exc:
-        raise TlsSetupError("key_file", f"cannot load {key_file}: {exc.strerror or exc}") from None
 
 
 def describe(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> str:

@@ -2,8 +2,9 @@
 
 `load_client_tls` reads `cert_file`, `key_file` and `ca_file` and makes the `ssl.SSLContext` every
 SSLRequest of that configuration's lifetime is answered with, so that `halephant check`, start-up and a
-reload find a missing file, a file that is not PEM, an encrypted key or a key that does not belong to
-the certificate, each reported at its key in the file (`TlsFileProblem`), and no client meets them.
+reload find a file that cannot be used (`halephant.config.tls_files`: missing, not PEM, a key others
+may read, encrypted or not the certificate's), each reported at its key in the file (`TlsFileProblem`),
+and no client meets them.
 Connections keep the context they were made with: a reload gives new connections the new one.
 
 The context follows PostgreSQL's server: `min_version` (TLSv1.2 by default), no renegotiation, no
@@ -28,10 +29,9 @@ from dataclasses import dataclass
 from asn1crypto.x509 import Certificate
 
 from halephant.config.schema import TLS_VERIFIED, ClientTlsConfig
+from halephant.config.tls_files import VERSIONS, TlsFileProblem, load_key_pair, read_certificates
 
 __all__ = ["ClientTls", "TlsFileProblem", "channel_binding", "fingerprint", "load_client_tls"]
-
-_VERSIONS = {"TLSv1.2": ssl.TLSVersion.TLSv1_2, "TLSv1.3": ssl.TLSVersion.TLSv1_3}
 
 #: each context's `tls-server-end-point` data, for the connections made with it (`channel_binding`)
 _END_POINTS: weakref.WeakKeyDictionary[ssl.SSLContext, bytes] = weakref.WeakKeyDictionary()
@@ -46,38 +46,9 @@ class ClientTls:
     fingerprint: str
 
 
-class TlsFileProblem(Exception):
-    """A file of `client_tls:` that cannot be used; `key` is the setting that names it."""
-
-    def __init__(self, key: str, message: str) -> None:
-        super().__init__(message)
-        self.key = key
-        self.message = message
-
-
-class _Encrypted(Exception):
-    """Raised by the passphrase callback: OpenSSL would otherwise ask for one on the terminal."""
-
-
-def _no_passphrase() -> bytes:
-    raise _Encrypted
-
-
 def fingerprint(der: bytes) -> str:
     digest = hashlib.sha256(der).hexdigest().upper()
     return ":".join(digest[i : i + 2] for i in range(0, len(digest), 2))
-
-
-def _read(key: str, path: str) -> str:
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as exc:
-        raise TlsFileProblem(key, f"cannot read {path}: {exc.strerror or exc}") from None
-    try:
-        return data.decode("ascii")
-    except UnicodeDecodeError:
-        raise TlsFileProblem(key, f"{path} is not a PEM file") from None
 
 
 def channel_binding(context: ssl.SSLContext) -> bytes | None:
@@ -114,45 +85,21 @@ def load_client_tls(section: ClientTlsConfig) -> ClientTls | None:
     certificate (then `mode` is `disable`: the loader checks that). Raises `TlsFileProblem`."""
     if section.cert_file is None or section.key_file is None:
         return None
-    cert_file = section.cert_file
-    key_file = section.key_file
-    cert_pem = _read("cert_file", cert_file)
-    _read("key_file", key_file)
-    # the certificate on its own first: load_cert_chain's error would not say which file is wrong
+    cert_pem = read_certificates("cert_file", section.cert_file)
+    # the first certificate is halephant's own (intermediates follow it): its fingerprint and binding
     start = cert_pem.find(ssl.PEM_HEADER)
-    end = cert_pem.find(ssl.PEM_FOOTER, max(start, 0)) + len(ssl.PEM_FOOTER)
-    try:
-        if start < 0 or end < len(ssl.PEM_FOOTER):
-            raise ValueError
-        first = ssl.PEM_cert_to_DER_cert(cert_pem[start:end])
-        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cadata=cert_pem)
-    except (ValueError, ssl.SSLError):
-        raise TlsFileProblem("cert_file", f"{cert_file} holds no PEM certificate") from None
+    first = ssl.PEM_cert_to_DER_cert(
+        cert_pem[start : cert_pem.index(ssl.PEM_FOOTER, start) + len(ssl.PEM_FOOTER)]
+    )
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    try:
-        context.load_cert_chain(cert_file, key_file, password=_no_passphrase)
-    except _Encrypted:
-        raise TlsFileProblem(
-            "key_file", f"{key_file} is encrypted: halephant takes no passphrase, give it the key unencrypted"
-        ) from None
-    except ssl.SSLError as exc:
-        if exc.reason == "KEY_VALUES_MISMATCH":
-            message = f"the private key in {key_file} does not belong to the certificate in {cert_file}"
-        else:
-            message = f"{key_file} holds no PEM private key"
-        raise TlsFileProblem("key_file", message) from None
-    except OSError as exc:  # (removed or made unreadable since it was read above)
-        raise TlsFileProblem("key_file", f"cannot read {key_file}: {exc.strerror or exc}") from None
+    load_key_pair(context, section.cert_file, section.key_file)
     if section.ca_file is not None:
-        ca_file = section.ca_file
-        _read("ca_file", ca_file)
+        read_certificates("ca_file", section.ca_file)
         try:
-            context.load_verify_locations(cafile=ca_file)
-        except ssl.SSLError:
-            raise TlsFileProblem("ca_file", f"{ca_file} holds no PEM certificate") from None
-        except OSError as exc:
-            raise TlsFileProblem("ca_file", f"cannot read {ca_file}: {exc.strerror or exc}") from None
-    context.minimum_version = _VERSIONS[section.min_version]
+            context.load_verify_locations(cafile=section.ca_file)
+        except (ssl.SSLError, OSError) as exc:  # (replaced since it was read above)
+            raise TlsFileProblem("ca_file", f"cannot load {section.ca_file}: {exc}") from None
+    context.minimum_version = VERSIONS[section.min_version]
     context.options |= ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_TICKET
     context.num_tickets = 0
     context.set_alpn_protocols(["postgresql"])

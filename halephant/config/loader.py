@@ -38,7 +38,7 @@ from ruamel.yaml.tokens import (
     FlowSequenceStartToken,
 )
 
-from halephant.config.client_tls import ClientTls, TlsFileProblem, load_client_tls
+from halephant.config.client_tls import ClientTls, load_client_tls
 from halephant.config.schema import (
     CATCH_ALL,
     TLS_VERIFIED,
@@ -51,8 +51,9 @@ from halephant.config.schema import (
     is_scram_verifier,
     parse_scram_verifier,
 )
+from halephant.config.tls_files import TlsFileProblem
 from halephant.errors import ConfigError, ConfigProblem
-from halephant.server_tls import ServerTls, TlsSetupError
+from halephant.server_tls import ServerTls
 from halephant.unix_socket import is_socket_dir, too_long
 
 __all__ = ["RawConfig", "load_config", "read_config", "read_config_text", "validate_config"]
@@ -492,7 +493,7 @@ def _build_server_tls(plain: dict[Any, Any], config: Config | None, where: _Loca
             continue
         try:
             tls = ServerTls.build(name, settings)
-        except TlsSetupError as exc:
+        except TlsFileProblem as exc:
             problems.append(where.problem(("clusters", name, "tls", exc.key), exc.message))
             continue
         if config is not None:

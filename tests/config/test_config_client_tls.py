@@ -41,6 +41,8 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     other.private_key_pem.write_to_path(str(paths["other_key"]))
     paths["both"].write_bytes(leaf.private_key_pem.bytes() + leaf.cert_chain_pems[0].bytes())
     paths["junk"].write_text("not PEM at all\n")
+    for name in ("key", "other_key", "both", "junk"):
+        paths[name].chmod(0o600)  # a private key others may read is refused (see the test)
     key = serialization.load_pem_private_key(leaf.private_key_pem.bytes(), None)
     paths["enc"].write_bytes(
         key.private_bytes(
@@ -49,6 +51,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             serialization.BestAvailableEncryption(b"passphrase"),
         )
     )
+    paths["enc"].chmod(0o600)
     return paths
 
 
@@ -101,7 +104,8 @@ def test_disable_with_files_checks_them_and_answers_no_ssl_request(files: dict[s
     assert config.client_tls_context is None
     assert config.client_tls_certificate is not None
     assert problems(BASE + section(mode="disable", cert_file=files["junk"], key_file=files["key"])) == [
-        f"halephant.yaml:10:14: client_tls.cert_file: {files['junk']} holds no PEM certificate"
+        f"halephant.yaml:10:14: client_tls.cert_file: {files['junk']} holds no PEM certificate "
+        "(-----BEGIN CERTIFICATE-----)"
     ]
 
 
@@ -177,12 +181,12 @@ def test_files_that_cannot_be_used_are_reported_at_their_key(files: dict[str, Pa
         ({"cert_file": files["cert"], "key_file": files["junk"]}, "11:13: client_tls.key_file: "),
         (
             {"cert_file": files["cert"], "key_file": files["other_key"]},
-            f"11:13: client_tls.key_file: the private key in {files['other_key']} does not belong to the "
-            f"certificate in {files['cert']}",
+            f"11:13: client_tls.key_file: {files['other_key']} is not the private key of the certificate in "
+            f"{files['cert']}",
         ),
         (
             {"cert_file": files["cert"], "key_file": files["enc"]},
-            f"11:13: client_tls.key_file: {files['enc']} is encrypted: halephant takes no passphrase",
+            f"11:13: client_tls.key_file: {files['enc']} is encrypted with a passphrase",
         ),
         (
             {"cert_file": files["cert"], "key_file": files["key"], "ca_file": files["junk"]},
@@ -199,10 +203,24 @@ def test_files_that_cannot_be_used_are_reported_at_their_key(files: dict[str, Pa
         )
         assert len(found) == 1 and found[0].startswith(f"halephant.yaml:{expected}"), (keys, found)
     assert problems(BASE + section(mode="require", cert_file=files["junk"], key_file=files["key"])) == [
-        f"halephant.yaml:10:14: client_tls.cert_file: {files['junk']} holds no PEM certificate"
+        f"halephant.yaml:10:14: client_tls.cert_file: {files['junk']} holds no PEM certificate "
+        "(-----BEGIN CERTIFICATE-----)"
     ]
     assert problems(BASE + section(mode="require", cert_file=files["cert"], key_file=files["junk"])) == [
         f"halephant.yaml:11:13: client_tls.key_file: {files['junk']} holds no PEM private key"
+    ]
+
+
+def test_a_private_key_others_may_read_is_refused_as_postgresql_refuses_it(
+    files: dict[str, Path], tmp_path: Path
+) -> None:
+    readable = tmp_path / "readable.key"
+    readable.write_bytes(files["key"].read_bytes())
+    readable.chmod(0o644)
+    assert problems(BASE + section(mode="require", cert_file=files["cert"], key_file=readable)) == [
+        f"halephant.yaml:11:13: client_tls.key_file: {readable} has group or world access (mode 0644): a "
+        "private key must have mode 0600 or less, or 0640 or less if owned by root (chmod 0600 it), as libpq "
+        "requires"
     ]
 
 

@@ -91,6 +91,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
         leaf = ca.issue_cert("127.0.0.1", "localhost")
         leaf.cert_chain_pems[0].write_to_path(str(root / f"{name}.crt"))
         leaf.private_key_pem.write_to_path(str(root / f"{name}.key"))
+        (root / f"{name}.key").chmod(0o600)
         files += [root / f"{name}.crt", root / f"{name}.key"]
     return Pki(root, ca, root / "root.crt", *files)
 
