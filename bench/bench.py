@@ -40,7 +40,14 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))  # halephant.testing is imported from the working tree, installed or not
 
-from halephant.testing.pgcluster import Cluster, PgError, PgNotFound, find_bindir, free_port  # noqa: E402
+from halephant.testing.pgcluster import (  # noqa: E402
+    Cluster,
+    PgError,
+    PgNotFound,
+    ServerSsl,
+    find_bindir,
+    free_port,
+)
 
 # The goals this benchmark holds (bench/README.md says where they come from).
 GOAL_TPS_RATIO = 0.75  # halephant TPS / PgBouncer TPS ...
@@ -281,6 +288,10 @@ class Setup:
     scram_verifier: str | None = None
     targets: list[Target] = field(default_factory=list)
     versions: dict[str, str] = field(default_factory=dict)
+    #: with --tls: a self-signed certificate for 127.0.0.1 and its key, presented by PostgreSQL and both
+    #: poolers alike
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
 
     def tempdir(self, prefix: str) -> Path:
         path = Path(tempfile.mkdtemp(prefix=f"halephant-bench-{prefix}-"))
@@ -288,7 +299,40 @@ class Setup:
         return path
 
     def pg_env(self) -> dict[str, str]:
-        return {**os.environ, "PGPASSWORD": self.args.password, "PGCONNECT_TIMEOUT": "10"}
+        env = {**os.environ, "PGPASSWORD": self.args.password, "PGCONNECT_TIMEOUT": "10"}
+        if self.args.tls:
+            env["PGSSLMODE"] = "require"  # every target, direct PostgreSQL included
+        return env
+
+    def make_certificate(self) -> None:
+        """--tls: one self-signed certificate (RSA 2048, as a typical deployment's) for every target."""
+        d = self.tempdir("tls")
+        self.tls_cert, self.tls_key = d / "server.crt", d / "server.key"
+        r = subprocess.run(
+            [
+                "openssl",
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=127.0.0.1",
+                "-addext",
+                "subjectAltName=IP:127.0.0.1",
+                "-keyout",
+                str(self.tls_key),
+                "-out",
+                str(self.tls_cert),
+            ],
+            capture_output=True,
+            text=True,
+        )
+        if r.returncode != 0:
+            raise BenchError(f"openssl could not make a certificate for --tls: {r.stderr.strip()}")
+        self.tls_key.chmod(0o600)
 
     def psql_argv(self) -> list[str]:
         a = self.args
@@ -316,11 +360,15 @@ class Setup:
         else:
             t0 = time.monotonic()
             try:
+                ssl = None
+                if self.tls_cert is not None and self.tls_key is not None:
+                    ssl = ServerSsl(self.tls_cert.read_text(), self.tls_key.read_text(), hostssl_only=False)
                 cluster = Cluster.start(
                     replicas=0,
                     settings=PG_SETTINGS,
                     max_connections=PG_MAX_CONNECTIONS,
                     shared_buffers=PG_SHARED_BUFFERS,
+                    ssl=ssl,
                 )
                 self.stack.callback(cluster.destroy)
                 cluster.create_role(a.user, a.password, createdb=True)
@@ -359,6 +407,15 @@ class Setup:
         # with its default max_prepared_statements: 200); older versions cannot run pgbench -M prepared.
         prepared = pgbouncer_version(binary) >= (1, 21)
         prepared_line = "max_prepared_statements = 200\n" if prepared else ""
+        tls_lines = ""
+        if self.tls_cert is not None and self.tls_key is not None:
+            # PgBouncer reads the files as its own user: copies in its directory, which it owns
+            shutil.copy(self.tls_cert, d / "server.crt")
+            shutil.copy(self.tls_key, d / "server.key")
+            tls_lines = (
+                f"client_tls_sslmode = require\nclient_tls_cert_file = {d}/server.crt\n"
+                f"client_tls_key_file = {d}/server.key\nserver_tls_sslmode = require\n"
+            )
         (d / "pgbouncer.ini").write_text(
             f"""\
 [databases]
@@ -378,12 +435,12 @@ ignore_startup_parameters = extra_float_digits,options
 logfile = {d}/pgbouncer.log
 log_connections = 0
 log_disconnections = 0
-{prepared_line}"""
+{prepared_line}{tls_lines}"""
         )
         user = service_user()
         kwargs: dict[str, Any] = {}
         if user is not None:
-            for path in (d, d / "userlist.txt", d / "pgbouncer.ini"):
+            for path in (d, d / "userlist.txt", d / "pgbouncer.ini", *d.glob("server.*")):
                 os.chown(path, user.pw_uid, user.pw_gid)
             # Popen switches user in the child before exec, so proc.pid is PgBouncer itself (its CPU and RSS).
             kwargs = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
@@ -415,14 +472,20 @@ log_disconnections = 0
         d = self.tempdir("halephant")
         port = free_port()
         config = d / "halephant.yaml"
+        client_tls = cluster_tls = ""
+        if self.tls_cert is not None and self.tls_key is not None:
+            client_tls = (
+                f"client_tls: {{mode: require, cert_file: {self.tls_cert}, key_file: {self.tls_key}}}\n"
+            )
+            cluster_tls = "    tls: {mode: require}\n"
         config.write_text(
             f"""\
 # generated by bench/bench.py
 listen: 127.0.0.1:{port}
-clusters:
+{client_tls}clusters:
   main:
     nodes: ["{self.pg_host}:{self.pg_port}"]
-databases:
+{cluster_tls}databases:
   {a.dbname}:
     cluster: main
     mode: transaction
@@ -475,6 +538,30 @@ plugins:
     def check_targets(self) -> None:
         """One SELECT 1 through every target before spending minutes on the matrix."""
         for t in self.targets:
+            if self.args.tls:  # (idle_clients speaks plaintext only)
+                a = self.args
+                cmd = [
+                    a.psql,
+                    "-X",
+                    "-A",
+                    "-t",
+                    "-h",
+                    t.host,
+                    "-p",
+                    str(t.port),
+                    "-U",
+                    a.user,
+                    "-d",
+                    a.dbname,
+                ]
+                r = subprocess.run(
+                    [*cmd, "-c", "SELECT 1"], env=self.pg_env(), capture_output=True, text=True
+                )
+                if r.returncode != 0 or r.stdout.strip() != "1":
+                    raise BenchError(
+                        f"target {t.name} ({t.address}) does not work over TLS: {r.stderr.strip()}"
+                    )
+                continue
             try:
                 conn = idle_clients.open_client(
                     t.host, t.port, self.args.user, self.args.password, self.args.dbname
@@ -757,6 +844,8 @@ def goal_checks(
 ) -> list[dict[str, Any]]:
     """The goals that this run could evaluate: both targets measured in a goal cell, or idle clients."""
     checks: list[dict[str, Any]] = []
+    if setup.args.tls:
+        return checks  # the goals are for plaintext connections: a TLS run is for comparison
     for cell in cells_of(setup.args) if results else []:
         if cell.mode != GOAL_TPS_MODE or cell.clients not in GOAL_TPS_CLIENTS or cell.proto == "prepared":
             continue
@@ -793,13 +882,20 @@ def goal_checks(
     return checks
 
 
-def print_goals(checks: list[dict[str, Any]], idle: list[idle_clients.IdleResult], out: TextIO) -> None:
+def print_goals(
+    checks: list[dict[str, Any]], idle: list[idle_clients.IdleResult], out: TextIO, tls: bool = False
+) -> None:
     if idle:
         print("\nIdle clients (RSS growth of the pooler process)", file=out)
         for r in idle:
             print(f"  {idle_clients.format_result(r)}", file=out)
     print("\nGoals", file=out)
-    if not checks:
+    if tls:
+        print(
+            "  none evaluated: the goals are for plaintext connections; --tls runs are for comparison",
+            file=out,
+        )
+    elif not checks:
         print(
             f"  none evaluated: they need {GOAL_TARGET} and pgbouncer at {MODE_LABEL[GOAL_TPS_MODE]} "
             f"c={'/'.join(map(str, GOAL_TPS_CLIENTS))}, or {GOAL_TARGET} with --idle",
@@ -890,6 +986,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument(
         "--json", metavar="FILE", help="append every run, idle measurement and goal as JSON lines"
     )
+    ap.add_argument(
+        "--tls",
+        action="store_true",
+        help="every connection over TLS (sslmode=require: clients to each target, poolers to PostgreSQL); "
+        "for comparison only, the goals are for plaintext",
+    )
     ap.add_argument("--check", action="store_true", help="exit 1 when a goal fails")
     ap.add_argument(
         "--quiet-pct", type=float, default=30.0, help="'quiet' = below this %% of one core busy [30]"
@@ -902,6 +1004,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a.duration = a.duration or (5 if a.quick else 10)
     if a.idle_only and not a.idle:
         ap.error("--idle-only needs --idle N")
+    if a.tls and a.idle:
+        ap.error("--idle measures plaintext clients: run it without --tls")
     a.pgbench = find_pg_tool("pgbench")
     a.psql = find_pg_tool("psql")
     return a
@@ -910,6 +1014,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def run(setup: Setup, stamp: dict[str, Any]) -> list[dict[str, Any]]:
     """Start everything, measure, print; returns the goal checks. The caller tears down."""
     args = setup.args
+    if args.tls:
+        setup.make_certificate()
     setup.start_postgres()
     if not args.no_pgbouncer:
         setup.start_pgbouncer()
@@ -935,7 +1041,7 @@ def run(setup: Setup, stamp: dict[str, Any]) -> list[dict[str, Any]]:
     if jsonf:
         for rec in [*({"kind": "idle", **r.as_dict()} for r in idle), *checks]:
             jsonf.write(json.dumps({**stamp, **rec}) + "\n")
-    print_goals(checks, idle, sys.stdout)
+    print_goals(checks, idle, sys.stdout, tls=args.tls)
     sys.stdout.flush()
     return checks
 
