@@ -616,11 +616,12 @@ def show_clients(app: App) -> Result:
     return Result(CLIENTS_COLUMNS, rows, "SHOW")
 
 
-def _tls(client: dict[str, Any]) -> str:
-    # PgBouncer's form: version/cipher, empty for a plaintext client
-    if not client["tls"]:
+def _tls(connection: dict[str, Any]) -> str:
+    # PgBouncer's form: version/cipher, empty for a plaintext connection (a client's or a server's)
+    version, cipher = connection.get("tls"), connection.get("tls_cipher")
+    if not version:
         return ""
-    return f"{client['tls']}/{client['tls_cipher']}" if client["tls_cipher"] else client["tls"]
+    return f"{version}/{cipher}" if cipher else str(version)
 
 
 SERVERS_COLUMNS = columns(
@@ -642,7 +643,7 @@ def show_servers(app: App) -> Result:
                 "S", s["user"], s["database"], s["state"], host, port,
                 _timestamp(now - age) if age is not None else None,
                 _timestamp(now - s.get("idle_for", 0.0)) if age is not None else None,
-                s.get("client"), s["pid"], s.get("transactions"), s.get("queries"), s.get("tls"),
+                s.get("client"), s["pid"], s.get("transactions"), s.get("queries"), _tls(s),
             ]
         )  # fmt: skip
     return Result(SERVERS_COLUMNS, rows, "SHOW")

@@ -335,7 +335,9 @@ def servers(app: App) -> list[dict[str, Any]]:
                     "queries": server.rfq_seen,
                     "checkouts": server.link_count,
                     "session_state": server.dirty,
-                    "tls": server.tls,
+                    # the TLS version and cipher of a server connection over TLS, else None (as /clients)
+                    "tls": server.tls.partition("/")[0] or None,
+                    "tls_cipher": server.tls.partition("/")[2] or None,
                 }
             )
         for _ in range(pool.connecting):

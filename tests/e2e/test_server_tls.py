@@ -316,11 +316,17 @@ class Relay:
     def cut(self, backend_port: int) -> None:
         """End the connection whose PostgreSQL backend sees the relay at `backend_port`
         (pg_stat_activity.client_port), both ways at once, with no TLS close_notify."""
-        for down, up in self.pairs:
-            if up.getsockname()[1] == backend_port:
+        # the newest first: a port may have served an earlier connection (a probe's, a cancel's), whose
+        # sockets are closed by now, or are being closed
+        for down, up in reversed(list(self.pairs)):
+            try:
+                if up.getsockname()[1] != backend_port:
+                    continue
                 for sock in (down, up):
                     sock.shutdown(socket.SHUT_RDWR)
-                return
+            except OSError:
+                continue
+            return
         raise AssertionError(f"no relayed connection from port {backend_port}")
 
     def close(self) -> None:
