@@ -24,6 +24,11 @@ Failures: the server answering `N` where TLS is required, a certificate that doe
 handshake that fails for another reason (no common protocol version) raise `TlsRefused`, a refused
 login (28000): the node answers, it is not down, and logging in again at once would fail the same way.
 The server closing the connection during the negotiation is the connection failing (an OSError).
+
+`transport_certificate` (asyncio transports) and `stream_certificate` (anyio streams) give the
+certificate the node presented on a connection, which the login binds to (SCRAM-SHA-256-PLUS:
+`halephant.auth.upstream`), whatever the mode: unverified, it is still the certificate this
+connection's TLS session was made with, so a relay presenting another one cannot use the login.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from typing import TYPE_CHECKING, Final
 
 import anyio
 import anyio.abc
-from anyio.streams.tls import TLSStream
+from anyio.streams.tls import TLSAttribute, TLSStream
 
 from halephant import sqlstate
 from halephant.config.tls_files import VERSIONS, TlsFileProblem, load_key_pair, read_certificates
@@ -56,6 +61,8 @@ __all__ = [
     "describe",
     "open_connection",
     "open_stream",
+    "stream_certificate",
+    "transport_certificate",
 ]
 
 #: the modes that fail rather than go on in plaintext
@@ -196,6 +203,19 @@ def describe(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> str:
         return ""
     cipher = ssl_object.cipher()
     return f"{ssl_object.version()}/{cipher[0]}" if cipher else str(ssl_object.version())
+
+
+def transport_certificate(transport: asyncio.BaseTransport) -> bytes | None:
+    """The certificate (DER) the node presented on an asyncio connection, checked or not; None in
+    plaintext."""
+    ssl_object = transport.get_extra_info("ssl_object")
+    return ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+
+
+def stream_certificate(stream: anyio.abc.ByteStream) -> bytes | None:
+    """The certificate (DER) the node presented on an anyio stream, as `transport_certificate`."""
+    certificate: bytes | None = stream.extra(TLSAttribute.peer_certificate_binary, None)
+    return certificate
 
 
 # --- connecting ---

@@ -72,8 +72,10 @@ class LookupSession:
 
     __slots__ = ("_auth", "_buf", "_error", "_rows", "logged_in", "slow_step", "startup_params")
 
-    def __init__(self, user: str, password: str | None, database: str) -> None:
-        self._auth = UpstreamAuth(user, password)
+    def __init__(
+        self, user: str, password: str | None, database: str, server_certificate: bytes | None = None
+    ) -> None:
+        self._auth = UpstreamAuth(user, password, server_certificate)
         self.startup_params = {"user": user, "database": database, "application_name": APPLICATION_NAME}
         self._buf = b""
         self._rows: list[list[str | None]] = []

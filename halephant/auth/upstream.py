@@ -6,6 +6,18 @@ password when it is a hash (pass-through, as PgBouncer does): an md5 hash answer
 the hash's hex and the salt); a SCRAM verifier answers SCRAM-SHA-256 with the ClientKey a client's login
 gave (`halephant.auth.passthrough`), when the server's salt and iteration count are the verifier's.
 `passthrough_unready` tells a caller before it connects that such a login has nothing to answer with yet.
+
+Over TLS the login is bound to the server's certificate, as libpq's default `channel_binding=prefer` binds
+it: given the certificate the server presented on the connection (`server_certificate`, from
+`halephant.server_tls.transport_certificate` / `stream_certificate`), its `tls-server-end-point` data (RFC
+5929: `halephant.config.client_tls.end_point_hash`) is the channel binding, and SCRAM-SHA-256-PLUS is
+taken when the server offers it (GS2 header `p=tls-server-end-point`, and the data in the
+client-final-message's `c=`, which the proof covers), so a relay that presents another certificate (an
+attacker in the middle, which `tls.mode` prefer and require do not stop) cannot log in with the exchange:
+PostgreSQL computes the binding of its own certificate and refuses the login. Over TLS without binding
+data (a certificate signed with Ed25519 or Ed448, for which RFC 5929 names no hash) SCRAM-SHA-256 is taken
+with `n` (an offered PLUS not used; `y` would be a downgrade that PostgreSQL refuses); with binding data
+and no PLUS offered, with `y`; without TLS, with `n`.
 """
 
 from __future__ import annotations
@@ -22,6 +34,7 @@ from scramp.utils import saslprep
 
 from halephant import sqlstate
 from halephant.auth.passthrough import PassthroughKeys, keys_for
+from halephant.config.client_tls import end_point_hash
 from halephant.config.schema import is_md5_hash, is_scram_verifier
 from halephant.errors import ClientError
 from halephant.protocol import codes
@@ -70,13 +83,22 @@ def scram_password(password: str) -> bytes:
     return prepared.encode()
 
 
+#: RFC 5802's GS2 headers: channel binding used; supported but not offered by the server; not used
+_GS2_PLUS: Final = "p=tls-server-end-point,,"
+_GS2_UNOFFERED: Final = "y,,"
+_GS2_NONE: Final = "n,,"
+
+
 class _ScramClient:
-    """The client side of SCRAM-SHA-256 without channel binding, as libpq runs it: from a password, or
-    from pass-through keys (`pinned`), which hold only for their own salt and iteration count."""
+    """The client side of SCRAM-SHA-256(-PLUS), as libpq runs it: from a password, or from pass-through
+    keys (`pinned`), which hold only for their own salt and iteration count. `gs2_header` is one of the
+    `_GS2_*`; `binding` the channel binding data that `_GS2_PLUS` sends (b"" with the others)."""
 
     __slots__ = (
+        "_binding",
         "_combined",
         "_first_bare",
+        "_gs2_header",
         "_iterations",
         "_nonce",
         "_password",
@@ -86,7 +108,15 @@ class _ScramClient:
         "pinned",
     )
 
-    def __init__(self, password: str | None, pinned: PassthroughKeys | None = None) -> None:
+    def __init__(
+        self,
+        password: str | None,
+        pinned: PassthroughKeys | None = None,
+        gs2_header: str = _GS2_NONE,
+        binding: bytes = b"",
+    ) -> None:
+        self._gs2_header = gs2_header
+        self._binding = binding
         self._password = b"" if password is None else scram_password(password)
         self.pinned = pinned
         self._nonce = base64.b64encode(os.urandom(18)).decode()
@@ -98,7 +128,7 @@ class _ScramClient:
         self._server_signature = b""
 
     def client_first(self) -> str:
-        return "n,," + self._first_bare
+        return self._gs2_header + self._first_bare
 
     def server_first(self, message: str) -> None:
         try:
@@ -130,7 +160,8 @@ class _ScramClient:
         _derive(self._password, self._salt, self._iterations)
 
     def client_final(self) -> str:
-        without_proof = f"c=biws,r={self._combined}"
+        channel = base64.b64encode(self._gs2_header.encode() + self._binding).decode()
+        without_proof = f"c={channel},r={self._combined}"
         pinned = self.pinned
         if pinned is not None:
             client_key, server_key = pinned.client_key, pinned.server_key
@@ -199,14 +230,25 @@ class UpstreamAuth:
     """One login's answers. A caller that must not block first asks `slow_step` for the work an answer
     needs (a SCRAM key derivation not yet cached), runs it in a worker thread, then calls `respond`.
 
-    `password` is the plaintext password, a SCRAM verifier or an md5 hash (pass-through, see above)."""
+    `password` is the plaintext password, a SCRAM verifier or an md5 hash (pass-through, see above).
+    `server_certificate` is the certificate (DER) the server presented over TLS, None without TLS; a
+    caller that makes the connection after this was made sets it with `bind` before the server's first
+    AuthenticationRequest is answered."""
 
-    __slots__ = ("_password", "_scram", "_user")
+    __slots__ = ("_password", "_scram", "_user", "channel_binding")
 
-    def __init__(self, user: str, password: str | None) -> None:
+    def __init__(self, user: str, password: str | None, server_certificate: bytes | None = None) -> None:
         self._user = user
         self._password = password
         self._scram: _ScramClient | None = None
+        #: the connection's `tls-server-end-point` data: None without TLS, or when the server's
+        #: certificate names no hash (Ed25519, Ed448)
+        self.channel_binding: bytes | None = None
+        self.bind(server_certificate)
+
+    def bind(self, server_certificate: bytes | None) -> None:
+        """Bind the login to the certificate (DER) the server presented on this connection, if any."""
+        self.channel_binding = end_point_hash(server_certificate) if server_certificate else None
 
     def _need_password(self) -> str:
         if self._password is None:
@@ -216,16 +258,31 @@ class UpstreamAuth:
             )
         return self._password
 
-    def _scram_client(self) -> _ScramClient:
+    def _scram_client(self, gs2_header: str, binding: bytes) -> _ScramClient:
         secret = self._need_password()
         if is_md5_hash(secret):
             raise _only_a_hash(self._user, secret, "SCRAM-SHA-256")
         if not is_scram_verifier(secret):
-            return _ScramClient(secret)
+            return _ScramClient(secret, None, gs2_header, binding)
         keys = keys_for(secret)
         if keys is None:
             raise _no_keys_yet(self._user)
-        return _ScramClient(None, keys)
+        return _ScramClient(None, keys, gs2_header, binding)
+
+    def _mechanism(self, offered: list[str]) -> tuple[str, str, bytes]:
+        """(mechanism, GS2 header, binding data) for the mechanisms the server offers, as libpq's
+        channel_binding=prefer chooses."""
+        binding = self.channel_binding
+        if binding is not None and "SCRAM-SHA-256-PLUS" in offered:
+            return "SCRAM-SHA-256-PLUS", _GS2_PLUS, binding
+        if "SCRAM-SHA-256" not in offered:
+            raise UpstreamAuthError(
+                sqlstate.FEATURE_NOT_SUPPORTED,
+                f"server offers no supported SASL mechanism ({', '.join(offered)})",
+            )
+        if binding is not None:  # we could bind, and the server says it cannot
+            return "SCRAM-SHA-256", _GS2_UNOFFERED, b""
+        return "SCRAM-SHA-256", _GS2_NONE, b""
 
     def _verifier_differs(self) -> UpstreamAuthError:
         user = self._user
@@ -270,18 +327,11 @@ class UpstreamAuth:
             return m.password_message(b"md5" + hashlib.md5(inner.encode() + data[:4]).hexdigest().encode())
         try:
             if code == codes.AUTH_SASL:
-                # Over TLS the server offers SCRAM-SHA-256-PLUS too: halephant takes SCRAM-SHA-256
-                # without channel binding ("n,," as libpq's channel_binding=disable sends), over TLS
-                # or not, and with pass-through keys alike; the TLS itself is checked by the
-                # cluster's tls.mode (verify-full against an active attacker), not by SCRAM.
-                mechanisms = m.decode_sasl_mechanisms(data)
-                if "SCRAM-SHA-256" not in mechanisms:
-                    raise UpstreamAuthError(
-                        sqlstate.FEATURE_NOT_SUPPORTED,
-                        f"server offers no supported SASL mechanism ({', '.join(mechanisms)})",
-                    )
-                self._scram = self._scram_client()
-                return m.sasl_initial_response("SCRAM-SHA-256", self._scram.client_first().encode())
+                # Over TLS PostgreSQL offers SCRAM-SHA-256-PLUS too: taken with the connection's
+                # binding data, with a password or pass-through keys alike (see the module's docstring)
+                mechanism, gs2_header, binding = self._mechanism(m.decode_sasl_mechanisms(data))
+                self._scram = self._scram_client(gs2_header, binding)
+                return m.sasl_initial_response(mechanism, self._scram.client_first().encode())
             if code == codes.AUTH_SASL_CONTINUE and self._scram is not None:
                 self._scram.server_first(data.decode())
                 if self._scram.pinned_mismatch():

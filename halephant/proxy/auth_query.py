@@ -2,11 +2,11 @@
 `halephant.auth.lookup`.
 
 Each lookup is a short connection of its own to the primary of the client's cluster (over TLS as the
-cluster's `tls:` says, like every connection to a node), logged in as the auth_user, that runs the
-query once and ends with a Terminate. Not a server of the auth_user's pool: a
-lookup then never waits behind that pool's clients (or takes a server from them), is bound by no pool
-mode, cap or reset query, and leaves nothing on a server anyone else gets. What this costs (a login per
-lookup) is bounded by the answers kept for `cache_for` seconds and by running one query for all the
+cluster's `tls:` says, like every connection to a node, its login bound to the node's certificate), logged
+in as the auth_user, that runs the query once and ends with a Terminate. Not a server of the auth_user's
+pool: a lookup then never waits behind that pool's clients (or takes a server from them), is bound by no
+pool mode, cap or reset query, and leaves nothing on a server anyone else gets. What this costs (a login
+per lookup) is bounded by the answers kept for `cache_for` seconds and by running one query for all the
 clients that log in as the same user at the same time; at most `_CONCURRENT` lookups connect at once.
 
 The lookup runs in the app's task group, never on the client's callbacks: the client waits in its AUTH
@@ -31,6 +31,7 @@ from halephant.auth import lookup
 from halephant.auth.upstream import passthrough_unready
 from halephant.errors import ClientError
 from halephant.protocol import messages as m
+from halephant.server_tls import stream_certificate
 from halephant.types import AuthMethod, LookUp, PoolTarget
 from halephant.unix_socket import connect_stream
 
@@ -105,7 +106,7 @@ async def _query(app: App, target: PoolTarget, method: LookUp, user: str) -> str
                     f"could not connect to {primary.host}:{primary.port}: {exc.strerror or exc}",
                     reached=False,
                 ) from None
-            session = lookup.LookupSession(role, password, method.dbname)
+            session = lookup.LookupSession(role, password, method.dbname, stream_certificate(stream))
             try:
                 await stream.send(session.startup())
                 await _until_ready(stream, session)

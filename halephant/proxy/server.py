@@ -38,7 +38,7 @@ from halephant.protocol.framing import PASSED_AS_IT_COMES, BackendScanner, split
 from halephant.protocol.session_params import settings_sql
 from halephant.protocol.session_queries import decode_data_row
 from halephant.proxy import prepared, session_state
-from halephant.server_tls import ServerTls, describe
+from halephant.server_tls import ServerTls, describe, transport_certificate
 from halephant.tcp import set_tcp_options
 from halephant.unix_socket import create_connection
 
@@ -205,6 +205,7 @@ class ServerConnection(asyncio.Protocol):
         if sock is not None:
             set_tcp_options(sock, self.manager.app.config.limits)
         self.tls = describe(transport.get_extra_info("ssl_object"))
+        self._auth.bind(transport_certificate(transport))
         self.transport.write(m.startup_message(self._startup))
 
     def _login_data(self, data: bytes) -> None:

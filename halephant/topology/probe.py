@@ -12,7 +12,8 @@ and refuses new ones (57P03), so only a new login tells that it is going away, a
 for ever would hold up its shutdown for as long as halephant runs. A TCP probe connection uses its
 cluster's `tls:` settings as server connections do (`halephant.server_tls`): a node whose pg_hba.conf
 takes only TLS logins (`hostssl`) is probed over TLS, and one whose certificate does not verify is
-down for the probes, with the reason.
+down for the probes, with the reason; over TLS the login is bound to the node's certificate
+(SCRAM-SHA-256-PLUS) as a server connection's is.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from halephant.protocol import codes
 from halephant.protocol import messages as m
 from halephant.protocol.framing import split_frames
 from halephant.protocol.session_queries import decode_data_row
-from halephant.server_tls import ServerTls
+from halephant.server_tls import ServerTls, stream_certificate
 from halephant.tcp import set_tcp_options
 from halephant.unix_socket import connect_stream
 
@@ -101,8 +102,10 @@ class ProbeSession:
 
     __slots__ = ("_auth", "_buf", "_error", "_row", "logged_in", "slow_step", "startup_params")
 
-    def __init__(self, user: str, password: str | None, database: str) -> None:
-        self._auth = UpstreamAuth(user, password)
+    def __init__(
+        self, user: str, password: str | None, database: str, server_certificate: bytes | None = None
+    ) -> None:
+        self._auth = UpstreamAuth(user, password, server_certificate)
         self.startup_params = {"user": user, "database": database, "application_name": APPLICATION_NAME}
         self._buf = b""
         self._row: list[str | None] | None = None
@@ -270,7 +273,9 @@ class ProbeConnection:
             raise ProbeFailed(exc.message) from None
         if self.limits is not None:
             set_tcp_options(self._stream.extra(anyio.abc.SocketAttribute.raw_socket), self.limits)
-        self._session = ProbeSession(self.user, self.password, self.database)
+        self._session = ProbeSession(
+            self.user, self.password, self.database, stream_certificate(self._stream)
+        )
         await self._stream.send(self._session.startup())
         await self._until_ready()
 
