@@ -1003,6 +1003,14 @@ class PoolManager:
         return changes
 
 
+#: why PostgreSQL refuses a SCRAM-SHA-256-PLUS login (`halephant.auth.upstream`), for the log and the client
+_BINDING_HINT = (
+    "halephant binds its SCRAM login to the certificate it was shown, and the server's own differs: "
+    "something between halephant and the node presents another certificate (a man in the middle?). "
+    "clusters.{cluster}.tls.mode verify-full checks the certificate."
+)
+
+
 def _login_hint(exc: ClientError, target: PoolTarget, server: ServerConnection, tls: ServerTls | None) -> str:
     """The hint for a login PostgreSQL refused (28000, 28P01) that gave none of its own."""
     user = target.server_user
@@ -1011,6 +1019,8 @@ def _login_hint(exc: ClientError, target: PoolTarget, server: ServerConnection, 
             f'halephant logs in as "{user}" with the password halephant.yaml gives it (server_password, '
             "else password)."
         )
+    if "channel binding" in exc.message:
+        return _BINDING_HINT.format(cluster=target.cluster)
     if not server.tls and exc.message.endswith("no encryption"):
         # pg_hba.conf has a hostssl line for it, and no host one: PostgreSQL's own words for that
         mode = tls.mode if tls is not None else "disable"

@@ -217,6 +217,12 @@ class TopologyMonitor:
                 why += (
                     f" (the node takes this login over TLS only: check clusters.{probe.tls.cluster}.tls.mode)"
                 )
+            elif "channel binding" in why and probe.tls is not None:
+                # SCRAM-SHA-256-PLUS refused: the node's certificate is not the one the probe was shown
+                why += (
+                    " (the node's certificate is not the one the probe was shown: a man in the middle? "
+                    f"clusters.{probe.tls.cluster}.tls.mode verify-full checks it)"
+                )
             elif "(28P01)" in why or "(28000)" in why:
                 why += f" (probe user {probe.user!r}: check probe_user and probe_password)"
             outcomes[i] = why
