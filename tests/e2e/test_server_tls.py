@@ -8,14 +8,18 @@ and the verify modes; `prefer` (the default) uses it where offered and goes on i
 certificate does not hold fail with a refused login (28000) that says why, in the client's error and in
 the log, while the other cluster's database is served on. A client certificate logs in as a role whose
 pg_hba.conf line is `cert`. A TLS connection lost after login (cut at a relay, no close_notify) fails its
-client only, with 08006. A reload that changes a cluster's TLS settings replaces its servers.
+client only, with 08006. A reload that changes a cluster's TLS settings replaces its servers. Logins are
+bound to the node's certificate (SCRAM-SHA-256-PLUS): through a man in the middle that presents another
+one, the pooled servers', the probes' and the auth_query lookup's logins are refused by PostgreSQL.
 """
 
 from __future__ import annotations
 
 import asyncio
+import pathlib
 import re
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -27,6 +31,7 @@ import asyncpg
 import psycopg
 import psycopg.errors
 import pytest
+import trustme
 from support.halephant import HalephantFactory, Running
 from support.leaks import assert_clean_servers
 from support.polling import wait_until
@@ -384,6 +389,120 @@ def _cancel_a_sleep(run: Running, tls_pg: Cluster) -> None:
         assert conn.execute("SELECT 1").fetchone() == (1,)
 
 
+class MitmRelay:
+    """A man in the middle: answers halephant's SSLRequest itself, terminates its TLS with another
+    certificate (of another CA), and relays the decrypted bytes over a TLS connection of its own to the
+    node. `tls.mode` require does not check certificates, so only the SCRAM login's channel binding can
+    tell: PostgreSQL binds to its own certificate, halephant to the one it was shown."""
+
+    def __init__(self, port: int, directory: pathlib.Path) -> None:
+        self.target = port
+        self.connections = 0
+        self.writers: set[asyncio.StreamWriter] = set()
+        chain = trustme.CA().issue_cert(SERVER_NAME)
+        chain.cert_chain_pems[0].write_to_path(directory / "mitm.crt")
+        chain.private_key_pem.write_to_path(directory / "mitm.key")
+        self.server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self.server_context.load_cert_chain(directory / "mitm.crt", directory / "mitm.key")
+        self.client_context = ssl.create_default_context()
+        self.client_context.check_hostname = False
+        self.client_context.verify_mode = ssl.CERT_NONE
+        self.loop = asyncio.new_event_loop()
+        started = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(started,), daemon=True)
+        self.thread.start()
+        assert started.wait(10)
+
+    def _run(self, started: threading.Event) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.server = self.loop.run_until_complete(asyncio.start_server(self._serve, "127.0.0.1", 0))
+        self.port = self.server.sockets[0].getsockname()[1]
+        started.set()
+        self.loop.run_forever()
+        self.loop.close()
+
+    async def _serve(self, down_r: asyncio.StreamReader, down_w: asyncio.StreamWriter) -> None:
+        self.writers.add(down_w)
+        try:
+            if await down_r.readexactly(8) != SSL_REQUEST:
+                return
+            down_w.write(b"S")
+            await down_w.drain()
+            await down_w.start_tls(self.server_context)
+            up_r, up_w = await asyncio.open_connection("127.0.0.1", self.target)
+            self.writers.add(up_w)
+            up_w.write(SSL_REQUEST)
+            assert await up_r.readexactly(1) == b"S"
+            await up_w.start_tls(self.client_context)
+            self.connections += 1
+            await asyncio.gather(self._pump(down_r, up_w), self._pump(up_r, down_w))
+        except (OSError, asyncio.IncompleteReadError, ssl.SSLError):
+            pass
+        finally:
+            down_w.close()
+
+    @staticmethod
+    async def _pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+        try:
+            while data := await source.read(65536):
+                sink.write(data)
+                await sink.drain()
+        finally:
+            sink.close()
+
+    async def _shutdown(self) -> None:
+        self.server.close()
+        for writer in self.writers:
+            if not writer.transport.is_closing():
+                writer.transport.abort()
+        await asyncio.sleep(0.1)  # (the aborted transports' sockets are closed on the next rounds)
+        self.loop.stop()
+
+    def close(self) -> None:
+        asyncio.run_coroutine_threadsafe(self._shutdown(), self.loop)
+        self.thread.join(10)
+
+
+def test_a_man_in_the_middle_with_another_certificate_cannot_relay_the_login(
+    tls_pg: Cluster, pg: Cluster, halephant: HalephantFactory, tmp_path: pathlib.Path
+) -> None:
+    # SCRAM-SHA-256-PLUS binds halephant's login to the certificate it was shown: PostgreSQL, which
+    # binds to its own, refuses it (with SCRAM-SHA-256 the relay would pass the exchange through)
+    relay = MitmRelay(tls_pg.primary.port, tmp_path)
+    cfg = config(tls_pg, pg, mode="require")
+    cfg["clusters"]["secure"]["nodes"] = [f"127.0.0.1:{relay.port}"]
+    cfg["databases"]["lookupapp"] = {"cluster": "secure", "database": "myapp", "auth_user": "myapp"}
+    try:
+        run = halephant.start(cfg)
+        error = refused(run)
+        assert error.sqlstate == "28000", error
+        assert error.message == "halephant's login to the server failed: SCRAM channel binding check failed"
+        assert "a man in the middle?" in error.hint and "clusters.secure.tls.mode verify-full" in error.hint
+        log = wait_until(lambda: (t := run.log_text()) and "probe of" in t and t, "the refusals logged")
+        assert re.search(
+            r"pool myapp/myapp@127\.0\.0\.1:\d+: server login refused: \w+ .*SCRAM channel binding check "
+            "failed",
+            log,
+        ), log
+        assert re.search(
+            rf"cluster secure: probe of 127\.0\.0\.1:{relay.port} failed: SCRAM channel binding check failed "
+            r"\(28000\) \(the node's certificate is not the one the probe was shown: a man in the middle\?",
+            log,
+        ), log
+        assert relay.connections >= 2  # the relay did terminate TLS (a pooled server's and a probe's)
+        # the auth_query lookup's login alike: a user it would find is refused
+        error = refused(run, dbname="lookupapp", user="tls_looked_up", password="looked-up-pw")
+        assert error.sqlstate == "08006", error
+        assert re.search(
+            r"password lookup for user 'tls_looked_up' failed: login as the auth_user failed: SCRAM channel "
+            r"binding check failed \(28000\)",
+            run.log_text(),
+        ), run.log_text()
+        assert ssl_of_mine(run, "plainapp") == (False, None)  # the other cluster is served on
+    finally:
+        relay.close()
+
+
 def test_pgbench_over_tls(tls_pg: Cluster, pg: Cluster, halephant: HalephantFactory, run_client: Any) -> None:
     tls_pg.create_database(BENCH_DB, owner="myapp")
     pgbench(tls_pg.primary, "-i", "-q", "-s", "1", dbname=BENCH_DB, user="myapp")
@@ -422,8 +541,8 @@ def test_listen_and_notify_over_tls(tls_pg: Cluster, pg: Cluster, halephant: Hal
 
 
 def test_scram_pass_through_over_tls(tls_pg: Cluster, pg: Cluster, halephant: HalephantFactory) -> None:
-    # the client's SCRAM login gives the key halephant logs in upstream with; the server offers
-    # SCRAM-SHA-256-PLUS and SCRAM-SHA-256 over TLS, halephant takes the latter
+    # the client's SCRAM login gives the key halephant logs in upstream with, over TLS with
+    # SCRAM-SHA-256-PLUS: the proof covers the channel binding
     verifier = tls_pg.primary.sql("SELECT rolpassword FROM pg_authid WHERE rolname = 'myapp'")
     assert verifier.startswith("SCRAM-SHA-256$")
     cfg = config(tls_pg, pg, mode="require")
