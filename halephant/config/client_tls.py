@@ -16,7 +16,7 @@ says little (`halephant.proxy.client_tls`).
 
 `channel_binding(context)` is the `tls-server-end-point` data of the certificate a connection was made
 with, which SCRAM-SHA-256-PLUS binds the login to (`halephant.auth.server_side`): the certificate's
-hash with its signature's hash function (read with asn1crypto), once per load.
+hash with its signature's hash function (`halephant.config.tls_files.end_point_hash`), once per load.
 """
 
 from __future__ import annotations
@@ -26,10 +26,14 @@ import ssl
 import weakref
 from dataclasses import dataclass
 
-from asn1crypto.x509 import Certificate
-
 from halephant.config.schema import TLS_VERIFIED, ClientTlsConfig
-from halephant.config.tls_files import VERSIONS, TlsFileProblem, load_key_pair, read_certificates
+from halephant.config.tls_files import (
+    VERSIONS,
+    TlsFileProblem,
+    end_point_hash,
+    load_key_pair,
+    read_certificates,
+)
 
 __all__ = ["ClientTls", "TlsFileProblem", "channel_binding", "fingerprint", "load_client_tls"]
 
@@ -56,28 +60,6 @@ def channel_binding(context: ssl.SSLContext) -> bytes | None:
     the hash of halephant's certificate that SCRAM-SHA-256-PLUS binds a login to; None when the
     certificate's signature names no hash (Ed25519), and then SCRAM-SHA-256-PLUS is not offered."""
     return _END_POINTS.get(context)
-
-
-#: RFC 5929: a certificate signed with MD5 or SHA-1 binds with SHA-256, any other with its signature's hash
-_END_POINT_HASH = {"md5": "sha256", "sha1": "sha256"}
-
-
-def end_point_hash(der: bytes) -> bytes | None:
-    """`tls-server-end-point` data for a certificate (DER): its hash, with the hash function its
-    signature algorithm names (RSASSA-PSS: its parameters'); None when it names none (Ed25519, Ed448)
-    or the certificate cannot be read."""
-    try:
-        algorithm = Certificate.load(der)["signature_algorithm"]
-        if algorithm.signature_algo in ("ed25519", "ed448"):  # RFC 5929 defines no hash for these
-            return None
-        name = algorithm.hash_algo
-    except (ValueError, TypeError, KeyError):  # asn1crypto's errors: not DER, or an unknown algorithm
-        return None
-    name = _END_POINT_HASH.get(name, name)
-    try:
-        return hashlib.new(name, der).digest()
-    except ValueError:
-        return None
 
 
 def load_client_tls(section: ClientTlsConfig) -> ClientTls | None:

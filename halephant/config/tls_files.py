@@ -6,16 +6,30 @@ the loader reports at that setting's `file:line:col`, so that `halephant check`,
 find a missing file, one that is not PEM, a key readable by others, an encrypted key or a key that does
 not belong to its certificate, and no connection meets them. Both sides follow libpq's and PostgreSQL's
 rules for a private key: owned by root with mode 0640 or less, else mode 0600 or less.
+
+`end_point_hash` is a certificate's `tls-server-end-point` data (RFC 5929), which SCRAM-SHA-256-PLUS binds
+a login to: halephant's own certificate towards clients, a node's towards PostgreSQL.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import ssl
 import stat
 from typing import Final
 
-__all__ = ["VERSIONS", "TlsFileProblem", "check_key_mode", "load_key_pair", "read_certificates", "read_file"]
+from asn1crypto.x509 import Certificate
+
+__all__ = [
+    "VERSIONS",
+    "TlsFileProblem",
+    "check_key_mode",
+    "end_point_hash",
+    "load_key_pair",
+    "read_certificates",
+    "read_file",
+]
 
 #: `min_version`'s values
 VERSIONS: Final = {"TLSv1.2": ssl.TLSVersion.TLSv1_2, "TLSv1.3": ssl.TLSVersion.TLSv1_3}
@@ -98,3 +112,25 @@ def load_key_pair(context: ssl.SSLContext, cert_file: str, key_file: str) -> Non
         raise TlsFileProblem("key_file", f"{key_file} holds no PEM private key") from None
     except OSError as exc:  # (removed or made unreadable since it was read above)
         raise TlsFileProblem("key_file", f"cannot read {key_file}: {exc.strerror or exc}") from None
+
+
+#: RFC 5929: a certificate signed with MD5 or SHA-1 binds with SHA-256, any other with its signature's hash
+_END_POINT_HASH = {"md5": "sha256", "sha1": "sha256"}
+
+
+def end_point_hash(der: bytes) -> bytes | None:
+    """`tls-server-end-point` data for a certificate (DER): its hash, with the hash function its
+    signature algorithm names (RSASSA-PSS: its parameters'); None when it names none (Ed25519, Ed448)
+    or the certificate cannot be read."""
+    try:
+        algorithm = Certificate.load(der)["signature_algorithm"]
+        if algorithm.signature_algo in ("ed25519", "ed448"):  # RFC 5929 defines no hash for these
+            return None
+        name = algorithm.hash_algo
+    except (ValueError, TypeError, KeyError):  # asn1crypto's errors: not DER, or an unknown algorithm
+        return None
+    name = _END_POINT_HASH.get(name, name)
+    try:
+        return hashlib.new(name, der).digest()
+    except ValueError:
+        return None

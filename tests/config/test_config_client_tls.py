@@ -16,7 +16,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from support.config_text import load, problems
 
-from halephant.config.client_tls import channel_binding, end_point_hash, fingerprint
+from halephant.config.client_tls import channel_binding, fingerprint
+from halephant.config.tls_files import end_point_hash
 
 BASE = """\
 clusters:
