@@ -117,10 +117,14 @@ def halephant_authenticate(
         primary of ``pool``'s cluster as ``auth_user``, runs ``query`` with the user name as ``$1``,
         then runs SCRAM or md5 against the verifier or hash found, the mock exchange when none is
         found, and logs in upstream as that user by pass-through; the hook is not called again for
-        the answer), or ``Reject``.
+        the answer), ``Cert()`` to let the client in on its TLS client certificate alone (verified by
+        ``client_tls.ca_file``, its CN the user name; otherwise FATAL 28000), or ``Reject`` (told at
+        once, before any password is asked for).
 
     Default: ``plugins/scram_auth.py`` (users from ``users:``; a user not listed there is looked up
-    where its database's entry sets ``auth_user``).
+    where its database's entry sets ``auth_user``), asked after ``plugins/hba.py`` (the rules of the
+    pg_hba.conf-style file ``plugins.hba.file``, when one is set: ``Reject``, ``Trust``, ``Cert``, or
+    None to leave the password exchange to ``scram_auth``).
     """
 
 

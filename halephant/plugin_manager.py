@@ -23,6 +23,7 @@ from halephant import IGNORES_PLAIN, PROJECT, hooks, sqlstate
 from halephant.errors import ClientError
 from halephant.types import (
     AuthMethod,
+    Cert,
     ClientInfo,
     ClusterView,
     LookUp,
@@ -345,7 +346,7 @@ class Plugins:
         self, client: ClientInfo, pool: PoolTarget | None, config: Config
     ) -> AuthMethod | Reject:
         answer = self._authenticate(client=client, pool=pool, config=config)
-        if isinstance(answer, ScramSha256 | Md5 | Trust | LookUp | Reject):
+        if isinstance(answer, ScramSha256 | Md5 | Trust | LookUp | Cert | Reject):
             return answer
         if answer is None:
             # fail closed: nobody vouched for this client, so it cannot get in

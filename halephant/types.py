@@ -18,6 +18,7 @@ from halephant.sql import Statement
 __all__ = [
     "Allow",
     "AuthMethod",
+    "Cert",
     "ClientInfo",
     "CloseIdleServers",
     "ClusterView",
@@ -336,7 +337,19 @@ class LookUp:
     reason: str = "auth_query"
 
 
-AuthMethod = ScramSha256 | Md5 | Trust | LookUp
+@dataclass(frozen=True, slots=True)
+class Cert:
+    """Let the client in without a password on the strength of its TLS client certificate (pg_hba.conf's
+    `cert`): the core checks that the client connected over TLS with a certificate that `client_tls.ca_file`
+    verified during the handshake (only `client_tls.mode` verify-ca and verify-full ask for one), and that
+    the certificate's CN is the user name. No certificate, or one not verified: FATAL 28000 "connection
+    requires a valid client certificate"; another CN: FATAL 28000 "certificate authentication failed for
+    user ...". A plaintext or Unix-domain socket client never passes."""
+
+    reason: str = "cert"
+
+
+AuthMethod = ScramSha256 | Md5 | Trust | LookUp | Cert
 
 
 # --- the client as hooks see it ----------------------------------------------------------------------

@@ -284,4 +284,5 @@ def exchange_for(method: AuthMethod, user: str, channel_binding: bytes | None = 
         return Md5Exchange(user, method.secret)
     if isinstance(method, Trust):
         return None
-    raise TypeError(f"unknown authentication method {method!r}")
+    # `Cert` asks no password: the connection checks its certificate (`halephant.proxy.client_tls`)
+    raise TypeError(f"no password exchange for authentication method {method!r}")

@@ -67,6 +67,7 @@ from halephant.sql.statement import statement_of
 from halephant.types import (
     Allow,
     AuthMethod,
+    Cert,
     ClientInfo,
     CloseIdleServers,
     LookUp,
@@ -578,6 +579,9 @@ class ClientConnection(asyncio.Protocol):
             self.config_generation = self.app.config_generation
         method = plugins.authenticate(info, self.target, config)
         if isinstance(method, Reject):
+            # told at once, as PostgreSQL's pg_hba.conf refusals are
+            log.info("%r: rejected: %s", self, method.reason)
+            self.app.stats.decide("reject", info, method.reason, method.code)
             raise ClientError(method.code, method.message, hint=method.hint, fatal=True)
         if isinstance(method, LookUp):
             if self.target is not None:
@@ -591,6 +595,16 @@ class ClientConnection(asyncio.Protocol):
         assert self.info is not None
         # over TLS, SCRAM may bind the login to the certificate this connection was made with
         ssl_object = self.transport.get_extra_info("ssl_object")
+        if isinstance(method, Cert):
+            # no password: the certificate the handshake verified, its CN the user name
+            refused = client_tls.certificate_refusal(ssl_object, self.info.user, True, method.reason)
+            if refused is not None:
+                error, why = refused
+                log.info("%r: rejected: %s", self, why)
+                self.app.stats.decide("reject", self.info, why, error.code)
+                raise error
+            self._authenticated("cert")
+            return
         binding = channel_binding(ssl_object.context) if ssl_object is not None else None
         self._exchange = exchange_for(method, self.info.user, binding)
         if self._exchange is None:

@@ -31,7 +31,7 @@ from halephant import sqlstate
 from halephant.config.schema import TLS_REQUIRED, TLS_VERIFIED, ClientTlsConfig
 from halephant.errors import ClientError
 
-__all__ = ["failure", "login_refusal", "peer_address"]
+__all__ = ["certificate_refusal", "failure", "login_refusal", "peer_address"]
 
 
 def peer_address(transport: Any) -> str:
@@ -68,18 +68,28 @@ def login_refusal(
         )
     if mode not in TLS_VERIFIED:
         return None
-    certificate = ssl_object.getpeercert()
+    return certificate_refusal(ssl_object, user, mode == "verify-full", f"client_tls.mode: {mode}")
+
+
+def certificate_refusal(
+    ssl_object: ssl.SSLObject | None, user: str, check_cn: bool, why: str
+) -> tuple[ClientError, str] | None:
+    """The FATAL 28000 for a client without a certificate that `client_tls.ca_file` verified, or (with
+    `check_cn`) whose certificate's CN is not `user`, as PostgreSQL words them, and the reason to log
+    (`why`: what asked for the certificate); None: the certificate is good. The `cert` authentication
+    method (`halephant.types.Cert`) is this check with `check_cn`."""
+    # empty unless a certificate was sent and verified (a context that asked for none verifies none)
+    certificate = ssl_object.getpeercert() if ssl_object is not None else None
     if not certificate:
-        # none sent (a context of `require`, from before a reload, asked for none either)
         return (
             ClientError(
                 sqlstate.INVALID_AUTHORIZATION_SPECIFICATION,
                 "connection requires a valid client certificate",
                 fatal=True,
             ),
-            f"no client certificate (client_tls.mode: {mode})",
+            f"no client certificate ({why})",
         )
-    if mode == "verify-full":
+    if check_cn:
         cn = common_name(certificate)
         if cn != user:
             return (
@@ -88,7 +98,7 @@ def login_refusal(
                     f'certificate authentication failed for user "{user}"',
                     fatal=True,
                 ),
-                f"the client certificate's CN ({cn!r}) is not the user name (client_tls.mode: verify-full)",
+                f"the client certificate's CN ({cn!r}) is not the user name ({why})",
             )
     return None
 
