@@ -56,7 +56,7 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from pydantic import BaseModel, ConfigDict, PrivateAttr, StrictStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, StrictStr, field_validator
 
 from halephant import hookimpl, sqlstate
 from halephant.types import AuthMethod, Cert, ClientInfo, Reject, ScramSha256, Trust
@@ -68,6 +68,7 @@ __all__ = [
     "SECTION",
     "HbaError",
     "HbaLine",
+    "HbaPath",
     "HbaSettings",
     "decide",
     "halephant_authenticate",
@@ -362,32 +363,40 @@ def read_hba(path: str) -> tuple[HbaLine, ...]:
 # --- settings ------------------------------------------------------------------------------------------
 
 
+class HbaPath(str):
+    """`plugins.hba.file` as validated: the path, with the rules read from it then."""
+
+    __slots__ = ("rules",)
+    rules: tuple[HbaLine, ...]
+
+    def __new__(cls, path: str, rules: tuple[HbaLine, ...]) -> HbaPath:
+        self = super().__new__(cls, path)
+        self.rules = rules
+        return self
+
+
 class HbaSettings(BaseModel):
     """`plugins.hba`: the pg_hba.conf-style file of access rules (None: no rules, everything as without)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    #: Absolute path of the file; read and checked at every configuration load.
+    #: Absolute path of the file; read and checked at every configuration load (its problems are
+    #: reported at this key).
     file: StrictStr | None = None
-    _rules: tuple[HbaLine, ...] | None = PrivateAttr(default=None)
 
     @field_validator("file")
     @classmethod
-    def _absolute(cls, value: str | None) -> str | None:
-        if value is not None and not os.path.isabs(value):
+    def _read(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not os.path.isabs(value):
             raise ValueError(f"must be an absolute path, got {value!r}")
-        return value
-
-    @model_validator(mode="after")
-    def _read(self) -> HbaSettings:
-        if self.file is not None:
-            self._rules = read_hba(self.file)
-        return self
+        return HbaPath(value, read_hba(value))
 
     @property
     def rules(self) -> tuple[HbaLine, ...] | None:
         """The file's rules as read when this section was validated; None without a file."""
-        return self._rules
+        return self.file.rules if isinstance(self.file, HbaPath) else None
 
 
 # --- decisions ----------------------------------------------------------------------------------------
