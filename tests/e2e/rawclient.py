@@ -147,9 +147,19 @@ class Session:
 class RawClient:
     """One TCP connection speaking raw protocol bytes. Every read has a deadline (`timeout` seconds)."""
 
-    def __init__(self, host: str, port: int, *, timeout: float = 5.0, rcvbuf: int | None = None) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        timeout: float = 5.0,
+        rcvbuf: int | None = None,
+        source: str | None = None,
+    ) -> None:
         if rcvbuf is None:
-            self.sock = socket.create_connection((host, port), timeout=timeout)
+            # `source`: the local address to connect from (bound first), for tests of address rules
+            bind = (source, 0) if source is not None else None
+            self.sock = socket.create_connection((host, port), timeout=timeout, source_address=bind)
         else:
             # a small receive buffer is set before connecting: shrunk on an open connection, Linux drops
             # what the window it advertised before still lets in, and the sender crawls on retransmits
