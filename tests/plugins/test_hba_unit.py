@@ -250,3 +250,12 @@ def test_cert_lines_without_client_certificates_warn(
     with caplog.at_level(logging.WARNING, logger="halephant.plugins.hba"):
         hba.halephant_configure(config=config(hba_file=path))
     assert f"{path}: cert on line 2 can never let a client in: client_tls.mode is disable" in caplog.text
+
+
+def test_the_example_file_parses_and_halephant_yaml_documents_the_section() -> None:
+    root = Path(__file__).resolve().parents[2]
+    example = root / "examples" / "pg_hba.conf"
+    methods = {rule.method for rule in parse_hba(example.read_text(), str(example))}
+    assert methods == {"trust", "scram-sha-256", "reject", "cert"}
+    text = (root / "halephant.yaml").read_text().replace("#", "")
+    assert "hba:" in text and "file: /etc/halephant/pg_hba.conf" in text
