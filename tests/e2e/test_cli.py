@@ -34,6 +34,7 @@ pytestmark = pytest.mark.e2e
 DEFAULT_PLUGINS = {
     # name: the hook it exists for (the design's default-plugin table)
     "cursor_guard": "halephant_inspect_query",
+    "hba": "halephant_authenticate",
     "database_routing": "halephant_select_pool",
     "pool_sizing": "halephant_pool_size",
     "replica_routing": "halephant_route",
