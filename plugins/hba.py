@@ -33,7 +33,8 @@ The first line whose type, database, user and address match the client decides, 
   secret decides it, as PostgreSQL's `md5` line runs SCRAM for a user whose password is stored as a
   SCRAM verifier. A `scram-sha-256` line for a user whose password in `users:` is an md5 hash runs an
   exchange that fails with 28P01, as PostgreSQL does (it cannot check SCRAM against an md5 hash). A user
-  configured with `auth: trust` stays without a password on these lines;
+  configured with `auth: trust` has no password to give on these lines and fails with 28P01 (the rules
+  decide how a client logs in, as in PostgreSQL: give it a `trust` line);
 * `cert`: the client's TLS certificate, verified against `client_tls.ca_file` during the handshake, must
   have the user name as its CN; no password then. Only `client_tls.mode` verify-ca and verify-full ask
   clients for a certificate: under another mode a `cert` line can never let anyone in (a WARNING at load).
@@ -460,9 +461,15 @@ def decide(
             return Trust(reason=f"hba: trust by {where}")
         if rule.method == "cert":
             return Cert(reason=f"hba: cert by {where}")
-        if rule.method == "scram-sha-256" and config is not None:
-            user = config.users.get(client.user)
-            secret = user.password if user is not None and user.auth != "trust" else None
+        user = config.users.get(client.user) if config is not None else None
+        if user is not None and user.auth == "trust":
+            # the line asks for a password, and pg_hba.conf decides how a client logs in: a user that
+            # `users:` lets in on trust has none to give here (a `trust` line lets it in)
+            return ScramSha256(
+                None, reason=f"hba: {where} asks for a password; user {client.user} has auth: trust and none"
+            )
+        if rule.method == "scram-sha-256" and user is not None:
+            secret = user.password
             if secret is not None and _is_md5_hash(secret):
                 return ScramSha256(
                     None, reason=f"hba: {where} asks for scram-sha-256, but the password is an md5 hash"

@@ -159,7 +159,7 @@ def test_check_yaml_syntax_error_has_a_position(tmp_path: pathlib.Path) -> None:
             "plugins.modules.0",
             "plugin 'bad_settings' answered 'not a tuple' to halephant_plugin_settings",
         ),
-        ("plugins:\n  disable: [scram_auth]\n", None, "plugins.disable", "no plugin implements"),
+        ("plugins:\n  disable: [scram_auth, hba]\n", None, "plugins.disable", "no plugin implements"),
     ],
     ids=["missing-module", "configure-raises", "bad-settings-answer", "required-disabled"],
 )
@@ -264,7 +264,8 @@ def test_plugins_with_a_config_that_disables_one(tmp_path: pathlib.Path) -> None
 
 
 def test_plugins_disabling_a_required_default_is_an_error(tmp_path: pathlib.Path) -> None:
-    path = write(tmp_path / "disable.yaml", GOOD_CONFIG + "plugins:\n  disable: [scram_auth]\n")
+    # (hba implements the hook too, but answers only where its file has rules: both must go for none)
+    path = write(tmp_path / "disable.yaml", GOOD_CONFIG + "plugins:\n  disable: [scram_auth, hba]\n")
     result = halephant_cli("plugins", "-c", path)
     assert result.returncode != 0
     assert "halephant_authenticate" in result.stderr

@@ -17,7 +17,10 @@ from halephant.config import ConfigError, read_config_text, validate_config
 from halephant.types import Cert, ClientInfo, Config, Reject, ScramSha256, Trust
 
 BASE = "clusters: {main: {nodes: [127.0.0.1:5432]}}\ndatabases: {app: {cluster: main}}\n"
-USERS = "users: {u: {password: secret}, hashed: {password: md5" + "0" * 32 + ", auth: md5}}\n"
+USERS = (
+    "users: {u: {password: secret}, hashed: {password: md5" + "0" * 32 + ", auth: md5},"
+    " trusted: {auth: trust, server_password: x}}\n"
+)
 
 
 @pytest.fixture(autouse=True)
@@ -193,6 +196,14 @@ def test_password_lines_leave_the_exchange_to_the_users_secret() -> None:
     answer = decide(rules("host all all all scram-sha-256\n"), client(user="hashed"), config())
     assert isinstance(answer, ScramSha256) and answer.secret is None
     assert decide(rules("host all all all md5\n"), client(user="hashed"), config()) is None
+
+
+def test_a_trust_user_has_no_password_to_give_on_a_password_line() -> None:
+    # the rules decide how a client logs in: `auth: trust` in users: lets it in on a trust line only
+    for method in ("md5", "scram-sha-256"):
+        answer = decide(rules(f"host all all all {method}\n"), client(user="trusted"), config())
+        assert isinstance(answer, ScramSha256) and answer.secret is None, answer
+    assert isinstance(decide(rules("host all all all trust\n"), client(user="trusted"), config()), Trust)
 
 
 def test_cert_lines_ask_the_core_for_the_certificate() -> None:
