@@ -190,24 +190,23 @@ def test_hookspecs_take_keyword_arguments_only_by_convention() -> None:
             assert param.kind in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY), f"{name}({param.name})"
 
 
-def _trylast(decorator: ast.expr) -> bool:
+def _marked(decorator: ast.expr, option: str) -> bool:
     return isinstance(decorator, ast.Call) and any(
-        kw.arg == "trylast" and isinstance(kw.value, ast.Constant) and kw.value.value is True
+        kw.arg == option and isinstance(kw.value, ast.Constant) and kw.value.value is True
         for kw in decorator.keywords
     )
 
 
 @pytest.mark.parametrize("name", [n for n in NAMES if getattr(SPECS[n], SPEC_ATTR).get("firstresult")])
-def test_default_decisions_are_trylast(name: str) -> None:
+def test_default_decisions_are_trylast_and_the_access_rules_tryfirst(name: str) -> None:
     # any installed plugin gets the first word; halephant's own default answers last. Except the access
     # rules of plugins/hba.py (tryfirst): a gate that another plugin's Trust could otherwise step past,
     # and silent unless `plugins.hba.file` is set.
     for path in sorted(PLUGINS.glob("*.py")):
-        if path.name == "hba.py":
-            continue
+        option = "tryfirst" if path.name == "hba.py" else "trylast"
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.FunctionDef) and node.name == name:
                 marks = [d for d in node.decorator_list if _is_hookimpl(d)]
-                assert marks and all(_trylast(d) for d in marks), (
-                    f"plugins/{path.name}: {name} must be trylast"
+                assert marks and all(_marked(d, option) for d in marks), (
+                    f"plugins/{path.name}: {name} must be {option}"
                 )
