@@ -21,17 +21,11 @@ lookup. Nothing here is logged or written anywhere.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from typing import Final
 
-from halephant import sqlstate
-from halephant.auth.upstream import UpstreamAuth
+from halephant.auth.own_session import OwnSession
 from halephant.config.schema import is_md5_hash, is_scram_verifier
-from halephant.errors import ClientError, ProtocolViolation
-from halephant.protocol import codes
 from halephant.protocol import messages as m
-from halephant.protocol.framing import split_frames
-from halephant.protocol.session_queries import decode_data_row
 from halephant.types import AuthMethod, Md5, PoolTarget, ScramSha256
 
 __all__ = [
@@ -67,85 +61,36 @@ class LookupFailed(Exception):
         self.reached = reached
 
 
-class LookupSession:
+class LookupSession(OwnSession):
     """The lookup's side of the protocol, sans-IO: `startup()`, then `query()`; `feed()` what arrives."""
 
-    __slots__ = ("_auth", "_buf", "_error", "_rows", "logged_in", "slow_step", "startup_params")
+    __slots__ = ()
 
     def __init__(
         self, user: str, password: str | None, database: str, server_certificate: bytes | None = None
     ) -> None:
-        self._auth = UpstreamAuth(user, password, server_certificate)
-        self.startup_params = {"user": user, "database": database, "application_name": APPLICATION_NAME}
-        self._buf = b""
-        self._rows: list[list[str | None]] = []
-        self._error: str | None = None
-        self.logged_in = False
-        #: blocking login work (a SCRAM key derivation) to run in a worker thread before `feed(b"")`
-        self.slow_step: Callable[[], None] | None = None
+        super().__init__(user, password, database, APPLICATION_NAME, server_certificate)
 
-    def startup(self) -> bytes:
-        return m.startup_message(self.startup_params)
+    def failed(self, message: str, login: bool) -> Exception:
+        if login:
+            return LookupFailed(f"login as the auth_user failed: {message}", reached=False)
+        return LookupFailed(message)
 
     def query(self, sql: str, user: str) -> bytes:
-        self._rows = []
-        self._error = None
+        self.begin()
         return m.extended_query(sql, [user])
-
-    def feed(self, data: bytes) -> tuple[bytes, bool]:
-        """Take bytes from the server; returns (bytes to send back, whether a ReadyForQuery arrived).
-        Raises LookupFailed when the login fails or the server breaks the protocol."""
-        buf = self._buf + data if self._buf else data
-        try:
-            frames, consumed = split_frames(buf, 1 << 20)
-        except ProtocolViolation as exc:
-            raise LookupFailed(f"protocol violation from server: {exc.message}") from None
-        self._buf = buf[consumed:]
-        out: list[bytes] = []
-        ready = False
-        for t, start, end in frames:
-            payload = buf[start:end]
-            if t == codes.DATA_ROW:
-                try:
-                    self._rows.append(decode_data_row(payload))
-                except ProtocolViolation as exc:
-                    raise LookupFailed(f"protocol violation from server: {exc.message}") from None
-            elif t == codes.ERROR_RESPONSE:
-                fields = m.decode_error_fields(payload)
-                error = f"{fields.get('M', 'error')} ({fields.get('C', sqlstate.INTERNAL_ERROR)})"
-                if not self.logged_in:
-                    raise LookupFailed(f"login as the auth_user failed: {error}", reached=False)
-                self._error = self._error or error
-            elif t == codes.READY_FOR_QUERY:
-                self.logged_in = True
-                ready = True
-            elif t == codes.AUTHENTICATION:
-                code, rest = m.decode_authentication(payload)
-                self.slow_step = self._auth.slow_step(code, rest)
-                if self.slow_step is not None:
-                    self._buf = buf[start - 5 :]  # taken again by `feed(b"")` once that work is done
-                    break
-                try:
-                    reply = self._auth.respond(code, rest)
-                except ClientError as exc:
-                    raise LookupFailed(
-                        f"login as the auth_user failed: {exc.message} ({exc.code})", reached=False
-                    ) from None
-                if reply is not None:
-                    out.append(reply)
-        return b"".join(out), ready
 
     def result(self) -> str | None:
         """The stored password the query gave (None: no row, or NULL), once its ReadyForQuery arrived."""
-        if self._error is not None:
-            raise LookupFailed(f"auth_query failed: {self._error}")
-        if not self._rows:
+        if self.error is not None:
+            raise LookupFailed(f"auth_query failed: {self.error}")
+        if not self.rows:
             return None
-        row = self._rows[0]
+        row = self.rows[0]
         if len(row) < 2:
             raise LookupFailed(f"auth_query returned {len(row)} column(s): expected the name, the password")
-        if len(self._rows) > 1:
-            raise LookupFailed(f"auth_query returned {len(self._rows)} rows: expected one")
+        if len(self.rows) > 1:
+            raise LookupFailed(f"auth_query returned {len(self.rows)} rows: expected one")
         return row[1] or None
 
 

@@ -28,9 +28,9 @@ import anyio.to_thread
 
 from halephant import sqlstate
 from halephant.auth import lookup
+from halephant.auth.own_session import close, until_ready
 from halephant.auth.upstream import passthrough_unready
 from halephant.errors import ClientError
-from halephant.protocol import messages as m
 from halephant.server_tls import stream_certificate
 from halephant.types import AuthMethod, LookUp, PoolTarget
 from halephant.unix_socket import connect_stream
@@ -114,34 +114,16 @@ async def _query(app: App, target: PoolTarget, method: LookUp, user: str) -> str
                 await _until_ready(stream, session)
                 return session.result()
             finally:
-                with anyio.move_on_after(0.5, shield=True):
-                    if session.logged_in:  # a Terminate in the middle of a login is logged as an error
-                        try:
-                            await stream.send(m.TERMINATE)
-                        except Exception:
-                            pass
-                    await stream.aclose()
+                await close(stream, session)
 
 
 async def _until_ready(stream: anyio.abc.ByteStream, session: lookup.LookupSession) -> None:
-    while True:
-        try:
-            data = await stream.receive()
-        except (anyio.EndOfStream, anyio.BrokenResourceError) as exc:
-            raise lookup.LookupFailed(
-                f"the server closed the connection: {exc!r}", reached=session.logged_in
-            ) from None
-        reply, ready = session.feed(data)
-        while True:
-            if reply:
-                await stream.send(reply)
-            slow, session.slow_step = session.slow_step, None
-            if slow is None:
-                break
-            await anyio.to_thread.run_sync(slow, abandon_on_cancel=True)
-            reply, ready = session.feed(b"")
-        if ready:
-            return
+    try:
+        await until_ready(stream, session)
+    except (anyio.EndOfStream, anyio.BrokenResourceError) as exc:
+        raise lookup.LookupFailed(
+            f"the server closed the connection: {exc!r}", reached=session.logged_in
+        ) from None
 
 
 def _failed(target: PoolTarget, method: LookUp, user: str, exc: Exception) -> ClientError:

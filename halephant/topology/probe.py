@@ -18,21 +18,17 @@ down for the probes, with the reason; over TLS the login is bound to the node's 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import anyio
 import anyio.abc
 import anyio.to_thread
 
-from halephant import sqlstate
-from halephant.auth.upstream import UpstreamAuth, passthrough_unready
+from halephant.auth.own_session import OwnSession, close, until_ready
+from halephant.auth.upstream import passthrough_unready
 from halephant.config import LimitsConfig
-from halephant.errors import ClientError, ProtocolViolation
-from halephant.protocol import codes
+from halephant.errors import ClientError
 from halephant.protocol import messages as m
-from halephant.protocol.framing import split_frames
-from halephant.protocol.session_queries import decode_data_row
 from halephant.server_tls import ServerTls, stream_certificate
 from halephant.tcp import set_tcp_options
 from halephant.unix_socket import connect_stream
@@ -97,80 +93,28 @@ def _number(value: str | None) -> float | None:
     return None if value is None else float(value)
 
 
-class ProbeSession:
+class ProbeSession(OwnSession):
     """The probe's side of the protocol, sans-IO: `startup()`, then `query()`; `feed()` what arrives."""
 
-    __slots__ = ("_auth", "_buf", "_error", "_row", "logged_in", "slow_step", "startup_params")
+    __slots__ = ()
 
     def __init__(
         self, user: str, password: str | None, database: str, server_certificate: bytes | None = None
     ) -> None:
-        self._auth = UpstreamAuth(user, password, server_certificate)
-        self.startup_params = {"user": user, "database": database, "application_name": APPLICATION_NAME}
-        self._buf = b""
-        self._row: list[str | None] | None = None
-        self._error: str | None = None
-        self.logged_in = False
-        #: blocking login work (a SCRAM key derivation) to run in a worker thread before `feed(b"")`
-        self.slow_step: Callable[[], None] | None = None
+        super().__init__(user, password, database, APPLICATION_NAME, server_certificate)
 
-    def startup(self) -> bytes:
-        return m.startup_message(self.startup_params)
+    def failed(self, message: str, login: bool) -> Exception:
+        return ProbeFailed(message)
 
     def query(self) -> bytes:
-        self._row = None
-        self._error = None
+        self.begin()
         return m.query(PROBE_SQL)
-
-    def feed(self, data: bytes) -> tuple[bytes, bool]:
-        """Take bytes from the server; returns (bytes to send back, whether a ReadyForQuery arrived).
-
-        Raises ProbeFailed when the login fails or the server breaks the protocol.
-        """
-        buf = self._buf + data if self._buf else data
-        try:
-            frames, consumed = split_frames(buf, 1 << 20)
-        except ProtocolViolation as exc:
-            raise ProbeFailed(f"protocol violation from server: {exc.message}") from None
-        self._buf = buf[consumed:]
-        out: list[bytes] = []
-        ready = False
-        for t, start, end in frames:
-            payload = buf[start:end]
-            if t == codes.DATA_ROW:
-                try:
-                    self._row = decode_data_row(payload)
-                except ProtocolViolation as exc:
-                    raise ProbeFailed(f"protocol violation from server: {exc.message}") from None
-            elif t == codes.ERROR_RESPONSE:
-                fields = m.decode_error_fields(payload)
-                error = f"{fields.get('M', 'error')} ({fields.get('C', sqlstate.INTERNAL_ERROR)})"
-                if not self.logged_in:
-                    raise ProbeFailed(error)
-                self._error = error
-            elif t == codes.READY_FOR_QUERY:
-                self.logged_in = True
-                ready = True
-            elif t == codes.AUTHENTICATION:
-                code, rest = m.decode_authentication(payload)
-                self.slow_step = self._auth.slow_step(code, rest)
-                if self.slow_step is not None:
-                    self._buf = buf[start - 5 :]  # taken again by `feed(b"")` once that work is done
-                    break
-                try:
-                    reply = self._auth.respond(code, rest)
-                except ClientError as exc:
-                    raise ProbeFailed(f"{exc.message} ({exc.code})") from None
-                if reply is not None:
-                    out.append(reply)
-            # ParameterStatus, BackendKeyData, RowDescription, CommandComplete, notices: not needed
-        return b"".join(out), ready
 
     def result(self) -> ProbeResult:
         """The answer to the last `query()`, once its ReadyForQuery arrived."""
-        if self._error is not None:
-            raise ProbeFailed(f"probe query failed: {self._error}")
-        row = self._row
+        if self.error is not None:
+            raise ProbeFailed(f"probe query failed: {self.error}")
+        row = self.rows[-1] if self.rows else None
         if row is None or len(row) != 4 or row[0] is None:
             raise ProbeFailed("probe query returned no row")
         try:
@@ -281,29 +225,10 @@ class ProbeConnection:
 
     async def _until_ready(self) -> None:
         assert self._stream is not None and self._session is not None
-        session = self._session
-        while True:
-            reply, ready = session.feed(await self._stream.receive())
-            while True:
-                if reply:
-                    await self._stream.send(reply)
-                slow, session.slow_step = session.slow_step, None
-                if slow is None:
-                    break
-                await anyio.to_thread.run_sync(slow, abandon_on_cancel=True)
-                reply, ready = session.feed(b"")
-            if ready:
-                return
+        await until_ready(self._stream, self._session)
 
     async def aclose(self) -> None:
         stream, session, self._stream, self._session = self._stream, self._session, None, None
         self._probes = 0
         if stream is not None:
-            with anyio.move_on_after(0.5, shield=True):
-                # a Terminate in the middle of a login is logged by PostgreSQL as an error
-                if session is not None and session.logged_in:
-                    try:
-                        await stream.send(m.TERMINATE)
-                    except Exception:
-                        pass
-                await stream.aclose()
+            await close(stream, session)

@@ -1,0 +1,138 @@
+"""A short session of halephant's own with a node: log in as a configured role, run one query at a time,
+collect its rows and its first error. Topology probes (`halephant.topology.probe`) and auth_query
+lookups (`halephant.auth.lookup`, run by `halephant.proxy.auth_query`) are both this, each with its own
+query, reading of the result and exception.
+
+`OwnSession` is the protocol, sans-IO: `startup()`, then a subclass's query; `feed()` what arrives. The
+login is `UpstreamAuth`'s (SCRAM bound to the node's certificate over TLS, md5, pass-through keys), its
+blocking work (a SCRAM key derivation) handed out as `slow_step` for a worker thread. `until_ready` and
+`close` drive one over an anyio stream.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import anyio
+import anyio.abc
+import anyio.to_thread
+
+from halephant import sqlstate
+from halephant.auth.upstream import UpstreamAuth
+from halephant.errors import ClientError, ProtocolViolation
+from halephant.protocol import codes
+from halephant.protocol import messages as m
+from halephant.protocol.framing import split_frames
+from halephant.protocol.session_queries import decode_data_row
+
+__all__ = ["OwnSession", "close", "until_ready"]
+
+
+class OwnSession:
+    """The protocol of one short session, sans-IO. A subclass sends its query (after `begin()`), reads
+    `rows` and `error` once `feed` has seen its ReadyForQuery, and says what a failure raises
+    (`failed`)."""
+
+    __slots__ = ("_auth", "_buf", "error", "logged_in", "rows", "slow_step", "startup_params")
+
+    def __init__(
+        self,
+        user: str,
+        password: str | None,
+        database: str,
+        application_name: str,
+        server_certificate: bytes | None = None,
+    ) -> None:
+        self._auth = UpstreamAuth(user, password, server_certificate)
+        self.startup_params = {"user": user, "database": database, "application_name": application_name}
+        self._buf = b""
+        #: the rows of the last query, and its first error (`message (SQLSTATE)`)
+        self.rows: list[list[str | None]] = []
+        self.error: str | None = None
+        self.logged_in = False
+        #: blocking login work (a SCRAM key derivation) to run in a worker thread before `feed(b"")`
+        self.slow_step: Callable[[], None] | None = None
+
+    def failed(self, message: str, login: bool) -> Exception:
+        """What to raise when the session cannot go on: the login failed (`login`), or the server broke
+        the protocol."""
+        raise NotImplementedError
+
+    def startup(self) -> bytes:
+        return m.startup_message(self.startup_params)
+
+    def begin(self) -> None:
+        """Forget the previous query's rows and error (a subclass's query calls this)."""
+        self.rows = []
+        self.error = None
+
+    def feed(self, data: bytes) -> tuple[bytes, bool]:
+        """Take bytes from the server; returns (bytes to send back, whether a ReadyForQuery arrived).
+        Raises `failed(...)` when the login fails or the server breaks the protocol."""
+        buf = self._buf + data if self._buf else data
+        try:
+            frames, consumed = split_frames(buf, 1 << 20)
+        except ProtocolViolation as exc:
+            raise self.failed(f"protocol violation from server: {exc.message}", False) from None
+        self._buf = buf[consumed:]
+        out: list[bytes] = []
+        ready = False
+        for t, start, end in frames:
+            payload = buf[start:end]
+            if t == codes.DATA_ROW:
+                try:
+                    self.rows.append(decode_data_row(payload))
+                except ProtocolViolation as exc:
+                    raise self.failed(f"protocol violation from server: {exc.message}", False) from None
+            elif t == codes.ERROR_RESPONSE:
+                fields = m.decode_error_fields(payload)
+                error = f"{fields.get('M', 'error')} ({fields.get('C', sqlstate.INTERNAL_ERROR)})"
+                if not self.logged_in:
+                    raise self.failed(error, True)
+                self.error = self.error or error
+            elif t == codes.READY_FOR_QUERY:
+                self.logged_in = True
+                ready = True
+            elif t == codes.AUTHENTICATION:
+                code, rest = m.decode_authentication(payload)
+                self.slow_step = self._auth.slow_step(code, rest)
+                if self.slow_step is not None:
+                    self._buf = buf[start - 5 :]  # taken again by `feed(b"")` once that work is done
+                    break
+                try:
+                    reply = self._auth.respond(code, rest)
+                except ClientError as exc:
+                    raise self.failed(f"{exc.message} ({exc.code})", True) from None
+                if reply is not None:
+                    out.append(reply)
+            # ParameterStatus, BackendKeyData, RowDescription, CommandComplete, notices: not needed
+        return b"".join(out), ready
+
+
+async def until_ready(stream: anyio.abc.ByteStream, session: OwnSession) -> None:
+    """Exchange messages until the server's next ReadyForQuery (the login's, or a query's); the login's
+    slow steps run in a worker thread. Raises what `feed` raises, and the stream's errors."""
+    while True:
+        reply, ready = session.feed(await stream.receive())
+        while True:
+            if reply:
+                await stream.send(reply)
+            slow, session.slow_step = session.slow_step, None
+            if slow is None:
+                break
+            await anyio.to_thread.run_sync(slow, abandon_on_cancel=True)
+            reply, ready = session.feed(b"")
+        if ready:
+            return
+
+
+async def close(stream: anyio.abc.ByteStream, session: OwnSession | None) -> None:
+    """End the session: a Terminate once logged in (PostgreSQL logs one in the middle of a login as an
+    error), then the connection; within half a second, even while being cancelled."""
+    with anyio.move_on_after(0.5, shield=True):
+        if session is not None and session.logged_in:
+            try:
+                await stream.send(m.TERMINATE)
+            except Exception:
+                pass
+        await stream.aclose()
