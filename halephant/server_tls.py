@@ -45,9 +45,9 @@ import anyio.abc
 from anyio.streams.tls import TLSAttribute, TLSStream
 
 from halephant import sqlstate
-from halephant.config.tls_files import VERSIONS, TlsFileProblem, load_key_pair, read_certificates
 from halephant.errors import ClientError, ProtocolViolation
 from halephant.protocol import messages as m
+from halephant.tls_files import VERSIONS, TlsFileProblem, load_key_pair, read_certificates
 
 if TYPE_CHECKING:
     from halephant.config.schema import ServerTlsConfig

@@ -3,6 +3,7 @@
 * `halephant/protocol/` is sans-IO: standard library (no asyncio, sockets) plus `halephant.errors`,
   `halephant.sqlstate` and `halephant.protocol` only;
 * `halephant/sql/` imports only the standard library at module level (`pglast` lazily, inside functions);
+* `halephant/auth/` does no I/O: no anyio, asyncio, sockets, ssl or threads, nothing of the proxy;
 * plugins (`plugins/`, `examples/`) import only the public surface: `halephant`, `halephant.types`,
   `halephant.sqlstate`, `halephant.sql`;
 * every module of `halephant/` and `plugins/` starts with a docstring saying what it owns.
@@ -108,13 +109,14 @@ def _ids(paths: list[Path]) -> list[str]:
 
 PROTOCOL_FILES = python_files(PACKAGE / "protocol")
 SQL_FILES = python_files(PACKAGE / "sql")
+AUTH_FILES = python_files(PACKAGE / "auth")
 PLUGIN_FILES = python_files(PLUGINS) + python_files(EXAMPLES)
 DOCUMENTED_FILES = python_files(PACKAGE) + python_files(PLUGINS)
 
 
 def test_the_layers_exist() -> None:
     # a moved directory must not make the rules below pass vacuously
-    assert PROTOCOL_FILES and SQL_FILES and python_files(PLUGINS)
+    assert PROTOCOL_FILES and SQL_FILES and AUTH_FILES and python_files(PLUGINS)
 
 
 def protocol_violations(found: Iterator[Import]) -> list[Import]:
@@ -152,6 +154,18 @@ def plugin_violations(found: Iterator[Import]) -> list[Import]:
 def test_protocol_is_sans_io(path: Path) -> None:
     bad = [where(path, imp) for imp in protocol_violations(imports(path))]
     assert not bad, "the protocol layer is sans-IO; forbidden imports:\n" + "\n".join(bad)
+
+
+@pytest.mark.parametrize("path", AUTH_FILES, ids=_ids(AUTH_FILES))
+def test_auth_does_no_io(path: Path) -> None:
+    # password exchanges and halephant's own short sessions are sans-IO: the callers (proxy, topology,
+    # node_streams) read and write
+    bad = [
+        where(path, imp)
+        for imp in imports(path)
+        if imp.top in IO_MODULES or imp.top in ("anyio", "uvloop") or imp.module.startswith("halephant.proxy")
+    ]
+    assert not bad, "halephant/auth/ is sans-IO; forbidden imports:\n" + "\n".join(bad)
 
 
 @pytest.mark.parametrize("path", SQL_FILES, ids=_ids(SQL_FILES))

@@ -5,17 +5,13 @@ query, reading of the result and exception.
 
 `OwnSession` is the protocol, sans-IO: `startup()`, then a subclass's query; `feed()` what arrives. The
 login is `UpstreamAuth`'s (SCRAM bound to the node's certificate over TLS, md5, pass-through keys), its
-blocking work (a SCRAM key derivation) handed out as `slow_step` for a worker thread. `until_ready` and
-`close` drive one over an anyio stream.
+blocking work (a SCRAM key derivation) handed out as `slow_step` for a worker thread.
+`halephant.node_streams` drives one over an anyio stream.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-
-import anyio
-import anyio.abc
-import anyio.to_thread
 
 from halephant import sqlstate
 from halephant.auth.upstream import UpstreamAuth
@@ -25,7 +21,7 @@ from halephant.protocol import messages as m
 from halephant.protocol.framing import split_frames
 from halephant.protocol.session_queries import decode_data_row
 
-__all__ = ["OwnSession", "close", "until_ready"]
+__all__ = ["OwnSession"]
 
 
 class OwnSession:
@@ -107,32 +103,3 @@ class OwnSession:
                     out.append(reply)
             # ParameterStatus, BackendKeyData, RowDescription, CommandComplete, notices: not needed
         return b"".join(out), ready
-
-
-async def until_ready(stream: anyio.abc.ByteStream, session: OwnSession) -> None:
-    """Exchange messages until the server's next ReadyForQuery (the login's, or a query's); the login's
-    slow steps run in a worker thread. Raises what `feed` raises, and the stream's errors."""
-    while True:
-        reply, ready = session.feed(await stream.receive())
-        while True:
-            if reply:
-                await stream.send(reply)
-            slow, session.slow_step = session.slow_step, None
-            if slow is None:
-                break
-            await anyio.to_thread.run_sync(slow, abandon_on_cancel=True)
-            reply, ready = session.feed(b"")
-        if ready:
-            return
-
-
-async def close(stream: anyio.abc.ByteStream, session: OwnSession | None) -> None:
-    """End the session: a Terminate once logged in (PostgreSQL logs one in the middle of a login as an
-    error), then the connection; within half a second, even while being cancelled."""
-    with anyio.move_on_after(0.5, shield=True):
-        if session is not None and session.logged_in:
-            try:
-                await stream.send(m.TERMINATE)
-            except Exception:
-                pass
-        await stream.aclose()

@@ -10,7 +10,7 @@ gave (`halephant.auth.passthrough`), when the server's salt and iteration count 
 Over TLS the login is bound to the server's certificate, as libpq's default `channel_binding=prefer` binds
 it: given the certificate the server presented on the connection (`server_certificate`, from
 `halephant.server_tls.transport_certificate` / `stream_certificate`), its `tls-server-end-point` data (RFC
-5929: `halephant.config.tls_files.end_point_hash`) is the channel binding, and SCRAM-SHA-256-PLUS is
+5929: `halephant.tls_files.end_point_hash`) is the channel binding, and SCRAM-SHA-256-PLUS is
 taken when the server offers it (GS2 header `p=tls-server-end-point`, and the data in the
 client-final-message's `c=`, which the proof covers), so a relay that presents another certificate (an
 attacker in the middle, which `tls.mode` prefer and require do not stop) cannot log in with the exchange:
@@ -35,10 +35,10 @@ from scramp.utils import saslprep
 from halephant import sqlstate
 from halephant.auth.passthrough import PassthroughKeys, keys_for
 from halephant.config.schema import is_md5_hash, is_scram_verifier
-from halephant.config.tls_files import end_point_hash
 from halephant.errors import ClientError
 from halephant.protocol import codes
 from halephant.protocol import messages as m
+from halephant.tls_files import end_point_hash
 
 
 class UpstreamAuthError(ClientError):

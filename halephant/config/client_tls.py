@@ -2,7 +2,7 @@
 
 `load_client_tls` reads `cert_file`, `key_file` and `ca_file` and makes the `ssl.SSLContext` every
 SSLRequest of that configuration's lifetime is answered with, so that `halephant check`, start-up and a
-reload find a file that cannot be used (`halephant.config.tls_files`: missing, not PEM, a key others
+reload find a file that cannot be used (`halephant.tls_files`: missing, not PEM, a key others
 may read, encrypted or not the certificate's), each reported at its key in the file (`TlsFileProblem`),
 and no client meets them.
 Connections keep the context they were made with: a reload gives new connections the new one.
@@ -16,7 +16,7 @@ says little (`halephant.proxy.client_tls`).
 
 `channel_binding(context)` is the `tls-server-end-point` data of the certificate a connection was made
 with, which SCRAM-SHA-256-PLUS binds the login to (`halephant.auth.server_side`): the certificate's
-hash with its signature's hash function (`halephant.config.tls_files.end_point_hash`), once per load.
+hash with its signature's hash function (`halephant.tls_files.end_point_hash`), once per load.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import weakref
 from dataclasses import dataclass
 
 from halephant.config.schema import TLS_VERIFIED, ClientTlsConfig
-from halephant.config.tls_files import (
+from halephant.tls_files import (
     VERSIONS,
     TlsFileProblem,
     end_point_hash,

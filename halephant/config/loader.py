@@ -51,9 +51,9 @@ from halephant.config.schema import (
     is_scram_verifier,
     parse_scram_verifier,
 )
-from halephant.config.tls_files import TlsFileProblem
 from halephant.errors import ConfigError, ConfigProblem
 from halephant.server_tls import ServerTls
+from halephant.tls_files import TlsFileProblem
 from halephant.unix_socket import is_socket_dir, too_long
 
 __all__ = ["RawConfig", "load_config", "read_config", "read_config_text", "validate_config"]

@@ -640,7 +640,7 @@ class Config(_Section):
     def server_tls(self, cluster: str) -> ServerTls:
         """The TLS settings and SSL context of cluster `cluster`'s connections, made once per
         configuration (the loader makes every cluster's, to report a file that does not load at its
-        position); raises `halephant.config.tls_files.TlsFileProblem` or KeyError."""
+        position); raises `halephant.tls_files.TlsFileProblem` or KeyError."""
         tls = self._server_tls.get(cluster)
         if tls is None:
             from halephant.server_tls import ServerTls

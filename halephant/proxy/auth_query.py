@@ -28,9 +28,9 @@ import anyio.to_thread
 
 from halephant import sqlstate
 from halephant.auth import lookup
-from halephant.auth.own_session import close, until_ready
 from halephant.auth.upstream import passthrough_unready
 from halephant.errors import ClientError
+from halephant.node_streams import close, until_ready
 from halephant.server_tls import stream_certificate
 from halephant.types import AuthMethod, LookUp, PoolTarget
 from halephant.unix_socket import connect_stream

@@ -24,10 +24,11 @@ import anyio
 import anyio.abc
 import anyio.to_thread
 
-from halephant.auth.own_session import OwnSession, close, until_ready
+from halephant.auth.own_session import OwnSession
 from halephant.auth.upstream import passthrough_unready
 from halephant.config import LimitsConfig
 from halephant.errors import ClientError
+from halephant.node_streams import close, until_ready
 from halephant.protocol import messages as m
 from halephant.server_tls import ServerTls, stream_certificate
 from halephant.tcp import set_tcp_options

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from support.config_text import load, problems
 
 from halephant.config.client_tls import channel_binding, fingerprint
-from halephant.config.tls_files import end_point_hash
+from halephant.tls_files import end_point_hash
 
 BASE = """\
 clusters:
