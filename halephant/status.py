@@ -138,6 +138,8 @@ def header(snapshot: dict[str, Any]) -> Text:
         style = "bold red" if state == "waiting" and n else ""
         text.append(f"{state} {n}", style=style)
         text.append("  ")
+    if s.get("clients_tls"):
+        text.append(f"tls {s['clients_tls']}  ")  # of those, over TLS (`client_tls:`)
     paused = s.get("paused") or []
     if paused:
         text.append("PAUSED: " + ", ".join(paused), style="bold yellow")

@@ -33,6 +33,7 @@ def snapshot() -> dict[str, Any]:
             "listen": "127.0.0.1:6432",
             "transactions_per_s": 1520.5,
             "queries_per_s": 3044.0,
+            "clients_tls": 17,
             "paused": [],
         },
         "pools": [pool, replica_pool],
@@ -108,6 +109,8 @@ def test_every_panel_fits_the_width(width: int) -> None:
         assert title in text, title
     assert "1,520.5 tx/s" in text and "3,044.0 q/s" in text
     assert "waiting 3" in text
+    if width >= 100:
+        assert "login 0  tls 17" in text  # the clients over TLS (cut off at 80 columns)
     assert "primary" in text and "replica" in text
     assert "5.0MB" in text and "12.5s" in text  # replica lag
     assert "25006" in text and "read_only_sql_transac" in text  # ellipsized at 80 columns

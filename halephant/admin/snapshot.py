@@ -480,6 +480,8 @@ def summary(app: App, rates: Rates | None) -> dict[str, Any]:
         "unix_socket": app.unix_socket,
         "connections_total": app.stats.connections,
         "clients": len(app.clients),
+        # of them, those connected over TLS (`client_tls:`)
+        "clients_tls": sum(1 for c in list(app.clients.values()) if c.info is not None and c.info.tls),
         "transactions_total": xacts,
         "queries_total": queries,
         "transactions_per_s": round(rates.transactions_per_s, 1) if rates is not None else 0.0,

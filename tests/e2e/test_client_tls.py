@@ -201,6 +201,8 @@ def test_psycopg_over_tls(hal: Running, pki: Pki) -> None:
             conn.execute("SELECT 1")
         mine = [c for c in hal.admin_json("/clients") if c["application_name"] == "tls-psycopg"]
         assert [(c["tls"], c["tls_cipher"][:4]) for c in mine] == [("TLSv1.3", "TLS_")], mine
+        summary = hal.admin_json("/snapshot")["summary"]  # what `halephant status` counts as over TLS
+        assert summary["clients_tls"] == len([c for c in hal.admin_json("/clients") if c["tls"]]) >= 1
     # min_version is TLSv1.2 here: a client that offers no more speaks TLSv1.2
     dsn = hal.dsn(**verified(pki, ssl_max_protocol_version="TLSv1.2", application_name="tls-1.2"))
     with psycopg.connect(dsn) as conn:
