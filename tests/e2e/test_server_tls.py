@@ -338,13 +338,22 @@ class Relay:
         self.listener.close()
 
 
-def test_a_cancel_reaches_a_tls_only_node_over_tls(
-    tls_pg: Cluster, pg: Cluster, halephant: HalephantFactory
-) -> None:
+def _behind_a_relay(tls_pg: Cluster, pg: Cluster, halephant: HalephantFactory) -> tuple[Relay, Running]:
+    """halephant with `mode: require`, reaching the TLS-only node through a `Relay`."""
     relay = Relay(tls_pg.primary.port)
     cfg = config(tls_pg, pg, mode="require")
     cfg["clusters"]["secure"]["nodes"] = [f"127.0.0.1:{relay.port}"]
-    run = halephant.start(cfg)
+    try:
+        return relay, halephant.start(cfg)
+    except BaseException:
+        relay.close()
+        raise
+
+
+def test_a_cancel_reaches_a_tls_only_node_over_tls(
+    tls_pg: Cluster, pg: Cluster, halephant: HalephantFactory
+) -> None:
+    relay, run = _behind_a_relay(tls_pg, pg, halephant)
     try:
         _cancel_a_sleep(run, tls_pg)
     finally:
@@ -598,10 +607,7 @@ def test_a_server_ended_under_its_client_fails_that_client_only(
 def test_a_tls_connection_lost_fails_its_client_only_with_08006(
     tls_pg: Cluster, pg: Cluster, halephant: HalephantFactory
 ) -> None:
-    relay = Relay(tls_pg.primary.port)
-    cfg = config(tls_pg, pg, mode="require")
-    cfg["clusters"]["secure"]["nodes"] = [f"127.0.0.1:{relay.port}"]
-    run = halephant.start(cfg)
+    relay, run = _behind_a_relay(tls_pg, pg, halephant)
     try:
         with connect(run) as victim, connect(run) as bystander:
             victim.execute("BEGIN")
