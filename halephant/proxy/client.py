@@ -135,6 +135,11 @@ def _unnamed(t: int, buf: bytes, start: int, end: int) -> bool:
     return portal_end >= 0 and buf[portal_end + 1 : portal_end + 2] == b"\0" and portal_end + 1 < end
 
 
+def _fatal(reject: Reject) -> ClientError:
+    """A Reject at login (a plugin's, or no node to route it to), as the FATAL the client is told."""
+    return ClientError(reject.code, reject.message, hint=reject.hint, fatal=True)
+
+
 _NEEDS_NO_SERVER = frozenset((codes.SYNC, codes.FLUSH, codes.COPY_DATA, codes.COPY_DONE, codes.COPY_FAIL))
 #: of those, the ones PostgreSQL answers with ERROR 08P01 "invalid message format" when they have a body
 _EMPTY_ONLY = frozenset((codes.SYNC, codes.FLUSH))
@@ -488,6 +493,12 @@ class ClientConnection(asyncio.Protocol):
                     self.data_received(rest)
                 return
 
+    def _refused(self, error: ClientError, why: str) -> ClientError:
+        """A login refused for `why` (logged, and counted as a decision): the error to raise."""
+        log.info("%r: rejected: %s", self, why)
+        self.app.stats.decide("reject", self.info, why, error.code)
+        return error
+
     def _start_tls(self, context: ssl.SSLContext) -> None:
         self.transport.write(b"S")
         # nothing is read until start_tls reads it: a ClientHello must not be taken for a startup packet
@@ -545,10 +556,7 @@ class ClientConnection(asyncio.Protocol):
             self.app.config.client_tls, ssl_object, packet.user, client_tls.over_tcp(self.transport)
         )
         if refused_tls is not None:
-            error, why = refused_tls
-            log.info("%r: rejected: %s", self, why)
-            self.app.stats.decide("reject", info, why, error.code)
-            raise error
+            raise self._refused(*refused_tls)
         connected = len(self.app.clients)
         if packet.database in ADMIN_DATABASES:
             connected -= CONSOLE_HEADROOM  # an operator can still get in when clients fill every slot
@@ -580,9 +588,7 @@ class ClientConnection(asyncio.Protocol):
         method = plugins.authenticate(info, self.target, config)
         if isinstance(method, Reject):
             # told at once, as PostgreSQL's pg_hba.conf refusals are
-            log.info("%r: rejected: %s", self, method.reason)
-            self.app.stats.decide("reject", info, method.reason, method.code)
-            raise ClientError(method.code, method.message, hint=method.hint, fatal=True)
+            raise self._refused(_fatal(method), method.reason)
         if isinstance(method, LookUp):
             if self.target is not None:
                 self.state = AUTH  # what the client sends meanwhile waits (`_auth_data`)
@@ -599,10 +605,7 @@ class ClientConnection(asyncio.Protocol):
             # no password: the certificate the handshake verified, its CN the user name
             refused = client_tls.certificate_refusal(ssl_object, self.info.user, True, method.reason)
             if refused is not None:
-                error, why = refused
-                log.info("%r: rejected: %s", self, why)
-                self.app.stats.decide("reject", self.info, why, error.code)
-                raise error
+                raise self._refused(*refused)
             self._authenticated("cert")
             return
         binding = channel_binding(ssl_object.context) if ssl_object is not None else None
@@ -664,16 +667,11 @@ class ClientConnection(asyncio.Protocol):
             start_console(self)
             return
         if self.pool_reject is not None:
-            r = self.pool_reject
-            log.info("%r: rejected: %s", self, r.reason)
-            self.app.stats.decide("reject", self.info, r.reason, r.code)
-            raise ClientError(r.code, r.message, hint=r.hint, fatal=True)
+            raise self._refused(_fatal(self.pool_reject), self.pool_reject.reason)
         assert self.info is not None and self.target is not None
         disabled = self.app.control.refuse_login(self.target.database)
         if disabled is not None:
-            log.info("%r: rejected: %s", self, disabled.message)
-            self.app.stats.decide("reject", self.info, disabled.message, disabled.code)
-            raise disabled
+            raise self._refused(disabled, disabled.message)
         pool_info = self.app.manager.pool_info(self.target)
         refused = self.app.client_counts.admit(self.app.config, self.target, self.info.user)
         if refused is not None:
@@ -1271,7 +1269,7 @@ class ClientConnection(asyncio.Protocol):
         app = self.app
         app.stats.decide("route_reject", self.info, route.reason, route.code)
         if not ready:
-            raise ClientError(route.code, route.message, hint=route.hint, fatal=True)
+            raise _fatal(route)
         app.stats.error(route.code)
         self._reject_locally(t, m.error_response(route.code, route.message, hint=route.hint))
         return True
