@@ -468,22 +468,16 @@ def decide(
             return ScramSha256(
                 None, reason=f"hba: {where} asks for a password; user {client.user} has auth: trust and none"
             )
-        if rule.method == "scram-sha-256" and user is not None:
-            secret = user.password
-            if secret is not None and _is_md5_hash(secret):
-                return ScramSha256(
-                    None, reason=f"hba: {where} asks for scram-sha-256, but the password is an md5 hash"
-                )
+        if rule.method == "scram-sha-256" and user is not None and user.password_is_md5_hash:
+            return ScramSha256(
+                None, reason=f"hba: {where} asks for scram-sha-256, but the password is an md5 hash"
+            )
         return None  # the exchange the user's secret calls for (scram_auth)
     return Reject(
         sqlstate.INVALID_AUTHORIZATION_SPECIFICATION,
         f"no pg_hba.conf entry for {_who(client, host)}",
         reason=f"hba: no line of {file} matches",
     )
-
-
-def _is_md5_hash(secret: str) -> bool:
-    return len(secret) == 35 and secret.startswith("md5") and all(c in "0123456789abcdef" for c in secret[3:])
 
 
 @hookimpl

@@ -484,6 +484,11 @@ class UserConfig(_Section):
         return self.password is not None and (is_scram_verifier(self.password) or is_md5_hash(self.password))
 
     @property
+    def password_is_md5_hash(self) -> bool:
+        """True when `password` is an md5 hash, against which no SCRAM exchange can succeed."""
+        return self.password is not None and is_md5_hash(self.password)
+
+    @property
     def upstream_password(self) -> str | None:
         """The plaintext password halephant logs in upstream with, or None if there is none."""
         if self.server_password is not None:
