@@ -347,13 +347,7 @@ class App:
             )
             server.held_cancels.append((client, done))
             return
-        log.info(
-            "%r: forwarding cancel request to server pid %d%s",
-            client,
-            server.backend_pid,
-            " over TLS" if server.tls_used is not None else "",
-        )
-        self.spawn(self._send_cancel, client, server, server.link_count, done)
+        self._forward_cancel(client, server, done)
 
     def forward_held_cancel(
         self, client: ClientConnection, server: ServerConnection, done: Callable[[], None]
@@ -364,6 +358,11 @@ class App:
             log.info("%r: held cancel request dropped: its server moved on", client)
             done()
             return
+        self._forward_cancel(client, server, done)
+
+    def _forward_cancel(
+        self, client: ClientConnection, server: ServerConnection, done: Callable[[], None]
+    ) -> None:
         log.info(
             "%r: forwarding cancel request to server pid %d%s",
             client,
