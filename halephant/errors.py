@@ -1,8 +1,8 @@
 """Exception types shared by every layer.
 
-`ClientError` is what a client sees (a SQLSTATE, a message, maybe a hint); `ProtocolViolation` is a peer
-that broke the wire protocol (always 08P01); `ConfigError` carries every problem found in a config file,
-each with its position.
+`ClientError` is what a client sees (a SQLSTATE, a message, maybe a detail and a hint);
+`ProtocolViolation` is a peer that broke the wire protocol (always 08P01); `ConfigError` carries every
+problem found in a config file, each with its position.
 """
 
 from __future__ import annotations
@@ -19,12 +19,22 @@ class HalephantError(Exception):
 class ClientError(HalephantError):
     """An error to report to one client as an ErrorResponse."""
 
-    def __init__(self, code: str, message: str, *, hint: str | None = None, fatal: bool = False) -> None:
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        *,
+        hint: str | None = None,
+        fatal: bool = False,
+        detail: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.hint = hint
         self.fatal = fatal
+        #: the ErrorResponse's DETAIL field, as PostgreSQL words it where it has one
+        self.detail = detail
 
 
 class OutOfResources(ClientError):

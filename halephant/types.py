@@ -65,12 +65,14 @@ class Role(enum.StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Reject:
-    """Refuse: the client gets an ErrorResponse with this SQLSTATE, message and hint."""
+    """Refuse: the client gets an ErrorResponse with this SQLSTATE, message, hint and detail (`reason` is
+    what the log and the decision records say; the message when empty)."""
 
     code: str
     message: str
     hint: str | None = None
     reason: str = ""
+    detail: str | None = None
 
     def __post_init__(self) -> None:
         if not self.reason:

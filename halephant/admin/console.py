@@ -191,7 +191,7 @@ class ConsoleSession(asyncio.Protocol):
         self.app.control.consoles.discard(self)
         self.app.stats.error(error.code)
         try:
-            self.transport.write(m.error_response(error.code, error.message, hint=error.hint, fatal=True))
+            self.transport.write(m.client_error_response(error, fatal=True))
         finally:
             self.transport.close()
 
@@ -241,7 +241,7 @@ class ConsoleSession(asyncio.Protocol):
 
     def _error(self, exc: ClientError) -> bytes:
         self.app.stats.error(exc.code)
-        return m.error_response(exc.code, exc.message, hint=exc.hint)
+        return m.client_error_response(exc, fatal=False)
 
     def _simple_query(self, text: str, out: list[bytes]) -> asyncio.Task[str] | None:
         commands = [c.strip() for c in text.split(";")]

@@ -155,7 +155,7 @@ class ScramExchange:
             raise ClientError(
                 sqlstate.PROTOCOL_VIOLATION,
                 "SCRAM channel binding negotiation error",
-                hint="The client supports SCRAM channel binding but thinks the server does not. "
+                detail="The client supports SCRAM channel binding but thinks the server does not.  "
                 "However, this server does support channel binding.",
                 fatal=True,
             )
@@ -236,7 +236,7 @@ class ScramExchange:
 def _malformed(detail: str | None = None) -> ClientError:
     # PostgreSQL's answer to a SCRAM message it cannot parse, whether the user exists or not: only a
     # well-formed exchange with a wrong proof is a wrong password (28P01)
-    return ClientError(sqlstate.PROTOCOL_VIOLATION, "malformed SCRAM message", hint=detail, fatal=True)
+    return ClientError(sqlstate.PROTOCOL_VIOLATION, "malformed SCRAM message", detail=detail, fatal=True)
 
 
 def md5_inner(password: str, user: str) -> str:

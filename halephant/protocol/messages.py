@@ -10,7 +10,7 @@ import struct
 from collections.abc import Iterable, Mapping, Sequence
 from typing import NamedTuple
 
-from halephant.errors import ProtocolViolation
+from halephant.errors import ClientError, ProtocolViolation
 from halephant.protocol import codes
 
 _I32 = struct.Struct("!i")
@@ -58,6 +58,17 @@ def error_response(
     code: str, text: str, *, hint: str | None = None, detail: str | None = None, fatal: bool = False
 ) -> bytes:
     return message(b"E", _notice_fields("FATAL" if fatal else "ERROR", code, text, hint, detail))
+
+
+def client_error_response(error: ClientError, *, fatal: bool | None = None) -> bytes:
+    """The ErrorResponse that tells a client `error`: FATAL when the error is (or `fatal` says so)."""
+    return error_response(
+        error.code,
+        error.message,
+        hint=error.hint,
+        detail=error.detail,
+        fatal=error.fatal if fatal is None else fatal,
+    )
 
 
 def notice_response(code: str, text: str, *, hint: str | None = None, severity: str = "NOTICE") -> bytes:

@@ -137,7 +137,7 @@ def _unnamed(t: int, buf: bytes, start: int, end: int) -> bool:
 
 def _fatal(reject: Reject) -> ClientError:
     """A Reject at login (a plugin's, or no node to route it to), as the FATAL the client is told."""
-    return ClientError(reject.code, reject.message, hint=reject.hint, fatal=True)
+    return ClientError(reject.code, reject.message, hint=reject.hint, detail=reject.detail, fatal=True)
 
 
 _NEEDS_NO_SERVER = frozenset((codes.SYNC, codes.FLUSH, codes.COPY_DATA, codes.COPY_DONE, codes.COPY_FAIL))
@@ -807,7 +807,9 @@ class ClientConnection(asyncio.Protocol):
                         log.info("%r: rejected %s: %s", self, verdict.code, verdict.reason)
                         self.app.stats.decide("reject", self.info, verdict.reason, verdict.code)
                         self.app.stats.error(verdict.code)
-                        error = m.error_response(verdict.code, verdict.message, hint=verdict.hint)
+                        error = m.error_response(
+                            verdict.code, verdict.message, hint=verdict.hint, detail=verdict.detail
+                        )
                         if server is None:
                             self._reject_locally(t, error)
                         else:
@@ -1271,7 +1273,9 @@ class ClientConnection(asyncio.Protocol):
         if not ready:
             raise _fatal(route)
         app.stats.error(route.code)
-        self._reject_locally(t, m.error_response(route.code, route.message, hint=route.hint))
+        self._reject_locally(
+            t, m.error_response(route.code, route.message, hint=route.hint, detail=route.detail)
+        )
         return True
 
     def forget_pools(self) -> None:
@@ -1343,10 +1347,12 @@ class ClientConnection(asyncio.Protocol):
         if self.state == CLOSED:
             return
         if self.state != READY or (self.pool_info is not None and self.pool_info.mode is PoolMode.SESSION):
-            self.fail(ClientError(error.code, error.message, hint=error.hint, fatal=True))
+            self.fail(
+                ClientError(error.code, error.message, hint=error.hint, detail=error.detail, fatal=True)
+            )
             return
         self.app.stats.error(error.code)
-        self._reject_next = m.error_response(error.code, error.message, hint=error.hint)
+        self._reject_next = m.client_error_response(error, fatal=False)
         self.data_received(b"")
 
     def checkout_timeout(self) -> None:
@@ -1602,7 +1608,7 @@ class ClientConnection(asyncio.Protocol):
         # (mid-handshake, plaintext would break the handshake rather than be read)
         if not mid_message and self.state != HANDSHAKE and (server is None or server.scanner.at_boundary):
             try:
-                self.transport.write(m.error_response(error.code, error.message, hint=error.hint, fatal=True))
+                self.transport.write(m.client_error_response(error, fatal=True))
             except Exception:  # the transport may be gone already
                 pass
         level = logging.WARNING if error.code == sqlstate.INTERNAL_ERROR else logging.INFO

@@ -396,10 +396,11 @@ class PoolManager:
                     exc.code,
                     f"halephant's login to the server failed: {exc.message}",
                     hint=exc.hint or _login_hint(exc, target, server, tls),
+                    detail=exc.detail,
                     fatal=True,
                 )
             elif isinstance(exc, ClientError):
-                error = ClientError(exc.code, exc.message, hint=exc.hint, fatal=True)
+                error = ClientError(exc.code, exc.message, hint=exc.hint, detail=exc.detail, fatal=True)
             elif isinstance(exc, OSError) and exc.errno in OUT_OF_RESOURCES:
                 # halephant has no descriptor for the socket: the node is well (its probes answer), and
                 # every attempt fails alike until a descriptor is freed

@@ -239,6 +239,7 @@ class ServerConnection(asyncio.Protocol):
                     fields.get("C", sqlstate.CONNECTION_FAILURE),
                     fields.get("M", "login failed"),
                     hint=fields.get("H"),
+                    detail=fields.get("D"),
                     fatal=True,
                 )
             elif t == codes.READY_FOR_QUERY:

@@ -254,35 +254,54 @@ def test_scram_plain_mechanism_still_works_over_tls() -> None:
     client.check_server_final(scram_final_step(exchange, client.client_final(auth_request(reply)[1])))
 
 
+#: PostgreSQL 15's DETAIL texts for these refusals (auth-scram.c), word for word
+_NOT_INCLUDED = (
+    "The client selected SCRAM-SHA-256-PLUS, but the SCRAM message does not include channel binding data."
+)
+_INCLUDED = (
+    "The client selected SCRAM-SHA-256 without channel binding, but the SCRAM message includes channel "
+    "binding data."
+)
+_DOWNGRADE = (
+    "The client supports SCRAM channel binding but thinks the server does not.  However, this server does "
+    "support channel binding."
+)
+
+
 @pytest.mark.parametrize(
-    ("binding", "mechanism", "client_first", "message"),
+    ("binding", "mechanism", "client_first", "message", "detail"),
     [
         # "y": the client could bind, and thinks the server cannot: a downgrade, when PLUS was offered
-        (BINDING, "SCRAM-SHA-256", b"y,,n=,r=abc", "SCRAM channel binding negotiation error"),
-        (BINDING, "SCRAM-SHA-256-PLUS", b"n,,n=,r=abc", "malformed SCRAM message"),
-        (BINDING, "SCRAM-SHA-256-PLUS", b"y,,n=,r=abc", "malformed SCRAM message"),
-        (BINDING, "SCRAM-SHA-256", b"p=tls-server-end-point,,n=,r=abc", "malformed SCRAM message"),
+        (BINDING, "SCRAM-SHA-256", b"y,,n=,r=abc", "SCRAM channel binding negotiation error", _DOWNGRADE),
+        (BINDING, "SCRAM-SHA-256-PLUS", b"n,,n=,r=abc", "malformed SCRAM message", _NOT_INCLUDED),
+        (BINDING, "SCRAM-SHA-256-PLUS", b"y,,n=,r=abc", "malformed SCRAM message", _NOT_INCLUDED),
+        (BINDING, "SCRAM-SHA-256", b"p=tls-server-end-point,,n=,r=abc", "malformed SCRAM message", _INCLUDED),
         (
             BINDING, "SCRAM-SHA-256-PLUS", b"p=tls-unique,,n=,r=abc",
-            'unsupported SCRAM channel-binding type "tls-unique"',
+            'unsupported SCRAM channel-binding type "tls-unique"', None,
         ),
         # without TLS PLUS is not offered
         (
             None, "SCRAM-SHA-256-PLUS", b"p=tls-server-end-point,,n=,r=abc",
-            "client selected an invalid SASL authentication mechanism",
+            "client selected an invalid SASL authentication mechanism", None,
         ),
     ],
     ids=["y-downgrade", "plus-n", "plus-y", "plain-with-binding", "plus-tls-unique", "plus-without-tls"],
 )  # fmt: skip
 def test_scram_channel_binding_negotiation_refused_as_postgresql_does(
-    binding: bytes | None, mechanism: str, client_first: bytes, message: str
+    binding: bytes | None, mechanism: str, client_first: bytes, message: str, detail: str | None
 ) -> None:
     for user, secret in ((USER, PASSWORD), ("nobody", None)):  # the same for unknown users
         exchange = ScramExchange(user, secret, channel_binding=binding)
         exchange.start()
         with pytest.raises(ClientError) as exc_info:
             exchange.feed(payload_of(m.sasl_initial_response(mechanism, client_first)))
-        assert (exc_info.value.code, exc_info.value.message, exc_info.value.fatal) == ("08P01", message, True)
+        error = exc_info.value
+        assert (error.code, error.message, error.fatal, error.detail, error.hint) == (
+            "08P01", message, True, detail, None
+        )
+        fields = m.decode_error_fields(m.client_error_response(error)[5:])
+        assert (fields["S"], fields.get("D")) == ("FATAL", detail)
 
 
 def test_scram_y_flag_without_tls_is_fine() -> None:

@@ -138,6 +138,30 @@ def test_malformed_scram_message_is_not_a_wrong_password(
         client.expect_closed()
 
 
+@pytest.mark.parametrize("user", ["myapp", "nobody"])
+def test_channel_binding_data_without_plus_is_malformed_with_postgresql_s_detail(
+    proxy: Running, user: str
+) -> None:
+    # PostgreSQL 15, plaintext connection: FATAL 08P01 "malformed SCRAM message" with this DETAIL
+    client_first = b"p=tls-server-end-point,,n=,r=abc"
+    with raw(proxy) as client:
+        client.send(rc.startup({"user": user, "database": "myapp"}))
+        assert client.read().auth_code == rc.AUTH_SASL
+        client.send(rc.msg(b"p", b"SCRAM-SHA-256\0" + struct.pack("!i", len(client_first)) + client_first))
+        error = client.expect_error()
+        assert (error.fields["S"], error.fields["C"], error.fields["M"]) == (
+            "FATAL",
+            "08P01",
+            "malformed SCRAM message",
+        ), error
+        assert error.fields["D"] == (
+            "The client selected SCRAM-SHA-256 without channel binding, but the SCRAM message includes "
+            "channel binding data."
+        )
+        assert "H" not in error.fields
+        client.expect_closed()
+
+
 def test_unknown_database_is_told_only_after_a_correct_password(proxy: Running) -> None:
     with raw(proxy) as client:
         client.send(rc.startup({"user": "myapp", "database": "nosuchdb"}))

@@ -439,6 +439,7 @@ def test_route_reject_for_every_transaction_is_25006_and_the_client_stays_usable
             with pytest.raises(psycopg.errors.ReadOnlySqlTransaction) as info:
                 conn.execute("select 1")
             assert info.value.diag.severity == "ERROR"
+            assert info.value.diag.message_detail == "reject_routes refuses every transaction of this user."
             assert status(conn) is TransactionStatus.IDLE
         with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
             conn.execute("select %s", (1,))

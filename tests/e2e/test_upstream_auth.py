@@ -96,13 +96,13 @@ def who_am_i(hal: Running, user: str, password: str | None) -> tuple[Any, ...]:
         return tuple(row)
 
 
-def login_sqlstate(hal: Running, user: str, password: str | None) -> str | None:
+def login_sqlstate(hal: Running, user: str, password: str | None, database: str = "myapp") -> str | None:
     """Log in with asyncpg (which reports the SQLSTATE of a failed login); None when it succeeds."""
 
     async def attempt() -> str | None:
         try:
             conn = await asyncpg.connect(
-                host=hal.host, port=hal.port, user=user, password=password, database="myapp", ssl=False
+                host=hal.host, port=hal.port, user=user, password=password, database=database, ssl=False
             )
         except asyncpg.PostgresError as exc:
             return str(exc.sqlstate)
@@ -200,6 +200,31 @@ def test_a_server_login_refused_for_another_reason_than_the_password_says_so(
     assert 'role "nologin" is not permitted to log in' in str(excinfo.value)
     hint = str(excinfo.value).split("HINT:")[1]
     assert "pg_hba.conf, or the role's rights" in hint and "password" not in hint
+
+
+def test_postgresql_s_detail_of_a_refused_server_login_reaches_the_client(
+    pg: Cluster, halephant: HalephantFactory
+) -> None:
+    # PostgreSQL 15: FATAL 42501 permission denied for database "noconnect", DETAIL User does not have
+    # CONNECT privilege. halephant passes the refusal on with its DETAIL, as a direct login would get it
+    pg.primary.sql("DROP DATABASE IF EXISTS noconnect")
+    pg.primary.sql("CREATE DATABASE noconnect")
+    pg.primary.sql("REVOKE CONNECT ON DATABASE noconnect FROM PUBLIC")
+    try:
+        run = halephant.start(default_config(pg, databases={"noconnect": {"cluster": "main"}}))
+        with pytest.raises(psycopg.OperationalError) as excinfo:
+            psycopg.connect(run.dsn(dbname="noconnect"))
+        # (libpq gives a failed connection's error as text only)
+        assert (
+            'FATAL:  permission denied for database "noconnect"\nDETAIL:  User does not have CONNECT '
+            "privilege." in str(excinfo.value)
+        )
+        assert login_sqlstate(run, "myapp", "myapp", "noconnect") == "42501"
+        assert who_am_i(run, "myapp", "myapp") == ("myapp", "myapp", "myapp")
+        run.stop()
+    finally:
+        pg.primary.sql("DROP DATABASE IF EXISTS noconnect WITH (FORCE)")
+    assert_clean_servers(pg.primary)
 
 
 #: PBKDF2 iterations of `slowscram`'s verifier: PostgreSQL's default is 4096; this takes about a second

@@ -15,6 +15,8 @@ REFUSE_ALL_USER = "trustuser"
 READ_ONLY_USER = "plainuser"
 READS = frozenset({"SELECT", "SHOW", "VALUES", "TABLE", "BEGIN", "COMMIT", "ROLLBACK", "FETCH", "CLOSE"})
 MESSAGE = "cannot execute this statement in a read-only transaction"
+#: the DETAIL a refused-everything route adds (a Reject's `detail`)
+DETAIL = "reject_routes refuses every transaction of this user."
 
 
 @hookimpl
@@ -22,7 +24,9 @@ def halephant_route(
     client: ClientInfo, transaction: TransactionInfo, pool: PoolInfo
 ) -> Route | Reject | None:
     if client.user == REFUSE_ALL_USER:
-        return Reject(sqlstate.READ_ONLY_SQL_TRANSACTION, MESSAGE, reason="reject_routes: refuse all")
+        return Reject(
+            sqlstate.READ_ONLY_SQL_TRANSACTION, MESSAGE, reason="reject_routes: refuse all", detail=DETAIL
+        )
     if client.user == READ_ONLY_USER:
         statement = transaction.statement
         if statement is not None and statement.first_keyword not in READS:
