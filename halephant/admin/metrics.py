@@ -90,6 +90,18 @@ class HalephantCollector:
             maxwait.add_metric(labels, snapshot.oldest_wait(pool, now, held_here))
         yield from (xacts, queries, timeouts, wait, servers, waiting, maxwait)
 
+        # the clients of each pool as SHOW POOLS counts them (a client not yet linked is counted with the
+        # pool it would get), so that one application's clients can be watched apart from another's
+        pool_clients = GaugeMetricFamily(
+            "halephant_pool_clients", "Clients of a pool by state", labels=[*POOL_LABELS, "state"]
+        )
+        for row in snapshot.pools(app):
+            labels = [row["database"], row["user"], row["node"]]
+            pool_clients.add_metric([*labels, "active"], row["cl_linked"])
+            pool_clients.add_metric([*labels, "idle"], row["cl_active"] - row["cl_linked"])
+            pool_clients.add_metric([*labels, "waiting"], row["cl_waiting"])
+        yield pool_clients
+
         errors = CounterMetricFamily(
             "halephant_errors", "Errors halephant sent to clients, by SQLSTATE", labels=["sqlstate"]
         )

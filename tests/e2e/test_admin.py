@@ -219,11 +219,20 @@ def test_routing_is_a_decision_when_it_changes_not_per_transaction(hal: Running)
 def test_metrics_are_prometheus_text(hal: Running) -> None:
     from prometheus_client.parser import text_string_to_metric_families
 
-    with connect(hal) as conn:
+    with connect(hal) as conn, connect(hal) as idle:
         conn.execute("SELECT 1")
-    status, text = hal.admin_get("/metrics")
+        idle.execute("SELECT 1")
+        conn.execute("BEGIN")
+        conn.execute("SELECT 2")  # linked to its server until COMMIT
+        status, text = hal.admin_get("/metrics")
+        conn.execute("COMMIT")
     assert status == 200
     families = {f.name: f for f in text_string_to_metric_families(text)}
+    mine = {"active": 0.0, "idle": 0.0, "waiting": 0.0}
+    for sample in families["halephant_pool_clients"].samples:  # (a pool per node)
+        if (sample.labels["database"], sample.labels["user"]) == ("myapp", "myapp"):
+            mine[sample.labels["state"]] += sample.value
+    assert mine == {"active": 1, "idle": 1, "waiting": 0}
     for name in (
         "halephant_client_connections", "halephant_clients", "halephant_transactions", "halephant_queries",
         "halephant_wait_seconds", "halephant_checkout_timeouts", "halephant_errors",
@@ -460,6 +469,12 @@ def test_pause_waits_for_running_transactions_then_holds_new_ones(hal: Running, 
     families = {f.name: f for f in text_string_to_metric_families(hal.admin_get("/metrics")[1])}
     waiting = families["halephant_pool_waiting_clients"].samples
     assert [s.value for s in waiting if s.labels["database"] == "pausable"] == [1]
+    pool_clients = families["halephant_pool_clients"].samples
+    assert {s.labels["state"]: s.value for s in pool_clients if s.labels["database"] == "pausable"} == {
+        "active": 0,
+        "idle": 0,
+        "waiting": 1,
+    }
     maxwait = families["halephant_pool_maxwait_seconds"].samples
     assert [s.value > 0.2 for s in maxwait if s.labels["database"] == "pausable"] == [True]
     # other databases are not paused
