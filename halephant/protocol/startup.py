@@ -89,6 +89,12 @@ class StartupFramer:
     def pending(self) -> bool:
         return bool(self._buf)
 
+    @property
+    def untouched(self) -> bool:
+        """Nothing framed or waiting yet: what comes next is the first byte of the connection (or of the
+        TLS it began with)."""
+        return not self._buf and not self._answered
+
     def take_rest(self) -> bytes:
         """Bytes received after the last packet (a client may pipeline its first query behind startup)."""
         rest, self._buf = self._buf, b""

@@ -1,8 +1,9 @@
 """A client connection: startup, authentication, then the pooling loop for one client.
 
 Theory of operation. Before login the client's bytes are startup packets, then password messages, driven
-by `StartupFramer` and the auth exchange the `halephant_authenticate` answer asks for; an SSLRequest may
-first turn the connection into a TLS one (`client_tls:`, see `halephant.proxy.client_tls`), after which
+by `StartupFramer` and the auth exchange the `halephant_authenticate` answer asks for; an SSLRequest, or a
+TLS handshake as the first bytes (direct TLS), may first turn the connection into a TLS one (`client_tls:`,
+see `halephant.proxy.client_tls`), after which
 `transport` is the TLS transport and everything below runs over it unchanged. After login every
 chunk is cut into complete messages (`split_frames`); runs of messages are forwarded to the linked server
 in one write. Only three things need decisions, and each happens at most once per statement or
@@ -92,7 +93,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("halephant.client")
 
-#: HANDSHAKE: between the `S` answer to an SSLRequest and the end of the TLS handshake (client_tls)
+#: HANDSHAKE: from the `S` answer to an SSLRequest, or a first byte that begins direct TLS, to the end of
+#: the TLS handshake (client_tls)
 STARTUP, HANDSHAKE, AUTH, WELCOME, READY, CLOSED = range(6)
 #: how long `start_tls` may take beyond login_timeout: the client sweep closes a stalled handshake first
 _HANDSHAKE_BACKSTOP = 5.0
@@ -211,6 +213,7 @@ class ClientConnection(asyncio.Protocol):
         "_exchange",
         "_first_checked",
         "_framer",
+        "_hello",
         "_last_route",
         "_last_sync_point",
         "_pending_pin",
@@ -262,6 +265,9 @@ class ClientConnection(asyncio.Protocol):
         self.app = app
         self.state = STARTUP
         self._framer: StartupFramer | None = StartupFramer()
+        #: while the client's first TLS record is read (HANDSHAKE): the context, whether the connection
+        #: began with TLS, and the bytes so far (`_hello_data`)
+        self._hello: tuple[ssl.SSLContext, bool, bytearray] | None = None
         self._buf: bytes | bytearray = b""  # a bytearray while a large message arrives (`_gathered`)
         self._exchange: Exchange | None = None
         self.info: ClientInfo | None = None
@@ -378,8 +384,11 @@ class ClientConnection(asyncio.Protocol):
             elif self.state == WELCOME:
                 self._buffer_while_waiting(data)
             elif self.state == HANDSHAKE:
-                # decrypted bytes the loop hands over before `_handshake` has the TLS transport
-                self._buf += data
+                if self._hello is not None:
+                    self._hello_data(data)
+                else:
+                    # decrypted bytes the loop hands over before `_handshake` has the TLS transport
+                    self._buf += data
         except ClientError as exc:
             self.fail(exc)
         except Exception as exc:
@@ -426,7 +435,7 @@ class ClientConnection(asyncio.Protocol):
         if self.state == CLOSED:
             return
         if self.state == HANDSHAKE:
-            self._handshake_failed(exc)
+            self._handshake_failed(client_tls.failure(exc))
             return
         self._closed("client closed the connection" if exc is None else f"client connection lost: {exc}")
 
@@ -464,10 +473,13 @@ class ClientConnection(asyncio.Protocol):
     def _startup_data(self, data: bytes) -> None:
         framer = self._framer
         assert framer is not None
+        if data[0] == client_tls.HANDSHAKE_RECORD and framer.untouched and not self._over_tls():
+            self._direct_tls(data)
+            return
         for packet in framer.feed(data):
             if isinstance(packet, SSLRequest | GSSENCRequest):
                 what = "SSL" if isinstance(packet, SSLRequest) else "GSSAPI encryption"
-                if self.transport.get_extra_info("ssl_object") is not None:
+                if self._over_tls():
                     # (PostgreSQL would take it for a startup packet of an unknown protocol, 0A000; a
                     # negotiation inside the one that has ended is a protocol violation)
                     raise ProtocolViolation(f"{what} request received inside an encrypted connection")
@@ -499,25 +511,59 @@ class ClientConnection(asyncio.Protocol):
         self.app.stats.decide("reject", self.info, why, error.code)
         return error
 
+    def _over_tls(self) -> bool:
+        return self.transport.get_extra_info("ssl_object") is not None
+
+    def _direct_tls(self, data: bytes) -> None:
+        """The connection began with a TLS handshake record (libpq's sslnegotiation=direct)."""
+        context = self.app.config.client_tls_context
+        tcp = client_tls.over_tcp(self.transport)
+        if context is None or not tcp:
+            # PostgreSQL closes it too, without a word: a plaintext ErrorResponse is no TLS record
+            why = "client_tls.mode is disable" if tcp else "direct TLS is for TCP, not a Unix-domain socket"
+            log.info("%r: direct TLS refused: %s", self, why)
+            self.close("direct TLS refused")
+            return
+        self._begin_tls(context, data, direct=True)
+
     def _start_tls(self, context: ssl.SSLContext) -> None:
         self.transport.write(b"S")
-        # nothing is read until start_tls reads it: a ClientHello must not be taken for a startup packet
-        self.transport.pause_reading()
+        self._begin_tls(context, b"", direct=False)
+
+    def _begin_tls(self, context: ssl.SSLContext, data: bytes, direct: bool) -> None:
         self.state = HANDSHAKE
         self._framer = None
-        self.app.spawn(self._handshake, context)
+        self._hello = (context, direct, bytearray())
+        self._hello_data(data)
 
-    async def _handshake(self, context: ssl.SSLContext) -> None:
+    def _hello_data(self, data: bytes) -> None:
+        """Bytes of the client's first TLS record: once it is whole, the handshake starts with it."""
+        assert self._hello is not None
+        context, direct, hello = self._hello
+        hello += data
+        if not client_tls.hello_complete(hello):
+            return
+        self._hello = None
+        # nothing more is read until start_tls reads it
+        self.transport.pause_reading()
+        self.app.spawn(self._handshake, context, bytes(hello), direct)
+
+    async def _handshake(self, context: ssl.SSLContext, hello: bytes, direct: bool) -> None:
+        loop = self.app.loop
+        # start_tls takes the transport over (`set_protocol`) before it first waits, and schedules the
+        # start of the handshake: the bytes read so far are given to its TLS layer first
+        starting = loop.start_tls(
+            self.transport,
+            self,
+            context,
+            server_side=True,
+            ssl_handshake_timeout=self.app.config.limits.login_timeout + _HANDSHAKE_BACKSTOP,
+        )
+        loop.call_soon(self._feed_tls, hello)
         try:
-            transport = await self.app.loop.start_tls(
-                self.transport,
-                self,
-                context,
-                server_side=True,
-                ssl_handshake_timeout=self.app.config.limits.login_timeout + _HANDSHAKE_BACKSTOP,
-            )
+            transport = await starting
         except Exception as exc:  # a failed handshake costs this client only
-            self._handshake_failed(exc)
+            self._handshake_failed(client_tls.failure(exc))
             return
         except BaseException:  # cancelled: halephant stops
             self.close("halephant is shutting down")
@@ -527,16 +573,38 @@ class ClientConnection(asyncio.Protocol):
                 transport.abort()
             return
         self.transport = transport
+        ssl_object = transport.get_extra_info("ssl_object")
+        refused = client_tls.alpn_refusal(
+            direct, ssl_object.selected_alpn_protocol(), client_tls.offered_alpn(hello)
+        )
+        if refused is not None:
+            self._handshake_failed(refused)
+            return
         self.state = STARTUP
         self._framer = StartupFramer()  # the StartupMessage comes over TLS, read from scratch
         early, self._buf = self._buf, b""
         if early:
             self.data_received(bytes(early))
 
-    def _handshake_failed(self, exc: BaseException | None) -> None:
+    def _feed_tls(self, data: bytes) -> None:
+        """Hand `data`, read from the client before `start_tls`, to the TLS layer that now reads it (a
+        `BufferedProtocol`, asyncio's and uvloop's alike)."""
+        protocol = self.transport.get_protocol()
+        if protocol is self:
+            return  # start_tls failed before taking the transport over: its error is being handled
+        tls = cast(asyncio.BufferedProtocol, protocol)
+        view = memoryview(data)
+        while view:
+            buffer = memoryview(tls.get_buffer(len(view)))
+            n = min(len(buffer), len(view))
+            buffer[:n] = view[:n]
+            tls.buffer_updated(n)
+            view = view[n:]
+
+    def _handshake_failed(self, why: str) -> None:
         if self.state != HANDSHAKE:
             return  # closed on purpose (login_timeout, shutdown), or already told
-        log.info("%r: TLS handshake failed: %s", self, client_tls.failure(exc))
+        log.info("%r: TLS handshake failed: %s", self, why)
         self.close("TLS handshake failed")
 
     def _startup(self, packet: StartupMessage) -> None:

@@ -1,17 +1,32 @@
-"""TLS between a client and halephant: what `client_tls.mode` asks of a client at its StartupMessage,
-and how a failed handshake is told in the log.
+"""TLS between a client and halephant: how a connection begins TLS, what `client_tls.mode` asks of a
+client at its StartupMessage, and how a failed handshake is told in the log.
 
-The upgrade itself is `ClientConnection`'s (`_start_tls`): an SSLRequest is answered `S` only over TCP
-while the configuration has a context (`Config.client_tls_context`), after the check that nothing came
-behind the request (bytes sent before the answer would be taken as encrypted: CVE-2021-23222). Reading
-stops until the loop's `start_tls` takes the connection over; while the handshake runs the client is in
+A connection begins TLS in one of two ways, as PostgreSQL 17's server allows. The classic one: an
+SSLRequest, answered `S` only over TCP while the configuration has a context
+(`Config.client_tls_context`), after the check that nothing came behind the request (bytes sent before
+the answer would be taken as encrypted: CVE-2021-23222). Direct TLS (libpq 17's `sslnegotiation=direct`):
+the first byte of the connection is that of a TLS handshake record (0x16, which cannot begin a startup
+packet: its length would be hundreds of megabytes), and the handshake starts at once. Direct TLS needs
+the context and TCP too; without them the connection is closed without a byte, and logged, as
+PostgreSQL closes it (a plaintext ErrorResponse is no TLS record: the client could not read it).
+
+Either way halephant reads the client's first TLS record itself (`hello_complete`), then hands it to the
+loop's `start_tls`, whose TLS layer is fed these bytes once it has taken the connection over
+(`ClientConnection._handshake`), so that halephant sees what the client offered for ALPN
+(`offered_alpn`): Python's `ssl` gives no access to it, and its server chooses no protocol, rather than
+failing the handshake, when a client offers none halephant speaks. While this runs the client is in
 the state HANDSHAKE, in which `login_timeout` closes it (the client sweep, as any login) without writing
-anything, since an ErrorResponse in plaintext would break the handshake rather than be read. Once it is
-done the client's `transport` is the TLS one, so everything that writes to the client (the relay of
-its server's answers included) writes through TLS, and the StartupMessage is read over it by a new
-`StartupFramer`; another SSLRequest or GSSENCRequest inside TLS is FATAL 08P01. A Unix-domain socket
-client is answered `N` and may log in in plaintext whatever the mode, as PostgreSQL answers it and as
-its pg_hba.conf's `local` lines are apart from `hostssl`.
+anything, since an ErrorResponse in plaintext would break the handshake rather than be read.
+
+ALPN (`alpn_refusal`), as PostgreSQL 17: the context selects `postgresql` for a client that offers it.
+Direct TLS requires it (a client that offered none, or only other protocols, is refused: there is
+nothing else to tell it speaks PostgreSQL's protocol); after an SSLRequest a client may offer none
+(libpq before 17), but one that offers ALPN must offer `postgresql`. A refusal is logged and closed as a
+failed handshake. Once the handshake is done the client's `transport` is the TLS one, so everything
+that writes to the client (the relay of its server's answers included) writes through TLS, and the
+StartupMessage is read over it by a new `StartupFramer`; another SSLRequest or GSSENCRequest inside
+TLS is FATAL 08P01. A Unix-domain socket client is answered `N` and may log in in plaintext whatever
+the mode, as PostgreSQL answers it and as its pg_hba.conf's `local` lines are apart from `hostssl`.
 
 At the StartupMessage (`login_refusal`): `require` and the verify modes refuse a plaintext TCP client
 with FATAL 28000 and a hint to use sslmode=require; `verify-ca` refuses one that sent no certificate
@@ -25,13 +40,35 @@ mode: libpq sends them in plaintext.
 from __future__ import annotations
 
 import ssl
+import struct
 from typing import Any
 
 from halephant import sqlstate
 from halephant.config.schema import TLS_REQUIRED, TLS_VERIFIED, ClientTlsConfig
 from halephant.errors import ClientError
 
-__all__ = ["certificate_refusal", "failure", "login_refusal", "peer_address"]
+__all__ = [
+    "ALPN",
+    "HANDSHAKE_RECORD",
+    "alpn_refusal",
+    "certificate_refusal",
+    "failure",
+    "hello_complete",
+    "login_refusal",
+    "offered_alpn",
+    "peer_address",
+]
+
+#: the first byte of a TLS handshake record: a connection that begins with it is direct TLS
+HANDSHAKE_RECORD = 0x16
+#: the ALPN protocol name of PostgreSQL's protocol (PostgreSQL 17)
+ALPN = "postgresql"
+#: the largest TLS record (2^14 bytes of plaintext, with room for expansion, and its header): a longer
+#: one is not waited for, OpenSSL refuses it
+_MAX_RECORD = 5 + 2**14 + 2048
+_RECORD = struct.Struct("!BHH")  # content type, legacy version, length
+_EXTENSION = struct.Struct("!HH")  # type, length
+_EXT_ALPN = 16  # application_layer_protocol_negotiation (RFC 7301)
 
 
 def peer_address(transport: Any) -> str:
@@ -121,3 +158,64 @@ def failure(exc: BaseException | None) -> str:
     if isinstance(exc, ssl.SSLError):
         return exc.reason.replace("_", " ").lower() if exc.reason else str(exc)
     return str(exc) or type(exc).__name__
+
+
+def hello_complete(data: bytes | bytearray) -> bool:
+    """Whether the client's first TLS record is whole in `data` (then it goes to the TLS layer), or
+    `data` is no TLS handshake record, which the TLS layer refuses at once."""
+    if not data:
+        return False
+    if data[0] != HANDSHAKE_RECORD:
+        return True
+    if len(data) < _RECORD.size:
+        return False
+    length: int = _RECORD.unpack_from(data)[2]
+    return _RECORD.size + length > _MAX_RECORD or len(data) >= _RECORD.size + length
+
+
+def offered_alpn(hello: bytes) -> tuple[str, ...] | None:
+    """The ALPN protocols a ClientHello (`hello`: the client's first TLS record) offers; None when it
+    offers none, or is not one this reads (a ClientHello cut over several records).
+
+    The ClientHello (RFC 8446 4.1.2): the record header, the handshake header (type 1), the version and
+    random, then a session id, the cipher suites and the compression methods, each behind its length,
+    then the extensions."""
+    try:
+        content_type, _version, length = _RECORD.unpack_from(hello)
+        if content_type != HANDSHAKE_RECORD or hello[5] != 1:
+            return None
+        end = min(len(hello), _RECORD.size + length)
+        pos = _RECORD.size + 4 + 2 + 32
+        pos += 1 + hello[pos]  # legacy_session_id
+        pos += 2 + int.from_bytes(hello[pos : pos + 2])  # cipher_suites
+        pos += 1 + hello[pos]  # legacy_compression_methods
+        end = min(end, pos + 2 + int.from_bytes(hello[pos : pos + 2]))
+        pos += 2
+        while pos + _EXTENSION.size <= end:
+            kind, size = _EXTENSION.unpack_from(hello, pos)
+            pos += _EXTENSION.size
+            if kind == _EXT_ALPN:
+                names = hello[pos + 2 : min(pos + size, end)]
+                offered = []
+                i = 0
+                while i < len(names):
+                    offered.append(names[i + 1 : i + 1 + names[i]].decode("ascii", "replace"))
+                    i += 1 + names[i]
+                return tuple(offered)
+            pos += size
+    except (IndexError, struct.error):
+        return None
+    return None
+
+
+def alpn_refusal(direct: bool, selected: str | None, offered: tuple[str, ...] | None) -> str | None:
+    """Why a completed handshake is refused for its ALPN (None: it is not), for the log: `direct`: the
+    connection began with TLS; `selected`: the protocol the handshake chose; `offered`: the client's."""
+    if selected == ALPN:
+        return None
+    if offered:
+        listed = ", ".join(repr(name) for name in offered)
+        return f"the client offered the ALPN protocol(s) {listed}, not {ALPN!r}"
+    if direct:
+        return f"direct TLS without ALPN: a client that begins with TLS must offer {ALPN!r} (libpq 17+ does)"
+    return None

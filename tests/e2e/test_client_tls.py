@@ -10,6 +10,7 @@ their own. After every test no server backend may be left dirty.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import hashlib
 import os
 import re
@@ -26,6 +27,7 @@ from typing import Any
 
 import asyncpg
 import psycopg
+import psycopg_binary
 import pytest
 import rawclient as rc
 import trustme
@@ -437,6 +439,141 @@ def test_cancel_of_a_tls_clients_query(hal: Running, pki: Pki, how: str) -> None
         assert conn.execute("SELECT 1").fetchone() == (1,)
 
 
+# --- direct TLS (libpq 17's sslnegotiation=direct) and ALPN ----------------------------------------------
+
+
+def negotiated_alpn(conn: psycopg.Connection[Any]) -> bytes | None:
+    """What libpq says the handshake chose for ALPN (`PQsslAttribute(conn, "alpn")`)."""
+    libpq = ctypes.CDLL(
+        str(next(Path(psycopg_binary.__file__).parent.parent.glob("psycopg_binary.libs/libpq-*")))
+    )
+    libpq.PQsslAttribute.restype = ctypes.c_char_p
+    libpq.PQsslAttribute.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+    value: bytes | None = libpq.PQsslAttribute(conn.pgconn.pgconn_ptr, b"alpn")
+    return value
+
+
+@pytest.mark.parametrize("sslmode", ["require", "verify-full"])
+def test_psycopg_with_direct_tls_logs_in_and_runs_queries(hal: Running, pki: Pki, sslmode: str) -> None:
+    name = f"direct-{sslmode}"
+    settings = verified(pki) if sslmode == "verify-full" else {"sslmode": sslmode}
+    dsn = hal.dsn(**settings, sslnegotiation="direct", application_name=name)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        assert conn.pgconn.ssl_in_use
+        assert negotiated_alpn(conn) == b"postgresql"
+        rows = conn.execute("SELECT i, repeat('x', 200) FROM generate_series(1, 5000) i").fetchall()
+        assert len(rows) == 5000 and rows[-1] == (5000, "x" * 200)
+        with conn.transaction():
+            assert conn.execute("SELECT %s::int * 2", [21]).fetchone() == (42,)
+        mine = [c for c in hal.admin_json("/clients") if c["application_name"] == name]
+        assert [c["tls"] for c in mine] == ["TLSv1.3"], mine
+    in_log(hal, r"myapp@myapp from 127\.0\.0\.1:\d+>: connected \(tls=TLSv1\.3\)")
+
+
+def test_psycopg_after_an_ssl_request_is_given_alpn_postgresql(hal: Running, pki: Pki) -> None:
+    with psycopg.connect(hal.dsn(**verified(pki), sslnegotiation="postgres")) as conn:
+        assert conn.pgconn.ssl_in_use
+        assert negotiated_alpn(conn) == b"postgresql"
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+        conn.rollback()
+
+
+@pytest.mark.parametrize(
+    ("direct", "alpn", "refusal"),
+    [
+        (True, None, r"direct TLS without ALPN: a client that begins with TLS must offer 'postgresql'"),
+        (True, ["h2"], r"the client offered the ALPN protocol\(s\) 'h2', not 'postgresql'"),
+        (True, ["h2", "postgresql"], None),
+        (False, None, None),  # libpq before 17
+        (False, ["http/1.1"], r"the client offered the ALPN protocol\(s\) 'http/1\.1', not 'postgresql'"),
+        (False, ["postgresql"], None),
+    ],
+    ids=[
+        "direct-none",
+        "direct-h2",
+        "direct-h2-postgresql",
+        "classic-none",
+        "classic-http",
+        "classic-postgresql",
+    ],
+)
+def test_alpn_must_be_postgresql_and_direct_tls_needs_it(
+    hal: Running, pki: Pki, direct: bool, alpn: list[str] | None, refusal: str | None
+) -> None:
+    context = pki.context()
+    if alpn is not None:
+        context.set_alpn_protocols(alpn)
+    with raw(hal) as client:
+        if direct:
+            client.sock = context.wrap_socket(client.sock, server_hostname="127.0.0.1")
+        else:
+            client.start_tls(context, server_hostname="127.0.0.1")
+        assert isinstance(client.sock, ssl.SSLSocket)
+        if refusal is not None:
+            # the handshake completes (Python's ssl chooses no protocol rather than fail it); then the
+            # connection is closed without a PostgreSQL message
+            assert client.sock.selected_alpn_protocol() is None
+            assert client.is_closed(3.0)
+            in_log(hal, r"\(starting\) from 127\.0\.0\.1:\d+>: TLS handshake failed: " + refusal)
+            return
+        assert client.sock.selected_alpn_protocol() == (None if alpn is None else "postgresql")
+        client.send(rc.startup({"user": "trusty", "database": "myapp"}))
+        assert client.read_until_ready()[0].auth_code == 0
+        assert rc.data_rows(client.simple_query("SELECT 'over TLS'")) == [["over TLS"]]
+        client.send(rc.terminate())
+
+
+def test_direct_tls_in_pieces_and_with_a_query_behind_the_startup(hal: Running, pki: Pki) -> None:
+    # the ClientHello comes a few bytes at a time: halephant waits for the whole record
+    context = pki.context()
+    context.set_alpn_protocols(["postgresql"])
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname="127.0.0.1")
+    with raw(hal) as client:
+        with pytest.raises(ssl.SSLWantReadError):
+            tls.do_handshake()
+        hello = outgoing.read()
+        for i in range(0, len(hello), 100):
+            client.sock.sendall(hello[i : i + 100])
+            time.sleep(0.01)
+        while True:
+            incoming.write(client.sock.recv(65536))
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                pass
+        client.sock.sendall(outgoing.read())
+        assert tls.selected_alpn_protocol() == "postgresql"
+        # the StartupMessage and a query in one record, as a client pipelines them
+        tls.write(rc.startup({"user": "trusty", "database": "myapp"}) + rc.query("SELECT 6 * 7"))
+        client.sock.sendall(outgoing.read())
+        plain = b""
+        row = b"D\x00\x00\x00\x0c\x00\x01\x00\x00\x00\x0242"  # one column: 42
+        while not (row in plain and plain.endswith(b"Z\x00\x00\x00\x05I")):
+            incoming.write(client.sock.recv(65536))
+            while True:
+                try:
+                    plain += tls.read(65536)
+                except ssl.SSLWantReadError:
+                    break
+        tls.write(rc.terminate())
+        client.sock.sendall(outgoing.read())
+
+
+def test_direct_tls_on_the_unix_socket_is_closed_without_a_word(
+    hal: Running, pki: Pki, sockdir: Path
+) -> None:
+    context = pki.context()
+    context.set_alpn_protocols(["postgresql"])
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(5)
+        sock.connect(str(sockdir / f".s.PGSQL.{hal.port}"))
+        with pytest.raises((ssl.SSLError, ConnectionResetError)):
+            context.wrap_socket(sock, server_hostname="127.0.0.1")
+    in_log(hal, r"from unix>: direct TLS refused: direct TLS is for TCP, not a Unix-domain socket")
+
+
 # --- the other modes ----------------------------------------------------------------------------------------
 
 
@@ -559,3 +696,26 @@ def test_reload_gives_new_connections_the_new_certificate(
             assert client.read_byte() == b"N"
         assert old.execute("SELECT 3").fetchone() == (3,)
         assert old.pgconn.ssl_in_use
+
+
+# --- without client_tls ------------------------------------------------------------------------------------
+
+
+def test_direct_tls_without_client_tls_is_closed_and_others_are_served(
+    pg: Cluster, halephant: HalephantFactory
+) -> None:
+    run = halephant.start(default_config(pg))
+    with psycopg.connect(run.dsn(), autocommit=True) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+        # PostgreSQL without ssl closes such a connection without a word, and so does halephant
+        with pytest.raises(psycopg.OperationalError):
+            psycopg.connect(run.dsn(sslmode="require", sslnegotiation="direct"), connect_timeout=5)
+        with raw(run) as client:
+            client.send(b"\x16\x03\x01\x02\x00\x01")  # the start of a ClientHello
+            assert client.rest_of_stream() == b""
+        assert conn.execute("SELECT 2").fetchone() == (2,)
+    with psycopg.connect(run.dsn()) as conn:
+        assert conn.execute("SELECT 3").fetchone() == (3,)
+        conn.rollback()
+    in_log(run, r"\(starting\) from 127\.0\.0\.1:\d+>: direct TLS refused: client_tls\.mode is disable")
+    assert run.alive
