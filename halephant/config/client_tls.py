@@ -1,14 +1,16 @@
 """The TLS context halephant presents to clients (`client_tls:`), built once per configuration load.
 
 `load_client_tls` reads `cert_file`, `key_file` and `ca_file` and makes the `ssl.SSLContext` every
-SSLRequest of that configuration's lifetime is answered with, so that `halephant check`, start-up and a
-reload find a file that cannot be used (`halephant.tls_files`: missing, not PEM, a key others
-may read, encrypted or not the certificate's), each reported at its key in the file (`TlsFileProblem`),
-and no client meets them.
+TLS handshake of that configuration's lifetime runs with (after an SSLRequest, or direct), so that
+`halephant check`, start-up and a reload find a file that cannot be used (`halephant.tls_files`:
+missing, not PEM, a key others may read, encrypted or not the certificate's), each reported at its key
+in the file (`TlsFileProblem`), and no client meets them.
 Connections keep the context they were made with: a reload gives new connections the new one.
 
 The context follows PostgreSQL's server: `min_version` (TLSv1.2 by default), no renegotiation, no
-session tickets (libpq never resumes a session), ALPN `postgresql` for a client that offers it. In
+session tickets (libpq never resumes a session), ALPN `postgresql` for a client that offers it (Python's
+`ssl` then chooses none for a client that offers only other protocols, and direct TLS needs it: what
+PostgreSQL refuses there is refused after the handshake, `halephant.proxy.client_tls`). In
 `verify-ca` and `verify-full` a client certificate is asked for and checked against `ca_file` during
 the handshake (one that does not verify fails it); one that sends none completes the handshake and is
 refused at its StartupMessage with PostgreSQL's FATAL 28000, which says why where a failed handshake
