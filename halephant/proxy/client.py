@@ -473,7 +473,7 @@ class ClientConnection(asyncio.Protocol):
     def _startup_data(self, data: bytes) -> None:
         framer = self._framer
         assert framer is not None
-        if data[0] == client_tls.HANDSHAKE_RECORD and framer.untouched and not self._over_tls():
+        if data and data[0] == client_tls.HANDSHAKE_RECORD and framer.untouched and not self._over_tls():
             self._direct_tls(data)
             return
         for packet in framer.feed(data):
