@@ -47,7 +47,7 @@ from anyio.streams.tls import TLSAttribute, TLSStream
 from halephant import sqlstate
 from halephant.errors import ClientError, ProtocolViolation
 from halephant.protocol import messages as m
-from halephant.tls_files import VERSIONS, TlsFileProblem, load_key_pair, read_certificates
+from halephant.tls_files import VERSIONS, TlsFileProblem, load_key_pair, read_certificates, set_ciphers
 
 if TYPE_CHECKING:
     from halephant.config.schema import ServerTlsConfig
@@ -102,7 +102,7 @@ class ServerTls:
         mode = settings.mode
         files = {"ca_file": settings.ca_file, "cert_file": settings.cert_file, "key_file": settings.key_file}
         if mode == "disable":
-            for key, value in files.items():
+            for key, value in {**files, "ciphers": settings.ciphers}.items():
                 if value is not None:
                     raise TlsFileProblem(
                         key,
@@ -134,6 +134,7 @@ class ServerTls:
             raise TlsFileProblem(given, f"{given} needs {missing} too: the client certificate and its key")
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         context.minimum_version = VERSIONS[settings.min_version]
+        set_ciphers(context, settings.ciphers)
         if verify:
             context.check_hostname = mode == "verify-full"
             context.verify_mode = ssl.CERT_REQUIRED
@@ -192,8 +193,8 @@ class ServerTls:
         return TlsRefused(
             f"TLS handshake with server {where} failed: {exc.reason or exc} "
             f"(clusters.{self.cluster}.tls.mode {self.mode})",
-            hint=f"Compare clusters.{self.cluster}.tls (min_version, cert_file) with the server's ssl_* "
-            "settings; the server's log says more.",
+            hint=f"Compare clusters.{self.cluster}.tls (min_version, ciphers, cert_file) with the server's "
+            "ssl_* settings; the server's log says more.",
         )
 
 

@@ -29,6 +29,7 @@ __all__ = [
     "load_key_pair",
     "read_certificates",
     "read_file",
+    "set_ciphers",
 ]
 
 #: `min_version`'s values
@@ -36,7 +37,7 @@ VERSIONS: Final = {"TLSv1.2": ssl.TLSVersion.TLSv1_2, "TLSv1.3": ssl.TLSVersion.
 
 
 class TlsFileProblem(Exception):
-    """A TLS setting whose file cannot be used; `key` is the setting to blame."""
+    """A TLS setting that cannot be used (a file, or a cipher list); `key` is the setting to blame."""
 
     def __init__(self, key: str, message: str) -> None:
         super().__init__(message)
@@ -134,3 +135,18 @@ def end_point_hash(der: bytes) -> bytes | None:
         return hashlib.new(name, der).digest()
     except ValueError:
         return None
+
+
+def set_ciphers(context: ssl.SSLContext, ciphers: str | None) -> None:
+    """Restrict `context` to the OpenSSL cipher list `ciphers` (the `ciphers` setting; None: Python's
+    defaults). It governs TLSv1.2 and older: TLSv1.3's suites are all strong, and OpenSSL keeps them."""
+    if ciphers is None:
+        return
+    try:
+        context.set_ciphers(ciphers)
+    except ssl.SSLError:
+        raise TlsFileProblem(
+            "ciphers",
+            f"no cipher matches {ciphers!r}: give an OpenSSL cipher list (`openssl ciphers -v LIST` shows "
+            "what one selects), e.g. HIGH:!aNULL",
+        ) from None

@@ -35,6 +35,7 @@ from halephant.tls_files import (
     end_point_hash,
     load_key_pair,
     read_certificates,
+    set_ciphers,
 )
 
 __all__ = ["ClientTls", "TlsFileProblem", "channel_binding", "fingerprint", "load_client_tls"]
@@ -84,6 +85,7 @@ def load_client_tls(section: ClientTlsConfig) -> ClientTls | None:
         except (ssl.SSLError, OSError) as exc:  # (replaced since it was read above)
             raise TlsFileProblem("ca_file", f"cannot load {section.ca_file}: {exc}") from None
     context.minimum_version = VERSIONS[section.min_version]
+    set_ciphers(context, section.ciphers)
     context.options |= ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_TICKET
     context.num_tickets = 0
     context.set_alpn_protocols(["postgresql"])

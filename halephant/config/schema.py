@@ -331,6 +331,8 @@ class ServerTlsConfig(_Section):
     key_file: TlsFile | None = None
     #: the oldest TLS version accepted
     min_version: Literal["TLSv1.2", "TLSv1.3"] = "TLSv1.2"
+    #: the OpenSSL cipher list for TLSv1.2 (PgBouncer's server_tls_ciphers); None: Python's defaults
+    ciphers: Annotated[StrictStr, Field(min_length=1)] | None = None
 
 
 class ClusterConfig(_Section):
@@ -576,6 +578,8 @@ class ClientTlsConfig(_Section):
     #: the certificates that sign client certificates (PEM): required by verify-ca and verify-full
     ca_file: _File | None = None
     min_version: Literal["TLSv1.2", "TLSv1.3"] = "TLSv1.2"
+    #: the OpenSSL cipher list for TLSv1.2 (PgBouncer's client_tls_ciphers); None: Python's defaults
+    ciphers: Annotated[StrictStr, Field(min_length=1)] | None = None
 
 
 class PluginsConfig(_Section):

@@ -298,7 +298,11 @@ def test_scram_channel_binding_negotiation_refused_as_postgresql_does(
             exchange.feed(payload_of(m.sasl_initial_response(mechanism, client_first)))
         error = exc_info.value
         assert (error.code, error.message, error.fatal, error.detail, error.hint) == (
-            "08P01", message, True, detail, None
+            "08P01",
+            message,
+            True,
+            detail,
+            None,
         )
         fields = m.decode_error_fields(m.client_error_response(error)[5:])
         assert (fields["S"], fields.get("D")) == ("FATAL", detail)

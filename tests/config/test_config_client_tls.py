@@ -99,6 +99,22 @@ def test_min_version_and_one_file_for_both(files: dict[str, Path]) -> None:
     assert config.client_tls_context.minimum_version == ssl.TLSVersion.TLSv1_3
 
 
+def test_ciphers_restrict_the_context_and_a_list_that_selects_none_is_refused(
+    files: dict[str, Path],
+) -> None:
+    keys = {"mode": "require", "cert_file": files["cert"], "key_file": files["key"]}
+    config = load(BASE + section(**keys, ciphers="ECDHE-ECDSA-AES128-GCM-SHA256"))
+    context = config.client_tls_context
+    assert context is not None
+    assert [c["name"] for c in context.get_ciphers() if c["protocol"] == "TLSv1.2"] == [
+        "ECDHE-ECDSA-AES128-GCM-SHA256"
+    ]
+    assert problems(BASE + section(**keys, ciphers="NO-SUCH-CIPHER")) == [
+        "halephant.yaml:12:12: client_tls.ciphers: no cipher matches 'NO-SUCH-CIPHER': give an OpenSSL "
+        "cipher list (`openssl ciphers -v LIST` shows what one selects), e.g. HIGH:!aNULL"
+    ]
+
+
 def test_disable_with_files_checks_them_and_answers_no_ssl_request(files: dict[str, Path]) -> None:
     # files may be put in place before TLS is turned on (by a reload): they are checked already
     config = load(BASE + section(mode="disable", cert_file=files["cert"], key_file=files["key"]))

@@ -121,6 +121,9 @@ BROKEN = [
         "mode is disable (no TLS), so cert_file is never used",
     ),
     ("min_version: TLSv1.1", "5:20 min_version", "'TLSv1.2' or 'TLSv1.3'"),
+    ("ciphers: NO-SUCH-CIPHER", "5:16 ciphers", "no cipher matches 'NO-SUCH-CIPHER': give an OpenSSL"),
+    ("ciphers: ''", "5:16 ciphers", "at least 1 character"),
+    ("mode: disable\nciphers: HIGH", "6:16 ciphers", "mode is disable (no TLS), so ciphers is never used"),
     ("minversion: TLSv1.3", "5:7 minversion", "unknown key; did you mean 'min_version'?"),
     ("ca_file: 5", "5:16 ca_file", "expected a string, got a number"),
 ]
@@ -138,6 +141,14 @@ def test_a_broken_setting_is_reported_where_it_is_written(
     assert len(found) == 1, found
     assert found[0].startswith(f"halephant.yaml:{position}: clusters.main.tls.{key}: "), found
     assert message in found[0], found
+
+
+def test_ciphers_restrict_the_context() -> None:
+    config = load(_config("ciphers: ECDHE-RSA-AES128-GCM-SHA256"))
+    context = config.server_tls("main").context
+    assert context is not None
+    tls12 = [c["name"] for c in context.get_ciphers() if c["protocol"] == "TLSv1.2"]
+    assert tls12 == ["ECDHE-RSA-AES128-GCM-SHA256"]
 
 
 def test_every_problem_is_reported_at_once(files: dict[str, str]) -> None:

@@ -442,15 +442,20 @@ def test_cancel_of_a_tls_clients_query(hal: Running, pki: Pki, how: str) -> None
 # --- direct TLS (libpq 17's sslnegotiation=direct) and ALPN ----------------------------------------------
 
 
-def negotiated_alpn(conn: psycopg.Connection[Any]) -> bytes | None:
-    """What libpq says the handshake chose for ALPN (`PQsslAttribute(conn, "alpn")`)."""
+def ssl_attribute(conn: psycopg.Connection[Any], name: str) -> bytes | None:
+    """What libpq says of the connection's TLS (`PQsslAttribute(conn, name)`: "alpn", "cipher", ...)."""
     libpq = ctypes.CDLL(
         str(next(Path(psycopg_binary.__file__).parent.parent.glob("psycopg_binary.libs/libpq-*")))
     )
     libpq.PQsslAttribute.restype = ctypes.c_char_p
     libpq.PQsslAttribute.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
-    value: bytes | None = libpq.PQsslAttribute(conn.pgconn.pgconn_ptr, b"alpn")
+    value: bytes | None = libpq.PQsslAttribute(conn.pgconn.pgconn_ptr, name.encode())
     return value
+
+
+def negotiated_alpn(conn: psycopg.Connection[Any]) -> bytes | None:
+    """What libpq says the handshake chose for ALPN."""
+    return ssl_attribute(conn, "alpn")
 
 
 @pytest.mark.parametrize("sslmode", ["require", "verify-full"])
@@ -607,6 +612,30 @@ def test_prefer_serves_plaintext_and_tls_and_plugins_see_which(
     with pytest.raises(psycopg.OperationalError):
         psycopg.connect(run.dsn(sslmode="require", ssl_max_protocol_version="TLSv1.2"))
     in_log(run, r"TLS handshake failed: (unsupported protocol|tlsv1 alert protocol version)")
+
+
+def test_ciphers_restrict_what_a_tls_1_2_client_negotiates(
+    pg: Cluster, halephant: HalephantFactory, pki: Pki
+) -> None:
+    tls12 = {"sslmode": "require", "ssl_max_protocol_version": "TLSv1.2"}
+    run = halephant.start(default_config(pg, client_tls=pki.settings("require")))
+    with psycopg.connect(run.dsn(**tls12)) as conn:
+        assert ssl_attribute(conn, "cipher") == b"ECDHE-ECDSA-AES256-GCM-SHA384"
+    run.stop()
+    aes128 = "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256"
+    run = halephant.start(default_config(pg, client_tls=pki.settings("require", ciphers=aes128)))
+    with psycopg.connect(run.dsn(**tls12)) as conn:
+        assert ssl_attribute(conn, "cipher") == b"ECDHE-ECDSA-AES128-GCM-SHA256"
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+    # TLSv1.3 is not governed by the list
+    with psycopg.connect(run.dsn(sslmode="require")) as conn:
+        assert ssl_attribute(conn, "protocol") == b"TLSv1.3"
+    run.stop()
+    # a client that shares no suite of the list fails the handshake, logged
+    run = halephant.start(default_config(pg, client_tls=pki.settings("require", ciphers="AES128-SHA")))
+    with pytest.raises(psycopg.OperationalError):
+        psycopg.connect(run.dsn(sslmode="require", ssl_max_protocol_version="TLSv1.2"))
+    in_log(run, r"TLS handshake failed: (no shared cipher|sslv3 alert handshake failure)")
 
 
 def test_verify_ca_takes_a_certificate_the_ca_signed(

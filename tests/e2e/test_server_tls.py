@@ -152,6 +152,36 @@ def test_require_goes_over_tls_and_says_so(tls_pg: Cluster, pg: Cluster, halepha
     assert nodes[tls_pg.primary.port]["role"] == "primary", nodes
 
 
+#: TLSv1.2 suites the default cipher list ranks below the AES-256 ones: chosen only when `ciphers` says so
+AES128_ONLY = "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256"
+
+
+def test_ciphers_restrict_what_a_tls_1_2_server_connection_negotiates(
+    tls_pg: Cluster, pg: Cluster, halephant: HalephantFactory
+) -> None:
+    # (the cipher list governs TLSv1.2: the node is held to it for the test)
+    tls_pg.primary.sql("ALTER SYSTEM SET ssl_max_protocol_version = 'TLSv1.2'; SELECT pg_reload_conf()")
+    try:
+        cipher_of_mine = "SELECT version, cipher FROM pg_stat_ssl WHERE pid = pg_backend_pid()"
+        default = halephant.start(config(tls_pg, pg, mode="require"))
+        with connect(default) as conn:
+            assert conn.execute(cipher_of_mine).fetchone() == ("TLSv1.2", "ECDHE-ECDSA-AES256-GCM-SHA384")
+        default.stop()
+        run = halephant.start(config(tls_pg, pg, mode="require", ciphers=AES128_ONLY))
+        with connect(run) as conn:
+            assert conn.execute(cipher_of_mine).fetchone() == ("TLSv1.2", "ECDHE-ECDSA-AES128-GCM-SHA256")
+        run.stop()
+        # a list the node shares nothing of fails the handshake, logged as such
+        refusing = halephant.start(config(tls_pg, pg, mode="require", ciphers="AES128-SHA"))
+        failed = refused(refusing)
+        assert failed.sqlstate == "28000" and "HANDSHAKE_FAILURE" in failed.message, failed
+        assert "(min_version, ciphers, cert_file)" in failed.hint, failed
+        refusing.stop()
+    finally:
+        tls_pg.primary.sql("ALTER SYSTEM RESET ssl_max_protocol_version; SELECT pg_reload_conf()")
+    assert_clean_servers(tls_pg.primary)
+
+
 def test_prefer_is_the_default_and_takes_tls_where_offered(
     tls_pg: Cluster, pg: Cluster, halephant: HalephantFactory
 ) -> None:
