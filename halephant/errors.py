@@ -52,6 +52,16 @@ class ProtocolViolation(ClientError):
         super().__init__(sqlstate.PROTOCOL_VIOLATION, message, fatal=True)
 
 
+class MalformedMessage(ProtocolViolation):
+    """A typed message after login whose framing is invalid (an unknown type, a length under 4 or over
+    the limit). `before` holds the complete messages that came ahead of it in the same chunk and were not
+    acted on yet: PostgreSQL reads a client's messages one by one, so it runs and answers those first."""
+
+    def __init__(self, message: str, before: bytes = b"") -> None:
+        super().__init__(message)
+        self.before = before
+
+
 @dataclass(frozen=True)
 class ConfigProblem:
     """One problem in a config file, located as `file:line:col: dotted.path: message`."""

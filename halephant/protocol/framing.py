@@ -9,14 +9,15 @@ sbuf.c "looks at packet headers"), but must not pay for decoding what it only fo
   remembering the last transaction status; it copies out only the few message types a decision needs
   (ParameterStatus, ErrorResponse, ...), buffering one of those if it straddles two chunks.
 
-Both raise `ProtocolViolation` on an impossible length and nothing else.
+Both raise `ProtocolViolation` on an impossible length and nothing else (`split_frames`: a
+`MalformedMessage` that carries the complete messages before the bad one).
 """
 
 from __future__ import annotations
 
 import struct
 
-from halephant.errors import ProtocolViolation
+from halephant.errors import MalformedMessage, ProtocolViolation
 from halephant.protocol import codes
 
 _LEN = struct.Struct("!i")
@@ -60,9 +61,9 @@ def split_frames(data: bytes, max_size: int) -> tuple[list[Frame], int]:
         end = pos + 1 + length
         if end > n or length < 4 or length > max_size:  # one test for the three rare cases
             if length < 4:
-                raise ProtocolViolation("invalid message length")
+                raise MalformedMessage("invalid message length", data[:pos])
             if length > max_size:
-                raise ProtocolViolation(f"message too large ({length} bytes, limit {max_size})")
+                raise MalformedMessage(f"message too large ({length} bytes, limit {max_size})", data[:pos])
             break  # incomplete: the rest comes in a later chunk
         append((t, pos + 5, end))
         pos = end

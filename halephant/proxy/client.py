@@ -37,6 +37,7 @@ import itertools
 import logging
 import re
 import secrets
+import select
 import ssl
 import struct
 from collections.abc import Callable
@@ -46,7 +47,7 @@ from halephant import sqlstate
 from halephant.admin.console import ADMIN_DATABASES, CONSOLE_HEADROOM, start_console
 from halephant.auth.server_side import Exchange, exchange_for
 from halephant.config.client_tls import channel_binding
-from halephant.errors import ClientError, OutOfResources, ProtocolViolation
+from halephant.errors import ClientError, MalformedMessage, OutOfResources, ProtocolViolation
 from halephant.protocol import codes
 from halephant.protocol import messages as m
 from halephant.protocol.framing import split_frames, walk_types
@@ -100,6 +101,8 @@ STARTUP, HANDSHAKE, AUTH, WELCOME, READY, CLOSED = range(6)
 _HANDSHAKE_BACKSTOP = 5.0
 #: how long a closed client's connection is kept for it to read what was still to send (`close`)
 _CLOSE_GRACE = 10.0
+#: how often a half-closed client still waiting for answers is checked for being gone altogether
+_HALF_CLOSED_CHECK = 0.5
 _SYNC_POINTS = frozenset((codes.QUERY, codes.SYNC, codes.FUNCTION_CALL))
 # What each frontend message means for the pooling loop (one dict lookup per message).
 _K_QUERY, _K_PARSE, _K_SYNC, _K_BATCH, _K_NEUTRAL, _K_TERMINATE, _K_COPY_END = range(7)
@@ -210,6 +213,7 @@ class ClientConnection(asyncio.Protocol):
         "_beginning",
         "_buf",
         "_checkout_timeout",
+        "_end_error",
         "_exchange",
         "_first_checked",
         "_framer",
@@ -287,6 +291,8 @@ class ClientConnection(asyncio.Protocol):
         self.write_paused = False
         self._first_checked = False
         self._reject_next: bytes | None = None
+        #: the FATAL a `_Finishing` client ends with once what it sent before is answered (None: its EOF)
+        self._end_error: ClientError | None = None
         #: enforced by the client sweep (halephant.proxy.sweep), not a timer per connection
         self.login_deadline = 0.0
         self._primary_pool: ServerPool | None = None
@@ -438,6 +444,25 @@ class ClientConnection(asyncio.Protocol):
             self._handshake_failed(client_tls.failure(exc))
             return
         self._closed("client closed the connection" if exc is None else f"client connection lost: {exc}")
+
+    def eof_received(self) -> bool | None:
+        """The client shut its side of the connection down (`shutdown(SHUT_WR)`: `nc -N`, a script).
+        PostgreSQL runs and answers what came before the end of the stream, then ends the session: the
+        connection stays open for those answers (`_Finishing`). Closed at once, as before, when nothing
+        is left to answer, before login, over TLS (asyncio cannot keep a TLS connection half open) and
+        where the peer closed altogether (a Unix-domain socket says so)."""
+        if type(self) is _Finishing:
+            return True  # seen already (a transport may report it again)
+        if (
+            self.state != READY
+            or not self._awaits_answers()
+            or self.transport.get_extra_info("ssl_object") is not None
+            or _peer_gone(self.transport)
+        ):
+            return None
+        self._finishing()
+        self.app.loop.call_later(_HALF_CLOSED_CHECK, self._check_half_closed, False)
+        return True
 
     def pause_writing(self) -> None:
         # The client reads nothing: its server's output waits, and so does its own input, as a backend
@@ -839,7 +864,8 @@ class ClientConnection(asyncio.Protocol):
         for t, start, end in frames:
             kind = _KIND.get(t)
             if kind is None:
-                raise ProtocolViolation(f"invalid frontend message type {t}")
+                consumed = start - 5  # what came before it goes on (below); it is refused after that
+                break
             head = start - 5
             if self.skip_to_sync:
                 # after an error in an extended-protocol batch, PostgreSQL ignores everything until Sync
@@ -1062,7 +1088,7 @@ class ClientConnection(asyncio.Protocol):
         if consumed < len(buf):
             if buf[consumed] not in _KIND:
                 # refuse on the type byte alone: waiting for the body of a bogus length could hang forever
-                raise ProtocolViolation(f"invalid frontend message type {buf[consumed]}")
+                raise MalformedMessage(f"invalid frontend message type {buf[consumed]}")
             rest = buf[consumed:]
             self._buf = bytearray(rest) if len(rest) > 4 and _unpack_len(rest, 1)[0] > _GATHER_FROM else rest
 
@@ -1658,6 +1684,71 @@ class ClientConnection(asyncio.Protocol):
 
     # --- ending ---
 
+    def _awaits_answers(self) -> bool:
+        """Something the client sent is still to be answered: it waits for a server or for halephant's
+        business with one, or a sync point it sent is not answered yet (except in COPY FROM STDIN,
+        which only the client's own CopyDone could end)."""
+        if self.waiting_pool is not None or self.held_back:
+            return True
+        server = self.server
+        return self.outstanding > 0 and (
+            server is None or self.copy_mark != (self.link_count, server.rfq_seen)
+        )
+
+    def _finishing(self) -> None:
+        """Nothing more is read from this client: what it sent is answered, then it is closed."""
+        self.transport.pause_reading()
+        # Its own class, rather than a flag tested at every ReadyForQuery: the per-transaction path of
+        # every other client stays as it is (same slots, so the object only changes class).
+        self.__class__ = _Finishing
+
+    def _finish_if_answered(self) -> None:
+        if self.state != READY or self._awaits_answers():
+            return
+        error = self._end_error
+        if error is None:
+            self.close("client closed the connection")
+        else:
+            self.fail(error)
+
+    def _answer_then_fail(self, error: MalformedMessage) -> None:
+        """A malformed message: PostgreSQL reads a client's messages one by one, so the complete ones
+        before it (even in the same packet) run and are answered first, then the session ends with FATAL
+        08P01. What the client sends after it is not read. The server is released after the answers
+        as for a client that went away (`_closed`: closed if its transaction was left open)."""
+        self._end_error = error
+        self._finishing()
+        before, error.before = error.before, b""
+        try:
+            if before:
+                self._process(before)  # `_Finishing._process`: ends the client once it is answered
+            else:
+                self._finish_if_answered()
+        except ClientError as exc:
+            self.fail(exc)
+        except Exception as exc:
+            self._internal_error(exc)
+
+    def _check_half_closed(self, probed: bool) -> None:
+        """Timer while a half-closed client waits for its answers. A client that closed its connection
+        altogether (or crashed) sent the same FIN, and a statement left running for a client that is gone
+        is cancelled (`_closed`). Only data sent to it tells them apart (a reset comes back): once, it is
+        sent a ParameterStatus that repeats a value it was told (integer_datetimes, fixed for a server's
+        life), which a client may be sent at any time; a client still reading is told nothing new."""
+        if self.state == CLOSED:
+            return
+        transport = self.transport
+        if _peer_gone(transport):
+            transport.abort()  # connection_lost follows: as a client whose connection is lost
+            return
+        server = self.server
+        if not probed and server is not None and server.at_message_boundary():
+            value = server.params.get("integer_datetimes")
+            if value is not None:
+                transport.write(m.parameter_status("integer_datetimes", value))
+                probed = True
+        self.app.loop.call_later(_HALF_CLOSED_CHECK, self._check_half_closed, probed)
+
     def fail(self, error: ClientError, mid_message: bool = False) -> None:
         """Send `error` as FATAL and close the connection.
 
@@ -1670,6 +1761,9 @@ class ClientConnection(asyncio.Protocol):
         inside one: a large row on its way) is closed without it: the ErrorResponse would be read as
         the rest of that message. It sees the connection end there, as when a backend dies."""
         if self.state == CLOSED:
+            return
+        if type(error) is MalformedMessage and self.state == READY and self._end_error is not error:
+            self._answer_then_fail(error)
             return
         self.app.stats.error(error.code)
         server = self.server
@@ -1744,3 +1838,34 @@ class ClientConnection(asyncio.Protocol):
             self.app.client_counts.release(self.pool_info.database, self.info.user)
         if self.info is not None:
             log.info("%r: disconnected: %s", self, reason)
+
+
+class _Finishing(ClientConnection):
+    """A client from which nothing more is read: it shut its side of the connection down, or sent a
+    malformed message (`_end_error`). What it sent before goes on as usual; once every answer has been
+    relayed it is closed (after `_end_error` as FATAL), and its server released as for a client that
+    went away. A client becomes one by changing class (`_finishing`)."""
+
+    __slots__ = ()
+
+    def _process(self, data: bytes) -> None:
+        super()._process(data)
+        self._finish_if_answered()
+
+    def server_ready(self, n: int, status: int, at_boundary: bool) -> None:
+        super().server_ready(n, status, at_boundary)
+        self._finish_if_answered()
+
+    def _resume_reading(self) -> None:
+        pass  # nothing more is read from it
+
+
+def _peer_gone(transport: asyncio.BaseTransport) -> bool:
+    """The client's socket is shut in both directions (the peer closed a Unix-domain socket, or a TCP
+    peer answered data with a reset): nothing sent to it can be read any more."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return False
+    poller = select.poll()
+    poller.register(sock.fileno(), 0)  # POLLHUP and POLLERR are reported whatever is asked for
+    return any(events & (select.POLLHUP | select.POLLERR) for _, events in poller.poll(0))

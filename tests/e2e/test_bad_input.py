@@ -677,3 +677,72 @@ def test_fifty_garbage_connections_do_not_disturb_a_normal_client(proxy: Running
     assert not any(t.is_alive() for t in attackers), "a garbage connection was left open"
     assert failures == []
     assert done > 10
+
+
+# --- a malformed message behind valid ones ---------------------------------------------------------------
+
+#: malformed messages, each FATAL 08P01 on its own (see the tests above)
+MALFORMED = {
+    "unknown type": rc.msg(b"Y", b"hello"),
+    "length below 4": rc.msg(b"Q", b"select 1\0", length=3),
+    "length above max_message_size": rc.msg(b"Q", b"select 1", length=2 * MAX_MESSAGE_SIZE),
+}
+
+
+@pytest.mark.parametrize("bad", MALFORMED.values(), ids=MALFORMED.keys())
+def test_messages_before_a_malformed_one_are_answered_first(proxy: Running, bad: bytes) -> None:
+    # PostgreSQL reads message by message: it runs and answers every complete message that came before
+    # the malformed one, even in the same packet, and only then ends the session
+    client, _ = logged_in(proxy)
+    with client:
+        client.send(rc.query("select 1") + bad)
+        messages, closed = client.read_all(timeout=3.0)
+    assert closed, messages
+    assert [message.type for message in messages] == [b"T", b"D", b"C", b"Z", b"E"], messages
+    assert rc.data_rows(messages) == [["1"]]
+    assert (messages[-1].fields["S"], messages[-1].fields["C"]) == ("FATAL", "08P01"), messages
+
+
+@pytest.mark.parametrize("database", ["myapp", "myapp_session"])
+def test_an_extended_batch_before_a_malformed_message_is_answered_first(
+    proxy: Running, database: str
+) -> None:
+    client = raw(proxy)
+    with client:
+        client.login("myapp", "myapp", database)
+        batch = rc.parse("select 2") + rc.bind() + rc.execute() + rc.sync()
+        client.send(batch + MALFORMED["unknown type"])
+        messages, closed = client.read_all(timeout=3.0)
+    assert closed, messages
+    assert [message.type for message in messages] == [b"1", b"2", b"D", b"C", b"Z", b"E"], messages
+    assert (messages[-1].fields["S"], messages[-1].fields["C"]) == ("FATAL", "08P01"), messages
+
+
+@pytest.mark.parametrize("database", ["myapp", "myapp_session"])
+def test_a_transaction_left_open_by_a_malformed_message_never_commits(
+    pg: Cluster, proxy: Running, database: str
+) -> None:
+    table = f"bad_input_open_{database}"
+    pg.primary.sql(
+        f"DROP TABLE IF EXISTS {table}; CREATE TABLE {table} (v int)", dbname="myapp", user="myapp"
+    )
+    client = raw(proxy)
+    with client:
+        client.login("myapp", "myapp", database)
+        pid = rc.data_rows(client.simple_query("select pg_backend_pid()"))[0][0]
+        sent = rc.query("begin") + rc.query(f"insert into {table} values (1)") + MALFORMED["length below 4"]
+        client.send(sent)
+        messages, closed = client.read_all(timeout=3.0)
+    assert closed, messages
+    assert [message.type for message in messages] == [b"C", b"Z", b"C", b"Z", b"E"], messages
+    assert messages[2].payload == b"INSERT 0 1\0"
+    assert messages[3].payload == b"T"  # the transaction was open when the malformed message came
+    assert (messages[-1].fields["S"], messages[-1].fields["C"]) == ("FATAL", "08P01"), messages
+    # the server holding the open transaction was closed (it rolled back), never handed on
+    gone = f"SELECT count(*) FROM pg_stat_activity WHERE pid = {pid}"
+    deadline = time.monotonic() + 5
+    while pg.primary.sql(gone) != "0":
+        assert time.monotonic() < deadline, "the server with the open transaction is still there"
+        time.sleep(0.05)
+    assert pg.primary.sql(f"SELECT count(*) FROM {table}", dbname="myapp", user="myapp") == "0"
+    assert_clean_servers(pg.primary)

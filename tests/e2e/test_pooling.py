@@ -647,3 +647,73 @@ def test_startup_options_reach_the_server(hal: Running) -> None:
     with connect(hal, options="-c TimeZone=Europe/Paris") as conn:
         assert conn.info.parameter_status("TimeZone") == "Europe/Paris"
         assert one(conn, "SHOW TimeZone") == "Europe/Paris"
+
+
+# --- a client that shuts its side down (half-close) ------------------------------------------------------
+
+
+def half_closed(hal: Running, dbname: str, sent: bytes) -> list[rc.Message]:
+    """Log in raw, send `sent`, shut the write side down (`nc -N`, a script) and read to the end."""
+    with rc.RawClient(hal.host, hal.port, timeout=10) as raw:
+        raw.login("myapp", "myapp", database=dbname)
+        raw.send(sent)
+        raw.sock.shutdown(socket.SHUT_WR)
+        messages, closed = raw.read_all()
+    assert closed, f"connection left open; got {messages}"
+    return messages
+
+
+@pytest.mark.parametrize("dbname", ["one", "session_one"])
+def test_a_half_closed_client_gets_its_answers_and_its_server_is_reused(
+    pg: Cluster, hal: Running, dbname: str
+) -> None:
+    # PostgreSQL runs and answers what came before the end of the client's stream, then ends the session
+    messages = half_closed(hal, dbname, rc.query("SELECT 42, pg_backend_pid()"))
+    assert [message.type for message in messages] == [b"T", b"D", b"C", b"Z"], messages
+    answer, pid = rc.data_rows(messages)[0]
+    assert answer == "42"
+    # the pool's one server went back clean (session pooling: reset) and serves the next client
+    with connect(hal, dbname) as other:
+        assert backend_pid(other) == int(pid)
+        assert one(other, "SELECT count(*) FROM pg_prepared_statements") == 0
+    assert_clean_servers(pg.primary)
+
+
+@pytest.mark.parametrize("dbname", ["one", "session_one"])
+def test_a_half_closed_client_in_a_transaction_has_it_rolled_back(
+    pg: Cluster, hal: Running, dbname: str
+) -> None:
+    table = new_table(pg)
+    sent = rc.query("BEGIN") + rc.query(f"UPDATE {table} SET v = 7 WHERE id = 1") + rc.query("SELECT 1")
+    messages = half_closed(hal, dbname, sent)
+    assert [message.type for message in messages] == [b"C", b"Z", b"C", b"Z", b"T", b"D", b"C", b"Z"]
+    assert messages[-1].payload == b"T"
+    with connect(hal, dbname) as other:
+        assert one(other, f"SELECT v FROM {table} WHERE id = 1") == 0  # never committed
+    assert_clean_servers(pg.primary)
+
+
+def test_a_half_closed_client_waits_for_a_long_statement(pg: Cluster, hal: Running) -> None:
+    # its statement runs to its end and is answered, however long it takes (it is not taken for a
+    # client that went away); the client may be told an unchanged setting again meanwhile
+    messages = half_closed(hal, "one", rc.query("SELECT 43 FROM pg_sleep(1.5)"))
+    assert [message.type for message in messages if message.type != b"S"] == [b"T", b"D", b"C", b"Z"]
+    assert rc.data_rows(messages) == [["43"]]
+    assert_clean_servers(pg.primary)
+
+
+def test_a_half_closed_client_waiting_for_a_server_is_answered(pg: Cluster, hal: Running) -> None:
+    with connect(hal, "one") as holder:
+        holder.execute("BEGIN")
+        holder.execute("SELECT 1")  # the pool's only server is taken
+        with rc.RawClient(hal.host, hal.port, timeout=10) as raw:
+            raw.login("myapp", "myapp", database="one")
+            raw.send(rc.query("SELECT 44"))
+            raw.sock.shutdown(socket.SHUT_WR)
+            time.sleep(0.3)  # waiting for the server
+            holder.execute("COMMIT")
+            messages, closed = raw.read_all()
+    assert closed, messages
+    assert [message.type for message in messages] == [b"T", b"D", b"C", b"Z"], messages
+    assert rc.data_rows(messages) == [["44"]]
+    assert_clean_servers(pg.primary)
