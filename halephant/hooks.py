@@ -118,13 +118,18 @@ def halephant_authenticate(
         then runs SCRAM or md5 against the verifier or hash found, the mock exchange when none is
         found, and logs in upstream as that user by pass-through; the hook is not called again for
         the answer), ``Cert()`` to let the client in on its TLS client certificate alone (verified by
-        ``client_tls.ca_file``, its CN the user name; otherwise FATAL 28000), or ``Reject`` (told at
-        once, before any password is asked for).
+        ``client_tls.ca_file``, its CN the user name; otherwise FATAL 28000), ``Peer(map)`` to let a
+        client on the Unix-domain socket in on its operating system user alone (read from the kernel
+        with ``SO_PEERCRED``: without a map its name must be the user name, with a ``UserMap`` the map
+        must allow the pair, as pg_ident.conf's; otherwise, and over TCP, FATAL 28000 ``Peer
+        authentication failed for user "..."``), or ``Reject`` (told at once, before any password is
+        asked for).
 
     Default: ``plugins/scram_auth.py`` (users from ``users:``; a user not listed there is looked up
     where its database's entry sets ``auth_user``), asked after ``plugins/hba.py`` (the rules of the
-    pg_hba.conf-style file ``plugins.hba.file``, when one is set: ``Reject``, ``Trust``, ``Cert``, or
-    None to leave the password exchange to ``scram_auth``).
+    pg_hba.conf-style file ``plugins.hba.file``, when one is set: ``Reject``, ``Trust``, ``Cert``,
+    ``Peer`` with the maps of the pg_ident.conf-style file ``plugins.hba.ident_file``, or None to leave
+    the password exchange to ``scram_auth``).
     """
 
 

@@ -28,6 +28,7 @@ from halephant.types import (
     ClusterView,
     LookUp,
     Md5,
+    Peer,
     PoolInfo,
     PoolSize,
     PoolTarget,
@@ -346,7 +347,7 @@ class Plugins:
         self, client: ClientInfo, pool: PoolTarget | None, config: Config
     ) -> AuthMethod | Reject:
         answer = self._authenticate(client=client, pool=pool, config=config)
-        if isinstance(answer, ScramSha256 | Md5 | Trust | LookUp | Cert | Reject):
+        if isinstance(answer, ScramSha256 | Md5 | Trust | LookUp | Cert | Peer | Reject):
             return answer
         if answer is None:
             # fail closed: nobody vouched for this client, so it cannot get in

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +28,7 @@ __all__ = [
     "LookUp",
     "Md5",
     "NodeInfo",
+    "Peer",
     "Pin",
     "PoolInfo",
     "PoolMode",
@@ -42,6 +44,8 @@ __all__ = [
     "Trust",
     "Unpin",
     "UserConfig",
+    "UserMap",
+    "UserMapLine",
     "Verdict",
 ]
 
@@ -351,7 +355,69 @@ class Cert:
     reason: str = "cert"
 
 
-AuthMethod = ScramSha256 | Md5 | Trust | LookUp | Cert
+@dataclass(frozen=True, slots=True)
+class UserMapLine:
+    """One line of a user name map, as pg_ident.conf writes it (`MAPNAME SYSTEM-USERNAME PG-USERNAME`).
+
+    `system_user` is a name, or a compiled regular expression (pg_ident.conf's `/regex`), searched in the
+    operating system user name as PostgreSQL does (anchor it with `^` and `$` to match it whole).
+    `database_user` is a name, in which the first `\\1` stands for the expression's first group; a
+    compiled expression the requested user name must contain a match of; or None for any user (`all`).
+    """
+
+    system_user: str | re.Pattern[str]
+    database_user: str | re.Pattern[str] | None
+
+    def allows(self, system_user: str, database_user: str) -> bool:
+        """Whether this line lets operating system user `system_user` log in as `database_user`."""
+        wanted = self.database_user
+        if isinstance(self.system_user, str):
+            if self.system_user != system_user:
+                return False
+        else:
+            found = self.system_user.search(system_user)
+            if found is None:
+                return False
+            if isinstance(wanted, str) and "\\1" in wanted:
+                group = found.group(1) if self.system_user.groups else None
+                if group is None:
+                    return False  # no group (refused at load), or one that took no part in the match
+                wanted = wanted.replace("\\1", group, 1)  # the first only, as PostgreSQL replaces it
+        if wanted is None:
+            return True
+        if isinstance(wanted, str):
+            return wanted == database_user
+        return wanted.search(database_user) is not None
+
+
+@dataclass(frozen=True, slots=True)
+class UserMap:
+    """A user name map (pg_ident.conf's MAPNAME and its lines): which operating system users may log in as
+    which database users. Any one line that allows a pair allows it, as in PostgreSQL."""
+
+    name: str
+    lines: tuple[UserMapLine, ...] = ()
+
+    def allows(self, system_user: str, database_user: str) -> bool:
+        """Whether some line lets operating system user `system_user` log in as `database_user`."""
+        return any(line.allows(system_user, database_user) for line in self.lines)
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """Let a client on the Unix-domain socket (`unix_socket_dir`) in without a password, on the strength of
+    its operating system user (pg_hba.conf's `peer`): the core reads the user id of the process at the
+    other end of the socket from the kernel (`SO_PEERCRED`) and its name from the user database. Without a
+    `map` that name must be the requested user name; with one, the map must allow the pair (`UserMap`).
+    Otherwise, over TCP, or for a user id with no name: FATAL 28000 `Peer authentication failed for user
+    "..."`, the reason in the log as PostgreSQL writes it (`no match in usermap "..." for user "..."
+    authenticated as "..."`)."""
+
+    map: UserMap | None = None
+    reason: str = "peer"
+
+
+AuthMethod = ScramSha256 | Md5 | Trust | LookUp | Cert | Peer
 
 
 # --- the client as hooks see it ----------------------------------------------------------------------

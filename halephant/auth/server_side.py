@@ -284,5 +284,6 @@ def exchange_for(method: AuthMethod, user: str, channel_binding: bytes | None = 
         return Md5Exchange(user, method.secret)
     if isinstance(method, Trust):
         return None
-    # `Cert` asks no password: the connection checks its certificate (`halephant.proxy.client_tls`)
+    # `Cert` and `Peer` ask no password: the connection checks its certificate (`halephant.proxy.client_tls`)
+    # or its operating system user (`halephant.proxy.peer`)
     raise TypeError(f"no password exchange for authentication method {method!r}")

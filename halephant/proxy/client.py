@@ -63,6 +63,7 @@ from halephant.protocol.startup import (
 from halephant.proxy import client_tls, prepared, session_state
 from halephant.proxy.auth_query import look_up
 from halephant.proxy.limits import too_many_clients
+from halephant.proxy.peer import peer_refusal
 from halephant.sql import Statement
 from halephant.sql.effects import LOAD, session_effects
 from halephant.sql.statement import statement_of
@@ -73,6 +74,7 @@ from halephant.types import (
     ClientInfo,
     CloseIdleServers,
     LookUp,
+    Peer,
     Pin,
     PoolInfo,
     PoolMode,
@@ -700,6 +702,13 @@ class ClientConnection(asyncio.Protocol):
             if refused is not None:
                 raise self._refused(*refused)
             self._authenticated("cert")
+            return
+        if isinstance(method, Peer):
+            # no password: the operating system user at the other end of the Unix-domain socket
+            refused = peer_refusal(self.transport, self.info.user, method)
+            if refused is not None:
+                raise self._refused(*refused)
+            self._authenticated("peer")
             return
         binding = channel_binding(ssl_object.context) if ssl_object is not None else None
         self._exchange = exchange_for(method, self.info.user, binding)
