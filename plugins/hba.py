@@ -5,11 +5,12 @@ Settings, in halephant.yaml::
 
     plugins:
       hba:
-        file: /etc/halephant/pg_hba.conf   # absolute; none: this plugin decides nothing
+        file: /etc/halephant/pg_hba.conf          # absolute; none: this plugin decides nothing
+        ident_file: /etc/halephant/pg_ident.conf  # absolute; the user name maps of `peer` lines' map=
 
-The file is read and checked whenever the configuration loads (`halephant check`, start-up, reload):
-a problem in it refuses the configuration, each one reported as `FILE:LINE: message`. A reload reads it
-again, so changed rules take effect for the logins that follow (clients already in stay).
+The files are read and checked whenever the configuration loads (`halephant check`, start-up, reload):
+a problem in one refuses the configuration, each one reported as `FILE:LINE: message`. A reload reads
+them again, so changed rules take effect for the logins that follow (clients already in stay).
 
 The syntax is pg_hba.conf's: one rule a line, `#` comments, fields separated by blanks, double quotes
 around a name that has blanks, commas or a keyword in it, comma lists (`db1,db2`, or `db1, db2`).
@@ -20,8 +21,10 @@ around a name that has blanks, commas or a keyword in it, comma lists (`db1,db2`
 * user: `all`, names;
 * address (not on `local` lines): `all`, an IPv4 or IPv6 network in CIDR form (`10.0.0.0/8`, `::1/128`,
   a lone address is a /32 or /128), or an address and a mask in two fields (`10.0.0.0 255.0.0.0`);
-* method: `trust` (no password), `reject`, `scram-sha-256`, `md5`, `cert` (`hostssl` lines only);
-* options after the method: only `clientcert=verify-full` on a `cert` line (which it means anyway).
+* method: `trust` (no password), `reject`, `scram-sha-256`, `md5`, `cert` (`hostssl` lines only), `peer`
+  (`local` lines only);
+* options after the method: `clientcert=verify-full` on a `cert` line (which it means anyway), `map=NAME`
+  on a `peer` line (a map of `ident_file`).
 
 The first line whose type, database, user and address match the client decides, as in PostgreSQL:
 
@@ -37,7 +40,19 @@ The first line whose type, database, user and address match the client decides, 
   decide how a client logs in, as in PostgreSQL: give it a `trust` line);
 * `cert`: the client's TLS certificate, verified against `client_tls.ca_file` during the handshake, must
   have the user name as its CN; no password then. Only `client_tls.mode` verify-ca and verify-full ask
-  clients for a certificate: under another mode a `cert` line can never let anyone in (a WARNING at load).
+  clients for a certificate: under another mode a `cert` line can never let anyone in (a WARNING at load);
+* `peer`: the operating system user of the process at the other end of the socket (`SO_PEERCRED`) must
+  be the user name, or, with `map=NAME`, a line of that map in `ident_file` must allow the pair; no
+  password then. Otherwise FATAL 28000 `Peer authentication failed for user "u"`, and the log says why
+  as PostgreSQL's does (`no match in usermap "NAME" for user "u" authenticated as "alice"`).
+
+The ident file is pg_ident.conf's form: `MAPNAME SYSTEM-USERNAME PG-USERNAME` a line, `#` comments, quotes
+as above. A SYSTEM-USERNAME that starts with `/` is a regular expression (Python's, which writes the
+usual forms as PostgreSQL's do; quote it when it holds blanks or commas), searched in the operating
+system user name, and the first `\1` in PG-USERNAME stands for its first group. PG-USERNAME may also be
+`all` (any user) or `/regex` (a user name it matches), as in PostgreSQL 16. Any line of the map that
+allows the pair lets the client in. A map that `map=` names and the file lacks lets no one in (a WARNING
+at load); `map=` without `ident_file` is refused at load.
 
 Rejections are immediate, as PostgreSQL checks pg_hba.conf before authentication (only an unknown
 database waits for the password, so database names cannot be probed). The admin console's database
@@ -46,7 +61,8 @@ database waits for the password, so database names cannot be probed). The admin 
 Not supported (each an error at load that says so): `replication`, `samerole`, `samegroup`, `@file`
 includes, `+group` users, host names, `samehost`/`samenet`, `hostgssenc`/`hostnogssenc`, the
 `password` method (halephant has no cleartext exchange: use `scram-sha-256`, which every client
-library that speaks `password` also speaks) and every other method, and options other than the above.
+library that speaks `password` also speaks) and every other method, and options other than the above;
+in the ident file, `+group` and `@file` as PG-USERNAME and `include` directives.
 """
 
 from __future__ import annotations
@@ -54,13 +70,25 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import re
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Self
 
-from pydantic import BaseModel, ConfigDict, StrictStr, field_validator
+from pydantic import BaseModel, ConfigDict, StrictStr, field_validator, model_validator
 
 from halephant import hookimpl, sqlstate
-from halephant.types import AuthMethod, Cert, ClientInfo, Reject, ScramSha256, Trust
+from halephant.types import (
+    AuthMethod,
+    Cert,
+    ClientInfo,
+    Peer,
+    Reject,
+    ScramSha256,
+    Trust,
+    UserMap,
+    UserMapLine,
+)
 
 if TYPE_CHECKING:
     from halephant.types import Config
@@ -71,11 +99,13 @@ __all__ = [
     "HbaLine",
     "HbaPath",
     "HbaSettings",
+    "IdentPath",
     "decide",
     "halephant_authenticate",
     "halephant_configure",
     "halephant_plugin_settings",
     "parse_hba",
+    "parse_ident",
 ]
 
 log = logging.getLogger("halephant.plugins.hba")
@@ -87,14 +117,14 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 _TYPES = frozenset(("local", "host", "hostssl", "hostnossl"))
 _PASSWORD_METHODS = frozenset(("scram-sha-256", "md5"))
-_METHODS = frozenset(("trust", "reject", "cert")) | _PASSWORD_METHODS
+_METHODS = frozenset(("trust", "reject", "cert", "peer")) | _PASSWORD_METHODS
 _OTHER_METHODS = frozenset(
-    ("ident", "peer", "ldap", "gss", "sspi", "pam", "radius", "bsd", "krb5", "crypt", "password")
+    ("ident", "ldap", "gss", "sspi", "pam", "radius", "bsd", "krb5", "crypt", "password")
 )
 
 
 class HbaError(ValueError):
-    """Problems in an hba file, each a `FILE:LINE: message` line."""
+    """Problems in an hba or ident file, each a `FILE:LINE: message` line."""
 
     def __init__(self, problems: list[str]) -> None:
         super().__init__("\n".join(problems))
@@ -113,6 +143,8 @@ class HbaLine:
     network: Network | None
     method: str
     text: str
+    #: the user name map of a `peer` line (`map=NAME`), None: the user name itself
+    map: str | None = None
 
     def matches(self, client: ClientInfo, host: ipaddress.IPv4Address | ipaddress.IPv6Address | None) -> bool:
         if self.type == "local":
@@ -312,23 +344,29 @@ def _line(number: int, text: str, fields: list[list[Token]]) -> HbaLine:
         raise ValueError(f"invalid authentication method {method!r}")
     if method == "cert" and kind != "hostssl":
         raise ValueError("cert authentication is only supported on hostssl connections")
+    if method == "peer" and kind != "local":
+        raise ValueError("peer authentication is only supported on local sockets")
+    usermap: str | None = None
     for option in rest[1:]:
         name = single(option, "option")
         if method == "cert" and name == "clientcert=verify-full":
             continue  # what cert means anyway
+        if method == "peer" and name.startswith("map="):
+            usermap = name.removeprefix("map=")
+            if not usermap:
+                raise ValueError("option 'map=' names no map")
+            continue
         if name.startswith("clientcert="):
             raise ValueError(
                 f"option {name!r} is not supported by halephant: use the cert method, or "
                 "client_tls.mode: verify-ca / verify-full, which ask every TLS client for a certificate"
             )
         raise ValueError(f"option {name!r} is not supported by halephant")
-    return HbaLine(number, kind, databases, sameuser, users, network, method, text.strip())
+    return HbaLine(number, kind, databases, sameuser, users, network, method, text.strip(), usermap)
 
 
-def parse_hba(text: str, path: str) -> tuple[HbaLine, ...]:
-    """The rules of an hba file's text; raises HbaError with every problem as `path:LINE: message`."""
-    rules: list[HbaLine] = []
-    problems: list[str] = []
+def _lines(text: str) -> Iterator[tuple[int, str]]:
+    """The logical lines of a file's text, each with the number of its first line."""
     lines = text.split("\n")
     number = 0
     while number < len(lines):
@@ -339,6 +377,14 @@ def parse_hba(text: str, path: str) -> tuple[HbaLine, ...]:
         while raw.endswith("\\") and number < len(lines):
             raw = raw[:-1] + " " + lines[number]
             number += 1
+        yield first, raw
+
+
+def parse_hba(text: str, path: str) -> tuple[HbaLine, ...]:
+    """The rules of an hba file's text; raises HbaError with every problem as `path:LINE: message`."""
+    rules: list[HbaLine] = []
+    problems: list[str] = []
+    for first, raw in _lines(text):
         try:
             fields = _fields(raw)
             if fields:
@@ -350,15 +396,87 @@ def parse_hba(text: str, path: str) -> tuple[HbaLine, ...]:
     return tuple(rules)
 
 
-def read_hba(path: str) -> tuple[HbaLine, ...]:
-    """The rules of the hba file at `path`; raises HbaError (unreadable, or problems in it)."""
+def _regex(text: str) -> re.Pattern[str]:
+    """A `/regex` field's expression (`text` without the slash). Raises ValueError."""
+    try:
+        return re.compile(text)
+    except re.error as exc:
+        raise ValueError(f'invalid regular expression "{text}": {exc}') from None
+
+
+def _ident_line(fields: list[list[Token]]) -> tuple[str, UserMapLine]:
+    """A map's name and one of its lines. Raises ValueError."""
+    for field in fields:
+        if len(field) != 1:
+            raise ValueError("multiple values in ident field")
+    name, name_quoted = fields[0][0]
+    if not name_quoted and name in ("include", "include_if_exists", "include_dir"):
+        raise ValueError(f"{name!r} is not supported by halephant: write the maps in this file")
+    if len(fields) < 3:
+        raise ValueError("missing entry at end of line")
+    if len(fields) > 3:
+        raise ValueError(f"extra field {fields[3][0][0]!r}: a line is MAPNAME SYSTEM-USERNAME PG-USERNAME")
+    system, _ = fields[1][0]
+    user, user_quoted = fields[2][0]
+    system_user: str | re.Pattern[str] = system
+    if system.startswith("/"):  # quoted or not, as PostgreSQL reads it (a quoted one may hold blanks)
+        system_user = _regex(system[1:])
+    elif not system:
+        raise ValueError("empty SYSTEM-USERNAME")
+    database_user: str | re.Pattern[str] | None = user
+    if not user_quoted and user == "all":
+        database_user = None
+    elif not user_quoted and user.startswith("+"):
+        raise ValueError(f"group membership {user!r} is not supported by halephant: list the user names")
+    elif not user_quoted and user.startswith("@"):
+        raise ValueError(f"file inclusion {user!r} is not supported by halephant: list the user names")
+    elif not user_quoted and user.startswith("/"):
+        database_user = _regex(user[1:])
+    elif not user:
+        raise ValueError("empty PG-USERNAME")
+    elif "\\1" in user and isinstance(system_user, re.Pattern) and not system_user.groups:
+        raise ValueError(
+            f'regular expression "{system[1:]}" has no subexpressions as requested by backreference in '
+            f'"{user}"'
+        )
+    return name, UserMapLine(system_user, database_user)
+
+
+def parse_ident(text: str, path: str) -> dict[str, UserMap]:
+    """The user name maps of an ident file's text (pg_ident.conf's form), by name; raises HbaError with
+    every problem as `path:LINE: message`."""
+    maps: dict[str, list[UserMapLine]] = {}
+    problems: list[str] = []
+    for first, raw in _lines(text):
+        try:
+            fields = _fields(raw)
+            if fields:
+                name, line = _ident_line(fields)
+                maps.setdefault(name, []).append(line)
+        except ValueError as exc:
+            problems.append(f"{path}:{first}: {exc}")
+    if problems:
+        raise HbaError(problems)
+    return {name: UserMap(name, tuple(lines)) for name, lines in maps.items()}
+
+
+def _read(path: str) -> str:
     try:
         with open(path, encoding="utf-8") as f:
-            text = f.read()
+            return f.read()
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise HbaError([f"cannot read {path}: {reason}"]) from None
-    return parse_hba(text, path)
+
+
+def read_hba(path: str) -> tuple[HbaLine, ...]:
+    """The rules of the hba file at `path`; raises HbaError (unreadable, or problems in it)."""
+    return parse_hba(_read(path), path)
+
+
+def read_ident(path: str) -> dict[str, UserMap]:
+    """The user name maps of the ident file at `path`; raises HbaError (unreadable, or problems in it)."""
+    return parse_ident(_read(path), path)
 
 
 # --- settings ------------------------------------------------------------------------------------------
@@ -376,28 +494,73 @@ class HbaPath(str):
         return self
 
 
+class IdentPath(str):
+    """`plugins.hba.ident_file` as validated: the path, with the user name maps read from it then."""
+
+    __slots__ = ("maps",)
+    maps: Mapping[str, UserMap]
+
+    def __new__(cls, path: str, maps: Mapping[str, UserMap]) -> IdentPath:
+        self = super().__new__(cls, path)
+        self.maps = maps
+        return self
+
+
+def _absolute(value: str) -> str:
+    if not os.path.isabs(value):
+        raise ValueError(f"must be an absolute path, got {value!r}")
+    return value
+
+
 class HbaSettings(BaseModel):
-    """`plugins.hba`: the pg_hba.conf-style file of access rules (None: no rules, everything as without)."""
+    """`plugins.hba`: the pg_hba.conf-style file of access rules (None: no rules, everything as without),
+    and the pg_ident.conf-style file of user name maps its `peer` lines name."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     #: Absolute path of the file; read and checked at every configuration load (its problems are
     #: reported at this key).
     file: StrictStr | None = None
+    #: Absolute path of the ident file (pg_ident.conf's form), read and checked as `file` is; needed
+    #: where a `peer` line names a map (`map=NAME`).
+    ident_file: StrictStr | None = None
 
     @field_validator("file")
     @classmethod
     def _read(cls, value: str | None) -> str | None:
         if value is None:
             return None
-        if not os.path.isabs(value):
-            raise ValueError(f"must be an absolute path, got {value!r}")
-        return HbaPath(value, read_hba(value))
+        return HbaPath(value, read_hba(_absolute(value)))
+
+    @field_validator("ident_file")
+    @classmethod
+    def _read_ident(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        return IdentPath(value, read_ident(_absolute(value)))
+
+    @model_validator(mode="after")
+    def _maps_have_a_file(self) -> Self:
+        if self.ident_file is None and isinstance(self.file, HbaPath):
+            problems = [
+                f"{self.file}:{rule.line}: map {rule.map!r} needs plugins.hba.ident_file, the file of user "
+                "name maps"
+                for rule in self.file.rules
+                if rule.map is not None
+            ]
+            if problems:
+                raise HbaError(problems)
+        return self
 
     @property
     def rules(self) -> tuple[HbaLine, ...] | None:
         """The file's rules as read when this section was validated; None without a file."""
         return self.file.rules if isinstance(self.file, HbaPath) else None
+
+    @property
+    def maps(self) -> Mapping[str, UserMap]:
+        """The ident file's user name maps as read when this section was validated; none without one."""
+        return self.ident_file.maps if isinstance(self.ident_file, IdentPath) else {}
 
 
 # --- decisions ----------------------------------------------------------------------------------------
@@ -406,11 +569,12 @@ class HbaSettings(BaseModel):
 class _Current:
     """The rules in force, replaced whole by `halephant_configure` (None: no file, decide nothing)."""
 
-    __slots__ = ("file", "rules")
+    __slots__ = ("file", "maps", "rules")
 
     def __init__(self) -> None:
         self.rules: tuple[HbaLine, ...] | None = None
         self.file = ""
+        self.maps: Mapping[str, UserMap] = {}
 
 
 _current = _Current()
@@ -435,9 +599,14 @@ def _who(client: ClientInfo, host: ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 def decide(
-    rules: tuple[HbaLine, ...], client: ClientInfo, config: Config | None, file: str = "pg_hba.conf"
+    rules: tuple[HbaLine, ...],
+    client: ClientInfo,
+    config: Config | None,
+    file: str = "pg_hba.conf",
+    maps: Mapping[str, UserMap] | None = None,
 ) -> AuthMethod | Reject | None:
-    """What the first matching rule says for `client` (None: the password exchange `users:` gives)."""
+    """What the first matching rule says for `client` (None: the password exchange `users:` gives);
+    `maps`: the user name maps of `peer` lines (a map not there lets no one in)."""
     host = _host(client.address)
     if host is None and client.address != "unix":
         # (an address the core could not read: no TCP line can match, and it is no socket either)
@@ -461,6 +630,11 @@ def decide(
             return Trust(reason=f"hba: trust by {where}")
         if rule.method == "cert":
             return Cert(reason=f"hba: cert by {where}")
+        if rule.method == "peer":
+            if rule.map is None:
+                return Peer(reason=f"hba: peer by {where}")
+            usermap = (maps or {}).get(rule.map) or UserMap(rule.map)
+            return Peer(usermap, reason=f"hba: peer by {where}")
         user = config.users.get(client.user) if config is not None else None
         if user is not None and user.auth == "trust":
             # the line asks for a password, and pg_hba.conf decides how a client logs in: a user that
@@ -489,7 +663,7 @@ def halephant_plugin_settings() -> tuple[str, type[BaseModel]]:
 def halephant_configure(config: Config) -> None:
     settings = config.plugin_settings(SECTION)
     if not isinstance(settings, HbaSettings) or settings.file is None or settings.rules is None:
-        _current.rules, _current.file = None, ""
+        _current.rules, _current.file, _current.maps = None, "", {}
         return
     rules = settings.rules
     cert_lines = [str(rule.line) for rule in rules if rule.method == "cert"]
@@ -501,7 +675,17 @@ def halephant_configure(config: Config) -> None:
             ", ".join(cert_lines),
             config.client_tls.mode,
         )
-    _current.rules, _current.file = rules, settings.file
+    maps = settings.maps
+    for rule in rules:
+        if rule.map is not None and rule.map not in maps:
+            log.warning(
+                "%s:%d: map %r is not in %s: the line can never let a client in",
+                settings.file,
+                rule.line,
+                rule.map,
+                settings.ident_file,
+            )
+    _current.rules, _current.file, _current.maps = rules, settings.file, maps
 
 
 @hookimpl(tryfirst=True)
@@ -509,4 +693,4 @@ def halephant_authenticate(client: ClientInfo, config: Config) -> AuthMethod | R
     rules = _current.rules
     if rules is None:
         return None
-    return decide(rules, client, config, _current.file)
+    return decide(rules, client, config, _current.file, _current.maps)
