@@ -145,7 +145,8 @@ class Session:
 
 
 class RawClient:
-    """One TCP connection speaking raw protocol bytes. Every read has a deadline (`timeout` seconds)."""
+    """One TCP connection speaking raw protocol bytes (or, with `unix`, a Unix-domain socket's: the socket
+    file `<dir>/.s.PGSQL.<port>`). Every read has a deadline (`timeout` seconds)."""
 
     def __init__(
         self,
@@ -155,8 +156,13 @@ class RawClient:
         timeout: float = 5.0,
         rcvbuf: int | None = None,
         source: str | None = None,
+        unix: str | None = None,
     ) -> None:
-        if rcvbuf is None:
+        if unix is not None:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.settimeout(timeout)
+            self.sock.connect(unix)
+        elif rcvbuf is None:
             # `source`: the local address to connect from (bound first), for tests of address rules
             bind = (source, 0) if source is not None else None
             self.sock = socket.create_connection((host, port), timeout=timeout, source_address=bind)
@@ -167,7 +173,8 @@ class RawClient:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
             self.sock.settimeout(timeout)
             self.sock.connect((host, port))
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if unix is None:
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.timeout = timeout
         self._buf = b""
         #: the login in progress or last finished, also when it failed (its last message is then the error)

@@ -10,11 +10,21 @@ from pathlib import Path
 
 import pytest
 from halephant_plugins import hba
-from halephant_plugins.hba import HbaError, HbaSettings, decide, parse_hba
+from halephant_plugins.hba import HbaError, HbaSettings, decide, parse_hba, parse_ident
 
 from halephant import sqlstate
 from halephant.config import ConfigError, read_config_text, validate_config
-from halephant.types import Cert, ClientInfo, Config, Reject, ScramSha256, Trust
+from halephant.types import (
+    Cert,
+    ClientInfo,
+    Config,
+    Peer,
+    Reject,
+    ScramSha256,
+    Trust,
+    UserMap,
+    UserMapLine,
+)
 
 BASE = "clusters: {main: {nodes: [127.0.0.1:5432]}}\ndatabases: {app: {cluster: main}}\n"
 USERS = (
@@ -35,10 +45,11 @@ def client(
     return ClientInfo(user=user, database=database, params={}, address=address, tls=tls)
 
 
-def config(tail: str = "", hba_file: Path | None = None) -> Config:
+def config(tail: str = "", hba_file: Path | None = None, ident_file: Path | None = None) -> Config:
     text = BASE + USERS + tail
     if hba_file is not None:
-        text += f"plugins: {{hba: {{file: {hba_file}}}}}\n"
+        ident = f", ident_file: {ident_file}" if ident_file is not None else ""
+        text += f"plugins: {{hba: {{file: {hba_file}{ident}}}}}\n"
     return validate_config(read_config_text(text, "halephant.yaml"), {"hba": HbaSettings})
 
 
@@ -96,6 +107,11 @@ def test_every_supported_form() -> None:
         ("local all all cert", "cert authentication is only supported on hostssl connections"),
         ("host all all 10.0.0.0/8 md5 clientcert=verify-ca", "'clientcert=verify-ca' is not supported"),
         ("hostssl all all all cert map=x", "option 'map=x' is not supported by halephant"),
+        ("host all all 10.0.0.0/8 peer", "peer authentication is only supported on local sockets"),
+        ("hostssl all all all peer map=m", "peer authentication is only supported on local sockets"),
+        ("local all all peer map=", "option 'map=' names no map"),
+        ("local all all peer clientcert=verify-full", "'clientcert=verify-full' is not supported"),
+        ("local all all peer map=m", None),
         ('host "app all all trust', "unterminated quoted string"),
         ("host app, other all all trust", None),  # a list continued after blanks (as PostgreSQL reads it)
         ("host app,", "a comma list ends with a comma"),
@@ -122,6 +138,81 @@ def test_every_problem_is_reported_not_just_the_first() -> None:
     with pytest.raises(HbaError) as caught:
         parse_hba("host all all all password\nlocal all all trust\nbogus\n", "/h")
     assert [p.split(": ")[0] for p in caught.value.problems] == ["/h:1", "/h:3"]
+
+
+def test_peer_lines_and_their_maps() -> None:
+    plain, mapped = parse_hba("local all all peer\nlocal all all peer map=staff\n", "f")
+    assert (plain.method, plain.map) == ("peer", None)
+    assert (mapped.method, mapped.map) == ("peer", "staff")
+
+
+# --- the ident file ----------------------------------------------------------------------------------
+
+
+def test_every_supported_ident_form() -> None:
+    maps = parse_ident(
+        "# MAPNAME SYSTEM-USERNAME PG-USERNAME\n"
+        "\n"
+        "staff   alice     app            # a comment\n"
+        "staff   bob       all\n"
+        'staff   carol     "all"\n'
+        "mail    /^(.*)@example\\.com$   \\1\n"
+        'mail    "/^([^,]+),x$"  \\1_x\n'
+        "ro      dave      /_ro$\n"
+        "ro      \\\n  erin  app_ro\n",
+        "/etc/ident",
+    )
+    assert set(maps) == {"staff", "mail", "ro"}
+    assert maps["staff"] == UserMap(
+        "staff",
+        (UserMapLine("alice", "app"), UserMapLine("bob", None), UserMapLine("carol", "all")),
+    )
+    mail = maps["mail"]
+    assert mail.allows("alice@example.com", "alice") and not mail.allows("alice@example.org", "alice")
+    assert mail.allows("a,x", "a_x")  # a quoted expression may hold a comma
+    assert maps["ro"].allows("dave", "app_ro") and not maps["ro"].allows("dave", "app")
+    assert maps["ro"].allows("erin", "app_ro")
+    assert parse_ident("", "f") == {}
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("m alice", "missing entry at end of line"),
+        ("m", "missing entry at end of line"),
+        ("m alice app extra", "extra field 'extra': a line is MAPNAME SYSTEM-USERNAME PG-USERNAME"),
+        ("m alice,bob app", "multiple values in ident field"),
+        ("m /^(a app", 'invalid regular expression "^(a"'),
+        ("m alice /(x", 'invalid regular expression "(x"'),
+        (
+            "m /^alice$ \\1",
+            'regular expression "^alice$" has no subexpressions as requested by backreference',
+        ),
+        ("m alice +admins", "group membership '+admins' is not supported by halephant"),
+        ("m alice @users", "file inclusion '@users' is not supported by halephant"),
+        ("include other.conf", "'include' is not supported by halephant"),
+        ("include_dir conf.d", "'include_dir' is not supported by halephant"),
+        ('m "alice app', "unterminated quoted string"),
+        ('m alice ""', "empty PG-USERNAME"),
+        ('m alice "+admins"', None),  # quoted: a name
+    ],
+)
+def test_each_ident_error_at_its_line(line: str, message: str | None) -> None:
+    text = "# maps\nm root app\n" + line + "\n"
+    if message is None:
+        assert len(parse_ident(text, "/etc/ident").get("m", UserMap("m")).lines) == 2
+        return
+    with pytest.raises(HbaError) as caught:
+        parse_ident(text, "/etc/ident")
+    assert len(caught.value.problems) == 1
+    assert caught.value.problems[0].startswith("/etc/ident:3: "), caught.value.problems
+    assert message in caught.value.problems[0], caught.value.problems
+
+
+def test_every_ident_problem_is_reported() -> None:
+    with pytest.raises(HbaError) as caught:
+        parse_ident("m a\nm a b\nm /( b\n", "/i")
+    assert [p.split(": ")[0] for p in caught.value.problems] == ["/i:1", "/i:3"]
 
 
 # --- the decision ------------------------------------------------------------------------------------
@@ -211,6 +302,21 @@ def test_cert_lines_ask_the_core_for_the_certificate() -> None:
     assert answer == Cert(reason="hba: cert by pg_hba.conf:1")
 
 
+def test_peer_lines_ask_the_core_for_the_os_user_with_their_map() -> None:
+    local = client(address="unix")
+    staff = UserMap("staff", (UserMapLine("alice", "u"),))
+    lines = rules("local all all peer map=staff\nlocal all all peer map=gone\nlocal all all peer\n")
+    assert decide(lines, local, config(), maps={"staff": staff}) == Peer(
+        staff, reason="hba: peer by pg_hba.conf:1"
+    )
+    # a map the ident file lacks lets no one in
+    assert decide(lines[1:], local, config(), maps={}) == Peer(
+        UserMap("gone"), reason="hba: peer by pg_hba.conf:2"
+    )
+    assert decide(lines[2:], local, config()) == Peer(reason="hba: peer by pg_hba.conf:3")
+    assert isinstance(decide(lines, client(), config()), Reject)  # TCP: no local line matches
+
+
 # --- loading -----------------------------------------------------------------------------------------
 
 
@@ -251,6 +357,52 @@ def test_a_missing_file_or_relative_path_refuses_the_config(tmp_path: Path) -> N
             read_config_text(BASE + USERS + "plugins: {hba: {file: pg_hba.conf}}\n", "halephant.yaml"),
             {"hba": HbaSettings},
         )
+
+
+def test_the_ident_file_is_read_at_load_and_its_maps_used(tmp_path: Path) -> None:
+    hba_file, ident_file = tmp_path / "pg_hba.conf", tmp_path / "pg_ident.conf"
+    hba_file.write_text("local all all peer map=staff\n")
+    ident_file.write_text("staff alice u\n")
+    loaded = config(hba_file=hba_file, ident_file=ident_file)
+    hba.halephant_configure(config=loaded)
+    answer = hba.halephant_authenticate(client=client(address="unix"), config=loaded)
+    assert answer == Peer(UserMap("staff", (UserMapLine("alice", "u"),)), reason=f"hba: peer by {hba_file}:1")
+
+
+def test_a_bad_ident_file_or_a_map_without_one_refuses_the_config(tmp_path: Path) -> None:
+    hba_file, ident_file = tmp_path / "pg_hba.conf", tmp_path / "pg_ident.conf"
+    hba_file.write_text("local all all trust\nlocal all all peer map=staff\n")
+    ident_file.write_text("staff alice\nstaff /( u\n")
+    with pytest.raises(ConfigError) as caught:
+        config(hba_file=hba_file, ident_file=ident_file)
+    text = str(caught.value)
+    assert f"plugins.hba.ident_file: {ident_file}:1: missing entry at end of line" in text, text
+    assert f"{ident_file}:2: invalid regular expression" in text, text
+    with pytest.raises(ConfigError) as caught:
+        config(hba_file=hba_file)
+    assert f"plugins.hba: {hba_file}:2: map 'staff' needs plugins.hba.ident_file" in str(caught.value)
+    with pytest.raises(ConfigError, match=r"plugins\.hba\.ident_file: cannot read .*nowhere: No such file"):
+        config(hba_file=hba_file, ident_file=tmp_path / "nowhere")
+    with pytest.raises(ConfigError, match=r"plugins\.hba\.ident_file: must be an absolute path"):
+        validate_config(
+            read_config_text(
+                BASE + USERS + f"plugins: {{hba: {{file: {hba_file}, ident_file: pg_ident.conf}}}}\n",
+                "halephant.yaml",
+            ),
+            {"hba": HbaSettings},
+        )
+
+
+def test_a_map_the_ident_file_lacks_warns(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    hba_file, ident_file = tmp_path / "pg_hba.conf", tmp_path / "pg_ident.conf"
+    hba_file.write_text("local all all peer map=staff\nlocal all all peer map=gone\n")
+    ident_file.write_text("staff alice u\n")
+    with caplog.at_level(logging.WARNING, logger="halephant.plugins.hba"):
+        hba.halephant_configure(config=config(hba_file=hba_file, ident_file=ident_file))
+    assert (
+        f"{hba_file}:2: map 'gone' is not in {ident_file}: the line can never let a client in" in caplog.text
+    )
+    assert "'staff'" not in caplog.text
 
 
 def test_cert_lines_without_client_certificates_warn(
