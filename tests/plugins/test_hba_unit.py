@@ -419,6 +419,11 @@ def test_the_example_file_parses_and_halephant_yaml_documents_the_section() -> N
     root = Path(__file__).resolve().parents[2]
     example = root / "examples" / "pg_hba.conf"
     methods = {rule.method for rule in parse_hba(example.read_text(), str(example))}
-    assert methods == {"trust", "scram-sha-256", "reject", "cert"}
+    assert methods == {"trust", "scram-sha-256", "reject", "cert", "peer"}
+    ident = root / "examples" / "pg_ident.conf"
+    ops = parse_ident(ident.read_text(), str(ident))["ops"]
+    assert ops.allows("alice", "admin") and ops.allows("myapp-ro", "myapp_ro") and ops.allows("deploy", "x")
+    assert not ops.allows("alice", "myapp_ro")
     text = (root / "halephant.yaml").read_text().replace("#", "")
     assert "hba:" in text and "file: /etc/halephant/pg_hba.conf" in text
+    assert "ident_file: /etc/halephant/pg_ident.conf" in text
