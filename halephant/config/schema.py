@@ -401,6 +401,10 @@ class DatabaseConfig(_Section):
     max_lifetime: Annotated[Duration, Field(gt=0)] = 3600.0
     checkout_timeout: Annotated[Duration, Field(gt=0)] = 30.0
     server_reset_query: StrictStr = "DISCARD ALL"
+    #: Append " - host:port" of the client (" - unix" on the Unix-domain socket) to the application_name
+    #: it logs in with, so that the servers' pg_stat_activity says which client host ran what
+    #: (PgBouncer's application_name_add_host).
+    application_name_add_host: StrictBool = False
     #: Named protocol-level statements each server connection keeps for clients in transaction pooling
     #: (least recently used closed first); 0 turns sharing off: a client that names one keeps its server.
     max_prepared_statements: Annotated[StrictInt, Field(ge=0, le=100_000)] = 200

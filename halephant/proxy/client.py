@@ -212,6 +212,7 @@ def _bound_name(buf: bytes, start: int, end: int) -> bytes:
 
 class ClientConnection(asyncio.Protocol):
     __slots__ = (
+        "_app_suffix",
         "_beginning",
         "_buf",
         "_checkout_timeout",
@@ -292,6 +293,8 @@ class ClientConnection(asyncio.Protocol):
         self.transaction_mode = False
         self.write_paused = False
         self._first_checked = False
+        #: what `application_name_add_host` appends to the client's application_name (" - host:port")
+        self._app_suffix = ""
         self._reject_next: bytes | None = None
         #: the FATAL a `_Finishing` client ends with once what it sent before is answered (None: its EOF)
         self._end_error: ClientError | None = None
@@ -799,7 +802,18 @@ class ClientConnection(asyncio.Protocol):
         if not self.transaction_mode and "application_name" not in self.settings:
             # as connected directly: no application_name given means "", not halephant's own
             self.settings = self.info.settings = {**self.settings, "application_name": ""}
-        params = self.app.manager.welcome_params(self.target, self.settings)
+        welcome_key = self.settings
+        entry = self.app.config.database_for(self.target.entry_name)
+        if entry is not None and entry.application_name_add_host:
+            # (PgBouncer's application_name_add_host) the servers' pg_stat_activity shows which client
+            # host ran what; the parameters a login is told are still learnt once per given settings
+            self._app_suffix = f" - {self.info.address}"
+            given = self.settings.get("application_name", "")
+            welcome_key = {**self.settings, "application_name": given}
+            self.settings = self.info.settings = {**welcome_key, "application_name": given + self._app_suffix}
+        params = self.app.manager.welcome_params(self.target, welcome_key)
+        if params is not None and self._app_suffix:
+            params = {**params, "application_name": params.get("application_name", "") + self._app_suffix}
         if self.pool_info.mode is PoolMode.SESSION or params is None:
             # Session pooling holds a server from login. Otherwise a server is needed once to learn the
             # parameters to report, or, once per set of startup settings, to check them and report them
@@ -815,7 +829,7 @@ class ClientConnection(asyncio.Protocol):
     def _welcome(self, params: dict[str, str]) -> None:
         assert self.info is not None
         if self.server is not None and self.settings and self.transaction_mode and self.target is not None:
-            self.app.manager.learn_welcome(self.target, self.settings, self.server)
+            self.app.manager.learn_welcome(self.target, self.settings, self.server, self._app_suffix)
         self._resume_if_paused()
         out = [m.parameter_status(name, value) for name, value in params.items()]
         # unpredictable: the key is what authorizes cancelling this client's queries

@@ -176,17 +176,28 @@ class PoolManager:
         known = self._welcome_with.get(pair)
         return None if known is None else known.get(frozenset(settings.items()))
 
-    def learn_welcome(self, target: PoolTarget, settings: dict[str, str], server: ServerConnection) -> None:
+    def learn_welcome(
+        self, target: PoolTarget, settings: dict[str, str], server: ServerConnection, app_suffix: str = ""
+    ) -> None:
         """A login with startup `settings` was told `server`'s parameters, the server having taken those
         settings (PostgreSQL refuses a bad one): the next login with the same settings is told the same
         without taking a server (as PgBouncer answers logins from what it learnt). Only from a server of
-        the primary: what a replica says (in_hot_standby=on) is not what `_welcome` tells."""
+        the primary: what a replica says (in_hot_standby=on) is not what `_welcome` tells. `app_suffix`:
+        what `application_name_add_host` appended to the client's application_name, kept under the
+        settings as the client gave them (each client's host differs)."""
         if not settings or server.pool.serves is not Role.PRIMARY:
             return
+        params = dict(server.params)
+        if app_suffix:
+            name = settings.get("application_name", "")
+            if not name.endswith(app_suffix) or not params.get("application_name", "").endswith(app_suffix):
+                return  # (changed on the way: nothing to learn for others)
+            settings = {**settings, "application_name": name[: -len(app_suffix)]}
+            params["application_name"] = params["application_name"][: -len(app_suffix)]
         known = self._welcome_with.setdefault((target.database, target.pool_user), {})
         if len(known) >= _WELCOME_SETTINGS_KEPT:
             known.clear()
-        known[frozenset(settings.items())] = dict(server.params)
+        known[frozenset(settings.items())] = params
 
     def cluster_view(self, name: str) -> ClusterView:
         """The cluster's nodes as last probed (immutable; a new view replaces it after a change)."""

@@ -87,6 +87,68 @@ def test_a_login_with_startup_settings_seen_before_needs_no_server(
     assert_clean_servers(pg.primary)
 
 
+@pytest.mark.parametrize("mode", ["transaction", "session"])
+def test_application_name_add_host_says_which_client_ran_what(
+    pg: Cluster, halephant: HalephantFactory, mode: str
+) -> None:
+    run = halephant.start(
+        default_config(
+            pg,
+            databases={
+                "myapp": {
+                    "pool_size": 1 if mode == "transaction" else 2,
+                    "mode": mode,
+                    "application_name_add_host": True,
+                    "checkout_timeout": "2s",
+                }
+            },
+        )
+    )
+    first = psycopg.connect(run.dsn(application_name="billing"), autocommit=True)
+    if mode == "transaction":
+        # what the first login was told is kept under the name the client gave: a second client of
+        # that name (from another port) logs in while the only server is busy, without one
+        first.execute("BEGIN")
+        started = time.monotonic()
+        second = psycopg.connect(run.dsn(application_name="billing"), autocommit=True)
+        assert time.monotonic() - started < 1
+        first.execute("COMMIT")
+    else:
+        second = psycopg.connect(run.dsn(application_name="billing"), autocommit=True)
+    unnamed = psycopg.connect(run.dsn(), autocommit=True) if mode == "transaction" else None
+    with first, second:
+        for conn in (first, second):
+            host, port = _local_address(conn)
+            expected = f"billing - {host}:{port}"
+            # what the client is told, what it reads, and what pg_stat_activity shows of its server
+            assert conn.info.parameter_status("application_name") == expected
+            row = conn.execute(
+                "SELECT current_setting('application_name'), application_name FROM pg_stat_activity "
+                "WHERE pid = pg_backend_pid()"
+            ).fetchone()
+            assert row == (expected, expected)
+        if unnamed is not None:
+            with unnamed:
+                host, port = _local_address(unnamed)
+                assert unnamed.execute("SHOW application_name").fetchone() == (f" - {host}:{port}",)
+        # a SET afterwards is the client's own, as PgBouncer leaves it
+        first.execute("SET application_name = 'renamed'")
+        assert first.execute("SHOW application_name").fetchone() == ("renamed",)
+    assert_clean_servers(pg.primary)
+
+
+def _local_address(conn: psycopg.Connection[Any]) -> tuple[str, int]:
+    """The client side of `conn`'s TCP connection: what halephant sees as the client's address."""
+    import socket
+
+    sock = socket.socket(fileno=os.dup(conn.pgconn.socket))
+    try:
+        host, port = sock.getsockname()[:2]
+    finally:
+        sock.close()
+    return host, port
+
+
 def test_unknown_setting_is_refused_at_login(pg: Cluster, halephant: HalephantFactory) -> None:
     run = halephant.start(default_config(pg))
     with pytest.raises(psycopg.OperationalError) as info:
