@@ -16,9 +16,23 @@ offers it, without checking its certificate, which protects from eavesdropping b
 active attacker (who can answer `N`, or present any certificate); `require` fails when the server
 does not offer TLS, still without checking the certificate; `verify-ca` checks that a CA of
 `ca_file` signed it; `verify-full` also that it names the node's host (`server_hostname`, also sent
-as SNI unless the host is an IP address). A login refused over TLS is not tried again in plaintext
-(libpq's `prefer` does that; PgBouncer does not either). Nodes given as a Unix-socket directory never
-use TLS, whatever the mode (libpq ignores sslmode there too): `halephant.unix_socket` decides that.
+as SNI unless the host is an IP address). Nodes given as a Unix-socket directory never use TLS,
+whatever the mode (libpq ignores sslmode there too): `halephant.unix_socket` decides that.
+
+A login refused over TLS with `prefer` is tried once more, on a new connection without TLS (no
+SSLRequest), as libpq's `sslmode=prefer` does: so a node whose pg_hba.conf lets a role in by a
+`hostnossl` line only is still served. libpq's rule (fe-connect.c, `PQconnectPoll`): the server
+answered the startup with an ErrorResponse before AuthenticationOk, whatever its SQLSTATE (a wrong
+password too: libpq sends it again in plaintext), except 57P03 (cannot connect now: the server is
+starting or stopping, and plaintext would fare no better). An error after AuthenticationOk (an unknown
+database, too many connections for the role), the connection lost, or a failure of halephant's own
+(no password to answer with, channel binding refused) is not tried again; nor is a TLS handshake that
+fails (libpq's `prefer` tries that one in plaintext too): it raises as below. `retries_in_plaintext`
+is the rule; each path that logs in (pooled servers and the shared LISTEN connection:
+`halephant.proxy.server`; probes and auth_query lookups: `halephant.node_streams`) applies it and logs
+the retry (`log_plaintext_retry`). When the plaintext login is refused as well, the refusal reported
+is the plaintext one's, unless it only says that TLS is required (`only_tls_accepted`): then the one
+over TLS says what is wrong.
 
 Failures: the server answering `N` where TLS is required, a certificate that does not verify, and a
 handshake that fails for another reason (no common protocol version) raise `TlsRefused`, a refused
@@ -34,6 +48,7 @@ connection's TLS session was made with, so a relay presenting another one cannot
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import ssl
 from collections.abc import Callable
@@ -55,15 +70,21 @@ if TYPE_CHECKING:
 __all__ = [
     "REQUIRED_MODES",
     "SYSTEM_CA",
+    "Refusal",
     "ServerTls",
     "TlsFileProblem",
     "TlsRefused",
     "describe",
+    "log_plaintext_retry",
+    "only_tls_accepted",
     "open_connection",
     "open_stream",
+    "retries_in_plaintext",
     "stream_certificate",
     "transport_certificate",
 ]
+
+log = logging.getLogger("halephant.server")
 
 #: the modes that fail rather than go on in plaintext
 REQUIRED_MODES: Final = frozenset(("require", "verify-ca", "verify-full"))
@@ -196,6 +217,48 @@ class ServerTls:
             hint=f"Compare clusters.{self.cluster}.tls (min_version, ciphers, cert_file) with the server's "
             "ssl_* settings; the server's log says more.",
         )
+
+
+# --- the plaintext retry of `prefer` ---
+
+#: a login refusal: the SQLSTATE and message of the ErrorResponse the server answered it with
+Refusal = tuple[str, str]
+
+
+def retries_in_plaintext(tls: ServerTls | None, encrypted: bool, refusal: Refusal | None) -> bool:
+    """libpq's rule (module docstring): a login over TLS (`encrypted`) with mode prefer that the server
+    refused before AuthenticationOk (`refusal`, None for any other failure) is tried again without TLS."""
+    return (
+        tls is not None
+        and tls.mode == "prefer"
+        and encrypted
+        and refusal is not None
+        and refusal[0] != sqlstate.CANNOT_CONNECT_NOW
+    )
+
+
+def log_plaintext_retry(tls: ServerTls, host: str, port: int, refusal: Refusal, what: str) -> None:
+    """One line for a retry in plaintext: what (`what`: "server connection", "probe", ...) and why."""
+    log.info(
+        "%s to server %s: login over SSL refused (%s %s): trying again without SSL "
+        "(clusters.%s.tls.mode prefer, as libpq's sslmode=prefer)",
+        what,
+        _address(host, port),
+        refusal[0],
+        refusal[1],
+        tls.cluster,
+    )
+
+
+def only_tls_accepted(refusal: Refusal | None) -> bool:
+    """The plaintext retry was refused for being plaintext: pg_hba.conf has a `hostssl` line for the
+    login and no other (PostgreSQL's message ends in `no encryption`). The refusal over TLS (a wrong
+    password, say) is then the one that says what is wrong, and the one to report."""
+    return (
+        refusal is not None
+        and refusal[0] == sqlstate.INVALID_AUTHORIZATION_SPECIFICATION
+        and refusal[1].endswith("no encryption")
+    )
 
 
 def describe(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> str:

@@ -6,7 +6,9 @@ query, reading of the result and exception.
 `OwnSession` is the protocol, sans-IO: `startup()`, then a subclass's query; `feed()` what arrives. The
 login is `UpstreamAuth`'s (SCRAM bound to the node's certificate over TLS, md5, pass-through keys), its
 blocking work (a SCRAM key derivation) handed out as `slow_step` for a worker thread.
-`halephant.node_streams` drives one over an anyio stream.
+`halephant.node_streams` drives one over an anyio stream. `refusal` keeps the server's ErrorResponse to
+the login when it came before AuthenticationOk: with `prefer`, such a login over TLS is tried again in
+plaintext (`halephant.server_tls.retries_in_plaintext`).
 """
 
 from __future__ import annotations
@@ -29,7 +31,17 @@ class OwnSession:
     `rows` and `error` once `feed` has seen its ReadyForQuery, and says what a failure raises
     (`failed`)."""
 
-    __slots__ = ("_auth", "_buf", "error", "logged_in", "rows", "slow_step", "startup_params")
+    __slots__ = (
+        "_auth",
+        "_authenticated",
+        "_buf",
+        "error",
+        "logged_in",
+        "refusal",
+        "rows",
+        "slow_step",
+        "startup_params",
+    )
 
     def __init__(
         self,
@@ -46,6 +58,9 @@ class OwnSession:
         self.rows: list[list[str | None]] = []
         self.error: str | None = None
         self.logged_in = False
+        self._authenticated = False  # AuthenticationOk came
+        #: the login's ErrorResponse (SQLSTATE, message) when it came before AuthenticationOk
+        self.refusal: tuple[str, str] | None = None
         #: blocking login work (a SCRAM key derivation) to run in a worker thread before `feed(b"")`
         self.slow_step: Callable[[], None] | None = None
 
@@ -82,8 +97,11 @@ class OwnSession:
                     raise self.failed(f"protocol violation from server: {exc.message}", False) from None
             elif t == codes.ERROR_RESPONSE:
                 fields = m.decode_error_fields(payload)
-                error = f"{fields.get('M', 'error')} ({fields.get('C', sqlstate.INTERNAL_ERROR)})"
+                state, message = fields.get("C", sqlstate.INTERNAL_ERROR), fields.get("M", "error")
+                error = f"{message} ({state})"
                 if not self.logged_in:
+                    if not self._authenticated:
+                        self.refusal = (state, message)
                     raise self.failed(error, True)
                 self.error = self.error or error
             elif t == codes.READY_FOR_QUERY:
@@ -91,6 +109,8 @@ class OwnSession:
                 ready = True
             elif t == codes.AUTHENTICATION:
                 code, rest = m.decode_authentication(payload)
+                if code == 0:
+                    self._authenticated = True
                 self.slow_step = self._auth.slow_step(code, rest)
                 if self.slow_step is not None:
                     self._buf = buf[start - 5 :]  # taken again by `feed(b"")` once that work is done

@@ -30,10 +30,9 @@ from halephant import sqlstate
 from halephant.auth import lookup
 from halephant.auth.upstream import passthrough_unready
 from halephant.errors import ClientError
-from halephant.node_streams import close, until_ready
+from halephant.node_streams import close, log_in, until_ready
 from halephant.server_tls import stream_certificate
 from halephant.types import AuthMethod, LookUp, PoolTarget
-from halephant.unix_socket import connect_stream
 
 if TYPE_CHECKING:
     from halephant.proxy.app import App
@@ -100,16 +99,22 @@ async def _query(app: App, target: PoolTarget, method: LookUp, user: str) -> str
     with anyio.fail_after(config.limits.login_timeout):
         async with _slots:
             try:
-                stream = await connect_stream(primary.host, primary.port, app.manager.tls_for(target.cluster))
+                stream, session = await log_in(
+                    primary.host,
+                    primary.port,
+                    app.manager.tls_for(target.cluster),
+                    lambda stream: lookup.LookupSession(
+                        role, password, method.dbname, stream_certificate(stream)
+                    ),
+                    "auth_query lookup",
+                    _until_ready,
+                )
             except OSError as exc:
                 raise lookup.LookupFailed(
                     f"could not connect to {primary.host}:{primary.port}: {exc.strerror or exc}",
                     reached=False,
                 ) from None
-            session = lookup.LookupSession(role, password, method.dbname, stream_certificate(stream))
             try:
-                await stream.send(session.startup())
-                await _until_ready(stream, session)
                 await stream.send(session.query(method.query, user))
                 await _until_ready(stream, session)
                 return session.result()

@@ -280,8 +280,7 @@ class _Listener(StandIn):
             if unready is not None:
                 raise unready
             with anyio.fail_after(self.app.config.limits.connect_timeout):
-                await server.connect(self.app.manager.tls_for(target.cluster))
-                await server.login
+                server = await server.open(self.app.manager.tls_for(target.cluster), "shared listener")
         except Exception as exc:
             server.abort()
             self.opening = False

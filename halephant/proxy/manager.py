@@ -385,14 +385,16 @@ class PoolManager:
         secret = upstream_secret(target)
         server = ServerConnection(self, pool, startup, secret, loop)
         tls: ServerTls | None = None
+        in_plaintext_after_tls = False
         try:
             unready = passthrough_unready(target.server_user, secret)
             if unready is not None:
                 raise unready  # refused as PostgreSQL's refusal is, without a connection to PostgreSQL
             tls = self.tls_for(target.cluster)
             with anyio.fail_after(self.app.config.limits.connect_timeout):
-                await server.connect(tls)
-                await server.login
+                opened = await server.open(tls)
+                in_plaintext_after_tls = opened is not server  # `prefer` tried it again (`open`)
+                server = opened
                 if server.closing:  # closed between its ReadyForQuery and now: nobody can use it
                     raise ServerLoginError(
                         sqlstate.CONNECTION_FAILURE, "server closed the connection after login", fatal=True
@@ -515,6 +517,8 @@ class PoolManager:
             f", {pool.connecting - 1} more logging in" if pool.connecting > 1 else "",
             f", tls {server.tls}"
             if server.tls
+            else ", no tls: the server refused the login over it"
+            if in_plaintext_after_tls
             else ", no tls: the server does not offer it"
             if uses_tls(pool.host, tls)
             else "",
@@ -1039,6 +1043,13 @@ def _login_hint(exc: ClientError, target: PoolTarget, server: ServerConnection, 
         return (
             f"The server accepts this login over TLS only, and halephant connected in plaintext "
             f"(clusters.{target.cluster}.tls.mode is {mode}): set it to require, verify-ca or verify-full."
+        )
+    if server.tls and tls is not None and exc.message.endswith("SSL encryption"):
+        # pg_hba.conf has a hostnossl line for it, and no host one (or rejects it over TLS)
+        return (
+            f"The server refuses this login over TLS, and clusters.{target.cluster}.tls.mode is {tls.mode}: "
+            "set it to prefer (a login refused over TLS is tried again without TLS) or disable, or let the "
+            "login in over TLS in the server's pg_hba.conf."
         )
     return (
         f'halephant logs in as "{user}" from the host halephant runs on: the server\'s pg_hba.conf, or the '

@@ -1,7 +1,8 @@
 """A server connection: logging in to PostgreSQL, then relaying its bytes to whichever client it is linked to.
 
-`connect` opens it (over TLS when its cluster's `tls:` settings and the server agree on it:
-`halephant.server_tls`; the relaying below is the same either way, only the transport differs). Login is
+`open` opens it (over TLS when its cluster's `tls:` settings and the server agree on it:
+`halephant.server_tls`; the relaying below is the same either way, only the transport differs), and
+with `prefer` tries a login refused over TLS again in plaintext, as libpq does. Login is
 driven by callbacks (StartupMessage, the auth exchange, ParameterStatus, BackendKeyData, up to the
 first ReadyForQuery) and completes `login` (a future the opener awaits under a timeout). After login,
 `data_received` forwards each chunk to the linked client whole and only scans headers (BackendScanner);
@@ -38,7 +39,15 @@ from halephant.protocol.framing import PASSED_AS_IT_COMES, BackendScanner, split
 from halephant.protocol.session_params import settings_sql
 from halephant.protocol.session_queries import decode_data_row
 from halephant.proxy import prepared, session_state
-from halephant.server_tls import ServerTls, describe, transport_certificate
+from halephant.server_tls import (
+    Refusal,
+    ServerTls,
+    describe,
+    log_plaintext_retry,
+    only_tls_accepted,
+    retries_in_plaintext,
+    transport_certificate,
+)
 from halephant.tcp import set_tcp_options
 from halephant.unix_socket import create_connection
 
@@ -85,10 +94,12 @@ class ServerLoginError(ClientError):
 class ServerConnection(asyncio.Protocol):
     __slots__ = (
         "_auth",
+        "_authenticated",
         "_buf",
         "_internal",
         "_internal_error",
         "_internal_rows",
+        "_password",
         "_rewrites",
         "_setup_error",
         "_slow_step",
@@ -112,6 +123,7 @@ class ServerConnection(asyncio.Protocol):
         "paused_client",
         "pool",
         "reading_paused",
+        "refusal",
         "rfq_seen",
         "scanner",
         "settings",
@@ -134,7 +146,11 @@ class ServerConnection(asyncio.Protocol):
         self.manager = manager
         self.pool = pool
         self._startup = startup
+        self._password = password  # for a login tried again in plaintext (`open`)
         self._auth = UpstreamAuth(startup["user"], password)
+        self._authenticated = False  # AuthenticationOk came
+        #: the server's ErrorResponse to the login before AuthenticationOk (`server_tls.retries_in_plaintext`)
+        self.refusal: Refusal | None = None
         self._slow_step = False  # login work running in a worker thread: bytes wait in _buf meanwhile
         self.login: asyncio.Future[None] = loop.create_future()
         self.transport: asyncio.Transport | None = None
@@ -190,9 +206,41 @@ class ServerConnection(asyncio.Protocol):
 
     # --- asyncio.Protocol: login ---
 
-    async def connect(self, tls: ServerTls | None) -> None:
-        """Connect to the pool's node, over TLS as the cluster's `tls` settings say (see
-        `halephant.server_tls`); the login starts as the connection is made, and completes `login`."""
+    async def open(self, tls: ServerTls | None, what: str = "server connection") -> ServerConnection:
+        """Connect to the pool's node, over TLS as the cluster's `tls` settings say, and log in: this
+        connection once logged in, or the one opened in its place without TLS when `prefer` tries a login
+        refused over TLS again (see `halephant.server_tls`; `what` it is, for that log line). Raises the
+        login's error; the caller aborts this connection then (the other one is aborted here)."""
+        await self._connect(tls)
+        try:
+            await self.login
+            return self
+        except ClientError as exc:
+            refusal = self.refusal
+            if tls is None or refusal is None or not retries_in_plaintext(tls, bool(self.tls), refusal):
+                raise
+            refused = exc
+        self.abort()
+        pool = self.pool
+        log_plaintext_retry(tls, pool.host, pool.port, refusal, what)
+        retry = ServerConnection(self.manager, pool, self._startup, self._password, self.manager.app.loop)
+        retry.created_at = self.created_at  # a reload meanwhile outdates it as it would have this one
+        try:
+            await retry._connect(None)
+            await retry.login
+        except ClientError:
+            retry.abort()
+            if only_tls_accepted(retry.refusal):
+                raise refused from None
+            raise
+        except BaseException:
+            retry.abort()
+            raise
+        return retry
+
+    async def _connect(self, tls: ServerTls | None) -> None:
+        """Connect to the pool's node, over TLS as `tls` says (None: plaintext); the login starts as the
+        connection is made, and completes `login`."""
         pool = self.pool
         await create_connection(self.manager.app.loop, lambda: self, pool.host, pool.port, tls)
         if self.tls:
@@ -217,6 +265,8 @@ class ServerConnection(asyncio.Protocol):
             payload = buf[start:end]
             if t == codes.AUTHENTICATION:
                 code, rest = m.decode_authentication(payload)
+                if code == 0:
+                    self._authenticated = True
                 slow = self._auth.slow_step(code, rest)
                 if slow is not None:
                     # a key derivation (a user's first SCRAM login, milliseconds to seconds): in a worker
@@ -235,9 +285,12 @@ class ServerConnection(asyncio.Protocol):
                 self.backend_pid, self.backend_key = m.decode_backend_key_data(payload)
             elif t == codes.ERROR_RESPONSE:
                 fields = m.decode_error_fields(payload)
+                state, message = fields.get("C", sqlstate.CONNECTION_FAILURE), fields.get("M", "login failed")
+                if not self._authenticated:
+                    self.refusal = (state, message)
                 raise ServerLoginError(
-                    fields.get("C", sqlstate.CONNECTION_FAILURE),
-                    fields.get("M", "login failed"),
+                    state,
+                    message,
                     hint=fields.get("H"),
                     detail=fields.get("D"),
                     fatal=True,

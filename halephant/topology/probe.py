@@ -13,7 +13,8 @@ for ever would hold up its shutdown for as long as halephant runs. A TCP probe c
 cluster's `tls:` settings as server connections do (`halephant.server_tls`): a node whose pg_hba.conf
 takes only TLS logins (`hostssl`) is probed over TLS, and one whose certificate does not verify is
 down for the probes, with the reason; over TLS the login is bound to the node's certificate
-(SCRAM-SHA-256-PLUS) as a server connection's is.
+(SCRAM-SHA-256-PLUS) as a server connection's is; with `prefer`, a login refused over TLS is tried
+again in plaintext, as a server connection's is (`halephant.node_streams.log_in`).
 """
 
 from __future__ import annotations
@@ -28,11 +29,10 @@ from halephant.auth.own_session import OwnSession
 from halephant.auth.upstream import passthrough_unready
 from halephant.config import LimitsConfig
 from halephant.errors import ClientError
-from halephant.node_streams import close, until_ready
+from halephant.node_streams import close, log_in, until_ready
 from halephant.protocol import messages as m
 from halephant.server_tls import ServerTls, stream_certificate
 from halephant.tcp import set_tcp_options
-from halephant.unix_socket import connect_stream
 
 __all__ = [
     "PROBES_PER_CONNECTION",
@@ -213,16 +213,16 @@ class ProbeConnection:
             # a login each round that PostgreSQL cannot but see fail
             raise ProbeFailed(unready.message)
         try:
-            self._stream = await connect_stream(self.host, self.port, self.tls)
+            self._stream, self._session = await log_in(
+                self.host, self.port, self.tls, self._new_session, "probe"
+            )
         except ClientError as exc:  # TLS refused (its message says which setting), or not PostgreSQL
             raise ProbeFailed(exc.message) from None
+
+    def _new_session(self, stream: anyio.abc.ByteStream) -> ProbeSession:
         if self.limits is not None:
-            set_tcp_options(self._stream.extra(anyio.abc.SocketAttribute.raw_socket), self.limits)
-        self._session = ProbeSession(
-            self.user, self.password, self.database, stream_certificate(self._stream)
-        )
-        await self._stream.send(self._session.startup())
-        await self._until_ready()
+            set_tcp_options(stream.extra(anyio.abc.SocketAttribute.raw_socket), self.limits)
+        return ProbeSession(self.user, self.password, self.database, stream_certificate(stream))
 
     async def _until_ready(self) -> None:
         assert self._stream is not None and self._session is not None
