@@ -3,8 +3,9 @@ plaintext, as libpq's `sslmode=prefer` does (`halephant.server_tls`), against a 
 pg_hba.conf lets the roles of this test in by `hostnossl` lines only (and rejects them over TLS).
 
 With `prefer`, every path that logs in to the node (pooled servers, probes, the auth_query lookup, the
-shared LISTEN connection) goes on in plaintext after one log line, and clients are served; with
-`require`, the same node refuses the login (28000), as it does without the retry.
+shared LISTEN connection) goes on in plaintext after one log line, and clients are served; a wrong
+password, refused in plaintext, is the refusal the client sees; with `require`, the same node refuses
+the login (28000), as it does without the retry.
 """
 
 from __future__ import annotations
@@ -107,6 +108,20 @@ def show_servers(run: Running) -> list[dict[str, Any]]:
         return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
 
 
+def refused(run: Running) -> asyncpg.PostgresError:
+    """The error a login as myapp fails with (asyncpg: psycopg has no SQLSTATE for a failed connection)."""
+
+    async def attempt() -> asyncpg.PostgresError:
+        with pytest.raises(asyncpg.PostgresError) as excinfo:
+            conn = await asyncpg.connect(
+                host=run.host, port=run.port, user="myapp", password="myapp", database="myapp", ssl=False
+            )
+            await conn.close()
+        return excinfo.value
+
+    return asyncio.run(attempt())
+
+
 def test_prefer_logs_in_again_without_tls_where_pg_hba_takes_only_plaintext(
     nossl_pg: Cluster, halephant: HalephantFactory
 ) -> None:
@@ -161,19 +176,28 @@ def test_prefer_logs_in_again_without_tls_where_pg_hba_takes_only_plaintext(
 
 def test_require_is_refused_by_the_same_node(nossl_pg: Cluster, halephant: HalephantFactory) -> None:
     run = halephant.start(config(nossl_pg, mode="require"))
-
-    async def attempt() -> asyncpg.PostgresError:
-        with pytest.raises(asyncpg.PostgresError) as excinfo:
-            conn = await asyncpg.connect(
-                host=run.host, port=run.port, user="myapp", password="myapp", database="myapp", ssl=False
-            )
-            await conn.close()
-        return excinfo.value
-
-    error = asyncio.run(attempt())
+    error = refused(run)
     assert error.sqlstate == "28000", error
     message = str(error.args[0])
     assert message.startswith("halephant's login to the server failed: pg_hba.conf rejects connection"), error
     assert message.endswith("SSL encryption"), error
     assert "clusters.nossl.tls.mode is require: set it to prefer" in str(getattr(error, "hint", "")), error
     assert "trying again without SSL" not in run.log_text()
+
+
+def test_a_wrong_password_in_plaintext_is_the_refusal_reported(
+    nossl_pg: Cluster, halephant: HalephantFactory
+) -> None:
+    # refused over TLS by pg_hba.conf before any password, then in plaintext for the password: the
+    # client is told the latter, the one that says what to fix
+    cfg = config(nossl_pg)
+    cfg["users"]["myapp"]["server_password"] = "not-myapp"
+    run = halephant.start(cfg)
+    error = refused(run)
+    assert error.sqlstate == "28P01", error
+    assert 'password authentication failed for user "myapp"' in str(error.args[0]), error
+    log = run.log_text()
+    line = RETRY_LINE.format(
+        what="server connection", port=nossl_pg.primary.port, user="myapp", database="myapp"
+    )
+    assert len(re.findall(line, log)) == 1, log
