@@ -357,10 +357,13 @@ class Relay:
             try:
                 if up.getsockname()[1] != backend_port:
                     continue
-                for sock in (down, up):
-                    sock.shutdown(socket.SHUT_RDWR)
             except OSError:
-                continue
+                continue  # closed already
+            for sock in (down, up):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass  # the relay's thread, seeing the first end, may have closed the other already
             return
         raise AssertionError(f"no relayed connection from port {backend_port}")
 
