@@ -51,10 +51,17 @@ __all__ = [
 
 
 class PoolMode(enum.StrEnum):
-    """When a client gives its server connection back."""
+    """When a client gives its server connection back.
+
+    STATEMENT is transaction pooling that allows no transaction block (PgBouncer's statement pooling):
+    every statement (every Query, every Sync of the extended protocol) must end with the server Idle.
+    Whatever tells transaction pooling from session pooling treats it as TRANSACTION
+    (`mode is not PoolMode.SESSION`).
+    """
 
     TRANSACTION = "transaction"
     SESSION = "session"
+    STATEMENT = "statement"
 
 
 class Role(enum.StrEnum):

@@ -81,7 +81,7 @@ class _Current:
 
 
 _current = _Current()
-_TRANSACTION = PoolMode.TRANSACTION  # a module constant: an enum member lookup per statement costs ~60 ns
+_SESSION = PoolMode.SESSION  # a module constant: an enum member lookup per statement costs ~60 ns
 
 
 @hookimpl
@@ -101,7 +101,7 @@ def halephant_configure(config: Config) -> None:
 @ignores_plain_statements  # answers None for every plain statement (tested)
 def halephant_inspect_query(client: ClientInfo, statement: Statement, pool: PoolInfo) -> Reject | Pin | None:
     # Cheapest tests first: this runs for every Query and Parse, and nearly every statement is no cursor.
-    if pool.mode is not _TRANSACTION or _current.settings.action != "reject":
+    if pool.mode is _SESSION or _current.settings.action != "reject":
         return None
     if not statement.declares_holdable_cursor:
         return None

@@ -75,7 +75,8 @@ def halephant_configure(config: Config) -> None:
 @ignores_plain_statements  # answers None for every plain statement (tested)
 def halephant_inspect_query(client: ClientInfo, statement: Statement, pool: PoolInfo) -> Reject | Pin | None:
     # Cheapest tests first: this runs for every Query and Parse, and nearly every statement has no effect.
-    if not statement.session_state or pool.mode is not PoolMode.TRANSACTION:
+    # (statement pooling is transaction pooling: its clients change servers as often)
+    if not statement.session_state or pool.mode is PoolMode.SESSION:
         return None
     config = _current.config
     # the database's own entry, or the catch-all '*' entry that serves it

@@ -67,7 +67,7 @@ __all__ = [
     "parse_scram_verifier",
 ]
 
-PoolModeName = Literal["transaction", "session"]
+PoolModeName = Literal["transaction", "session", "statement"]
 AuthName = Literal["scram-sha-256", "md5", "trust"]
 
 #: The `databases:` key that serves every database name not listed, under its own name upstream.

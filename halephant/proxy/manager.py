@@ -217,13 +217,13 @@ class PoolManager:
         pool = self.pools.get(key)
         # A reload changed what this pool logs in with (a password): new servers use the new one.
         # Clients from before and after a change of pool mode may share it: it stays in transaction
-        # mode once a transaction-mode client used it, so a server with session state left on it is
+        # (or statement) mode once a client of either used it, so a server with session state left on it is
         # closed at check-in rather than handed on.
         if (
             pool is not None
             and pool.info.target is not target
             and pool.info.target != target
-            and (target.mode is pool.info.mode or target.mode is PoolMode.TRANSACTION)
+            and (target.mode is pool.info.mode or target.mode is not PoolMode.SESSION)
         ):
             old = pool.info.target
             pool.info = PoolInfo(target=target, size=pool.info.size)
@@ -541,7 +541,7 @@ class PoolManager:
             return
         pool = server.pool
         if server.dirty:
-            if pool.info.mode is PoolMode.TRANSACTION:
+            if pool.info.mode is not PoolMode.SESSION:
                 # session state would leak into the next client: never hand it on
                 log.info(
                     "pool %s: closing server pid %d: session state left by the client (%s)",

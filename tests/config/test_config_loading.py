@@ -344,7 +344,7 @@ def test_database_errors() -> None:
         cluster: mian
         pool_size: "20"
         min_pool_size: -1
-        mode: statement
+        mode: statment
         idle_timeout: 5 min
         pool_sise: 3
       small:
@@ -366,7 +366,7 @@ def test_database_errors() -> None:
         "halephant.yaml:6:14: databases.myapp.cluster: no cluster named 'mian' (clusters defined: main)",
         "halephant.yaml:7:16: databases.myapp.pool_size: expected a whole number, got a string",
         "halephant.yaml:8:20: databases.myapp.min_pool_size: Input should be greater than or equal to 0",
-        "halephant.yaml:9:11: databases.myapp.mode: Input should be 'transaction' or 'session'",
+        "halephant.yaml:9:11: databases.myapp.mode: Input should be 'transaction', 'session' or 'statement'",
         "halephant.yaml:10:19: databases.myapp.idle_timeout: expected a duration like 500ms, 30s, 5m, 1h, 1d "
         "or a number of seconds; got '5 min'",
         "halephant.yaml:11:5: databases.myapp.pool_sise: unknown key; did you mean 'pool_size'?",
