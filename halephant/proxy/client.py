@@ -50,7 +50,7 @@ from halephant.config.client_tls import channel_binding
 from halephant.errors import ClientError, MalformedMessage, OutOfResources, ProtocolViolation
 from halephant.protocol import codes
 from halephant.protocol import messages as m
-from halephant.protocol.framing import split_frames, walk_types
+from halephant.protocol.framing import READY_FOR_QUERY_HEAD, split_frames, walk_types
 from halephant.protocol.prepared import ClientStatements
 from halephant.protocol.session_params import startup_settings
 from halephant.protocol.startup import (
@@ -252,6 +252,7 @@ class ClientConnection(asyncio.Protocol):
         "since",
         "skip_to_sync",
         "state",
+        "statement_mode",
         "sweep_links",
         "sweep_rfq",
         "sweep_since",
@@ -291,6 +292,8 @@ class ClientConnection(asyncio.Protocol):
         self.prepared: ClientStatements | None = None
         self.settings: dict[str, str] = {}
         self.transaction_mode = False
+        #: statement pooling: transaction pooling (`transaction_mode` is True too) with no transaction block
+        self.statement_mode = False
         self.write_paused = False
         self._first_checked = False
         #: what `application_name_add_host` appends to the client's application_name (" - host:port")
@@ -789,7 +792,9 @@ class ClientConnection(asyncio.Protocol):
             raise refused
         self.pool_info = pool_info  # from here on the client is counted (see _closed)
         self.transport.write(m.AUTHENTICATION_OK)
-        self.transaction_mode = self.pool_info.mode is PoolMode.TRANSACTION
+        mode = self.pool_info.mode
+        self.transaction_mode = mode is not PoolMode.SESSION
+        self.statement_mode = mode is PoolMode.STATEMENT
         log.info(
             "%r: login ok (%s, pool %s, %s mode%s)",
             self,
@@ -843,11 +848,7 @@ class ClientConnection(asyncio.Protocol):
         out.append(m.READY_FOR_QUERY_IDLE)
         self.transport.write(b"".join(out))
         self.state = READY
-        if (
-            self.server is not None
-            and self.pool_info is not None
-            and self.pool_info.mode is PoolMode.TRANSACTION
-        ):
+        if self.server is not None and self.transaction_mode:
             self._release(after_transaction=False)
         # the timeout sweep counts quiet time from here, not from the first sweep that sees the client
         self.sweep_links = self.link_count
@@ -1628,6 +1629,77 @@ class ClientConnection(asyncio.Protocol):
                         self.app.manager.checkin(server, self)
             else:
                 session_state.at_idle(self)
+        elif self.statement_mode and status != _TX_IDLE:
+            # (tested only here, where a transaction-mode client's server stays linked: the Idle path
+            # above, run once per transaction, is the same in both modes)
+            self._transaction_block_refused(status, at_boundary)
+
+    def withheld_ready(self, data: bytes, ready: int, status: int) -> bytes:
+        """Statement pooling: `data` (a server's bytes for this client, completing `ready` ReadyForQuery,
+        the last with a `status` other than Idle) without the ReadyForQuery that ends it, when that one
+        will be refused (`_transaction_block_refused`, whose FATAL error takes its place). Told that it
+        is in a transaction, a client would read that error as coming between statements, where libpq
+        only shows it as a notice; withheld, the error is the answer to the statement, as from PgBouncer.
+        The CommandComplete right before it goes too: that statement's work is rolled back, and a driver
+        that sends BEGIN alone (psycopg) expects one result, not a success and an error.
+        Where the chunk ends otherwise (a notice came right behind) the ReadyForQuery goes with the rest
+        and the error follows it. (Only the refused client, closed next, could be misled by a chunk that
+        began inside a message and merely ends like this.)"""
+        if self.outstanding > ready or data[-6:-1] != READY_FOR_QUERY_HEAD or data[-1] != status:
+            return data
+        try:
+            frames, consumed = split_frames(data, len(data))
+        except MalformedMessage:
+            frames, consumed = [], 0  # began inside a message
+        if consumed == len(data) and len(frames) > 1 and frames[-2][0] == codes.COMMAND_COMPLETE:
+            return data[: frames[-2][1] - 5]
+        return data[:-6]
+
+    def _transaction_block_refused(self, status: int, at_boundary: bool) -> None:
+        """Statement pooling: a statement (a Query, or an extended-protocol batch up to its Sync) left
+        its server in a transaction block, or in a failed one.
+
+        The statements before it in the same Query were answered as inside the transaction (and so was
+        this one, where its ReadyForQuery could not be withheld: `withheld_ready`): only ending the
+        session undoes that, as PostgreSQL does when idle_in_transaction_session_timeout ends a
+        transaction a client holds open. It is sent FATAL 25001 (active_sql_transaction: a
+        transaction is open where none may be, as PostgreSQL says of a statement that cannot run in a
+        transaction block), with PgBouncer's message text, which tools match on. The server is never
+        handed on in that transaction: rolled back and pooled when nothing else of the client's is on
+        it, else closed (`_closed`, as for a client that left mid-transaction)."""
+        server = self.server
+        if (
+            server is not None
+            and at_boundary
+            and not self.unsynced
+            and self.session is None
+            and not self.pinned
+            and not server.absorb
+            and not server.dirty
+        ):
+            # Nothing session-bound was done (that would have given the client a `session` or a pin),
+            # and the settings on the server are the ones it was linked with: the rollback leaves the
+            # server as it was before the transaction. (Named protocol-level statements outlive a
+            # rollback, as the server's record of them assumes.)
+            self.server = None
+            server.client = None
+            if server.reading_paused:
+                server.set_reading(False)
+            self.app.manager.reset_and_checkin(server, "ROLLBACK")
+        log.info(
+            "%r: transaction block refused in statement pooling (server transaction status %s)",
+            self,
+            chr(status),
+        )
+        self.fail(
+            ClientError(
+                sqlstate.ACTIVE_SQL_TRANSACTION,
+                "transaction blocks not allowed in statement pooling mode",
+                hint="Run every statement in autocommit mode, or use transaction pooling for this database "
+                "(databases.<name>.mode: transaction in halephant.yaml).",
+                fatal=True,
+            )
+        )
 
     def notification_relayed(self, payload: bytes) -> None:
         """The linked server delivered a notification to this client itself (transaction pooling)."""

@@ -255,8 +255,11 @@ def relay(server: ServerConnection, data: bytes, client: ClientConnection) -> No
         ps.resend = b""
     sc.status = status
     server.rfq_seen += ready
-    if ready and status == codes.TX_IDLE:
-        server.xact_seen += 1  # as the fast path counts transactions
+    if ready:
+        if status == codes.TX_IDLE:
+            server.xact_seen += 1  # as the fast path counts transactions
+        elif client.statement_mode and out and not rest and not server._buf:
+            out = [client.withheld_ready(b"".join(out), ready, status)]
     if out:
         client.transport.write(b"".join(out))
     if kept:

@@ -344,15 +344,21 @@ class ServerConnection(asyncio.Protocol):
             except ProtocolViolation as exc:
                 self._lost_with_client(client, f"protocol violation from server: {exc.message}")
                 return
-            client.transport.write(data)
-            if sc.kept:
-                self._kept(sc.kept, client)
             if ready:
                 self.rfq_seen += ready
                 status = sc.status
                 if status == _TX_IDLE:
                     self.xact_seen += 1
+                elif client.statement_mode:
+                    data = client.withheld_ready(data, ready, status)
+                client.transport.write(data)
+                if sc.kept:
+                    self._kept(sc.kept, client, ready)
                 client.server_ready(ready, status, sc.at_boundary)
+            else:
+                client.transport.write(data)
+                if sc.kept:
+                    self._kept(sc.kept, client)
             return
         if not self.login.done():
             if self._slow_step:
@@ -387,19 +393,25 @@ class ServerConnection(asyncio.Protocol):
         except ProtocolViolation as exc:
             self._lost_with_client(client, f"protocol violation from server: {exc.message}")
             return
-        client.transport.write(data)
-        if sc.kept:
-            self._kept(sc.kept, client)
         if ready:
             self.rfq_seen += ready
             status = sc.status
             if status == _TX_IDLE:
                 self.xact_seen += 1  # a transaction (or a run of autocommit statements) ended
+            elif client.statement_mode:
+                data = client.withheld_ready(data, ready, status)
+            client.transport.write(data)
+            if sc.kept:
+                self._kept(sc.kept, client, ready)
             client.server_ready(ready, status, sc.at_boundary)
+        else:
+            client.transport.write(data)
+            if sc.kept:
+                self._kept(sc.kept, client)
 
     def _kept(self, kept: list[tuple[int, bytes]], client: ClientConnection, counted: int = 0) -> None:
         """Act on the messages the scanner copied out of a chunk (`counted`: ReadyForQuery of that chunk
-        already in `rfq_seen`; the fast path counts them after this)."""
+        already in `rfq_seen`)."""
         for t, payload in kept:
             if t == codes.PARAMETER_STATUS:
                 # a reported setting changed (SET application_name, SET TIME ZONE, ...): session state,

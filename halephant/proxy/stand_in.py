@@ -20,6 +20,7 @@ class StandIn:
     __slots__ = ()
 
     transaction_mode = False
+    statement_mode = False
     prepared = None  # never names a prepared statement (halephant.proxy.prepared)
     session = None  # carries no session state (an ErrorResponse, say of a failed reset, checks it)
     held_back = False  # holds nothing back for a next transaction (ClientConnection.resume_held)
