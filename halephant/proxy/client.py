@@ -1691,12 +1691,15 @@ class ClientConnection(asyncio.Protocol):
             self,
             chr(status),
         )
+        entry = self.target.entry_name if self.target is not None else ""
+        if entry not in self.app.config.databases:
+            entry = "'*'"  # the catch-all entry serves it
         self.fail(
             ClientError(
                 sqlstate.ACTIVE_SQL_TRANSACTION,
                 "transaction blocks not allowed in statement pooling mode",
                 hint="Run every statement in autocommit mode, or use transaction pooling for this database "
-                "(databases.<name>.mode: transaction in halephant.yaml).",
+                f"(databases.{entry}.mode: transaction in halephant.yaml).",
                 fatal=True,
             )
         )
