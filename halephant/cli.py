@@ -1,4 +1,4 @@
-"""The `halephant` command: `run`, `check`, `plugins`, `status`, `demo`."""
+"""The `halephant` command: `run`, `check`, `import-pgbouncer`, `plugins`, `status`, `demo`."""
 
 from __future__ import annotations
 
@@ -247,6 +247,63 @@ def _checked(path: str) -> Config:
         click.echo(f"{path}: plugins: {exc}", err=True)
         sys.exit(1)
     return config
+
+
+@main.command("import-pgbouncer")
+@click.argument("ini", type=click.Path(dir_okay=False))
+@click.option(
+    "-o",
+    "--output",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="write halephant.yaml here [default: standard output]",
+)
+@click.option(
+    "--auth-file",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="read the users from this userlist.txt instead of the auth_file pgbouncer.ini names",
+)
+def import_pgbouncer(ini: str, output: str | None, auth_file: str | None) -> None:
+    """Convert a PgBouncer configuration (pgbouncer.ini and its auth_file) into halephant.yaml.
+
+    Every PgBouncer setting not carried over, or that means something different here, is listed in
+    the file's header (and on standard error); a file that cannot be read or parsed is reported as
+    FILE:LINE: message (exit 1). The result is checked as `halephant check` would: what would stop
+    it from loading on this machine (a TLS file or socket group missing here) is reported too (exit 1).
+    """
+    from halephant.config import read_config_text
+    from halephant.config.pgbouncer_import import ImportProblem, import_files
+
+    try:
+        converted = import_files(ini, auth_file)
+    except ImportProblem as exc:
+        click.echo(str(exc), err=True)
+        sys.exit(1)
+    for note in converted.notes:
+        click.echo(f"note: {note}", err=True)
+    target = output or "<stdout>"
+    problems: list[str] = []
+    try:
+        validate_config(read_config_text(converted.yaml, target))
+    except ConfigError as exc:
+        problems = [str(problem) for problem in exc.problems]
+    if output is None:
+        click.echo(converted.yaml, nl=False)
+    else:
+        try:
+            Path(output).write_text(converted.yaml)
+        except OSError as exc:
+            click.echo(f"{output}: cannot write it: {exc.strerror or exc}", err=True)
+            sys.exit(1)
+    for problem in problems:
+        click.echo(problem, err=True)
+    if problems:
+        click.echo(
+            f"{len(problems)} error(s) in the converted configuration: edit it, then halephant check",
+            err=True,
+        )
+        sys.exit(1)
 
 
 @main.command()
