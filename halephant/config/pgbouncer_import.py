@@ -94,16 +94,23 @@ _SECTION = re.compile(r"\[\s*([^\]]*?)\s*\]\s*$")
 _INCLUDE = re.compile(r"%include\s+(.+?)\s*$")
 
 
-def parse_ini(text: str, source: str, include: Include | None = None, _depth: int = 0) -> list[Setting]:
+def parse_ini(text: str, source: str, include: Include | None = None) -> list[Setting]:
     """The settings of pgbouncer.ini's `text` in file order, `%include`d files' in their place.
 
     PgBouncer's ini: `[section]` lines, `key = value` lines, comments on lines that start with `;` or `#`
-    (those characters are not special later in a line), and `%include FILE`. Keys and section names are
-    case-insensitive; a database name may be double-quoted (`"my db" = ...`)."""
-    if _depth > 10:
-        raise ImportProblem(source, 0, "%include nested more than 10 deep (does a file include itself?)")
+    (those characters are not special later in a line), and `%include FILE`, read as if its lines stood
+    there (the section goes on into it, and out of it). Keys and section names are case-insensitive; a
+    database name may be double-quoted (`"my db" = ...`)."""
     settings: list[Setting] = []
-    section = ""
+    _parse(text, source, include, settings, "", 0)
+    return settings
+
+
+def _parse(
+    text: str, source: str, include: Include | None, settings: list[Setting], section: str, depth: int
+) -> str:
+    if depth > 10:
+        raise ImportProblem(source, 0, "%include nested more than 10 deep (does a file include itself?)")
     for number, raw in enumerate(text.splitlines(), start=1):
         line = raw.strip()
         if not line or line[0] in ";#":
@@ -113,10 +120,13 @@ def parse_ini(text: str, source: str, include: Include | None = None, _depth: in
                 raise ImportProblem(
                     source, number, f"cannot read {found.group(1)!r}: no file to include from"
                 )
-            name, included = include(found.group(1), source)
-            for setting in parse_ini(included, name, include, _depth + 1):
-                # an included file's settings without a section of their own land in the current one
-                settings.append(setting if setting.section else _in_section(setting, section))
+            try:
+                name, included = include(found.group(1), source)
+            except ImportProblem as exc:
+                if exc.line or exc.source != source:
+                    raise
+                raise ImportProblem(source, number, exc.message) from None
+            section = _parse(included, name, include, settings, section, depth + 1)
             continue
         if (found := _SECTION.match(line)) is not None:
             section = found.group(1).lower()
@@ -129,11 +139,7 @@ def parse_ini(text: str, source: str, include: Include | None = None, _depth: in
         # database and user names keep their case; setting names do not have one
         key = key if section in ("databases", "users", "peers") else key.lower()
         settings.append(Setting(section, key, value, source, number))
-    return settings
-
-
-def _in_section(setting: Setting, section: str) -> Setting:
-    return Setting(section, setting.key, setting.value, setting.source, setting.line)
+    return section
 
 
 def _split_key(line: str) -> tuple[str, str, str]:
@@ -456,8 +462,12 @@ def _locate(name: str, including: str) -> str:
 def _include_reader() -> Include:
     def include(name: str, including: str) -> tuple[str, str]:
         located = _locate(name, including)
-        # the line is unknown here: the including file's own parse reports the directive's
-        return located, _read(located, including, 0, f"%include {name}")
+        try:
+            return located, Path(located).read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            # line 0: parse_ini puts the directive's own line in
+            raise ImportProblem(including, 0, f"cannot read %include {name}: {reason}") from None
 
     return include
 
