@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from halephant import __version__
-from halephant.config import Config, ConfigError, plugin_problem, read_config, validate_config
+from halephant.config import Config, ConfigError, RawConfig, plugin_problem, read_config, validate_config
 from halephant.plugin_manager import PluginError, Plugins
 from halephant.unix_socket import UnixSocketError
 
@@ -18,7 +18,11 @@ from halephant.unix_socket import UnixSocketError
 def load(path: str) -> tuple[Config, Plugins]:
     """Read a config, load the plugins it leaves enabled, validate it with their settings, and let them
     see it (`halephant_configure`), as start-up will: what a plugin refuses is found by `check` too."""
-    raw = read_config(path)
+    return load_raw(read_config(path))
+
+
+def load_raw(raw: RawConfig) -> tuple[Config, Plugins]:
+    """`load` for a config already read (from a file, or text such as `import-pgbouncer`'s)."""
     try:
         plugins = Plugins(disabled=raw.disabled_plugins, modules=raw.plugin_modules)
         models = plugins.settings_models()
@@ -285,9 +289,12 @@ def import_pgbouncer(ini: str, output: str | None, auth_file: str | None) -> Non
     target = output or "<stdout>"
     problems: list[str] = []
     try:
-        validate_config(read_config_text(converted.yaml, target))
+        # as `halephant check` loads it: the plugins' sections (hba) are theirs to check
+        load_raw(read_config_text(converted.yaml, target))
     except ConfigError as exc:
         problems = [str(problem) for problem in exc.problems]
+    except PluginError as exc:
+        problems = [f"{target}: plugins: {exc}"]
     if output is None:
         click.echo(converted.yaml, nl=False)
     else:

@@ -594,3 +594,21 @@ def test_command_reports_unreadable_files(tmp_path: pathlib.Path) -> None:
     result = CliRunner().invoke(main, ["import-pgbouncer", str(ini)])
     assert result.exit_code == 1
     assert "cannot read %include /nonexistent/more.ini" in result.output
+
+
+def test_command_checks_the_result_with_its_plugins(tmp_path: pathlib.Path) -> None:
+    (tmp_path / "pg_hba.conf").write_text("host all all 127.0.0.1/32 scram-sha-256\n")
+    (tmp_path / "userlist.txt").write_text('"app" "secret"\n')
+    ini = tmp_path / "pgbouncer.ini"
+    ini.write_text(
+        f"[databases]\napp = host=h\n[pgbouncer]\nauth_file = {tmp_path}/userlist.txt\n"
+        f"auth_type = hba\nauth_hba_file = {tmp_path}/pg_hba.conf\n"
+    )
+    result = CliRunner().invoke(main, ["import-pgbouncer", str(ini)])
+    assert result.exit_code == 0, result.output  # the hba plugin's section is checked by the plugin
+    assert f"file: {tmp_path}/pg_hba.conf" in result.output
+    # what would not load on this machine is reported, the file still written out
+    ini.write_text(ini.read_text() + "unix_socket_group = no-such-group-here\n")
+    result = CliRunner().invoke(main, ["import-pgbouncer", str(ini)])
+    assert result.exit_code == 1
+    assert "unix_socket_group: no group named 'no-such-group-here'" in result.output
