@@ -5,6 +5,8 @@ as a setting, and the `-c name=value` / `--name=value` switches inside `options`
 was started with none of them, so halephant applies them itself when it links a server to the client:
 only the difference from what the server holds now, with `set_config()` (which takes the value exactly
 as the startup packet carries it, lists such as search_path included) and `RESET` for what must go.
+Set that way, they are session values, which `RESET` would take back to the server's defaults where
+PostgreSQL takes them back to the startup values: `restore_sql` sets them again after one.
 The values are written so that the server reads them right whatever `client_encoding` the previous
 client left it with (`halephant.protocol.session_queries.literal`).
 """
@@ -98,3 +100,15 @@ def settings_sql(current: dict[str, str], wanted: dict[str, str]) -> str:
     if changes:
         parts.append("SELECT " + ", ".join(changes))
     return "; ".join(parts)
+
+
+def restore_sql(settings: dict[str, str]) -> str:
+    """SQL setting each of the startup `settings` again where the session holds no value of its own any
+    more (`pg_settings.source` is not `session`: a `RESET`, `RESET ALL`, `DISCARD ALL` or `SET x TO
+    DEFAULT` took it back to the server's default), leaving those set since as they are."""
+    values = ", ".join(f"({literal(name)}, {literal(value)})" for name, value in settings.items())
+    return (
+        "SELECT pg_catalog.set_config(t.n, t.v, false) "
+        f"FROM (VALUES {values}) AS t(n, v) WHERE NOT EXISTS (SELECT FROM pg_catalog.pg_settings s "
+        "WHERE pg_catalog.lower(s.name) = t.n AND s.source = 'session')"
+    )

@@ -52,7 +52,7 @@ from halephant.protocol import codes
 from halephant.protocol import messages as m
 from halephant.protocol.framing import READY_FOR_QUERY_HEAD, split_frames, walk_types
 from halephant.protocol.prepared import ClientStatements
-from halephant.protocol.session_params import startup_settings
+from halephant.protocol.session_params import restore_sql, startup_settings
 from halephant.protocol.startup import (
     CancelRequest,
     GSSENCRequest,
@@ -66,6 +66,7 @@ from halephant.proxy.limits import too_many_clients
 from halephant.proxy.peer import peer_refusal
 from halephant.sql import Statement
 from halephant.sql.effects import LOAD, session_effects
+from halephant.sql.settings import resets_setting
 from halephant.sql.statement import statement_of
 from halephant.types import (
     Allow,
@@ -251,6 +252,7 @@ class ClientConnection(asyncio.Protocol):
         "settings",
         "since",
         "skip_to_sync",
+        "startup_reset",
         "state",
         "statement_mode",
         "sweep_links",
@@ -324,6 +326,9 @@ class ClientConnection(asyncio.Protocol):
         self.session: session_state.SessionState | None = None
         #: the session state must be read back from the server at the end of this transaction
         self.session_due = False
+        #: session pooling: a statement may have reset settings given at startup, which go back to their
+        #: startup values at the end of its transaction (`_restore_startup`)
+        self.startup_reset = False
         self.wait_deadline = 0.0
         self.wait_started = 0.0
         self.wait_notified = False
@@ -1001,14 +1006,13 @@ class ClientConnection(asyncio.Protocol):
             verdict = self._pending_pin
             if verdict is not None:
                 self._pending_pin = None
-            if (
-                statement is not None
-                and not transaction_mode
-                and statement.session_state
-                and any(e.feature == LOAD for e in session_effects(statement))
-            ):
-                # session pooling: no reset unloads a library (a transaction pool closes such a server too)
-                server.unresettable = "a client ran LOAD"
+            if statement is not None and not transaction_mode and statement.session_state:
+                if any(e.feature == LOAD for e in session_effects(statement)):
+                    # session pooling: no reset unloads a library (a transaction pool closes such a server
+                    # too)
+                    server.unresettable = "a client ran LOAD"
+                if not self.startup_reset and any(resets_setting(text) for text in statement.statements):
+                    self.startup_reset = True
             if statement is not None and transaction_mode:
                 effect = statement.session_state
                 if effect == "DEALLOCATE" or effect == "DISCARD":
@@ -1633,6 +1637,39 @@ class ClientConnection(asyncio.Protocol):
             # (tested only here, where a transaction-mode client's server stays linked: the Idle path
             # above, run once per transaction, is the same in both modes)
             self._transaction_block_refused(status, at_boundary)
+        elif self.startup_reset and at_boundary and status == _TX_IDLE and not self.unsynced:
+            self._restore_startup()
+
+    def _restore_startup(self) -> None:
+        """Session pooling: the transaction that just ended may have reset settings the client gave at
+        startup. halephant set those on the server (`_link`), as session values, which RESET takes
+        back to the server's defaults; PostgreSQL takes them back to the startup values, and so does
+        this query, ahead of whatever the client sends next (queued behind it on the server)."""
+        self.startup_reset = False
+        server = self.server
+        if server is None or not self.settings:
+            return
+        before = dict(server.params)
+        server.run_internal(
+            restore_sql(self.settings), lambda rows, error: self._startup_restored(server, before, error)
+        )
+
+    def _startup_restored(self, server: ServerConnection, before: dict[str, str], error: str | None) -> None:
+        if self.server is not server:
+            return
+        if error is not None:
+            # the reset stands: as if the client had run it on a server it logged in to without them
+            log.warning("%r: could not set its startup settings again: %s", self, error)
+            return
+        self.report_changed_parameters(server, before)
+
+    def report_changed_parameters(self, server: ServerConnection, before: dict[str, str]) -> None:
+        """Tell the client the reported parameters (ParameterStatus) that halephant's own query changed on
+        its server (`before`: the server's parameters before that query), as PostgreSQL tells a client
+        what its RESET changed."""
+        changed = [m.parameter_status(k, v) for k, v in server.params.items() if before.get(k) != v]
+        if changed:
+            self.transport.write(b"".join(changed))
 
     def withheld_ready(self, data: bytes, ready: int, status: int) -> bytes:
         """Statement pooling: `data` (a server's bytes for this client, completing `ready` ReadyForQuery,

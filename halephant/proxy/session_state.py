@@ -41,6 +41,7 @@ from halephant.errors import ClientError
 from halephant.protocol import codes
 from halephant.protocol.encodings import codec_of, notification_for
 from halephant.protocol.prepared import parse_context
+from halephant.protocol.session_params import settings_sql
 from halephant.protocol.session_queries import (
     KIND_FEATURE,
     KIND_LISTEN,
@@ -109,6 +110,7 @@ class SessionState:
         "search_path",
         "server_channels",
         "settings_owned",
+        "startup",
         "unlisten_undone",
         "unlistening",
     )
@@ -145,6 +147,9 @@ class SessionState:
         self.broken = ""
         #: `client.settings` is this client's own dict (the startup one may be shared)
         self.settings_owned = False
+        #: the settings the client logged in with (the startup dict itself, never changed), from the
+        #: first read-back on: what `RESET` brings a setting back to
+        self.startup: dict[str, str] = {}
         #: statements parsed by name (b"" = unnamed) that touch the session, with the inspect verdict they
         #: got: applied each time a Bind runs them (`on_bind`), not when they are prepared
         self.parsed: dict[bytes, tuple[Statement, Verdict | None]] = {}
@@ -460,6 +465,7 @@ def _read_back_done(
         return
     channels: set[str] = set()
     prepared: dict[str, str] = {}
+    restored = False
     for row in rows:
         kind, name, value, extra = [*row, None, None, None, None][:4]
         if name is None:
@@ -468,7 +474,8 @@ def _read_back_done(
             name = text_value(name)
             value = None if value is None else text_value(value)
         if kind == KIND_SETTING:
-            _setting_read(client, server, st, name, value, extra)
+            if _setting_read(client, server, st, name, value, extra):
+                restored = True
         elif kind == KIND_LISTEN:
             channels.add(name)
         elif kind == KIND_PREPARED and value is not None:
@@ -483,6 +490,9 @@ def _read_back_done(
         st.server_channels = channels
     if st.prepare_seen:
         st.prepared = prepared
+    if restored:
+        _restore_startup(client, server, st)
+        return
     _maybe_unpin(client, st)
     _clean_up(client, server, st)
 
@@ -500,19 +510,64 @@ def _setting_read(
     name: str,
     value: str | None,
     source: str | None,
-) -> None:
+) -> bool:
+    """Record a setting read back; True when the client reset one it gave at startup (which goes back
+    to its startup value)."""
     if not st.settings_owned:
+        st.startup = client.settings  # never changed from here on: a copy becomes the client's
         client.settings = dict(client.settings)
         if client.info is not None:
             client.info.settings = client.settings  # what plugins see (routing reads it)
         st.settings_owned = True
     if value is None or (source is not None and source != "session"):
-        # back at the server's own value: the pool default
-        client.settings.pop(name, None)
+        # back at the server's own value (RESET, RESET ALL, DISCARD ALL, SET ... TO DEFAULT)
         server.settings.pop(name, None)
-    else:
-        client.settings[name] = value
-        server.settings[name] = value
+        given = st.startup.get(name)
+        if given is None:
+            client.settings.pop(name, None)  # the pool default, as the client's own default
+            return False
+        # Connected directly, RESET goes back to the value the session got at startup, not the
+        # server's default (an asyncpg pool's RESET ALL must leave the search_path it connected with)
+        client.settings[name] = given
+        if given == value:
+            server.settings[name] = given  # the server's own value is the one given: nothing to set
+            return False
+        return True
+    client.settings[name] = value
+    server.settings[name] = value
+    return False
+
+
+def _restore_startup(client: ClientConnection, server: ServerConnection, st: SessionState) -> None:
+    """The transaction reset settings the client gave at startup: set them again on this server before
+    anything else runs there (the client's next transaction waits, as for the read-back), so that the
+    server's record is the client's again and the server goes back as any other. The client is told the
+    reported ones (application_name, TimeZone, DateStyle...) as PostgreSQL tells them after a RESET."""
+    sql = settings_sql(server.settings, client.settings)
+    server.settings = dict(client.settings)
+    st.reading_on = server
+    before = dict(server.params)
+    server.run_internal(sql, lambda rows, error: _startup_restored(client, server, before, error))
+
+
+def _startup_restored(
+    client: ClientConnection, server: ServerConnection, before: dict[str, str], error: str | None
+) -> None:
+    st = client.session
+    assert st is not None
+    if st.reading_on is server:
+        st.reading_on = None
+    if client.server is not server:
+        return  # the client left meanwhile; its server was dealt with then
+    if error is not None:
+        # rolled back as a whole: the server holds the pool defaults, which the client must not run with
+        log.warning("%r: could not set its startup settings again: %s", client, error)
+        st.broken = error
+        _hold(client, st, SESSION_PIN, f"startup settings not restored: {error}")
+        return
+    client.report_changed_parameters(server, before)
+    _maybe_unpin(client, st)
+    _clean_up(client, server, st)
 
 
 def _clean_up(client: ClientConnection, server: ServerConnection, st: SessionState) -> None:

@@ -27,7 +27,7 @@ from halephant.sql.lexer import (
     iter_tokens,
 )
 
-__all__ = ["SettingChange", "parse_bool", "setting_changes"]
+__all__ = ["SettingChange", "parse_bool", "resets_setting", "setting_changes"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,3 +220,21 @@ def setting_changes(text: str) -> tuple[SettingChange, ...] | None:
     if not value:
         return None
     return (SettingChange(name, value, local),)
+
+
+def resets_setting(text: str) -> bool:
+    """Whether the first statement of `text` may bring a setting back to its session's reset value (what
+    the session got at startup): `RESET x`, `RESET ALL`, `DISCARD ALL`, `SET x TO DEFAULT`, `SET TIME
+    ZONE LOCAL`. `SET LOCAL x TO DEFAULT` lasts only for its transaction: not counted."""
+    tokens = _tokens(text)
+    if not tokens or tokens[0][0] != WORD:
+        return False
+    first = tokens[0][1]
+    if first == "RESET":
+        return True
+    if first == "DISCARD":
+        return tokens[1:2] == [(WORD, "ALL")]
+    if first != "SET":
+        return False
+    changes = setting_changes(text)
+    return changes is not None and any(change.value is None and not change.local for change in changes)

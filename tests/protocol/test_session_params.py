@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from halephant.errors import ClientError
-from halephant.protocol.session_params import settings_sql, startup_settings
+from halephant.protocol.session_params import restore_sql, settings_sql, startup_settings
 
 
 def test_settings_exclude_connection_parameters_and_fold_names() -> None:
@@ -55,3 +55,11 @@ def test_sql_is_only_the_difference_and_quotes_values() -> None:
     assert settings_sql({"a": "1"}, {"a": "1"}) == ""
     assert settings_sql({"a": "1", "b": "2"}, {"a": "1"}) == "RESET b"
     assert settings_sql({}, {"x": "it's"}) == "SELECT pg_catalog.set_config('x', 'it''s', false)"
+
+
+def test_restore_sql_sets_again_only_what_the_session_no_longer_holds() -> None:
+    assert restore_sql({"search_path": "tenant1", "application_name": "it's"}) == (
+        "SELECT pg_catalog.set_config(t.n, t.v, false) FROM (VALUES ('search_path', 'tenant1'), "
+        "('application_name', 'it''s')) AS t(n, v) WHERE NOT EXISTS (SELECT FROM pg_catalog.pg_settings s "
+        "WHERE pg_catalog.lower(s.name) = t.n AND s.source = 'session')"
+    )

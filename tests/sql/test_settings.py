@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from halephant.sql import SettingChange, parse_bool, setting_changes
+from halephant.sql.settings import resets_setting
 
 DTRO = "default_transaction_read_only"
 TRO = "transaction_read_only"
@@ -87,3 +88,17 @@ def test_what_is_not_understood_is_none(text: str) -> None:
 )  # fmt: skip
 def test_parse_bool_like_postgresql(value: str, expected: bool | None) -> None:
     assert parse_bool(value) is expected
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("RESET search_path", True), ("reset all", True), ("RESET TIME ZONE", True), ("DISCARD ALL", True),
+        ("SET search_path TO DEFAULT", True), ("SET SESSION work_mem = DEFAULT", True),
+        ("SET TIME ZONE LOCAL", True), ("/* c */ RESET ALL", True),
+        ("SET LOCAL search_path TO DEFAULT", False), ("SET search_path = public", False),
+        ("DISCARD TEMP", False), ("DISCARD PLANS", False), ("SELECT 'RESET ALL'", False), ("", False),
+    ],
+)  # fmt: skip
+def test_resets_setting(text: str, expected: bool) -> None:
+    assert resets_setting(text) is expected
