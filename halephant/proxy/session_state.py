@@ -7,9 +7,18 @@ In transaction pooling the server changes at every transaction, so halephant car
   kept in `client.settings` and brought to whichever server the client gets next (only the difference, by
   `ServerConnection.apply_settings`). What survived is read from the server itself at the end of the
   transaction (`halephant.protocol.session_queries.boundary_sql`), so `SET LOCAL`, rolled-back `SET`s,
-  savepoints and failed statements need no guessing. `RESET x`, `RESET ALL` and `DISCARD ALL` bring the
-  client back to the pool's defaults. The server's own `settings` record follows, so the next client's
-  difference undoes exactly what this one left.
+  savepoints and failed statements need no guessing. The server's own `settings` record follows, so the
+  next client's difference undoes exactly what this one left.
+* RESET: connected directly, `RESET x`, `RESET ALL`, `DISCARD ALL` and `SET x TO DEFAULT` take a setting
+  back to the value the session got at startup. halephant sets the startup parameters as session values,
+  which those take back to the server's defaults: a setting the client gave at startup that is read back
+  at the server's own value gets its startup value again (`SessionState.startup`), set on the server
+  before the client's next statement (`_restore_startup`), and the client is told the reported ones
+  (ParameterStatus) as PostgreSQL tells them. Known limit: PostgreSQL has no way to change a session's
+  reset value, so the statements that follow the RESET in the same transaction (or in the same
+  multi-statement Query) see the pool's default for it; the startup value is back once that transaction
+  has ended (committed: a rolled-back RESET changes nothing), and the ParameterStatus telling the client
+  so comes right after that transaction's ReadyForQuery, where PostgreSQL sends it before.
 * Session-bound features (`halephant.sql.effects.FEATURES`): the `halephant_inspect_query` verdict
   decides (`Pin` with a `feature`, `Reject`, or nothing = emulate where halephant can). A feature that is
   neither rejected nor emulated pins the client to its server (logged with its reason) until a statement
@@ -560,10 +569,14 @@ def _startup_restored(
     if client.server is not server:
         return  # the client left meanwhile; its server was dealt with then
     if error is not None:
-        # rolled back as a whole: the server holds the pool defaults, which the client must not run with
+        # Rolled back as a whole: the server holds the pool's defaults, with which the client would read
+        # or write as another client. As when its settings cannot be applied on a server it gets: closed
+        # with the error; its server, whose record of settings is wrong now, gets `server_reset_query`
+        # (`on_leave`), which clears that record.
         log.warning("%r: could not set its startup settings again: %s", client, error)
         st.broken = error
-        _hold(client, st, SESSION_PIN, f"startup settings not restored: {error}")
+        code, _, message = error.partition(" ")
+        client.fail(ClientError(code or sqlstate.INTERNAL_ERROR, message or error, fatal=True))
         return
     client.report_changed_parameters(server, before)
     _maybe_unpin(client, st)

@@ -154,6 +154,26 @@ def test_pinned_client_gets_its_startup_settings_on_the_server_it_keeps(pg: Clus
         assert_pool_defaults(b)
 
 
+def test_a_startup_setting_that_cannot_be_set_again_closes_the_client(pg: Cluster, hal: Running) -> None:
+    # its startup value is gone after login (the text search configuration was dropped): set again after
+    # the RESET it fails, and the client must not go on with the pool's default
+    pg.primary.sql(
+        "DROP TEXT SEARCH CONFIGURATION IF EXISTS public.hal_reset;"
+        "CREATE TEXT SEARCH CONFIGURATION public.hal_reset (COPY = pg_catalog.simple)",
+        dbname="myapp",
+    )
+    with connect(hal, options="-c default_text_search_config=public.hal_reset") as a:
+        assert one(a, "SHOW default_text_search_config") == "public.hal_reset"
+        pg.primary.sql("DROP TEXT SEARCH CONFIGURATION public.hal_reset", dbname="myapp")
+        a.execute("RESET ALL")
+        with pytest.raises(psycopg.errors.InvalidParameterValue, match="hal_reset"):
+            a.execute("SELECT 1")  # told FATAL, as when a login's setting is refused
+        with pytest.raises(psycopg.OperationalError):
+            a.execute("SELECT 1")
+    with connect(hal) as b:  # the server, reset, holds nothing of `a`'s
+        assert one(b, "SHOW default_text_search_config") != "public.hal_reset"
+
+
 def test_asyncpg_pool_keeps_its_server_settings_across_its_reset(hal: Running) -> None:
     async def main() -> None:
         pool = await asyncpg.create_pool(
