@@ -20,6 +20,9 @@ Linking a server applies the client's settings first (startup parameters and the
 only where the server differs. What a transaction leaves in the session (settings, session-bound features,
 emulated LISTEN and SQL PREPARE) is `halephant.proxy.session_state`'s: a client that has any of it has a
 `session`, and only such a client costs more than one comparison at the end of a transaction.
+In session pooling the startup settings are applied once, at login, as session values: after a statement
+that may RESET them (seen among the statements already read for `halephant_inspect_query`), they are set
+again where the session no longer holds them (`_restore_startup`), as PostgreSQL's RESET goes back to them.
 Named prepared statements do not pin: from its first named Parse a client's messages go through
 `halephant.proxy.prepared`, which maps its names onto statements shared on the servers.
 A rejected statement is answered without running it. With no server linked the answer is local; inside a

@@ -208,7 +208,8 @@ def psycopg_reported(t: Target) -> Any:
 @workload(
     "psycopg",
     "RESET back to the startup parameters",
-    known_difference="RESET returns to the pool's defaults, not to the client's startup parameters",
+    known_difference="the ParameterStatus of a startup value RESET brings back comes right after the "
+    "RESET's ReadyForQuery, not before it: a client that reads nothing more still shows the pool's default",
 )
 def psycopg_reset_to_startup(t: Target) -> Any:
     dsn = t.dsn + " application_name=startup options='-c work_mem=6MB'"
