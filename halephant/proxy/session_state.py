@@ -458,15 +458,22 @@ def _read_back(client: ClientConnection, server: ServerConnection, st: SessionSt
     server.run_internal(sql, lambda rows, error: _read_back_done(client, server, rows, error))
 
 
-def _read_back_done(
-    client: ClientConnection, server: ServerConnection, rows: list[list[str | None]], error: str | None
-) -> None:
+def _answered(client: ClientConnection, server: ServerConnection) -> SessionState | None:
+    """The client's session state once halephant's own query on `server` has its answer; None when the
+    client left meanwhile (its server was dealt with then)."""
     st = client.session
     assert st is not None
     if st.reading_on is server:
         st.reading_on = None
-    if client.server is not server:
-        return  # the client left meanwhile; its server was dealt with then
+    return st if client.server is server else None
+
+
+def _read_back_done(
+    client: ClientConnection, server: ServerConnection, rows: list[list[str | None]], error: str | None
+) -> None:
+    st = _answered(client, server)
+    if st is None:
+        return
     if error is not None:
         log.warning("%r: could not read its session state back: %s", client, error)
         st.broken = error
@@ -562,12 +569,9 @@ def _restore_startup(client: ClientConnection, server: ServerConnection, st: Ses
 def _startup_restored(
     client: ClientConnection, server: ServerConnection, before: dict[str, str], error: str | None
 ) -> None:
-    st = client.session
-    assert st is not None
-    if st.reading_on is server:
-        st.reading_on = None
-    if client.server is not server:
-        return  # the client left meanwhile; its server was dealt with then
+    st = _answered(client, server)
+    if st is None:
+        return
     if error is not None:
         # Rolled back as a whole: the server holds the pool's defaults, with which the client would read
         # or write as another client. As when its settings cannot be applied on a server it gets: closed
