@@ -25,7 +25,7 @@ from halephant.server_tls import (
 )
 from halephant.unix_socket import connect_stream
 
-__all__ = ["close", "log_in", "until_ready"]
+__all__ = ["cancel", "close", "log_in", "until_ready"]
 
 Session = TypeVar("Session", bound=OwnSession)
 
@@ -112,3 +112,18 @@ async def _log_in(
         await close(stream, session)
         raise
     return stream, session, None, encrypted
+
+
+async def cancel(host: str, port: int, tls: ServerTls | None, backend_key: tuple[int, int]) -> None:
+    """Send a CancelRequest for the query the backend of `backend_key` runs (over TLS as `tls` says, as
+    libpq 17 sends them), within five seconds; one that cannot be sent is let go (the query then ends
+    when it ends). Closing a session's connection alone lets its query run to its end: PostgreSQL
+    notices a closed connection only when it next reads from it or writes to it."""
+    with anyio.move_on_after(5):
+        try:
+            stream = await connect_stream(host, port, tls)
+            async with stream:
+                await stream.send(m.cancel_request(*backend_key))
+                await stream.receive()  # PostgreSQL closes the connection once it has taken it
+        except (OSError, anyio.EndOfStream, anyio.BrokenResourceError):
+            pass

@@ -35,6 +35,7 @@ class OwnSession:
         "_auth",
         "_authenticated",
         "_buf",
+        "backend_key",
         "error",
         "logged_in",
         "refusal",
@@ -59,6 +60,8 @@ class OwnSession:
         self.error: str | None = None
         self.logged_in = False
         self._authenticated = False  # AuthenticationOk came
+        #: the server's BackendKeyData (process ID, secret key): what a CancelRequest for its query needs
+        self.backend_key: tuple[int, int] | None = None
         #: the login's ErrorResponse (SQLSTATE, message) when it came before AuthenticationOk
         self.refusal: tuple[str, str] | None = None
         #: blocking login work (a SCRAM key derivation) to run in a worker thread before `feed(b"")`
@@ -121,5 +124,7 @@ class OwnSession:
                     raise self.failed(f"{exc.message} ({exc.code})", True) from None
                 if reply is not None:
                     out.append(reply)
-            # ParameterStatus, BackendKeyData, RowDescription, CommandComplete, notices: not needed
+            elif t == codes.BACKEND_KEY_DATA:
+                self.backend_key = m.decode_backend_key_data(payload)
+            # ParameterStatus, RowDescription, CommandComplete, notices: not needed
         return b"".join(out), ready

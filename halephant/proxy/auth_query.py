@@ -10,7 +10,9 @@ per lookup) is bounded by the answers kept for `cache_for` seconds and by runnin
 clients that log in as the same user at the same time; at most `_CONCURRENT` lookups connect at once.
 
 The lookup runs in the app's task group, never on the client's callbacks: the client waits in its AUTH
-state, bounded by its `login_timeout` like any login (the lookup itself by the same time). The result
+state, bounded by its `login_timeout` like any login (the lookup itself by the same time: a query still
+running then is cancelled with a CancelRequest, or its backend would stay busy until it ends, one more
+for every login that tries again). The result
 reaches each waiting client through its callback, as the exchange to run (`halephant.auth.lookup.
 method_for`) or as the error that ends its login: 08006 when the primary cannot be reached or refuses
 the auth_user's login, 28000 when the query fails; either way with a log line that says why.
@@ -30,7 +32,7 @@ from halephant import sqlstate
 from halephant.auth import lookup
 from halephant.auth.upstream import passthrough_unready
 from halephant.errors import ClientError
-from halephant.node_streams import close, log_in, until_ready
+from halephant.node_streams import cancel, close, log_in, until_ready
 from halephant.server_tls import stream_certificate
 from halephant.types import AuthMethod, LookUp, PoolTarget
 
@@ -96,13 +98,14 @@ async def _query(app: App, target: PoolTarget, method: LookUp, user: str) -> str
         raise lookup.LookupFailed(f"no primary of cluster {target.cluster} is available", reached=False)
     if _slots is None:
         _slots = anyio.Semaphore(_CONCURRENT)
+    tls = app.manager.tls_for(target.cluster)
     with anyio.fail_after(config.limits.login_timeout):
         async with _slots:
             try:
                 stream, session = await log_in(
                     primary.host,
                     primary.port,
-                    app.manager.tls_for(target.cluster),
+                    tls,
                     lambda stream: lookup.LookupSession(
                         role, password, method.dbname, stream_certificate(stream)
                     ),
@@ -118,6 +121,12 @@ async def _query(app: App, target: PoolTarget, method: LookUp, user: str) -> str
                 await stream.send(session.query(method.query, user))
                 await _until_ready(stream, session)
                 return session.result()
+            except anyio.get_cancelled_exc_class():
+                # login_timeout passed while the query runs (a lock wait, an overloaded primary): left
+                # alone it would hold its backend until it ends, one more for every login that retries
+                if session.backend_key is not None:
+                    app.spawn(cancel, primary.host, primary.port, tls, session.backend_key)
+                raise
             finally:
                 await close(stream, session)
 
