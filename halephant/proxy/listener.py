@@ -34,7 +34,6 @@ import anyio
 
 from halephant import sqlstate
 from halephant.auth.lookup import upstream_secret
-from halephant.auth.upstream import passthrough_unready
 from halephant.errors import ClientError
 from halephant.protocol import codes
 from halephant.protocol import messages as m
@@ -271,14 +270,10 @@ class _Listener(StandIn):
             "client_encoding": "UTF8",
         }
         loop = self.app.loop
-        secret = upstream_secret(target)
-        server = ServerConnection(self.app.manager, self.pool, startup, secret, loop)
+        server = ServerConnection(self.app.manager, self.pool, startup, upstream_secret(target), loop)
         try:
             if not self.pool.host:
                 raise ConnectionError("no primary is available")
-            unready = passthrough_unready(target.server_user, secret)
-            if unready is not None:
-                raise unready
             with anyio.fail_after(self.app.config.limits.connect_timeout):
                 server = await server.open(self.app.manager.tls_for(target.cluster), "shared listener")
         except Exception as exc:

@@ -28,7 +28,6 @@ import anyio
 
 from halephant import sqlstate
 from halephant.auth.lookup import upstream_secret
-from halephant.auth.upstream import passthrough_unready
 from halephant.config import Config
 from halephant.errors import ClientError, OutOfResources
 from halephant.pool.caps import DB, USER, Cap, covers
@@ -382,14 +381,10 @@ class PoolManager:
                     self._caps_changed(pool, failed=True)
                 return
             pool.login_refused = None
-        secret = upstream_secret(target)
-        server = ServerConnection(self, pool, startup, secret, loop)
+        server = ServerConnection(self, pool, startup, upstream_secret(target), loop)
         tls: ServerTls | None = None
         in_plaintext_after_tls = False
         try:
-            unready = passthrough_unready(target.server_user, secret)
-            if unready is not None:
-                raise unready  # refused as PostgreSQL's refusal is, without a connection to PostgreSQL
             tls = self.tls_for(target.cluster)
             with anyio.fail_after(self.app.config.limits.connect_timeout):
                 opened = await server.open(tls)

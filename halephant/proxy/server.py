@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, cast
 import anyio.to_thread
 
 from halephant import sqlstate
-from halephant.auth.upstream import UpstreamAuth
+from halephant.auth.upstream import UpstreamAuth, passthrough_unready
 from halephant.errors import ClientError, ProtocolViolation
 from halephant.protocol import codes
 from halephant.protocol import messages as m
@@ -210,7 +210,12 @@ class ServerConnection(asyncio.Protocol):
         """Connect to the pool's node, over TLS as the cluster's `tls` settings say, and log in: this
         connection once logged in, or the one opened in its place without TLS when `prefer` tries a login
         refused over TLS again (see `halephant.server_tls`; `what` it is, for that log line). Raises the
-        login's error; the caller aborts this connection then (the other one is aborted here)."""
+        login's error; the caller aborts this connection then (the other one is aborted here). A
+        pass-through login with nothing to answer yet is refused as PostgreSQL's refusal is, without
+        connecting (`halephant.auth.upstream.passthrough_unready`)."""
+        unready = passthrough_unready(self._startup["user"], self._password)
+        if unready is not None:
+            raise unready
         await self._connect(tls)
         try:
             await self.login
