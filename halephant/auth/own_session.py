@@ -14,6 +14,7 @@ plaintext (`halephant.server_tls.retries_in_plaintext`).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import ClassVar
 
 from halephant import sqlstate
 from halephant.auth.upstream import UpstreamAuth
@@ -44,16 +45,14 @@ class OwnSession:
         "startup_params",
     )
 
+    #: what pg_stat_activity shows of this kind of session (each subclass names its own)
+    application_name: ClassVar[str]
+
     def __init__(
-        self,
-        user: str,
-        password: str | None,
-        database: str,
-        application_name: str,
-        server_certificate: bytes | None = None,
+        self, user: str, password: str | None, database: str, server_certificate: bytes | None = None
     ) -> None:
         self._auth = UpstreamAuth(user, password, server_certificate)
-        self.startup_params = {"user": user, "database": database, "application_name": application_name}
+        self.startup_params = {"user": user, "database": database, "application_name": self.application_name}
         self._buf = b""
         #: the rows of the last query, and its first error (`message (SQLSTATE)`)
         self.rows: list[list[str | None]] = []

@@ -151,6 +151,11 @@ def _fatal(reject: Reject) -> ClientError:
     return ClientError(reject.code, reject.message, hint=reject.hint, detail=reject.detail, fatal=True)
 
 
+def _error(reject: Reject) -> bytes:
+    """A Reject of a statement or a transaction, as the ErrorResponse (ERROR) the client is told."""
+    return m.error_response(reject.code, reject.message, hint=reject.hint, detail=reject.detail)
+
+
 _NEEDS_NO_SERVER = frozenset((codes.SYNC, codes.FLUSH, codes.COPY_DATA, codes.COPY_DONE, codes.COPY_FAIL))
 #: of those, the ones PostgreSQL answers with ERROR 08P01 "invalid message format" when they have a body
 _EMPTY_ONLY = frozenset((codes.SYNC, codes.FLUSH))
@@ -472,7 +477,7 @@ class ClientConnection(asyncio.Protocol):
         if (
             self.state != READY
             or not self._awaits_answers()
-            or self.transport.get_extra_info("ssl_object") is not None
+            or self._over_tls()
             or _peer_gone(self.transport)
         ):
             return None
@@ -933,9 +938,7 @@ class ClientConnection(asyncio.Protocol):
                         log.info("%r: rejected %s: %s", self, verdict.code, verdict.reason)
                         self.app.stats.decide("reject", self.info, verdict.reason, verdict.code)
                         self.app.stats.error(verdict.code)
-                        error = m.error_response(
-                            verdict.code, verdict.message, hint=verdict.hint, detail=verdict.detail
-                        )
+                        error = _error(verdict)
                         if server is None:
                             self._reject_locally(t, error)
                         else:
@@ -1398,9 +1401,7 @@ class ClientConnection(asyncio.Protocol):
         if not ready:
             raise _fatal(route)
         app.stats.error(route.code)
-        self._reject_locally(
-            t, m.error_response(route.code, route.message, hint=route.hint, detail=route.detail)
-        )
+        self._reject_locally(t, _error(route))
         return True
 
     def forget_pools(self) -> None:
@@ -1472,9 +1473,7 @@ class ClientConnection(asyncio.Protocol):
         if self.state == CLOSED:
             return
         if self.state != READY or (self.pool_info is not None and self.pool_info.mode is PoolMode.SESSION):
-            self.fail(
-                ClientError(error.code, error.message, hint=error.hint, detail=error.detail, fatal=True)
-            )
+            self.fail(error)  # (always sent as FATAL)
             return
         self.app.stats.error(error.code)
         self._reject_next = m.client_error_response(error, fatal=False)

@@ -98,11 +98,7 @@ class ProbeSession(OwnSession):
     """The probe's side of the protocol, sans-IO: `startup()`, then `query()`; `feed()` what arrives."""
 
     __slots__ = ()
-
-    def __init__(
-        self, user: str, password: str | None, database: str, server_certificate: bytes | None = None
-    ) -> None:
-        super().__init__(user, password, database, APPLICATION_NAME, server_certificate)
+    application_name = APPLICATION_NAME
 
     def failed(self, message: str, login: bool) -> Exception:
         return ProbeFailed(message)
