@@ -96,7 +96,8 @@ def start_console(client: ClientConnection) -> None:
     out.append(m.parameter_status("application_name", info.application_name))
     out.append(m.backend_key_data(info.id, client.cancel_key))
     out.append(m.READY_FOR_QUERY_IDLE)
-    client.transport.write(b"".join(out))
+    client.send(b"".join(out))
+    client.write_held()  # the console writes to the transport itself from here on
     session = ConsoleSession(app, client, readonly)
     client.transport.set_protocol(session)
     # Not a pool client any more: the login, idle and drain sweeps leave it alone, and the console

@@ -63,7 +63,7 @@ from halephant.protocol.startup import (
     StartupFramer,
     StartupMessage,
 )
-from halephant.proxy import client_tls, prepared, session_state
+from halephant.proxy import client_tls, output, prepared, session_state
 from halephant.proxy.auth_query import look_up
 from halephant.proxy.limits import too_many_clients
 from halephant.proxy.peer import peer_refusal
@@ -245,6 +245,7 @@ class ClientConnection(asyncio.Protocol):
         "copy_ended",
         "copy_mark",
         "held_back",
+        "held_output",
         "info",
         "link_count",
         "login_deadline",
@@ -323,6 +324,8 @@ class ClientConnection(asyncio.Protocol):
         #: what the client sent for its next transaction waits in `_buf` while halephant finishes its own
         #: business with the last one's server (`_after_transaction`)
         self.held_back = False
+        #: what is to be written to the client at the end of this loop iteration (`send`)
+        self.held_output: bytes | None = None
         self._last_sync_point = 0
         #: the Query that began the current transaction from idle, while it is the only sync point sent in
         #: it before the latest one (a stale-plan retry replays it: halephant.proxy.prepared.forward)
@@ -459,6 +462,7 @@ class ClientConnection(asyncio.Protocol):
             self.transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.held_output = None
         if self.state == CLOSED:
             return
         if self.state == HANDSHAKE:
@@ -684,7 +688,7 @@ class ClientConnection(asyncio.Protocol):
             )
             raise refused
         if packet.minor > 0 or packet.protocol_options:
-            self.transport.write(m.negotiate_protocol_version(codes.PROTOCOL_3_0, packet.protocol_options))
+            self.send(m.negotiate_protocol_version(codes.PROTOCOL_3_0, packet.protocol_options))
         if packet.replication:
             raise ClientError(
                 sqlstate.FEATURE_NOT_SUPPORTED, "replication connections are not supported", fatal=True
@@ -735,7 +739,7 @@ class ClientConnection(asyncio.Protocol):
             self._authenticated("trust")
             return
         self.state = AUTH
-        self.transport.write(self._exchange.start())
+        self.send(self._exchange.start())
 
     def _looked_up(self, answer: AuthMethod | ClientError) -> None:
         """The password lookup (`halephant.proxy.auth_query`) answered: the exchange to run, or the error
@@ -769,7 +773,7 @@ class ClientConnection(asyncio.Protocol):
             assert self._exchange is not None
             reply, done = self._exchange.feed(buf[start:end])
             if reply:
-                self.transport.write(reply)
+                self.send(reply)
             if done:
                 # whatever came behind the last password message, complete messages included, is the
                 # client's first request: a pipelining client does not wait for AuthenticationOk
@@ -804,7 +808,7 @@ class ClientConnection(asyncio.Protocol):
             )
             raise refused
         self.pool_info = pool_info  # from here on the client is counted (see _closed)
-        self.transport.write(m.AUTHENTICATION_OK)
+        self.send(m.AUTHENTICATION_OK)
         mode = self.pool_info.mode
         self.transaction_mode = mode is not PoolMode.SESSION
         self.statement_mode = mode is PoolMode.STATEMENT
@@ -859,7 +863,7 @@ class ClientConnection(asyncio.Protocol):
             process_id = self.app.session_process_id(self, self.server.backend_pid)
         out.append(m.backend_key_data(process_id, self.cancel_key))
         out.append(m.READY_FOR_QUERY_IDLE)
-        self.transport.write(b"".join(out))
+        self.send(b"".join(out))
         self.state = READY
         if self.server is not None and self.transaction_mode:
             self._release(after_transaction=False)
@@ -916,7 +920,7 @@ class ClientConnection(asyncio.Protocol):
                     continue
                 self.skip_to_sync = False
                 if server is None:
-                    self.transport.write(m.READY_FOR_QUERY_IDLE)
+                    self.send(m.READY_FOR_QUERY_IDLE)
                     continue
                 fwd = head  # the Sync itself goes to the server, whose ReadyForQuery answers it
             statement = None
@@ -978,7 +982,7 @@ class ClientConnection(asyncio.Protocol):
                     # as the server would ignore them. None of them is worth a checkout. A Sync or Flush
                     # with a body goes to a server, whose ERROR 08P01 (and skip to Sync) is the answer.
                     if t == codes.SYNC:
-                        self.transport.write(m.READY_FOR_QUERY_IDLE)
+                        self.send(m.READY_FOR_QUERY_IDLE)
                     fwd = end
                     continue
                 if (
@@ -1297,14 +1301,14 @@ class ClientConnection(asyncio.Protocol):
             return False
         self._first_checked = False
         self.sweep_links = -1  # activity for the timeout sweep, as a transaction through a server is
-        self.transport.write(_LONE_ROLLBACK if match.group(1) else _LONE_COMMIT)
+        self.send(_LONE_ROLLBACK if match.group(1) else _LONE_COMMIT)
         return True
 
     def _reject_locally(self, t: int, error: bytes) -> None:
         """Answer a rejected message with no server involved (between transactions)."""
-        self.transport.write(error)
+        self.send(error)
         if t in _SYNC_POINTS:
-            self.transport.write(m.READY_FOR_QUERY_IDLE)
+            self.send(m.READY_FOR_QUERY_IDLE)
         else:
             self.skip_to_sync = True
 
@@ -1671,7 +1675,7 @@ class ClientConnection(asyncio.Protocol):
         what its RESET changed."""
         changed = [m.parameter_status(k, v) for k, v in server.params.items() if before.get(k) != v]
         if changed:
-            self.transport.write(b"".join(changed))
+            self.send(b"".join(changed))
 
     def withheld_ready(self, data: bytes, ready: int, status: int) -> bytes:
         """Statement pooling: `data` (a server's bytes for this client, completing `ready` ReadyForQuery,
@@ -1882,7 +1886,7 @@ class ClientConnection(asyncio.Protocol):
         if not probed and server is not None and server.at_message_boundary():
             value = server.params.get("integer_datetimes")
             if value is not None:
-                transport.write(m.parameter_status("integer_datetimes", value))
+                self.send(m.parameter_status("integer_datetimes", value))
                 probed = True
         self.app.loop.call_later(_HALF_CLOSED_CHECK, self._check_half_closed, probed)
 
@@ -1907,17 +1911,40 @@ class ClientConnection(asyncio.Protocol):
         # (mid-handshake, plaintext would break the handshake rather than be read)
         if not mid_message and self.state != HANDSHAKE and (server is None or server.scanner.at_boundary):
             try:
-                self.transport.write(m.client_error_response(error, fatal=True))
+                self.send(m.client_error_response(error, fatal=True))
             except Exception:  # the transport may be gone already
                 pass
         level = logging.WARNING if error.code == sqlstate.INTERNAL_ERROR else logging.INFO
         log.log(level, "%r: closing: %s %s", self, error.code, error.message, extra={"sqlstate": error.code})
         self.close(f"closed by halephant: {error.code}")
 
+    def send(self, data: bytes) -> None:
+        """Write `data` to the client at the end of this loop iteration, behind what it has been sent
+        already (`halephant.proxy.output`): every write after the TLS negotiation goes through here."""
+        out = self.held_output
+        if out is None:
+            self.held_output = data
+            if not output.held:
+                self.app.loop.call_soon(output.flush)
+            output.held.append(self)
+        else:
+            self.held_output = out + data
+
+    def write_held(self) -> None:
+        """Write what `send` holds for the client now, ahead of what comes next on its transport."""
+        out = self.held_output
+        if out is not None:
+            self.held_output = None
+            self.transport.write(out)
+
     def close(self, reason: str = "", *, terminated: bool = False) -> None:
         """Close the connection; `terminated`: the client sent Terminate (see `_closed`)."""
         if self.state == CLOSED:
             return
+        try:
+            self.write_held()  # the error that ends it, for one, goes before the end
+        except Exception:  # the transport may be gone already
+            self.held_output = None
         self._closed(
             reason or ("client sent Terminate" if self.state == READY else "closed during login"), terminated
         )

@@ -107,7 +107,7 @@ def forward(
     queue = ps.queue
     if queue and queue[0][1] == SYNTH and sc.at_boundary:
         # nothing before it is outstanding: answer now (the client may wait for it after a Flush)
-        client.transport.write(ps.due_replies(sc.status))
+        client.send(ps.due_replies(sc.status))
 
 
 def reject(client: ClientConnection, t: int, error: bytes) -> None:
@@ -261,7 +261,7 @@ def relay(server: ServerConnection, data: bytes, client: ClientConnection) -> No
         elif client.statement_mode and out and not rest and not server._buf:
             out = [client.withheld_ready(b"".join(out), ready, status)]
     if out:
-        client.transport.write(b"".join(out))
+        client.send(b"".join(out))
     if kept:
         server._kept(kept, client, ready)
     if ready:

@@ -39,6 +39,7 @@ from halephant.protocol.framing import PASSED_AS_IT_COMES, BackendScanner, split
 from halephant.protocol.session_params import settings_sql
 from halephant.protocol.session_queries import decode_data_row
 from halephant.proxy import prepared, session_state
+from halephant.proxy.output import held as _held
 from halephant.server_tls import (
     Refusal,
     ServerTls,
@@ -356,12 +357,21 @@ class ServerConnection(asyncio.Protocol):
                     self.xact_seen += 1
                 elif client.statement_mode:
                     data = client.withheld_ready(data, ready, status)
-                client.transport.write(data)
+                if client.held_output is None and not _held and len(self.pool.active) < 2:
+                    # nothing else held and no other server busy in its pool: nothing to write it with,
+                    # and holding it would delay it by what `server_ready` does next (halephant.proxy.output)
+                    client.transport.write(data)
+                else:
+                    client.send(data)  # written with the other answers of this loop iteration
                 if sc.kept:
                     self._kept(sc.kept, client, ready)
                 client.server_ready(ready, status, sc.at_boundary)
             else:
-                client.transport.write(data)
+                # part of an answer: written at once, unless output held for the client comes first
+                if client.held_output is None:
+                    client.transport.write(data)
+                else:
+                    client.send(data)
                 if sc.kept:
                     self._kept(sc.kept, client)
             return
@@ -405,12 +415,12 @@ class ServerConnection(asyncio.Protocol):
                 self.xact_seen += 1  # a transaction (or a run of autocommit statements) ended
             elif client.statement_mode:
                 data = client.withheld_ready(data, ready, status)
-            client.transport.write(data)
+            client.send(data)
             if sc.kept:
                 self._kept(sc.kept, client, ready)
             client.server_ready(ready, status, sc.at_boundary)
         else:
-            client.transport.write(data)
+            client.send(data)
             if sc.kept:
                 self._kept(sc.kept, client)
 
@@ -495,7 +505,7 @@ class ServerConnection(asyncio.Protocol):
                     self.dirty = f"could not apply a client's settings: {fields.get('M', '')}"
             elif t == codes.NOTIFICATION_RESPONSE:
                 # a notification is the client's, whoever's query it arrived behind
-                client.transport.write(buf[start - 5 : end])
+                client.send(buf[start - 5 : end])
                 if client.transaction_mode:
                     client.notification_relayed(buf[start:end])
             elif t == codes.READY_FOR_QUERY:
@@ -597,7 +607,7 @@ class ServerConnection(asyncio.Protocol):
         else:
             self._buf = b""  # the rest takes the fast path (a row: as it comes, see `_rewrite_path`)
         self.scanner.status = status
-        client.transport.write(b"".join(out))
+        client.send(b"".join(out))
         if kept:
             self._kept(kept, client, ready)
         if ready:

@@ -770,7 +770,7 @@ def late_notification(client: ClientConnection, message: bytes) -> None:
 
 def _write_notification(client: ClientConnection, st: SessionState, message: bytes) -> None:
     if not st.queue and client.server is None and not client.write_paused and client.waiting_pool is None:
-        client.transport.write(message)
+        client.send(message)
         return
     st.queue.append(message)
     st.queued_bytes += len(message)
@@ -802,4 +802,4 @@ def flush(client: ClientConnection) -> None:
     out = b"".join(st.queue)
     st.queue.clear()
     st.queued_bytes = 0
-    client.transport.write(out)
+    client.send(out)

@@ -10,7 +10,7 @@ give a `transport` to write the server's bytes to.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from halephant.proxy.server import ServerConnection
@@ -24,6 +24,12 @@ class StandIn:
     prepared = None  # never names a prepared statement (halephant.proxy.prepared)
     session = None  # carries no session state (an ErrorResponse, say of a failed reset, checks it)
     held_back = False  # holds nothing back for a next transaction (ClientConnection.resume_held)
+    held_output = None  # its output is never held to the end of the loop iteration: `send` writes it
+
+    transport: Any  # where the server's bytes go (a subclass's sink)
+
+    def send(self, data: bytes) -> None:
+        self.transport.write(data)
 
     def server_lost(self, server: ServerConnection, reason: str) -> None:
         pass

@@ -107,7 +107,7 @@ def _notify_waiting(client: ClientConnection, pool: ServerPool, waiting: int, no
     else:
         why = f"is full ({len(pool.active)} busy)"
     try:
-        client.transport.write(
+        client.send(
             m.notice_response(
                 sqlstate.SUCCESSFUL_COMPLETION,
                 f"halephant: waiting {waited:.1f} s for a server connection: pool {pool.name} {why}, "
@@ -255,7 +255,7 @@ def sweep_clients(app: App, now: float) -> None:
             client.sweep_since = now
             if server.at_message_boundary():
                 # PostgreSQL will only say "canceling statement due to user request": say whose request
-                client.transport.write(
+                client.send(
                     m.notice_response(
                         sqlstate.SUCCESSFUL_COMPLETION,
                         f"halephant: cancelling the query: it ran past query_timeout ({query_timeout:g}s)",
@@ -274,7 +274,7 @@ def _unread(client: ClientConnection) -> int:
     where the system tells, the socket's send queue. Changes only when the client reads, while halephant
     has stopped reading its server (the client being slow to read: `write_paused`)."""
     transport = client.transport
-    unread = transport.get_write_buffer_size()
+    unread = transport.get_write_buffer_size() + len(client.held_output or b"")
     sock = transport.get_extra_info("socket")
     if sock is not None and _OUTQ is not None:
         try:

@@ -17,7 +17,7 @@ import struct
 import time
 from typing import Any
 
-from support.fakes import RecordingTransport
+from support.fakes import RecordingTransport, SendsDirectly
 
 from halephant.protocol import messages as m
 from halephant.proxy import session_state
@@ -26,7 +26,7 @@ from halephant.proxy.session_state import SessionState
 from halephant.proxy.stand_in import StandIn
 
 
-class _Client:
+class _Client(SendsDirectly):
     """What `deliver` and `late_notification` read of a client between transactions."""
 
     def __init__(self) -> None:

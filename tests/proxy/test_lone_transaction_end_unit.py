@@ -13,7 +13,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from support.fakes import RecordingTransport
+from support.fakes import RecordingTransport, SendsDirectly
 
 from halephant.proxy import client as client_module
 from halephant.proxy.client import ClientConnection
@@ -54,7 +54,7 @@ NOT_ANSWERED = [
 ]
 
 
-class _Client:
+class _Client(SendsDirectly):
     """What `_end_outside_transaction` reads of a transaction-mode client with no server linked."""
 
     def __init__(self, **overrides: Any) -> None:

@@ -11,3 +11,13 @@ class RecordingTransport:
 
     def write(self, data: bytes) -> None:
         self.written.append(data)
+
+
+class SendsDirectly:
+    """For fake clients: `ClientConnection.send` writing at once, without holding the output to the end of
+    the loop iteration (`halephant.proxy.output`), so that a test reads it from `transport.written`."""
+
+    transport: RecordingTransport
+
+    def send(self, data: bytes) -> None:
+        self.transport.write(data)
