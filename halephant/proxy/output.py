@@ -11,14 +11,16 @@ alone; written together, the answers of one iteration are found together. Behind
 `-S` at c=100 made 0.34 `ppoll` calls per transaction before this and 0.19 with it (behind PgBouncer:
 0.17 to 0.23), and the CPU it no longer spent went to PostgreSQL and halephant (bench/README.md).
 
-Where nothing is to be gained the answer is written at once (`halephant.proxy.server`'s hot path):
-  * a server's answer when nothing is held yet in this iteration and no other server of its pool is
-    busy: a lone client would only wait for what `server_ready` does next (pgbench at c=1 lost about
-    10 % when its answers were held too);
-  * part of an answer (no ReadyForQuery in the chunk) when nothing is held for its client: a large
-    result gains nothing from waiting;
+Only an answer that ends the client's transaction waits, and only where there is something to write it
+with (`ServerConnection._to_client`, inlined on the hot path); everything else is written at once:
+  * an answer while nothing is held yet in this iteration and no other server of its pool is busy: a
+    lone client would only wait for what `server_ready` does next (pgbench at c=1 lost about 10 % when
+    its answers were held too);
+  * an answer inside a transaction: the locks the transaction holds would be held longer;
+  * part of an answer (no ReadyForQuery in the chunk): a large result gains nothing from waiting;
   * the answers to SSLRequest and GSSENCRequest, ahead of a TLS handshake;
   * what the stand-ins that take a client's place on a server receive (`halephant.proxy.stand_in`).
+What halephant answers itself after login (`ClientConnection.send`) is held.
 
 Order is kept: once a client has output held, everything else for it is appended behind it, and
 `ClientConnection.close` writes what is held before closing; the admin console writes what is held

@@ -350,24 +350,27 @@ class ServerConnection(asyncio.Protocol):
             except ProtocolViolation as exc:
                 self._lost_with_client(client, f"protocol violation from server: {exc.message}")
                 return
+            # `_to_client`, inlined too
             if ready:
                 self.rfq_seen += ready
                 status = sc.status
                 if status == _TX_IDLE:
                     self.xact_seen += 1
-                elif client.statement_mode:
-                    data = client.withheld_ready(data, ready, status)
-                if client.held_output is None and not _held and len(self.pool.active) < 2:
-                    # nothing else held and no other server busy in its pool: nothing to write it with,
-                    # and holding it would delay it by what `server_ready` does next (halephant.proxy.output)
-                    client.transport.write(data)
+                    if client.held_output is None and not _held and len(self.pool.active) < 2:
+                        client.transport.write(data)
+                    else:
+                        client.send(data)
                 else:
-                    client.send(data)  # written with the other answers of this loop iteration
+                    if client.statement_mode:
+                        data = client.withheld_ready(data, ready, status)
+                    if client.held_output is None:
+                        client.transport.write(data)
+                    else:
+                        client.send(data)
                 if sc.kept:
                     self._kept(sc.kept, client, ready)
                 client.server_ready(ready, status, sc.at_boundary)
             else:
-                # part of an answer: written at once, unless output held for the client comes first
                 if client.held_output is None:
                     client.transport.write(data)
                 else:
@@ -415,14 +418,26 @@ class ServerConnection(asyncio.Protocol):
                 self.xact_seen += 1  # a transaction (or a run of autocommit statements) ended
             elif client.statement_mode:
                 data = client.withheld_ready(data, ready, status)
-            client.send(data)
+            self._to_client(data, client, status == _TX_IDLE)
             if sc.kept:
                 self._kept(sc.kept, client, ready)
             client.server_ready(ready, status, sc.at_boundary)
         else:
-            client.send(data)
+            self._to_client(data, client, False)
             if sc.kept:
                 self._kept(sc.kept, client)
+
+    def _to_client(self, data: bytes, client: ClientConnection, over: bool) -> None:
+        """Relay a chunk to the client, at once or with the other answers of this loop iteration
+        (`halephant.proxy.output`). Only an answer that ends the client's transaction (`over`) waits, and
+        only where there is something to write it with: output held already in this iteration, or
+        other servers of its pool at work whose answers may come in it. Part of an answer gains nothing
+        from waiting, nor does the answer of a client alone; an answer inside a transaction would keep
+        that transaction's locks longer. What is held for the client already is never overtaken."""
+        if client.held_output is None and (not over or (not _held and len(self.pool.active) < 2)):
+            client.transport.write(data)
+        else:
+            client.send(data)
 
     def _kept(self, kept: list[tuple[int, bytes]], client: ClientConnection, counted: int = 0) -> None:
         """Act on the messages the scanner copied out of a chunk (`counted`: ReadyForQuery of that chunk

@@ -178,6 +178,17 @@ def test_an_answer_is_held_while_other_servers_of_its_pool_are_busy(loop: asynci
     assert client.transport.written == [_ready()]
 
 
+def test_an_answer_inside_a_transaction_is_written_at_once(loop: asyncio.AbstractEventLoop) -> None:
+    # its transaction's locks wait for the client's next statement: never held longer than it takes
+    client = _Linked(loop)
+    other = _Linked(loop)
+    _server(loop, other, busy=3).data_received(_ready())  # something is held in this iteration already
+    in_transaction = m.message(b"C", b"UPDATE 1\0") + m.message(b"Z", b"T")
+    _server(loop, client, busy=3).data_received(in_transaction)
+    assert client.transport.written == [in_transaction] and client.ready == [1]
+    assert other.transport.written == []
+
+
 def test_a_lone_answer_is_written_at_once(loop: asyncio.AbstractEventLoop) -> None:
     client = _Linked(loop)
     _server(loop, client, busy=1).data_received(_ready())
