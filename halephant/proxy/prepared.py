@@ -261,7 +261,8 @@ def relay(server: ServerConnection, data: bytes, client: ClientConnection) -> No
         elif client.statement_mode and out and not rest and not server._buf:
             out = [client.withheld_ready(b"".join(out), ready, status)]
     if out:
-        client.send(b"".join(out))
+        # at once inside a transaction, held with the loop iteration's others once it is over
+        server._to_client(b"".join(out), client, ready > 0 and status == codes.TX_IDLE)
     if kept:
         server._kept(kept, client, ready)
     if ready:

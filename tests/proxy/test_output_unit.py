@@ -241,3 +241,18 @@ class ClientErrorLike:
     message = "terminating connection due to administrator command"
     detail = None
     hint = None
+
+
+def test_the_same_rule_off_the_hot_path(loop: asyncio.AbstractEventLoop) -> None:
+    # `ServerConnection._to_client`: what `_relay` and the prepared-statement path use
+    busy, alone = _server(loop, _Linked(loop), busy=3), _server(loop, _Linked(loop), busy=1)
+    inside, over = _Linked(loop), _Linked(loop)
+    busy._to_client(b"inside", inside, False)  # type: ignore[arg-type]
+    assert inside.transport.written == [b"inside"]
+    alone._to_client(b"lone", over, True)  # type: ignore[arg-type]
+    assert over.transport.written == [b"lone"]
+    busy._to_client(b"over", over, True)  # type: ignore[arg-type]
+    busy._to_client(b"inside", inside, False)  # type: ignore[arg-type]
+    assert over.transport.written == [b"lone"] and inside.transport.written == [b"inside", b"inside"]
+    _run_one_iteration(loop)
+    assert over.transport.written == [b"lone", b"over"]
