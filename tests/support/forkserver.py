@@ -188,6 +188,11 @@ class ForkServer:
         except subprocess.TimeoutExpired:
             self._proc.kill()
             self._proc.wait()
+        # the reader ends at the pipe's end of file; its pipe is closed here, not left to the collector
+        # (whose ResourceWarning pytest turns into a failure of the session)
+        self._reader.join(10)
+        if self._proc.stdout is not None and not self._reader.is_alive():
+            self._proc.stdout.close()
 
 
 _server: ForkServer | None = None
