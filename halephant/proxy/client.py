@@ -1910,10 +1910,7 @@ class ClientConnection(asyncio.Protocol):
         server = self.server
         # (mid-handshake, plaintext would break the handshake rather than be read)
         if not mid_message and self.state != HANDSHAKE and (server is None or server.scanner.at_boundary):
-            try:
-                self.send(m.client_error_response(error, fatal=True))
-            except Exception:  # the transport may be gone already
-                pass
+            self.send(m.client_error_response(error, fatal=True))  # written by `close`, below
         level = logging.WARNING if error.code == sqlstate.INTERNAL_ERROR else logging.INFO
         log.log(level, "%r: closing: %s %s", self, error.code, error.message, extra={"sqlstate": error.code})
         self.close(f"closed by halephant: {error.code}")

@@ -350,12 +350,12 @@ class ServerConnection(asyncio.Protocol):
             except ProtocolViolation as exc:
                 self._lost_with_client(client, f"protocol violation from server: {exc.message}")
                 return
-            # `_to_client`, inlined too
             if ready:
                 self.rfq_seen += ready
                 status = sc.status
                 if status == _TX_IDLE:
                     self.xact_seen += 1
+                    # `_to_client(data, client, True)`, inlined too: once per transaction
                     if client.held_output is None and not _held and len(self.pool.active) < 2:
                         client.transport.write(data)
                     else:
@@ -363,18 +363,12 @@ class ServerConnection(asyncio.Protocol):
                 else:
                     if client.statement_mode:
                         data = client.withheld_ready(data, ready, status)
-                    if client.held_output is None:
-                        client.transport.write(data)
-                    else:
-                        client.send(data)
+                    self._to_client(data, client, False)
                 if sc.kept:
                     self._kept(sc.kept, client, ready)
                 client.server_ready(ready, status, sc.at_boundary)
             else:
-                if client.held_output is None:
-                    client.transport.write(data)
-                else:
-                    client.send(data)
+                self._to_client(data, client, False)
                 if sc.kept:
                     self._kept(sc.kept, client)
             return
