@@ -174,13 +174,19 @@ def test_a_startup_setting_that_cannot_be_set_again_closes_the_client(pg: Cluste
         assert one(b, "SHOW default_text_search_config") != "public.hal_reset"
 
 
+async def asyncpg_pool(hal: Running, database: str) -> Any:
+    """An asyncpg pool of one connection with startup settings, which it runs `RESET ALL` on at every
+    release (its reset query)."""
+    return await asyncpg.create_pool(
+        host=hal.host, port=hal.port, user="myapp", password="myapp", database=database, ssl=False,
+        server_settings={"search_path": TENANT, "application_name": "svc"},
+        min_size=1, max_size=1,
+    )  # fmt: skip
+
+
 def test_asyncpg_pool_keeps_its_server_settings_across_its_reset(hal: Running) -> None:
     async def main() -> None:
-        pool = await asyncpg.create_pool(
-            host=hal.host, port=hal.port, user="myapp", password="myapp", database="one", ssl=False,
-            server_settings={"search_path": TENANT, "application_name": "svc"},
-            min_size=1, max_size=1,
-        )  # fmt: skip
+        pool = await asyncpg_pool(hal, "one")
         try:
             with connect(hal) as other:
                 for _ in range(3):
@@ -219,11 +225,7 @@ def test_session_pooling_reset_returns_to_the_startup_settings(hal: Running, res
 
 def test_session_pooling_asyncpg_pool_keeps_its_server_settings(hal: Running) -> None:
     async def main() -> None:
-        pool = await asyncpg.create_pool(
-            host=hal.host, port=hal.port, user="myapp", password="myapp", database="sess", ssl=False,
-            server_settings={"search_path": TENANT, "application_name": "svc"},
-            min_size=1, max_size=1,
-        )  # fmt: skip
+        pool = await asyncpg_pool(hal, "sess")
         try:
             for _ in range(3):
                 async with pool.acquire() as conn:
