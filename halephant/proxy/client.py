@@ -1916,8 +1916,17 @@ class ClientConnection(asyncio.Protocol):
         self.close(f"closed by halephant: {error.code}")
 
     def send(self, data: bytes) -> None:
-        """Write `data` to the client at the end of this loop iteration, behind what it has been sent
-        already (`halephant.proxy.output`): every write after the TLS negotiation goes through here."""
+        """Write `data` to the client, behind what is held for it (`hold`): at once when nothing is.
+        Every write after the TLS negotiation goes through here or `hold`, which keeps their order."""
+        out = self.held_output
+        if out is None:
+            self.transport.write(data)
+        else:
+            self.held_output = out + data
+
+    def hold(self, data: bytes) -> None:
+        """Write `data` to the client at the end of this loop iteration, with the other answers held in
+        it (`halephant.proxy.output`), behind what is held for it already."""
         out = self.held_output
         if out is None:
             self.held_output = data

@@ -1,7 +1,8 @@
 """Output to clients, held to the end of the event loop's iteration and then written: write coalescing.
 
-After login a client's output is not written the moment halephant has it. `ClientConnection.send`
-keeps it on the client (`held_output`) and puts the client on `held`; `flush` writes everything held
+An answer that ends a client's transaction is not written the moment halephant has it.
+`ClientConnection.hold` keeps it on the client (`held_output`) and puts the client on `held`; `flush`
+writes everything held
 once the loop has run the callbacks of every connection that was ready in this iteration. The first
 client held in an iteration schedules it (`call_soon`), so the delay is the rest of that iteration.
 
@@ -20,7 +21,9 @@ with (`ServerConnection._to_client`, inlined on the hot path); everything else i
   * part of an answer (no ReadyForQuery in the chunk): a large result gains nothing from waiting;
   * the answers to SSLRequest and GSSENCRequest, ahead of a TLS handshake;
   * what the stand-ins that take a client's place on a server receive (`halephant.proxy.stand_in`).
-What halephant answers itself after login (`ClientConnection.send`) is held.
+What halephant answers itself (`ClientConnection.send`) is written at once too, behind what is held for
+the client if anything is: held, the answers to a client that sends much and reads nothing would only
+reach the transport at the end of the iteration, and its backpressure (`pause_writing`) with them.
 
 Order is kept: once a client has output held, everything else for it is appended behind it, and
 `ClientConnection.close` writes what is held before closing; the admin console writes what is held
@@ -47,7 +50,7 @@ held: list[ClientConnection] = []
 
 def flush() -> None:
     """Write what is held for each client, in the order the clients were held (scheduled by the first
-    `ClientConnection.send` of the iteration)."""
+    `ClientConnection.hold` of the iteration)."""
     for client in held:  # (a list's iterator also reaches what is appended meanwhile)
         out = client.held_output
         if out is None:  # written by `close` already, or the connection was lost

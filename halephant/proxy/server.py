@@ -359,7 +359,7 @@ class ServerConnection(asyncio.Protocol):
                     if client.held_output is None and not _held and len(self.pool.active) < 2:
                         client.transport.write(data)
                     else:
-                        client.send(data)
+                        client.hold(data)
                 else:
                     if client.statement_mode:
                         data = client.withheld_ready(data, ready, status)
@@ -431,7 +431,7 @@ class ServerConnection(asyncio.Protocol):
         if client.held_output is None and (not over or (not _held and len(self.pool.active) < 2)):
             client.transport.write(data)
         else:
-            client.send(data)
+            client.hold(data)
 
     def _kept(self, kept: list[tuple[int, bytes]], client: ClientConnection, counted: int = 0) -> None:
         """Act on the messages the scanner copied out of a chunk (`counted`: ReadyForQuery of that chunk

@@ -24,12 +24,14 @@ class StandIn:
     prepared = None  # never names a prepared statement (halephant.proxy.prepared)
     session = None  # carries no session state (an ErrorResponse, say of a failed reset, checks it)
     held_back = False  # holds nothing back for a next transaction (ClientConnection.resume_held)
-    held_output = None  # its output is never held to the end of the loop iteration: `send` writes it
+    held_output = None  # its output is never held to the end of the loop iteration: `hold` writes it
 
     transport: Any  # where the server's bytes go (a subclass's sink)
 
     def send(self, data: bytes) -> None:
         self.transport.write(data)
+
+    hold = send
 
     def server_lost(self, server: ServerConnection, reason: str) -> None:
         pass

@@ -61,15 +61,28 @@ def _run_one_iteration(loop: asyncio.AbstractEventLoop) -> None:
 
 def test_output_is_held_then_written_in_order_in_one_write(loop: asyncio.AbstractEventLoop) -> None:
     a, b = _client(loop), _client(loop)
-    a.send(b"1")
-    b.send(b"x")
-    a.send(b"2")
+    a.hold(b"1")
+    b.hold(b"x")
+    a.hold(b"2")
     assert a.transport.written == [] and b.transport.written == []
     assert output.held == [a, b]
     _run_one_iteration(loop)
     assert a.transport.written == [b"12"]
     assert b.transport.written == [b"x"]
     assert output.held == [] and a.held_output is None
+
+
+def test_what_halephant_says_itself_goes_at_once_unless_held(loop: asyncio.AbstractEventLoop) -> None:
+    # `send`: at once, so that a client that reads nothing stops halephant's reading right away
+    # (`pause_writing`); behind held output, never ahead of it
+    client = _client(loop)
+    client.send(b"a")
+    assert client.transport.written == [b"a"]
+    client.hold(b"b")
+    client.send(b"c")
+    assert client.transport.written == [b"a"]
+    _run_one_iteration(loop)
+    assert client.transport.written == [b"a", b"bc"]
 
 
 def test_one_flush_is_scheduled_per_iteration(loop: asyncio.AbstractEventLoop) -> None:
@@ -84,18 +97,18 @@ def test_one_flush_is_scheduled_per_iteration(loop: asyncio.AbstractEventLoop) -
     loop.call_soon = call_soon  # type: ignore[method-assign]
     clients = [_client(loop) for _ in range(5)]
     for c in clients:
-        c.send(b"a")
-        c.send(b"b")
+        c.hold(b"a")
+        c.hold(b"b")
     assert scheduled == [output.flush]
     _run_one_iteration(loop)
-    clients[0].send(b"c")  # the next iteration schedules its own
+    clients[0].hold(b"c")  # the next iteration schedules its own
     assert scheduled == [output.flush, output.flush]
 
 
 def test_close_writes_what_is_held_before_it_closes(loop: asyncio.AbstractEventLoop) -> None:
     client = _client(loop)
     client.state = READY
-    client.send(b"answer")
+    client.hold(b"answer")
     client.send(m.client_error_response(ClientErrorLike(), fatal=True))
     client.close("test")
     assert client.transport.written == [b"answer" + m.client_error_response(ClientErrorLike(), fatal=True)]
@@ -107,7 +120,7 @@ def test_close_writes_what_is_held_before_it_closes(loop: asyncio.AbstractEventL
 def test_a_lost_connections_output_is_dropped(loop: asyncio.AbstractEventLoop) -> None:
     client = _client(loop)
     client.state = READY
-    client.send(b"answer")
+    client.hold(b"answer")
     client.connection_lost(None)
     _run_one_iteration(loop)
     assert client.transport.written == []
@@ -120,8 +133,8 @@ def test_a_failing_write_does_not_keep_the_others_output(loop: asyncio.AbstractE
         raise RuntimeError("handle is closed")
 
     broken.transport.write = refuse
-    broken.send(b"lost")
-    fine.send(b"kept")
+    broken.hold(b"lost")
+    fine.hold(b"kept")
     _run_one_iteration(loop)
     assert fine.transport.written == [b"kept"]
 
@@ -165,6 +178,7 @@ class _Linked:
         self.ready: list[int] = []
 
     send = ClientConnection.send
+    hold = ClientConnection.hold
 
     def server_ready(self, n: int, status: int, at_boundary: bool) -> None:
         self.ready.append(n)
@@ -213,7 +227,7 @@ def test_part_of_an_answer_goes_at_once_unless_output_is_held_ahead_of_it(
     server = _server(loop, client, busy=3)
     server.data_received(_row())  # no ReadyForQuery: written at once
     assert client.transport.written == [_row()]
-    client.send(b"N-notice")  # something halephant says itself, held
+    client.hold(b"N-notice")  # held
     server.data_received(_row())  # must not overtake it
     assert client.transport.written == [_row()]
     _run_one_iteration(loop)
